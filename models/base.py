@@ -1,0 +1,88 @@
+"""The forecaster protocol.
+
+Two levels, both pickle-free:
+
+* :class:`Forecaster` — one series, river's verbs: ``learn_one(y, x=None)`` then ``forecast(horizon)``.
+  Any river time-series model satisfies it, and so does anything a user writes in five lines.
+* :class:`BatchForecaster` — a *group* of series served by one object, indexed by integer rows.
+  The engine only ever talks to this level: one ``learn_many`` and one ``forecast_many`` per batch round,
+  whatever the number of series. Vectorised models (seasonal naive, CycleNet) implement it directly;
+  :class:`models.adapters.PerSeries` lifts any :class:`Forecaster` factory to it.
+
+Time enters as integer *ticks*: ``tick = (timestamp - anchor) // step`` on the series' regular grid, where the
+anchor is fixed by the series' first timestamp modulo its step. Consecutive observations have consecutive ticks;
+``tick % W`` is therefore a phase taken from the timestamp, never from a row count, so gaps cannot shift a cycle.
+
+State is arrays + JSON: ``export_rows`` returns arrays whose first axis runs over the requested rows (so one series'
+state can be cut out and moved, e.g. to another consumer), ``export_shared`` returns what all rows share
+(a backbone's weights). Neither contains Python objects.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+ArrayDict = dict[str, np.ndarray]
+
+
+@runtime_checkable
+class Forecaster(Protocol):
+    """One series, river's protocol (``river.time_series.base.Forecaster``)."""
+
+    def learn_one(self, y: float, x: dict | None = None) -> None: ...
+
+    def forecast(self, horizon: int, xs: list[dict] | None = None) -> list[float]: ...
+
+
+class BatchForecaster(ABC):
+    """A table of forecasters over integer rows (one row per series).
+
+    Contract the engine relies on:
+
+    * ``learn_many(rows, ticks, values)``: ``rows`` are unique within a call; for each row, ``ticks`` is the
+      row's next tick (strictly greater than the previous one it saw; the engine imputes short gaps itself, so a
+      jump only follows :meth:`reset_rows`). Values are finite floats.
+    * ``forecast_many(rows, horizon)`` returns an ``(len(rows), horizon)`` float array: column ``h-1`` is the
+      forecast for tick ``last_tick + h``. ``NaN`` means "not ready yet" (warm-up) and no interval is emitted.
+    * ``maintenance(budget_seconds)`` does deferred heavy work (fitting, replay training) and must return within
+      roughly the budget; the engine calls it between batches, ``serve`` from a worker thread.
+    """
+
+    #: Registry name, e.g. ``"seasonal-naive"``; used in metrics labels and forecast records.
+    name: str = "model"
+
+    @abstractmethod
+    def resize(self, n_rows: int) -> None:
+        """Make room for at least ``n_rows`` rows; new rows start empty."""
+
+    @abstractmethod
+    def learn_many(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray) -> None:
+        """Feed one new observation to each of ``rows``."""
+
+    @abstractmethod
+    def forecast_many(self, rows: np.ndarray, horizon: int) -> np.ndarray:
+        """Point forecasts for the next ``horizon`` ticks of each row, shape ``(len(rows), horizon)``."""
+
+    def reset_rows(self, rows: np.ndarray) -> None:  # noqa: B027 - optional hook
+        """Forget the recent history of ``rows`` (after a long gap); learned parameters may stay."""
+
+    def maintenance(self, budget_seconds: float) -> None:  # noqa: B027 - optional hook
+        """Deferred heavy work; the default model has none."""
+
+    @abstractmethod
+    def export_rows(self, rows: np.ndarray) -> ArrayDict:
+        """Per-row state: arrays whose first axis has ``len(rows)`` entries."""
+
+    @abstractmethod
+    def import_rows(self, rows: np.ndarray, state: ArrayDict) -> None:
+        """Inverse of :meth:`export_rows` (rows may differ from the exporting table's)."""
+
+    def export_shared(self) -> tuple[ArrayDict, dict[str, Any]]:
+        """State shared by all rows (weights) and JSON-able settings; empty for per-series models."""
+        return {}, {}
+
+    def import_shared(self, arrays: ArrayDict, meta: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Inverse of :meth:`export_shared`."""

@@ -1,0 +1,53 @@
+"""Scale-free online gradient descent on the pinball loss (SF-OGD; Orabona & Pál 2016, used for conformal
+prediction by Bhatnagar et al., ICML 2023), vectorised over (row, horizon, target).
+
+``q <- q - D * grad / sqrt(sum grad^2)`` with ``grad = a - 1{s > q}`` and ``D`` the largest |residual| seen
+(the paper's scale, learned online instead of from a calibration set). No learning rate to tune; never infinite.
+
+>>> import numpy as np
+>>> cal = SFOGD(horizon=1, alpha=0.1)
+>>> rng = np.random.default_rng(2)
+>>> for _ in range(4000):
+...     cal.update(np.array([0]), rng.normal(size=(1, 1)), np.ones((1, 1), bool))
+>>> lo, hi = cal.interval(np.array([0]), np.zeros((1, 1)))
+>>> bool(1.2 < hi[0, 0] < 2.2)
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from monitors.conformal.base import ScoreCalibrator
+
+
+class SFOGD(ScoreCalibrator):
+    name = "sf-ogd"
+
+    def __init__(self, horizon: int, alpha: float | Sequence[float] = 0.1, symmetric: bool = False) -> None:
+        super().__init__(horizon, alpha, symmetric)
+
+    def _state_spec(self) -> dict:
+        k = self.n_targets_
+        return {"count": ((), 0, np.int64), "scale": ((), 0.0, float), "q": ((k,), 0.0, float),
+                "grad2": ((k,), 0.0, float)}
+
+    def _learn(self, rows: np.ndarray, r: np.ndarray, mask: np.ndarray) -> None:
+        scale = np.maximum(self.scale_[rows], np.abs(r))
+        q, g2 = self.q_[rows], self.grad2_[rows]
+        started = (self.count_[rows] > 0)[..., None]
+        grad = np.where(started, self.target_alpha_ - (self.scores(r) > q), 0.0)
+        g2 = g2 + grad**2
+        q = q - np.where(g2 > 0, scale[..., None] * grad / np.sqrt(np.maximum(g2, 1e-300)), 0.0)
+        if self.symmetric:
+            q = np.maximum(q, 0.0)
+        self._put("q", rows, q, mask)
+        self._put("grad2", rows, g2, mask)
+        self._put("scale", rows, scale, mask)
+        self._put("count", rows, self.count_[rows] + 1, mask)
+
+    def _offsets(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        q = self.q_[rows]
+        return np.zeros(q.shape[:2]), q

@@ -1,0 +1,160 @@
+"""Sequential predictive conformal inference (SPCI; Xu & Xie, ICML 2023).
+
+For each (row, horizon) cell a quantile random forest (Meinshausen 2006) is fitted on the cell's residual history:
+features are the ``window`` residuals known when the target was forecast (lags ``h .. h + window - 1``),
+the label is the residual. The interval is ``[Q_beta, Q_{1 - alpha + beta}]`` of the forest's conditional
+distribution at the newest features, with ``beta`` picked on a grid of ``bins`` values in ``[0, alpha]`` to
+minimise the width (asymmetric intervals), or the ``1 - alpha`` quantile of ``|r|`` with ``symmetric=True``.
+The forest is refitted every ``refit_every`` residuals (SPCI refits every step: ~0.1-0.2 s each).
+
+This is the reference the fast methods are measured against, not a hot-path calibrator: it loops over cells in
+Python and keeps one fitted forest per cell in a cache that is *not* part of the exported state (after
+``import_rows`` the forest is refitted from the exported residual history at the next update). Before
+``min_history`` residuals it falls back to empirical quantiles of what it has (the same ``beta`` search).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from monitors.conformal.base import ScoreCalibrator
+from monitors.conformal.window import push
+
+
+def weighted_quantiles(y: np.ndarray, w: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Quantiles ``levels`` of the distribution putting weight ``w`` on ``y`` (inverse of the weighted CDF)."""
+    order = np.argsort(y)
+    cw = np.cumsum(w[order])
+    idx = np.searchsorted(cw, levels * cw[-1], side="left")
+    return y[order][np.minimum(idx, y.size - 1)]
+
+
+class QuantileForest:
+    """Meinshausen's quantile regression forest on top of scikit-learn's RandomForestRegressor."""
+
+    def __init__(self, n_estimators: int, max_depth: int, random_state: int) -> None:
+        from sklearn.ensemble import RandomForestRegressor
+
+        self.forest = RandomForestRegressor(
+            n_estimators=n_estimators, max_depth=max_depth, random_state=random_state, n_jobs=1
+        )
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> QuantileForest:
+        self.forest.fit(x, y)
+        self.y_ = y
+        self.leaves_ = self.forest.apply(x)  # (n, trees)
+        return self
+
+    def predict(self, x: np.ndarray, levels: np.ndarray) -> np.ndarray:
+        leaf = self.forest.apply(x.reshape(1, -1))[0]
+        same = self.leaves_ == leaf  # (n, trees)
+        w = (same / np.maximum(same.sum(0), 1)).sum(1)
+        return weighted_quantiles(self.y_, w, levels)
+
+
+class SPCI(ScoreCalibrator):
+    name = "spci"
+
+    def __init__(
+        self,
+        horizon: int,
+        alpha: float | Sequence[float] = 0.1,
+        window: int = 100,
+        history: int = 1000,
+        refit_every: int = 1,
+        n_estimators: int = 10,
+        max_depth: int = 2,
+        bins: int = 5,
+        min_history: int | None = None,
+        random_state: int = 0,
+        symmetric: bool = False,
+    ) -> None:
+        self.window = window
+        self.history = history
+        self.refit_every = refit_every
+        self.n_estimators = n_estimators
+        self.max_depth = max_depth
+        self.bins = bins
+        self.min_history = min_history
+        self.random_state = random_state
+        super().__init__(horizon, alpha, symmetric)
+        self._forests: dict[tuple[int, int], QuantileForest] = {}
+
+    def _state_spec(self) -> dict:
+        return {
+            "count": ((), 0, np.int64),
+            "ring": ((self.history,), 0.0, float),
+            "since_fit": ((), -1, np.int64),  # -1 = no forest yet
+            "thr": ((self.n_targets_,), 0.0, float),  # thresholds for the next target
+        }
+
+    def _levels(self) -> tuple[np.ndarray, np.ndarray]:
+        """Quantile levels to ask for, and for each alpha the (lower, upper) index pairs of the beta grid."""
+        if self.symmetric:
+            return 1 - self.alphas_, np.zeros(0)
+        betas = np.linspace(0.0, 1.0, self.bins)[None, :] * self.alphas_[:, None]  # (L, bins)
+        lower = betas
+        upper = 1 - self.alphas_[:, None] + betas
+        return np.concatenate([lower.ravel(), upper.ravel()]), betas
+
+    def _series(self, row: int, h: int) -> np.ndarray:
+        n = int(self.count_[row, h])
+        m = min(n, self.history)
+        idx = (np.arange(n - m, n)) % self.history
+        return self.ring_[row, h, idx]
+
+    def _thresholds(self, row: int, h: int, refit: bool) -> np.ndarray:
+        r = self._series(row, h)
+        hz, w = h + 1, self.window
+        levels, _ = self._levels()
+        y_all = np.abs(r) if self.symmetric else r
+        n_train = r.size - w - hz + 1
+        min_hist = self.min_history if self.min_history is not None else 2 * w
+        if r.size == 0:
+            return np.zeros(self.n_targets_)
+        if n_train < max(min_hist - w, 10) or r.size < w:
+            qs = np.quantile(y_all, np.clip(levels, 0, 1))
+        else:
+            key = (row, h)
+            if refit or key not in self._forests:
+                feats = sliding_window_view(r, w)  # row j: r[j .. j+w-1]
+                x = feats[:n_train]
+                y = y_all[w + hz - 1 :]
+                self._forests[key] = QuantileForest(self.n_estimators, self.max_depth, self.random_state).fit(x, y)
+                self.since_fit_[row, h] = 0
+            qs = self._forests[key].predict(r[-w:], np.clip(levels, 0, 1))
+        if self.symmetric:
+            return qs
+        n_lv = self.alphas_.size
+        lo, hi = qs[: n_lv * self.bins].reshape(n_lv, -1), qs[n_lv * self.bins :].reshape(n_lv, -1)
+        best = np.argmin(hi - lo, axis=1)
+        pick = np.arange(n_lv)
+        return np.stack([hi[pick, best], -lo[pick, best]], -1).ravel()  # (hi, lo) per level
+
+    def _learn(self, rows: np.ndarray, r: np.ndarray, mask: np.ndarray) -> None:
+        push(self.ring_, self.count_, rows, r, mask)
+        self._put("count", rows, self.count_[rows] + 1, mask)
+        for i, h in zip(*np.nonzero(mask), strict=True):
+            row = int(rows[i])
+            since = int(self.since_fit_[row, h])
+            refit = since < 0 or since + 1 >= self.refit_every
+            self.since_fit_[row, h] = since + 1 if since >= 0 else -1
+            self.thr_[row, h] = self._thresholds(row, int(h), refit)
+
+    def _offsets(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros((rows.size, self.horizon)), self.thr_[rows]
+
+    def import_rows(self, rows: np.ndarray, state: dict) -> None:
+        super().import_rows(rows, state)
+        for row in np.asarray(rows).tolist():  # forests are refitted from the imported history
+            for h in range(self.horizon):
+                self._forests.pop((row, h), None)
+                self.since_fit_[row, h] = -1
+
+    def get_params(self) -> dict:
+        return {**super().get_params(), "window": self.window, "history": self.history,
+                "refit_every": self.refit_every, "n_estimators": self.n_estimators, "max_depth": self.max_depth,
+                "bins": self.bins, "min_history": self.min_history, "random_state": self.random_state}

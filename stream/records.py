@@ -1,0 +1,202 @@
+"""Records: the observation that flows in, the forecast that flows out, and the rules for bad input.
+
+An observation on the wire is a JSON object::
+
+    {"series_id": "ETTh1/OT", "timestamp": "2016-07-01T00:00:00Z", "value": 30.531, "schema_version": 1}
+
+* ``timestamp`` is an ISO-8601 string (no offset means UTC) or a number of seconds since the Unix epoch.
+* ``value`` is a JSON number; a numeric string (``"30.5"``) is accepted too, since CSV cells are strings.
+* ``schema_version`` is optional (default 1). Unknown *extra* fields are ignored, so producers can add fields
+  without breaking consumers; an unknown *version* is rejected, because its meaning is unknown.
+
+Every rejection is an :class:`InvalidRecord` whose ``reason`` is one of :data:`REASONS` — a small, fixed set, so
+it can label a Prometheus counter — and whose ``detail`` says what exactly was wrong.
+
+>>> obs = decode(b'{"series_id": "a", "timestamp": 0, "value": 1.5}')
+>>> obs.series_id, obs.timestamp.isoformat(), obs.value
+('a', '1970-01-01T00:00:00+00:00', 1.5)
+>>> try:
+...     decode({"series_id": "a", "timestamp": 0, "value": "NaN"})
+... except InvalidRecord as err:
+...     print(err.reason)
+non_finite_value
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+SCHEMA_VERSION = 1
+#: Largest accepted message, in bytes. A real observation is ~100 bytes; anything near this is a mistake.
+DEFAULT_MAX_BYTES = 64 * 1024
+
+#: The closed set of rejection reasons (bounded Prometheus label values).
+REASONS = (
+    "not_json",  # bytes that are not UTF-8 JSON
+    "wrong_type",  # JSON but not an object, or a field of the wrong JSON type
+    "missing_field",  # series_id, timestamp or value absent or null/empty
+    "non_numeric_value",  # a string value that is not a number
+    "non_finite_value",  # NaN or +-inf
+    "bad_timestamp",  # unparsable or out-of-range time
+    "oversized",  # payload larger than max_bytes
+    "unknown_schema_version",  # schema_version other than the ones we read
+    "out_of_order",  # older than the series' last observation (decided by the engine)
+    "unknown_series",  # series not in the configured allow-list (decided by the engine)
+)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NS_PER_US = 1_000
+_ONE_US = timedelta(microseconds=1)
+
+
+class InvalidRecord(ValueError):
+    """A record that cannot be used; ``reason`` is one of :data:`REASONS`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        assert reason in REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One value of one series at one instant (timezone-aware, UTC)."""
+
+    series_id: str
+    timestamp: datetime
+    value: float
+
+    @property
+    def timestamp_ns(self) -> int:
+        return to_ns(self.timestamp)
+
+
+@dataclass(frozen=True, slots=True)
+class ForecastRecord:
+    """One step of one forecast: the interval ``[lower, upper]`` for ``target_timestamp``.
+
+    ``issued_at`` is the forecast origin, the event time of the last observation the model had seen; a consumer
+    can de-duplicate on ``(series_id, model, issued_at, h)``.
+    """
+
+    series_id: str
+    issued_at: datetime
+    model: str
+    h: int
+    target_timestamp: datetime
+    mean: float
+    lower: float
+    upper: float
+    alpha: float
+
+
+def to_ns(ts: datetime) -> int:
+    """Nanoseconds since the epoch of an aware datetime (exact, microsecond resolution)."""
+    return (ts - _EPOCH) // _ONE_US * _NS_PER_US
+
+
+def from_ns(ns: int) -> datetime:
+    """Inverse of :func:`to_ns` (sub-microsecond digits are dropped)."""
+    return _EPOCH + timedelta(microseconds=int(ns) // _NS_PER_US)
+
+
+def parse_timestamp(raw: Any) -> datetime:
+    """Parse an ISO-8601 string or epoch seconds into an aware UTC datetime."""
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        raise InvalidRecord("missing_field", "timestamp is missing")
+    if isinstance(raw, bool):
+        raise InvalidRecord("wrong_type", f"timestamp must be a string or a number, got {raw!r}")
+    if isinstance(raw, int | float):
+        if not math.isfinite(raw):
+            raise InvalidRecord("bad_timestamp", f"timestamp is not finite: {raw!r}")
+        try:
+            return datetime.fromtimestamp(raw, tz=UTC)
+        except (OverflowError, OSError, ValueError) as err:
+            raise InvalidRecord("bad_timestamp", f"epoch seconds out of range: {raw!r}") from err
+    if not isinstance(raw, str):
+        raise InvalidRecord("wrong_type", f"timestamp must be a string or a number, got {type(raw).__name__}")
+    text = raw.strip()
+    try:
+        ts = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
+    except ValueError as err:
+        raise InvalidRecord("bad_timestamp", f"unparsable timestamp {raw[:64]!r}") from err
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+def parse_value(raw: Any) -> float:
+    """A finite float from a JSON number or a numeric string."""
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        raise InvalidRecord("missing_field", "value is missing")
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        raise InvalidRecord("wrong_type", f"value must be a number, got {type(raw).__name__}")
+    if isinstance(raw, str):
+        try:
+            value = float(raw)
+        except ValueError as err:
+            raise InvalidRecord("non_numeric_value", f"value is not a number: {raw[:64]!r}") from err
+    else:
+        try:
+            value = float(raw)
+        except OverflowError as err:  # a JSON integer too large for a double
+            raise InvalidRecord("non_finite_value", "value overflows a double") from err
+    if not math.isfinite(value):
+        raise InvalidRecord("non_finite_value", f"value is {value!r}")
+    return value
+
+
+def parse_series_id(raw: Any) -> str:
+    if raw is None or raw == "":
+        raise InvalidRecord("missing_field", "series_id is missing")
+    if not isinstance(raw, str):
+        raise InvalidRecord("wrong_type", f"series_id must be a string, got {type(raw).__name__}")
+    return raw
+
+
+def decode_mapping(fields: Mapping[str, Any]) -> Observation:
+    """Validate a mapping with ``series_id``, ``timestamp`` and ``value``."""
+    version = fields.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION or isinstance(version, bool):
+        raise InvalidRecord("unknown_schema_version", f"schema_version {version!r} (this reader knows 1)")
+    for name in ("series_id", "timestamp", "value"):
+        if name not in fields:
+            raise InvalidRecord("missing_field", f"{name} is missing")
+    return Observation(
+        parse_series_id(fields["series_id"]), parse_timestamp(fields["timestamp"]), parse_value(fields["value"])
+    )
+
+
+def decode(raw: bytes | str | Mapping[str, Any], max_bytes: int = DEFAULT_MAX_BYTES) -> Observation:
+    """Decode one observation from JSON bytes/text or an already-parsed mapping."""
+    if isinstance(raw, Mapping):
+        return decode_mapping(raw)
+    if isinstance(raw, bytes | bytearray | memoryview | str):
+        size = len(raw.encode() if isinstance(raw, str) else raw)
+        if size > max_bytes:
+            raise InvalidRecord("oversized", f"{size} bytes > limit {max_bytes}")
+        try:
+            fields = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise InvalidRecord("not_json", f"{type(err).__name__}: {str(err)[:120]}") from err
+        if not isinstance(fields, dict):
+            raise InvalidRecord("wrong_type", f"expected a JSON object, got {type(fields).__name__}")
+        return decode_mapping(fields)
+    raise InvalidRecord("wrong_type", f"cannot decode a {type(raw).__name__}")
+
+
+def encode(obs: Observation) -> bytes:
+    """The wire form of an observation (what ``tidecast produce`` sends)."""
+    return json.dumps(
+        {
+            "series_id": obs.series_id,
+            "timestamp": obs.timestamp.isoformat().replace("+00:00", "Z"),
+            "value": obs.value,
+            "schema_version": SCHEMA_VERSION,
+        },
+        separators=(",", ":"),
+    ).encode()

@@ -1,0 +1,171 @@
+"""``tidecast replay``: run a history file through the engine, as the live service would have.
+
+source (file) -> decode (:mod:`stream.sources`) -> :class:`~stream.engine.Engine` -> forecast sink,
+dead letters, metrics -> summary. Nothing here is specific to files except the source: the engine, the rules
+and the metrics are the ones ``serve`` uses.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from models.runtime import set_torch_threads
+from monitors.metrics import Metrics
+from stream.batch import ObservationBatch
+from stream.config import EngineConfig
+from stream.engine import Engine, EngineResult
+from stream.records import REASONS
+from stream.sinks import JsonlDeadLetters, forecast_sink_for
+from stream.sources import DeadLetter, ReplaySpec, load_replay
+
+
+@dataclass
+class ReplayOptions:
+    """Everything ``tidecast replay`` takes besides the engine configuration."""
+
+    spec: ReplaySpec = field(default_factory=ReplaySpec)
+    out: Path | None = None
+    dead_letter: Path = Path("tidecast-dead-letters.jsonl")
+    summary_json: Path | None = None
+    metrics_port: int | None = None
+    rate: float | None = None  # observations per second; None = as fast as possible
+    linger_seconds: float = 0.0  # keep /metrics up this long after the run
+    batch_size: int = 2000
+    torch_threads: int = 1
+    progress: bool = True
+
+
+def run_replay(config: EngineConfig, options: ReplayOptions, console: Console | None = None) -> dict[str, Any]:
+    """Replay a file end to end and return the summary (also printed and optionally written as JSON)."""
+    console = console or Console()
+    metrics = Metrics(reasons=REASONS)
+    server = _serve_metrics(metrics, options.metrics_port, console)
+    engine = Engine.from_config(config, metrics)
+    set_torch_threads(options.torch_threads)
+    replay = load_replay(options.spec)
+    letters = JsonlDeadLetters(options.dead_letter)
+    sink = forecast_sink_for(options.out)
+    source = str(options.spec.path)
+    started = time.perf_counter()
+    try:
+        for letter in replay.dead_letters:
+            _dead_letter(letters, metrics, letter)
+        batch_size = options.batch_size if options.rate is None else max(1, min(options.batch_size,
+                                                                                   int(options.rate / 20)))
+        with _progress(console, options.progress) as progress:
+            task = progress.add_task(f"replay {Path(source).name}", total=len(replay.observations))
+            for batch in replay.batches(batch_size):
+                result = engine.process(batch)
+                sink.write(result.forecasts)
+                for letter in _rejections(result, batch, source):
+                    letters.write(letter)  # the engine already counted them in its metrics
+                engine.maintenance()
+                progress.advance(task, len(batch))
+                _throttle(options.rate, started, progress.tasks[task].completed)
+    finally:
+        sink.close()
+        letters.close()
+    elapsed = time.perf_counter() - started
+    summary = _summary(engine, metrics, elapsed, letters.count, options)
+    print_summary(summary, console)
+    if options.summary_json is not None:
+        options.summary_json.write_text(json.dumps(summary, indent=2))
+    if server is not None and options.linger_seconds > 0:
+        console.print(f"serving /metrics on :{options.metrics_port} for {options.linger_seconds:.0f} s more")
+        time.sleep(options.linger_seconds)
+    if server is not None:
+        server.shutdown()
+    return summary
+
+
+def _serve_metrics(metrics: Metrics, port: int | None, console: Console):
+    if port is None:
+        return None
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(port, registry=metrics.registry)
+    console.print(f"metrics on http://127.0.0.1:{port}/metrics")
+    return server
+
+
+def _dead_letter(sink: JsonlDeadLetters, metrics: Metrics, letter: DeadLetter) -> None:
+    sink.write(letter)
+    metrics.dead_letters.labels(reason=letter.reason).inc()
+
+
+def _rejections(result: EngineResult, batch: ObservationBatch, source: str) -> list[DeadLetter]:
+    return [
+        DeadLetter(rej.reason, rej.detail, source,
+                   (int(batch.partitions[rej.index]), int(batch.offsets[rej.index])),
+                   {"series_id": batch.series_ids[rej.index], "timestamp_ns": int(batch.timestamps_ns[rej.index]),
+                    "value": float(batch.values[rej.index])})
+        for rej in result.rejections
+    ]
+
+
+def _progress(console: Console, enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("obs"), TimeRemainingColumn(), console=console, disable=not enabled,
+                    transient=True)
+
+
+def _throttle(rate: float | None, started: float, done: float) -> None:
+    if rate:
+        ahead = done / rate - (time.perf_counter() - started)
+        if ahead > 0:
+            time.sleep(ahead)
+
+
+def _summary(engine: Engine, metrics: Metrics, elapsed: float, n_letters: int,
+             options: ReplayOptions) -> dict[str, Any]:
+    summary = engine.summary()
+    dead = {}
+    for sample in metrics.dead_letters.collect()[0].samples:
+        if sample.name.endswith("_total") and sample.value > 0:
+            dead[sample.labels["reason"]] = int(sample.value)
+    return {
+        **summary,
+        "dead_letters": dead,
+        "dead_letter_file": str(options.dead_letter) if n_letters else None,
+        "elapsed_seconds": elapsed,
+        "observations_per_second": summary["n_observations"] / elapsed if elapsed > 0 else None,
+        "config": engine.config.to_dict(),
+    }
+
+
+def print_summary(summary: dict[str, Any], console: Console) -> None:
+    """The end-of-run table: one row per model, side by side."""
+    cfg = summary["config"]
+    table = Table(title=f"tidecast replay — H={cfg['horizon']}, target coverage {1 - cfg['alpha']:.0%}, "
+                        f"calibrator {cfg['calibrator']}")
+    for col in ("model", "forecasts", "MAE", "RMSE", "coverage", "mean width", "interval score"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    best = min((m["mae"] for m in summary["models"].values() if m["mae"] is not None), default=None)
+    for name, m in summary["models"].items():
+        table.add_row(
+            name, f"{m['n_forecasts']:,}", _fmt(m["mae"], bold=m["mae"] == best), _fmt(m["rmse"]),
+            _fmt(m["coverage"], ".3f"), _fmt(m["mean_width"]), _fmt(m["interval_score"]),
+        )
+    console.print(table)
+    dead = ", ".join(f"{k}={v}" for k, v in sorted(summary["dead_letters"].items())) or "none"
+    console.print(
+        f"{summary['n_observations']:,} observations of {summary['n_series']} series in "
+        f"{summary['elapsed_seconds']:.1f} s ({summary['observations_per_second'] or 0:,.0f} obs/s); "
+        f"duplicates {summary['n_duplicates']}, gap-filled ticks {summary['n_gap_filled']}; dead letters: {dead}"
+        + (f" -> {summary['dead_letter_file']}" if summary["dead_letter_file"] else "")
+    )
+
+
+def _fmt(value: float | None, spec: str = ".4g", bold: bool = False) -> str:
+    if value is None:
+        return "-"
+    text = format(value, spec)
+    return f"[bold green]{text}[/]" if bold else text

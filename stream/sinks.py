@@ -1,0 +1,113 @@
+"""Sinks: where forecasts and dead letters go. Files here; Kafka topics in :mod:`stream.kafka`.
+
+Forecast sinks take :class:`~stream.batch.ForecastBatch` columns and write incrementally, so a long replay never
+holds its whole output in memory. Dead-letter sinks take :class:`~stream.sources.DeadLetter` entries and write
+one JSON object per line: ``{"reason", "detail", "source", "partition", "offset", "raw"}``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stream.batch import ForecastBatch
+from stream.sources import DeadLetter
+
+
+class ForecastSink(Protocol):
+    def write(self, batch: ForecastBatch) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class DeadLetterSink(Protocol):
+    def write(self, letter: DeadLetter) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NullSink:
+    """Discards forecasts (a replay run for its summary only)."""
+
+    def write(self, batch: ForecastBatch) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class ParquetSink:
+    """Appends row groups to one Parquet file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._writer: pq.ParquetWriter | None = None
+
+    def write(self, batch: ForecastBatch) -> None:
+        if not len(batch):
+            return
+        table = pa.Table.from_pandas(batch.to_frame(), preserve_index=False)
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(self.path, table.schema)
+        self._writer.write_table(table)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class CsvSink:
+    """Appends rows to one CSV file (header once)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._started = False
+
+    def write(self, batch: ForecastBatch) -> None:
+        if not len(batch):
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        batch.to_frame().to_csv(self.path, mode="a" if self._started else "w", header=not self._started,
+                                index=False)
+        self._started = True
+
+    def close(self) -> None:
+        pass
+
+
+def forecast_sink_for(path: str | Path | None) -> ForecastSink:
+    """A file sink chosen by extension (``.parquet`` or ``.csv``), or a null sink."""
+    if path is None:
+        return NullSink()
+    suffix = Path(path).suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return ParquetSink(path)
+    if suffix == ".csv":
+        return CsvSink(path)
+    raise ValueError(f"--out must end in .parquet or .csv, got {path}")
+
+
+class JsonlDeadLetters:
+    """Dead letters as JSON lines; the file is created on the first letter only."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._fh = None
+        self.count = 0
+
+    def write(self, letter: DeadLetter) -> None:
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = self.path.open("w", encoding="utf-8")
+        self._fh.write(letter.to_json() + "\n")
+        self.count += 1
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
