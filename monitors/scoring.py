@@ -25,7 +25,7 @@ import numpy as np
 
 from monitors.conformal.base import ArrayDict, grow
 
-_SUMS = ("count", "abs_err", "sq_err", "covered", "width", "interval_score")
+_SUMS = ("count", "abs_err", "sq_err", "covered", "width", "interval_score", "issued")
 
 
 class PrequentialScorer:
@@ -35,13 +35,13 @@ class PrequentialScorer:
         self.horizon = horizon
         self.alpha = alpha
         self.window = window
-        self.sums_ = {name: np.zeros((0, horizon)) for name in _SUMS}
+        self.sums_ = np.zeros((0, len(_SUMS), horizon))  # (rows, statistic, horizon), statistics as in _SUMS
         # Rolling (exponentially weighted, ~``window`` scored forecasts) coverage and width per horizon.
         self.rolling_coverage_ = np.full(horizon, np.nan)
         self.rolling_width_ = np.full(horizon, np.nan)
 
     def resize(self, n_rows: int) -> None:
-        self.sums_ = {name: grow(arr, n_rows, 0.0) for name, arr in self.sums_.items()}
+        self.sums_ = grow(self.sums_, n_rows, 0.0)
 
     def update(
         self,
@@ -62,15 +62,7 @@ class PrequentialScorer:
             width = np.where(mask, upper - lower, 0.0)
             penalty = (2.0 / self.alpha) * (np.maximum(lower - yy, 0.0) + np.maximum(yy - upper, 0.0))
             score = np.where(mask, width + penalty, 0.0)
-        for name, inc in (
-            ("count", mask),
-            ("abs_err", np.abs(err)),
-            ("sq_err", err * err),
-            ("covered", covered),
-            ("width", width),
-            ("interval_score", score),
-        ):
-            self.sums_[name][rows] += inc
+        self.sums_[rows, :-1] += np.stack((mask, np.abs(err), err * err, covered, width, score), axis=1)
         self._roll(mask, covered, width)
 
     def _roll(self, mask: np.ndarray, covered: np.ndarray, width: np.ndarray) -> None:
@@ -88,10 +80,15 @@ class PrequentialScorer:
             old = seen & ~fresh
             rolling[old] += weight[old] * (now[old] - rolling[old])
 
+    def issued(self, rows: np.ndarray, ready: np.ndarray) -> None:
+        """Count forecast steps issued (``ready``: (n, horizon) bool, False during warm-up)."""
+        self.sums_[rows, -1] += ready
+
     # -- reading ----------------------------------------------------------------------------------
     def totals(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Per-horizon sums over ``rows`` (pass rows in a fixed order for reproducible floating point)."""
-        return {name: arr[rows].sum(axis=0) for name, arr in self.sums_.items()}
+        sums = self.sums_[rows].sum(axis=0)
+        return {name: sums[i] for i, name in enumerate(_SUMS)}
 
     def summary(self, rows: np.ndarray) -> dict:
         """MAE, RMSE, coverage, mean width and interval score overall and by horizon."""
@@ -101,20 +98,20 @@ class PrequentialScorer:
 
     # -- state ------------------------------------------------------------------------------------
     def export_rows(self, rows: np.ndarray) -> ArrayDict:
-        return {name: arr[rows].copy() for name, arr in self.sums_.items()}
+        return {"sums": self.sums_[rows].copy()}
 
     def import_rows(self, rows: np.ndarray, state: ArrayDict) -> None:
         self.resize(int(rows.max()) + 1 if len(rows) else 0)
-        for name in _SUMS:
-            self.sums_[name][rows] = state[name]
+        self.sums_[rows] = state["sums"]
 
 
 def _metrics(t: dict[str, float]) -> dict:
     n = float(t["count"])
     if n == 0:
-        return {"n_scored": 0, "mae": None, "rmse": None, "coverage": None, "mean_width": None,
+        return {"n_forecasts": int(t["issued"]), "n_scored": 0, "mae": None, "rmse": None, "coverage": None, "mean_width": None,
                 "interval_score": None}
     return {
+        "n_forecasts": int(t["issued"]),
         "n_scored": int(n),
         "mae": float(t["abs_err"] / n),
         "rmse": float(np.sqrt(t["sq_err"] / n)),

@@ -109,8 +109,13 @@ def _run_replay(args: argparse.Namespace) -> int:
                             metrics_port=args.metrics_port, rate=args.rate, linger_seconds=args.linger,
                             batch_size=args.batch_size, torch_threads=args.torch_threads,
                             progress=not args.no_progress)
-    run_replay(engine_config(args), options, Console(stderr=False))
+    run_replay(engine_config(args), options, make_console())
     return 0
+
+
+def make_console() -> Console:
+    """A console that keeps the summary table readable when output goes to a file or CI log."""
+    return Console() if sys.stdout.isatty() else Console(width=130)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -189,11 +189,6 @@ class Engine:
         self._ids = np.zeros(0, dtype=object)
         self._cap = 0
         self.series_ = {name: np.zeros(0, dtype) for name, (dtype, _) in _SERIES_FIELDS.items()}
-        self._gauges = [
-            [(lane, h, self.metrics.coverage.labels(lane.name, str(h + 1)),
-              self.metrics.width.labels(lane.name, str(h + 1))) for h in range(config.horizon)]
-            for lane in lanes
-        ]
 
     @classmethod
     def from_config(cls, config: EngineConfig, metrics: Metrics | None = None) -> Engine:
@@ -357,6 +352,7 @@ class Engine:
             forecast = lane.model.forecast_many(r_rows, horizon)  # 3. forecast
             lower, upper = lane.calibrator.interval(r_rows, forecast)  # 4. interval
             lane.pending.store(r_rows, r_ticks, forecast, lower, upper)
+            lane.scorer.issued(r_rows, np.isfinite(forecast))
             outputs.append((lane.name, r_rows, r_ticks, t_ns, forecast, lower, upper))
 
     def _collect(self, outputs: list[tuple]) -> ForecastBatch:
@@ -396,11 +392,11 @@ class Engine:
             for name, count in zip(models, counts, strict=True):
                 m.forecasts.labels(model=name).inc(int(count))
         m.processing.observe(result.elapsed_seconds)
-        for lane_gauges in self._gauges:
-            for lane, h, coverage, width in lane_gauges:
-                if np.isfinite(lane.scorer.rolling_coverage_[h]):
-                    coverage.set(lane.scorer.rolling_coverage_[h])
-                    width.set(lane.scorer.rolling_width_[h])
+        for lane in self.lanes:  # gauges appear once there is something to say (absent != 0% coverage)
+            coverage, width = lane.scorer.rolling_coverage_, lane.scorer.rolling_width_
+            for h in np.flatnonzero(np.isfinite(coverage)).tolist():
+                m.coverage.labels(lane.name, str(h + 1)).set(coverage[h])
+                m.width.labels(lane.name, str(h + 1)).set(width[h])
 
     def maintenance(self, budget_seconds: float | None = None) -> None:
         """Give each model time for deferred work (fits, replay training); call between batches."""
@@ -415,13 +411,8 @@ class Engine:
         """Prequential scores per model (overall and by horizon), summed in series-id order."""
         rows = np.array([self._slot_of[sid] for sid in sorted(self._slot_of)], dtype=np.int64)
         s = self.series_
-        emitted = {name: 0.0 for name in self.config.models}
-        for sample in self.metrics.forecasts.collect()[0].samples:
-            if sample.name.endswith("_total") and sample.labels.get("model") in emitted:
-                emitted[sample.labels["model"]] = sample.value
         return {
-            "models": {lane.name: {"n_forecasts": int(emitted[lane.name]), **lane.scorer.summary(rows)}
-                       for lane in self.lanes},
+            "models": {lane.name: lane.scorer.summary(rows) for lane in self.lanes},
             "n_series": len(rows),
             "n_observations": int(s["n_applied"][rows].sum()),
             "n_duplicates": int(s["n_duplicates"][rows].sum()),

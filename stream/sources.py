@@ -148,7 +148,7 @@ def _row_sizes(frame: pd.DataFrame) -> np.ndarray:
         return np.zeros(len(frame), np.int64)
     sizes = np.zeros(len(frame), np.int64)
     for col in frame.columns:
-        if frame[col].dtype == object:
+        if frame[col].dtype == object or pd.api.types.is_string_dtype(frame[col]):
             sizes += frame[col].astype(str).str.len().to_numpy()
         else:
             sizes += 16

@@ -1,0 +1,201 @@
+"""The engine's contract: delayed scoring, ordering rules, gaps, batching invariance and state round trips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.naive import SeasonalNaive
+from monitors.conformal import make_calibrator
+from monitors.conformal.base import Calibrator
+from stream.batch import ObservationBatch
+from stream.config import EngineConfig
+from stream.engine import Engine, Lane
+
+HOUR = 3_600_000_000_000
+T0 = 1_467_331_200_000_000_000  # 2016-07-01T00:00Z
+
+
+def batch(series, ticks, values, step=HOUR):
+    series = [series] * len(ticks) if isinstance(series, str) else series
+    return ObservationBatch(np.array(series, dtype=object), T0 + np.asarray(ticks, np.int64) * step,
+                            np.asarray(values, float))
+
+
+class SpyCalibrator(Calibrator):
+    """Records every update; intervals are +-1 around the mean."""
+
+    name = "spy"
+
+    def __init__(self, horizon, alpha=0.1):
+        super().__init__(horizon, alpha)
+        self.updates = []
+
+    def resize(self, n_rows):
+        self.n_rows_ = max(self.n_rows_, n_rows)
+
+    def update(self, rows, residuals, mask):
+        self.updates.append((rows.copy(), residuals.copy(), mask.copy()))
+
+    def interval(self, rows, means):
+        return means - 1.0, means + 1.0
+
+    def export_rows(self, rows):
+        return {}
+
+    def import_rows(self, rows, state):
+        pass
+
+
+def spy_engine(horizon=3, period=1, **cfg):
+    config = EngineConfig(horizon=horizon, models=["seasonal-naive"], freq="1h", **cfg)
+    spy = SpyCalibrator(horizon)
+    return Engine(config, [Lane(SeasonalNaive(period=period), spy, horizon, 0.1)]), spy
+
+
+def test_h_step_residual_arrives_exactly_h_ticks_after_the_forecast():
+    engine, spy = spy_engine(horizon=3, period=1)
+    y = np.array([1.0, 4.0, 9.0, 16.0, 25.0, 36.0])
+    for t, v in enumerate(y):
+        engine.process(batch("s", [t], [v]))
+    # Naive with period 1 forecasts y[o] for every step from origin o, so at tick t the h-step residual is
+    # y[t] - y[t-h]; it must be absent (masked) until a forecast from t-h exists.
+    for t, (_rows, residuals, mask) in enumerate(spy.updates):
+        for h in (1, 2, 3):
+            assert mask[0, h - 1] == (t - h >= 0)
+            if t - h >= 0:
+                assert residuals[0, h - 1] == y[t] - y[t - h]
+
+
+def test_forecasts_never_depend_on_later_values():
+    def run(tail):
+        engine = Engine.from_config(EngineConfig(horizon=4, models=["seasonal-naive"], freq="1h",
+                                                 model_params={"seasonal-naive": {"period": 3}}))
+        rng = np.random.default_rng(1)
+        values = np.concatenate([rng.normal(size=60), tail])
+        frames = [engine.process(batch("s", [t], [v])).forecasts.to_frame() for t, v in enumerate(values)]
+        return frames
+
+    a, b = run(np.zeros(20)), run(np.full(20, 1e6))
+    for t in range(60):  # everything issued before the tails differ is identical, intervals included
+        assert a[t].equals(b[t])
+    assert not a[70].equals(b[70])
+
+
+def test_duplicates_are_skipped_and_counted_out_of_order_is_rejected():
+    engine, _ = spy_engine()
+    r = engine.process(batch("s", [0, 1, 1, 2, 1], [1.0, 2.0, 99.0, 3.0, 5.0]))
+    assert r.n_duplicates == 1
+    assert [(j.index, j.reason) for j in r.rejections] == [(4, "out_of_order")]
+    assert r.n_applied == 3
+    s = engine.series_
+    assert s["n_applied"][0] == 3 and s["last_value"][0] == 3.0
+    assert engine.metrics.duplicates._value.get() == 1
+    assert engine.metrics.dead_letters.labels(reason="out_of_order")._value.get() == 1
+
+
+def test_short_gap_is_interpolated_learned_and_never_scored():
+    engine, spy = spy_engine(horizon=3, period=1, max_gap=3)
+    engine.process(batch("s", [0, 1], [0.0, 1.0]))
+    r = engine.process(batch("s", [4], [4.0]))  # ticks 2 and 3 missing
+    assert r.n_gap_filled == 2
+    assert engine.series_["n_gap_filled"][0] == 2
+    # no forecasts issued from the filled ticks: only origin tick 4 emits
+    assert set(r.forecasts.issued_at_ns.tolist()) == {T0 + 4 * HOUR}
+    # at tick 4 only the 3-step forecast from the real origin 1 matures; those from filled ticks 2, 3 do not exist
+    _rows, residuals, mask = spy.updates[-1]
+    assert mask.tolist() == [[False, False, True]]
+    assert residuals[0, 2] == 4.0 - 1.0
+    # the filled values were learned: the naive forecast after tick 4 repeats 4.0, and tick 3 held 3.0
+    assert engine.lanes[0].model.buffer_[0, 0] == 4.0
+
+
+def test_long_gap_resets_the_series_history():
+    engine, spy = spy_engine(horizon=2, period=2, max_gap=2)
+    engine.process(batch("s", range(5), np.arange(5.0)))
+    r = engine.process(batch("s", [10], [10.0]))
+    assert r.n_gap_filled == 0
+    assert not spy.updates[-1][2].any()  # nothing matures across a reset
+    assert len(r.forecasts) == 0  # seasonal naive needs a full cycle again after the reset
+    assert len(engine.process(batch("s", [11], [11.0])).forecasts) == 2
+
+
+def test_inferred_grid_holds_the_first_observation_and_anchors_to_the_clock():
+    engine = Engine.from_config(EngineConfig(horizon=2, models=["seasonal-naive"],
+                                             model_params={"seasonal-naive": {"period": 1}}))
+    thirty_min = HOUR // 2
+    first = engine.process(batch("s", [0], [1.0], step=thirty_min))
+    assert len(first.forecasts) == 0 and first.n_applied == 1
+    second = engine.process(batch("s", [1, 2], [2.0, 3.0], step=thirty_min)).forecasts
+    assert engine.series_["step_ns"][0] == thirty_min
+    assert ((second.target_ns - second.issued_at_ns) == second.h.astype(np.int64) * thirty_min).all()
+    assert engine.series_["n_applied"][0] == 3
+
+
+def test_allow_list_rejects_unknown_series():
+    engine = Engine.from_config(EngineConfig(models=["seasonal-naive"], allowed_series=["a"], freq="1h"))
+    r = engine.process(batch(["a", "b", "a"], [0, 0, 1], [1.0, 2.0, 3.0]))
+    assert [(j.index, j.reason) for j in r.rejections] == [(1, "unknown_series")]
+    assert engine.series_ids == ["a"]
+
+
+def _stream(n_series=3, n=120, seed=0):
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    ids, ticks, values = [], [], []
+    for k in range(n_series):
+        ids += [f"s{k}"] * n
+        ticks += list(t)
+        values += list(10 * k + np.sin(2 * np.pi * t / 6) + 0.3 * rng.normal(size=n))
+    order = np.argsort(np.array(ticks), kind="stable")
+    return [np.array(x, dtype=object if i == 0 else None)[order] for i, x in enumerate((ids, ticks, values))]
+
+
+def _engine(models=("seasonal-naive",)):
+    cfg = EngineConfig(horizon=4, models=list(models), freq="1h",
+                       model_params={m: {"period": 6, "warmup": 20} if m != "seasonal-naive" else {"period": 6}
+                                     for m in models})
+    return Engine.from_config(cfg)
+
+
+def test_batching_does_not_change_results():
+    ids, ticks, values = _stream()
+    one = _engine()
+    whole = one.process(batch(list(ids), ticks.astype(np.int64), values.astype(float))).forecasts.to_frame()
+    other = _engine()
+    parts = [other.process(batch([ids[i]], [ticks[i]], [values[i]])).forecasts.to_frame() for i in range(len(ids))]
+    import pandas as pd
+
+    pieces = pd.concat(parts, ignore_index=True)
+    key = ["series_id", "issued_at", "h"]
+    pd.testing.assert_frame_equal(whole.sort_values(key).reset_index(drop=True),
+                                  pieces.sort_values(key).reset_index(drop=True))
+    assert one.summary()["models"] == other.summary()["models"]
+
+
+@pytest.mark.parametrize("models", [("seasonal-naive",), ("seasonal-naive", "holt-winters")])
+def test_state_round_trip_continues_identically(models):
+    ids, ticks, values = _stream(n=150)
+    ticks, values = ticks.astype(np.int64), values.astype(float)
+    half = len(ids) // 2
+    a = _engine(models)
+    a.process(batch(list(ids[:half]), ticks[:half], values[:half]))
+    meta, arrays = a.export_series(a.series_ids)
+    b = _engine(models)
+    b.import_series(meta, arrays)
+    b.import_shared(a.export_shared())
+    rest = batch(list(ids[half:]), ticks[half:], values[half:])
+    fa, fb = a.process(rest).forecasts.to_frame(), b.process(rest).forecasts.to_frame()
+    assert len(fa) > 0
+    assert fa.equals(fb)
+    assert a.summary()["models"] == b.summary()["models"]
+
+
+def test_quantile_tracker_lane_covers_a_stationary_stream():
+    engine = Engine(EngineConfig(horizon=1, freq="1h"),
+                    [Lane(SeasonalNaive(period=1), make_calibrator("quantile-tracker", 1, 0.1), 1, 0.1)])
+    rng = np.random.default_rng(3)
+    walk = np.cumsum(rng.normal(size=20_000))
+    engine.process(batch("s", np.arange(walk.size), walk))
+    coverage = engine.summary()["models"]["seasonal-naive"]["coverage"]
+    assert abs(coverage - 0.9) < 0.01
