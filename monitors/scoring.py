@@ -108,8 +108,8 @@ class PrequentialScorer:
 def _metrics(t: dict[str, float]) -> dict:
     n = float(t["count"])
     if n == 0:
-        return {"n_forecasts": int(t["issued"]), "n_scored": 0, "mae": None, "rmse": None, "coverage": None, "mean_width": None,
-                "interval_score": None}
+        return {"n_forecasts": int(t["issued"]), "n_scored": 0, "mae": None, "rmse": None, "coverage": None,
+                "mean_width": None, "interval_score": None}
     return {
         "n_forecasts": int(t["issued"]),
         "n_scored": int(n),

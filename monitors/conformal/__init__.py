@@ -1,18 +1,30 @@
-"""Sequential conformal calibrators: a registry of vectorised (row x horizon) interval makers."""
+"""Sequential conformal calibrators: a registry of vectorised (row x horizon) interval makers.
+
+All share :class:`~monitors.conformal.base.Calibrator`: ``update(rows, residuals, mask)`` with the residuals
+that matured now, ``interval(rows, means)``, ``export_rows``/``import_rows`` (per-row arrays) and
+``get_params`` (JSON). bench/conformal.py measures them side by side; docs/conformal.md has the tables.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from monitors.conformal.base import Calibrator
+from monitors.conformal.aci import ACI
+from monitors.conformal.base import Calibrator, ScoreCalibrator
+from monitors.conformal.dtaci import DtACI
+from monitors.conformal.pid import ConformalPID
+from monitors.conformal.saocp import SAOCP
+from monitors.conformal.sfogd import SFOGD
+from monitors.conformal.spci import SPCI
 from monitors.conformal.tracker import QuantileTracker
 
 CALIBRATORS: dict[str, type[Calibrator]] = {
-    QuantileTracker.name: QuantileTracker,
+    cls.name: cls for cls in (ConformalPID, QuantileTracker, ACI, DtACI, SFOGD, SAOCP, SPCI)
 }
 
-#: The engine's default; chosen by bench/conformal.py (see README).
-DEFAULT_CALIBRATOR = QuantileTracker.name
+#: The engine's default; chosen by bench/conformal.py (docs/conformal.md): conformal PID with the AR
+#: scorecaster has the lowest interval score on every case at target coverage, never an infinite interval.
+DEFAULT_CALIBRATOR = ConformalPID.name
 
 
 def make_calibrator(name: str, horizon: int, alpha: float, **params: Any) -> Calibrator:
@@ -24,4 +36,17 @@ def make_calibrator(name: str, horizon: int, alpha: float, **params: Any) -> Cal
     return cls(horizon=horizon, alpha=alpha, **params)
 
 
-__all__ = ["CALIBRATORS", "DEFAULT_CALIBRATOR", "Calibrator", "QuantileTracker", "make_calibrator"]
+__all__ = [
+    "ACI",
+    "CALIBRATORS",
+    "DEFAULT_CALIBRATOR",
+    "SAOCP",
+    "SFOGD",
+    "SPCI",
+    "Calibrator",
+    "ConformalPID",
+    "DtACI",
+    "QuantileTracker",
+    "ScoreCalibrator",
+    "make_calibrator",
+]

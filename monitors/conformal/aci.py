@@ -23,11 +23,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from monitors.conformal.base import ScoreCalibrator
-from monitors.conformal.window import conformal_quantile, filled, push
+from monitors.conformal.window import conformal_quantile, window_values
 
 
 class ACI(ScoreCalibrator):
     name = "aci"
+    _separate = ("ring",)
 
     def __init__(
         self,
@@ -43,40 +44,35 @@ class ACI(ScoreCalibrator):
         self.clip = clip
         super().__init__(horizon, alpha, symmetric)
 
+    def resize(self, n_rows: int) -> None:
+        old = self.offsets_.shape[0]
+        super().resize(n_rows)
+        if not self.clip:  # a cell that never learned: infinite, as ACI's quantile of no score
+            self.offsets_[old:, :, 1:] = np.inf
+
     def _state_spec(self) -> dict:
         return {
             "count": ((), 0, np.int64),
-            "ring": ((self.window,), 0.0, float),
             "alpha_t": ((self.n_targets_,), np.nan, float),  # NaN = not started (read as the target)
+            "ring": ((self.window,), 0.0, float),
         }
 
-    def _alpha_t(self, rows: np.ndarray) -> np.ndarray:
-        a = self.alpha_t_[rows]
-        return np.where(np.isnan(a), self.target_alpha_, a)
+    def _quantile(self, cells: np.ndarray, count: np.ndarray, alpha_t: np.ndarray) -> np.ndarray:
+        vals, n = window_values(self.flat("ring"), cells, count)
+        return conformal_quantile(np.sort(self.scores(vals), axis=1), n, alpha_t, self.clip)
 
-    def _thresholds(self, rows: np.ndarray, alpha_t: np.ndarray) -> np.ndarray:
-        vals, m = filled(self.ring_, self.count_, rows)
-        s = np.sort(self.scores(vals), axis=2)
-        q = conformal_quantile(s, m, alpha_t, self.clip)
-        if self.clip:
-            q = np.where((m > 0)[..., None], q, 0.0)
-        return q
-
-    def _learn(self, rows: np.ndarray, r: np.ndarray, mask: np.ndarray) -> None:
-        alpha_t = self._alpha_t(rows)
-        q = self._thresholds(rows, alpha_t)
-        miss = self.scores(r) > q
-        started = (self.count_[rows] > 0)[..., None]
-        alpha_t = alpha_t + np.where(started, self.gamma * (self.target_alpha_ - miss), 0.0)
+    def _learn(self, blk, cells: np.ndarray, h: np.ndarray, r: np.ndarray) -> np.ndarray:
+        count = blk["count"].astype(np.int64)
+        alpha_t = blk["alpha_t"]
+        alpha_t = np.where(np.isnan(alpha_t), self.target_alpha_, alpha_t)
+        miss = self.scores(r) > self._quantile(cells, count, alpha_t)
+        alpha_t = alpha_t + self.gamma * (self.target_alpha_ - miss) * (count > 0)[:, None]
         if self.clip:
             alpha_t = np.clip(alpha_t, 0.0, 1.0)
-        self._put("alpha_t", rows, alpha_t, mask)
-        push(self.ring_, self.count_, rows, r, mask)
-        self._put("count", rows, self.count_[rows] + 1, mask)
-
-    def _offsets(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        q = self._thresholds(rows, self._alpha_t(rows))
-        return np.zeros(q.shape[:2]), q
+        self.flat("ring")[cells, count % self.window] = r
+        blk["alpha_t"], blk["count"] = alpha_t, count + 1
+        q = self._quantile(cells, count + 1, alpha_t)
+        return np.concatenate([np.zeros((r.size, 1)), q], axis=1)
 
     def get_params(self) -> dict:
         return {**super().get_params(), "gamma": self.gamma, "window": self.window, "clip": self.clip}

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from monitors.conformal.base import ScoreCalibrator
-from monitors.conformal.window import conformal_quantile, filled, push
+from monitors.conformal.aci import ACI
+from monitors.conformal.window import window_values
 
 
 def _pinball(y: np.ndarray, yhat: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -23,7 +23,7 @@ def _pinball(y: np.ndarray, yhat: np.ndarray, q: np.ndarray) -> np.ndarray:
     return np.maximum(q * d, (q - 1) * d)
 
 
-class DtACI(ScoreCalibrator):
+class DtACI(ACI):
     name = "dtaci"
 
     def __init__(
@@ -38,9 +38,7 @@ class DtACI(ScoreCalibrator):
     ) -> None:
         self.gammas = tuple(float(g) for g in gammas)
         self.interval_length = interval_length
-        self.window = window
-        self.clip = clip
-        super().__init__(horizon, alpha, symmetric)
+        super().__init__(horizon, alpha, window=window, clip=clip, symmetric=symmetric)
         a, n_exp, i_len = self.target_alpha_, len(self.gammas), interval_length
         denom = ((1 - a) ** 2 * a**3 + a**2 * (1 - a) ** 3) / 3
         self.eta_ = np.sqrt(3 / i_len) * np.sqrt((np.log(i_len * n_exp) + 2) / denom)
@@ -50,51 +48,38 @@ class DtACI(ScoreCalibrator):
         e = len(self.gammas)
         return {
             "count": ((), 0, np.int64),
-            "ring": ((self.window,), 0.0, float),
             "alpha_k": ((self.n_targets_, e), np.nan, float),
             "logw": ((self.n_targets_, e), 0.0, float),
+            "ring": ((self.window,), 0.0, float),
         }
 
-    def _experts(self, rows: np.ndarray) -> np.ndarray:
-        a = self.alpha_k_[rows]
-        return np.where(np.isnan(a), self.target_alpha_[:, None], a)
-
-    def _alpha_t(self, rows: np.ndarray, alpha_k: np.ndarray) -> np.ndarray:
-        logw = self.logw_[rows]
-        w = np.exp(logw - logw.max(-1, keepdims=True))
-        return (w * alpha_k).sum(-1) / w.sum(-1)
-
-    def _learn(self, rows: np.ndarray, r: np.ndarray, mask: np.ndarray) -> None:
-        vals, m = filled(self.ring_, self.count_, rows)
-        past = self.scores(vals)  # (n, H, W, K), NaN where unfilled
+    def _learn(self, blk, cells: np.ndarray, h: np.ndarray, r: np.ndarray) -> np.ndarray:
+        count = blk["count"].astype(np.int64)
+        vals, n = window_values(self.flat("ring"), cells, count)
+        past = self.scores(vals)  # (m, W, K), NaN where unfilled
         s = self.scores(r)
-        started = (m > 0)[..., None]
-        beta = np.where(started, (past >= s[:, :, None, :]).sum(2) / np.maximum(m, 1)[..., None], 0.0)
-        alpha_k = self._experts(rows)
+        started = (n > 0)[:, None]
+        beta = np.where(started, (past >= s[:, None, :]).sum(1) / np.maximum(n, 1)[:, None], 0.0)
+        alpha_k = blk["alpha_k"]
         a = self.target_alpha_[:, None]
-        losses = _pinball(beta[..., None], alpha_k, a)
-        logw = self.logw_[rows] - self.eta_[:, None] * losses
+        alpha_k = np.where(np.isnan(alpha_k), a, alpha_k)
+        logw = blk["logw"] - self.eta_[:, None] * _pinball(beta[..., None], alpha_k, a)
         w = np.exp(logw - logw.max(-1, keepdims=True))
-        w = w / w.sum(-1, keepdims=True)
-        w = (1 - self.sigma_) * w + self.sigma_ / w.shape[-1]
-        miss = alpha_k > beta[..., None]
-        alpha_k = alpha_k + np.asarray(self.gammas) * (a - miss)
+        w = (1 - self.sigma_) * w / w.sum(-1, keepdims=True) + self.sigma_ / w.shape[-1]
+        new_k = alpha_k + np.asarray(self.gammas) * (a - (alpha_k > beta[..., None]))
         if self.clip:
-            alpha_k = np.clip(alpha_k, 0.0, 1.0)
-        keep = mask & (m > 0)
-        self._put("alpha_k", rows, alpha_k, keep)
-        self._put("logw", rows, np.log(w), keep)
-        push(self.ring_, self.count_, rows, r, mask)
-        self._put("count", rows, self.count_[rows] + 1, mask)
-
-    def _offsets(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        alpha_t = self._alpha_t(rows, self._experts(rows))
-        vals, m = filled(self.ring_, self.count_, rows)
-        q = conformal_quantile(np.sort(self.scores(vals), axis=2), m, alpha_t, self.clip)
-        if self.clip:
-            q = np.where((m > 0)[..., None], q, 0.0)
-        return np.zeros(q.shape[:2]), q
+            new_k = np.clip(new_k, 0.0, 1.0)
+        go = started[..., None]
+        alpha_k = np.where(go, new_k, alpha_k)
+        logw = np.where(go, np.log(w), blk["logw"])
+        self.flat("ring")[cells, count % self.window] = r
+        blk["alpha_k"], blk["logw"], blk["count"] = alpha_k, logw, count + 1
+        p = np.exp(logw - logw.max(-1, keepdims=True))
+        alpha_t = (p * alpha_k).sum(-1) / p.sum(-1)
+        q = self._quantile(cells, count + 1, alpha_t)
+        return np.concatenate([np.zeros((r.size, 1)), q], axis=1)
 
     def get_params(self) -> dict:
-        return {**super().get_params(), "gammas": list(self.gammas), "interval_length": self.interval_length,
-                "window": self.window, "clip": self.clip}
+        params = super().get_params()
+        params.pop("gamma")
+        return {**params, "gammas": list(self.gammas), "interval_length": self.interval_length}

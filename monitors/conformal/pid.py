@@ -39,9 +39,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from monitors.conformal.base import ScoreCalibrator, gaussian_quantile
-from monitors.conformal.scorecaster import gather, lag_table, solve_ridge
-
-_HALF_PI = np.pi / 2
+from monitors.conformal.scorecaster import lag_table, solve_ridge
 
 
 class ConformalPID(ScoreCalibrator):
@@ -55,13 +53,13 @@ class ConformalPID(ScoreCalibrator):
         alpha: float | Sequence[float] = 0.1,
         lr: float = 0.05,
         scorecaster: str | None = "ar",
-        order: int = 2,
+        order: int = 1,
         period: int = 24,
         forget: float = 0.995,
         ridge: float = 0.01,
         scale_decay: float = 0.05,
         mean_decay: float = 0.01,
-        ki: float = 0.5,
+        ki: float = 0.0,
         csat: float = 5.0,
         normalize: bool = True,
         symmetric: bool = False,
@@ -84,6 +82,8 @@ class ConformalPID(ScoreCalibrator):
         prior = gaussian_quantile(1 - self.target_alpha_) * np.sqrt(np.pi / 2)
         self.prior_ = prior if normalize else np.zeros_like(prior)
 
+    _separate = ("ring",)
+
     def _state_spec(self) -> dict:
         k, p, b = self.n_targets_, self.order, self.ring_size_
         return {
@@ -92,84 +92,74 @@ class ConformalPID(ScoreCalibrator):
             "scale": ((), 0.0, float),  # exponential mean of |u|
             "p": ((k,), np.nan, float),  # P term; NaN = not started (read as the prior)
             "integral": ((k,), 0.0, float),  # sum(miss - a)
-            "ring": ((b,), 0.0, float),  # last residuals, for the scorecaster's lags
             "xx": ((p, p), 0.0, float),  # forgotten sum of x x^T
             "xy": ((p,), 0.0, float),  # forgotten sum of x y
             "coef": ((p,), 0.0, float),
+            "ring": ((b,), 0.0, float),  # last residuals, for the scorecaster's lags
         }
-
-    # -- pieces ---------------------------------------------------------------------------------------
-    def _p(self, rows: np.ndarray) -> np.ndarray:
-        p = self.p_[rows]
-        return np.where(np.isnan(p), self.prior_, p)
 
     def _integral_term(self, integral: np.ndarray, count: np.ndarray) -> np.ndarray:
         if self.ki == 0.0:
-            return np.zeros_like(integral)
-        n = np.maximum(count, 1)[..., None].astype(float)
+            return 0.0
+        n = np.maximum(count, 1.0)[:, None]
         arg = integral * np.log(n + 1) / (self.csat * (n + 1))
         # tan saturates: bounded to +-tan(1.4) ~ 5.8 so a pathological stream stays finite.
         return self.ki * np.tan(np.clip(arg, -1.4, 1.4))
 
-    def _centre(self, rows: np.ndarray, count: np.ndarray, mean: np.ndarray, back: np.ndarray) -> np.ndarray:
-        """Scorecaster forecast ``mean + coef . (x - mean)`` for lags ``back`` before the next residual."""
-        if not self.order:
-            return np.zeros_like(mean)
-        x = gather(self.ring_, rows, count, back, mean) - mean[..., None]
-        return mean + np.einsum("nhp,nhp->nh", self.coef_[rows], x)
+    def _lagged(self, cells: np.ndarray, count: np.ndarray, back: np.ndarray, mean: np.ndarray) -> np.ndarray:
+        """Residuals ``back`` (m, p) steps before the next one, centred on ``mean``; 0 where not seen yet."""
+        size = self.ring_size_
+        flat_idx = cells[:, None] * size + (count[:, None] - back) % size
+        x = np.take(self.ring_.reshape(-1), flat_idx) - mean[:, None]
+        return np.where(count[:, None] >= back, x, 0.0)
 
-    # -- interface ------------------------------------------------------------------------------------
-    def _learn(self, rows: np.ndarray, r: np.ndarray, mask: np.ndarray) -> None:
-        count, mean, scale = self.count_[rows], self.mean_[rows], self.scale_[rows]
-        n_new = count + 1
-        centre = self._centre(rows, count, mean, self.lags_)
-        u = r - centre
+    def _learn(self, blk, cells: np.ndarray, h: np.ndarray, r: np.ndarray) -> np.ndarray:
+        count = blk["count"].astype(np.int64)
+        mean, scale = blk["mean"], blk["scale"]
+        if self.order:
+            lags = self.lags_[h]
+            x = self._lagged(cells, count, lags, mean)
+            u = r - mean - np.einsum("mp,mp->m", blk["coef"], x)
+        else:
+            u = r
         # P and I, on the score of u (normalised by the scale known before this residual).
-        p, integral = self._p(rows), self.integral_[rows]
+        p = blk["p"]
+        p = np.where(np.isnan(p), self.prior_, p)
+        integral = blk["integral"]
         s = self.scores(u)
         thr = p + self._integral_term(integral, count)
         if self.normalize:
-            miss = s > thr * scale[..., None]
+            miss = s > thr * scale[:, None]
             step = self.lr
         else:
             miss = s > thr
-            step = self.lr * scale[..., None]
+            step = self.lr * scale[:, None]
         # The first residual of a cell was scored against no interval: it only sets the scale.
-        err = np.where((count > 0)[..., None], miss - self.target_alpha_, 0.0)
+        err = (miss - self.target_alpha_) * (count > 0)[:, None]
         p = p + step * err
         integral = integral + err
-        self._put("p", rows, p, mask)
-        self._put("integral", rows, integral, mask)
+        n_new = count + 1
         # Scale and intercept: running means first, exponential forgetting afterwards.
-        rate_s = np.maximum(self.scale_decay, 1.0 / n_new)
-        self._put("scale", rows, scale + rate_s * (np.abs(u) - scale), mask)
-        rate_m = np.maximum(self.mean_decay, 1.0 / n_new)
+        scale = scale + np.maximum(self.scale_decay, 1.0 / n_new) * (np.abs(u) - scale)
         if self.order:
-            x = gather(self.ring_, rows, count, self.lags_, mean) - mean[..., None]
             y = r - mean
-            lam = self.forget
-            xx = lam * self.xx_[rows] + x[..., :, None] * x[..., None, :]
-            xy = lam * self.xy_[rows] + x * y[..., None]
-            self._put("xx", rows, xx, mask)
-            self._put("xy", rows, xy, mask)
-            self._put("coef", rows, solve_ridge(xx, xy, self.ridge), mask)
-            # Push r into each masked cell's ring at position count % B.
-            pos = count % self.ring_size_
-            hidx = np.broadcast_to(np.arange(self.horizon), count.shape)
-            rr = np.broadcast_to(rows[:, None], count.shape)
-            self.ring_[rr[mask], hidx[mask], pos[mask]] = r[mask]
-        self._put("mean", rows, mean + rate_m * (r - mean), mask)
-        self._put("count", rows, n_new, mask)
-
-    def _offsets(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        count, mean, scale = self.count_[rows], self.mean_[rows], self.scale_[rows]
-        centre = self._centre(rows, count, mean, self.lags_ - np.arange(self.horizon)[:, None])
-        thr = self._p(rows) + self._integral_term(self.integral_[rows], count)
+            xx = self.forget * blk["xx"] + x[:, :, None] * x[:, None, :]
+            xy = self.forget * blk["xy"] + x * y[:, None]
+            coef = solve_ridge(xx, xy, self.ridge)
+            self.flat("ring")[cells, count % self.ring_size_] = r
+            blk["xx"], blk["xy"], blk["coef"] = xx, xy, coef
+        mean = mean + np.maximum(self.mean_decay, 1.0 / n_new) * (r - mean)
+        blk["p"], blk["integral"], blk["scale"], blk["mean"], blk["count"] = p, integral, scale, mean, n_new
+        # Offsets for the forecast issued now (its target is h steps ahead: lags shift by h - 1).
+        if self.order:
+            xn = self._lagged(cells, n_new, lags - h[:, None], mean)
+            centre = mean + np.einsum("mp,mp->m", coef, xn)
+        else:
+            centre = np.zeros_like(r)
+        thr = p + self._integral_term(integral, n_new)
         if self.normalize:
-            thr = thr * scale[..., None]
-        # Before any residual: width 0 around the point forecast, never NaN.
-        thr = np.where((count > 0)[..., None], thr, 0.0)
-        return np.where(count > 0, centre, 0.0), thr
+            thr = thr * scale[:, None]
+        return np.concatenate([centre[:, None], thr], axis=1)
 
     def get_params(self) -> dict:
         return {

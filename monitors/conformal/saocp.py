@@ -71,31 +71,33 @@ class SAOCP(ScoreCalibrator):
     def _meta(self, born, age, q, z, wz) -> np.ndarray:
         return (self._weights(born, age, z, wz) * q).sum(-1)
 
-    def _learn(self, rows: np.ndarray, r: np.ndarray, mask: np.ndarray) -> None:
-        count = self.count_[rows]
+    def _learn(self, blk, cells: np.ndarray, h: np.ndarray, r: np.ndarray) -> np.ndarray:
+        count = blk["count"].astype(np.int64)
         t = count + 1
-        born, life, age = self.born_[rows], self.life_[rows], self.age_[rows]
-        q, g2, z, wz = self.q_[rows], self.grad2_[rows], self.z_[rows], self.wz_[rows]
+        # Contiguous copies: the reductions over experts then run in the same order whatever the table layout,
+        # so one table of many rows gives bit-identical results to one row per table.
+        old = {k: np.ascontiguousarray(blk[k]) for k in ("born", "life", "age", "q", "grad2", "z", "wz")}
+        born, life, age = (old[k].astype(np.int64) for k in ("born", "life", "age"))
+        q, g2, z, wz = (old[k].copy() for k in ("q", "grad2", "z", "wz"))
         # 1. expire, 2. spawn a new expert at the current meta threshold.
         born = np.where(age > life, 0, born)
         init = self._meta(born, age, q, z, wz)
-        free = born == 0
-        remaining = np.where(free, -1, life - age)
+        remaining = np.where(born == 0, -1, life - age)
         slot = np.argmin(remaining, axis=-1)[..., None]  # a free slot (-1) first, else the one closest to expiry
-        tt = np.broadcast_to(t[..., None, None], born.shape[:-1] + (1,))
+        tt = np.broadcast_to(t[:, None, None], born.shape[:-1] + (1,))
         np.put_along_axis(born, slot, tt, -1)
         np.put_along_axis(life, slot, self.lifetime * 2 ** _two_adic(tt), -1)
-        for arr, val in ((age, 0), (g2, 0.0), (z, 0.0), (wz, 0.0)):
-            np.put_along_axis(arr, slot, val, -1)
+        for arr in (age, g2, z, wz):
+            np.put_along_axis(arr, slot, 0, -1)
         np.put_along_axis(q, slot, init[..., None], -1)
         # 3. coin-betting weights on the regret against the meta threshold.
-        scale = np.maximum(self.scale_[rows], np.abs(r))
+        scale = np.maximum(blk["scale"], np.abs(r))
         s = self.scores(r)[..., None]
         a = self.target_alpha_[:, None]
         tau = 1 - a
         meta = self._meta(born, age, q, z, wz)[..., None]
         alive = born > 0
-        norm = np.maximum(scale, 1e-300)[..., None, None] * np.sqrt(3) * np.maximum(a, tau)
+        norm = np.maximum(scale, 1e-300)[:, None, None] * np.sqrt(3) * np.maximum(a, tau)
         w = np.where(age > 0, z / np.maximum(age, 1) * (1 + wz), 0.0)
         g = np.clip((_pinball(s, meta, tau) - _pinball(s, q, tau)) / norm, -1.0 * (w > 0), 1.0)
         g = np.where(alive, g, 0.0)
@@ -104,19 +106,17 @@ class SAOCP(ScoreCalibrator):
         # 4. each expert's SF-OGD step.
         grad = np.where(alive, a - (s > q), 0.0)
         g2 = g2 + grad**2
-        q = q - np.where(g2 > 0, scale[..., None, None] * grad / np.sqrt(np.maximum(g2, 1e-300)), 0.0)
+        q = q - scale[:, None, None] * grad / np.sqrt(np.where(g2 > 0, g2, 1.0))
         if self.symmetric:
             q = np.maximum(q, 0.0)
-        started = mask & (count > 0)  # the first residual only sets the scale
-        for name, val in (("born", born), ("life", life), ("age", age), ("q", q), ("grad2", g2), ("z", z),
-                          ("wz", wz)):
-            self._put(name, rows, val, started)
-        self._put("scale", rows, scale, mask)
-        self._put("count", rows, t, mask)
-
-    def _offsets(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        q = self._meta(self.born_[rows], self.age_[rows], self.q_[rows], self.z_[rows], self.wz_[rows])
-        return np.zeros(q.shape[:2]), q
+        started = (count > 0)[:, None, None]  # the first residual only sets the scale
+        new = {"born": born, "life": life, "age": age, "q": q, "grad2": g2, "z": z, "wz": wz}
+        for name, val in new.items():
+            new[name] = np.where(started, val, old[name])
+            blk[name] = new[name]
+        blk["scale"], blk["count"] = scale, t
+        thr = self._meta(new["born"], new["age"], new["q"], new["z"], new["wz"])
+        return np.concatenate([np.zeros((r.size, 1)), thr], axis=1)
 
     def get_params(self) -> dict:
         return {**super().get_params(), "lifetime": self.lifetime, "slots": self.slots}

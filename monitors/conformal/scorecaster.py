@@ -29,20 +29,6 @@ def lag_table(horizon: int, kind: str, order: int, period: int) -> np.ndarray:
     raise ValueError(f"unknown scorecaster {kind!r}; use 'ar', 'seasonal' or None")
 
 
-def gather(
-    buf: np.ndarray, rows: np.ndarray, count: np.ndarray, back: np.ndarray, fill: np.ndarray
-) -> np.ndarray:
-    """Residuals ``back`` (H, p) steps before the next one, from ring ``buf`` (rows, H, B); ``fill`` if unseen.
-
-    ``count`` (n, H) is how many residuals each cell has stored; its newest sits at ``(count - 1) % B``.
-    """
-    size = buf.shape[-1]
-    pos = (count[..., None] - back[None]) % size
-    hidx = np.arange(buf.shape[1])[None, :, None]
-    x = buf[rows[:, None, None], hidx, pos]
-    return np.where(count[..., None] >= back[None], x, fill[..., None])
-
-
 def solve_ridge(a: np.ndarray, b: np.ndarray, ridge: float) -> np.ndarray:
     """Batched ``(A + ridge * mean(diag A) * I)^-1 b`` for A (..., p, p), b (..., p); closed form for p <= 2."""
     p = b.shape[-1]

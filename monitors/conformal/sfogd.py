@@ -34,20 +34,14 @@ class SFOGD(ScoreCalibrator):
         return {"count": ((), 0, np.int64), "scale": ((), 0.0, float), "q": ((k,), 0.0, float),
                 "grad2": ((k,), 0.0, float)}
 
-    def _learn(self, rows: np.ndarray, r: np.ndarray, mask: np.ndarray) -> None:
-        scale = np.maximum(self.scale_[rows], np.abs(r))
-        q, g2 = self.q_[rows], self.grad2_[rows]
-        started = (self.count_[rows] > 0)[..., None]
-        grad = np.where(started, self.target_alpha_ - (self.scores(r) > q), 0.0)
+    def _learn(self, blk, cells: np.ndarray, h: np.ndarray, r: np.ndarray) -> np.ndarray:
+        count = blk["count"]
+        scale = np.maximum(blk["scale"], np.abs(r))
+        q, g2 = blk["q"], blk["grad2"]
+        grad = (self.target_alpha_ - (self.scores(r) > q)) * (count > 0)[:, None]
         g2 = g2 + grad**2
-        q = q - np.where(g2 > 0, scale[..., None] * grad / np.sqrt(np.maximum(g2, 1e-300)), 0.0)
+        q = q - scale[:, None] * grad / np.sqrt(np.where(g2 > 0, g2, 1.0))
         if self.symmetric:
             q = np.maximum(q, 0.0)
-        self._put("q", rows, q, mask)
-        self._put("grad2", rows, g2, mask)
-        self._put("scale", rows, scale, mask)
-        self._put("count", rows, self.count_[rows] + 1, mask)
-
-    def _offsets(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        q = self.q_[rows]
-        return np.zeros(q.shape[:2]), q
+        blk["q"], blk["grad2"], blk["scale"], blk["count"] = q, g2, scale, count + 1
+        return np.concatenate([np.zeros((r.size, 1)), q], axis=1)

@@ -21,7 +21,6 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from monitors.conformal.base import ScoreCalibrator
-from monitors.conformal.window import push
 
 
 def weighted_quantiles(y: np.ndarray, w: np.ndarray, levels: np.ndarray) -> np.ndarray:
@@ -83,12 +82,14 @@ class SPCI(ScoreCalibrator):
         super().__init__(horizon, alpha, symmetric)
         self._forests: dict[tuple[int, int], QuantileForest] = {}
 
+    _separate = ("ring",)
+
     def _state_spec(self) -> dict:
         return {
             "count": ((), 0, np.int64),
+            "since_fit": ((), -1, np.int64),  # residuals since the forest was fitted; -1 = none yet
+            "stale": ((), 0, np.int64),  # 1 = offsets predate the newest residual
             "ring": ((self.history,), 0.0, float),
-            "since_fit": ((), -1, np.int64),  # -1 = no forest yet
-            "thr": ((self.n_targets_,), 0.0, float),  # thresholds for the next target
         }
 
     def _levels(self) -> tuple[np.ndarray, np.ndarray]:
@@ -101,7 +102,7 @@ class SPCI(ScoreCalibrator):
         return np.concatenate([lower.ravel(), upper.ravel()]), betas
 
     def _series(self, row: int, h: int) -> np.ndarray:
-        n = int(self.count_[row, h])
+        n = int(self.state_[self._layout["count"][0].start, row, h])
         m = min(n, self.history)
         idx = (np.arange(n - m, n)) % self.history
         return self.ring_[row, h, idx]
@@ -124,7 +125,6 @@ class SPCI(ScoreCalibrator):
                 x = feats[:n_train]
                 y = y_all[w + hz - 1 :]
                 self._forests[key] = QuantileForest(self.n_estimators, self.max_depth, self.random_state).fit(x, y)
-                self.since_fit_[row, h] = 0
             qs = self._forests[key].predict(r[-w:], np.clip(levels, 0, 1))
         if self.symmetric:
             return qs
@@ -134,25 +134,34 @@ class SPCI(ScoreCalibrator):
         pick = np.arange(n_lv)
         return np.stack([hi[pick, best], -lo[pick, best]], -1).ravel()  # (hi, lo) per level
 
-    def _learn(self, rows: np.ndarray, r: np.ndarray, mask: np.ndarray) -> None:
-        push(self.ring_, self.count_, rows, r, mask)
-        self._put("count", rows, self.count_[rows] + 1, mask)
-        for i, h in zip(*np.nonzero(mask), strict=True):
-            row = int(rows[i])
-            since = int(self.since_fit_[row, h])
-            refit = since < 0 or since + 1 >= self.refit_every
-            self.since_fit_[row, h] = since + 1 if since >= 0 else -1
-            self.thr_[row, h] = self._thresholds(row, int(h), refit)
+    def _learn(self, blk, cells: np.ndarray, h: np.ndarray, r: np.ndarray) -> np.ndarray:
+        count = blk["count"].astype(np.int64)
+        self.flat("ring")[cells, count % self.history] = r
+        since = blk["since_fit"]
+        blk["count"], blk["since_fit"], blk["stale"] = count + 1, np.where(since >= 0, since + 1, -1), 1
+        # Lazy: thresholds are computed when an interval is asked for, so unscored steps cost no forest.
+        return self.offsets_.reshape(-1, 1 + self.n_targets_)[cells]
 
-    def _offsets(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return np.zeros((rows.size, self.horizon)), self.thr_[rows]
+    def intervals(self, rows: np.ndarray, means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.asarray(rows, dtype=np.intp)
+        if rows.size:
+            self.resize(int(rows.max()) + 1)
+        i_stale, i_since = self._layout["stale"][0].start, self._layout["since_fit"][0].start
+        for row in rows.tolist():
+            for h in np.nonzero(self.state_[i_stale, row, :] > 0)[0].tolist():
+                since = self.state_[i_since, row, h]
+                refit = since < 0 or since >= self.refit_every or (row, h) not in self._forests
+                self.offsets_[row, h, 1:] = self._thresholds(row, h, refit)
+                if refit and (row, h) in self._forests:
+                    self.state_[i_since, row, h] = 0
+                self.state_[i_stale, row, h] = 0
+        return super().intervals(rows, means)
 
     def import_rows(self, rows: np.ndarray, state: dict) -> None:
         super().import_rows(rows, state)
-        for row in np.asarray(rows).tolist():  # forests are refitted from the imported history
+        for row in np.asarray(rows).tolist():  # forests are refitted from the imported history when next asked
             for h in range(self.horizon):
                 self._forests.pop((row, h), None)
-                self.since_fit_[row, h] = -1
 
     def get_params(self) -> dict:
         return {**super().get_params(), "window": self.window, "history": self.history,

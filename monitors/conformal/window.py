@@ -1,7 +1,8 @@
 """A ring of the last ``W`` residuals per (row, horizon) cell and the conformal quantile over it.
 
 ACI, DtACI and SPCI read quantiles of past scores; the ring keeps the signed residuals (scores are derived per
-target, so one ring serves both sides and every level). ``W`` bounds memory: rows x horizon x W floats.
+target, so one ring serves both sides and every level). ``W`` bounds memory: rows x horizon x W floats. Cells
+are addressed flat (``row * horizon + h``), the ring as a (cells, W) array.
 """
 
 from __future__ import annotations
@@ -9,39 +10,31 @@ from __future__ import annotations
 import numpy as np
 
 
-def push(ring: np.ndarray, count: np.ndarray, rows: np.ndarray, r: np.ndarray, mask: np.ndarray) -> None:
-    """Write ``r`` (n, H) at each masked cell's position ``count % W`` (``count`` is read, not advanced)."""
+def window_values(ring: np.ndarray, cells: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(values (m, W) with NaN where unfilled, filled (m,))`` for cells that have stored ``count`` residuals."""
     size = ring.shape[-1]
-    pos = count[rows] % size
-    hidx = np.broadcast_to(np.arange(ring.shape[1]), pos.shape)
-    rr = np.broadcast_to(rows[:, None], pos.shape)
-    ring[rr[mask], hidx[mask], pos[mask]] = r[mask]
+    n = np.minimum(count, size)
+    vals = ring[cells]
+    vals[np.arange(size)[None, :] >= n[:, None]] = np.nan
+    return vals, n
 
 
-def filled(ring: np.ndarray, count: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(values (n, H, W) with NaN where unfilled, m (n, H) = number filled)``."""
-    size = ring.shape[-1]
-    m = np.minimum(count[rows], size)
-    vals = ring[rows].copy()
-    vals[np.arange(size)[None, None, :] >= m[..., None]] = np.nan
-    return vals, m
+def conformal_quantile(sorted_scores: np.ndarray, n: np.ndarray, alpha: np.ndarray, clip: bool) -> np.ndarray:
+    """The ``ceil((1 - alpha)(n + 1))``-th smallest of ``n`` scores, per cell and target.
 
+    sorted_scores: (m, W, K) ascending with NaN last; n: (m,); alpha: (m, K). A rank above ``n`` (alpha at or
+    below ``1/(n+1)``, e.g. ACI's alpha_t <= 0) is ``+inf``, or the largest score with ``clip``. A rank below 1
+    (alpha_t >= 1) is the smallest score: the interval shrinks but stays a set. No score yet: ``+inf``
+    (``0``, the point forecast, with ``clip``).
 
-def conformal_quantile(
-    sorted_scores: np.ndarray, m: np.ndarray, alpha: np.ndarray, clip: bool
-) -> np.ndarray:
-    """The ``ceil((1 - alpha)(m + 1))``-th smallest of ``m`` scores, per cell and target.
-
-    sorted_scores: (n, H, W, K) ascending with NaN last; m: (n, H); alpha: (n, H, K). A rank above ``m`` (alpha
-    at or below ``1/(m+1)``, e.g. ACI's alpha_t <= 0) is ``+inf``, or the largest score with ``clip``. A rank
-    below 1 (alpha_t >= 1) is the smallest score: the interval shrinks but stays a set.
+    >>> s = np.sort(np.arange(1.0, 11.0))[None, :, None]
+    >>> conformal_quantile(s, np.array([10]), np.array([[0.2]]), clip=False)
+    array([[9.]])
     """
-    mm = m[..., None]
-    rank = np.ceil((1.0 - alpha) * (mm + 1)).astype(np.int64)
-    over = rank > mm
-    idx = np.clip(rank, 1, np.maximum(mm, 1)) - 1
-    q = np.take_along_axis(sorted_scores, idx[..., None, :], axis=2)[..., 0, :]
-    q = np.where(mm > 0, q, np.inf)
+    nn = n[:, None]
+    rank = np.ceil((1.0 - alpha) * (nn + 1)).astype(np.int64)
+    idx = np.clip(rank, 1, np.maximum(nn, 1)) - 1
+    q = np.take_along_axis(sorted_scores, idx[:, None, :], axis=1)[:, 0, :]
     if not clip:
-        q = np.where(over, np.inf, q)
-    return q
+        q = np.where(rank > nn, np.inf, q)
+    return np.where(nn > 0, q, 0.0 if clip else np.inf)
