@@ -69,6 +69,10 @@ class BatchForecaster(ABC):
     def reset_rows(self, rows: np.ndarray) -> None:  # noqa: B027 - optional hook
         """Forget the recent history of ``rows`` (after a long gap); learned parameters may stay."""
 
+    def drop_rows(self, rows: np.ndarray) -> None:  # noqa: B027 - optional hook
+        """These rows' series left this process (their state moved elsewhere); the engine will reuse the rows for
+        other series after overwriting their per-row state with a blank row. Forget any row-indexed cache."""
+
     def maintenance(self, budget_seconds: float) -> None:  # noqa: B027 - optional hook
         """Deferred heavy work; the default model has none."""
 

@@ -58,8 +58,51 @@ class Metrics:
         self.maintenance = Histogram(
             "tidecast_maintenance_seconds", "Wall time of deferred model work (fitting, replay training).",
             buckets=_LATENCY_BUCKETS, registry=r)
+        self._add_consumer_metrics(r)
         for reason in reasons:
             self.dead_letters.labels(reason=reason)  # export zeros: absent != zero for alerting
+
+    def _add_consumer_metrics(self, r: CollectorRegistry) -> None:
+        """``tidecast serve``: the Kafka consumer, its checkpoints and rebalances (zero/empty elsewhere)."""
+        self.consumer_lag = Gauge(
+            "tidecast_consumer_lag", "Records in the partition not yet fetched: highwater minus position.",
+            ["partition"], registry=r)
+        self.consumer_records = Counter(
+            "tidecast_consumer_records", "Records fetched from the input topic.", registry=r)
+        self.consumer_rate = Gauge(
+            "tidecast_consumer_records_per_second", "Records processed per second, over the last few seconds.",
+            registry=r)
+        self.consumer_skipped = Counter(
+            "tidecast_consumer_skipped_records",
+            "Re-delivered records skipped because their series had already applied them.", registry=r)
+        self.queued_records = Gauge(
+            "tidecast_consumer_queued_records", "Records fetched and waiting for the engine worker.", registry=r)
+        self.paused_partitions = Gauge(
+            "tidecast_consumer_paused_partitions", "Assigned partitions paused (backpressure or restoring).",
+            registry=r)
+        self.assigned_partitions = Gauge(
+            "tidecast_consumer_assigned_partitions", "Input partitions assigned to this process.", registry=r)
+        self.rebalances = Counter(
+            "tidecast_rebalances", "Consumer group rebalances this process took part in (assignments).",
+            registry=r)
+        self.checkpoint = Histogram(
+            "tidecast_checkpoint_seconds", "Wall time of one checkpoint (outputs flushed, state durable).",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.last_checkpoint = Gauge(
+            "tidecast_last_checkpoint_timestamp_seconds", "Unix time of the last durable checkpoint.",
+            registry=r)
+        self.checkpoint_series = Counter(
+            "tidecast_checkpoint_series", "Series states written to the changelog.", registry=r)
+        self.restored_series = Counter(
+            "tidecast_state_restored_series", "Series states restored (local snapshot or changelog).",
+            registry=r)
+        self.commits = Counter("tidecast_offset_commits", "Successful offset commits.", registry=r)
+        self.commit_failures = Counter(
+            "tidecast_offset_commit_failures", "Offset commits that failed (retried at the next checkpoint).",
+            registry=r)
+        self.output_errors = Counter(
+            "tidecast_output_errors", "Forecast or dead-letter messages the broker did not acknowledge.",
+            registry=r)
 
     def exposition(self) -> bytes:
         """The text exposition format, as ``/metrics`` serves it."""

@@ -1,6 +1,8 @@
 """The ``tidecast`` command line.
 
     tidecast replay [PATH] ...   replay a CSV/Parquet/JSON-lines history through the engine (no Kafka)
+    tidecast serve ...           the Kafka consumer-group service (docs/serve.md)
+    tidecast produce PATH ...    replay a history file into a Kafka topic
 
 Run ``tidecast <command> --help`` for the options of each command.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -118,11 +121,99 @@ def make_console() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=130)
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from stream.serve import SERVE_OPTIONS
+    from stream.settings import add_options
+
+    p = sub.add_parser("serve", help="run the Kafka consumer-group service",
+                       description="Consume observations from Kafka, publish forecasts with intervals, checkpoint "
+                                   "per-series state. Every option can also come from the environment (TIDECAST_*) "
+                                   "or a TOML file (--config); precedence flag > env > file > default. "
+                                   "See docs/serve.md.")
+    p.add_argument("--config", type=Path, default=None, help="TOML settings file [env TIDECAST_CONFIG]")
+    add_options(p, SERVE_OPTIONS)
+    add_engine_arguments(p)
+    p.set_defaults(func=_run_serve, torch_threads=None, model_param=None)
+
+
+def _layered(args: argparse.Namespace, options: Sequence[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Resolved option values and the settings file's content."""
+    from stream.settings import load_file, model_params_from_file, resolve
+
+    file = load_file(args.config or os.environ.get("TIDECAST_CONFIG"))
+    if "model_params" in file:
+        file["model_param"] = list(file.get("model_param", [])) + model_params_from_file(file)
+    return resolve(args, options, file=file), file
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from stream.serve import ENGINE_OPTIONS, SERVE_OPTIONS, ServeConfig, run_serve
+
+    values, file = _layered(args, SERVE_OPTIONS + ENGINE_OPTIONS)
+    for opt in ENGINE_OPTIONS:  # back onto the namespace, where engine_config() reads them
+        setattr(args, opt.name, values.pop(opt.name))
+    args.model_param = args.model_param or []
+    config = ServeConfig(options=values, engine=engine_config(args), kafka_extra=dict(file.get("kafka", {})),
+                         torch_threads=args.torch_threads)
+    return run_serve(config)
+
+
+def _add_produce(sub: argparse._SubParsersAction) -> None:
+    from stream.produce import PRODUCE_OPTIONS
+    from stream.serve import SERVE_OPTIONS
+    from stream.settings import add_options
+
+    p = sub.add_parser("produce", help="replay a history file into a Kafka topic",
+                       description="Send a CSV/Parquet/JSON-lines history (the formats of `replay`) to Kafka, one "
+                                   "observation per message keyed by series_id, in event-time order.")
+    p.add_argument("path", type=Path, help="CSV, Parquet or .jsonl file")
+    p.add_argument("--config", type=Path, default=None, help="TOML settings file [env TIDECAST_CONFIG]")
+    g = p.add_argument_group("input")
+    g.add_argument("--format", choices=("auto", "wide", "long", "jsonl"), default="auto")
+    g.add_argument("--time-column", default=None, help="default: ds, timestamp, date, datetime, time or col 1")
+    g.add_argument("--series-column", default="unique_id", help="long format series id column")
+    g.add_argument("--value-column", default="y", help="long format value column")
+    g.add_argument("--name", default=None, help="wide format series prefix (default: file stem)")
+    g.add_argument("--columns", type=_csv_list, default=None, help="wide format channels (default: all)")
+    g.add_argument("--rows", type=int, default=None, help="send only the file's first N rows")
+    g = p.add_argument_group("pace")
+    pace = g.add_mutually_exclusive_group()
+    pace.add_argument("--rate", type=float, default=None, help="messages per second (default: as fast as possible)")
+    pace.add_argument("--speed", type=float, default=None, help="replay at X times event time")
+    security = tuple(o for o in SERVE_OPTIONS if o.group.startswith("kafka security"))
+    add_options(p, PRODUCE_OPTIONS + security)
+    p.set_defaults(func=_run_produce)
+
+
+def _run_produce(args: argparse.Namespace) -> int:
+    from stream.produce import PRODUCE_OPTIONS, ProduceOptions, run_produce
+    from stream.serve import SERVE_OPTIONS
+
+    security = tuple(o for o in SERVE_OPTIONS if o.group.startswith("kafka security"))
+    values, file = _layered(args, PRODUCE_OPTIONS + security)
+    for required in ("bootstrap_servers", "topic"):
+        if not values.get(required):
+            raise ValueError(f"{required} is required (--{required.replace('_', '-')} or TIDECAST_{required.upper()})")
+    spec = ReplaySpec(path=args.path, format=args.format, time_column=args.time_column,
+                      series_column=args.series_column, value_column=args.value_column, name=args.name,
+                      columns=args.columns)
+    options = ProduceOptions(spec=spec, topic=values["topic"], kafka=values, kafka_extra=dict(file.get("kafka", {})),
+                             rate=args.rate, speed=args.speed, rows=args.rows, partitions=values["partitions"],
+                             replication_factor=values["replication_factor"])
+    summary = run_produce(options)
+    Console(stderr=True).print(
+        f"sent {summary['sent']:,} observations to {summary['topic']} in {summary['elapsed_seconds']:.1f} s "
+        f"({summary['messages_per_second'] or 0:,.0f} msg/s); rows skipped: {summary['skipped_rows']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tidecast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_replay(sub)
+    _add_serve(sub)
+    _add_produce(sub)
     return parser
 
 

@@ -186,9 +186,12 @@ class Engine:
         self._allowed = set(config.allowed_series) if config.allowed_series is not None else None
         self._step = config.step_ns
         self._slot_of: dict[str, int] = {}
+        self._free: list[int] = []  # rows of dropped series, reused first
         self._ids = np.zeros(0, dtype=object)
         self._cap = 0
         self.series_ = {name: np.zeros(0, dtype) for name, (dtype, _) in _SERIES_FIELDS.items()}
+        self._grow(8)
+        self._blank = self._export_rows(np.array([0]))  # the state of a row no series has touched
 
     @classmethod
     def from_config(cls, config: EngineConfig, metrics: Metrics | None = None) -> Engine:
@@ -215,7 +218,7 @@ class Engine:
             return None
         if len(self._slot_of) >= self.config.max_series:
             return None
-        slot = len(self._slot_of)
+        slot = self._free.pop() if self._free else len(self._slot_of)
         if slot >= self._cap:
             self._grow(max(8, 2 * self._cap))
         self._slot_of[series_id] = slot
@@ -427,13 +430,15 @@ class Engine:
         model, calibrator (``cal``), pending forecasts and scorer.
         """
         rows = np.array([self._slot_of[sid] for sid in series_ids], dtype=np.int64)
+        return [{"series_id": sid} for sid in series_ids], self._export_rows(rows)
+
+    def _export_rows(self, rows: np.ndarray) -> ArrayDict:
         arrays: ArrayDict = {f"engine/{n}": a[rows].copy() for n, a in self.series_.items()}
         for lane in self.lanes:
             for part_name, part in lane.parts().items():
                 for key, arr in part.export_rows(rows).items():
                     arrays[f"{lane.name}/{part_name}/{key}"] = np.asarray(arr)
-        meta = [{"series_id": sid} for sid in series_ids]
-        return meta, arrays
+        return arrays
 
     def import_series(self, meta: list[dict[str, Any]], arrays: ArrayDict) -> None:
         """Inverse of :meth:`export_series`: creates the series if needed and overwrites their state."""
@@ -446,13 +451,27 @@ class Engine:
                 if slot is None:
                     raise ValueError(f"cannot restore series {sid!r}: not accepted by this engine's config")
             rows.append(slot)
-        rows_a = np.array(rows, dtype=np.int64)
+        self._import_rows(np.array(rows, dtype=np.int64), arrays)
+
+    def _import_rows(self, rows: np.ndarray, arrays: ArrayDict) -> None:
         for name in self.series_:
-            self.series_[name][rows_a] = arrays[f"engine/{name}"]
+            self.series_[name][rows] = arrays[f"engine/{name}"]
         for lane in self.lanes:
             for part_name, part in lane.parts().items():
                 prefix = f"{lane.name}/{part_name}/"
-                part.import_rows(rows_a, {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+                part.import_rows(rows, {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+
+    def drop_series(self, series_ids: list[str]) -> None:
+        """Forget these series (their partition moved to another process); their rows are blanked and reused."""
+        rows = np.array([self._slot_of.pop(sid) for sid in series_ids if sid in self._slot_of], dtype=np.int64)
+        if not len(rows):
+            return
+        for lane in self.lanes:
+            lane.model.drop_rows(rows)
+        self._import_rows(rows, {k: np.repeat(v, len(rows), axis=0) for k, v in self._blank.items()})
+        self._ids[rows] = None
+        self._free.extend(rows.tolist())
+        self.metrics.series_active.set(len(self._slot_of))
 
     def export_shared(self) -> dict[str, tuple[ArrayDict, dict[str, Any]]]:
         """Per-model shared state (e.g. a backbone's weights), keyed by model name."""

@@ -47,6 +47,7 @@ REASONS = (
     "unknown_schema_version",  # schema_version other than the ones we read
     "out_of_order",  # older than the series' last observation (decided by the engine)
     "unknown_series",  # series not in the configured allow-list (decided by the engine)
+    "wrong_partition",  # keyed to another partition than the one its series lives on (decided by serve)
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

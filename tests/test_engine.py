@@ -199,3 +199,21 @@ def test_quantile_tracker_lane_covers_a_stationary_stream():
     engine.process(batch("s", np.arange(walk.size), walk))
     coverage = engine.summary()["models"]["seasonal-naive"]["coverage"]
     assert abs(coverage - 0.9) < 0.01
+
+
+def test_dropped_series_rows_are_blanked_and_reused():
+    ids, ticks, values = _stream(n_series=3, n=60)
+    engine = _engine(("seasonal-naive", "holt-winters"))
+    engine.process(batch(list(ids), ticks.astype(np.int64), values.astype(float)))
+    engine.drop_series(["s1", "unknown"])
+    assert sorted(engine.series_ids) == ["s0", "s2"]
+    # a new series takes the freed row and starts from nothing: no forecast before a cycle is seen
+    first = engine.process(batch("new", [0], [1.0]))
+    assert engine._slot_of["new"] == 1 and len(first.forecasts) == 0
+    assert engine.series_["n_applied"][1] == 1
+    fresh = _engine(("seasonal-naive", "holt-winters"))
+    fresh.process(batch("new", [0], [1.0]))
+    meta, a = engine.export_series(["new"])
+    _, b = fresh.export_series(["new"])
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)

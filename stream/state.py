@@ -1,0 +1,470 @@
+"""Checkpointed per-series state: the blob format, the local store and the Kafka changelog.
+
+What is saved
+-------------
+Everything the engine knows about a series (``Engine.export_series``: grid, buffers, model rows, calibrators,
+pending forecasts, scores, and the ``(partition, offset)`` of the last observation it applied), plus each model's
+shared state (``Engine.export_shared``, e.g. a CycleNet backbone). State is grouped by input partition, because
+a partition is what moves between consumers.
+
+Blob format (version 1) — one format for local files and changelog values, never pickle::
+
+    b"TDCSTATE"        8 bytes magic
+    version            u16 little-endian
+    sha256(body)       32 bytes
+    body               u32 LE length of meta + meta (UTF-8 JSON) + safetensors(arrays)
+
+A blob whose magic, version or checksum is wrong raises :class:`CorruptState`.
+
+Local store
+-----------
+One file per partition, ``<root>/<group>/<topic>/partition-<P>.tcs``, holding a :class:`Snapshot` of all the
+partition's series. Written atomically: temporary file in the same directory, fsync, rename, fsync directory.
+
+Changelog
+---------
+A topic co-partitioned with the input (changelog partition P holds input partition P's state), written with an
+explicit partition so the producer's partitioner never matters. A checkpoint of partition P is a *group* of
+records: one per changed series (key ``series_id``), one per changed shared state (key ``\\0shared/<model>``),
+then a marker (key ``\\0checkpoint``) with the input position the group reflects. Restore reads the partition
+with last-value-wins per key — refined to "the state with the highest applied offset wins, the later on a tie"
+(:func:`newer`) — and keeps only groups closed by a marker, so a checkpoint interrupted half-way is ignored as a
+whole. Compaction (``cleanup.policy=compact``) keeps the topic small on real Kafka; nothing relies on
+it (the test broker never compacts) and no transactions are used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+log = logging.getLogger(__name__)
+
+ArrayDict = dict[str, np.ndarray]
+SharedState = dict[str, tuple[ArrayDict, dict[str, Any]]]
+
+MAGIC = b"TDCSTATE"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<8sH32s")
+_META_LEN = struct.Struct("<I")
+
+SHARED_KEY_PREFIX = "\x00shared/"
+MARKER_KEY = "\x00checkpoint"
+#: Engine settings that change the meaning or the shape of saved state; a mismatch refuses to restore.
+FINGERPRINT_FIELDS = ("horizon", "alpha", "models", "model_params", "calibrator", "calibrator_params", "freq",
+                      "max_gap", "coverage_window")
+
+
+class CorruptState(ValueError):
+    """A blob that is not tidecast state, has an unknown version or fails its checksum."""
+
+
+class IncompatibleState(ValueError):
+    """State written under an engine configuration that this process cannot continue."""
+
+
+# -- blobs ---------------------------------------------------------------------------------------------
+def encode_blob(meta: dict[str, Any], arrays: ArrayDict) -> bytes:
+    """``meta`` (JSON-able) and ``arrays`` (numeric numpy arrays) as one checksummed, versioned blob."""
+    meta_bytes = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()
+    tensors = st_save({k: np.ascontiguousarray(v) for k, v in arrays.items()}) if arrays else b""
+    body = _META_LEN.pack(len(meta_bytes)) + meta_bytes + tensors
+    return _HEADER.pack(MAGIC, FORMAT_VERSION, hashlib.sha256(body).digest()) + body
+
+
+def decode_blob(blob: bytes) -> tuple[dict[str, Any], ArrayDict]:
+    """Inverse of :func:`encode_blob`; raises :class:`CorruptState` on anything unexpected."""
+    if len(blob) < _HEADER.size + _META_LEN.size:
+        raise CorruptState(f"state blob too short ({len(blob)} bytes)")
+    magic, version, digest = _HEADER.unpack_from(blob)
+    if magic != MAGIC:
+        raise CorruptState("not a tidecast state blob (bad magic)")
+    if version != FORMAT_VERSION:
+        raise CorruptState(f"state format version {version}; this build reads {FORMAT_VERSION}")
+    body = memoryview(blob)[_HEADER.size:]
+    if hashlib.sha256(body).digest() != digest:
+        raise CorruptState("state blob checksum mismatch")
+    (meta_len,) = _META_LEN.unpack_from(body)
+    start = _META_LEN.size
+    try:
+        meta = json.loads(bytes(body[start:start + meta_len]))
+        tensors = bytes(body[start + meta_len:])
+        arrays = dict(st_load(tensors)) if tensors else {}
+    except (ValueError, UnicodeDecodeError) as err:  # checksum passed, so this is a writer bug
+        raise CorruptState(f"unreadable state blob: {err}") from err
+    return meta, arrays
+
+
+def config_fingerprint(config: dict[str, Any]) -> dict[str, Any]:
+    """The parts of an engine configuration that saved state depends on."""
+    return {k: config.get(k) for k in FINGERPRINT_FIELDS}
+
+
+def check_fingerprint(saved: dict[str, Any] | None, current: dict[str, Any], where: str) -> None:
+    if saved is not None and saved != current:
+        diff = {k: (saved.get(k), current.get(k)) for k in current if saved.get(k) != current.get(k)}
+        raise IncompatibleState(
+            f"state in {where} was written with a different engine configuration {diff} (saved, current); "
+            "use a new --group-id (and --state-dir) to start fresh, or restore the old configuration")
+
+
+# -- per-series tables ----------------------------------------------------------------------------------
+@dataclass
+class SeriesRows:
+    """State of several series: one meta dict per series and arrays whose first axis runs over them."""
+
+    meta: list[dict[str, Any]]
+    arrays: ArrayDict
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    @property
+    def series_ids(self) -> list[str]:
+        return [m["series_id"] for m in self.meta]
+
+    def take(self, index: Iterable[int]) -> SeriesRows:
+        idx = np.asarray(list(index), dtype=np.int64)
+        return SeriesRows([self.meta[i] for i in idx.tolist()], {k: v[idx] for k, v in self.arrays.items()})
+
+    def rows(self) -> Iterable[tuple[str, SeriesRows]]:
+        """One single-series table per series."""
+        for i, item in enumerate(self.meta):
+            yield item["series_id"], SeriesRows([item], {k: v[i:i + 1] for k, v in self.arrays.items()})
+
+    @staticmethod
+    def concat(parts: list[SeriesRows]) -> SeriesRows:
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return SeriesRows([], {})
+        keys = parts[0].arrays.keys()
+        for p in parts[1:]:
+            if p.arrays.keys() != keys:
+                raise IncompatibleState("series states with different array layouts cannot be combined")
+        return SeriesRows([m for p in parts for m in p.meta],
+                          {k: np.concatenate([p.arrays[k] for p in parts]) for k in keys})
+
+    def applied_offsets(self) -> dict[str, tuple[int, int]]:
+        """``series_id -> (partition, offset)`` of the last applied observation."""
+        parts = self.arrays.get("engine/applied_partition")
+        offs = self.arrays.get("engine/applied_offset")
+        if parts is None or offs is None:
+            return {}
+        return {sid: (int(p), int(o)) for sid, p, o in zip(self.series_ids, parts.tolist(), offs.tolist(),
+                                                           strict=True)}
+
+
+def _pack_shared(shared: SharedState) -> tuple[dict[str, Any], ArrayDict]:
+    meta = {name: m for name, (_, m) in shared.items()}
+    arrays = {f"shared/{name}/{k}": v for name, (arrs, _) in shared.items() for k, v in arrs.items()}
+    return meta, arrays
+
+
+def _unpack_shared(meta: dict[str, Any], arrays: ArrayDict) -> SharedState:
+    out: SharedState = {name: ({}, m) for name, m in meta.items()}
+    for key, value in arrays.items():
+        if key.startswith("shared/"):
+            name, _, sub = key[len("shared/"):].partition("/")
+            out.setdefault(name, ({}, {}))[0][sub] = value
+    return out
+
+
+def shared_digest(arrays: ArrayDict, meta: dict[str, Any]) -> str:
+    """A content hash, so unchanged shared state is not re-sent on every checkpoint."""
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode())
+    for key in sorted(arrays):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(arrays[key]).tobytes())
+    return h.hexdigest()
+
+
+def _is_empty_shared(arrays: ArrayDict, meta: dict[str, Any]) -> bool:
+    return not arrays and not meta
+
+
+# -- snapshots ---------------------------------------------------------------------------------------------
+@dataclass
+class Snapshot:
+    """A partition's state at one checkpoint.
+
+    position: the next input offset; every record below it is reflected in the state (applied, skipped as a
+        duplicate, or dead-lettered).
+    changelog_offset: the changelog partition's next offset after this checkpoint's group; a restore reads the
+        changelog from here to catch up with anything written later (by another consumer).
+    """
+
+    topic: str
+    partition: int
+    position: int
+    changelog_offset: int
+    config: dict[str, Any] | None
+    rows: SeriesRows
+    shared: SharedState = field(default_factory=dict)
+    written_at: float = 0.0
+
+    def to_blob(self) -> bytes:
+        shared_meta, shared_arrays = _pack_shared(self.shared)
+        meta = {"kind": "snapshot", "topic": self.topic, "partition": self.partition, "position": self.position,
+                "changelog_offset": self.changelog_offset, "config": self.config, "series": self.rows.meta,
+                "shared": shared_meta, "written_at": self.written_at}
+        arrays = {f"series/{k}": v for k, v in self.rows.arrays.items()} | shared_arrays
+        return encode_blob(meta, arrays)
+
+    @classmethod
+    def from_blob(cls, blob: bytes) -> Snapshot:
+        meta, arrays = decode_blob(blob)
+        if meta.get("kind") != "snapshot":
+            raise CorruptState(f"expected a snapshot, got {meta.get('kind')!r}")
+        rows = SeriesRows(meta["series"], {k[len("series/"):]: v for k, v in arrays.items()
+                                           if k.startswith("series/")})
+        return cls(meta["topic"], int(meta["partition"]), int(meta["position"]), int(meta["changelog_offset"]),
+                   meta.get("config"), rows, _unpack_shared(meta.get("shared") or {}, arrays),
+                   float(meta.get("written_at", 0.0)))
+
+
+class LocalStateStore:
+    """Per-partition snapshots in a directory, written atomically."""
+
+    SUFFIX = ".tcs"
+
+    def __init__(self, root: str | Path, group: str, topic: str) -> None:
+        self.dir = Path(root) / _safe_name(group) / _safe_name(topic)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._remove_partial_writes()
+
+    def path(self, partition: int) -> Path:
+        return self.dir / f"partition-{partition:05d}{self.SUFFIX}"
+
+    def save(self, snapshot: Snapshot) -> None:
+        write_atomic(self.path(snapshot.partition), snapshot.to_blob())
+
+    def load(self, partition: int) -> Snapshot | None:
+        """The partition's snapshot, or ``None`` if there is none or it is unreadable (logged)."""
+        path = self.path(partition)
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return Snapshot.from_blob(blob)
+        except CorruptState as err:
+            log.warning("ignoring local state %s: %s (falling back to the changelog)", path, err)
+            return None
+
+    def partitions(self) -> list[int]:
+        return sorted(int(p.stem.split("-")[1]) for p in self.dir.glob(f"partition-*{self.SUFFIX}"))
+
+    def _remove_partial_writes(self) -> None:
+        for tmp in self.dir.glob(".*.tmp-*"):  # a crash between write and rename
+            tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name) or "_"
+
+
+# -- changelog ---------------------------------------------------------------------------------------------
+@dataclass
+class ChangelogTail:
+    """What a changelog partition adds on top of a base: complete groups only, last value per key."""
+
+    rows: dict[str, SeriesRows] = field(default_factory=dict)
+    shared: SharedState = field(default_factory=dict)
+    position: int | None = None  # input position of the last complete group
+    config: dict[str, Any] | None = None
+    next_offset: int = 0  # changelog offset after the last complete group
+    end_offset: int = 0  # changelog highwater when read
+    n_records: int = 0
+    n_incomplete: int = 0  # records after the last marker (an interrupted checkpoint), ignored
+
+    @property
+    def empty(self) -> bool:
+        return self.position is None
+
+
+def newer(current: SeriesRows | None, candidate: SeriesRows) -> SeriesRows:
+    """The more advanced of two states of one series: higher applied offset; on a tie, the candidate (later).
+
+    Plain last-value-wins would let a late write from a member that lost the partition (no transactions
+    fence it) replace a newer state with an older one; a series' applied offset only ever grows.
+    """
+    if current is None:
+        return candidate
+
+    def applied(rows: SeriesRows) -> int:
+        arr = rows.arrays.get("engine/applied_offset")
+        return int(arr[0]) if arr is not None and len(arr) else -1
+
+    return candidate if applied(candidate) >= applied(current) else current
+
+
+class TailReader:
+    """Folds changelog records (in offset order) into a :class:`ChangelogTail`."""
+
+    def __init__(self, start: int) -> None:
+        self.tail = ChangelogTail(next_offset=start)
+        self._rows: dict[str, SeriesRows] = {}
+        self._shared: SharedState = {}
+
+    def add(self, offset: int, key: bytes | None, value: bytes | None) -> None:
+        self.tail.n_records += 1
+        if value is None:  # a tombstone: not ours
+            return
+        meta, arrays = decode_blob(value)
+        kind = meta.get("kind")
+        if kind == "series":
+            self._rows[meta["series"]["series_id"]] = SeriesRows([meta["series"]], arrays)
+        elif kind == "shared":
+            self._shared[meta["model"]] = (arrays, meta["meta"])
+        elif kind == "checkpoint":
+            self._close_group(offset, meta)
+        else:
+            raise CorruptState(f"unknown changelog record kind {kind!r} at offset {offset}")
+
+    def _close_group(self, offset: int, meta: dict[str, Any]) -> None:
+        rows = self.tail.rows
+        for sid, one in self._rows.items():
+            rows[sid] = newer(rows.get(sid), one)
+        self.tail.shared.update(self._shared)
+        self._rows, self._shared = {}, {}
+        # Every record below a marker's position is reflected in the series states (see ``newer``), so the
+        # highest position seen is a safe place to resume.
+        self.tail.position = max(int(meta["position"]), self.tail.position or 0)
+        self.tail.config = meta.get("config")
+        self.tail.next_offset = offset + 1
+
+    def finish(self, end_offset: int) -> ChangelogTail:
+        self.tail.end_offset = end_offset
+        self.tail.n_incomplete = len(self._rows) + len(self._shared)
+        return self.tail
+
+
+def series_record(item: dict[str, Any], arrays: ArrayDict) -> bytes:
+    return encode_blob({"kind": "series", "series": item}, arrays)
+
+
+def shared_record(model: str, arrays: ArrayDict, meta: dict[str, Any]) -> bytes:
+    return encode_blob({"kind": "shared", "model": model, "meta": meta}, arrays)
+
+
+def marker_record(position: int, config: dict[str, Any] | None, n_series: int) -> bytes:
+    return encode_blob({"kind": "checkpoint", "position": position, "config": config, "n_series": n_series,
+                        "written_at": time.time()}, {})
+
+
+class ChangelogStore:
+    """Writes checkpoint groups to, and reads them back from, a changelog topic (kafka-python clients).
+
+    ``producer`` is shared and thread-safe; ``consumer_factory`` builds the group-less consumer used to read
+    partitions back (owned by the thread that restores).
+    """
+
+    def __init__(self, topic: str, producer: Any, consumer_factory: Callable[[], Any],
+                 timeout_seconds: float = 30.0) -> None:
+        self.topic = topic
+        self.producer = producer
+        self._consumer_factory = consumer_factory
+        self._consumer = None
+        self.timeout_seconds = timeout_seconds
+
+    def write(self, groups: list[tuple[int, SeriesRows, SharedState, int]], config: dict[str, Any] | None
+              ) -> dict[int, int]:
+        """Send checkpoint groups ``(partition, changed series, changed shared state, position)`` and wait until
+        they are durable; returns each partition's next changelog offset."""
+        markers = {}
+        for partition, rows, shared, position in groups:
+            for sid, one in rows.rows():
+                self.producer.send(self.topic, key=sid.encode(), value=series_record(one.meta[0], one.arrays),
+                                   partition=partition)
+            for model, (arrays, meta) in shared.items():
+                self.producer.send(self.topic, key=(SHARED_KEY_PREFIX + model).encode(),
+                                   value=shared_record(model, arrays, meta), partition=partition)
+            markers[partition] = self.producer.send(self.topic, key=MARKER_KEY.encode(),
+                                                    value=marker_record(position, config, len(rows)),
+                                                    partition=partition)
+        self.producer.flush(timeout=self.timeout_seconds)
+        # The producer is idempotent and ordered per partition: the marker landing means its group landed.
+        return {p: m.get(timeout=self.timeout_seconds).offset + 1 for p, m in markers.items()}
+
+    def read(self, partition: int, start: int) -> ChangelogTail:
+        """Complete checkpoint groups of ``partition`` from offset ``start`` to the current end."""
+        reader = TailReader(start)
+        end = self._fetch(partition, start, reader.add)
+        return reader.finish(end)
+
+    def _fetch(self, partition: int, start: int, sink: Callable[[int, bytes | None, bytes | None], None]) -> int:
+        """Feed ``sink(offset, key, value)`` every record from ``start`` to the end; returns the end offset."""
+        from kafka import TopicPartition
+
+        consumer = self._reader()
+        tp = TopicPartition(self.topic, partition)
+        consumer.assign([tp])
+        consumer.seek(tp, start)
+        deadline = time.monotonic() + self.timeout_seconds
+        while True:
+            for records in consumer.poll(timeout_ms=200).values():
+                for rec in records:
+                    sink(rec.offset, rec.key, rec.value)
+            # highwater comes with every fetch response (ListOffsets is not trusted: some brokers get it wrong).
+            highwater = consumer.highwater(tp)
+            if highwater is not None and consumer.position(tp) >= highwater:
+                return highwater
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading changelog {self.topic}[{partition}] took over {self.timeout_seconds} s")
+
+    def _reader(self) -> Any:
+        if self._consumer is None:
+            self._consumer = self._consumer_factory()
+        return self._consumer
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+
+
+def merge(base: Snapshot | None, tail: ChangelogTail, topic: str, partition: int) -> Snapshot | None:
+    """The newest state of a partition: ``base`` (local snapshot) updated by the changelog groups after it."""
+    if tail.empty:
+        return base
+    rows = dict(base.rows.rows()) if base is not None else {}
+    for sid, one in tail.rows.items():
+        rows[sid] = newer(rows.get(sid), one)
+    shared = dict(base.shared) if base is not None else {}
+    shared.update(tail.shared)
+    assert tail.position is not None
+    position = max(tail.position, base.position if base is not None else 0)
+    config = tail.config if tail.config is not None else (base.config if base is not None else None)
+    return Snapshot(topic, partition, position, tail.next_offset, config, SeriesRows.concat(list(rows.values())),
+                    shared, time.time())
+
+
+def nonempty_shared(shared: SharedState) -> SharedState:
+    return {k: v for k, v in shared.items() if not _is_empty_shared(*v)}

@@ -1,0 +1,115 @@
+"""``serve``/``produce`` configuration and message formats (no broker needed)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import stream.serve
+from stream.batch import ForecastBatch
+from stream.cli import main
+from stream.kafka import client_settings, dead_letter_message, forecast_messages, header_dict
+from stream.serve import ServeConfig
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Run ``tidecast serve`` up to the point where it would start, and keep its configuration."""
+    seen = {}
+
+    def fake_run(config: ServeConfig) -> int:
+        seen["config"] = config
+        return 0
+
+    monkeypatch.setattr(stream.serve, "run_serve", fake_run)
+    for name in ("TIDECAST_CONFIG", "TIDECAST_TOPIC", "TIDECAST_HORIZON", "TIDECAST_GROUP_ID", "TIDECAST_MODEL",
+                 "TIDECAST_BOOTSTRAP_SERVERS", "TIDECAST_CHECKPOINT_INTERVAL", "TIDECAST_SASL_PLAIN_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    return seen
+
+
+def test_flag_beats_environment_beats_file_beats_default(captured, monkeypatch, tmp_path):
+    config = tmp_path / "tidecast.toml"
+    config.write_text("""
+bootstrap_servers = "file:9092"
+topic = "from-file"
+group_id = "group-from-file"
+horizon = 48
+checkpoint-interval = 30
+create_topics = false
+[model_params.seasonal-naive]
+period = 24
+[kafka]
+request_timeout_ms = 12345
+""")
+    monkeypatch.setenv("TIDECAST_CONFIG", str(config))
+    monkeypatch.setenv("TIDECAST_TOPIC", "from-env")
+    monkeypatch.setenv("TIDECAST_GROUP_ID", "group-from-env")
+    monkeypatch.setenv("TIDECAST_HORIZON", "12")
+    monkeypatch.setenv("TIDECAST_SASL_PLAIN_PASSWORD", "s3cret")
+    assert main(["serve", "--group-id", "group-from-flag", "--model", "seasonal-naive"]) == 0
+    cfg = captured["config"]
+    assert cfg.group_id == "group-from-flag"  # flag
+    assert cfg.topic == "from-env" and cfg.engine.horizon == 12  # env over file
+    assert cfg.bootstrap_servers == "file:9092" and cfg.checkpoint_interval == 30.0  # file
+    assert cfg.create_topics is False and cfg.checkpoint_records == 10_000  # file bool; default
+    assert cfg.engine.model_params == {"seasonal-naive": {"period": 24}}
+    assert cfg.forecast_topic == "from-env-forecasts" and cfg.changelog_topic == "group-from-flag-from-env-changelog"
+    assert cfg.kafka_extra == {"request_timeout_ms": 12345}
+    assert cfg.sasl_plain_password == "s3cret"
+
+
+def test_missing_required_settings_are_an_error_not_a_crash(captured, capsys):
+    assert main(["serve", "--topic", "t"]) == 2
+    assert "bootstrap_servers is required" in capsys.readouterr().err.replace("\n", " ")
+
+
+def test_bad_environment_value_names_its_source(captured, monkeypatch):
+    monkeypatch.setenv("TIDECAST_CHECKPOINT_INTERVAL", "soon")
+    assert main(["serve", "--topic", "t", "--bootstrap-servers", "b:1"]) == 2
+
+
+def test_client_settings_pass_security_and_the_kafka_table_to_the_clients_that_know_them():
+    from kafka import KafkaConsumer, KafkaProducer
+
+    cfg = ServeConfig({"bootstrap_servers": "a:1,b:2", "topic": "t", "security_protocol": "SASL_SSL",
+                       "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": "u", "sasl_plain_password": "p"})
+    extra = {"request_timeout_ms": 40000, "isolation_level": "read_committed"}
+    consumer = client_settings(cfg.options, KafkaConsumer, extra, group_id="g")
+    producer = client_settings(cfg.options, KafkaProducer, extra, acks="all")
+    assert consumer["bootstrap_servers"] == ["a:1", "b:2"] and consumer["security_protocol"] == "SASL_SSL"
+    assert consumer["sasl_plain_password"] == "p" and consumer["isolation_level"] == "read_committed"
+    assert producer["sasl_mechanism"] == "SCRAM-SHA-512" and "isolation_level" not in producer
+    assert "group_id" not in producer and producer["acks"] == "all"
+
+
+def test_forecast_messages_hold_one_origin_each_with_all_steps():
+    hour = 3_600_000_000_000
+    batch = ForecastBatch(
+        series_id=np.array(["a", "a", "b", "b"], dtype=object), issued_at_ns=np.array([0, 0, 0, 0]),
+        model=np.array(["m"] * 4, dtype=object), h=np.array([1, 2, 1, 2]),
+        target_ns=np.array([hour, 2 * hour, hour, 2 * hour]), mean=np.array([1.0, 2.0, 3.0, 4.0]),
+        lower=np.array([0.5, -np.inf, 2.5, 3.5]), upper=np.array([1.5, np.inf, 3.5, 4.5]), alpha=0.1)
+    messages = [(key, json.loads(value)) for key, value in forecast_messages(batch)]
+    assert [key for key, _ in messages] == ["a", "b"]
+    first = messages[0][1]
+    assert first["issued_at"] == "1970-01-01T00:00:00Z" and first["h"] == [1, 2]
+    assert first["target_timestamp"] == ["1970-01-01T01:00:00Z", "1970-01-01T02:00:00Z"]
+    assert first["lower"] == [0.5, None] and first["upper"] == [1.5, None]  # unbounded side -> null
+    assert first["mean"] == [1.0, 2.0] and first["alpha"] == 0.1 and first["schema_version"] == 1
+
+
+def test_dead_letter_keeps_the_raw_record_and_says_why_and_where():
+    record = SimpleNamespace(topic="obs", partition=3, offset=42, timestamp=1700000000000, key=b"k",
+                             value=b"x" * 100)
+    letter = dead_letter_message(record, "oversized", "100 bytes > limit 10", max_bytes=10)
+    headers = header_dict(letter.headers)
+    assert letter.key == b"k" and letter.value == b"x" * 10
+    assert headers["tidecast.reason"] == "oversized" and headers["tidecast.raw.size"] == "100"
+    assert (headers["tidecast.source.topic"], headers["tidecast.source.partition"],
+            headers["tidecast.source.offset"]) == ("obs", "3", "42")
+    whole = dead_letter_message(record, "not_json", "", max_bytes=0)
+    assert whole.value == record.value and "tidecast.raw.size" not in header_dict(whole.headers)

@@ -1,0 +1,152 @@
+"""Checkpoint format, local store and changelog folding (no broker needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stream.batch import ObservationBatch
+from stream.config import EngineConfig
+from stream.engine import Engine
+from stream.state import (
+    MARKER_KEY,
+    ChangelogTail,
+    CorruptState,
+    IncompatibleState,
+    LocalStateStore,
+    SeriesRows,
+    Snapshot,
+    TailReader,
+    check_fingerprint,
+    config_fingerprint,
+    decode_blob,
+    encode_blob,
+    marker_record,
+    merge,
+    newer,
+    series_record,
+)
+
+CONFIG = EngineConfig(horizon=6, model_params={"seasonal-naive": {"period": 12}})
+
+
+def batch(n_steps: int, start: int = 0, series: int = 3, offset0: int = 0) -> ObservationBatch:
+    ids, times, values = [], [], []
+    for k in range(start, start + n_steps):
+        for s in range(series):
+            ids.append(f"s{s}")
+            times.append(k * 3_600_000_000_000)
+            values.append(np.sin(k / 2 + s) + s)
+    n = len(ids)
+    return ObservationBatch(np.array(ids, dtype=object), np.array(times), np.array(values),
+                            np.zeros(n, np.int32), np.arange(offset0, offset0 + n))
+
+
+def exported(engine: Engine) -> SeriesRows:
+    meta, arrays = engine.export_series(sorted(engine.series_ids))
+    return SeriesRows(meta, arrays)
+
+
+def test_blob_round_trip_keeps_meta_arrays_and_dtypes():
+    arrays = {"f": np.arange(6.0).reshape(2, 3), "i": np.array([1, -2], np.int32), "b": np.array([True, False]),
+              "empty": np.zeros((0, 4)), "nan": np.array([np.nan, np.inf])}
+    meta, back = decode_blob(encode_blob({"kind": "x", "n": [1, 2]}, arrays))
+    assert meta == {"kind": "x", "n": [1, 2]}
+    assert back.keys() == arrays.keys()
+    for key, value in arrays.items():
+        assert back[key].dtype == value.dtype
+        np.testing.assert_array_equal(back[key], value)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b[:-1] + bytes([b[-1] ^ 1]), "checksum"),
+    (lambda b: b"NOTSTATE" + b[8:], "magic"),
+    (lambda b: b[:8] + (99).to_bytes(2, "little") + b[10:], "version"),
+    (lambda b: b[:20], "checksum|short"),
+])
+def test_a_damaged_blob_is_refused(damage, message):
+    blob = encode_blob({"kind": "x"}, {"a": np.ones(3)})
+    with pytest.raises(CorruptState, match=message):
+        decode_blob(damage(blob))
+
+
+def test_snapshot_restores_an_engine_that_continues_exactly_like_the_original(tmp_path):
+    original = Engine.from_config(CONFIG)
+    original.process(batch(40))
+    store = LocalStateStore(tmp_path, "group", "topic/with:odd chars")
+    store.save(Snapshot("topic", 0, 120, 7, config_fingerprint(CONFIG.to_dict()), exported(original),
+                        {}, 1.0))
+    snap = store.load(0)
+    assert (snap.position, snap.changelog_offset, snap.partition) == (120, 7, 0)
+    restored = Engine.from_config(CONFIG)
+    restored.import_series(snap.rows.meta, snap.rows.arrays)
+
+    nxt = batch(20, start=40, offset0=120)
+    a, b = original.process(nxt), restored.process(nxt)
+    np.testing.assert_array_equal(a.forecasts.mean, b.forecasts.mean)
+    np.testing.assert_array_equal(a.forecasts.lower, b.forecasts.lower)
+    for key, value in exported(original).arrays.items():
+        np.testing.assert_array_equal(exported(restored).arrays[key], value, err_msg=key)
+
+
+def test_local_store_writes_atomically_and_ignores_a_corrupt_file(tmp_path):
+    store = LocalStateStore(tmp_path, "g", "t")
+    rows = SeriesRows([{"series_id": "a"}], {"engine/applied_offset": np.array([3])})
+    store.save(Snapshot("t", 2, 4, 0, None, rows))
+    assert [p.name for p in store.dir.iterdir()] == ["partition-00002.tcs"]  # no temporary file left
+    store.path(2).write_bytes(store.path(2).read_bytes()[:-3])
+    assert store.load(2) is None  # logged; the changelog takes over
+    (store.dir / ".partition-00002.tcs.tmp-123").write_bytes(b"half")
+    LocalStateStore(tmp_path, "g", "t")  # a restart clears writes a crash interrupted
+    assert not list(store.dir.glob(".*tmp*"))
+
+
+def one(sid: str, applied: int, value: float) -> tuple[bytes, bytes]:
+    arrays = {"engine/applied_offset": np.array([applied]), "x": np.array([value])}
+    return sid.encode(), series_record({"series_id": sid}, arrays)
+
+
+def test_changelog_keeps_complete_groups_and_the_most_advanced_state_per_series():
+    reader = TailReader(start=10)
+    records = [
+        one("a", 5, 1.0), one("b", 6, 1.0), (MARKER_KEY.encode(), marker_record(7, None, 2)),
+        one("a", 9, 2.0), (MARKER_KEY.encode(), marker_record(10, None, 1)),
+        one("b", 4, 0.5), (MARKER_KEY.encode(), marker_record(8, None, 1)),  # a late writer with older state
+        one("a", 12, 3.0),  # a checkpoint interrupted before its marker
+    ]
+    for offset, (key, value) in enumerate(records, start=10):
+        reader.add(offset, key, value)
+    tail = reader.finish(end_offset=18)
+    assert tail.position == 10 and tail.next_offset == 17 and tail.n_incomplete == 1
+    assert float(tail.rows["a"].arrays["x"][0]) == 2.0  # the unfinished group is ignored
+    assert float(tail.rows["b"].arrays["x"][0]) == 1.0  # applied 6 beats the later write of applied 4
+
+
+def test_merge_lets_newer_changelog_state_win_over_the_local_snapshot():
+    base_rows = SeriesRows([{"series_id": "a"}, {"series_id": "b"}],
+                           {"engine/applied_offset": np.array([5, 6]), "x": np.array([1.0, 1.0])})
+    base = Snapshot("t", 0, 7, 3, None, base_rows)
+    tail = ChangelogTail(rows={"a": SeriesRows([{"series_id": "a"}], {"engine/applied_offset": np.array([9]),
+                                                                       "x": np.array([2.0])})},
+                         position=10, next_offset=5, end_offset=5)
+    merged = merge(base, tail, "t", 0)
+    values = dict(zip(merged.rows.series_ids, merged.rows.arrays["x"].tolist(), strict=True))
+    assert values == {"a": 2.0, "b": 1.0} and merged.position == 10 and merged.changelog_offset == 5
+    assert merge(base, ChangelogTail(), "t", 0) is base
+    assert merge(None, ChangelogTail(), "t", 0) is None
+
+
+def test_newer_prefers_the_higher_applied_offset_and_the_later_on_ties():
+    old = SeriesRows([{"series_id": "a"}], {"engine/applied_offset": np.array([3]), "x": np.array([0.0])})
+    new = SeriesRows([{"series_id": "a"}], {"engine/applied_offset": np.array([3]), "x": np.array([1.0])})
+    assert newer(old, new) is new and newer(new, old) is old and newer(None, old) is old
+    ahead = SeriesRows([{"series_id": "a"}], {"engine/applied_offset": np.array([4]), "x": np.array([2.0])})
+    assert newer(ahead, new) is ahead
+
+
+def test_state_from_another_configuration_is_refused():
+    saved = config_fingerprint(CONFIG.to_dict())
+    check_fingerprint(saved, saved, "here")
+    other = config_fingerprint(EngineConfig(horizon=12).to_dict())
+    with pytest.raises(IncompatibleState, match="horizon"):
+        check_fingerprint(saved, other, "here")
