@@ -91,6 +91,14 @@ def grow(array: np.ndarray, n_rows: int, fill: float | int | bool) -> np.ndarray
     return out
 
 
+def targets(alphas: np.ndarray, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per-target miscoverage and sign: (alpha/2 upper, alpha/2 lower) per level, or (alpha, |.|) symmetric."""
+    alphas = np.atleast_1d(np.asarray(alphas, dtype=float))
+    if symmetric:
+        return alphas.copy(), np.zeros(alphas.size)
+    return np.repeat(alphas / 2, 2), np.tile([1.0, -1.0], alphas.size)
+
+
 class Block:
     """The gathered state of ``m`` cells, field-major (width, m); fields are read as (m, *tail) by name."""
 
@@ -109,6 +117,10 @@ class Block:
         value = np.broadcast_to(value, (self.data.shape[1], *tail))
         self.data[sl] = np.moveaxis(value, 0, -1).reshape(-1, self.data.shape[1])
 
+    def fields(self, name: str) -> np.ndarray:
+        """The field as stored, (prod(tail), m): contiguous rows, the fast way to read and write in place."""
+        return self.data[self.layout[name][0]]
+
 
 class ScoreCalibrator(Calibrator):
     """Shared machinery for calibrators that learn one threshold per *target*.
@@ -118,9 +130,10 @@ class ScoreCalibrator(Calibrator):
 
     Layout, for speed at 10k series x 24 horizons: the small per-cell fields declared in :meth:`_state_spec`
     are packed field-major in one float array ``state_`` (width, rows, horizon), so an update is one gather
-    and one scatter of the cells that matured and every field is contiguous; fields named in ``_separate`` (long rings) get arrays of their own
-    and are touched element-wise. The interval offsets are computed when a cell learns and cached in
-    ``offsets_`` (rows, horizon, 1 + K) = (centre, thresholds), so :meth:`interval` is a single gather.
+    and one scatter of the cells that matured and every field is contiguous; fields named in ``_separate``
+    (long rings) get arrays of their own and are touched element-wise. The interval offsets are computed when
+    a cell learns and cached in ``offsets_`` (rows, horizon, 1 + K) = (centre, thresholds), so
+    :meth:`interval` is a single gather.
     Subclasses implement :meth:`_learn` on a :class:`Block` of matured cells and return the new offsets.
     """
 
@@ -129,12 +142,7 @@ class ScoreCalibrator(Calibrator):
     def __init__(self, horizon: int, alpha: float | Sequence[float] = 0.1, symmetric: bool = False) -> None:
         super().__init__(horizon, alpha)
         self.symmetric = symmetric
-        if symmetric:
-            self.target_alpha_ = self.alphas_.copy()
-            self.target_sign_ = np.zeros(self.alphas_.size)
-        else:
-            self.target_alpha_ = np.repeat(self.alphas_ / 2, 2)
-            self.target_sign_ = np.tile([1.0, -1.0], self.alphas_.size)
+        self.target_alpha_, self.target_sign_ = targets(self.alphas_, symmetric)
         self.n_targets_ = self.target_alpha_.size
         self._spec = self._state_spec()
         self._layout: dict[str, tuple[slice, tuple[int, ...]]] = {}
@@ -145,14 +153,14 @@ class ScoreCalibrator(Calibrator):
                 continue
             size = int(np.prod(tail, dtype=int))
             self._layout[name] = (slice(len(fills), len(fills) + size), tuple(tail))
-            fills.extend([float(fill)] * size)
+            fills.extend(np.broadcast_to(np.asarray(fill, dtype=float), tail).ravel().tolist())
         self._fill = np.asarray(fills, dtype=float)
         self.state_ = np.zeros((self._fill.size, 0, horizon))
         self.offsets_ = np.zeros((0, horizon, 1 + self.n_targets_))
 
     # -- what subclasses provide ----------------------------------------------------------------------
     def _state_spec(self) -> dict[str, tuple[tuple[int, ...], float | int, type]]:
-        """``name -> (trailing shape after (rows, horizon), fill for a new row, dtype)``."""
+        """``name -> (trailing shape after (rows, horizon), fill for a new row (scalar or per entry), dtype)``."""
         return {}
 
     @abstractmethod
@@ -195,6 +203,11 @@ class ScoreCalibrator(Calibrator):
         if rows.size == 0 or not mask.any():
             return
         self.resize(int(rows.max()) + 1)
+        if rows.size > 1 and np.any(rows[1:] < rows[:-1]):
+            # Cells are independent, so order is free: sorted rows read memory sequentially (and a permuted
+            # block of rows becomes the contiguous fast path below).
+            order = np.argsort(rows)
+            rows, r, mask = rows[order], r[order], mask[order]
         flat = self.state_.reshape(self._fill.size, -1)
         offsets_flat = self.offsets_.reshape(-1, 1 + self.n_targets_)
         if mask.all():

@@ -33,13 +33,14 @@ class QuantileTracker(ConformalPID):
         self,
         horizon: int,
         alpha: float | Sequence[float] = 0.1,
-        lr: float = 0.05,
+        lr: float = 0.3,
         scale_decay: float = 0.01,
         symmetric: bool = False,
     ) -> None:
         super().__init__(
-            horizon, alpha, lr=lr, scorecaster=None, scale_decay=scale_decay, ki=0.0, normalize=False,
-            symmetric=symmetric,
+            horizon, alpha, lr=lr, scorecaster=None, scale_decay=scale_decay, scale_memory_per_h=0.0,
+            mean_memory_per_h=0.0, ki=0.0,
+            normalize=False, symmetric=symmetric,
         )
 
     def get_params(self) -> dict:
