@@ -1,0 +1,686 @@
+"""CycleNet as a streaming :class:`~models.base.BatchForecaster`: warm start, then learning online.
+
+The network and the paper's batch recipe live in :mod:`models.cyclenet_net` (Lin et al., "CycleNet: Enhancing
+Time Series Forecasting through Modeling Periodic Patterns", NeurIPS 2024). This module serves it to a group
+of series:
+
+* **One model per group.** All rows of a :class:`CycleNetForecaster` share one cycle length W and one
+  backbone; each row (series) owns one column of the cycle table ``Q``. Series with another cycle belong in
+  another model group (another instance). Every forecast round is one batched forward over the rows asked for.
+* **Phase from time.** A window's phase is ``tick % W`` of its first step, with the engine's ticks (grid steps
+  since a timestamp anchor), so a gap can never shift the cycle.
+* **Raw values in, raw forecasts out.** Each row is standardised internally with the mean and (population)
+  standard deviation of its warm-start training part, as the paper's StandardScaler does.
+* **Warm start.** Rows keep their history until ``warm_start`` observations have arrived; then the group is
+  fitted with the paper's recipe: the first ``1 - val_fraction`` of those observations train, the rest (plus
+  ``lookback`` rows of context) drive early stopping. W is ``cycle`` or, when ``cycle`` is None, detected on
+  the training part with :func:`detect_cycle`. Series that appear after the fit join as soon as they have one
+  full window (``lookback + horizon`` observations); their ``Q`` column starts at zero and is learned online.
+* **Online learning (experience replay).** Each completed (input, target) window of a served row joins the
+  replay buffer, which holds the newest ``replay_window`` windows of every row (older ones leave it). Every
+  ``replay_every`` learning rounds, ``replay_steps`` Adam steps are taken on mini-batches of ``replay_batch``
+  windows drawn by random reshuffling: one permutation of the buffer per pass, windows that joined during a
+  pass wait for the next one. The windows are not copied: the buffer is the rows' history rings, and a
+  window is a (row, last tick) pair, so it costs one stored value instead of ``lookback + horizon`` and moves
+  with its series. The warm-start history is in the buffer from the start, so the validation part - seen only
+  by early stopping - is learned too.
+* **Where heavy work runs.** The warm-start fit and the replay steps run either inline in :meth:`learn_many`
+  (``defer=False``; replay bounded by ``step_budget`` seconds per round) or in :meth:`maintenance`
+  (``defer=True``), which ``serve`` calls from a worker thread. ``defer=None`` (default) is inline until
+  :meth:`maintenance` is called from a thread other than the one calling :meth:`learn_many` - the sign of a
+  worker - and deferred from then on; ``replay``, which calls both from one thread, stays inline.
+* **Threading.** Training never touches the weights that serve forecasts: it updates a *training copy* (with
+  its optimiser) outside the lock, and only the copy of its parameters into the serving network, like every
+  read or write of the row tables, happens under a short lock. The warm-start fit trains a network of its own
+  and swaps it in when done.
+* **State** is arrays + JSON (no pickle): :meth:`export_rows` gives each row's history ring, scaler, ``Q``
+  column and its Adam moments (the history ring is also the replay buffer); :meth:`export_shared` the
+  backbone, its Adam state, the current replay pass and the RNG. Restoring both and replaying the same inputs
+  reproduces the forecasts bit for bit (provided the time budgets let both runs take the same replay steps). A
+  fit still running at export time is not saved: after a restore it restarts from the saved histories.
+
+>>> import numpy as np
+>>> model = CycleNetForecaster(horizon=4, lookback=8, cycle=6, warm_start=120, epochs=2)
+>>> rows = np.array([0, 1])
+>>> for tick in range(200):
+...     model.learn_many(rows, np.array([tick, tick]), np.sin(2 * np.pi * tick / 6) + np.array([0.0, 5.0]))
+>>> model.forecast_many(np.array([0, 1]), 4).shape
+(2, 4)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.base import ArrayDict, BatchForecaster
+from models.cyclenet_net import DEFAULT_LR, BatchFit, CycleNet, Windows
+from models.cyclenet_net import build as build_net
+from models.seasonality import detect_period
+
+__all__ = ["CycleNetForecaster", "build", "detect_cycle", "make"]
+
+#: Most series-windows in one warm-start step (ETTh's 256 x 7 fits; 1,000 series take 8 origins a step).
+MAX_BATCH_WINDOWS = 8192
+
+
+def detect_cycle(values: np.ndarray, max_cycle: int = 400) -> int:
+    """The cycle length shared by the columns of ``values`` (T, C), or 1 when none has one.
+
+    Each column gets :func:`models.seasonality.detect_period` (the highest autocorrelation peak of its first
+    differences, preferring the fundamental over its multiples); the most common answer wins, ties going to
+    the shorter cycle. A vote keeps one channel with a stronger multiple (ETTh1's LUFL and LULL peak at 48)
+    from overriding the group's cycle (24).
+
+    >>> t = np.arange(24 * 60)
+    >>> noise = np.random.default_rng(0).normal(0, 0.1, (t.size, 3))
+    >>> detect_cycle(np.sin(2 * np.pi * t / 24)[:, None] + noise)
+    24
+    """
+    values = np.asarray(values, dtype=float)
+    values = values[:, None] if values.ndim == 1 else values
+    found = [detect_period(values[:, c], max_period=max_cycle) for c in range(values.shape[1])]
+    votes = Counter(p for p in found if p)
+    if not votes:
+        return 1
+    return min(votes, key=lambda p: (-votes[p], p))
+
+
+class CycleNetForecaster(BatchForecaster):
+    """CycleNet over a group of series (rows), warm-started in batch and then learning online.
+
+    Parameters
+    ----------
+    horizon
+        Forecast length H (the network's output length).
+    lookback
+        Input length L (96 in the paper).
+    cycle
+        Cycle length W; ``None`` detects it at the warm start (:func:`detect_cycle`, up to ``max_cycle``).
+    backbone, hidden, instance_norm
+        ``"linear"`` or ``"mlp"`` (L->hidden->H with ReLU), and per-window normalisation, as in the paper.
+    warm_start
+        Observations a row needs before the first fit (the group is fitted on every row that has them).
+    val_fraction
+        Share of the warm-start observations held out for early stopping (0: no early stopping).
+    lr, epochs, patience, batch_size
+        The batch recipe; ``lr=None`` takes the paper's (0.01 Linear, 0.005 MLP).
+    shuffled_val
+        Score validation as the official CycleNet loader does (shuffled batches, the last partial one dropped)
+        instead of over every window; see :class:`models.cyclenet_net.BatchFit`.
+    online
+        Learn online after the warm start (``False``: a static model).
+    online_lr
+        Adam learning rate of the replay steps for the backbone.
+    online_cycle_lr
+        The same for the cycle table ``Q`` (``None``: ``online_lr``).
+    replay_window
+        Newest windows of each row kept for replay. Each row keeps
+        ``max(warm_start, replay_window + lookback + horizon - 1)`` float64 values (about 66 kB a series with
+        the defaults).
+    replay_every, replay_steps, replay_batch
+        Every ``replay_every`` learning rounds (``learn_many`` calls that complete at least one window), take
+        ``replay_steps`` Adam steps on ``replay_batch`` windows each. Steps that do not fit the time budget
+        are carried over, up to ``4 * replay_steps``; older debt is dropped rather than lagging.
+    step_budget
+        Seconds of replay training allowed per inline round.
+    defer
+        Run the fit and replay steps in :meth:`maintenance` (True), inline (False), or inline until
+        :meth:`maintenance` is called from another thread than :meth:`learn_many` (None).
+    max_cycle
+        Longest cycle :func:`detect_cycle` considers.
+    seed
+        Seeds the initial weights and every shuffle.
+
+    The online-learning defaults were chosen on the validation blocks of ETTh1 and ETTh2
+    (``bench/cyclenet_stream.py --dev``): replay over a long history, a slow backbone (3e-5) and a faster cycle
+    table (3e-3), two steps per round. Replaying only recent windows, or a faster backbone, hurt there.
+    """
+
+    name = "cyclenet"
+
+    def __init__(
+        self,
+        horizon: int,
+        lookback: int = 96,
+        cycle: int | None = None,
+        backbone: str = "linear",
+        hidden: int = 512,
+        instance_norm: bool = True,
+        warm_start: int = 2000,
+        val_fraction: float = 0.25,
+        lr: float | None = None,
+        epochs: int = 30,
+        patience: int = 5,
+        batch_size: int = 256,
+        shuffled_val: bool = False,
+        online: bool = True,
+        online_lr: float = 3e-5,
+        online_cycle_lr: float | None = 3e-3,
+        replay_window: int = 8192,
+        replay_every: int = 1,
+        replay_steps: int = 2,
+        replay_batch: int = 256,
+        step_budget: float = 0.02,
+        defer: bool | None = None,
+        max_cycle: int = 400,
+        seed: int = 0,
+    ) -> None:
+        self.horizon, self.lookback, self.cycle = horizon, lookback, cycle
+        self.backbone, self.hidden, self.instance_norm = backbone, hidden, instance_norm
+        self.warm_start, self.val_fraction = warm_start, val_fraction
+        self.lr, self.epochs, self.patience, self.batch_size = lr, epochs, patience, batch_size
+        self.shuffled_val = shuffled_val
+        self.online, self.online_lr, self.online_cycle_lr = online, online_lr, online_cycle_lr
+        self.replay_window, self.replay_every = replay_window, replay_every
+        self.replay_steps, self.replay_batch, self.step_budget = replay_steps, replay_batch, step_budget
+        self.defer, self.max_cycle, self.seed = defer, max_cycle, seed
+        self._check_params()
+        self._lock = threading.RLock()  # row tables, replay order, serving weights
+        self._train_lock = threading.Lock()  # the training copy and its optimiser
+        self._deferred = bool(defer)
+        self._learn_thread: int | None = None
+        self._job: dict[str, Any] | None = None
+        self._reset_model()
+        self._alloc(0)
+
+    # -- construction helpers -------------------------------------------------------------------------
+
+    def _check_params(self) -> None:
+        if self.backbone not in ("linear", "mlp"):
+            raise ValueError(f"backbone must be 'linear' or 'mlp', got {self.backbone!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError("val_fraction must be in [0, 1)")
+        n_val = self._n_val()
+        if self.warm_start - n_val < self._window:
+            raise ValueError(f"warm_start={self.warm_start} leaves fewer than lookback + horizon = "
+                             f"{self._window} training observations")
+        if n_val and n_val < self.horizon:
+            raise ValueError(f"the validation part ({n_val} observations) is shorter than the horizon")
+        if self.cycle is not None and self.cycle < 1:
+            raise ValueError("cycle must be >= 1")
+        if self.replay_window < 1 or self.replay_every < 1 or self.replay_batch < 1:
+            raise ValueError("replay_window, replay_every and replay_batch must be >= 1")
+
+    def _n_val(self) -> int:
+        return int(round(self.warm_start * self.val_fraction))
+
+    @property
+    def _window(self) -> int:
+        return self.lookback + self.horizon
+
+    @property
+    def _ring(self) -> int:
+        return max(self.warm_start, self.replay_window + self._window - 1)
+
+    def _reset_model(self) -> None:
+        self.cycle_: int | None = self.cycle
+        self.net_: CycleNet | None = None  # serving network
+        self.fit_report_: dict[str, Any] = {}
+        self._trainer: CycleNet | None = None
+        self._opt: torch.optim.Adam | None = None
+        self._rng = np.random.default_rng(self.seed)
+        self._rounds = 0
+        self._due = 0
+        # one reshuffled pass over the replay windows: slots -> (row, last tick)
+        self._perm = np.zeros(0, dtype=np.int64)
+        self._perm_rows = np.zeros(0, dtype=np.int64)
+        self._perm_cum = np.zeros(0, dtype=np.int64)
+        self._perm_last = np.zeros(0, dtype=np.int64)
+        self._perm_rng: dict[str, Any] | None = None  # RNG state that drew the permutation (to redraw it)
+        self._cursor = 0
+
+    def _alloc(self, n: int) -> None:
+        self.n_rows_ = 0
+        self._cap = 0
+        self._hist = np.zeros((0, self._ring))
+        self._pos = np.zeros(0, dtype=np.int64)
+        self._seen = np.zeros(0, dtype=np.int64)
+        self._last_tick = np.zeros(0, dtype=np.int64)
+        self._mean = np.zeros(0)
+        self._scale = np.zeros(0)
+        self._ready = np.zeros(0, dtype=bool)
+        self.resize(n)
+
+    @classmethod
+    def from_params(cls, horizon: int, **params: Any) -> CycleNetForecaster:
+        """Same as the constructor; the registry's factory signature."""
+        return cls(horizon=horizon, **params)
+
+    # -- the table ------------------------------------------------------------------------------------
+
+    @property
+    def fitted_(self) -> bool:
+        return self.net_ is not None
+
+    @property
+    def ready_(self) -> np.ndarray:
+        """Which rows are served (scaler and cycle column set), shape ``(n_rows_,)``."""
+        return self._ready[: self.n_rows_].copy()
+
+    def resize(self, n_rows: int) -> None:
+        with self._lock:
+            if n_rows > self._cap:
+                cap = max(n_rows, 2 * self._cap, 8)
+                extra = cap - self._cap
+
+                def grow(a: np.ndarray, fill: float | int | bool) -> np.ndarray:
+                    return np.concatenate([a, np.full((extra, *a.shape[1:]), fill, dtype=a.dtype)])
+
+                self._hist = grow(self._hist, 0.0)
+                self._pos, self._seen = grow(self._pos, 0), grow(self._seen, 0)
+                self._last_tick = grow(self._last_tick, 0)
+                self._mean, self._scale = grow(self._mean, np.nan), grow(self._scale, np.nan)
+                self._ready = grow(self._ready, False)
+                self._cap = cap
+                if self.net_ is not None:
+                    self.net_.grow(cap)
+            self.n_rows_ = max(self.n_rows_, n_rows)
+
+    def reset_rows(self, rows: np.ndarray) -> None:
+        """Forget the history of ``rows``: their replay windows leave the buffer; scaler and ``Q`` column stay."""
+        rows = np.asarray(rows, dtype=np.int64)
+        with self._lock:
+            self._seen[rows] = 0
+
+    def drop_rows(self, rows: np.ndarray) -> None:
+        """The rows' series moved to another process: end the current replay pass, whose plan names them (the
+        next pass is drawn from the rows present then). Their per-row state is overwritten by the engine."""
+        with self._lock:
+            self._cursor = self._perm.size
+
+    def _last(self, rows: np.ndarray, n: int) -> np.ndarray:
+        """The last ``n`` values of each row, oldest first (n <= ring size)."""
+        idx = (self._pos[rows, None] - n + np.arange(n)) % self._ring
+        return self._hist[rows[:, None], idx]
+
+    def _replayable(self, rows: np.ndarray) -> np.ndarray:
+        """How many complete windows of each row are in the replay buffer (0 for rows not served)."""
+        n = np.minimum(self._seen[rows], self._ring) - self._window + 1
+        return np.where(self._ready[rows], np.clip(n, 0, self.replay_window), 0)
+
+    # -- learning -------------------------------------------------------------------------------------
+
+    def learn_many(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        ticks = np.asarray(ticks, dtype=np.int64)
+        if rows.size == 0:
+            return
+        self._learn_thread = threading.get_ident()
+        with self._lock:
+            if rows.max() >= self.n_rows_:
+                self.resize(int(rows.max()) + 1)
+            self._hist[rows, self._pos[rows]] = np.asarray(values, dtype=float)
+            self._pos[rows] = (self._pos[rows] + 1) % self._ring
+            self._seen[rows] += 1
+            self._last_tick[rows] = ticks
+            if self.net_ is None:
+                if self._job is None and np.any(self._seen[rows] >= self.warm_start):
+                    self._job = self._start_fit()
+            else:
+                if self.online and np.any(self._replayable(rows) > 0):  # new windows joined the buffer
+                    self._rounds += 1
+                    if self._rounds % self.replay_every == 0:
+                        self._due = min(self._due + self.replay_steps, 4 * self.replay_steps)
+                self._join(rows[~self._ready[rows] & (self._seen[rows] >= self._window)])
+        if not self._deferred:
+            self._work(math.inf, self.step_budget)
+
+    def _join(self, rows: np.ndarray) -> None:
+        """Serve rows that arrived after the fit: scaler from their history, ``Q`` column from zero."""
+        for r in rows:
+            hist = self._last(np.array([r]), int(min(self._seen[r], self._ring)))[0]
+            self._mean[r], self._scale[r] = hist.mean(), _safe_std(hist)
+        self._ready[rows] = True
+
+    # -- the warm-start fit -----------------------------------------------------------------------------
+
+    def _start_fit(self) -> dict[str, Any]:
+        """Snapshot the warm rows and set up the batch recipe on them (called under the lock)."""
+        n, n_val = self.warm_start, self._n_val()
+        cohort = np.flatnonzero(self._seen[: self.n_rows_] >= n)
+        values = self._last(cohort, n).T  # (n, C), oldest first
+        n_train = n - n_val
+        mean, scale = values[:n_train].mean(axis=0), _safe_std(values[:n_train], axis=0)
+        cycle = self.cycle_ or detect_cycle(values[:n_train], self.max_cycle)
+        std = (values - mean) / scale
+        last = self._last_tick[cohort]
+        aligned = bool(np.all(last == last[0]))
+        ticks = last[0] - n + 1 + np.arange(n)
+        lb, h = self.lookback, self.horizon
+        # a step sees batch_size windows of every series, as in the paper, up to MAX_BATCH_WINDOWS in all
+        origins = max(1, min(self.batch_size, MAX_BATCH_WINDOWS // cohort.size))
+        if aligned:  # the paper's layout: all series of a window in one sample
+            train = Windows.contiguous(std[:n_train], ticks[:n_train], cycle, lb, h)
+            val = None
+            if n_val:
+                val = Windows.contiguous(std[n_train - lb :], ticks[n_train - lb :], cycle, lb, h)
+            batch = origins
+        else:  # series on different clocks: one-series samples, as many series-windows per batch
+            train = _single_windows(std[:n_train], last - n_val, cycle, lb, h)
+            val = _single_windows(std[n_train - lb :], last, cycle, lb, h) if n_val else None
+            batch = origins * cohort.size
+        net = build_net(lb, h, cycle, cohort.size, self.backbone, self.hidden, self.instance_norm, self.seed)
+        lr = self.lr if self.lr is not None else DEFAULT_LR[self.backbone]
+        fit = BatchFit(net, train, val, lr=lr, epochs=self.epochs, patience=self.patience, batch_size=batch,
+                       seed=self.seed, shuffled_val=self.shuffled_val)
+        return {"fit": fit, "net": net, "rows": cohort, "mean": mean, "scale": scale, "cycle": cycle}
+
+    def _install(self, job: dict[str, Any]) -> None:
+        """Swap the fitted network in: its backbone, and its ``Q`` columns into the rows' columns."""
+        fitted: CycleNet = job["net"]
+        rows = job["rows"]
+        with self._lock:
+            net = build_net(self.lookback, self.horizon, job["cycle"], self._cap, self.backbone, self.hidden,
+                            self.instance_norm, self.seed)
+            net.backbone.load_state_dict(fitted.backbone.state_dict())
+            with torch.no_grad():
+                net.cycle_table[:, torch.as_tensor(rows)] = fitted.cycle_table
+            net.eval()
+            self.cycle_ = job["cycle"]
+            self._mean[rows], self._scale[rows] = job["mean"], job["scale"]
+            self._ready[rows] = True
+            self.net_ = net
+            self.fit_report_ = {**job["fit"].report, "cycle": job["cycle"], "rows": int(rows.size)}
+            self._new_trainer()
+            late = np.flatnonzero(~self._ready[: self.n_rows_] & (self._seen[: self.n_rows_] >= self._window))
+            self._join(late)
+            self._job = None
+
+    def _new_trainer(self) -> None:
+        self._trainer = copy.deepcopy(self.net_)
+        self._trainer.train()
+        cycle_lr = self.online_lr if self.online_cycle_lr is None else self.online_cycle_lr
+        groups = [{"params": list(self._trainer.backbone.parameters()), "lr": self.online_lr},
+                  {"params": [self._trainer.cycle_table], "lr": cycle_lr}]
+        self._opt = torch.optim.Adam(groups, fused=True)  # one kernel: a quarter of the per-step overhead
+        for p in self._trainer.parameters():  # explicit zero state, so export/import is uniform
+            self._opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                  "exp_avg_sq": torch.zeros_like(p)}
+
+    # -- deferred work ----------------------------------------------------------------------------------
+
+    def maintenance(self, budget_seconds: float) -> None:
+        """Advance the warm-start fit and take due replay steps, for about ``budget_seconds``."""
+        if self.defer is None and self._learn_thread not in (None, threading.get_ident()):
+            self._deferred = True  # a worker thread does the heavy work from now on
+        self._work(budget_seconds, budget_seconds)
+
+    def _work(self, fit_budget: float, replay_budget: float) -> None:
+        if not self._train_lock.acquire(blocking=False):
+            return  # another thread is training; it will do the work
+        try:
+            start = time.perf_counter()
+            job = self._job
+            if job is not None:
+                if not job["fit"].run(fit_budget):
+                    return
+                self._install(job)
+            deadline = start + replay_budget
+            while self._due > 0:
+                self._replay_step()
+                if time.perf_counter() >= deadline:
+                    break
+        finally:
+            self._train_lock.release()
+
+    def _replay_step(self) -> None:
+        """One Adam step of the training copy on the next reshuffled mini-batch, then publish the weights."""
+        with self._lock:
+            self._due -= 1
+            if self._trainer.channels < self.net_.channels:
+                self._grow_trainer(self.net_.channels)
+            batch = self._next_batch()
+        if batch is None:
+            return
+        x, y, phase, cols = batch
+        loss = torch.mean((self._trainer(x, phase, cols) - y) ** 2)
+        self._opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self._opt.step()
+        with self._lock, torch.no_grad():
+            for dst, src in zip(self.net_.parameters(), self._trainer.parameters(), strict=True):
+                if dst.shape == src.shape:
+                    dst.copy_(src)
+                else:  # the serving Q grew meanwhile: its new columns are still zero
+                    dst[:, : src.shape[1]] = src
+
+    def _reshuffle(self) -> None:
+        """Start a pass: a random order of every window now in the buffer (row, last tick)."""
+        rows = np.arange(self.n_rows_)
+        counts = self._replayable(rows)
+        keep = counts > 0
+        self._perm_rows, self._perm_last = rows[keep], self._last_tick[: self.n_rows_][keep].copy()
+        self._perm_cum = np.cumsum(counts[keep])
+        total = int(self._perm_cum[-1]) if self._perm_cum.size else 0
+        self._perm_rng = copy.deepcopy(self._rng.bit_generator.state)
+        self._perm = self._rng.permutation(total)
+        self._cursor = 0
+
+    def _next_batch(self) -> tuple[torch.Tensor, ...] | None:
+        """The next ``replay_batch`` windows of the pass (a new pass when this one runs short), gathered from
+        the history rings and standardised; windows that left the buffer since the pass began are skipped."""
+        if self._cursor + self.replay_batch > self._perm.size:
+            self._reshuffle()
+        slots = self._perm[self._cursor : self._cursor + self.replay_batch]
+        self._cursor += slots.size
+        if slots.size == 0:
+            return None
+        which = np.searchsorted(self._perm_cum, slots, side="right")
+        age0 = slots - np.where(which > 0, self._perm_cum[which - 1], 0)  # 0: the newest window then
+        rows = self._perm_rows[which]
+        age = self._last_tick[rows] - (self._perm_last[which] - age0)  # its age now
+        ok = (age >= 0) & (age < self._replayable(rows))
+        rows, age = rows[ok], age[ok]
+        if rows.size == 0:
+            return None
+        w = self._window
+        idx = (self._pos[rows, None] - age[:, None] - w + np.arange(w)) % self._ring
+        values = (self._hist[rows[:, None], idx] - self._mean[rows, None]) / self._scale[rows, None]
+        values = torch.from_numpy(values.astype(np.float32))[:, :, None]
+        phase = torch.from_numpy((self._last_tick[rows] - age - w + 1) % self.cycle_)
+        return values[:, : self.lookback], values[:, self.lookback :], phase, torch.from_numpy(rows)[:, None]
+
+    def _grow_trainer(self, channels: int) -> None:
+        """Grow the training copy's ``Q`` and carry its Adam moments over (new columns start at zero)."""
+        old = self._trainer.cycle_table
+        self._trainer.grow(channels)
+        new = self._trainer.cycle_table
+        for group in self._opt.param_groups:
+            group["params"] = [new if p is old else p for p in group["params"]]
+        state = self._opt.state.pop(old)
+        extra = new.shape[1] - old.shape[1]
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key] = torch.cat([state[key], torch.zeros(new.shape[0], extra)], dim=1)
+        self._opt.state[new] = state
+
+    # -- forecasting ------------------------------------------------------------------------------------
+
+    def forecast_many(self, rows: np.ndarray, horizon: int) -> np.ndarray:
+        """Raw-scale forecasts (n, horizon); NaN for rows not served yet and beyond the model's horizon."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.full((rows.size, horizon), np.nan)
+        with self._lock:
+            if self.net_ is None or rows.size == 0:
+                return out
+            inside = rows < self.n_rows_
+            ok = np.zeros(rows.size, dtype=bool)
+            ok[inside] = self._ready[rows[inside]] & (self._seen[rows[inside]] >= self.lookback)
+            r = rows[ok]
+            if r.size == 0:
+                return out
+            mean, scale = self._mean[r, None], self._scale[r, None]
+            x = torch.from_numpy(((self._last(r, self.lookback) - mean) / scale).astype(np.float32))
+            phase = torch.from_numpy((self._last_tick[r] - self.lookback + 1) % self.cycle_)
+            with torch.inference_mode():
+                y = self.net_(x[:, :, None], phase, torch.from_numpy(r)[:, None])[:, :, 0].numpy()
+        k = min(horizon, self.horizon)
+        out[ok, :k] = y[:, :k] * scale + mean
+        return out
+
+    # -- state ------------------------------------------------------------------------------------------
+
+    def export_rows(self, rows: np.ndarray) -> ArrayDict:
+        rows = np.asarray(rows, dtype=np.int64)
+        with self._train_lock, self._lock:
+            if self.net_ is not None and self._trainer.channels < self.net_.channels:
+                self._grow_trainer(self.net_.channels)
+            order = (self._pos[rows, None] + np.arange(self._ring)) % self._ring  # oldest first
+            state = {
+                "history": self._hist[rows[:, None], order],
+                "seen": self._seen[rows].copy(),
+                "last_tick": self._last_tick[rows].copy(),
+                "mean": self._mean[rows].copy(),
+                "scale": self._scale[rows].copy(),
+                "ready": self._ready[rows].astype(np.uint8),
+            }
+            if self.net_ is not None:
+                cols = torch.from_numpy(rows)
+                state["cycle_row"] = self.net_.cycle_table.detach()[:, cols].T.numpy().copy()
+                st = self._opt.state[self._trainer.cycle_table]
+                state["cycle_adam_m"] = st["exp_avg"][:, cols].T.numpy().copy()
+                state["cycle_adam_v"] = st["exp_avg_sq"][:, cols].T.numpy().copy()
+        return state
+
+    def import_rows(self, rows: np.ndarray, state: ArrayDict) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        with self._train_lock, self._lock:
+            if rows.size and rows.max() >= self.n_rows_:
+                self.resize(int(rows.max()) + 1)
+            hist = np.asarray(state["history"], dtype=float)
+            if hist.shape[1] != self._ring:
+                raise ValueError(f"history length {hist.shape[1]} != this model's ring ({self._ring})")
+            self._hist[rows] = hist
+            self._pos[rows] = 0
+            self._seen[rows] = state["seen"]
+            self._last_tick[rows] = state["last_tick"]
+            self._mean[rows], self._scale[rows] = state["mean"], state["scale"]
+            self._ready[rows] = np.asarray(state["ready"]).astype(bool)
+            if "cycle_row" not in state:
+                return
+            if self.net_ is None:
+                raise ValueError("import_shared must come before import_rows for a fitted model")
+            if self._trainer.channels < self.net_.channels:
+                self._grow_trainer(self.net_.channels)
+            cols = torch.from_numpy(rows)
+            st = self._opt.state[self._trainer.cycle_table]
+            with torch.no_grad():
+                q = torch.from_numpy(np.asarray(state["cycle_row"], dtype=np.float32)).T
+                self.net_.cycle_table[:, cols] = q
+                self._trainer.cycle_table[:, cols] = q
+                st["exp_avg"][:, cols] = torch.from_numpy(np.asarray(state["cycle_adam_m"])).T
+                st["exp_avg_sq"][:, cols] = torch.from_numpy(np.asarray(state["cycle_adam_v"])).T
+
+    def export_shared(self) -> tuple[ArrayDict, dict[str, Any]]:
+        with self._train_lock, self._lock:
+            meta: dict[str, Any] = {
+                "kind": "cyclenet",
+                "version": 1,
+                "params": self.get_params(),
+                "cycle": self.cycle_,
+                "fitted": self.net_ is not None,
+                "n_rows": int(self.n_rows_),
+                "rounds": self._rounds,
+                "due": self._due,
+                "cursor": self._cursor,
+                "rng": self._rng.bit_generator.state,
+                "perm_rng": self._perm_rng,
+                "fit_report": self.fit_report_,
+            }
+            # the pass's permutation is redrawn on import from the RNG state that drew it: O(rows), not O(windows)
+            arrays: ArrayDict = {"replay_rows": self._perm_rows.copy(), "replay_cum": self._perm_cum.copy(),
+                                 "replay_last": self._perm_last.copy()}
+            if self.net_ is None:
+                return arrays, meta
+            for name, p in self._trainer.backbone.named_parameters():
+                st = self._opt.state[p]
+                arrays[f"backbone.{name}"] = p.detach().numpy().copy()
+                arrays[f"adam_m.{name}"] = st["exp_avg"].numpy().copy()
+                arrays[f"adam_v.{name}"] = st["exp_avg_sq"].numpy().copy()
+            arrays["adam_step"] = np.array([float(self._opt.state[self._trainer.cycle_table]["step"])])
+        return arrays, meta
+
+    def import_shared(self, arrays: ArrayDict, meta: dict[str, Any]) -> None:
+        if meta.get("kind") != "cyclenet":
+            raise ValueError("not a CycleNet state")
+        params = meta["params"]
+        for key in ("horizon", "lookback", "backbone", "hidden", "instance_norm", "warm_start", "replay_window"):
+            if params[key] != getattr(self, key):
+                raise ValueError(f"state has {key}={params[key]!r}, this model {getattr(self, key)!r}")
+        with self._train_lock, self._lock:
+            self._job = None
+            self._reset_model()
+            self.resize(int(meta["n_rows"]))
+            self.cycle_ = meta["cycle"]
+            self._rounds, self._due, self._cursor = int(meta["rounds"]), int(meta["due"]), int(meta["cursor"])
+            self._rng.bit_generator.state = meta["rng"]
+            self.fit_report_ = meta.get("fit_report", {})
+            self._perm_rng = meta.get("perm_rng")
+            self._perm_rows = np.asarray(arrays["replay_rows"], dtype=np.int64).copy()
+            self._perm_cum = np.asarray(arrays["replay_cum"], dtype=np.int64).copy()
+            self._perm_last = np.asarray(arrays["replay_last"], dtype=np.int64).copy()
+            if self._perm_rng is not None:
+                redraw = np.random.default_rng()
+                redraw.bit_generator.state = self._perm_rng
+                self._perm = redraw.permutation(int(self._perm_cum[-1]) if self._perm_cum.size else 0)
+            if not meta["fitted"]:
+                return
+            net = build_net(self.lookback, self.horizon, self.cycle_, self._cap, self.backbone, self.hidden,
+                            self.instance_norm, self.seed)
+            with torch.no_grad():
+                for name, p in net.backbone.named_parameters():
+                    p.copy_(torch.from_numpy(np.asarray(arrays[f"backbone.{name}"])))
+            net.eval()
+            self.net_ = net
+            self._new_trainer()
+            step = torch.tensor(float(np.asarray(arrays["adam_step"])[0]))
+            for name, p in self._trainer.backbone.named_parameters():
+                st = self._opt.state[p]
+                st["exp_avg"].copy_(torch.from_numpy(np.asarray(arrays[f"adam_m.{name}"])))
+                st["exp_avg_sq"].copy_(torch.from_numpy(np.asarray(arrays[f"adam_v.{name}"])))
+            for p in self._trainer.parameters():
+                self._opt.state[p]["step"] = step.clone()
+
+    def get_params(self) -> dict[str, Any]:
+        """Constructor parameters (JSON-able), scikit-learn style."""
+        names = ("horizon", "lookback", "cycle", "backbone", "hidden", "instance_norm", "warm_start",
+                 "val_fraction", "lr", "epochs", "patience", "batch_size", "shuffled_val", "online", "online_lr",
+                 "online_cycle_lr", "replay_window", "replay_every", "replay_steps", "replay_batch",
+                 "step_budget", "defer", "max_cycle", "seed")
+        return {k: getattr(self, k) for k in names}
+
+
+def build(horizon: int, **params: Any) -> CycleNetForecaster:
+    """Registry factory: ``build(horizon, lookback=96, cycle=None, backbone="linear", warm_start=2000, ...)``.
+
+    See :class:`CycleNetForecaster` for every parameter.
+    """
+    return CycleNetForecaster(horizon=horizon, **params)
+
+
+make = build
+
+
+def _safe_std(values: np.ndarray, axis: int | None = None) -> np.ndarray | float:
+    """Population standard deviation (as StandardScaler), 1 where a series is constant."""
+    std = np.std(values, axis=axis)
+    return np.where(std > 0, std, 1.0) if axis is not None else (float(std) if std > 0 else 1.0)
+
+
+def _single_windows(
+    std: np.ndarray, last_ticks: np.ndarray, cycle: int, lookback: int, horizon: int
+) -> Windows:
+    """One-channel windows of each column of ``std`` (T, C) end to end; column c ends at ``last_ticks[c]``."""
+    t, c = std.shape
+    per = max(t - lookback - horizon + 1, 0)
+    starts = (np.arange(c)[:, None] * t + np.arange(per)[None, :]).ravel()
+    ticks = (last_ticks[:, None] - t + 1 + np.arange(per)[None, :]).ravel()
+    cols = torch.as_tensor(np.repeat(np.arange(c), per))[:, None]
+    return Windows(torch.as_tensor(std.T.reshape(-1, 1), dtype=torch.float32), starts, ticks % cycle, cols)
