@@ -224,3 +224,20 @@ def test_delayed_feedback_keeps_coverage_at_long_horizons():
         y = res[h + 500 :, :, h - 1]  # what the interval issued at t (for t + h) is scored against
         cov = np.mean((lo[500:-h, :, h - 1] <= y) & (y <= hi[500:-h, :, h - 1]))
         assert abs(cov - 0.9) < 0.01, (h, cov)
+
+
+def test_pid_scorecaster_stays_bounded_after_a_degenerate_start():
+    """Near-constant first residuals then a jump once gave AR slopes of ~1e6 and widths of 1e10 (NYC taxi)."""
+    from monitors.conformal import make_calibrator
+
+    cal = make_calibrator("conformal-pid", 1, 0.1)
+    cal.resize(1)
+    rows, mask = np.array([0]), np.ones((1, 1), bool)
+    stream = np.concatenate([[5.0, 5.0 + 1e-9, 5.0, 4000.0, -3500.0], np.random.default_rng(0).normal(0, 2000, 300)])
+    widths = []
+    for r in stream:
+        cal.update(rows, np.array([[r]]), mask)
+        lo, hi = cal.interval(rows, np.zeros((1, 1)))
+        widths.append(hi[0, 0] - lo[0, 0])
+    assert np.all(np.isfinite(widths))
+    assert max(widths) < 20 * np.abs(stream).max()

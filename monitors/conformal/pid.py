@@ -251,6 +251,10 @@ class ConformalPID(ScoreCalibrator):
                 xy += x * y
                 a_mat = np.moveaxis(xx.reshape(self.order, self.order, -1), -1, 0)
                 coef[...] = solve_ridge(a_mat, xy.T, self.ridge).T
+            # A residual's autocorrelation lies in [-1, 1]; a few early residuals (x ~ 0, y large) can give any
+            # least-squares slope, and an unbounded one re-centres the interval far off (NYC taxi, first days:
+            # widths of 1e10). Clipping keeps the scorecaster a contraction.
+            np.clip(coef, -1.0, 1.0, out=coef)
         rate = self._cell_mean_rate[sel] if self.mean_memory_per_h else self.mean_decay
         if count_f.min() * np.min(rate) < 1.0:
             rate = np.maximum(rate, 1.0 / count_f)
