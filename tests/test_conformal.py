@@ -80,11 +80,15 @@ def test_masked_cells_untouched(name):
         np.testing.assert_array_equal(before[k][0, 1:], after[k][0, 1:])  # row 0, h = 2, 3
 
 
+@pytest.mark.parametrize("chunk", [None, 5])
 @pytest.mark.parametrize("name", FAST)
-def test_vectorised_equals_per_series(name):
-    """One table of 4 rows fed together == 4 tables fed one by one (also with rows out of order)."""
+def test_vectorised_equals_per_series(name, chunk):
+    """One table of 4 rows fed together == 4 tables fed one by one (also with rows out of order, and with a big
+    update learned in chunks that cut rows apart)."""
     res = ar_residuals(120, 3, seed=2, rows=4)
     table = make(name)
+    if chunk:
+        table.chunk_cells = chunk
     rows = np.array([2, 0, 3, 1])
     lo_v, hi_v = feed(table, res, rows)
     for i in range(rows.size):

@@ -138,6 +138,10 @@ class ScoreCalibrator(Calibrator):
     """
 
     _separate: tuple[str, ...] = ()
+    #: Cells learned per :meth:`_learn` call. Big updates go in chunks so every temporary of the vectorised
+    #: arithmetic stays in cache, and below the size at which the allocator maps and unmaps fresh pages on every
+    #: call (10k series x 24 horizons in one piece: 26-30 ms an update instead of 12).
+    chunk_cells: int = 16_384
 
     def __init__(self, horizon: int, alpha: float | Sequence[float] = 0.1, symmetric: bool = False) -> None:
         super().__init__(horizon, alpha)
@@ -216,19 +220,24 @@ class ScoreCalibrator(Calibrator):
             if rows[-1] - rows[0] == rows.size - 1 and np.all(np.diff(rows) == 1):
                 # A contiguous block of rows (the engine's common case): work on views, no gather/scatter.
                 start = int(rows[0]) * self.horizon
-                window = slice(start, start + rows.size * self.horizon)
-                cells = np.arange(window.start, window.stop)
-                offsets_flat[window] = self._learn(Block(flat[:, window], self._layout), cells, h, rv)
+                for lo in range(0, rv.size, self.chunk_cells):
+                    part = slice(lo, lo + self.chunk_cells)
+                    window = slice(start + lo, start + min(lo + self.chunk_cells, rv.size))
+                    cells = np.arange(window.start, window.stop)
+                    blk = Block(flat[:, window], self._layout)
+                    offsets_flat[window] = self._learn(blk, cells, h[part], rv[part])
                 return
             cells = (rows[:, None] * self.horizon + np.arange(self.horizon)).ravel()
         else:
             i, h = np.nonzero(mask)
             cells = rows[i] * self.horizon + h
             rv = r[i, h]
-        blk = Block(flat[:, cells], self._layout)
-        offsets = self._learn(blk, cells, h, rv)
-        flat[:, cells] = blk.data
-        offsets_flat[cells] = offsets
+        for lo in range(0, cells.size, self.chunk_cells):
+            part = slice(lo, lo + self.chunk_cells)
+            blk = Block(flat[:, cells[part]], self._layout)
+            offsets = self._learn(blk, cells[part], h[part], rv[part])
+            flat[:, cells[part]] = blk.data
+            offsets_flat[cells[part]] = offsets
 
     def intervals(self, rows: np.ndarray, means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows = np.asarray(rows, dtype=np.intp)

@@ -176,7 +176,7 @@ class ConformalPID(ScoreCalibrator):
         count_f = blk.fields("count")[0]
         young = count_f.min() < self.ring_len_.max()  # some cell has not filled its ring yet
         mean, scale = blk.fields("mean")[0], blk.fields("scale")[0]
-        k, width = self.n_targets_, 2 + self.n_targets_
+        width = 2 + self.n_targets_
         # Slot j of cell c is ring[base_c + j] = (residual, issued centre, issued thresholds): one cache line, so
         # each update reads one slot and writes one slot per cell.
         ring = self.ring_.reshape(-1, width)
@@ -205,26 +205,30 @@ class ConformalPID(ScoreCalibrator):
             at = count - h1
             at %= length
             at += base
-        got = items[at].view(ring.dtype).reshape(-1, width).astype(float)  # (m, width)
+        # One transposing copy makes every field a contiguous (m,) row: strided reads of the (m, width) slots
+        # cost more than the copy.
+        got = np.ascontiguousarray(items[at].view(ring.dtype).reshape(-1, width).T, dtype=float)  # (width, m)
         y = r - mean  # the residual around the intercept (the regression target)
         if self.order:
             coef = blk.fields("coef")
             if self._ar1:  # the lag-h residual shares the issued slot
-                x = got[None, :, 0] - mean
+                x = got[0] - mean
                 if young:
                     x *= count_f >= h1
+                u = y - coef[0] * x
+                x = x[None, :]
             else:
                 lags = self.lags_.T[:, h]  # (p, m)
                 x = self._lagged(ring, base, length, count, lags, mean)
-            u = y - (coef * x).sum(0)
+                u = y - (coef * x).sum(0)
         else:
             u = r
         # P and I on the issued interval's misses.
         p = blk.fields("p")
-        dev = r - got[:, 1]
+        dev = r - got[1]
         s = np.abs(dev)[None, :] if self.symmetric else self.target_sign_[:, None] * dev
-        miss = s > got[:, 2:].T
-        err = miss - self.target_alpha_[:, None]
+        err = (s > got[2:]).astype(float)  # miss
+        err -= self.target_alpha_[:, None]
         if young:  # nothing was issued yet for this target: only learn the scale
             err *= count_f >= h1
         integral = blk.fields("integral")
@@ -262,23 +266,22 @@ class ConformalPID(ScoreCalibrator):
         pos_f += 1
         limit = h1 if self._simple_ring else self.ring_len_[h]
         pos_f -= limit * (pos_f >= limit)
-        # Offsets for the forecast issued now (its target is h steps ahead: lags shift by h - 1).
-        out = np.empty((r.size, 1 + k))
+        # The new slot, field-major (residual, centre, thresholds) x m: the offsets for the forecast issued now
+        # (its target is h steps ahead: lags shift by h - 1) behind the residual just seen.
+        slot = np.empty((width, r.size))
+        slot[0] = r
         if self._ar1:
-            out[:, 0] = mean + coef[0] * (r - mean)  # the only lag is the residual just seen
+            slot[1] = mean + coef[0] * (r - mean)  # the only lag is the residual just seen
         elif self.order:
             back = lags - h
             ring[new, 0] = r  # the newest lag
-            out[:, 0] = mean + (coef * self._lagged(ring, base, length, count + 1, back, mean)).sum(0)
+            slot[1] = mean + (coef * self._lagged(ring, base, length, count + 1, back, mean)).sum(0)
         else:
-            out[:, 0] = 0.0
+            slot[1] = 0.0
         thr = p + self._integral_term(integral, count_f) if self.ki else p
-        out[:, 1:] = (thr * scale if self.normalize else thr).T
-        slot = np.empty((r.size, width), dtype=ring.dtype)
-        slot[:, 0] = r
-        slot[:, 1:] = out
-        items[new] = slot.view(slot_type).reshape(-1)
-        return out
+        slot[2:] = thr * scale if self.normalize else thr
+        items[new] = np.ascontiguousarray(slot.T, dtype=ring.dtype).view(slot_type).reshape(-1)
+        return slot[1:].T  # (m, 1 + K)
 
     def get_params(self) -> dict:
         return {
