@@ -76,18 +76,31 @@ def engine_config(args: argparse.Namespace, base: EngineConfig | None = None) ->
     return EngineConfig(**cfg)
 
 
-def _add_replay(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("replay", help="replay a history file through the engine",
-                       description="Replay a CSV/Parquet/JSON-lines history as a stream and score every forecast. "
-                                   f"Without PATH: the bundled NAB nyc_taxi sample ({BUNDLED_SAMPLE.name}).")
-    p.add_argument("path", nargs="?", type=Path, default=BUNDLED_SAMPLE, help="CSV, Parquet or .jsonl file")
-    g = p.add_argument_group("input")
+def add_input_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The history-file flags shared by ``replay`` and ``produce``; returns the group for extra flags."""
+    g = parser.add_argument_group("input")
     g.add_argument("--format", choices=("auto", "wide", "long", "jsonl"), default="auto")
     g.add_argument("--time-column", default=None, help="default: ds, timestamp, date, datetime, time or col 1")
     g.add_argument("--series-column", default="unique_id", help="long format series id column")
     g.add_argument("--value-column", default="y", help="long format value column")
     g.add_argument("--name", default=None, help="wide format series prefix (default: file stem)")
     g.add_argument("--columns", type=_csv_list, default=None, help="wide format channels (default: all)")
+    return g
+
+
+def replay_spec(args: argparse.Namespace) -> ReplaySpec:
+    """The :class:`ReplaySpec` the input flags describe."""
+    return ReplaySpec(path=args.path, format=args.format, time_column=args.time_column,
+                      series_column=args.series_column, value_column=args.value_column, name=args.name,
+                      columns=args.columns)
+
+
+def _add_replay(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("replay", help="replay a history file through the engine",
+                       description="Replay a CSV/Parquet/JSON-lines history as a stream and score every forecast. "
+                                   f"Without PATH: the bundled NAB nyc_taxi sample ({BUNDLED_SAMPLE.name}).")
+    p.add_argument("path", nargs="?", type=Path, default=BUNDLED_SAMPLE, help="CSV, Parquet or .jsonl file")
+    g = add_input_arguments(p)
     add_engine_arguments(p)
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, default=None, help="forecast records, .parquet or .csv")
@@ -105,9 +118,7 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
 def _run_replay(args: argparse.Namespace) -> int:
     from stream.replay import ReplayOptions, run_replay  # keeps `tidecast --help` fast
 
-    spec = ReplaySpec(path=args.path, format=args.format, time_column=args.time_column,
-                      series_column=args.series_column, value_column=args.value_column, name=args.name,
-                      columns=args.columns)
+    spec = replay_spec(args)
     options = ReplayOptions(spec=spec, out=args.out, dead_letter=args.dead_letter, summary_json=args.summary_json,
                             metrics_port=args.metrics_port, rate=args.rate, linger_seconds=args.linger,
                             batch_size=args.batch_size, torch_threads=args.torch_threads,
@@ -159,8 +170,6 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _add_produce(sub: argparse._SubParsersAction) -> None:
-    from stream.produce import PRODUCE_OPTIONS
-    from stream.serve import SERVE_OPTIONS
     from stream.settings import add_options
 
     p = sub.add_parser("produce", help="replay a history file into a Kafka topic",
@@ -168,35 +177,32 @@ def _add_produce(sub: argparse._SubParsersAction) -> None:
                                    "observation per message keyed by series_id, in event-time order.")
     p.add_argument("path", type=Path, help="CSV, Parquet or .jsonl file")
     p.add_argument("--config", type=Path, default=None, help="TOML settings file [env TIDECAST_CONFIG]")
-    g = p.add_argument_group("input")
-    g.add_argument("--format", choices=("auto", "wide", "long", "jsonl"), default="auto")
-    g.add_argument("--time-column", default=None, help="default: ds, timestamp, date, datetime, time or col 1")
-    g.add_argument("--series-column", default="unique_id", help="long format series id column")
-    g.add_argument("--value-column", default="y", help="long format value column")
-    g.add_argument("--name", default=None, help="wide format series prefix (default: file stem)")
-    g.add_argument("--columns", type=_csv_list, default=None, help="wide format channels (default: all)")
+    g = add_input_arguments(p)
     g.add_argument("--rows", type=int, default=None, help="send only the file's first N rows")
     g = p.add_argument_group("pace")
     pace = g.add_mutually_exclusive_group()
     pace.add_argument("--rate", type=float, default=None, help="messages per second (default: as fast as possible)")
     pace.add_argument("--speed", type=float, default=None, help="replay at X times event time")
-    security = tuple(o for o in SERVE_OPTIONS if o.group.startswith("kafka security"))
-    add_options(p, PRODUCE_OPTIONS + security)
+    add_options(p, _produce_options())
     p.set_defaults(func=_run_produce)
 
 
-def _run_produce(args: argparse.Namespace) -> int:
-    from stream.produce import PRODUCE_OPTIONS, ProduceOptions, run_produce
+def _produce_options() -> tuple:
+    """``produce``'s own settings plus the Kafka security ones it shares with ``serve``."""
+    from stream.produce import PRODUCE_OPTIONS
     from stream.serve import SERVE_OPTIONS
 
-    security = tuple(o for o in SERVE_OPTIONS if o.group.startswith("kafka security"))
-    values, file = _layered(args, PRODUCE_OPTIONS + security)
+    return PRODUCE_OPTIONS + tuple(o for o in SERVE_OPTIONS if o.group.startswith("kafka security"))
+
+
+def _run_produce(args: argparse.Namespace) -> int:
+    from stream.produce import ProduceOptions, run_produce
+
+    values, file = _layered(args, _produce_options())
     for required in ("bootstrap_servers", "topic"):
         if not values.get(required):
             raise ValueError(f"{required} is required (--{required.replace('_', '-')} or TIDECAST_{required.upper()})")
-    spec = ReplaySpec(path=args.path, format=args.format, time_column=args.time_column,
-                      series_column=args.series_column, value_column=args.value_column, name=args.name,
-                      columns=args.columns)
+    spec = replay_spec(args)
     options = ProduceOptions(spec=spec, topic=values["topic"], kafka=values, kafka_extra=dict(file.get("kafka", {})),
                              rate=args.rate, speed=args.speed, rows=args.rows, partitions=values["partitions"],
                              replication_factor=values["replication_factor"])
