@@ -217,16 +217,6 @@ class ScoreCalibrator(Calibrator):
         if mask.all():
             h = np.tile(np.arange(self.horizon), rows.size)
             rv = r.ravel()
-            if rows[-1] - rows[0] == rows.size - 1 and np.all(np.diff(rows) == 1):
-                # A contiguous block of rows (the engine's common case): work on views, no gather/scatter.
-                start = int(rows[0]) * self.horizon
-                for lo in range(0, rv.size, self.chunk_cells):
-                    part = slice(lo, lo + self.chunk_cells)
-                    window = slice(start + lo, start + min(lo + self.chunk_cells, rv.size))
-                    cells = np.arange(window.start, window.stop)
-                    blk = Block(flat[:, window], self._layout)
-                    offsets_flat[window] = self._learn(blk, cells, h[part], rv[part])
-                return
             cells = (rows[:, None] * self.horizon + np.arange(self.horizon)).ravel()
         else:
             i, h = np.nonzero(mask)
@@ -234,10 +224,17 @@ class ScoreCalibrator(Calibrator):
             rv = r[i, h]
         for lo in range(0, cells.size, self.chunk_cells):
             part = slice(lo, lo + self.chunk_cells)
-            blk = Block(flat[:, cells[part]], self._layout)
-            offsets = self._learn(blk, cells[part], h[part], rv[part])
-            flat[:, cells[part]] = blk.data
-            offsets_flat[cells[part]] = offsets
+            chunk = cells[part]
+            if chunk[-1] - chunk[0] + 1 == chunk.size:
+                # Sorted unique cells spanning their count: a contiguous run (the engine's common case). Work on
+                # views, no gather/scatter.
+                window = slice(int(chunk[0]), int(chunk[-1]) + 1)
+                offsets_flat[window] = self._learn(Block(flat[:, window], self._layout), chunk, h[part], rv[part])
+                continue
+            blk = Block(flat[:, chunk], self._layout)
+            offsets = self._learn(blk, chunk, h[part], rv[part])
+            flat[:, chunk] = blk.data
+            offsets_flat[chunk] = offsets
 
     def intervals(self, rows: np.ndarray, means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows = np.asarray(rows, dtype=np.intp)
