@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conformal_data import (  # noqa: E402
@@ -34,7 +33,7 @@ from conformal_data import (  # noqa: E402
     shift_stream,
 )
 
-from monitors.conformal import CALIBRATORS, DEFAULT_CALIBRATOR, make_calibrator  # noqa: E402
+from tidecast.monitors.conformal import CALIBRATORS, DEFAULT_CALIBRATOR, make_calibrator  # noqa: E402
 
 CASES = ("elec2", "ar1", "shift", "etth1")
 SEEDS = {"elec2": (0, 1, 2), "ar1": tuple(range(10)), "shift": (0, 1, 2), "etth1": (0,)}

@@ -171,7 +171,7 @@ def cyclenet_forecasts(y: np.ndarray, horizon: int) -> np.ndarray:
         return _CACHE[key]
     import torch
 
-    from models.cyclenet import CycleNetForecaster
+    from tidecast.models.cyclenet import CycleNetForecaster
 
     torch.set_num_threads(1)  # the machine is shared
     # A generous step budget: every replay step runs, so the stream does not depend on the machine's speed.

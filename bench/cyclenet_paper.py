@@ -1,7 +1,7 @@
 """CycleNet on ETTh1/ETTh2 with the paper's protocol, beside the published numbers.
 
-Trains :class:`models.cyclenet_net.CycleNet` directly (no streaming) with the paper's recipe
-(:class:`models.cyclenet_net.BatchFit`) on train rows [0, 8640), early stopping on [8640 - L, 11520), and
+Trains :class:`tidecast.models.cyclenet_net.CycleNet` directly (no streaming) with the paper's recipe
+(:class:`tidecast.models.cyclenet_net.BatchFit`) on train rows [0, 8640), early stopping on [8640 - L, 11520), and
 scores every stride-1 window of [11520 - L, 14400) on the train-standardised scale. Seeds are averaged. By
 default early stopping scores validation as the official loader does (shuffled batches of 256, the last
 partial batch dropped, mean of batch means); ``--val full`` uses every window instead.
@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cyclenet_etth import DATA_DIR, ETT, PAPER, TOLERANCE  # noqa: E402
 
-from models.cyclenet import detect_cycle  # noqa: E402
-from models.cyclenet_net import DEFAULT_LR, BatchFit, Windows, build, evaluate  # noqa: E402
+from tidecast.models.cyclenet import detect_cycle  # noqa: E402
+from tidecast.models.cyclenet_net import DEFAULT_LR, BatchFit, Windows, build, evaluate  # noqa: E402
 
 HORIZONS = (96, 192, 336, 720)
 BACKBONES = ("linear", "mlp")

@@ -1,6 +1,6 @@
 """CycleNet through the streaming engine on ETTh1/ETTh2: static vs learning online, on the paper's test windows.
 
-Every ETT channel is a series. The engine (:class:`stream.engine.Engine`, the object ``replay`` and ``serve``
+Every ETT channel is a series. The engine (:class:`tidecast.stream.engine.Engine`, the object ``replay`` and ``serve``
 run) receives rows [0, 14400) hour by hour, with three lanes side by side:
 
 * ``cyclenet-static`` — warm-started exactly as the batch protocol: when the first 11,520 rows have arrived,
@@ -38,14 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cyclenet_etth import DATA_DIR, ETT, PAPER, TEST_END, TRAIN_END, VAL_END  # noqa: E402
 
-from models.cyclenet import CycleNetForecaster  # noqa: E402
-from models.cyclenet_net import DEFAULT_LR, BatchFit, Windows, evaluate  # noqa: E402
-from models.cyclenet_net import build as build_net  # noqa: E402
-from models.naive import SeasonalNaive  # noqa: E402
-from monitors.conformal import DEFAULT_CALIBRATOR, make_calibrator  # noqa: E402
-from stream.batch import ObservationBatch  # noqa: E402
-from stream.config import EngineConfig  # noqa: E402
-from stream.engine import Engine, Lane  # noqa: E402
+from tidecast.models.cyclenet import CycleNetForecaster  # noqa: E402
+from tidecast.models.cyclenet_net import DEFAULT_LR, BatchFit, Windows, evaluate  # noqa: E402
+from tidecast.models.cyclenet_net import build as build_net  # noqa: E402
+from tidecast.models.naive import SeasonalNaive  # noqa: E402
+from tidecast.monitors.conformal import DEFAULT_CALIBRATOR, make_calibrator  # noqa: E402
+from tidecast.stream.batch import ObservationBatch  # noqa: E402
+from tidecast.stream.config import EngineConfig  # noqa: E402
+from tidecast.stream.engine import Engine, Lane  # noqa: E402
 
 #: Online-learning settings, chosen on the --dev splits of ETTh1 and ETTh2 (never on the test windows): replay
 #: over the whole history (16,384 windows per series > the rows streamed), a slow backbone and a faster cycle

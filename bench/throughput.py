@@ -18,10 +18,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from stream.batch import ObservationBatch
-from stream.config import EngineConfig
-from stream.engine import Engine
-from stream.records import decode, encode, from_ns
+from tidecast.stream.batch import ObservationBatch
+from tidecast.stream.config import EngineConfig
+from tidecast.stream.engine import Engine
+from tidecast.stream.records import decode, encode, from_ns
 
 HOUR = 3_600_000_000_000
 
@@ -36,7 +36,7 @@ def make_stream(n_series: int, n_ticks: int, seed: int = 0) -> ObservationBatch:
 
 
 def time_decode(stream: ObservationBatch, limit: int = 50_000) -> float:
-    from stream.records import Observation
+    from tidecast.stream.records import Observation
 
     n = min(limit, len(stream))
     messages = [encode(Observation(stream.series_ids[i], from_ns(int(stream.timestamps_ns[i])),

@@ -4,11 +4,11 @@
   warm-up window, detects the cycle length there (unless configured), fixes a standardisation from the same
   window — river's linear learners diverge on raw-scale targets (see ../shared/reference/anchors.md) — and
   then replays the window into the model. Forecasts are ``NaN`` until then.
-* :class:`PerSeries` turns a factory of one-series forecasters into a :class:`~models.base.BatchForecaster`:
+* :class:`PerSeries` turns a factory of one-series forecasters into a :class:`~tidecast.models.base.BatchForecaster`:
   one object per row, a Python loop per call. Fine for baselines; vectorised models implement the batch
   protocol directly.
 
-State is JSON (:mod:`models.river_state`), stored per row as UTF-8 bytes in a padded ``uint8`` array.
+State is JSON (:mod:`tidecast.models.river_state`), stored per row as UTF-8 bytes in a padded ``uint8`` array.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from models.base import ArrayDict, BatchForecaster, Forecaster
-from models.river_state import dump_state, load_state
-from models.seasonality import detect_period
+from tidecast.models.base import ArrayDict, BatchForecaster, Forecaster
+from tidecast.models.river_state import dump_state, load_state
+from tidecast.models.seasonality import detect_period
 
 
 class Standardised:
@@ -91,7 +91,7 @@ class Standardised:
 
 class PerSeries(BatchForecaster):
     """One forecaster object per row, built by ``factory()``; state via ``get_state``/``set_state`` or
-    :mod:`models.river_state`."""
+    :mod:`tidecast.models.river_state`."""
 
     def __init__(self, name: str, factory: Callable[[], Forecaster]) -> None:
         self.name = name

@@ -7,7 +7,7 @@ Two levels, both pickle-free:
 * :class:`BatchForecaster` — a *group* of series served by one object, indexed by integer rows.
   The engine only ever talks to this level: one ``learn_many`` and one ``forecast_many`` per batch round,
   whatever the number of series. Vectorised models (seasonal naive, CycleNet) implement it directly;
-  :class:`models.adapters.PerSeries` lifts any :class:`Forecaster` factory to it.
+  :class:`tidecast.models.adapters.PerSeries` lifts any :class:`Forecaster` factory to it.
 
 Time enters as integer *ticks*: ``tick = (timestamp - anchor) // step`` on the series' regular grid, where the
 anchor is fixed by the series' first timestamp modulo its step. Consecutive observations have consecutive ticks;

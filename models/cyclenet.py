@@ -1,6 +1,6 @@
-"""CycleNet as a streaming :class:`~models.base.BatchForecaster`: warm start, then learning online.
+"""CycleNet as a streaming :class:`~tidecast.models.base.BatchForecaster`: warm start, then learning online.
 
-The network and the paper's batch recipe live in :mod:`models.cyclenet_net` (Lin et al., "CycleNet: Enhancing
+The network and the paper's batch recipe live in :mod:`tidecast.models.cyclenet_net` (Lin et al., "CycleNet: Enhancing
 Time Series Forecasting through Modeling Periodic Patterns", NeurIPS 2024). This module serves it to a group
 of series:
 
@@ -60,10 +60,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.base import ArrayDict, BatchForecaster
-from models.cyclenet_net import DEFAULT_LR, BatchFit, CycleNet, Windows
-from models.cyclenet_net import build as build_net
-from models.seasonality import detect_period
+from tidecast.models.base import ArrayDict, BatchForecaster
+from tidecast.models.cyclenet_net import DEFAULT_LR, BatchFit, CycleNet, Windows
+from tidecast.models.cyclenet_net import build as build_net
+from tidecast.models.seasonality import detect_period
 
 __all__ = ["CycleNetForecaster", "build", "detect_cycle", "make"]
 
@@ -74,7 +74,7 @@ MAX_BATCH_WINDOWS = 8192
 def detect_cycle(values: np.ndarray, max_cycle: int = 400) -> int:
     """The cycle length shared by the columns of ``values`` (T, C), or 1 when none has one.
 
-    Each column gets :func:`models.seasonality.detect_period` (the highest autocorrelation peak of its first
+    Each column gets :func:`tidecast.models.seasonality.detect_period` (the highest autocorrelation peak of its first
     differences, preferring the fundamental over its multiples); the most common answer wins, ties going to
     the shorter cycle. A vote keeps one channel with a stronger multiple (ETTh1's LUFL and LULL peak at 48)
     from overriding the group's cycle (24).
@@ -114,7 +114,7 @@ class CycleNetForecaster(BatchForecaster):
         The batch recipe; ``lr=None`` takes the paper's (0.01 Linear, 0.005 MLP).
     shuffled_val
         Score validation as the official CycleNet loader does (shuffled batches, the last partial one dropped)
-        instead of over every window; see :class:`models.cyclenet_net.BatchFit`.
+        instead of over every window; see :class:`tidecast.models.cyclenet_net.BatchFit`.
     online
         Learn online after the warm start (``False``: a static model).
     online_lr

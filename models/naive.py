@@ -1,7 +1,7 @@
 """Seasonal naive: tomorrow looks like today. The floor every other model has to beat.
 
 ``yhat[t + h] = y[t + h - P * ceil(h / P)]`` — the value one cycle P earlier. P comes from configuration or is
-detected per series (:func:`models.seasonality.detect_period`) once ``detect_after`` observations have been
+detected per series (:func:`tidecast.models.seasonality.detect_period`) once ``detect_after`` observations have been
 seen; a series without a detectable cycle uses P = 1 (repeat the last value). Fully vectorised: one ring buffer
 row per series, one gather per forecast call.
 
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.base import ArrayDict, BatchForecaster
-from models.seasonality import detect_period
-from monitors.conformal.base import grow
+from tidecast.models.base import ArrayDict, BatchForecaster
+from tidecast.models.seasonality import detect_period
+from tidecast.monitors.conformal.base import grow
 
 
 class SeasonalNaive(BatchForecaster):

@@ -1,12 +1,12 @@
-"""Model registry: names on the command line -> :class:`~models.base.BatchForecaster` tables.
+"""Model registry: names on the command line -> :class:`~tidecast.models.base.BatchForecaster` tables.
 
 =================  =====================================================================================
 name               model
 =================  =====================================================================================
-``seasonal-naive`` :class:`models.naive.SeasonalNaive` (vectorised)
+``seasonal-naive`` :class:`tidecast.models.naive.SeasonalNaive` (vectorised)
 ``holt-winters``   river ``HoltWinters`` (additive) per series, standardised, cycle detected
 ``snarimax``       river ``SNARIMAX`` per series, standardised, cycle detected
-``cyclenet``       :mod:`models.cyclenet` — RCF + linear/MLP backbone, one shared backbone (torch)
+``cyclenet``       :mod:`tidecast.models.cyclenet` — RCF + linear/MLP backbone, one shared backbone (torch)
 =================  =====================================================================================
 
 Keyword parameters come from ``EngineConfig.model_params[name]`` (``--model-param name.key=value`` on the CLI).
@@ -18,9 +18,9 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from models.adapters import PerSeries, Standardised
-from models.base import BatchForecaster
-from models.naive import SeasonalNaive
+from tidecast.models.adapters import PerSeries, Standardised
+from tidecast.models.base import BatchForecaster
+from tidecast.models.naive import SeasonalNaive
 
 
 def _holt_winters(period: int, alpha: float, beta: float, gamma: float):
@@ -61,7 +61,7 @@ def seasonal_naive(horizon: int, **params: Any) -> BatchForecaster:
 
 
 def cyclenet(horizon: int, **params: Any) -> BatchForecaster:
-    from models.cyclenet import build  # torch is imported only when CycleNet is asked for
+    from tidecast.models.cyclenet import build  # torch is imported only when CycleNet is asked for
 
     return build(horizon=horizon, **params)
 

@@ -2,7 +2,7 @@
 
 One :class:`prometheus_client.CollectorRegistry` per process (passed in, so tests can make their own). Base units
 (seconds, ratios), ``_total`` counters, and only bounded label sets: ``model`` (the configured models),
-``horizon`` (1..H), ``reason`` (:data:`stream.records.REASONS`), ``partition`` (the assigned partitions).
+``horizon`` (1..H), ``reason`` (:data:`tidecast.stream.records.REASONS`), ``partition`` (the assigned partitions).
 No per-series labels: a fleet of 100k series must not become 100k time series in Prometheus.
 
 >>> m = Metrics()

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from monitors.conformal.base import ArrayDict, grow
+from tidecast.monitors.conformal.base import ArrayDict, grow
 
 _SUMS = ("count", "abs_err", "sq_err", "covered", "width", "interval_score", "issued")
 

@@ -2,7 +2,7 @@
 
 Columns, not objects: at 10k observations/s with 24-step forecasts a replay emits ~240k forecast steps per
 second, far more than Python objects can carry. :class:`ForecastBatch` turns into a pandas frame or
-:class:`~stream.records.ForecastRecord` objects only at the edge.
+:class:`~tidecast.stream.records.ForecastRecord` objects only at the edge.
 
 A *position* is where an observation came from: ``(partition, offset)`` for Kafka, ``(0, row)`` for a file.
 The engine stores the last applied position per series, which is what makes restarts effectively-once.
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from stream.records import ForecastRecord, Observation, from_ns, to_ns
+from tidecast.stream.records import ForecastRecord, Observation, from_ns, to_ns
 
 
 @dataclass

@@ -19,9 +19,9 @@ from typing import Any
 
 from rich.console import Console
 
-from monitors.conformal import CALIBRATORS, DEFAULT_CALIBRATOR
-from stream.config import EngineConfig
-from stream.sources import BUNDLED_SAMPLE, ReplaySpec
+from tidecast.monitors.conformal import CALIBRATORS, DEFAULT_CALIBRATOR
+from tidecast.stream.config import EngineConfig
+from tidecast.stream.sources import BUNDLED_SAMPLE, ReplaySpec
 
 
 def _csv_list(text: str) -> list[str]:
@@ -116,7 +116,7 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_replay(args: argparse.Namespace) -> int:
-    from stream.replay import ReplayOptions, run_replay  # keeps `tidecast --help` fast
+    from tidecast.stream.replay import ReplayOptions, run_replay  # keeps `tidecast --help` fast
 
     spec = replay_spec(args)
     options = ReplayOptions(spec=spec, out=args.out, dead_letter=args.dead_letter, summary_json=args.summary_json,
@@ -133,8 +133,8 @@ def make_console() -> Console:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    from stream.serve import SERVE_OPTIONS
-    from stream.settings import add_options
+    from tidecast.stream.serve import SERVE_OPTIONS
+    from tidecast.stream.settings import add_options
 
     p = sub.add_parser("serve", help="run the Kafka consumer-group service",
                        description="Consume observations from Kafka, publish forecasts with intervals, checkpoint "
@@ -149,7 +149,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 def _layered(args: argparse.Namespace, options: Sequence[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Resolved option values and the settings file's content."""
-    from stream.settings import load_file, model_params_from_file, resolve
+    from tidecast.stream.settings import load_file, model_params_from_file, resolve
 
     file = load_file(args.config or os.environ.get("TIDECAST_CONFIG"))
     if "model_params" in file:
@@ -158,7 +158,7 @@ def _layered(args: argparse.Namespace, options: Sequence[Any]) -> tuple[dict[str
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from stream.serve import ENGINE_OPTIONS, SERVE_OPTIONS, ServeConfig, run_serve
+    from tidecast.stream.serve import ENGINE_OPTIONS, SERVE_OPTIONS, ServeConfig, run_serve
 
     values, file = _layered(args, SERVE_OPTIONS + ENGINE_OPTIONS)
     for opt in ENGINE_OPTIONS:  # back onto the namespace, where engine_config() reads them
@@ -170,7 +170,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _add_produce(sub: argparse._SubParsersAction) -> None:
-    from stream.settings import add_options
+    from tidecast.stream.settings import add_options
 
     p = sub.add_parser("produce", help="replay a history file into a Kafka topic",
                        description="Send a CSV/Parquet/JSON-lines history (the formats of `replay`) to Kafka, one "
@@ -189,14 +189,14 @@ def _add_produce(sub: argparse._SubParsersAction) -> None:
 
 def _produce_options() -> tuple:
     """``produce``'s own settings plus the Kafka security ones it shares with ``serve``."""
-    from stream.produce import PRODUCE_OPTIONS
-    from stream.serve import SERVE_OPTIONS
+    from tidecast.stream.produce import PRODUCE_OPTIONS
+    from tidecast.stream.serve import SERVE_OPTIONS
 
     return PRODUCE_OPTIONS + tuple(o for o in SERVE_OPTIONS if o.group.startswith("kafka security"))
 
 
 def _run_produce(args: argparse.Namespace) -> int:
-    from stream.produce import ProduceOptions, run_produce
+    from tidecast.stream.produce import ProduceOptions, run_produce
 
     values, file = _layered(args, _produce_options())
     for required in ("bootstrap_servers", "topic"):

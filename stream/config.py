@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from monitors.conformal import DEFAULT_CALIBRATOR
+from tidecast.monitors.conformal import DEFAULT_CALIBRATOR
 
 
 @dataclass
@@ -16,9 +16,9 @@ class EngineConfig:
 
     horizon: forecast steps H (ticks of the series' own grid).
     alpha: target miscoverage; intervals aim at ``1 - alpha`` coverage.
-    models: model names from :mod:`models.registry`, run side by side on every series.
+    models: model names from :mod:`tidecast.models.registry`, run side by side on every series.
     model_params: per-model keyword overrides, e.g. ``{"seasonal-naive": {"period": 24}}``.
-    calibrator / calibrator_params: the conformal method from :mod:`monitors.conformal`.
+    calibrator / calibrator_params: the conformal method from :mod:`tidecast.monitors.conformal`.
     freq: the grid step (a pandas offset such as ``"1h"``). ``None`` infers it per series from its first two
         observations (the first one is held until the second arrives).
     max_gap: longest run of missing ticks filled by linear interpolation (filled ticks are learned, never scored

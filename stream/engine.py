@@ -1,9 +1,10 @@
 """The engine: one loop that turns observations into scored, calibrated forecasts.
 
 ``replay``, ``serve`` and the stream benchmarks all drive the same :class:`Engine`. It does no I/O: a caller
-decodes records, hands over an :class:`~stream.batch.ObservationBatch`, and receives forecasts and rejections to
+decodes records, hands over an :class:`~tidecast.stream.batch.ObservationBatch`, and receives forecasts and
+rejections to
 route to sinks and dead letters. It never imports torch either: models come in as
-:class:`~models.base.BatchForecaster` tables.
+:class:`~tidecast.models.base.BatchForecaster` tables.
 
 For each series, in timestamp order, every new observation ``y`` at tick ``t`` goes through, per model ("lane"):
 
@@ -39,14 +40,14 @@ from typing import Any
 
 import numpy as np
 
-from models.base import ArrayDict, BatchForecaster
-from monitors.conformal import Calibrator, make_calibrator
-from monitors.conformal.base import grow
-from monitors.metrics import Metrics
-from monitors.scoring import PrequentialScorer
-from stream.batch import ForecastBatch, ObservationBatch, Rejection
-from stream.config import EngineConfig
-from stream.records import REASONS
+from tidecast.models.base import ArrayDict, BatchForecaster
+from tidecast.monitors.conformal import Calibrator, make_calibrator
+from tidecast.monitors.conformal.base import grow
+from tidecast.monitors.metrics import Metrics
+from tidecast.monitors.scoring import PrequentialScorer
+from tidecast.stream.batch import ForecastBatch, ObservationBatch, Rejection
+from tidecast.stream.config import EngineConfig
+from tidecast.stream.records import REASONS
 
 _NO_TICK = np.iinfo(np.int64).min
 
@@ -196,7 +197,7 @@ class Engine:
     @classmethod
     def from_config(cls, config: EngineConfig, metrics: Metrics | None = None) -> Engine:
         """Build the lanes named by ``config`` from the model and calibrator registries."""
-        from models.registry import make_model
+        from tidecast.models.registry import make_model
 
         lanes = [
             Lane(

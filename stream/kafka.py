@@ -6,7 +6,7 @@ Kafka-compatible brokers answer wrongly.
 
 Messages
 --------
-* input (``--topic``): key ``series_id`` (UTF-8), value one JSON observation (:mod:`stream.records`).
+* input (``--topic``): key ``series_id`` (UTF-8), value one JSON observation (:mod:`tidecast.stream.records`).
 * forecasts (``--forecast-topic``): key ``series_id``, value one JSON object per (series, model, origin) holding
   all its steps as parallel arrays — one message instead of H keeps the per-message cost (the bottleneck of a
   Python Kafka client) H times lower::
@@ -18,7 +18,7 @@ Messages
   ``lower``/``upper`` hold ``null`` for an unbounded side (a calibrator may emit an infinite interval). A
   consumer de-duplicates on ``(series_id, model, issued_at, h)``; a re-sent message (after a crash) is identical.
 * dead letters (``--dead-letter-topic``): the original key and raw value bytes, unchanged, with the why and
-  where in headers: ``tidecast.reason`` (one of :data:`stream.records.REASONS`),
+  where in headers: ``tidecast.reason`` (one of :data:`tidecast.stream.records.REASONS`),
   ``tidecast.detail``, ``tidecast.source.topic``, ``tidecast.source.partition``, ``tidecast.source.offset``,
   ``tidecast.source.timestamp`` (ms) and, when the value was cut to ``dead_letter_max_bytes``,
   ``tidecast.raw.size`` (its original size). Fix and re-drive them by producing the value back to the input.
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from stream.batch import ForecastBatch
+from tidecast.stream.batch import ForecastBatch
 
 log = logging.getLogger(__name__)
 

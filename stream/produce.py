@@ -1,7 +1,8 @@
 """``tidecast produce``: replay a history file into Kafka, as the live producers would have sent it.
 
-The file is read by :mod:`stream.sources` (the formats and rules of ``tidecast replay``), ordered by event time,
-and sent one observation per message: key ``series_id``, value :func:`stream.records.encode` (event time in the
+The file is read by :mod:`tidecast.stream.sources` (the formats and rules of ``tidecast replay``), ordered by event
+time,
+and sent one observation per message: key ``series_id``, value :func:`tidecast.stream.records.encode` (event time in the
 message). Rows the file cannot yield (bad time, bad value) are counted and skipped, as ``replay`` dead-letters
 them. Pacing: as fast as possible, ``--rate`` messages per second, or ``--speed`` times event time.
 """
@@ -15,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from stream.kafka import client_settings, ensure_topics, warn_without_crc32c
-from stream.records import Observation, encode, from_ns
-from stream.settings import Option
-from stream.sources import ReplaySpec, load_replay
+from tidecast.stream.kafka import client_settings, ensure_topics, warn_without_crc32c
+from tidecast.stream.records import Observation, encode, from_ns
+from tidecast.stream.settings import Option
+from tidecast.stream.sources import ReplaySpec, load_replay
 
 log = logging.getLogger(__name__)
 

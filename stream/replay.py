@@ -1,6 +1,6 @@
 """``tidecast replay``: run a history file through the engine, as the live service would have.
 
-source (file) -> decode (:mod:`stream.sources`) -> :class:`~stream.engine.Engine` -> forecast sink,
+source (file) -> decode (:mod:`tidecast.stream.sources`) -> :class:`~tidecast.stream.engine.Engine` -> forecast sink,
 dead letters, metrics -> summary. Nothing here is specific to files except the source: the engine, the rules
 and the metrics are the ones ``serve`` uses.
 """
@@ -17,14 +17,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from models.runtime import set_torch_threads
-from monitors.metrics import Metrics
-from stream.batch import ObservationBatch
-from stream.config import EngineConfig
-from stream.engine import Engine, EngineResult
-from stream.records import REASONS
-from stream.sinks import JsonlDeadLetters, forecast_sink_for
-from stream.sources import DeadLetter, ReplaySpec, load_replay
+from tidecast.models.runtime import set_torch_threads
+from tidecast.monitors.metrics import Metrics
+from tidecast.stream.batch import ObservationBatch
+from tidecast.stream.config import EngineConfig
+from tidecast.stream.engine import Engine, EngineResult
+from tidecast.stream.records import REASONS
+from tidecast.stream.sinks import JsonlDeadLetters, forecast_sink_for
+from tidecast.stream.sources import DeadLetter, ReplaySpec, load_replay
 
 
 @dataclass

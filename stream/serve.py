@@ -6,12 +6,12 @@ Threads
   worker through an in-memory queue, pauses every partition when the queue holds ``max_queued_records`` and
   resumes below half of that (it never stops polling, so the member is never kicked for a slow stage), commits
   offsets the worker reports durable, seeks partitions the worker restored, and updates the lag gauges.
-* **worker**: owns the :class:`~stream.engine.Engine` (which is not thread-safe) and everything that reads or
+* **worker**: owns the :class:`~tidecast.stream.engine.Engine` (which is not thread-safe) and everything that reads or
   writes it: decoding, ``process``, ``maintenance``, checkpoints and restores. Forecasts and dead letters go to
   a thread-safe producer.
 * kafka-python's IO thread runs the rebalance listener, which hands revoked partitions to the worker for a
   final checkpoint, awaits it without blocking heartbeats, and commits.
-* a lag probe (:class:`~stream.kafka.HighwaterProbe`) refreshes the end of paused partitions.
+* a lag probe (:class:`~tidecast.stream.kafka.HighwaterProbe`) refreshes the end of paused partitions.
 
 Effectively-once state
 ----------------------
@@ -38,11 +38,11 @@ from typing import Any
 
 import numpy as np
 
-from monitors.metrics import Metrics
-from stream.batch import ObservationBatch
-from stream.config import EngineConfig
-from stream.engine import Engine, EngineResult
-from stream.kafka import (
+from tidecast.monitors.metrics import Metrics
+from tidecast.stream.batch import ObservationBatch
+from tidecast.stream.config import EngineConfig
+from tidecast.stream.engine import Engine, EngineResult
+from tidecast.stream.kafka import (
     ASSIGNMENT_STRATEGIES,
     HighwaterProbe,
     assignors,
@@ -53,9 +53,9 @@ from stream.kafka import (
     partition_count,
     warn_without_crc32c,
 )
-from stream.records import DEFAULT_MAX_BYTES, REASONS, InvalidRecord, decode
-from stream.settings import Option, parse_bool, parse_list, parse_words
-from stream.state import (
+from tidecast.stream.records import DEFAULT_MAX_BYTES, REASONS, InvalidRecord, decode
+from tidecast.stream.settings import Option, parse_bool, parse_list, parse_words
+from tidecast.stream.state import (
     ChangelogStore,
     ChangelogTail,
     LocalStateStore,
@@ -71,7 +71,7 @@ from stream.state import (
 
 log = logging.getLogger(__name__)
 
-#: Rejections decided by the service (on top of :data:`stream.records.REASONS`): a series seen on a partition
+#: Rejections decided by the service (on top of :data:`tidecast.stream.records.REASONS`): a series seen on a partition
 #: other than the one that holds its state (the producer did not key by series_id, or the topic was resized).
 
 
@@ -134,8 +134,9 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     _opt("log_level", str, "INFO", "logging level", SERVICE),
 )
 
-#: The engine options (declared on the parser by :func:`stream.cli.add_engine_arguments`), layered the same way;
-#: ``None`` defaults leave :class:`~stream.config.EngineConfig`'s own defaults in charge.
+#: The engine options (declared on the parser by :func:`tidecast.stream.cli.add_engine_arguments`), layered the same
+#: way;
+#: ``None`` defaults leave :class:`~tidecast.stream.config.EngineConfig`'s own defaults in charge.
 ENGINE_OPTIONS: tuple[Option, ...] = (
     Option("model", parse_list, None, "models", "engine", cli=False),
     Option("horizon", int, None, "forecast steps", "engine", cli=False),
@@ -626,7 +627,7 @@ class Service:
         from kafka import KafkaConsumer, KafkaProducer
         from kafka.admin import KafkaAdminClient
 
-        from models.runtime import set_torch_threads
+        from tidecast.models.runtime import set_torch_threads
 
         cfg = self.cfg
         self._serve_metrics()

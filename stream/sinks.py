@@ -1,7 +1,8 @@
-"""Sinks: where forecasts and dead letters go. Files here; Kafka topics in :mod:`stream.kafka`.
+"""Sinks: where forecasts and dead letters go. Files here; Kafka topics in :mod:`tidecast.stream.kafka`.
 
-Forecast sinks take :class:`~stream.batch.ForecastBatch` columns and write incrementally, so a long replay never
-holds its whole output in memory. Dead-letter sinks take :class:`~stream.sources.DeadLetter` entries and write
+Forecast sinks take :class:`~tidecast.stream.batch.ForecastBatch` columns and write incrementally, so a long replay
+never
+holds its whole output in memory. Dead-letter sinks take :class:`~tidecast.stream.sources.DeadLetter` entries and write
 one JSON object per line: ``{"reason", "detail", "source", "partition", "offset", "raw"}``.
 """
 
@@ -13,8 +14,8 @@ from typing import Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stream.batch import ForecastBatch
-from stream.sources import DeadLetter
+from tidecast.stream.batch import ForecastBatch
+from tidecast.stream.sources import DeadLetter
 
 
 class ForecastSink(Protocol):

@@ -5,11 +5,11 @@ Formats
 * **wide** — a time column plus one column per channel (ETT, NAB): each channel becomes the series
   ``<name>/<column>``, where ``name`` defaults to the file's stem (``ETTh1/OT``).
 * **long** — one row per observation, Nixtla's convention ``unique_id, ds, y`` (names configurable).
-* **jsonl** — one wire-format JSON observation per line (what Kafka carries; see :mod:`stream.records`).
+* **jsonl** — one wire-format JSON observation per line (what Kafka carries; see :mod:`tidecast.stream.records`).
 
 ``auto`` picks jsonl for ``.jsonl``/``.ndjson``, long when the series column exists, wide otherwise.
 
-Rules (the same as for Kafka messages — every bad cell goes through :mod:`stream.records`' parsers, so a replay
+Rules (the same as for Kafka messages — every bad cell goes through :mod:`tidecast.stream.records`' parsers, so a replay
 and a live stream reject the same things for the same reasons):
 
 * A row whose time is missing or unparsable is dead-lettered whole (all its channels).
@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stream.batch import ObservationBatch
-from stream.records import DEFAULT_MAX_BYTES, InvalidRecord, decode, parse_timestamp, parse_value
+from tidecast.stream.batch import ObservationBatch
+from tidecast.stream.records import DEFAULT_MAX_BYTES, InvalidRecord, decode, parse_timestamp, parse_value
 
 TIME_COLUMN_CANDIDATES = ("ds", "timestamp", "date", "datetime", "time")
 BUNDLED_SAMPLE = Path(__file__).parent / "data" / "nyc_taxi.csv"
@@ -174,7 +174,7 @@ def _parse_times(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _parse_values(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Floats per cell and a mask of cells that fail :func:`stream.records.parse_value`."""
+    """Floats per cell and a mask of cells that fail :func:`tidecast.stream.records.parse_value`."""
     if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
         values = column.to_numpy(dtype=float, na_value=np.nan)
     else:

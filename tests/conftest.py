@@ -205,7 +205,7 @@ class ServeProcess:
     def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.metrics_port = free_port()
         self.log = log
-        cmd = [sys.executable, "-m", "stream.cli", "serve", *args, "--metrics-port", str(self.metrics_port),
+        cmd = [sys.executable, "-m", "tidecast.stream.cli", "serve", *args, "--metrics-port", str(self.metrics_port),
                "--metrics-address", "127.0.0.1"]
         with log.open("ab") as out:
             self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
@@ -302,7 +302,7 @@ def serve(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Callable[..., ServeP
 
 def observation_messages(frame_rows: Iterable[tuple[str, Any, float]]) -> list[tuple[bytes, bytes]]:
     """``(series_id, timestamp, value)`` rows as wire messages keyed by series."""
-    from stream.records import Observation, encode, parse_timestamp
+    from tidecast.stream.records import Observation, encode, parse_timestamp
 
     return [(sid.encode(), encode(Observation(sid, parse_timestamp(ts), float(v)))) for sid, ts, v in frame_rows]
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from monitors.conformal import CALIBRATORS, DEFAULT_CALIBRATOR, make_calibrator
+from tidecast.monitors.conformal import CALIBRATORS, DEFAULT_CALIBRATOR, make_calibrator
 
 FAST = ["conformal-pid", "quantile-tracker", "aci", "dtaci", "sf-ogd", "saocp"]
 ALL = [*FAST, "spci"]
@@ -232,7 +232,7 @@ def test_delayed_feedback_keeps_coverage_at_long_horizons():
 
 def test_pid_scorecaster_stays_bounded_after_a_degenerate_start():
     """Near-constant first residuals then a jump once gave AR slopes of ~1e6 and widths of 1e10 (NYC taxi)."""
-    from monitors.conformal import make_calibrator
+    from tidecast.monitors.conformal import make_calibrator
 
     cal = make_calibrator("conformal-pid", 1, 0.1)
     cal.resize(1)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from models.cyclenet import CycleNetForecaster, detect_cycle, make
-from models.cyclenet_net import BatchFit, CycleNet, Windows, build
+from tidecast.models.cyclenet import CycleNetForecaster, detect_cycle, make
+from tidecast.models.cyclenet_net import BatchFit, CycleNet, Windows, build
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 W = 12
@@ -247,9 +247,9 @@ def test_replay_windows_are_the_series_own_windows():
 
 def test_runs_in_the_engine_from_the_registry():
     """The registry name, raw-scale values in, forecasts with intervals out, state through the engine."""
-    from stream.batch import ObservationBatch
-    from stream.config import EngineConfig
-    from stream.engine import Engine
+    from tidecast.stream.batch import ObservationBatch
+    from tidecast.stream.config import EngineConfig
+    from tidecast.stream.engine import Engine
 
     params = dict(lookback=24, cycle=None, warm_start=400, epochs=3, batch_size=32, replay_window=128,
                   replay_batch=32)
@@ -273,9 +273,9 @@ def test_runs_in_the_engine_from_the_registry():
 
 
 def test_engine_can_drop_a_cyclenet_series_and_reuse_its_row():
-    from stream.batch import ObservationBatch
-    from stream.config import EngineConfig
-    from stream.engine import Engine
+    from tidecast.stream.batch import ObservationBatch
+    from tidecast.stream.config import EngineConfig
+    from tidecast.stream.engine import Engine
 
     hour = 3_600_000_000_000
     cfg = EngineConfig(horizon=4, models=["cyclenet"], freq="1h",

@@ -1,7 +1,7 @@
 """Static checks of deploy/: Prometheus config and alert rules (with promtool), the Grafana dashboard, docker
 compose, Kubernetes manifests and the Dockerfile. Fast and offline: nothing is built, started or pulled.
 
-Every metric an alert or a dashboard panel queries must exist in :class:`monitors.metrics.Metrics`, so a
+Every metric an alert or a dashboard panel queries must exist in :class:`tidecast.monitors.metrics.Metrics`, so a
 renamed metric breaks this test instead of silently emptying a panel or muting an alert.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
-from monitors.metrics import Metrics
+from tidecast.monitors.metrics import Metrics
 
 try:
     import yaml
@@ -341,22 +341,22 @@ def test_compose_stack() -> None:
 
 
 def serve_option_names() -> set[str]:
-    from stream.serve import ENGINE_OPTIONS, SERVE_OPTIONS
+    from tidecast.stream.serve import ENGINE_OPTIONS, SERVE_OPTIONS
 
     return {opt.name for opt in SERVE_OPTIONS + ENGINE_OPTIONS} | {"config"}
 
 
 def resolve_serve(monkeypatch: pytest.MonkeyPatch, argv: list[str], env: dict[str, str]) -> Any:
     """The ServeConfig `tidecast <argv>` would run with under ``env`` (run_serve is replaced, nothing connects)."""
-    import stream.serve
-    from stream.cli import main
+    import tidecast.stream.serve
+    from tidecast.stream.cli import main
 
     for name in [n for n in os.environ if n.startswith("TIDECAST_")]:
         monkeypatch.delenv(name)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     captured: list[Any] = []
-    monkeypatch.setattr(stream.serve, "run_serve", lambda config: captured.append(config) or 0)
+    monkeypatch.setattr(tidecast.stream.serve, "run_serve", lambda config: captured.append(config) or 0)
     assert main(argv) == 0, f"tidecast {' '.join(argv)} rejected its settings"
     (config,) = captured
     return config
@@ -376,7 +376,7 @@ def test_deploy_settings_are_serve_options() -> None:
 
 
 def test_compose_commands_run_with_tidecast_cli(monkeypatch: pytest.MonkeyPatch) -> None:
-    from stream.cli import build_parser
+    from tidecast.stream.cli import build_parser
 
     services = compose()["services"]
     env = {k: str(v) for k, v in services["tidecast"]["environment"].items()}

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.naive import SeasonalNaive
-from monitors.conformal import make_calibrator
-from monitors.conformal.base import Calibrator
-from stream.batch import ObservationBatch
-from stream.config import EngineConfig
-from stream.engine import Engine, Lane
+from tidecast.models.naive import SeasonalNaive
+from tidecast.monitors.conformal import make_calibrator
+from tidecast.monitors.conformal.base import Calibrator
+from tidecast.stream.batch import ObservationBatch
+from tidecast.stream.config import EngineConfig
+from tidecast.stream.engine import Engine, Lane
 
 HOUR = 3_600_000_000_000
 T0 = 1_467_331_200_000_000_000  # 2016-07-01T00:00Z

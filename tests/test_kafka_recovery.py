@@ -17,12 +17,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stream.batch import ObservationBatch
-from stream.config import EngineConfig
-from stream.engine import Engine
-from stream.kafka import forecast_messages
-from stream.records import decode
-from stream.state import LocalStateStore
+from tidecast.stream.batch import ObservationBatch
+from tidecast.stream.config import EngineConfig
+from tidecast.stream.engine import Engine
+from tidecast.stream.kafka import forecast_messages
+from tidecast.stream.records import decode
+from tidecast.stream.state import LocalStateStore
 
 pytestmark = pytest.mark.kafka
 

@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stream.cli import main
-from stream.config import EngineConfig
-from stream.engine import Engine
-from stream.kafka import header_dict
-from stream.serve import ServeConfig, Service
-from stream.state import LocalStateStore
+from tidecast.stream.cli import main
+from tidecast.stream.config import EngineConfig
+from tidecast.stream.engine import Engine
+from tidecast.stream.kafka import header_dict
+from tidecast.stream.serve import ServeConfig, Service
+from tidecast.stream.state import LocalStateStore
 
 pytestmark = pytest.mark.kafka
 

@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.base import BatchForecaster
-from models.naive import SeasonalNaive
-from models.registry import MODELS, make_model
-from models.seasonality import detect_period
+from tidecast.models.base import BatchForecaster
+from tidecast.models.naive import SeasonalNaive
+from tidecast.models.registry import MODELS, make_model
+from tidecast.models.seasonality import detect_period
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

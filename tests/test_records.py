@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from stream.records import (
+from tidecast.stream.records import (
     REASONS,
     InvalidRecord,
     Observation,

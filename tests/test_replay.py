@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from stream.cli import main
+from tidecast.stream.cli import main
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ETTH1 = DATA / "ETTh1.csv"
@@ -142,7 +142,7 @@ def test_metrics_are_served_during_a_replay(tmp_path):
     lines = SAMPLE.read_text().splitlines()
     bad.write_text("\n".join([*lines[:3], "2014-07-01 01:00:00,oops", *lines[3:]]) + "\n")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stream.cli", "replay", str(bad), "--metrics-port", str(port), "--rate", "2500",
+        [sys.executable, "-m", "tidecast.stream.cli", "replay", str(bad), "--metrics-port", str(port), "--rate", "2500",
          "--no-progress", "--dead-letter", str(tmp_path / "dead.jsonl"), "--linger", "30"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )

@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import stream.serve
-from stream.batch import ForecastBatch
-from stream.cli import main
-from stream.kafka import client_settings, dead_letter_message, forecast_messages, header_dict
-from stream.serve import ServeConfig
+import tidecast.stream.serve
+from tidecast.stream.batch import ForecastBatch
+from tidecast.stream.cli import main
+from tidecast.stream.kafka import client_settings, dead_letter_message, forecast_messages, header_dict
+from tidecast.stream.serve import ServeConfig
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def captured(monkeypatch):
         seen["config"] = config
         return 0
 
-    monkeypatch.setattr(stream.serve, "run_serve", fake_run)
+    monkeypatch.setattr(tidecast.stream.serve, "run_serve", fake_run)
     for name in ("TIDECAST_CONFIG", "TIDECAST_TOPIC", "TIDECAST_HORIZON", "TIDECAST_GROUP_ID", "TIDECAST_MODEL",
                  "TIDECAST_BOOTSTRAP_SERVERS", "TIDECAST_CHECKPOINT_INTERVAL", "TIDECAST_SASL_PLAIN_PASSWORD"):
         monkeypatch.delenv(name, raising=False)

@@ -10,14 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.naive import SeasonalNaive
-from monitors.conformal import make_calibrator
-from monitors.metrics import Metrics
-from stream.config import EngineConfig
-from stream.engine import Engine, Lane
-from stream.records import REASONS, Observation, encode, parse_timestamp
-from stream.serve import ServeConfig, Worker, _Assign, _Release
-from stream.state import ChangelogStore, LocalStateStore
+from tidecast.models.naive import SeasonalNaive
+from tidecast.monitors.conformal import make_calibrator
+from tidecast.monitors.metrics import Metrics
+from tidecast.stream.config import EngineConfig
+from tidecast.stream.engine import Engine, Lane
+from tidecast.stream.records import REASONS, Observation, encode, parse_timestamp
+from tidecast.stream.serve import ServeConfig, Worker, _Assign, _Release
+from tidecast.stream.state import ChangelogStore, LocalStateStore
 
 CONFIG = EngineConfig(horizon=4, model_params={"seasonal-naive": {"period": 6}})
 TOPIC = "obs"
@@ -81,7 +81,7 @@ def records(partition: int, series: list[str], steps: range, offset0: int) -> li
 
 
 def feed(worker: Worker, partition: int, recs: list) -> None:
-    from stream.serve import _Records
+    from tidecast.stream.serve import _Records
 
     worker._apply([_Records(partition, worker.epochs.get(partition, 0), recs)])
 

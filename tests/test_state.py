@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stream.batch import ObservationBatch
-from stream.config import EngineConfig
-from stream.engine import Engine
-from stream.state import (
+from tidecast.stream.batch import ObservationBatch
+from tidecast.stream.config import EngineConfig
+from tidecast.stream.engine import Engine
+from tidecast.stream.state import (
     MARKER_KEY,
     ChangelogTail,
     CorruptState,

@@ -1,6 +1,6 @@
 """Sequential conformal calibrators: a registry of vectorised (row x horizon) interval makers.
 
-All share :class:`~monitors.conformal.base.Calibrator`: ``update(rows, residuals, mask)`` with the residuals
+All share :class:`~tidecast.monitors.conformal.base.Calibrator`: ``update(rows, residuals, mask)`` with the residuals
 that matured now, ``interval(rows, means)``, ``export_rows``/``import_rows`` (per-row arrays) and
 ``get_params`` (JSON). bench/conformal.py measures them side by side; docs/conformal.md has the tables.
 """
@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from monitors.conformal.aci import ACI
-from monitors.conformal.base import Calibrator, ScoreCalibrator
-from monitors.conformal.dtaci import DtACI
-from monitors.conformal.pid import ConformalPID
-from monitors.conformal.saocp import SAOCP
-from monitors.conformal.sfogd import SFOGD
-from monitors.conformal.spci import SPCI
-from monitors.conformal.tracker import QuantileTracker
+from tidecast.monitors.conformal.aci import ACI
+from tidecast.monitors.conformal.base import Calibrator, ScoreCalibrator
+from tidecast.monitors.conformal.dtaci import DtACI
+from tidecast.monitors.conformal.pid import ConformalPID
+from tidecast.monitors.conformal.saocp import SAOCP
+from tidecast.monitors.conformal.sfogd import SFOGD
+from tidecast.monitors.conformal.spci import SPCI
+from tidecast.monitors.conformal.tracker import QuantileTracker
 
 CALIBRATORS: dict[str, type[Calibrator]] = {
     cls.name: cls for cls in (ConformalPID, QuantileTracker, ACI, DtACI, SFOGD, SAOCP, SPCI)

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from monitors.conformal.base import ScoreCalibrator
-from monitors.conformal.window import conformal_quantile, window_values
+from tidecast.monitors.conformal.base import ScoreCalibrator
+from tidecast.monitors.conformal.window import conformal_quantile, window_values
 
 
 class ACI(ScoreCalibrator):

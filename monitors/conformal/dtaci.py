@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from monitors.conformal.aci import ACI
-from monitors.conformal.window import window_values
+from tidecast.monitors.conformal.aci import ACI
+from tidecast.monitors.conformal.window import window_values
 
 
 def _pinball(y: np.ndarray, yhat: np.ndarray, q: np.ndarray) -> np.ndarray:

@@ -1,10 +1,10 @@
 """Conformal PID control (Angelopoulos, Candès & Tibshirani, NeurIPS 2023), vectorised over (row, horizon).
 
-Per cell and per target (side x level, see :class:`~monitors.conformal.base.ScoreCalibrator`) the interval is
+Per cell and per target (side x level, see :class:`~tidecast.monitors.conformal.base.ScoreCalibrator`) the interval is
 
     upper = yhat + c_t + scale_t * (p_t + r_t),   lower = yhat + c_t - scale_t * (p_t' + r_t')
 
-* **scorecaster** ``c_t``: a direct-AR forecast of the residual (:mod:`monitors.conformal.scorecaster`); the
+* **scorecaster** ``c_t``: a direct-AR forecast of the residual (:mod:`tidecast.monitors.conformal.scorecaster`); the
   controller then works on ``u = r - c``, which is far less predictable than ``r`` on autocorrelated errors.
 * **P** ``p_t``: online gradient descent on the pinball loss, ``p <- p + lr * (miss - a)``, the quantile tracker.
 * **I** ``r_t = K_I tan(I_t log(n) / (C_sat n))``: a saturating integrator of the coverage error
@@ -49,8 +49,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from monitors.conformal.base import ScoreCalibrator, gaussian_quantile, targets
-from monitors.conformal.scorecaster import lag_table, solve_ridge
+from tidecast.monitors.conformal.base import ScoreCalibrator, gaussian_quantile, targets
+from tidecast.monitors.conformal.scorecaster import lag_table, solve_ridge
 
 
 class ConformalPID(ScoreCalibrator):

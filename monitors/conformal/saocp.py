@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from monitors.conformal.base import ScoreCalibrator
+from tidecast.monitors.conformal.base import ScoreCalibrator
 
 
 def _pinball(s: np.ndarray, q: np.ndarray, tau: np.ndarray) -> np.ndarray:

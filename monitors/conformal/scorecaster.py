@@ -9,7 +9,8 @@ The h-step cell only ever knows residuals up to h steps before the target it cal
 the regression is *direct*: the residual at cell time ``s`` is regressed on those at ``s - l`` for lags
 ``l >= h`` (``"ar"``: ``h .. h+order-1``; ``"seasonal"``: ``P*ceil(h/P) + j``). Coefficients come from
 exponentially forgotten least squares with a ridge relative to the data's own scale, on residuals centred by an
-exponential mean (so the intercept tracks a bias). :class:`~monitors.conformal.pid.ConformalPID` keeps the lagged
+exponential mean (so the intercept tracks a bias). :class:`~tidecast.monitors.conformal.pid.ConformalPID` keeps the
+lagged
 residuals in its per-cell ring and ``(order x order)`` sufficient statistics per cell: O(order^2) per update.
 """
 

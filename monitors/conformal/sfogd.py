@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from monitors.conformal.base import ScoreCalibrator
+from tidecast.monitors.conformal.base import ScoreCalibrator
 
 
 class SFOGD(ScoreCalibrator):

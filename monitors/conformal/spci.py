@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from monitors.conformal.base import ScoreCalibrator
+from tidecast.monitors.conformal.base import ScoreCalibrator
 
 
 def weighted_quantiles(y: np.ndarray, w: np.ndarray, levels: np.ndarray) -> np.ndarray:

@@ -4,7 +4,7 @@ Each (row, horizon) cell tracks its thresholds by online gradient descent on the
 ``q <- q + eta * (miss - a)`` with ``miss = 1{score > q}``, ``a = alpha/2`` per side. The step
 ``eta = lr * scale`` follows the score's magnitude (an exponential mean of |residual|), so the same ``lr`` works on
 any unit (the paper's adaptive learning rate). O(1) per step and never infinite, unlike unclipped ACI. This is
-:class:`~monitors.conformal.pid.ConformalPID` with neither integrator nor scorecaster.
+:class:`~tidecast.monitors.conformal.pid.ConformalPID` with neither integrator nor scorecaster.
 
 >>> import numpy as np
 >>> cal = QuantileTracker(horizon=1, alpha=0.1)
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from monitors.conformal.pid import ConformalPID
+from tidecast.monitors.conformal.pid import ConformalPID
 
 
 class QuantileTracker(ConformalPID):
