@@ -131,10 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
 def reference() -> str:
     """The configuration reference of README.md (between its ``settings-reference`` markers), from the fields."""
     parts = [
-        ("engine (`replay`, `serve`)", (EngineConfig,), None),
+        ("`replay`, `serve`", (EngineConfig,), None),
         ("`serve`", (ServeSettings,), None),
         ("`produce`", (ProduceOptions,), lambda group: group != SECURITY),
-        ("input (`replay`, `produce`)", (InputSettings,), None),
+        ("`replay`, `produce`", (InputSettings,), None),
         ("`replay`", (ReplayOptions,), None),
     ]
     return "\n".join(reference_table(classes, keep, title) for title, classes, keep in parts)
@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}")
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(err))}")
         return 2
 
 

@@ -123,7 +123,7 @@ class EngineConfig:
         try:
             params = check_keywords(accepted, dict(self.calibrator_params), "calibrator parameter ", self.calibrator)
         except ValueError as err:
-            raise SettingsError(str(err)) from None
+            raise SettingsError(f"{err} (from --calibrator-param or [calibrator_params])") from None
         object.__setattr__(self, "calibrator_params", params)
 
     def _checked_model_params(self, lanes: dict[str, str]) -> dict[str, dict[str, Any]]:
@@ -136,7 +136,7 @@ class EngineConfig:
             try:
                 checked[alias] = check_params(lanes[alias], dict(params), alias)
             except ValueError as err:
-                raise SettingsError(str(err)) from None
+                raise SettingsError(f"{err} (from --model-param or [model_params.{alias}])") from None
         return checked
 
     @property
@@ -172,7 +172,8 @@ _SPEC = ReplaySpec()  # the library's defaults; the settings below only expose t
 class InputSettings:
     """How ``replay`` and ``produce`` read a history file (CSV, Parquet or JSON lines)."""
 
-    path: Path | None = setting(None, "CSV, Parquet or .jsonl file", group=INPUT, positional=True)
+    path: Path | None = setting(None, "CSV, Parquet or .jsonl file (a positional argument)", group=INPUT,
+                                positional=True, shown_default="replay: the bundled NYC-taxi sample; produce: required")
     format: str = setting(_SPEC.format, "file layout", group=INPUT, choices=("auto", "wide", "long", "jsonl"))
     time_column: str | None = setting(_SPEC.time_column, "time column", group=INPUT,
                                       shown_default="ds, timestamp, date, datetime, time or the first column")

@@ -373,9 +373,19 @@ def warn_unknown_env(env: Mapping[str, str], known: Collection[str]) -> list[str
     """
     unknown = sorted(name for name in env if name.startswith(ENV_PREFIX) and name not in known)
     if unknown:
-        named = ", ".join(name + suggest(name, known) for name in unknown)
-        log.warning("ignored environment variables (no tidecast setting): %s", named)
+        named = ", ".join(f"{name} ({_guess(name, known)})" for name in unknown)
+        log.warning("ignored environment variables that are no tidecast setting: %s", named)
     return unknown
+
+
+_SERVICE_LINK = re.compile(r"_SERVICE_(HOST|PORT)(_\w+)?$|_PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?$")
+
+
+def _guess(name: str, known: Collection[str]) -> str:
+    if _SERVICE_LINK.search(name):
+        return "a Kubernetes service link?"
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f"did you mean {close[0]}?" if close else "unknown"
 
 
 # -- resolving ----------------------------------------------------------------------------------------------------
@@ -531,7 +541,7 @@ def reference_table(classes: Sequence[type], keep: Callable[[str], bool] | None 
             heading = f"{title} — {current}" if title else current
             lines += ["", f"**{heading}**", "", "| flag | environment | file key | default | meaning |",
                       "|---|---|---|---|---|"]
-        flag = f"{s.flag}, --no-{s.flag[2:]}" if s.is_bool else s.flag
+        flag = f"{s.flag}, --no-{s.flag[2:]}" if s.is_bool else s.name.upper() if s.meta.positional else s.flag
         meaning = s.meta.help + (f" ({' / '.join(s.meta.choices)})" if s.meta.choices else "")
         lines.append(f"| `{flag}` | `{s.env}` | `{s.key}` | {_cell(s.shown_default())} | {_cell(meaning)} |")
     return "\n".join(lines).strip("\n") + "\n"
