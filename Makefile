@@ -6,6 +6,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 TORCH  := torch==2.13.0
+# Where pip finds torch. Empty: pip's configured index (on this project's machines that takes the CPU build on disk).
+# On a machine whose pip reaches only the public PyPI, a bare torch==2.13.0 is a multi-GB CUDA build: use
+#   make run TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL ?=
+TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 
 .PHONY: run test lint bench services clean
 
@@ -15,7 +20,7 @@ $(BIN)/python:
 
 # torch first, pinned, so pip takes the CPU build on disk instead of resolving a multi-GB CUDA one.
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(PIP) install -q $(TORCH)
+	$(PIP) install -q $(TORCH_INDEX) $(TORCH)
 	$(PIP) install -q -e .
 	touch $@
 
@@ -33,11 +38,16 @@ services:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
 test: $(VENV)/.installed-test services
-	$(BIN)/ruff check stream models monitors bench tests
+	$(BIN)/ruff check stream models monitors bench tests tidecast
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The benchmarks' extra (MAPIE, the offline conformal reference) on top of the test extras; then list the benches.
+bench: $(VENV)/.installed-test
+	@echo "benchmarks (each prints a table; --json for a machine-readable last line):"
+	@for f in bench/*.py; do head -1 "$$f" | sed "s|^\"\"\"|  $(BIN)/python $$f  -- |"; done
+
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check stream models monitors bench tests
+	$(BIN)/ruff check stream models monitors bench tests tidecast
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -323,6 +323,14 @@ def print_table(title: str, res: dict, default: str) -> None:
     Console(width=160).print(table)
 
 
+def _has_mapie() -> bool:
+    try:
+        import mapie  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", default="all", choices=(*CASES, "scale", "all"))
@@ -340,6 +348,12 @@ def main(argv: list[str] | None = None) -> int:
         for params in SPCI_PARAMS.values():
             params["refit_every"] = args.spci_refit
     methods = args.methods.split(",") if args.methods else None
+    wants_mapie = args.case != "scale" and (methods is None or any(m.startswith("mapie") for m in methods))
+    if wants_mapie and not _has_mapie():
+        print("bench/conformal.py compares against MAPIE, which is in the 'bench' extra: run `make bench` (or "
+              "`.venv/bin/pip install -e '.[bench]'`), or leave MAPIE out with --methods "
+              f"{','.join(sorted(CALIBRATORS))}", file=sys.stderr)
+        return 2
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     cases = CASES if args.case == "all" else ((args.case,) if args.case != "scale" else ())
     report: dict = {"default": DEFAULT_CALIBRATOR, "alpha": args.alpha, "cases": {}}

@@ -49,6 +49,10 @@ class Metrics:
             "tidecast_interval_coverage_ratio",
             "Rolling share of matured forecasts whose interval held the outcome.", ["model", "horizon"],
             registry=r)
+        self.target_coverage = Gauge(
+            "tidecast_interval_target_coverage_ratio",
+            "Configured interval coverage target (1 - alpha); alerts compare the rolling coverage with it.",
+            ["model"], registry=r)
         self.width = Gauge(
             "tidecast_interval_width", "Rolling mean interval width (in the series' own units).",
             ["model", "horizon"], registry=r)

@@ -125,6 +125,7 @@ class EngineResult:
     n_applied: int = 0
     n_duplicates: int = 0
     n_gap_filled: int = 0
+    n_resets: int = 0  # series whose history was reset by a gap longer than max_gap
     elapsed_seconds: float = 0.0
 
 
@@ -193,6 +194,8 @@ class Engine:
         self.series_ = {name: np.zeros(0, dtype) for name, (dtype, _) in _SERIES_FIELDS.items()}
         self._grow(8)
         self._blank = self._export_rows(np.array([0]))  # the state of a row no series has touched
+        for lane in lanes:  # the alerts compare rolling coverage with this, per model
+            self.metrics.target_coverage.labels(model=lane.name).set(1.0 - config.alpha)
 
     @classmethod
     def from_config(cls, config: EngineConfig, metrics: Metrics | None = None) -> Engine:
@@ -303,6 +306,7 @@ class Engine:
                 continue
             gap = tick - last - 1 if last != _NO_TICK else 0
             reset = gap > max_gap
+            result.n_resets += reset
             if 0 < gap <= max_gap:
                 start = float(lastv_a[slot])
                 for k in range(1, gap + 1):
@@ -389,6 +393,8 @@ class Engine:
             m.duplicates.inc(result.n_duplicates)
         if result.n_gap_filled:
             m.gap_fills.inc(result.n_gap_filled)
+        if result.n_resets:
+            m.series_resets.inc(result.n_resets)
         for rej in result.rejections:
             m.dead_letters.labels(reason=rej.reason).inc()
         if len(result.forecasts):

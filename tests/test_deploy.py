@@ -204,7 +204,8 @@ def test_alert_rules_are_operator_ready() -> None:
 def test_required_alerts_and_thresholds() -> None:
     rules = {rule["alert"]: rule for rule in alert_rules()}
     coverage = rules["TidecastCoverageBelowTarget"]
-    assert "tidecast_interval_coverage_ratio < 0.85" in coverage["expr"]
+    assert "tidecast_interval_target_coverage_ratio - 0.05" in coverage["expr"]  # relative to the configured target
+    assert "0.85" not in coverage["expr"]
     assert duration_seconds(coverage["for"]) == 30 * 60
     by_metric = {metric: [n for n, r in rules.items() if metric in r["expr"]] for metric in (
         "tidecast_consumer_lag", "tidecast_dead_letters_total", "tidecast_observations_total",
@@ -282,6 +283,16 @@ def test_dashboard_panels_query_known_metrics(known: tuple[set[str], set[str], s
         "tidecast_rebalances_total", "tidecast_consumer_records_per_second", "tidecast_checkpoint_seconds_bucket",
     }
     assert needed <= queried, f"dashboard lacks panels for {sorted(needed - queried)}"
+
+
+def test_every_dashboard_query_follows_the_instance_variable() -> None:
+    """A panel that ignores ``$instance`` shows the whole fleet while the operator looks at one member."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert any(v["name"] == "instance" for v in dashboard["templating"]["list"])
+    for panel in dashboard_panels(dashboard["panels"]):
+        for target in panel.get("targets", []):
+            for metric, selector in re.findall(r"(tidecast_\w+)(\{[^}]*\})?", target["expr"]):
+                assert 'instance=~"$instance"' in selector, f"panel {panel['title']!r}: {metric} ignores $instance"
 
 
 def test_grafana_provisioning_matches_dashboard_and_compose() -> None:

@@ -118,6 +118,16 @@ def test_long_gap_resets_the_series_history():
     assert not spy.updates[-1][2].any()  # nothing matures across a reset
     assert len(r.forecasts) == 0  # seasonal naive needs a full cycle again after the reset
     assert len(engine.process(batch("s", [11], [11.0])).forecasts) == 2
+    assert r.n_resets == 1
+    resets = engine.metrics.registry.get_sample_value("tidecast_series_resets_total")
+    assert resets == 1.0  # the alerts and two dashboard panels read this counter
+
+
+def test_target_coverage_is_exported_per_model():
+    engine, _ = spy_engine(horizon=2)
+    value = engine.metrics.registry.get_sample_value("tidecast_interval_target_coverage_ratio",
+                                                     {"model": "seasonal-naive"})
+    assert value == pytest.approx(0.9)
 
 
 def test_inferred_grid_holds_the_first_observation_and_anchors_to_the_clock():

@@ -1,0 +1,28 @@
+"""Benchmarks fail with a clear message, not a traceback, when an optional dependency is missing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_conformal_bench_without_mapie_says_how_to_install_it() -> None:
+    # sys.modules["mapie"] = None makes `import mapie` fail as if the bench extra were not installed.
+    code = ("import runpy, sys; sys.modules['mapie'] = None; sys.argv = ['conformal.py', '--case', 'elec2'];"
+            "runpy.run_path('bench/conformal.py', run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "make bench" in out.stderr
+
+
+def test_makefile_has_bench_target_and_a_torch_index_variable() -> None:
+    makefile = (REPO / "Makefile").read_text()
+    assert "\nbench:" in makefile
+    assert "TORCH_INDEX_URL ?=" in makefile  # empty by default: pip's configured index
+    dry = subprocess.run(["make", "-n", "-B", ".venv/.installed", "TORCH_INDEX_URL=https://example.invalid/cpu"],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "--index-url https://example.invalid/cpu torch==" in dry
