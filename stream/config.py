@@ -172,7 +172,7 @@ _SPEC = ReplaySpec()  # the library's defaults; the settings below only expose t
 class InputSettings:
     """How ``replay`` and ``produce`` read a history file (CSV, Parquet or JSON lines)."""
 
-    path: Path | None = setting(None, "CSV, Parquet or .jsonl file (a positional argument)", group=INPUT,
+    path: Path | None = setting(None, "CSV, Parquet or .jsonl file", group=INPUT,
                                 positional=True, shown_default="replay: the bundled NYC-taxi sample; produce: required")
     format: str = setting(_SPEC.format, "file layout", group=INPUT, choices=("auto", "wide", "long", "jsonl"))
     time_column: str | None = setting(_SPEC.time_column, "time column", group=INPUT,
@@ -182,6 +182,9 @@ class InputSettings:
     name: str | None = setting(_SPEC.name, "wide format: series id prefix", group=INPUT, shown_default="file stem")
     columns: list[str] | None = setting(_SPEC.columns, "wide format: channels to use, comma-separated", group=INPUT,
                                         shown_default="all")
+
+    def __post_init__(self) -> None:
+        check_declared(self)
 
     def spec(self, default_path: Path | None = None) -> ReplaySpec:
         """The :class:`ReplaySpec` these settings describe; ``default_path`` when no path was given."""
