@@ -80,7 +80,8 @@ def make_lanes(ett: ETT, proto: Protocol, backbone: str, seed: int, cycle: int |
 
 def stream(ett: ETT, proto: Protocol, lanes: list[Lane], ticks_per_batch: int = 24) -> dict[str, np.ndarray]:
     """Feed rows [0, end) through an engine; return each lane's scored forecasts (origins, H, channels)."""
-    engine = Engine(EngineConfig(horizon=proto.horizon, models=[lane.name for lane in lanes], freq="1h"), lanes)
+    aliases = [lane.name if lane.name == "seasonal-naive" else f"{lane.name}=cyclenet" for lane in lanes]
+    engine = Engine(EngineConfig(horizon=proto.horizon, models=aliases, freq="1h"), lanes)
     ids = np.array([f"{ett.name}/{c}" for c in ett.columns], dtype=object)
     channel = {sid: i for i, sid in enumerate(ids)}
     stamps = ett.timestamps.astype("datetime64[ns]").astype(np.int64)

@@ -9,12 +9,28 @@ name               model
 ``cyclenet``       :mod:`tidecast.models.cyclenet` — RCF + linear/MLP backbone, one shared backbone (torch)
 =================  =====================================================================================
 
-Keyword parameters come from ``EngineConfig.model_params[name]`` (``--model-param name.key=value`` on the CLI).
+Each engine lane is ``ALIAS=NAME`` (``sn24=seasonal-naive``) or a bare ``NAME``, its own alias; the alias names the
+lane everywhere after (records, metric labels, state, ``--model-param ALIAS.KEY=VALUE``). A model's parameters are
+those of its constructor (:func:`model_parameters`); :func:`check_params` refuses others and converts values to
+the annotated types, so a bad parameter fails before any work starts:
+
+>>> parse_lane("sn24=seasonal-naive"), parse_lane("holt-winters")
+(('sn24', 'seasonal-naive'), ('holt-winters', 'holt-winters'))
+>>> check_params("seasonal-naive", {"period": 24}, "sn24")
+{'period': 24}
+>>> check_params("seasonal-naive", {"bogus": 1}, "sn24")
+Traceback (most recent call last):
+...
+ValueError: model parameter sn24.bogus: seasonal-naive has no parameter 'bogus'; valid: period, max_period, detect_after
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+import re
+import types
+import typing
+from collections.abc import Callable, Collection
 from functools import partial
 from typing import Any
 
@@ -72,6 +88,109 @@ MODELS: dict[str, Callable[..., BatchForecaster]] = {
     "snarimax": snarimax,
     "cyclenet": cyclenet,
 }
+
+
+def _cyclenet_class() -> type:
+    from tidecast.models.cyclenet import CycleNetForecaster  # torch: imported only when CycleNet is asked for
+
+    return CycleNetForecaster
+
+
+#: Factories that forward ``**params`` to a class: the class whose constructor declares them.
+_PARAMETERS_OF: dict[str, Callable[[], Callable[..., Any]]] = {
+    "seasonal-naive": lambda: SeasonalNaive,
+    "cyclenet": _cyclenet_class,
+}
+_ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def parse_lane(text: str) -> tuple[str, str]:
+    """``"ALIAS=NAME"`` -> ``(alias, name)``; a bare ``NAME`` is its own alias."""
+    alias, sep, name = (part.strip() for part in text.partition("="))
+    if not sep:
+        name = alias
+    if not _ALIAS.fullmatch(alias):
+        # the alias is a state key prefix (ALIAS/...) and a --model-param prefix (ALIAS.KEY): keep it plain
+        raise ValueError(f"lane alias {alias!r} in {text!r}: use letters, digits, '-' and '_' "
+                         "(starting with a letter or digit)")
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r} in {text!r}; known: {', '.join(MODELS)}")
+    return alias, name
+
+
+def model_parameters(name: str) -> dict[str, Any]:
+    """The keyword parameters of a registered model (name -> annotation), from its constructor's signature."""
+    target = _PARAMETERS_OF[name]() if name in _PARAMETERS_OF else MODELS[name]
+    return keyword_parameters(target, exclude=("horizon",))
+
+
+def keyword_parameters(target: Callable[..., Any], exclude: Collection[str] = ()) -> dict[str, Any]:
+    """The named parameters of a function or class constructor (name -> annotation, ``Any`` where none)."""
+    function = target.__init__ if isinstance(target, type) else target
+    hints = typing.get_type_hints(function)
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {name: hints.get(name, Any) for name, p in inspect.signature(target).parameters.items()
+            if p.kind in kinds and name not in exclude}
+
+
+def check_params(name: str, params: dict[str, Any], alias: str) -> dict[str, Any]:
+    """``params`` for the lane ``alias`` of model ``name``, converted to the annotated types; ``ValueError``
+    naming the parameter (and the valid ones) for a parameter the model does not take or a value it cannot."""
+    return check_keywords(model_parameters(name), params, f"model parameter {alias}.", name)
+
+
+def check_keywords(accepted: dict[str, Any], params: dict[str, Any], prefix: str, owner: str) -> dict[str, Any]:
+    """Shared by models and calibrators: known keywords only, values converted to their annotations."""
+    out = {}
+    for key, value in params.items():
+        if key not in accepted:
+            raise ValueError(f"{prefix}{key}: {owner} has no parameter {key!r}; valid: {', '.join(accepted)}")
+        try:
+            out[key] = coerce(value, accepted[key])
+        except ValueError as err:
+            raise ValueError(f"{prefix}{key} = {value!r}: {err}") from None
+    return out
+
+
+def coerce(value: Any, annotation: Any) -> Any:
+    """``value`` as ``annotation`` wants it: strict for ``int``, ``float``, ``bool`` and ``str`` (``int`` is a
+    ``float``), unions tried in turn; other annotations (sequences, callables) take the value as given.
+
+    >>> coerce(24, int | None), coerce(1, float), coerce(None, int | None)
+    (24, 1.0, None)
+    >>> coerce("abc", int | None)
+    Traceback (most recent call last):
+    ...
+    ValueError: expected int or None, got 'abc'
+    """
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        for option in options:
+            try:
+                return coerce(value, option)
+            except ValueError:
+                continue
+        names = " or ".join("None" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
+        raise ValueError(f"expected {names}, got {value!r}")
+    if annotation is type(None):
+        if value is None:
+            return None
+    elif annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    name = "None" if annotation is type(None) else annotation.__name__
+    raise ValueError(f"expected {name}, got {value!r}")
 
 
 def make_model(name: str, horizon: int, **params: Any) -> BatchForecaster:

@@ -1,66 +1,154 @@
-"""Engine configuration: one dataclass, shared by ``replay``, ``serve`` and the benchmarks."""
+"""Configuration declared once: frozen dataclasses whose fields are the settings of ``replay``, ``serve`` and
+``produce`` (see :mod:`tidecast.stream.settings` for how a field becomes a flag, a ``TIDECAST_*`` variable and a
+TOML key).
+
+* :class:`EngineConfig` — what the engine does with every series; shared by ``replay``, ``serve`` and the
+  benchmarks.
+* :class:`InputSettings` — how ``replay`` and ``produce`` read a history file.
+* :class:`KafkaClientSettings` — bootstrap servers and security, shared by ``serve`` and ``produce``.
+* :class:`ServeSettings` and :class:`ServeConfig` — everything ``serve`` runs with.
+
+>>> cfg = EngineConfig(models=["sn24=seasonal-naive", "sn48=seasonal-naive"],
+...                    model_params={"sn24": {"period": 24}, "sn48": {"period": 48}})
+>>> cfg.lanes
+[('sn24', 'seasonal-naive'), ('sn48', 'seasonal-naive')]
+>>> EngineConfig(models=["seasonal-naive", "seasonal-naive"])
+Traceback (most recent call last):
+...
+tidecast.stream.settings.SettingsError: two lanes are named 'seasonal-naive': give each an alias, e.g. \
+--model a=seasonal-naive --model b=seasonal-naive
+"""
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import cache, partial
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from tidecast.monitors.conformal import DEFAULT_CALIBRATOR
+from tidecast.models.registry import MODELS, check_keywords, check_params, keyword_parameters, parse_lane
+from tidecast.monitors.conformal import CALIBRATORS, DEFAULT_CALIBRATOR
+from tidecast.stream.kafka import ASSIGNMENT_STRATEGIES
+from tidecast.stream.records import DEFAULT_MAX_BYTES
+from tidecast.stream.settings import (
+    SettingsError,
+    SettingsView,
+    at_least,
+    check_declared,
+    from_values,
+    parse_key_values,
+    setting,
+    suggest,
+)
+from tidecast.stream.sources import ReplaySpec
+
+ENGINE, INPUT = "engine", "input"
+KAFKA, SECURITY, STATE, SERVICE = "kafka", "kafka security (passed to kafka-python)", "state", "service"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
-@dataclass
+def _open_unit(value: float) -> str | None:
+    return None if 0 < value < 1 else "must be in (0, 1)"
+
+
+def _grid_step(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        step = pd.Timedelta(value)
+    except ValueError:
+        return "not a time step (e.g. 1h, 30min, 15s)"
+    return None if step.value > 0 else "must be positive"
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """What the engine does with every series.
 
-    horizon: forecast steps H (ticks of the series' own grid).
-    alpha: target miscoverage; intervals aim at ``1 - alpha`` coverage.
-    models: model names from :mod:`tidecast.models.registry`, run side by side on every series.
-    model_params: per-model keyword overrides, e.g. ``{"seasonal-naive": {"period": 24}}``.
-    calibrator / calibrator_params: the conformal method from :mod:`tidecast.monitors.conformal`.
-    freq: the grid step (a pandas offset such as ``"1h"``). ``None`` infers it per series from its first two
-        observations (the first one is held until the second arrives).
-    max_gap: longest run of missing ticks filled by linear interpolation (filled ticks are learned, never scored
-        and never forecast from); a longer gap resets the series' model history. ``None`` means ``horizon``.
-    max_series: series limit per process; observations of further series are dead-lettered (``unknown_series``).
-    allowed_series: if set, only these series are accepted; others are dead-lettered (``unknown_series``).
-    coverage_window: effective window (scored forecasts) of the rolling coverage and width gauges.
-    maintenance_budget_seconds: time given to deferred model work (fitting, replay training) between batches.
+    Lanes: each entry of ``models`` is ``ALIAS=MODEL`` or a bare ``MODEL`` (its own alias); the alias names the lane
+    in forecast records, metric labels, ``model_params``, state keys and the state fingerprint. Filled ticks of a
+    gap up to ``max_gap`` are learned (models need a contiguous grid) but never scored or forecast from; a longer
+    gap resets the series' model history. Series beyond ``max_series``, or outside ``allowed_series`` when it is
+    set, are dead-lettered (``unknown_series``).
     """
 
-    horizon: int = 24
-    alpha: float = 0.1
-    models: list[str] = field(default_factory=lambda: ["seasonal-naive"])
-    model_params: dict[str, dict[str, Any]] = field(default_factory=dict)
-    calibrator: str = DEFAULT_CALIBRATOR
-    calibrator_params: dict[str, Any] = field(default_factory=dict)
-    freq: str | None = None
-    max_gap: int | None = None
-    max_series: int = 100_000
-    allowed_series: list[str] | None = None
-    coverage_window: int = 1000
-    maintenance_budget_seconds: float = 0.05
+    horizon: int = setting(24, "forecast steps H (ticks of the series' own grid)", group=ENGINE, check=at_least(1))
+    alpha: float = setting(0.1, "target miscoverage: intervals aim at 1 - alpha coverage", group=ENGINE,
+                           check=_open_unit)
+    models: list[str] = setting(["seasonal-naive"], "lanes compared side by side, ALIAS=MODEL or MODEL, "
+                                f"comma-separated or repeated; models: {', '.join(MODELS)}", group=ENGINE,
+                                name="model", repeat=True, metavar="[ALIAS=]MODEL")
+    model_params: dict[str, dict[str, Any]] = setting(
+        {}, "lane parameter ALIAS.KEY=VALUE (VALUE is JSON), repeated; in the file: [model_params.ALIAS] tables; "
+            "in the environment: whitespace-separated items", group=ENGINE, name="model_param", key="model_params",
+        repeat=True, sep=None, metavar="ALIAS.KEY=VALUE",
+        parse=partial(parse_key_values, what="model parameter", nested=True))
+    calibrator: str = setting(DEFAULT_CALIBRATOR, "conformal method", group=ENGINE, choices=tuple(sorted(CALIBRATORS)))
+    calibrator_params: dict[str, Any] = setting(
+        {}, "calibrator parameter KEY=VALUE (VALUE is JSON), repeated; in the file: a [calibrator_params] table",
+        group=ENGINE, name="calibrator_param", key="calibrator_params", repeat=True, sep=None,
+        metavar="KEY=VALUE",
+        parse=partial(parse_key_values, what="calibrator parameter", nested=False))
+    freq: str | None = setting(None, "grid step, a pandas offset such as 1h or 30min", group=ENGINE,
+                               shown_default="inferred per series from its first two observations", check=_grid_step)
+    max_gap: int | None = setting(None, "longest gap (ticks) filled by linear interpolation; a longer one resets the "
+                                  "series", group=ENGINE, shown_default="H", check=at_least(0))
+    max_series: int = setting(100_000, "series limit per process", group=ENGINE, check=at_least(1))
+    allowed_series: list[str] | None = setting(None, "accept only these series, comma-separated", group=ENGINE,
+                                               shown_default="all")
+    coverage_window: int = setting(1000, "effective window (scored forecasts) of the rolling coverage and width "
+                                   "gauges", group=ENGINE, check=at_least(1))
+    maintenance_budget_seconds: float = setting(0.05, "time given to deferred model work (fitting) between batches",
+                                                group=ENGINE, check=at_least(0))
+    torch_threads: int = setting(1, "torch intra-op threads", group=ENGINE, check=at_least(1))
 
     def __post_init__(self) -> None:
-        if self.horizon < 1:
-            raise ValueError(f"horizon must be >= 1, got {self.horizon}")
-        if not 0 < self.alpha < 1:
-            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
+        check_declared(self)
         if not self.models:
-            raise ValueError("at least one model is required")
-        if len(set(self.models)) != len(self.models):
-            raise ValueError(f"duplicate model names in {self.models}")
-        _ = self.step_ns  # validate freq early
+            raise SettingsError("at least one model is required")
+        lanes = [_lane(text) for text in self.models]
+        aliases = [alias for alias, _ in lanes]
+        for alias in aliases:
+            if aliases.count(alias) > 1:
+                name = dict(lanes)[alias]
+                raise SettingsError(f"two lanes are named {alias!r}: give each an alias, e.g. --model a={name} "
+                                    f"--model b={name}")
+        # One spelling per lane, so that `x` and `x=x` give the same state fingerprint.
+        object.__setattr__(self, "models", [alias if alias == name else f"{alias}={name}" for alias, name in lanes])
+        object.__setattr__(self, "model_params", self._checked_model_params(dict(lanes)))
+        accepted = keyword_parameters(CALIBRATORS[self.calibrator], exclude=("horizon", "alpha"))
+        try:
+            params = check_keywords(accepted, dict(self.calibrator_params), "calibrator parameter ", self.calibrator)
+        except ValueError as err:
+            raise SettingsError(f"{err} (from --calibrator-param or [calibrator_params])") from None
+        object.__setattr__(self, "calibrator_params", params)
+
+    def _checked_model_params(self, lanes: dict[str, str]) -> dict[str, dict[str, Any]]:
+        checked = {}
+        for alias, params in self.model_params.items():
+            if alias not in lanes:
+                known = ", ".join(f"{a} ({name})" if a != name else a for a, name in lanes.items())
+                raise SettingsError(f"model parameters for {alias!r}, which is no lane; the lanes are: {known} "
+                                    "(--model-param and [model_params.ALIAS] name a lane by its alias)")
+            try:
+                checked[alias] = check_params(lanes[alias], dict(params), alias)
+            except ValueError as err:
+                raise SettingsError(f"{err} (from --model-param or [model_params.{alias}])") from None
+        return checked
+
+    @property
+    def lanes(self) -> list[tuple[str, str]]:
+        """``(alias, model name)`` of each lane, in order."""
+        return [parse_lane(text) for text in self.models]
 
     @property
     def step_ns(self) -> int | None:
         if self.freq is None:
             return None
-        step = pd.Timedelta(self.freq).value
-        if step <= 0:
-            raise ValueError(f"freq must be positive, got {self.freq!r}")
-        return int(step)
+        return int(pd.Timedelta(self.freq).value)
 
     @property
     def gap_limit(self) -> int:
@@ -68,3 +156,183 @@ class EngineConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _lane(text: str) -> tuple[str, str]:
+    try:
+        return parse_lane(text)
+    except ValueError as err:
+        raise SettingsError(f"--model: {err}") from None
+
+
+_SPEC = ReplaySpec()  # the library's defaults; the settings below only expose them
+
+
+@dataclass(frozen=True)
+class InputSettings:
+    """How ``replay`` and ``produce`` read a history file (CSV, Parquet or JSON lines)."""
+
+    path: Path | None = setting(None, "CSV, Parquet or .jsonl file", group=INPUT,
+                                positional=True, shown_default="replay: the bundled NYC-taxi sample; produce: required")
+    format: str = setting(_SPEC.format, "file layout", group=INPUT, choices=("auto", "wide", "long", "jsonl"))
+    time_column: str | None = setting(_SPEC.time_column, "time column", group=INPUT,
+                                      shown_default="ds, timestamp, date, datetime, time or the first column")
+    series_column: str = setting(_SPEC.series_column, "long format: series id column", group=INPUT)
+    value_column: str = setting(_SPEC.value_column, "long format: value column", group=INPUT)
+    name: str | None = setting(_SPEC.name, "wide format: series id prefix", group=INPUT, shown_default="file stem")
+    columns: list[str] | None = setting(_SPEC.columns, "wide format: channels to use, comma-separated", group=INPUT,
+                                        shown_default="all")
+
+    def __post_init__(self) -> None:
+        check_declared(self)
+
+    def spec(self, default_path: Path | None = None) -> ReplaySpec:
+        """The :class:`ReplaySpec` these settings describe; ``default_path`` when no path was given."""
+        path = self.path if self.path is not None else default_path
+        if path is None:
+            raise SettingsError("PATH is required (the history file to read)")
+        return ReplaySpec(path=path, format=self.format, time_column=self.time_column,
+                          series_column=self.series_column, value_column=self.value_column, name=self.name,
+                          columns=self.columns)
+
+
+@dataclass(frozen=True)
+class KafkaClientSettings:
+    """Where the Kafka cluster is and how to authenticate; every kafka-python client gets these."""
+
+    bootstrap_servers: str | None = setting(None, "Kafka bootstrap servers, comma-separated (required)", group=KAFKA,
+                                            required=True)
+    security_protocol: str | None = setting(None, "security protocol", group=SECURITY,
+                                            choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"))
+    sasl_mechanism: str | None = setting(None, "SASL mechanism", group=SECURITY,
+                                         choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER"))
+    sasl_plain_username: str | None = setting(None, "SASL username", group=SECURITY)
+    sasl_plain_password: str | None = setting(None, "SASL password (prefer the environment or the file)",
+                                              group=SECURITY, secret=True)
+    sasl_kerberos_service_name: str | None = setting(None, "Kerberos service name", group=SECURITY)
+    sasl_kerberos_domain_name: str | None = setting(None, "Kerberos domain name", group=SECURITY)
+    ssl_cafile: str | None = setting(None, "CA bundle", group=SECURITY)
+    ssl_certfile: str | None = setting(None, "client certificate", group=SECURITY)
+    ssl_keyfile: str | None = setting(None, "client key", group=SECURITY)
+    ssl_password: str | None = setting(None, "client key password", group=SECURITY, secret=True)
+    ssl_crlfile: str | None = setting(None, "certificate revocation list", group=SECURITY)
+    ssl_ciphers: str | None = setting(None, "allowed ciphers", group=SECURITY)
+    ssl_check_hostname: bool | None = setting(None, "verify the broker's hostname", group=SECURITY)
+
+    @property
+    def options(self) -> SettingsView:
+        """The settings as a read-only mapping (what :func:`tidecast.stream.kafka.client_settings` reads)."""
+        return SettingsView(self)
+
+
+@cache
+def kafka_client_keys() -> frozenset[str]:
+    """Keys the ``[kafka]`` table may hold: the settings of kafka-python's consumer, producer and admin client."""
+    from kafka import KafkaConsumer, KafkaProducer
+    from kafka.admin import KafkaAdminClient
+
+    return frozenset(KafkaConsumer.DEFAULT_CONFIG) | set(KafkaProducer.DEFAULT_CONFIG) | set(
+        KafkaAdminClient.DEFAULT_CONFIG)
+
+
+def check_kafka_table(table: Mapping[str, Any], where: str = "[kafka]") -> dict[str, Any]:
+    """The ``[kafka]`` table, refused if a key is no kafka-python client setting."""
+    known: Collection[str] = kafka_client_keys()
+    for key in table:
+        if key not in known:
+            raise SettingsError(f"unknown key {key!r} in {where} (kafka-python client settings){suggest(key, known)}")
+    return dict(table)
+
+
+@dataclass(frozen=True)
+class ServeSettings(KafkaClientSettings):
+    """``serve``'s own settings: topics, consumer group, state and the service around the engine."""
+
+    topic: str | None = setting(None, "input topic: JSON observations keyed by series_id (required)", group=KAFKA,
+                                required=True)
+    group_id: str = setting("tidecast", "consumer group; members share the topic's partitions", group=KAFKA)
+    forecast_topic: str | None = setting(None, "output topic for forecasts", group=KAFKA,
+                                         shown_default="<topic>-forecasts")
+    dead_letter_topic: str | None = setting(None, "topic for rejected records", group=KAFKA,
+                                            shown_default="<topic>-dead-letters")
+    changelog_topic: str | None = setting(None, "state changelog, co-partitioned with the input", group=KAFKA,
+                                          shown_default="<group_id>-<topic>-changelog")
+    client_id: str = setting("tidecast", "Kafka client id", group=KAFKA)
+    auto_offset_reset: str = setting("earliest", "where a partition without state or commit starts", group=KAFKA,
+                                     choices=("earliest", "latest"))
+    assignment_strategy: str = setting("range", "partition assignment strategy", group=KAFKA,
+                                       choices=tuple(ASSIGNMENT_STRATEGIES))
+    session_timeout_ms: int = setting(45_000, "group session timeout", group=KAFKA, check=at_least(1))
+    heartbeat_interval_ms: int = setting(3_000, "group heartbeat interval", group=KAFKA, check=at_least(1))
+    max_poll_interval_ms: int = setting(300_000, "longest gap between polls before the member is removed",
+                                        group=KAFKA, check=at_least(1))
+    max_poll_records: int = setting(500, "records per poll", group=KAFKA, check=at_least(1))
+    max_partition_fetch_bytes: int = setting(1_048_576, "fetch size per partition", group=KAFKA, check=at_least(1))
+    fetch_max_bytes: int = setting(52_428_800, "fetch size per request", group=KAFKA, check=at_least(1))
+    max_request_size: int = setting(16 * 1024 * 1024, "largest message the producer sends (state records can be "
+                                    "large; the changelog topic is created to accept them)", group=KAFKA,
+                                    check=at_least(1))
+    create_topics: bool = setting(True, "create missing output, dead-letter and changelog topics", group=KAFKA)
+    replication_factor: int = setting(1, "replication factor of topics tidecast creates", group=KAFKA,
+                                      check=at_least(1))
+    state_dir: Path = setting(Path("tidecast-state"), "local checkpoint directory", group=STATE)
+    checkpoint_records: int = setting(10_000, "checkpoint after this many records", group=STATE, check=at_least(1))
+    checkpoint_interval: float = setting(10.0, "... or after this many seconds", group=STATE, check=at_least(0))
+    metrics_port: int | None = setting(None, "serve Prometheus /metrics on this port", group=SERVICE,
+                                       check=at_least(0))
+    metrics_address: str = setting("0.0.0.0", "address of the /metrics server", group=SERVICE)
+    max_queued_records: int = setting(20_000, "pause fetching above this many queued records (resume below half)",
+                                      group=SERVICE, check=at_least(1))
+    batch_size: int = setting(2_000, "largest engine batch, in records", group=SERVICE, check=at_least(1))
+    max_record_bytes: int = setting(DEFAULT_MAX_BYTES, "larger input values are dead-lettered (oversized)",
+                                    group=SERVICE, check=at_least(1))
+    dead_letter_max_bytes: int = setting(1_000_000, "raw values longer than this are cut in the dead-letter topic "
+                                         "(original size in a header); 0 = never cut", group=SERVICE,
+                                         check=at_least(0))
+    shutdown_timeout: float = setting(8.0, "seconds a graceful stop may take before giving up", group=SERVICE,
+                                      check=at_least(0))
+    lag_interval: float = setting(1.0, "seconds between lag refreshes of paused partitions", group=SERVICE,
+                                  check=at_least(0))
+    log_level: str = setting("INFO", "logging level", group=SERVICE, choices=LOG_LEVELS,
+                             parse=lambda value: str(value).strip().upper())
+
+    def __post_init__(self) -> None:
+        check_declared(self)
+        derived = {"forecast_topic": f"{self.topic}-forecasts", "dead_letter_topic": f"{self.topic}-dead-letters",
+                   "changelog_topic": f"{self.group_id}-{self.topic}-changelog"}
+        for name, value in derived.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        object.__setattr__(self, "state_dir", Path(self.state_dir))
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything ``serve`` runs with: its settings, the engine configuration and the ``[kafka]`` table.
+
+    Every setting reads as an attribute (``cfg.topic``, ``cfg.group_id``); ``settings`` may be given as a mapping
+    of setting names to values, which is checked like a settings file.
+    """
+
+    settings: ServeSettings
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    kafka_extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.settings, ServeSettings):
+            object.__setattr__(self, "settings", from_values(ServeSettings, self.settings, "ServeConfig"))
+        object.__setattr__(self, "kafka_extra", check_kafka_table(self.kafka_extra))
+
+    @property
+    def options(self) -> SettingsView:
+        """The serve settings as a read-only mapping (for :func:`tidecast.stream.kafka.client_settings`)."""
+        return self.settings.options
+
+    @property
+    def torch_threads(self) -> int:
+        return self.engine.torch_threads
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "settings":
+            raise AttributeError(name)
+        return getattr(self.settings, name)

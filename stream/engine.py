@@ -101,8 +101,8 @@ class Lane:
     """One model's path through the engine: forecaster -> calibrator -> scorer (and, later, more monitors)."""
 
     def __init__(self, model: BatchForecaster, calibrator: Calibrator, horizon: int, alpha: float,
-                 coverage_window: int = 1000) -> None:
-        self.name = model.name
+                 coverage_window: int = 1000, name: str | None = None) -> None:
+        self.name = name or model.name  # the lane's alias: records, metric labels and state keys use it
         self.model = model
         self.calibrator = calibrator
         self.pending = PendingForecasts(horizon)
@@ -204,11 +204,11 @@ class Engine:
 
         lanes = [
             Lane(
-                make_model(name, horizon=config.horizon, **config.model_params.get(name, {})),
+                make_model(model, horizon=config.horizon, **config.model_params.get(alias, {})),
                 make_calibrator(config.calibrator, config.horizon, config.alpha, **config.calibrator_params),
-                config.horizon, config.alpha, config.coverage_window,
+                config.horizon, config.alpha, config.coverage_window, name=alias,
             )
-            for name in config.models
+            for alias, model in config.lanes
         ]
         return cls(config, lanes, metrics)
 

@@ -1,50 +1,52 @@
 """``tidecast produce``: replay a history file into Kafka, as the live producers would have sent it.
 
 The file is read by :mod:`tidecast.stream.sources` (the formats and rules of ``tidecast replay``), ordered by event
-time,
-and sent one observation per message: key ``series_id``, value :func:`tidecast.stream.records.encode` (event time in the
-message). Rows the file cannot yield (bad time, bad value) are counted and skipped, as ``replay`` dead-letters
-them. Pacing: as fast as possible, ``--rate`` messages per second, or ``--speed`` times event time.
+time, and sent one observation per message: key ``series_id``, value :func:`tidecast.stream.records.encode` (event
+time in the message). Rows the file cannot yield (bad time, bad value) are counted and skipped, as ``replay``
+dead-letters them. Pacing: as fast as possible, ``--rate`` messages per second, or ``--speed`` times event time.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from tidecast.stream.config import INPUT, KAFKA, KafkaClientSettings, check_kafka_table
 from tidecast.stream.kafka import client_settings, ensure_topics, warn_without_crc32c
 from tidecast.stream.records import Observation, encode, from_ns
-from tidecast.stream.settings import Option
+from tidecast.stream.settings import SettingsError, at_least, check_declared, positive, setting
 from tidecast.stream.sources import ReplaySpec, load_replay
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ProduceOptions:
-    """What ``tidecast produce`` sends, where, and how fast."""
+@dataclass(frozen=True)
+class ProduceOptions(KafkaClientSettings):
+    """What ``tidecast produce`` sends, where, and how fast (the file comes in ``spec``)."""
 
-    spec: ReplaySpec
-    topic: str
-    kafka: dict[str, Any]  # bootstrap_servers, client_id, security settings
-    kafka_extra: dict[str, Any] = field(default_factory=dict)
-    rate: float | None = None  # messages per second
-    speed: float | None = None  # event-time speed-up
-    rows: int | None = None  # only the first N rows of the file
-    partitions: int | None = None  # create the topic with this many partitions if it does not exist
-    replication_factor: int = 1
+    topic: str | None = setting(None, "topic to send observations to (required)", group=KAFKA, required=True)
+    client_id: str = setting("tidecast-produce", "Kafka client id", group=KAFKA)
+    partitions: int | None = setting(None, "create the topic with this many partitions if it does not exist",
+                                     group=KAFKA, check=at_least(1))
+    replication_factor: int = setting(1, "replication factor when creating the topic", group=KAFKA,
+                                      check=at_least(1))
+    rows: int | None = setting(None, "send only the file's first N rows", group=INPUT, check=at_least(0))
+    rate: float | None = setting(None, "messages per second", group="pace", shown_default="as fast as possible",
+                                 check=positive)
+    speed: float | None = setting(None, "replay at X times event time", group="pace", check=positive)
+    spec: ReplaySpec = field(default_factory=ReplaySpec)
+    kafka_extra: Mapping[str, Any] = field(default_factory=dict)  # the settings file's [kafka] table
 
     def __post_init__(self) -> None:
+        check_declared(self)
         if self.rate is not None and self.speed is not None:
-            raise ValueError("give --rate or --speed, not both")
-        for name in ("rate", "speed"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"--{name} must be positive, got {value}")
+            raise SettingsError("give --rate or --speed, not both")
+        object.__setattr__(self, "kafka_extra", check_kafka_table(self.kafka_extra))
 
 
 def run_produce(options: ProduceOptions) -> dict[str, Any]:
@@ -58,12 +60,12 @@ def run_produce(options: ProduceOptions) -> dict[str, Any]:
     if options.rows is not None:
         obs = obs.take(np.flatnonzero(obs.offsets < options.rows))
     if options.partitions:
-        admin = KafkaAdminClient(**client_settings(options.kafka, KafkaAdminClient, options.kafka_extra))
+        admin = KafkaAdminClient(**client_settings(options.options, KafkaAdminClient, options.kafka_extra))
         try:
             ensure_topics(admin, {options.topic: (options.partitions, {})}, options.replication_factor)
         finally:
             admin.close()
-    producer = KafkaProducer(**client_settings(options.kafka, KafkaProducer, options.kafka_extra,
+    producer = KafkaProducer(**client_settings(options.options, KafkaProducer, options.kafka_extra,
                                                linger_ms=20, batch_size=256 * 1024, acks="all"))
     failures: list[BaseException] = []
     started = time.perf_counter()
@@ -94,11 +96,3 @@ def _pace(options: ProduceOptions, started: float, sent: int, event_ns: int) -> 
     if ahead > 0.001:
         time.sleep(ahead)
 
-
-PRODUCE_OPTIONS: tuple[Option, ...] = (
-    Option("bootstrap_servers", str, None, "Kafka bootstrap servers, comma-separated (required)", "kafka"),
-    Option("topic", str, None, "topic to send observations to (required)", "kafka"),
-    Option("client_id", str, "tidecast-produce", "Kafka client id", "kafka"),
-    Option("partitions", int, None, "create the topic with this many partitions if it does not exist", "kafka"),
-    Option("replication_factor", int, 1, "replication factor when creating the topic", "kafka"),
-)

@@ -23,24 +23,31 @@ from tidecast.stream.batch import ObservationBatch
 from tidecast.stream.config import EngineConfig
 from tidecast.stream.engine import Engine, EngineResult
 from tidecast.stream.records import REASONS
+from tidecast.stream.settings import at_least, check_declared, positive, setting
 from tidecast.stream.sinks import JsonlDeadLetters, forecast_sink_for
 from tidecast.stream.sources import DeadLetter, ReplaySpec, load_replay
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReplayOptions:
-    """Everything ``tidecast replay`` takes besides the engine configuration."""
+    """Everything ``tidecast replay`` takes besides the engine configuration (the file comes in ``spec``)."""
 
+    out: Path | None = setting(None, "forecast records, .parquet or .csv", group="output")
+    dead_letter: Path = setting(Path("tidecast-dead-letters.jsonl"), "rejected rows as JSON lines (created only if "
+                                "there are any)", group="output")
+    summary_json: Path | None = setting(None, "write the summary as JSON", group="output")
+    progress: bool = setting(True, "progress bar", group="output")
+    metrics_port: int | None = setting(None, "serve Prometheus /metrics on this port", group="service",
+                                       check=at_least(0))
+    linger_seconds: float = setting(0.0, "keep /metrics up this many seconds after the run", group="service",
+                                    name="linger", check=at_least(0))
+    rate: float | None = setting(None, "throttle to this many observations per second", group="pace",
+                                 shown_default="as fast as possible", check=positive)
+    batch_size: int = setting(2000, "observations per engine batch", group="pace", check=at_least(1))
     spec: ReplaySpec = field(default_factory=ReplaySpec)
-    out: Path | None = None
-    dead_letter: Path = Path("tidecast-dead-letters.jsonl")
-    summary_json: Path | None = None
-    metrics_port: int | None = None
-    rate: float | None = None  # observations per second; None = as fast as possible
-    linger_seconds: float = 0.0  # keep /metrics up this long after the run
-    batch_size: int = 2000
-    torch_threads: int = 1
-    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_declared(self)
 
 
 def run_replay(config: EngineConfig, options: ReplayOptions, console: Console | None = None) -> dict[str, Any]:
@@ -49,7 +56,7 @@ def run_replay(config: EngineConfig, options: ReplayOptions, console: Console | 
     metrics = Metrics(reasons=REASONS)
     server = _serve_metrics(metrics, options.metrics_port, console)
     engine = Engine.from_config(config, metrics)
-    set_torch_threads(options.torch_threads)
+    set_torch_threads(config.torch_threads)
     replay = load_replay(options.spec)
     letters = JsonlDeadLetters(options.dead_letter)
     sink = forecast_sink_for(options.out)

@@ -33,17 +33,15 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tidecast.monitors.metrics import Metrics
 from tidecast.stream.batch import ObservationBatch
-from tidecast.stream.config import EngineConfig
+from tidecast.stream.config import EngineConfig, ServeConfig
 from tidecast.stream.engine import Engine, EngineResult
 from tidecast.stream.kafka import (
-    ASSIGNMENT_STRATEGIES,
     HighwaterProbe,
     assignors,
     client_settings,
@@ -53,8 +51,7 @@ from tidecast.stream.kafka import (
     partition_count,
     warn_without_crc32c,
 )
-from tidecast.stream.records import DEFAULT_MAX_BYTES, REASONS, InvalidRecord, decode
-from tidecast.stream.settings import Option, parse_bool, parse_list, parse_words
+from tidecast.stream.records import REASONS, InvalidRecord, decode
 from tidecast.stream.state import (
     ChangelogStore,
     ChangelogTail,
@@ -73,109 +70,6 @@ log = logging.getLogger(__name__)
 
 #: Rejections decided by the service (on top of :data:`tidecast.stream.records.REASONS`): a series seen on a partition
 #: other than the one that holds its state (the producer did not key by series_id, or the topic was resized).
-
-
-def _opt(name: str, parse: Callable[[Any], Any], default: Any, help: str, group: str, **kw: Any) -> Option:
-    return Option(name, parse, default, help, group, **kw)
-
-
-KAFKA, STATE, SERVICE, SECURITY = "kafka", "state", "service", "kafka security (passed to kafka-python)"
-SERVE_OPTIONS: tuple[Option, ...] = (
-    _opt("bootstrap_servers", str, None, "Kafka bootstrap servers, comma-separated (required)", KAFKA),
-    _opt("topic", str, None, "input topic: JSON observations keyed by series_id (required)", KAFKA),
-    _opt("group_id", str, "tidecast", "consumer group; members share the topic's partitions", KAFKA),
-    _opt("forecast_topic", str, None, "output topic for forecasts (default: <topic>-forecasts)", KAFKA),
-    _opt("dead_letter_topic", str, None, "topic for rejected records (default: <topic>-dead-letters)", KAFKA),
-    _opt("changelog_topic", str, None, "state changelog, co-partitioned with the input "
-                                       "(default: <group_id>-<topic>-changelog)", KAFKA),
-    _opt("client_id", str, "tidecast", "Kafka client id", KAFKA),
-    _opt("auto_offset_reset", str, "earliest", "where a partition without state or commit starts", KAFKA,
-         choices=("earliest", "latest")),
-    _opt("assignment_strategy", str, "range", "partition assignment strategy", KAFKA,
-         choices=ASSIGNMENT_STRATEGIES),
-    _opt("session_timeout_ms", int, 45_000, "group session timeout", KAFKA),
-    _opt("heartbeat_interval_ms", int, 3_000, "group heartbeat interval", KAFKA),
-    _opt("max_poll_interval_ms", int, 300_000, "longest gap between polls before the member is removed", KAFKA),
-    _opt("max_poll_records", int, 500, "records per poll", KAFKA),
-    _opt("max_partition_fetch_bytes", int, 1_048_576, "fetch size per partition", KAFKA),
-    _opt("fetch_max_bytes", int, 52_428_800, "fetch size per request", KAFKA),
-    _opt("max_request_size", int, 16 * 1024 * 1024, "largest message the producer sends (state records can be "
-                                                    "large; the changelog topic is created to accept them)", KAFKA),
-    _opt("create_topics", parse_bool, True, "create missing output, dead-letter and changelog topics", KAFKA),
-    _opt("replication_factor", int, 1, "replication factor of topics tidecast creates", KAFKA),
-    _opt("security_protocol", str, None, "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL", SECURITY),
-    _opt("sasl_mechanism", str, None, "PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, GSSAPI or OAUTHBEARER", SECURITY),
-    _opt("sasl_plain_username", str, None, "SASL username", SECURITY),
-    _opt("sasl_plain_password", str, None, "SASL password (prefer the environment or the file)", SECURITY,
-         secret=True),
-    _opt("sasl_kerberos_service_name", str, None, "Kerberos service name", SECURITY),
-    _opt("sasl_kerberos_domain_name", str, None, "Kerberos domain name", SECURITY),
-    _opt("ssl_cafile", str, None, "CA bundle", SECURITY),
-    _opt("ssl_certfile", str, None, "client certificate", SECURITY),
-    _opt("ssl_keyfile", str, None, "client key", SECURITY),
-    _opt("ssl_password", str, None, "client key password", SECURITY, secret=True),
-    _opt("ssl_crlfile", str, None, "certificate revocation list", SECURITY),
-    _opt("ssl_ciphers", str, None, "allowed ciphers", SECURITY),
-    _opt("ssl_check_hostname", parse_bool, None, "verify the broker's hostname", SECURITY),
-    _opt("state_dir", Path, Path("tidecast-state"), "local checkpoint directory", STATE),
-    _opt("checkpoint_records", int, 10_000, "checkpoint after this many records", STATE),
-    _opt("checkpoint_interval", float, 10.0, "... or after this many seconds", STATE),
-    _opt("metrics_port", int, None, "serve Prometheus /metrics on this port", SERVICE),
-    _opt("metrics_address", str, "0.0.0.0", "address of the /metrics server", SERVICE),
-    _opt("max_queued_records", int, 20_000, "pause fetching above this many queued records (resume below half)",
-         SERVICE),
-    _opt("batch_size", int, 2_000, "largest engine batch, in records", SERVICE),
-    _opt("max_record_bytes", int, DEFAULT_MAX_BYTES, "larger input values are dead-lettered (oversized)",
-         SERVICE),
-    _opt("dead_letter_max_bytes", int, 1_000_000, "raw values longer than this are cut in the dead-letter "
-                                                  "topic (original size in a header); 0 = never cut", SERVICE),
-    _opt("shutdown_timeout", float, 8.0, "seconds a graceful stop may take before giving up", SERVICE),
-    _opt("lag_interval", float, 1.0, "seconds between lag refreshes of paused partitions", SERVICE),
-    _opt("log_level", str, "INFO", "logging level", SERVICE),
-)
-
-#: The engine options (declared on the parser by :func:`tidecast.stream.cli.add_engine_arguments`), layered the same
-#: way;
-#: ``None`` defaults leave :class:`~tidecast.stream.config.EngineConfig`'s own defaults in charge.
-ENGINE_OPTIONS: tuple[Option, ...] = (
-    Option("model", parse_list, None, "models", "engine", cli=False),
-    Option("horizon", int, None, "forecast steps", "engine", cli=False),
-    Option("alpha", float, None, "target miscoverage", "engine", cli=False),
-    Option("calibrator", str, None, "conformal method", "engine", cli=False),
-    Option("model_param", parse_words, None, "MODEL.KEY=VALUE items", "engine", cli=False),
-    Option("freq", str, None, "grid step", "engine", cli=False),
-    Option("max_gap", int, None, "longest interpolated gap", "engine", cli=False),
-    Option("torch_threads", int, 1, "torch intra-op threads", "engine", cli=False),
-)
-
-
-@dataclass
-class ServeConfig:
-    """Everything ``serve`` runs with: resolved options, the engine configuration, the ``[kafka]`` table."""
-
-    options: dict[str, Any]
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    kafka_extra: dict[str, Any] = field(default_factory=dict)
-    torch_threads: int = 1
-
-    def __post_init__(self) -> None:
-        merged = {o.name: o.default for o in SERVE_OPTIONS} | self.options
-        for required in ("bootstrap_servers", "topic"):
-            if not merged.get(required):
-                raise ValueError(f"{required} is required (--{required.replace('_', '-')}, "
-                                 f"TIDECAST_{required.upper()} or the config file)")
-        topic, group = merged["topic"], merged["group_id"]
-        merged["forecast_topic"] = merged["forecast_topic"] or f"{topic}-forecasts"
-        merged["dead_letter_topic"] = merged["dead_letter_topic"] or f"{topic}-dead-letters"
-        merged["changelog_topic"] = merged["changelog_topic"] or f"{group}-{topic}-changelog"
-        merged["state_dir"] = Path(merged["state_dir"])
-        self.options = merged
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.__dict__["options"][name]
-        except KeyError:
-            raise AttributeError(name) from None
 
 
 # -- worker messages ------------------------------------------------------------------------------------------

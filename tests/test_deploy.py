@@ -351,10 +351,12 @@ def test_compose_stack() -> None:
                 assert (DEPLOY / source).exists(), f"{service} mounts missing {source}"
 
 
-def serve_option_names() -> set[str]:
-    from tidecast.stream.serve import ENGINE_OPTIONS, SERVE_OPTIONS
+def serve_setting_names() -> tuple[set[str], set[str]]:
+    """The environment variables and the TOML keys `tidecast serve` reads (``--config`` is TIDECAST_CONFIG)."""
+    from tidecast.stream.cli import COMMANDS
+    from tidecast.stream.settings import env_names_of, keys_of
 
-    return {opt.name for opt in SERVE_OPTIONS + ENGINE_OPTIONS} | {"config"}
+    return env_names_of(COMMANDS["serve"]), keys_of(COMMANDS["serve"])
 
 
 def resolve_serve(monkeypatch: pytest.MonkeyPatch, argv: list[str], env: dict[str, str]) -> Any:
@@ -373,22 +375,37 @@ def resolve_serve(monkeypatch: pytest.MonkeyPatch, argv: list[str], env: dict[st
     return config
 
 
+def resolve_produce(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> Any:
+    """The ProduceOptions `tidecast <argv>` would run with (run_produce is replaced, nothing connects)."""
+    import tidecast.stream.produce
+    from tidecast.stream.cli import main
+
+    for name in [n for n in os.environ if n.startswith("TIDECAST_")]:
+        monkeypatch.delenv(name)
+    captured: list[Any] = []
+    summary = {"sent": 0, "topic": "", "elapsed_seconds": 0.0, "messages_per_second": None, "skipped_rows": 0}
+    monkeypatch.setattr(tidecast.stream.produce, "run_produce", lambda options: captured.append(options) or summary)
+    assert main(argv) == 0, f"tidecast {' '.join(argv)} rejected its settings"
+    (options,) = captured
+    return options
+
+
 def test_deploy_settings_are_serve_options() -> None:
-    """Every TIDECAST_* variable and tidecast.toml key used in deploy/ is an option of `tidecast serve`."""
-    known_options = serve_option_names()
-    used: dict[str, str] = {}
+    """Every TIDECAST_* variable and tidecast.toml key used in deploy/ is a setting of `tidecast serve`."""
+    env_names, file_keys = serve_setting_names()
+    used_env: dict[str, str] = {}
     for path in [COMPOSE, *K8S.glob("*.yaml")]:
-        for name in re.findall(r"\bTIDECAST_([A-Z0-9_]+)", path.read_text()):
-            used[name.lower()] = path.name
-    used.update((key, "tidecast.toml") for key in tomllib.loads((K8S / "tidecast.toml").read_text()))
-    unknown = {name: where for name, where in used.items() if name not in known_options | {"kafka", "model_params"}}
-    assert not unknown, f"not options of tidecast serve: {unknown}"
-    assert {"bootstrap_servers", "topic", "changelog_topic", "state_dir", "metrics_port"} <= used.keys()
+        for name in re.findall(r"\bTIDECAST_[A-Z0-9_]+", path.read_text()):
+            used_env[name] = path.name
+    used_keys = set(tomllib.loads((K8S / "tidecast.toml").read_text()))
+    unknown = {name: where for name, where in used_env.items() if name not in env_names}
+    assert not unknown, f"not settings of tidecast serve: {unknown}"
+    assert not used_keys - file_keys - {"kafka"}, f"not settings of tidecast serve: {used_keys - file_keys}"
+    used = {name.removeprefix("TIDECAST_").lower() for name in used_env} | used_keys
+    assert {"bootstrap_servers", "topic", "changelog_topic", "state_dir", "metrics_port"} <= used
 
 
 def test_compose_commands_run_with_tidecast_cli(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tidecast.stream.cli import build_parser
-
     services = compose()["services"]
     env = {k: str(v) for k, v in services["tidecast"]["environment"].items()}
     config = resolve_serve(monkeypatch, list(services["tidecast"]["command"]), env)
@@ -396,11 +413,11 @@ def test_compose_commands_run_with_tidecast_cli(monkeypatch: pytest.MonkeyPatch)
     assert config.metrics_port == METRICS_PORT and str(config.state_dir) == STATE_DIR
     assert config.engine.models == env["TIDECAST_MODEL"].split(",")
 
-    produce = build_parser().parse_args(services["produce"]["command"])
-    assert produce.command == "produce" and produce.rate > 0
+    produce = resolve_produce(monkeypatch, list(services["produce"]["command"]))
+    assert produce.rate > 0 and produce.topic == env["TIDECAST_TOPIC"]
     copies = [args.split() for op, args in dockerfile_instructions() if op == "COPY" and "--from" not in args]
     shipped = {f"{c[-1].rstrip('/')}/{Path(src).name}" for c in copies for src in c[:-1]}
-    assert str(produce.path) in shipped, "the produce sample is not in the image"
+    assert str(produce.spec.path) in shipped, "the produce sample is not in the image"
 
 
 # ---------------------------------------------------------------------------------------------- kubernetes

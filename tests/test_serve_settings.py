@@ -67,9 +67,11 @@ def test_missing_required_settings_are_an_error_not_a_crash(captured, capsys):
     assert "bootstrap_servers is required" in capsys.readouterr().err.replace("\n", " ")
 
 
-def test_bad_environment_value_names_its_source(captured, monkeypatch):
+def test_bad_environment_value_names_its_source(captured, monkeypatch, capsys):
     monkeypatch.setenv("TIDECAST_CHECKPOINT_INTERVAL", "soon")
     assert main(["serve", "--topic", "t", "--bootstrap-servers", "b:1"]) == 2
+    assert "TIDECAST_CHECKPOINT_INTERVAL=soon (environment): not a number" in capsys.readouterr().err
+    assert "config" not in captured
 
 
 def test_client_settings_pass_security_and_the_kafka_table_to_the_clients_that_know_them():

@@ -1,0 +1,401 @@
+"""Settings declared once (typed dataclass fields -> flags, TIDECAST_* variables, TOML keys), lane aliases and
+``tidecast --version``. No broker: ``serve`` and ``produce`` stop where they would connect."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import tidecast
+import tidecast.stream.produce
+import tidecast.stream.serve
+from tidecast.monitors.metrics import Metrics
+from tidecast.stream.batch import ObservationBatch
+from tidecast.stream.cli import COMMANDS, build_parser, main, reference
+from tidecast.stream.config import EngineConfig, ServeConfig
+from tidecast.stream.engine import Engine
+from tidecast.stream.records import REASONS
+from tidecast.stream.settings import SettingsError, SettingsFile, resolve, settings_of
+from tidecast.stream.state import config_fingerprint
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+REQUIRED = {"bootstrap_servers": "b:9092", "topic": "obs"}  # serve and produce need both
+SECRET = "s3cret-Value-42"
+HOUR = 3_600_000_000_000
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No TIDECAST_* variable of the machine leaks into a test."""
+    import os
+
+    for name in [n for n in os.environ if n.startswith("TIDECAST_")]:
+        monkeypatch.delenv(name)
+    return monkeypatch
+
+
+@pytest.fixture
+def captured(clean_env):
+    """``serve`` and ``produce`` up to the point where they would connect: the config they would run with."""
+    seen: dict[str, Any] = {}
+    summary = {"sent": 0, "topic": "", "elapsed_seconds": 0.0, "messages_per_second": None, "skipped_rows": 0}
+    clean_env.setattr(tidecast.stream.serve, "run_serve", lambda config: seen.setdefault("serve", config) and 0)
+    clean_env.setattr(tidecast.stream.produce, "run_produce",
+                      lambda options: seen.setdefault("produce", options) and summary)
+    return seen
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def hourly_csv(tmp_path: Path, n: int = 400) -> Path:
+    """One series with a 24-step cycle and a little noise."""
+    t = np.arange(n)
+    y = 10 + 3 * np.sin(2 * np.pi * t / 24) + 0.1 * np.random.default_rng(0).normal(size=n)
+    frame = pd.DataFrame({"date": pd.date_range("2024-01-01", periods=n, freq="h"), "load": y})
+    path = tmp_path / "hourly.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def replay_summary(tmp_path: Path, *args: str) -> dict:
+    summary = tmp_path / "summary.json"
+    assert main(["replay", *args, "--summary-json", str(summary), "--no-progress",
+                 "--dead-letter", str(tmp_path / "dead.jsonl")]) == 0
+    return json.loads(summary.read_text())
+
+
+# -- one declaration, three sources ----------------------------------------------------------------------------
+def _sample(s) -> tuple[Any, Any, str | list[str]]:
+    """A value unlike the default: (expected attribute, TOML value, command-line/environment text)."""
+    special = {
+        "freq": ("15min", "15min", "15min"),
+        "models": (["sn=seasonal-naive", "holt-winters"], ["sn=seasonal-naive", "holt-winters"],
+                   "sn=seasonal-naive,holt-winters"),
+        "model_params": ({"seasonal-naive": {"period": 12}}, {"seasonal-naive": {"period": 12}},
+                         "seasonal-naive.period=12"),
+        "calibrator_params": ({"lr": 0.5}, {"lr": 0.5}, "lr=0.5"),
+    }
+    if s.field in special:
+        return special[s.field]
+    if s.meta.choices:
+        choice = next(c for c in s.meta.choices if c != s.default)
+        return choice, choice, choice
+    if s.type is bool:
+        value = not s.default if s.default is not None else True
+        return value, value, "true" if value else "false"
+    if s.type is int:
+        return 7, 7, "7"
+    if s.type is float:
+        return 0.5, 0.5, "0.5"
+    if s.type is Path:
+        return Path("/tmp/sample"), "/tmp/sample", "/tmp/sample"
+    if s.type is str:
+        return "sample", "sample", "sample"
+    if s.type == list[str]:
+        return ["a", "b"], ["a", "b"], "a,b"
+    raise AssertionError(f"no sample for {s.field}: {s.type}")
+
+
+def _argv(s, text: str) -> list[str]:
+    if s.meta.positional:
+        return [text]
+    if s.type is bool:
+        return [s.flag if text == "true" else f"--no-{s.flag[2:]}"]
+    return [s.flag, text]
+
+
+CASES = [(command, cls, s) for command, classes in COMMANDS.items() for cls in classes for s in settings_of(cls)]
+
+
+@pytest.mark.parametrize("source", ["flag", "env", "file"])
+@pytest.mark.parametrize(("command", "cls", "s"), CASES,
+                         ids=[f"{command}-{s.name}" for command, _cls, s in CASES])
+def test_every_setting_reads_the_same_from_a_flag_the_environment_and_the_file(command, cls, s, source):
+    expected, toml_value, text = _sample(s)
+    required = {k: v for k, v in REQUIRED.items() if any(x.field == k for x in settings_of(cls))}
+    parser = build_parser()
+    argv, env, file = [command], {}, {}
+    if source == "flag":
+        for name, value in required.items():
+            argv += ["--" + name.replace("_", "-"), value]
+        argv += _argv(s, text)
+    elif source == "env":
+        env = {f"TIDECAST_{k.upper()}": v for k, v in required.items()} | {s.env: text}
+    else:
+        file = required | {s.key: toml_value}
+    resolved = resolve(cls, parser.parse_args(argv), env, SettingsFile(file))
+    assert getattr(resolved, s.field) == expected
+    assert expected != s.default
+
+
+def test_engine_settings_are_the_same_declaration_in_replay_and_serve():
+    parser = build_parser()
+    for command in ("replay", "serve"):
+        args = parser.parse_args([command, "--horizon", "6", "--model", "a=seasonal-naive", "--torch-threads", "2"])
+        engine = resolve(EngineConfig, args, {})
+        assert (engine.horizon, engine.models, engine.torch_threads) == (6, ["a=seasonal-naive"], 2)
+    assert EngineConfig in COMMANDS["replay"] and EngineConfig in COMMANDS["serve"]
+
+
+def test_resolved_configs_are_frozen(captured):
+    assert main(["serve", "--bootstrap-servers", "b:1", "--topic", "t"]) == 0
+    cfg = captured["serve"]
+    for obj, name in ((cfg, "engine"), (cfg.engine, "horizon"), (cfg.settings, "topic")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, name, None)
+
+
+def test_replay_takes_a_config_file_and_the_environment(tmp_path, clean_env):
+    data = hourly_csv(tmp_path)
+    config = write(tmp_path / "tidecast.toml", f"""
+path = "{data}"
+horizon = 12
+model = ["seasonal-naive"]
+[model_params.seasonal-naive]
+period = 24
+""")
+    summary = replay_summary(tmp_path, "--config", str(config))
+    assert summary["config"]["horizon"] == 12
+    assert summary["config"]["model_params"] == {"seasonal-naive": {"period": 24}}
+    assert summary["n_observations"] == 400
+    clean_env.setenv("TIDECAST_HORIZON", "6")
+    assert replay_summary(tmp_path, "--config", str(config))["config"]["horizon"] == 6  # environment over file
+
+
+def test_model_parameters_merge_across_sources(captured, tmp_path, clean_env):
+    config = write(tmp_path / "t.toml", "[model_params.seasonal-naive]\nmax_period = 100\nperiod = 12\n")
+    clean_env.setenv("TIDECAST_MODEL_PARAM", "seasonal-naive.detect_after=300 seasonal-naive.period=48")
+    assert main(["serve", "--config", str(config), "--bootstrap-servers", "b:1", "--topic", "t",
+                 "--model-param", "seasonal-naive.period=24"]) == 0
+    assert captured["serve"].engine.model_params == {
+        "seasonal-naive": {"max_period": 100, "detect_after": 300, "period": 24}}  # file < environment < flag
+
+
+def test_model_parameters_from_the_environment_are_whitespace_separated(captured, clean_env):
+    clean_env.setenv("TIDECAST_MODEL_PARAM", "seasonal-naive.detect_after=300 seasonal-naive.period=48")
+    assert main(["serve", "--bootstrap-servers", "b:1", "--topic", "t"]) == 0
+    assert captured["serve"].engine.model_params == {"seasonal-naive": {"detect_after": 300, "period": 48}}
+
+
+# -- unknown and invalid settings -------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["serve", "produce", "replay"])
+def test_an_unknown_file_key_is_an_error_naming_the_closest_valid_one(captured, tmp_path, capsys, command):
+    config = write(tmp_path / "t.toml", 'bootstrap_server = "b:9092"\ntopic = "obs"\n')
+    argv = [command, "--config", str(config)] + (["x.csv"] if command == "produce" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'bootstrap_server'" in err and "did you mean 'bootstrap_servers'?" in err
+    assert not captured
+
+
+@pytest.mark.parametrize("command", ["serve", "produce"])
+def test_an_unknown_kafka_table_key_is_an_error_naming_the_closest_valid_one(captured, tmp_path, capsys, command):
+    config = write(tmp_path / "t.toml", 'bootstrap_servers = "b:9092"\ntopic = "obs"\n'
+                                        '[kafka]\n"max.poll.records" = 50\nrequest_timeout_ms = 40000\n')
+    assert main([command, "--config", str(config)] + (["x.csv"] if command == "produce" else [])) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'max.poll.records' in the [kafka] table" in err and "did you mean 'max_poll_records'?" in err
+    assert not captured
+
+
+def test_the_kafka_table_takes_any_kafka_python_client_setting(captured, tmp_path):
+    config = write(tmp_path / "t.toml", 'bootstrap_servers = "b:9092"\ntopic = "obs"\n'
+                                        '[kafka]\nrequest_timeout_ms = 40000\nacks = 1\nfetch_min_bytes = 10\n')
+    assert main(["serve", "--config", str(config)]) == 0
+    assert captured["serve"].kafka_extra == {"request_timeout_ms": 40000, "acks": 1, "fetch_min_bytes": 10}
+    with pytest.raises(SettingsError, match="did you mean 'request_timeout_ms'"):
+        ServeConfig(REQUIRED, kafka_extra={"request_timeout": 1})
+
+
+def test_one_file_serves_every_command(captured, tmp_path):
+    """The deployment's file holds serve and engine keys; produce reads its own and accepts the others."""
+    config = write(tmp_path / "t.toml", 'bootstrap_servers = "b:9092"\ntopic = "obs"\ngroup_id = "g"\n'
+                                        'model = ["seasonal-naive"]\nhorizon = 12\nstate_dir = "/tmp/x"\n')
+    assert main(["produce", "history.csv", "--config", str(config), "--rate", "10"]) == 0
+    options = captured["produce"]
+    assert (options.bootstrap_servers, options.topic, options.rate) == ("b:9092", "obs", 10.0)
+    assert options.spec.path == Path("history.csv")
+
+
+def test_unknown_tidecast_environment_variables_are_a_warning(captured, caplog, clean_env):
+    clean_env.setenv("TIDECAST_METRICS_SERVICE_HOST", "10.0.0.7")  # what Kubernetes injects for a service
+    clean_env.setenv("TIDECAST_HORIZN", "12")
+    with caplog.at_level(logging.WARNING, logger="tidecast.stream.settings"):
+        assert main(["serve", "--bootstrap-servers", "b:1", "--topic", "t"]) == 0
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "TIDECAST_METRICS_SERVICE_HOST" in warning and "TIDECAST_HORIZN (did you mean TIDECAST_HORIZON?)" in warning
+    assert "10.0.0.7" not in warning
+    assert captured["serve"].engine.horizon == 24  # the misspelt variable did nothing
+
+
+@pytest.mark.parametrize(("argv", "env", "file", "says"), [
+    (["--log-level", "LOUD"], {}, "", "--log-level LOUD: not one of DEBUG, INFO"),
+    ([], {"TIDECAST_LOG_LEVEL": "LOUD"}, "", "TIDECAST_LOG_LEVEL=LOUD (environment): not one of"),
+    ([], {}, 'log_level = "LOUD"', "log_level = LOUD in "),
+    (["--max-poll-records", "many"], {}, "", "--max-poll-records many: not a whole number"),
+    ([], {}, "checkpoint_interval = -1", "checkpoint_interval = -1 in "),
+    (["--horizon", "0"], {}, "", "--horizon 0: must be at least 1"),
+    ([], {"TIDECAST_ALPHA": "1.5"}, "", "TIDECAST_ALPHA=1.5 (environment): must be in (0, 1)"),
+    ([], {}, "create_topics = 3", "create_topics = 3 in "),
+])
+def test_invalid_values_are_errors_naming_the_setting_and_where_it_came_from(captured, tmp_path, capsys, clean_env,
+                                                                              argv, env, file, says):
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    config = write(tmp_path / "t.toml", file + "\n")
+    assert main(["serve", "--bootstrap-servers", "b:1", "--topic", "t", "--config", str(config), *argv]) == 2
+    assert says in capsys.readouterr().err
+    assert not captured
+
+
+def test_missing_required_settings_say_how_to_set_them(captured, capsys):
+    assert main(["produce", "x.csv", "--bootstrap-servers", "b:1"]) == 2
+    assert "topic is required (--topic, TIDECAST_TOPIC or topic in the config file)" in capsys.readouterr().err
+    assert main(["produce", "--bootstrap-servers", "b:1", "--topic", "t"]) == 2
+    assert "PATH is required" in capsys.readouterr().err
+
+
+def test_a_mapping_of_settings_is_checked_like_a_file():
+    with pytest.raises(SettingsError, match="unknown setting 'topc'; did you mean 'topic'"):
+        ServeConfig({"bootstrap_servers": "b:1", "topc": "t"})
+    with pytest.raises(SettingsError, match="checkpoint_records"):
+        ServeConfig(REQUIRED | {"checkpoint_records": "often"})
+
+
+def test_secrets_are_never_printed(captured, tmp_path, capsys, caplog, clean_env):
+    from kafka import KafkaConsumer
+
+    from tidecast.stream.kafka import client_settings
+
+    clean_env.setenv("TIDECAST_SASL_PLAIN_PASSWORD", SECRET)
+    clean_env.setenv("TIDECAST_SSL_PASSWORD", SECRET)
+    with caplog.at_level(logging.DEBUG):
+        assert main(["serve", "--bootstrap-servers", "b:1", "--topic", "t", "--sasl-plain-username", "u"]) == 0
+    cfg = captured["serve"]
+    assert client_settings(cfg.options, KafkaConsumer)["sasl_plain_password"] == SECRET  # the client gets it
+    for text in (repr(cfg), str(cfg), repr(cfg.settings), repr(cfg.options), caplog.text):
+        assert SECRET not in text
+    assert "<hidden>" in repr(cfg.options)
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert SECRET not in capsys.readouterr().out
+    clean_env.delenv("TIDECAST_SASL_PLAIN_PASSWORD")
+    config = write(tmp_path / "t.toml", f'sasl_plain_password = ["{SECRET}"]\n')  # a value that fails to parse
+    assert main(["serve", "--bootstrap-servers", "b:1", "--topic", "t", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "sasl_plain_password = <hidden>" in err and SECRET not in err
+
+
+def test_produce_takes_rate_or_speed_not_both(captured, capsys):
+    assert main(["produce", "x.csv", "--bootstrap-servers", "b:1", "--topic", "t", "--rate", "5", "--speed", "2"]) == 2
+    assert "give --rate or --speed, not both" in capsys.readouterr().err
+
+
+# -- lanes and aliases ------------------------------------------------------------------------------------------
+def test_lane_aliases_name_records_metric_labels_state_and_the_fingerprint():
+    cfg = EngineConfig(horizon=2, freq="1h", models=["sn4=seasonal-naive", "sn2=seasonal-naive"],
+                       model_params={"sn4": {"period": 4}, "sn2": {"period": 2}})
+    metrics = Metrics(reasons=REASONS)
+    engine = Engine.from_config(cfg, metrics)
+    n = 40
+    values = np.tile([1.0, 5.0, 2.0, 8.0], n // 4)
+    result = engine.process(ObservationBatch(np.array(["s"] * n, dtype=object), np.arange(n) * HOUR, values))
+    frame = result.forecasts.to_frame()
+    assert set(frame["model"]) == {"sn4", "sn2"}
+    last = frame[frame["issued_at"] == frame["issued_at"].max()].set_index(["model", "h"])["mean"]
+    assert [last[("sn4", 1)], last[("sn4", 2)]] == [1.0, 5.0]  # the period-4 lane repeats the cycle
+    assert [last[("sn2", 1)], last[("sn2", 2)]] == [2.0, 8.0]  # the period-2 lane repeats the last two
+    sample = metrics.registry.get_sample_value
+    for alias in ("sn4", "sn2"):
+        assert sample("tidecast_forecasts_total", {"model": alias}) == (frame["model"] == alias).sum() > 0
+    _meta, arrays = engine.export_series(["s"])
+    assert {key.split("/")[0] for key in arrays} == {"engine", "sn4", "sn2"}
+    fingerprint = config_fingerprint(cfg.to_dict())
+    assert fingerprint["models"] == ["sn4=seasonal-naive", "sn2=seasonal-naive"]
+    assert fingerprint["model_params"] == {"sn4": {"period": 4}, "sn2": {"period": 2}}
+    renamed = EngineConfig(horizon=2, freq="1h", models=["a=seasonal-naive", "sn2=seasonal-naive"],
+                           model_params={"a": {"period": 4}, "sn2": {"period": 2}})
+    assert config_fingerprint(renamed.to_dict()) != fingerprint
+    bare = EngineConfig(models=["seasonal-naive=seasonal-naive"])
+    assert bare.models == ["seasonal-naive"] and bare.lanes == [("seasonal-naive", "seasonal-naive")]
+
+
+def test_replay_compares_two_configurations_of_one_model_by_alias(tmp_path, clean_env):
+    data, out = hourly_csv(tmp_path), tmp_path / "forecasts.csv"
+    summary = replay_summary(tmp_path, str(data), "--horizon", "3", "--out", str(out),
+                             "--model", "sn24=seasonal-naive", "--model", "sn12=seasonal-naive,holt-winters",
+                             "--model-param", "sn24.period=24", "--model-param", "sn12.period=12",
+                             "--model-param", "holt-winters.period=24", "--model-param", "holt-winters.warmup=48")
+    assert list(summary["models"]) == ["sn24", "sn12", "holt-winters"]
+    assert set(pd.read_csv(out)["model"]) == {"sn24", "sn12", "holt-winters"}
+    assert summary["models"]["sn24"]["mae"] < summary["models"]["sn12"]["mae"]  # the true cycle is 24
+
+
+@pytest.mark.parametrize("models", [["seasonal-naive", "seasonal-naive"], ["a=seasonal-naive,a=holt-winters"]])
+def test_two_lanes_with_one_alias_are_an_error(captured, capsys, models):
+    argv = ["serve", "--bootstrap-servers", "b:1", "--topic", "t"]
+    for spec in models:
+        argv += ["--model", spec]
+    assert main(argv) == 2
+    assert "two lanes are named" in capsys.readouterr().err
+    assert not captured
+
+
+@pytest.mark.parametrize(("param", "says"), [
+    ("sn48.period=48", "model parameters for 'sn48', which is no lane; the lanes are: sn24 (seasonal-naive)"),
+    ("sn24.bogus=1", "sn24.bogus: seasonal-naive has no parameter 'bogus'; valid: period, max_period, detect_after"),
+    ("sn24.period=abc", "model parameter sn24.period = 'abc': expected int or None"),
+    ("sn24.period=2.5", "model parameter sn24.period = 2.5"),
+    ("sn24period=2", "'sn24period=2' is not NAME.KEY=VALUE"),
+])
+def test_bad_model_parameters_fail_before_any_work(tmp_path, capsys, clean_env, param, says):
+    out, dead = tmp_path / "out.csv", tmp_path / "dead.jsonl"
+    assert main(["replay", str(hourly_csv(tmp_path)), "--model", "sn24=seasonal-naive", "--model-param", param,
+                 "--out", str(out), "--dead-letter", str(dead), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "--model-param" in err
+    assert not out.exists() and not dead.exists()
+
+
+def test_bad_calibrator_parameters_fail_before_any_work(captured, capsys):
+    assert main(["serve", "--bootstrap-servers", "b:1", "--topic", "t", "--calibrator", "aci",
+                 "--calibrator-param", "gama=0.01"]) == 2
+    assert "calibrator parameter gama: aci has no parameter 'gama'; valid: gamma" in capsys.readouterr().err
+    assert main(["serve", "--bootstrap-servers", "b:1", "--topic", "t", "--calibrator", "aci",
+                 "--calibrator-param", "gamma=0.01"]) == 0
+    assert captured["serve"].engine.calibrator_params == {"gamma": 0.01}
+
+
+def test_unknown_models_and_odd_aliases_are_errors():
+    with pytest.raises(SettingsError, match="unknown model 'nope'"):
+        EngineConfig(models=["x=nope"])
+    with pytest.raises(SettingsError, match="lane alias 'a/b'"):  # '/' separates state keys
+        EngineConfig(models=["a/b=seasonal-naive"])
+
+
+# -- version and reference --------------------------------------------------------------------------------------
+def test_version_prints_the_installed_version(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out == f"tidecast {tidecast.__version__}\n"
+
+
+def test_readme_configuration_reference_matches_the_declarations():
+    text = README.read_text()
+    begin, end = "<!-- settings-reference: begin -->\n", "<!-- settings-reference: end -->"
+    documented = text[text.index(begin) + len(begin):text.index(end)]
+    assert documented == reference(), (
+        "README's configuration reference is stale; regenerate it with "
+        ".venv/bin/python -c \"from tidecast.stream.cli import reference; print(reference())\"")
