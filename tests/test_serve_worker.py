@@ -16,8 +16,10 @@ from tidecast.monitors.metrics import Metrics
 from tidecast.stream.config import EngineConfig
 from tidecast.stream.engine import Engine, Lane
 from tidecast.stream.records import REASONS, Observation, encode, parse_timestamp
-from tidecast.stream.serve import ServeConfig, Worker, _Assign, _Release
+from tidecast.stream.messages import AssignPartitions, FetchedRecords, PartitionRestored, ReleasePartitions
+from tidecast.stream.serve import ServeConfig, build_worker
 from tidecast.stream.state import ChangelogStore, LocalStateStore
+from tidecast.stream.worker import Worker
 
 CONFIG = EngineConfig(horizon=4, model_params={"seasonal-naive": {"period": 6}})
 TOPIC = "obs"
@@ -63,9 +65,9 @@ def make_worker(tmp_path, producer, engine=None, state_dir="state") -> tuple[Wor
     results: queue.Queue = queue.Queue()
     metrics = Metrics(reasons=REASONS)
     engine = engine or Engine.from_config(CONFIG, metrics)
-    worker = Worker(cfg, engine, metrics, producer, MemoryChangelog(cfg.changelog_topic, producer, lambda: None),
-                    LocalStateStore(cfg.state_dir, cfg.group_id, TOPIC), results,
-                    {cfg.forecast_topic: 2, cfg.dead_letter_topic: 2, cfg.changelog_topic: 2}, 2)
+    worker = build_worker(cfg, engine, metrics, producer, MemoryChangelog(cfg.changelog_topic, producer, lambda: None),
+                          LocalStateStore(cfg.state_dir, cfg.group_id, TOPIC), results,
+                          {cfg.forecast_topic: 2, cfg.dead_letter_topic: 2, cfg.changelog_topic: 2}, 2)
     return worker, results
 
 
@@ -81,18 +83,16 @@ def records(partition: int, series: list[str], steps: range, offset0: int) -> li
 
 
 def feed(worker: Worker, partition: int, recs: list) -> None:
-    from tidecast.stream.serve import _Records
-
-    worker._apply([_Records(partition, worker.epochs.get(partition, 0), recs)])
+    worker.process([FetchedRecords(partition, worker.epochs.get(partition, 0), recs)])
 
 
 def assign(worker: Worker, results: queue.Queue, partitions: set[int]) -> dict[int, int | None]:
-    worker._restore(_Assign(partitions, partitions, {p: 0 for p in partitions}))
+    worker.handle(AssignPartitions(frozenset(partitions), frozenset(partitions), {p: 0 for p in partitions}))
     out = {}
     while not results.empty():
-        kind, p, position, _ = results.get()
-        assert kind == "restored"
-        out[p] = position
+        restored = results.get()
+        assert isinstance(restored, PartitionRestored)
+        out[restored.partition] = restored.position
     return out
 
 
@@ -111,7 +111,7 @@ def test_checkpoint_then_restore_elsewhere_continues_exactly_like_the_original(t
     p0, p1 = records(0, ["a", "b"], range(30), 0), records(1, ["c"], range(30), 0)
     feed(a, 0, p0[:40])
     feed(a, 1, p1[:20])
-    assert a.checkpoint([0, 1]) == {0: 40, 1: 20}
+    assert a.table.checkpoint([0, 1]) == {0: 40, 1: 20}
 
     b, b_results = make_worker(tmp_path, producer, state_dir="other-machine")  # no local state: changelog only
     assert assign(b, b_results, {0, 1}) == {0: 40, 1: 20}
@@ -133,7 +133,7 @@ def test_redelivered_records_are_skipped_and_misrouted_ones_dead_lettered(tmp_pa
     assign(a, a_results, {0, 1})
     p0 = records(0, ["a"], range(10), 0)
     feed(a, 0, p0)
-    a.checkpoint([0])
+    a.table.checkpoint([0])
     b, b_results = make_worker(tmp_path, producer)  # same state dir: a restart
     assign(b, b_results, {0, 1})
     feed(b, 0, p0[5:])  # re-delivered: already applied
@@ -178,8 +178,8 @@ def test_shared_state_is_written_when_it_changes_and_restored_into_a_fresh_engin
     assign(a, a_results, {0})
     recs = records(0, ["a", "b"], range(12), 0)
     feed(a, 0, recs)
-    a.checkpoint([0])
-    a.checkpoint([0])  # nothing changed: nothing written
+    a.table.checkpoint([0])
+    a.table.checkpoint([0])  # nothing changed: nothing written
     changelog = producer.log[(a.cfg.changelog_topic, 0)]
     assert [k for k, _ in changelog].count(b"\x00shared/seasonal-naive") == 1
     assert [k for k, _ in changelog] == [b"a", b"b", b"\x00shared/seasonal-naive", b"\x00checkpoint"]
@@ -196,14 +196,14 @@ def test_release_checkpoints_unless_abandoned_first(tmp_path):
     feed(a, 0, records(0, ["a"], range(5), 0))
     feed(a, 1, records(1, ["c"], range(5), 0))
 
-    release = _Release({0})
-    a._release(release)
-    assert release.done.is_set() and release.offsets == {0: 5} and 0 not in a.partitions and 0 in a.released
+    release = ReleasePartitions(frozenset({0}))
+    a.handle(release)
+    assert release.done.is_set() and release.offsets == {0: 5} and not a.table.owns(0) and 0 in a.table.released
 
-    late = _Release({1})
+    late = ReleasePartitions(frozenset({1}))
     assert late.abandon()  # the listener gave up before the worker got to it
-    a._release(late)
-    assert late.offsets == {} and 1 not in a.partitions
+    a.handle(late)
+    assert late.offsets == {} and not a.table.owns(1)
     assert producer.log[(a.cfg.changelog_topic, 1)] == []  # nothing written for a partition given away
 
 
@@ -215,5 +215,5 @@ def test_undecodable_records_advance_the_position_and_are_dead_lettered(tmp_path
     assign(a, a_results, {0})
     bad = SimpleNamespace(topic=TOPIC, partition=0, offset=0, key=b"a", value=value, timestamp=0, headers=[])
     feed(a, 0, [bad])
-    assert a.checkpoint([0]) == {0: 1}  # handled, so committed past it
+    assert a.table.checkpoint([0]) == {0: 1}  # handled, so committed past it
     assert producer.reasons() == [reason]
