@@ -195,20 +195,20 @@ class Trainer(threading.Thread):
         self.idle_seconds = idle_seconds
         self.error: BaseException | None = None
         self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     def wake(self) -> None:
         """New data was learned: deferred work may be due."""
         self._wake.set()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
         self._wake.set()
 
     def run(self) -> None:
         budget = self.engine.config.maintenance_budget_seconds
         try:
-            while not self._stop.is_set():
+            while not self._stopping.is_set():
                 started = time.perf_counter()
                 self.engine.maintenance(budget)
                 if time.perf_counter() - started < 0.5 * budget:
