@@ -57,8 +57,8 @@ class ReleasePartitions:
     partitions: frozenset[int]
     offsets: dict[int, int] = field(default_factory=dict)
     done: threading.Event = field(default_factory=threading.Event)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _state: str = "pending"
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _state: str = field(default="pending", init=False)
 
     def start(self) -> bool:
         """Worker side: True if it may still checkpoint."""

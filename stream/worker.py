@@ -29,6 +29,7 @@ from tidecast.stream.messages import (
     PartitionRestored,
     ReleasePartitions,
     Stop,
+    WorkerCommand,
 )
 from tidecast.stream.partitions import PartitionTable
 from tidecast.stream.sinks import DeadLetterSink, ForecastSink
@@ -146,7 +147,7 @@ class Worker(threading.Thread):
             self._after_batch()
 
     # -- commands -----------------------------------------------------------------------------------------------
-    def handle(self, command: Any) -> None:
+    def handle(self, command: WorkerCommand) -> None:
         """Run one partition command (assign, release, abandon)."""
         if isinstance(command, AssignPartitions):
             positions = self.table.restore(command.partitions, command.assignment)
