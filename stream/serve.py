@@ -177,8 +177,6 @@ class ServeConfig:
             raise AttributeError(name) from None
 
 
-
-
 def build_worker(cfg: ServeConfig, engine: Engine, metrics: Metrics, producer: Any, changelog: ChangelogStore,
                  local: LocalStateStore, outbox: queue.Queue, output_partitions: dict[str, int], input_partitions: int,
                  **worker_kw: Any) -> Worker:
@@ -190,7 +188,7 @@ def build_worker(cfg: ServeConfig, engine: Engine, metrics: Metrics, producer: A
                                   table.owner_of if co_partitioned.get(cfg.forecast_topic) else None)
     letters = KafkaDeadLetterSink(producer, cfg.dead_letter_topic, metrics.output_errors, flush_timeout,
                                   cfg.dead_letter_max_bytes, co_partitioned.get(cfg.dead_letter_topic, False))
-    table.outputs = (forecasts, letters)
+    table.outputs = (forecasts, letters)  # flushed first in every checkpoint (they need the table for partitions)
     return Worker(cfg, engine, table, forecasts, letters, outbox, metrics, **worker_kw)
 
 
@@ -230,7 +228,7 @@ class Service:
             while not self._stop.is_set():
                 failed = self._failure()
                 if failed is not None:
-                    raise RuntimeError("engine worker failed") from failed
+                    raise RuntimeError("the engine's worker or trainer failed") from failed
                 self.fetcher.poll_once()
             return 0
         except Exception:
