@@ -278,9 +278,11 @@ class ServeSettings(KafkaClientSettings):
     state_dir: Path = setting(Path("tidecast-state"), "local checkpoint directory", group=STATE)
     checkpoint_records: int = setting(10_000, "checkpoint after this many records", group=STATE, check=at_least(1))
     checkpoint_interval: float = setting(10.0, "... or after this many seconds", group=STATE, check=at_least(0))
-    metrics_port: int | None = setting(None, "serve Prometheus /metrics on this port", group=SERVICE,
-                                       check=at_least(0))
+    metrics_port: int | None = setting(None, "serve Prometheus /metrics, /healthz and /readyz on this port",
+                                       group=SERVICE, check=at_least(0))
     metrics_address: str = setting("0.0.0.0", "address of the /metrics server", group=SERVICE)
+    liveness_timeout: float = setting(60.0, "/healthz fails once the worker or poll loop has not gone round for "
+                                      "this many seconds", group=SERVICE, check=at_least(0))
     max_queued_records: int = setting(20_000, "pause fetching above this many queued records (resume below half)",
                                       group=SERVICE, check=at_least(1))
     batch_size: int = setting(2_000, "largest engine batch, in records", group=SERVICE, check=at_least(1))

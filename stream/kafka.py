@@ -1,4 +1,5 @@
-"""Kafka plumbing shared by ``serve`` and ``produce``: client settings, topics, message formats, lag probing.
+"""Kafka plumbing shared by ``serve`` and ``produce``: client settings, topics, message formats, the output sinks,
+lag probing.
 
 Nothing here depends on a particular broker: only the plain Kafka protocol through kafka-python. In particular
 the end of a partition is read from fetch responses (``highwater``), never from ListOffsets, which some
@@ -22,6 +23,10 @@ Messages
   ``tidecast.detail``, ``tidecast.source.topic``, ``tidecast.source.partition``, ``tidecast.source.offset``,
   ``tidecast.source.timestamp`` (ms) and, when the value was cut to ``dead_letter_max_bytes``,
   ``tidecast.raw.size`` (its original size). Fix and re-drive them by producing the value back to the input.
+
+Both outputs are sinks with the protocol of :mod:`tidecast.stream.sinks` (:class:`KafkaForecastSink`,
+:class:`KafkaDeadLetterSink`): ``write`` sends asynchronously, ``flush`` waits until the broker acknowledged
+everything sent and raises :class:`OutputError` if it refused anything.
 """
 
 from __future__ import annotations
@@ -31,13 +36,14 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from tidecast.stream.batch import ForecastBatch
+from tidecast.stream.sources import DeadLetter
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +194,75 @@ def dead_letter_message(record: Any, reason: str, detail: str, max_bytes: int) -
 def header_dict(headers: Iterable[tuple[str, bytes]] | None) -> dict[str, str]:
     """Headers as ``{name: text}`` (for readers of the dead-letter topic)."""
     return {k: (v or b"").decode("utf-8", "replace") for k, v in headers or ()}
+
+
+# -- output sinks ------------------------------------------------------------------------------------------
+class OutputError(RuntimeError):
+    """The broker refused forecasts or dead letters; offsets are not committed past them."""
+
+
+class _TopicSink:
+    """Sends to one topic through a shared, thread-safe producer and remembers the first refusal."""
+
+    def __init__(self, producer: Any, topic: str, errors: Any, flush_timeout: float) -> None:
+        self.producer = producer
+        self.topic = topic
+        self._errors = errors  # a counter with inc(): tidecast_output_errors_total
+        self.flush_timeout = flush_timeout
+        self._failure: BaseException | None = None
+
+    def _send(self, key: bytes | None, value: bytes | None, partition: int | None,
+              headers: list[tuple[str, bytes]] | None = None) -> None:
+        future = self.producer.send(self.topic, key=key, value=value, headers=headers, partition=partition)
+        future.add_errback(self._refused)
+
+    def _refused(self, err: BaseException) -> None:  # runs on the producer's IO thread
+        self._errors.inc()
+        self._failure = self._failure or err
+
+    def flush(self) -> None:
+        """Wait until everything sent is acknowledged; :class:`OutputError` if the broker refused anything."""
+        self.producer.flush(timeout=self.flush_timeout)
+        if self._failure is not None:
+            raise OutputError(f"the broker refused messages to {self.topic}: {self._failure!r}")
+
+    def close(self) -> None:
+        """The producer is shared: whoever created it closes it."""
+
+
+class KafkaForecastSink(_TopicSink):
+    """Forecasts as one message per (series, model, origin), keyed by series id.
+
+    ``partition_of`` (series id -> input partition) pins each message to its series' input partition, for an
+    output topic co-partitioned with the input; without it the producer's partitioner decides.
+    """
+
+    def __init__(self, producer: Any, topic: str, errors: Any, flush_timeout: float,
+                 partition_of: Callable[[str], int | None] | None = None) -> None:
+        super().__init__(producer, topic, errors, flush_timeout)
+        self.partition_of = partition_of
+
+    def write(self, batch: ForecastBatch) -> None:
+        for sid, value in forecast_messages(batch):
+            partition = self.partition_of(sid) if self.partition_of is not None else None
+            self._send(sid.encode(), value, partition)
+
+
+class KafkaDeadLetterSink(_TopicSink):
+    """Rejected input records, unchanged, with the reason and source in headers (:func:`dead_letter_message`).
+
+    A letter's ``raw`` is the input record. ``co_partitioned`` keeps a letter on its record's partition number.
+    """
+
+    def __init__(self, producer: Any, topic: str, errors: Any, flush_timeout: float, max_bytes: int,
+                 co_partitioned: bool = False) -> None:
+        super().__init__(producer, topic, errors, flush_timeout)
+        self.max_bytes = max_bytes
+        self.co_partitioned = co_partitioned
+
+    def write(self, letter: DeadLetter) -> None:
+        msg = dead_letter_message(letter.raw, letter.reason, letter.detail, self.max_bytes)
+        self._send(msg.key, msg.value, letter.position[0] if self.co_partitioned else None, msg.headers)
 
 
 # -- lag -------------------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Sinks: where forecasts and dead letters go. Files here; Kafka topics in :mod:`tidecast.stream.kafka`.
 
 Forecast sinks take :class:`~tidecast.stream.batch.ForecastBatch` columns and write incrementally, so a long replay
-never
-holds its whole output in memory. Dead-letter sinks take :class:`~tidecast.stream.sources.DeadLetter` entries and write
-one JSON object per line: ``{"reason", "detail", "source", "partition", "offset", "raw"}``.
+never holds its whole output in memory. Dead-letter sinks take :class:`~tidecast.stream.sources.DeadLetter` entries;
+the file sink writes one JSON object per line: ``{"reason", "detail", "source", "partition", "offset", "raw"}``.
+
+Every sink has three verbs: ``write``; ``flush``, the durability hook a checkpoint calls before it saves state
+(everything written so far is stored, or the call raises); ``close``.
 """
 
 from __future__ import annotations
@@ -21,11 +23,17 @@ from tidecast.stream.sources import DeadLetter
 class ForecastSink(Protocol):
     def write(self, batch: ForecastBatch) -> None: ...
 
+    def flush(self) -> None:
+        """Make everything written so far durable, or raise."""
+
     def close(self) -> None: ...
 
 
 class DeadLetterSink(Protocol):
     def write(self, letter: DeadLetter) -> None: ...
+
+    def flush(self) -> None:
+        """Make everything written so far durable, or raise."""
 
     def close(self) -> None: ...
 
@@ -34,6 +42,9 @@ class NullSink:
     """Discards forecasts (a replay run for its summary only)."""
 
     def write(self, batch: ForecastBatch) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
     def close(self) -> None:
@@ -56,6 +67,9 @@ class ParquetSink:
             self._writer = pq.ParquetWriter(self.path, table.schema)
         self._writer.write_table(table)
 
+    def flush(self) -> None:
+        """Row groups are in the file once written; only the footer waits for :meth:`close`."""
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
@@ -76,6 +90,9 @@ class CsvSink:
         batch.to_frame().to_csv(self.path, mode="a" if self._started else "w", header=not self._started,
                                 index=False)
         self._started = True
+
+    def flush(self) -> None:
+        """Each write opens, appends and closes the file."""
 
     def close(self) -> None:
         pass
@@ -107,6 +124,10 @@ class JsonlDeadLetters:
             self._fh = self.path.open("w", encoding="utf-8")
         self._fh.write(letter.to_json() + "\n")
         self.count += 1
+
+    def flush(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
 
     def close(self) -> None:
         if self._fh is not None:

@@ -383,16 +383,18 @@ class ChangelogStore:
     """Writes checkpoint groups to, and reads them back from, a changelog topic (kafka-python clients).
 
     ``producer`` is shared and thread-safe; ``consumer_factory`` builds the group-less consumer used to read
-    partitions back (owned by the thread that restores).
+    partitions back (owned by the thread that restores). ``progress`` is called on every fetch of a read, so a long
+    restore keeps the restoring thread's heartbeat fresh.
     """
 
     def __init__(self, topic: str, producer: Any, consumer_factory: Callable[[], Any],
-                 timeout_seconds: float = 30.0) -> None:
+                 timeout_seconds: float = 30.0, progress: Callable[[], None] | None = None) -> None:
         self.topic = topic
         self.producer = producer
         self._consumer_factory = consumer_factory
         self._consumer = None
         self.timeout_seconds = timeout_seconds
+        self._progress = progress
 
     def write(self, groups: list[tuple[int, SeriesRows, SharedState, int]], config: dict[str, Any] | None
               ) -> dict[int, int]:
@@ -432,6 +434,8 @@ class ChangelogStore:
             for records in consumer.poll(timeout_ms=200).values():
                 for rec in records:
                     sink(rec.offset, rec.key, rec.value)
+            if self._progress is not None:
+                self._progress()
             # highwater comes with every fetch response (ListOffsets is not trusted: some brokers get it wrong).
             highwater = consumer.highwater(tp)
             if highwater is not None and consumer.position(tp) >= highwater:

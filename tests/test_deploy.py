@@ -326,6 +326,9 @@ def test_compose_stack() -> None:
     assert "container_name" not in tidecast and "ports" not in tidecast, "replicas would collide"
     assert int(env["TIDECAST_METRICS_PORT"]) == METRICS_PORT and env["TIDECAST_STATE_DIR"] == STATE_DIR
     assert (DEPLOY / tidecast["build"]["context"] / tidecast["build"]["dockerfile"]).resolve() == DOCKERFILE
+    check = tidecast["healthcheck"]["test"]  # liveness from the loops' heartbeats, not /metrics
+    assert check[:2] == ["CMD", "python"] and f"127.0.0.1:{METRICS_PORT}/healthz" in check[-1]
+    compile(check[-1], "healthcheck", "exec")
 
     init = "\n".join(services["kafka-init"]["command"])
     creates = {m.group(1): m.group(0) for m in re.finditer(r"--create .*?--topic (\S+).*", init)}
@@ -462,9 +465,10 @@ def test_k8s_statefulset(monkeypatch: pytest.MonkeyPatch) -> None:
     assert container["args"][0] == "serve"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["metrics"] == METRICS_PORT
-    for probe in ("readinessProbe", "livenessProbe"):
+    paths = {"startupProbe": "/readyz", "readinessProbe": "/readyz", "livenessProbe": "/healthz"}
+    for probe, path in paths.items():  # /metrics answers even while the worker is stuck
         get = container[probe]["httpGet"]
-        assert get["path"] == "/metrics" and get["port"] in ("metrics", METRICS_PORT), probe
+        assert get["path"] == path and get["port"] in ("metrics", METRICS_PORT), probe
     resources = container["resources"]
     assert {"cpu", "memory"} <= resources["requests"].keys() and "memory" in resources["limits"]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
@@ -528,7 +532,7 @@ def test_dockerfile() -> None:
     assert json.loads(last["CMD"]) == ["serve"]
     assert str(METRICS_PORT) in last["EXPOSE"].split()
     healthcheck = json.loads(last["HEALTHCHECK"].split(" CMD ", 1)[1])
-    assert healthcheck[0] == "python" and "/metrics" in healthcheck[-1]
+    assert healthcheck[0] == "python" and "/healthz" in healthcheck[-1]
     compile(healthcheck[-1], "HEALTHCHECK", "exec")
     assert STATE_DIR in last["VOLUME"]
     for op, args in instructions:

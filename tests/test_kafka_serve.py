@@ -1,9 +1,13 @@
-"""``tidecast serve`` against a real Kafka-protocol broker: end to end, bad input, SIGTERM, lag while paused."""
+"""``tidecast serve`` against a real Kafka-protocol broker: end to end, bad input, SIGTERM, lag while paused,
+health endpoints."""
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
+import urllib.error
+import urllib.request
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -16,7 +20,7 @@ from tidecast.stream.config import EngineConfig
 from tidecast.stream.engine import Engine
 from tidecast.stream.kafka import header_dict
 from tidecast.stream.serve import ServeConfig, Service
-from tidecast.stream.state import LocalStateStore
+from tidecast.stream.state import ChangelogStore, LocalStateStore
 
 pytestmark = pytest.mark.kafka
 
@@ -188,4 +192,76 @@ def test_lag_gauge_matches_the_backlog_while_consumption_is_paused(kafka_bootstr
              "lag back to 0")
     service.stop()
     thread.join(15)
+    assert not thread.is_alive()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(port: int, path: str) -> tuple[int, dict | None]:
+    """(status, JSON body or None); 0 while nothing listens."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            status, body = resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        status, body = err.code, err.read()
+    except OSError:
+        return 0, None
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, None
+
+
+def test_readyz_waits_for_the_restore_and_healthz_fails_while_the_worker_is_stuck(
+        kafka_bootstrap, kafka, unique, tmp_path, as_messages, waiter, monkeypatch):
+    """The probes' endpoints follow the service, unlike /metrics, which answers whatever the worker does."""
+    topic = unique("health")
+    kafka.create_topic(topic, 2)
+    restore_gate, learn_gate = threading.Event(), threading.Event()
+    read = ChangelogStore.read
+    monkeypatch.setattr(ChangelogStore, "read", lambda self, p, start: (restore_gate.wait(60), read(self, p, start))[1])
+
+    def stuck_engine(config, metrics):  # learning blocks until the gate opens: a stuck worker
+        engine = Engine.from_config(config, metrics)
+        model = engine.lanes[0].model
+        learn = model.learn_many
+        model.learn_many = lambda *args: (learn_gate.wait(60), learn(*args))[1]
+        return engine
+
+    port = _free_port()
+    options = {"bootstrap_servers": kafka_bootstrap, "topic": topic, "group_id": unique("g"),
+               "state_dir": tmp_path / "state", "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000,
+               "max_poll_interval_ms": 10000, "metrics_port": port, "metrics_address": "127.0.0.1",
+               "liveness_timeout": 1.0}
+    service = Service(ServeConfig(options, EngineConfig(horizon=4)), engine_factory=stuck_engine)
+    thread = threading.Thread(target=service.run, name="serve-under-test")
+    thread.start()
+    try:
+        waiter(lambda: _http(port, "/readyz") == (503, {"status": "restoring", "restoring": [0, 1]}), 30,
+               "/readyz to report both partitions restoring")
+        restore_gate.set()
+        waiter(lambda: _http(port, "/readyz") == (200, {"status": "ready"}), 30, "/readyz once restored")
+        waiter(lambda: _http(port, "/healthz")[0] == 200, 10, "a live service")
+
+        kafka.send(topic, synthetic_messages(as_messages, 4, 5, "health"))
+        waiter(lambda: _http(port, "/healthz")[0] == 503, 30, "/healthz to fail while the worker is stuck")
+        status, body = _http(port, "/healthz")
+        assert status == 503 and body["stale"] == ["worker"] and body["heartbeat_age_seconds"]["worker"] > 1.0
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            assert resp.status == 200 and b"tidecast_consumer_records_total 20.0" in resp.read()
+        assert _http(port, "/readyz")[0] == 200  # stuck, but restored: readiness is not liveness
+
+        learn_gate.set()
+        waiter(lambda: _http(port, "/healthz")[0] == 200, 30, "/healthz once the worker moves again")
+        waiter(lambda: service.metrics.registry.get_sample_value("tidecast_observations_total") == 20, 30,
+               "every observation applied")
+    finally:
+        restore_gate.set()
+        learn_gate.set()
+        service.stop()
+        thread.join(15)
     assert not thread.is_alive()

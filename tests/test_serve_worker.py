@@ -1,8 +1,13 @@
-"""The serve worker's checkpoint, restore, skip and release logic, with an in-memory broker stand-in."""
+"""The serve worker's checkpoint, restore, skip and release logic, its sinks and its liveness, with an in-memory
+broker stand-in."""
 
 from __future__ import annotations
 
 import queue
+import threading
+import time
+import urllib.error
+import urllib.request
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -15,9 +20,13 @@ from tidecast.monitors.conformal import make_calibrator
 from tidecast.monitors.metrics import Metrics
 from tidecast.stream.config import EngineConfig
 from tidecast.stream.engine import Engine, Lane
+from tidecast.stream.health import HealthServer, Heartbeat, Readiness, liveness
+from tidecast.stream.kafka import OutputError
+from tidecast.stream.messages import AssignPartitions, FetchedRecords, PartitionRestored, ReleasePartitions
 from tidecast.stream.records import REASONS, Observation, encode, parse_timestamp
-from tidecast.stream.serve import ServeConfig, Worker, _Assign, _Release
+from tidecast.stream.serve import ServeConfig, build_worker
 from tidecast.stream.state import ChangelogStore, LocalStateStore
+from tidecast.stream.worker import Trainer, Worker
 
 CONFIG = EngineConfig(horizon=4, model_params={"seasonal-naive": {"period": 6}})
 TOPIC = "obs"
@@ -57,15 +66,15 @@ class MemoryChangelog(ChangelogStore):
         return len(log)
 
 
-def make_worker(tmp_path, producer, engine=None, state_dir="state") -> tuple[Worker, queue.Queue]:
+def make_worker(tmp_path, producer, engine=None, state_dir="state", **worker_kw) -> tuple[Worker, queue.Queue]:
     cfg = ServeConfig({"bootstrap_servers": "x:1", "topic": TOPIC, "checkpoint_records": 10**9,
                        "checkpoint_interval": 10**9, "state_dir": tmp_path / state_dir})
     results: queue.Queue = queue.Queue()
-    metrics = Metrics(reasons=REASONS)
+    metrics = engine.metrics if engine is not None else Metrics(reasons=REASONS)
     engine = engine or Engine.from_config(CONFIG, metrics)
-    worker = Worker(cfg, engine, metrics, producer, MemoryChangelog(cfg.changelog_topic, producer, lambda: None),
-                    LocalStateStore(cfg.state_dir, cfg.group_id, TOPIC), results,
-                    {cfg.forecast_topic: 2, cfg.dead_letter_topic: 2, cfg.changelog_topic: 2}, 2)
+    worker = build_worker(cfg, engine, metrics, producer, MemoryChangelog(cfg.changelog_topic, producer, lambda: None),
+                          LocalStateStore(cfg.state_dir, cfg.group_id, TOPIC), results,
+                          {cfg.forecast_topic: 2, cfg.dead_letter_topic: 2, cfg.changelog_topic: 2}, 2, **worker_kw)
     return worker, results
 
 
@@ -81,18 +90,16 @@ def records(partition: int, series: list[str], steps: range, offset0: int) -> li
 
 
 def feed(worker: Worker, partition: int, recs: list) -> None:
-    from tidecast.stream.serve import _Records
-
-    worker._apply([_Records(partition, worker.epochs.get(partition, 0), recs)])
+    worker.process([FetchedRecords(partition, worker.epochs.get(partition, 0), recs)])
 
 
 def assign(worker: Worker, results: queue.Queue, partitions: set[int]) -> dict[int, int | None]:
-    worker._restore(_Assign(partitions, partitions, {p: 0 for p in partitions}))
+    worker.handle(AssignPartitions(frozenset(partitions), frozenset(partitions), {p: 0 for p in partitions}))
     out = {}
     while not results.empty():
-        kind, p, position, _ = results.get()
-        assert kind == "restored"
-        out[p] = position
+        restored = results.get()
+        assert isinstance(restored, PartitionRestored)
+        out[restored.partition] = restored.position
     return out
 
 
@@ -111,7 +118,7 @@ def test_checkpoint_then_restore_elsewhere_continues_exactly_like_the_original(t
     p0, p1 = records(0, ["a", "b"], range(30), 0), records(1, ["c"], range(30), 0)
     feed(a, 0, p0[:40])
     feed(a, 1, p1[:20])
-    assert a.checkpoint([0, 1]) == {0: 40, 1: 20}
+    assert a.table.checkpoint([0, 1]) == {0: 40, 1: 20}
 
     b, b_results = make_worker(tmp_path, producer, state_dir="other-machine")  # no local state: changelog only
     assert assign(b, b_results, {0, 1}) == {0: 40, 1: 20}
@@ -133,7 +140,7 @@ def test_redelivered_records_are_skipped_and_misrouted_ones_dead_lettered(tmp_pa
     assign(a, a_results, {0, 1})
     p0 = records(0, ["a"], range(10), 0)
     feed(a, 0, p0)
-    a.checkpoint([0])
+    a.table.checkpoint([0])
     b, b_results = make_worker(tmp_path, producer)  # same state dir: a restart
     assign(b, b_results, {0, 1})
     feed(b, 0, p0[5:])  # re-delivered: already applied
@@ -178,8 +185,8 @@ def test_shared_state_is_written_when_it_changes_and_restored_into_a_fresh_engin
     assign(a, a_results, {0})
     recs = records(0, ["a", "b"], range(12), 0)
     feed(a, 0, recs)
-    a.checkpoint([0])
-    a.checkpoint([0])  # nothing changed: nothing written
+    a.table.checkpoint([0])
+    a.table.checkpoint([0])  # nothing changed: nothing written
     changelog = producer.log[(a.cfg.changelog_topic, 0)]
     assert [k for k, _ in changelog].count(b"\x00shared/seasonal-naive") == 1
     assert [k for k, _ in changelog] == [b"a", b"b", b"\x00shared/seasonal-naive", b"\x00checkpoint"]
@@ -196,14 +203,14 @@ def test_release_checkpoints_unless_abandoned_first(tmp_path):
     feed(a, 0, records(0, ["a"], range(5), 0))
     feed(a, 1, records(1, ["c"], range(5), 0))
 
-    release = _Release({0})
-    a._release(release)
-    assert release.done.is_set() and release.offsets == {0: 5} and 0 not in a.partitions and 0 in a.released
+    release = ReleasePartitions(frozenset({0}))
+    a.handle(release)
+    assert release.done.is_set() and release.offsets == {0: 5} and not a.table.owns(0) and 0 in a.table.released
 
-    late = _Release({1})
+    late = ReleasePartitions(frozenset({1}))
     assert late.abandon()  # the listener gave up before the worker got to it
-    a._release(late)
-    assert late.offsets == {} and 1 not in a.partitions
+    a.handle(late)
+    assert late.offsets == {} and not a.table.owns(1)
     assert producer.log[(a.cfg.changelog_topic, 1)] == []  # nothing written for a partition given away
 
 
@@ -215,5 +222,105 @@ def test_undecodable_records_advance_the_position_and_are_dead_lettered(tmp_path
     assign(a, a_results, {0})
     bad = SimpleNamespace(topic=TOPIC, partition=0, offset=0, key=b"a", value=value, timestamp=0, headers=[])
     feed(a, 0, [bad])
-    assert a.checkpoint([0]) == {0: 1}  # handled, so committed past it
+    assert a.table.checkpoint([0]) == {0: 1}  # handled, so committed past it
     assert producer.reasons() == [reason]
+
+
+def test_kafka_sinks_pin_co_partitioned_outputs_and_a_refusal_fails_the_flush(tmp_path):
+    producer = FakeProducer()
+    a, a_results = make_worker(tmp_path, producer)
+    assign(a, a_results, {0, 1})
+    feed(a, 1, records(1, ["c"], range(30), 0))
+    assert {p for (topic, p) in producer.log if topic == a.cfg.forecast_topic} == {1}  # the series' partition
+    stray = records(1, ["late"], range(1), 30)
+    stray[0].value = b"{"
+    feed(a, 1, stray)
+    assert {p for (topic, p) in producer.log if topic == a.cfg.dead_letter_topic} == {1}
+
+    a.forecasts._refused(RuntimeError("MessageSizeTooLarge"))  # what the producer's errback reports
+    with pytest.raises(OutputError, match="MessageSizeTooLarge"):
+        a.table.checkpoint([1])
+    assert producer.log[(a.cfg.changelog_topic, 1)] == []  # no state past outputs the broker refused
+    assert sample(a, "tidecast_output_errors_total") == 1
+
+
+class GatedNaive(SeasonalNaive):
+    """Seasonal naive whose learning (or deferred work) waits for a gate: a stuck stage, or a long fit."""
+
+    def __init__(self, learn_gate: threading.Event, fit_gate: threading.Event) -> None:
+        super().__init__(period=6)
+        self.learn_gate, self.fit_gate = learn_gate, fit_gate
+        self.maintenance_threads: set[int] = set()
+
+    def learn_many(self, rows, ticks, values):
+        assert self.learn_gate.wait(30)
+        super().learn_many(rows, ticks, values)
+
+    def maintenance(self, budget_seconds):
+        self.maintenance_threads.add(threading.get_ident())
+        self.fit_gate.wait(30)
+
+
+def gated_worker(tmp_path, learn_gate, fit_gate, **worker_kw) -> Worker:
+    model = GatedNaive(learn_gate, fit_gate)
+    engine = Engine(CONFIG, [Lane(model, make_calibrator(CONFIG.calibrator, 4, 0.1), 4, 0.1)], Metrics(reasons=REASONS))
+    worker, _ = make_worker(tmp_path, FakeProducer(), engine, heartbeat=Heartbeat(), **worker_kw)
+    worker.inbox.put(AssignPartitions(frozenset({0}), frozenset({0}), {0: 0}))
+    worker.start()
+    return worker
+
+
+def get(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_a_blocked_worker_fails_healthz_while_metrics_still_answer(tmp_path, waiter):
+    learn_gate, fit_gate = threading.Event(), threading.Event()
+    fit_gate.set()
+    worker = gated_worker(tmp_path, learn_gate, fit_gate)
+    server = HealthServer("127.0.0.1", 0, worker.metrics.registry, {"worker": worker.heartbeat}, Readiness(),
+                          limit_seconds=0.5).start()
+    try:
+        waiter(lambda: get(server.port, "/healthz") == 200, 10, "a live worker")
+        worker.inbox.put(FetchedRecords(0, 0, records(0, ["a"], range(3), 0)))
+        waiter(lambda: get(server.port, "/healthz") == 503, 10, "/healthz to fail while the worker is stuck")
+        assert get(server.port, "/metrics") == 200  # prometheus-style scrapes cannot tell
+        assert not liveness({"worker": worker.heartbeat}, 0.5)[0]
+        learn_gate.set()
+        waiter(lambda: get(server.port, "/healthz") == 200, 10, "/healthz to recover")
+        assert worker.processed == 3
+    finally:
+        learn_gate.set()
+        worker.stop()
+        worker.join(10)
+        server.stop()
+
+
+def test_a_long_fit_runs_on_the_trainer_and_never_stops_the_worker_heartbeat(tmp_path, waiter):
+    learn_gate, fit_gate = threading.Event(), threading.Event()
+    learn_gate.set()
+    trainer: Trainer | None = None
+    worker = gated_worker(tmp_path, learn_gate, fit_gate, after_batch=lambda: trainer and trainer.wake())
+    trainer = Trainer(worker.engine)
+    trainer.start()
+    model = worker.engine.lanes[0].model
+    try:
+        waiter(lambda: model.maintenance_threads, 10, "the fit to start")  # and it blocks until fit_gate
+        recs = records(0, ["a", "b"], range(40), 0)
+        for k in range(0, len(recs), 10):
+            worker.inbox.put(FetchedRecords(0, 0, recs[k:k + 10]))
+            time.sleep(0.1)
+            assert liveness({"worker": worker.heartbeat}, 1.0)[0], "the worker's heartbeat stopped during a fit"
+        waiter(lambda: worker.processed == len(recs), 10, "every record applied while the fit runs")
+        assert model.maintenance_threads == {trainer.ident}  # never on the worker thread
+        assert trainer.is_alive() and trainer.error is None
+    finally:
+        fit_gate.set()
+        trainer.stop()
+        worker.stop()
+        trainer.join(10)
+        worker.join(10)

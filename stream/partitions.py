@@ -1,0 +1,284 @@
+"""Partition state for ``serve``: which input partitions this member owns, which series live on each, and how
+their state is checkpointed, restored and handed over.
+
+Ownership
+---------
+A series lives on the input partition that first brought it (producers key by series id). An observation of it
+on another partition is refused as ``wrong_partition``; a re-delivered record at or below the offset its series
+had applied when restored is skipped.
+
+Checkpoint order
+----------------
+For the partitions that changed: (1) outputs durable (every sink's ``flush``); (2) the changelog group durable
+(changed series, changed shared model state, a marker with the partition's *position*); (3) the local snapshot
+durable; (4) the positions are returned as the offsets now safe to commit. The *position* is the next input
+offset: every record below it has been applied, skipped as a duplicate or dead-lettered.
+
+Restore
+-------
+The newest state per series from the local snapshot and the changelog written after it (:func:`merge`), imported
+into the engine; the partition then resumes at the restored position. A partition released in the same rebalance
+is kept in memory when nobody wrote to its changelog since.
+
+:class:`PartitionTable` does no Kafka I/O of its own: it is handed the engine, the changelog and local stores, and
+the output sinks, so it runs on fakes in tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from tidecast.monitors.metrics import Metrics
+from tidecast.stream.batch import ObservationBatch
+from tidecast.stream.engine import Engine
+from tidecast.stream.state import (
+    ChangelogStore,
+    ChangelogTail,
+    LocalStateStore,
+    SeriesRows,
+    SharedState,
+    Snapshot,
+    check_fingerprint,
+    config_fingerprint,
+    merge,
+    nonempty_shared,
+    shared_digest,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Durable(Protocol):
+    """The sinks' durability hook (:mod:`tidecast.stream.sinks`)."""
+
+    def flush(self) -> None: ...
+
+
+@dataclass
+class PartitionState:
+    """What this member knows about one owned input partition."""
+
+    partition: int
+    series: set[str] = field(default_factory=set)
+    dirty: set[str] = field(default_factory=set)
+    position: int | None = None  # next input offset; everything below is reflected in the state
+    checkpointed: int | None = None  # position of the last durable checkpoint
+    changelog_offset: int = 0  # changelog read or written up to here
+    shared_digests: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> bool:
+        return self.position is not None and (bool(self.dirty) or self.position != self.checkpointed)
+
+
+@dataclass
+class Screened:
+    """Which rows of a decoded batch to apply (:meth:`PartitionTable.screen`)."""
+
+    keep: np.ndarray  # row indices, in order
+    misrouted: list[tuple[int, int]]  # (row, the partition its series lives on)
+    skipped: int  # re-deliveries of records already applied
+    new_owners: dict[str, int]  # series seen for the first time -> their partition
+
+
+class PartitionTable:
+    """Owned partitions and their series; checkpoint, restore, release (see the module docstring)."""
+
+    def __init__(self, topic: str, engine: Engine, changelog: ChangelogStore, local: LocalStateStore,
+                 metrics: Metrics, outputs: Sequence[Durable] = ()) -> None:
+        self.topic = topic
+        self.engine = engine
+        self.changelog = changelog
+        self.local = local
+        self.metrics = metrics
+        self.outputs = outputs
+        self.owned: dict[int, PartitionState] = {}
+        self.released: dict[int, PartitionState] = {}  # checkpointed at revocation, still in engine memory
+        self._owner: dict[str, int] = {}  # series -> input partition holding its state
+        self._floors: dict[str, int] = {}  # series -> applied offset at restore (skip re-deliveries up to it)
+        self.fingerprint = config_fingerprint(engine.config.to_dict())
+
+    # -- ownership ------------------------------------------------------------------------------------------
+    def owns(self, partition: int) -> bool:
+        return partition in self.owned
+
+    def owner_of(self, series_id: str) -> int | None:
+        """The input partition holding the series' state, if this member has it."""
+        return self._owner.get(series_id)
+
+    def advance(self, ends: dict[int, int]) -> None:
+        """Positions move past every record handled, whatever became of it (applied, skipped, dead-lettered)."""
+        for partition, end in ends.items():
+            self.owned[partition].position = end
+
+    def screen(self, batch: ObservationBatch) -> Screened:
+        """Sort decoded observations into apply, wrong partition and already applied."""
+        keep, misrouted, skipped, new_owners = [], [], 0, {}
+        rows = zip(batch.series_ids.tolist(), batch.partitions.tolist(), batch.offsets.tolist(), strict=True)
+        for i, (sid, partition, offset) in enumerate(rows):
+            owner = self._owner.get(sid, new_owners.get(sid))
+            if owner is None:
+                new_owners[sid] = owner = partition
+            if owner != partition:
+                misrouted.append((i, owner))
+                continue
+            floor = self._floors.get(sid)
+            if floor is not None:
+                if offset <= floor:
+                    skipped += 1
+                    continue
+                del self._floors[sid]
+            keep.append(i)
+        return Screened(np.array(keep, np.int64), misrouted, skipped, new_owners)
+
+    def applied(self, batch: ObservationBatch, new_owners: dict[str, int], refused: set[str]) -> None:
+        """After the engine applied ``batch``: new series it accepted join their partition; every series in
+        ``batch`` (but the ``refused``) has changed."""
+        for sid, partition in new_owners.items():
+            if sid not in refused:
+                self._owner[sid] = partition
+                self.owned[partition].series.add(sid)
+        for sid in set(batch.series_ids.tolist()) - refused:
+            self.owned[self._owner[sid]].dirty.add(sid)
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def checkpoint(self, partitions: Iterable[int] | None = None) -> dict[int, int]:
+        """Outputs, then state durable for ``partitions`` (default: all owned); the offsets safe to commit."""
+        chosen = list(self.owned) if partitions is None else partitions
+        todo = [self.owned[p] for p in chosen if p in self.owned and self.owned[p].changed]
+        if not todo:
+            return {}
+        started = time.perf_counter()
+        for sink in self.outputs:
+            sink.flush()
+        shared = nonempty_shared(self.engine.export_shared())
+        digests = {name: shared_digest(*state) for name, state in shared.items()}
+        slots = {sid: i for i, sid in enumerate(self.engine.series_ids)}
+        exported = {st.partition: self._export(sorted(st.series), slots) for st in todo}
+        groups = []
+        for st in todo:
+            rows = exported[st.partition]
+            dirty = [i for i, sid in enumerate(rows.series_ids) if sid in st.dirty]
+            changed = {m: s for m, s in shared.items() if st.shared_digests.get(m) != digests[m]}
+            groups.append((st.partition, rows.take(dirty), changed, st.position))
+            self.metrics.checkpoint_series.inc(len(dirty))
+        next_offsets = self.changelog.write(groups, self.fingerprint)
+        for st in todo:
+            st.changelog_offset = next_offsets[st.partition]
+            self.local.save(Snapshot(self.topic, st.partition, st.position, st.changelog_offset, self.fingerprint,
+                                     exported[st.partition], shared, time.time()))
+            st.dirty.clear()
+            st.checkpointed = st.position
+            st.shared_digests = dict(digests)
+        self.metrics.checkpoint.observe(time.perf_counter() - started)
+        self.metrics.last_checkpoint.set(time.time())
+        return {st.partition: st.position for st in todo}
+
+    def _export(self, series_ids: list[str], slots: dict[str, int]) -> SeriesRows:
+        if not series_ids:
+            return SeriesRows([], {})
+        meta, arrays = self.engine.export_series(series_ids)
+        for item in meta:
+            item["slot"] = slots[item["series_id"]]
+        return SeriesRows(meta, arrays)
+
+    # -- handing partitions over ----------------------------------------------------------------------------
+    def release(self, partitions: Iterable[int]) -> dict[int, int]:
+        """Revoked: a final checkpoint; the state stays in memory in case the partitions come straight back.
+        Returns the offsets to commit."""
+        owned = [p for p in partitions if p in self.owned]
+        self.checkpoint(owned)
+        offsets = {}
+        for p in owned:
+            st = self.owned.pop(p)
+            if st.checkpointed is not None:
+                offsets[p] = st.checkpointed
+            self.released[p] = st
+            for sid in st.series:
+                self._owner.pop(sid, None)
+        return offsets
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        """Lost (or released and gone): drop the series; unsaved changes go with them, and whoever owns the
+        partition next restores from durable state."""
+        for p in partitions:
+            st = self.owned.pop(p, None) or self.released.pop(p, None)
+            if st is not None:
+                for sid in st.series:
+                    if self._owner.get(sid) == p:
+                        del self._owner[sid]
+                self.engine.drop_series(sorted(st.series))
+
+    def restore(self, partitions: Iterable[int], assignment: Iterable[int]) -> dict[int, int | None]:
+        """Take ``partitions`` (newly assigned; ``assignment`` is all this member now holds) with their state.
+
+        Returns each partition's restored position (``None``: no state, or already owned; the committed offset
+        rules).
+        """
+        partitions, assignment = set(partitions), set(assignment)
+        self.forget([p for p in self.released if p not in assignment])  # gone to another member: free its rows
+        already = {p for p in partitions if p in self.owned}
+        snapshots: dict[int, Snapshot | None] = {}
+        tails: dict[int, ChangelogTail] = {}
+        for p in sorted(partitions - already):
+            kept = self.released.pop(p, None)
+            if kept is not None and self.changelog.read(p, kept.changelog_offset).empty:
+                self._own(kept)  # nobody wrote since our own last checkpoint: memory is current
+                continue
+            snapshots[p], tails[p] = self._read(p)  # (a stale kept state is overwritten by the import)
+        self._import(snapshots)
+        for p, snap in snapshots.items():
+            self._own(self._state_of(p, snap, tails[p]))
+        return {p: self.owned[p].position if p in self.owned and p not in already else None
+                for p in sorted(partitions)}
+
+    def _read(self, p: int) -> tuple[Snapshot | None, ChangelogTail]:
+        local = self.local.load(p)
+        if local is not None:
+            check_fingerprint(local.config, self.fingerprint, str(self.local.path(p)))
+        tail = self.changelog.read(p, local.changelog_offset if local is not None else 0)
+        check_fingerprint(tail.config, self.fingerprint, f"changelog {self.changelog.topic}[{p}]")
+        return merge(local, tail, self.topic, p), tail
+
+    def _state_of(self, p: int, snap: Snapshot | None, tail: ChangelogTail) -> PartitionState:
+        st = PartitionState(p, changelog_offset=tail.end_offset)
+        if snap is not None:
+            st.series = set(snap.rows.series_ids)
+            st.position = st.checkpointed = snap.position
+            st.shared_digests = {m: shared_digest(*s) for m, s in snap.shared.items()}
+            for sid, (_part, offset) in snap.rows.applied_offsets().items():
+                if offset >= 0:
+                    self._floors[sid] = offset
+        return st
+
+    def _own(self, st: PartitionState) -> None:
+        self.owned[st.partition] = st
+        for sid in st.series:
+            self._owner[sid] = st.partition
+
+    def _import(self, snapshots: dict[int, Snapshot | None]) -> None:
+        found = [s for s in snapshots.values() if s is not None and len(s.rows)]
+        if not found:
+            return
+        rows = SeriesRows.concat([s.rows for s in found])
+        # Import in the exporter's slot order: a process restoring its own state gets the same rows back,
+        # which keeps any row-indexed shared state (e.g. a replay buffer) pointing at the right series.
+        rows = rows.take(np.argsort([m.get("slot", 0) for m in rows.meta], kind="stable"))
+        if not self.engine.series_ids:
+            shared = _newest_shared(found)
+            if shared:
+                self.engine.import_shared(shared)
+        self.engine.import_series([{"series_id": m["series_id"]} for m in rows.meta], rows.arrays)
+        self.metrics.restored_series.inc(len(rows))
+        log.info("restored %d series of partitions %s", len(rows), sorted(s.partition for s in found))
+
+
+def _newest_shared(snapshots: list[Snapshot]) -> SharedState:
+    newest = max(snapshots, key=lambda s: s.written_at)
+    return nonempty_shared(newest.shared)

@@ -1,0 +1,220 @@
+"""The worker thread of ``serve``: it owns the :class:`~tidecast.stream.engine.Engine` (which is not thread-safe).
+
+It reads like ``replay``: decode (:mod:`tidecast.stream.kafka_source`) -> screen by partition ownership ->
+``Engine.process`` -> sinks (forecasts, dead letters) -> checkpoint
+(:class:`~tidecast.stream.partitions.PartitionTable`).
+Commands from the poll thread and the rebalance listener (assign, release, abandon) arrive on the same queue as
+records, so they run in order with them. Model maintenance (fits, replay training) is not run here but on the
+trainer thread (:class:`Trainer`), so the worker's loop never waits for a fit and its heartbeat keeps ticking.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tidecast.monitors.metrics import Metrics
+from tidecast.stream.engine import Engine
+from tidecast.stream.health import Heartbeat
+from tidecast.stream.kafka_source import dead_letter, decode_records
+from tidecast.stream.messages import (
+    AbandonPartitions,
+    AssignPartitions,
+    CommitOffsets,
+    FetchedRecords,
+    PartitionRestored,
+    ReleasePartitions,
+    Stop,
+    WorkerCommand,
+)
+from tidecast.stream.partitions import PartitionTable
+from tidecast.stream.sinks import DeadLetterSink, ForecastSink
+
+log = logging.getLogger(__name__)
+
+
+class Worker(threading.Thread):
+    """Everything that touches the engine runs here, in queue order.
+
+    Reads ``cfg.batch_size``, ``cfg.max_record_bytes``, ``cfg.checkpoint_records`` and ``cfg.checkpoint_interval``.
+    ``epochs`` (partition -> epoch) is written by the poll thread and the rebalance listener: records fetched in an
+    older epoch are dropped.
+    """
+
+    def __init__(self, cfg: Any, engine: Engine, table: PartitionTable, forecasts: ForecastSink,
+                 dead_letters: DeadLetterSink, outbox: queue.Queue, metrics: Metrics,
+                 epochs: dict[int, int] | None = None, heartbeat: Heartbeat | None = None,
+                 after_batch: Callable[[], None] | None = None) -> None:
+        super().__init__(name="tidecast-worker", daemon=True)
+        self.cfg = cfg
+        self.engine = engine
+        self.table = table
+        self.forecasts = forecasts
+        self.dead_letters = dead_letters
+        self.outbox = outbox
+        self.metrics = metrics
+        self.epochs = epochs if epochs is not None else {}
+        self.heartbeat = heartbeat or Heartbeat()
+        self._after_batch = after_batch
+        self.inbox: queue.Queue = queue.Queue()
+        self.dequeued = 0  # records taken off the queue (the poll thread reads it)
+        self.processed = 0
+        self.error: BaseException | None = None
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+
+    # -- loop ------------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as err:  # the poll thread sees it and stops the service
+            log.exception("worker failed")
+            self.error = err
+
+    def stop(self) -> None:
+        self.inbox.put(Stop())
+
+    def _loop(self) -> None:
+        while True:
+            self.heartbeat.tick()
+            try:
+                message = self.inbox.get(timeout=0.1)
+            except queue.Empty:  # idle: checkpoint on schedule
+                self._maybe_checkpoint()
+                continue
+            if isinstance(message, FetchedRecords):
+                fetched, message = self._gather(message)
+                self.process(fetched)
+            if isinstance(message, Stop):
+                return
+            if message is not None:
+                self.handle(message)
+            self._maybe_checkpoint()
+
+    def _gather(self, first: FetchedRecords) -> tuple[list[FetchedRecords], Any]:
+        """``first`` plus queued records up to ``batch_size``; also returns a command taken off meanwhile."""
+        fetched, size = [first], len(first.records)
+        while size < self.cfg.batch_size:
+            try:
+                nxt = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if not isinstance(nxt, FetchedRecords):
+                return fetched, nxt
+            fetched.append(nxt)
+            size += len(nxt.records)
+        return fetched, None
+
+    # -- records: decode -> screen -> engine -> sinks -----------------------------------------------------------
+    def process(self, fetched: list[FetchedRecords]) -> None:
+        """Apply fetched records of owned partitions in the current epoch; others are stale and dropped."""
+        self.dequeued += sum(len(f.records) for f in fetched)
+        live = [f for f in fetched if self.table.owns(f.partition) and self.epochs.get(f.partition, 0) == f.epoch]
+        if not live:
+            return
+        decoded = decode_records((r for f in live for r in f.records), self.cfg.max_record_bytes)
+        self.table.advance(decoded.ends)
+        screened = self.table.screen(decoded.batch)
+        if screened.skipped:
+            self.metrics.consumer_skipped.inc(screened.skipped)
+        letters = decoded.letters + [
+            dead_letter(decoded.records[i], "wrong_partition",
+                        f"series {decoded.batch.series_ids[i]!r} lives on partition {owner}, "
+                        f"not {decoded.batch.partitions[i]}")
+            for i, owner in screened.misrouted]
+        for letter in sorted(letters, key=lambda d: d.position):
+            self.dead_letters.write(letter)
+            self.metrics.dead_letters.labels(reason=letter.reason).inc()
+        batch = decoded.batch.take(screened.keep)
+        if len(batch):
+            records = [decoded.records[i] for i in screened.keep.tolist()]
+            result = self.engine.process(batch)
+            refused = set()
+            for rej in result.rejections:  # the engine counted these in its metrics already
+                self.dead_letters.write(dead_letter(records[rej.index], rej.reason, rej.detail))
+                if rej.reason == "unknown_series":
+                    refused.add(batch.series_ids[rej.index])
+            self.table.applied(batch, screened.new_owners, refused)
+            self.forecasts.write(result.forecasts)
+        n = sum(len(f.records) for f in live)
+        self.processed += n
+        self._since_checkpoint += n
+        if self._after_batch is not None:
+            self._after_batch()
+
+    # -- commands -----------------------------------------------------------------------------------------------
+    def handle(self, command: WorkerCommand) -> None:
+        """Run one partition command (assign, release, abandon)."""
+        if isinstance(command, AssignPartitions):
+            positions = self.table.restore(command.partitions, command.assignment)
+            for p, position in positions.items():
+                self.outbox.put(PartitionRestored(p, position, command.epochs.get(p, 0)))
+        elif isinstance(command, ReleasePartitions):
+            self._release(command)
+        elif isinstance(command, AbandonPartitions):
+            self.table.forget(command.partitions)
+        else:
+            raise TypeError(f"unknown worker command {command!r}")
+
+    def _release(self, release: ReleasePartitions) -> None:
+        try:
+            if not release.start():  # the listener gave up: the partitions are someone else's already
+                self.table.forget(release.partitions)
+                return
+            release.offsets = self.table.release(release.partitions)
+        finally:
+            release.done.set()
+
+    def _maybe_checkpoint(self) -> None:
+        due_records = self._since_checkpoint >= self.cfg.checkpoint_records
+        due_time = time.monotonic() - self._last_checkpoint >= self.cfg.checkpoint_interval
+        if not (due_records or due_time):
+            return
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        offsets = self.table.checkpoint()
+        if offsets:
+            self.outbox.put(CommitOffsets(offsets, {p: self.epochs.get(p, 0) for p in offsets}))
+
+
+class Trainer(threading.Thread):
+    """Runs the engine's deferred model work (warm-start fits, replay training) off the worker thread.
+
+    ``Engine.maintenance`` only calls the models' thread-safe ``maintenance`` hooks (CycleNet switches to
+    deferred mode when called from a thread other than the one that learns). A call that used most of its budget
+    left work undone, so the next follows at once; otherwise the trainer waits for the worker's next batch or
+    ``idle_seconds``.
+    """
+
+    def __init__(self, engine: Engine, idle_seconds: float = 0.1) -> None:
+        super().__init__(name="tidecast-trainer", daemon=True)
+        self.engine = engine
+        self.idle_seconds = idle_seconds
+        self.error: BaseException | None = None
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+
+    def wake(self) -> None:
+        """New data was learned: deferred work may be due."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    def run(self) -> None:
+        budget = self.engine.config.maintenance_budget_seconds
+        try:
+            while not self._stopping.is_set():
+                started = time.perf_counter()
+                self.engine.maintenance(budget)
+                if time.perf_counter() - started < 0.5 * budget:
+                    self._wake.wait(self.idle_seconds)
+                    self._wake.clear()
+        except BaseException as err:  # the poll thread sees it and stops the service
+            log.exception("trainer failed")
+            self.error = err

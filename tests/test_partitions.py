@@ -1,0 +1,229 @@
+"""The partition table on its own: ownership, checkpoint order, restore, release, with in-memory stores."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tidecast.monitors.metrics import Metrics
+from tidecast.stream.batch import ObservationBatch
+from tidecast.stream.config import EngineConfig
+from tidecast.stream.engine import Engine
+from tidecast.stream.kafka import OutputError
+from tidecast.stream.partitions import PartitionTable
+from tidecast.stream.records import REASONS
+from tidecast.stream.state import (
+    MARKER_KEY,
+    SHARED_KEY_PREFIX,
+    IncompatibleState,
+    Snapshot,
+    TailReader,
+    marker_record,
+    series_record,
+    shared_record,
+)
+
+CONFIG = EngineConfig(horizon=4, model_params={"seasonal-naive": {"period": 6}})
+HOUR = 3_600_000_000_000
+
+
+class MemoryChangelog:
+    """A changelog topic in memory: the real record format, folded back by the real TailReader."""
+
+    topic = "changelog"
+
+    def __init__(self, journal: list) -> None:
+        self.log: dict[int, list[tuple[bytes, bytes]]] = defaultdict(list)
+        self.journal = journal
+        self.reads: list[tuple[int, int]] = []
+
+    def write(self, groups, config):
+        self.journal.append(("changelog", sorted(p for p, *_ in groups)))
+        ends = {}
+        for partition, rows, shared, position in groups:
+            log = self.log[partition]
+            log += [(sid.encode(), series_record(one.meta[0], one.arrays)) for sid, one in rows.rows()]
+            log += [((SHARED_KEY_PREFIX + m).encode(), shared_record(m, a, meta)) for m, (a, meta) in shared.items()]
+            log.append((MARKER_KEY.encode(), marker_record(position, config, len(rows))))
+            ends[partition] = len(log)
+        return ends
+
+    def read(self, partition, start):
+        self.reads.append((partition, start))
+        reader = TailReader(start)
+        log = self.log[partition]
+        for offset in range(start, len(log)):
+            reader.add(offset, *log[offset])
+        return reader.finish(len(log))
+
+
+class MemoryLocal:
+    """Local snapshots in memory, round-tripped through the blob format."""
+
+    def __init__(self, journal: list) -> None:
+        self.snapshots: dict[int, bytes] = {}
+        self.journal = journal
+
+    def save(self, snapshot: Snapshot) -> None:
+        self.journal.append(("local", snapshot.partition))
+        self.snapshots[snapshot.partition] = snapshot.to_blob()
+
+    def load(self, partition: int) -> Snapshot | None:
+        blob = self.snapshots.get(partition)
+        return Snapshot.from_blob(blob) if blob is not None else None
+
+    def path(self, partition: int) -> Path:
+        return Path(f"memory/partition-{partition}")
+
+
+class RecordingSink:
+    def __init__(self, journal: list, name: str) -> None:
+        self.journal, self.name = journal, name
+        self.failure: Exception | None = None
+
+    def flush(self) -> None:
+        self.journal.append(("flush", self.name))
+        if self.failure is not None:
+            raise self.failure
+
+
+def make_table(changelog: MemoryChangelog | None = None, local: MemoryLocal | None = None,
+               config: EngineConfig = CONFIG) -> tuple[PartitionTable, list]:
+    journal: list = changelog.journal if changelog is not None else []
+    metrics = Metrics(reasons=REASONS)
+    sinks = (RecordingSink(journal, "forecasts"), RecordingSink(journal, "dead letters"))
+    table = PartitionTable("obs", Engine.from_config(config, metrics), changelog or MemoryChangelog(journal),
+                           local or MemoryLocal(journal), metrics, sinks)
+    return table, journal
+
+
+def observations(partition: int, series: list[str], steps: range, offset0: int) -> ObservationBatch:
+    rows = [(s, k) for k in steps for s in series]
+    return ObservationBatch(np.array([s for s, _ in rows], dtype=object), np.array([k * HOUR for _, k in rows]),
+                            np.array([np.sin(k) + len(s) for s, k in rows]), np.full(len(rows), partition, np.int32),
+                            np.arange(offset0, offset0 + len(rows)))
+
+
+def apply(table: PartitionTable, batch: ObservationBatch):
+    """What the worker does between decoding and the sinks."""
+    for p in set(batch.partitions.tolist()):
+        table.advance({p: int(batch.offsets[batch.partitions == p].max()) + 1})
+    screened = table.screen(batch)
+    kept = batch.take(screened.keep)
+    if len(kept):
+        table.engine.process(kept)
+        table.applied(kept, screened.new_owners, set())
+    return screened
+
+
+def state(engine: Engine) -> dict[str, np.ndarray]:
+    return engine.export_series(sorted(engine.series_ids))[1]
+
+
+def restored_series(table: PartitionTable) -> float:
+    return table.metrics.registry.get_sample_value("tidecast_state_restored_series_total")
+
+
+def test_checkpoint_makes_outputs_then_changelog_then_local_state_durable_and_returns_the_positions():
+    table, journal = make_table()
+    assert table.restore({0, 1}, {0, 1}) == {0: None, 1: None}  # nothing saved: the committed offsets rule
+    apply(table, observations(0, ["a", "b"], range(10), 0))
+    apply(table, observations(1, ["c"], range(10), 0))
+    assert table.checkpoint() == {0: 20, 1: 10}
+    assert journal == [("flush", "forecasts"), ("flush", "dead letters"), ("changelog", [0, 1]),
+                       ("local", 0), ("local", 1)]
+    assert table.checkpoint() == {}  # nothing changed since: nothing flushed, nothing written
+    assert len(journal) == 5
+    apply(table, observations(1, ["c"], range(10, 12), 10))
+    assert table.checkpoint() == {1: 12} and journal[-1] == ("local", 1)
+
+
+def test_refused_outputs_stop_the_checkpoint_before_any_state_is_written():
+    table, journal = make_table()
+    table.restore({0}, {0})
+    apply(table, observations(0, ["a"], range(5), 0))
+    table.outputs[1].failure = OutputError("the broker refused a dead letter")
+    with pytest.raises(OutputError):
+        table.checkpoint()
+    assert [kind for kind, _ in journal] == ["flush", "flush"]
+    assert not any(table.changelog.log.values()) and not table.local.snapshots
+    table.outputs[1].failure = None
+    assert table.checkpoint() == {0: 5}  # nothing was marked saved: the next checkpoint writes it all
+
+
+def test_a_series_stays_on_its_first_partition_and_restored_records_are_skipped():
+    table, _ = make_table()
+    table.restore({0, 1}, {0, 1})
+    apply(table, observations(0, ["a"], range(6), 0))
+    stray = apply(table, observations(1, ["a", "c"], range(6, 7), 0))
+    assert stray.misrouted == [(0, 0)] and stray.keep.tolist() == [1] and table.owner_of("c") == 1
+    table.checkpoint()
+
+    again, _ = make_table(table.changelog, MemoryLocal([]))  # another machine: changelog only
+    assert again.restore({0}, {0}) == {0: 6}
+    redelivered = apply(again, observations(0, ["a"], range(3, 8), 3))  # offsets 3..7; a applied up to 5
+    assert redelivered.skipped == 3 and redelivered.keep.tolist() == [3, 4]
+    assert again.owner_of("a") == 0 and again.owner_of("c") is None  # c lives on partition 1, not restored
+
+
+def test_restore_merges_the_local_snapshot_with_the_changelog_written_after_it():
+    table, journal = make_table()
+    table.restore({0}, {0})
+    apply(table, observations(0, ["a", "b"], range(20), 0))
+    table.checkpoint()
+    local = MemoryLocal([])
+    local.snapshots = dict(table.local.snapshots)  # this machine saw the first checkpoint only
+    first_end = len(table.changelog.log[0])
+    apply(table, observations(0, ["a"], range(20, 30), 40))
+    table.checkpoint()
+
+    other, _ = make_table(table.changelog, local)
+    assert other.restore({0}, {0}) == {0: 50}
+    assert table.changelog.reads[-1] == (0, first_end)  # read on from where the snapshot left off
+    assert restored_series(other) == 2
+    for key, value in state(table.engine).items():
+        np.testing.assert_array_equal(state(other.engine)[key], value, err_msg=key)
+
+
+def test_a_released_partition_comes_back_from_memory_unless_another_member_wrote_since():
+    table, _ = make_table()
+    table.restore({0}, {0})
+    apply(table, observations(0, ["a"], range(8), 0))
+    assert table.release({0}) == {0: 8}
+    assert not table.owns(0) and 0 in table.released and table.owner_of("a") is None
+    assert table.restore({0}, {0}) == {0: 8} and restored_series(table) == 0  # straight back: memory is current
+
+    table.release({0})
+    other, _ = make_table(table.changelog, MemoryLocal([]))
+    other.restore({0}, {0})
+    apply(other, observations(0, ["a"], range(8, 12), 8))
+    other.checkpoint()
+    assert table.restore({0}, {0}) == {0: 12} and restored_series(table) == 1  # the newer state wins
+    for key, value in state(other.engine).items():
+        np.testing.assert_array_equal(state(table.engine)[key], value, err_msg=key)
+
+
+def test_released_partitions_given_to_another_member_and_lost_ones_are_dropped_without_writing():
+    table, journal = make_table()
+    table.restore({0, 1}, {0, 1})
+    apply(table, observations(0, ["a"], range(4), 0))
+    apply(table, observations(1, ["c"], range(4), 0))
+    table.release({0})
+    written = len(journal)
+    table.restore(set(), {1})  # the rebalance gave partition 0 to someone else
+    assert 0 not in table.released and table.engine.series_ids == ["c"]
+    table.forget({1})  # lost: unsaved changes go, whoever owns it next restores from durable state
+    assert table.engine.series_ids == [] and table.owner_of("c") is None and len(journal) == written
+
+
+def test_state_written_under_another_engine_configuration_is_refused():
+    table, _ = make_table()
+    table.restore({0}, {0})
+    apply(table, observations(0, ["a"], range(4), 0))
+    table.checkpoint()
+    other, _ = make_table(MemoryChangelog([]), table.local, EngineConfig(horizon=6))
+    with pytest.raises(IncompatibleState, match="horizon"):
+        other.restore({0}, {0})

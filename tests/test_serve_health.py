@@ -1,0 +1,72 @@
+"""The health server on its own: /healthz from heartbeats, /readyz from the restore state, /metrics beside them."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from tidecast.monitors.metrics import Metrics
+from tidecast.stream.health import HealthServer, Heartbeat, Readiness
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+@pytest.fixture
+def parts() -> Iterator[tuple[HealthServer, Clock, dict[str, Heartbeat], Readiness, Metrics]]:
+    clock = Clock()
+    beats = {"worker": Heartbeat(clock), "poll": Heartbeat(clock)}
+    readiness, metrics = Readiness(), Metrics()
+    server = HealthServer("127.0.0.1", 0, metrics.registry, beats, readiness, limit_seconds=60.0).start()
+    yield server, clock, beats, readiness, metrics
+    server.stop()
+
+
+def test_healthz_fails_with_the_age_of_a_stale_heartbeat_while_metrics_still_answer(parts):
+    server, clock, beats, _, metrics = parts
+    metrics.observations.inc(7)
+    status, body = get(server.port, "/healthz")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+
+    clock.now += 61.5
+    beats["poll"].tick()  # the poll loop goes on; the worker is stuck
+    status, body = get(server.port, "/healthz")
+    answer = json.loads(body)
+    assert status == 503 and answer["stale"] == ["worker"]
+    assert answer["heartbeat_age_seconds"] == {"worker": 61.5, "poll": 0.0} and answer["limit_seconds"] == 60.0
+    status, text = get(server.port, "/metrics")
+    assert status == 200 and "tidecast_observations_total 7.0" in text
+
+    beats["worker"].tick()
+    assert get(server.port, "/healthz")[0] == 200
+    assert get(server.port, "/nothing-here")[0] == 404
+
+
+def test_readyz_waits_for_the_start_and_then_for_every_assigned_partition(parts):
+    server, _, _, readiness, _ = parts
+    assert get(server.port, "/readyz") == (503, json.dumps({"status": "starting"}))
+    readiness.mark_started()
+    assert get(server.port, "/readyz")[0] == 200  # no partitions yet: nothing to wait for
+    readiness.begin_restore({1, 0})
+    assert get(server.port, "/readyz") == (503, json.dumps({"status": "restoring", "restoring": [0, 1]}))
+    readiness.end_restore(0)
+    assert json.loads(get(server.port, "/readyz")[1])["restoring"] == [1]
+    readiness.end_restore(1)
+    assert get(server.port, "/readyz") == (200, json.dumps({"status": "ready"}))
