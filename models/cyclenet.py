@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from tidecast.models.base import ArrayDict, BatchForecaster
-from tidecast.models.cyclenet_net import DEFAULT_LR, BatchFit, CycleNet, Windows
+from tidecast.models.cyclenet_net import DEFAULT_LR, BatchFit, CycleNet, Windows, make_adam
 from tidecast.models.cyclenet_net import build as build_net
 from tidecast.models.seasonality import detect_period
 
@@ -400,7 +400,7 @@ class CycleNetForecaster(BatchForecaster):
         cycle_lr = self.online_lr if self.online_cycle_lr is None else self.online_cycle_lr
         groups = [{"params": list(self._trainer.backbone.parameters()), "lr": self.online_lr},
                   {"params": [self._trainer.cycle_table], "lr": cycle_lr}]
-        self._opt = torch.optim.Adam(groups, fused=True)  # one kernel: a quarter of the per-step overhead
+        self._opt = make_adam(groups)  # fused where this torch has the kernel
         for p in self._trainer.parameters():  # explicit zero state, so export/import is uniform
             self._opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
                                   "exp_avg_sq": torch.zeros_like(p)}
