@@ -131,7 +131,6 @@ def _heldout_mse(std: np.ndarray, ticks: np.ndarray, cycle: int, n_warm: int) ->
     return evaluate(net, test)[0]
 
 
-@pytest.mark.slow
 def test_cyclenet_warm_start_on_upsampled_etth1_picks_the_day_and_forecasts_better_with_it():
     """A window where the ACF vote says 192: CycleNet now takes 96, and 96 forecasts the next 4000 steps better."""
     start, n_warm = 7500, 2000
