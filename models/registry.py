@@ -4,7 +4,7 @@
 name               model
 =================  =====================================================================================
 ``seasonal-naive`` :class:`tidecast.models.naive.SeasonalNaive` (vectorised)
-``holt-winters``   river ``HoltWinters`` (additive) per series, standardised, cycle detected
+``holt-winters``   river ``HoltWinters`` (additive, two-cycle start) per series, standardised, cycle detected
 ``snarimax``       river ``SNARIMAX`` per series, standardised, cycle detected
 ``cyclenet``       :mod:`tidecast.models.cyclenet` — RCF + linear/MLP backbone, one shared backbone (torch)
 =================  =====================================================================================
@@ -42,9 +42,11 @@ from tidecast.models.naive import SeasonalNaive
 def _holt_winters(period: int, alpha: float, beta: float, gamma: float):
     from river import time_series
 
+    from tidecast.models.holt_winters import AdditiveHoltWinters
+
     if period <= 1:  # no cycle: double exponential smoothing
         return time_series.HoltWinters(alpha=alpha, beta=beta)
-    return time_series.HoltWinters(alpha=alpha, beta=beta, gamma=gamma, seasonality=period)
+    return AdditiveHoltWinters(alpha=alpha, beta=beta, gamma=gamma, seasonality=period)
 
 
 def _snarimax(period: int, p: int, d: int, q: int, sp: int, sq: int, lr: float):
