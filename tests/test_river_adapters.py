@@ -182,7 +182,7 @@ def test_standardised_waits_for_its_river_model_beyond_a_short_warm_up():
 
 def test_engine_serves_a_plain_river_forecaster_through_its_warm_up():
     """Today's crash: the engine asks every lane for forecasts from the first observation on."""
-    config = EngineConfig(horizon=6, models=["hw"], freq="1h")
+    config = EngineConfig(horizon=6, models=["hw=holt-winters"], freq="1h")
     lane = Lane(PerSeries("hw", lambda: time_series.HoltWinters(alpha=0.3, beta=0.1, gamma=0.5, seasonality=24)),
                 make_calibrator("conformal-pid", 6, 0.1), 6, 0.1)
     engine = Engine(config, [lane])
