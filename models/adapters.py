@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from tidecast.models.base import ArrayDict, BatchForecaster, Forecaster
+from tidecast.models.base import ArrayDict, BatchForecaster, Forecaster, Params
 from tidecast.models.river_state import dump_state, load_state
 from tidecast.models.seasonality import detect_period
 
@@ -72,7 +72,7 @@ def is_ready(model: Any, n_learned: int, min_history: int | None = None) -> bool
     return n_learned >= max(needs)
 
 
-class Standardised:
+class Standardised(Params):
     """A river forecaster behind a warm-up window, cycle detection and a fixed standardisation.
 
     build: ``build(period) -> Forecaster`` makes the river model once the cycle length is known.
@@ -185,7 +185,9 @@ class PerSeries(BatchForecaster):
             model = self.models_[row] = self.factory()
         return model
 
-    def learn_many(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray) -> None:
+    def learn_many(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray,
+                   filled: np.ndarray | None = None) -> None:
+        # One-series forecasters assume a regular grid: interpolated values are learned like real ones.
         for row, y in zip(rows.tolist(), values.tolist(), strict=True):
             self._model(row).learn_one(y)
         self.n_learned_[rows] += 1

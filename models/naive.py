@@ -19,12 +19,17 @@ from __future__ import annotations
 import numpy as np
 
 from tidecast.models.base import ArrayDict, BatchForecaster
+from tidecast.models.rows import Column, Field, RowTable
 from tidecast.models.seasonality import detect_period
-from tidecast.monitors.conformal.base import grow
 
 
 class SeasonalNaive(BatchForecaster):
     name = "seasonal-naive"
+
+    buffer_ = Column("buffer")  # ring of the last buffer_len values, indexed by tick
+    count_ = Column("count")  # observations since the last reset
+    last_tick_ = Column("last_tick")
+    period_ = Column("period")  # 0 = not known yet
 
     def __init__(self, period: int | None = None, max_period: int = 200, detect_after: int | None = None) -> None:
         self.period = period
@@ -32,18 +37,19 @@ class SeasonalNaive(BatchForecaster):
         self.detect_after = detect_after if detect_after is not None else 2 * max_period + 2
         # The ring must hold one cycle to forecast and, while detecting, the detection window.
         self.buffer_len = period if period is not None else max(self.detect_after, max_period)
-        self.buffer_ = np.full((0, self.buffer_len), np.nan)
-        self.count_ = np.zeros(0, np.int64)  # observations since the last reset
-        self.last_tick_ = np.zeros(0, np.int64)
-        self.period_ = np.zeros(0, np.int64)  # 0 = not known yet
+        self.table_ = RowTable(
+            buffer=Field((self.buffer_len,), np.float64, np.nan),
+            count=Field((), np.int64, 0),
+            last_tick=Field((), np.int64, 0),
+            period=Field((), np.int64, period or 0),
+        )
 
     def resize(self, n_rows: int) -> None:
-        self.buffer_ = grow(self.buffer_, n_rows, np.nan)
-        self.count_ = grow(self.count_, n_rows, 0)
-        self.last_tick_ = grow(self.last_tick_, n_rows, 0)
-        self.period_ = grow(self.period_, n_rows, self.period or 0)
+        self.table_.resize(n_rows)
 
-    def learn_many(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray) -> None:
+    def learn_many(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray,
+                   filled: np.ndarray | None = None) -> None:
+        # A grid model: interpolated values keep the ring contiguous, so they are learned like real ones.
         self.buffer_[rows, ticks % self.buffer_len] = values
         self.last_tick_[rows] = ticks
         self.count_[rows] += 1
@@ -66,14 +72,11 @@ class SeasonalNaive(BatchForecaster):
         return np.where(ready, out, np.nan)
 
     def reset_rows(self, rows: np.ndarray) -> None:
-        self.buffer_[rows] = np.nan
-        self.count_[rows] = 0  # a known period is kept: the clock-based grid keeps it aligned
+        # A known period is kept: the clock-based grid keeps it aligned.
+        self.table_.blank(rows, ("buffer", "count"))
 
     def export_rows(self, rows: np.ndarray) -> ArrayDict:
-        return {"buffer": self.buffer_[rows].copy(), "count": self.count_[rows].copy(),
-                "last_tick": self.last_tick_[rows].copy(), "period": self.period_[rows].copy()}
+        return self.table_.export_rows(rows)
 
     def import_rows(self, rows: np.ndarray, state: ArrayDict) -> None:
-        self.resize(int(rows.max()) + 1 if len(rows) else 0)
-        self.buffer_[rows], self.count_[rows] = state["buffer"], state["count"]
-        self.last_tick_[rows], self.period_[rows] = state["last_tick"], state["period"]
+        self.table_.import_rows(rows, state)

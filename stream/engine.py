@@ -12,7 +12,8 @@ For each series, in timestamp order, every new observation ``y`` at tick ``t`` g
    to horizon h's calibrator and to the prequential scorer. Never earlier: that would leak the future.
 2. **learn** — the model sees ``y``.
 3. **forecast** — H steps ahead.
-4. **interval** — the calibrator puts ``[lower, upper]`` around each step.
+4. **interval** — the calibrator puts ``[lower, upper]`` around each step; both are ``NaN`` ("no interval yet")
+   while that (series, h) cell has no matured residual, never a zero-width interval claiming certainty.
 5. **monitor** — metrics are updated.
 6. **emit** — forecast records go back to the caller.
 
@@ -23,8 +24,9 @@ anchored to the epoch, so ``tick % W`` is a phase taken from the clock. Then:
 * a timestamp equal to the series' last one is a **duplicate**: skipped and counted;
 * an older one is **out of order**: rejected (dead letter);
 * a **gap** of up to ``max_gap`` missing ticks is filled by linear interpolation between the two real
-  neighbours — the filled ticks are learned (models need a contiguous grid) but never scored and never forecast
-  from; pending forecasts that targeted them are dropped. A longer gap resets the series' model history
+  neighbours — the filled ticks are learned (models need a contiguous grid; ``learn_many`` gets ``filled=True``
+  for them, so a model that handles irregular time may skip them) but never scored and never forecast from;
+  pending forecasts that targeted them are dropped. A longer gap resets the series' model history
   (learned parameters such as CycleNet's cycle row stay; phase comes from the clock, so they stay aligned).
 * timestamps off the grid snap to the nearest tick.
 
@@ -41,60 +43,16 @@ from typing import Any
 import numpy as np
 
 from tidecast.models.base import ArrayDict, BatchForecaster
+from tidecast.models.rows import grow
 from tidecast.monitors.conformal import Calibrator, make_calibrator
-from tidecast.monitors.conformal.base import grow
 from tidecast.monitors.metrics import Metrics
 from tidecast.monitors.scoring import PrequentialScorer
 from tidecast.stream.batch import ForecastBatch, ObservationBatch, Rejection
 from tidecast.stream.config import EngineConfig
+from tidecast.stream.pending import PendingForecasts
 from tidecast.stream.records import REASONS
 
 _NO_TICK = np.iinfo(np.int64).min
-
-
-class PendingForecasts:
-    """The last H forecasts of every row, indexed by origin tick modulo H, until they mature."""
-
-    def __init__(self, horizon: int) -> None:
-        self.horizon = horizon
-        self.hs_ = np.arange(1, horizon + 1)
-        self.origin_ = np.full((0, horizon), _NO_TICK, dtype=np.int64)
-        self.mean_ = np.full((0, horizon, horizon), np.nan)
-        self.lower_ = np.full((0, horizon, horizon), np.nan)
-        self.upper_ = np.full((0, horizon, horizon), np.nan)
-
-    def resize(self, n_rows: int) -> None:
-        self.origin_ = grow(self.origin_, n_rows, _NO_TICK)
-        self.mean_ = grow(self.mean_, n_rows, np.nan)
-        self.lower_ = grow(self.lower_, n_rows, np.nan)
-        self.upper_ = grow(self.upper_, n_rows, np.nan)
-
-    def store(self, rows: np.ndarray, origins: np.ndarray, mean: np.ndarray, lower: np.ndarray,
-              upper: np.ndarray) -> None:
-        ring = origins % self.horizon
-        self.origin_[rows, ring] = origins
-        self.mean_[rows, ring], self.lower_[rows, ring], self.upper_[rows, ring] = mean, lower, upper
-
-    def matured(self, rows: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Forecasts for tick ``targets`` issued h ticks earlier: (mean, lower, upper, valid), each (n, H)."""
-        origins = targets[:, None] - self.hs_[None, :]
-        ring = origins % self.horizon
-        r = rows[:, None]
-        step = self.hs_[None, :] - 1
-        mean = self.mean_[r, ring, step]
-        valid = (self.origin_[r, ring] == origins) & np.isfinite(mean)
-        return mean, self.lower_[r, ring, step], self.upper_[r, ring, step], valid
-
-    def invalidate(self, rows: np.ndarray) -> None:
-        self.origin_[rows] = _NO_TICK
-
-    def export_rows(self, rows: np.ndarray) -> ArrayDict:
-        return {"origin": self.origin_[rows].copy(), "mean": self.mean_[rows].copy(),
-                "lower": self.lower_[rows].copy(), "upper": self.upper_[rows].copy()}
-
-    def import_rows(self, rows: np.ndarray, state: ArrayDict) -> None:
-        self.origin_[rows], self.mean_[rows] = state["origin"], state["mean"]
-        self.lower_[rows], self.upper_[rows] = state["lower"], state["upper"]
 
 
 class Lane:
@@ -345,6 +303,7 @@ class Engine:
         y = values if all_real else values[real]
         t_ns = rnd["t_ns"] if all_real else rnd["t_ns"][real]
         reset_rows = rows[reset] if reset.any() else None
+        filled = ~real
         horizon = self.config.horizon
         for lane in self.lanes:
             if reset_rows is not None:
@@ -354,11 +313,11 @@ class Engine:
                 mean, lower, upper, valid = lane.pending.matured(r_rows, r_ticks)
                 lane.calibrator.update(r_rows, np.where(valid, y[:, None] - mean, 0.0), valid)
                 lane.scorer.update(r_rows, y, mean, lower, upper, valid)
-            lane.model.learn_many(rows, ticks, values)  # 2. learn (filled gap ticks included)
+            lane.model.learn_many(rows, ticks, values, filled=filled)  # 2. learn (filled gap ticks included)
             if not len(r_rows):
                 continue
             forecast = lane.model.forecast_many(r_rows, horizon)  # 3. forecast
-            lower, upper = lane.calibrator.interval(r_rows, forecast)  # 4. interval
+            lower, upper = lane.calibrator.interval(r_rows, forecast)  # 4. interval (NaN: none yet)
             lane.pending.store(r_rows, r_ticks, forecast, lower, upper)
             lane.scorer.issued(r_rows, np.isfinite(forecast))
             outputs.append((lane.name, r_rows, r_ticks, t_ns, forecast, lower, upper))
@@ -406,7 +365,8 @@ class Engine:
             coverage, width = lane.scorer.rolling_coverage_, lane.scorer.rolling_width_
             for h in np.flatnonzero(np.isfinite(coverage)).tolist():
                 m.coverage.labels(lane.name, str(h + 1)).set(coverage[h])
-                m.width.labels(lane.name, str(h + 1)).set(width[h])
+                if not np.isnan(width[h]):  # no step of this horizon has had an interval yet
+                    m.width.labels(lane.name, str(h + 1)).set(width[h])
 
     def maintenance(self, budget_seconds: float | None = None) -> None:
         """Give each model time for deferred work (fits, replay training); call between batches."""

@@ -44,17 +44,21 @@ def test_produce_then_serve_forecasts_every_observation_after_warmup(kafka, uniq
     times = pd.read_csv(ETTH1, nrows=rows)["date"]
     origins = {f"{t.replace(' ', 'T')}Z" for t in times.iloc[WARMUP:]}
     by_series = defaultdict(set)
+    no_interval = Counter()
     for msg in messages:
         by_series[msg["series_id"]].add(msg["issued_at"])
         assert msg["h"] == list(range(1, 25)) and msg["model"] == "seasonal-naive" and msg["alpha"] == 0.1
         issued = pd.Timestamp(msg["issued_at"])
         assert [pd.Timestamp(t) for t in msg["target_timestamp"]] == [issued + pd.Timedelta(hours=h)
                                                                       for h in msg["h"]]
-        lower, mean, upper = (np.array(msg[k], dtype=float) for k in ("lower", "mean", "upper"))
-        assert np.isfinite(lower).all() and np.isfinite(upper).all()
-        assert (lower <= upper).all() and np.isfinite(mean).all()  # (PID may shift both sides past the mean)
+        lower, mean, upper = (np.array(msg[k], dtype=float) for k in ("lower", "mean", "upper"))  # null -> NaN
+        none = np.isnan(lower)  # no interval yet: the calibrator had no h-step residual of this series
+        assert (none == np.isnan(upper)).all() and np.isfinite(lower[~none]).all() and np.isfinite(upper[~none]).all()
+        assert (lower[~none] <= upper[~none]).all() and np.isfinite(mean).all()  # (PID may shift both past the mean)
+        no_interval[msg["series_id"]] += int(none.sum())
     assert set(by_series) == {f"ETTh1/{c}" for c in ("HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT")}
     assert all(issued == origins for issued in by_series.values())
+    assert set(no_interval.values()) == {sum(range(1, 25))}  # step h of the first h origins of each series
 
     rc, elapsed = proc.terminate()
     assert rc == 0

@@ -163,8 +163,8 @@ class CountingNaive(SeasonalNaive):
         super().__init__(period=6)
         self.rounds = 0
 
-    def learn_many(self, rows, ticks, values):
-        super().learn_many(rows, ticks, values)
+    def learn_many(self, rows, ticks, values, filled=None):
+        super().learn_many(rows, ticks, values, filled)
         self.rounds += 1
 
     def export_shared(self):
