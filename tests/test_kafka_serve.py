@@ -233,7 +233,7 @@ def test_readyz_waits_for_the_restore_and_healthz_fails_while_the_worker_is_stuc
         engine = Engine.from_config(config, metrics)
         model = engine.lanes[0].model
         learn = model.learn_many
-        model.learn_many = lambda *args: (learn_gate.wait(60), learn(*args))[1]
+        model.learn_many = lambda *args, **kw: (learn_gate.wait(60), learn(*args, **kw))[1]
         return engine
 
     port = _free_port()
