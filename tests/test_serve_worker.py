@@ -252,9 +252,9 @@ class GatedNaive(SeasonalNaive):
         self.learn_gate, self.fit_gate = learn_gate, fit_gate
         self.maintenance_threads: set[int] = set()
 
-    def learn_many(self, rows, ticks, values):
+    def learn_many(self, rows, ticks, values, filled=None):
         assert self.learn_gate.wait(30)
-        super().learn_many(rows, ticks, values)
+        super().learn_many(rows, ticks, values, filled)
 
     def maintenance(self, budget_seconds):
         self.maintenance_threads.add(threading.get_ident())
