@@ -10,21 +10,32 @@ Formats
 ``auto`` picks jsonl for ``.jsonl``/``.ndjson``, long when the series column exists, wide otherwise.
 
 Rules (the same as for Kafka messages — every bad cell goes through :mod:`tidecast.stream.records`' parsers, so a replay
-and a live stream reject the same things for the same reasons):
+and a live stream reject the same things for the same reasons; nothing bad in one row costs another row):
 
-* A row whose time is missing or unparsable is dead-lettered whole (all its channels).
+* A CSV row is one line. A line that cannot be split into the header's cells — a field too many or too few, a
+  quote left open at the end of the line, a byte that is not UTF-8 — is dead-lettered (``malformed_row``, with its
+  line number) and reading goes on at the next line.
+* A row whose time is missing, unparsable or outside the supported range (:data:`~tidecast.stream.records.
+  TIMESTAMP_RANGE`) is dead-lettered whole (all its channels). Times are parsed cell by cell: a column whose cells
+  are mostly numbers is epoch seconds (an ISO-8601 cell in it is still read as ISO-8601); otherwise every cell is
+  ISO-8601. Naive timestamps are UTC.
 * A cell whose value is missing, non-numeric or non-finite is dead-lettered alone; the row's other channels
-  go on. Naive timestamps are UTC; a numeric time column is epoch seconds.
+  go on. A series id that breaks :func:`~tidecast.stream.records.parse_series_id`'s rules is ``bad_series_id``.
 * A row larger than the record size limit is dead-lettered (``oversized``).
+* A Parquet column of lists, structs or maps is a clear error before any work: one number per cell is read.
 * Rows are replayed in event-time order (a stable sort: ties keep file order), so a long file sorted by series
-  interleaves like the live stream it came from. Positions are ``(0, row)`` with ``row`` the 0-based data row.
+  interleaves like the live stream it came from. Positions are ``(0, row)`` with ``row`` the 0-based data row
+  (CSV: the line number minus the header's line number, minus one; JSON lines: the 0-based line).
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +43,17 @@ import numpy as np
 import pandas as pd
 
 from tidecast.stream.batch import ObservationBatch
-from tidecast.stream.records import DEFAULT_MAX_BYTES, InvalidRecord, decode, parse_timestamp, parse_value
+from tidecast.stream.records import (
+    DEFAULT_MAX_BYTES,
+    MAX_TIMESTAMP,
+    MIN_TIMESTAMP,
+    InvalidRecord,
+    decode,
+    parse_series_id,
+    parse_timestamp,
+    parse_value,
+    to_ns,
+)
 
 TIME_COLUMN_CANDIDATES = ("ds", "timestamp", "date", "datetime", "time")
 BUNDLED_SAMPLE = Path(__file__).parent / "data" / "nyc_taxi.csv"
@@ -90,11 +111,127 @@ class Replay:
             yield self.observations.take(np.arange(start, min(start + chunk_size, n)))
 
 
-def read_table(path: Path) -> pd.DataFrame:
+@dataclass
+class Table:
+    """A file's cells: ``frame`` (CSV: strings; Parquet: native types), the position of each of its rows, and the
+    rows that could not be read into cells at all."""
+
+    frame: pd.DataFrame
+    rows: np.ndarray  # int64, the position offset of each frame row
+    letters: list[DeadLetter] = field(default_factory=list)
+
+
+def read_table(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Table:
     """All cells as strings (CSV) or native types (Parquet); the raw form is kept for dead letters."""
     if path.suffix.lower() in (".parquet", ".pq"):
-        return pd.read_parquet(path)
-    return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+        frame = pd.read_parquet(path)
+        return Table(frame, np.arange(len(frame), dtype=np.int64))
+    return read_csv(path, max_bytes)
+
+
+def read_csv(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Table:
+    """A CSV file read line by line with :mod:`csv`; a line that does not split into the header's cells is a
+    ``malformed_row`` dead letter and the next line is read as if it had not been there."""
+    lines = path.read_bytes().splitlines(keepends=True)
+    source = str(path)
+    first = next((k for k, line in enumerate(lines) if line.strip()), None)
+    if first is None:
+        raise ValueError(f"{path} is empty: a CSV file needs a header line")
+    header = _header(path, lines[first], first)
+    letters: list[DeadLetter] = []
+    cells: list[list[str]] = []
+    rows: list[int] = []
+    for k, parsed, why in _csv_lines(lines, first + 1, max_bytes):
+        row = k - first - 1
+        if parsed is not None and len(parsed) == len(header):
+            cells.append(parsed)
+            rows.append(row)
+            continue
+        reason = "oversized" if why.startswith("row of") else "malformed_row"
+        if parsed is not None:
+            why = f"{len(parsed)} fields, the header has {len(header)}"
+        raw = lines[k][:1024].decode("utf-8", "replace").rstrip("\r\n")
+        letters.append(DeadLetter(reason, f"line {k + 1}: {why}", source, (0, row), raw))
+    frame = pd.DataFrame(cells, columns=header, dtype=object) if cells else pd.DataFrame(
+        {name: pd.Series([], dtype=object) for name in header})
+    return Table(frame, np.array(rows, np.int64), letters)
+
+
+def _header(path: Path, line: bytes, k: int) -> list[str]:
+    try:
+        text = line.decode("utf-8").removeprefix("\ufeff")
+        header = next(csv.reader([text], strict=True))
+    except (UnicodeDecodeError, csv.Error, StopIteration) as err:
+        raise ValueError(f"{path}: line {k + 1}, the header, cannot be read: {err}") from None
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{path}: line {k + 1}, the header, names columns {repeated} more than once")
+    return header
+
+
+class _Lines:
+    """Decoded lines from ``start`` on, for :func:`csv.reader`; stops before a line that is not UTF-8 or is
+    larger than ``max_bytes``, and counts what it handed out (so a row's lines are known)."""
+
+    def __init__(self, lines: list[bytes], start: int, max_bytes: int) -> None:
+        self.lines, self.next, self.max_bytes = lines, start, max_bytes
+        self.stopped_at: int | None = None
+        self.why = ""
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        if self.next >= len(self.lines):
+            raise StopIteration
+        raw = self.lines[self.next]
+        if len(raw) > self.max_bytes:
+            self.stopped_at, self.why = self.next, f"row of {len(raw)} bytes > limit {self.max_bytes}"
+            raise StopIteration
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            self.stopped_at = self.next
+            self.why = f"not UTF-8: byte 0x{raw[err.start]:02x} at column {err.start + 1}"
+            raise StopIteration from None
+        self.next += 1
+        return text
+
+
+_OPEN_QUOTE = "a quote is left open at the end of the line"
+
+
+def _csv_lines(lines: list[bytes], start: int, max_bytes: int) -> Iterator[tuple[int, list[str] | None, str]]:
+    """``(line index, cells, "")`` for every non-blank line, or ``(line index, None, why)`` for one that cannot be
+    read; a quote left open at the end of a line makes that line alone unreadable."""
+    at = start
+    while at < len(lines):
+        feed = _Lines(lines, at, max_bytes)
+        reader = csv.reader(feed, strict=True)
+        while True:
+            begin = feed.next
+            try:
+                parsed = next(reader, None)
+            except csv.Error as err:  # strict mode: a stray quote inside a field, or one open at the end
+                yield begin, None, _OPEN_QUOTE if "end of data" in str(err) else f"cannot split the line: {err}"
+                at = begin + 1
+                break
+            if parsed is None:  # the feed ended: at the end of the file or before a line it cannot hand out
+                if feed.stopped_at is not None and feed.stopped_at == begin:
+                    yield begin, None, feed.why
+                    at = begin + 1
+                elif feed.stopped_at is not None:  # a quote open on line `begin` ran into the bad line
+                    yield begin, None, _OPEN_QUOTE
+                    at = begin + 1
+                else:
+                    at = len(lines)
+                break
+            if feed.next - begin > 1:  # an open quote swallowed the next line(s): only its own line is bad
+                yield begin, None, _OPEN_QUOTE
+                at = begin + 1
+                break
+            if parsed:  # [] is a blank line
+                yield begin, parsed, ""
 
 
 def load_replay(spec: ReplaySpec) -> Replay:
@@ -102,9 +239,12 @@ def load_replay(spec: ReplaySpec) -> Replay:
     path = Path(spec.path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory: PATH is one CSV, Parquet or JSON-lines file")
     if spec.resolved_format() == "jsonl":
         return _load_jsonl(path, spec)
-    frame = read_table(path)
+    table = read_table(path, spec.max_bytes)
+    frame = table.frame
     fmt = spec.resolved_format(list(frame.columns))
     time_col = spec.time_column or _guess_time_column(frame)
     if time_col not in frame.columns:
@@ -113,27 +253,46 @@ def load_replay(spec: ReplaySpec) -> Replay:
         for col in (spec.series_column, spec.value_column):
             if col not in frame.columns:
                 raise ValueError(f"long format needs column {col!r}; columns are {list(frame.columns)}")
+        used = [time_col, spec.series_column, spec.value_column]
+    else:
+        used = [time_col, *(spec.columns or [c for c in frame.columns if c != time_col])]
+    _refuse_nested(path, used)
     source = str(path)
-    letters: list[DeadLetter] = []
+    letters = list(table.letters)
     sizes = _row_sizes(frame)
     oversized = sizes > spec.max_bytes
-    t_ns, bad_time = _parse_times(frame[time_col])
-    for row in np.flatnonzero(bad_time | oversized):
+    t_ns, time_errors = _parse_times(frame[time_col])
+    bad_time = np.zeros(len(frame), bool)
+    bad_time[list(time_errors)] = True
+    for row in np.flatnonzero(bad_time | oversized).tolist():
         raw = _raw_row(frame, row)
         if oversized[row]:
             err = InvalidRecord("oversized", f"row of {int(sizes[row])} bytes > {spec.max_bytes}")
         else:
-            err = _why(parse_timestamp, frame[time_col].iloc[row])
-        letters.append(DeadLetter(err.reason, err.detail, source, (0, int(row)), raw))
+            err = time_errors[row]
+        letters.append(DeadLetter(err.reason, err.detail, source, (0, int(table.rows[row])), raw))
     good_rows = ~(bad_time | oversized)
     if fmt == "long":
-        obs, more = _long(frame, spec, t_ns, good_rows, source)
+        obs, more = _long(table, spec, t_ns, good_rows, source)
     else:
-        obs, more = _wide(frame, spec, time_col, t_ns, good_rows, source, path)
+        obs, more = _wide(table, spec, time_col, t_ns, good_rows, source, path)
     letters.extend(more)
     order = np.argsort(obs.timestamps_ns, kind="stable")
     letters.sort(key=lambda d: d.position[1])
     return Replay(obs.take(order), letters, fmt)
+
+
+def _refuse_nested(path: Path, columns: list[str]) -> None:
+    """Parquet lists, structs and maps hold several values per cell: a schema mistake, said before any work."""
+    if path.suffix.lower() not in (".parquet", ".pq"):
+        return
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(path)
+    for name in columns:
+        if name in schema.names and schema.field(name).type.num_fields:
+            raise ValueError(f"{path}: column {name!r} holds {schema.field(name).type} values; tidecast reads one "
+                             "number or time per cell (wide: one column per channel; long: one row per observation)")
 
 
 def _guess_time_column(frame: pd.DataFrame) -> str:
@@ -155,22 +314,73 @@ def _row_sizes(frame: pd.DataFrame) -> np.ndarray:
     return sizes
 
 
-def _parse_times(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Epoch ns per row and a mask of rows whose time is missing or unparsable."""
+_MIN_US, _MAX_US = to_ns(MIN_TIMESTAMP) // 1000, to_ns(MAX_TIMESTAMP) // 1000
+_MIN_S, _MAX_S = _MIN_US / 1e6, _MAX_US / 1e6
+_NOT_A_TIME = np.iinfo(np.int64).min
+
+
+def _parse_times(column: pd.Series) -> tuple[np.ndarray, dict[int, InvalidRecord]]:
+    """Epoch ns per row and, for rows whose time cannot be used, the records module's verdict.
+
+    Vectorised where pandas can, cell by cell (:func:`tidecast.stream.records.parse_timestamp`) for whatever it
+    could not read, so one odd cell never decides for the rest of the column.
+    """
+    us = np.full(len(column), _NOT_A_TIME, np.int64)
+    epoch_column = False
     if pd.api.types.is_datetime64_any_dtype(column):
-        parsed = pd.to_datetime(column, utc=True)
-    elif pd.api.types.is_numeric_dtype(column):
-        parsed = pd.to_datetime(column, unit="s", utc=True, errors="coerce")
-    else:
-        text = column.astype(str).str.strip()
-        numeric = pd.to_numeric(text, errors="coerce")
-        if numeric.notna().all() and len(text):
-            parsed = pd.to_datetime(numeric, unit="s", utc=True, errors="coerce")
-        else:
-            parsed = pd.to_datetime(text.where(text != ""), utc=True, errors="coerce", format="ISO8601")
-    bad = parsed.isna().to_numpy()
-    ns = parsed.dt.tz_localize(None).astype("datetime64[ns]").to_numpy().view(np.int64)
-    return ns, bad
+        us = _datetimes_to_us(column)
+    elif pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
+        us = _epoch_to_us(column.to_numpy(dtype=float, na_value=np.nan))
+        epoch_column = True
+    elif len(column) and column.map(lambda v: isinstance(v, str)).all():
+        text = column.str.strip()
+        numbers = pd.to_numeric(text, errors="coerce").to_numpy(dtype=float)
+        is_number = np.isfinite(numbers)
+        epoch_column = 2 * int(is_number.sum()) > int((text != "").sum())  # mostly numbers: epoch seconds
+        if epoch_column:
+            us = np.where(is_number, _epoch_to_us(np.where(is_number, numbers, np.nan)), _NOT_A_TIME)
+        iso = (text != "") & ~(is_number if epoch_column else False)
+        if iso.any():
+            parsed = _datetimes_to_us(pd.to_datetime(text.where(iso), utc=True, errors="coerce", format="ISO8601"))
+            us = np.where(iso.to_numpy(), parsed, us)
+    bad = (us == _NOT_A_TIME) | (us < _MIN_US) | (us > _MAX_US)
+    errors: dict[int, InvalidRecord] = {}
+    values = column.to_numpy(dtype=object)
+    for row in np.flatnonzero(bad).tolist():
+        try:
+            us[row] = to_ns(_time_cell(values[row], epoch_column)) // 1000
+        except InvalidRecord as err:
+            errors[row] = err
+    return us * 1000, errors
+
+
+def _time_cell(raw: Any, epoch_column: bool) -> datetime:
+    """One cell by the records module's rules (a number is epoch seconds; text is ISO-8601, or a number in an
+    epoch-seconds column)."""
+    if isinstance(raw, np.generic):
+        raw = raw.item()
+    if raw is None or raw is pd.NaT or (isinstance(raw, float) and math.isnan(raw)):
+        return parse_timestamp(None)
+    if isinstance(raw, datetime):  # Parquet timestamps: naive is UTC
+        ts = raw.replace(tzinfo=UTC) if raw.tzinfo is None else raw.astimezone(UTC)
+        return parse_timestamp(ts.isoformat())
+    if isinstance(raw, str) and epoch_column:
+        try:
+            return parse_timestamp(float(raw))
+        except ValueError:
+            pass
+    return parse_timestamp(raw)
+
+
+def _epoch_to_us(seconds: np.ndarray) -> np.ndarray:
+    """Microseconds since the epoch, as :func:`datetime.fromtimestamp` rounds them; out of range -> not a time."""
+    ok = np.isfinite(seconds) & (seconds >= _MIN_S) & (seconds <= _MAX_S)
+    return np.where(ok, np.round(np.where(ok, seconds, 0.0) * 1e6), 0).astype(np.int64) * ok + _NOT_A_TIME * ~ok
+
+
+def _datetimes_to_us(column: pd.Series) -> np.ndarray:
+    naive = column.dt.tz_convert(None) if isinstance(column.dtype, pd.DatetimeTZDtype) else column
+    return naive.astype("datetime64[us]").to_numpy().view(np.int64)
 
 
 def _parse_values(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -192,21 +402,28 @@ def _why(parser: Any, raw: Any) -> InvalidRecord:
 
 
 def _raw_row(frame: pd.DataFrame, row: int) -> dict[str, Any]:
-    return {str(k): (v.item() if hasattr(v, "item") else v) for k, v in frame.iloc[row].to_dict().items()}
+    return {str(k): (v.item() if isinstance(v, np.generic) else v) for k, v in frame.iloc[row].to_dict().items()}
 
 
-def _value_letters(frame: pd.DataFrame, column: str, bad: np.ndarray, source: str,
-                   series_of: Any) -> list[DeadLetter]:
+def _value_letters(table: Table, column: str, bad: np.ndarray, source: str, series_of: Any) -> list[DeadLetter]:
     letters = []
+    frame = table.frame
     for row in np.flatnonzero(bad):
         err = _why(parse_value, frame[column].iloc[row])
         raw = _raw_row(frame, row)
-        letters.append(DeadLetter(err.reason, f"{series_of(row)}: {err.detail}", source, (0, int(row)), raw))
+        letters.append(DeadLetter(err.reason, f"{series_of(row)}: {err.detail}", source, (0, int(table.rows[row])),
+                                  raw))
     return letters
 
 
-def _wide(frame: pd.DataFrame, spec: ReplaySpec, time_col: str, t_ns: np.ndarray, good_rows: np.ndarray,
+def _id_letters(table: Table, err: InvalidRecord, bad: np.ndarray, source: str) -> list[DeadLetter]:
+    return [DeadLetter(err.reason, err.detail, source, (0, int(table.rows[row])), _raw_row(table.frame, row))
+            for row in np.flatnonzero(bad)]
+
+
+def _wide(table: Table, spec: ReplaySpec, time_col: str, t_ns: np.ndarray, good_rows: np.ndarray,
           source: str, path: Path) -> tuple[ObservationBatch, list[DeadLetter]]:
+    frame = table.frame
     name = spec.name or path.stem
     channels = spec.columns or [c for c in frame.columns if c != time_col]
     missing = [c for c in channels if c not in frame.columns]
@@ -215,36 +432,54 @@ def _wide(frame: pd.DataFrame, spec: ReplaySpec, time_col: str, t_ns: np.ndarray
     ids, times, values, rows, letters = [], [], [], [], []
     all_rows = np.arange(len(frame))
     for col in channels:
+        series_id = f"{name}/{col}"
+        try:
+            parse_series_id(series_id)
+        except InvalidRecord as err:  # a channel whose name makes no valid id: every cell of it is refused
+            letters.extend(_id_letters(table, err, good_rows, source))
+            continue
         vals, bad = _parse_values(frame[col])
         bad &= good_rows
-        letters.extend(_value_letters(frame, col, bad, source, lambda _r, c=col: f"{name}/{c}"))
+        letters.extend(_value_letters(table, col, bad, source, lambda _r, sid=series_id: sid))
         keep = good_rows & ~bad
-        ids.append(np.full(int(keep.sum()), f"{name}/{col}", dtype=object))
+        ids.append(np.full(int(keep.sum()), series_id, dtype=object))
         times.append(t_ns[keep])
         values.append(vals[keep])
         rows.append(all_rows[keep])
     # Interleave channels row by row (row-major), the order a live wide stream arrives in.
-    row_index = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    order = np.argsort(row_index, kind="stable")
-    obs = ObservationBatch(np.concatenate(ids)[order], np.concatenate(times)[order],
-                           np.concatenate(values)[order], None, row_index[order])
+    index = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    order = np.argsort(index, kind="stable")
+    obs = ObservationBatch(np.concatenate(ids)[order] if ids else np.zeros(0, object),
+                           np.concatenate(times)[order] if times else np.zeros(0, np.int64),
+                           np.concatenate(values)[order] if values else np.zeros(0), None,
+                           table.rows[index[order]])
     return obs, letters
 
 
-def _long(frame: pd.DataFrame, spec: ReplaySpec, t_ns: np.ndarray, good_rows: np.ndarray,
+def _long(table: Table, spec: ReplaySpec, t_ns: np.ndarray, good_rows: np.ndarray,
           source: str) -> tuple[ObservationBatch, list[DeadLetter]]:
-    series = frame[spec.series_column].astype(str).str.strip()
-    no_series = (series == "") | frame[spec.series_column].isna().to_numpy()
+    frame = table.frame
+    raw_ids = frame[spec.series_column]
+    series = raw_ids.astype(str).str.strip()
+    no_series = (series == "").to_numpy() | raw_ids.isna().to_numpy()
     letters = [
-        DeadLetter("missing_field", "series_id is missing", source, (0, int(row)), _raw_row(frame, row))
+        DeadLetter("missing_field", "series_id is missing", source, (0, int(table.rows[row])), _raw_row(frame, row))
         for row in np.flatnonzero(no_series & good_rows)
     ]
+    bad_id = np.zeros(len(frame), bool)
+    for sid in pd.unique(series[good_rows & ~no_series]):
+        try:
+            parse_series_id(sid)
+        except InvalidRecord as err:
+            these = (series == sid).to_numpy() & good_rows
+            bad_id |= these
+            letters.extend(_id_letters(table, err, these, source))
+    usable = good_rows & ~no_series & ~bad_id
     vals, bad = _parse_values(frame[spec.value_column])
-    bad &= good_rows & ~no_series
-    letters.extend(_value_letters(frame, spec.value_column, bad, source, lambda r: series.iloc[r]))
-    keep = good_rows & ~no_series & ~bad
-    rows = np.flatnonzero(keep)
-    obs = ObservationBatch(series.to_numpy(dtype=object)[keep], t_ns[keep], vals[keep], None, rows)
+    bad &= usable
+    letters.extend(_value_letters(table, spec.value_column, bad, source, lambda r: series.iloc[r]))
+    keep = usable & ~bad
+    obs = ObservationBatch(series.to_numpy(dtype=object)[keep], t_ns[keep], vals[keep], None, table.rows[keep])
     return obs, letters
 
 
