@@ -366,9 +366,10 @@ def _time_cell(raw: Any, epoch_column: bool) -> datetime:
         return parse_timestamp(ts.isoformat())
     if isinstance(raw, str) and epoch_column:
         try:
-            return parse_timestamp(float(raw))
-        except ValueError:
-            pass
+            seconds = float(raw)
+        except ValueError:  # text in an epoch column: ISO-8601 or nothing
+            return parse_timestamp(raw)
+        return parse_timestamp(seconds)
     return parse_timestamp(raw)
 
 
