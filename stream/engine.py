@@ -618,6 +618,9 @@ def _iso(t_ns: int) -> str:
 
 
 def _duration(ns: int) -> str:
-    import pandas as pd
-
-    return str(pd.Timedelta(ns, unit="ns"))
+    """``1h``, ``30min``, ``15s`` or ``n ns``: a step as ``--freq`` would spell it."""
+    for unit, size in (("d", 86_400 * 10**9), ("h", 3_600 * 10**9), ("min", 60 * 10**9), ("s", 10**9),
+                       ("ms", 10**6), ("us", 10**3)):
+        if ns % size == 0:
+            return f"{ns // size}{unit}"
+    return f"{ns}ns"
