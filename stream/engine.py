@@ -224,6 +224,7 @@ class Engine:
         self.metrics = metrics if metrics is not None else Metrics(reasons=REASONS)
         self._allowed = set(config.allowed_series) if config.allowed_series is not None else None
         self._step = config.step_ns
+        self._gap_limit = config.gap_limit
         self._slot_of: dict[str, int] = {}
         self._free: list[int] = []  # rows of dropped series, reused first
         self._ids = np.zeros(0, dtype=object)
@@ -322,6 +323,9 @@ class Engine:
         limit = self.config.max_abs_value
         too_big = out_of_range(batch.values, limit)
         check_range = bool(too_big.any())
+        step_a = self.series_["step_ns"]
+        kept: dict[int, int] = {}  # slot -> the last row its state now includes (applied or held)
+        placed: list[int] = []  # slot of every row applied now
         for i, (sid, t, v) in enumerate(zip(batch.series_ids, batch.timestamps_ns.tolist(),
                                             batch.values.tolist(), strict=True)):
             if check_range and too_big[i]:
@@ -334,28 +338,36 @@ class Engine:
                 if slot is None:
                     result.rejections.append(Rejection(i, "unknown_series", f"series {sid!r} not accepted"))
                     continue
-            if self.series_["step_ns"][slot] == 0:  # grid unknown: hold the row until the step is inferred
+                step_a = self.series_["step_ns"]  # _register may have grown the arrays
+            if step_a[slot] == 0:  # grid unknown: hold the row until the step is inferred
                 outcome = self._hold(slot, t, v)
                 if outcome is None:
-                    self._position(slot, batch, i)
+                    kept[slot] = i
                     if self.series_["hold_n"][slot] == STEP_WINDOW:
                         self._release(slot, events, rank, result)
                     continue
             else:
                 outcome = self._place(slot, t, v, events, rank, result)
                 if outcome is None:
-                    self._position(slot, batch, i)
-                    self._count_applied(slot, result)
+                    kept[slot] = i
+                    placed.append(slot)
                     continue
             if outcome == "duplicate":
                 self._duplicate(slot, result)
             elif outcome == "collision":
                 self._collision(slot, t, result)
             else:
-                last = int(self.series_["last_t"][slot]) if self.series_["step_ns"][slot] else int(
+                last = int(self.series_["last_t"][slot]) if step_a[slot] else int(
                     self.series_["hold_t"][slot, self.series_["hold_n"][slot] - 1])
                 result.rejections.append(Rejection(i, "out_of_order", f"{sid!r}: {_iso(t)} is older than the "
                                                                       f"series' last timestamp {_iso(last)}"))
+        s = self.series_
+        if placed:
+            np.add.at(s["n_applied"], np.array(placed, np.int64), 1)
+            result.n_applied += len(placed)
+        if kept:  # a restart resumes after the last row each series' state includes
+            slots, rows = np.array(list(kept), np.int64), np.array(list(kept.values()), np.int64)
+            s["applied_partition"][slots], s["applied_offset"][slots] = batch.partitions[rows], batch.offsets[rows]
         return events
 
     def _hold(self, slot: int, t: int, v: float) -> str | None:
@@ -402,7 +414,7 @@ class Engine:
                 return "duplicate"
             return "out_of_order" if t < last_t else "collision"
         gap = tick - last - 1 if last != _NO_TICK else 0
-        max_gap = self.config.gap_limit
+        max_gap = self._gap_limit
         reset = gap > max_gap
         result.n_resets += reset
         if 0 < gap <= max_gap:
@@ -422,12 +434,6 @@ class Engine:
         k = rank.get(slot, 0)
         rank[slot] = k + 1
         events.add(slot, tick, value, real, reset, t_ns, k)
-
-    def _position(self, slot: int, batch: ObservationBatch, i: int) -> None:
-        """The series' state now includes row ``i`` (applied or held): a restart resumes after it."""
-        s = self.series_
-        s["applied_partition"][slot] = batch.partitions[i]
-        s["applied_offset"][slot] = batch.offsets[i]
 
     def _count_applied(self, slot: int, result: EngineResult) -> None:
         self.series_["n_applied"][slot] += 1

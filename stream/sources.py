@@ -308,7 +308,7 @@ def _row_sizes(frame: pd.DataFrame) -> np.ndarray:
     sizes = np.zeros(len(frame), np.int64)
     for col in frame.columns:
         if frame[col].dtype == object or pd.api.types.is_string_dtype(frame[col]):
-            sizes += frame[col].astype(str).str.len().to_numpy()
+            sizes += frame[col].astype(str).str.len().fillna(0).to_numpy(dtype=np.int64)
         else:
             sizes += 16
     return sizes
@@ -332,8 +332,8 @@ def _parse_times(column: pd.Series) -> tuple[np.ndarray, dict[int, InvalidRecord
     elif pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
         us = _epoch_to_us(column.to_numpy(dtype=float, na_value=np.nan))
         epoch_column = True
-    elif len(column) and column.map(lambda v: isinstance(v, str)).all():
-        text = column.str.strip()
+    elif len(column) and column.map(lambda v: isinstance(v, str) or _missing(v)).all():
+        text = column.where(column.notna(), "").astype(str).str.strip()
         numbers = pd.to_numeric(text, errors="coerce").to_numpy(dtype=float)
         is_number = np.isfinite(numbers)
         epoch_column = 2 * int(is_number.sum()) > int((text != "").sum())  # mostly numbers: epoch seconds
@@ -354,12 +354,16 @@ def _parse_times(column: pd.Series) -> tuple[np.ndarray, dict[int, InvalidRecord
     return us * 1000, errors
 
 
+def _missing(value: Any) -> bool:
+    return value is None or value is pd.NaT or (isinstance(value, float) and math.isnan(value))
+
+
 def _time_cell(raw: Any, epoch_column: bool) -> datetime:
     """One cell by the records module's rules (a number is epoch seconds; text is ISO-8601, or a number in an
     epoch-seconds column)."""
     if isinstance(raw, np.generic):
         raw = raw.item()
-    if raw is None or raw is pd.NaT or (isinstance(raw, float) and math.isnan(raw)):
+    if _missing(raw):
         return parse_timestamp(None)
     if isinstance(raw, datetime):  # Parquet timestamps: naive is UTC
         ts = raw.replace(tzinfo=UTC) if raw.tzinfo is None else raw.astimezone(UTC)
@@ -403,7 +407,15 @@ def _why(parser: Any, raw: Any) -> InvalidRecord:
 
 
 def _raw_row(frame: pd.DataFrame, row: int) -> dict[str, Any]:
-    return {str(k): (v.item() if isinstance(v, np.generic) else v) for k, v in frame.iloc[row].to_dict().items()}
+    """A row's cells as JSON can hold them: missing cells null, non-finite numbers as text (``"inf"``)."""
+    return {str(k): _raw_cell(v) for k, v in frame.iloc[row].to_dict().items()}
+
+
+def _raw_cell(value: Any) -> Any:
+    value = value.item() if isinstance(value, np.generic) else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else repr(value)
+    return None if value is pd.NaT else value
 
 
 def _value_letters(table: Table, column: str, bad: np.ndarray, source: str, series_of: Any) -> list[DeadLetter]:

@@ -196,6 +196,27 @@ def test_malformed_csv_lines_are_dead_lettered_with_their_line_number_and_readin
     assert s["n_observations"] == 2 * 8  # the 8 good lines, two channels each
 
 
+def _strict(text: str) -> dict:
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_missing_parquet_cells_cost_only_their_rows_and_dead_letters_stay_strict_json(tmp_path):
+    path = tmp_path / "holes.parquet"
+    times = [f"2016-07-01T{k:02d}:00:00" for k in range(10)]
+    times[3] = None
+    values = np.arange(10.0)
+    values[6], values[8] = np.nan, np.inf
+    pd.DataFrame({"ds": times, "y": values}).to_parquet(path)
+    rc, s, _ = run(tmp_path, str(path), "--horizon", "2")
+    assert rc == 0
+    letters = [_strict(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
+    assert reasons(letters) == [(3, "missing_field"), (6, "missing_field"), (8, "non_finite_value")]
+    assert letters[2]["raw"]["y"] == "inf" and s["n_observations"] == 7
+
+
 def test_irregular_timestamps_get_a_robust_step_and_no_silent_duplicates(tmp_path):
     rng = np.random.default_rng(3)
     hours = np.delete(np.arange(501), 1).astype(float)  # hour 1 missing: the first gap is two steps
