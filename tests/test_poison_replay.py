@@ -217,6 +217,19 @@ def test_missing_parquet_cells_cost_only_their_rows_and_dead_letters_stay_strict
     assert letters[2]["raw"]["y"] == "inf" and s["n_observations"] == 7
 
 
+@pytest.mark.parametrize("odd", ["2016-07-01T05:00:00,5,15,extra", "2016-07-01T05:00:00,5", "", "   "])
+def test_one_odd_line_in_a_clean_csv_costs_at_most_that_line_and_positions_count_lines(tmp_path, odd):
+    lines = [f"2016-07-01T{k:02d}:00:00,{k},{10 + k}" for k in range(12)]
+    lines[5], lines[8] = odd, "junk,8,18"
+    path = tmp_path / "odd.csv"
+    path.write_text("date,a,b\n" + "\n".join(lines) + "\n")
+    rc, s, letters = run(tmp_path, str(path), "--horizon", "2")
+    assert rc == 0
+    expected = [(5, "malformed_row")] if odd.strip() else []  # a blank line is no row, but keeps its number
+    assert reasons(letters) == [*expected, (8, "bad_timestamp")]
+    assert s["n_observations"] == 2 * 10
+
+
 def test_irregular_timestamps_get_a_robust_step_and_no_silent_duplicates(tmp_path):
     rng = np.random.default_rng(3)
     hours = np.delete(np.arange(501), 1).astype(float)  # hour 1 missing: the first gap is two steps
