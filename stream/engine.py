@@ -178,7 +178,8 @@ def _upgrade_engine_arrays(arrays: ArrayDict, n_rows: int) -> ArrayDict:
     out["engine/hold_v"] = np.full((n_rows, STEP_WINDOW), np.nan)
     out["engine/hold_v"][:, 0] = arrays["engine/held_v"]
     last, step = np.asarray(arrays["engine/last_tick"]), np.asarray(arrays["engine/step_ns"])
-    out["engine/last_t"] = np.where(last != _NO_TICK, arrays["engine/anchor_ns"] + last * step, _NO_TICK)
+    known = last != _NO_TICK  # the grid time of the last tick stands in for its (unsaved) timestamp
+    out["engine/last_t"] = np.where(known, arrays["engine/anchor_ns"] + np.where(known, last, 0) * step, _NO_TICK)
     out["engine/n_collisions"] = np.zeros(n_rows, np.int64)
     return out
 

@@ -132,9 +132,11 @@ def read_table(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Table:
 
 
 def read_csv(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Table:
-    """A CSV file read line by line with :mod:`csv`; a line that does not split into the header's cells is a
-    ``malformed_row`` dead letter (``oversized`` if longer than ``max_bytes``) and the next line is read as if it
-    had not been there."""
+    """A CSV file, one row per line: a line that does not split into the header's cells is a ``malformed_row``
+    dead letter (``oversized`` if longer than ``max_bytes``) and the next line is read as if it had not been there.
+
+    A clean file goes through pandas' C reader; any other through :mod:`csv`, part by part between unreadable
+    lines, and line by line only where a quote runs past the end of a line."""
     data = path.read_bytes()
     lines = data.splitlines()  # \n, \r\n or \r; a row is one line
     source = str(path)
@@ -182,7 +184,8 @@ def _read_clean(data: bytes, lines: list[bytes], first: int, header: list[str], 
     non-empty line with the header's number of fields — so each line is one row, as the careful path reads it.
     ``None`` for any other file."""
     body = lines[first + 1:]
-    if b'"' in data or data.count(b"\r") != data.count(b"\r\n") or (body and max(map(len, body)) > max_bytes):
+    if b'"' in data or b"\0" in data or data.count(b"\r") != data.count(b"\r\n") or (
+            body and max(map(len, body)) > max_bytes):
         return None
     separators = len(header) - 1
     if any(line.count(b",") != separators for line in body if line):
