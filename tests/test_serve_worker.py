@@ -18,7 +18,7 @@ import pytest
 from tidecast.models.naive import SeasonalNaive
 from tidecast.monitors.conformal import make_calibrator
 from tidecast.monitors.metrics import Metrics
-from tidecast.stream.config import EngineConfig
+from tidecast.stream.config import STEP_WINDOW, EngineConfig
 from tidecast.stream.engine import Engine, Lane
 from tidecast.stream.health import HealthServer, Heartbeat, Readiness, liveness
 from tidecast.stream.kafka import OutputError
@@ -286,13 +286,14 @@ def test_a_blocked_worker_fails_healthz_while_metrics_still_answer(tmp_path, wai
                           limit_seconds=0.5).start()
     try:
         waiter(lambda: get(server.port, "/healthz") == 200, 10, "a live worker")
-        worker.inbox.put(FetchedRecords(0, 0, records(0, ["a"], range(3), 0)))
+        # more than STEP_WINDOW rows, so the series' step is inferred and the model learns (and blocks)
+        worker.inbox.put(FetchedRecords(0, 0, records(0, ["a"], range(STEP_WINDOW + 1), 0)))
         waiter(lambda: get(server.port, "/healthz") == 503, 10, "/healthz to fail while the worker is stuck")
         assert get(server.port, "/metrics") == 200  # prometheus-style scrapes cannot tell
         assert not liveness({"worker": worker.heartbeat}, 0.5)[0]
         learn_gate.set()
         waiter(lambda: get(server.port, "/healthz") == 200, 10, "/healthz to recover")
-        assert worker.processed == 3
+        assert worker.processed == STEP_WINDOW + 1
     finally:
         learn_gate.set()
         worker.stop()
