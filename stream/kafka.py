@@ -14,10 +14,14 @@ Messages
 
     {"series_id": "ETTh1/OT", "model": "seasonal-naive", "issued_at": "2016-07-01T00:00:00Z", "alpha": 0.1,
      "h": [1, 2, ...], "target_timestamp": ["2016-07-01T01:00:00Z", ...],
-     "mean": [...], "lower": [...], "upper": [...], "schema_version": 1}
+     "mean": [...], "lower": [...], "upper": [...],
+     "intervals": {"90": {"lower": [...], "upper": [...]}}, "schema_version": 2}
 
-  ``lower``/``upper`` hold ``null`` for an unbounded side (a calibrator may emit an infinite interval). A
-  consumer de-duplicates on ``(series_id, model, issued_at, h)``; a re-sent message (after a crash) is identical.
+  ``lower``/``upper`` are the first interval level's (``1 - alpha``), so readers of schema 1 keep working;
+  ``intervals`` holds every configured level (``--level 80,95``), keyed by its coverage in percent. Bounds hold
+  ``null`` for an unbounded side (a calibrator may emit an infinite interval) and where a step has no interval
+  yet. A consumer de-duplicates on ``(series_id, model, issued_at, h)``; a re-sent message (after a crash) is
+  identical.
 * dead letters (``--dead-letter-topic``): the original key and raw value bytes, unchanged, with the why and
   where in headers: ``tidecast.reason`` (one of :data:`tidecast.stream.records.REASONS`),
   ``tidecast.detail``, ``tidecast.source.topic``, ``tidecast.source.partition``, ``tidecast.source.offset``,
@@ -47,7 +51,8 @@ from tidecast.stream.sources import DeadLetter
 
 log = logging.getLogger(__name__)
 
-FORECAST_SCHEMA_VERSION = 1
+#: 2: the ``intervals`` field (every level) was added; everything of version 1 is unchanged.
+FORECAST_SCHEMA_VERSION = 2
 #: Settings passed through to both clients when given (flag, env or file).
 SECURITY_SETTINGS = ("security_protocol", "sasl_mechanism", "sasl_plain_username", "sasl_plain_password",
                      "sasl_kerberos_service_name", "sasl_kerberos_domain_name", "ssl_cafile", "ssl_certfile",
@@ -159,13 +164,17 @@ def forecast_messages(batch: ForecastBatch) -> Iterable[tuple[str, bytes]]:
     targets = iso_utc(batch.target_ns)
     h, mean = batch.h.tolist(), batch.mean.tolist()
     lower, upper = _bounded(batch.lower), _bounded(batch.upper)
+    lowers, uppers = batch.bounds()
+    levels = [(name, _bounded(lowers[:, j]), _bounded(uppers[:, j])) for j, name in enumerate(batch.level_names)]
     dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
     for i, (s, e) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
         series_id = str(sid[s])
         yield series_id, dumps({
             "series_id": series_id, "model": str(model[s]), "issued_at": issued_iso[i], "alpha": batch.alpha,
             "h": h[s:e], "target_timestamp": targets[s:e], "mean": mean[s:e], "lower": lower[s:e],
-            "upper": upper[s:e], "schema_version": FORECAST_SCHEMA_VERSION,
+            "upper": upper[s:e],
+            "intervals": {name: {"lower": lo[s:e], "upper": hi[s:e]} for name, lo, hi in levels},
+            "schema_version": FORECAST_SCHEMA_VERSION,
         }).encode()
 
 
