@@ -104,6 +104,8 @@ class EngineResult:
     elapsed_seconds: float = 0.0
     #: the real observations applied, on their grid (what the forecasts of those steps are scored against)
     actuals: ActualBatch = field(default_factory=ActualBatch.empty)
+    #: what monitors reported (drift alarms, retrain decisions): objects with ``to_dict()``
+    events: list[Any] = field(default_factory=list)
 
 
 # Per-series engine state: name -> (dtype, fill for an empty row); hold_t/hold_v have STEP_WINDOW columns.

@@ -1,8 +1,9 @@
 """``tidecast replay``: run a history file through the engine, as the live service would have.
 
 source (file) -> decode (:mod:`tidecast.stream.sources`) -> :class:`~tidecast.stream.engine.Engine` -> forecast sink,
-dead letters, metrics -> summary. Nothing here is specific to files except the source: the engine, the rules
-and the metrics are the ones ``serve`` uses.
+dead letters, metrics -> summary (and, with ``--report``, a :class:`~tidecast.stream.result.ReplayResult` written as
+an HTML report). Nothing here is specific to files except the source: the engine, the rules and the metrics are
+the ones ``serve`` uses. :func:`execute` is the loop shared with the Python API (:func:`tidecast.replay`).
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from rich.table import Table
 
 from tidecast.models.runtime import set_torch_threads
 from tidecast.monitors.metrics import Metrics
-from tidecast.stream.batch import ObservationBatch
+from tidecast.stream.batch import ForecastBatch, ObservationBatch
 from tidecast.stream.config import EngineConfig, port_number
 from tidecast.stream.engine import Engine, EngineResult
 from tidecast.stream.records import REASONS
+from tidecast.stream.result import ResultCollector
 from tidecast.stream.settings import at_least, check_declared, positive, setting
-from tidecast.stream.sinks import JsonlDeadLetters, forecast_sink_for
-from tidecast.stream.sources import DeadLetter, ReplaySpec, load_replay
+from tidecast.stream.sinks import ForecastSink, JsonlDeadLetters, forecast_sink_for
+from tidecast.stream.sources import DeadLetter, Replay, ReplaySpec, load_replay
 
 
 @dataclass(frozen=True)
@@ -35,9 +37,13 @@ class ReplayOptions:
     """Everything ``tidecast replay`` takes besides the engine configuration (the file comes in ``spec``)."""
 
     out: Path | None = setting(None, "forecast records, .parquet or .csv", group="output")
-    dead_letter: Path = setting(Path("tidecast-dead-letters.jsonl"), "rejected rows as JSON lines (created only if "
-                                "there are any)", group="output")
+    dead_letter: Path | None = setting(Path("tidecast-dead-letters.jsonl"), "rejected rows as JSON lines (created "
+                                       "only if there are any)", group="output")
     summary_json: Path | None = setting(None, "write the summary as JSON", group="output")
+    report: Path | None = setting(None, "write a self-contained HTML report (summary, coverage, plots of the worst "
+                                  "series, events, dead letters)", group="output")
+    report_series: list[str] | None = setting(None, "series the report plots besides those with the largest errors, "
+                                              "comma-separated", group="output", shown_default="none")
     progress: bool = setting(True, "progress bar", group="output")
     metrics_port: int | None = setting(None, "serve Prometheus /metrics on this port", group="service",
                                        check=port_number)
@@ -55,7 +61,8 @@ class ReplayOptions:
 
 
 def run_replay(config: EngineConfig, options: ReplayOptions, console: Console | None = None) -> dict[str, Any]:
-    """Replay a file end to end and return the summary (also printed and optionally written as JSON).
+    """Replay a file end to end and return the summary (also printed and optionally written as JSON, and with
+    ``options.report`` an HTML report).
 
     Everything a user can get wrong — outputs that would overwrite the input or cannot be written, model
     parameters, the metrics port — is checked before the first row is read.
@@ -67,35 +74,19 @@ def run_replay(config: EngineConfig, options: ReplayOptions, console: Console | 
     server = _serve_metrics(metrics, options.metrics_address, options.metrics_port, console)
     set_torch_threads(config.torch_threads)
     replay = load_replay(options.spec)
-    letters = JsonlDeadLetters(options.dead_letter)
-    sink = forecast_sink_for(options.out)
     source = str(options.spec.path)
-    started = time.perf_counter()
-    try:
-        for letter in replay.dead_letters:
-            _dead_letter(letters, metrics, letter)
-        batch_size = options.batch_size if options.rate is None else max(1, min(options.batch_size,
-                                                                                   int(options.rate / 20)))
-        with _progress(console, options.progress) as progress:
-            task = progress.add_task(f"replay {Path(source).name}", total=len(replay.observations))
-            for batch in replay.batches(batch_size):
-                result = engine.process(batch)
-                sink.write(result.forecasts)
-                for letter in _rejections(result, batch, source):
-                    letters.write(letter)  # the engine already counted them in its metrics
-                engine.maintenance()
-                progress.advance(task, len(batch))
-                _throttle(options.rate, started, progress.tasks[task].completed)
-        sink.write(engine.flush().forecasts)  # series still inferring their step at the end of the file
-    finally:
-        sink.close()
-        letters.close()
-    elapsed = time.perf_counter() - started
-    summary = _summary(engine, metrics, elapsed, letters.count, options)
+    if options.report_series:
+        _check_report_series(options.report_series, replay)
+    collector = ResultCollector(config) if options.report is not None else None
+    summary = execute(engine, replay, source, options, console, collector)
     print_summary(summary, console)
     if options.summary_json is not None:
         options.summary_json.parent.mkdir(parents=True, exist_ok=True)
         options.summary_json.write_text(json.dumps(summary, indent=2))
+    if collector is not None and options.report is not None:
+        result = collector.build(summary, source)
+        path = result.report(options.report, series=options.report_series or ())
+        console.print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
     if server is not None and options.linger_seconds > 0:
         console.print(f"serving /metrics on {_url(options)} for {options.linger_seconds:.0f} s more")
         time.sleep(options.linger_seconds)
@@ -104,9 +95,87 @@ def run_replay(config: EngineConfig, options: ReplayOptions, console: Console | 
     return summary
 
 
+def _check_report_series(wanted: list[str], replay: Replay) -> None:
+    """``ValueError`` before any work for a ``--report-series`` the file does not hold."""
+    known = set(replay.observations.series_ids.tolist())
+    for series_id in wanted:
+        if series_id not in known:
+            shown = ", ".join(sorted(known)[:10]) + (" ..." if len(known) > 10 else "")
+            raise ValueError(f"--report-series {series_id!r}: no such series in the input; series: {shown}")
+
+
+class _Tee:
+    """Writes every forecast batch to several sinks."""
+
+    def __init__(self, *sinks: ForecastSink) -> None:
+        self.sinks = sinks
+
+    def write(self, batch: ForecastBatch) -> None:
+        for sink in self.sinks:
+            sink.write(batch)
+
+    def flush(self) -> None:
+        for sink in self.sinks:
+            sink.flush()
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+def execute(engine: Engine, replay: Replay, source: str, options: ReplayOptions, console: Console,
+            collector: ResultCollector | None = None) -> dict[str, Any]:
+    """The replay loop: every batch through the engine, forecasts to ``options.out`` (and the collector), dead
+    letters to ``options.dead_letter`` (and the collector), model maintenance between batches; the summary."""
+    metrics = engine.metrics
+    letters = JsonlDeadLetters(options.dead_letter) if options.dead_letter is not None else None
+    sinks = [forecast_sink_for(options.out)] + ([collector] if collector is not None else [])
+    sink = _Tee(*sinks)
+    started = time.perf_counter()
+    n_letters = 0
+
+    def dead_letter(letter: DeadLetter) -> None:
+        nonlocal n_letters
+        n_letters += 1
+        if letters is not None:
+            letters.write(letter)
+        if collector is not None:
+            collector.letter(letter)
+
+    def forward(result: EngineResult) -> None:
+        sink.write(result.forecasts)
+        if collector is not None:
+            collector.observe(result)
+
+    try:
+        for letter in replay.dead_letters:
+            dead_letter(letter)
+            metrics.dead_letters.labels(reason=letter.reason).inc()
+        batch_size = options.batch_size if options.rate is None else max(1, min(options.batch_size,
+                                                                                   int(options.rate / 20)))
+        with _progress(console, options.progress) as progress:
+            task = progress.add_task(f"replay {Path(source).name}", total=len(replay.observations))
+            for batch in replay.batches(batch_size):
+                result = engine.process(batch)
+                forward(result)
+                for letter in _rejections(result, batch, source):
+                    dead_letter(letter)  # the engine already counted them in its metrics
+                engine.maintenance()
+                progress.advance(task, len(batch))
+                _throttle(options.rate, started, progress.tasks[task].completed)
+        forward(engine.flush())  # series still inferring their step at the end of the file
+    finally:
+        sink.close()
+        if letters is not None:
+            letters.close()
+    elapsed = time.perf_counter() - started
+    return _summary(engine, metrics, elapsed, options.dead_letter if letters is not None and letters.count else None)
+
+
 def check_outputs(options: ReplayOptions) -> None:
     """``ValueError`` for an output that is the input file, another output, or cannot be written."""
-    outputs = {"--out": options.out, "--dead-letter": options.dead_letter, "--summary-json": options.summary_json}
+    outputs = {"--out": options.out, "--dead-letter": options.dead_letter, "--summary-json": options.summary_json,
+               "--report": options.report}
     given = {flag: Path(path) for flag, path in outputs.items() if path is not None}
     source = Path(options.spec.path)
     for flag, path in given.items():
@@ -164,11 +233,6 @@ def _url(options: ReplayOptions) -> str:
     return f"http://{_host(options.metrics_address)}:{options.metrics_port}/metrics"
 
 
-def _dead_letter(sink: JsonlDeadLetters, metrics: Metrics, letter: DeadLetter) -> None:
-    sink.write(letter)
-    metrics.dead_letters.labels(reason=letter.reason).inc()
-
-
 def _rejections(result: EngineResult, batch: ObservationBatch, source: str) -> list[DeadLetter]:
     return [
         DeadLetter(rej.reason, rej.detail, source,
@@ -192,8 +256,7 @@ def _throttle(rate: float | None, started: float, done: float) -> None:
             time.sleep(ahead)
 
 
-def _summary(engine: Engine, metrics: Metrics, elapsed: float, n_letters: int,
-             options: ReplayOptions) -> dict[str, Any]:
+def _summary(engine: Engine, metrics: Metrics, elapsed: float, letter_file: Path | None) -> dict[str, Any]:
     summary = engine.summary()
     dead = {}
     for sample in metrics.dead_letters.collect()[0].samples:
@@ -202,7 +265,7 @@ def _summary(engine: Engine, metrics: Metrics, elapsed: float, n_letters: int,
     return {
         **summary,
         "dead_letters": dead,
-        "dead_letter_file": str(options.dead_letter) if n_letters else None,
+        "dead_letter_file": str(letter_file) if letter_file is not None else None,
         "elapsed_seconds": elapsed,
         "observations_per_second": summary["n_observations"] / elapsed if elapsed > 0 else None,
         "config": engine.config.to_dict(),
@@ -212,16 +275,22 @@ def _summary(engine: Engine, metrics: Metrics, elapsed: float, n_letters: int,
 def print_summary(summary: dict[str, Any], console: Console) -> None:
     """The end-of-run table: one row per model, side by side."""
     cfg = summary["config"]
-    table = Table(title=f"tidecast replay — H={cfg['horizon']}, target coverage {1 - cfg['alpha']:.0%}, "
+    levels = list(next(iter(summary["models"].values()))["levels"]) if summary["models"] else []
+    targets = ", ".join(f"{level} %" for level in levels)
+    table = Table(title=f"tidecast replay — H={cfg['horizon']}, target coverage {targets}, "
                         f"calibrator {cfg['calibrator']}")
-    for col in ("model", "forecasts", "MAE", "RMSE", "coverage", "mean width", "interval score"):
+    interval_columns = ("coverage", "mean width", "interval score")
+    if len(levels) > 1:  # one set of interval columns per level
+        interval_columns = tuple(f"{col} {level}" for level in levels for col in ("coverage", "width", "score"))
+    for col in ("model", "forecasts", "MAE", "RMSE", *interval_columns):
         table.add_column(col, justify="left" if col == "model" else "right")
     best = min((m["mae"] for m in summary["models"].values() if m["mae"] is not None), default=None)
     for name, m in summary["models"].items():
-        table.add_row(
-            name, f"{m['n_forecasts']:,}", _fmt(m["mae"], bold=m["mae"] == best), _fmt(m["rmse"]),
-            _fmt(m["coverage"], ".3f"), _fmt(m["mean_width"]), _fmt(m["interval_score"]),
-        )
+        cells = []
+        for level in levels:
+            lv = m["levels"][level]
+            cells += [_fmt(lv["coverage"], ".3f"), _fmt(lv["mean_width"]), _fmt(lv["interval_score"])]
+        table.add_row(name, f"{m['n_forecasts']:,}", _fmt(m["mae"], bold=m["mae"] == best), _fmt(m["rmse"]), *cells)
     console.print(table)
     dead = ", ".join(f"{k}={v}" for k, v in sorted(summary["dead_letters"].items())) or "none"
     console.print(
