@@ -15,13 +15,13 @@ Messages
     {"series_id": "ETTh1/OT", "model": "seasonal-naive", "issued_at": "2016-07-01T00:00:00Z", "alpha": 0.1,
      "h": [1, 2, ...], "target_timestamp": ["2016-07-01T01:00:00Z", ...],
      "mean": [...], "lower": [...], "upper": [...],
-     "intervals": {"90": {"lower": [...], "upper": [...]}}, "schema_version": 2}
+     "intervals": {"90": {"lower": [...], "upper": [...]}}, "has_interval": [true, ...], "schema_version": 2}
 
   ``lower``/``upper`` are the first interval level's (``1 - alpha``), so readers of schema 1 keep working;
-  ``intervals`` holds every configured level (``--level 80,95``), keyed by its coverage in percent. Bounds hold
-  ``null`` for an unbounded side (a calibrator may emit an infinite interval) and where a step has no interval
-  yet. A consumer de-duplicates on ``(series_id, model, issued_at, h)``; a re-sent message (after a crash) is
-  identical.
+  ``intervals`` holds every configured level (``--level 80,95``), keyed by its coverage in percent. A bound is
+  ``null`` where the step has no interval yet (its calibrator cell had no data: ``has_interval`` false, every
+  level) or where that side is unbounded (a calibrator may emit an infinite interval: ``has_interval`` true). A
+  consumer de-duplicates on ``(series_id, model, issued_at, h)``; a re-sent message (after a crash) is identical.
 * dead letters (``--dead-letter-topic``): the original key and raw value bytes, unchanged, with the why and
   where in headers: ``tidecast.reason`` (one of :data:`tidecast.stream.records.REASONS`),
   ``tidecast.detail``, ``tidecast.source.topic``, ``tidecast.source.partition``, ``tidecast.source.offset``,
@@ -51,7 +51,7 @@ from tidecast.stream.sources import DeadLetter
 
 log = logging.getLogger(__name__)
 
-#: 2: the ``intervals`` field (every level) was added; everything of version 1 is unchanged.
+#: 2: ``intervals`` (every level) and ``has_interval`` were added; everything of version 1 is unchanged.
 FORECAST_SCHEMA_VERSION = 2
 #: Settings passed through to both clients when given (flag, env or file).
 SECURITY_SETTINGS = ("security_protocol", "sasl_mechanism", "sasl_plain_username", "sasl_plain_password",
@@ -166,6 +166,7 @@ def forecast_messages(batch: ForecastBatch) -> Iterable[tuple[str, bytes]]:
     lower, upper = _bounded(batch.lower), _bounded(batch.upper)
     lowers, uppers = batch.bounds()
     levels = [(name, _bounded(lowers[:, j]), _bounded(uppers[:, j])) for j, name in enumerate(batch.level_names)]
+    has_interval = (~np.isnan(batch.lower) & ~np.isnan(batch.upper)).tolist()  # NaN: none yet; +-inf: unbounded
     dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
     for i, (s, e) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
         series_id = str(sid[s])
@@ -174,7 +175,7 @@ def forecast_messages(batch: ForecastBatch) -> Iterable[tuple[str, bytes]]:
             "h": h[s:e], "target_timestamp": targets[s:e], "mean": mean[s:e], "lower": lower[s:e],
             "upper": upper[s:e],
             "intervals": {name: {"lower": lo[s:e], "upper": hi[s:e]} for name, lo, hi in levels},
-            "schema_version": FORECAST_SCHEMA_VERSION,
+            "has_interval": has_interval[s:e], "schema_version": FORECAST_SCHEMA_VERSION,
         }).encode()
 
 

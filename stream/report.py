@@ -62,7 +62,9 @@ def _colors(models: list[str]) -> dict[str, str]:
 def draw_forecast(ax: Axes, result: ReplayResult, series_id: str, models: list[str], h: int,
                   window: tuple[pd.Timestamp, pd.Timestamp] | None = None, legend: bool = True) -> None:
     """On ``ax``: the series' actual values, each model's ``h``-step forecast with every level's band, outcomes
-    outside the widest band, and the series' events; optionally only inside ``window``."""
+    outside the widest band, and the series' events; optionally only inside ``window``. Over a whole series the
+    misses are a rug along the bottom (one row per model: clusters of failures stand out and the data stays
+    visible); inside a window they are red dots on the outcomes."""
     f = result.forecasts
     rows = f[(f["unique_id"] == series_id) & (f["h"] == h) & f["model"].isin(models)]
     actual = result.actuals[result.actuals["unique_id"] == series_id]
@@ -71,7 +73,7 @@ def draw_forecast(ax: Axes, result: ReplayResult, series_id: str, models: list[s
         actual = actual[(actual["ds"] >= window[0]) & (actual["ds"] <= window[1])]
     colors = _colors(result.models)
     widest = max(result.levels, key=float)
-    for model in models:
+    for row, model in enumerate(models):
         mine = rows[rows["model"] == model].sort_values("ds")
         if mine.empty:
             continue
@@ -83,8 +85,11 @@ def draw_forecast(ax: Axes, result: ReplayResult, series_id: str, models: list[s
         y, lo, hi = (mine[c].to_numpy() for c in ("y", f"lo-{widest}", f"hi-{widest}"))
         with np.errstate(invalid="ignore"):
             out = np.isfinite(y) & ~((lo <= y) & (y <= hi))
-        if out.any():
-            ax.scatter(ds[out], y[out], s=5, color="tab:red", zorder=3, label=f"outside {model} {widest} %")
+        if out.any() and window is None:
+            ax.plot(ds[out], np.full(int(out.sum()), 0.02 + 0.04 * row), "|", markersize=6, color=colors[model],
+                    transform=ax.get_xaxis_transform(), label=f"outside {model} {widest} % (rug)")
+        elif out.any():
+            ax.scatter(ds[out], y[out], s=8, color="tab:red", zorder=3, label=f"outside {model} {widest} %")
     ax.plot(actual["ds"].to_numpy(), actual["y"].to_numpy(), color="black", linewidth=0.6, label="actual")
     _draw_events(ax, result.events, series_id, models, window)
     ax.set_title(f"{series_id} — {', '.join(models)}, h = {h}", fontsize=10)
@@ -301,7 +306,7 @@ def render(result: ReplayResult, series: list[str] | None = None, top: int = 3) 
         "<h1>tidecast replay report</h1>", _run_section(result),
         "<h2>Summary per model</h2>",
         '<p class="note">Prequential: each forecast scored once, when its outcome arrived. MASE: error over the '
-        "series' in-sample seasonal-naive error so far (below 1 beats seasonal naive). sMAPE in percent. "
+        "series' one-step in-sample seasonal-naive error up to the forecast's origin. sMAPE in percent. "
         f"Coverage further than {COVERAGE_TOLERANCE} from its target in red; a step issued without an interval "
         "counts as a miss.</p>",
         _table(point), _table(interval_table(summary, result.levels)),
@@ -317,14 +322,15 @@ def render(result: ReplayResult, series: list[str] | None = None, top: int = 3) 
         f'<p class="note">{len(chosen)} series: '
         + (f"asked for: {html.escape(', '.join(series))}; " if series else "")
         + f"largest errors (mean MASE over models): {html.escape(', '.join(worst_series(result, top)))}. "
-          "Red dots: outcomes outside the widest band. Vertical lines: drift alarms (dashed) and retrain "
-          "promotions (solid).</p>",
+          "Outcomes outside the widest band: a rug along the bottom (whole series) or red dots (zoom). Vertical "
+          "lines: drift alarms (dashed) and retrain promotions (solid).</p>",
     ]
     for series_id in chosen:
         parts.append(f"<h3>{html.escape(series_id)}</h3>")
         parts.append(_figure(_series_figure(result, series_id), f"forecasts of {series_id}",
                              f"{series_id}: actual (black) and forecasts with bands at h = 1 and h = "
-                             f"{result.horizon}; bottom: the span around its largest h = 1 error."))
+                             f"{result.horizon}, outcomes outside the widest band as a rug along the bottom; "
+                             "last: the span around its largest h = 1 error, misses in red."))
     parts += ["<h2>Events</h2>", _counts(result.events, ["model", "detector", "kind"], "drift or retrain events"),
               "<h2>Dead letters</h2>", _counts(result.dead_letters, ["reason"], "dead letters"),
               "</body></html>"]
