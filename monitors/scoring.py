@@ -111,10 +111,11 @@ class PrequentialScorer:
             width = np.where(has, upper - lower, 0.0)
             penalty = (2.0 / self.alphas_) * (np.maximum(lower - y3, 0.0) + np.maximum(y3 - upper, 0.0))
             score = np.where(has, width + penalty, 0.0)
-        per_level = np.stack((covered, width, score), axis=-1)  # (n, H, L, 3)
-        per_level = np.moveaxis(per_level, 1, -1).reshape(len(rows), 3 * n_levels, self.horizon)
-        point = np.stack((mask, np.abs(err), err * err), axis=1)
-        self.sums_[rows, :-1] += np.concatenate((point, per_level), axis=1)
+        block = np.empty((len(rows), len(self.names_) - 1, self.horizon))  # every sum but "issued"
+        block[:, 0], block[:, 1], block[:, 2] = mask, np.abs(err), err * err
+        for k, stat in enumerate((covered, width, score)):  # level j's stat k lands in row 3 + 3j + k
+            block[:, 3 + k::3] = np.swapaxes(stat, 1, 2)
+        self.sums_[rows, :-1] += block
         missing = mask & ~has[..., 0]  # a calibrator cell gives every level or none
         if missing.any():
             self.no_interval_[rows] += missing
