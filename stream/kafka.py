@@ -7,7 +7,8 @@ Kafka-compatible brokers answer wrongly.
 
 Messages
 --------
-* input (``--topic``): key ``series_id`` (UTF-8), value one JSON observation (:mod:`tidecast.stream.records`).
+* input (``--topic``): key ``series_id`` (UTF-8), value one JSON observation (:mod:`tidecast.stream.records`), on
+  the series' home partition under ``--partitioner`` (:mod:`tidecast.stream.partitioner`).
 * forecasts (``--forecast-topic``): key ``series_id``, value one JSON object per (series, model, origin) holding
   all its steps as parallel arrays — one message instead of H keeps the per-message cost (the bottleneck of a
   Python Kafka client) H times lower::
@@ -19,7 +20,7 @@ Messages
   ``lower``/``upper`` hold ``null`` for an unbounded side (a calibrator may emit an infinite interval). A
   consumer de-duplicates on ``(series_id, model, issued_at, h)``; a re-sent message (after a crash) is identical.
 * dead letters (``--dead-letter-topic``): the original key and raw value bytes, unchanged, with the why and
-  where in headers: ``tidecast.reason`` (one of :data:`tidecast.stream.records.REASONS`),
+  where in headers: ``tidecast.reason`` (one of :data:`tidecast.stream.kafka_source.SERVE_REASONS`),
   ``tidecast.detail``, ``tidecast.source.topic``, ``tidecast.source.partition``, ``tidecast.source.offset``,
   ``tidecast.source.timestamp`` (ms) and, when the value was cut to ``dead_letter_max_bytes``,
   ``tidecast.raw.size`` (its original size). Fix and re-drive them by producing the value back to the input.
@@ -27,6 +28,9 @@ Messages
 Both outputs are sinks with the protocol of :mod:`tidecast.stream.sinks` (:class:`KafkaForecastSink`,
 :class:`KafkaDeadLetterSink`): ``write`` sends asynchronously, ``flush`` waits until the broker acknowledged
 everything sent and raises :class:`OutputError` if it refused anything.
+
+Reachability: :class:`BrokerLink` waits out an unreachable cluster (retriable errors) within an outage budget and
+raises :class:`BrokerUnavailable` past it; refusals (every other error) are never retried.
 """
 
 from __future__ import annotations

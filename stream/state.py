@@ -19,7 +19,9 @@ A blob whose magic, version or checksum is wrong raises :class:`CorruptState`.
 Local store
 -----------
 One file per partition, ``<root>/<group>/<topic>/partition-<P>.tcs``, holding a :class:`Snapshot` of all the
-partition's series. Written atomically: temporary file in the same directory, fsync, rename, fsync directory.
+partition's series. Written atomically: temporary file in the same directory, fsync, rename, fsync directory. A
+snapshot records its topic, partition and group, and one that names others is refused at load (the changelog is
+used instead).
 
 Changelog
 ---------
@@ -29,8 +31,10 @@ records: one per changed series (key ``series_id``), one per changed shared stat
 then a marker (key ``\\0checkpoint``) with the input position the group reflects. Restore reads the partition
 with last-value-wins per key — refined to "the state with the highest applied offset wins, the later on a tie"
 (:func:`newer`) — and keeps only groups closed by a marker, so a checkpoint interrupted half-way is ignored as a
-whole. Compaction (``cleanup.policy=compact``) keeps the topic small on real Kafka; nothing relies on
-it (the test broker never compacts) and no transactions are used.
+whole; a record that is no state blob is skipped with a warning naming its offset (:class:`TailReader`).
+Compaction (``cleanup.policy=compact``) keeps the topic small on real Kafka; nothing relies on it (the test broker
+never compacts) and no transactions are used. Series ids are written as keys with ``surrogatepass``, so that no id
+can make a checkpoint fail.
 """
 
 from __future__ import annotations

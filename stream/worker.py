@@ -13,7 +13,8 @@ record into a crash loop of the whole member. A series the failed batch touched 
 already changed, and is checkpointed as it is. Broker trouble is not data: a refused output
 (:class:`~tidecast.stream.kafka.OutputError`) or an outage longer than the budget
 (:class:`~tidecast.stream.kafka.BrokerUnavailable`) still stops the member.
-Commands from the poll thread and the rebalance listener (assign, release, abandon) arrive on the same queue as
+
+Commands from the poll thread and the rebalance listener (assign, release, abandon, rewind) arrive on the same queue as
 records, so they run in order with them. Model maintenance (fits, replay training) is not run here but on the
 trainer thread (:class:`Trainer`), so the worker's loop never waits for a fit and its heartbeat keeps ticking.
 """

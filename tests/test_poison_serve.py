@@ -620,3 +620,22 @@ def test_serve_survives_a_mixed_batch_of_every_poison_pill_and_a_restart(kafka, 
     for meta, _ in pills:
         ends[meta.partition] = max(ends[meta.partition], meta.offset + 1)
     assert all(committed[p] >= ends[p] for p in range(partitions))  # committed past every pill
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("partitioner", ["crc32", "fnv1a"])
+def test_produce_sends_each_series_to_its_home_partition_under_the_chosen_partitioner(kafka, unique, tmp_path,
+                                                                                     partitioner):
+    from tidecast.stream.cli import main
+
+    topic = unique(f"produce-{partitioner}")
+    series = [f"plant/{i}" for i in range(12)]
+    rows = [row for sid in series for row in hourly(sid, range(3))]
+    frame = pd.DataFrame(rows, columns=["unique_id", "ds", "y"])
+    path = tmp_path / "history.csv"
+    frame.to_csv(path, index=False)
+    assert main(["produce", str(path), "--bootstrap-servers", kafka.bootstrap, "--topic", topic, "--partitions", "4",
+                 "--partitioner", partitioner]) == 0
+    placed = {(r.key.decode(), r.partition) for r in kafka.read_all(topic, min_count=len(rows))}
+    assert placed == {(sid, home_partition(sid.encode(), 4, partitioner)) for sid in series}
+    assert placed != {(sid, home_partition(sid.encode(), 4, "murmur2")) for sid in series}  # the choice mattered
