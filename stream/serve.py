@@ -64,6 +64,7 @@ from tidecast.stream.kafka import (
     assignors,
     client_settings,
     ensure_topics,
+    is_unavailable,
     partition_count,
     producer_settings,
     warn_without_crc32c,
@@ -272,8 +273,8 @@ class Service:
                     self.fetcher.pause_all()
                     self.fetcher.drain()
                 self.consumer.close(timeout_ms=int(max(1.0, deadline - time.monotonic()) * 1000))
-            except Exception:
-                log.exception("closing the consumer")
+            except Exception as err:
+                _log_close_error("closing the consumer", err)
         if self.worker is not None:
             self.worker.stop()
             self.worker.join(timeout=max(0.5, deadline - time.monotonic()))
@@ -283,13 +284,33 @@ class Service:
         if self.probe is not None:
             self.probe.stop()
         if self.producer is not None:
-            try:
-                self.producer.close(timeout=max(0.5, deadline - time.monotonic()))
-            except Exception:
-                log.exception("closing the producer")
+            _close_producer(self.producer, max(0.5, deadline - time.monotonic()))
         if self.health is not None:
             self.health.stop()
         log.info("stopped")
+
+
+def _log_close_error(what: str, err: Exception) -> None:
+    if is_unavailable(err):  # the cluster is gone: one line, the outage was said already
+        log.warning("%s: %s", what, err)
+    else:
+        log.exception(what)
+
+
+def _close_producer(producer: Any, timeout: float) -> None:
+    """Close the producer; unacknowledged messages are dropped after ``timeout`` (nothing past them was committed).
+
+    kafka-python 3.0 raises from ``close`` when its flush times out, before it stops its sender thread, and its
+    ``__del__`` then tries again at exit (a traceback on stderr): stop the sender and mark the client closed.
+    """
+    try:
+        producer.close(timeout=timeout)
+    except Exception as err:
+        _log_close_error("closing the producer", err)
+        sender = getattr(producer, "_sender", None)
+        if sender is not None:
+            sender.force_close()
+        producer._closed = True
 
 
 def run_serve(config: ServeConfig) -> int:
