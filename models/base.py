@@ -16,16 +16,69 @@ anchor is fixed by the series' first timestamp modulo its step. Consecutive obse
 State is arrays + JSON: ``export_rows`` returns arrays whose first axis runs over the requested rows (so one series'
 state can be cut out and moved, e.g. to another consumer), ``export_shared`` returns what all rows share
 (a backbone's weights). Neither contains Python objects.
+
+Parameters are the constructor's (scikit-learn's rule, river's mechanism): ``__init__`` stores each argument under its
+own name, fitted state ends in ``_``, and :class:`Params` derives ``get_params`` from the signature, so a model
+or calibrator can be rebuilt (``clone``) and its settings saved as JSON without a hand-written list.
 """
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 import numpy as np
 
 ArrayDict = dict[str, np.ndarray]
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays, tuples -> Python scalars and lists, so parameters are JSON-able as they are."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
+
+
+class Params:
+    """``get_params`` and ``clone`` derived from the ``__init__`` signature.
+
+    Each named constructor argument is read back from the attribute of the same name (``*args``/``**kwargs`` are
+    not parameters), so the constructor must store its arguments as given - or as an equivalent value that
+    rebuilds the same object.
+
+    >>> class Smoother(Params):
+    ...     def __init__(self, alpha: float = 0.5, window: tuple = (1, 2)) -> None:
+    ...         self.alpha = alpha
+    ...         self.window = window
+    ...         self.level_ = 0.0
+    >>> Smoother(alpha=0.2).get_params()
+    {'alpha': 0.2, 'window': [1, 2]}
+    >>> Smoother(alpha=0.2).clone(window=(3,)).get_params()
+    {'alpha': 0.2, 'window': [3]}
+    """
+
+    def get_params(self) -> dict[str, Any]:
+        """Constructor parameters, in signature order (tuples and numpy values as lists and Python scalars)."""
+        params = {}
+        for name, parameter in inspect.signature(type(self).__init__).parameters.items():
+            if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                continue
+            try:
+                params[name] = _plain(getattr(self, name))
+            except AttributeError:
+                raise AttributeError(
+                    f"{type(self).__name__}.__init__ takes {name!r} but does not store it as self.{name}; "
+                    "store every constructor argument under its own name") from None
+        return params
+
+    def clone(self, **overrides: Any) -> Self:
+        """A new, unfitted object with the same parameters, except ``overrides``."""
+        return type(self)(**{**self.get_params(), **overrides})
 
 
 @runtime_checkable
@@ -37,14 +90,16 @@ class Forecaster(Protocol):
     def forecast(self, horizon: int, xs: list[dict] | None = None) -> list[float]: ...
 
 
-class BatchForecaster(ABC):
+class BatchForecaster(Params, ABC):
     """A table of forecasters over integer rows (one row per series).
 
     Contract the engine relies on:
 
-    * ``learn_many(rows, ticks, values)``: ``rows`` are unique within a call; for each row, ``ticks`` is the
-      row's next tick (strictly greater than the previous one it saw; the engine imputes short gaps itself, so a
-      jump only follows :meth:`reset_rows`). Values are finite floats.
+    * ``learn_many(rows, ticks, values, filled=None)``: ``rows`` are unique within a call; for each row,
+      ``ticks`` is the row's next tick (strictly greater than the previous one it saw; the engine imputes short
+      gaps itself, so a jump only follows :meth:`reset_rows`). Values are finite floats. ``filled`` (bool per
+      row, ``None`` = all real) marks values the engine interpolated into a short gap: grid models learn them
+      like any other; a model that handles irregular time itself may skip them.
     * ``forecast_many(rows, horizon)`` returns an ``(len(rows), horizon)`` float array: column ``h-1`` is the
       forecast for tick ``last_tick + h``. ``NaN`` means "not ready yet" (warm-up) and no interval is emitted.
     * ``maintenance(budget_seconds)`` does deferred heavy work (fitting, replay training) and must return within
@@ -59,8 +114,9 @@ class BatchForecaster(ABC):
         """Make room for at least ``n_rows`` rows; new rows start empty."""
 
     @abstractmethod
-    def learn_many(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray) -> None:
-        """Feed one new observation to each of ``rows``."""
+    def learn_many(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray,
+                   filled: np.ndarray | None = None) -> None:
+        """Feed one new observation to each of ``rows`` (``filled``: True where the value was interpolated)."""
 
     @abstractmethod
     def forecast_many(self, rows: np.ndarray, horizon: int) -> np.ndarray:

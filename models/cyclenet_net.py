@@ -36,9 +36,10 @@ True
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,32 @@ from torch import nn
 BACKBONES = ("linear", "mlp")
 #: The paper's learning rates at L=96 (ETT scripts of the official repository).
 DEFAULT_LR = {"linear": 0.01, "mlp": 0.005}
+
+
+@functools.cache
+def fused_adam_available(device: str = "cpu") -> bool:
+    """Whether this torch has a fused Adam kernel for ``device`` (for the CPU, torch >= 2.4).
+
+    Found out once, by building a fused Adam over one tensor and taking a step: an older torch refuses with a
+    ``RuntimeError`` ("`fused=True` requires all the params to be floating point Tensors of supported
+    devices"). The version number is not read: builds differ, and the kernel is what matters.
+    """
+    param = torch.zeros(1, device=device, requires_grad=True)
+    try:
+        optimizer = torch.optim.Adam([param], fused=True)
+        param.grad = torch.ones_like(param)
+        optimizer.step()
+    except RuntimeError:
+        return False
+    return True
+
+
+def make_adam(params: Iterable[Any], device: str = "cpu", **options: Any) -> torch.optim.Adam:
+    """``torch.optim.Adam``, fused (one kernel per step: a quarter of the per-step overhead on the CPU) where
+    :func:`fused_adam_available`, the default implementation otherwise (the same update, up to rounding)."""
+    if fused_adam_available(device):
+        options["fused"] = True
+    return torch.optim.Adam(params, **options)
 
 
 class CycleNet(nn.Module):

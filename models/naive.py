@@ -12,6 +12,10 @@ row per series, one gather per forecast call.
 ...     m.learn_many(np.array([0]), np.array([tick]), np.array([y]))
 >>> m.forecast_many(np.array([0]), 4).tolist()
 [[2.0, 3.0, 4.0, 2.0]]
+>>> SeasonalNaive(period=0)
+Traceback (most recent call last):
+...
+ValueError: period = 0: a whole number of ticks from 1 to 100000, or None to detect it
 """
 
 from __future__ import annotations
@@ -19,31 +23,60 @@ from __future__ import annotations
 import numpy as np
 
 from tidecast.models.base import ArrayDict, BatchForecaster
+from tidecast.models.rows import Column, Field, RowTable
 from tidecast.models.seasonality import detect_period
-from tidecast.monitors.conformal.base import grow
+
+#: Longest cycle, in ticks, a model keeps a ring buffer row for (8 bytes per tick and series): a week of minutes
+#: is 10,080; a bigger number is a mistake that would take gigabytes.
+MAX_PERIOD = 100_000
+
+
+def require(ok: bool, name: str, value: object, rule: str) -> None:
+    """``ValueError("name = value: rule")`` unless ``ok``: constructors check their parameters with it."""
+    if not ok:
+        raise ValueError(f"{name} = {value!r}: {rule}")
+
+
+def check_ticks(name: str, value: int | None, low: int = 1, optional: bool = False) -> None:
+    """A whole number of ticks in ``[low, MAX_PERIOD]`` (or ``None`` when ``optional``)."""
+    if optional and value is None:
+        return
+    ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= MAX_PERIOD
+    require(ok, name, value, f"a whole number of ticks from {low} to {MAX_PERIOD}"
+                             + (", or None to detect it" if optional and name == "period" else
+                                ", or None for the default" if optional else ""))
 
 
 class SeasonalNaive(BatchForecaster):
     name = "seasonal-naive"
 
+    buffer_ = Column("buffer")  # ring of the last buffer_len values, indexed by tick
+    count_ = Column("count")  # observations since the last reset
+    last_tick_ = Column("last_tick")
+    period_ = Column("period")  # 0 = not known yet
+
     def __init__(self, period: int | None = None, max_period: int = 200, detect_after: int | None = None) -> None:
+        check_ticks("period", period, optional=True)
+        check_ticks("max_period", max_period)
+        check_ticks("detect_after", detect_after, low=2, optional=True)
         self.period = period
         self.max_period = max_period
         self.detect_after = detect_after if detect_after is not None else 2 * max_period + 2
         # The ring must hold one cycle to forecast and, while detecting, the detection window.
         self.buffer_len = period if period is not None else max(self.detect_after, max_period)
-        self.buffer_ = np.full((0, self.buffer_len), np.nan)
-        self.count_ = np.zeros(0, np.int64)  # observations since the last reset
-        self.last_tick_ = np.zeros(0, np.int64)
-        self.period_ = np.zeros(0, np.int64)  # 0 = not known yet
+        self.table_ = RowTable(
+            buffer=Field((self.buffer_len,), np.float64, np.nan),
+            count=Field((), np.int64, 0),
+            last_tick=Field((), np.int64, 0),
+            period=Field((), np.int64, period or 0),
+        )
 
     def resize(self, n_rows: int) -> None:
-        self.buffer_ = grow(self.buffer_, n_rows, np.nan)
-        self.count_ = grow(self.count_, n_rows, 0)
-        self.last_tick_ = grow(self.last_tick_, n_rows, 0)
-        self.period_ = grow(self.period_, n_rows, self.period or 0)
+        self.table_.resize(n_rows)
 
-    def learn_many(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray) -> None:
+    def learn_many(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray,
+                   filled: np.ndarray | None = None) -> None:
+        # A grid model: interpolated values keep the ring contiguous, so they are learned like real ones.
         self.buffer_[rows, ticks % self.buffer_len] = values
         self.last_tick_[rows] = ticks
         self.count_[rows] += 1
@@ -66,14 +99,11 @@ class SeasonalNaive(BatchForecaster):
         return np.where(ready, out, np.nan)
 
     def reset_rows(self, rows: np.ndarray) -> None:
-        self.buffer_[rows] = np.nan
-        self.count_[rows] = 0  # a known period is kept: the clock-based grid keeps it aligned
+        # A known period is kept: the clock-based grid keeps it aligned.
+        self.table_.blank(rows, ("buffer", "count"))
 
     def export_rows(self, rows: np.ndarray) -> ArrayDict:
-        return {"buffer": self.buffer_[rows].copy(), "count": self.count_[rows].copy(),
-                "last_tick": self.last_tick_[rows].copy(), "period": self.period_[rows].copy()}
+        return self.table_.export_rows(rows)
 
     def import_rows(self, rows: np.ndarray, state: ArrayDict) -> None:
-        self.resize(int(rows.max()) + 1 if len(rows) else 0)
-        self.buffer_[rows], self.count_[rows] = state["buffer"], state["count"]
-        self.last_tick_[rows], self.period_[rows] = state["last_tick"], state["period"]
+        self.table_.import_rows(rows, state)

@@ -40,6 +40,9 @@ class Metrics:
         self.duplicates = Counter(
             "tidecast_duplicates", "Observations skipped because their series already had that timestamp.",
             registry=r)
+        self.snapped_collisions = Counter(
+            "tidecast_snapped_collisions", "Observations skipped because their timestamp, newer than their series' "
+            "last one, snapped onto the same grid tick (the grid is coarser than the data).", registry=r)
         self.gap_fills = Counter(
             "tidecast_gap_filled_ticks", "Missing grid steps filled by interpolation (learned, never scored).",
             registry=r)

@@ -9,6 +9,10 @@ The interval (Winkler) score of ``[l, u]`` at miscoverage ``alpha`` for outcome 
 ``(u - l) + (2/alpha) * (l - y) * 1{y < l} + (2/alpha) * (y - u) * 1{y > u}`` (Gneiting & Raftery 2007): lower is
 better, and it rewards narrow intervals only while they keep their coverage.
 
+A forecast step issued before its calibrator had data carries no interval (``NaN`` bounds). It still counts: as a
+miss in coverage (an interval that was not given did not cover), and in ``n_no_interval``; widths and interval
+scores are means over the steps that had one.
+
 >>> import numpy as np
 >>> s = PrequentialScorer(horizon=1, alpha=0.1)
 >>> s.resize(1)
@@ -17,13 +21,18 @@ better, and it rewards narrow intervals only while they keep their coverage.
 >>> summary = s.summary(np.array([0]))
 >>> summary["mae"], summary["coverage"], summary["mean_width"]
 (0.5, 1.0, 2.0)
+>>> s.update(np.array([0]), np.array([1.0]), np.array([[0.5]]), np.array([[np.nan]]), np.array([[np.nan]]),
+...          np.array([[True]]))
+>>> summary = s.summary(np.array([0]))
+>>> summary["n_scored"], summary["n_no_interval"], summary["coverage"], summary["mean_width"]
+(2, 1, 0.5, 2.0)
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from tidecast.monitors.conformal.base import ArrayDict, grow
+from tidecast.models.rows import ArrayDict, Column, Field, RowTable
 
 _SUMS = ("count", "abs_err", "sq_err", "covered", "width", "interval_score", "issued")
 
@@ -31,17 +40,21 @@ _SUMS = ("count", "abs_err", "sq_err", "covered", "width", "interval_score", "is
 class PrequentialScorer:
     """Per-(row, horizon) running sums plus run-wide rolling coverage and width per horizon."""
 
+    sums_ = Column("sums")  # (rows, statistic, horizon), statistics as in _SUMS
+    no_interval_ = Column("no_interval")  # (rows, horizon): scored steps that had no interval
+
     def __init__(self, horizon: int, alpha: float, window: int = 1000) -> None:
         self.horizon = horizon
         self.alpha = alpha
         self.window = window
-        self.sums_ = np.zeros((0, len(_SUMS), horizon))  # (rows, statistic, horizon), statistics as in _SUMS
+        self.table_ = RowTable(sums=Field((len(_SUMS), horizon), np.float64, 0.0),
+                               no_interval=Field((horizon,), np.float64, 0.0))
         # Rolling (exponentially weighted, ~``window`` scored forecasts) coverage and width per horizon.
         self.rolling_coverage_ = np.full(horizon, np.nan)
         self.rolling_width_ = np.full(horizon, np.nan)
 
     def resize(self, n_rows: int) -> None:
-        self.sums_ = grow(self.sums_, n_rows, 0.0)
+        self.table_.resize(n_rows)
 
     def update(
         self,
@@ -52,29 +65,35 @@ class PrequentialScorer:
         upper: np.ndarray,
         mask: np.ndarray,
     ) -> None:
-        """Score matured forecasts: ``y`` has shape (n,), the others (n, horizon); ``mask`` marks real cells."""
+        """Score matured forecasts: ``y`` has shape (n,), the others (n, horizon); ``mask`` marks real cells.
+        ``NaN`` bounds mean the step was issued without an interval."""
         if not mask.any():
             return
         yy = y[:, None]
         err = np.where(mask, yy - mean, 0.0)
-        covered = mask & (lower <= yy) & (yy <= upper)
-        with np.errstate(invalid="ignore"):  # unmatured cells hold NaN; they are masked out
-            width = np.where(mask, upper - lower, 0.0)
+        has = mask & ~np.isnan(lower) & ~np.isnan(upper)
+        covered = has & (lower <= yy) & (yy <= upper)
+        with np.errstate(invalid="ignore"):  # unmatured cells and steps without an interval hold NaN: masked
+            width = np.where(has, upper - lower, 0.0)
             penalty = (2.0 / self.alpha) * (np.maximum(lower - yy, 0.0) + np.maximum(yy - upper, 0.0))
-            score = np.where(mask, width + penalty, 0.0)
+            score = np.where(has, width + penalty, 0.0)
         self.sums_[rows, :-1] += np.stack((mask, np.abs(err), err * err, covered, width, score), axis=1)
-        self._roll(mask, covered, width)
+        missing = mask & ~has
+        if missing.any():
+            self.no_interval_[rows] += missing
+        self._roll(mask, has, covered, width)
 
-    def _roll(self, mask: np.ndarray, covered: np.ndarray, width: np.ndarray) -> None:
-        n = mask.sum(axis=0)
-        seen = n > 0
-        if not seen.any():
+    def _roll(self, mask: np.ndarray, has: np.ndarray, covered: np.ndarray, width: np.ndarray) -> None:
+        """Coverage over every scored step (no interval = a miss), width over the steps that had an interval."""
+        n, n_has = mask.sum(axis=0), has.sum(axis=0)
+        if not n.any():
             return
         with np.errstate(invalid="ignore", divide="ignore"):
             cov_now = covered.sum(axis=0) / n
-            width_now = width.sum(axis=0) / n
-        weight = 1.0 - (1.0 - 1.0 / self.window) ** n  # n updates of an EWMA with step 1/window
-        for rolling, now in ((self.rolling_coverage_, cov_now), (self.rolling_width_, width_now)):
+            width_now = width.sum(axis=0) / n_has
+        for rolling, now, count in ((self.rolling_coverage_, cov_now, n), (self.rolling_width_, width_now, n_has)):
+            seen = count > 0
+            weight = 1.0 - (1.0 - 1.0 / self.window) ** count  # count updates of an EWMA with step 1/window
             fresh = seen & np.isnan(rolling)
             rolling[fresh] = now[fresh]
             old = seen & ~fresh
@@ -88,34 +107,40 @@ class PrequentialScorer:
     def totals(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Per-horizon sums over ``rows`` (pass rows in a fixed order for reproducible floating point)."""
         sums = self.sums_[rows].sum(axis=0)
-        return {name: sums[i] for i, name in enumerate(_SUMS)}
+        return {**{name: sums[i] for i, name in enumerate(_SUMS)}, "no_interval": self.no_interval_[rows].sum(0)}
 
     def summary(self, rows: np.ndarray) -> dict:
-        """MAE, RMSE, coverage, mean width and interval score overall and by horizon."""
+        """MAE, RMSE, coverage, mean width and interval score overall and by horizon; ``None`` where undefined
+        (nothing scored, or no step with an interval), never ``NaN``."""
         t = self.totals(rows)
         by_horizon = {str(h + 1): _metrics({k: v[h] for k, v in t.items()}) for h in range(self.horizon)}
         return {**_metrics({k: v.sum() for k, v in t.items()}), "by_horizon": by_horizon}
 
     # -- state ------------------------------------------------------------------------------------
     def export_rows(self, rows: np.ndarray) -> ArrayDict:
-        return {"sums": self.sums_[rows].copy()}
+        return self.table_.export_rows(rows)
 
     def import_rows(self, rows: np.ndarray, state: ArrayDict) -> None:
-        self.resize(int(rows.max()) + 1 if len(rows) else 0)
-        self.sums_[rows] = state["sums"]
+        if "no_interval" not in state:  # saved before steps without an interval existed: there were none
+            state = {**state, "no_interval": np.zeros((len(rows), self.horizon))}
+        self.table_.import_rows(rows, state)
 
 
 def _metrics(t: dict[str, float]) -> dict:
     n = float(t["count"])
-    if n == 0:
-        return {"n_forecasts": int(t["issued"]), "n_scored": 0, "mae": None, "rmse": None, "coverage": None,
-                "mean_width": None, "interval_score": None}
+    n_no_interval = int(t["no_interval"])
+    n_with = n - n_no_interval
+
+    def mean(total: float, count: float) -> float | None:
+        return float(total / count) if count > 0 else None
+
     return {
         "n_forecasts": int(t["issued"]),
         "n_scored": int(n),
-        "mae": float(t["abs_err"] / n),
-        "rmse": float(np.sqrt(t["sq_err"] / n)),
-        "coverage": float(t["covered"] / n),
-        "mean_width": float(t["width"] / n),
-        "interval_score": float(t["interval_score"] / n),
+        "n_no_interval": n_no_interval,
+        "mae": mean(t["abs_err"], n),
+        "rmse": float(np.sqrt(t["sq_err"] / n)) if n > 0 else None,
+        "coverage": mean(t["covered"], n),
+        "mean_width": mean(t["width"], n_with),
+        "interval_score": mean(t["interval_score"], n_with),
     }

@@ -117,12 +117,39 @@ def test_state_round_trip(name):
     np.testing.assert_allclose(hi_a[:, 1], hi_b[:, 0], rtol=1e-12)
 
 
-@pytest.mark.parametrize("name", [n for n in FAST if n not in ("aci", "dtaci")])
-def test_never_infinite_or_nan_from_cold_start(name):
+@pytest.mark.parametrize("name", ALL)
+def test_no_interval_before_a_cell_has_data(name):
+    """A cell that has learned nothing says so (NaN bounds), never a zero-width interval around the forecast."""
     cal = make(name)
     rows = np.array([0, 1])
-    lo, hi = cal.interval(rows, np.ones((2, 3)))  # nothing seen yet
-    assert np.isfinite(lo).all() and np.isfinite(hi).all()
+    lo, hi = cal.interval(rows, np.ones((2, 3)))
+    assert np.isnan(lo).all() and np.isnan(hi).all()
+    mask = np.array([[True, False, False], [False, False, False]])
+    cal.update(rows, np.full((2, 3), 0.5), mask)  # only row 0, h = 1 matured
+    lo, hi = cal.interval(rows, np.ones((2, 3)))
+    assert not np.isnan(lo[0, 0]) and not np.isnan(hi[0, 0])
+    assert np.isnan(lo[~mask]).all() and np.isnan(hi[~mask]).all()
+    lo3, hi3 = cal.intervals(rows, np.ones((2, 3)))
+    np.testing.assert_array_equal(lo3[..., 0], lo)
+    np.testing.assert_array_equal(hi3[..., 0], hi)
+
+
+def test_legacy_state_without_data_imports_as_no_interval():
+    """Checkpoints written before NaN meant "not ready" hold zero offsets (a point) in cells that never learned."""
+    cal = make("conformal-pid")
+    cal.update(np.array([0]), np.ones((1, 3)), np.array([[True, False, False]]))
+    state = cal.export_rows(np.array([0]))
+    state["offsets"] = np.nan_to_num(state["offsets"])  # as the old code saved it
+    fresh = make("conformal-pid")
+    fresh.import_rows(np.array([2]), state)
+    lo, hi = fresh.interval(np.array([2]), np.zeros((1, 3)))
+    assert np.isfinite(lo[0, 0]) and np.isnan(lo[0, 1:]).all() and np.isnan(hi[0, 1:]).all()
+
+
+@pytest.mark.parametrize("name", [n for n in FAST if n not in ("aci", "dtaci")])
+def test_never_infinite_or_nan_once_cells_have_data(name):
+    cal = make(name)
+    rows = np.array([0, 1])
     lo, hi = feed(cal, ar_residuals(50, 3, rows=2) * 1e3, rows)
     assert np.isfinite(lo).all() and np.isfinite(hi).all() and (hi >= lo).all()
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from tidecast.models.naive import SeasonalNaive
 from tidecast.monitors.conformal import make_calibrator
 from tidecast.monitors.conformal.base import Calibrator
 from tidecast.stream.batch import ObservationBatch
-from tidecast.stream.config import EngineConfig
+from tidecast.stream.config import STEP_WINDOW, EngineConfig
 from tidecast.stream.engine import Engine, Lane
 
 HOUR = 3_600_000_000_000
@@ -130,16 +131,20 @@ def test_target_coverage_is_exported_per_model():
     assert value == pytest.approx(0.9)
 
 
-def test_inferred_grid_holds_the_first_observation_and_anchors_to_the_clock():
+def test_inferred_grid_holds_the_first_observations_and_anchors_to_the_clock():
     engine = Engine.from_config(EngineConfig(horizon=2, models=["seasonal-naive"],
                                              model_params={"seasonal-naive": {"period": 1}}))
     thirty_min = HOUR // 2
-    first = engine.process(batch("s", [0], [1.0], step=thirty_min))
-    assert len(first.forecasts) == 0 and first.n_applied == 1
-    second = engine.process(batch("s", [1, 2], [2.0, 3.0], step=thirty_min)).forecasts
+    first = engine.process(batch("s", range(STEP_WINDOW - 1), np.arange(STEP_WINDOW - 1.0), step=thirty_min))
+    assert len(first.forecasts) == 0 and first.n_applied == 0  # held: no step yet
+    assert engine.held_rows == STEP_WINDOW - 1
+    second = engine.process(batch("s", [STEP_WINDOW - 1, STEP_WINDOW], [2.0, 3.0], step=thirty_min))
     assert engine.series_["step_ns"][0] == thirty_min
-    assert ((second.target_ns - second.issued_at_ns) == second.h.astype(np.int64) * thirty_min).all()
-    assert engine.series_["n_applied"][0] == 3
+    assert second.n_applied == STEP_WINDOW + 1 and engine.held_rows == 0
+    f = second.forecasts
+    assert ((f.target_ns - f.issued_at_ns) == f.h.astype(np.int64) * thirty_min).all()
+    assert set(f.issued_at_ns.tolist()) == {T0 + k * thirty_min for k in range(STEP_WINDOW + 1)}
+    assert engine.series_["n_applied"][0] == STEP_WINDOW + 1
 
 
 def test_allow_list_rejects_unknown_series():
@@ -174,8 +179,6 @@ def test_batching_does_not_change_results():
     whole = one.process(batch(list(ids), ticks.astype(np.int64), values.astype(float))).forecasts.to_frame()
     other = _engine()
     parts = [other.process(batch([ids[i]], [ticks[i]], [values[i]])).forecasts.to_frame() for i in range(len(ids))]
-    import pandas as pd
-
     pieces = pd.concat(parts, ignore_index=True)
     key = ["series_id", "issued_at", "h"]
     pd.testing.assert_frame_equal(whole.sort_values(key).reset_index(drop=True),
@@ -227,3 +230,62 @@ def test_dropped_series_rows_are_blanked_and_reused():
     _, b = fresh.export_series(["new"])
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_no_interval_is_claimed_before_the_calibrator_has_data(tmp_path):
+    """The bundled sample's first 3,000 rows: the first H origins once gave lower == upper == mean (300 of 62,376
+    rows). Now such a step says "no interval yet" (NaN bounds) and the summary counts it, as a coverage miss."""
+    import json
+
+    from tidecast.stream.sources import BUNDLED_SAMPLE, ReplaySpec, load_replay
+
+    sample = tmp_path / "nyc_taxi.csv"
+    sample.write_text("\n".join(BUNDLED_SAMPLE.read_text().splitlines()[:3001]) + "\n")
+    engine = Engine.from_config(EngineConfig(models=["seasonal-naive"]))
+    frames = [engine.process(b).forecasts.to_frame() for b in load_replay(ReplaySpec(path=sample)).batches(500)]
+    f = pd.concat(frames, ignore_index=True)
+    assert len(f) > 60_000
+    assert not ((f["lower"] == f["upper"]) & (f["upper"] == f["mean"])).any()
+    none = f["lower"].isna()
+    assert (none == f["upper"].isna()).all() and f["mean"].notna().all()
+    # exactly the steps issued before any h-step residual of the series had matured: step h of the first h origins
+    first = f["issued_at"] == f["issued_at"].min()
+    assert none[first].sum() == 24 and none.sum() == sum(range(1, 24 + 1))
+    summary = engine.summary()
+    json.dumps(summary, allow_nan=False)  # strict JSON: no NaN
+    m = summary["models"]["seasonal-naive"]
+    assert m["n_no_interval"] == sum(v["n_no_interval"] for v in m["by_horizon"].values()) > 0
+    widths = [s.value for s in engine.metrics.width.collect()[0].samples]
+    assert widths and np.isfinite(widths).all()
+
+
+def test_no_interval_counts_as_a_miss_and_is_kept_out_of_widths():
+    engine, spy = spy_engine(horizon=1, period=1)
+    spy.interval = lambda rows, means: (np.full_like(means, np.nan), np.full_like(means, np.nan))
+    engine.process(batch("s", [0, 1, 2], [1.0, 1.0, 1.0]))
+    spy.interval = lambda rows, means: (means - 1.0, means + 1.0)
+    engine.process(batch("s", [3, 4], [1.0, 1.0]))
+    m = engine.summary()["models"]["seasonal-naive"]
+    # forecasts from origins 0, 1, 2 (no interval) and 3 (+-1) have matured at ticks 1..4
+    assert (m["n_scored"], m["n_no_interval"], m["coverage"], m["mean_width"]) == (4, 3, 0.25, 2.0)
+
+
+class FilledSpy(SeasonalNaive):
+    """Seasonal naive that records the ``filled`` flags it is given."""
+
+    def __init__(self, period=None):
+        super().__init__(period=period)
+        self.calls = []
+
+    def learn_many(self, rows, ticks, values, filled=None):
+        self.calls.append((ticks.tolist(), None if filled is None else filled.tolist()))
+        super().learn_many(rows, ticks, values, filled=filled)
+
+
+def test_learn_many_is_told_which_values_were_filled():
+    model = FilledSpy(period=1)
+    engine = Engine(EngineConfig(horizon=2, freq="1h", max_gap=3), [Lane(model, SpyCalibrator(2), 2, 0.1)])
+    engine.process(batch("s", [0, 1, 4], [0.0, 1.0, 4.0]))  # ticks 2 and 3 interpolated
+    ticks = [t[0] - model.calls[0][0][0] for t, _ in model.calls]
+    assert ticks == [0, 1, 2, 3, 4]
+    assert [flags for _, flags in model.calls] == [[False], [False], [True], [True], [False]]

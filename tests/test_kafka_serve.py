@@ -44,17 +44,21 @@ def test_produce_then_serve_forecasts_every_observation_after_warmup(kafka, uniq
     times = pd.read_csv(ETTH1, nrows=rows)["date"]
     origins = {f"{t.replace(' ', 'T')}Z" for t in times.iloc[WARMUP:]}
     by_series = defaultdict(set)
+    no_interval = Counter()
     for msg in messages:
         by_series[msg["series_id"]].add(msg["issued_at"])
         assert msg["h"] == list(range(1, 25)) and msg["model"] == "seasonal-naive" and msg["alpha"] == 0.1
         issued = pd.Timestamp(msg["issued_at"])
         assert [pd.Timestamp(t) for t in msg["target_timestamp"]] == [issued + pd.Timedelta(hours=h)
                                                                       for h in msg["h"]]
-        lower, mean, upper = (np.array(msg[k], dtype=float) for k in ("lower", "mean", "upper"))
-        assert np.isfinite(lower).all() and np.isfinite(upper).all()
-        assert (lower <= upper).all() and np.isfinite(mean).all()  # (PID may shift both sides past the mean)
+        lower, mean, upper = (np.array(msg[k], dtype=float) for k in ("lower", "mean", "upper"))  # null -> NaN
+        none = np.isnan(lower)  # no interval yet: the calibrator had no h-step residual of this series
+        assert (none == np.isnan(upper)).all() and np.isfinite(lower[~none]).all() and np.isfinite(upper[~none]).all()
+        assert (lower[~none] <= upper[~none]).all() and np.isfinite(mean).all()  # (PID may shift both past the mean)
+        no_interval[msg["series_id"]] += int(none.sum())
     assert set(by_series) == {f"ETTh1/{c}" for c in ("HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT")}
     assert all(issued == origins for issued in by_series.values())
+    assert set(no_interval.values()) == {sum(range(1, 25))}  # step h of the first h origins of each series
 
     rc, elapsed = proc.terminate()
     assert rc == 0
@@ -76,7 +80,8 @@ def test_bad_input_goes_to_the_dead_letter_topic_and_the_consumer_keeps_running(
         (b"bad/a", b'{"series_id":"bad/a","timestamp":0,"value":1,"schema_version":2}', "unknown_schema_version"),
     ]
     sent = kafka.send(topic, [good[0], *[(k, v) for k, v, _ in bad], good[1]])
-    proc = serve(topic, group, tmp_path / "state", "--max-partition-fetch-bytes", str(4 << 20))
+    # --freq: with an inferred step the first observations are held until the step is known
+    proc = serve(topic, group, tmp_path / "state", "--max-partition-fetch-bytes", str(4 << 20), "--freq", "1h")
     proc.wait_value("tidecast_observations_total", lambda v: v == 2, 30)
 
     letters = kafka.read_all(f"{topic}-dead-letters", min_count=len(bad))
@@ -229,7 +234,7 @@ def test_readyz_waits_for_the_restore_and_healthz_fails_while_the_worker_is_stuc
         engine = Engine.from_config(config, metrics)
         model = engine.lanes[0].model
         learn = model.learn_many
-        model.learn_many = lambda *args: (learn_gate.wait(60), learn(*args))[1]
+        model.learn_many = lambda *args, **kw: (learn_gate.wait(60), learn(*args, **kw))[1]
         return engine
 
     port = _free_port()
@@ -237,7 +242,8 @@ def test_readyz_waits_for_the_restore_and_healthz_fails_while_the_worker_is_stuc
                "state_dir": tmp_path / "state", "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000,
                "max_poll_interval_ms": 10000, "metrics_port": port, "metrics_address": "127.0.0.1",
                "liveness_timeout": 1.0}
-    service = Service(ServeConfig(options, EngineConfig(horizon=4)), engine_factory=stuck_engine)
+    # freq: the series learn from their first observation (an inferred step holds the first few)
+    service = Service(ServeConfig(options, EngineConfig(horizon=4, freq="1h")), engine_factory=stuck_engine)
     thread = threading.Thread(target=service.run, name="serve-under-test")
     thread.start()
     try:

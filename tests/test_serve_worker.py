@@ -18,7 +18,7 @@ import pytest
 from tidecast.models.naive import SeasonalNaive
 from tidecast.monitors.conformal import make_calibrator
 from tidecast.monitors.metrics import Metrics
-from tidecast.stream.config import EngineConfig
+from tidecast.stream.config import STEP_WINDOW, EngineConfig
 from tidecast.stream.engine import Engine, Lane
 from tidecast.stream.health import HealthServer, Heartbeat, Readiness, liveness
 from tidecast.stream.kafka import OutputError
@@ -165,8 +165,8 @@ class CountingNaive(SeasonalNaive):
         super().__init__(period=6)
         self.rounds = 0
 
-    def learn_many(self, rows, ticks, values):
-        super().learn_many(rows, ticks, values)
+    def learn_many(self, rows, ticks, values, filled=None):
+        super().learn_many(rows, ticks, values, filled)
         self.rounds += 1
 
     def export_shared(self):
@@ -254,9 +254,9 @@ class GatedNaive(SeasonalNaive):
         self.learn_gate, self.fit_gate = learn_gate, fit_gate
         self.maintenance_threads: set[int] = set()
 
-    def learn_many(self, rows, ticks, values):
+    def learn_many(self, rows, ticks, values, filled=None):
         assert self.learn_gate.wait(30)
-        super().learn_many(rows, ticks, values)
+        super().learn_many(rows, ticks, values, filled)
 
     def maintenance(self, budget_seconds):
         self.maintenance_threads.add(threading.get_ident())
@@ -288,13 +288,14 @@ def test_a_blocked_worker_fails_healthz_while_metrics_still_answer(tmp_path, wai
                           limit_seconds=0.5).start()
     try:
         waiter(lambda: get(server.port, "/healthz") == 200, 10, "a live worker")
-        worker.inbox.put(FetchedRecords(0, 0, records(0, ["a"], range(3), 0)))
+        # more than STEP_WINDOW rows, so the series' step is inferred and the model learns (and blocks)
+        worker.inbox.put(FetchedRecords(0, 0, records(0, ["a"], range(STEP_WINDOW + 1), 0)))
         waiter(lambda: get(server.port, "/healthz") == 503, 10, "/healthz to fail while the worker is stuck")
         assert get(server.port, "/metrics") == 200  # prometheus-style scrapes cannot tell
         assert not liveness({"worker": worker.heartbeat}, 0.5)[0]
         learn_gate.set()
         waiter(lambda: get(server.port, "/healthz") == 200, 10, "/healthz to recover")
-        assert worker.processed == 3
+        assert worker.processed == STEP_WINDOW + 1
     finally:
         learn_gate.set()
         worker.stop()

@@ -4,7 +4,7 @@
 ``window`` scores. Long-run coverage holds only if ``alpha_t`` is *not* clipped, and then ``alpha_t <= 0`` means
 an infinite interval: that is ACI's honest answer after a run of misses, and why it is not tidecast's default.
 ``clip=True`` keeps ``alpha_t`` in [0, 1] and caps the threshold at the window's largest score (never infinite,
-no guarantee). Cold cells (no score yet) are infinite unless clipped, where they are the point forecast.
+no guarantee). A cell with no score yet has no interval (``NaN`` bounds).
 
 >>> import numpy as np
 >>> cal = ACI(horizon=1, alpha=0.1, gamma=0.005)
@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tidecast.models.rows import Column
 from tidecast.monitors.conformal.base import ScoreCalibrator
 from tidecast.monitors.conformal.window import conformal_quantile, window_values
 
@@ -29,6 +30,7 @@ from tidecast.monitors.conformal.window import conformal_quantile, window_values
 class ACI(ScoreCalibrator):
     name = "aci"
     _separate = ("ring",)
+    ring_ = Column("ring")
 
     def __init__(
         self,
@@ -43,12 +45,6 @@ class ACI(ScoreCalibrator):
         self.window = window
         self.clip = clip
         super().__init__(horizon, alpha, symmetric)
-
-    def resize(self, n_rows: int) -> None:
-        old = self.offsets_.shape[0]
-        super().resize(n_rows)
-        if not self.clip:  # a cell that never learned: infinite, as ACI's quantile of no score
-            self.offsets_[old:, :, 1:] = np.inf
 
     def _state_spec(self) -> dict:
         return {
@@ -73,6 +69,3 @@ class ACI(ScoreCalibrator):
         blk["alpha_t"], blk["count"] = alpha_t, count + 1
         q = self._quantile(cells, count + 1, alpha_t)
         return np.concatenate([np.zeros((r.size, 1)), q], axis=1)
-
-    def get_params(self) -> dict:
-        return {**super().get_params(), "gamma": self.gamma, "window": self.window, "clip": self.clip}

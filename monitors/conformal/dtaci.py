@@ -78,8 +78,3 @@ class DtACI(ACI):
         alpha_t = (p * alpha_k).sum(-1) / p.sum(-1)
         q = self._quantile(cells, count + 1, alpha_t)
         return np.concatenate([np.zeros((r.size, 1)), q], axis=1)
-
-    def get_params(self) -> dict:
-        params = super().get_params()
-        params.pop("gamma")
-        return {**params, "gammas": list(self.gammas), "interval_length": self.interval_length}

@@ -26,7 +26,7 @@ h = 24: 0.76 instead of 0.90 before this was done).
 
 Exponential averages use the rate ``max(decay, 1/n)`` so a new cell starts from the running mean of what it has
 seen: the first intervals are finite and the transient settles within a few dozen residuals. Before the first
-residual an interval is the point forecast itself (width 0, never NaN or infinite).
+residual a cell has no interval (``NaN`` bounds, "not ready"); it is never infinite.
 
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
@@ -49,6 +49,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tidecast.models.rows import Column
 from tidecast.monitors.conformal.base import ScoreCalibrator, gaussian_quantile, targets
 from tidecast.monitors.conformal.scorecaster import lag_table, solve_ridge
 
@@ -115,6 +116,7 @@ class ConformalPID(ScoreCalibrator):
         super().__init__(horizon, alpha, symmetric)
 
     _separate = ("ring",)
+    ring_ = Column("ring")
 
     def _state_spec(self) -> dict:
         k, p = self.n_targets_, self.order
@@ -282,21 +284,3 @@ class ConformalPID(ScoreCalibrator):
         slot[2:] = thr * scale if self.normalize else thr
         items[new] = np.ascontiguousarray(slot.T, dtype=ring.dtype).view(slot_type).reshape(-1)
         return slot[1:].T  # (m, 1 + K)
-
-    def get_params(self) -> dict:
-        return {
-            **super().get_params(),
-            "lr": self.lr,
-            "scorecaster": self.scorecaster,
-            "order": self.order,
-            "period": self.period,
-            "forget": self.forget,
-            "ridge": self.ridge,
-            "scale_decay": self.scale_decay,
-            "scale_memory_per_h": self.scale_memory_per_h,
-            "mean_memory_per_h": self.mean_memory_per_h,
-            "mean_decay": self.mean_decay,
-            "ki": self.ki,
-            "csat": self.csat,
-            "normalize": self.normalize,
-        }

@@ -117,6 +117,3 @@ class SAOCP(ScoreCalibrator):
         blk["scale"], blk["count"] = scale, t
         thr = self._meta(new["born"], new["age"], new["q"], new["z"], new["wz"])
         return np.concatenate([np.zeros((r.size, 1)), thr], axis=1)
-
-    def get_params(self) -> dict:
-        return {**super().get_params(), "lifetime": self.lifetime, "slots": self.slots}

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from tidecast.models.rows import Column
 from tidecast.monitors.conformal.base import ScoreCalibrator
 
 
@@ -83,6 +84,7 @@ class SPCI(ScoreCalibrator):
         self._forests: dict[tuple[int, int], QuantileForest] = {}
 
     _separate = ("ring",)
+    ring_ = Column("ring")
 
     def _state_spec(self) -> dict:
         return {
@@ -151,7 +153,7 @@ class SPCI(ScoreCalibrator):
             for h in np.nonzero(self.state_[i_stale, row, :] > 0)[0].tolist():
                 since = self.state_[i_since, row, h]
                 refit = since < 0 or since >= self.refit_every or (row, h) not in self._forests
-                self.offsets_[row, h, 1:] = self._thresholds(row, h, refit)
+                self.offsets_[row, h] = 0.0, *self._thresholds(row, h, refit)  # centre 0: no scorecaster
                 if refit and (row, h) in self._forests:
                     self.state_[i_since, row, h] = 0
                 self.state_[i_stale, row, h] = 0
@@ -162,8 +164,3 @@ class SPCI(ScoreCalibrator):
         for row in np.asarray(rows).tolist():  # forests are refitted from the imported history when next asked
             for h in range(self.horizon):
                 self._forests.pop((row, h), None)
-
-    def get_params(self) -> dict:
-        return {**super().get_params(), "window": self.window, "history": self.history,
-                "refit_every": self.refit_every, "n_estimators": self.n_estimators, "max_depth": self.max_depth,
-                "bins": self.bins, "min_history": self.min_history, "random_state": self.random_state}

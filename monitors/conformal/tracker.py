@@ -42,7 +42,3 @@ class QuantileTracker(ConformalPID):
             mean_memory_per_h=0.0, ki=0.0,
             normalize=False, symmetric=symmetric,
         )
-
-    def get_params(self) -> dict:
-        return {"horizon": self.horizon, "alpha": super().get_params()["alpha"], "lr": self.lr,
-                "scale_decay": self.scale_decay, "symmetric": self.symmetric}

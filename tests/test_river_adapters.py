@@ -1,0 +1,196 @@
+"""river forecasters in the engine: holt-winters' start on a standardised scale, and warm-up through PerSeries."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from river import time_series
+
+from tidecast.models.adapters import PerSeries, Standardised, is_ready, river_min_history
+from tidecast.models.holt_winters import AdditiveHoltWinters
+from tidecast.models.registry import make_model
+from tidecast.models.river_state import dump_state, load_state
+from tidecast.monitors.conformal import make_calibrator
+from tidecast.stream.batch import ObservationBatch
+from tidecast.stream.config import EngineConfig
+from tidecast.stream.engine import Engine, Lane
+
+HOUR = 3_600_000_000_000
+T0 = 1_467_331_200_000_000_000  # 2016-07-01T00:00Z
+
+
+def daily(n: int, seed: int = 0, level: float = 10.0, amplitude: float = 3.0) -> np.ndarray:
+    """Hourly values around ``level`` (7-13 by default) with a daily cycle and a little noise."""
+    t = np.arange(n)
+    shape = np.sin(2 * np.pi * t / 24) + 0.4 * np.cos(4 * np.pi * t / 24)
+    return level + amplitude * shape / 1.4 + 0.2 * np.random.default_rng(seed).normal(size=n)
+
+
+def feed(model, values: np.ndarray) -> list[np.ndarray]:
+    """Learn one value per tick on row 0; the 24-step forecast made after each."""
+    model.resize(1)
+    out = []
+    for k, y in enumerate(values):
+        model.learn_many(np.array([0]), np.array([k]), np.array([y]))
+        out.append(model.forecast_many(np.array([0]), 24)[0])
+    return out
+
+
+# -- holt-winters: the additive start ------------------------------------------------------------------
+
+@pytest.mark.parametrize("warmup", [48, None])  # two cycles, and the registry default (402)
+def test_holt_winters_first_forecasts_stay_on_the_data_scale(warmup):
+    """river starts additive seasonal terms as y / level; standardised, the level is ~0 and they explode."""
+    values = daily(1000)
+    forecasts = feed(make_model("holt-winters", horizon=24, period=24, warmup=warmup), values)
+    first = next(k for k, f in enumerate(forecasts) if np.isfinite(f).all())
+    truth = values[first + 1 : first + 25]
+    assert np.abs(forecasts[first] - truth).max() < 1.5  # the cycle spans 7-13: off by at most a quarter of it
+
+
+def test_holt_winters_start_recovers_level_trend_and_season():
+    cycle = np.array([-1.0, 0.5, 2.0, -1.5])
+    model = AdditiveHoltWinters(alpha=0.3, beta=0.1, gamma=0.2, seasonality=4)
+    for k in range(8):
+        assert not model.is_ready
+        model.learn_one(0.05 + 0.01 * k + cycle[k % 4])  # level ~0, as after standardising
+    assert model.is_ready
+    # an exact line plus an exact cycle: the start is exact, so every update keeps it
+    expected = 0.05 + 0.01 * np.arange(8, 12) + cycle
+    np.testing.assert_allclose(model.forecast(4), expected, atol=1e-12)
+
+
+def test_holt_winters_state_is_json_and_round_trips():
+    a = AdditiveHoltWinters(alpha=0.3, beta=0.01, gamma=0.2, seasonality=6)
+    for y in daily(40, level=0.0):
+        a.learn_one(float(y))
+    b = AdditiveHoltWinters(alpha=0.3, beta=0.01, gamma=0.2, seasonality=6)
+    load_state(b, json.loads(json.dumps(dump_state(a))))
+    assert b.is_ready and a.forecast(6) == b.forecast(6)
+
+
+def test_holt_winters_refuses_what_it_cannot_start():
+    with pytest.raises(ValueError, match="seasonality"):
+        AdditiveHoltWinters(alpha=0.3, beta=0.1, gamma=0.2, seasonality=1)
+    with pytest.raises(ValueError, match="beta"):
+        AdditiveHoltWinters(alpha=0.3, beta=0.0, gamma=0.2, seasonality=4)
+
+
+# -- PerSeries: warm-up of any river forecaster --------------------------------------------------------
+
+def test_plain_river_holt_winters_forecasts_nan_until_it_has_started():
+    """river's HoltWinters raises IndexError before its first `seasonality` values; PerSeries never asks it."""
+    model = PerSeries("hw", lambda: time_series.HoltWinters(alpha=0.3, beta=0.1, gamma=0.5, seasonality=24))
+    forecasts = feed(model, daily(30, level=0.0))
+    ready = [bool(np.isfinite(f).all()) for f in forecasts]
+    assert not any(np.isfinite(f).any() for f in forecasts[:23])
+    assert all(ready[23:])  # 24 values seen from index 23 on
+
+
+def test_snarimax_waits_for_its_lags():
+    need = river_min_history(time_series.SNARIMAX(p=2, d=1, q=1, m=6, sp=1))
+    assert need == 1 + max(2, 6, 1)
+    model = PerSeries("sn", lambda: time_series.SNARIMAX(p=2, d=1, q=1, m=6, sp=1))
+    forecasts = feed(model, daily(12, level=0.0))
+    assert [bool(np.isfinite(f).all()) for f in forecasts] == [k + 1 >= need for k in range(12)]
+
+
+def test_unseen_rows_forecast_nan_without_building_a_model():
+    model = PerSeries("hw", lambda: time_series.HoltWinters(alpha=0.3, beta=0.1, gamma=0.5, seasonality=4))
+    model.resize(3)
+    assert np.isnan(model.forecast_many(np.array([2, 0]), 5)).all()
+    assert model.models_ == [None, None, None]
+
+
+class Mean:
+    """A user's five-line forecaster that says nothing about its warm-up."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def learn_one(self, y: float, x: dict | None = None) -> None:
+        self.values.append(y)
+
+    def forecast(self, horizon: int, xs: list[dict] | None = None) -> list[float]:
+        return [sum(self.values) / len(self.values)] * horizon  # ZeroDivisionError before any value
+
+
+def test_a_forecaster_of_unknown_warm_up_is_refused_before_any_data():
+    with pytest.raises(ValueError, match="min_history"):
+        PerSeries("mean", Mean)
+    model = PerSeries("mean", Mean, min_history=3)
+    assert [bool(np.isfinite(f).all()) for f in feed(model, np.arange(5.0))] == [False, False, True, True, True]
+
+
+class Broken(Mean):
+    is_ready = True
+
+    def forecast(self, horizon: int, xs: list[dict] | None = None) -> list[float]:
+        raise RuntimeError("a real bug")
+
+
+def test_a_ready_forecaster_that_raises_is_not_silenced():
+    model = PerSeries("broken", Broken)
+    model.resize(1)
+    model.learn_many(np.array([0]), np.array([0]), np.array([1.0]))
+    with pytest.raises(RuntimeError, match="a real bug"):
+        model.forecast_many(np.array([0]), 2)
+
+
+def test_warm_up_count_moves_with_the_row_state():
+    """A row restored mid-warm-up neither forecasts early nor starts its count again."""
+    def factory():
+        return time_series.HoltWinters(alpha=0.3, beta=0.1, gamma=0.5, seasonality=6)
+
+    a, b = PerSeries("hw", factory), PerSeries("hw", factory)
+    a.resize(2)
+    values = daily(12, level=0.0)
+    for k in range(4):
+        a.learn_many(np.array([0, 1]), np.array([k, k]), np.array([values[k], -values[k]]))
+    b.resize(2)
+    b.import_rows(np.array([1, 0]), a.export_rows(np.array([0, 1])))  # swapped: the count follows the series
+    assert np.array_equal(b.n_learned_, [4, 4])
+    for k in range(4, 6):
+        assert np.isnan(b.forecast_many(np.array([0, 1]), 3)).all()
+        b.learn_many(np.array([0, 1]), np.array([k, k]), np.array([-values[k], values[k]]))
+    assert np.isfinite(b.forecast_many(np.array([0, 1]), 3)).all()
+    b.reset_rows(np.array([0]))
+    assert b.n_learned_[0] == 0 and np.isnan(b.forecast_many(np.array([0]), 3)).all()
+
+
+def test_is_ready_prefers_the_models_own_word():
+    assert is_ready(Broken(), 0) is True
+    assert is_ready(time_series.HoltWinters(0.3, 0.1, 0.5, seasonality=4), 3) is False
+    assert is_ready(time_series.HoltWinters(0.3, 0.1, 0.5, seasonality=4), 3, min_history=2) is False
+    assert is_ready(time_series.HoltWinters(0.3, 0.1, 0.5, seasonality=4), 5, min_history=6) is False
+    with pytest.raises(ValueError, match="is_ready"):
+        is_ready(Mean(), 10)
+
+
+def test_standardised_waits_for_its_river_model_beyond_a_short_warm_up():
+    """A warm-up shorter than river's own start: NaN until river has started, never its IndexError."""
+    f = Standardised(lambda p: time_series.HoltWinters(0.3, 0.1, 0.5, seasonality=p), period=12, warmup=5)
+    ready = []
+    for y in daily(14, level=0.0):
+        f.learn_one(float(y) + 0.5)
+        ready.append(not math.isnan(f.forecast(1)[0]))
+    assert ready == [False] * 11 + [True] * 3  # 12 values for river's start
+
+
+def test_engine_serves_a_plain_river_forecaster_through_its_warm_up():
+    """Today's crash: the engine asks every lane for forecasts from the first observation on."""
+    config = EngineConfig(horizon=6, models=["hw=holt-winters"], freq="1h")
+    lane = Lane(PerSeries("hw", lambda: time_series.HoltWinters(alpha=0.3, beta=0.1, gamma=0.5, seasonality=24)),
+                make_calibrator("conformal-pid", 6, 0.1), 6, 0.1)
+    engine = Engine(config, [lane])
+    values = daily(60)
+    issued = []
+    for t, v in enumerate(values):
+        batch = ObservationBatch(np.array(["a", "b"], dtype=object), np.full(2, T0 + t * HOUR, np.int64),
+                                 np.array([v, 2 * v]))
+        frame = engine.process(batch).forecasts.to_frame()
+        issued.append(int(np.isfinite(frame["mean"]).sum()) if len(frame) else 0)
+    assert sum(issued[:23]) == 0 and all(n > 0 for n in issued[23:])

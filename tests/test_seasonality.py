@@ -1,0 +1,150 @@
+"""Cycle detection on 15-minute data: the ACF's multiple of the daily cycle (192, 288, ...) is checked by a backtest.
+
+The 15-minute series are built here: ETTh1/ETTh2 upsampled by linear interpolation (ETTh is the 15-minute ETTm
+sampled on the hour), and synthetic load-like series with a daily 96-step cycle, a weaker weekly one and AR(1)
+noise. Held-out ETTm data is not used.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tidecast.models.cyclenet import CycleNetForecaster, detect_cycle
+from tidecast.models.cyclenet_net import BatchFit, Windows, build, evaluate
+from tidecast.models.seasonality import cycle_backtest, detect_period
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DAY = 96  # 15-minute steps
+TRAIN = 1500  # CycleNet's default warm start (2000) less its validation quarter: what it detects the cycle on
+
+
+def upsampled(name: str) -> np.ndarray:
+    """ETTh ``name`` on a 15-minute grid, by linear interpolation between the hourly values (T, 7)."""
+    hourly = pd.read_csv(DATA / f"{name}.csv").iloc[:, 1:].to_numpy(dtype=float)
+    hours = np.arange(len(hourly))
+    quarters = np.arange(4 * (len(hourly) - 1) + 1) / 4
+    return np.stack([np.interp(quarters, hours, hourly[:, c]) for c in range(hourly.shape[1])], axis=1)
+
+
+def load_like(n: int, seed: int, switching: float = 0.0, channels: int = 3) -> np.ndarray:
+    """A working-day profile (step up at 06:00, evening peak, down at 22:00), 30 % lower at weekends, AR(1) noise.
+
+    ``switching`` adds an hour-long pulse at 07:00 on every other day whose parity flips at random (a
+    quarter of the days): it repeats every 192 steps only locally, and it dominates the differences.
+    """
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    step = t % DAY
+    day = 0.2 + 0.6 * ((step >= 24) & (step < 88)) + 0.4 * ((step >= 68) & (step < 80))
+    weekend = (t // DAY) % 7 >= 5
+    parity = np.cumsum(rng.random(n // DAY + 1) < 0.25) % 2
+    pulse = ((t // DAY + parity[t // DAY]) % 2 == 0) & (step >= 28) & (step < 32)
+    out = []
+    for c in range(channels):
+        shocks = rng.normal(size=n) * 0.2 * np.sqrt(1 - 0.9**2)
+        noise = np.zeros(n)
+        for i in range(1, n):
+            noise[i] = 0.9 * noise[i - 1] + shocks[i]
+        out.append((1 + 0.3 * c) * day * (1 - 0.3 * weekend) + noise + switching * pulse)
+    return np.stack(out, axis=1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def is_multiple_of_the_day(period: int | None) -> bool:
+    return bool(period) and period > DAY and period % DAY == 0
+
+
+def test_backtest_scores_the_true_cycle_best():
+    values = load_like(4000, seed=0)[:, 0]
+    scores = cycle_backtest(values, [24, 48, 96, 192])
+    assert min(scores, key=scores.get) == DAY
+    assert cycle_backtest(values[:150], [96]) == {}  # fewer than two spans: no verdict
+    with pytest.raises(ValueError, match="divide"):
+        cycle_backtest(values, [60, 96])
+
+
+@pytest.mark.parametrize("name", ["ETTh1", "ETTh2"])
+def test_upsampled_etth_never_gets_a_multiple_of_the_day(name):
+    """Every 1500-step window (15.6 days): the group's cycle is never 192/288/384, and ETTh1's is always 96.
+
+    The ACF alone picks a multiple on some windows (ETTh1: 192 and 288; ETTh2: 384)."""
+    values = upsampled(name)
+    starts = range(0, len(values) - TRAIN, TRAIN)
+    chosen = Counter(detect_cycle(values[s : s + TRAIN]) for s in starts)
+    assert not [p for p in chosen if is_multiple_of_the_day(p)], chosen
+    if name == "ETTh1":
+        assert set(chosen) == {DAY}, chosen
+
+
+def test_upsampled_etth_columns_pick_fewer_multiples_than_the_acf_alone():
+    picks: dict[bool, Counter] = {True: Counter(), False: Counter()}
+    for name in ("ETTh1", "ETTh2"):
+        values = upsampled(name)
+        for s in range(0, len(values) - TRAIN, TRAIN):
+            for c in range(values.shape[1]):
+                for backtest in (True, False):
+                    picks[backtest][detect_period(values[s : s + TRAIN, c], 400, backtest=backtest)] += 1
+    multiples = {bt: sum(n for p, n in c.items() if is_multiple_of_the_day(p)) for bt, c in picks.items()}
+    assert multiples[True] < multiples[False], multiples
+    assert picks[True][DAY] > picks[False][DAY]
+
+
+def test_daily_and_weekly_cycles_give_the_daily_one():
+    for seed in range(5):
+        assert detect_cycle(load_like(TRAIN, seed)) == DAY
+
+
+def test_alternate_day_switching_does_not_double_the_cycle():
+    """The pulse makes lag 192 the top ACF peak on many columns; the backtest keeps 96 almost always."""
+    acf_only, checked = Counter(), Counter()
+    for seed in range(20):
+        values = load_like(TRAIN, seed, switching=1.0)
+        for c in range(values.shape[1]):
+            acf_only[is_multiple_of_the_day(detect_period(values[:, c], 400, backtest=False))] += 1
+            checked[is_multiple_of_the_day(detect_period(values[:, c], 400))] += 1
+    assert checked[True] * 3 <= acf_only[True], (checked, acf_only)
+    assert checked[True] <= 0.15 * sum(checked.values())
+
+
+def _heldout_mse(std: np.ndarray, ticks: np.ndarray, cycle: int, n_warm: int) -> float:
+    """CycleNet-Linear fitted on the warm-start part (3/4 train, 1/4 early stopping), scored after it."""
+    n_train, lookback, horizon = n_warm * 3 // 4, 96, 96
+    net = build(lookback, horizon, cycle, std.shape[1], "linear", seed=0)
+    fit = BatchFit(net, Windows.contiguous(std[:n_train], ticks[:n_train], cycle, lookback, horizon),
+                   Windows.contiguous(std[n_train - lookback : n_warm], ticks[n_train - lookback : n_warm], cycle,
+                                      lookback, horizon), lr=0.01, seed=0)
+    fit.run()
+    test = Windows.contiguous(std[n_warm - lookback :], ticks[n_warm - lookback :], cycle, lookback, horizon)
+    return evaluate(net, test)[0]
+
+
+def test_cyclenet_warm_start_on_upsampled_etth1_picks_the_day_and_forecasts_better_with_it():
+    """A window where the ACF vote says 192: CycleNet now takes 96, and 96 forecasts the next 4000 steps better."""
+    start, n_warm = 7500, 2000
+    values = upsampled("ETTh1")[start : start + n_warm + 4000]
+    ticks = np.arange(start, start + len(values))
+    acf_votes = Counter(detect_period(values[:TRAIN, c], 400, backtest=False) for c in range(values.shape[1]))
+    assert acf_votes.most_common(1)[0][0] == 2 * DAY  # the trap is there
+
+    model = CycleNetForecaster(horizon=24, lookback=96, cycle=None, warm_start=n_warm, epochs=1, online=False,
+                               defer=False)
+    rows = np.arange(values.shape[1])
+    for k in range(n_warm):
+        model.learn_many(rows, np.full(rows.size, ticks[k]), values[k])
+    assert model.cycle_ == DAY
+
+    std = (values - values[:TRAIN].mean(axis=0)) / values[:TRAIN].std(axis=0)
+    assert _heldout_mse(std, ticks, DAY, n_warm) < _heldout_mse(std, ticks, 2 * DAY, n_warm)
