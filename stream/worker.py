@@ -160,12 +160,9 @@ class Worker(threading.Thread):
             self.table.applied(batch, new_owners, {sid for sid in new_owners if sid not in known})
             self._processing_failed(records, range(len(records)), "the engine", err)
             return
-        refused = set()
         for rej in result.rejections:  # the engine counted these in its metrics already
             self.dead_letters.write(dead_letter(records[rej.index], rej.reason, rej.detail))
-            if rej.reason == "unknown_series":
-                refused.add(batch.series_ids[rej.index])
-        self.table.applied(batch, new_owners, refused)
+        self.table.applied(batch, new_owners, _never_accepted(batch, new_owners, result.rejections))
         try:
             self.forecasts.write(result.forecasts)
         except UnsendableForecasts as err:  # the other forecasts went out
@@ -232,6 +229,16 @@ class Worker(threading.Thread):
         offsets = self.table.checkpoint()
         if offsets:
             self.outbox.put(CommitOffsets(offsets, {p: self.epochs.get(p, 0) for p in offsets}))
+
+
+def _never_accepted(batch: ObservationBatch, new_owners: dict[str, int], rejections: list[Any]) -> set[str]:
+    """New series whose every row the engine rejected (unknown_series, out_of_range, ...): it holds no state for
+    them, so their partition must not claim them."""
+    if not new_owners or not rejections:
+        return set()
+    rejected = {rej.index for rej in rejections}
+    accepted = {sid for i, sid in enumerate(batch.series_ids.tolist()) if i not in rejected}
+    return {sid for sid in new_owners if sid not in accepted}
 
 
 def _rows_of(batch: ObservationBatch, series_id: str, origins: set[int]) -> list[int]:
