@@ -12,8 +12,9 @@ For each series, in timestamp order, every new observation ``y`` at tick ``t`` g
    to horizon h's calibrator and to the prequential scorer. Never earlier: that would leak the future.
 2. **learn** — the model sees ``y``.
 3. **forecast** — H steps ahead.
-4. **interval** — the calibrator puts ``[lower, upper]`` around each step; both are ``NaN`` ("no interval yet")
-   while that (series, h) cell has no matured residual, never a zero-width interval claiming certainty.
+4. **interval** — the calibrator puts ``[lower, upper]`` around each step, one per configured level (all learned
+   in the same pass); both are ``NaN`` ("no interval yet") while that (series, h) cell has no matured residual,
+   never a zero-width interval claiming certainty.
 5. **monitor** — metrics are updated.
 6. **emit** — forecast records go back to the caller.
 
@@ -79,6 +80,9 @@ class Lane:
         self.model = model
         self.calibrator = calibrator
         n_levels = np.atleast_1d(alpha).size
+        if n_levels > 1 and type(calibrator).intervals is Calibrator.intervals:
+            raise ValueError(f"lane {self.name!r}: calibrator {calibrator.name!r} gives one interval level (it does "
+                             f"not implement intervals()), {n_levels} were asked for")
         self.pending = PendingForecasts(horizon, n_levels)
         self.scorer = PrequentialScorer(horizon, alpha, coverage_window)
 

@@ -132,11 +132,8 @@ def execute(engine: Engine, replay: Replay, source: str, options: ReplayOptions,
     sinks = [forecast_sink_for(options.out)] + ([collector] if collector is not None else [])
     sink = _Tee(*sinks)
     started = time.perf_counter()
-    n_letters = 0
 
     def dead_letter(letter: DeadLetter) -> None:
-        nonlocal n_letters
-        n_letters += 1
         if letters is not None:
             letters.write(letter)
         if collector is not None:

@@ -120,3 +120,28 @@ def test_replay_command_takes_levels_and_refuses_a_contradicting_alpha(tmp_path,
     assert header.endswith("lower,upper,alpha,lo-80,hi-80,lo-95,hi-95")
     assert main(["replay", str(path), "--level", "80,95", "--alpha", "0.05", "--no-progress"]) == 2
     assert "--alpha 0.05 contradicts --level 80,95" in capsys.readouterr().err
+
+
+def test_a_calibrator_that_gives_one_level_is_refused_when_several_are_asked_for():
+    from tidecast.models.naive import SeasonalNaive
+    from tidecast.monitors.conformal.base import Calibrator
+    from tidecast.stream.engine import Lane
+
+    class OneLevel(Calibrator):
+        name = "one-level"
+
+        def resize(self, n_rows): ...
+
+        def update(self, rows, residuals, mask): ...
+
+        def interval(self, rows, means):
+            return means - 1, means + 1
+
+        def export_rows(self, rows):
+            return {}
+
+        def import_rows(self, rows, state): ...
+
+    with pytest.raises(ValueError, match="calibrator 'one-level' gives one interval level .* 2 were asked for"):
+        Lane(SeasonalNaive(period=2), OneLevel(3, (0.2, 0.05)), 3, (0.2, 0.05))
+    Lane(SeasonalNaive(period=2), OneLevel(3, 0.1), 3, 0.1)  # one level: fine
