@@ -291,19 +291,26 @@ class ReplayResult:
 
     def to_nixtla(self) -> pd.DataFrame:
         """Nixtla's cross-validation layout: one row per (series, target, origin) with ``y`` and each model's
-        forecast as columns: ``unique_id, ds, cutoff, y, <model>, <model>-lo-<L>, <model>-hi-<L>, ...``."""
-        keys = ["unique_id", "ds", "cutoff"]
+        forecast as columns: ``unique_id, ds, cutoff, y, <model>, <model>-lo-<L>, <model>-hi-<L>, ...``; ``NaN``
+        where a model issued nothing for that step (e.g. still warming up)."""
+        f = self.forecasts
+        # (series, origin, h) identifies a row as (series, target, origin) does; packed into one integer key
+        cutoff_code, _ = pd.factorize(f["cutoff"], sort=True)
+        n_cutoffs = int(cutoff_code.max()) + 1 if len(f) else 1
+        keys = (f["unique_id"].cat.codes.to_numpy(np.int64) * n_cutoffs + cutoff_code) * (self.horizon + 1) \
+            + f["h"].to_numpy(np.int64)
+        unique, first = np.unique(keys, return_index=True)
+        out = f.iloc[first][["unique_id", "ds", "cutoff", "y"]].reset_index(drop=True)
         values = ["mean", *[f"{side}-{level}" for level in self.levels for side in ("lo", "hi")]]
-        wide = self.forecasts.pivot_table(index=keys, columns="model", values=values, observed=True, dropna=False,
-                                          aggfunc="first", sort=True)
-        out = pd.DataFrame(index=wide.index)
-        outcome = self.forecasts.groupby(keys, observed=True)["y"].first()
-        out["y"] = outcome.reindex(wide.index)
-        for model in self.models:
+        codes = f["model"].cat.codes.to_numpy()
+        for i, model in enumerate(f["model"].cat.categories):
+            mine = codes == i
+            at = np.searchsorted(unique, keys[mine])
             for value in values:
-                if (value, model) in wide.columns:
-                    out[model if value == "mean" else f"{model}-{value}"] = wide[(value, model)]
-        return out.dropna(how="all", subset=[c for c in out.columns if c != "y"]).reset_index()
+                column = np.full(len(unique), np.nan)
+                column[at] = f[value].to_numpy()[mine]
+                out[model if value == "mean" else f"{model}-{value}"] = column
+        return out
 
     def _check_series(self, series_id: str) -> None:
         known = self.actuals["unique_id"].cat.categories

@@ -118,6 +118,19 @@ def test_per_series_summary_and_nixtla_layout(result):
     assert match["seasonal-naive"].item() == row["mean"] and match["seasonal-naive-hi-95"].item() == row["hi-95"]
 
 
+def test_nixtla_layout_aligns_models_that_start_at_different_origins():
+    result = tidecast.replay(noisy_cycles(120), models=["sn12=seasonal-naive", "sn24=seasonal-naive"], horizon=2,
+                             levels=(90,), model_params={"sn12": {"period": 12}, "sn24": {"period": 24}})
+    nixtla = result.to_nixtla()
+    f = result.forecasts
+    assert len(nixtla) == len(f[f["model"] == "sn12"])  # sn12 starts first: its steps are every row
+    early = nixtla["cutoff"] < f.loc[f["model"] == "sn24", "cutoff"].min()
+    assert early.any() and nixtla.loc[early, "sn24"].isna().all() and nixtla.loc[~early, "sn24"].notna().all()
+    sn24 = f[f["model"] == "sn24"].set_index(["unique_id", "ds", "cutoff"])["hi-90"]
+    joined = nixtla[~early].set_index(["unique_id", "ds", "cutoff"])["sn24-hi-90"]
+    pd.testing.assert_series_equal(joined.sort_index(), sn24.sort_index(), check_names=False)
+
+
 def test_wide_frame_long_frame_and_file_give_the_same_forecasts(tmp_path):
     long = noisy_cycles(200)
     wide = long.pivot(index="ds", columns="unique_id", values="y")  # DatetimeIndex, one column per series
