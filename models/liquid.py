@@ -216,6 +216,11 @@ class CfCForecaster(BatchForecaster):
         Cycle lengths (ticks) whose phase enters as sin/cos inputs; empty: the value alone.
     skip
         Forecast the last value plus a learned correction (True) or the head's output alone.
+    scale_halflife
+        None: standardise each row with its warm-start mean and deviation (as CycleNet). A number: with an
+        exponentially weighted mean and deviation of half-life ``scale_halflife`` ticks (``dt``-aware), updated
+        by every observation; the inputs use the statistics of their tick, a forecast those of its origin, so a
+        row's scale follows a shift in about a half-life.
     cycle
         Cycle length W of the ``"cyclenet"`` table; None: detected at the warm start.
     warm_start, val_fraction, lr, epochs, patience, batch_size
@@ -247,6 +252,7 @@ class CfCForecaster(BatchForecaster):
         backbone_layers: int = 1,
         periods: tuple[int, ...] | list[int] = (),
         skip: bool = True,
+        scale_halflife: float | None = None,
         cycle: int | None = None,
         warm_start: int = 500,
         val_fraction: float = 0.2,
@@ -268,6 +274,7 @@ class CfCForecaster(BatchForecaster):
         self.horizon, self.lookback, self.mode = horizon, lookback, mode
         self.units, self.backbone_units, self.backbone_layers = units, backbone_units, backbone_layers
         self.periods, self.skip, self.cycle = tuple(int(p) for p in periods), skip, cycle
+        self.scale_halflife = scale_halflife
         self.warm_start, self.val_fraction = warm_start, val_fraction
         self.lr, self.epochs, self.patience, self.batch_size = lr, epochs, patience, batch_size
         self.online_lr, self.online_cycle_lr = online_lr, online_cycle_lr
@@ -296,6 +303,8 @@ class CfCForecaster(BatchForecaster):
                              f"{self._window} training observations")
         if self._n_val() and self._n_val() < self.horizon:
             raise ValueError(f"the validation part ({self._n_val()} observations) is shorter than the horizon")
+        if self.scale_halflife is not None and not self.scale_halflife > 0:
+            raise ValueError("scale_halflife must be > 0 (or None)")
         if any(p < 2 for p in self.periods) or (self.cycle is not None and self.cycle < 1):
             raise ValueError("periods must be >= 2 and cycle >= 1")
         if self.replay_window < 1 or self.replay_every < 1 or self.replay_batch < 1:
@@ -315,6 +324,10 @@ class CfCForecaster(BatchForecaster):
     @property
     def _n_inputs(self) -> int:
         return 1 + 2 * len(self.periods)
+
+    @property
+    def _adaptive(self) -> bool:
+        return self.scale_halflife is not None
 
     @property
     def _learns(self) -> bool:
@@ -341,6 +354,10 @@ class CfCForecaster(BatchForecaster):
         self._seen = np.zeros(0, dtype=np.int64)
         self._mean = np.zeros(0)
         self._scale = np.zeros(0)
+        self._var = np.zeros(0)  # exponentially weighted variance (adaptive scaler)
+        ring = self._ring if self._adaptive else 0  # the adaptive scaler's statistics at every tick
+        self._hist_mean = np.zeros((0, ring))
+        self._hist_scale = np.zeros((0, ring))
         self._ready = np.zeros(0, dtype=bool)
         self._q = np.zeros((0, self.cycle_), dtype=np.float32)  # cycle rows and their Adam moments
         self._q_m = np.zeros((0, self.cycle_), dtype=np.float32)
@@ -372,6 +389,8 @@ class CfCForecaster(BatchForecaster):
                 self._last_tick, self._last_value = grow(self._last_tick, _NO_TICK), grow(self._last_value, np.nan)
                 self._seen = grow(self._seen, 0)
                 self._mean, self._scale = grow(self._mean, np.nan), grow(self._scale, np.nan)
+                self._var = grow(self._var, 0.0)
+                self._hist_mean, self._hist_scale = grow(self._hist_mean, np.nan), grow(self._hist_scale, np.nan)
                 self._ready = grow(self._ready, False)
                 self._q, self._q_m, self._q_v = grow(self._q, 0.0), grow(self._q_m, 0.0), grow(self._q_v, 0.0)
                 self._q_step = grow(self._q_step, 0)
@@ -440,8 +459,30 @@ class CfCForecaster(BatchForecaster):
             n = min(t - p - 1, self._ring)
             self._hist[r, (t - n + np.arange(n)) % self._ring] = np.nan
         self._hist[rows, ticks % self._ring] = values
+        if self._adaptive:
+            self._update_scaler(rows, ticks, values, prev)
         self._last_tick[rows], self._last_value[rows] = ticks, values
         self._seen[rows] += 1
+
+    def _update_scaler(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray, prev: np.ndarray) -> None:
+        """Exponentially weighted mean and variance, decayed by the real time since the last value."""
+        first = self._seen[rows] == 0
+        alpha = 1.0 - 0.5 ** (np.where(first, 1, ticks - prev) / self.scale_halflife)
+        mean, var = self._mean[rows], self._var[rows]
+        diff = values - np.where(first, values, mean)
+        self._mean[rows] = np.where(first, values, mean + alpha * diff)
+        self._var[rows] = np.where(first, 0.0, (1.0 - alpha) * (var + alpha * diff**2))
+        self._scale[rows] = _safe_std(np.sqrt(self._var[rows]))
+        self._hist_mean[rows, ticks % self._ring] = self._mean[rows]
+        self._hist_scale[rows, ticks % self._ring] = self._scale[rows]
+
+    def _stats(self, rows: np.ndarray, ticks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The scaler (mean, scale) of each row at ``ticks`` ``(len(rows), T)``: per tick when adaptive."""
+        if self._adaptive:
+            idx = (rows[:, None], ticks % self._ring)
+            return self._hist_mean[idx], self._hist_scale[idx]
+        return np.broadcast_to(self._mean[rows, None], ticks.shape), np.broadcast_to(self._scale[rows, None],
+                                                                                      ticks.shape)
 
     def _inputs(self, rows: np.ndarray, ticks: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Cell inputs for standardised values ``z`` at ``ticks`` (any shape ``(B, ...)``): the residual after the
@@ -467,7 +508,8 @@ class CfCForecaster(BatchForecaster):
         if rows.size == 0:
             return
         raw, ticks = self._history(rows, self._ring)
-        z = (raw - self._mean[rows, None]) / self._scale[rows, None]
+        mean, scale = self._stats(rows, ticks)
+        z = (raw - mean) / scale
         present = np.isfinite(z)
         x, _ = self._inputs(rows, ticks, np.where(present, z, 0.0))
         with torch.inference_mode():
@@ -479,17 +521,26 @@ class CfCForecaster(BatchForecaster):
         """Serve rows that arrived after the fit: scaler from their history, state encoded over it."""
         if rows.size == 0:
             return
-        raw, _ = self._history(rows, self._ring)
-        self._mean[rows] = np.nanmean(raw, axis=1)
-        self._scale[rows] = _safe_std(np.nanstd(raw, axis=1))
+        if not self._adaptive:
+            raw, _ = self._history(rows, self._ring)
+            self._mean[rows] = np.nanmean(raw, axis=1)
+            self._scale[rows] = _safe_std(np.nanstd(raw, axis=1))
         self._ready[rows] = True
         self._encode(rows)
 
     # -- training windows -----------------------------------------------------------------------------
 
+    def _window_z(self, raw: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """Standardise windows ``(B, L + H)``: inputs with their own tick's scaler, targets with the origin's (the
+        scaler a forecast from that origin uses)."""
+        lb = self.lookback
+        return np.concatenate([(raw[:, :lb] - mean[:, :lb]) / scale[:, :lb],
+                               (raw[:, lb:] - mean[:, lb - 1 : lb]) / scale[:, lb - 1 : lb]], axis=1)
+
     def _window_loss(self, net: LiquidNet, z: np.ndarray, ticks: np.ndarray, q: torch.Tensor | None,
                      cycle: int) -> torch.Tensor:
-        """Masked MSE of ``net`` on windows ``z`` ``(B, L + H)`` (standardised, NaN where missing) at ``ticks``.
+        """Masked MSE of ``net`` on windows ``z`` ``(B, L + H)`` (from :meth:`_window_z`, NaN where missing) at
+        ``ticks``.
 
         The lookback is encoded from a zero state; the last input step is a real value by construction.
         ``q`` ``(B, W)`` holds each window's cycle row of length ``cycle`` (``"cyclenet"`` mode); gradients flow
@@ -528,9 +579,14 @@ class CfCForecaster(BatchForecaster):
         cohort, raw, ticks = candidates[enough], raw[enough], ticks[enough]
         if cohort.size == 0:
             return None
-        mean = np.nanmean(raw[:, :n_train], axis=1)
-        scale = _safe_std(np.nanstd(raw[:, :n_train], axis=1))
-        z = (raw - mean[:, None]) / scale[:, None]
+        if self._adaptive:
+            mean, scale = None, None
+            mean_t, scale_t = self._stats(cohort, ticks)
+        else:
+            mean = np.nanmean(raw[:, :n_train], axis=1)
+            scale = _safe_std(np.nanstd(raw[:, :n_train], axis=1))
+            mean_t, scale_t = np.broadcast_to(mean[:, None], raw.shape), np.broadcast_to(scale[:, None], raw.shape)
+        z = (raw - mean_t) / scale_t
         cycle = self.cycle_
         if self.mode == "cyclenet" and not cycle:
             from tidecast.models.cyclenet import detect_cycle  # only this mode needs it
@@ -548,7 +604,7 @@ class CfCForecaster(BatchForecaster):
         net = build_net(self._n_inputs, self.units, self.horizon, self.backbone_units, self.backbone_layers,
                         self.seed)
         q = nn.Parameter(torch.zeros(cohort.size, cycle)) if self.mode == "cyclenet" else None
-        fit = _WarmFit(self, net, q, z, ticks, train, val, cycle)
+        fit = _WarmFit(self, net, q, (raw, mean_t, scale_t), ticks, train, val, cycle)
         return {"fit": fit, "net": net, "q": q, "rows": cohort, "mean": mean, "scale": scale, "cycle": cycle}
 
     def _install(self, job: dict[str, Any]) -> None:
@@ -561,7 +617,8 @@ class CfCForecaster(BatchForecaster):
                 self._q[rows] = job["q"].detach().numpy()
             self.net_ = job["net"]
             self.net_.eval()
-            self._mean[rows], self._scale[rows] = job["mean"], job["scale"]
+            if not self._adaptive:
+                self._mean[rows], self._scale[rows] = job["mean"], job["scale"]
             self._ready[rows] = True
             self._encode(rows)
             self.fit_report_ = {**job["fit"].report, "rows": int(rows.size), "cycle": self.cycle_}
@@ -617,7 +674,7 @@ class CfCForecaster(BatchForecaster):
         r = rows[pick]
         age = np.floor(self._rng.random(self.replay_batch) * counts[pick]).astype(np.int64)  # 0: the newest
         ticks = (self._last_tick[r] - self.horizon - age)[:, None] - self.lookback + 1 + np.arange(self._window)
-        z = (self._hist[r[:, None], ticks % self._ring] - self._mean[r, None]) / self._scale[r, None]
+        z = self._window_z(self._hist[r[:, None], ticks % self._ring], *self._stats(r, ticks))
         ok = np.isfinite(z[:, self.lookback - 1]) & np.isfinite(z[:, self.lookback :]).any(axis=1)
         return (r[ok], z[ok], ticks[ok]) if ok.any() else None
 
@@ -701,6 +758,11 @@ class CfCForecaster(BatchForecaster):
                 "scale": self._scale[rows].copy(),
                 "ready": self._ready[rows].astype(np.uint8),
             }
+            if self._adaptive:
+                ticks = self._last_tick[rows, None] - self._ring + 1 + np.arange(self._ring)
+                at = (rows[:, None], ticks % self._ring)
+                state.update(var=self._var[rows].copy(), history_mean=self._hist_mean[at],
+                             history_scale=self._hist_scale[at])
             if self.mode == "cyclenet":
                 state.update(cycle_row=self._q[rows].copy(), cycle_adam_m=self._q_m[rows].copy(),
                              cycle_adam_v=self._q_v[rows].copy(), cycle_adam_step=self._q_step[rows].copy())
@@ -720,6 +782,10 @@ class CfCForecaster(BatchForecaster):
             last = np.asarray(state["last_tick"], dtype=np.int64)
             ticks = last[:, None] - self._ring + 1 + np.arange(self._ring)
             self._hist[rows[:, None], ticks % self._ring] = hist
+            if self._adaptive:
+                self._var[rows] = state["var"]
+                self._hist_mean[rows[:, None], ticks % self._ring] = state["history_mean"]
+                self._hist_scale[rows[:, None], ticks % self._ring] = state["history_scale"]
             self._state[rows] = hidden
             self._last_tick[rows], self._last_value[rows] = last, state["last_value"]
             self._seen[rows] = state["seen"]
@@ -771,7 +837,7 @@ class CfCForecaster(BatchForecaster):
             raise ValueError("not a CfC state")
         params = meta["params"]
         for key in ("horizon", "lookback", "mode", "units", "backbone_units", "backbone_layers", "periods",
-                    "skip", "warm_start", "replay_window"):
+                    "skip", "scale_halflife", "warm_start", "replay_window"):
             if params[key] != self.get_params()[key]:
                 raise ValueError(f"state has {key}={params[key]!r}, this model {self.get_params()[key]!r}")
         with self._train_lock, self._lock:
@@ -804,8 +870,8 @@ class CfCForecaster(BatchForecaster):
     def get_params(self) -> dict[str, Any]:
         """Constructor parameters (JSON-able), scikit-learn style."""
         names = ("horizon", "lookback", "mode", "units", "backbone_units", "backbone_layers", "periods", "skip",
-                 "cycle", "warm_start", "val_fraction", "lr", "epochs", "patience", "batch_size", "online_lr",
-                 "online_cycle_lr", "replay_window", "replay_every", "replay_steps", "replay_batch",
+                 "scale_halflife", "cycle", "warm_start", "val_fraction", "lr", "epochs", "patience", "batch_size",
+                 "online_lr", "online_cycle_lr", "replay_window", "replay_every", "replay_steps", "replay_batch",
                  "step_budget", "defer", "max_cycle", "seed")
         params = {k: getattr(self, k) for k in names}
         params["periods"] = list(self.periods)
@@ -822,10 +888,11 @@ class _WarmFit:
 
     FLAT_EPOCHS, DECAY = 4, 0.8
 
-    def __init__(self, model: CfCForecaster, net: LiquidNet, q: nn.Parameter | None, z: np.ndarray,
-                 ticks: np.ndarray, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-                 cycle: int) -> None:
-        self.model, self.net, self.q, self.z, self.ticks = model, net, q, z, ticks
+    def __init__(self, model: CfCForecaster, net: LiquidNet, q: nn.Parameter | None,
+                 data: tuple[np.ndarray, np.ndarray, np.ndarray], ticks: np.ndarray,
+                 train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], cycle: int) -> None:
+        self.model, self.net, self.q, self.ticks = model, net, q, ticks
+        self.raw, self.mean, self.scale = data  # (rows, ticks) each: values and the scaler at every tick
         self.train, self.val, self.cycle = train, val, cycle
         params = list(net.parameters()) + ([q] if q is not None else [])
         self.optimizer = torch.optim.Adam(params, lr=model.lr)
@@ -848,8 +915,9 @@ class _WarmFit:
     def _loss(self, rows: np.ndarray, idx: np.ndarray) -> torch.Tensor:
         span = idx[:, None] - self.model.lookback + 1 + np.arange(self.model._window)
         q = self.q[torch.from_numpy(rows)] if self.q is not None else None
-        return self.model._window_loss(self.net, self.z[rows[:, None], span], self.ticks[rows[:, None], span], q,
-                                       self.cycle)
+        at = (rows[:, None], span)
+        z = self.model._window_z(self.raw[at], self.mean[at], self.scale[at])
+        return self.model._window_loss(self.net, z, self.ticks[at], q, self.cycle)
 
     def _val_mse(self) -> float:
         rows, idx = self.val
@@ -857,7 +925,7 @@ class _WarmFit:
         with torch.no_grad():
             for lo in range(0, rows.size, 4096):
                 sl = slice(lo, lo + 4096)
-                n = int(np.isfinite(self.z[rows[sl, None], idx[sl, None] + 1 + np.arange(self.model.horizon)]).sum())
+                n = int(np.isfinite(self.raw[rows[sl, None], idx[sl, None] + 1 + np.arange(self.model.horizon)]).sum())
                 total += float(self._loss(rows[sl], idx[sl])) * n
                 weight += n
         return total / max(weight, 1)
