@@ -80,8 +80,6 @@ MODES = ("frozen", "online", "cyclenet")
 _NO_TICK = np.iinfo(np.int64).min
 _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
-#: Half-life (observations) of the per-row forecast error that weights replay (``replay_priority``).
-ERROR_HALFLIFE = 24
 
 
 class LeCunTanh(nn.Module):
@@ -233,10 +231,6 @@ class CfCForecaster(BatchForecaster):
         Each row keeps its newest ``replay_window`` windows; every ``replay_every`` rounds that complete a window,
         ``replay_steps`` Adam steps on ``replay_batch`` windows are due (unpaid steps carry over, up to four
         rounds' worth).
-    replay_priority
-        Replay draws a row in proportion to its windows times its recent squared forecast error (standardised,
-        half-life ``ERROR_HALFLIFE`` observations) to this power: after a shift, the rows it hit are learned
-        first. 0: every window alike.
     step_budget
         Seconds of replay training allowed per inline round.
     defer
@@ -272,7 +266,6 @@ class CfCForecaster(BatchForecaster):
         replay_every: int = 1,
         replay_steps: int = 1,
         replay_batch: int = 128,
-        replay_priority: float = 0.0,
         step_budget: float = 0.02,
         defer: bool | None = None,
         max_cycle: int = 400,
@@ -287,7 +280,6 @@ class CfCForecaster(BatchForecaster):
         self.online_lr, self.online_cycle_lr = online_lr, online_cycle_lr
         self.replay_window, self.replay_every = replay_window, replay_every
         self.replay_steps, self.replay_batch, self.step_budget = replay_steps, replay_batch, step_budget
-        self.replay_priority = replay_priority
         self.defer, self.max_cycle, self.seed = defer, max_cycle, seed
         self._check_params()
         self._lock = threading.RLock()  # row tables, serving weights
@@ -360,7 +352,6 @@ class CfCForecaster(BatchForecaster):
         self._last_tick = np.zeros(0, dtype=np.int64)
         self._last_value = np.zeros(0)
         self._seen = np.zeros(0, dtype=np.int64)
-        self._error = np.zeros(0)  # recent squared forecast error, standardised
         self._mean = np.zeros(0)
         self._scale = np.zeros(0)
         self._var = np.zeros(0)  # exponentially weighted variance (adaptive scaler)
@@ -397,7 +388,6 @@ class CfCForecaster(BatchForecaster):
                 self._state = grow(self._state, 0.0)
                 self._last_tick, self._last_value = grow(self._last_tick, _NO_TICK), grow(self._last_value, np.nan)
                 self._seen = grow(self._seen, 0)
-                self._error = grow(self._error, 1.0)
                 self._mean, self._scale = grow(self._mean, np.nan), grow(self._scale, np.nan)
                 self._var = grow(self._var, 0.0)
                 self._hist_mean, self._hist_scale = grow(self._hist_mean, np.nan), grow(self._hist_scale, np.nan)
@@ -446,15 +436,12 @@ class CfCForecaster(BatchForecaster):
             if rows.max() >= self.n_rows_:
                 self.resize(int(rows.max()) + 1)
             prev = self._last_tick[rows].copy()
-            served = self._ready[rows] if self.net_ is not None else np.zeros(rows.size, dtype=bool)
-            prior = self._predict(rows[served]) if self._learns and served.any() else None
             self._record(rows, ticks, values, prev)
-            if prior is not None:
-                self._track_error(rows[served], values[served], ticks[served] - prev[served], prior)
             if self.net_ is None:
                 if self._job is None and np.any(self._seen[rows] >= self.warm_start):
                     self._job = self._start_fit()
             else:
+                served = self._ready[rows]
                 if served.any():
                     self._advance(rows[served], ticks[served], values[served], ticks[served] - prev[served])
                 self._join(rows[~served & (self._seen[rows] >= self._window)])
@@ -464,15 +451,6 @@ class CfCForecaster(BatchForecaster):
                         self._due = min(self._due + self.replay_steps, 4 * self.replay_steps)
         if not self._deferred:
             self._work(math.inf, self.step_budget)
-
-    def _track_error(self, rows: np.ndarray, values: np.ndarray, dt: np.ndarray, prior: np.ndarray) -> None:
-        """Exponentially weighted squared error (standardised) of the forecast each row made for this value; it
-        steers replay towards the rows the model currently gets wrong (``replay_priority``)."""
-        inside = dt <= self.horizon
-        rows, dt = rows[inside], dt[inside]
-        err = (values[inside] - prior[inside, dt - 1]) / self._scale[rows]
-        alpha = 1.0 - 0.5 ** (1.0 / ERROR_HALFLIFE)
-        self._error[rows] += alpha * (err**2 - self._error[rows])
 
     def _record(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray, prev: np.ndarray) -> None:
         """Write the values into the rings; ticks skipped since each row's last value are marked missing."""
@@ -685,18 +663,14 @@ class CfCForecaster(BatchForecaster):
             self._train_lock.release()
 
     def _sample(self) -> tuple[np.ndarray, ...] | None:
-        """``replay_batch`` windows from the buffer (under the lock): rows, standardised windows ``(B, L + H)`` and
-        their ticks. A row is drawn in proportion to its windows times its recent error to the power
-        ``replay_priority`` (0: every window alike), a window uniformly among the row's. Windows without a real
-        last input or any target are dropped."""
+        """``replay_batch`` windows drawn uniformly from the buffer (under the lock): rows, standardised
+        windows ``(B, L + H)`` and their ticks. Windows without a real last input or any target are dropped."""
         rows = np.flatnonzero(self._ready[: self.n_rows_])
         counts = self._windows(rows)
         rows, counts = rows[counts > 0], counts[counts > 0]
         if rows.size == 0:
             return None
-        weight = counts * np.maximum(self._error[rows], 1e-12) ** self.replay_priority if self.replay_priority \
-            else counts.astype(float)
-        pick = self._rng.choice(rows.size, size=self.replay_batch, p=weight / weight.sum())
+        pick = self._rng.choice(rows.size, size=self.replay_batch, p=counts / counts.sum())
         r = rows[pick]
         age = np.floor(self._rng.random(self.replay_batch) * counts[pick]).astype(np.int64)  # 0: the newest
         ticks = (self._last_tick[r] - self.horizon - age)[:, None] - self.lookback + 1 + np.arange(self._window)
@@ -754,24 +728,19 @@ class CfCForecaster(BatchForecaster):
             r = rows[ok]
             if r.size == 0:
                 return out
-            y = self._predict(r)
+            with torch.inference_mode():
+                y = self.net_.head(torch.from_numpy(self._state[r])).numpy().astype(float)
+            mean, scale, last = self._mean[r], self._scale[r], self._last_tick[r]
+            if self.skip or self.cycle_:
+                z_last = (self._last_value[r] - mean) / scale
+                _, q_last = self._inputs(r, last, z_last)
+                if self.skip:
+                    y += (z_last - q_last)[:, None]
+                if self.cycle_:
+                    y += self._q[r[:, None], (last[:, None] + np.arange(1, self.horizon + 1)) % self.cycle_]
         k = min(horizon, self.horizon)
-        out[ok, :k] = y[:, :k]
+        out[ok, :k] = y[:, :k] * scale[:, None] + mean[:, None]
         return out
-
-    def _predict(self, rows: np.ndarray) -> np.ndarray:
-        """Raw-scale forecasts ``(len(rows), H)`` of served rows from their current states (under the lock)."""
-        with torch.inference_mode():
-            y = self.net_.head(torch.from_numpy(self._state[rows])).numpy().astype(float)
-        mean, scale, last = self._mean[rows], self._scale[rows], self._last_tick[rows]
-        if self.skip or self.cycle_:
-            z_last = (self._last_value[rows] - mean) / scale
-            _, q_last = self._inputs(rows, last, z_last)
-            if self.skip:
-                y += (z_last - q_last)[:, None]
-            if self.cycle_:
-                y += self._q[rows[:, None], (last[:, None] + np.arange(1, self.horizon + 1)) % self.cycle_]
-        return y * scale[:, None] + mean[:, None]
 
     # -- state ------------------------------------------------------------------------------------------
 
@@ -785,7 +754,6 @@ class CfCForecaster(BatchForecaster):
                 "last_tick": self._last_tick[rows].copy(),
                 "last_value": self._last_value[rows].copy(),
                 "seen": self._seen[rows].copy(),
-                "error": self._error[rows].copy(),
                 "mean": self._mean[rows].copy(),
                 "scale": self._scale[rows].copy(),
                 "ready": self._ready[rows].astype(np.uint8),
@@ -821,7 +789,6 @@ class CfCForecaster(BatchForecaster):
             self._state[rows] = hidden
             self._last_tick[rows], self._last_value[rows] = last, state["last_value"]
             self._seen[rows] = state["seen"]
-            self._error[rows] = state["error"]
             self._mean[rows], self._scale[rows] = state["mean"], state["scale"]
             self._ready[rows] = np.asarray(state["ready"]).astype(bool)
             if self.mode == "cyclenet":
@@ -905,7 +872,7 @@ class CfCForecaster(BatchForecaster):
         names = ("horizon", "lookback", "mode", "units", "backbone_units", "backbone_layers", "periods", "skip",
                  "scale_halflife", "cycle", "warm_start", "val_fraction", "lr", "epochs", "patience", "batch_size",
                  "online_lr", "online_cycle_lr", "replay_window", "replay_every", "replay_steps", "replay_batch",
-                 "replay_priority", "step_budget", "defer", "max_cycle", "seed")
+                 "step_budget", "defer", "max_cycle", "seed")
         params = {k: getattr(self, k) for k in names}
         params["periods"] = list(self.periods)
         return params
