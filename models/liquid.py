@@ -80,6 +80,7 @@ MODES = ("frozen", "online", "cyclenet")
 _NO_TICK = np.iinfo(np.int64).min
 _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
+SCALE_CLIP = 3.0  # deviations at which the adaptive scaler winsorises a value for its variance
 
 
 class LeCunTanh(nn.Module):
@@ -465,13 +466,16 @@ class CfCForecaster(BatchForecaster):
         self._seen[rows] += 1
 
     def _update_scaler(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray, prev: np.ndarray) -> None:
-        """Exponentially weighted mean and variance, decayed by the real time since the last value."""
+        """Exponentially weighted mean and variance, decayed by the real time since the last value. The variance
+        sees each deviation winsorised at ``SCALE_CLIP`` deviations, so that one jump cannot blow the scale up
+        (the mean follows the jump, the scale grows by a bounded factor per step)."""
         first = self._seen[rows] == 0
         alpha = 1.0 - 0.5 ** (np.where(first, 1, ticks - prev) / self.scale_halflife)
         mean, var = self._mean[rows], self._var[rows]
         diff = values - np.where(first, values, mean)
+        bound = np.where(var > 0, SCALE_CLIP * np.sqrt(var), np.inf)
         self._mean[rows] = np.where(first, values, mean + alpha * diff)
-        self._var[rows] = np.where(first, 0.0, (1.0 - alpha) * (var + alpha * diff**2))
+        self._var[rows] = np.where(first, 0.0, (1.0 - alpha) * (var + alpha * np.clip(diff, -bound, bound) ** 2))
         self._scale[rows] = _safe_std(np.sqrt(self._var[rows]))
         self._hist_mean[rows, ticks % self._ring] = self._mean[rows]
         self._hist_scale[rows, ticks % self._ring] = self._scale[rows]
