@@ -24,6 +24,9 @@ direct multi-horizon head.
 * **Raw values in, raw forecasts out.** Each row is standardised with the mean and (population) standard
   deviation of its warm-start training part, as CycleNet does; the head forecasts the standardised value as the
   last value plus a learned correction (``skip=True``), so a level shift is followed from its first step.
+  ``scale_halflife`` swaps in an adaptive scaler instead: an exponentially weighted mean and deviation per row
+  (decayed by ``dt``, deviations winsorised at 3 standard deviations for the variance), each input standardised
+  with its own tick's statistics and each forecast with its origin's.
 * **Warm start** (CycleNet's recipe): rows keep their history until ``warm_start`` observations have arrived;
   then the group is fitted, Adam on MSE, lr flat for 4 epochs then x0.8 per epoch, early stopping on the last
   ``val_fraction`` of the history (best weights kept). A training window is ``lookback`` steps encoded from a zero

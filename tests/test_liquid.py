@@ -219,6 +219,20 @@ def test_online_learns_from_complete_windows_only_and_frozen_stays_put():
     np.testing.assert_allclose(raw, values[ticks[:, :8], r[:, None]], rtol=1e-9)
 
 
+def test_adaptive_scaler_follows_a_level_shift_without_blowing_up():
+    model = small(scale_halflife=12.0)
+    rows = np.array([0])
+    values = cyclic(np.arange(300))
+    values[150:] += 50.0  # 50 deviations of the cycle
+    feed(model, rows, range(150), values[:150])
+    settled = model._scale[0]
+    feed(model, rows, range(150, 151), values[150:151])
+    alpha = 1 - 0.5 ** (1 / 12)
+    assert model._scale[0] <= settled * np.sqrt((1 - alpha) * (1 + 9 * alpha)) + 1e-12  # winsorised at 3 sd
+    feed(model, rows, range(151, 300), values[151:])
+    assert abs(model._mean[0] - (50 + PATTERN.mean())) < 0.5 and model._scale[0] < 2 * settled
+
+
 @pytest.mark.parametrize("params", [
     dict(mode="online"),
     dict(mode="cyclenet", cycle=W),
