@@ -322,3 +322,25 @@ def test_bad_parameters_are_refused():
         small(warm_start=10)
     with pytest.raises(ValueError, match="scale_halflife"):
         small(scale_halflife=0.0)
+
+
+def test_engine_can_drop_a_cfc_series_and_reuse_its_row():
+    from tidecast.stream.batch import ObservationBatch
+    from tidecast.stream.config import EngineConfig
+    from tidecast.stream.engine import Engine
+
+    hour = 3_600_000_000_000
+    params = {"lookback": 8, "units": 8, "backbone_units": 16, "warm_start": 80, "epochs": 1, "mode": "cyclenet"}
+    engine = Engine.from_config(EngineConfig(horizon=4, models=["cfc"], freq="1h", model_params={"cfc": params}))
+    ids = np.array(["a", "b", "c"], dtype=object)
+    for k in range(100):
+        engine.process(ObservationBatch(ids, np.full(3, k * hour), np.sin(2 * np.pi * k / 6) + np.arange(3.0)))
+    model = engine.lanes[0].model
+    assert model.fitted_ and model.cycle_ == 6  # detected at the warm start; blank rows were exported before
+    engine.drop_series(["b"])
+    out = engine.process(ObservationBatch(np.array(["new"], dtype=object), np.array([100 * hour]), np.array([1.0])))
+    assert engine._slot_of["new"] == 1 and len(out.forecasts) == 0 and not model.ready_[1]
+    for k in range(101, 115):  # after lookback + horizon observations the new series is served
+        out = engine.process(ObservationBatch(np.array(["a", "new"], dtype=object), np.full(2, k * hour),
+                                              np.array([np.sin(2 * np.pi * k / 6), 1.0])))
+    assert set(out.forecasts.series_id) == {"a", "new"}
