@@ -520,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--cost-series", type=int, default=1000, help="series in the serving-cost table (0: skip)")
+    parser.add_argument("--runs-json", metavar="PATH", help="also write every seed's metrics to this file")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object")
     args = parser.parse_args(argv)
     cfc = dict(CFC)
@@ -536,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         runs = [run_seed(s, variants, names, cfc, args.threads) for s in seeds]
     summary = summarise(runs, variants, names)
+    if args.runs_json:
+        with open(args.runs_json, "w") as out:
+            json.dump({"cfc": cfc, "runs": runs}, out)
     print(f"link failure bench: {N_NODES} nodes, {N_LINKS} links, horizons {HORIZONS}, "
           f"{'dev' if args.dev else 'scored'} seeds, cfc {cfc}; {time.perf_counter() - began:.0f} s")
     print_tables(summary, runs, variants)

@@ -231,6 +231,10 @@ class CfCForecaster(BatchForecaster):
         The warm-start fit (see the module docstring).
     online_lr, online_cycle_lr
         Adam learning rates of the replay steps for the network and for the cycle rows (None: ``online_lr``).
+    online_huber
+        Replay steps minimise the Huber loss with this threshold (standardised units) instead of the squared
+        error: a window across a sudden shift, unpredictable by construction, then pulls no harder than one of
+        ``online_huber`` deviations, instead of dominating every batch it is drawn into.
     replay_window, replay_every, replay_steps, replay_batch
         Each row keeps its newest ``replay_window`` windows; every ``replay_every`` rounds that complete a window,
         ``replay_steps`` Adam steps on ``replay_batch`` windows are due (unpaid steps carry over, up to four
@@ -266,6 +270,7 @@ class CfCForecaster(BatchForecaster):
         batch_size: int = 256,
         online_lr: float = 1e-3,
         online_cycle_lr: float | None = None,
+        online_huber: float | None = None,
         replay_window: int = 168,
         replay_every: int = 1,
         replay_steps: int = 1,
@@ -281,7 +286,7 @@ class CfCForecaster(BatchForecaster):
         self.scale_halflife = scale_halflife
         self.warm_start, self.val_fraction = warm_start, val_fraction
         self.lr, self.epochs, self.patience, self.batch_size = lr, epochs, patience, batch_size
-        self.online_lr, self.online_cycle_lr = online_lr, online_cycle_lr
+        self.online_lr, self.online_cycle_lr, self.online_huber = online_lr, online_cycle_lr, online_huber
         self.replay_window, self.replay_every = replay_window, replay_every
         self.replay_steps, self.replay_batch, self.step_budget = replay_steps, replay_batch, step_budget
         self.defer, self.max_cycle, self.seed = defer, max_cycle, seed
@@ -545,9 +550,9 @@ class CfCForecaster(BatchForecaster):
                                (raw[:, lb:] - mean[:, lb - 1 : lb]) / scale[:, lb - 1 : lb]], axis=1)
 
     def _window_loss(self, net: LiquidNet, z: np.ndarray, ticks: np.ndarray, q: torch.Tensor | None,
-                     cycle: int) -> torch.Tensor:
-        """Masked MSE of ``net`` on windows ``z`` ``(B, L + H)`` (from :meth:`_window_z`, NaN where missing) at
-        ``ticks``.
+                     cycle: int, huber: float | None = None) -> torch.Tensor:
+        """Masked MSE (or Huber loss with threshold ``huber``) of ``net`` on windows ``z`` ``(B, L + H)`` (from
+        :meth:`_window_z`, NaN where missing) at ``ticks``.
 
         The lookback is encoded from a zero state; the last input step is a real value by construction.
         ``q`` ``(B, W)`` holds each window's cycle row of length ``cycle`` (``"cyclenet"`` mode); gradients flow
@@ -572,7 +577,11 @@ class CfCForecaster(BatchForecaster):
         if cyc is not None:
             pred = pred + cyc[:, lb:]
         mask = torch.from_numpy(present[:, lb:].astype(np.float32))
-        return ((pred - values[:, lb:]) ** 2 * mask).sum() / mask.sum().clamp(min=1.0)
+        if huber is None:
+            loss = (pred - values[:, lb:]) ** 2
+        else:  # 2x torch's huber_loss, so that it equals the squared error below the threshold
+            loss = 2.0 * nn.functional.huber_loss(pred, values[:, lb:], reduction="none", delta=huber)
+        return (loss * mask).sum() / mask.sum().clamp(min=1.0)
 
     # -- the warm-start fit -----------------------------------------------------------------------------
 
@@ -695,7 +704,7 @@ class CfCForecaster(BatchForecaster):
             return
         rows, z, ticks = batch
         q = torch.tensor(q0, requires_grad=True) if q0 is not None else None
-        loss = self._window_loss(self._trainer, z, ticks, q, self.cycle_)
+        loss = self._window_loss(self._trainer, z, ticks, q, self.cycle_, self.online_huber)
         self._opt.zero_grad(set_to_none=True)
         loss.backward()
         self._opt.step()
@@ -878,8 +887,8 @@ class CfCForecaster(BatchForecaster):
         """Constructor parameters (JSON-able), scikit-learn style."""
         names = ("horizon", "lookback", "mode", "units", "backbone_units", "backbone_layers", "periods", "skip",
                  "scale_halflife", "cycle", "warm_start", "val_fraction", "lr", "epochs", "patience", "batch_size",
-                 "online_lr", "online_cycle_lr", "replay_window", "replay_every", "replay_steps", "replay_batch",
-                 "step_budget", "defer", "max_cycle", "seed")
+                 "online_lr", "online_cycle_lr", "online_huber", "replay_window", "replay_every", "replay_steps",
+                 "replay_batch", "step_budget", "defer", "max_cycle", "seed")
         params = {k: getattr(self, k) for k in names}
         params["periods"] = list(self.periods)
         return params

@@ -233,6 +233,23 @@ def test_adaptive_scaler_follows_a_level_shift_without_blowing_up():
     assert abs(model._mean[0] - (50 + PATTERN.mean())) < 0.5 and model._scale[0] < 2 * settled
 
 
+def test_huber_replay_loss_is_the_squared_error_until_a_shift_caps_it():
+    model = fitted("online", online_huber=1.0)
+    with model._lock:
+        _, z, ticks = model._sample()
+    net = model._trainer
+
+    def loss(windows: np.ndarray, huber: float | None) -> float:
+        with torch.no_grad():
+            return float(model._window_loss(net, windows, ticks, None, 0, huber=huber))
+
+    assert loss(z, 100.0) == pytest.approx(loss(z, None), rel=1e-6)  # below the threshold: the squared error
+    assert loss(z, 1.0) <= loss(z, None)
+    shifted = z.copy()
+    shifted[:, model.lookback :] += 20.0  # every target 20 deviations off: a window across a sudden shift
+    assert loss(shifted, None) > 300 and loss(shifted, 1.0) < 45  # about 20^2 against 2 * 20 - 1
+
+
 @pytest.mark.parametrize("params", [
     dict(mode="online"),
     dict(mode="cyclenet", cycle=W),
