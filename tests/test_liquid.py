@@ -106,13 +106,13 @@ def test_cell_matches_ncps_with_the_same_weights():
 def test_forecasts_are_nan_until_warm_then_raw_scale_with_the_models_horizon():
     model = small(mode="online")
     rows = np.arange(3)
-    values = cyclic(np.arange(300), channels=3)
+    values = cyclic(np.arange(200), channels=3)
     feed(model, rows, range(119), values[:119])
     assert np.isnan(model.forecast_many(rows, 4)).all()
-    feed(model, rows, range(119, 300), values[119:])
+    feed(model, rows, range(119, 200), values[119:])
     f = model.forecast_many(rows, 6)  # beyond the model's horizon: NaN
     assert f.shape == (3, 6) and np.isnan(f[:, 4:]).all() and np.isfinite(f[:, :4]).all()
-    truth = cyclic(np.arange(300, 304), channels=3, noise=0.0).T
+    truth = cyclic(np.arange(200, 204), channels=3, noise=0.0).T
     assert np.abs(f[:, :4] - truth).max() < 2.5  # raw scale: the channels live at levels 0, 10 and 20
     assert np.abs(f[:, :2] - truth[:, :2]).max() < 0.5  # and the next steps are close
     assert model.fit_report_["rows"] == 3 and model._rounds > 0
@@ -220,7 +220,7 @@ def test_online_learns_from_complete_windows_only_and_frozen_stays_put():
 
 
 def test_adaptive_scaler_follows_a_level_shift_without_blowing_up():
-    model = small(scale_halflife=12.0)
+    model = small(scale_halflife=12.0, warm_start=400)  # no fit needed: the scaler runs from the first value
     rows = np.array([0])
     values = cyclic(np.arange(300))
     values[150:] += 50.0  # 50 deviations of the cycle
