@@ -884,16 +884,6 @@ class CfCForecaster(BatchForecaster):
                 st["exp_avg_sq"].copy_(torch.from_numpy(np.asarray(arrays[f"adam_v.{name}"])))
                 st["step"] = step.clone()
 
-    def get_params(self) -> dict[str, Any]:
-        """Constructor parameters (JSON-able), scikit-learn style."""
-        names = ("horizon", "lookback", "mode", "units", "backbone_units", "backbone_layers", "periods", "skip",
-                 "scale_halflife", "cycle", "warm_start", "val_fraction", "lr", "epochs", "patience", "batch_size",
-                 "online_lr", "online_cycle_lr", "online_huber", "replay_window", "replay_every", "replay_steps",
-                 "replay_batch", "step_budget", "defer", "max_cycle", "seed")
-        params = {k: getattr(self, k) for k in names}
-        params["periods"] = list(self.periods)
-        return params
-
 
 class _WarmFit:
     """The warm-start recipe as a resumable loop over windows of a (rows, ticks) block.

@@ -120,9 +120,16 @@ def _cyclenet_class() -> type:
 
 
 #: Factories that forward ``**params`` to a class: the class whose constructor declares them.
+def _cfc_class() -> type:
+    from tidecast.models.liquid import CfCForecaster  # torch: imported only when the liquid model is asked for
+
+    return CfCForecaster
+
+
 _PARAMETERS_OF: dict[str, Callable[[], Callable[..., Any]]] = {
     "seasonal-naive": lambda: SeasonalNaive,
     "cyclenet": _cyclenet_class,
+    "cfc": _cfc_class,
 }
 _ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
