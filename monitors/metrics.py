@@ -2,8 +2,9 @@
 
 One :class:`prometheus_client.CollectorRegistry` per process (passed in, so tests can make their own). Base units
 (seconds, ratios), ``_total`` counters, and only bounded label sets: ``model`` (the configured models),
-``horizon`` (1..H), ``reason`` (:data:`tidecast.stream.records.REASONS`), ``partition`` (the assigned partitions),
-``detector`` (the configured drift watchers).
+``horizon`` (1..H), ``reason`` (:data:`tidecast.stream.records.REASONS`, and ``serve``'s
+:data:`tidecast.stream.kafka_source.SERVE_REASONS`), ``partition`` (the assigned partitions), ``source`` (changelog,
+snapshot), ``detector`` (the configured drift watchers).
 No per-series labels: a fleet of 100k series must not become 100k time series in Prometheus.
 
 >>> m = Metrics()
@@ -117,6 +118,25 @@ class Metrics:
         self.output_errors = Counter(
             "tidecast_output_errors", "Forecast or dead-letter messages the broker did not acknowledge.",
             registry=r)
+        self.broker_up = Gauge(
+            "tidecast_broker_up", "1 while the Kafka cluster answers, 0 while it is unreachable (retried within "
+            "the outage budget); NaN outside serve.", registry=r)
+        self.broker_up.set(float("nan"))  # replay talks to no broker: neither up nor down
+        self.broker_retries = Counter(
+            "tidecast_broker_retries", "Broker operations retried because the cluster was unreachable (connecting "
+            "at start, flushing outputs, writing or reading the changelog, probing).", registry=r)
+        self.state_skipped = Counter(
+            "tidecast_state_skipped", "State skipped at restore: changelog records that are no state blob, local "
+            "snapshots of another topic, partition or group.", ["source"], registry=r)
+        self.offset_resets = Counter(
+            "tidecast_consumer_offset_resets", "Input partitions whose log went back under the consumer (topic "
+            "recreated, log truncated) or whose position lay past the log end; reset per auto_offset_reset.",
+            registry=r)
+        self.processing_errors = Counter(
+            "tidecast_processing_errors", "Batches (or forecasts) whose processing raised; their records are "
+            "dead-lettered as processing_error. Always a bug to fix.", registry=r)
+        for source in ("changelog", "snapshot"):
+            self.state_skipped.labels(source=source)
 
     def exposition(self) -> bytes:
         """The text exposition format, as ``/metrics`` serves it."""

@@ -33,6 +33,7 @@ from tidecast.models.registry import MODELS, check_keywords, check_params, keywo
 from tidecast.monitors.conformal import CALIBRATORS, DEFAULT_CALIBRATOR
 from tidecast.monitors.drift import DEFAULT_DETECTOR, DETECTORS
 from tidecast.stream.kafka import ASSIGNMENT_STRATEGIES
+from tidecast.stream.partitioner import DEFAULT_PARTITIONER, PARTITIONERS
 from tidecast.stream.records import DEFAULT_MAX_ABS_VALUE, DEFAULT_MAX_BYTES
 from tidecast.stream.settings import (
     SettingsError,
@@ -334,6 +335,12 @@ class ServeSettings(KafkaClientSettings):
     max_request_size: int = setting(16 * 1024 * 1024, "largest message the producer sends (state records can be "
                                     "large; the changelog topic is created to accept them)", group=KAFKA,
                                     check=at_least(1))
+    partitioner: str = setting(DEFAULT_PARTITIONER, "how the producers map a series id key to its input partition: "
+                               "murmur2 (Java, kafka-python), crc32 (librdkafka: confluent-kafka, kcat), fnv1a (Go's "
+                               "Sarama); records on another partition are dead-lettered (wrong_partition)",
+                               group=KAFKA, choices=tuple(PARTITIONERS))
+    broker_outage_budget: float = setting(300.0, "seconds an unreachable Kafka cluster is waited out (at start and "
+                                          "during an outage) before serve exits 1", group=KAFKA, check=at_least(0))
     create_topics: bool = setting(True, "create missing output, dead-letter and changelog topics", group=KAFKA)
     replication_factor: int = setting(1, "replication factor of topics tidecast creates", group=KAFKA,
                                       check=at_least(1))
