@@ -316,6 +316,8 @@ class ServeSettings(KafkaClientSettings):
     group_id: str = setting("tidecast", "consumer group; members share the topic's partitions", group=KAFKA)
     forecast_topic: str | None = setting(None, "output topic for forecasts", group=KAFKA,
                                          shown_default="<topic>-forecasts")
+    events_topic: str | None = setting(None, "output topic for drift events (alarms of the lanes' drift monitors)",
+                                       group=KAFKA, shown_default="<topic>-events")
     dead_letter_topic: str | None = setting(None, "topic for rejected records", group=KAFKA,
                                             shown_default="<topic>-dead-letters")
     changelog_topic: str | None = setting(None, "state changelog, co-partitioned with the input", group=KAFKA,
@@ -369,7 +371,8 @@ class ServeSettings(KafkaClientSettings):
 
     def __post_init__(self) -> None:
         check_declared(self)
-        derived = {"forecast_topic": f"{self.topic}-forecasts", "dead_letter_topic": f"{self.topic}-dead-letters",
+        derived = {"forecast_topic": f"{self.topic}-forecasts", "events_topic": f"{self.topic}-events",
+                   "dead_letter_topic": f"{self.topic}-dead-letters",
                    "changelog_topic": f"{self.group_id}-{self.topic}-changelog"}
         for name, value in derived.items():
             if getattr(self, name) is None:
