@@ -14,8 +14,11 @@ For each series, in timestamp order, every new observation ``y`` at tick ``t`` g
 3. **forecast** — H steps ahead.
 4. **interval** — the calibrator puts ``[lower, upper]`` around each step; both are ``NaN`` ("no interval yet")
    while that (series, h) cell has no matured residual, never a zero-width interval claiming certainty.
-5. **monitor** — metrics are updated.
-6. **emit** — forecast records go back to the caller.
+5. **monitor** — each lane's monitors (:class:`~tidecast.monitors.drift.LaneMonitor`) see what matured in step 1
+   (the drift monitor: residuals of every horizon, the h = 1 interval's hit or miss, the value) and what was issued
+   in step 4 (label-free watchers); their alarms become :class:`~tidecast.monitors.drift.DriftEvent` objects in
+   :attr:`EngineResult.events`; metrics are updated.
+6. **emit** — forecast records and events go back to the caller.
 
 Time: each series lives on a regular grid of step ``freq``. Without a configured ``freq`` the step is inferred
 per series: its first :data:`STEP_WINDOW` observations are *held*, and the step is the (lower) median of their
