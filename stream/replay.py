@@ -1,9 +1,9 @@
 """``tidecast replay``: run a history file through the engine, as the live service would have.
 
 source (file) -> decode (:mod:`tidecast.stream.sources`) -> :class:`~tidecast.stream.engine.Engine` -> forecast sink,
-dead letters, metrics -> summary (and, with ``--report``, a :class:`~tidecast.stream.result.ReplayResult` written as
-an HTML report). Nothing here is specific to files except the source: the engine, the rules and the metrics are
-the ones ``serve`` uses. :func:`execute` is the loop shared with the Python API (:func:`tidecast.replay`).
+drift events, dead letters, metrics -> summary (and, with ``--report``, a :class:`~tidecast.stream.result.ReplayResult`
+written as an HTML report). Nothing here is specific to files except the source: the engine, the rules and the
+metrics are the ones ``serve`` uses. :func:`execute` is the loop shared with the Python API (:func:`tidecast.replay`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tidecast.models.runtime import set_torch_threads
+from tidecast.monitors.drift import DriftEvent
 from tidecast.monitors.metrics import Metrics
 from tidecast.stream.batch import ForecastBatch, ObservationBatch
 from tidecast.stream.config import EngineConfig, port_number
@@ -28,7 +29,7 @@ from tidecast.stream.engine import Engine, EngineResult
 from tidecast.stream.records import REASONS
 from tidecast.stream.result import ResultCollector
 from tidecast.stream.settings import at_least, check_declared, positive, setting
-from tidecast.stream.sinks import ForecastSink, JsonlDeadLetters, forecast_sink_for
+from tidecast.stream.sinks import EventSink, ForecastSink, JsonlDeadLetters, JsonlEvents, NullSink, forecast_sink_for
 from tidecast.stream.sources import DeadLetter, Replay, ReplaySpec, load_replay
 
 
@@ -37,6 +38,7 @@ class ReplayOptions:
     """Everything ``tidecast replay`` takes besides the engine configuration (the file comes in ``spec``)."""
 
     out: Path | None = setting(None, "forecast records, .parquet or .csv", group="output")
+    events: Path | None = setting(None, "drift events (the lanes' monitors' alarms) as JSON lines", group="output")
     dead_letter: Path | None = setting(Path("tidecast-dead-letters.jsonl"), "rejected rows as JSON lines (created "
                                        "only if there are any)", group="output")
     summary_json: Path | None = setting(None, "write the summary as JSON", group="output")
@@ -131,6 +133,8 @@ def execute(engine: Engine, replay: Replay, source: str, options: ReplayOptions,
     letters = JsonlDeadLetters(options.dead_letter) if options.dead_letter is not None else None
     sinks = [forecast_sink_for(options.out)] + ([collector] if collector is not None else [])
     sink = _Tee(*sinks)
+    events: EventSink = JsonlEvents(options.events) if options.events is not None else NullSink()
+    counts: dict[tuple[str, str], int] = {}
     started = time.perf_counter()
 
     def dead_letter(letter: DeadLetter) -> None:
@@ -141,6 +145,7 @@ def execute(engine: Engine, replay: Replay, source: str, options: ReplayOptions,
 
     def forward(result: EngineResult) -> None:
         sink.write(result.forecasts)
+        _events(events, counts, result.events)
         if collector is not None:
             collector.observe(result)
 
@@ -163,16 +168,18 @@ def execute(engine: Engine, replay: Replay, source: str, options: ReplayOptions,
         forward(engine.flush())  # series still inferring their step at the end of the file
     finally:
         sink.close()
+        events.close()
         if letters is not None:
             letters.close()
     elapsed = time.perf_counter() - started
-    return _summary(engine, metrics, elapsed, options.dead_letter if letters is not None and letters.count else None)
+    letter_file = options.dead_letter if letters is not None and letters.count else None
+    return _summary(engine, metrics, elapsed, letter_file, options, counts)
 
 
 def check_outputs(options: ReplayOptions) -> None:
     """``ValueError`` for an output that is the input file, another output, or cannot be written."""
-    outputs = {"--out": options.out, "--dead-letter": options.dead_letter, "--summary-json": options.summary_json,
-               "--report": options.report}
+    outputs = {"--out": options.out, "--events": options.events, "--dead-letter": options.dead_letter,
+               "--summary-json": options.summary_json, "--report": options.report}
     given = {flag: Path(path) for flag, path in outputs.items() if path is not None}
     source = Path(options.spec.path)
     for flag, path in given.items():
@@ -230,6 +237,13 @@ def _url(options: ReplayOptions) -> str:
     return f"http://{_host(options.metrics_address)}:{options.metrics_port}/metrics"
 
 
+def _events(sink: EventSink, counts: dict[tuple[str, str], int], events: list[DriftEvent]) -> None:
+    sink.write(events)
+    for event in events:
+        key = (event.model, event.detector)
+        counts[key] = counts.get(key, 0) + 1
+
+
 def _rejections(result: EngineResult, batch: ObservationBatch, source: str) -> list[DeadLetter]:
     return [
         DeadLetter(rej.reason, rej.detail, source,
@@ -253,8 +267,12 @@ def _throttle(rate: float | None, started: float, done: float) -> None:
             time.sleep(ahead)
 
 
-def _summary(engine: Engine, metrics: Metrics, elapsed: float, letter_file: Path | None) -> dict[str, Any]:
+def _summary(engine: Engine, metrics: Metrics, elapsed: float, letter_file: Path | None, options: ReplayOptions,
+             event_counts: dict[tuple[str, str], int]) -> dict[str, Any]:
     summary = engine.summary()
+    events: dict[str, dict[str, int]] = {}  # model -> detector -> events
+    for (model, detector), count in sorted(event_counts.items()):
+        events.setdefault(model, {})[detector] = count
     dead = {}
     for sample in metrics.dead_letters.collect()[0].samples:
         if sample.name.endswith("_total") and sample.value > 0:
@@ -263,6 +281,8 @@ def _summary(engine: Engine, metrics: Metrics, elapsed: float, letter_file: Path
         **summary,
         "dead_letters": dead,
         "dead_letter_file": str(letter_file) if letter_file is not None else None,
+        "drift_events": events,
+        "events_file": str(options.events) if options.events is not None else None,
         "elapsed_seconds": elapsed,
         "observations_per_second": summary["n_observations"] / elapsed if elapsed > 0 else None,
         "config": engine.config.to_dict(),
@@ -299,6 +319,9 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
         + f"; dead letters: {dead}"
         + (f" -> {summary['dead_letter_file']}" if summary["dead_letter_file"] else "")
     )
+    events = ", ".join(f"{model}/{detector} {n:,}" for model, by in summary["drift_events"].items()
+                       for detector, n in by.items()) or "none"
+    console.print(f"drift events: {events}" + (f" -> {summary['events_file']}" if summary["events_file"] else ""))
 
 
 def _fmt(value: float | None, spec: str = ".4g", bold: bool = False) -> str:
