@@ -214,3 +214,19 @@ def test_notebook_etth1_two_models_two_levels_cover_their_targets():
     for level, target in (("80", 0.80), ("95", 0.95)):
         assert (summary[f"coverage-{level}"] - target).abs().max() <= 0.02, summary[f"coverage-{level}"]
         assert (by_h[f"coverage-{level}"] - target).abs().max() <= 0.03, by_h[f"coverage-{level}"].describe()
+
+
+def test_the_engines_drift_alarms_arrive_as_events_and_are_drawn():
+    """A level jump at hour 400: the lane's drift monitor (the engine's default detector) raises an alarm soon
+    after, and it reaches ``result.events`` (the frame the plot and the report read) as the summary counts it."""
+    frame = noisy_cycles(600, series=("a",))
+    jump = frame["ds"].iloc[400].tz_localize("UTC")
+    frame.loc[400:, "y"] += 8.0
+    result = tidecast.replay(frame, models=["seasonal-naive"], horizon=6, levels=(80, 95), model_params=SN12)
+    events = result.events
+    assert len(events) == sum(n for per_model in result.run["drift_events"].values() for n in per_model.values()) > 0
+    assert set(events["unique_id"]) == {"a"} and set(events["model"]) == {"seasonal-naive"}
+    first = events["at"].min()
+    assert jump <= first < jump + 24 * HOUR
+    (ax,) = result.plot("a").axes
+    assert any(text.get_text().startswith(events["detector"].iloc[0]) for text in ax.get_legend().get_texts())
