@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -45,8 +46,10 @@ def report(tmp_path_factory) -> tuple[Path, dict]:
     page = tmp / "out" / "r.html"
     assert main(["replay", str(excerpt), "--columns", "OT,HUFL,LULL", "--model", "cyclenet,seasonal-naive",
                  "--model-param", "cyclenet.warm_start=600", "--level", "80,95", "--report", str(page),
-                 "--report-series", "ETTh1/OT", "--no-progress", "--dead-letter", str(tmp / "dead.jsonl")]) == 0
-    return page, {"series": ["ETTh1/OT", "ETTh1/HUFL", "ETTh1/LULL"]}
+                 "--report-series", "ETTh1/OT", "--no-progress", "--dead-letter", str(tmp / "dead.jsonl"),
+                 "--summary-json", str(tmp / "summary.json")]) == 0
+    summary = json.loads((tmp / "summary.json").read_text())
+    return page, {"series": ["ETTh1/OT", "ETTh1/HUFL", "ETTh1/LULL"], "drift_events": summary["drift_events"]}
 
 
 def test_report_is_one_self_contained_file_under_5_mb(report):
@@ -66,8 +69,16 @@ def test_report_shows_the_summary_per_model_and_level_and_the_chosen_series(repo
                     "Dead letters"):
         assert f"<h2>{heading}</h2>" in text
     assert re.findall(r"<h3>([^<]*)</h3>", text) == expected["series"]  # asked for first, then the worst others
-    assert text.count("<td>cyclenet</td>") == 3 and text.count("<td>seasonal-naive</td>") == 3  # 1 + 2 levels
+    tables, events = text.split("<h2>Events</h2>")
+    assert tables.count("<td>cyclenet</td>") == 3 and tables.count("<td>seasonal-naive</td>") == 3  # 1 + 2 levels
     assert "<td>80 %</td>" in text and "<td>95 %</td>" in text and "No dead letters." in text
+    # the engine's drift alarms, counted per model and detector (and kind) as the run's summary counts them
+    rows = re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td><td>[^<]*</td><td>(\d+)</td></tr>", events)
+    shown: dict[str, dict[str, int]] = {}
+    for model, detector, count in rows:
+        shown.setdefault(model, {}).setdefault(detector, 0)
+        shown[model][detector] += int(count)
+    assert shown and shown == expected["drift_events"]  # this excerpt raises a few (a freeze among them)
 
 
 def test_chromium_renders_every_image_without_network(report, chromium_bin, tmp_path):
