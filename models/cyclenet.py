@@ -33,6 +33,14 @@ of series:
   its optimiser) outside the lock, and only the copy of its parameters into the serving network, like every
   read or write of the row tables, happens under a short lock. The warm-start fit trains a network of its own
   and swaps it in when done.
+* **Outliers.** One absurd value (``1e300``) must neither stop the forecasts of its series nor reach the shared
+  backbone. Each window is read in units of its row's scaler; a value further than ``input_limit`` of those units
+  from the window's median is replaced by that median before the network sees it (forecasts and replay alike):
+  a spike, not a level shift, which moves the median too. Replay steps then weigh each window by its own loss:
+  a window whose loss is not finite or exceeds ``loss_limit`` times the running mean window loss is left out of
+  the step and counted (``skipped_windows_``); a batch with nothing left takes no step. The warm-start fit skips
+  any step whose loss is not finite. An outlier *inside* a series' warm-start history still spoils that
+  series' scaler (mean and standard deviation); it is the others' forecasts that stay intact.
 * **State** is arrays + JSON (no pickle): :meth:`export_rows` gives each row's history ring, scaler, ``Q``
   column and its Adam moments (the history ring is also the replay buffer); :meth:`export_shared` the
   backbone, its Adam state, the current replay pass and the RNG. Restoring both and replaying the same inputs
@@ -139,6 +147,12 @@ class CycleNetForecaster(BatchForecaster):
         :meth:`maintenance` is called from another thread than :meth:`learn_many` (None).
     max_cycle
         Longest cycle :func:`detect_cycle` considers.
+    input_limit
+        A value further than this many scaler units from its window's median is an outlier: the network sees the
+        median instead (``None``: off).
+    loss_limit
+        A replay window whose loss exceeds this multiple of the running mean window loss (or is not finite) is
+        left out of the step and counted in ``skipped_windows_`` (``None``: only non-finite ones).
     seed
         Seeds the initial weights and every shuffle.
 
@@ -183,6 +197,8 @@ class CycleNetForecaster(BatchForecaster):
         step_budget: float = 0.02,
         defer: bool | None = None,
         max_cycle: int = 400,
+        input_limit: float | None = 100.0,
+        loss_limit: float | None = 100.0,
         seed: int = 0,
     ) -> None:
         self.horizon, self.lookback, self.cycle = horizon, lookback, cycle
@@ -194,6 +210,7 @@ class CycleNetForecaster(BatchForecaster):
         self.replay_window, self.replay_every = replay_window, replay_every
         self.replay_steps, self.replay_batch, self.step_budget = replay_steps, replay_batch, step_budget
         self.defer, self.max_cycle, self.seed = defer, max_cycle, seed
+        self.input_limit, self.loss_limit = input_limit, loss_limit
         self._check_params()
         self._lock = threading.RLock()  # row tables, replay order, serving weights
         self._train_lock = threading.Lock()  # the training copy and its optimiser
@@ -239,6 +256,8 @@ class CycleNetForecaster(BatchForecaster):
         self._trainer: CycleNet | None = None
         self._opt: torch.optim.Adam | None = None
         self._rng = np.random.default_rng(self.seed)
+        self.loss_ema_ = math.nan  # running mean loss of the windows replay steps learned from
+        self.skipped_windows_ = 0  # replay windows left out of a step (loss not finite or beyond loss_limit)
         self._rounds = 0
         self._due = 0
         # one reshuffled pass over the replay windows: slots -> (row, last tick)
@@ -451,7 +470,25 @@ class CycleNetForecaster(BatchForecaster):
         if batch is None:
             return
         x, y, phase, cols = batch
-        loss = torch.mean((self._trainer(x, phase, cols) - y) ** 2)
+        # A non-finite value would leak NaN into every gradient (0 x inf), so such windows never enter the graph.
+        finite = (torch.isfinite(x).all(dim=2).all(dim=1) & torch.isfinite(y).all(dim=2).all(dim=1))
+        if not bool(finite.all()):
+            self.skipped_windows_ += int((~finite).sum())
+            x, y, phase, cols = x[finite], y[finite], phase[finite], cols[finite]
+            if x.shape[0] == 0:
+                return
+        squared = (self._trainer(x, phase, cols) - y) ** 2
+        losses = squared.detach().mean(dim=(1, 2)).numpy()
+        keep = self._admit(losses)
+        if not keep.any():
+            return
+        chosen = torch.from_numpy(keep)
+        if keep.all():
+            loss = torch.mean(squared)
+        elif np.isfinite(losses).all():
+            loss = torch.mean(squared[chosen])
+        else:  # an overflow inside the network: redo the forward without those windows (their graph holds NaN)
+            loss = torch.mean((self._trainer(x[chosen], phase[chosen], cols[chosen]) - y[chosen]) ** 2)
         self._opt.zero_grad(set_to_none=True)
         loss.backward()
         self._opt.step()
@@ -461,6 +498,41 @@ class CycleNetForecaster(BatchForecaster):
                     dst.copy_(src)
                 else:  # the serving Q grew meanwhile: its new columns are still zero
                     dst[:, : src.shape[1]] = src
+
+    #: Rate of the running mean window loss (memory ~ 100 replay steps).
+    _loss_rate = 0.01
+
+    def _admit(self, losses: np.ndarray) -> np.ndarray:
+        """Which windows a replay step may learn from: finite losses within ``loss_limit`` x the running mean
+        (the batch's median before there is one, which one outlier cannot move). Counts the others and moves
+        the running mean with the admitted ones."""
+        keep = np.isfinite(losses)
+        if not keep.any():
+            self.skipped_windows_ += losses.size
+            return keep
+        reference = self.loss_ema_ if np.isfinite(self.loss_ema_) else float(np.median(losses[keep]))
+        if self.loss_limit is not None:
+            keep &= losses <= self.loss_limit * max(reference, 1e-12)
+        self.skipped_windows_ += int(losses.size - keep.sum())
+        if keep.any():
+            admitted = float(losses[keep].mean())
+            self.loss_ema_ = (admitted if not np.isfinite(self.loss_ema_)
+                              else self.loss_ema_ + self._loss_rate * (admitted - self.loss_ema_))
+        return keep
+
+    def _sanitise(self, z: np.ndarray) -> np.ndarray:
+        """Windows ``z`` (n, w) in scaler units with outliers (beyond ``input_limit`` from the window's median)
+        replaced by that median; the same array when there is none (the common case costs two reductions)."""
+        if self.input_limit is None or z.size == 0:
+            return z
+        suspect = np.flatnonzero(z.max(axis=1) - z.min(axis=1) > self.input_limit)
+        if suspect.size == 0:
+            return z
+        z = z.copy()
+        part = z[suspect]
+        med = np.median(part, axis=1, keepdims=True)
+        z[suspect] = np.where(np.abs(part - med) > self.input_limit, med, part)
+        return z
 
     def _reshuffle(self) -> None:
         """Start a pass: a random order of every window now in the buffer (row, last tick)."""
@@ -493,7 +565,7 @@ class CycleNetForecaster(BatchForecaster):
             return None
         w = self._window
         idx = (self._pos[rows, None] - age[:, None] - w + np.arange(w)) % self._ring
-        values = (self._hist[rows[:, None], idx] - self._mean[rows, None]) / self._scale[rows, None]
+        values = self._sanitise((self._hist[rows[:, None], idx] - self._mean[rows, None]) / self._scale[rows, None])
         values = torch.from_numpy(values.astype(np.float32))[:, :, None]
         phase = torch.from_numpy((self._last_tick[rows] - age - w + 1) % self.cycle_)
         return values[:, : self.lookback], values[:, self.lookback :], phase, torch.from_numpy(rows)[:, None]
@@ -527,7 +599,7 @@ class CycleNetForecaster(BatchForecaster):
             if r.size == 0:
                 return out
             mean, scale = self._mean[r, None], self._scale[r, None]
-            x = torch.from_numpy(((self._last(r, self.lookback) - mean) / scale).astype(np.float32))
+            x = torch.from_numpy(self._sanitise((self._last(r, self.lookback) - mean) / scale).astype(np.float32))
             phase = torch.from_numpy((self._last_tick[r] - self.lookback + 1) % self.cycle_)
             with torch.inference_mode():
                 y = self.net_(x[:, :, None], phase, torch.from_numpy(r)[:, None])[:, :, 0].numpy()
@@ -601,6 +673,8 @@ class CycleNetForecaster(BatchForecaster):
                 "cursor": self._cursor,
                 "rng": self._rng.bit_generator.state,
                 "perm_rng": self._perm_rng,
+                "loss_ema": self.loss_ema_ if np.isfinite(self.loss_ema_) else None,
+                "skipped_windows": self.skipped_windows_,
                 "fit_report": self.fit_report_,
             }
             # the pass's permutation is redrawn on import from the RNG state that drew it: O(rows), not O(windows)
@@ -631,6 +705,9 @@ class CycleNetForecaster(BatchForecaster):
             self._rounds, self._due, self._cursor = int(meta["rounds"]), int(meta["due"]), int(meta["cursor"])
             self._rng.bit_generator.state = meta["rng"]
             self.fit_report_ = meta.get("fit_report", {})
+            loss_ema = meta.get("loss_ema")  # absent in state saved before the loss filter: start afresh
+            self.loss_ema_ = math.nan if loss_ema is None else float(loss_ema)
+            self.skipped_windows_ = int(meta.get("skipped_windows", 0))
             self._perm_rng = meta.get("perm_rng")
             self._perm_rows = np.asarray(arrays["replay_rows"], dtype=np.int64).copy()
             self._perm_cum = np.asarray(arrays["replay_cum"], dtype=np.int64).copy()

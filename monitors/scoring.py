@@ -13,6 +13,12 @@ A forecast step issued before its calibrator had data carries no interval (``NaN
 miss in coverage (an interval that was not given did not cover), and in ``n_no_interval``; widths and interval
 scores are means over the steps that had one.
 
+Every number stays finite, so a summary is always strict JSON. An infinite interval (ACI's answer after a run of
+misses) covers, and is counted in ``n_infinite_interval``; ``mean_width`` and ``interval_score`` are means over
+the steps with a *finite* interval (an infinite width would make both infinite for the rest of the run). Errors
+enter the sums clipped to ``+-MAX_ERROR`` (1e100), so one absurd value (``1e308``) cannot turn MAE and RMSE into
+``inf`` for good; it still dominates them, as it should.
+
 >>> import numpy as np
 >>> s = PrequentialScorer(horizon=1, alpha=0.1)
 >>> s.resize(1)
@@ -36,19 +42,24 @@ from tidecast.models.rows import ArrayDict, Column, Field, RowTable
 
 _SUMS = ("count", "abs_err", "sq_err", "covered", "width", "interval_score", "issued")
 
+#: Errors and interval-score penalties enter the sums clipped to this magnitude (their squares stay finite).
+MAX_ERROR = 1e100
+
 
 class PrequentialScorer:
     """Per-(row, horizon) running sums plus run-wide rolling coverage and width per horizon."""
 
     sums_ = Column("sums")  # (rows, statistic, horizon), statistics as in _SUMS
     no_interval_ = Column("no_interval")  # (rows, horizon): scored steps that had no interval
+    infinite_ = Column("infinite")  # (rows, horizon): scored steps whose interval was infinite
 
     def __init__(self, horizon: int, alpha: float, window: int = 1000) -> None:
         self.horizon = horizon
         self.alpha = alpha
         self.window = window
         self.table_ = RowTable(sums=Field((len(_SUMS), horizon), np.float64, 0.0),
-                               no_interval=Field((horizon,), np.float64, 0.0))
+                               no_interval=Field((horizon,), np.float64, 0.0),
+                               infinite=Field((horizon,), np.float64, 0.0))
         # Rolling (exponentially weighted, ~``window`` scored forecasts) coverage and width per horizon.
         self.rolling_coverage_ = np.full(horizon, np.nan)
         self.rolling_width_ = np.full(horizon, np.nan)
@@ -70,21 +81,28 @@ class PrequentialScorer:
         if not mask.any():
             return
         yy = y[:, None]
-        err = np.where(mask, yy - mean, 0.0)
-        has = mask & ~np.isnan(lower) & ~np.isnan(upper)
-        covered = has & (lower <= yy) & (yy <= upper)
-        with np.errstate(invalid="ignore"):  # unmatured cells and steps without an interval hold NaN: masked
-            width = np.where(has, upper - lower, 0.0)
-            penalty = (2.0 / self.alpha) * (np.maximum(lower - yy, 0.0) + np.maximum(yy - upper, 0.0))
-            score = np.where(has, width + penalty, 0.0)
+        with np.errstate(invalid="ignore", over="ignore"):  # unmatured cells and steps without an interval: masked
+            err = np.clip(np.where(mask, yy - mean, 0.0), -MAX_ERROR, MAX_ERROR)
+            has = mask & ~np.isnan(lower) & ~np.isnan(upper)
+            covered = has & (lower <= yy) & (yy <= upper)
+            raw_width = upper - lower
+            finite = has & np.isfinite(raw_width)
+            width = np.where(finite, raw_width, 0.0)
+            miss = np.maximum(lower - yy, 0.0) + np.maximum(yy - upper, 0.0)
+            penalty = (2.0 / self.alpha) * np.minimum(miss, MAX_ERROR)
+            score = np.where(finite, width + penalty, 0.0)
         self.sums_[rows, :-1] += np.stack((mask, np.abs(err), err * err, covered, width, score), axis=1)
         missing = mask & ~has
         if missing.any():
             self.no_interval_[rows] += missing
-        self._roll(mask, has, covered, width)
+        infinite = has & ~finite
+        if infinite.any():
+            self.infinite_[rows] += infinite
+        self._roll(mask, finite, covered, width)
 
     def _roll(self, mask: np.ndarray, has: np.ndarray, covered: np.ndarray, width: np.ndarray) -> None:
-        """Coverage over every scored step (no interval = a miss), width over the steps that had an interval."""
+        """Coverage over every scored step (no interval = a miss), width over the steps that had a finite
+        interval."""
         n, n_has = mask.sum(axis=0), has.sum(axis=0)
         if not n.any():
             return
@@ -107,7 +125,8 @@ class PrequentialScorer:
     def totals(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Per-horizon sums over ``rows`` (pass rows in a fixed order for reproducible floating point)."""
         sums = self.sums_[rows].sum(axis=0)
-        return {**{name: sums[i] for i, name in enumerate(_SUMS)}, "no_interval": self.no_interval_[rows].sum(0)}
+        return {**{name: sums[i] for i, name in enumerate(_SUMS)}, "no_interval": self.no_interval_[rows].sum(0),
+                "infinite": self.infinite_[rows].sum(0)}
 
     def summary(self, rows: np.ndarray) -> dict:
         """MAE, RMSE, coverage, mean width and interval score overall and by horizon; ``None`` where undefined
@@ -121,25 +140,29 @@ class PrequentialScorer:
         return self.table_.export_rows(rows)
 
     def import_rows(self, rows: np.ndarray, state: ArrayDict) -> None:
-        if "no_interval" not in state:  # saved before steps without an interval existed: there were none
-            state = {**state, "no_interval": np.zeros((len(rows), self.horizon))}
+        for name in ("no_interval", "infinite"):  # saved before these were counted: zero (inf was in the sums)
+            if name not in state:
+                state = {**state, name: np.zeros((len(rows), self.horizon))}
         self.table_.import_rows(rows, state)
 
 
 def _metrics(t: dict[str, float]) -> dict:
     n = float(t["count"])
     n_no_interval = int(t["no_interval"])
-    n_with = n - n_no_interval
+    n_infinite = int(t["infinite"])
+    n_with = n - n_no_interval - n_infinite  # steps with a finite interval
 
     def mean(total: float, count: float) -> float | None:
-        return float(total / count) if count > 0 else None
+        value = float(total / count) if count > 0 else None
+        return value if value is None or np.isfinite(value) else None  # last line of defence: strict JSON
 
     return {
         "n_forecasts": int(t["issued"]),
         "n_scored": int(n),
         "n_no_interval": n_no_interval,
+        "n_infinite_interval": n_infinite,
         "mae": mean(t["abs_err"], n),
-        "rmse": float(np.sqrt(t["sq_err"] / n)) if n > 0 else None,
+        "rmse": mean(np.sqrt(t["sq_err"] / n), 1.0) if n > 0 else None,
         "coverage": mean(t["covered"], n),
         "mean_width": mean(t["width"], n_with),
         "interval_score": mean(t["interval_score"], n_with),

@@ -15,6 +15,15 @@ in the same pass; :meth:`Calibrator.interval` returns the first, :meth:`Calibrat
 
 A cell that has learned nothing yet has no interval: its bounds are ``NaN`` ("not ready"), never the point forecast
 itself (a zero-width interval would claim certainty). Bounds may be ``+-inf`` where a method says so (ACI).
+
+**Outlying residuals.** One absurd value (a unit error, ``1e20`` on data of scale 10) must not poison a cell for
+the rest of the run. Every :class:`ScoreCalibrator` cell keeps a *guard*: a running median of ``|r|``, tracked
+multiplicatively (``g <- g * exp(+-guard_rate / 2)`` as ``|r|`` is above or below it), so one value moves it by
+2.5 % at most. Before a method learns a residual it is clipped to ``+-outlier_limit * g`` (30: the largest
+``|r| / g`` on the bench's real streams is 21.5, ETTh1) and, whatever the guard says, to ``+-MAX_RESIDUAL``
+(``1e100``: squares and sums stay finite). The clipped residual still counts as a miss, so coverage is scored
+honestly; it only cannot blow up the scale, the thresholds or the scorecaster. A cell's first non-zero residual
+starts its guard.
 """
 
 from __future__ import annotations
@@ -28,6 +37,9 @@ from tidecast.models.base import Params
 from tidecast.models.rows import Column, Field, RowTable, grow  # grow lives in models.rows; still importable here
 
 ArrayDict = dict[str, np.ndarray]
+
+#: No residual beyond this magnitude is learned (it is clipped): squares and sums of any learned value stay finite.
+MAX_RESIDUAL = 1e100
 
 
 class Calibrator(Params, ABC):
@@ -136,13 +148,20 @@ class ScoreCalibrator(Calibrator):
     #: arithmetic stays in cache, and below the size at which the allocator maps and unmaps fresh pages on every
     #: call (10k series x 24 horizons in one piece: 26-30 ms an update instead of 12).
     chunk_cells: int = 16_384
+    #: A residual beyond ``outlier_limit`` times the cell's running median ``|r|`` is clipped to it before learning.
+    outlier_limit: float = 30.0
+    #: Step of the multiplicative running median (the guard): ``log g`` moves by ``guard_rate / 2`` per residual.
+    guard_rate: float = 0.05
 
     def __init__(self, horizon: int, alpha: float | Sequence[float] = 0.1, symmetric: bool = False) -> None:
         super().__init__(horizon, alpha)
         self.symmetric = symmetric
         self.target_alpha_, self.target_sign_ = targets(self.alphas_, symmetric)
         self.n_targets_ = self.target_alpha_.size
-        self._spec = self._state_spec()
+        # guard: running median of |r| (0 = not started), see the module docstring.
+        self._spec = {**self._state_spec(), "guard": ((), 0.0, float)}
+        self._guard_steps = np.exp(np.array([-0.5, 0.5]) * self.guard_rate)
+        self.n_clipped_ = 0  # residuals clipped by the guard since this object was built (not state)
         self._layout: dict[str, tuple[slice, tuple[int, ...]]] = {}
         fills: list[float] = []
         # Offsets start at NaN: a cell that has not learned yet has no interval.
@@ -227,12 +246,27 @@ class ScoreCalibrator(Calibrator):
                 # Sorted unique cells spanning their count: a contiguous run (the engine's common case). Work on
                 # views, no gather/scatter.
                 window = slice(int(chunk[0]), int(chunk[-1]) + 1)
-                offsets_flat[window] = self._learn(Block(flat[:, window], self._layout), chunk, h[part], rv[part])
+                blk = Block(flat[:, window], self._layout)
+                offsets_flat[window] = self._learn(blk, chunk, h[part], self._guard(blk, rv[part]))
                 continue
             blk = Block(flat[:, chunk], self._layout)
-            offsets = self._learn(blk, chunk, h[part], rv[part])
+            offsets = self._learn(blk, chunk, h[part], self._guard(blk, rv[part]))
             flat[:, chunk] = blk.data
             offsets_flat[chunk] = offsets
+
+    def _guard(self, blk: Block, r: np.ndarray) -> np.ndarray:
+        """Clip ``r`` (m,) to the cells' guard and move the guard (a running median of ``|r|``) towards ``|r|``."""
+        g = blk.fields("guard")[0]
+        r = np.clip(r, -MAX_RESIDUAL, MAX_RESIDUAL)
+        size = np.abs(r)
+        limit = np.where(g > 0, self.outlier_limit * g, MAX_RESIDUAL)
+        clipped = size > limit
+        if clipped.any():
+            self.n_clipped_ += int(clipped.sum())
+            r = np.clip(r, -limit, limit)
+        # not started (0): the first non-zero |r| starts it; else one multiplicative step up or down
+        g[...] = np.where(g > 0, g * self._guard_steps[(size > g).astype(np.intp)], size)
+        return r
 
     def intervals(self, rows: np.ndarray, means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows = np.asarray(rows, dtype=np.intp)
@@ -272,6 +306,9 @@ class ScoreCalibrator(Calibrator):
         packed = np.moveaxis(self.state_[:, rows], 0, -1).copy()
         for name in self._layout:
             sl, _ = self._layout[name]
+            if name == "guard" and name not in state:  # saved before the guard existed: it starts afresh
+                packed[..., sl] = 0.0
+                continue
             packed[..., sl] = np.asarray(state[name], dtype=float).reshape(rows.size, self.horizon, -1)
         self.state_[:, rows] = np.moveaxis(packed, -1, 0)
         if "count" in self._layout:
