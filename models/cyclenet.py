@@ -16,6 +16,14 @@ of series:
   ``lookback`` rows of context) drive early stopping. W is ``cycle`` or, when ``cycle`` is None, detected on
   the training part with :func:`detect_cycle`. Series that appear after the fit join as soon as they have one
   full window (``lookback + horizon`` observations); their ``Q`` column starts at zero and is learned online.
+* **Calibration hand-off.** When the fit is installed, the fitted network's residuals on the last
+  ``calib_holdout`` share of the validation part - observations early stopping never saw - go to the engine
+  (:meth:`pop_calibration`) to seed the rows' calibrators, so intervals are right from the first forecast.
+  Residuals of the early-stopping windows themselves would be optimistic: the epoch was picked on them
+  (``calib_holdout=0`` uses them; ``bench/conformal.py --case coldstart`` compares). A series that joins after the
+  fit hands over a backtest of the serving network over the history it joined with (its ``Q`` column still
+  zero, as in its first live forecasts): ``lookback + horizon - h`` residuals at horizon h for a series that
+  joins with exactly one window.
 * **Online learning (experience replay).** Each completed (input, target) window of a served row joins the
   replay buffer, which holds the newest ``replay_window`` windows of every row (older ones leave it). Every
   ``replay_every`` learning rounds, ``replay_steps`` Adam steps are taken on mini-batches of ``replay_batch``
@@ -68,7 +76,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tidecast.models.base import ArrayDict, BatchForecaster
+from tidecast.models.base import ArrayDict, BatchForecaster, Calibration, CalibrationQueue
 from tidecast.models.cyclenet_net import DEFAULT_LR, BatchFit, CycleNet, Windows, make_adam
 from tidecast.models.cyclenet_net import build as build_net
 from tidecast.models.rows import Column, Field, RowTable
@@ -120,7 +128,10 @@ class CycleNetForecaster(BatchForecaster):
     warm_start
         Observations a row needs before the first fit (the group is fitted on every row that has them).
     val_fraction
-        Share of the warm-start observations held out for early stopping (0: no early stopping).
+        Share of the warm-start observations held out for validation (0: no early stopping).
+    calib_holdout
+        Share of the validation observations (the last ones) kept out of early stopping; the fitted network's
+        residuals there seed the calibrators (0: early stopping uses all of them, and the seeds are its residuals).
     lr, epochs, patience, batch_size
         The batch recipe; ``lr=None`` takes the paper's (0.01 Linear, 0.005 MLP).
     shuffled_val
@@ -182,6 +193,7 @@ class CycleNetForecaster(BatchForecaster):
         instance_norm: bool = True,
         warm_start: int = 2000,
         val_fraction: float = 0.25,
+        calib_holdout: float = 0.5,
         lr: float | None = None,
         epochs: int = 30,
         patience: int = 5,
@@ -203,7 +215,7 @@ class CycleNetForecaster(BatchForecaster):
     ) -> None:
         self.horizon, self.lookback, self.cycle = horizon, lookback, cycle
         self.backbone, self.hidden, self.instance_norm = backbone, hidden, instance_norm
-        self.warm_start, self.val_fraction = warm_start, val_fraction
+        self.warm_start, self.val_fraction, self.calib_holdout = warm_start, val_fraction, calib_holdout
         self.lr, self.epochs, self.patience, self.batch_size = lr, epochs, patience, batch_size
         self.shuffled_val = shuffled_val
         self.online, self.online_lr, self.online_cycle_lr = online, online_lr, online_cycle_lr
@@ -217,6 +229,7 @@ class CycleNetForecaster(BatchForecaster):
         self._deferred = bool(defer)
         self._learn_thread: int | None = None
         self._job: dict[str, Any] | None = None
+        self._calibrations = CalibrationQueue()  # residuals for the engine's calibrators (not state)
         self._reset_model()
         self._alloc(0)
 
@@ -233,6 +246,11 @@ class CycleNetForecaster(BatchForecaster):
                              f"{self._window} training observations")
         if n_val and n_val < self.horizon:
             raise ValueError(f"the validation part ({n_val} observations) is shorter than the horizon")
+        if not 0.0 <= self.calib_holdout < 1.0:
+            raise ValueError("calib_holdout must be in [0, 1)")
+        if n_val and n_val - self._n_hold() < self.horizon:
+            raise ValueError(f"calib_holdout={self.calib_holdout} leaves early stopping fewer observations "
+                             f"({n_val - self._n_hold()}) than the horizon")
         if self.cycle is not None and self.cycle < 1:
             raise ValueError("cycle must be >= 1")
         if self.replay_window < 1 or self.replay_every < 1 or self.replay_batch < 1:
@@ -240,6 +258,10 @@ class CycleNetForecaster(BatchForecaster):
 
     def _n_val(self) -> int:
         return int(round(self.warm_start * self.val_fraction))
+
+    def _n_hold(self) -> int:
+        """Validation observations kept out of early stopping (the calibration part)."""
+        return int(round(self._n_val() * self.calib_holdout))
 
     @property
     def _window(self) -> int:
@@ -322,6 +344,16 @@ class CycleNetForecaster(BatchForecaster):
         next pass is drawn from the rows present then). Their per-row state is overwritten by the engine."""
         with self._lock:
             self._cursor = self._perm.size
+        self._calibrations.discard(rows)
+
+    def pop_calibration(self, horizon: int) -> Calibration | None:
+        handed = self._calibrations.pop()
+        if handed is None or horizon == self.horizon:
+            return handed
+        residuals = np.full((handed.rows.size, handed.n_steps, horizon), np.nan)  # beyond H the model is NaN
+        k = min(horizon, self.horizon)
+        residuals[..., :k] = handed.residuals[..., :k]
+        return Calibration(handed.rows, residuals)
 
     def _last(self, rows: np.ndarray, n: int) -> np.ndarray:
         """The last ``n`` values of each row, oldest first (n <= ring size)."""
@@ -363,17 +395,47 @@ class CycleNetForecaster(BatchForecaster):
             self._work(math.inf, self.step_budget)
 
     def _join(self, rows: np.ndarray) -> None:
-        """Serve rows that arrived after the fit: scaler from their history, ``Q`` column from zero."""
+        """Serve rows that arrived after the fit: scaler from their history, ``Q`` column from zero; a backtest of
+        the serving network over that history seeds their calibrators."""
         for r in rows:
             hist = self._last(np.array([r]), int(min(self._seen[r], self._ring)))[0]
             self._mean[r], self._scale[r] = hist.mean(), _safe_std(hist)
+            std = ((hist - self._mean[r]) / self._scale[r])[:, None]
+            residuals = self._backtest(self.net_, std, self._last_tick[r : r + 1], np.array([r]), self.lookback)
+            self._calibrations.put(Calibration(np.array([r]), residuals * self._scale[r]))
         self._ready[rows] = True
+
+    def _backtest(self, net: CycleNet, std: np.ndarray, last: np.ndarray, cols: np.ndarray,
+                  first_target: int) -> np.ndarray:
+        """Residuals (C, T - first_target, H), in scaler units, of ``net``'s forecasts over the columns of ``std``
+        (T, C; column c ends at tick ``last[c]``, uses ``Q`` column ``cols[c]``), for the targets from index
+        ``first_target`` on, laid out as :class:`~tidecast.models.base.Calibration` residuals."""
+        t_len, n_cols = std.shape
+        lb, hz = self.lookback, self.horizon
+        out = np.full((n_cols, t_len - first_target, hz), np.nan)
+        origins = np.arange(max(first_target - hz, lb - 1), t_len - 1)
+        if origins.size == 0 or net is None:
+            return out
+        idx = origins[:, None] - lb + 1 + np.arange(lb)[None, :]  # (O, L)
+        windows = std.T[:, idx].reshape(-1, lb)  # (C * O, L), column-major
+        x = torch.from_numpy(self._sanitise(windows).astype(np.float32))[:, :, None]
+        start = last[:, None] - t_len + 1 + idx[None, :, 0]  # (C, O): tick of each window's first step
+        phase = torch.from_numpy((start % self.cycle_).reshape(-1))
+        col = torch.from_numpy(np.repeat(cols, origins.size))[:, None]
+        with torch.inference_mode():
+            pred = np.concatenate([net(x[i : i + 4096], phase[i : i + 4096], col[i : i + 4096])[:, :, 0].numpy()
+                                   for i in range(0, x.shape[0], 4096)]).reshape(n_cols, origins.size, hz)
+        for h in range(1, hz + 1):
+            target = origins + h
+            ok = (target >= first_target) & (target < t_len)
+            out[:, target[ok] - first_target, h - 1] = std[target[ok]].T - pred[:, ok, h - 1]
+        return out
 
     # -- the warm-start fit -----------------------------------------------------------------------------
 
     def _start_fit(self) -> dict[str, Any]:
         """Snapshot the warm rows and set up the batch recipe on them (called under the lock)."""
-        n, n_val = self.warm_start, self._n_val()
+        n, n_val, n_hold = self.warm_start, self._n_val(), self._n_hold()
         cohort = np.flatnonzero(self._seen[: self.n_rows_] >= n)
         values = self._last(cohort, n).T  # (n, C), oldest first
         n_train = n - n_val
@@ -386,21 +448,23 @@ class CycleNetForecaster(BatchForecaster):
         lb, h = self.lookback, self.horizon
         # a step sees batch_size windows of every series, as in the paper, up to MAX_BATCH_WINDOWS in all
         origins = max(1, min(self.batch_size, MAX_BATCH_WINDOWS // cohort.size))
+        es_end = n - n_hold  # early stopping sees targets before the calibration part only
         if aligned:  # the paper's layout: all series of a window in one sample
             train = Windows.contiguous(std[:n_train], ticks[:n_train], cycle, lb, h)
             val = None
             if n_val:
-                val = Windows.contiguous(std[n_train - lb :], ticks[n_train - lb :], cycle, lb, h)
+                val = Windows.contiguous(std[n_train - lb : es_end], ticks[n_train - lb : es_end], cycle, lb, h)
             batch = origins
         else:  # series on different clocks: one-series samples, as many series-windows per batch
             train = _single_windows(std[:n_train], last - n_val, cycle, lb, h)
-            val = _single_windows(std[n_train - lb :], last, cycle, lb, h) if n_val else None
+            val = _single_windows(std[n_train - lb : es_end], last - n_hold, cycle, lb, h) if n_val else None
             batch = origins * cohort.size
         net = build_net(lb, h, cycle, cohort.size, self.backbone, self.hidden, self.instance_norm, self.seed)
         lr = self.lr if self.lr is not None else DEFAULT_LR[self.backbone]
         fit = BatchFit(net, train, val, lr=lr, epochs=self.epochs, patience=self.patience, batch_size=batch,
                        seed=self.seed, shuffled_val=self.shuffled_val)
-        return {"fit": fit, "net": net, "rows": cohort, "mean": mean, "scale": scale, "cycle": cycle}
+        return {"fit": fit, "net": net, "rows": cohort, "mean": mean, "scale": scale, "cycle": cycle, "std": std,
+                "last": last, "calib_from": n - (n_hold or n_val)}
 
     def _install(self, job: dict[str, Any]) -> None:
         """Swap the fitted network in: its backbone, and its ``Q`` columns into the rows' columns."""
@@ -419,6 +483,10 @@ class CycleNetForecaster(BatchForecaster):
             self.net_ = net
             self.fit_report_ = {**job["fit"].report, "cycle": job["cycle"], "rows": int(rows.size)}
             self._new_trainer()
+            if job["calib_from"] < self.warm_start:  # the held-out validation residuals seed the calibrators
+                cols = np.arange(rows.size)
+                residuals = self._backtest(fitted, job["std"], job["last"], cols, job["calib_from"])
+                self._calibrations.put(Calibration(rows, residuals * job["scale"][:, None, None]))
             late = np.flatnonzero(~self._ready[: self.n_rows_] & (self._seen[: self.n_rows_] >= self._window))
             self._join(late)
             self._job = None

@@ -12,8 +12,12 @@ For each series, in timestamp order, every new observation ``y`` at tick ``t`` g
    to horizon h's calibrator and to the prequential scorer. Never earlier: that would leak the future.
 2. **learn** — the model sees ``y``.
 3. **forecast** — H steps ahead.
-4. **interval** — the calibrator puts ``[lower, upper]`` around each step; both are ``NaN`` ("no interval yet")
-   while that (series, h) cell has no matured residual, never a zero-width interval claiming certainty.
+4. **interval** — the calibrator puts ``[lower, upper]`` around each step. Before that, residuals the model
+   handed over (:meth:`~tidecast.models.base.BatchForecaster.pop_calibration`: a fit's validation windows, a
+   backtest) seed the calibrator cells of the rows they name, and a cell with fewer than ``n0`` residuals of its
+   own borrows from the lane's other series (:class:`~tidecast.monitors.conformal.pool.Pool`). Both bounds are
+   ``NaN`` ("no interval yet") only where neither the cell nor the lane has anything, never a zero-width interval
+   claiming certainty.
 5. **monitor** — metrics are updated.
 6. **emit** — forecast records go back to the caller.
 
@@ -45,6 +49,7 @@ import numpy as np
 from tidecast.models.base import ArrayDict, BatchForecaster
 from tidecast.models.rows import grow
 from tidecast.monitors.conformal import Calibrator, make_calibrator
+from tidecast.monitors.conformal.pool import Pool
 from tidecast.monitors.metrics import Metrics
 from tidecast.monitors.scoring import PrequentialScorer
 from tidecast.stream.batch import ForecastBatch, ObservationBatch, Rejection
@@ -56,22 +61,37 @@ _NO_TICK = np.iinfo(np.int64).min
 
 
 class Lane:
-    """One model's path through the engine: forecaster -> calibrator -> scorer (and, later, more monitors)."""
+    """One model's path through the engine: forecaster -> calibrator (+ pool) -> scorer (and, later, more
+    monitors). ``pool``: how young cells borrow from the lane (default :class:`Pool` settings; ``Pool(H, n0=0)``
+    turns it off)."""
 
     def __init__(self, model: BatchForecaster, calibrator: Calibrator, horizon: int, alpha: float,
-                 coverage_window: int = 1000, name: str | None = None) -> None:
+                 coverage_window: int = 1000, name: str | None = None, pool: Pool | None = None) -> None:
         self.name = name or model.name  # the lane's alias: records, metric labels and state keys use it
         self.model = model
         self.calibrator = calibrator
+        self.pool = pool if pool is not None else Pool(horizon)
         self.pending = PendingForecasts(horizon)
         self.scorer = PrequentialScorer(horizon, alpha, coverage_window)
 
     def resize(self, n_rows: int) -> None:
-        for part in (self.model, self.calibrator, self.pending, self.scorer):
+        for part in (self.model, self.calibrator, self.pool, self.pending, self.scorer):
             part.resize(n_rows)
 
     def parts(self) -> dict[str, Any]:
-        return {"model": self.model, "cal": self.calibrator, "pending": self.pending, "score": self.scorer}
+        return {"model": self.model, "cal": self.calibrator, "pool": self.pool, "pending": self.pending,
+                "score": self.scorer}
+
+    def seed_calibrator(self, horizon: int) -> None:
+        """Seed the calibrator rows the model has residuals for (it polls; the model may fit on another thread)."""
+        handed = self.model.pop_calibration(horizon)
+        if handed is not None and handed.rows.size:
+            self.calibrator.seed(handed.rows, handed.residuals)
+
+    def interval(self, rows: np.ndarray, forecast: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The calibrator's intervals, young cells pooled."""
+        lower, upper = self.calibrator.interval(rows, forecast)
+        return self.pool.interval(self.calibrator, rows, forecast, lower, upper)
 
 
 @dataclass
@@ -309,15 +329,18 @@ class Engine:
             if reset_rows is not None:
                 lane.model.reset_rows(reset_rows)
                 lane.pending.invalidate(reset_rows)
+                lane.pool.forget_last(reset_rows)
             if len(r_rows):  # 1. score what matured now, before the model sees y
                 mean, lower, upper, valid = lane.pending.matured(r_rows, r_ticks)
                 lane.calibrator.update(r_rows, np.where(valid, y[:, None] - mean, 0.0), valid)
                 lane.scorer.update(r_rows, y, mean, lower, upper, valid)
             lane.model.learn_many(rows, ticks, values, filled=filled)  # 2. learn (filled gap ticks included)
+            lane.pool.observe(rows, values)
             if not len(r_rows):
                 continue
             forecast = lane.model.forecast_many(r_rows, horizon)  # 3. forecast
-            lower, upper = lane.calibrator.interval(r_rows, forecast)  # 4. interval (NaN: none yet)
+            lane.seed_calibrator(horizon)  # residuals the model handed over since the last round
+            lower, upper = lane.interval(r_rows, forecast)  # 4. interval (NaN: none yet)
             lane.pending.store(r_rows, r_ticks, forecast, lower, upper)
             lane.scorer.issued(r_rows, np.isfinite(forecast))
             outputs.append((lane.name, r_rows, r_ticks, t_ns, forecast, lower, upper))

@@ -24,6 +24,14 @@ multiplicatively (``g <- g * exp(+-guard_rate / 2)`` as ``|r|`` is above or belo
 (``1e100``: squares and sums stay finite). The clipped residual still counts as a miss, so coverage is scored
 honestly; it only cannot blow up the scale, the thresholds or the scorecaster. A cell's first non-zero residual
 starts its guard.
+
+**Seeding.** :meth:`Calibrator.seed` starts rows afresh from residual sequences a model hands over
+(:class:`~tidecast.models.base.Calibration`: a fit's validation residuals, a backtest): the rows are blanked and
+the sequences replayed in time order through :meth:`~Calibrator.update`, exactly as if the cells had seen those
+residuals mature, so every method's state (scale, quantile state, scorecaster history, ring of issued intervals)
+is what it would have been. A method that scores each residual against the interval it issued h updates earlier
+(:class:`~tidecast.monitors.conformal.pid.ConformalPID`) also records the intervals it issues while its first
+live h-step residual is on its way (:meth:`Calibrator._after_seed`).
 """
 
 from __future__ import annotations
@@ -84,6 +92,62 @@ class Calibrator(Params, ABC):
         """``(lower, upper)`` of shape (n, horizon, len(alphas_)), one slice per level in ``alpha``."""
         lo, hi = self.interval(rows, means)
         return lo[..., None], hi[..., None]
+
+    # -- seeding and pooling --------------------------------------------------------------------------
+    def seed(self, rows: np.ndarray, residuals: np.ndarray) -> None:
+        """Start ``rows`` afresh from residual sequences (n, T, H'), oldest first, ``NaN`` where absent
+        (``residuals[i, t, h-1]`` matured at step t; see :class:`~tidecast.models.base.Calibration`): blank the
+        rows, replay the steps through :meth:`update` as if seen in order, then :meth:`_after_seed`. Columns
+        beyond ``horizon`` are ignored, missing ones are absent."""
+        rows, r = self._seed_input(rows, residuals)
+        if rows.size == 0:
+            return
+        self.reset_rows(rows)
+        self._replay(rows, r)
+        self._after_seed(rows)
+
+    def _seed_input(self, rows: np.ndarray, residuals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Checked ``(rows, residuals)``, residuals cut or padded (NaN) to ``horizon`` columns; rows fit the table."""
+        rows = np.asarray(rows, dtype=np.intp)
+        r = np.asarray(residuals, dtype=float)
+        if r.ndim != 3 or r.shape[0] != rows.size:
+            raise ValueError(f"seed residuals must be (rows, steps, horizon) with {rows.size} rows, got {r.shape}")
+        if r.shape[2] != self.horizon:
+            fitted = np.full((rows.size, r.shape[1], self.horizon), np.nan)
+            k = min(r.shape[2], self.horizon)
+            fitted[..., :k] = r[..., :k]
+            r = fitted
+        if rows.size:
+            self.resize(int(rows.max()) + 1)
+        return rows, r
+
+    def _replay(self, rows: np.ndarray, residuals: np.ndarray) -> None:
+        """Feed (n, T, horizon) residual sequences to :meth:`update`, step by step."""
+        finite = np.isfinite(residuals)
+        for t in np.flatnonzero(finite.any(axis=(0, 2))):
+            self.update(rows, np.where(finite[:, t], residuals[:, t], 0.0), finite[:, t])
+
+    def reset_rows(self, rows: np.ndarray) -> None:
+        """Make ``rows`` blank, as in a new table (the export of a fresh calibrator's row imported over them)."""
+        fresh = self.clone()
+        fresh.resize(1)
+        blank = fresh.export_rows(np.array([0]))
+        self.import_rows(rows, {k: np.repeat(v, len(rows), axis=0) for k, v in blank.items()})
+
+    def _after_seed(self, rows: np.ndarray) -> None:  # noqa: B027 - optional hook
+        """Called after the replay of :meth:`seed`; the default does nothing."""
+
+    def cell_counts(self, rows: np.ndarray) -> np.ndarray | None:
+        """Residuals each (row, h) cell has learned, (n, horizon); ``None`` if the method does not say (then the
+        engine does not pool its young cells)."""
+        return None
+
+    def offsets(self, rows: np.ndarray) -> np.ndarray:
+        """``(upper - yhat, yhat - lower)`` of the intervals the cells would issue now, (n, horizon, levels, 2);
+        ``NaN`` where a cell has no interval."""
+        zeros = np.zeros((len(rows), self.horizon))
+        lo, hi = self.intervals(rows, zeros)
+        return np.stack([hi, -lo], axis=-1)
 
     # -- state ------------------------------------------------------------------------------------
     @abstractmethod
@@ -253,6 +317,27 @@ class ScoreCalibrator(Calibrator):
             offsets = self._learn(blk, chunk, h[part], self._guard(blk, rv[part]))
             flat[:, chunk] = blk.data
             offsets_flat[chunk] = offsets
+
+    def reset_rows(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.intp)
+        self.resize(int(rows.max()) + 1 if rows.size else 0)
+        self.state_[:, rows] = self._fill[:, None, None]
+        self.table_.blank(rows)
+
+    def cell_counts(self, rows: np.ndarray) -> np.ndarray | None:
+        if "count" not in self._layout:
+            return None
+        rows = np.asarray(rows, dtype=np.intp)
+        if rows.size:
+            self.resize(int(rows.max()) + 1)
+        return self.state_[self._layout["count"][0].start, rows].astype(np.int64)
+
+    def offsets(self, rows: np.ndarray) -> np.ndarray:
+        # From the cached offsets (ScoreCalibrator.intervals): a subclass whose intervals() does more (SPCI
+        # refits forests there) is read as it stands.
+        rows = np.asarray(rows, dtype=np.intp)
+        lo, hi = ScoreCalibrator.intervals(self, rows, np.zeros((rows.size, self.horizon)))
+        return np.stack([hi, -lo], axis=-1)
 
     def _guard(self, blk: Block, r: np.ndarray) -> np.ndarray:
         """Clip ``r`` (m,) to the cells' guard and move the guard (a running median of ``|r|``) towards ``|r|``."""
