@@ -22,8 +22,9 @@ multiplicatively (``g <- g * exp(+-guard_rate / 2)`` as ``|r|`` is above or belo
 2.5 % at most. Before a method learns a residual it is clipped to ``+-outlier_limit * g`` (30: the largest
 ``|r| / g`` on the bench's real streams is 21.5, ETTh1) and, whatever the guard says, to ``+-MAX_RESIDUAL``
 (``1e100``: squares and sums stay finite). The clipped residual still counts as a miss, so coverage is scored
-honestly; it only cannot blow up the scale, the thresholds or the scorecaster. A cell's first non-zero residual
-starts its guard.
+honestly; it only cannot blow up the scale, the thresholds or the scorecaster. A cell's first ``guard_warmup``
+(20) residuals start its guard (their running mean ``|r|``) and are not clipped, so a tiny first residual cannot
+clip the ordinary ones after it.
 
 **Seeding.** :meth:`Calibrator.seed` starts rows afresh from residual sequences a model hands over
 (:class:`~tidecast.models.base.Calibration`: a fit's validation residuals, a backtest): the rows are blanked and
@@ -216,6 +217,8 @@ class ScoreCalibrator(Calibrator):
     outlier_limit: float = 30.0
     #: Step of the multiplicative running median (the guard): ``log g`` moves by ``guard_rate / 2`` per residual.
     guard_rate: float = 0.05
+    #: A cell's first residuals set its guard to their running mean ``|r|`` and are not clipped.
+    guard_warmup: int = 20
 
     def __init__(self, horizon: int, alpha: float | Sequence[float] = 0.1, symmetric: bool = False) -> None:
         super().__init__(horizon, alpha)
@@ -340,17 +343,32 @@ class ScoreCalibrator(Calibrator):
         return np.stack([hi, -lo], axis=-1)
 
     def _guard(self, blk: Block, r: np.ndarray) -> np.ndarray:
-        """Clip ``r`` (m,) to the cells' guard and move the guard (a running median of ``|r|``) towards ``|r|``."""
+        """Clip ``r`` (m,) to the cells' guard and move the guard (a running median of ``|r|``) towards ``|r|``.
+        On the hot path: a handful of passes over m values when nothing is clipped."""
         g = blk.fields("guard")[0]
-        r = np.clip(r, -MAX_RESIDUAL, MAX_RESIDUAL)
         size = np.abs(r)
-        limit = np.where(g > 0, self.outlier_limit * g, MAX_RESIDUAL)
-        clipped = size > limit
-        if clipped.any():
-            self.n_clipped_ += int(clipped.sum())
-            r = np.clip(r, -limit, limit)
-        # not started (0): the first non-zero |r| starts it; else one multiplicative step up or down
-        g[...] = np.where(g > 0, g * self._guard_steps[(size > g).astype(np.intp)], size)
+        if size.max() > MAX_RESIDUAL:
+            r = np.clip(r, -MAX_RESIDUAL, MAX_RESIDUAL)
+            size = np.abs(r)
+        # The first guard_warmup residuals of a cell only start its guard (their running mean |r|): one tiny first
+        # residual must not clip the ordinary ones after it while the multiplicative steps catch up.
+        count = blk.fields("count")[0] if "count" in self._layout else None
+        warm = count is not None and count.min() < self.guard_warmup
+        over = size > self.outlier_limit * g  # a guard not started (0) is handled below
+        if warm or not g.all():
+            over &= (g > 0) if count is None else (g > 0) & (count >= self.guard_warmup)
+        if over.any():
+            self.n_clipped_ += int(over.sum())
+            limit = self.outlier_limit * g
+            r = np.where(over, np.copysign(limit, r), r)
+        down, up = self._guard_steps
+        stepped = g * np.where(size > g, up, down)
+        if warm or not g.all():  # not started (0): the first non-zero |r| starts it; warm-up: running mean
+            stepped = np.where(g > 0, stepped, size)
+            if warm:
+                stepped = np.where(count < self.guard_warmup, g + (np.minimum(size, MAX_RESIDUAL) - g) / (count + 1.0),
+                                   stepped)
+        g[...] = stepped
         return r
 
     def intervals(self, rows: np.ndarray, means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

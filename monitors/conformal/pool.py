@@ -52,6 +52,10 @@ from tidecast.monitors.conformal.base import Calibrator
 class Pool(Params):
     """Borrowed intervals for young cells; see the module docstring. ``n0 = 0`` turns pooling off."""
 
+    #: The pooled median is taken over at most this many seasoned rows (every k-th): 4 ms a round at 10,000 series
+    #: instead of 45 while some requested cell is young.
+    max_rows: int = 2048
+
     scale_ = Column("scale")  # exponential mean of |y_t - y_{t-1}|
     n_ = Column("n")  # values seen (for the running-mean start)
     last_ = Column("last")  # the last value learned
@@ -143,7 +147,9 @@ class Pool(Params):
         levels = np.atleast_1d(cal.alphas_).size
         if not seasoned.any():
             return np.full((self.horizon, levels, 2), np.nan)
-        keep = seasoned.any(axis=1)
+        keep = np.flatnonzero(seasoned.any(axis=1))
+        if keep.size > self.max_rows:  # every k-th seasoned row: the median of a sample of max_rows is as good
+            keep = keep[:: -(-keep.size // self.max_rows)]
         offsets = cal.offsets(rows[keep]) / scale[keep, None, None, None]  # (m, H, L, 2)
         offsets[~seasoned[keep]] = np.nan
         with warnings.catch_warnings():  # an all-NaN slice (a horizon with no seasoned cell) is expected
