@@ -21,6 +21,10 @@ calibrators clip both residuals (:mod:`tidecast.monitors.conformal.base`).
 ...     m.learn_many(np.array([0]), np.array([tick]), np.array([y]))
 >>> m.forecast_many(np.array([0]), 4).tolist()
 [[2.0, 3.0, 4.0, 2.0]]
+>>> SeasonalNaive(period=0)
+Traceback (most recent call last):
+...
+ValueError: period = 0: a whole number of ticks from 1 to 100000, or None to detect it
 """
 
 from __future__ import annotations
@@ -32,6 +36,26 @@ import numpy as np
 from tidecast.models.base import ArrayDict, BatchForecaster, Calibration
 from tidecast.models.rows import Column, Field, RowTable
 from tidecast.models.seasonality import detect_period
+
+#: Longest cycle, in ticks, a model keeps a ring buffer row for (8 bytes per tick and series): a week of minutes
+#: is 10,080; a bigger number is a mistake that would take gigabytes.
+MAX_PERIOD = 100_000
+
+
+def require(ok: bool, name: str, value: object, rule: str) -> None:
+    """``ValueError("name = value: rule")`` unless ``ok``: constructors check their parameters with it."""
+    if not ok:
+        raise ValueError(f"{name} = {value!r}: {rule}")
+
+
+def check_ticks(name: str, value: int | None, low: int = 1, optional: bool = False) -> None:
+    """A whole number of ticks in ``[low, MAX_PERIOD]`` (or ``None`` when ``optional``)."""
+    if optional and value is None:
+        return
+    ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= MAX_PERIOD
+    require(ok, name, value, f"a whole number of ticks from {low} to {MAX_PERIOD}"
+                             + (", or None to detect it" if optional and name == "period" else
+                                ", or None for the default" if optional else ""))
 
 
 def seasonal_backtest(history: np.ndarray, period: np.ndarray, horizon: int) -> np.ndarray:
@@ -62,6 +86,9 @@ class SeasonalNaive(BatchForecaster):
     period_ = Column("period")  # 0 = not known yet
 
     def __init__(self, period: int | None = None, max_period: int = 200, detect_after: int | None = None) -> None:
+        check_ticks("period", period, optional=True)
+        check_ticks("max_period", max_period)
+        check_ticks("detect_after", detect_after, low=2, optional=True)
         self.period = period
         self.max_period = max_period
         self.detect_after = detect_after if detect_after is not None else 2 * max_period + 2

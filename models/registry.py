@@ -36,7 +36,7 @@ from typing import Any
 
 from tidecast.models.adapters import PerSeries, Standardised
 from tidecast.models.base import BatchForecaster
-from tidecast.models.naive import SeasonalNaive
+from tidecast.models.naive import SeasonalNaive, check_ticks, require
 
 
 def _holt_winters(period: int, alpha: float, beta: float, gamma: float):
@@ -63,6 +63,9 @@ def _snarimax(period: int, p: int, d: int, q: int, sp: int, sq: int, lr: float):
 def holt_winters(horizon: int, period: int | None = None, max_period: int = 200, warmup: int | None = None,
                  alpha: float = 0.1, beta: float = 0.01, gamma: float = 0.3) -> BatchForecaster:
     """river HoltWinters (additive) per series; smoothing constants from a small grid on ETTh1 rows 0-6000."""
+    _check_cycle(period, max_period, warmup)
+    for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
+        require(0 <= value <= 1, name, value, "a smoothing constant in [0, 1]")
     build = partial(_holt_winters, alpha=alpha, beta=beta, gamma=gamma)
     return PerSeries("holt-winters", partial(Standardised, build, period, max_period, warmup))
 
@@ -70,8 +73,18 @@ def holt_winters(horizon: int, period: int | None = None, max_period: int = 200,
 def snarimax(horizon: int, period: int | None = None, max_period: int = 200, warmup: int | None = None,
              p: int = 2, d: int = 0, q: int = 1, sp: int = 1, sq: int = 0, lr: float = 0.01) -> BatchForecaster:
     """river SNARIMAX per series with a standardised target (its SGD diverges on raw scale)."""
+    _check_cycle(period, max_period, warmup)
+    for name, value in (("p", p), ("d", d), ("q", q), ("sp", sp), ("sq", sq)):
+        require(0 <= value <= 100, name, value, "an order from 0 to 100")
+    require(lr > 0, "lr", lr, "a learning rate > 0")
     build = partial(_snarimax, p=p, d=d, q=q, sp=sp, sq=sq, lr=lr)
     return PerSeries("snarimax", partial(Standardised, build, period, max_period, warmup))
+
+
+def _check_cycle(period: int | None, max_period: int, warmup: int | None) -> None:
+    check_ticks("period", period, optional=True)
+    check_ticks("max_period", max_period)
+    check_ticks("warmup", warmup, low=2, optional=True)
 
 
 def seasonal_naive(horizon: int, **params: Any) -> BatchForecaster:

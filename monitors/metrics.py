@@ -2,7 +2,9 @@
 
 One :class:`prometheus_client.CollectorRegistry` per process (passed in, so tests can make their own). Base units
 (seconds, ratios), ``_total`` counters, and only bounded label sets: ``model`` (the configured models),
-``horizon`` (1..H), ``reason`` (:data:`tidecast.stream.records.REASONS`), ``partition`` (the assigned partitions).
+``horizon`` (1..H), ``reason`` (:data:`tidecast.stream.records.REASONS`, and ``serve``'s
+:data:`tidecast.stream.kafka_source.SERVE_REASONS`), ``partition`` (the assigned partitions), ``source`` (changelog,
+snapshot).
 No per-series labels: a fleet of 100k series must not become 100k time series in Prometheus.
 
 >>> m = Metrics()
@@ -38,6 +40,9 @@ class Metrics:
         self.duplicates = Counter(
             "tidecast_duplicates", "Observations skipped because their series already had that timestamp.",
             registry=r)
+        self.snapped_collisions = Counter(
+            "tidecast_snapped_collisions", "Observations skipped because their timestamp, newer than their series' "
+            "last one, snapped onto the same grid tick (the grid is coarser than the data).", registry=r)
         self.gap_fills = Counter(
             "tidecast_gap_filled_ticks", "Missing grid steps filled by interpolation (learned, never scored).",
             registry=r)
@@ -107,6 +112,25 @@ class Metrics:
         self.output_errors = Counter(
             "tidecast_output_errors", "Forecast or dead-letter messages the broker did not acknowledge.",
             registry=r)
+        self.broker_up = Gauge(
+            "tidecast_broker_up", "1 while the Kafka cluster answers, 0 while it is unreachable (retried within "
+            "the outage budget); NaN outside serve.", registry=r)
+        self.broker_up.set(float("nan"))  # replay talks to no broker: neither up nor down
+        self.broker_retries = Counter(
+            "tidecast_broker_retries", "Broker operations retried because the cluster was unreachable (connecting "
+            "at start, flushing outputs, writing or reading the changelog, probing).", registry=r)
+        self.state_skipped = Counter(
+            "tidecast_state_skipped", "State skipped at restore: changelog records that are no state blob, local "
+            "snapshots of another topic, partition or group.", ["source"], registry=r)
+        self.offset_resets = Counter(
+            "tidecast_consumer_offset_resets", "Input partitions whose log went back under the consumer (topic "
+            "recreated, log truncated) or whose position lay past the log end; reset per auto_offset_reset.",
+            registry=r)
+        self.processing_errors = Counter(
+            "tidecast_processing_errors", "Batches (or forecasts) whose processing raised; their records are "
+            "dead-lettered as processing_error. Always a bug to fix.", registry=r)
+        for source in ("changelog", "snapshot"):
+            self.state_skipped.labels(source=source)
 
     def exposition(self) -> bytes:
         """The text exposition format, as ``/metrics`` serves it."""

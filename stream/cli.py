@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # user mistakes and the environment: one line, not a traceback
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(err))}")
         return 2
 

@@ -32,7 +32,8 @@ import pandas as pd
 from tidecast.models.registry import MODELS, check_keywords, check_params, keyword_parameters, parse_lane
 from tidecast.monitors.conformal import CALIBRATORS, DEFAULT_CALIBRATOR
 from tidecast.stream.kafka import ASSIGNMENT_STRATEGIES
-from tidecast.stream.records import DEFAULT_MAX_BYTES
+from tidecast.stream.partitioner import DEFAULT_PARTITIONER, PARTITIONERS
+from tidecast.stream.records import DEFAULT_MAX_ABS_VALUE, DEFAULT_MAX_BYTES
 from tidecast.stream.settings import (
     SettingsError,
     SettingsView,
@@ -52,6 +53,40 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 def _open_unit(value: float) -> str | None:
     return None if 0 < value < 1 else "must be in (0, 1)"
+
+
+#: Observations held per series to infer its grid step (the lower median of their gaps) when freq is not set:
+#: one odd gap among the first few cannot set a wrong grid. Fixed, because held rows are part of saved state.
+STEP_WINDOW = 8
+#: Longest forecast horizon. Per series and lane the engine keeps H forecasts of H steps (mean, lower, upper) and
+#: the calibrator keeps scores per horizon: about 32·H² bytes with the default calibrator (measured: 5.2 MB per
+#: series at H=400), so 32 MB at this bound.
+MAX_HORIZON = 1000
+BYTES_PER_HORIZON_SQUARED = 32
+
+
+def _horizon(value: int) -> str | None:
+    if value < 1:
+        return "must be at least 1"
+    if value > MAX_HORIZON:
+        per_series = BYTES_PER_HORIZON_SQUARED
+        return (f"must be at most {MAX_HORIZON}: every series keeps about {per_series}·H² bytes of pending "
+                f"forecasts and calibrator state per model ({_size(per_series * MAX_HORIZON ** 2)} at "
+                f"H={MAX_HORIZON}, {_size(per_series * value ** 2)} at H={value})")
+    return None
+
+
+def _size(n_bytes: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if n_bytes < 1000 or unit == "TB":
+            return f"{n_bytes:.0f} {unit}"
+        n_bytes /= 1000
+    return f"{n_bytes:.0f} TB"
+
+
+def port_number(value: int | None) -> str | None:
+    """A check: ``None`` or a TCP port (0 picks a free one)."""
+    return None if value is None or 0 <= value <= 65_535 else "must be a TCP port, 0 to 65535"
 
 
 def _grid_step(value: str | None) -> str | None:
@@ -75,7 +110,8 @@ class EngineConfig:
     set, are dead-lettered (``unknown_series``).
     """
 
-    horizon: int = setting(24, "forecast steps H (ticks of the series' own grid)", group=ENGINE, check=at_least(1))
+    horizon: int = setting(24, f"forecast steps H (ticks of the series' own grid), at most {MAX_HORIZON}",
+                           group=ENGINE, check=_horizon)
     alpha: float = setting(0.1, "target miscoverage: intervals aim at 1 - alpha coverage", group=ENGINE,
                            check=_open_unit)
     models: list[str] = setting(["seasonal-naive"], "lanes compared side by side, ALIAS=MODEL or MODEL, "
@@ -93,9 +129,14 @@ class EngineConfig:
         metavar="KEY=VALUE",
         parse=partial(parse_key_values, what="calibrator parameter", nested=False))
     freq: str | None = setting(None, "grid step, a pandas offset such as 1h or 30min", group=ENGINE,
-                               shown_default="inferred per series from its first two observations", check=_grid_step)
+                               shown_default=f"inferred per series: the median gap of its first {STEP_WINDOW} "
+                               "observations", check=_grid_step)
     max_gap: int | None = setting(None, "longest gap (ticks) filled by linear interpolation; a longer one resets the "
                                   "series", group=ENGINE, shown_default="H", check=at_least(0))
+    max_abs_value: float | None = setting(
+        DEFAULT_MAX_ABS_VALUE, "values larger in magnitude are dead-lettered (out_of_range); 0 = no limit. The "
+        "default is where a double stops holding every unit digit; sentinels such as 1e20 or 1e308 lie above it",
+        group=ENGINE, shown_default=f"{DEFAULT_MAX_ABS_VALUE:g}", check=at_least(0))
     max_series: int = setting(100_000, "series limit per process", group=ENGINE, check=at_least(1))
     allowed_series: list[str] | None = setting(None, "accept only these series, comma-separated", group=ENGINE,
                                                shown_default="all")
@@ -272,6 +313,12 @@ class ServeSettings(KafkaClientSettings):
     max_request_size: int = setting(16 * 1024 * 1024, "largest message the producer sends (state records can be "
                                     "large; the changelog topic is created to accept them)", group=KAFKA,
                                     check=at_least(1))
+    partitioner: str = setting(DEFAULT_PARTITIONER, "how the producers map a series id key to its input partition: "
+                               "murmur2 (Java, kafka-python), crc32 (librdkafka: confluent-kafka, kcat), fnv1a (Go's "
+                               "Sarama); records on another partition are dead-lettered (wrong_partition)",
+                               group=KAFKA, choices=tuple(PARTITIONERS))
+    broker_outage_budget: float = setting(300.0, "seconds an unreachable Kafka cluster is waited out (at start and "
+                                          "during an outage) before serve exits 1", group=KAFKA, check=at_least(0))
     create_topics: bool = setting(True, "create missing output, dead-letter and changelog topics", group=KAFKA)
     replication_factor: int = setting(1, "replication factor of topics tidecast creates", group=KAFKA,
                                       check=at_least(1))
@@ -279,7 +326,7 @@ class ServeSettings(KafkaClientSettings):
     checkpoint_records: int = setting(10_000, "checkpoint after this many records", group=STATE, check=at_least(1))
     checkpoint_interval: float = setting(10.0, "... or after this many seconds", group=STATE, check=at_least(0))
     metrics_port: int | None = setting(None, "serve Prometheus /metrics, /healthz and /readyz on this port",
-                                       group=SERVICE, check=at_least(0))
+                                       group=SERVICE, check=port_number)
     metrics_address: str = setting("0.0.0.0", "address of the /metrics server", group=SERVICE)
     liveness_timeout: float = setting(60.0, "/healthz fails once the worker or poll loop has not gone round for "
                                       "this many seconds", group=SERVICE, check=at_least(0))

@@ -21,12 +21,19 @@ For each series, in timestamp order, every new observation ``y`` at tick ``t`` g
 5. **monitor** — metrics are updated.
 6. **emit** — forecast records go back to the caller.
 
-Time: each series lives on a regular grid of step ``freq`` (configured, or inferred from its first two
-observations; the first is then held until the second arrives). Positions on the grid are integer *ticks*,
-anchored to the epoch, so ``tick % W`` is a phase taken from the clock. Then:
+Time: each series lives on a regular grid of step ``freq``. Without a configured ``freq`` the step is inferred
+per series: its first :data:`STEP_WINDOW` observations are *held*, and the step is the (lower) median of their
+gaps, so one irregular gap among the first few cannot set a wrong grid. Held rows count as applied when they are
+released onto the grid — when the window is full, or at end of input (:meth:`Engine.flush`); until then they are
+part of the series' state (checkpointed in ``serve``). Positions on the grid are integer *ticks*, anchored to the
+epoch, so ``tick % W`` is a phase taken from the clock. Then:
 
 * a timestamp equal to the series' last one is a **duplicate**: skipped and counted;
 * an older one is **out of order**: rejected (dead letter);
+* a newer one that snaps onto the tick already used by the last one is a **collision**: skipped and counted apart
+  from duplicates (its timestamp differs), with one warning per series — collisions mean the grid is coarser than
+  the data, so ``freq`` deserves a look;
+* a value beyond ``max_abs_value`` in magnitude is **out of range**: rejected (dead letter);
 * a **gap** of up to ``max_gap`` missing ticks is filled by linear interpolation between the two real
   neighbours — the filled ticks are learned (models need a contiguous grid; ``learn_many`` gets ``filled=True``
   for them, so a model that handles irregular time may skip them) but never scored and never forecast from;
@@ -40,6 +47,7 @@ series in the batch, and each round makes one vectorised call per model and per 
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,11 +61,14 @@ from tidecast.monitors.conformal.pool import Pool
 from tidecast.monitors.metrics import Metrics
 from tidecast.monitors.scoring import PrequentialScorer
 from tidecast.stream.batch import ForecastBatch, ObservationBatch, Rejection
-from tidecast.stream.config import EngineConfig
+from tidecast.stream.config import STEP_WINDOW, EngineConfig
 from tidecast.stream.pending import PendingForecasts
-from tidecast.stream.records import REASONS
+from tidecast.stream.records import REASONS, from_ns, out_of_range
+
+log = logging.getLogger(__name__)
 
 _NO_TICK = np.iinfo(np.int64).min
+_MAX_NS = np.iinfo(np.int64).max
 
 
 class Lane:
@@ -100,28 +111,55 @@ class EngineResult:
 
     forecasts: ForecastBatch
     rejections: list[Rejection] = field(default_factory=list)
-    n_applied: int = 0
+    n_applied: int = 0  # rows placed on their series' grid (held rows count when they are released)
     n_duplicates: int = 0
+    n_collisions: int = 0  # rows whose timestamp snapped onto the tick of their series' last one
     n_gap_filled: int = 0
     n_resets: int = 0  # series whose history was reset by a gap longer than max_gap
     elapsed_seconds: float = 0.0
 
 
-# Per-series engine state: name -> (dtype, fill for an empty row).
+# Per-series engine state: name -> (dtype, fill for an empty row); hold_t/hold_v have STEP_WINDOW columns.
 _SERIES_FIELDS: dict[str, tuple[type, Any]] = {
     "step_ns": (np.int64, 0),
     "anchor_ns": (np.int64, 0),
     "last_tick": (np.int64, _NO_TICK),
+    "last_t": (np.int64, _NO_TICK),  # timestamp of the last applied observation (duplicate vs collision)
     "last_value": (np.float64, np.nan),
-    "held": (np.bool_, False),
-    "held_t": (np.int64, 0),
-    "held_v": (np.float64, np.nan),
+    "hold_n": (np.int64, 0),  # rows held while the step is inferred
+    "hold_t": (np.int64, 0),
+    "hold_v": (np.float64, np.nan),
     "n_applied": (np.int64, 0),
     "n_duplicates": (np.int64, 0),
+    "n_collisions": (np.int64, 0),
     "n_gap_filled": (np.int64, 0),
     "applied_partition": (np.int32, -1),
     "applied_offset": (np.int64, -1),
 }
+_SERIES_WIDTH = {"hold_t": STEP_WINDOW, "hold_v": STEP_WINDOW}
+
+
+def _empty_field(name: str) -> np.ndarray:
+    dtype = _SERIES_FIELDS[name][0]
+    return np.zeros((0, _SERIES_WIDTH[name]) if name in _SERIES_WIDTH else 0, dtype)
+
+
+def _upgrade_engine_arrays(arrays: ArrayDict, n_rows: int) -> ArrayDict:
+    """State saved before the step window (``held``/``held_t``/``held_v``, no ``last_t``) in today's layout."""
+    if "engine/hold_n" in arrays or "engine/held" not in arrays:
+        return arrays
+    out = {k: v for k, v in arrays.items() if k not in ("engine/held", "engine/held_t", "engine/held_v")}
+    held = np.asarray(arrays["engine/held"], bool)
+    out["engine/hold_n"] = held.astype(np.int64)
+    out["engine/hold_t"] = np.zeros((n_rows, STEP_WINDOW), np.int64)
+    out["engine/hold_t"][:, 0] = arrays["engine/held_t"]
+    out["engine/hold_v"] = np.full((n_rows, STEP_WINDOW), np.nan)
+    out["engine/hold_v"][:, 0] = arrays["engine/held_v"]
+    last, step = np.asarray(arrays["engine/last_tick"]), np.asarray(arrays["engine/step_ns"])
+    known = last != _NO_TICK  # the grid time of the last tick stands in for its (unsaved) timestamp
+    out["engine/last_t"] = np.where(known, arrays["engine/anchor_ns"] + np.where(known, last, 0) * step, _NO_TICK)
+    out["engine/n_collisions"] = np.zeros(n_rows, np.int64)
+    return out
 
 
 class _Events:
@@ -165,11 +203,12 @@ class Engine:
         self.metrics = metrics if metrics is not None else Metrics(reasons=REASONS)
         self._allowed = set(config.allowed_series) if config.allowed_series is not None else None
         self._step = config.step_ns
+        self._gap_limit = config.gap_limit
         self._slot_of: dict[str, int] = {}
         self._free: list[int] = []  # rows of dropped series, reused first
         self._ids = np.zeros(0, dtype=object)
         self._cap = 0
-        self.series_ = {name: np.zeros(0, dtype) for name, (dtype, _) in _SERIES_FIELDS.items()}
+        self.series_ = {name: _empty_field(name) for name in _SERIES_FIELDS}
         self._grow(8)
         self._blank = self._export_rows(np.array([0]))  # the state of a row no series has touched
         for lane in lanes:  # the alerts compare rolling coverage with this, per model
@@ -180,14 +219,18 @@ class Engine:
         """Build the lanes named by ``config`` from the model and calibrator registries."""
         from tidecast.models.registry import make_model
 
-        lanes = [
-            Lane(
-                make_model(model, horizon=config.horizon, **config.model_params.get(alias, {})),
+        lanes = []
+        for alias, model in config.lanes:
+            try:
+                forecaster = make_model(model, horizon=config.horizon, **config.model_params.get(alias, {}))
+            except ValueError as err:  # a parameter value the model refuses: name the lane and where it came from
+                raise ValueError(f"lane {alias!r} ({model}): {err} (from --model-param or "
+                                 f"[model_params.{alias}])") from None
+            lanes.append(Lane(
+                forecaster,
                 make_calibrator(config.calibrator, config.horizon, config.alpha, **config.calibrator_params),
                 config.horizon, config.alpha, config.coverage_window, name=alias,
-            )
-            for alias, model in config.lanes
-        ]
+            ))
         return cls(config, lanes, metrics)
 
     # -- series table -----------------------------------------------------------------------------
@@ -224,7 +267,25 @@ class Engine:
         """Apply a batch (any mix of series, each in arrival order) and return the forecasts it produced."""
         started = time.perf_counter()
         result = EngineResult(ForecastBatch.empty(self.config.alpha))
-        events = self._sequence(batch, result)
+        return self._run(self._sequence(batch, result), result, started)
+
+    def flush(self) -> EngineResult:
+        """End of input: release the rows of every series still inferring its step onto a grid inferred from
+        what it has. A series seen at one timestamp only has no step and stays held (:attr:`held_rows`)."""
+        started = time.perf_counter()
+        result = EngineResult(ForecastBatch.empty(self.config.alpha))
+        events: _Events = _Events()
+        rank: dict[int, int] = {}
+        for slot in np.flatnonzero(self.series_["hold_n"] >= 2).tolist():
+            self._release(slot, events, rank, result)
+        return self._run(events, result, started)
+
+    @property
+    def held_rows(self) -> int:
+        """Rows held while their series' step is being inferred (applied once released)."""
+        return int(self.series_["hold_n"].sum())
+
+    def _run(self, events: _Events, result: EngineResult, started: float) -> EngineResult:
         outputs: list[tuple] = []
         for rnd in events.rounds():
             self._step_round(rnd, outputs)
@@ -234,68 +295,117 @@ class Engine:
         return result
 
     def _sequence(self, batch: ObservationBatch, result: EngineResult) -> _Events:
-        """Check order, assign ticks, expand gaps: per-series event lists for this batch."""
-        s = self.series_
-        step_a, anchor_a, last_a, lastv_a = s["step_ns"], s["anchor_ns"], s["last_tick"], s["last_value"]
-        held_a, held_t_a, held_v_a = s["held"], s["held_t"], s["held_v"]
-        max_gap = self.config.gap_limit
+        """Check values and order, assign ticks, expand gaps: per-series event lists for this batch."""
         events = _Events()
         rank: dict[int, int] = {}
         slot_of = self._slot_of
+        limit = self.config.max_abs_value
+        too_big = out_of_range(batch.values, limit)
+        check_range = bool(too_big.any())
+        step_a = self.series_["step_ns"]
+        kept: dict[int, int] = {}  # slot -> the last row its state now includes (applied or held)
+        placed: list[int] = []  # slot of every row applied now
         for i, (sid, t, v) in enumerate(zip(batch.series_ids, batch.timestamps_ns.tolist(),
                                             batch.values.tolist(), strict=True)):
+            if check_range and too_big[i]:
+                result.rejections.append(Rejection(i, "out_of_range", f"{sid!r}: |{v:.6g}| > max_abs_value "
+                                                                      f"{limit:g}"))
+                continue
             slot = slot_of.get(sid)
             if slot is None:
                 slot = self._register(sid)
                 if slot is None:
                     result.rejections.append(Rejection(i, "unknown_series", f"series {sid!r} not accepted"))
                     continue
-                s = self.series_  # _register may have grown the arrays
-                step_a, anchor_a, last_a, lastv_a = s["step_ns"], s["anchor_ns"], s["last_tick"], s["last_value"]
-                held_a, held_t_a, held_v_a = s["held"], s["held_t"], s["held_v"]
-            step = int(step_a[slot])
-            if step == 0:  # grid unknown: hold the first observation, infer the step from the second
-                if not held_a[slot]:
-                    held_a[slot], held_t_a[slot], held_v_a[slot] = True, t, v
-                    self._applied(slot, batch, i, result)
+                step_a = self.series_["step_ns"]  # _register may have grown the arrays
+            if step_a[slot] == 0:  # grid unknown: hold the row until the step is inferred
+                outcome = self._hold(slot, t, v)
+                if outcome is None:
+                    kept[slot] = i
+                    if self.series_["hold_n"][slot] == STEP_WINDOW:
+                        self._release(slot, events, rank, result)
                     continue
-                first_t = int(held_t_a[slot])
-                if t == first_t:
-                    self._duplicate(slot, result)
+            else:
+                outcome = self._place(slot, t, v, events, rank, result)
+                if outcome is None:
+                    kept[slot] = i
+                    placed.append(slot)
                     continue
-                if t < first_t:
-                    result.rejections.append(Rejection(i, "out_of_order", f"{sid!r}: {t} < {first_t}"))
-                    continue
-                step = t - first_t
-                step_a[slot], anchor_a[slot], held_a[slot] = step, first_t % step, False
-                first_tick = (first_t - int(anchor_a[slot])) // step
-                self._emit(events, rank, slot, first_tick, float(held_v_a[slot]), True, False, first_t)
-                last_a[slot], lastv_a[slot] = first_tick, held_v_a[slot]
-            elif last_a[slot] == _NO_TICK and anchor_a[slot] == 0 and not held_a[slot]:
-                anchor_a[slot] = t % step  # configured step: anchor the grid at the first timestamp's phase
-            anchor = int(anchor_a[slot])
-            tick = (t - anchor + step // 2) // step
-            last = int(last_a[slot])
-            if tick == last:
+            if outcome == "duplicate":
                 self._duplicate(slot, result)
-                continue
-            if tick < last:
-                result.rejections.append(Rejection(i, "out_of_order", f"{sid!r}: tick {tick} < last {last}"))
-                continue
-            gap = tick - last - 1 if last != _NO_TICK else 0
-            reset = gap > max_gap
-            result.n_resets += reset
-            if 0 < gap <= max_gap:
-                start = float(lastv_a[slot])
-                for k in range(1, gap + 1):
-                    frac = k / (gap + 1)
-                    self._emit(events, rank, slot, last + k, start + (v - start) * frac, False, False, 0)
-                s["n_gap_filled"][slot] += gap
-                result.n_gap_filled += gap
-            self._emit(events, rank, slot, tick, v, True, reset, t)
-            last_a[slot], lastv_a[slot] = tick, v
-            self._applied(slot, batch, i, result)
+            elif outcome == "collision":
+                self._collision(slot, t, result)
+            else:
+                last = int(self.series_["last_t"][slot]) if step_a[slot] else int(
+                    self.series_["hold_t"][slot, self.series_["hold_n"][slot] - 1])
+                result.rejections.append(Rejection(i, "out_of_order", f"{sid!r}: {_iso(t)} is older than the "
+                                                                      f"series' last timestamp {_iso(last)}"))
+        s = self.series_
+        if placed:
+            np.add.at(s["n_applied"], np.array(placed, np.int64), 1)
+            result.n_applied += len(placed)
+        if kept:  # a restart resumes after the last row each series' state includes
+            slots, rows = np.array(list(kept), np.int64), np.array(list(kept.values()), np.int64)
+            s["applied_partition"][slots], s["applied_offset"][slots] = batch.partitions[rows], batch.offsets[rows]
         return events
+
+    def _hold(self, slot: int, t: int, v: float) -> str | None:
+        """Keep a row of a series whose step is unknown; ``"duplicate"``/``"out_of_order"`` if it cannot be."""
+        s = self.series_
+        n = int(s["hold_n"][slot])
+        if n:
+            last_t = int(s["hold_t"][slot, n - 1])
+            if t == last_t:
+                return "duplicate"
+            if t < last_t:
+                return "out_of_order"
+        s["hold_t"][slot, n], s["hold_v"][slot, n], s["hold_n"][slot] = t, v, n + 1
+        return None
+
+    def _release(self, slot: int, events: _Events, rank: dict[int, int], result: EngineResult) -> None:
+        """Infer the step from the held rows (the lower median of their gaps) and place them on the grid."""
+        s = self.series_
+        n = int(s["hold_n"][slot])
+        times, values = s["hold_t"][slot, :n].tolist(), s["hold_v"][slot, :n].tolist()
+        gaps = np.sort(np.diff(np.array(times, np.int64)))
+        s["step_ns"][slot] = int(gaps[(len(gaps) - 1) // 2])  # held times are strictly increasing: step > 0
+        s["hold_n"][slot] = 0
+        s["hold_t"][slot], s["hold_v"][slot] = 0, np.nan
+        for t, v in zip(times, values, strict=True):
+            if self._place(slot, t, v, events, rank, result) is None:
+                self._count_applied(slot, result)
+            else:  # times are distinct and increasing: only a collision can stop a held row
+                self._collision(slot, t, result)
+
+    def _place(self, slot: int, t: int, v: float, events: _Events, rank: dict[int, int],
+               result: EngineResult) -> str | None:
+        """Put one observation on its series' grid (filling a short gap before it); ``None`` when placed, else
+        why not: ``"duplicate"``, ``"collision"`` or ``"out_of_order"``."""
+        s = self.series_
+        step = int(s["step_ns"][slot])
+        last = int(s["last_tick"][slot])
+        if last == _NO_TICK:  # the first observation on the grid anchors it at its own phase
+            s["anchor_ns"][slot] = t % step
+        tick = (t - int(s["anchor_ns"][slot]) + step // 2) // step
+        if last != _NO_TICK and tick <= last:
+            last_t = int(s["last_t"][slot])
+            if t == last_t:
+                return "duplicate"
+            return "out_of_order" if t < last_t else "collision"
+        gap = tick - last - 1 if last != _NO_TICK else 0
+        max_gap = self._gap_limit
+        reset = gap > max_gap
+        result.n_resets += reset
+        if 0 < gap <= max_gap:
+            start = float(s["last_value"][slot])
+            for k in range(1, gap + 1):
+                frac = k / (gap + 1)
+                self._emit(events, rank, slot, last + k, start + (v - start) * frac, False, False, 0)
+            s["n_gap_filled"][slot] += gap
+            result.n_gap_filled += gap
+        self._emit(events, rank, slot, tick, v, True, reset, t)
+        s["last_tick"][slot], s["last_value"][slot], s["last_t"][slot] = tick, v, t
+        return None
 
     @staticmethod
     def _emit(events: _Events, rank: dict[int, int], slot: int, tick: int, value: float, real: bool,
@@ -304,16 +414,23 @@ class Engine:
         rank[slot] = k + 1
         events.add(slot, tick, value, real, reset, t_ns, k)
 
-    def _applied(self, slot: int, batch: ObservationBatch, i: int, result: EngineResult) -> None:
-        s = self.series_
-        s["n_applied"][slot] += 1
-        s["applied_partition"][slot] = batch.partitions[i]
-        s["applied_offset"][slot] = batch.offsets[i]
+    def _count_applied(self, slot: int, result: EngineResult) -> None:
+        self.series_["n_applied"][slot] += 1
         result.n_applied += 1
 
     def _duplicate(self, slot: int, result: EngineResult) -> None:
         self.series_["n_duplicates"][slot] += 1
         result.n_duplicates += 1
+
+    def _collision(self, slot: int, t: int, result: EngineResult) -> None:
+        s = self.series_
+        if s["n_collisions"][slot] == 0:
+            log.warning("series %r: %s snaps onto the grid tick of %s (step %s), already used; skipped and counted "
+                        "in tidecast_snapped_collisions_total (warned once per series: is --freq too coarse?)",
+                        self._ids[slot], _iso(t), _iso(int(s["last_t"][slot])),
+                        _duration(int(s["step_ns"][slot])))
+        s["n_collisions"][slot] += 1
+        result.n_collisions += 1
 
     def _step_round(self, rnd: dict[str, np.ndarray], outputs: list[tuple]) -> None:
         rows, ticks, values, real, reset = rnd["slot"], rnd["tick"], rnd["value"], rnd["real"], rnd["reset"]
@@ -356,7 +473,9 @@ class Engine:
             if not ready.any():
                 continue
             step = self.series_["step_ns"][rows]
-            target = self.series_["anchor_ns"][rows][:, None] + (ticks[:, None] + hs[None, :]) * step[:, None]
+            anchor = self.series_["anchor_ns"][rows]
+            ready &= hs[None, :] <= ((_MAX_NS - anchor) // step - ticks)[:, None]  # targets past 2262 overflow
+            target = anchor[:, None] + (ticks[:, None] + hs[None, :]) * step[:, None]
             row_of = np.broadcast_to(rows[:, None], mean.shape)[ready]
             parts.append(ForecastBatch(
                 series_id=self._ids[row_of],
@@ -373,6 +492,8 @@ class Engine:
         m.observations.inc(result.n_applied)
         if result.n_duplicates:
             m.duplicates.inc(result.n_duplicates)
+        if result.n_collisions:
+            m.snapped_collisions.inc(result.n_collisions)
         if result.n_gap_filled:
             m.gap_fills.inc(result.n_gap_filled)
         if result.n_resets:
@@ -409,6 +530,8 @@ class Engine:
             "n_series": len(rows),
             "n_observations": int(s["n_applied"][rows].sum()),
             "n_duplicates": int(s["n_duplicates"][rows].sum()),
+            "n_collisions": int(s["n_collisions"][rows].sum()),
+            "n_held": int(s["hold_n"][rows].sum()),
             "n_gap_filled": int(s["n_gap_filled"][rows].sum()),
         }
 
@@ -444,6 +567,7 @@ class Engine:
         self._import_rows(np.array(rows, dtype=np.int64), arrays)
 
     def _import_rows(self, rows: np.ndarray, arrays: ArrayDict) -> None:
+        arrays = _upgrade_engine_arrays(arrays, len(rows))
         for name in self.series_:
             self.series_[name][rows] = arrays[f"engine/{name}"]
         for lane in self.lanes:
@@ -477,3 +601,16 @@ class Engine:
         s = self.series_
         return {sid: (int(s["applied_partition"][slot]), int(s["applied_offset"][slot]))
                 for sid, slot in self._slot_of.items()}
+
+
+def _iso(t_ns: int) -> str:
+    return from_ns(t_ns).isoformat().replace("+00:00", "Z")
+
+
+def _duration(ns: int) -> str:
+    """``1h``, ``30min``, ``15s`` or ``n ns``: a step as ``--freq`` would spell it."""
+    for unit, size in (("d", 86_400 * 10**9), ("h", 3_600 * 10**9), ("min", 60 * 10**9), ("s", 10**9),
+                       ("ms", 10**6), ("us", 10**3)):
+        if ns % size == 0:
+            return f"{ns // size}{unit}"
+    return f"{ns}ns"

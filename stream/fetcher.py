@@ -18,7 +18,7 @@ from typing import Any
 
 from tidecast.monitors.metrics import Metrics
 from tidecast.stream.health import Heartbeat, Readiness
-from tidecast.stream.kafka import HighwaterProbe
+from tidecast.stream.kafka import BrokerLink, HighwaterProbe, is_unavailable
 from tidecast.stream.messages import (
     AbandonPartitions,
     AssignPartitions,
@@ -26,6 +26,7 @@ from tidecast.stream.messages import (
     FetchedRecords,
     PartitionRestored,
     ReleasePartitions,
+    RewindPartition,
 )
 from tidecast.stream.worker import Worker
 
@@ -36,11 +37,13 @@ class OffsetCommitter:
     """Commits offsets the worker made durable: forward only, and only for partitions still assigned in the epoch
     they were checkpointed in. Poll thread only (the consumer is not thread-safe)."""
 
-    def __init__(self, consumer: Any, topic: str, metrics: Metrics, epochs: dict[int, int]) -> None:
+    def __init__(self, consumer: Any, topic: str, metrics: Metrics, epochs: dict[int, int],
+                 link: BrokerLink | None = None) -> None:
         self.consumer = consumer
         self.topic = topic
         self.metrics = metrics
         self.epochs = epochs
+        self.link = link
         self._committed: dict[int, int] = {}
 
     def commit(self, request: CommitOffsets) -> None:
@@ -60,8 +63,12 @@ class OffsetCommitter:
             self.consumer.commit(todo, timeout_ms=10_000)
         except Exception as err:  # e.g. a rebalance started: the revoke path commits instead
             self.metrics.commit_failures.inc()
+            if self.link is not None and is_unavailable(err):
+                self.link.failed("committing offsets", err, enforce=False)
             log.warning("offset commit failed (%s); the next checkpoint retries", err)
             return
+        if self.link is not None:
+            self.link.ok()
         self.metrics.commits.inc()
         for tp, om in todo.items():
             self._committed[tp.partition] = om.offset
@@ -71,11 +78,25 @@ class OffsetCommitter:
 
 
 class Fetcher:
-    """One :meth:`poll_once` per turn of the poll loop; the rebalance callbacks land here too."""
+    """One :meth:`poll_once` per turn of the poll loop; the rebalance callbacks land here too.
+
+    Two watches besides. A partition's log going back under the consumer is said loudly (an error log and
+    ``tidecast_consumer_offset_resets_total``) and handed to the worker before the records from there
+    (:class:`RewindPartition`: it stops skipping offsets its series applied in the old log): a position that stays
+    past the log end (the topic was recreated, e.g. by a broker that lost its data; the fetches return nothing,
+    forever, and the lag reads 0) is reset per ``auto_offset_reset``, and records below the offset the poll thread
+    expects next mean the consumer reset itself (kafka-python does after OffsetOutOfRange). And when no other
+    operation reached the cluster for a while, a cheap request checks that it is still reachable
+    (``tidecast_broker_up`` follows an outage even while nothing is written), within the outage budget of the
+    :class:`BrokerLink`.
+    """
+
+    PAST_END_SECONDS = 1.0  # how long a position must stay past the log end (stale highwater after a seek)
+    PROBE_SECONDS = 5.0  # how quiet the link must be before the poll thread probes the cluster
 
     def __init__(self, cfg: Any, consumer: Any, worker: Worker, outbox: queue.Queue, epochs: dict[int, int],
                  readiness: Readiness, probe: HighwaterProbe, metrics: Metrics,
-                 heartbeat: Heartbeat | None = None) -> None:
+                 heartbeat: Heartbeat | None = None, link: BrokerLink | None = None) -> None:
         self.cfg = cfg
         self.consumer = consumer
         self.worker = worker
@@ -85,7 +106,10 @@ class Fetcher:
         self.probe = probe
         self.metrics = metrics
         self.heartbeat = heartbeat or Heartbeat()
-        self.committer = OffsetCommitter(consumer, cfg.topic, metrics, epochs)
+        self.link = link
+        self.committer = OffsetCommitter(consumer, cfg.topic, metrics, epochs, link)
+        self._past_end: dict[int, float] = {}  # partition -> since when its position is past the log end
+        self._expected: dict[int, int] = {}  # partition -> offset the next fetched record should have (or more)
         self._enqueued = 0
         self._dropped_from: dict[int, int] = {}  # restoring partition -> first offset fetched and dropped
         self._backpressure = False
@@ -102,12 +126,19 @@ class Fetcher:
             if self.readiness.is_restoring(tp.partition):  # not expected (paused); never lose them: seek back
                 self._dropped_from.setdefault(tp.partition, records[0].offset)
                 continue
+            expected = self._expected.get(tp.partition)
+            if expected is not None and records[0].offset < expected:
+                self._rewound(tp.partition, f"the consumer went back from offset {expected} to "
+                                            f"{records[0].offset} (it resets after OffsetOutOfRange)",
+                              records[0].offset)
+            self._expected[tp.partition] = records[-1].offset + 1
             self.worker.inbox.put(FetchedRecords(tp.partition, self.epochs.get(tp.partition, 0), records))
             self._enqueued += len(records)
             self.metrics.consumer_records.inc(len(records))
         self.drain()
         self._apply_backpressure()
         self._update_gauges()
+        self._probe_cluster()
 
     def drain(self) -> None:
         """Act on what the worker reported: restored partitions, durable offsets."""
@@ -135,6 +166,7 @@ class Fetcher:
         position = restored.position if restored.position is not None else dropped
         if position is not None:
             self.consumer.seek(tp, position)
+            self._expected[p] = position
         self.readiness.end_restore(p)
         if not self._backpressure:
             self.consumer.resume(tp)
@@ -177,7 +209,10 @@ class Fetcher:
         current = set()
         for tp in assigned:
             pos = positions.get(tp.partition)
-            highs = [h for h in (self.consumer.highwater(tp), self.probe.highwater(tp.partition)) if h is not None]
+            fetched_end = self.consumer.highwater(tp)
+            if pos is not None and tp not in paused:
+                pos = self._watch_log_end(tp, pos, fetched_end, now)
+            highs = [h for h in (fetched_end, self.probe.highwater(tp.partition)) if h is not None]
             if pos is None or not highs:
                 continue
             self.metrics.consumer_lag.labels(partition=str(tp.partition)).set(max(0, max(highs) - pos))
@@ -185,6 +220,49 @@ class Fetcher:
         for p in self._lag_partitions - current:  # bounded labels: assigned partitions only
             self.metrics.consumer_lag.remove(str(p))
         self._lag_partitions = current
+
+    def _watch_log_end(self, tp: Any, position: int, log_end: int | None, now: float) -> int:
+        """Reset a position that stays past the log end; returns the position to report."""
+        p = tp.partition
+        if log_end is None or position <= log_end:
+            self._past_end.pop(p, None)
+            return position
+        since = self._past_end.setdefault(p, now)
+        if now - since < self.PAST_END_SECONDS:
+            return position
+        del self._past_end[p]
+        target = 0 if self.cfg.auto_offset_reset == "earliest" else log_end
+        self._rewound(p, f"position {position} is past the log end {log_end}, so nothing new would ever be read; "
+                         f"resetting to {target} (auto_offset_reset={self.cfg.auto_offset_reset})", target)
+        self.consumer.seek(tp, target)
+        self._expected[p] = target
+        return target
+
+    def _rewound(self, p: int, what: str, offset: int) -> None:
+        """Say it, count it, and tell the worker before any record from ``offset`` reaches it."""
+        log.error("input partition %s[%d]: %s. The topic was recreated or its log truncated (a broker that lost its "
+                  "data?); series keep their state and the engine judges the records from offset %d by their "
+                  "timestamps", self.cfg.topic, p, what, offset)
+        self.metrics.offset_resets.inc()
+        self.worker.inbox.put(RewindPartition(p, self.epochs.get(p, 0), offset))
+        self.committer.forget(p)  # the new log's offsets are lower than those committed: commit them all the same
+
+    def _probe_cluster(self) -> None:
+        """When nothing reached the cluster for a while, ask it something cheap (the committed offset of
+        partition 0): an outage shows in ``tidecast_broker_up`` and counts against the budget even when idle."""
+        if self.link is None or self.link.quiet_seconds < self.PROBE_SECONDS:
+            return
+        from kafka import TopicPartition
+
+        try:
+            self.consumer.committed(TopicPartition(self.cfg.topic, 0), timeout_ms=2_000)
+        except Exception as err:
+            if not is_unavailable(err):
+                log.debug("cluster probe: %s", err)
+                return
+            self.link.failed("probing the cluster", err)  # raises once the outage outlasts the budget
+            return
+        self.link.ok()
 
     # -- rebalance callbacks (kafka-python's IO thread) ---------------------------------------------------------
     def on_assigned(self, partitions: set[int]) -> None:
@@ -213,6 +291,8 @@ class Fetcher:
             self.epochs[p] = self.epochs.get(p, 0) + 1  # queued records of p become stale
             self.readiness.end_restore(p)
             self._dropped_from.pop(p, None)
+            self._expected.pop(p, None)
+            self._past_end.pop(p, None)
             self.committer.forget(p)
 
     def release_deadline(self, stopping: bool) -> float:

@@ -7,7 +7,8 @@ Kafka-compatible brokers answer wrongly.
 
 Messages
 --------
-* input (``--topic``): key ``series_id`` (UTF-8), value one JSON observation (:mod:`tidecast.stream.records`).
+* input (``--topic``): key ``series_id`` (UTF-8), value one JSON observation (:mod:`tidecast.stream.records`), on
+  the series' home partition under ``--partitioner`` (:mod:`tidecast.stream.partitioner`).
 * forecasts (``--forecast-topic``): key ``series_id``, value one JSON object per (series, model, origin) holding
   all its steps as parallel arrays — one message instead of H keeps the per-message cost (the bottleneck of a
   Python Kafka client) H times lower::
@@ -19,7 +20,7 @@ Messages
   ``lower``/``upper`` hold ``null`` for an unbounded side (a calibrator may emit an infinite interval). A
   consumer de-duplicates on ``(series_id, model, issued_at, h)``; a re-sent message (after a crash) is identical.
 * dead letters (``--dead-letter-topic``): the original key and raw value bytes, unchanged, with the why and
-  where in headers: ``tidecast.reason`` (one of :data:`tidecast.stream.records.REASONS`),
+  where in headers: ``tidecast.reason`` (one of :data:`tidecast.stream.kafka_source.SERVE_REASONS`),
   ``tidecast.detail``, ``tidecast.source.topic``, ``tidecast.source.partition``, ``tidecast.source.offset``,
   ``tidecast.source.timestamp`` (ms) and, when the value was cut to ``dead_letter_max_bytes``,
   ``tidecast.raw.size`` (its original size). Fix and re-drive them by producing the value back to the input.
@@ -27,6 +28,9 @@ Messages
 Both outputs are sinks with the protocol of :mod:`tidecast.stream.sinks` (:class:`KafkaForecastSink`,
 :class:`KafkaDeadLetterSink`): ``write`` sends asynchronously, ``flush`` waits until the broker acknowledged
 everything sent and raises :class:`OutputError` if it refused anything.
+
+Reachability: :class:`BrokerLink` waits out an unreachable cluster (retriable errors) within an outage budget and
+raises :class:`BrokerUnavailable` past it; refusals (every other error) are never retried.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -46,6 +50,7 @@ from tidecast.stream.batch import ForecastBatch
 from tidecast.stream.sources import DeadLetter
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FORECAST_SCHEMA_VERSION = 1
 #: Settings passed through to both clients when given (flag, env or file).
@@ -101,6 +106,148 @@ def assignors(name: str) -> list[type]:
     return [table[name]]
 
 
+# -- reachability --------------------------------------------------------------------------------------
+class BrokerUnavailable(RuntimeError):
+    """The Kafka cluster stayed unreachable for longer than the outage budget (or while stopping)."""
+
+
+def is_unavailable(err: BaseException) -> bool:
+    """Unavailability (wait: the cluster may come back) as opposed to refusal (stop: retrying cannot help).
+
+    kafka-python marks its transient errors ``retriable``: timeouts, lost connections, leader elections, a moving
+    coordinator. Everything else a broker answers (a record too large, no authorisation, an invalid topic) is a
+    refusal.
+
+    >>> from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, TopicAuthorizationFailedError
+    >>> is_unavailable(KafkaTimeoutError()), is_unavailable(MessageSizeTooLargeError())
+    (True, False)
+    >>> is_unavailable(TopicAuthorizationFailedError())
+    False
+    """
+    return bool(getattr(err, "retriable", False)) or isinstance(err, (TimeoutError, ConnectionError))
+
+
+class BrokerLink:
+    """Reachability of the Kafka cluster, shared by serve's threads: ``tidecast_broker_up``, a log line when an
+    outage starts and one when it ends, and the *outage budget*.
+
+    Operations that can wait out an outage run through :meth:`call`, which retries them with backoff while the
+    errors mean "unreachable" (:func:`is_unavailable`). The budget is per outage, not per operation: its clock starts
+    at the first failure of any operation and stops at the first success of any, so an outage spent partly in a
+    checkpoint and partly in a restore is one outage. When it outlasts ``budget_seconds``, or ``stopping`` is set,
+    :class:`BrokerUnavailable` is raised.
+
+    >>> link = BrokerLink(budget_seconds=0.0, sleep=lambda s: None)
+    >>> link.call("probing", lambda timeout: 42)
+    42
+    >>> def unreachable(timeout):
+    ...     raise TimeoutError("no answer")
+    >>> link.call("probing", unreachable)
+    Traceback (most recent call last):
+    ...
+    tidecast.stream.kafka.BrokerUnavailable: the Kafka cluster was unreachable for 0 s, longer than the outage \
+budget of 0 s (--broker-outage-budget); last: probing: TimeoutError: no answer
+    """
+
+    def __init__(self, budget_seconds: float, up: Any = None, retries: Any = None,
+                 stopping: threading.Event | None = None, sleep: Callable[[float], None] = time.sleep,
+                 attempt_seconds: float = 5.0) -> None:
+        self.budget = budget_seconds
+        self.attempt_seconds = attempt_seconds  # how long one attempt may wait (a flush, a bootstrap)
+        self._up = up  # gauge: tidecast_broker_up
+        self._retries = retries  # counter: tidecast_broker_retries_total
+        self._stopping = stopping or threading.Event()
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._down_since: float | None = None
+        self._said_at = 0.0  # when the outage was last logged
+        self._last_ok = time.monotonic()
+
+    @property
+    def down(self) -> bool:
+        return self._down_since is not None
+
+    @property
+    def quiet_seconds(self) -> float:
+        """Seconds since an operation last reached the cluster."""
+        return time.monotonic() - self._last_ok
+
+    def ok(self) -> None:
+        """An operation reached the cluster."""
+        now = time.monotonic()
+        with self._lock:
+            since, self._down_since, self._last_ok = self._down_since, None, now
+        if self._up is not None:
+            self._up.set(1)
+        if since is not None:
+            log.warning("the Kafka cluster is reachable again after %.0f s", now - since)
+
+    def failed(self, what: str, err: BaseException, enforce: bool = True, since: float | None = None) -> float:
+        """An operation (started at ``since``, monotonic) could not reach the cluster; returns the seconds left of
+        the budget. Raises :class:`BrokerUnavailable` once the budget is spent or the service is stopping (if
+        ``enforce``)."""
+        now = time.monotonic()
+        with self._lock:
+            first = self._down_since is None
+            if first:
+                self._down_since = now if since is None else min(since, now)
+            elapsed = now - self._down_since
+            remind = not first and now - self._said_at >= 30.0
+            if first or remind:
+                self._said_at = now
+        if self._up is not None:
+            self._up.set(0)
+        if self._retries is not None:
+            self._retries.inc()
+        if first:
+            log.warning("the Kafka cluster is unreachable (%s: %s); retrying for up to %.0f s (--broker-outage-budget)",
+                        what, _describe(err), self.budget)
+        elif remind:
+            log.warning("the Kafka cluster is still unreachable after %.0f s (%s: %s); giving up after %.0f s",
+                        elapsed, what, _describe(err), self.budget)
+        if enforce and (elapsed >= self.budget or self._stopping.is_set()):
+            why = "while stopping" if self._stopping.is_set() and elapsed < self.budget else (
+                f"for {elapsed:.0f} s, longer than the outage budget of {self.budget:.0f} s (--broker-outage-budget)")
+            raise BrokerUnavailable(f"the Kafka cluster was unreachable {why}; last: {what}: {_describe(err)}")
+        return self.budget - elapsed
+
+    def call(self, what: str, attempt: Callable[[float], T], progress: Callable[[], None] | None = None) -> T:
+        """``attempt(timeout_seconds)``, retried with backoff while the cluster is unreachable; errors that are
+        refusals propagate at once. ``progress`` is called between attempts (a heartbeat: waiting is not hanging)."""
+        backoff = 0.2
+        left = self.budget
+        while True:
+            started = time.monotonic()
+            try:
+                result = attempt(max(0.5, min(self.attempt_seconds, left)))
+            except Exception as err:
+                if not is_unavailable(err):
+                    raise
+                left = self.failed(what, err, since=started)
+                if progress is not None:
+                    progress()
+                self._sleep(max(0.0, min(backoff, left)))
+                backoff = min(backoff * 2, 5.0)
+                continue
+            self.ok()
+            return result
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text}" if text and type(err).__name__ not in text else (text or type(err).__name__)
+
+
+def producer_settings(budget_seconds: float, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Producer timeouts for an outage budget: records wait in the producer for the whole budget (kafka-python
+    retries them until ``delivery_timeout_ms``), and ``send`` blocks at most a few seconds on a full buffer or
+    missing metadata, so that the caller can keep its heartbeat and retry through :class:`BrokerLink`."""
+    request_timeout_ms = int((extra or {}).get("request_timeout_ms", 30_000))
+    linger_ms = int((extra or {}).get("linger_ms", 5))
+    return {"delivery_timeout_ms": max(int(budget_seconds * 1000), request_timeout_ms + linger_ms + 1_000),
+            "max_block_ms": 5_000}
+
+
 # -- topics --------------------------------------------------------------------------------------------
 def partition_count(consumer: Any, topic: str, timeout_seconds: float = 30.0) -> int:
     """Number of partitions of ``topic`` from cluster metadata (waits for the topic to appear)."""
@@ -147,6 +294,16 @@ def _bounded(values: np.ndarray) -> list[float | None]:
 
 def forecast_messages(batch: ForecastBatch) -> Iterable[tuple[str, bytes]]:
     """``(series_id, value)`` per (series, model, origin); rows of one forecast are contiguous in ``batch``."""
+    for series_id, _issued, payload in forecast_payloads(batch):
+        if isinstance(payload, Exception):
+            raise payload
+        yield series_id, payload
+
+
+def forecast_payloads(batch: ForecastBatch) -> Iterable[tuple[str, int, bytes | ValueError]]:
+    """``(series_id, issued_at_ns, value)`` like :func:`forecast_messages`, but a forecast that JSON cannot hold (a
+    non-finite mean) comes as its error instead of ending the batch, so the caller can set it aside and send the
+    others."""
     n = len(batch)
     if not n:
         return
@@ -156,17 +313,22 @@ def forecast_messages(batch: ForecastBatch) -> Iterable[tuple[str, bytes]]:
     starts = np.flatnonzero(change)
     ends = np.append(starts[1:], n)
     issued_iso = iso_utc(issued[starts])
+    issued_ns = issued[starts].tolist()
     targets = iso_utc(batch.target_ns)
     h, mean = batch.h.tolist(), batch.mean.tolist()
     lower, upper = _bounded(batch.lower), _bounded(batch.upper)
     dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
     for i, (s, e) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
         series_id = str(sid[s])
-        yield series_id, dumps({
-            "series_id": series_id, "model": str(model[s]), "issued_at": issued_iso[i], "alpha": batch.alpha,
-            "h": h[s:e], "target_timestamp": targets[s:e], "mean": mean[s:e], "lower": lower[s:e],
-            "upper": upper[s:e], "schema_version": FORECAST_SCHEMA_VERSION,
-        }).encode()
+        try:
+            payload: bytes | ValueError = dumps({
+                "series_id": series_id, "model": str(model[s]), "issued_at": issued_iso[i], "alpha": batch.alpha,
+                "h": h[s:e], "target_timestamp": targets[s:e], "mean": mean[s:e], "lower": lower[s:e],
+                "upper": upper[s:e], "schema_version": FORECAST_SCHEMA_VERSION,
+            }).encode()
+        except ValueError as err:  # allow_nan=False: a NaN or infinite mean
+            payload = err
+        yield series_id, issued_ns[i], payload
 
 
 # -- dead letters ------------------------------------------------------------------------------------------
@@ -180,7 +342,8 @@ class DeadLetterMessage:
 def dead_letter_message(record: Any, reason: str, detail: str, max_bytes: int) -> DeadLetterMessage:
     """The raw record, unchanged (cut to ``max_bytes`` if larger), with reason and source in headers."""
     value = record.value
-    headers = [("tidecast.reason", reason.encode()), ("tidecast.detail", detail[:1000].encode()),
+    headers = [("tidecast.reason", reason.encode()),
+               ("tidecast.detail", detail[:1000].encode("utf-8", "backslashreplace")),
                ("tidecast.source.topic", str(record.topic).encode()),
                ("tidecast.source.partition", str(record.partition).encode()),
                ("tidecast.source.offset", str(record.offset).encode()),
@@ -201,19 +364,48 @@ class OutputError(RuntimeError):
     """The broker refused forecasts or dead letters; offsets are not committed past them."""
 
 
-class _TopicSink:
-    """Sends to one topic through a shared, thread-safe producer and remembers the first refusal."""
+class UnsendableForecasts(ValueError):
+    """Forecasts of some series could not be encoded (a key UTF-8 cannot hold, a value JSON cannot); the others
+    of the batch were sent. ``series`` maps each such series id to its error, ``origins`` to the ``issued_at``
+    (epoch ns: the timestamp of the observation that issued it) of each forecast not sent."""
 
-    def __init__(self, producer: Any, topic: str, errors: Any, flush_timeout: float) -> None:
+    def __init__(self, series: dict[str, BaseException], origins: dict[str, set[int]] | None = None) -> None:
+        first_sid, first = next(iter(series.items()))
+        super().__init__(f"forecasts of {len(series)} series could not be encoded, first {first_sid!r}: {first}")
+        self.series = series
+        self.origins = origins or {}
+
+
+class _TopicSink:
+    """Sends to one topic through a shared, thread-safe producer and remembers the first failed delivery.
+
+    With a :class:`BrokerLink`, an unreachable cluster is waited out (``send`` retried, ``flush`` repeated) within
+    the outage budget; a delivery the producer gave up on for unavailability means the outage outlasted its
+    delivery timeout (which :func:`producer_settings` sets to the budget): :class:`BrokerUnavailable`. A refusal
+    (message too large, no authorisation) is :class:`OutputError` either way.
+    """
+
+    def __init__(self, producer: Any, topic: str, errors: Any, flush_timeout: float,
+                 link: BrokerLink | None = None, progress: Callable[[], None] | None = None) -> None:
         self.producer = producer
         self.topic = topic
         self._errors = errors  # a counter with inc(): tidecast_output_errors_total
         self.flush_timeout = flush_timeout
+        self.link = link
+        self.progress = progress  # the calling thread's heartbeat, ticked while waiting for the cluster
         self._failure: BaseException | None = None
 
     def _send(self, key: bytes | None, value: bytes | None, partition: int | None,
               headers: list[tuple[str, bytes]] | None = None) -> None:
-        future = self.producer.send(self.topic, key=key, value=value, headers=headers, partition=partition)
+        def send(_timeout: float = 0.0) -> Any:
+            return self.producer.send(self.topic, key=key, value=value, headers=headers, partition=partition)
+
+        try:
+            future = send()
+        except Exception as err:
+            if self.link is None or not is_unavailable(err):
+                raise OutputError(f"the producer refused a message to {self.topic}: {err!r}") from err
+            future = self.link.call(f"sending to {self.topic}", send, self.progress)
         future.add_errback(self._refused)
 
     def _refused(self, err: BaseException) -> None:  # runs on the producer's IO thread
@@ -221,10 +413,19 @@ class _TopicSink:
         self._failure = self._failure or err
 
     def flush(self) -> None:
-        """Wait until everything sent is acknowledged; :class:`OutputError` if the broker refused anything."""
-        self.producer.flush(timeout=self.flush_timeout)
-        if self._failure is not None:
-            raise OutputError(f"the broker refused messages to {self.topic}: {self._failure!r}")
+        """Wait until everything sent is acknowledged; :class:`OutputError` if the broker refused anything,
+        :class:`BrokerUnavailable` if the cluster stayed out of reach for the outage budget."""
+        if self.link is None:
+            self.producer.flush(timeout=self.flush_timeout)
+        else:
+            self.link.call(f"flushing {self.topic}", lambda timeout: self.producer.flush(timeout=timeout),
+                           self.progress)
+        failure = self._failure
+        if failure is not None and self.link is not None and is_unavailable(failure):
+            raise BrokerUnavailable(f"messages to {self.topic} were not delivered within the outage budget "
+                                    f"({self.link.budget:.0f} s): {failure!r}")
+        if failure is not None:
+            raise OutputError(f"the broker refused messages to {self.topic}: {failure!r}")
 
     def close(self) -> None:
         """The producer is shared: whoever created it closes it."""
@@ -234,18 +435,33 @@ class KafkaForecastSink(_TopicSink):
     """Forecasts as one message per (series, model, origin), keyed by series id.
 
     ``partition_of`` (series id -> input partition) pins each message to its series' input partition, for an
-    output topic co-partitioned with the input; without it the producer's partitioner decides.
+    output topic co-partitioned with the input; without it the producer's partitioner decides. A forecast that
+    cannot be encoded does not stop the others: :meth:`write` sends the rest, then raises
+    :class:`UnsendableForecasts` naming the series set aside.
     """
 
     def __init__(self, producer: Any, topic: str, errors: Any, flush_timeout: float,
-                 partition_of: Callable[[str], int | None] | None = None) -> None:
-        super().__init__(producer, topic, errors, flush_timeout)
+                 partition_of: Callable[[str], int | None] | None = None, link: BrokerLink | None = None,
+                 progress: Callable[[], None] | None = None) -> None:
+        super().__init__(producer, topic, errors, flush_timeout, link, progress)
         self.partition_of = partition_of
 
     def write(self, batch: ForecastBatch) -> None:
-        for sid, value in forecast_messages(batch):
+        unsendable: dict[str, BaseException] = {}
+        origins: dict[str, set[int]] = {}
+        for sid, issued_ns, payload in forecast_payloads(batch):
+            try:
+                if isinstance(payload, Exception):
+                    raise payload
+                key = sid.encode()  # a lone surrogate: no valid UTF-8 key exists
+            except (ValueError, UnicodeEncodeError) as err:
+                unsendable.setdefault(sid, err)
+                origins.setdefault(sid, set()).add(issued_ns)
+                continue
             partition = self.partition_of(sid) if self.partition_of is not None else None
-            self._send(sid.encode(), value, partition)
+            self._send(key, payload, partition)
+        if unsendable:
+            raise UnsendableForecasts(unsendable, origins)
 
 
 class KafkaDeadLetterSink(_TopicSink):
@@ -255,8 +471,9 @@ class KafkaDeadLetterSink(_TopicSink):
     """
 
     def __init__(self, producer: Any, topic: str, errors: Any, flush_timeout: float, max_bytes: int,
-                 co_partitioned: bool = False) -> None:
-        super().__init__(producer, topic, errors, flush_timeout)
+                 co_partitioned: bool = False, link: BrokerLink | None = None,
+                 progress: Callable[[], None] | None = None) -> None:
+        super().__init__(producer, topic, errors, flush_timeout, link, progress)
         self.max_bytes = max_bytes
         self.co_partitioned = co_partitioned
 
@@ -300,14 +517,20 @@ class HighwaterProbe(threading.Thread):
         self._stop.set()
 
     def run(self) -> None:
+        failing = False
         try:
             while not self._stop.wait(self.interval):
                 with self._lock:
                     wanted = dict(self._wanted)
-                if wanted:
+                if not wanted:
+                    continue
+                try:
                     self._probe(wanted)
-        except Exception:  # never take the service down for a gauge
-            log.exception("lag probe stopped")
+                    failing = False
+                except Exception as err:  # never take the service down for a gauge; try again next round
+                    if not failing:
+                        log.warning("lag probe failed (%s); retrying every %.1f s", _describe(err), self.interval)
+                    failing = True
         finally:
             if self._consumer is not None:
                 self._consumer.close()

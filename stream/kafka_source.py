@@ -25,8 +25,14 @@ from typing import Any
 import numpy as np
 
 from tidecast.stream.batch import ObservationBatch
-from tidecast.stream.records import DEFAULT_MAX_BYTES, InvalidRecord, decode
+from tidecast.stream.records import DEFAULT_MAX_BYTES, REASONS, InvalidRecord, decode
 from tidecast.stream.sources import DeadLetter
+
+#: Dead-letter reasons only ``serve`` gives, beside :data:`tidecast.stream.records.REASONS`: a record whose batch
+#: raised in the engine, or whose forecast could not be encoded. Never a verdict on the data alone: a bug to fix
+#: (in tidecast, or in the validation that let the record through); the record can be re-driven once it is fixed.
+PROCESSING_ERROR = "processing_error"
+SERVE_REASONS = (*REASONS, *(r for r in (PROCESSING_ERROR,) if r not in REASONS))
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Typed messages between serve's threads (see :mod:`tidecast.stream.serve` for who runs where).
 
 Poll thread and rebalance listener -> worker (its inbox, in order): :class:`FetchedRecords`,
-:class:`AssignPartitions`, :class:`ReleasePartitions`, :class:`AbandonPartitions`, :class:`Stop`.
+:class:`AssignPartitions`, :class:`ReleasePartitions`, :class:`AbandonPartitions`, :class:`RewindPartition`,
+:class:`Stop`.
 Worker -> poll thread (its outbox): :class:`PartitionRestored`, :class:`CommitOffsets`.
 
 An *epoch* counts how often a partition left this member: records fetched before a revocation carry the old epoch,
@@ -78,6 +79,17 @@ class ReleasePartitions:
 
 
 @dataclass(frozen=True)
+class RewindPartition:
+    """``partition``'s log went back under the consumer: its position lay past the log end and the poll thread
+    sought it to ``offset``, or the consumer itself reset to ``offset`` (kafka-python does after OffsetOutOfRange).
+    The topic was recreated or its log truncated; the worker continues the partition at ``offset``."""
+
+    partition: int
+    epoch: int
+    offset: int
+
+
+@dataclass(frozen=True)
 class Stop:
     """The worker's last message: return from its loop."""
 
@@ -100,4 +112,4 @@ class CommitOffsets:
     epochs: dict[int, int]
 
 
-WorkerCommand = AssignPartitions | ReleasePartitions | AbandonPartitions
+WorkerCommand = AssignPartitions | ReleasePartitions | AbandonPartitions | RewindPartition

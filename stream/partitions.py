@@ -3,9 +3,14 @@ their state is checkpointed, restored and handed over.
 
 Ownership
 ---------
-A series lives on the input partition that first brought it (producers key by series id). An observation of it
-on another partition is refused as ``wrong_partition``; a re-delivered record at or below the offset its series
-had applied when restored is skipped.
+Producers key observations by series id, so a series has a *home partition*: the one the producers' partitioner
+maps its id to (:class:`~tidecast.stream.partitioner.HomePartitions`, the ``partitioner`` setting). Every member
+computes it the same way, so a record on another partition is refused as ``wrong_partition`` by whichever member
+reads it (the detail names the expected partition), never taken as a new series. A series' state lives on the
+partition that first brought it — its home — and a record on its home partition whose state lives on another one
+(state written under another partitioner) is refused too. Without ``homes`` (tests on in-memory stores) the first
+partition that brought a series is its home. A re-delivered record at or below the offset its series had applied
+when restored is skipped.
 
 Checkpoint order
 ----------------
@@ -37,6 +42,7 @@ import numpy as np
 from tidecast.monitors.metrics import Metrics
 from tidecast.stream.batch import ObservationBatch
 from tidecast.stream.engine import Engine
+from tidecast.stream.partitioner import HomePartitions
 from tidecast.stream.state import (
     ChangelogStore,
     ChangelogTail,
@@ -82,7 +88,7 @@ class Screened:
     """Which rows of a decoded batch to apply (:meth:`PartitionTable.screen`)."""
 
     keep: np.ndarray  # row indices, in order
-    misrouted: list[tuple[int, int]]  # (row, the partition its series lives on)
+    misrouted: list[tuple[int, int, str]]  # (row, the partition its series belongs on, why: the dead letter's detail)
     skipped: int  # re-deliveries of records already applied
     new_owners: dict[str, int]  # series seen for the first time -> their partition
 
@@ -90,14 +96,18 @@ class Screened:
 class PartitionTable:
     """Owned partitions and their series; checkpoint, restore, release (see the module docstring)."""
 
+    _MAX_WARNED = 1_000  # series named in a wrong_partition warning (later ones are only dead-lettered and counted)
+
     def __init__(self, topic: str, engine: Engine, changelog: ChangelogStore, local: LocalStateStore,
-                 metrics: Metrics, outputs: Sequence[Durable] = ()) -> None:
+                 metrics: Metrics, outputs: Sequence[Durable] = (), homes: HomePartitions | None = None) -> None:
         self.topic = topic
         self.engine = engine
         self.changelog = changelog
         self.local = local
         self.metrics = metrics
         self.outputs = outputs
+        self.homes = homes
+        self._warned: set[str] = set()
         self.owned: dict[int, PartitionState] = {}
         self.released: dict[int, PartitionState] = {}  # checkpointed at revocation, still in engine memory
         self._owner: dict[str, int] = {}  # series -> input partition holding its state
@@ -122,11 +132,16 @@ class PartitionTable:
         keep, misrouted, skipped, new_owners = [], [], 0, {}
         rows = zip(batch.series_ids.tolist(), batch.partitions.tolist(), batch.offsets.tolist(), strict=True)
         for i, (sid, partition, offset) in enumerate(rows):
+            home = self.homes(sid) if self.homes is not None else None
+            if home is not None and home != partition:
+                misrouted.append((i, home, self._not_home(sid, partition, home)))
+                continue
             owner = self._owner.get(sid, new_owners.get(sid))
             if owner is None:
                 new_owners[sid] = owner = partition
             if owner != partition:
-                misrouted.append((i, owner))
+                misrouted.append((i, owner, f"series {sid!r} lives on partition {owner} (its state), not "
+                                            f"{partition}"))
                 continue
             floor = self._floors.get(sid)
             if floor is not None:
@@ -137,6 +152,16 @@ class PartitionTable:
             keep.append(i)
         return Screened(np.array(keep, np.int64), misrouted, skipped, new_owners)
 
+    def _not_home(self, sid: str, partition: int, home: int) -> str:
+        assert self.homes is not None
+        detail = (f"series {sid!r} belongs on partition {home} (partitioner {self.homes.describe()}), not "
+                  f"{partition}: the producer hashes keys differently; set --partitioner to the producers' "
+                  "(or produce with tidecast produce --partitioner)")
+        if sid not in self._warned and len(self._warned) < self._MAX_WARNED:
+            self._warned.add(sid)
+            log.warning("wrong_partition: %s", detail)
+        return detail
+
     def applied(self, batch: ObservationBatch, new_owners: dict[str, int], refused: set[str]) -> None:
         """After the engine applied ``batch``: new series it accepted join their partition; every series in
         ``batch`` (but the ``refused``) has changed."""
@@ -146,6 +171,17 @@ class PartitionTable:
                 self.owned[partition].series.add(sid)
         for sid in set(batch.series_ids.tolist()) - refused:
             self.owned[self._owner[sid]].dirty.add(sid)
+
+    def rewind(self, partition: int, offset: int) -> None:
+        """The partition's log went back (topic recreated, log truncated, consumer reset): continue at ``offset``
+        and judge its records by their timestamps (the engine's duplicate and order checks) instead of skipping
+        every offset the series had applied in the old log."""
+        st = self.owned.get(partition)
+        if st is None:
+            return
+        st.position = offset
+        for sid in st.series:
+            self._floors.pop(sid, None)
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def checkpoint(self, partitions: Iterable[int] | None = None) -> dict[int, int]:
@@ -239,10 +275,19 @@ class PartitionTable:
                 for p in sorted(partitions)}
 
     def _read(self, p: int) -> tuple[Snapshot | None, ChangelogTail]:
+        skipped = getattr(self.local, "skipped", 0)
         local = self.local.load(p)
+        if getattr(self.local, "skipped", 0) > skipped:  # unreadable, or another partition's, topic's or group's
+            self.metrics.state_skipped.labels(source="snapshot").inc()
         if local is not None:
             check_fingerprint(local.config, self.fingerprint, str(self.local.path(p)))
         tail = self.changelog.read(p, local.changelog_offset if local is not None else 0)
+        if tail.n_skipped:
+            self.metrics.state_skipped.labels(source="changelog").inc(tail.n_skipped)
+        if local is not None and tail.end_offset < local.changelog_offset:
+            log.warning("changelog %s[%d] ends at %d, before the local snapshot's offset %d: the changelog topic was "
+                        "recreated or truncated; restoring from the local snapshot", self.changelog.topic, p,
+                        tail.end_offset, local.changelog_offset)
         check_fingerprint(tail.config, self.fingerprint, f"changelog {self.changelog.topic}[{p}]")
         return merge(local, tail, self.topic, p), tail
 
@@ -255,6 +300,13 @@ class PartitionTable:
             for sid, (_part, offset) in snap.rows.applied_offsets().items():
                 if offset >= 0:
                     self._floors[sid] = offset
+            if self.homes is not None:
+                away = [sid for sid in st.series if self.homes(sid) != p]
+                if away:
+                    log.warning("partition %d holds the state of %d series whose home under the %s partitioner is "
+                                "another partition (e.g. %r): state written under another --partitioner; their "
+                                "records will be dead-lettered as wrong_partition", p, len(away),
+                                self.homes.partitioner, sorted(away)[0])
         return st
 
     def _own(self, st: PartitionState) -> None:

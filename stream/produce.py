@@ -4,6 +4,9 @@ The file is read by :mod:`tidecast.stream.sources` (the formats and rules of ``t
 time, and sent one observation per message: key ``series_id``, value :func:`tidecast.stream.records.encode` (event
 time in the message). Rows the file cannot yield (bad time, bad value) are counted and skipped, as ``replay``
 dead-letters them. Pacing: as fast as possible, ``--rate`` messages per second, or ``--speed`` times event time.
+Each message goes to its key's partition under ``--partitioner`` (:mod:`tidecast.stream.partitioner`; murmur2 by
+default, as kafka-python and the Java client), so a history pushed here lands where the live producers put the same
+series, and where ``serve`` expects it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 
 from tidecast.stream.config import INPUT, KAFKA, KafkaClientSettings, check_kafka_table
 from tidecast.stream.kafka import client_settings, ensure_topics, warn_without_crc32c
+from tidecast.stream.partitioner import DEFAULT_PARTITIONER, PARTITIONERS, HomePartitions
 from tidecast.stream.records import Observation, encode, from_ns
 from tidecast.stream.settings import SettingsError, at_least, check_declared, positive, setting
 from tidecast.stream.sources import ReplaySpec, load_replay
@@ -35,6 +39,9 @@ class ProduceOptions(KafkaClientSettings):
                                      group=KAFKA, check=at_least(1))
     replication_factor: int = setting(1, "replication factor when creating the topic", group=KAFKA,
                                       check=at_least(1))
+    partitioner: str = setting(DEFAULT_PARTITIONER, "the partition of each series id key: murmur2 (Java, "
+                               "kafka-python), crc32 (librdkafka clients), fnv1a (Go's Sarama); match the live "
+                               "producers and serve's --partitioner", group=KAFKA, choices=tuple(PARTITIONERS))
     rows: int | None = setting(None, "send only the file's first N rows", group=INPUT, check=at_least(0))
     rate: float | None = setting(None, "messages per second", group="pace", shown_default="as fast as possible",
                                  check=positive)
@@ -71,10 +78,13 @@ def run_produce(options: ProduceOptions) -> dict[str, Any]:
     started = time.perf_counter()
     first_ns = int(obs.timestamps_ns[0]) if len(obs) else 0
     try:
+        homes = HomePartitions(len(producer.partitions_for(options.topic)), options.partitioner)
+        log.info("sending to %s by the %s partitioner", options.topic, homes.describe())
         for i, (sid, t_ns, value) in enumerate(zip(obs.series_ids.tolist(), obs.timestamps_ns.tolist(),
                                                    obs.values.tolist(), strict=True)):
             payload = encode(Observation(sid, from_ns(t_ns), value))
-            producer.send(options.topic, key=sid.encode(), value=payload).add_errback(failures.append)
+            producer.send(options.topic, key=sid.encode(), value=payload,
+                          partition=homes(sid)).add_errback(failures.append)
             _pace(options, started, i + 1, t_ns - first_ns)
         producer.flush()
     finally:

@@ -8,6 +8,8 @@ and the metrics are the ones ``serve`` uses.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,7 @@ from rich.table import Table
 from tidecast.models.runtime import set_torch_threads
 from tidecast.monitors.metrics import Metrics
 from tidecast.stream.batch import ObservationBatch
-from tidecast.stream.config import EngineConfig
+from tidecast.stream.config import EngineConfig, port_number
 from tidecast.stream.engine import Engine, EngineResult
 from tidecast.stream.records import REASONS
 from tidecast.stream.settings import at_least, check_declared, positive, setting
@@ -38,7 +40,9 @@ class ReplayOptions:
     summary_json: Path | None = setting(None, "write the summary as JSON", group="output")
     progress: bool = setting(True, "progress bar", group="output")
     metrics_port: int | None = setting(None, "serve Prometheus /metrics on this port", group="service",
-                                       check=at_least(0))
+                                       check=port_number)
+    metrics_address: str = setting("127.0.0.1", "address the /metrics server listens on (0.0.0.0: every "
+                                   "interface)", group="service")
     linger_seconds: float = setting(0.0, "keep /metrics up this many seconds after the run", group="service",
                                     name="linger", check=at_least(0))
     rate: float | None = setting(None, "throttle to this many observations per second", group="pace",
@@ -51,11 +55,16 @@ class ReplayOptions:
 
 
 def run_replay(config: EngineConfig, options: ReplayOptions, console: Console | None = None) -> dict[str, Any]:
-    """Replay a file end to end and return the summary (also printed and optionally written as JSON)."""
+    """Replay a file end to end and return the summary (also printed and optionally written as JSON).
+
+    Everything a user can get wrong — outputs that would overwrite the input or cannot be written, model
+    parameters, the metrics port — is checked before the first row is read.
+    """
     console = console or Console()
+    check_outputs(options)
     metrics = Metrics(reasons=REASONS)
-    server = _serve_metrics(metrics, options.metrics_port, console)
     engine = Engine.from_config(config, metrics)
+    server = _serve_metrics(metrics, options.metrics_address, options.metrics_port, console)
     set_torch_threads(config.torch_threads)
     replay = load_replay(options.spec)
     letters = JsonlDeadLetters(options.dead_letter)
@@ -77,6 +86,7 @@ def run_replay(config: EngineConfig, options: ReplayOptions, console: Console | 
                 engine.maintenance()
                 progress.advance(task, len(batch))
                 _throttle(options.rate, started, progress.tasks[task].completed)
+        sink.write(engine.flush().forecasts)  # series still inferring their step at the end of the file
     finally:
         sink.close()
         letters.close()
@@ -84,23 +94,74 @@ def run_replay(config: EngineConfig, options: ReplayOptions, console: Console | 
     summary = _summary(engine, metrics, elapsed, letters.count, options)
     print_summary(summary, console)
     if options.summary_json is not None:
+        options.summary_json.parent.mkdir(parents=True, exist_ok=True)
         options.summary_json.write_text(json.dumps(summary, indent=2))
     if server is not None and options.linger_seconds > 0:
-        console.print(f"serving /metrics on :{options.metrics_port} for {options.linger_seconds:.0f} s more")
+        console.print(f"serving /metrics on {_url(options)} for {options.linger_seconds:.0f} s more")
         time.sleep(options.linger_seconds)
     if server is not None:
         server.shutdown()
     return summary
 
 
-def _serve_metrics(metrics: Metrics, port: int | None, console: Console):
+def check_outputs(options: ReplayOptions) -> None:
+    """``ValueError`` for an output that is the input file, another output, or cannot be written."""
+    outputs = {"--out": options.out, "--dead-letter": options.dead_letter, "--summary-json": options.summary_json}
+    given = {flag: Path(path) for flag, path in outputs.items() if path is not None}
+    source = Path(options.spec.path)
+    for flag, path in given.items():
+        if _same_file(path, source):
+            raise ValueError(f"{flag} {path} is the input file: it would be overwritten; choose another path")
+        for other, other_path in given.items():
+            if other < flag and _same_file(path, other_path):
+                raise ValueError(f"{other} and {flag} are the same file {path}: choose two paths")
+        problem = _unwritable(path)
+        if problem:
+            raise ValueError(f"{flag} {path}: {problem}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why ``path`` could not be written, or ``None``: tried for real (the folders are created, as the sinks
+    would; a probe file is made and removed), since permission bits do not tell everything (root, /proc)."""
+    if path.is_dir():
+        return "is a directory"
+    try:
+        if path.exists():
+            with path.open("ab"):
+                return None
+        path.absolute().parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.absolute().parent):
+            return None
+    except OSError as err:
+        return f"cannot be written: {err.strerror or err}"
+
+
+def _serve_metrics(metrics: Metrics, address: str, port: int | None, console: Console):
     if port is None:
         return None
     from prometheus_client import start_http_server
 
-    server, _thread = start_http_server(port, registry=metrics.registry)
-    console.print(f"metrics on http://127.0.0.1:{port}/metrics")
+    try:
+        server, _thread = start_http_server(port, addr=address, registry=metrics.registry)
+    except OSError as err:  # in use, not an address of this host, not allowed
+        raise ValueError(f"--metrics-port {port}: cannot listen on {address}:{port}: "
+                         f"{err.strerror or err}") from None
+    console.print(f"metrics on http://{_host(address)}:{server.server_port}/metrics")
     return server
+
+
+def _host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def _url(options: ReplayOptions) -> str:
+    return f"http://{_host(options.metrics_address)}:{options.metrics_port}/metrics"
 
 
 def _dead_letter(sink: JsonlDeadLetters, metrics: Metrics, letter: DeadLetter) -> None:
@@ -166,7 +227,10 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     console.print(
         f"{summary['n_observations']:,} observations of {summary['n_series']} series in "
         f"{summary['elapsed_seconds']:.1f} s ({summary['observations_per_second'] or 0:,.0f} obs/s); "
-        f"duplicates {summary['n_duplicates']}, gap-filled ticks {summary['n_gap_filled']}; dead letters: {dead}"
+        f"duplicates {summary['n_duplicates']}, snapped collisions {summary['n_collisions']}, gap-filled ticks "
+        f"{summary['n_gap_filled']}"
+        + (f", held (series seen at one timestamp) {summary['n_held']}" if summary["n_held"] else "")
+        + f"; dead letters: {dead}"
         + (f" -> {summary['dead_letter_file']}" if summary["dead_letter_file"] else "")
     )
 

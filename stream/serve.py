@@ -21,6 +21,14 @@ Threads
 
 Threads talk through typed messages (:mod:`tidecast.stream.messages`).
 
+Unreachable versus refusing
+---------------------------
+An unreachable cluster (at start or during an outage) is waited out: every operation retries with backoff through
+one :class:`~tidecast.stream.kafka.BrokerLink` (``tidecast_broker_up``, a log line when the outage starts and one when
+it ends) until the outage lasts ``broker_outage_budget`` seconds; then serve exits 1 with one line. A broker that
+*refuses* an output (a message too large, no authorisation) stops the member at once: retrying cannot help, and
+offsets are never committed past records whose outputs were lost.
+
 Effectively-once state
 ----------------------
 For each input partition the worker keeps the *position*: every record below it has been applied, skipped as a
@@ -48,17 +56,22 @@ from tidecast.stream.engine import Engine
 from tidecast.stream.fetcher import Fetcher, rebalance_listener
 from tidecast.stream.health import HealthServer, Heartbeat, Readiness
 from tidecast.stream.kafka import (
+    BrokerLink,
+    BrokerUnavailable,
     HighwaterProbe,
     KafkaDeadLetterSink,
     KafkaForecastSink,
     assignors,
     client_settings,
     ensure_topics,
+    is_unavailable,
     partition_count,
+    producer_settings,
     warn_without_crc32c,
 )
+from tidecast.stream.kafka_source import SERVE_REASONS
+from tidecast.stream.partitioner import HomePartitions
 from tidecast.stream.partitions import PartitionTable
-from tidecast.stream.records import REASONS
 from tidecast.stream.state import ChangelogStore, LocalStateStore
 from tidecast.stream.worker import Trainer, Worker
 
@@ -66,15 +79,20 @@ log = logging.getLogger(__name__)
 
 def build_worker(cfg: ServeConfig, engine: Engine, metrics: Metrics, producer: Any, changelog: ChangelogStore,
                  local: LocalStateStore, outbox: queue.Queue, output_partitions: dict[str, int], input_partitions: int,
-                 **worker_kw: Any) -> Worker:
-    """The worker and its parts: the partition table and the Kafka sinks, co-partitioned where counts match."""
+                 link: BrokerLink | None = None, **worker_kw: Any) -> Worker:
+    """The worker and its parts: the partition table (checking records against their home partition under
+    ``cfg.partitioner``) and the Kafka sinks, co-partitioned where counts match."""
     co_partitioned = {name: n == input_partitions for name, n in output_partitions.items()}
     flush_timeout = cfg.shutdown_timeout * 4
-    table = PartitionTable(cfg.topic, engine, changelog, local, metrics)
+    homes = HomePartitions(input_partitions, cfg.partitioner)
+    table = PartitionTable(cfg.topic, engine, changelog, local, metrics, homes=homes)
+    heartbeat = worker_kw.get("heartbeat")
+    progress = heartbeat.tick if heartbeat is not None else None
     forecasts = KafkaForecastSink(producer, cfg.forecast_topic, metrics.output_errors, flush_timeout,
-                                  table.owner_of if co_partitioned.get(cfg.forecast_topic) else None)
+                                  table.owner_of if co_partitioned.get(cfg.forecast_topic) else None, link, progress)
     letters = KafkaDeadLetterSink(producer, cfg.dead_letter_topic, metrics.output_errors, flush_timeout,
-                                  cfg.dead_letter_max_bytes, co_partitioned.get(cfg.dead_letter_topic, False))
+                                  cfg.dead_letter_max_bytes, co_partitioned.get(cfg.dead_letter_topic, False), link,
+                                  progress)
     table.outputs = (forecasts, letters)  # flushed first in every checkpoint (they need the table for partitions)
     return Worker(cfg, engine, table, forecasts, letters, outbox, metrics, **worker_kw)
 
@@ -85,9 +103,11 @@ class Service:
     def __init__(self, config: ServeConfig, metrics: Metrics | None = None,
                  engine_factory: Callable[[EngineConfig, Metrics], Engine] | None = None) -> None:
         self.cfg = config
-        self.metrics = metrics or Metrics(reasons=REASONS)
+        self.metrics = metrics or Metrics(reasons=SERVE_REASONS)
         self._engine_factory = engine_factory or Engine.from_config
         self._stop = threading.Event()
+        self.link = BrokerLink(config.broker_outage_budget, self.metrics.broker_up, self.metrics.broker_retries,
+                               self._stop)
         self.heartbeats = {"poll": Heartbeat(), "worker": Heartbeat()}
         self.readiness = Readiness()
         self.consumer: Any = None
@@ -108,16 +128,24 @@ class Service:
             signal.signal(sig, lambda *_: self.stop())
 
     def run(self) -> int:
-        """Serve until stopped; 0 after a clean stop, 1 if the worker or the trainer failed."""
+        """Serve until stopped; 0 after a clean stop, 1 if the worker or the trainer failed or the cluster stayed
+        unreachable for the outage budget (said in one line, without a traceback)."""
         try:
             self._start()
             assert self.fetcher is not None
             while not self._stop.is_set():
                 failed = self._failure()
+                if isinstance(failed, BrokerUnavailable):
+                    raise failed
                 if failed is not None:
                     raise RuntimeError("the engine's worker or trainer failed") from failed
                 self.fetcher.poll_once()
             return 0
+        except BrokerUnavailable as err:
+            if self._stop.is_set() and not self.link.down:
+                return 0
+            log.error("serve stopped: %s", err)
+            return 1
         except Exception:
             log.exception("serve stopped on an error")
             return 1
@@ -138,15 +166,15 @@ class Service:
 
         cfg = self.cfg
         self._serve_health()
-        self.consumer = KafkaConsumer(**self._consumer_settings(KafkaConsumer))
+        self.consumer = self._connect(KafkaConsumer, self._consumer_settings(KafkaConsumer))
         n_input = partition_count(self.consumer, cfg.topic)
         output_partitions = self._prepare_topics(KafkaAdminClient, n_input)
-        self.producer = KafkaProducer(**client_settings(
+        self.producer = self._connect(KafkaProducer, client_settings(
             cfg.options, KafkaProducer, cfg.kafka_extra, max_request_size=cfg.max_request_size, linger_ms=5,
-            batch_size=256 * 1024, acks="all"))
+            batch_size=256 * 1024, acks="all", **producer_settings(cfg.broker_outage_budget, cfg.kafka_extra)))
         reader_settings = self._reader_settings(KafkaConsumer)
         changelog = ChangelogStore(cfg.changelog_topic, self.producer, lambda: KafkaConsumer(**reader_settings),
-                                   progress=self.heartbeats["worker"].tick)
+                                   progress=self.heartbeats["worker"].tick, link=self.link)
         local = LocalStateStore(cfg.state_dir, cfg.group_id, cfg.topic)
         engine = self._engine_factory(cfg.engine, self.metrics)
         set_torch_threads(cfg.torch_threads)  # after the models exist: a no-op unless one of them imported torch
@@ -154,8 +182,8 @@ class Service:
         outbox: queue.Queue = queue.Queue()
         epochs: dict[int, int] = {}
         self.worker = build_worker(cfg, engine, self.metrics, self.producer, changelog, local, outbox,
-                                   output_partitions, n_input, epochs=epochs, heartbeat=self.heartbeats["worker"],
-                                   after_batch=self.trainer.wake)
+                                   output_partitions, n_input, self.link, epochs=epochs,
+                                   heartbeat=self.heartbeats["worker"], after_batch=self.trainer.wake)
         self.worker.start()
         self.trainer.start()
         # The probe only wants the fetch response's highwater: keep what it drags along small.
@@ -163,11 +191,31 @@ class Service:
         self.probe = HighwaterProbe(cfg.topic, lambda: KafkaConsumer(**probe_settings), cfg.lag_interval)
         self.probe.start()
         self.fetcher = Fetcher(cfg, self.consumer, self.worker, outbox, epochs, self.readiness, self.probe,
-                               self.metrics, self.heartbeats["poll"])
+                               self.metrics, self.heartbeats["poll"], self.link)
         self.consumer.subscribe([cfg.topic], listener=rebalance_listener(self.fetcher, self._stop, self.worker_failed))
         self.readiness.mark_started()
         log.info("serving %s as group %s -> %s (dead letters %s, changelog %s)", cfg.topic, cfg.group_id,
                  cfg.forecast_topic, cfg.dead_letter_topic, cfg.changelog_topic)
+        log.info("series ids are expected on their home partition under the %s; records on another partition "
+                 "are dead-lettered as wrong_partition (set --partitioner to the producers': crc32 for librdkafka "
+                 "clients, fnv1a for Sarama)", self.worker.table.homes.describe() if self.worker.table.homes else "")
+
+    def _connect(self, client: type, settings: dict[str, Any]) -> Any:
+        """A kafka-python client, retried with backoff while the cluster is unreachable (within the budget).
+
+        kafka-python logs every refused connection as an error; while connecting, the link's own lines (outage
+        start, reachable again, or the final one) say it once instead.
+        """
+        servers = ",".join(settings.get("bootstrap_servers", []))
+        kafka_log = logging.getLogger("kafka")  # its modules' loggers inherit this level
+        level = kafka_log.level
+        kafka_log.setLevel(logging.CRITICAL)
+        try:
+            return self.link.call(f"connecting to {servers}",
+                                  lambda timeout: client(**{**settings, "bootstrap_timeout_ms": int(timeout * 1000)}),
+                                  self.heartbeats["poll"].tick)
+        finally:
+            kafka_log.setLevel(level)
 
     def _consumer_settings(self, client: type) -> dict[str, Any]:
         cfg = self.cfg
@@ -189,7 +237,7 @@ class Service:
     def _prepare_topics(self, admin_cls: type, n_input: int) -> dict[str, int]:
         cfg = self.cfg
         if cfg.create_topics:
-            admin = admin_cls(**client_settings(cfg.options, admin_cls, cfg.kafka_extra))
+            admin = self._connect(admin_cls, client_settings(cfg.options, admin_cls, cfg.kafka_extra))
             try:
                 changelog_configs = {"cleanup.policy": "compact", "max.message.bytes": str(cfg.max_request_size)}
                 created = ensure_topics(admin, {cfg.forecast_topic: (n_input, {}),
@@ -225,8 +273,8 @@ class Service:
                     self.fetcher.pause_all()
                     self.fetcher.drain()
                 self.consumer.close(timeout_ms=int(max(1.0, deadline - time.monotonic()) * 1000))
-            except Exception:
-                log.exception("closing the consumer")
+            except Exception as err:
+                _log_close_error("closing the consumer", err)
         if self.worker is not None:
             self.worker.stop()
             self.worker.join(timeout=max(0.5, deadline - time.monotonic()))
@@ -236,13 +284,33 @@ class Service:
         if self.probe is not None:
             self.probe.stop()
         if self.producer is not None:
-            try:
-                self.producer.close(timeout=max(0.5, deadline - time.monotonic()))
-            except Exception:
-                log.exception("closing the producer")
+            _close_producer(self.producer, max(0.5, deadline - time.monotonic()))
         if self.health is not None:
             self.health.stop()
         log.info("stopped")
+
+
+def _log_close_error(what: str, err: Exception) -> None:
+    if is_unavailable(err):  # the cluster is gone: one line, the outage was said already
+        log.warning("%s: %s", what, err)
+    else:
+        log.exception(what)
+
+
+def _close_producer(producer: Any, timeout: float) -> None:
+    """Close the producer; unacknowledged messages are dropped after ``timeout`` (nothing past them was committed).
+
+    kafka-python 3.0 raises from ``close`` when its flush times out, before it stops its sender thread, and its
+    ``__del__`` then tries again at exit (a traceback on stderr): stop the sender and mark the client closed.
+    """
+    try:
+        producer.close(timeout=timeout)
+    except Exception as err:
+        _log_close_error("closing the producer", err)
+        sender = getattr(producer, "_sender", None)
+        if sender is not None:
+            sender.force_close()
+        producer._closed = True
 
 
 def run_serve(config: ServeConfig) -> int:

@@ -10,21 +10,34 @@ Formats
 ``auto`` picks jsonl for ``.jsonl``/``.ndjson``, long when the series column exists, wide otherwise.
 
 Rules (the same as for Kafka messages — every bad cell goes through :mod:`tidecast.stream.records`' parsers, so a replay
-and a live stream reject the same things for the same reasons):
+and a live stream reject the same things for the same reasons; nothing bad in one row costs another row):
 
-* A row whose time is missing or unparsable is dead-lettered whole (all its channels).
+* A CSV row is one line. A line that cannot be split into the header's cells — a field too many or too few, a
+  quote left open at the end of the line, a byte that is not UTF-8 — is dead-lettered (``malformed_row``, with its
+  line number) and reading goes on at the next line.
+* A row whose time is missing, unparsable or outside the supported range (:data:`~tidecast.stream.records.
+  TIMESTAMP_RANGE`) is dead-lettered whole (all its channels). Times are parsed cell by cell: a column whose cells
+  are mostly numbers is epoch seconds (an ISO-8601 cell in it is still read as ISO-8601); otherwise every cell is
+  ISO-8601. Naive timestamps are UTC.
 * A cell whose value is missing, non-numeric or non-finite is dead-lettered alone; the row's other channels
-  go on. Naive timestamps are UTC; a numeric time column is epoch seconds.
+  go on. A series id that breaks :func:`~tidecast.stream.records.parse_series_id`'s rules is ``bad_series_id``.
 * A row larger than the record size limit is dead-lettered (``oversized``).
+* A Parquet column of lists, structs or maps is a clear error before any work: one number per cell is read.
 * Rows are replayed in event-time order (a stable sort: ties keep file order), so a long file sorted by series
-  interleaves like the live stream it came from. Positions are ``(0, row)`` with ``row`` the 0-based data row.
+  interleaves like the live stream it came from. Positions are ``(0, row)`` with ``row`` the 0-based data row
+  (CSV: the line number minus the header's line number, minus one; JSON lines: the 0-based line).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +45,17 @@ import numpy as np
 import pandas as pd
 
 from tidecast.stream.batch import ObservationBatch
-from tidecast.stream.records import DEFAULT_MAX_BYTES, InvalidRecord, decode, parse_timestamp, parse_value
+from tidecast.stream.records import (
+    DEFAULT_MAX_BYTES,
+    MAX_TIMESTAMP,
+    MIN_TIMESTAMP,
+    InvalidRecord,
+    decode,
+    parse_series_id,
+    parse_timestamp,
+    parse_value,
+    to_ns,
+)
 
 TIME_COLUMN_CANDIDATES = ("ds", "timestamp", "date", "datetime", "time")
 BUNDLED_SAMPLE = Path(__file__).parent / "data" / "nyc_taxi.csv"
@@ -90,11 +113,169 @@ class Replay:
             yield self.observations.take(np.arange(start, min(start + chunk_size, n)))
 
 
-def read_table(path: Path) -> pd.DataFrame:
+@dataclass
+class Table:
+    """A file's cells: ``frame`` (CSV: strings; Parquet: native types), the position of each of its rows, and the
+    rows that could not be read into cells at all."""
+
+    frame: pd.DataFrame
+    rows: np.ndarray  # int64, the position offset of each frame row
+    letters: list[DeadLetter] = field(default_factory=list)
+
+
+def read_table(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Table:
     """All cells as strings (CSV) or native types (Parquet); the raw form is kept for dead letters."""
     if path.suffix.lower() in (".parquet", ".pq"):
-        return pd.read_parquet(path)
-    return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+        frame = pd.read_parquet(path)
+        return Table(frame, np.arange(len(frame), dtype=np.int64))
+    return read_csv(path, max_bytes)
+
+
+def read_csv(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Table:
+    """A CSV file, one row per line: a line that does not split into the header's cells is a ``malformed_row``
+    dead letter (``oversized`` if longer than ``max_bytes``) and the next line is read as if it had not been there.
+
+    A clean file goes through pandas' C reader; any other through :mod:`csv`, part by part between unreadable
+    lines, and line by line only where a quote runs past the end of a line."""
+    data = path.read_bytes()
+    lines = data.splitlines()  # \n, \r\n or \r; a row is one line
+    source = str(path)
+    first = next((k for k, line in enumerate(lines) if line.strip()), None)
+    if first is None:
+        raise ValueError(f"{path} is empty: a CSV file needs a header line")
+    header = _header(path, lines[first], first)
+    clean = _read_clean(data, lines, first, header, max_bytes)
+    if clean is not None:
+        return clean
+    texts, unreadable = _decoded(lines, max_bytes)
+    letters: list[DeadLetter] = []
+    cells: list[list[str]] = []
+    rows: list[int] = []
+    for at, stop in _parts(unreadable, first + 1, len(lines)):
+        parsed = _one_row_per_line(texts, at, stop)
+        if parsed is not None and all(len(cells_) == len(header) for cells_ in parsed):  # the usual case
+            cells.extend(parsed)
+            rows.extend(range(at - first - 1, stop - first - 1))
+            continue
+        found = _csv_lines(texts, at, stop) if parsed is None else (
+            (at + i, cells_, "") for i, cells_ in enumerate(parsed) if not _blank(cells_))
+        for k, line_cells, why in found:
+            row = k - first - 1
+            if line_cells is not None and len(line_cells) == len(header):
+                cells.append(line_cells)
+                rows.append(row)
+                continue
+            if line_cells is not None:
+                why = f"{len(line_cells)} fields, the header has {len(header)}"
+            letters.append(DeadLetter("malformed_row", f"line {k + 1}: {why}", source, (0, row),
+                                      lines[k][:1024].decode("utf-8", "replace")))
+    for k, why in sorted(unreadable.items()):
+        if k > first:
+            reason = "oversized" if why.startswith("row of") else "malformed_row"
+            letters.append(DeadLetter(reason, f"line {k + 1}: {why}", source, (0, k - first - 1),
+                                      lines[k][:1024].decode("utf-8", "replace")))
+    frame = pd.DataFrame(cells, columns=header, dtype=object) if cells else pd.DataFrame(
+        {name: pd.Series([], dtype=object) for name in header})
+    return Table(frame, np.array(rows, np.int64), letters)
+
+
+def _read_clean(data: bytes, lines: list[bytes], first: int, header: list[str], max_bytes: int) -> Table | None:
+    """The usual file at pandas' C speed: UTF-8, no quote characters, no line over ``max_bytes`` and every
+    non-empty line with the header's number of fields — so each line is one row, as the careful path reads it.
+    ``None`` for any other file."""
+    body = lines[first + 1:]
+    if b'"' in data or b"\0" in data or data.count(b"\r") != data.count(b"\r\n") or (
+            body and max(map(len, body)) > max_bytes):
+        return None
+    separators = len(header) - 1
+    if any(line.count(b",") != separators for line in body if line):
+        return None
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    rows = np.array([k for k, line in enumerate(body) if line], np.int64)
+    frame = pd.read_csv(io.BytesIO(b"\n".join(body)), header=None, names=header, dtype=str, keep_default_na=False,
+                        na_filter=False, skip_blank_lines=True, encoding="utf-8")
+    return Table(frame, rows) if len(frame) == len(rows) else None
+
+
+def _header(path: Path, line: bytes, k: int) -> list[str]:
+    try:
+        text = line.decode("utf-8").removeprefix("\ufeff")
+        header = next(csv.reader([text], strict=True))
+    except (UnicodeDecodeError, csv.Error, StopIteration) as err:
+        raise ValueError(f"{path}: line {k + 1}, the header, cannot be read: {err}") from None
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{path}: line {k + 1}, the header, names columns {repeated} more than once")
+    return header
+
+
+def _decoded(lines: list[bytes], max_bytes: int) -> tuple[list[str], dict[int, str]]:
+    """Each line as text, and why for the lines that cannot be read at all (not UTF-8, too long)."""
+    unreadable: dict[int, str] = {}
+    if max(map(len, lines)) > max_bytes:
+        unreadable = {k: f"row of {len(line)} bytes > limit {max_bytes}" for k, line in enumerate(lines)
+                      if len(line) > max_bytes}
+    try:
+        texts = [line.decode("utf-8") for line in lines]
+    except UnicodeDecodeError:  # find the bad lines; the others stay
+        texts = []
+        for k, line in enumerate(lines):
+            try:
+                texts.append(line.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                texts.append("")
+                unreadable.setdefault(k, f"not UTF-8: byte 0x{line[err.start]:02x} at column {err.start + 1}")
+    return texts, unreadable
+
+
+_OPEN_QUOTE = "a quote is left open at the end of the line"
+
+
+def _parts(unreadable: dict[int, str], start: int, end: int) -> list[tuple[int, int]]:
+    """The runs of readable lines in ``[start, end)``."""
+    bounds = [start - 1, *sorted(k for k in unreadable if k >= start), end]
+    return [(a + 1, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a + 1]
+
+
+def _one_row_per_line(texts: list[str], at: int, stop: int) -> list[list[str]] | None:
+    """The lines ``[at, stop)`` split by one :func:`csv.reader` (fast), or ``None`` if some row is not exactly one
+    line (a quote open at the end of a line) or the reader refuses one."""
+    try:
+        parsed = list(csv.reader(islice(texts, at, stop), strict=True))
+    except csv.Error:
+        return None
+    if len(parsed) != stop - at:
+        return None
+    return parsed
+
+
+def _blank(cells: list[str]) -> bool:
+    return not cells or (len(cells) == 1 and not cells[0].strip())
+
+
+def _csv_lines(texts: list[str], at: int, stop: int) -> Iterator[tuple[int, list[str] | None, str]]:
+    """Line by line over ``[at, stop)``: ``(line index, cells, "")`` for every non-blank line, or ``(line index,
+    None, why)`` for one that cannot be read. A quote left open at the end of a line makes that line alone
+    unreadable: reading starts again on the next one."""
+    while at < stop:
+        reader = csv.reader(islice(texts, at, stop), strict=True)
+        begin = at
+        try:
+            for parsed in reader:
+                if at + reader.line_num - begin > 1:  # an open quote swallowed the next line(s)
+                    break
+                if not _blank(parsed):
+                    yield begin, parsed, ""
+                begin = at + reader.line_num
+            else:
+                return
+            yield begin, None, _OPEN_QUOTE
+        except csv.Error as err:  # strict mode: a stray quote in a field, or one open at the end of the part
+            yield begin, None, _OPEN_QUOTE if "end of data" in str(err) else f"cannot split the line: {err}"
+        at = begin + 1
 
 
 def load_replay(spec: ReplaySpec) -> Replay:
@@ -102,9 +283,12 @@ def load_replay(spec: ReplaySpec) -> Replay:
     path = Path(spec.path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory: PATH is one CSV, Parquet or JSON-lines file")
     if spec.resolved_format() == "jsonl":
         return _load_jsonl(path, spec)
-    frame = read_table(path)
+    table = read_table(path, spec.max_bytes)
+    frame = table.frame
     fmt = spec.resolved_format(list(frame.columns))
     time_col = spec.time_column or _guess_time_column(frame)
     if time_col not in frame.columns:
@@ -113,27 +297,46 @@ def load_replay(spec: ReplaySpec) -> Replay:
         for col in (spec.series_column, spec.value_column):
             if col not in frame.columns:
                 raise ValueError(f"long format needs column {col!r}; columns are {list(frame.columns)}")
+        used = [time_col, spec.series_column, spec.value_column]
+    else:
+        used = [time_col, *(spec.columns or [c for c in frame.columns if c != time_col])]
+    _refuse_nested(path, used)
     source = str(path)
-    letters: list[DeadLetter] = []
+    letters = list(table.letters)
     sizes = _row_sizes(frame)
     oversized = sizes > spec.max_bytes
-    t_ns, bad_time = _parse_times(frame[time_col])
-    for row in np.flatnonzero(bad_time | oversized):
-        raw = _raw_row(frame, row)
+    t_ns, time_errors = _parse_times(frame[time_col])
+    bad_time = np.zeros(len(frame), bool)
+    bad_time[list(time_errors)] = True
+    refused = np.flatnonzero(bad_time | oversized)
+    for row, raw in zip(refused.tolist(), _raw_rows(frame, refused), strict=True):
         if oversized[row]:
             err = InvalidRecord("oversized", f"row of {int(sizes[row])} bytes > {spec.max_bytes}")
         else:
-            err = _why(parse_timestamp, frame[time_col].iloc[row])
-        letters.append(DeadLetter(err.reason, err.detail, source, (0, int(row)), raw))
+            err = time_errors[row]
+        letters.append(DeadLetter(err.reason, err.detail, source, (0, int(table.rows[row])), raw))
     good_rows = ~(bad_time | oversized)
     if fmt == "long":
-        obs, more = _long(frame, spec, t_ns, good_rows, source)
+        obs, more = _long(table, spec, t_ns, good_rows, source)
     else:
-        obs, more = _wide(frame, spec, time_col, t_ns, good_rows, source, path)
+        obs, more = _wide(table, spec, time_col, t_ns, good_rows, source, path)
     letters.extend(more)
     order = np.argsort(obs.timestamps_ns, kind="stable")
     letters.sort(key=lambda d: d.position[1])
     return Replay(obs.take(order), letters, fmt)
+
+
+def _refuse_nested(path: Path, columns: list[str]) -> None:
+    """Parquet lists, structs and maps hold several values per cell: a schema mistake, said before any work."""
+    if path.suffix.lower() not in (".parquet", ".pq"):
+        return
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(path)
+    for name in columns:
+        if name in schema.names and schema.field(name).type.num_fields:
+            raise ValueError(f"{path}: column {name!r} holds {schema.field(name).type} values; tidecast reads one "
+                             "number or time per cell (wide: one column per channel; long: one row per observation)")
 
 
 def _guess_time_column(frame: pd.DataFrame) -> str:
@@ -148,29 +351,102 @@ def _row_sizes(frame: pd.DataFrame) -> np.ndarray:
         return np.zeros(len(frame), np.int64)
     sizes = np.zeros(len(frame), np.int64)
     for col in frame.columns:
-        if frame[col].dtype == object or pd.api.types.is_string_dtype(frame[col]):
-            sizes += frame[col].astype(str).str.len().to_numpy()
+        if frame[col].dtype == object:
+            sizes += frame[col].astype(str).str.len().fillna(0).to_numpy(dtype=np.int64)
+        elif pd.api.types.is_string_dtype(frame[col]):
+            sizes += frame[col].str.len().fillna(0).to_numpy(dtype=np.int64)
         else:
             sizes += 16
     return sizes
 
 
-def _parse_times(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Epoch ns per row and a mask of rows whose time is missing or unparsable."""
+_MIN_US, _MAX_US = to_ns(MIN_TIMESTAMP) // 1000, to_ns(MAX_TIMESTAMP) // 1000
+_MIN_S, _MAX_S = _MIN_US / 1e6, _MAX_US / 1e6
+_NOT_A_TIME = np.iinfo(np.int64).min
+
+
+def _parse_times(column: pd.Series) -> tuple[np.ndarray, dict[int, InvalidRecord]]:
+    """Epoch ns per row and, for rows whose time cannot be used, the records module's verdict.
+
+    Vectorised where pandas can, cell by cell (:func:`tidecast.stream.records.parse_timestamp`) for whatever it
+    could not read, so one odd cell never decides for the rest of the column.
+    """
+    us = np.full(len(column), _NOT_A_TIME, np.int64)
+    epoch_column = False
     if pd.api.types.is_datetime64_any_dtype(column):
-        parsed = pd.to_datetime(column, utc=True)
-    elif pd.api.types.is_numeric_dtype(column):
-        parsed = pd.to_datetime(column, unit="s", utc=True, errors="coerce")
-    else:
-        text = column.astype(str).str.strip()
-        numeric = pd.to_numeric(text, errors="coerce")
-        if numeric.notna().all() and len(text):
-            parsed = pd.to_datetime(numeric, unit="s", utc=True, errors="coerce")
-        else:
-            parsed = pd.to_datetime(text.where(text != ""), utc=True, errors="coerce", format="ISO8601")
-    bad = parsed.isna().to_numpy()
-    ns = parsed.dt.tz_localize(None).astype("datetime64[ns]").to_numpy().view(np.int64)
-    return ns, bad
+        us = _datetimes_to_us(column)
+    elif pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
+        us = _epoch_to_us(column.to_numpy(dtype=float, na_value=np.nan))
+        epoch_column = True
+    elif len(column) and _all_text(column):
+        text = column.where(column.notna(), "").astype(str).str.strip()
+        epoch_column = _mostly_numbers(text)
+        iso = (text != "").to_numpy().copy()
+        if epoch_column:
+            numbers = pd.to_numeric(text, errors="coerce").to_numpy(dtype=float)
+            is_number = np.isfinite(numbers)
+            us = np.where(is_number, _epoch_to_us(np.where(is_number, numbers, np.nan)), _NOT_A_TIME)
+            iso &= ~is_number
+        if iso.any():
+            parsed = _datetimes_to_us(pd.to_datetime(text.where(iso), utc=True, errors="coerce", format="ISO8601"))
+            us = np.where(iso, parsed, us)
+    bad = (us == _NOT_A_TIME) | (us < _MIN_US) | (us > _MAX_US)
+    errors: dict[int, InvalidRecord] = {}
+    values = column.to_numpy(dtype=object)
+    for row in np.flatnonzero(bad).tolist():
+        try:
+            us[row] = to_ns(_time_cell(values[row], epoch_column)) // 1000
+        except InvalidRecord as err:
+            errors[row] = err
+    return us * 1000, errors
+
+
+def _all_text(column: pd.Series) -> bool:
+    if pd.api.types.is_string_dtype(column) and column.dtype != object:
+        return True
+    return bool(column.map(lambda v: isinstance(v, str) or _missing(v)).all())
+
+
+def _mostly_numbers(text: pd.Series, sample: int = 2001) -> bool:
+    """Whether most non-blank cells are numbers (an epoch-seconds column), judged on an even sample."""
+    cells = text[text != ""]
+    if len(cells) > sample:
+        cells = cells.iloc[np.linspace(0, len(cells) - 1, sample).astype(np.int64)]
+    return 2 * int(pd.to_numeric(cells, errors="coerce").notna().sum()) > len(cells)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or value is pd.NaT or (isinstance(value, float) and math.isnan(value))
+
+
+def _time_cell(raw: Any, epoch_column: bool) -> datetime:
+    """One cell by the records module's rules (a number is epoch seconds; text is ISO-8601, or a number in an
+    epoch-seconds column)."""
+    if isinstance(raw, np.generic):
+        raw = raw.item()
+    if _missing(raw):
+        return parse_timestamp(None)
+    if isinstance(raw, datetime):  # Parquet timestamps: naive is UTC
+        ts = raw.replace(tzinfo=UTC) if raw.tzinfo is None else raw.astimezone(UTC)
+        return parse_timestamp(ts.isoformat())
+    if isinstance(raw, str) and epoch_column:
+        try:
+            seconds = float(raw)
+        except ValueError:  # text in an epoch column: ISO-8601 or nothing
+            return parse_timestamp(raw)
+        return parse_timestamp(seconds)
+    return parse_timestamp(raw)
+
+
+def _epoch_to_us(seconds: np.ndarray) -> np.ndarray:
+    """Microseconds since the epoch, as :func:`datetime.fromtimestamp` rounds them; out of range -> not a time."""
+    ok = np.isfinite(seconds) & (seconds >= _MIN_S) & (seconds <= _MAX_S)
+    return np.where(ok, np.round(np.where(ok, seconds, 0.0) * 1e6), 0).astype(np.int64) * ok + _NOT_A_TIME * ~ok
+
+
+def _datetimes_to_us(column: pd.Series) -> np.ndarray:
+    naive = column.dt.tz_convert(None) if isinstance(column.dtype, pd.DatetimeTZDtype) else column
+    return naive.astype("datetime64[us]").to_numpy().view(np.int64)
 
 
 def _parse_values(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -191,22 +467,35 @@ def _why(parser: Any, raw: Any) -> InvalidRecord:
     return InvalidRecord("wrong_type", f"unreadable cell {raw!r}")
 
 
-def _raw_row(frame: pd.DataFrame, row: int) -> dict[str, Any]:
-    return {str(k): (v.item() if hasattr(v, "item") else v) for k, v in frame.iloc[row].to_dict().items()}
+def _raw_rows(frame: pd.DataFrame, rows: np.ndarray) -> list[dict[str, Any]]:
+    """Rows' cells as JSON can hold them: missing cells null, non-finite numbers as text (``"inf"``)."""
+    return [{str(k): _raw_cell(v) for k, v in record.items()} for record in frame.iloc[rows].to_dict("records")]
 
 
-def _value_letters(frame: pd.DataFrame, column: str, bad: np.ndarray, source: str,
-                   series_of: Any) -> list[DeadLetter]:
-    letters = []
-    for row in np.flatnonzero(bad):
-        err = _why(parse_value, frame[column].iloc[row])
-        raw = _raw_row(frame, row)
-        letters.append(DeadLetter(err.reason, f"{series_of(row)}: {err.detail}", source, (0, int(row)), raw))
-    return letters
+def _raw_cell(value: Any) -> Any:
+    value = value.item() if isinstance(value, np.generic) else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else repr(value)
+    return None if value is pd.NaT else value
 
 
-def _wide(frame: pd.DataFrame, spec: ReplaySpec, time_col: str, t_ns: np.ndarray, good_rows: np.ndarray,
+def _value_letters(table: Table, column: str, bad: np.ndarray, source: str, series_of: Any) -> list[DeadLetter]:
+    rows = np.flatnonzero(bad)
+    cells = table.frame[column].to_numpy(dtype=object)
+    return [DeadLetter((err := _why(parse_value, cells[row])).reason, f"{series_of(row)}: {err.detail}", source,
+                       (0, int(table.rows[row])), raw)
+            for row, raw in zip(rows.tolist(), _raw_rows(table.frame, rows), strict=True)]
+
+
+def _id_letters(table: Table, err: InvalidRecord, bad: np.ndarray, source: str) -> list[DeadLetter]:
+    rows = np.flatnonzero(bad)
+    return [DeadLetter(err.reason, err.detail, source, (0, int(table.rows[row])), raw)
+            for row, raw in zip(rows.tolist(), _raw_rows(table.frame, rows), strict=True)]
+
+
+def _wide(table: Table, spec: ReplaySpec, time_col: str, t_ns: np.ndarray, good_rows: np.ndarray,
           source: str, path: Path) -> tuple[ObservationBatch, list[DeadLetter]]:
+    frame = table.frame
     name = spec.name or path.stem
     channels = spec.columns or [c for c in frame.columns if c != time_col]
     missing = [c for c in channels if c not in frame.columns]
@@ -215,36 +504,52 @@ def _wide(frame: pd.DataFrame, spec: ReplaySpec, time_col: str, t_ns: np.ndarray
     ids, times, values, rows, letters = [], [], [], [], []
     all_rows = np.arange(len(frame))
     for col in channels:
+        series_id = f"{name}/{col}"
+        try:
+            parse_series_id(series_id)
+        except InvalidRecord as err:  # a channel whose name makes no valid id: every cell of it is refused
+            letters.extend(_id_letters(table, err, good_rows, source))
+            continue
         vals, bad = _parse_values(frame[col])
         bad &= good_rows
-        letters.extend(_value_letters(frame, col, bad, source, lambda _r, c=col: f"{name}/{c}"))
+        letters.extend(_value_letters(table, col, bad, source, lambda _r, sid=series_id: sid))
         keep = good_rows & ~bad
-        ids.append(np.full(int(keep.sum()), f"{name}/{col}", dtype=object))
+        ids.append(np.full(int(keep.sum()), series_id, dtype=object))
         times.append(t_ns[keep])
         values.append(vals[keep])
         rows.append(all_rows[keep])
     # Interleave channels row by row (row-major), the order a live wide stream arrives in.
-    row_index = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    order = np.argsort(row_index, kind="stable")
-    obs = ObservationBatch(np.concatenate(ids)[order], np.concatenate(times)[order],
-                           np.concatenate(values)[order], None, row_index[order])
+    index = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    order = np.argsort(index, kind="stable")
+    obs = ObservationBatch(np.concatenate(ids)[order] if ids else np.zeros(0, object),
+                           np.concatenate(times)[order] if times else np.zeros(0, np.int64),
+                           np.concatenate(values)[order] if values else np.zeros(0), None,
+                           table.rows[index[order]])
     return obs, letters
 
 
-def _long(frame: pd.DataFrame, spec: ReplaySpec, t_ns: np.ndarray, good_rows: np.ndarray,
+def _long(table: Table, spec: ReplaySpec, t_ns: np.ndarray, good_rows: np.ndarray,
           source: str) -> tuple[ObservationBatch, list[DeadLetter]]:
-    series = frame[spec.series_column].astype(str).str.strip()
-    no_series = (series == "") | frame[spec.series_column].isna().to_numpy()
-    letters = [
-        DeadLetter("missing_field", "series_id is missing", source, (0, int(row)), _raw_row(frame, row))
-        for row in np.flatnonzero(no_series & good_rows)
-    ]
+    frame = table.frame
+    raw_ids = frame[spec.series_column]
+    series = raw_ids.astype(str).str.strip()
+    no_series = (series == "").to_numpy() | raw_ids.isna().to_numpy()
+    letters = _id_letters(table, InvalidRecord("missing_field", "series_id is missing"), no_series & good_rows,
+                          source)
+    bad_id = np.zeros(len(frame), bool)
+    for sid in pd.unique(series[good_rows & ~no_series]):
+        try:
+            parse_series_id(sid)
+        except InvalidRecord as err:
+            these = (series == sid).to_numpy() & good_rows
+            bad_id |= these
+            letters.extend(_id_letters(table, err, these, source))
+    usable = good_rows & ~no_series & ~bad_id
     vals, bad = _parse_values(frame[spec.value_column])
-    bad &= good_rows & ~no_series
-    letters.extend(_value_letters(frame, spec.value_column, bad, source, lambda r: series.iloc[r]))
-    keep = good_rows & ~no_series & ~bad
-    rows = np.flatnonzero(keep)
-    obs = ObservationBatch(series.to_numpy(dtype=object)[keep], t_ns[keep], vals[keep], None, rows)
+    bad &= usable
+    letters.extend(_value_letters(table, spec.value_column, bad, source, lambda r: series.iloc[r]))
+    keep = usable & ~bad
+    obs = ObservationBatch(series.to_numpy(dtype=object)[keep], t_ns[keep], vals[keep], None, table.rows[keep])
     return obs, letters
 
 

@@ -19,7 +19,9 @@ A blob whose magic, version or checksum is wrong raises :class:`CorruptState`.
 Local store
 -----------
 One file per partition, ``<root>/<group>/<topic>/partition-<P>.tcs``, holding a :class:`Snapshot` of all the
-partition's series. Written atomically: temporary file in the same directory, fsync, rename, fsync directory.
+partition's series. Written atomically: temporary file in the same directory, fsync, rename, fsync directory. A
+snapshot records its topic, partition and group, and one that names others is refused at load (the changelog is
+used instead).
 
 Changelog
 ---------
@@ -29,8 +31,10 @@ records: one per changed series (key ``series_id``), one per changed shared stat
 then a marker (key ``\\0checkpoint``) with the input position the group reflects. Restore reads the partition
 with last-value-wins per key — refined to "the state with the highest applied offset wins, the later on a tie"
 (:func:`newer`) — and keeps only groups closed by a marker, so a checkpoint interrupted half-way is ignored as a
-whole. Compaction (``cleanup.policy=compact``) keeps the topic small on real Kafka; nothing relies on
-it (the test broker never compacts) and no transactions are used.
+whole; a record that is no state blob is skipped with a warning naming its offset (:class:`TailReader`).
+Compaction (``cleanup.policy=compact``) keeps the topic small on real Kafka; nothing relies on it (the test broker
+never compacts) and no transactions are used. Series ids are written as keys with ``surrogatepass``, so that no id
+can make a checkpoint fail.
 """
 
 from __future__ import annotations
@@ -42,13 +46,16 @@ import os
 import struct
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
+
+from tidecast.stream.kafka import BrokerLink, BrokerUnavailable, is_unavailable
+from tidecast.stream.partitioner import key_bytes
 
 log = logging.getLogger(__name__)
 
@@ -213,12 +220,15 @@ class Snapshot:
     rows: SeriesRows
     shared: SharedState = field(default_factory=dict)
     written_at: float = 0.0
+    group: str | None = None  # the consumer group it was written for (None: written before snapshots recorded it)
 
     def to_blob(self) -> bytes:
         shared_meta, shared_arrays = _pack_shared(self.shared)
         meta = {"kind": "snapshot", "topic": self.topic, "partition": self.partition, "position": self.position,
                 "changelog_offset": self.changelog_offset, "config": self.config, "series": self.rows.meta,
                 "shared": shared_meta, "written_at": self.written_at}
+        if self.group is not None:
+            meta["group"] = self.group
         arrays = {f"series/{k}": v for k, v in self.rows.arrays.items()} | shared_arrays
         return encode_blob(meta, arrays)
 
@@ -229,39 +239,73 @@ class Snapshot:
             raise CorruptState(f"expected a snapshot, got {meta.get('kind')!r}")
         rows = SeriesRows(meta["series"], {k[len("series/"):]: v for k, v in arrays.items()
                                            if k.startswith("series/")})
-        return cls(meta["topic"], int(meta["partition"]), int(meta["position"]), int(meta["changelog_offset"]),
-                   meta.get("config"), rows, _unpack_shared(meta.get("shared") or {}, arrays),
-                   float(meta.get("written_at", 0.0)))
+        try:
+            return cls(str(meta["topic"]), int(meta["partition"]), int(meta["position"]),
+                       int(meta["changelog_offset"]), meta.get("config"), rows,
+                       _unpack_shared(meta.get("shared") or {}, arrays), float(meta.get("written_at", 0.0)),
+                       meta.get("group"))
+        except (KeyError, TypeError, ValueError) as err:
+            raise CorruptState(f"snapshot without a valid {err}") from err
 
 
 class LocalStateStore:
-    """Per-partition snapshots in a directory, written atomically."""
+    """Per-partition snapshots in a directory, written atomically.
+
+    Every snapshot records the topic, partition and consumer group it belongs to, and :meth:`load` refuses one
+    that names another (a file copied into the wrong slot would otherwise hand a partition someone else's state,
+    and its position would skip records): the restore then rebuilds the partition from the changelog. A snapshot
+    written before snapshots recorded their group is accepted once, with a warning, and rewritten with it.
+    ``skipped`` counts the snapshots refused or unreadable.
+    """
 
     SUFFIX = ".tcs"
 
     def __init__(self, root: str | Path, group: str, topic: str) -> None:
+        self.group = group
+        self.topic = topic
         self.dir = Path(root) / _safe_name(group) / _safe_name(topic)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.skipped = 0
         self._remove_partial_writes()
 
     def path(self, partition: int) -> Path:
         return self.dir / f"partition-{partition:05d}{self.SUFFIX}"
 
     def save(self, snapshot: Snapshot) -> None:
-        write_atomic(self.path(snapshot.partition), snapshot.to_blob())
+        """Write ``snapshot`` as this store's group's (the store owns the identity it checks on load)."""
+        write_atomic(self.path(snapshot.partition), replace(snapshot, group=self.group).to_blob())
 
     def load(self, partition: int) -> Snapshot | None:
-        """The partition's snapshot, or ``None`` if there is none or it is unreadable (logged)."""
+        """The partition's snapshot, or ``None`` if there is none, it is unreadable or it belongs elsewhere
+        (logged; the changelog is used instead)."""
         path = self.path(partition)
         try:
             blob = path.read_bytes()
         except FileNotFoundError:
             return None
         try:
-            return Snapshot.from_blob(blob)
+            snapshot = Snapshot.from_blob(blob)
         except CorruptState as err:
-            log.warning("ignoring local state %s: %s (falling back to the changelog)", path, err)
-            return None
+            return self._skip(f"ignoring local state {path}: {err} (restoring from the changelog)")
+        wanted = {"topic": self.topic, "partition": partition, "group": self.group}
+        found = {"topic": snapshot.topic, "partition": snapshot.partition, "group": snapshot.group}
+        wrong = {k: v for k, v in found.items() if v != wanted[k] and not (k == "group" and v is None)}
+        if wrong:
+            said = ", ".join(f"{k} {v!r}" for k, v in wrong.items())
+            return self._skip(f"ignoring local state {path}: it was written for {said}, not for "
+                              f"{', '.join(f'{k} {wanted[k]!r}' for k in wrong)} (a file copied into the wrong "
+                              "slot?); restoring the partition from the changelog")
+        if snapshot.group is None:
+            log.warning("local state %s was written before snapshots recorded their consumer group; accepting it "
+                        "for group %r once and rewriting it with the group", path, self.group)
+            self.save(snapshot)
+            snapshot.group = self.group
+        return snapshot
+
+    def _skip(self, message: str) -> None:
+        log.warning("%s", message)
+        self.skipped += 1
+        return None
 
     def partitions(self) -> list[int]:
         return sorted(int(p.stem.split("-")[1]) for p in self.dir.glob(f"partition-*{self.SUFFIX}"))
@@ -303,6 +347,7 @@ class ChangelogTail:
     end_offset: int = 0  # changelog highwater when read
     n_records: int = 0
     n_incomplete: int = 0  # records after the last marker (an interrupted checkpoint), ignored
+    n_skipped: int = 0  # records that are no state blob (or not one of ours), skipped with a warning
 
     @property
     def empty(self) -> bool:
@@ -326,10 +371,16 @@ def newer(current: SeriesRows | None, candidate: SeriesRows) -> SeriesRows:
 
 
 class TailReader:
-    """Folds changelog records (in offset order) into a :class:`ChangelogTail`."""
+    """Folds changelog records (in offset order) into a :class:`ChangelogTail`.
 
-    def __init__(self, start: int) -> None:
+    A record that is no state blob, or a blob of an unknown kind or shape (written by something else, damaged), is
+    skipped with a warning naming ``where`` (topic and partition) and its offset, and counted in ``n_skipped``:
+    one stray record must not stop every restore of the partition.
+    """
+
+    def __init__(self, start: int, where: str = "changelog") -> None:
         self.tail = ChangelogTail(next_offset=start)
+        self.where = where
         self._rows: dict[str, SeriesRows] = {}
         self._shared: SharedState = {}
 
@@ -337,16 +388,31 @@ class TailReader:
         self.tail.n_records += 1
         if value is None:  # a tombstone: not ours
             return
+        try:
+            self._fold(offset, value)
+        except (CorruptState, KeyError, TypeError, ValueError) as err:
+            self.tail.n_skipped += 1
+            shown = key[:64] if key is not None else None
+            log.warning("skipping changelog record at %s offset %d (key %r): %s; restoring the rest", self.where,
+                        offset, shown, err if isinstance(err, CorruptState) else f"{type(err).__name__}: {err}")
+
+    def _fold(self, offset: int, value: bytes) -> None:
         meta, arrays = decode_blob(value)
         kind = meta.get("kind")
         if kind == "series":
-            self._rows[meta["series"]["series_id"]] = SeriesRows([meta["series"]], arrays)
+            item = meta["series"]
+            if not isinstance(item, dict) or not isinstance(item.get("series_id"), str):
+                raise CorruptState("a series record without a series id")
+            if any(np.ndim(v) == 0 or len(v) != 1 for v in arrays.values()):
+                raise CorruptState("a series record whose arrays do not hold exactly one series")
+            self._rows[item["series_id"]] = SeriesRows([item], arrays)
         elif kind == "shared":
-            self._shared[meta["model"]] = (arrays, meta["meta"])
+            self._shared[str(meta["model"])] = (arrays, dict(meta["meta"]))
         elif kind == "checkpoint":
+            int(meta["position"])  # checked before it closes a group
             self._close_group(offset, meta)
         else:
-            raise CorruptState(f"unknown changelog record kind {kind!r} at offset {offset}")
+            raise CorruptState(f"unknown changelog record kind {kind!r}")
 
     def _close_group(self, offset: int, meta: dict[str, Any]) -> None:
         rows = self.tail.rows
@@ -383,18 +449,23 @@ class ChangelogStore:
     """Writes checkpoint groups to, and reads them back from, a changelog topic (kafka-python clients).
 
     ``producer`` is shared and thread-safe; ``consumer_factory`` builds the group-less consumer used to read
-    partitions back (owned by the thread that restores). ``progress`` is called on every fetch of a read, so a long
-    restore keeps the restoring thread's heartbeat fresh.
+    partitions back (owned by the thread that restores). ``progress`` is called on every fetch of a read and while
+    waiting for the cluster, so a long restore or an outage keeps the calling thread's heartbeat fresh. With a
+    ``link`` (:class:`~tidecast.stream.kafka.BrokerLink`) an unreachable cluster is waited out within the outage
+    budget; without one, a read that makes no progress for ``timeout_seconds`` and a write not acknowledged within
+    it fail.
     """
 
     def __init__(self, topic: str, producer: Any, consumer_factory: Callable[[], Any],
-                 timeout_seconds: float = 30.0, progress: Callable[[], None] | None = None) -> None:
+                 timeout_seconds: float = 30.0, progress: Callable[[], None] | None = None,
+                 link: BrokerLink | None = None) -> None:
         self.topic = topic
         self.producer = producer
         self._consumer_factory = consumer_factory
         self._consumer = None
         self.timeout_seconds = timeout_seconds
         self._progress = progress
+        self.link = link
 
     def write(self, groups: list[tuple[int, SeriesRows, SharedState, int]], config: dict[str, Any] | None
               ) -> dict[int, int]:
@@ -403,21 +474,44 @@ class ChangelogStore:
         markers = {}
         for partition, rows, shared, position in groups:
             for sid, one in rows.rows():
-                self.producer.send(self.topic, key=sid.encode(), value=series_record(one.meta[0], one.arrays),
-                                   partition=partition)
+                self._send(key_bytes(sid), series_record(one.meta[0], one.arrays), partition)
             for model, (arrays, meta) in shared.items():
-                self.producer.send(self.topic, key=(SHARED_KEY_PREFIX + model).encode(),
-                                   value=shared_record(model, arrays, meta), partition=partition)
-            markers[partition] = self.producer.send(self.topic, key=MARKER_KEY.encode(),
-                                                    value=marker_record(position, config, len(rows)),
-                                                    partition=partition)
-        self.producer.flush(timeout=self.timeout_seconds)
+                self._send((SHARED_KEY_PREFIX + model).encode(), shared_record(model, arrays, meta), partition)
+            markers[partition] = self._send(MARKER_KEY.encode(), marker_record(position, config, len(rows)),
+                                            partition)
+        if self.link is None:
+            self.producer.flush(timeout=self.timeout_seconds)
+        else:
+            self.link.call(f"writing changelog {self.topic}",
+                           lambda timeout: self.producer.flush(timeout=timeout), self._progress)
         # The producer is idempotent and ordered per partition: the marker landing means its group landed.
-        return {p: m.get(timeout=self.timeout_seconds).offset + 1 for p, m in markers.items()}
+        offsets = {}
+        for p, marker in markers.items():
+            try:
+                offsets[p] = marker.get(timeout=self.timeout_seconds).offset + 1
+            except Exception as err:
+                if self.link is not None and is_unavailable(err):  # the producer gave up after the whole budget
+                    raise BrokerUnavailable(f"changelog {self.topic}[{p}] was not written within the outage "
+                                            f"budget ({self.link.budget:.0f} s): {err!r}") from err
+                raise
+        return offsets
+
+    def _send(self, key: bytes, value: bytes, partition: int) -> Any:
+        def send(_timeout: float = 0.0) -> Any:
+            return self.producer.send(self.topic, key=key, value=value, partition=partition)
+
+        if self.link is None:
+            return send()
+        try:
+            return send()
+        except Exception as err:
+            if not is_unavailable(err):
+                raise
+            return self.link.call(f"writing changelog {self.topic}", send, self._progress)
 
     def read(self, partition: int, start: int) -> ChangelogTail:
         """Complete checkpoint groups of ``partition`` from offset ``start`` to the current end."""
-        reader = TailReader(start)
+        reader = TailReader(start, f"{self.topic}[{partition}]")
         end = self._fetch(partition, start, reader.add)
         return reader.finish(end)
 
@@ -429,23 +523,41 @@ class ChangelogStore:
         tp = TopicPartition(self.topic, partition)
         consumer.assign([tp])
         consumer.seek(tp, start)
-        deadline = time.monotonic() + self.timeout_seconds
+        where = f"reading changelog {self.topic}[{partition}]"
+        # Without progress for this long the cluster counts as unreachable (waited out within the outage budget
+        # when there is a link).
+        stall = min(self.timeout_seconds, self.link.attempt_seconds) if self.link else self.timeout_seconds
+        deadline = time.monotonic() + stall
         while True:
+            fetched = False
             for records in consumer.poll(timeout_ms=200).values():
                 for rec in records:
                     sink(rec.offset, rec.key, rec.value)
+                    fetched = True
             if self._progress is not None:
                 self._progress()
             # highwater comes with every fetch response (ListOffsets is not trusted: some brokers get it wrong).
             highwater = consumer.highwater(tp)
             if highwater is not None and consumer.position(tp) >= highwater:
+                if self.link is not None:
+                    self.link.ok()
                 return highwater
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading changelog {self.topic}[{partition}] took over {self.timeout_seconds} s")
+            if fetched:
+                deadline = time.monotonic() + stall
+            elif time.monotonic() > deadline:
+                stalled = TimeoutError(f"{where}: no progress for {stall:.0f} s")
+                if self.link is None:
+                    raise stalled
+                self.link.failed(where, stalled)  # raises once the outage outlasts the budget
+                deadline = time.monotonic() + stall
 
     def _reader(self) -> Any:
         if self._consumer is None:
-            self._consumer = self._consumer_factory()
+            if self.link is None:
+                self._consumer = self._consumer_factory()
+            else:
+                self._consumer = self.link.call(f"connecting to read changelog {self.topic}",
+                                                lambda _timeout: self._consumer_factory(), self._progress)
         return self._consumer
 
     def close(self) -> None:

@@ -3,7 +3,18 @@
 It reads like ``replay``: decode (:mod:`tidecast.stream.kafka_source`) -> screen by partition ownership ->
 ``Engine.process`` -> sinks (forecasts, dead letters) -> checkpoint
 (:class:`~tidecast.stream.partitions.PartitionTable`).
-Commands from the poll thread and the rebalance listener (assign, release, abandon) arrive on the same queue as
+
+Data never stops the worker. Bad input is dead-lettered with its reason before the engine sees it; if the engine
+still raises on a batch, or a forecast cannot be encoded, the records concerned are dead-lettered as
+``processing_error`` (with the exception in the detail), ``tidecast_processing_errors_total`` counts it, an error is
+logged (with the traceback at most once a minute) and the worker goes on. That is a bug, in tidecast or in the
+validation that let the record through, and the alert on the counter says so; stopping instead would turn one bad
+record into a crash loop of the whole member. A series the failed batch touched keeps whatever the engine had
+already changed, and is checkpointed as it is. Broker trouble is not data: a refused output
+(:class:`~tidecast.stream.kafka.OutputError`) or an outage longer than the budget
+(:class:`~tidecast.stream.kafka.BrokerUnavailable`) still stops the member.
+
+Commands from the poll thread and the rebalance listener (assign, release, abandon, rewind) arrive on the same queue as
 records, so they run in order with them. Model maintenance (fits, replay training) is not run here but on the
 trainer thread (:class:`Trainer`), so the worker's loop never waits for a fit and its heartbeat keeps ticking.
 """
@@ -18,9 +29,11 @@ from collections.abc import Callable
 from typing import Any
 
 from tidecast.monitors.metrics import Metrics
+from tidecast.stream.batch import ObservationBatch
 from tidecast.stream.engine import Engine
 from tidecast.stream.health import Heartbeat
-from tidecast.stream.kafka_source import dead_letter, decode_records
+from tidecast.stream.kafka import BrokerUnavailable, OutputError, UnsendableForecasts
+from tidecast.stream.kafka_source import PROCESSING_ERROR, dead_letter, decode_records
 from tidecast.stream.messages import (
     AbandonPartitions,
     AssignPartitions,
@@ -28,11 +41,13 @@ from tidecast.stream.messages import (
     FetchedRecords,
     PartitionRestored,
     ReleasePartitions,
+    RewindPartition,
     Stop,
     WorkerCommand,
 )
 from tidecast.stream.partitions import PartitionTable
 from tidecast.stream.sinks import DeadLetterSink, ForecastSink
+from tidecast.stream.sources import DeadLetter
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +81,14 @@ class Worker(threading.Thread):
         self.error: BaseException | None = None
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
+        self._traced_at = -float("inf")  # when a processing error's traceback was last logged
 
     # -- loop ------------------------------------------------------------------------------------------------
     def run(self) -> None:
         try:
             self._loop()
+        except BrokerUnavailable as err:  # the service logs it, in one line
+            self.error = err
         except BaseException as err:  # the poll thread sees it and stops the service
             log.exception("worker failed")
             self.error = err
@@ -121,30 +139,59 @@ class Worker(threading.Thread):
         screened = self.table.screen(decoded.batch)
         if screened.skipped:
             self.metrics.consumer_skipped.inc(screened.skipped)
-        letters = decoded.letters + [
-            dead_letter(decoded.records[i], "wrong_partition",
-                        f"series {decoded.batch.series_ids[i]!r} lives on partition {owner}, "
-                        f"not {decoded.batch.partitions[i]}")
-            for i, owner in screened.misrouted]
-        for letter in sorted(letters, key=lambda d: d.position):
-            self.dead_letters.write(letter)
-            self.metrics.dead_letters.labels(reason=letter.reason).inc()
+        letters = decoded.letters + [dead_letter(decoded.records[i], "wrong_partition", detail)
+                                     for i, _home, detail in screened.misrouted]
+        self._write_letters(letters)
         batch = decoded.batch.take(screened.keep)
         if len(batch):
-            records = [decoded.records[i] for i in screened.keep.tolist()]
-            result = self.engine.process(batch)
-            refused = set()
-            for rej in result.rejections:  # the engine counted these in its metrics already
-                self.dead_letters.write(dead_letter(records[rej.index], rej.reason, rej.detail))
-                if rej.reason == "unknown_series":
-                    refused.add(batch.series_ids[rej.index])
-            self.table.applied(batch, screened.new_owners, refused)
-            self.forecasts.write(result.forecasts)
+            self._apply(batch, [decoded.records[i] for i in screened.keep.tolist()], screened.new_owners)
         n = sum(len(f.records) for f in live)
         self.processed += n
         self._since_checkpoint += n
         if self._after_batch is not None:
             self._after_batch()
+
+    def _apply(self, batch: ObservationBatch, records: list[Any], new_owners: dict[str, int]) -> None:
+        """Engine, then forecasts; a failure of either dead-letters the records concerned (module docstring)."""
+        try:
+            result = self.engine.process(batch)
+        except Exception as err:
+            known = set(self.engine.series_ids)
+            self.table.applied(batch, new_owners, {sid for sid in new_owners if sid not in known})
+            self._processing_failed(records, range(len(records)), "the engine", err)
+            return
+        for rej in result.rejections:  # the engine counted these in its metrics already
+            self.dead_letters.write(dead_letter(records[rej.index], rej.reason, rej.detail))
+        self.table.applied(batch, new_owners, _never_accepted(batch, new_owners, result.rejections))
+        try:
+            self.forecasts.write(result.forecasts)
+        except UnsendableForecasts as err:  # the other forecasts went out
+            for sid, cause in err.series.items():
+                rows = _rows_of(batch, sid, err.origins.get(sid, set()))
+                self._processing_failed(records, rows, f"encoding the forecast of series {sid!r}", cause)
+        except (OutputError, BrokerUnavailable):
+            raise
+        except Exception as err:
+            self._processing_failed(records, range(len(records)), "publishing the batch's forecasts", err)
+
+    def _processing_failed(self, records: list[Any], rows: Any, what: str, err: BaseException) -> None:
+        rows = list(rows)
+        self.metrics.processing_errors.inc()
+        detail = (f"{what} raised {type(err).__name__}: {err} (a tidecast bug or a gap in input validation; "
+                  "re-drive the record once fixed)")
+        now = time.monotonic()
+        traced = now - self._traced_at >= 60.0
+        if traced:
+            self._traced_at = now
+        log.error("processing_error: %s raised %s: %s; %d record(s) dead-lettered, the worker goes on%s", what,
+                  type(err).__name__, err, len(rows), "" if traced else " (traceback logged at most once a minute)",
+                  exc_info=err if traced else None)
+        self._write_letters([dead_letter(records[i], PROCESSING_ERROR, detail) for i in rows])
+
+    def _write_letters(self, letters: list[DeadLetter]) -> None:
+        for letter in sorted(letters, key=lambda d: d.position):
+            self.dead_letters.write(letter)
+            self.metrics.dead_letters.labels(reason=letter.reason).inc()
 
     # -- commands -----------------------------------------------------------------------------------------------
     def handle(self, command: WorkerCommand) -> None:
@@ -157,6 +204,9 @@ class Worker(threading.Thread):
             self._release(command)
         elif isinstance(command, AbandonPartitions):
             self.table.forget(command.partitions)
+        elif isinstance(command, RewindPartition):
+            if self.epochs.get(command.partition, 0) == command.epoch:
+                self.table.rewind(command.partition, command.offset)
         else:
             raise TypeError(f"unknown worker command {command!r}")
 
@@ -179,6 +229,25 @@ class Worker(threading.Thread):
         offsets = self.table.checkpoint()
         if offsets:
             self.outbox.put(CommitOffsets(offsets, {p: self.epochs.get(p, 0) for p in offsets}))
+
+
+def _never_accepted(batch: ObservationBatch, new_owners: dict[str, int], rejections: list[Any]) -> set[str]:
+    """New series whose every row the engine rejected (unknown_series, out_of_range, ...): it holds no state for
+    them, so their partition must not claim them."""
+    if not new_owners or not rejections:
+        return set()
+    rejected = {rej.index for rej in rejections}
+    accepted = {sid for i, sid in enumerate(batch.series_ids.tolist()) if i not in rejected}
+    return {sid for sid in new_owners if sid not in accepted}
+
+
+def _rows_of(batch: ObservationBatch, series_id: str, origins: set[int]) -> list[int]:
+    """Rows of ``batch`` whose observation issued one of ``origins`` (a forecast's ``issued_at`` is its
+    observation's timestamp); all the series' rows if none matches (the origin was held over from a batch
+    before)."""
+    rows = [i for i, sid in enumerate(batch.series_ids.tolist()) if sid == series_id]
+    issued = [i for i in rows if int(batch.timestamps_ns[i]) in origins]
+    return issued or rows
 
 
 class Trainer(threading.Thread):

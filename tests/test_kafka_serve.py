@@ -80,7 +80,8 @@ def test_bad_input_goes_to_the_dead_letter_topic_and_the_consumer_keeps_running(
         (b"bad/a", b'{"series_id":"bad/a","timestamp":0,"value":1,"schema_version":2}', "unknown_schema_version"),
     ]
     sent = kafka.send(topic, [good[0], *[(k, v) for k, v, _ in bad], good[1]])
-    proc = serve(topic, group, tmp_path / "state", "--max-partition-fetch-bytes", str(4 << 20))
+    # --freq: with an inferred step the first observations are held until the step is known
+    proc = serve(topic, group, tmp_path / "state", "--max-partition-fetch-bytes", str(4 << 20), "--freq", "1h")
     proc.wait_value("tidecast_observations_total", lambda v: v == 2, 30)
 
     letters = kafka.read_all(f"{topic}-dead-letters", min_count=len(bad))
@@ -241,7 +242,8 @@ def test_readyz_waits_for_the_restore_and_healthz_fails_while_the_worker_is_stuc
                "state_dir": tmp_path / "state", "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000,
                "max_poll_interval_ms": 10000, "metrics_port": port, "metrics_address": "127.0.0.1",
                "liveness_timeout": 1.0}
-    service = Service(ServeConfig(options, EngineConfig(horizon=4)), engine_factory=stuck_engine)
+    # freq: the series learn from their first observation (an inferred step holds the first few)
+    service = Service(ServeConfig(options, EngineConfig(horizon=4, freq="1h")), engine_factory=stuck_engine)
     thread = threading.Thread(target=service.run, name="serve-under-test")
     thread.start()
     try:

@@ -18,7 +18,7 @@ import pytest
 from tidecast.models.naive import SeasonalNaive
 from tidecast.monitors.conformal import make_calibrator
 from tidecast.monitors.metrics import Metrics
-from tidecast.stream.config import EngineConfig
+from tidecast.stream.config import STEP_WINDOW, EngineConfig
 from tidecast.stream.engine import Engine, Lane
 from tidecast.stream.health import HealthServer, Heartbeat, Readiness, liveness
 from tidecast.stream.kafka import OutputError
@@ -79,6 +79,8 @@ def make_worker(tmp_path, producer, engine=None, state_dir="state", **worker_kw)
 
 
 def records(partition: int, series: list[str], steps: range, offset0: int) -> list[SimpleNamespace]:
+    """Observations as input records. Series a and b live on partition 0 and d on partition 1: their murmur2 home
+    partitions out of 2, which serve checks."""
     out = []
     t0 = pd.Timestamp("2024-01-01T00:00:00Z")
     for k in steps:
@@ -115,7 +117,7 @@ def test_checkpoint_then_restore_elsewhere_continues_exactly_like_the_original(t
     producer = FakeProducer()
     a, a_results = make_worker(tmp_path, producer)
     assert assign(a, a_results, {0, 1}) == {0: None, 1: None}  # nothing saved yet: committed offsets rule
-    p0, p1 = records(0, ["a", "b"], range(30), 0), records(1, ["c"], range(30), 0)
+    p0, p1 = records(0, ["a", "b"], range(30), 0), records(1, ["d"], range(30), 0)
     feed(a, 0, p0[:40])
     feed(a, 1, p1[:20])
     assert a.table.checkpoint([0, 1]) == {0: 40, 1: 20}
@@ -201,7 +203,7 @@ def test_release_checkpoints_unless_abandoned_first(tmp_path):
     a, a_results = make_worker(tmp_path, producer)
     assign(a, a_results, {0, 1})
     feed(a, 0, records(0, ["a"], range(5), 0))
-    feed(a, 1, records(1, ["c"], range(5), 0))
+    feed(a, 1, records(1, ["d"], range(5), 0))
 
     release = ReleasePartitions(frozenset({0}))
     a.handle(release)
@@ -230,7 +232,7 @@ def test_kafka_sinks_pin_co_partitioned_outputs_and_a_refusal_fails_the_flush(tm
     producer = FakeProducer()
     a, a_results = make_worker(tmp_path, producer)
     assign(a, a_results, {0, 1})
-    feed(a, 1, records(1, ["c"], range(30), 0))
+    feed(a, 1, records(1, ["d"], range(30), 0))
     assert {p for (topic, p) in producer.log if topic == a.cfg.forecast_topic} == {1}  # the series' partition
     stray = records(1, ["late"], range(1), 30)
     stray[0].value = b"{"
@@ -286,13 +288,14 @@ def test_a_blocked_worker_fails_healthz_while_metrics_still_answer(tmp_path, wai
                           limit_seconds=0.5).start()
     try:
         waiter(lambda: get(server.port, "/healthz") == 200, 10, "a live worker")
-        worker.inbox.put(FetchedRecords(0, 0, records(0, ["a"], range(3), 0)))
+        # more than STEP_WINDOW rows, so the series' step is inferred and the model learns (and blocks)
+        worker.inbox.put(FetchedRecords(0, 0, records(0, ["a"], range(STEP_WINDOW + 1), 0)))
         waiter(lambda: get(server.port, "/healthz") == 503, 10, "/healthz to fail while the worker is stuck")
         assert get(server.port, "/metrics") == 200  # prometheus-style scrapes cannot tell
         assert not liveness({"worker": worker.heartbeat}, 0.5)[0]
         learn_gate.set()
         waiter(lambda: get(server.port, "/healthz") == 200, 10, "/healthz to recover")
-        assert worker.processed == 3
+        assert worker.processed == STEP_WINDOW + 1
     finally:
         learn_gate.set()
         worker.stop()

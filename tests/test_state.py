@@ -74,7 +74,7 @@ def test_snapshot_restores_an_engine_that_continues_exactly_like_the_original(tm
     original = Engine.from_config(CONFIG)
     original.process(batch(40))
     store = LocalStateStore(tmp_path, "group", "topic/with:odd chars")
-    store.save(Snapshot("topic", 0, 120, 7, config_fingerprint(CONFIG.to_dict()), exported(original),
+    store.save(Snapshot("topic/with:odd chars", 0, 120, 7, config_fingerprint(CONFIG.to_dict()), exported(original),
                         {}, 1.0))
     snap = store.load(0)
     assert (snap.position, snap.changelog_offset, snap.partition) == (120, 7, 0)

@@ -1,0 +1,440 @@
+"""No poison pills in decode and replay (issue 10): every hostile row, cell and option ends in a dead letter or
+one clear error line before any work — never a traceback, never a lost file, never silent loss."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tidecast.stream.batch import ObservationBatch
+from tidecast.stream.cli import main
+from tidecast.stream.config import EngineConfig
+from tidecast.stream.engine import Engine
+from tidecast.stream.kafka_source import decode_records
+from tidecast.stream.records import (
+    MAX_SERIES_ID_BYTES,
+    REASONS,
+    InvalidRecord,
+    decode,
+)
+
+HOUR = 3_600_000_000_000
+T0 = 1_467_331_200_000_000_000  # 2016-07-01T00:00Z
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def run(tmp_path: Path, *args: str) -> tuple[int, dict | None, list[dict]]:
+    """``tidecast replay`` in-process: exit code, summary (if written) and dead letters."""
+    summary, dead = tmp_path / "summary.json", tmp_path / "dead.jsonl"
+    for path in (summary, dead):
+        path.unlink(missing_ok=True)
+    rc = main(["replay", *args, "--no-progress", "--summary-json", str(summary), "--dead-letter", str(dead)])
+    letters = [json.loads(line) for line in dead.read_text().splitlines()] if dead.exists() else []
+    return rc, json.loads(summary.read_text()) if summary.exists() else None, letters
+
+
+def reasons(letters: list[dict]) -> list[tuple[int, str]]:
+    return sorted((d["offset"], d["reason"]) for d in letters)
+
+
+def rows_accounted(summary: dict, letters: list[dict]) -> int:
+    return (summary["n_observations"] + summary["n_duplicates"] + summary["n_collisions"] + summary["n_held"]
+            + len(letters))
+
+
+def error_line(capsys: pytest.CaptureFixture) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return " ".join(err.split())
+
+
+# -- 1. timestamps outside the supported range --------------------------------------------------------------------
+FAR = ["2300-01-01T00:00:00Z", 1e11, -1e11, "0001-01-01T00:00:00Z", "9999-12-31T23:59:59Z",
+       "0001-01-01T00:00:00+01:00", 10**400]
+
+
+@pytest.mark.parametrize("timestamp", FAR, ids=str)
+def test_timestamps_outside_the_nanosecond_range_are_bad_timestamp_at_decode(timestamp):
+    with pytest.raises(InvalidRecord) as info:
+        decode({"series_id": "a", "timestamp": timestamp, "value": 1.0})
+    assert info.value.reason == "bad_timestamp"
+    assert "1677-09-22T00:00:00Z .. 2262-04-11T00:00:00Z" in info.value.detail
+
+
+def test_the_kafka_source_dead_letters_a_far_timestamp_instead_of_overflowing():
+    from types import SimpleNamespace as Rec
+
+    values = [b'{"series_id":"a","timestamp":"2300-01-01T00:00:00Z","value":1}',
+              b'{"series_id":"a","timestamp":100000000000,"value":1}', b'{"series_id":"a","timestamp":0,"value":1}']
+    decoded = decode_records([Rec(topic="t", partition=0, offset=k, value=v) for k, v in enumerate(values)])
+    assert [(d.reason, d.position) for d in decoded.letters] == [("bad_timestamp", (0, 0)), ("bad_timestamp", (0, 1))]
+    assert decoded.batch.offsets.tolist() == [2]
+
+
+def test_replay_of_jsonl_with_far_timestamps_dead_letters_those_lines_only(tmp_path):
+    path = tmp_path / "far.jsonl"
+    lines = [{"series_id": "j", "timestamp": T0 // 10**9 + 3600 * k, "value": float(k)} for k in range(12)]
+    lines[3]["timestamp"], lines[7]["timestamp"] = "2300-01-01T00:00:00Z", 1e11
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    rc, s, letters = run(tmp_path, str(path), "--horizon", "2")
+    assert rc == 0
+    assert reasons(letters) == [(3, "bad_timestamp"), (7, "bad_timestamp")]
+    assert s["n_observations"] == 10
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_far_timestamps_in_a_table_reject_only_their_rows(tmp_path, suffix):
+    iso = pd.date_range("2016-07-01", periods=12, freq="h").strftime("%Y-%m-%dT%H:%M:%S").tolist()
+    iso[4], iso[9] = "2300-01-01T00:00:00", "0001-01-01T00:00:00"
+    epoch = [T0 // 10**9 + 3600 * k for k in range(12)]
+    epoch[5] = 1e11
+    frames = {"iso": pd.DataFrame({"date": iso, "y": np.arange(12.0)}),
+              "epoch": pd.DataFrame({"timestamp": np.array(epoch, float), "y": np.arange(12.0)})}
+    for name, frame in frames.items():
+        path = tmp_path / f"{name}{suffix}"
+        frame.to_parquet(path) if suffix == ".parquet" else frame.to_csv(path, index=False)
+        rc, s, letters = run(tmp_path, str(path), "--horizon", "2")
+        assert rc == 0, name
+        bad = [4, 9] if name == "iso" else [5]
+        assert reasons(letters) == [(row, "bad_timestamp") for row in bad], name
+        assert all("supported range" in d["detail"] for d in letters)
+        assert s["n_observations"] == 12 - len(bad), name
+
+
+# -- 2. series ids --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("series_id", ["\ud800", "a\udfffb", "\0internal", "x" * (MAX_SERIES_ID_BYTES + 1),
+                                       "é" * (MAX_SERIES_ID_BYTES // 2 + 1)], ids=["surrogate", "surrogate-mid",
+                                                                                    "nul", "long", "long-utf8"])
+def test_series_ids_that_cannot_be_keys_are_bad_series_id(series_id):
+    with pytest.raises(InvalidRecord) as info:
+        decode(json.dumps({"series_id": series_id, "timestamp": 0, "value": 1}).encode())
+    assert info.value.reason == "bad_series_id" and "bad_series_id" in REASONS
+
+
+def test_series_ids_up_to_the_cap_and_inner_nul_are_fine():
+    assert decode({"series_id": "x" * MAX_SERIES_ID_BYTES, "timestamp": 0, "value": 1}).series_id
+    assert decode({"series_id": "a\0b", "timestamp": 0, "value": 1}).series_id == "a\0b"
+
+
+def test_replay_dead_letters_bad_series_ids_in_jsonl_and_long_tables(tmp_path):
+    jsonl = tmp_path / "ids.jsonl"
+    ok = [json.dumps({"series_id": "ok", "timestamp": 3600 * k, "value": k}) for k in range(10)]
+    jsonl.write_text("\n".join([*ok[:5], '{"series_id": "\\ud800", "timestamp": 0, "value": 1}', *ok[5:]]) + "\n")
+    rc, s, letters = run(tmp_path, str(jsonl), "--horizon", "2")
+    assert rc == 0 and reasons(letters) == [(5, "bad_series_id")] and s["n_observations"] == 10
+
+    long = pd.DataFrame({"unique_id": ["ok"] * 10 + ["\0x", "y" * 300],
+                         "ds": [f"2016-07-01T{k:02d}:00:00" for k in range(12)], "y": np.arange(12.0)})
+    for suffix in (".csv", ".parquet"):
+        path = tmp_path / f"long{suffix}"
+        long.to_parquet(path) if suffix == ".parquet" else long.to_csv(path, index=False)
+        rc, s, letters = run(tmp_path, str(path), "--format", "long", "--horizon", "2")
+        assert rc == 0 and reasons(letters) == [(10, "bad_series_id"), (11, "bad_series_id")], suffix
+        assert s["n_observations"] == 10 and s["n_series"] == 1
+
+
+# -- 3. values beyond max_abs_value ---------------------------------------------------------------------------------
+def test_values_beyond_max_abs_value_are_out_of_range_and_zero_turns_the_check_off():
+    values = [1.0, 1e14, -2e15, 1e300, 5.0]
+    batch = ObservationBatch(np.array(["a"] * 5, object), T0 + np.arange(5) * HOUR, np.array(values))
+    engine = Engine.from_config(EngineConfig(horizon=2, freq="1h"))
+    r = engine.process(batch)
+    assert [(j.index, j.reason) for j in r.rejections] == [(2, "out_of_range"), (3, "out_of_range")]
+    assert "max_abs_value" in r.rejections[0].detail and r.n_applied == 3
+    assert engine.metrics.dead_letters.labels(reason="out_of_range")._value.get() == 2
+    off = Engine.from_config(EngineConfig(horizon=2, freq="1h", max_abs_value=0))
+    assert off.process(batch).n_applied == 5
+
+
+def test_replay_dead_letters_out_of_range_values_and_the_limit_is_a_setting(tmp_path, capsys):
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps({"series_id": "b", "timestamp": 3600 * k, "value": 1e20 if k == 6 else k})
+                            + "\n" for k in range(12)))
+    rc, s, letters = run(tmp_path, str(path), "--horizon", "2")
+    assert rc == 0 and [d["reason"] for d in letters] == ["out_of_range"] and s["n_observations"] == 11
+    assert s["dead_letters"] == {"out_of_range": 1}
+    rc, s, letters = run(tmp_path, str(path), "--horizon", "2", "--max-abs-value", "1e21")
+    assert rc == 0 and letters == [] and s["n_observations"] == 12
+    rc, _, _ = run(tmp_path, str(path), "--max-abs-value", "-1")
+    assert rc == 2 and "--max-abs-value" in error_line(capsys)
+
+
+# -- 4. silent loss in replay -----------------------------------------------------------------------------------------
+def test_one_bad_cell_in_an_epoch_time_column_costs_only_its_row(tmp_path):
+    rows = [str(T0 // 10**9 + 3600 * k) for k in range(10)]
+    rows[2], rows[5], rows[7] = "", "junk", "2016-07-01T07:00:00Z"  # blank, junk, and a valid ISO cell
+    path = tmp_path / "epoch.csv"
+    path.write_text("timestamp,value\n" + "".join(f"{t},{k}\n" for k, t in enumerate(rows)))
+    rc, s, letters = run(tmp_path, str(path), "--horizon", "2")
+    assert rc == 0
+    assert reasons(letters) == [(2, "missing_field"), (5, "bad_timestamp")]
+    assert s["n_observations"] == 8  # the ISO cell is a valid time, read by the records module's rules
+
+
+def test_malformed_csv_lines_are_dead_lettered_with_their_line_number_and_reading_goes_on(tmp_path):
+    good = [f"2016-07-01T{k:02d}:00:00,{k},{10 + k}" for k in range(12)]
+    lines = [b"date,a,b", *(g.encode() for g in good[:3]),
+             b"2016-07-01T03:00:00,3,13,99",  # a field too many
+             b'2016-07-01T04:00:00,"4,14',  # a quote left open
+             *(g.encode() for g in good[5:7]),
+             b"2016-07-01T07:00:00,\xff7,17",  # not UTF-8
+             b"2016-07-01T08:00:00,8",  # a field too few
+             *(g.encode() for g in good[9:])]
+    path = tmp_path / "messy.csv"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    rc, s, letters = run(tmp_path, str(path), "--horizon", "2")
+    assert rc == 0
+    assert reasons(letters) == [(3, "malformed_row"), (4, "malformed_row"), (7, "malformed_row"),
+                                (8, "malformed_row")]
+    assert [d["detail"].split(":")[0] for d in letters] == ["line 5", "line 6", "line 9", "line 10"]
+    assert s["n_observations"] == 2 * 8  # the 8 good lines, two channels each
+
+
+def _strict(text: str) -> dict:
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_missing_parquet_cells_cost_only_their_rows_and_dead_letters_stay_strict_json(tmp_path):
+    path = tmp_path / "holes.parquet"
+    times = [f"2016-07-01T{k:02d}:00:00" for k in range(10)]
+    times[3] = None
+    values = np.arange(10.0)
+    values[6], values[8] = np.nan, np.inf
+    pd.DataFrame({"ds": times, "y": values}).to_parquet(path)
+    rc, s, _ = run(tmp_path, str(path), "--horizon", "2")
+    assert rc == 0
+    letters = [_strict(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
+    assert reasons(letters) == [(3, "missing_field"), (6, "missing_field"), (8, "non_finite_value")]
+    assert letters[2]["raw"]["y"] == "inf" and s["n_observations"] == 7
+
+
+@pytest.mark.parametrize("odd", ["2016-07-01T05:00:00,5,15,extra", "2016-07-01T05:00:00,5", "", "   "])
+def test_one_odd_line_in_a_clean_csv_costs_at_most_that_line_and_positions_count_lines(tmp_path, odd):
+    lines = [f"2016-07-01T{k:02d}:00:00,{k},{10 + k}" for k in range(12)]
+    lines[5], lines[8] = odd, "junk,8,18"
+    path = tmp_path / "odd.csv"
+    path.write_text("date,a,b\n" + "\n".join(lines) + "\n")
+    rc, s, letters = run(tmp_path, str(path), "--horizon", "2")
+    assert rc == 0
+    expected = [(5, "malformed_row")] if odd.strip() else []  # a blank line is no row, but keeps its number
+    assert reasons(letters) == [*expected, (8, "bad_timestamp")]
+    assert s["n_observations"] == 2 * 10
+
+
+def test_irregular_timestamps_get_a_robust_step_and_no_silent_duplicates(tmp_path):
+    rng = np.random.default_rng(3)
+    hours = np.delete(np.arange(501), 1).astype(float)  # hour 1 missing: the first gap is two steps
+    hours[10:] += rng.uniform(-1 / 3, 1 / 3, 490)  # later times jitter by up to 20 min
+    seconds = np.round(hours * 3600).astype(np.int64) + T0 // 10**9
+    path = tmp_path / "irregular.csv"
+    pd.DataFrame({"timestamp": seconds, "y": rng.normal(size=500)}).to_csv(path, index=False)
+    rc, s, letters = run(tmp_path, str(path), "--horizon", "2")
+    assert rc == 0 and letters == []
+    # a step taken from the first gap (2 h) put every other hour on a used tick, counted as duplicates
+    assert s["n_duplicates"] == 0 and s["n_collisions"] == 0
+    assert s["n_observations"] == 500 and s["n_gap_filled"] == 1
+
+
+def test_short_series_are_flushed_at_the_end_of_a_replay_on_their_median_step(tmp_path):
+    hours = [0, 2, 3, 4, 5]  # first gap 2 h, then hourly
+    path = tmp_path / "short.jsonl"
+    path.write_text("".join(json.dumps({"series_id": "s", "timestamp": 3600 * h, "value": h}) + "\n"
+                            for h in hours) + json.dumps({"series_id": "once", "timestamp": 0, "value": 1}) + "\n")
+    rc, s, letters = run(tmp_path, str(path), "--horizon", "2")
+    assert rc == 0 and letters == []
+    assert s["n_observations"] == 5 and s["n_duplicates"] == 0 and s["n_gap_filled"] == 1
+    assert s["n_held"] == 1  # a series seen at one timestamp has no step: held, and said so
+
+
+def test_snapped_collisions_are_counted_apart_from_duplicates_and_warned_once(caplog):
+    engine = Engine.from_config(EngineConfig(horizon=2, freq="1h"))
+    minutes = [0, 10, 0, 20, 60, 70]  # 00:10 and 00:20 snap onto 00:00's tick; 00:00 again is a duplicate
+    batch = ObservationBatch(np.array(["c"] * 6, object), T0 + np.array(minutes) * HOUR // 60, np.arange(6.0))
+    with caplog.at_level(logging.WARNING, logger="tidecast.stream.engine"):
+        r = engine.process(batch)
+    assert (r.n_applied, r.n_duplicates, r.n_collisions) == (2, 1, 3)
+    assert engine.summary()["n_collisions"] == 3 and engine.summary()["n_duplicates"] == 1
+    registry = engine.metrics.registry
+    assert registry.get_sample_value("tidecast_snapped_collisions_total") == 3.0
+    assert registry.get_sample_value("tidecast_duplicates_total") == 1.0
+    warnings = [rec for rec in caplog.records if "snaps onto" in rec.getMessage()]
+    assert len(warnings) == 1 and "'c'" in warnings[0].getMessage()
+
+
+def _irregular_batch(n: int, offset: int = 0) -> ObservationBatch:
+    hours = np.array([0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14][offset:offset + n])
+    return ObservationBatch(np.array(["h"] * len(hours), object), T0 + hours * HOUR, hours.astype(float),
+                            offsets=np.arange(offset, offset + len(hours)))
+
+
+def test_held_rows_are_part_of_the_state_and_continue_identically_after_a_restore():
+    config = EngineConfig(horizon=2, model_params={"seasonal-naive": {"period": 2}})
+    whole = Engine.from_config(config)
+    expected = whole.process(_irregular_batch(14)).forecasts.to_frame()
+
+    first = Engine.from_config(config)
+    r = first.process(_irregular_batch(3))
+    assert r.n_applied == 0 and first.held_rows == 3
+    assert first.applied_positions() == {"h": (0, 2)}  # a restart resumes after the held rows
+    meta, arrays = first.export_series(first.series_ids)
+    second = Engine.from_config(config)
+    second.import_series(meta, arrays)
+    assert second.held_rows == 3
+    got = second.process(_irregular_batch(11, offset=3))
+    assert got.n_applied == 14 and second.summary()["n_duplicates"] == 0
+    pd.testing.assert_frame_equal(got.forecasts.to_frame(), expected)
+
+
+def test_state_saved_before_the_step_window_is_read():
+    config = EngineConfig(horizon=2, model_params={"seasonal-naive": {"period": 2}})
+    engine = Engine.from_config(config)
+    engine.process(_irregular_batch(1))
+    meta, arrays = engine.export_series(["h"])
+    old = {k: v for k, v in arrays.items() if k not in (
+        "engine/hold_n", "engine/hold_t", "engine/hold_v", "engine/last_t", "engine/n_collisions")}
+    old["engine/held"] = np.array([True])
+    old["engine/held_t"], old["engine/held_v"] = np.array([T0]), np.array([0.0])
+    restored = Engine.from_config(config)
+    restored.import_series(meta, old)
+    assert restored.held_rows == 1
+    assert restored.process(_irregular_batch(13, offset=1)).n_applied == 14
+
+
+# -- 5. options that did nothing, or harm ---------------------------------------------------------------------------
+@pytest.fixture
+def small_csv(tmp_path) -> Path:
+    path = tmp_path / "small.csv"
+    path.write_text("date,y\n" + "".join(f"2016-07-01T{k:02d}:00:00,{k}\n" for k in range(24)))
+    return path
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["--batch-size", "-5"], "--batch-size"),
+    (["--max-gap", "-1"], "--max-gap"),
+    (["--model-param", "seasonl-naive.period=3"], "seasonl-naive"),
+])
+def test_options_that_did_nothing_are_errors_before_any_work(tmp_path, small_csv, capsys, args, named):
+    out = tmp_path / "out.csv"
+    rc, summary, _ = run(tmp_path, str(small_csv), "--out", str(out), *args)
+    assert rc == 2 and named in error_line(capsys)
+    assert summary is None and not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["--out", "--dead-letter", "--summary-json"])
+def test_an_output_that_is_the_input_is_refused_and_the_input_kept(tmp_path, small_csv, capsys, flag):
+    before = small_csv.read_bytes()
+    given = {"--out": tmp_path / "o.csv", "--dead-letter": tmp_path / "d.jsonl", "--summary-json": tmp_path / "s.json"}
+    given[flag] = tmp_path / ".." / tmp_path.name / small_csv.name  # the same file, spelled differently
+    rc = main(["replay", str(small_csv), "--no-progress", *(x for k, v in given.items() for x in (k, str(v)))])
+    line = error_line(capsys)
+    assert rc == 2 and line.startswith(f"error: {flag} ") and "is the input file" in line
+    assert small_csv.read_bytes() == before
+
+
+# -- 6. user mistakes: one clear line, non-zero exit ------------------------------------------------------------------
+def test_a_directory_as_path_is_one_line(tmp_path, capsys):
+    rc, _, _ = run(tmp_path, str(tmp_path))
+    assert rc == 2 and "is a directory" in error_line(capsys)
+
+
+def test_a_huge_horizon_is_refused_with_its_memory_cost(tmp_path, small_csv, capsys):
+    rc, _, _ = run(tmp_path, str(small_csv), "--horizon", "100000")
+    line = error_line(capsys)
+    assert rc == 2 and "--horizon 100000" in line and "at most 1000" in line and "GB at H=100000" in line
+
+
+@pytest.mark.parametrize(("param", "named"), [
+    ("foo", "foo"),
+    ("seasonal-naive.bogus=1", "bogus"),
+    ("seasonal-naive.period=abc", "period"),
+    ("seasonal-naive.period=0", "period = 0"),
+    ("seasonal-naive.period=-5", "period = -5"),
+    ("seasonal-naive.detect_after=1", "detect_after = 1"),
+])
+def test_bad_model_parameters_are_one_line_naming_the_parameter(tmp_path, small_csv, capsys, param, named):
+    out = tmp_path / "out.csv"
+    rc, _, _ = run(tmp_path, str(small_csv), "--model-param", param, "--out", str(out))
+    assert rc == 2 and named in error_line(capsys) and not out.exists()
+
+
+@pytest.mark.parametrize(("model", "param"), [("holt-winters", "alpha=1.5"), ("holt-winters", "max_period=0"),
+                                              ("snarimax", "p=-1"), ("snarimax", "lr=0")])
+def test_river_model_parameters_are_checked_by_their_factories(tmp_path, small_csv, capsys, model, param):
+    rc, _, _ = run(tmp_path, str(small_csv), "--model", f"m={model}", "--model-param", f"m.{param}")
+    assert rc == 2 and f"lane 'm' ({model}): {param.split('=')[0]} = " in error_line(capsys)
+
+
+def test_metrics_port_out_of_range_or_in_use_is_one_line(tmp_path, small_csv, capsys):
+    rc, _, _ = run(tmp_path, str(small_csv), "--metrics-port", "99999")
+    assert rc == 2 and "--metrics-port 99999" in error_line(capsys)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        rc, summary, _ = run(tmp_path, str(small_csv), "--metrics-port", str(port))
+        assert rc == 2 and f"--metrics-port {port}" in error_line(capsys) and summary is None
+
+
+def test_a_parquet_list_column_is_one_line_naming_the_column(tmp_path, capsys):
+    path = tmp_path / "lists.parquet"
+    pd.DataFrame({"ds": pd.date_range("2016-07-01", periods=3, freq="h"), "y": [[1.0, 2.0], [3.0], [4.0]]}
+                 ).to_parquet(path)
+    rc, _, _ = run(tmp_path, str(path))
+    assert rc == 2 and "column 'y'" in error_line(capsys)
+
+
+def test_an_unknown_freq_names_the_option(tmp_path, small_csv, capsys):
+    rc, _, _ = run(tmp_path, str(small_csv), "--freq", "abc")
+    assert rc == 2 and "--freq abc" in error_line(capsys)
+
+
+def test_an_unwritable_summary_is_found_before_the_run(tmp_path, small_csv, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = tmp_path / "out.csv"
+    rc = main(["replay", str(small_csv), "--no-progress", "--out", str(out),
+               "--summary-json", str(blocker / "summary.json")])
+    assert rc == 2 and "--summary-json" in error_line(capsys)
+    assert not out.exists()  # nothing was replayed
+
+
+# -- 7. the metrics server binds what it prints -----------------------------------------------------------------------
+def test_replay_metrics_listen_where_they_say_loopback_by_default(tmp_path, small_csv, capsys, monkeypatch):
+    import prometheus_client
+
+    bound = []
+    real = prometheus_client.start_http_server
+
+    def recording(port, addr="0.0.0.0", **kw):
+        server, thread = real(port, addr=addr, **kw)
+        bound.append(server.server_address[:2])
+        return server, thread
+
+    monkeypatch.setattr(prometheus_client, "start_http_server", recording)
+    for extra, address in (([], "127.0.0.1"), (["--metrics-address", "0.0.0.0"], "0.0.0.0")):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        rc, _, _ = run(tmp_path, str(small_csv), "--metrics-port", str(port), *extra)
+        assert rc == 0
+        assert bound[-1] == (address, port)
+        assert f"metrics on http://{address}:{port}/metrics" in capsys.readouterr().out
+
+
+# -- 9. README --------------------------------------------------------------------------------------------------------
+def test_readme_bad_input_table_names_every_reason():
+    text = README.read_text()
+    section = text[text.index("## Time, order and bad input"):text.index("## `tidecast replay`")]
+    missing = [reason for reason in REASONS if f"`{reason}`" not in section]
+    assert not missing, f"README's bad-input table does not say what happens for {missing}"
+    for case in ("surrogate", "median", "collision", "--max-abs-value", "line number", "2262-04-11"):
+        assert case in section, case
