@@ -210,6 +210,10 @@ class BatchForecaster(Params, ABC):
 
     #: Registry name, e.g. ``"seasonal-naive"``; used in metrics labels and forecast records.
     name: str = "model"
+    #: Whether the rows share learned state (CycleNet's backbone), so that one series' forecasts already depend on
+    #: the others'. The engine pools young calibrator cells across series only for such models by default: a
+    #: model of independent rows keeps each series' forecasts and intervals a function of that series alone.
+    couples_rows: bool = False
 
     @abstractmethod
     def resize(self, n_rows: int) -> None:

@@ -177,6 +177,7 @@ class CycleNetForecaster(BatchForecaster):
     """
 
     name = "cyclenet"
+    couples_rows = True  # one backbone for every row
 
     # Per-row state, in the row table ``_rows`` (see :meth:`_alloc`).
     _hist = Column("history", table="_rows")  # ring of the last ``_ring`` values

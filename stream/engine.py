@@ -14,10 +14,10 @@ For each series, in timestamp order, every new observation ``y`` at tick ``t`` g
 3. **forecast** — H steps ahead.
 4. **interval** — the calibrator puts ``[lower, upper]`` around each step. Before that, residuals the model
    handed over (:meth:`~tidecast.models.base.BatchForecaster.pop_calibration`: a fit's validation windows, a
-   backtest) seed the calibrator cells of the rows they name, and a cell with fewer than ``n0`` residuals of its
-   own borrows from the lane's other series (:class:`~tidecast.monitors.conformal.pool.Pool`). Both bounds are
-   ``NaN`` ("no interval yet") only where neither the cell nor the lane has anything, never a zero-width interval
-   claiming certainty.
+   backtest) seed the calibrator cells of the rows they name, and in a lane whose model shares state across
+   series (CycleNet) a cell with fewer than ``n0`` residuals of its own borrows from the lane's other series
+   (:class:`~tidecast.monitors.conformal.pool.Pool`). Both bounds are ``NaN`` ("no interval yet") only where
+   neither the cell nor the lane has anything, never a zero-width interval claiming certainty.
 5. **monitor** — metrics are updated.
 6. **emit** — forecast records go back to the caller.
 
@@ -73,15 +73,20 @@ _MAX_NS = np.iinfo(np.int64).max
 
 class Lane:
     """One model's path through the engine: forecaster -> calibrator (+ pool) -> scorer (and, later, more
-    monitors). ``pool``: how young cells borrow from the lane (default :class:`Pool` settings; ``Pool(H, n0=0)``
-    turns it off)."""
+    monitors). ``pool``: how young cells borrow from the lane's other series. By default :class:`Pool`'s settings
+    for a model whose rows already share state (``model.couples_rows``: CycleNet), and off (``n0=0``) for a model
+    of independent rows, whose series then stay independent of each other: a replay re-makes every forecast and
+    interval of a series identically however the series' records interleave (a crash and restart in ``serve``)."""
 
     def __init__(self, model: BatchForecaster, calibrator: Calibrator, horizon: int, alpha: float,
                  coverage_window: int = 1000, name: str | None = None, pool: Pool | None = None) -> None:
         self.name = name or model.name  # the lane's alias: records, metric labels and state keys use it
         self.model = model
         self.calibrator = calibrator
-        self.pool = pool if pool is not None else Pool(horizon)
+        if pool is None:
+            levels = np.atleast_1d(calibrator.alphas_).size
+            pool = Pool(horizon, levels=levels) if model.couples_rows else Pool(horizon, n0=0, levels=levels)
+        self.pool = pool
         self.pending = PendingForecasts(horizon)
         self.scorer = PrequentialScorer(horizon, alpha, coverage_window)
 
@@ -98,6 +103,7 @@ class Lane:
         handed = self.model.pop_calibration(horizon)
         if handed is not None and handed.rows.size:
             self.calibrator.seed(handed.rows, handed.residuals)
+            self.pool.restart(handed.rows)
 
     def interval(self, rows: np.ndarray, forecast: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The calibrator's intervals, young cells pooled."""

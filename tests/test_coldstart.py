@@ -239,11 +239,18 @@ def test_seasonal_naive_lane_has_intervals_from_every_series_first_forecast():
     assert len(seeded["first"]) == 12 and seeded["no_interval_first"] == 0
     assert seeded["summary"]["n_no_interval"] == 0
     assert abs(seeded["summary"]["coverage"] - 0.9) < 0.03
-    # with a configured period there is nothing to backtest: the late series borrow from the first ones
-    pooled = run_engine(values, "seasonal-naive", {"period": 24}, start)
-    assert pooled["no_interval_first"] == 6 * 6  # only the first series, with nothing to borrow from yet
-    alone = run_engine(values, "seasonal-naive", {"period": 24}, start, pool=Pool(6, n0=0))
+    # with a configured period there is nothing to backtest; series of seasonal naive stay independent by default
+    alone = run_engine(values, "seasonal-naive", {"period": 24}, start)
     assert alone["no_interval_first"] == 6 * 12
+    # asked to pool, the late series borrow from the first ones
+    pooled = run_engine(values, "seasonal-naive", {"period": 24}, start, pool=Pool(6, n0=50))
+    assert pooled["no_interval_first"] == 6 * 6  # only the first series, with nothing to borrow from yet
+
+
+def test_lanes_pool_by_default_only_where_the_model_already_couples_its_series():
+    cal = make_calibrator("conformal-pid", 4, 0.1)
+    assert Lane(SeasonalNaive(period=6), cal, 4, 0.1).pool.n0 == 0
+    assert Lane(CycleNetForecaster(horizon=4, lookback=8, warm_start=40), cal, 4, 0.1).pool.n0 > 0
 
 
 def test_cyclenet_lane_is_seeded_at_the_fit_and_late_series_from_their_first_window():
@@ -275,3 +282,36 @@ def test_a_fit_finished_on_another_thread_seeds_the_rows_before_their_first_inte
             first_round = out.forecasts
     worker.join()
     assert first_round is not None and np.isfinite(first_round.lower).all()
+
+
+def test_series_that_start_together_do_not_depend_on_how_far_the_others_got():
+    """The lane estimate is taken once per series, at its first interval: series that start together find no
+    seasoned cell then, so batching (how far the others got between two of a series' steps) changes nothing.
+    A live median would have made young cells borrow from whichever series happened to be ahead (a kill -9 replay
+    in serve did not reproduce its uninterrupted run that way)."""
+    rng = np.random.default_rng(5)
+    n, hours = 5, 120
+    values = 10 * (1 + np.arange(n))[:, None] * (1 + 0.3 * np.sin(2 * np.pi * np.arange(hours) / 6)[None, :]
+                                                 + 0.1 * rng.normal(size=(n, hours)))
+    ids = np.array([f"s{i}" for i in range(n)], dtype=object)
+
+    def run(batches):
+        engine = Engine(EngineConfig(horizon=3, freq="1h", models=["seasonal-naive"]),
+                        [Lane(SeasonalNaive(period=6), make_calibrator("conformal-pid", 3, 0.1), 3, 0.1,
+                              pool=Pool(3, n0=30))])
+        out = [engine.process(ObservationBatch(ids[s], T0 + t * HOUR, values[s, t])).forecasts.to_frame()
+               for s, t in batches]
+        import pandas as pd
+
+        frame = pd.concat(out, ignore_index=True).sort_values(["series_id", "issued_at", "h"])
+        return frame.reset_index(drop=True), engine.export_series(list(ids))[1]
+
+    everything = [(np.repeat(np.arange(n), hours), np.tile(np.arange(hours), n))]  # series by series, one batch
+    one_by_one = [(np.array([i]), np.array([t])) for t in range(hours) for i in rng.permutation(n)]
+    a, state_a = run(everything)
+    b, state_b = run(one_by_one)
+    assert len(a) > 0
+    np.testing.assert_array_equal(a[["mean", "lower", "upper"]].to_numpy(), b[["mean", "lower", "upper"]].to_numpy())
+    for key, value in state_a.items():
+        if not key.startswith("engine/applied"):  # batch positions differ, by construction
+            np.testing.assert_array_equal(state_b[key], value, err_msg=key)

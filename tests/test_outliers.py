@@ -1,5 +1,9 @@
 """Values that break intervals: one absurd but finite value must leave calibrators, scorers and models finite, and
-the intervals back at their old width within 2 H steps of the last outlying residual (issue 10)."""
+the intervals back at their old width within 2 H steps of the last outlying residual (issue 10).
+
+The engine dead-letters values beyond ``max_abs_value`` (1e15 by default) as ``out_of_range``; values below it
+(1e14 on data of scale 10) reach the models and calibrators, and so does anything with the limit off
+(``max_abs_value=0``), which is how 1e20 and 1e308 are fed here: the guard must hold without the limit."""
 
 from __future__ import annotations
 
@@ -28,10 +32,11 @@ def series(n: int = N, seed: int = 0) -> np.ndarray:
     return 10 + 3 * np.sin(2 * np.pi * t / PERIOD) + np.random.default_rng(seed).normal(size=n)
 
 
-def replay(values: np.ndarray, calibrator: str = "conformal-pid", **params) -> tuple[Engine, object]:
+def replay(values: np.ndarray, calibrator: str = "conformal-pid", max_abs_value: float = 0.0,
+           **params) -> tuple[Engine, object]:
     engine = Engine.from_config(EngineConfig(
         horizon=H, models=["seasonal-naive"], freq="1h", calibrator=calibrator, calibrator_params=params,
-        model_params={"seasonal-naive": {"period": PERIOD}}))
+        model_params={"seasonal-naive": {"period": PERIOD}}, max_abs_value=max_abs_value))
     t = np.arange(values.size)
     result = engine.process(ObservationBatch(np.array(["s"] * values.size, dtype=object), T0 + t * HOUR, values))
     frame = result.forecasts.to_frame()
@@ -40,12 +45,16 @@ def replay(values: np.ndarray, calibrator: str = "conformal-pid", **params) -> t
     return engine, frame
 
 
-@pytest.mark.parametrize("big", [1e308, 1e20])
+@pytest.mark.parametrize("big, limit", [(1e308, 0.0), (1e20, 0.0), (1e14, None)])
 @pytest.mark.parametrize("name", list(CALIBRATORS))
-def test_one_huge_value_leaves_intervals_finite_and_they_recover_within_2h(name, big):
+def test_one_huge_value_leaves_intervals_finite_and_they_recover_within_2h(name, big, limit):
     values = series()
     values[SPIKE] = big
-    engine, f = replay(values, name, **PARAMS.get(name, {}))
+    kwargs = {} if limit is None else {"max_abs_value": limit}
+    if limit is None:  # the engine's default limit (1e15): 1e14 passes it
+        kwargs["max_abs_value"] = EngineConfig().max_abs_value
+    engine, f = replay(values, name, **kwargs, **PARAMS.get(name, {}))
+    assert engine.summary()["n_observations"] == N  # the value reached the models
     after = f[f["tick"] >= SPIKE]
     # No bound is ever NaN after the spike (NaN is "no interval" in Kafka); only ACI-type methods may say "unbounded".
     assert not after["lower"].isna().any() and not after["upper"].isna().any()

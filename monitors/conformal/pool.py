@@ -5,10 +5,10 @@ how wrong *this model* is h steps ahead, once their errors are put on a common s
 lane's calibrator (it never changes the calibrator's state) and, for every cell with fewer than ``n0`` residuals
 of its own, replaces the calibrator's interval with a blend:
 
-    offset = w * own + (1 - w) * pooled * scale_row,   w = n / n0
+    offset = w * own + (1 - w) * borrowed * scale_row,   w = n / n0
 
 where ``own`` are the cell's upper and lower offsets around the point forecast (none while ``n = 0``),
-``pooled`` is the median over the lane's *seasoned* cells at that horizon (``n >= n0``) of their offsets divided
+``borrowed`` is the median over the lane's *seasoned* cells at that horizon (``n >= n0``) of their offsets divided
 by their row's scale, and ``scale_row`` is the row's scale: an exponential mean of ``|y_t - y_{t-1}|`` over the
 values the row's model has learned (memory ``1 / scale_decay`` values; a running mean before that), so a series
 that appears late takes its scale from its own first window - the values its model needed before its first
@@ -16,10 +16,14 @@ forecast. A row with no value yet takes the median scale of the lane's rows. The
 scale because every row has it from its second value on, whatever the model; the residuals' own scale would
 need residuals.
 
-State: ``scale``, ``n`` and ``last`` per row (exported with the series, blanked with the row). The pooled offsets are
-lane-level but recomputed from the rows (the calibrator's cells and the rows' scales) whenever a young cell needs
-them: nothing shared to checkpoint, and a restored engine pools exactly as the original. That costs one pass over
-the lane's cells per round while some requested cell is young, none otherwise.
+**When the lane estimate is taken.** Once per row: the first time the row asks for an interval with a young cell
+(its first forecast, or the first after :meth:`Pool.restart`, which seeding calls), the lane's median is taken
+from the rows as they are and kept in the row's state (``borrowed``, per horizon, level and side; ``NaN`` where
+the lane had no seasoned cell then, e.g. for series that all start together). So nothing lane-level is
+checkpointed, a restored engine goes on exactly as the original, and a series' intervals never depend on how
+far the *other* series have got since it started (the batches a consumer happens to poll). What the lane looked
+like at that moment does depend on the order series arrived in: deterministic in a replay, and in ``serve`` for
+series that appear together; a late series joining a live stream borrows from the lane as it found it.
 
 >>> import numpy as np
 >>> from tidecast.monitors.conformal import make_calibrator
@@ -50,24 +54,30 @@ from tidecast.monitors.conformal.base import Calibrator
 
 
 class Pool(Params):
-    """Borrowed intervals for young cells; see the module docstring. ``n0 = 0`` turns pooling off."""
+    """Borrowed intervals for young cells; see the module docstring. ``n0 = 0`` turns pooling off; ``levels`` is the
+    number of ``alpha`` levels of the lane's calibrator."""
 
-    #: The pooled median is taken over at most this many seasoned rows (every k-th): 4 ms a round at 10,000 series
-    #: instead of 45 while some requested cell is young.
+    #: The lane median is taken over at most this many seasoned rows (every k-th): a row's first interval costs
+    #: about 3 ms at 10,000 series instead of 45.
     max_rows: int = 2048
 
     scale_ = Column("scale")  # exponential mean of |y_t - y_{t-1}|
     n_ = Column("n")  # values seen (for the running-mean start)
     last_ = Column("last")  # the last value learned
+    borrowed_ = Column("borrowed")  # (H, levels, 2): the lane's offsets / scale, taken at the row's first interval
+    taken_ = Column("taken")  # whether ``borrowed`` has been taken
 
-    def __init__(self, horizon: int, n0: int = 168, scale_decay: float = 0.005) -> None:
+    def __init__(self, horizon: int, n0: int = 168, scale_decay: float = 0.005, levels: int = 1) -> None:
         if n0 < 0:
             raise ValueError(f"n0 must be >= 0, got {n0}")
         self.horizon = horizon
         self.n0 = n0
         self.scale_decay = scale_decay
+        self.levels = levels
         self.table_ = RowTable(scale=Field((), np.float64, np.nan), n=Field((), np.int64, 0),
-                               last=Field((), np.float64, np.nan))
+                               last=Field((), np.float64, np.nan),
+                               borrowed=Field((horizon, levels, 2), np.float64, np.nan),
+                               taken=Field((), np.bool_, False))
 
     def resize(self, n_rows: int) -> None:
         self.table_.resize(n_rows)
@@ -95,6 +105,13 @@ class Pool(Params):
         """After a reset (a long gap) the next step is not a one-tick difference: do not learn from it."""
         self.last_[np.asarray(rows, dtype=np.intp)] = np.nan
 
+    def restart(self, rows: np.ndarray) -> None:
+        """The rows' calibrator cells started afresh (seeded): take the lane estimate again at their next interval."""
+        rows = np.asarray(rows, dtype=np.intp)
+        if rows.size:
+            self.resize(int(rows.max()) + 1)
+            self.table_.blank(rows, ("borrowed", "taken"))
+
     def scales(self, rows: np.ndarray) -> np.ndarray:
         """The rows' scales; the lane's median where a row has none (``NaN`` when no row has one)."""
         s = self.scale_[rows].copy()
@@ -108,7 +125,7 @@ class Pool(Params):
     # -- intervals ------------------------------------------------------------------------------------
     def interval(self, cal: Calibrator, rows: np.ndarray, means: np.ndarray, lower: np.ndarray,
                  upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The calibrator's ``(lower, upper)`` (n, H) for ``rows``, young cells blended with the pooled estimate."""
+        """The calibrator's ``(lower, upper)`` (n, H) for ``rows``, young cells blended with the lane estimate."""
         lo, hi = self.intervals(cal, rows, means, lower[..., None], upper[..., None])
         return lo[..., 0], hi[..., 0]
 
@@ -125,9 +142,12 @@ class Pool(Params):
         if not young.any():
             return lower, upper
         self.resize(int(rows.max()) + 1)
-        pooled = self.pooled(cal)  # (H, L, 2) in scale units, NaN where no seasoned cell
-        scale = self.scales(rows)[:, None, None, None]
-        borrowed = pooled[None] * scale  # (n, H, L, 2)
+        first = young.any(axis=1) & ~self.taken_[rows]
+        if first.any():  # the row's first interval with a young cell: take the lane estimate now, once
+            self.borrowed_[rows[first]] = self.pooled(cal)
+            self.taken_[rows[first]] = True
+        levels = lower.shape[-1]  # interval() asks for the first level only
+        borrowed = self.borrowed_[rows][:, :, :levels] * self.scales(rows)[:, None, None, None]  # (n, H, L, 2)
         w = np.minimum(counts / self.n0, 1.0)[:, :, None, None]
         mid = means[:, :, None]
         own = np.stack([upper - mid, mid - lower], axis=-1)
@@ -138,15 +158,15 @@ class Pool(Params):
         return np.where(pick, mid - blend[..., 1], lower), np.where(pick, mid + blend[..., 0], upper)
 
     def pooled(self, cal: Calibrator) -> np.ndarray:
-        """Median over the lane's seasoned cells, per horizon, level and side, of offset / row scale: (H, L, 2)."""
+        """The lane estimate now: median over the seasoned cells, per horizon, level and side, of offset / row
+        scale, (H, L, 2); ``NaN`` where no cell is seasoned."""
         n = min(self.table_.n_rows, cal.n_rows_)
         rows = np.arange(n)
         counts = cal.cell_counts(rows)
         scale = self.scale_[rows]
         seasoned = (counts >= self.n0) & (scale > 0)[:, None]
-        levels = np.atleast_1d(cal.alphas_).size
         if not seasoned.any():
-            return np.full((self.horizon, levels, 2), np.nan)
+            return np.full((self.horizon, self.levels, 2), np.nan)
         keep = np.flatnonzero(seasoned.any(axis=1))
         if keep.size > self.max_rows:  # every k-th seasoned row: the median of a sample of max_rows is as good
             keep = keep[:: -(-keep.size // self.max_rows)]
@@ -158,13 +178,14 @@ class Pool(Params):
 
     # -- state ----------------------------------------------------------------------------------------
     def export_rows(self, rows: np.ndarray) -> ArrayDict:
-        return self.table_.export_rows(rows)
+        state = self.table_.export_rows(rows)
+        state["taken"] = state["taken"].astype(np.uint8)
+        return state
 
     def import_rows(self, rows: np.ndarray, state: ArrayDict) -> None:
         rows = np.asarray(rows, dtype=np.intp)
-        if not state:  # saved before pooling existed: the rows start without a scale
+        if not state:  # saved before pooling existed: the rows start without a scale and have borrowed nothing
             self.resize(int(rows.max()) + 1 if rows.size else 0)
             self.table_.blank(rows)
             return
-        self.table_.import_rows(rows, state)
-
+        self.table_.import_rows(rows, {**state, "taken": np.asarray(state["taken"]).astype(bool)})
