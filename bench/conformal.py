@@ -302,6 +302,7 @@ class _Recorder(BatchForecaster):
 
     def __init__(self, model: BatchForecaster) -> None:
         self.model, self.name = model, model.name
+        self.couples_rows = model.couples_rows  # the lane pools (or not) as it would around the model itself
         self.forecasts: list[tuple[np.ndarray, np.ndarray]] = []
         self.calibrations: dict[int, Calibration] = {}
 
@@ -334,6 +335,7 @@ class _Replayer(BatchForecaster):
 
     def __init__(self, recorder: _Recorder, seeded: bool) -> None:
         self.recorder, self.seeded, self.name, self.calls = recorder, seeded, recorder.name, 0
+        self.couples_rows = recorder.couples_rows
 
     def resize(self, n_rows: int) -> None:
         pass

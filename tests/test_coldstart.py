@@ -3,7 +3,9 @@ pooled across the lane's series, and the hand-off between the two (models.base.C
 
 from __future__ import annotations
 
+import runpy
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -251,6 +253,16 @@ def test_lanes_pool_by_default_only_where_the_model_already_couples_its_series()
     cal = make_calibrator("conformal-pid", 4, 0.1)
     assert Lane(SeasonalNaive(period=6), cal, 4, 0.1).pool.n0 == 0
     assert Lane(CycleNetForecaster(horizon=4, lookback=8, warm_start=40), cal, 4, 0.1).pool.n0 > 0
+
+
+def test_coldstart_bench_replays_through_the_lane_the_engine_would_build():
+    # The bench records each model once and replays its forecasts through every method's lane; its default method
+    # must pool exactly where the engine does (a replay wrapper without ``couples_rows`` once pooled nothing).
+    bench = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "conformal.py"), run_name="bench")
+    cal = make_calibrator("conformal-pid", 4, 0.1)
+    for model in (SeasonalNaive(period=6), CycleNetForecaster(horizon=4, lookback=8, warm_start=40)):
+        replayer = bench["_Replayer"](bench["_Recorder"](model), seeded=True)
+        assert Lane(replayer, cal, 4, 0.1).pool.n0 == Lane(model, cal, 4, 0.1).pool.n0
 
 
 def test_cyclenet_lane_is_seeded_at_the_fit_and_late_series_from_their_first_window():
