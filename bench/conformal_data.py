@@ -188,3 +188,46 @@ def cyclenet_forecasts(y: np.ndarray, horizon: int) -> np.ndarray:
             f[t] = model.forecast_many(rows, horizon)[0]
     _CACHE[key] = f
     return f
+
+
+# -- coldstart ------------------------------------------------------------------------------------------
+@dataclass
+class Panel:
+    """Hourly series for the cold-start case: ``values[i, t]`` (NaN before series i appears at ``start[i]``)."""
+
+    values: np.ndarray  # (N, T)
+    start: np.ndarray  # (N,) first hour of each series
+    late: np.ndarray  # (N,) bool: appears after the models' warm start
+
+    @property
+    def ids(self) -> list[str]:
+        return [f"s{i:03d}" for i in range(self.values.shape[0])]
+
+
+def coldstart_panel(seed: int, n_series: int = 100, hours: int = 3000, late_from: int = 1100,
+                    late_to: int = 2200) -> Panel:
+    """``n_series`` synthetic hourly series: a random-walk level, daily and weekly cycles of random amplitude and
+    phase, AR(1) noise, each multiplied by a scale log-uniform in [0.1, 1000] (heterogeneous scales). The second
+    half appears late, at hours uniform in [``late_from``, ``late_to``] (after a warm start of 1,000 hours, and
+    early enough for 250 hours of forecasts after seasonal naive's 402-hour detection window)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(hours)
+    n_late = n_series // 2
+    out = np.empty((n_series, hours))
+    for i in range(n_series):
+        daily, weekly = rng.uniform(0.5, 2.0), rng.uniform(0.2, 1.0)
+        sigma, walk = rng.uniform(0.2, 0.6), rng.uniform(0.01, 0.1)
+        noise = np.empty(hours)
+        noise[0] = rng.normal(scale=sigma)
+        shocks = rng.normal(scale=sigma, size=hours)
+        for k in range(1, hours):
+            noise[k] = 0.5 * noise[k - 1] + shocks[k]
+        level = 10.0 + np.cumsum(rng.normal(scale=walk, size=hours))
+        shape = (level + daily * np.sin(2 * np.pi * (t / 24 + rng.uniform())) +
+                 weekly * np.sin(2 * np.pi * (t / 168 + rng.uniform())) + noise)
+        out[i] = 10 ** rng.uniform(-1, 3) * shape
+    start = np.zeros(n_series, dtype=np.int64)
+    late = np.arange(n_series) >= n_series - n_late
+    start[late] = rng.integers(late_from, late_to + 1, size=n_late)
+    out[np.arange(hours)[None, :] < start[:, None]] = np.nan
+    return Panel(out, start, late)

@@ -17,6 +17,13 @@ State is arrays + JSON: ``export_rows`` returns arrays whose first axis runs ove
 state can be cut out and moved, e.g. to another consumer), ``export_shared`` returns what all rows share
 (a backbone's weights). Neither contains Python objects.
 
+**Calibration hand-off.** A model that knows how wrong it is likely to be before it forecasts (a fit's validation
+windows, a backtest over the history it holds) hands that over as a :class:`Calibration`: residuals per (row,
+horizon) of data it was not trained on, taken only from data before the row's first forecast. The engine polls
+:meth:`BatchForecaster.pop_calibration` once per round, before it asks the calibrator for intervals, and seeds the
+rows' calibrator cells from them, so intervals are right from the first forecast. The hand-off is thread-safe
+(:class:`CalibrationQueue`): a fit that finishes on a trainer thread queues it, the engine's thread takes it.
+
 Parameters are the constructor's (scikit-learn's rule, river's mechanism): ``__init__`` stores each argument under its
 own name, fitted state ends in ``_``, and :class:`Params` derives ``get_params`` from the signature, so a model
 or calibrator can be rebuilt (``clone``) and its settings saved as JSON without a hand-written list.
@@ -25,12 +32,104 @@ or calibrator can be rebuilt (``clone``) and its settings saved as JSON without 
 from __future__ import annotations
 
 import inspect
+import threading
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, Protocol, Self, runtime_checkable
 
 import numpy as np
 
 ArrayDict = dict[str, np.ndarray]
+
+
+@dataclass
+class Calibration:
+    """Residuals a model hands to the engine for its calibrators (see the module docstring).
+
+    ``rows`` (n,) are table rows; ``residuals`` (n, T, H) float: ``residuals[i, t, h-1]`` is ``y - yhat`` of the
+    h-step forecast whose *target* is the t-th of the row's last T ticks before the hand-off (oldest first), as a
+    calibrator would have seen it mature at that tick; ``NaN`` where there is none. ``T`` may be 0 (nothing to
+    replay). Only data before the row's first forecast may enter (no look-ahead).
+
+    >>> c = Calibration(np.array([3]), np.zeros((1, 5, 2)))
+    >>> c.n_steps, c.horizon
+    (5, 2)
+    """
+
+    rows: np.ndarray
+    residuals: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.rows = np.asarray(self.rows, dtype=np.int64)
+        self.residuals = np.asarray(self.residuals, dtype=float)
+        if self.residuals.ndim != 3 or self.residuals.shape[0] != self.rows.size:
+            raise ValueError(f"residuals must be (rows, steps, horizon) with {self.rows.size} rows, got "
+                             f"{self.residuals.shape}")
+
+    @property
+    def n_steps(self) -> int:
+        return self.residuals.shape[1]
+
+    @property
+    def horizon(self) -> int:
+        return self.residuals.shape[2]
+
+    @staticmethod
+    def concat(parts: list[Calibration]) -> Calibration | None:
+        """One hand-off from several (longer time axes pad the shorter ones with leading NaN); a row in several
+        keeps its last. ``None`` for no parts."""
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        steps = max(p.n_steps for p in parts)
+        horizon = max(p.horizon for p in parts)
+        last: dict[int, tuple[int, int]] = {}
+        for k, p in enumerate(parts):
+            for i, row in enumerate(p.rows.tolist()):
+                last[row] = (k, i)
+        out = np.full((len(last), steps, horizon), np.nan)
+        for j, (k, i) in enumerate(last.values()):
+            r = parts[k].residuals[i]
+            out[j, steps - r.shape[0]:, : r.shape[1]] = r
+        return Calibration(np.array(list(last), dtype=np.int64), out)
+
+
+class CalibrationQueue:
+    """A thread-safe mailbox of :class:`Calibration` hand-offs: models ``put``, the engine ``pop``s them all.
+
+    A hand-off is not model state: one still queued when the model is exported is lost, and those rows'
+    calibrators start from what they have (pooled, see :mod:`tidecast.monitors.conformal.pool`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._parts: list[Calibration] = []
+
+    def put(self, calibration: Calibration) -> None:
+        if calibration.rows.size:
+            with self._lock:
+                self._parts.append(calibration)
+
+    def pop(self) -> Calibration | None:
+        if not self._parts:  # the common case, without the lock: a list's truth value is atomic
+            return None
+        with self._lock:
+            parts, self._parts = self._parts, []
+        return Calibration.concat(parts)
+
+    def discard(self, rows: np.ndarray) -> None:
+        """Forget what is queued for ``rows`` (their series left; the rows will serve others)."""
+        with self._lock:
+            kept = []
+            for part in self._parts:
+                keep = ~np.isin(part.rows, rows)
+                if keep.any():
+                    kept.append(Calibration(part.rows[keep], part.residuals[keep]))
+            self._parts = kept
+
+    def clear(self) -> None:
+        with self._lock:
+            self._parts = []
 
 
 def _plain(value: Any) -> Any:
@@ -104,10 +203,17 @@ class BatchForecaster(Params, ABC):
       forecast for tick ``last_tick + h``. ``NaN`` means "not ready yet" (warm-up) and no interval is emitted.
     * ``maintenance(budget_seconds)`` does deferred heavy work (fitting, replay training) and must return within
       roughly the budget; the engine calls it between batches, ``serve`` from a worker thread.
+    * ``pop_calibration(horizon)`` returns residuals for the calibrators of rows about to forecast (or that just
+      started), at most once per row and fit, or ``None``; see the module docstring. Models without any return
+      ``None``.
     """
 
     #: Registry name, e.g. ``"seasonal-naive"``; used in metrics labels and forecast records.
     name: str = "model"
+    #: Whether the rows share learned state (CycleNet's backbone), so that one series' forecasts already depend on
+    #: the others'. The engine pools young calibrator cells across series only for such models by default: a
+    #: model of independent rows keeps each series' forecasts and intervals a function of that series alone.
+    couples_rows: bool = False
 
     @abstractmethod
     def resize(self, n_rows: int) -> None:
@@ -131,6 +237,11 @@ class BatchForecaster(Params, ABC):
 
     def maintenance(self, budget_seconds: float) -> None:  # noqa: B027 - optional hook
         """Deferred heavy work; the default model has none."""
+
+    def pop_calibration(self, horizon: int) -> Calibration | None:
+        """Residuals of the 1..``horizon``-step forecasts to seed the calibrators with, queued since the last call
+        (thread-safe); ``None``: none."""
+        return None
 
     @abstractmethod
     def export_rows(self, rows: np.ndarray) -> ArrayDict:

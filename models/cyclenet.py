@@ -16,6 +16,17 @@ of series:
   ``lookback`` rows of context) drive early stopping. W is ``cycle`` or, when ``cycle`` is None, detected on
   the training part with :func:`detect_cycle`. Series that appear after the fit join as soon as they have one
   full window (``lookback + horizon`` observations); their ``Q`` column starts at zero and is learned online.
+* **Calibration hand-off.** When the fit is installed, the fitted network's residuals on the validation part go
+  to the engine (:meth:`pop_calibration`) to seed the rows' calibrators, so intervals are right from the first
+  forecast. Early stopping picked its epoch on those windows, which makes them look optimistic;
+  ``calib_holdout`` keeps the last share of them out of early stopping and seeds from that share only. The
+  default is 0 (early stopping sees all of them, the fit is the paper's recipe unchanged): on the cold-start
+  panel the hold-out made no difference beyond noise (``bench/conformal.py --case coldstart``: early coverage
+  0.896-0.916 from the early-stopping windows, 0.896-0.913 from a held-out half), because the model goes on
+  learning online after the fit, so its live errors are no larger than its validation errors. A series that
+  joins after the fit hands over a backtest of the serving network over the history it joined with (its ``Q``
+  column still zero, as in its first live forecasts): ``lookback + horizon - h`` residuals at horizon h for a
+  series that joins with exactly one window.
 * **Online learning (experience replay).** Each completed (input, target) window of a served row joins the
   replay buffer, which holds the newest ``replay_window`` windows of every row (older ones leave it). Every
   ``replay_every`` learning rounds, ``replay_steps`` Adam steps are taken on mini-batches of ``replay_batch``
@@ -33,6 +44,14 @@ of series:
   its optimiser) outside the lock, and only the copy of its parameters into the serving network, like every
   read or write of the row tables, happens under a short lock. The warm-start fit trains a network of its own
   and swaps it in when done.
+* **Outliers.** One absurd value (``1e300``) must neither stop the forecasts of its series nor reach the shared
+  backbone. Each window is read in units of its row's scaler; a value further than ``input_limit`` of those units
+  from the window's median is replaced by that median before the network sees it (forecasts and replay alike):
+  a spike, not a level shift, which moves the median too. Replay steps then weigh each window by its own loss:
+  a window whose loss is not finite or exceeds ``loss_limit`` times the running mean window loss is left out of
+  the step and counted (``skipped_windows_``); a batch with nothing left takes no step. The warm-start fit skips
+  any step whose loss is not finite. An outlier *inside* a series' warm-start history still spoils that
+  series' scaler (mean and standard deviation); it is the others' forecasts that stay intact.
 * **State** is arrays + JSON (no pickle): :meth:`export_rows` gives each row's history ring, scaler, ``Q``
   column and its Adam moments (the history ring is also the replay buffer); :meth:`export_shared` the
   backbone, its Adam state, the current replay pass and the RNG. Restoring both and replaying the same inputs
@@ -60,7 +79,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tidecast.models.base import ArrayDict, BatchForecaster
+from tidecast.models.base import ArrayDict, BatchForecaster, Calibration, CalibrationQueue
 from tidecast.models.cyclenet_net import DEFAULT_LR, BatchFit, CycleNet, Windows, make_adam
 from tidecast.models.cyclenet_net import build as build_net
 from tidecast.models.rows import Column, Field, RowTable
@@ -112,7 +131,11 @@ class CycleNetForecaster(BatchForecaster):
     warm_start
         Observations a row needs before the first fit (the group is fitted on every row that has them).
     val_fraction
-        Share of the warm-start observations held out for early stopping (0: no early stopping).
+        Share of the warm-start observations held out for validation (0: no early stopping).
+    calib_holdout
+        Share of the validation observations (the last ones) kept out of early stopping; the fitted network's
+        residuals there seed the calibrators (0, the default: early stopping uses all of them, and the seeds are
+        the residuals of its windows).
     lr, epochs, patience, batch_size
         The batch recipe; ``lr=None`` takes the paper's (0.01 Linear, 0.005 MLP).
     shuffled_val
@@ -139,6 +162,12 @@ class CycleNetForecaster(BatchForecaster):
         :meth:`maintenance` is called from another thread than :meth:`learn_many` (None).
     max_cycle
         Longest cycle :func:`detect_cycle` considers.
+    input_limit
+        A value further than this many scaler units from its window's median is an outlier: the network sees the
+        median instead (``None``: off).
+    loss_limit
+        A replay window whose loss exceeds this multiple of the running mean window loss (or is not finite) is
+        left out of the step and counted in ``skipped_windows_`` (``None``: only non-finite ones).
     seed
         Seeds the initial weights and every shuffle.
 
@@ -148,6 +177,7 @@ class CycleNetForecaster(BatchForecaster):
     """
 
     name = "cyclenet"
+    couples_rows = True  # one backbone for every row
 
     # Per-row state, in the row table ``_rows`` (see :meth:`_alloc`).
     _hist = Column("history", table="_rows")  # ring of the last ``_ring`` values
@@ -168,6 +198,7 @@ class CycleNetForecaster(BatchForecaster):
         instance_norm: bool = True,
         warm_start: int = 2000,
         val_fraction: float = 0.25,
+        calib_holdout: float = 0.0,
         lr: float | None = None,
         epochs: int = 30,
         patience: int = 5,
@@ -183,23 +214,27 @@ class CycleNetForecaster(BatchForecaster):
         step_budget: float = 0.02,
         defer: bool | None = None,
         max_cycle: int = 400,
+        input_limit: float | None = 100.0,
+        loss_limit: float | None = 100.0,
         seed: int = 0,
     ) -> None:
         self.horizon, self.lookback, self.cycle = horizon, lookback, cycle
         self.backbone, self.hidden, self.instance_norm = backbone, hidden, instance_norm
-        self.warm_start, self.val_fraction = warm_start, val_fraction
+        self.warm_start, self.val_fraction, self.calib_holdout = warm_start, val_fraction, calib_holdout
         self.lr, self.epochs, self.patience, self.batch_size = lr, epochs, patience, batch_size
         self.shuffled_val = shuffled_val
         self.online, self.online_lr, self.online_cycle_lr = online, online_lr, online_cycle_lr
         self.replay_window, self.replay_every = replay_window, replay_every
         self.replay_steps, self.replay_batch, self.step_budget = replay_steps, replay_batch, step_budget
         self.defer, self.max_cycle, self.seed = defer, max_cycle, seed
+        self.input_limit, self.loss_limit = input_limit, loss_limit
         self._check_params()
         self._lock = threading.RLock()  # row tables, replay order, serving weights
         self._train_lock = threading.Lock()  # the training copy and its optimiser
         self._deferred = bool(defer)
         self._learn_thread: int | None = None
         self._job: dict[str, Any] | None = None
+        self._calibrations = CalibrationQueue()  # residuals for the engine's calibrators (not state)
         self._reset_model()
         self._alloc(0)
 
@@ -216,6 +251,11 @@ class CycleNetForecaster(BatchForecaster):
                              f"{self._window} training observations")
         if n_val and n_val < self.horizon:
             raise ValueError(f"the validation part ({n_val} observations) is shorter than the horizon")
+        if not 0.0 <= self.calib_holdout < 1.0:
+            raise ValueError("calib_holdout must be in [0, 1)")
+        if n_val and n_val - self._n_hold() < self.horizon:
+            raise ValueError(f"calib_holdout={self.calib_holdout} leaves early stopping fewer observations "
+                             f"({n_val - self._n_hold()}) than the horizon")
         if self.cycle is not None and self.cycle < 1:
             raise ValueError("cycle must be >= 1")
         if self.replay_window < 1 or self.replay_every < 1 or self.replay_batch < 1:
@@ -223,6 +263,10 @@ class CycleNetForecaster(BatchForecaster):
 
     def _n_val(self) -> int:
         return int(round(self.warm_start * self.val_fraction))
+
+    def _n_hold(self) -> int:
+        """Validation observations kept out of early stopping (the calibration part)."""
+        return int(round(self._n_val() * self.calib_holdout))
 
     @property
     def _window(self) -> int:
@@ -239,6 +283,8 @@ class CycleNetForecaster(BatchForecaster):
         self._trainer: CycleNet | None = None
         self._opt: torch.optim.Adam | None = None
         self._rng = np.random.default_rng(self.seed)
+        self.loss_ema_ = math.nan  # running mean loss of the windows replay steps learned from
+        self.skipped_windows_ = 0  # replay windows left out of a step (loss not finite or beyond loss_limit)
         self._rounds = 0
         self._due = 0
         # one reshuffled pass over the replay windows: slots -> (row, last tick)
@@ -303,6 +349,16 @@ class CycleNetForecaster(BatchForecaster):
         next pass is drawn from the rows present then). Their per-row state is overwritten by the engine."""
         with self._lock:
             self._cursor = self._perm.size
+        self._calibrations.discard(rows)
+
+    def pop_calibration(self, horizon: int) -> Calibration | None:
+        handed = self._calibrations.pop()
+        if handed is None or horizon == self.horizon:
+            return handed
+        residuals = np.full((handed.rows.size, handed.n_steps, horizon), np.nan)  # beyond H the model is NaN
+        k = min(horizon, self.horizon)
+        residuals[..., :k] = handed.residuals[..., :k]
+        return Calibration(handed.rows, residuals)
 
     def _last(self, rows: np.ndarray, n: int) -> np.ndarray:
         """The last ``n`` values of each row, oldest first (n <= ring size)."""
@@ -344,17 +400,47 @@ class CycleNetForecaster(BatchForecaster):
             self._work(math.inf, self.step_budget)
 
     def _join(self, rows: np.ndarray) -> None:
-        """Serve rows that arrived after the fit: scaler from their history, ``Q`` column from zero."""
+        """Serve rows that arrived after the fit: scaler from their history, ``Q`` column from zero; a backtest of
+        the serving network over that history seeds their calibrators."""
         for r in rows:
             hist = self._last(np.array([r]), int(min(self._seen[r], self._ring)))[0]
             self._mean[r], self._scale[r] = hist.mean(), _safe_std(hist)
+            std = ((hist - self._mean[r]) / self._scale[r])[:, None]
+            residuals = self._backtest(self.net_, std, self._last_tick[r : r + 1], np.array([r]), self.lookback)
+            self._calibrations.put(Calibration(np.array([r]), residuals * self._scale[r]))
         self._ready[rows] = True
+
+    def _backtest(self, net: CycleNet, std: np.ndarray, last: np.ndarray, cols: np.ndarray,
+                  first_target: int) -> np.ndarray:
+        """Residuals (C, T - first_target, H), in scaler units, of ``net``'s forecasts over the columns of ``std``
+        (T, C; column c ends at tick ``last[c]``, uses ``Q`` column ``cols[c]``), for the targets from index
+        ``first_target`` on, laid out as :class:`~tidecast.models.base.Calibration` residuals."""
+        t_len, n_cols = std.shape
+        lb, hz = self.lookback, self.horizon
+        out = np.full((n_cols, t_len - first_target, hz), np.nan)
+        origins = np.arange(max(first_target - hz, lb - 1), t_len - 1)
+        if origins.size == 0 or net is None:
+            return out
+        idx = origins[:, None] - lb + 1 + np.arange(lb)[None, :]  # (O, L)
+        windows = std.T[:, idx].reshape(-1, lb)  # (C * O, L), column-major
+        x = torch.from_numpy(self._sanitise(windows).astype(np.float32))[:, :, None]
+        start = last[:, None] - t_len + 1 + idx[None, :, 0]  # (C, O): tick of each window's first step
+        phase = torch.from_numpy((start % self.cycle_).reshape(-1))
+        col = torch.from_numpy(np.repeat(cols, origins.size))[:, None]
+        with torch.inference_mode():
+            pred = np.concatenate([net(x[i : i + 4096], phase[i : i + 4096], col[i : i + 4096])[:, :, 0].numpy()
+                                   for i in range(0, x.shape[0], 4096)]).reshape(n_cols, origins.size, hz)
+        for h in range(1, hz + 1):
+            target = origins + h
+            ok = (target >= first_target) & (target < t_len)
+            out[:, target[ok] - first_target, h - 1] = std[target[ok]].T - pred[:, ok, h - 1]
+        return out
 
     # -- the warm-start fit -----------------------------------------------------------------------------
 
     def _start_fit(self) -> dict[str, Any]:
         """Snapshot the warm rows and set up the batch recipe on them (called under the lock)."""
-        n, n_val = self.warm_start, self._n_val()
+        n, n_val, n_hold = self.warm_start, self._n_val(), self._n_hold()
         cohort = np.flatnonzero(self._seen[: self.n_rows_] >= n)
         values = self._last(cohort, n).T  # (n, C), oldest first
         n_train = n - n_val
@@ -367,21 +453,23 @@ class CycleNetForecaster(BatchForecaster):
         lb, h = self.lookback, self.horizon
         # a step sees batch_size windows of every series, as in the paper, up to MAX_BATCH_WINDOWS in all
         origins = max(1, min(self.batch_size, MAX_BATCH_WINDOWS // cohort.size))
+        es_end = n - n_hold  # early stopping sees targets before the calibration part only
         if aligned:  # the paper's layout: all series of a window in one sample
             train = Windows.contiguous(std[:n_train], ticks[:n_train], cycle, lb, h)
             val = None
             if n_val:
-                val = Windows.contiguous(std[n_train - lb :], ticks[n_train - lb :], cycle, lb, h)
+                val = Windows.contiguous(std[n_train - lb : es_end], ticks[n_train - lb : es_end], cycle, lb, h)
             batch = origins
         else:  # series on different clocks: one-series samples, as many series-windows per batch
             train = _single_windows(std[:n_train], last - n_val, cycle, lb, h)
-            val = _single_windows(std[n_train - lb :], last, cycle, lb, h) if n_val else None
+            val = _single_windows(std[n_train - lb : es_end], last - n_hold, cycle, lb, h) if n_val else None
             batch = origins * cohort.size
         net = build_net(lb, h, cycle, cohort.size, self.backbone, self.hidden, self.instance_norm, self.seed)
         lr = self.lr if self.lr is not None else DEFAULT_LR[self.backbone]
         fit = BatchFit(net, train, val, lr=lr, epochs=self.epochs, patience=self.patience, batch_size=batch,
                        seed=self.seed, shuffled_val=self.shuffled_val)
-        return {"fit": fit, "net": net, "rows": cohort, "mean": mean, "scale": scale, "cycle": cycle}
+        return {"fit": fit, "net": net, "rows": cohort, "mean": mean, "scale": scale, "cycle": cycle, "std": std,
+                "last": last, "calib_from": n - (n_hold or n_val)}
 
     def _install(self, job: dict[str, Any]) -> None:
         """Swap the fitted network in: its backbone, and its ``Q`` columns into the rows' columns."""
@@ -400,6 +488,10 @@ class CycleNetForecaster(BatchForecaster):
             self.net_ = net
             self.fit_report_ = {**job["fit"].report, "cycle": job["cycle"], "rows": int(rows.size)}
             self._new_trainer()
+            if job["calib_from"] < self.warm_start:  # the held-out validation residuals seed the calibrators
+                cols = np.arange(rows.size)
+                residuals = self._backtest(fitted, job["std"], job["last"], cols, job["calib_from"])
+                self._calibrations.put(Calibration(rows, residuals * job["scale"][:, None, None]))
             late = np.flatnonzero(~self._ready[: self.n_rows_] & (self._seen[: self.n_rows_] >= self._window))
             self._join(late)
             self._job = None
@@ -451,7 +543,25 @@ class CycleNetForecaster(BatchForecaster):
         if batch is None:
             return
         x, y, phase, cols = batch
-        loss = torch.mean((self._trainer(x, phase, cols) - y) ** 2)
+        # A non-finite value would leak NaN into every gradient (0 x inf), so such windows never enter the graph.
+        finite = (torch.isfinite(x).all(dim=2).all(dim=1) & torch.isfinite(y).all(dim=2).all(dim=1))
+        if not bool(finite.all()):
+            self.skipped_windows_ += int((~finite).sum())
+            x, y, phase, cols = x[finite], y[finite], phase[finite], cols[finite]
+            if x.shape[0] == 0:
+                return
+        squared = (self._trainer(x, phase, cols) - y) ** 2
+        losses = squared.detach().mean(dim=(1, 2)).numpy()
+        keep = self._admit(losses)
+        if not keep.any():
+            return
+        chosen = torch.from_numpy(keep)
+        if keep.all():
+            loss = torch.mean(squared)
+        elif np.isfinite(losses).all():
+            loss = torch.mean(squared[chosen])
+        else:  # an overflow inside the network: redo the forward without those windows (their graph holds NaN)
+            loss = torch.mean((self._trainer(x[chosen], phase[chosen], cols[chosen]) - y[chosen]) ** 2)
         self._opt.zero_grad(set_to_none=True)
         loss.backward()
         self._opt.step()
@@ -461,6 +571,41 @@ class CycleNetForecaster(BatchForecaster):
                     dst.copy_(src)
                 else:  # the serving Q grew meanwhile: its new columns are still zero
                     dst[:, : src.shape[1]] = src
+
+    #: Rate of the running mean window loss (memory ~ 100 replay steps).
+    _loss_rate = 0.01
+
+    def _admit(self, losses: np.ndarray) -> np.ndarray:
+        """Which windows a replay step may learn from: finite losses within ``loss_limit`` x the running mean
+        (the batch's median before there is one, which one outlier cannot move). Counts the others and moves
+        the running mean with the admitted ones."""
+        keep = np.isfinite(losses)
+        if not keep.any():
+            self.skipped_windows_ += losses.size
+            return keep
+        reference = self.loss_ema_ if np.isfinite(self.loss_ema_) else float(np.median(losses[keep]))
+        if self.loss_limit is not None:
+            keep &= losses <= self.loss_limit * max(reference, 1e-12)
+        self.skipped_windows_ += int(losses.size - keep.sum())
+        if keep.any():
+            admitted = float(losses[keep].mean())
+            self.loss_ema_ = (admitted if not np.isfinite(self.loss_ema_)
+                              else self.loss_ema_ + self._loss_rate * (admitted - self.loss_ema_))
+        return keep
+
+    def _sanitise(self, z: np.ndarray) -> np.ndarray:
+        """Windows ``z`` (n, w) in scaler units with outliers (beyond ``input_limit`` from the window's median)
+        replaced by that median; the same array when there is none (the common case costs two reductions)."""
+        if self.input_limit is None or z.size == 0:
+            return z
+        suspect = np.flatnonzero(z.max(axis=1) - z.min(axis=1) > self.input_limit)
+        if suspect.size == 0:
+            return z
+        z = z.copy()
+        part = z[suspect]
+        med = np.median(part, axis=1, keepdims=True)
+        z[suspect] = np.where(np.abs(part - med) > self.input_limit, med, part)
+        return z
 
     def _reshuffle(self) -> None:
         """Start a pass: a random order of every window now in the buffer (row, last tick)."""
@@ -493,7 +638,7 @@ class CycleNetForecaster(BatchForecaster):
             return None
         w = self._window
         idx = (self._pos[rows, None] - age[:, None] - w + np.arange(w)) % self._ring
-        values = (self._hist[rows[:, None], idx] - self._mean[rows, None]) / self._scale[rows, None]
+        values = self._sanitise((self._hist[rows[:, None], idx] - self._mean[rows, None]) / self._scale[rows, None])
         values = torch.from_numpy(values.astype(np.float32))[:, :, None]
         phase = torch.from_numpy((self._last_tick[rows] - age - w + 1) % self.cycle_)
         return values[:, : self.lookback], values[:, self.lookback :], phase, torch.from_numpy(rows)[:, None]
@@ -527,7 +672,7 @@ class CycleNetForecaster(BatchForecaster):
             if r.size == 0:
                 return out
             mean, scale = self._mean[r, None], self._scale[r, None]
-            x = torch.from_numpy(((self._last(r, self.lookback) - mean) / scale).astype(np.float32))
+            x = torch.from_numpy(self._sanitise((self._last(r, self.lookback) - mean) / scale).astype(np.float32))
             phase = torch.from_numpy((self._last_tick[r] - self.lookback + 1) % self.cycle_)
             with torch.inference_mode():
                 y = self.net_(x[:, :, None], phase, torch.from_numpy(r)[:, None])[:, :, 0].numpy()
@@ -601,6 +746,8 @@ class CycleNetForecaster(BatchForecaster):
                 "cursor": self._cursor,
                 "rng": self._rng.bit_generator.state,
                 "perm_rng": self._perm_rng,
+                "loss_ema": self.loss_ema_ if np.isfinite(self.loss_ema_) else None,
+                "skipped_windows": self.skipped_windows_,
                 "fit_report": self.fit_report_,
             }
             # the pass's permutation is redrawn on import from the RNG state that drew it: O(rows), not O(windows)
@@ -631,6 +778,9 @@ class CycleNetForecaster(BatchForecaster):
             self._rounds, self._due, self._cursor = int(meta["rounds"]), int(meta["due"]), int(meta["cursor"])
             self._rng.bit_generator.state = meta["rng"]
             self.fit_report_ = meta.get("fit_report", {})
+            loss_ema = meta.get("loss_ema")  # absent in state saved before the loss filter: start afresh
+            self.loss_ema_ = math.nan if loss_ema is None else float(loss_ema)
+            self.skipped_windows_ = int(meta.get("skipped_windows", 0))
             self._perm_rng = meta.get("perm_rng")
             self._perm_rows = np.asarray(arrays["replay_rows"], dtype=np.int64).copy()
             self._perm_cum = np.asarray(arrays["replay_cum"], dtype=np.int64).copy()

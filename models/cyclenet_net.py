@@ -319,13 +319,17 @@ class BatchFit:
             for idx in self._epoch_batches():
                 x, y, phase, cols = self.train.batch(idx, net.lookback, net.horizon)
                 loss = torch.mean((net(x, phase, cols) - y) ** 2)
+                if not torch.isfinite(loss):  # shared weights never step on a non-finite loss
+                    self.report["skipped_steps"] = self.report.get("skipped_steps", 0) + 1
+                    yield
+                    continue
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
                 losses.append(loss.item())
                 yield
             net.eval()
-            self.report["train_mse"].append(float(np.mean(losses)))
+            self.report["train_mse"].append(float(np.mean(losses)) if losses else None)
             self.report["epochs"] = epoch
             if self.val is not None and len(self.val):
                 val_mse = self._val_mse()

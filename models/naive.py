@@ -5,6 +5,15 @@ detected per series (:func:`tidecast.models.seasonality.detect_period`) once ``d
 seen; a series without a detectable cycle uses P = 1 (repeat the last value). Fully vectorised: one ring buffer
 row per series, one gather per forecast call.
 
+**Calibration.** When a row's cycle is detected it starts forecasting; the detection window it holds is also a
+backtest: the residuals seasonal naive would have made there (:func:`seasonal_backtest`) go to the engine as a
+:class:`~tidecast.models.base.Calibration`, so the row's calibrator cells start from ``detect_after - P ceil(h/P)``
+residuals each instead of none. With a configured period the ring holds one cycle only: nothing to backtest.
+
+**Outliers.** Seasonal naive repeats whatever it saw one cycle earlier, an absurd value included: a ``1e20``
+comes back once as a forecast one cycle later (and its residual is absurd too), then leaves the ring. The
+calibrators clip both residuals (:mod:`tidecast.monitors.conformal.base`).
+
 >>> import numpy as np
 >>> m = SeasonalNaive(period=3)
 >>> m.resize(1)
@@ -20,9 +29,11 @@ ValueError: period = 0: a whole number of ticks from 1 to 100000, or None to det
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
-from tidecast.models.base import ArrayDict, BatchForecaster
+from tidecast.models.base import ArrayDict, BatchForecaster, Calibration
 from tidecast.models.rows import Column, Field, RowTable
 from tidecast.models.seasonality import detect_period
 
@@ -45,6 +56,25 @@ def check_ticks(name: str, value: int | None, low: int = 1, optional: bool = Fal
     require(ok, name, value, f"a whole number of ticks from {low} to {MAX_PERIOD}"
                              + (", or None to detect it" if optional and name == "period" else
                                 ", or None for the default" if optional else ""))
+
+
+def seasonal_backtest(history: np.ndarray, period: np.ndarray, horizon: int) -> np.ndarray:
+    """Residuals of seasonal naive (``yhat[t] = y[t - P ceil(h / P)]``) over each row of ``history`` (n, T),
+    laid out as :class:`Calibration` residuals (n, T, horizon): ``out[i, t, h-1] = y[t] - y[t - P ceil(h/P)]``,
+    ``NaN`` where the source lies before the history or is not finite.
+
+    >>> seasonal_backtest(np.array([[1.0, 2.0, 4.0, 7.0]]), np.array([1]), 2)[0].tolist()
+    [[nan, nan], [1.0, nan], [2.0, 3.0], [3.0, 5.0]]
+    """
+    history = np.asarray(history, dtype=float)
+    n, t = history.shape
+    period = np.maximum(np.asarray(period, dtype=np.int64), 1)[:, None]
+    h = np.arange(1, horizon + 1)[None, :]
+    back = period * ((h + period - 1) // period)  # (n, H)
+    src = np.arange(t)[None, :, None] - back[:, None, :]  # (n, T, H)
+    values = np.take_along_axis(history[:, :, None], np.clip(src, 0, t - 1), axis=1) if t else history[:, :, None]
+    with np.errstate(invalid="ignore"):
+        return np.where(src >= 0, history[:, :, None] - values, np.nan)
 
 
 class SeasonalNaive(BatchForecaster):
@@ -70,6 +100,8 @@ class SeasonalNaive(BatchForecaster):
             last_tick=Field((), np.int64, 0),
             period=Field((), np.int64, period or 0),
         )
+        self._lock = threading.Lock()
+        self._detected: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (rows, window, period) to hand off
 
     def resize(self, n_rows: int) -> None:
         self.table_.resize(n_rows)
@@ -81,13 +113,25 @@ class SeasonalNaive(BatchForecaster):
         self.last_tick_[rows] = ticks
         self.count_[rows] += 1
         if self.period is None:
-            for row in rows[(self.period_[rows] == 0) & (self.count_[rows] >= self.detect_after)]:
-                self.period_[row] = self._detect(row)
+            found = rows[(self.period_[rows] == 0) & (self.count_[rows] >= self.detect_after)]
+            for row in found:
+                self.period_[row] = detect_period(self._window(np.array([row]))[0], self.max_period) or 1
+            if found.size:  # the detection window, backtested when the engine asks, seeds the rows' calibrators
+                with self._lock:
+                    self._detected.append((found, self._window(found), self.period_[found].copy()))
 
-    def _detect(self, row: int) -> int:
-        ticks = np.arange(self.last_tick_[row] - self.detect_after + 1, self.last_tick_[row] + 1)
-        history = self.buffer_[row, ticks % self.buffer_len]
-        return detect_period(history, self.max_period) or 1
+    def _window(self, rows: np.ndarray) -> np.ndarray:
+        """The detection window of ``rows`` (n, detect_after), oldest first."""
+        ticks = self.last_tick_[rows][:, None] + np.arange(1 - self.detect_after, 1)[None, :]
+        return self.buffer_[rows[:, None], ticks % self.buffer_len]
+
+    def pop_calibration(self, horizon: int) -> Calibration | None:
+        if not self._detected:
+            return None
+        with self._lock:
+            detected, self._detected = self._detected, []
+        return Calibration.concat([Calibration(rows, seasonal_backtest(window, period, horizon))
+                                   for rows, window, period in detected])
 
     def forecast_many(self, rows: np.ndarray, horizon: int) -> np.ndarray:
         period = self.period_[rows][:, None]
@@ -101,6 +145,11 @@ class SeasonalNaive(BatchForecaster):
     def reset_rows(self, rows: np.ndarray) -> None:
         # A known period is kept: the clock-based grid keeps it aligned.
         self.table_.blank(rows, ("buffer", "count"))
+
+    def drop_rows(self, rows: np.ndarray) -> None:
+        with self._lock:  # a hand-off still waiting would seed the rows' next series
+            self._detected = [(r[keep], w[keep], p[keep]) for r, w, p in self._detected
+                              if (keep := ~np.isin(r, rows)).any()]
 
     def export_rows(self, rows: np.ndarray) -> ArrayDict:
         return self.table_.export_rows(rows)

@@ -18,6 +18,12 @@ per level, and the summary holds each level's coverage, width and interval score
 coverage in percent, ``"80"``, ``"95"``); the top-level ``coverage``/``mean_width``/``interval_score`` are the first
 level's.
 
+Every number stays finite, so a summary is always strict JSON. An infinite interval (ACI's answer after a run of
+misses) covers, and is counted in ``n_infinite_interval``; ``mean_width`` and ``interval_score`` are means over
+the steps with a *finite* interval (an infinite width would make both infinite for the rest of the run). Errors
+enter the sums clipped to ``+-MAX_ERROR`` (1e100), so one absurd value (``1e308``) cannot turn MAE and RMSE into
+``inf`` for good; it still dominates them, as it should.
+
 >>> import numpy as np
 >>> s = PrequentialScorer(horizon=1, alpha=0.1)
 >>> s.resize(1)
@@ -58,6 +64,9 @@ def level_name(alpha: float) -> str:
     """The coverage level of a miscoverage ``alpha``, in percent, as text: ``0.1 -> "90"``, ``0.025 -> "97.5"``."""
     return f"{round(100.0 * (1.0 - float(alpha)), 9):g}"
 
+#: Errors and interval-score penalties enter the sums clipped to this magnitude (their squares stay finite).
+MAX_ERROR = 1e100
+
 
 class PrequentialScorer:
     """Per-(row, horizon) running sums plus run-wide rolling coverage and width per level and horizon.
@@ -68,6 +77,7 @@ class PrequentialScorer:
 
     sums_ = Column("sums")  # (rows, statistic, horizon), statistics as in names_
     no_interval_ = Column("no_interval")  # (rows, horizon): scored steps that had no interval
+    infinite_ = Column("infinite")  # (rows, horizon): scored steps whose interval was infinite
 
     def __init__(self, horizon: int, alpha: float | Sequence[float], window: int = 1000) -> None:
         self.horizon = horizon
@@ -77,7 +87,8 @@ class PrequentialScorer:
         self.levels_ = [level_name(a) for a in self.alphas_]
         self.names_ = (*_POINT, *(f"{stat}@{lv}" for lv in self.levels_ for stat in _PER_LEVEL), "issued")
         self.table_ = RowTable(sums=Field((len(self.names_), horizon), np.float64, 0.0),
-                               no_interval=Field((horizon,), np.float64, 0.0))
+                               no_interval=Field((horizon,), np.float64, 0.0),
+                               infinite=Field((horizon,), np.float64, 0.0))
         # Rolling (exponentially weighted, ~``window`` scored forecasts) coverage and width per level and horizon.
         self.rolling_coverage_ = np.full((self.alphas_.size, horizon), np.nan)
         self.rolling_width_ = np.full((self.alphas_.size, horizon), np.nan)
@@ -103,14 +114,17 @@ class PrequentialScorer:
         lower = lower.reshape(*mask.shape, n_levels)
         upper = upper.reshape(*mask.shape, n_levels)
         yy = y[:, None]
-        err = np.where(mask, yy - mean, 0.0)
         y3, m3 = yy[..., None], mask[..., None]
-        has = m3 & ~np.isnan(lower) & ~np.isnan(upper)  # (n, H, L)
-        covered = has & (lower <= y3) & (y3 <= upper)
-        with np.errstate(invalid="ignore"):  # unmatured cells and steps without an interval hold NaN: masked
-            width = np.where(has, upper - lower, 0.0)
-            penalty = (2.0 / self.alphas_) * (np.maximum(lower - y3, 0.0) + np.maximum(y3 - upper, 0.0))
-            score = np.where(has, width + penalty, 0.0)
+        with np.errstate(invalid="ignore", over="ignore"):  # unmatured cells and steps without an interval: masked
+            err = np.clip(np.where(mask, yy - mean, 0.0), -MAX_ERROR, MAX_ERROR)
+            has = m3 & ~np.isnan(lower) & ~np.isnan(upper)  # (n, H, L)
+            covered = has & (lower <= y3) & (y3 <= upper)
+            raw_width = upper - lower
+            finite = has & np.isfinite(raw_width)
+            width = np.where(finite, raw_width, 0.0)
+            miss = np.maximum(lower - y3, 0.0) + np.maximum(y3 - upper, 0.0)
+            penalty = (2.0 / self.alphas_) * np.minimum(miss, MAX_ERROR)
+            score = np.where(finite, width + penalty, 0.0)
         block = np.empty((len(rows), len(self.names_) - 1, self.horizon))  # every sum but "issued"
         block[:, 0], block[:, 1], block[:, 2] = mask, np.abs(err), err * err
         for k, stat in enumerate((covered, width, score)):  # level j's stat k lands in row 3 + 3j + k
@@ -119,10 +133,14 @@ class PrequentialScorer:
         missing = mask & ~has[..., 0]  # a calibrator cell gives every level or none
         if missing.any():
             self.no_interval_[rows] += missing
-        self._roll(mask, has[..., 0], covered, width)
+        infinite = has[..., 0] & ~finite[..., 0]  # counted on the first level (the widest is infinite first)
+        if infinite.any():
+            self.infinite_[rows] += infinite
+        self._roll(mask, finite[..., 0], covered, width)
 
     def _roll(self, mask: np.ndarray, has: np.ndarray, covered: np.ndarray, width: np.ndarray) -> None:
-        """Coverage over every scored step (no interval = a miss), width over the steps that had an interval."""
+        """Coverage over every scored step (no interval = a miss), width over the steps that had a finite
+        interval."""
         n, n_has = mask.sum(axis=0), has.sum(axis=0)
         if not n.any():
             return
@@ -147,7 +165,7 @@ class PrequentialScorer:
         sums are named ``covered@80`` etc."""
         sums = self.sums_[rows].sum(axis=0)
         return {**{name: sums[i] for i, name in enumerate(self.names_)},
-                "no_interval": self.no_interval_[rows].sum(0)}
+                "no_interval": self.no_interval_[rows].sum(0), "infinite": self.infinite_[rows].sum(0)}
 
     def summary(self, rows: np.ndarray) -> dict:
         """MAE, RMSE, coverage, mean width and interval score overall and by horizon, each level's under
@@ -167,8 +185,9 @@ class PrequentialScorer:
         return self.table_.export_rows(rows)
 
     def import_rows(self, rows: np.ndarray, state: ArrayDict) -> None:
-        if "no_interval" not in state:  # saved before steps without an interval existed: there were none
-            state = {**state, "no_interval": np.zeros((len(rows), self.horizon))}
+        for name in ("no_interval", "infinite"):  # saved before these were counted: zero (inf was in the sums)
+            if name not in state:
+                state = {**state, name: np.zeros((len(rows), self.horizon))}
         self.table_.import_rows(rows, state)
 
 
@@ -182,17 +201,24 @@ def _point_metrics(t: dict[str, float]) -> dict:
         "n_forecasts": int(t["issued"]),
         "n_scored": int(n),
         "n_no_interval": int(t["no_interval"]),
-        "mae": _mean(t["abs_err"], n),
-        "rmse": float(np.sqrt(t["sq_err"] / n)) if n > 0 else None,
+        "n_infinite_interval": int(t["infinite"]),
+        "mae": _finite_mean(t["abs_err"], n),
+        "rmse": _finite_mean(np.sqrt(t["sq_err"] / n), 1.0) if n > 0 else None,
     }
+
+
+def _finite_mean(total: float, count: float) -> float | None:
+    """A mean, ``None`` when undefined or not finite: the last line of defence for strict JSON."""
+    value = _mean(total, count)
+    return value if value is None or np.isfinite(value) else None
 
 
 def _interval_metrics(t: dict[str, float], level: str, alpha: float) -> dict:
     n = float(t["count"])
-    n_with = n - int(t["no_interval"])
+    n_with = n - int(t["no_interval"]) - int(t["infinite"])  # steps with a finite interval
     return {
         "target": float(1.0 - alpha),
-        "coverage": _mean(t[f"covered@{level}"], n),
-        "mean_width": _mean(t[f"width@{level}"], n_with),
-        "interval_score": _mean(t[f"interval_score@{level}"], n_with),
+        "coverage": _finite_mean(t[f"covered@{level}"], n),
+        "mean_width": _finite_mean(t[f"width@{level}"], n_with),
+        "interval_score": _finite_mean(t[f"interval_score@{level}"], n_with),
     }

@@ -27,6 +27,13 @@ with some cells not matured. Each check is also available on its own (:data:`FOR
   at other rows, continue identically;
 * **row_reuse** - a row whose series was dropped (``drop_rows``), overwritten with a blank row (the export of
   a row nothing touched), serves a new series exactly like a new table (given the same shared state).
+* **seed** (calibrators) - ``seed(rows, residuals)`` starts the rows afresh from residual sequences: a cell with
+  no seeded residual has no interval and one with some has one, a table seeded at once equals one-row tables
+  seeded alone (and they go on alike), seeding a used row equals seeding a new one, other rows are untouched,
+  and the seeded state survives the checkpoint format;
+* **calibration** (forecasters) - what ``pop_calibration(horizon)`` hands over is well formed (rows the model
+  serves, residuals (rows, steps, horizon)), comes no later than the row's first forecast, never changes once
+  handed over, and depends only on values learned before it was handed over (no look-ahead).
 
 ``rtol`` loosens the comparisons for models whose batched arithmetic depends on the batch size (float32 matrix
 products); the default demands bit-identical outputs.
@@ -336,6 +343,60 @@ def check_forecaster_row_reuse(factory: ForecasterFactory, **options: Any) -> No
     _assert_informative([c for *_, c in expected], who, "forecasts of the reused row")
 
 
+def _popped(model: BatchForecaster, rounds: list[_Round], horizon: int) -> tuple[dict, dict]:
+    """Feed ``rounds`` (learn, forecast, pop as the engine does); returns (row -> (round, residuals) of its
+    hand-off, row -> round of its first finite forecast)."""
+    handed: dict[int, tuple[int, np.ndarray]] = {}
+    first: dict[int, int] = {}
+    who = _name(model)
+    for k, rnd in enumerate(rounds):
+        model.learn_many(rnd.rows, rnd.ticks, rnd.values, filled=rnd.filled)
+        forecast = np.asarray(model.forecast_many(rnd.rows, horizon), dtype=float)
+        for row in rnd.rows[np.isfinite(forecast).any(axis=1)].tolist():
+            first.setdefault(row, k)
+        got = model.pop_calibration(horizon)
+        if got is None:
+            continue
+        rows, residuals = np.asarray(got.rows), np.asarray(got.residuals)
+        if residuals.ndim != 3 or residuals.shape[0] != rows.size or residuals.shape[2] != horizon:
+            raise AssertionError(f"{who}: pop_calibration({horizon}) gave residuals of shape {residuals.shape} for "
+                                 f"{rows.size} rows; expected (rows, steps, {horizon})")
+        learned = {int(r) for up in rounds[: k + 1] for r in up.rows}
+        if len(set(rows.tolist())) != rows.size or not set(rows.tolist()) <= learned:
+            raise AssertionError(f"{who}: pop_calibration handed over rows {rows.tolist()}: unique rows the model "
+                                 "has learned are expected")
+        for i, row in enumerate(rows.tolist()):
+            handed.setdefault(row, (k, residuals[i].copy(), residuals[i]))
+    for row, (k, copy, returned) in handed.items():
+        _assert_close(returned, copy, 0.0, f"{who}: the calibration handed over for row {row} in round {k} changed "
+                                           "afterwards (it shares memory with the model's state)")
+    return {row: (k, copy) for row, (k, copy, _) in handed.items()}, first
+
+
+def check_forecaster_calibration(factory: ForecasterFactory, **options: Any) -> None:
+    """pop_calibration: well formed, no later than the row's first forecast, never changed afterwards, no
+    look-ahead."""
+    opts = Options(**options)
+    rounds = _rounds(opts, opts.seed + 5)
+    handed, first = _popped(_new(factory, opts.n_series), rounds, opts.horizon)
+    who = _name(factory())
+    for row, (k, _) in handed.items():
+        if row in first and k > first[row]:
+            raise AssertionError(f"{who}: row {row} forecast first in round {first[row]} but its calibration came "
+                                 f"in round {k}: the engine would issue its first intervals unseeded")
+    # The same stream with every value after the cut changed: hand-offs made before the cut must not change.
+    other = [rnd if k < opts.cut else _Round(rnd.rows, rnd.ticks, -3.0 * rnd.values + 100.0, rnd.filled)
+             for k, rnd in enumerate(rounds)]
+    handed_b, _ = _popped(_new(factory, opts.n_series), other, opts.horizon)
+    for row, (k, residuals) in handed.items():
+        if k < opts.cut:
+            if row not in handed_b:
+                raise AssertionError(f"{who}: row {row}'s calibration (round {k}) vanished when later values changed")
+            _assert_close(handed_b[row][1], residuals, opts.rtol,
+                          f"{who}: row {row}'s calibration (round {k}) depends on values learned after round "
+                          f"{opts.cut}")
+
+
 FORECASTER_CHECKS: dict[str, Callable[..., None]] = {
     "params": check_forecaster_params,
     "cold_start": check_forecaster_cold_start,
@@ -343,6 +404,7 @@ FORECASTER_CHECKS: dict[str, Callable[..., None]] = {
     "vectorised": check_forecaster_vectorised,
     "round_trip": check_forecaster_round_trip,
     "row_reuse": check_forecaster_row_reuse,
+    "calibration": check_forecaster_calibration,
 }
 
 
@@ -529,6 +591,66 @@ def check_calibrator_row_reuse(factory: CalibratorFactory, **options: Any) -> No
     _assert_informative([c for *_, c in expected], who, "intervals of the reused row")
 
 
+def _seed_sequences(opts: Options, horizon: int, seed: int, n_rows: int) -> np.ndarray:
+    """(rows, steps, horizon) AR(1) residuals, NaN in 10 % of the cells and in the whole last column of row 0 (a
+    cell with nothing to seed)."""
+    rng = np.random.default_rng(seed)
+    steps = max(opts.n_steps // 3, 2 * horizon + 2)
+    e = np.zeros((n_rows, steps, horizon))
+    for t in range(1, steps):
+        e[:, t] = 0.7 * e[:, t - 1] + rng.uniform(0.5, 3.0) * rng.normal(size=(n_rows, horizon))
+    e[rng.random(e.shape) < 0.1] = np.nan
+    e[0, :, -1] = np.nan
+    return e
+
+
+def check_calibrator_seed(factory: CalibratorFactory, **options: Any) -> None:
+    """seed(rows, residuals): no interval where nothing was seeded, an interval elsewhere; one table == one-row
+    tables; a used row seeded == a new row seeded; other rows untouched; state round trip."""
+    opts = _calibrator_options(options)
+    table = factory()
+    who, horizon, n = _name(table), table.horizon, opts.n_series
+    seeds = _seed_sequences(opts, horizon, opts.seed + 6, n)
+    rows = np.arange(n)
+    table.seed(rows, seeds)
+    means = np.zeros((n, horizon))
+    lo, hi = table.interval(rows, means)
+    nothing = ~np.isfinite(seeds).any(axis=1)
+    if not (np.isnan(lo[nothing]).all() and np.isnan(hi[nothing]).all()):
+        raise AssertionError(f"{who}: a cell seeded with no residual must have no interval (NaN)")
+    if np.isnan(lo[~nothing]).any() or np.isnan(hi[~nothing]).any():
+        raise AssertionError(f"{who}: a seeded cell has no interval: lower {lo.tolist()}")
+    updates = _updates(opts, horizon, opts.seed + 7)
+    whole = _by_row(_calibrate(table, updates))
+    for row in range(n):
+        single = factory()
+        single.seed(np.array([0]), seeds[row : row + 1])
+        for k, _, _, copy in _calibrate(single, updates, {row: 0}, only=row):
+            _assert_close(whole[(k, row)], copy, opts.rtol, f"{who}: row {row} of a seeded {n}-row table and a "
+                                                             f"one-row table seeded alike disagree at step {k}")
+    # seeding a used row == seeding a new one; the other rows do not move
+    used = factory()
+    _calibrate(used, updates[: opts.cut])
+    before = used.export_rows(rows)
+    used.seed(np.array([n - 1]), seeds[:1])
+    fresh = factory()
+    fresh.seed(np.array([0]), seeds[:1])
+    _assert_close(np.stack(used.interval(np.array([n - 1]), means[:1])),
+                  np.stack(fresh.interval(np.array([0]), means[:1])), opts.rtol,
+                  f"{who}: seeding a used row must start it afresh (as a new row seeded alike)")
+    after = used.export_rows(rows[:-1])
+    for key, value in after.items():
+        _assert_close(value, before[key][:-1], 0.0, f"{who}: seeding row {n - 1} changed {key!r} of other rows")
+    # the seeded state survives the checkpoint format
+    params, state = _through_checkpoint(fresh.get_params(), fresh.export_rows(np.array([0])), who)
+    restored = type(fresh)(**params)
+    restored.import_rows(np.array([3]), state)
+    a = _calibrate(fresh, updates, only=0)
+    b = _calibrate(restored, updates, {0: 3}, only=0)
+    for (k, _, _, expected), (_, _, _, got) in zip(a, b, strict=True):
+        _assert_close(got, expected, opts.rtol, f"{who}: a seeded row after export/import differs at step {k}")
+
+
 CALIBRATOR_CHECKS: dict[str, Callable[..., None]] = {
     "params": check_calibrator_params,
     "no_interval": check_calibrator_no_interval,
@@ -536,6 +658,7 @@ CALIBRATOR_CHECKS: dict[str, Callable[..., None]] = {
     "vectorised": check_calibrator_vectorised,
     "round_trip": check_calibrator_round_trip,
     "row_reuse": check_calibrator_row_reuse,
+    "seed": check_calibrator_seed,
 }
 
 

@@ -13,8 +13,12 @@ For each series, in timestamp order, every new observation ``y`` at tick ``t`` g
 2. **learn** — the model sees ``y``.
 3. **forecast** — H steps ahead.
 4. **interval** — the calibrator puts ``[lower, upper]`` around each step, one per configured level (all learned
-   in the same pass); both are ``NaN`` ("no interval yet") while that (series, h) cell has no matured residual,
-   never a zero-width interval claiming certainty.
+   in the same pass). Before that, residuals the model handed over
+   (:meth:`~tidecast.models.base.BatchForecaster.pop_calibration`: a fit's validation windows, a backtest) seed the
+   calibrator cells of the rows they name, and in a lane whose model shares state across series (CycleNet) a cell
+   with fewer than ``n0`` residuals of its own borrows from the lane's other series
+   (:class:`~tidecast.monitors.conformal.pool.Pool`). Both bounds are ``NaN`` ("no interval yet") only where
+   neither the cell nor the lane has anything, never a zero-width interval claiming certainty.
 5. **monitor** — each lane's monitors (:class:`~tidecast.monitors.drift.LaneMonitor`) see what matured in step 1
    (the drift monitor: residuals of every horizon, the first level's h = 1 interval's hit or miss, the value) and
    what was issued in step 4 (label-free watchers); their alarms become :class:`~tidecast.monitors.drift.DriftEvent`
@@ -58,6 +62,7 @@ import numpy as np
 from tidecast.models.base import ArrayDict, BatchForecaster
 from tidecast.models.rows import grow
 from tidecast.monitors.conformal import Calibrator, make_calibrator
+from tidecast.monitors.conformal.pool import Pool
 from tidecast.monitors.drift import (
     NO_ALARM,
     Alarms,
@@ -81,15 +86,21 @@ _MAX_NS = np.iinfo(np.int64).max
 
 
 class Lane:
-    """One model's path through the engine: forecaster -> calibrator -> scorer, and its watchers (``monitors``:
-    :class:`~tidecast.monitors.drift.LaneMonitor` objects, e.g. the drift monitor) whose alarms become events.
+    """One model's path through the engine: forecaster -> calibrator (+ pool) -> scorer, and its watchers
+    (``monitors``: :class:`~tidecast.monitors.drift.LaneMonitor` objects, e.g. the drift monitor) whose alarms become
+    events.
 
     ``alpha`` may be a sequence: every level is learned by the one calibrator, kept pending and scored; monitors
-    see the first level's interval.
+    see the first level's interval. ``pool``: how young cells borrow from the lane's other series. By default
+    :class:`Pool`'s settings for a model whose rows already share state (``model.couples_rows``: CycleNet), and off
+    (``n0=0``) for a model of independent rows, whose series then stay independent of each other: a replay re-makes
+    every forecast and interval of a series identically however the series' records interleave (a crash and restart
+    in ``serve``).
     """
 
     def __init__(self, model: BatchForecaster, calibrator: Calibrator, horizon: int,
                  alpha: float | Sequence[float], coverage_window: int = 1000, name: str | None = None,
+                 pool: Pool | None = None,
                  monitors: list[LaneMonitor] | None = None) -> None:
         self.name = name or model.name  # the lane's alias: records, metric labels and state keys use it
         self.model = model
@@ -98,20 +109,36 @@ class Lane:
         if n_levels > 1 and type(calibrator).intervals is Calibrator.intervals:
             raise ValueError(f"lane {self.name!r}: calibrator {calibrator.name!r} gives one interval level (it does "
                              f"not implement intervals()), {n_levels} were asked for")
+        if pool is None:
+            pool = Pool(horizon, levels=n_levels) if model.couples_rows else Pool(horizon, n0=0, levels=n_levels)
+        self.pool = pool
         self.pending = PendingForecasts(horizon, n_levels)
         self.scorer = PrequentialScorer(horizon, alpha, coverage_window)
         self.monitors = list(monitors or [])
         keys = [m.key for m in self.monitors]
-        if len(set(keys)) != len(keys) or set(keys) & {"model", "cal", "pending", "score"}:
+        if len(set(keys)) != len(keys) or set(keys) & {"model", "cal", "pool", "pending", "score"}:
             raise ValueError(f"lane monitors need distinct state keys, got {keys}")
 
     def resize(self, n_rows: int) -> None:
-        for part in (self.model, self.calibrator, self.pending, self.scorer, *self.monitors):
+        for part in (self.model, self.calibrator, self.pool, self.pending, self.scorer, *self.monitors):
             part.resize(n_rows)
 
     def parts(self) -> dict[str, Any]:
-        parts = {"model": self.model, "cal": self.calibrator, "pending": self.pending, "score": self.scorer}
+        parts = {"model": self.model, "cal": self.calibrator, "pool": self.pool, "pending": self.pending,
+                 "score": self.scorer}
         return parts | {m.key: m for m in self.monitors}
+
+    def seed_calibrator(self, horizon: int) -> None:
+        """Seed the calibrator rows the model has residuals for (it polls; the model may fit on another thread)."""
+        handed = self.model.pop_calibration(horizon)
+        if handed is not None and handed.rows.size:
+            self.calibrator.seed(handed.rows, handed.residuals)
+            self.pool.restart(handed.rows)
+
+    def interval(self, rows: np.ndarray, forecast: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The calibrator's intervals per level, (n, H, levels), young cells pooled."""
+        lower, upper = self.calibrator.intervals(rows, forecast)
+        return self.pool.intervals(self.calibrator, rows, forecast, lower, upper)
 
 
 @dataclass
@@ -473,6 +500,7 @@ class Engine:
             if reset_rows is not None:
                 lane.model.reset_rows(reset_rows)
                 lane.pending.invalidate(reset_rows)
+                lane.pool.forget_last(reset_rows)
             if len(r_rows):  # 1. score what matured now, before the model sees y
                 mean, lower, upper, valid = lane.pending.matured(r_rows, r_ticks)
                 lane.calibrator.update(r_rows, np.where(valid, y[:, None] - mean, 0.0), valid)
@@ -481,10 +509,12 @@ class Engine:
                     self._alarms(monitor.matured(r_rows, r_ticks, y, mean, lower[..., 0], upper[..., 0], valid),
                                  r_rows, t_ns, lane, monitor, events)
             lane.model.learn_many(rows, ticks, values, filled=filled)  # 2. learn (filled gap ticks included)
+            lane.pool.observe(rows, values)
             if not len(r_rows):
                 continue
             forecast = lane.model.forecast_many(r_rows, horizon)  # 3. forecast
-            lower, upper = lane.calibrator.intervals(r_rows, forecast)  # 4. interval per level (NaN: none yet)
+            lane.seed_calibrator(horizon)  # residuals the model handed over since the last round
+            lower, upper = lane.interval(r_rows, forecast)  # 4. interval per level (NaN: none yet)
             if lower.shape[-1] != lane.pending.n_levels:
                 raise ValueError(f"lane {lane.name!r}: calibrator {lane.calibrator.name!r} gave "
                                  f"{lower.shape[-1]} interval level(s), {lane.pending.n_levels} asked for")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tidecast import checks
-from tidecast.models.base import BatchForecaster
+from tidecast.models.base import BatchForecaster, Calibration
 from tidecast.models.naive import SeasonalNaive
 from tidecast.models.registry import MODELS, make_model
 from tidecast.monitors.conformal import CALIBRATORS, make_calibrator
@@ -190,7 +190,50 @@ class IgnoresMask(QuantileTracker):
         super().update(rows, residuals, None)
 
 
+class SeedsOnTop(QuantileTracker):
+    """Replays the seeds over whatever the row held before, instead of starting it afresh."""
+
+    def reset_rows(self, rows):
+        pass
+
+
+class IgnoresSeeds(QuantileTracker):
+    """Does nothing with the seeds."""
+
+    def seed(self, rows, residuals):
+        pass
+
+
+class LateHandOff(SeasonalNaive):
+    """Hands its detection window over one round after the row's first forecast."""
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self._held = None
+
+    def pop_calibration(self, horizon):
+        held, self._held = self._held, super().pop_calibration(horizon)
+        return held
+
+
+class SharedHandOff(SeasonalNaive):
+    """Hands over a view of its ring buffer, which later values overwrite."""
+
+    def pop_calibration(self, horizon):
+        ready = super().pop_calibration(horizon)
+        if ready is None:
+            return None
+        row = int(ready.rows[0])
+        ring = self.buffer_[row : row + 1, :, None]  # a view
+        return Calibration(ready.rows[:1], np.broadcast_to(ring, (1, ring.shape[1], horizon)))
+
+
 @pytest.mark.parametrize(("factory", "check", "message"), [
+    (lambda: SeedsOnTop(3), checks.check_calibrator_seed, "afresh"),
+    (lambda: IgnoresSeeds(3), checks.check_calibrator_seed, "no interval"),
+    (lambda: LateHandOff(max_period=12, detect_after=30), checks.check_forecaster_calibration, "unseeded"),
+    (lambda: SharedHandOff(max_period=12, detect_after=30), checks.check_forecaster_calibration,
+     "changed afterwards"),
     (lambda: Eager(period=6), checks.check_forecaster_cold_start, "must forecast NaN"),
     (lambda: ReusedOutput(period=6), checks.check_forecaster_no_look_ahead, "changed after it was returned"),
     (PooledMean, checks.check_forecaster_vectorised, "disagree"),

@@ -232,29 +232,35 @@ def test_dropped_series_rows_are_blanked_and_reused():
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def test_no_interval_is_claimed_before_the_calibrator_has_data(tmp_path):
+@pytest.mark.parametrize("params, seeded", [({}, True), ({"period": 24}, False)])
+def test_no_interval_is_claimed_before_the_calibrator_has_data(tmp_path, params, seeded):
     """The bundled sample's first 3,000 rows: the first H origins once gave lower == upper == mean (300 of 62,376
-    rows). Now such a step says "no interval yet" (NaN bounds) and the summary counts it, as a coverage miss."""
+    rows). Such a step now says "no interval yet" (NaN bounds) and the summary counts it, as a coverage miss.
+    With cycle detection (the default) seasonal naive hands its detection window's backtest to the calibrator, so
+    every step has an interval; with a configured period it holds one cycle, nothing to backtest, and the one
+    series has no other series to borrow from."""
     import json
 
     from tidecast.stream.sources import BUNDLED_SAMPLE, ReplaySpec, load_replay
 
     sample = tmp_path / "nyc_taxi.csv"
     sample.write_text("\n".join(BUNDLED_SAMPLE.read_text().splitlines()[:3001]) + "\n")
-    engine = Engine.from_config(EngineConfig(models=["seasonal-naive"]))
+    engine = Engine.from_config(EngineConfig(models=["seasonal-naive"], model_params={"seasonal-naive": params}))
     frames = [engine.process(b).forecasts.to_frame() for b in load_replay(ReplaySpec(path=sample)).batches(500)]
     f = pd.concat(frames, ignore_index=True)
     assert len(f) > 60_000
     assert not ((f["lower"] == f["upper"]) & (f["upper"] == f["mean"])).any()
     none = f["lower"].isna()
     assert (none == f["upper"].isna()).all() and f["mean"].notna().all()
-    # exactly the steps issued before any h-step residual of the series had matured: step h of the first h origins
+    # unseeded: exactly the steps issued before any h-step residual of the series had matured, step h of the
+    # first h origins; seeded: none
     first = f["issued_at"] == f["issued_at"].min()
-    assert none[first].sum() == 24 and none.sum() == sum(range(1, 24 + 1))
+    expected = 0 if seeded else sum(range(1, 24 + 1))
+    assert none[first].sum() == (0 if seeded else 24) and none.sum() == expected
     summary = engine.summary()
     json.dumps(summary, allow_nan=False)  # strict JSON: no NaN
     m = summary["models"]["seasonal-naive"]
-    assert m["n_no_interval"] == sum(v["n_no_interval"] for v in m["by_horizon"].values()) > 0
+    assert m["n_no_interval"] == sum(v["n_no_interval"] for v in m["by_horizon"].values()) == expected
     widths = [s.value for s in engine.metrics.width.collect()[0].samples]
     assert widths and np.isfinite(widths).all()
 

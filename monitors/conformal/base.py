@@ -15,6 +15,24 @@ in the same pass; :meth:`Calibrator.interval` returns the first, :meth:`Calibrat
 
 A cell that has learned nothing yet has no interval: its bounds are ``NaN`` ("not ready"), never the point forecast
 itself (a zero-width interval would claim certainty). Bounds may be ``+-inf`` where a method says so (ACI).
+
+**Outlying residuals.** One absurd value (a unit error, ``1e20`` on data of scale 10) must not poison a cell for
+the rest of the run. Every :class:`ScoreCalibrator` cell keeps a *guard*: a running median of ``|r|``, tracked
+multiplicatively (``g <- g * exp(+-guard_rate / 2)`` as ``|r|`` is above or below it), so one value moves it by
+2.5 % at most. Before a method learns a residual it is clipped to ``+-outlier_limit * g`` (30: the largest
+``|r| / g`` on the bench's real streams is 21.5, ETTh1) and, whatever the guard says, to ``+-MAX_RESIDUAL``
+(``1e100``: squares and sums stay finite). The clipped residual still counts as a miss, so coverage is scored
+honestly; it only cannot blow up the scale, the thresholds or the scorecaster. A cell's first ``guard_warmup``
+(20) residuals start its guard (their running mean ``|r|``) and are not clipped, so a tiny first residual cannot
+clip the ordinary ones after it.
+
+**Seeding.** :meth:`Calibrator.seed` starts rows afresh from residual sequences a model hands over
+(:class:`~tidecast.models.base.Calibration`: a fit's validation residuals, a backtest): the rows are blanked and
+the sequences replayed in time order through :meth:`~Calibrator.update`, exactly as if the cells had seen those
+residuals mature, so every method's state (scale, quantile state, scorecaster history, ring of issued intervals)
+is what it would have been. A method that scores each residual against the interval it issued h updates earlier
+(:class:`~tidecast.monitors.conformal.pid.ConformalPID`) also records the intervals it issues while its first
+live h-step residual is on its way (:meth:`Calibrator._after_seed`).
 """
 
 from __future__ import annotations
@@ -28,6 +46,9 @@ from tidecast.models.base import Params
 from tidecast.models.rows import Column, Field, RowTable, grow  # grow lives in models.rows; still importable here
 
 ArrayDict = dict[str, np.ndarray]
+
+#: No residual beyond this magnitude is learned (it is clipped): squares and sums of any learned value stay finite.
+MAX_RESIDUAL = 1e100
 
 
 class Calibrator(Params, ABC):
@@ -72,6 +93,62 @@ class Calibrator(Params, ABC):
         """``(lower, upper)`` of shape (n, horizon, len(alphas_)), one slice per level in ``alpha``."""
         lo, hi = self.interval(rows, means)
         return lo[..., None], hi[..., None]
+
+    # -- seeding and pooling --------------------------------------------------------------------------
+    def seed(self, rows: np.ndarray, residuals: np.ndarray) -> None:
+        """Start ``rows`` afresh from residual sequences (n, T, H'), oldest first, ``NaN`` where absent
+        (``residuals[i, t, h-1]`` matured at step t; see :class:`~tidecast.models.base.Calibration`): blank the
+        rows, replay the steps through :meth:`update` as if seen in order, then :meth:`_after_seed`. Columns
+        beyond ``horizon`` are ignored, missing ones are absent."""
+        rows, r = self._seed_input(rows, residuals)
+        if rows.size == 0:
+            return
+        self.reset_rows(rows)
+        self._replay(rows, r)
+        self._after_seed(rows)
+
+    def _seed_input(self, rows: np.ndarray, residuals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Checked ``(rows, residuals)``, residuals cut or padded (NaN) to ``horizon`` columns; rows fit the table."""
+        rows = np.asarray(rows, dtype=np.intp)
+        r = np.asarray(residuals, dtype=float)
+        if r.ndim != 3 or r.shape[0] != rows.size:
+            raise ValueError(f"seed residuals must be (rows, steps, horizon) with {rows.size} rows, got {r.shape}")
+        if r.shape[2] != self.horizon:
+            fitted = np.full((rows.size, r.shape[1], self.horizon), np.nan)
+            k = min(r.shape[2], self.horizon)
+            fitted[..., :k] = r[..., :k]
+            r = fitted
+        if rows.size:
+            self.resize(int(rows.max()) + 1)
+        return rows, r
+
+    def _replay(self, rows: np.ndarray, residuals: np.ndarray) -> None:
+        """Feed (n, T, horizon) residual sequences to :meth:`update`, step by step."""
+        finite = np.isfinite(residuals)
+        for t in np.flatnonzero(finite.any(axis=(0, 2))):
+            self.update(rows, np.where(finite[:, t], residuals[:, t], 0.0), finite[:, t])
+
+    def reset_rows(self, rows: np.ndarray) -> None:
+        """Make ``rows`` blank, as in a new table (the export of a fresh calibrator's row imported over them)."""
+        fresh = self.clone()
+        fresh.resize(1)
+        blank = fresh.export_rows(np.array([0]))
+        self.import_rows(rows, {k: np.repeat(v, len(rows), axis=0) for k, v in blank.items()})
+
+    def _after_seed(self, rows: np.ndarray) -> None:  # noqa: B027 - optional hook
+        """Called after the replay of :meth:`seed`; the default does nothing."""
+
+    def cell_counts(self, rows: np.ndarray) -> np.ndarray | None:
+        """Residuals each (row, h) cell has learned, (n, horizon); ``None`` if the method does not say (then the
+        engine does not pool its young cells)."""
+        return None
+
+    def offsets(self, rows: np.ndarray) -> np.ndarray:
+        """``(upper - yhat, yhat - lower)`` of the intervals the cells would issue now, (n, horizon, levels, 2);
+        ``NaN`` where a cell has no interval."""
+        zeros = np.zeros((len(rows), self.horizon))
+        lo, hi = self.intervals(rows, zeros)
+        return np.stack([hi, -lo], axis=-1)
 
     # -- state ------------------------------------------------------------------------------------
     @abstractmethod
@@ -136,13 +213,22 @@ class ScoreCalibrator(Calibrator):
     #: arithmetic stays in cache, and below the size at which the allocator maps and unmaps fresh pages on every
     #: call (10k series x 24 horizons in one piece: 26-30 ms an update instead of 12).
     chunk_cells: int = 16_384
+    #: A residual beyond ``outlier_limit`` times the cell's running median ``|r|`` is clipped to it before learning.
+    outlier_limit: float = 30.0
+    #: Step of the multiplicative running median (the guard): ``log g`` moves by ``guard_rate / 2`` per residual.
+    guard_rate: float = 0.05
+    #: A cell's first residuals set its guard to their running mean ``|r|`` and are not clipped.
+    guard_warmup: int = 20
 
     def __init__(self, horizon: int, alpha: float | Sequence[float] = 0.1, symmetric: bool = False) -> None:
         super().__init__(horizon, alpha)
         self.symmetric = symmetric
         self.target_alpha_, self.target_sign_ = targets(self.alphas_, symmetric)
         self.n_targets_ = self.target_alpha_.size
-        self._spec = self._state_spec()
+        # guard: running median of |r| (0 = not started), see the module docstring.
+        self._spec = {**self._state_spec(), "guard": ((), 0.0, float)}
+        self._guard_steps = np.exp(np.array([-0.5, 0.5]) * self.guard_rate)
+        self.n_clipped_ = 0  # residuals clipped by the guard since this object was built (not state)
         self._layout: dict[str, tuple[slice, tuple[int, ...]]] = {}
         fills: list[float] = []
         # Offsets start at NaN: a cell that has not learned yet has no interval.
@@ -227,12 +313,63 @@ class ScoreCalibrator(Calibrator):
                 # Sorted unique cells spanning their count: a contiguous run (the engine's common case). Work on
                 # views, no gather/scatter.
                 window = slice(int(chunk[0]), int(chunk[-1]) + 1)
-                offsets_flat[window] = self._learn(Block(flat[:, window], self._layout), chunk, h[part], rv[part])
+                blk = Block(flat[:, window], self._layout)
+                offsets_flat[window] = self._learn(blk, chunk, h[part], self._guard(blk, rv[part]))
                 continue
             blk = Block(flat[:, chunk], self._layout)
-            offsets = self._learn(blk, chunk, h[part], rv[part])
+            offsets = self._learn(blk, chunk, h[part], self._guard(blk, rv[part]))
             flat[:, chunk] = blk.data
             offsets_flat[chunk] = offsets
+
+    def reset_rows(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.intp)
+        self.resize(int(rows.max()) + 1 if rows.size else 0)
+        self.state_[:, rows] = self._fill[:, None, None]
+        self.table_.blank(rows)
+
+    def cell_counts(self, rows: np.ndarray) -> np.ndarray | None:
+        if "count" not in self._layout:
+            return None
+        rows = np.asarray(rows, dtype=np.intp)
+        if rows.size:
+            self.resize(int(rows.max()) + 1)
+        return self.state_[self._layout["count"][0].start, rows].astype(np.int64)
+
+    def offsets(self, rows: np.ndarray) -> np.ndarray:
+        # From the cached offsets (ScoreCalibrator.intervals): a subclass whose intervals() does more (SPCI
+        # refits forests there) is read as it stands.
+        rows = np.asarray(rows, dtype=np.intp)
+        lo, hi = ScoreCalibrator.intervals(self, rows, np.zeros((rows.size, self.horizon)))
+        return np.stack([hi, -lo], axis=-1)
+
+    def _guard(self, blk: Block, r: np.ndarray) -> np.ndarray:
+        """Clip ``r`` (m,) to the cells' guard and move the guard (a running median of ``|r|``) towards ``|r|``.
+        On the hot path: a handful of passes over m values when nothing is clipped."""
+        g = blk.fields("guard")[0]
+        size = np.abs(r)
+        if size.max() > MAX_RESIDUAL:
+            r = np.clip(r, -MAX_RESIDUAL, MAX_RESIDUAL)
+            size = np.abs(r)
+        # The first guard_warmup residuals of a cell only start its guard (their running mean |r|): one tiny first
+        # residual must not clip the ordinary ones after it while the multiplicative steps catch up.
+        count = blk.fields("count")[0] if "count" in self._layout else None
+        warm = count is not None and count.min() < self.guard_warmup
+        over = size > self.outlier_limit * g  # a guard not started (0) is handled below
+        if warm or not g.all():
+            over &= (g > 0) if count is None else (g > 0) & (count >= self.guard_warmup)
+        if over.any():
+            self.n_clipped_ += int(over.sum())
+            limit = self.outlier_limit * g
+            r = np.where(over, np.copysign(limit, r), r)
+        down, up = self._guard_steps
+        stepped = g * np.where(size > g, up, down)
+        if warm or not g.all():  # not started (0): the first non-zero |r| starts it; warm-up: running mean
+            stepped = np.where(g > 0, stepped, size)
+            if warm:
+                stepped = np.where(count < self.guard_warmup, g + (np.minimum(size, MAX_RESIDUAL) - g) / (count + 1.0),
+                                   stepped)
+        g[...] = stepped
+        return r
 
     def intervals(self, rows: np.ndarray, means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows = np.asarray(rows, dtype=np.intp)
@@ -272,6 +409,9 @@ class ScoreCalibrator(Calibrator):
         packed = np.moveaxis(self.state_[:, rows], 0, -1).copy()
         for name in self._layout:
             sl, _ = self._layout[name]
+            if name == "guard" and name not in state:  # saved before the guard existed: it starts afresh
+                packed[..., sl] = 0.0
+                continue
             packed[..., sl] = np.asarray(state[name], dtype=float).reshape(rows.size, self.horizon, -1)
         self.state_[:, rows] = np.moveaxis(packed, -1, 0)
         if "count" in self._layout:

@@ -28,6 +28,19 @@ Exponential averages use the rate ``max(decay, 1/n)`` so a new cell starts from 
 seen: the first intervals are finite and the transient settles within a few dozen residuals. Before the first
 residual a cell has no interval (``NaN`` bounds, "not ready"); it is never infinite.
 
+**Seeding** (:meth:`~tidecast.monitors.conformal.base.Calibrator.seed`) replays a model's residuals twice: the
+scorecaster learns on the first pass; the second starts the rest afresh (scale, thresholds, ring) with that
+scorecaster from its first step. In one pass the scale's running mean would average ``|u|`` from the start, when
+the AR slope was still unsettled, and the 24-step cells' intervals stayed about 10 % too wide for their first
+~250 live steps (coverage 0.92 instead of 0.90 on the cold-start panel, ``bench/conformal.py --case coldstart
+--dev``). It then records
+in each h-step cell's ring the ``h - 1`` intervals it will issue before its first live residual arrives (the
+engine's forecasts at the next ``h - 1`` ticks, from unchanged state). Their residual is unknown to the cell
+(``NaN``): while such a slot is its lag, the scorecaster reads the intercept and the scale does not learn (the
+whole residual, not its unpredictable part, would inflate it: ETTh1-like panels over-covered at h = 24 for 250
+steps that way). So the first live residual is scored against the interval actually issued for it and the
+ring stays aligned, as in a cell that has run live all along.
+
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
 >>> e = np.zeros(6000)
@@ -50,7 +63,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tidecast.models.rows import Column
-from tidecast.monitors.conformal.base import ScoreCalibrator, gaussian_quantile, targets
+from tidecast.monitors.conformal.base import Block, ScoreCalibrator, gaussian_quantile, targets
 from tidecast.monitors.conformal.scorecaster import lag_table, solve_ridge
 
 
@@ -134,6 +147,52 @@ class ConformalPID(ScoreCalibrator):
             "ring": ((self.ring_cols_, 2 + k), 0.0, np.float32),
         }
 
+    def seed(self, rows: np.ndarray, residuals: np.ndarray) -> None:
+        """Two passes over the seeds (see the module docstring): the scorecaster learns on the first, the scale,
+        thresholds and ring on the second, with that scorecaster from the start."""
+        if not self.order:
+            return super().seed(rows, residuals)
+        rows, r = self._seed_input(rows, residuals)
+        if rows.size == 0:
+            return
+        self.reset_rows(rows)
+        self._replay(rows, r)
+        learned = {name: self.state_[self._layout[name][0], rows].copy() for name in ("xx", "xy", "coef")}
+        self.reset_rows(rows)
+        for name, value in learned.items():
+            self.state_[self._layout[name][0], rows] = value
+        self._replay(rows, r)
+        self._after_seed(rows)
+
+    def _after_seed(self, rows: np.ndarray) -> None:
+        """Record the ``h - 1`` intervals issued before a seeded h-step cell's first live residual (see the module
+        docstring): slots of (no residual, current offsets), one per tick, advancing ``pos`` and ``count``."""
+        if self.horizon == 1:
+            return
+        if self._cell_base.size < self.state_.shape[1] * self.horizon:
+            self._geometry()
+        cells = (np.asarray(rows, dtype=np.intp)[:, None] * self.horizon + np.arange(self.horizon)).ravel()
+        flat = self.state_.reshape(self._fill.size, -1)
+        blk = Block(flat[:, cells], self._layout)
+        count, pos = blk.fields("count")[0], blk.fields("pos")[0]
+        h1 = self._cell_h1[cells]
+        length = h1 if self._simple_ring else self.ring_len_[h1 - 1]
+        width = 2 + self.n_targets_
+        ring = self.ring_.reshape(-1, width)
+        # residual NaN: the lag this slot stands for is unknown to the cell (see _learn)
+        slot = np.concatenate([np.full((cells.size, 1), np.nan), self.offsets_.reshape(-1, 1 + self.n_targets_)[cells]],
+                              axis=1)
+        started = count > 0  # a cell with nothing seeded issues no interval: nothing to record
+        for k in range(1, self.horizon):
+            pad = started & (h1 > k)
+            if not pad.any():
+                break
+            ring[self._cell_base[cells[pad]] + pos[pad].astype(np.int64)] = slot[pad]
+            pos[pad] += 1
+            pos[pad] -= length[pad] * (pos[pad] >= length[pad])
+            count[pad] += 1
+        flat[:, cells] = blk.data
+
     def _integral_term(self, integral: np.ndarray, count: np.ndarray) -> np.ndarray | float:
         """``K_I tan(I log(n) / (C_sat n))`` for integrals (K, m) after ``count`` (m,) residuals."""
         if self.ki == 0.0:
@@ -211,10 +270,14 @@ class ConformalPID(ScoreCalibrator):
         # cost more than the copy.
         got = np.ascontiguousarray(items[at].view(ring.dtype).reshape(-1, width).T, dtype=float)  # (width, m)
         y = r - mean  # the residual around the intercept (the regression target)
+        unknown = None  # cells whose lag is a slot recorded after seeding (NaN residual): the lag is not known
         if self.order:
             coef = blk.fields("coef")
             if self._ar1:  # the lag-h residual shares the issued slot
                 x = got[0] - mean
+                if np.isnan(x).any():
+                    unknown = np.isnan(x)
+                    x[unknown] = 0.0
                 if young:
                     x *= count_f >= h1
                 u = y - coef[0] * x
@@ -222,6 +285,9 @@ class ConformalPID(ScoreCalibrator):
             else:
                 lags = self.lags_.T[:, h]  # (p, m)
                 x = self._lagged(ring, base, length, count, lags, mean)
+                if np.isnan(x).any():
+                    unknown = np.isnan(x).any(axis=0)
+                    x[np.isnan(x)] = 0.0
                 u = y - (coef * x).sum(0)
         else:
             u = r
@@ -242,6 +308,8 @@ class ConformalPID(ScoreCalibrator):
         rate = self._cell_rate[sel] if self.scale_memory_per_h else self.scale_decay
         if count_f.min() * np.min(rate) < 1.0:  # running mean first, exponential forgetting afterwards
             rate = np.maximum(rate, 1.0 / count_f)
+        if unknown is not None:  # without its lag, u is the whole residual: it says nothing about the scale of u
+            rate = np.where(unknown, 0.0, rate)
         scale += rate * (np.abs(u) - scale)
         if self.order:
             xx = blk.fields("xx")  # (p*p, m), row-major p x p
@@ -277,7 +345,7 @@ class ConformalPID(ScoreCalibrator):
         elif self.order:
             back = lags - h
             ring[new, 0] = r  # the newest lag
-            slot[1] = mean + (coef * self._lagged(ring, base, length, count + 1, back, mean)).sum(0)
+            slot[1] = mean + (coef * np.nan_to_num(self._lagged(ring, base, length, count + 1, back, mean))).sum(0)
         else:
             slot[1] = 0.0
         thr = p + self._integral_term(integral, count_f) if self.ki else p

@@ -161,6 +161,13 @@ class SPCI(ScoreCalibrator):
 
     def import_rows(self, rows: np.ndarray, state: dict) -> None:
         super().import_rows(rows, state)
-        for row in np.asarray(rows).tolist():  # forests are refitted from the imported history when next asked
+        self._forget(rows)
+
+    def reset_rows(self, rows: np.ndarray) -> None:
+        super().reset_rows(rows)
+        self._forget(rows)
+
+    def _forget(self, rows: np.ndarray) -> None:
+        for row in np.asarray(rows).tolist():  # forests are refitted from the row's history when next asked
             for h in range(self.horizon):
                 self._forests.pop((row, h), None)

@@ -1,0 +1,160 @@
+"""Values that break intervals: one absurd but finite value must leave calibrators, scorers and models finite, and
+the intervals back at their old width within 2 H steps of the last outlying residual (issue 10).
+
+The engine dead-letters values beyond ``max_abs_value`` (1e15 by default) as ``out_of_range``; values below it
+(1e14 on data of scale 10) reach the models and calibrators, and so does anything with the limit off
+(``max_abs_value=0``), which is how 1e20 and 1e308 are fed here: the guard must hold without the limit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tidecast.models.cyclenet import CycleNetForecaster
+from tidecast.monitors.conformal import CALIBRATORS
+from tidecast.monitors.scoring import PrequentialScorer
+from tidecast.stream.batch import ObservationBatch
+from tidecast.stream.config import EngineConfig
+from tidecast.stream.engine import Engine
+
+HOUR = 3_600_000_000_000
+T0 = 1_467_331_200_000_000_000
+H, PERIOD, N, SPIKE = 12, 24, 1200, 700
+#: SPCI fits a forest per cell: small settings keep it to a few seconds.
+PARAMS = {"spci": {"window": 8, "history": 200, "refit_every": 25, "n_estimators": 3}}
+
+
+def series(n: int = N, seed: int = 0) -> np.ndarray:
+    t = np.arange(n)
+    return 10 + 3 * np.sin(2 * np.pi * t / PERIOD) + np.random.default_rng(seed).normal(size=n)
+
+
+def replay(values: np.ndarray, calibrator: str = "conformal-pid", max_abs_value: float = 0.0,
+           **params) -> tuple[Engine, object]:
+    engine = Engine.from_config(EngineConfig(
+        horizon=H, models=["seasonal-naive"], freq="1h", calibrator=calibrator, calibrator_params=params,
+        model_params={"seasonal-naive": {"period": PERIOD}}, max_abs_value=max_abs_value))
+    t = np.arange(values.size)
+    result = engine.process(ObservationBatch(np.array(["s"] * values.size, dtype=object), T0 + t * HOUR, values))
+    frame = result.forecasts.to_frame()
+    frame["tick"] = (frame["issued_at"].astype("int64") - T0) // HOUR
+    frame["width"] = frame["upper"] - frame["lower"]
+    return engine, frame
+
+
+@pytest.mark.parametrize("big, limit", [(1e308, 0.0), (1e20, 0.0), (1e14, None)])
+@pytest.mark.parametrize("name", list(CALIBRATORS))
+def test_one_huge_value_leaves_intervals_finite_and_they_recover_within_2h(name, big, limit):
+    values = series()
+    values[SPIKE] = big
+    kwargs = {} if limit is None else {"max_abs_value": limit}
+    if limit is None:  # the engine's default limit (1e15): 1e14 passes it
+        kwargs["max_abs_value"] = EngineConfig().max_abs_value
+    engine, f = replay(values, name, **kwargs, **PARAMS.get(name, {}))
+    assert engine.summary()["n_observations"] == N  # the value reached the models
+    after = f[f["tick"] >= SPIKE]
+    # No bound is ever NaN after the spike (NaN is "no interval" in Kafka); only ACI-type methods may say "unbounded".
+    assert not after["lower"].isna().any() and not after["upper"].isna().any()
+    if name not in ("aci", "dtaci"):
+        assert np.isfinite(after[["lower", "upper"]].to_numpy()).all()
+    # Seasonal naive repeats the value one cycle later, so the last outlying residual matures at SPIKE + PERIOD.
+    last = SPIKE + PERIOD
+    before = f[(f["tick"] >= SPIKE - 200) & (f["tick"] < SPIKE)]["width"].median()
+    recovered = f[(f["tick"] >= last + 2 * H) & (f["tick"] < last + 4 * H)]["width"].median()
+    assert np.isfinite(before) and recovered < 2 * before, (before, recovered)
+    json.dumps(engine.summary(), allow_nan=False)
+
+
+def test_summary_is_strict_json_after_a_huge_value():
+    values = series()
+    values[SPIKE] = 1e308
+    engine, _ = replay(values)
+    summary = engine.summary()
+    text = json.dumps(summary, allow_nan=False)  # raised "Out of range float values" before
+    m = json.loads(text)["models"]["seasonal-naive"]
+    assert m["mae"] > 1e90 and m["rmse"] is not None  # the absurd error still shows, finite
+    assert 0.8 < m["coverage"] < 1.0
+
+
+def test_infinite_intervals_are_counted_and_kept_out_of_the_mean_width():
+    # ACI with a large step emits infinite intervals (alpha_t <= 0) after a run of misses.
+    values = series(seed=1)
+    values[600:640] += np.linspace(0, 40, 40)
+    engine, f = replay(values, "aci", gamma=0.2)
+    assert np.isinf(f["width"]).any()
+    m = engine.summary()["models"]["seasonal-naive"]
+    json.dumps(engine.summary(), allow_nan=False)
+    matured = f["tick"] + f["h"] <= N - 1
+    assert m["n_infinite_interval"] == int(np.isinf(f["width"][matured]).sum()) > 0
+    assert np.isfinite(m["mean_width"]) and np.isfinite(m["interval_score"])
+    widths = [s.value for s in engine.metrics.width.collect()[0].samples]
+    assert widths and np.isfinite(widths).all()
+
+
+def test_scorer_sums_stay_finite():
+    s = PrequentialScorer(horizon=1, alpha=0.1)
+    s.resize(1)
+    ok = np.array([[True]])
+    s.update(np.array([0]), np.array([1e308]), np.array([[-1e308]]), np.array([[-1e308]]), np.array([[1.0]]), ok)
+    s.update(np.array([0]), np.array([1.0]), np.array([[0.0]]), np.array([[-np.inf]]), np.array([[np.inf]]), ok)
+    summary = s.summary(np.array([0]))
+    json.dumps(summary, allow_nan=False)
+    assert summary["n_infinite_interval"] == 1 and summary["coverage"] == 0.5
+    assert np.isfinite(s.sums_).all()
+
+
+# -- CycleNet: the shared backbone never learns the value ----------------------------------------------------------
+@pytest.fixture()
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def cyclenet_run(big: float | None, n: int = 520, at: int = 380, **params) -> tuple[np.ndarray, CycleNetForecaster]:
+    rng = np.random.default_rng(0)
+    t = np.arange(n)
+    y = np.stack([5 * k + (1 + k) * np.sin(2 * np.pi * t / 24) + 0.2 * rng.normal(size=n) for k in range(3)], 1)
+    model = CycleNetForecaster(horizon=6, lookback=24, cycle=24, warm_start=240, epochs=3, replay_window=64,
+                               replay_batch=64, defer=False, step_budget=float("inf"), seed=0, **params)
+    rows, out = np.arange(3), []
+    for i in range(n):
+        v = y[i].copy()
+        if big is not None and i == at:
+            v[0] = big
+        model.learn_many(rows, np.full(3, i), v)
+        out.append(model.forecast_many(rows, 6))
+    return np.array(out), model
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("big", [1e300, 1e20])
+def test_cyclenet_other_series_are_unaffected_by_one_huge_value(big):
+    clean, _ = cyclenet_run(None)
+    spiked, model = cyclenet_run(big)
+    later = slice(380, None)
+    assert np.isfinite(clean[later]).all()
+    assert np.isfinite(spiked[later]).all()  # every series, every step (NaN for all three before)
+    for k in (1, 2):  # the other series: the same forecasts as without the spike, up to the replay batches' mix
+        assert np.max(np.abs(spiked[later, k] - clean[later, k])) < 0.05 * (1 + k)
+    # the spiked series itself: back to its clean forecasts once the value has left the lookback
+    assert np.max(np.abs(spiked[380 + 24 + 6 :, 0] - clean[380 + 24 + 6 :, 0])) < 0.5
+    assert all(torch.isfinite(p).all() for p in model.net_.parameters())
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_cyclenet_replay_skips_windows_whose_loss_is_not_finite_or_outlying():
+    """With the input clean-up off, the loss filter alone keeps the shared weights finite and counts the windows."""
+    clean, _ = cyclenet_run(None, input_limit=None)
+    spiked, model = cyclenet_run(1e20, input_limit=None)
+    assert model.skipped_windows_ > 0
+    assert all(torch.isfinite(p).all() for p in model.net_.parameters())
+    for k in (1, 2):
+        assert np.isfinite(spiked[380:, k]).all()
+        assert np.max(np.abs(spiked[380:, k] - clean[380:, k])) < 0.1 * (1 + k)
+    _, meta = model.export_shared()
+    assert meta["skipped_windows"] == model.skipped_windows_ and np.isfinite(meta["loss_ema"])
