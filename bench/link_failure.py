@@ -44,6 +44,7 @@ from which the RMSE of the next 24 steps is within 10 % of the model's own ``rms
 ``wins``: the share of seeds in which the model had the lowest ``rmse_after``. Values are means over seeds.
 
     .venv/bin/python bench/link_failure.py [--seeds 10] [--jobs 2] [--json]
+    .venv/bin/python bench/link_failure.py --seeds 0      # the serving-cost table alone (~1 min)
     .venv/bin/python bench/link_failure.py --dev --models cfc-online,cfc-frozen,seasonal-naive --cfc lr=0.01
 """
 
@@ -513,7 +514,8 @@ def print_cost(cost: dict[str, float], n_series: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=10, help="number of seeds (failure link and time)")
+    parser.add_argument("--seeds", type=int, default=10,
+                        help="number of seeds (failure link and time); 0: only the serving-cost table")
     parser.add_argument("--dev", action="store_true", help=f"dev seeds ({DEV_SEED0}, ...) to choose settings on")
     parser.add_argument("--variants", default="drastic,moderate")
     parser.add_argument("--models", default=",".join(MODELS))
@@ -529,6 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.cfc:
         key, _, value = item.partition("=")
         cfc[key] = json.loads(value)
+    if args.seeds == 0:  # the serving-cost table alone
+        print_cost(serving_cost(args.cost_series or 1000), args.cost_series or 1000)
+        return 0
     variants, names = args.variants.split(","), args.models.split(",")
     seeds = [(DEV_SEED0 if args.dev else 0) + i for i in range(args.seeds)]
     began = time.perf_counter()

@@ -27,12 +27,13 @@ direct multi-horizon head.
   ``scale_halflife`` swaps in an adaptive scaler instead: an exponentially weighted mean and deviation per row
   (decayed by ``dt``, deviations winsorised at 3 standard deviations for the variance), each input standardised
   with its own tick's statistics and each forecast with its origin's.
-* **Warm start** (CycleNet's recipe): rows keep their history until ``warm_start`` observations have arrived;
+* **Warm start** (CycleNet's recipe): rows keep their history until ``warm_start`` ticks have passed since their
+  first value (gaps count: on the engine's grid that is when CycleNet, which learns the filled ticks, warms up);
   then the group is fitted, Adam on MSE, lr flat for 4 epochs then x0.8 per epoch, early stopping on the last
   ``val_fraction`` of the history (best weights kept). A training window is ``lookback`` steps encoded from a zero
   state (truncated backpropagation through time) and the ``horizon`` values after it; missing ticks are skipped
   with their ``dt``. After the fit every row's state is computed once over its history. Rows that appear
-  later join when they have ``lookback + horizon`` observations (scaler from their history).
+  later join when ``lookback + horizon`` ticks have passed since their first value (scaler from their history).
 * **Modes.** ``"frozen"``: the weights stay as fitted (the states still move). ``"online"``: every completed
   window of a served row joins the replay buffer (its newest ``replay_window`` windows; no window is used
   before its last target has arrived) and every round takes ``replay_steps`` Adam steps on ``replay_batch``
@@ -472,7 +473,9 @@ class CfCForecaster(BatchForecaster):
         if self._adaptive:
             self._update_scaler(rows, ticks, values, prev)
         self._last_tick[rows], self._last_value[rows] = ticks, values
-        self._seen[rows] += 1
+        # ticks since the row's first value, gaps included: the history ring and the warm-start fit are indexed by
+        # tick, so a row with gaps warms up and fills its replay windows on the same clock as a complete one
+        self._seen[rows] += np.where(prev == _NO_TICK, 1, ticks - prev)
 
     def _update_scaler(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray, prev: np.ndarray) -> None:
         """Exponentially weighted mean and variance, decayed by the real time since the last value. The variance
@@ -656,7 +659,11 @@ class CfCForecaster(BatchForecaster):
     # -- deferred work ----------------------------------------------------------------------------------
 
     def maintenance(self, budget_seconds: float) -> None:
-        """Advance the warm-start fit and take due replay steps, for about ``budget_seconds``."""
+        """Advance the warm-start fit and take due replay steps, for about ``budget_seconds``; nothing with
+        ``defer=False``, whose work all runs inline (a trainer thread taking it would make the result depend on
+        which thread got there first)."""
+        if self.defer is False:
+            return
         if self.defer is None and self._learn_thread not in (None, threading.get_ident()):
             self._deferred = True  # a worker thread does the heavy work from now on
         self._work(budget_seconds, budget_seconds)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -197,6 +198,41 @@ def test_late_series_joins_with_its_own_scaler():
     assert model.ready_[5]
     f = model.forecast_many(np.array([5]), 4)
     assert np.isfinite(f).all() and abs(f.mean() - 100) < 5
+
+
+def test_a_series_with_gaps_warms_up_on_the_same_clock_as_a_complete_one():
+    # the fit uses the last warm_start ticks of the ring: it must start when they have passed, not when as many
+    # values have arrived (30 % missing would delay it by 50 ticks and drop the oldest values from the fit)
+    rng = np.random.default_rng(3)
+    arrived = rng.random(200) > 0.3
+    arrived[[0, 119]] = True
+    ticks = np.flatnonzero(arrived)
+    model = small(mode="frozen")
+    for t in ticks[ticks < 119]:
+        model.learn_many(np.array([0]), np.array([t]), cyclic(np.array([t]))[0])
+    assert not model.fitted_
+    model.learn_many(np.array([0]), np.array([119]), cyclic(np.array([119]))[0])
+    assert model.fitted_ and model.ready_[0]
+    assert model.fit_report_["train_windows"] > 0
+
+
+def test_maintenance_from_another_thread_leaves_inline_work_alone():
+    # defer=False promises inline work: a trainer thread calling maintenance must not take the fit or a replay
+    # step, or the result would depend on which thread got the lock first
+    model = small(mode="online", defer=True)
+    feed(model, np.arange(2), range(120), cyclic(np.arange(120), channels=2))  # the fit is queued, not run
+    model.defer, model._deferred = False, False  # an inline model between queuing its fit and running it
+    worker = threading.Thread(target=model.maintenance, args=(60.0,))
+    worker.start()
+    worker.join()
+    assert not model.fitted_ and model._job is not None
+    model._work(60.0, 60.0)  # the inline path
+    assert model.fitted_
+    model._due = 1  # as if learn_many had just made a replay step due
+    worker = threading.Thread(target=model.maintenance, args=(60.0,))
+    worker.start()
+    worker.join()
+    assert model._due == 1
 
 
 def test_online_learns_from_complete_windows_only_and_frozen_stays_put():
