@@ -31,7 +31,7 @@ import pandas as pd
 
 from tidecast.models.registry import MODELS, check_keywords, check_params, keyword_parameters, parse_lane
 from tidecast.monitors.conformal import CALIBRATORS, DEFAULT_CALIBRATOR
-from tidecast.stream.kafka import ASSIGNMENT_STRATEGIES
+from tidecast.stream.kafka import ASSIGNMENT_STRATEGIES, OUTPUT_FORMATS
 from tidecast.stream.partitioner import DEFAULT_PARTITIONER, PARTITIONERS
 from tidecast.stream.records import DEFAULT_MAX_ABS_VALUE, DEFAULT_MAX_BYTES
 from tidecast.stream.settings import (
@@ -294,6 +294,10 @@ class ServeSettings(KafkaClientSettings):
     group_id: str = setting("tidecast", "consumer group; members share the topic's partitions", group=KAFKA)
     forecast_topic: str | None = setting(None, "output topic for forecasts", group=KAFKA,
                                          shown_default="<topic>-forecasts")
+    output_format: str = setting("json", "forecast messages: json (one per series and origin, keyed by series id) or "
+                                 "compact (one Arrow message per partition and engine batch, many series' forecasts "
+                                 "in columns: far fewer messages; read them with tidecast.stream.kafka.read_forecasts)",
+                                 group=KAFKA, choices=OUTPUT_FORMATS)
     dead_letter_topic: str | None = setting(None, "topic for rejected records", group=KAFKA,
                                             shown_default="<topic>-dead-letters")
     changelog_topic: str | None = setting(None, "state changelog, co-partitioned with the input", group=KAFKA,

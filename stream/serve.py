@@ -89,7 +89,8 @@ def build_worker(cfg: ServeConfig, engine: Engine, metrics: Metrics, producer: A
     heartbeat = worker_kw.get("heartbeat")
     progress = heartbeat.tick if heartbeat is not None else None
     forecasts = KafkaForecastSink(producer, cfg.forecast_topic, metrics.output_errors, flush_timeout,
-                                  table.owner_of if co_partitioned.get(cfg.forecast_topic) else None, link, progress)
+                                  table.owner_of if co_partitioned.get(cfg.forecast_topic) else None, link, progress,
+                                  output_format=cfg.output_format)
     letters = KafkaDeadLetterSink(producer, cfg.dead_letter_topic, metrics.output_errors, flush_timeout,
                                   cfg.dead_letter_max_bytes, co_partitioned.get(cfg.dead_letter_topic, False), link,
                                   progress)
