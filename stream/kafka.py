@@ -360,6 +360,15 @@ COMPACT_SCHEMA = "tidecast.forecasts.compact/1"
 _ARROW_STREAM = b"\xff\xff\xff\xff"  # an Arrow IPC stream starts with a continuation marker
 
 
+def forecast_starts(batch: ForecastBatch) -> np.ndarray:
+    """Index of the first step of each forecast (the rows of one (series, model, origin) are contiguous)."""
+    n = len(batch)
+    sid, issued, model = batch.series_id, batch.issued_at_ns, batch.model
+    change = np.ones(n, dtype=bool)
+    change[1:] = (sid[1:] != sid[:-1]) | (issued[1:] != issued[:-1]) | (model[1:] != model[:-1])
+    return np.flatnonzero(change)
+
+
 def encode_compact(batch: ForecastBatch) -> bytes:
     """Forecast steps (rows of one forecast contiguous, as the engine emits them) as one compact message: an Arrow
     IPC stream holding one record batch, one row per (series, model, origin), the steps as list columns.
@@ -374,9 +383,7 @@ def encode_compact(batch: ForecastBatch) -> bytes:
 
     n = len(batch)
     sid, issued, model = batch.series_id, batch.issued_at_ns, batch.model
-    change = np.ones(n, dtype=bool)
-    change[1:] = (sid[1:] != sid[:-1]) | (issued[1:] != issued[:-1]) | (model[1:] != model[:-1])
-    starts = np.flatnonzero(change)
+    starts = forecast_starts(batch)
     offsets = pa.array(np.append(starts, n).astype(np.int32))
     utc = pa.timestamp("ns", tz="UTC")
 
@@ -606,33 +613,47 @@ class KafkaForecastSink(_TopicSink):
 
     def _write_compact(self, batch: ForecastBatch) -> None:
         """One compact message per destination partition (the series' input partition when co-partitioned) for
-        the whole batch; forecasts that cannot be encoded are set aside as in the JSON format."""
-        if not len(batch):
+        the whole batch; forecasts that cannot be encoded are set aside as in the JSON format. Works per forecast
+        (not per step) and with dictionaries, never sorting the object column of series ids."""
+        n = len(batch)
+        if not n:
             return
+        starts = forecast_starts(batch)
+        counts = np.diff(np.append(starts, n))
+        sids = batch.series_id[starts].tolist()
+        finite = np.isfinite(batch.mean)
+        ok = np.minimum.reduceat(finite, starts) if not finite.all() else np.ones(len(starts), bool)
         unsendable: dict[str, BaseException] = {}
-        origins: dict[str, set[int]] = {}
-        keep = np.isfinite(batch.mean)
-        for sid in set(batch.series_id[~keep].tolist()) if not keep.all() else ():
-            unsendable[sid] = ValueError("Out of range float values are not JSON compliant: a non-finite mean")
-        ids = np.unique(batch.series_id)
-        for sid in ids.tolist():
+        for sid in set(sids):
             try:
                 sid.encode()
             except UnicodeEncodeError as err:
                 unsendable[sid] = err
+        for i in np.flatnonzero(~ok).tolist():
+            unsendable.setdefault(sids[i], ValueError("Out of range float values are not JSON compliant: a "
+                                                      "non-finite mean"))
+        origins: dict[str, set[int]] = {}
         if unsendable:
-            bad = np.isin(batch.series_id, np.array(list(unsendable), object))
-            for sid, issued in zip(batch.series_id[bad].tolist(), batch.issued_at_ns[bad].tolist(), strict=True):
-                origins.setdefault(sid, set()).add(issued)
-            batch = _take(batch, np.flatnonzero(~bad))
-        if self.partition_of is None:
-            self._send(None, encode_compact(batch), None)
+            issued = batch.issued_at_ns[starts].tolist()
+            bad = np.array([sid in unsendable for sid in sids])
+            for i in np.flatnonzero(bad).tolist():
+                origins.setdefault(sids[i], set()).add(issued[i])
         else:
-            home = {sid: self.partition_of(sid) for sid in np.unique(batch.series_id).tolist()}
-            dest = np.array([-1 if home[sid] is None else home[sid] for sid in batch.series_id.tolist()])
-            for partition in np.unique(dest).tolist():
-                part = _take(batch, np.flatnonzero(dest == partition))
-                self._send(None, encode_compact(part), None if partition < 0 else partition)
+            bad = np.zeros(len(starts), bool)
+        if self.partition_of is None:
+            dest = np.full(len(starts), -1)
+        else:
+            home: dict[str, int] = {}
+            for sid in sids:
+                if sid not in home:
+                    p = self.partition_of(sid)
+                    home[sid] = -1 if p is None else p
+            dest = np.array([home[sid] for sid in sids])
+        dest[bad] = -2
+        step_dest = np.repeat(dest, counts)
+        for partition in np.unique(dest[~bad]).tolist():
+            part = batch if len(np.unique(dest)) == 1 else _take(batch, np.flatnonzero(step_dest == partition))
+            self._send(None, encode_compact(part), None if partition < 0 else partition)
         if unsendable:
             raise UnsendableForecasts(unsendable, origins)
 
