@@ -331,9 +331,9 @@ class ServeSettings(KafkaClientSettings):
     checkpoint_interval: float = setting(10.0, "... or after this many seconds", group=STATE, check=at_least(0))
     changelog_bytes_per_record: float = setting(
         100.0, "changelog budget: a checkpoint writes every series of its partitions, so the next one waits until "
-        "the records since then reach the last one's bytes divided by this (0: no budget). A restore reads one "
-        "checkpoint's worth of changelog and re-reads at most that many input records", group=STATE,
-        check=at_least(0))
+        "the records since then reach the last one's bytes divided by this, or 30 checkpoint intervals pass (0: no "
+        "budget). A restore reads one checkpoint's worth of changelog and re-reads the input records since",
+        group=STATE, check=at_least(0))
     metrics_port: int | None = setting(None, "serve Prometheus /metrics, /healthz and /readyz on this port",
                                        group=SERVICE, check=port_number)
     metrics_address: str = setting("0.0.0.0", "address of the /metrics server", group=SERVICE)

@@ -345,11 +345,14 @@ def forecast_payloads(batch: ForecastBatch) -> Iterable[tuple[str, int, bytes | 
             value = mean[s:e][~np.isfinite(mean[s:e])][0]
             yield series_id, issued_ns[i], ValueError(f"Out of range float values are not JSON compliant: {value!r}")
             continue
-        payload = orjson.dumps({
-            "series_id": series_id, "model": str(model[s]), "issued_at": issued_iso[i], "alpha": alpha,
-            "h": h[s:e], "target_timestamp": targets[s:e], "mean": mean[s:e], "lower": lower[s:e],
-            "upper": upper[s:e], "schema_version": FORECAST_SCHEMA_VERSION,
-        }, option=opts)
+        try:
+            payload: bytes | ValueError = orjson.dumps({
+                "series_id": series_id, "model": str(model[s]), "issued_at": issued_iso[i], "alpha": alpha,
+                "h": h[s:e], "target_timestamp": targets[s:e], "mean": mean[s:e], "lower": lower[s:e],
+                "upper": upper[s:e], "schema_version": FORECAST_SCHEMA_VERSION,
+            }, option=opts)
+        except orjson.JSONEncodeError as err:  # a series id UTF-8 cannot hold (a lone surrogate)
+            payload = ValueError(f"{err}")
         yield series_id, issued_ns[i], payload
 
 

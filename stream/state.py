@@ -349,6 +349,7 @@ class ChangelogTail:
     n_records: int = 0
     n_bytes: int = 0  # keys and values read
     n_incomplete: int = 0  # records after the last marker (an interrupted checkpoint), ignored
+    last_group_short: bool = False  # the last group held fewer series than its marker says (read from mid-group)
     n_skipped: int = 0  # records that are no state blob (or not one of ours), skipped with a warning
 
     @property
@@ -380,9 +381,11 @@ class TailReader:
     one stray record must not stop every restore of the partition.
     """
 
-    def __init__(self, start: int, where: str = "changelog") -> None:
+    def __init__(self, start: int, where: str = "changelog", quiet: bool = False) -> None:
         self.tail = ChangelogTail(next_offset=start)
         self.where = where
+        self.quiet = quiet  # keep the warnings in ``held`` instead of logging them
+        self.held: list[str] = []
         self._rows: dict[str, SeriesRows] = {}
         self._shared: SharedState = {}
 
@@ -396,8 +399,12 @@ class TailReader:
         except (CorruptState, KeyError, TypeError, ValueError) as err:
             self.tail.n_skipped += 1
             shown = key[:64] if key is not None else None
-            log.warning("skipping changelog record at %s offset %d (key %r): %s; restoring the rest", self.where,
-                        offset, shown, err if isinstance(err, CorruptState) else f"{type(err).__name__}: {err}")
+            text = (f"skipping changelog record at {self.where} offset {offset} (key {shown!r}): "
+                    f"{err if isinstance(err, CorruptState) else f'{type(err).__name__}: {err}'}; restoring the rest")
+            if self.quiet:
+                self.held.append(text)
+            else:
+                log.warning("%s", text)
 
     def _fold(self, offset: int, value: bytes) -> None:
         meta, arrays = decode_blob(value)
@@ -418,6 +425,7 @@ class TailReader:
             raise CorruptState(f"unknown changelog record kind {kind!r}")
 
     def _close_group(self, offset: int, meta: dict[str, Any]) -> None:
+        self.tail.last_group_short = len(self._rows) < int(meta.get("n_series") or 0)
         rows = self.tail.rows
         for sid, one in self._rows.items():
             rows[sid] = newer(rows.get(sid), one)
@@ -532,9 +540,15 @@ class ChangelogStore:
         every group holds the whole partition, so a restore reads one group's worth, not the changelog's
         history (which only grows where the topic is not compacted)."""
         base = self.last_group_start(partition)
-        tail = self.read(partition, max(start, base))
-        if base > start and tail.empty:  # the group was not where its marker said: read it all
-            tail = self.read(partition, start)
+        if base <= start:
+            return self.read(partition, start)
+        reader = TailReader(base, f"{self.topic}[{partition}]", quiet=True)
+        tail = reader.finish(self._fetch(partition, base, reader.add))
+        if tail.empty or tail.last_group_short:
+            # the group was not where its marker said (a foreign record inside it): read everything from start
+            return self.read(partition, start)
+        for text in reader.held:
+            log.warning("%s", text)
         return tail
 
     def last_group_start(self, partition: int) -> int:

@@ -51,6 +51,10 @@ from tidecast.stream.sources import DeadLetter
 
 log = logging.getLogger(__name__)
 
+#: The changelog budget postpones a checkpoint by at most this many checkpoint intervals, so that a trickle of
+#: records is still made durable (5 minutes with the default interval of 10 s).
+BUDGET_WAIT_INTERVALS = 30
+
 
 class Worker(threading.Thread):
     """Everything that touches the engine runs here, in queue order.
@@ -237,11 +241,12 @@ class Worker(threading.Thread):
         if self._job is not None:
             return
         due_records = self._since_checkpoint >= self.cfg.checkpoint_records
-        due_time = time.monotonic() - self._last_checkpoint >= self.cfg.checkpoint_interval
-        if not (due_records or due_time):
+        elapsed = time.monotonic() - self._last_checkpoint
+        if not (due_records or elapsed >= self.cfg.checkpoint_interval):
             return
         budget = getattr(self.cfg, "changelog_bytes_per_record", 0)
-        if budget and self._since_checkpoint * budget < self._last_changelog_bytes:
+        over_budget = budget and self._since_checkpoint * budget < self._last_changelog_bytes
+        if over_budget and elapsed < BUDGET_WAIT_INTERVALS * self.cfg.checkpoint_interval:
             return
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
