@@ -51,9 +51,13 @@ def grow(array: np.ndarray, n_rows: int, fill: Any) -> np.ndarray:
     new_len = capacity_for(array.shape[0], n_rows)
     if new_len == array.shape[0]:
         return array
-    out = np.empty((new_len, *array.shape[1:]), dtype=array.dtype)
+    if np.isscalar(fill) and fill == 0 and array.dtype != object:
+        # calloc'd: the spare rows stay untouched zero pages until used, so doubling costs no resident memory
+        out = np.zeros((new_len, *array.shape[1:]), dtype=array.dtype)
+    else:
+        out = np.empty((new_len, *array.shape[1:]), dtype=array.dtype)
+        out[array.shape[0] :] = fill
     out[: array.shape[0]] = array
-    out[array.shape[0] :] = fill
     return out
 
 

@@ -1,9 +1,17 @@
-"""Forecasts waiting for their targets: the last H issued per series, until each matures and is scored.
+"""Forecasts waiting for their targets: what each issued forecast step needs to be scored when its target arrives.
 
-The h-step forecast issued at origin tick ``o`` matures at tick ``o + h``. A row keeps the forecasts of its last H
-origins in a ring indexed by ``origin % H``, with the origin tick itself stored so a slot overwritten by a newer
-origin, or cleared after a reset, can never be mistaken for the one asked for. Bounds are ``NaN`` where a step was
-issued without an interval.
+The h-step forecast issued at origin tick ``o`` matures at tick ``o + h``. At any tick only the steps that have not
+matured yet are waiting: for step h, the last h origins' — H(H+1)/2 values per series, not H². So each step h has
+a ring of h slots, indexed by ``origin % h`` (the slot a new origin overwrites is the one that has just matured),
+packed into one triangle per row. A ring of the last H origins keeps each origin's tick, so a slot overwritten by a
+newer origin, or cleared after a reset, can never be mistaken for the one asked for.
+
+Compact, and exact where it matters: an origin's first step is kept as a float64 *anchor*; the other steps are kept
+as float32 differences from it, and the bounds as float32 offsets from their step's mean. A float32 mean would lose
+the unit digit of a series near 1e7; a difference from the anchor keeps the precision of the forecast's own moves.
+Scoring then sees ``mean`` to ~1e-7 of the forecast's change over the horizon and bounds to ~1e-7 of the interval's
+width (the published forecasts are not affected). Bounds are ``NaN`` where a step was issued without an interval.
+At H = 24 this is 4.0 kB a series instead of 14 kB; at H = 96, 57 kB instead of 222 kB.
 
 >>> import numpy as np
 >>> pending = PendingForecasts(horizon=2)
@@ -11,8 +19,10 @@ issued without an interval.
 >>> pending.store(np.array([0]), np.array([10]), np.array([[1.0, 2.0]]), np.array([[0.5, 1.0]]),
 ...               np.array([[1.5, 3.0]]))
 >>> mean, lower, upper, valid = pending.matured(np.array([0]), np.array([11]))  # tick 11: h = 1 from origin 10
->>> mean.tolist(), valid.tolist()
-([[1.0, nan]], [[True, False]])
+>>> mean.tolist(), lower.tolist()[0][0], valid.tolist()
+([[1.0, nan]], 0.5, [[True, False]])
+>>> pending.matured(np.array([0]), np.array([12]))[0].tolist()  # tick 12: h = 2 from origin 10
+[[nan, 2.0]]
 """
 
 from __future__ import annotations
@@ -26,38 +36,60 @@ NO_TICK = np.iinfo(np.int64).min
 
 
 class PendingForecasts:
-    """The last H forecasts of every row, indexed by origin tick modulo H, until they mature."""
+    """The waiting steps of every row's last H forecasts (see the module docstring for the layout)."""
 
-    origin_ = Column("origin")  # (rows, H): origin tick of each ring slot
-    mean_ = Column("mean")  # (rows, H slots, H steps)
-    lower_ = Column("lower")
-    upper_ = Column("upper")
+    origin_ = Column("origin")  # (rows, H): origin tick of each origin-ring slot (origin % H)
+    anchor_ = Column("anchor")  # (rows, H): that origin's first finite step, float64
+    delta_ = Column("delta")  # (rows, H(H+1)/2): step mean - anchor, float32, triangle of per-step rings
+    lower_ = Column("lower")  # (rows, H(H+1)/2): lower bound - step mean, float32
+    upper_ = Column("upper")  # (rows, H(H+1)/2): upper bound - step mean, float32
 
     def __init__(self, horizon: int) -> None:
         self.horizon = horizon
         self.hs_ = np.arange(1, horizon + 1)
-        steps = Field((horizon, horizon), np.float64, np.nan)
-        self.table_ = RowTable(origin=Field((horizon,), np.int64, NO_TICK), mean=steps, lower=steps, upper=steps)
+        self.start_ = np.concatenate([[0], np.cumsum(self.hs_)[:-1]])  # step h's ring starts here
+        cells = horizon * (horizon + 1) // 2
+        # zero fills: a grown table's unused rows stay untouched zero pages (no resident memory)
+        steps = Field((cells,), np.float32, 0.0)
+        self.table_ = RowTable(origin=Field((horizon,), np.int64, NO_TICK), anchor=Field((horizon,), np.float64, 0.0),
+                               delta=steps, lower=steps, upper=steps)
 
     def resize(self, n_rows: int) -> None:
         self.table_.resize(n_rows)
+
+    def _cells(self, origins: np.ndarray) -> np.ndarray:
+        """Triangle columns of step h of the forecast issued at each origin, (n, H)."""
+        return self.start_[None, :] + origins[:, None] % self.hs_[None, :]
 
     def store(self, rows: np.ndarray, origins: np.ndarray, mean: np.ndarray, lower: np.ndarray,
               upper: np.ndarray) -> None:
         """Keep the forecasts issued at tick ``origins`` (one per row), each (n, H)."""
         ring = origins % self.horizon
+        finite = np.isfinite(mean)
+        first = np.where(finite.any(axis=1), finite.argmax(axis=1), 0)
+        anchor = mean[np.arange(len(rows)), first]
+        anchor = np.where(np.isfinite(anchor), anchor, 0.0)
         self.origin_[rows, ring] = origins
-        self.mean_[rows, ring], self.lower_[rows, ring], self.upper_[rows, ring] = mean, lower, upper
+        self.anchor_[rows, ring] = anchor
+        r, cells = rows[:, None], self._cells(origins)
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf pass through as they are
+            self.delta_[r, cells] = mean - anchor[:, None]
+            self.lower_[r, cells] = lower - mean
+            self.upper_[r, cells] = upper - mean
 
     def matured(self, rows: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, ...]:
         """Forecasts for tick ``targets`` issued h ticks earlier: (mean, lower, upper, valid), each (n, H)."""
         origins = targets[:, None] - self.hs_[None, :]
-        ring = origins % self.horizon
         r = rows[:, None]
-        step = self.hs_[None, :] - 1
-        mean = self.mean_[r, ring, step]
-        valid = (self.origin_[r, ring] == origins) & np.isfinite(mean)
-        return mean, self.lower_[r, ring, step], self.upper_[r, ring, step], valid
+        ring = origins % self.horizon
+        cells = self.start_[None, :] + targets[:, None] % self.hs_[None, :]
+        issued = self.origin_[r, ring] == origins
+        mean = np.where(issued, self.anchor_[r, ring] + self.delta_[r, cells], np.nan)
+        valid = issued & np.isfinite(mean)
+        with np.errstate(invalid="ignore"):  # inf offsets of unbounded sides stay inf
+            lower = np.where(np.isinf(self.lower_[r, cells]), self.lower_[r, cells], mean + self.lower_[r, cells])
+            upper = np.where(np.isinf(self.upper_[r, cells]), self.upper_[r, cells], mean + self.upper_[r, cells])
+        return mean, lower, upper, valid
 
     def invalidate(self, rows: np.ndarray) -> None:
         """Forget what ``rows`` have pending (after a reset nothing may mature across the gap)."""
@@ -67,4 +99,23 @@ class PendingForecasts:
         return self.table_.export_rows(rows)
 
     def import_rows(self, rows: np.ndarray, state: ArrayDict) -> None:
+        if "mean" in state and "delta" not in state:
+            state = self._upgrade(state)
         self.table_.import_rows(rows, state)
+
+    def _upgrade(self, state: ArrayDict) -> ArrayDict:
+        """State saved in the square layout ((rows, H origins, H steps) float64 mean, lower, upper) in this one:
+        origins written oldest first, so each step ring ends with the newest origin's value, as it would have."""
+        origin = np.asarray(state["origin"], np.int64)
+        n = len(origin)
+        out = PendingForecasts(self.horizon)
+        out.resize(n)
+        mean, lower, upper = (np.asarray(state[k], np.float64) for k in ("mean", "lower", "upper"))
+        order = np.argsort(np.where(origin == NO_TICK, np.iinfo(np.int64).min, origin), axis=1, kind="stable")
+        for j in range(self.horizon):
+            slot = order[:, j]
+            rows = np.flatnonzero(origin[np.arange(n), slot] != NO_TICK)
+            if len(rows):
+                s = slot[rows]
+                out.store(rows, origin[rows, s], mean[rows, s], lower[rows, s], upper[rows, s])
+        return out.export_rows(np.arange(n))
