@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from tidecast.models.base import ArrayDict, BatchForecaster
-from tidecast.models.rows import grow
+from tidecast.models.rows import capacity_for, grow
 from tidecast.monitors.conformal import Calibrator, make_calibrator
 from tidecast.monitors.metrics import Metrics
 from tidecast.monitors.scoring import PrequentialScorer
@@ -74,7 +74,8 @@ class Lane:
         self.name = name or model.name  # the lane's alias: records, metric labels and state keys use it
         self.model = model
         self.calibrator = calibrator
-        self.pending = PendingForecasts(horizon)
+        # A calibrator that keeps the intervals it issued (conformal PID) spares the pending forecasts theirs.
+        self.pending = PendingForecasts(horizon, bounds=not getattr(calibrator, "keeps_issued_intervals", False))
         self.scorer = PrequentialScorer(horizon, alpha, coverage_window)
 
     def resize(self, n_rows: int) -> None:
@@ -225,7 +226,7 @@ class Engine:
             return None
         slot = self._free.pop() if self._free else len(self._slot_of)
         if slot >= self._cap:
-            self._grow(max(8, 2 * self._cap))
+            self._grow(capacity_for(self._cap, slot + 1))
         self._slot_of[series_id] = slot
         self._ids[slot] = series_id
         if self._step is not None:
@@ -428,6 +429,8 @@ class Engine:
                 lane.pending.invalidate(reset_rows)
             if len(r_rows):  # 1. score what matured now, before the model sees y
                 mean, lower, upper, valid = lane.pending.matured(r_rows, r_ticks)
+                if lower is None:  # the calibrator kept them: read before it learns (its ring slot moves on)
+                    lower, upper = lane.calibrator.issued_intervals(r_rows, np.where(valid, mean, 0.0))
                 lane.calibrator.update(r_rows, np.where(valid, y[:, None] - mean, 0.0), valid)
                 lane.scorer.update(r_rows, y, mean, lower, upper, valid)
             lane.model.learn_many(rows, ticks, values, filled=filled)  # 2. learn (filled gap ticks included)

@@ -23,6 +23,14 @@ At H = 24 this is 4.0 kB a series instead of 14 kB; at H = 96, 57 kB instead of 
 ([[1.0, nan]], 0.5, [[True, False]])
 >>> pending.matured(np.array([0]), np.array([12]))[0].tolist()  # tick 12: h = 2 from origin 10
 [[nan, 2.0]]
+
+A calibrator that keeps the intervals it issued (conformal PID keeps them for its own scoring) makes the bounds
+here redundant: ``PendingForecasts(horizon, bounds=False)`` keeps the means only, and the engine asks the
+calibrator (:meth:`~tidecast.monitors.conformal.base.Calibrator.issued_intervals`). That saves 2 x 4 bytes a cell
+(37 kB a series at H = 96). The intervals are the ones issued while a series reports every tick; in the H ticks
+after a gap the calibrator answers with the slot it scores itself against (its h-th last update's), so the scored
+coverage there is the controller's view, not the published interval's (on a synthetic stream with 15 % of ticks
+missing: 0.900 instead of 0.885 coverage, widths within 0.3 %).
 """
 
 from __future__ import annotations
@@ -44,15 +52,19 @@ class PendingForecasts:
     lower_ = Column("lower")  # (rows, H(H+1)/2): lower bound - step mean, float32
     upper_ = Column("upper")  # (rows, H(H+1)/2): upper bound - step mean, float32
 
-    def __init__(self, horizon: int) -> None:
+    def __init__(self, horizon: int, bounds: bool = True) -> None:
         self.horizon = horizon
+        self.bounds = bounds  # False: the calibrator keeps the issued intervals (matured() returns None for them)
         self.hs_ = np.arange(1, horizon + 1)
         self.start_ = np.concatenate([[0], np.cumsum(self.hs_)[:-1]])  # step h's ring starts here
         cells = horizon * (horizon + 1) // 2
         # zero fills: a grown table's unused rows stay untouched zero pages (no resident memory)
         steps = Field((cells,), np.float32, 0.0)
-        self.table_ = RowTable(origin=Field((horizon,), np.int64, NO_TICK), anchor=Field((horizon,), np.float64, 0.0),
-                               delta=steps, lower=steps, upper=steps)
+        fields = {"origin": Field((horizon,), np.int64, NO_TICK), "anchor": Field((horizon,), np.float64, 0.0),
+                  "delta": steps}
+        if bounds:
+            fields |= {"lower": steps, "upper": steps}
+        self.table_ = RowTable(**fields)
 
     def resize(self, n_rows: int) -> None:
         self.table_.resize(n_rows)
@@ -74,11 +86,13 @@ class PendingForecasts:
         r, cells = rows[:, None], self._cells(origins)
         with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf pass through as they are
             self.delta_[r, cells] = mean - anchor[:, None]
-            self.lower_[r, cells] = lower - mean
-            self.upper_[r, cells] = upper - mean
+            if self.bounds:
+                self.lower_[r, cells] = lower - mean
+                self.upper_[r, cells] = upper - mean
 
     def matured(self, rows: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Forecasts for tick ``targets`` issued h ticks earlier: (mean, lower, upper, valid), each (n, H)."""
+        """Forecasts for tick ``targets`` issued h ticks earlier: (mean, lower, upper, valid), each (n, H); the
+        bounds are ``None`` when this table does not keep them."""
         origins = targets[:, None] - self.hs_[None, :]
         r = rows[:, None]
         ring = origins % self.horizon
@@ -86,6 +100,8 @@ class PendingForecasts:
         issued = self.origin_[r, ring] == origins
         mean = np.where(issued, self.anchor_[r, ring] + self.delta_[r, cells], np.nan)
         valid = issued & np.isfinite(mean)
+        if not self.bounds:
+            return mean, None, None, valid
         with np.errstate(invalid="ignore"):  # inf offsets of unbounded sides stay inf
             lower = np.where(np.isinf(self.lower_[r, cells]), self.lower_[r, cells], mean + self.lower_[r, cells])
             upper = np.where(np.isinf(self.upper_[r, cells]), self.upper_[r, cells], mean + self.upper_[r, cells])
@@ -108,7 +124,7 @@ class PendingForecasts:
         origins written oldest first, so each step ring ends with the newest origin's value, as it would have."""
         origin = np.asarray(state["origin"], np.int64)
         n = len(origin)
-        out = PendingForecasts(self.horizon)
+        out = PendingForecasts(self.horizon, self.bounds)
         out.resize(n)
         mean, lower, upper = (np.asarray(state[k], np.float64) for k in ("mean", "lower", "upper"))
         order = np.argsort(np.where(origin == NO_TICK, np.iinfo(np.int64).min, origin), axis=1, kind="stable")

@@ -91,6 +91,37 @@ def test_pending_state_in_the_square_layout_is_upgraded_on_import():
     assert mean[0, :3].tolist() == [900.0, 801.0, 702.0] and lower[0, :3].tolist() == [899.0, 799.0, 699.0]
 
 
+def scored_run(keep_bounds: bool) -> np.ndarray:
+    """Scorer sums after a gap-free stream through seasonal naive + conformal PID, H = 6."""
+    from tidecast.stream.batch import ObservationBatch
+    from tidecast.stream.config import EngineConfig
+    from tidecast.stream.engine import Engine
+
+    engine = Engine.from_config(EngineConfig(horizon=6, model_params={"seasonal-naive": {"period": 4}}))
+    lane = engine.lanes[0]
+    if keep_bounds:  # the reference: the pending forecasts keep the bounds as issued
+        lane.pending = PendingForecasts(6, bounds=True)
+        lane.pending.resize(8)  # as many rows as the engine starts with (it grows every lane beyond)
+    rng = np.random.default_rng(1)
+    ids = np.array(["a", "b", "c"], dtype=object)
+    for t in range(150):
+        values = 5 * np.sin(t / 3 + np.arange(3)) + rng.normal(size=3)
+        engine.process(ObservationBatch(ids, np.full(3, t * HOUR, np.int64), values))
+    return lane.scorer.export_rows(np.arange(3))["sums"]
+
+
+def test_a_pid_lane_scores_the_intervals_it_issued_without_keeping_their_bounds_twice():
+    from tidecast.stream.config import EngineConfig
+    from tidecast.stream.engine import Engine
+
+    lane = Engine.from_config(EngineConfig(horizon=6)).lanes[0]
+    assert not lane.pending.bounds and set(lane.pending.table_.fields) == {"origin", "anchor", "delta"}
+    got, want = scored_run(keep_bounds=False), scored_run(keep_bounds=True)
+    assert want[:, 3].sum() > 0.5 * want[:, 0].sum()  # intervals were issued and scored
+    # the same intervals: only float32 rounding differs (the ring keeps thresholds, the table kept offsets)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 def test_grown_tables_leave_zero_filled_spare_rows_untouched():
     grown = grow(np.ones((3, 2)), 5, 0.0)
     assert grown.shape == (8, 2) and grown[:3].tolist() == [[1.0, 1.0]] * 3 and not grown[3:].any()
