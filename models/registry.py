@@ -7,6 +7,7 @@ name               model
 ``holt-winters``   river ``HoltWinters`` (additive, two-cycle start) per series, standardised, cycle detected
 ``snarimax``       river ``SNARIMAX`` per series, standardised, cycle detected
 ``cyclenet``       :mod:`tidecast.models.cyclenet` — RCF + linear/MLP backbone, one shared backbone (torch)
+``cfc``            :mod:`tidecast.models.liquid` — liquid CfC cell, one hidden state per series, dt-aware (torch)
 =================  =====================================================================================
 
 Each engine lane is ``ALIAS=NAME`` (``sn24=seasonal-naive``) or a bare ``NAME``, its own alias; the alias names the
@@ -97,11 +98,18 @@ def cyclenet(horizon: int, **params: Any) -> BatchForecaster:
     return build(horizon=horizon, **params)
 
 
+def cfc(horizon: int, **params: Any) -> BatchForecaster:
+    from tidecast.models.liquid import build  # torch is imported only when the liquid model is asked for
+
+    return build(horizon=horizon, **params)
+
+
 MODELS: dict[str, Callable[..., BatchForecaster]] = {
     "seasonal-naive": seasonal_naive,
     "holt-winters": holt_winters,
     "snarimax": snarimax,
     "cyclenet": cyclenet,
+    "cfc": cfc,
 }
 
 
@@ -112,9 +120,16 @@ def _cyclenet_class() -> type:
 
 
 #: Factories that forward ``**params`` to a class: the class whose constructor declares them.
+def _cfc_class() -> type:
+    from tidecast.models.liquid import CfCForecaster  # torch: imported only when the liquid model is asked for
+
+    return CfCForecaster
+
+
 _PARAMETERS_OF: dict[str, Callable[[], Callable[..., Any]]] = {
     "seasonal-naive": lambda: SeasonalNaive,
     "cyclenet": _cyclenet_class,
+    "cfc": _cfc_class,
 }
 _ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 

@@ -66,7 +66,7 @@ class RiverDetector(DriftDetector):
             self.detectors_[r] = self._new()
 
     def update(self, rows: np.ndarray, residuals: np.ndarray, covered: np.ndarray | None = None,
-               scale: np.ndarray | float | None = None) -> Alarms:
+               scale: np.ndarray | float | None = None, values: np.ndarray | None = None) -> Alarms:
         rows = np.asarray(rows, dtype=np.intp).reshape(-1)
         x = np.asarray(residuals, dtype=float).reshape(-1)
         if scale is not None:
@@ -88,7 +88,8 @@ class RiverDetector(DriftDetector):
         out = np.array(fired, dtype=np.int64)
         return Alarms(out, np.full(out.size, _RIVER[self.method][1]), np.full(out.size, np.nan))
 
-    def _step(self, s: np.ndarray, x: np.ndarray, covered: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    def _step(self, s: np.ndarray, x: np.ndarray, covered: np.ndarray | None,
+              values: np.ndarray | None) -> tuple[np.ndarray, ...]:
         raise NotImplementedError  # update() is overridden: the state is river objects
 
     def export_rows(self, rows: np.ndarray) -> ArrayDict:

@@ -4,7 +4,7 @@ One :class:`prometheus_client.CollectorRegistry` per process (passed in, so test
 (seconds, ratios), ``_total`` counters, and only bounded label sets: ``model`` (the configured models),
 ``horizon`` (1..H), ``reason`` (:data:`tidecast.stream.records.REASONS`, and ``serve``'s
 :data:`tidecast.stream.kafka_source.SERVE_REASONS`), ``partition`` (the assigned partitions), ``source`` (changelog,
-snapshot).
+snapshot), ``detector`` (the configured drift watchers).
 No per-series labels: a fleet of 100k series must not become 100k time series in Prometheus.
 
 >>> m = Metrics()
@@ -61,6 +61,12 @@ class Metrics:
         self.width = Gauge(
             "tidecast_interval_width", "Rolling mean interval width (in the series' own units).",
             ["model", "horizon"], registry=r)
+        self.drift_alarms = Counter(
+            "tidecast_drift_alarms", "Drift alarms raised on a series' model, by lane and watcher.",
+            ["model", "detector"], registry=r)
+        self.series_drifting = Gauge(
+            "tidecast_series_drifting", "Series whose model raised a drift alarm within the last drift_window steps "
+            "of their own grid.", ["model"], registry=r)
         self.processing = Histogram(
             "tidecast_processing_seconds", "Wall time of one engine batch.", buckets=_LATENCY_BUCKETS,
             registry=r)

@@ -31,6 +31,7 @@ import pandas as pd
 
 from tidecast.models.registry import MODELS, check_keywords, check_params, keyword_parameters, parse_lane
 from tidecast.monitors.conformal import CALIBRATORS, DEFAULT_CALIBRATOR
+from tidecast.monitors.drift import DEFAULT_DETECTOR, DETECTORS
 from tidecast.stream.kafka import ASSIGNMENT_STRATEGIES, OUTPUT_FORMATS
 from tidecast.stream.partitioner import DEFAULT_PARTITIONER, PARTITIONERS
 from tidecast.stream.records import DEFAULT_MAX_ABS_VALUE, DEFAULT_MAX_BYTES
@@ -142,6 +143,15 @@ class EngineConfig:
                                                shown_default="all")
     coverage_window: int = setting(1000, "effective window (scored forecasts) of the rolling coverage and width "
                                    "gauges", group=ENGINE, check=at_least(1))
+    drift_detector: str = setting(DEFAULT_DETECTOR, "label-based drift detector on each lane's matured residuals, "
+                                  "pooled over horizons; none: off", group=ENGINE,
+                                  choices=("none", *sorted(DETECTORS)))
+    drift_params: dict[str, Any] = setting(
+        {}, "drift detector parameter KEY=VALUE (VALUE is JSON), repeated; in the file: a [drift_params] table",
+        group=ENGINE, name="drift_param", key="drift_params", repeat=True, sep=None, metavar="KEY=VALUE",
+        parse=partial(parse_key_values, what="drift detector parameter", nested=False))
+    drift_window: int = setting(168, "a series counts as drifting (tidecast_series_drifting) for this many steps of "
+                                "its own grid after a drift alarm", group=ENGINE, check=at_least(1))
     maintenance_budget_seconds: float = setting(0.05, "time given to deferred model work (fitting) between batches",
                                                 group=ENGINE, check=at_least(0))
     torch_threads: int = setting(1, "torch intra-op threads", group=ENGINE, check=at_least(1))
@@ -166,6 +176,7 @@ class EngineConfig:
         except ValueError as err:
             raise SettingsError(f"{err} (from --calibrator-param or [calibrator_params])") from None
         object.__setattr__(self, "calibrator_params", params)
+        object.__setattr__(self, "drift_params", self._checked_drift_params())
 
     def _checked_model_params(self, lanes: dict[str, str]) -> dict[str, dict[str, Any]]:
         checked = {}
@@ -179,6 +190,17 @@ class EngineConfig:
             except ValueError as err:
                 raise SettingsError(f"{err} (from --model-param or [model_params.{alias}])") from None
         return checked
+
+    def _checked_drift_params(self) -> dict[str, Any]:
+        if self.drift_detector == "none":
+            if self.drift_params:
+                raise SettingsError("drift detector parameters given, but --drift-detector is none")
+            return {}
+        accepted = keyword_parameters(DETECTORS[self.drift_detector])
+        try:
+            return check_keywords(accepted, dict(self.drift_params), "drift detector parameter ", self.drift_detector)
+        except ValueError as err:
+            raise SettingsError(f"{err} (from --drift-param or [drift_params])") from None
 
     @property
     def lanes(self) -> list[tuple[str, str]]:
@@ -298,6 +320,8 @@ class ServeSettings(KafkaClientSettings):
                                  "compact (one Arrow message per partition and engine batch, many series' forecasts "
                                  "in columns: far fewer messages; read them with tidecast.stream.kafka.read_forecasts)",
                                  group=KAFKA, choices=OUTPUT_FORMATS)
+    events_topic: str | None = setting(None, "output topic for drift events (alarms of the lanes' drift monitors)",
+                                       group=KAFKA, shown_default="<topic>-events")
     dead_letter_topic: str | None = setting(None, "topic for rejected records", group=KAFKA,
                                             shown_default="<topic>-dead-letters")
     changelog_topic: str | None = setting(None, "state changelog, co-partitioned with the input", group=KAFKA,
@@ -356,7 +380,8 @@ class ServeSettings(KafkaClientSettings):
 
     def __post_init__(self) -> None:
         check_declared(self)
-        derived = {"forecast_topic": f"{self.topic}-forecasts", "dead_letter_topic": f"{self.topic}-dead-letters",
+        derived = {"forecast_topic": f"{self.topic}-forecasts", "events_topic": f"{self.topic}-events",
+                   "dead_letter_topic": f"{self.topic}-dead-letters",
                    "changelog_topic": f"{self.group_id}-{self.topic}-changelog"}
         for name, value in derived.items():
             if getattr(self, name) is None:

@@ -14,8 +14,11 @@ For each series, in timestamp order, every new observation ``y`` at tick ``t`` g
 3. **forecast** — H steps ahead.
 4. **interval** — the calibrator puts ``[lower, upper]`` around each step; both are ``NaN`` ("no interval yet")
    while that (series, h) cell has no matured residual, never a zero-width interval claiming certainty.
-5. **monitor** — metrics are updated.
-6. **emit** — forecast records go back to the caller.
+5. **monitor** — each lane's monitors (:class:`~tidecast.monitors.drift.LaneMonitor`) see what matured in step 1
+   (the drift monitor: residuals of every horizon, the h = 1 interval's hit or miss, the value) and what was issued
+   in step 4 (label-free watchers); their alarms become :class:`~tidecast.monitors.drift.DriftEvent` objects in
+   :attr:`EngineResult.events`; metrics are updated.
+6. **emit** — forecast records and events go back to the caller.
 
 Time: each series lives on a regular grid of step ``freq``. Without a configured ``freq`` the step is inferred
 per series: its first :data:`STEP_WINDOW` observations are *held*, and the step is the (lower) median of their
@@ -53,6 +56,15 @@ import numpy as np
 from tidecast.models.base import ArrayDict, BatchForecaster
 from tidecast.models.rows import capacity_for, grow
 from tidecast.monitors.conformal import Calibrator, make_calibrator
+from tidecast.monitors.drift import (
+    NO_ALARM,
+    Alarms,
+    DriftEvent,
+    DriftMonitor,
+    LaneMonitor,
+    from_epoch_ns,
+    make_detector,
+)
 from tidecast.monitors.metrics import Metrics
 from tidecast.monitors.scoring import PrequentialScorer
 from tidecast.stream.batch import ForecastBatch, ObservationBatch, Rejection
@@ -67,23 +79,30 @@ _MAX_NS = np.iinfo(np.int64).max
 
 
 class Lane:
-    """One model's path through the engine: forecaster -> calibrator -> scorer (and, later, more monitors)."""
+    """One model's path through the engine: forecaster -> calibrator -> scorer, and its watchers (``monitors``:
+    :class:`~tidecast.monitors.drift.LaneMonitor` objects, e.g. the drift monitor) whose alarms become events."""
 
     def __init__(self, model: BatchForecaster, calibrator: Calibrator, horizon: int, alpha: float,
-                 coverage_window: int = 1000, name: str | None = None) -> None:
+                 coverage_window: int = 1000, name: str | None = None,
+                 monitors: list[LaneMonitor] | None = None) -> None:
         self.name = name or model.name  # the lane's alias: records, metric labels and state keys use it
         self.model = model
         self.calibrator = calibrator
         # A calibrator that keeps the intervals it issued (conformal PID) spares the pending forecasts theirs.
         self.pending = PendingForecasts(horizon, bounds=not getattr(calibrator, "keeps_issued_intervals", False))
         self.scorer = PrequentialScorer(horizon, alpha, coverage_window)
+        self.monitors = list(monitors or [])
+        keys = [m.key for m in self.monitors]
+        if len(set(keys)) != len(keys) or set(keys) & {"model", "cal", "pending", "score"}:
+            raise ValueError(f"lane monitors need distinct state keys, got {keys}")
 
     def resize(self, n_rows: int) -> None:
-        for part in (self.model, self.calibrator, self.pending, self.scorer):
+        for part in (self.model, self.calibrator, self.pending, self.scorer, *self.monitors):
             part.resize(n_rows)
 
     def parts(self) -> dict[str, Any]:
-        return {"model": self.model, "cal": self.calibrator, "pending": self.pending, "score": self.scorer}
+        parts = {"model": self.model, "cal": self.calibrator, "pending": self.pending, "score": self.scorer}
+        return parts | {m.key: m for m in self.monitors}
 
 
 @dataclass
@@ -98,6 +117,7 @@ class EngineResult:
     n_gap_filled: int = 0
     n_resets: int = 0  # series whose history was reset by a gap longer than max_gap
     elapsed_seconds: float = 0.0
+    events: list[DriftEvent] = field(default_factory=list)  # lane monitors' alarms (drift), in round order
 
 
 # Per-series engine state: name -> (dtype, fill for an empty row); hold_t/hold_v have STEP_WINDOW columns.
@@ -194,6 +214,10 @@ class Engine:
         self._blank = self._export_rows(np.array([0]))  # the state of a row no series has touched
         for lane in lanes:  # the alerts compare rolling coverage with this, per model
             self.metrics.target_coverage.labels(model=lane.name).set(1.0 - config.alpha)
+            for monitor in lane.monitors:  # export zeros: absent != no alarm
+                self.metrics.drift_alarms.labels(model=lane.name, detector=monitor.detector)
+            if lane.monitors:
+                self.metrics.series_drifting.labels(model=lane.name).set(0)
 
     @classmethod
     def from_config(cls, config: EngineConfig, metrics: Metrics | None = None) -> Engine:
@@ -210,7 +234,7 @@ class Engine:
             lanes.append(Lane(
                 forecaster,
                 make_calibrator(config.calibrator, config.horizon, config.alpha, **config.calibrator_params),
-                config.horizon, config.alpha, config.coverage_window, name=alias,
+                config.horizon, config.alpha, config.coverage_window, name=alias, monitors=drift_monitors(config),
             ))
         return cls(config, lanes, metrics)
 
@@ -269,7 +293,7 @@ class Engine:
     def _run(self, events: _Events, result: EngineResult, started: float) -> EngineResult:
         outputs: list[tuple] = []
         for rnd in events.rounds():
-            self._step_round(rnd, outputs)
+            self._step_round(rnd, outputs, result.events)
         result.forecasts = self._collect(outputs)
         result.elapsed_seconds = time.perf_counter() - started
         self._observe(result)
@@ -413,7 +437,7 @@ class Engine:
         s["n_collisions"][slot] += 1
         result.n_collisions += 1
 
-    def _step_round(self, rnd: dict[str, np.ndarray], outputs: list[tuple]) -> None:
+    def _step_round(self, rnd: dict[str, np.ndarray], outputs: list[tuple], events: list[DriftEvent]) -> None:
         rows, ticks, values, real, reset = rnd["slot"], rnd["tick"], rnd["value"], rnd["real"], rnd["reset"]
         all_real = bool(real.all())
         r_rows = rows if all_real else rows[real]
@@ -433,6 +457,9 @@ class Engine:
                     lower, upper = lane.calibrator.issued_intervals(r_rows, np.where(valid, mean, 0.0))
                 lane.calibrator.update(r_rows, np.where(valid, y[:, None] - mean, 0.0), valid)
                 lane.scorer.update(r_rows, y, mean, lower, upper, valid)
+                for monitor in lane.monitors:  # label-based watchers see what matured
+                    self._alarms(monitor.matured(r_rows, r_ticks, y, mean, lower, upper, valid), r_rows, t_ns,
+                                 lane, monitor, events)
             lane.model.learn_many(rows, ticks, values, filled=filled)  # 2. learn (filled gap ticks included)
             if not len(r_rows):
                 continue
@@ -440,7 +467,20 @@ class Engine:
             lower, upper = lane.calibrator.interval(r_rows, forecast)  # 4. interval (NaN: none yet)
             lane.pending.store(r_rows, r_ticks, forecast, lower, upper)
             lane.scorer.issued(r_rows, np.isfinite(forecast))
+            for monitor in lane.monitors:  # label-free watchers see what was just issued
+                self._alarms(monitor.issued(r_rows, r_ticks, forecast, lower, upper), r_rows, t_ns, lane, monitor,
+                             events)
             outputs.append((lane.name, r_rows, r_ticks, t_ns, forecast, lower, upper))
+
+    def _alarms(self, alarms: Alarms, rows: np.ndarray, t_ns: np.ndarray, lane: Lane, monitor: LaneMonitor,
+                events: list[DriftEvent]) -> None:
+        if not len(alarms):
+            return
+        at = t_ns[alarms.positions(rows)]
+        events.extend(DriftEvent(str(self._ids[r]), lane.name, monitor.detector, str(k), from_epoch_ns(int(t)),
+                                 float(s))
+                      for r, k, s, t in zip(alarms.rows.tolist(), alarms.kind.tolist(), alarms.statistic.tolist(),
+                                            at.tolist(), strict=True))
 
     def _collect(self, outputs: list[tuple]) -> ForecastBatch:
         if not outputs:
@@ -485,6 +525,15 @@ class Engine:
             for name, count in zip(models, counts, strict=True):
                 m.forecasts.labels(model=name).inc(int(count))
         m.processing.observe(result.elapsed_seconds)
+        for event in result.events:
+            m.drift_alarms.labels(model=event.model, detector=event.detector).inc()
+        last_tick = self.series_["last_tick"][: self._cap]
+        for lane in self.lanes:
+            if lane.monitors:  # rows that never alarmed (blank ones included) hold NO_ALARM and never count
+                latest = np.max([mon.last_alarm_tick_[: self._cap] for mon in lane.monitors], axis=0)
+                alarmed = latest != NO_ALARM
+                recent = alarmed & (last_tick - np.where(alarmed, latest, last_tick) < self.config.drift_window)
+                m.series_drifting.labels(model=lane.name).set(int(np.count_nonzero(recent)))
         for lane in self.lanes:  # gauges appear once there is something to say (absent != 0% coverage)
             coverage, width = lane.scorer.rolling_coverage_, lane.scorer.rolling_width_
             for h in np.flatnonzero(np.isfinite(coverage)).tolist():
@@ -581,6 +630,17 @@ class Engine:
         s = self.series_
         return {sid: (int(s["applied_partition"][slot]), int(s["applied_offset"][slot]))
                 for sid, slot in self._slot_of.items()}
+
+
+def drift_monitors(config: EngineConfig) -> list[LaneMonitor]:
+    """The lane monitors ``config`` asks for: the drift detector on matured residuals (none when it is "none")."""
+    if config.drift_detector == "none":
+        return []
+    params = dict(config.drift_params)
+    detector = make_detector(config.drift_detector, **params)
+    if "alpha" in detector.get_params() and "alpha" not in params:  # misses are counted against the lanes' target
+        detector = detector.clone(alpha=config.alpha)
+    return [DriftMonitor(detector, config.horizon)]
 
 
 def _iso(t_ns: int) -> str:

@@ -19,15 +19,23 @@ Messages
 
   ``lower``/``upper`` hold ``null`` for an unbounded side (a calibrator may emit an infinite interval). A
   consumer de-duplicates on ``(series_id, model, issued_at, h)``; a re-sent message (after a crash) is identical.
+* drift events (``--events-topic``): key ``series_id``, value one JSON object per alarm of a lane monitor
+  (:func:`tidecast.stream.sinks.event_json`)::
+
+    {"series_id": "ETTh1/OT", "model": "seasonal-naive", "detector": "cusum", "kind": "mean",
+     "detected_at": "2016-07-09T04:00:00Z", "statistic": 18.3, "schema_version": 1}
+
+  at-least-once like forecasts: a consumer de-duplicates on ``(series_id, model, detector, detected_at)``; a
+  re-sent event (after a crash) is identical.
 * dead letters (``--dead-letter-topic``): the original key and raw value bytes, unchanged, with the why and
   where in headers: ``tidecast.reason`` (one of :data:`tidecast.stream.kafka_source.SERVE_REASONS`),
   ``tidecast.detail``, ``tidecast.source.topic``, ``tidecast.source.partition``, ``tidecast.source.offset``,
   ``tidecast.source.timestamp`` (ms) and, when the value was cut to ``dead_letter_max_bytes``,
   ``tidecast.raw.size`` (its original size). Fix and re-drive them by producing the value back to the input.
 
-Both outputs are sinks with the protocol of :mod:`tidecast.stream.sinks` (:class:`KafkaForecastSink`,
-:class:`KafkaDeadLetterSink`): ``write`` sends asynchronously, ``flush`` waits until the broker acknowledged
-everything sent and raises :class:`OutputError` if it refused anything.
+The outputs are sinks with the protocol of :mod:`tidecast.stream.sinks` (:class:`KafkaForecastSink`,
+:class:`KafkaEventSink`, :class:`KafkaDeadLetterSink`): ``write`` sends asynchronously, ``flush`` waits until the
+broker acknowledged everything sent and raises :class:`OutputError` if it refused anything.
 
 Reachability: :class:`BrokerLink` waits out an unreachable cluster (retriable errors) within an outage budget and
 raises :class:`BrokerUnavailable` past it; refusals (every other error) are never retried.
@@ -45,7 +53,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from tidecast.monitors.drift import DriftEvent
 from tidecast.stream.batch import ForecastBatch
+from tidecast.stream.sinks import event_json
 from tidecast.stream.sources import DeadLetter
 
 log = logging.getLogger(__name__)
@@ -665,6 +675,21 @@ def _take(batch: ForecastBatch, index: np.ndarray) -> ForecastBatch:
     return ForecastBatch(batch.series_id[index], batch.issued_at_ns[index], batch.model[index], batch.h[index],
                          batch.target_ns[index], batch.mean[index], batch.lower[index], batch.upper[index],
                          batch.alpha)
+
+
+class KafkaEventSink(_TopicSink):
+    """Drift events as one message each, keyed by series id; ``partition_of`` as for :class:`KafkaForecastSink`."""
+
+    def __init__(self, producer: Any, topic: str, errors: Any, flush_timeout: float,
+                 partition_of: Callable[[str], int | None] | None = None, link: BrokerLink | None = None,
+                 progress: Callable[[], None] | None = None) -> None:
+        super().__init__(producer, topic, errors, flush_timeout, link, progress)
+        self.partition_of = partition_of
+
+    def write(self, events: Iterable[DriftEvent]) -> None:
+        for event in events:
+            partition = self.partition_of(event.series_id) if self.partition_of is not None else None
+            self._send(event.series_id.encode(), event_json(event).encode(), partition)
 
 
 class KafkaDeadLetterSink(_TopicSink):

@@ -1,8 +1,8 @@
 """``tidecast replay``: run a history file through the engine, as the live service would have.
 
 source (file) -> decode (:mod:`tidecast.stream.sources`) -> :class:`~tidecast.stream.engine.Engine` -> forecast sink,
-dead letters, metrics -> summary. Nothing here is specific to files except the source: the engine, the rules
-and the metrics are the ones ``serve`` uses.
+drift events, dead letters, metrics -> summary. Nothing here is specific to files except the source: the engine, the
+rules and the metrics are the ones ``serve`` uses.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tidecast.models.runtime import set_torch_threads
+from tidecast.monitors.drift import DriftEvent
 from tidecast.monitors.metrics import Metrics
 from tidecast.stream.batch import ObservationBatch
 from tidecast.stream.config import EngineConfig, port_number
 from tidecast.stream.engine import Engine, EngineResult
 from tidecast.stream.records import REASONS
 from tidecast.stream.settings import at_least, check_declared, positive, setting
-from tidecast.stream.sinks import JsonlDeadLetters, forecast_sink_for
+from tidecast.stream.sinks import EventSink, JsonlDeadLetters, JsonlEvents, NullSink, forecast_sink_for
 from tidecast.stream.sources import DeadLetter, ReplaySpec, load_replay
 
 
@@ -35,6 +36,7 @@ class ReplayOptions:
     """Everything ``tidecast replay`` takes besides the engine configuration (the file comes in ``spec``)."""
 
     out: Path | None = setting(None, "forecast records, .parquet or .csv", group="output")
+    events: Path | None = setting(None, "drift events (the lanes' monitors' alarms) as JSON lines", group="output")
     dead_letter: Path = setting(Path("tidecast-dead-letters.jsonl"), "rejected rows as JSON lines (created only if "
                                 "there are any)", group="output")
     summary_json: Path | None = setting(None, "write the summary as JSON", group="output")
@@ -69,6 +71,8 @@ def run_replay(config: EngineConfig, options: ReplayOptions, console: Console | 
     replay = load_replay(options.spec)
     letters = JsonlDeadLetters(options.dead_letter)
     sink = forecast_sink_for(options.out)
+    events: EventSink = JsonlEvents(options.events) if options.events is not None else NullSink()
+    counts: dict[tuple[str, str], int] = {}
     source = str(options.spec.path)
     started = time.perf_counter()
     try:
@@ -81,17 +85,21 @@ def run_replay(config: EngineConfig, options: ReplayOptions, console: Console | 
             for batch in replay.batches(batch_size):
                 result = engine.process(batch)
                 sink.write(result.forecasts)
+                _events(events, counts, result.events)
                 for letter in _rejections(result, batch, source):
                     letters.write(letter)  # the engine already counted them in its metrics
                 engine.maintenance()
                 progress.advance(task, len(batch))
                 _throttle(options.rate, started, progress.tasks[task].completed)
-        sink.write(engine.flush().forecasts)  # series still inferring their step at the end of the file
+        last = engine.flush()  # series still inferring their step at the end of the file
+        sink.write(last.forecasts)
+        _events(events, counts, last.events)
     finally:
         sink.close()
+        events.close()
         letters.close()
     elapsed = time.perf_counter() - started
-    summary = _summary(engine, metrics, elapsed, letters.count, options)
+    summary = _summary(engine, metrics, elapsed, letters.count, options, counts)
     print_summary(summary, console)
     if options.summary_json is not None:
         options.summary_json.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +114,8 @@ def run_replay(config: EngineConfig, options: ReplayOptions, console: Console | 
 
 def check_outputs(options: ReplayOptions) -> None:
     """``ValueError`` for an output that is the input file, another output, or cannot be written."""
-    outputs = {"--out": options.out, "--dead-letter": options.dead_letter, "--summary-json": options.summary_json}
+    outputs = {"--out": options.out, "--events": options.events, "--dead-letter": options.dead_letter,
+               "--summary-json": options.summary_json}
     given = {flag: Path(path) for flag, path in outputs.items() if path is not None}
     source = Path(options.spec.path)
     for flag, path in given.items():
@@ -169,6 +178,13 @@ def _dead_letter(sink: JsonlDeadLetters, metrics: Metrics, letter: DeadLetter) -
     metrics.dead_letters.labels(reason=letter.reason).inc()
 
 
+def _events(sink: EventSink, counts: dict[tuple[str, str], int], events: list[DriftEvent]) -> None:
+    sink.write(events)
+    for event in events:
+        key = (event.model, event.detector)
+        counts[key] = counts.get(key, 0) + 1
+
+
 def _rejections(result: EngineResult, batch: ObservationBatch, source: str) -> list[DeadLetter]:
     return [
         DeadLetter(rej.reason, rej.detail, source,
@@ -192,9 +208,12 @@ def _throttle(rate: float | None, started: float, done: float) -> None:
             time.sleep(ahead)
 
 
-def _summary(engine: Engine, metrics: Metrics, elapsed: float, n_letters: int,
-             options: ReplayOptions) -> dict[str, Any]:
+def _summary(engine: Engine, metrics: Metrics, elapsed: float, n_letters: int, options: ReplayOptions,
+             event_counts: dict[tuple[str, str], int]) -> dict[str, Any]:
     summary = engine.summary()
+    events: dict[str, dict[str, int]] = {}  # model -> detector -> events
+    for (model, detector), count in sorted(event_counts.items()):
+        events.setdefault(model, {})[detector] = count
     dead = {}
     for sample in metrics.dead_letters.collect()[0].samples:
         if sample.name.endswith("_total") and sample.value > 0:
@@ -203,6 +222,8 @@ def _summary(engine: Engine, metrics: Metrics, elapsed: float, n_letters: int,
         **summary,
         "dead_letters": dead,
         "dead_letter_file": str(options.dead_letter) if n_letters else None,
+        "drift_events": events,
+        "events_file": str(options.events) if options.events is not None else None,
         "elapsed_seconds": elapsed,
         "observations_per_second": summary["n_observations"] / elapsed if elapsed > 0 else None,
         "config": engine.config.to_dict(),
@@ -233,6 +254,9 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
         + f"; dead letters: {dead}"
         + (f" -> {summary['dead_letter_file']}" if summary["dead_letter_file"] else "")
     )
+    events = ", ".join(f"{model}/{detector} {n:,}" for model, by in summary["drift_events"].items()
+                       for detector, n in by.items()) or "none"
+    console.print(f"drift events: {events}" + (f" -> {summary['events_file']}" if summary["events_file"] else ""))
 
 
 def _fmt(value: float | None, spec: str = ".4g", bold: bool = False) -> str:

@@ -10,7 +10,8 @@ Threads
 * **worker** (:class:`~tidecast.stream.worker.Worker`) owns the :class:`~tidecast.stream.engine.Engine`: it decodes
   (:mod:`~tidecast.stream.kafka_source`), screens by ownership and checkpoints through the
   :class:`~tidecast.stream.partitions.PartitionTable`, and writes to the Kafka sinks
-  (:class:`~tidecast.stream.kafka.KafkaForecastSink`, :class:`~tidecast.stream.kafka.KafkaDeadLetterSink`).
+  (:class:`~tidecast.stream.kafka.KafkaForecastSink`, :class:`~tidecast.stream.kafka.KafkaEventSink` for drift
+  events, :class:`~tidecast.stream.kafka.KafkaDeadLetterSink`).
 * **trainer** (:class:`~tidecast.stream.worker.Trainer`) runs model maintenance (fits, replay training), so the
   worker never waits for a fit.
 * kafka-python's IO thread runs the rebalance listener, which hands revoked partitions to the worker for a
@@ -37,7 +38,9 @@ seconds, on revocation and at shutdown) makes, in order: outputs durable (sinks 
 the changelog group durable (changed series + marker with the position), the local snapshot durable; only then
 are offsets committed. A restore takes the newest state per series (local snapshot, then changelog) and seeks
 to the checkpoint's position; records a series already applied (offset at or below its applied offset) are
-skipped. Outputs are at-least-once: a crash re-sends forecasts issued after the last checkpoint, byte-identical.
+skipped. Outputs are at-least-once: a crash re-sends forecasts and drift events issued after the last checkpoint,
+byte-identical (the detectors' state is part of each series' checkpoint, so a restore neither resets nor doubles
+an alarm).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from tidecast.stream.kafka import (
     BrokerUnavailable,
     HighwaterProbe,
     KafkaDeadLetterSink,
+    KafkaEventSink,
     KafkaForecastSink,
     assignors,
     client_settings,
@@ -91,11 +95,13 @@ def build_worker(cfg: ServeConfig, engine: Engine, metrics: Metrics, producer: A
     forecasts = KafkaForecastSink(producer, cfg.forecast_topic, metrics.output_errors, flush_timeout,
                                   table.owner_of if co_partitioned.get(cfg.forecast_topic) else None, link, progress,
                                   output_format=cfg.output_format)
+    events = KafkaEventSink(producer, cfg.events_topic, metrics.output_errors, flush_timeout,
+                            table.owner_of if co_partitioned.get(cfg.events_topic) else None, link, progress)
     letters = KafkaDeadLetterSink(producer, cfg.dead_letter_topic, metrics.output_errors, flush_timeout,
                                   cfg.dead_letter_max_bytes, co_partitioned.get(cfg.dead_letter_topic, False), link,
                                   progress)
-    table.outputs = (forecasts, letters)  # flushed first in every checkpoint (they need the table for partitions)
-    return Worker(cfg, engine, table, forecasts, letters, outbox, metrics, **worker_kw)
+    table.outputs = (forecasts, events, letters)  # flushed first in every checkpoint (they need the table)
+    return Worker(cfg, engine, table, forecasts, letters, outbox, metrics, events=events, **worker_kw)
 
 
 class Service:
@@ -201,8 +207,8 @@ class Service:
                                self.metrics, self.heartbeats["poll"], self.link)
         self.consumer.subscribe([cfg.topic], listener=rebalance_listener(self.fetcher, self._stop, self.worker_failed))
         self.readiness.mark_started()
-        log.info("serving %s as group %s -> %s (dead letters %s, changelog %s)", cfg.topic, cfg.group_id,
-                 cfg.forecast_topic, cfg.dead_letter_topic, cfg.changelog_topic)
+        log.info("serving %s as group %s -> %s (drift events %s, dead letters %s, changelog %s)", cfg.topic,
+                 cfg.group_id, cfg.forecast_topic, cfg.events_topic, cfg.dead_letter_topic, cfg.changelog_topic)
         log.info("series ids are expected on their home partition under the %s; records on another partition "
                  "are dead-lettered as wrong_partition (set --partitioner to the producers': crc32 for librdkafka "
                  "clients, fnv1a for Sarama)", self.worker.table.homes.describe() if self.worker.table.homes else "")
@@ -248,6 +254,7 @@ class Service:
             try:
                 changelog_configs = {"cleanup.policy": "compact", "max.message.bytes": str(cfg.max_request_size)}
                 created = ensure_topics(admin, {cfg.forecast_topic: (n_input, {}),
+                                                cfg.events_topic: (n_input, {}),
                                                 cfg.dead_letter_topic: (n_input, {}),
                                                 cfg.changelog_topic: (n_input, changelog_configs)},
                                         cfg.replication_factor)
@@ -255,8 +262,8 @@ class Service:
                 admin.close()
             if created:
                 log.info("created topics %s", created)
-        counts = {t: partition_count(self.consumer, t) for t in (cfg.forecast_topic, cfg.dead_letter_topic,
-                                                                  cfg.changelog_topic)}
+        counts = {t: partition_count(self.consumer, t) for t in (cfg.forecast_topic, cfg.events_topic,
+                                                                  cfg.dead_letter_topic, cfg.changelog_topic)}
         if counts[cfg.changelog_topic] != n_input:
             raise ValueError(f"changelog {cfg.changelog_topic} has {counts[cfg.changelog_topic]} partitions, the "
                              f"input {n_input}; they must match (state of input partition P lives in changelog P)")

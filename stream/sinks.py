@@ -1,8 +1,11 @@
-"""Sinks: where forecasts and dead letters go. Files here; Kafka topics in :mod:`tidecast.stream.kafka`.
+"""Sinks: where forecasts, drift events and dead letters go. Files here; Kafka topics in
+:mod:`tidecast.stream.kafka`.
 
 Forecast sinks take :class:`~tidecast.stream.batch.ForecastBatch` columns and write incrementally, so a long replay
-never holds its whole output in memory. Dead-letter sinks take :class:`~tidecast.stream.sources.DeadLetter` entries;
-the file sink writes one JSON object per line: ``{"reason", "detail", "source", "partition", "offset", "raw"}``.
+never holds its whole output in memory. Event sinks take :class:`~tidecast.monitors.drift.DriftEvent` lists; the
+file sink writes one JSON object per line: ``{"series_id", "model", "detector", "kind", "detected_at",
+"statistic"}``. Dead-letter sinks take :class:`~tidecast.stream.sources.DeadLetter` entries; the file sink writes
+one JSON object per line: ``{"reason", "detail", "source", "partition", "offset", "raw"}``.
 
 Every sink has three verbs: ``write``; ``flush``, the durability hook a checkpoint calls before it saves state
 (everything written so far is stored, or the call raises); ``close``.
@@ -10,14 +13,21 @@ Every sink has three verbs: ``write``; ``flush``, the durability hook a checkpoi
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tidecast.monitors.drift import DriftEvent
 from tidecast.stream.batch import ForecastBatch
 from tidecast.stream.sources import DeadLetter
+
+#: Version of the JSON an event is written as (files and the events topic).
+EVENT_SCHEMA_VERSION = 1
 
 
 class ForecastSink(Protocol):
@@ -27,6 +37,46 @@ class ForecastSink(Protocol):
         """Make everything written so far durable, or raise."""
 
     def close(self) -> None: ...
+
+
+class EventSink(Protocol):
+    def write(self, events: Iterable[DriftEvent]) -> None: ...
+
+    def flush(self) -> None:
+        """Make everything written so far durable, or raise."""
+
+    def close(self) -> None: ...
+
+
+def event_json(event: DriftEvent) -> str:
+    """One event as compact JSON (a non-finite statistic as null), with ``schema_version``."""
+    fields = event.to_dict()
+    if not math.isfinite(fields["statistic"]):
+        fields["statistic"] = None
+    return json.dumps({**fields, "schema_version": EVENT_SCHEMA_VERSION}, separators=(",", ":"), allow_nan=False)
+
+
+class JsonlEvents:
+    """Drift events as JSON lines (:func:`event_json`); the file is created when the sink is, so an empty file
+    says the run raised none. ``counts`` holds the events written per ``(model, detector)``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = self.path.open("w", encoding="utf-8")
+        self.counts: dict[tuple[str, str], int] = {}
+
+    def write(self, events: Iterable[DriftEvent]) -> None:
+        for event in events:
+            self._fh.write(event_json(event) + "\n")
+            key = (event.model, event.detector)
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
 
 
 class DeadLetterSink(Protocol):
@@ -39,9 +89,9 @@ class DeadLetterSink(Protocol):
 
 
 class NullSink:
-    """Discards forecasts (a replay run for its summary only)."""
+    """Discards forecasts or events (a replay run for its summary only)."""
 
-    def write(self, batch: ForecastBatch) -> None:
+    def write(self, batch: ForecastBatch | Iterable[DriftEvent]) -> None:
         pass
 
     def flush(self) -> None:

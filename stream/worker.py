@@ -1,7 +1,7 @@
 """The worker thread of ``serve``: it owns the :class:`~tidecast.stream.engine.Engine` (which is not thread-safe).
 
 It reads like ``replay``: decode (:mod:`tidecast.stream.kafka_source`) -> screen by partition ownership ->
-``Engine.process`` -> sinks (forecasts, dead letters) -> checkpoint
+``Engine.process`` -> sinks (forecasts, drift events, dead letters) -> checkpoint
 (:class:`~tidecast.stream.partitions.PartitionTable`).
 
 Data never stops the worker. Bad input is dead-lettered with its reason before the engine sees it; if the engine
@@ -46,7 +46,7 @@ from tidecast.stream.messages import (
     WorkerCommand,
 )
 from tidecast.stream.partitions import CheckpointJob, PartitionTable
-from tidecast.stream.sinks import DeadLetterSink, ForecastSink
+from tidecast.stream.sinks import DeadLetterSink, EventSink, ForecastSink
 from tidecast.stream.sources import DeadLetter
 
 log = logging.getLogger(__name__)
@@ -67,12 +67,13 @@ class Worker(threading.Thread):
     def __init__(self, cfg: Any, engine: Engine, table: PartitionTable, forecasts: ForecastSink,
                  dead_letters: DeadLetterSink, outbox: queue.Queue, metrics: Metrics,
                  epochs: dict[int, int] | None = None, heartbeat: Heartbeat | None = None,
-                 after_batch: Callable[[], None] | None = None) -> None:
+                 after_batch: Callable[[], None] | None = None, events: EventSink | None = None) -> None:
         super().__init__(name="tidecast-worker", daemon=True)
         self.cfg = cfg
         self.engine = engine
         self.table = table
         self.forecasts = forecasts
+        self.events = events
         self.dead_letters = dead_letters
         self.outbox = outbox
         self.metrics = metrics
@@ -162,7 +163,8 @@ class Worker(threading.Thread):
             self._after_batch()
 
     def _apply(self, batch: ObservationBatch, records: list[Any], new_owners: dict[str, int]) -> None:
-        """Engine, then forecasts; a failure of either dead-letters the records concerned (module docstring)."""
+        """Engine, then forecasts and drift events; a failure of either dead-letters the records concerned (module
+        docstring)."""
         try:
             result = self.engine.process(batch)
         except Exception as err:
@@ -183,6 +185,14 @@ class Worker(threading.Thread):
             raise
         except Exception as err:
             self._processing_failed(records, range(len(records)), "publishing the batch's forecasts", err)
+        if self.events is None or not result.events:
+            return
+        try:
+            self.events.write(result.events)
+        except (OutputError, BrokerUnavailable):
+            raise
+        except Exception as err:
+            self._processing_failed(records, range(len(records)), "publishing the batch's drift events", err)
 
     def _processing_failed(self, records: list[Any], rows: Any, what: str, err: BaseException) -> None:
         rows = list(rows)

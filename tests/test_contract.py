@@ -30,10 +30,12 @@ MODEL_PARAMS = {
     # column would show)
     "cyclenet": {"lookback": 12, "cycle": 6, "warm_start": 48, "epochs": 5, "lr": 0.05, "batch_size": 16,
                  "replay_window": 32, "replay_batch": 16, "online": False, "defer": False},
+    "cfc": {"lookback": 8, "units": 8, "backbone_units": 16, "warm_start": 40, "epochs": 3, "batch_size": 16,
+            "replay_window": 16, "mode": "frozen", "defer": False},
 }
-#: float32 matrix products differ in the last bits with the batch size: CycleNet's table and one-row tables agree
-#: to float32 precision, not bit for bit.
-MODEL_OPTIONS = {"cyclenet": {"rtol": 1e-6}}
+#: float32 matrix products differ in the last bits with the batch size: the torch models' tables and one-row
+#: tables agree to float32 precision, not bit for bit.
+MODEL_OPTIONS = {"cyclenet": {"rtol": 1e-6}, "cfc": {"rtol": 1e-6}}
 #: SPCI refits a forest per cell and step (refit_every=1: its forest cache is not state, so only then does a
 #: restored table continue identically); a short horizon and stream keep its ~800 forest fits quick.
 CALIBRATOR_PARAMS = {"spci": {"horizon": 2, "window": 5, "history": 40, "refit_every": 1, "n_estimators": 2,

@@ -210,7 +210,7 @@ def test_required_alerts_and_thresholds() -> None:
     by_metric = {metric: [n for n, r in rules.items() if metric in r["expr"]] for metric in (
         "tidecast_consumer_lag", "tidecast_dead_letters_total", "tidecast_observations_total",
         "tidecast_last_checkpoint_timestamp_seconds", "tidecast_processing_seconds_bucket",
-        "tidecast_rebalances_total")}
+        "tidecast_rebalances_total", "tidecast_series_drifting")}
     assert all(by_metric.values()), f"an operator alert is missing: {by_metric}"
     assert "time()" in rules["TidecastCheckpointStale"]["expr"]
     assert "histogram_quantile(0.99" in rules["TidecastSlowProcessing"]["expr"]
@@ -300,6 +300,7 @@ def test_dashboard_panels_query_known_metrics(known: tuple[set[str], set[str], s
         "tidecast_interval_width", "tidecast_dead_letters_total", "tidecast_consumer_lag",
         "tidecast_last_checkpoint_timestamp_seconds", "tidecast_processing_seconds_bucket",
         "tidecast_rebalances_total", "tidecast_consumer_records_per_second", "tidecast_checkpoint_seconds_bucket",
+        "tidecast_series_drifting", "tidecast_drift_alarms_total",
     }
     assert needed <= queried, f"dashboard lacks panels for {sorted(needed - queried)}"
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from river import drift as river_drift
 
-from tidecast.monitors.drift import D3A, Alarms, DriftEvent, ResidualCUSUM, make_detector
+from tidecast.monitors.drift import D3A, Alarms, DriftEvent, HorizonPool, ResidualCUSUM, make_detector
 from tidecast.monitors.drift_river import RiverDetector
 
 
@@ -74,6 +74,62 @@ def test_quiet_on_stationary_autocorrelated_noise_where_a_raw_cusum_is_not() -> 
     raw = feed(ResidualCUSUM(whiten=False), x)
     assert len(whitened) <= 50  # <= 2 per 10,000
     assert len(raw) > 20 * max(len(whitened), 1)
+
+
+def feed_values(detector, y: np.ndarray) -> list:
+    """Feed (steps, rows) observed values with white-noise residuals; return (step, row, kind, statistic)."""
+    rng = np.random.default_rng(9)
+    rows = np.arange(y.shape[1])
+    out = []
+    for t in range(y.shape[0]):
+        alarms = detector.update(rows, rng.normal(size=y.shape[1]), values=y[t])
+        out += [(t, int(r), str(k), float(s)) for r, k, s in zip(alarms.rows, alarms.kind, alarms.statistic,
+                                                                strict=True)]
+    return out
+
+
+def test_a_frozen_sensor_alarms_once_after_a_run_as_unlikely_as_the_rows_own_repeats_allow() -> None:
+    rng = np.random.default_rng(8)
+    continuous = rng.normal(size=600)
+    quantised = np.round(rng.normal(size=600).cumsum() * 0.7)  # a coarse reading: ~ half the values repeat
+    y = np.stack([continuous, quantised], axis=1)
+    share = np.mean(quantised[1:400] == quantised[:399])
+    y[400:, :] = y[399, :]  # both freeze at step 400 (the values repeat from 400 on)
+    alarms = [a for a in feed_values(ResidualCUSUM(), y) if a[2] == "freeze"]
+    assert [a[:3] for a in alarms if a[1] == 0] == [(403, 0, "freeze")]  # 4 repeats: 0.05^4 < 1e-5
+    quantised_alarms = [a for a in alarms if a[1] == 1]
+    expected = int(np.ceil(np.log(1e-5) / np.log(share)))
+    assert len(quantised_alarms) == 1 and abs(quantised_alarms[0][3] - expected) <= 2  # one alarm per run
+    before = [a for a in feed_values(ResidualCUSUM(), y[:400]) if a[2] == "freeze" and a[1] == 1]
+    assert before == []  # its own shorter runs never alarm
+
+
+def test_unknown_coverage_is_no_evidence() -> None:
+    x = ar1(np.random.default_rng(0), 400, 1)
+    misses = np.zeros((400, 1))  # every interval missed ...
+    unknown = np.full((400, 1), np.nan)  # ... or no interval at all
+    assert any(k == "coverage" for _, _, k, _ in feed(ResidualCUSUM(), x, misses))
+    assert feed(ResidualCUSUM(), x, unknown) == feed(ResidualCUSUM(), x)
+
+
+def test_horizon_pool_scales_each_horizon_by_its_own_past_and_skips_what_did_not_mature() -> None:
+    rng = np.random.default_rng(3)
+    r = rng.normal(size=(500, 2, 3)) * np.array([1.0, 10.0, 100.0])  # horizons on very different scales
+    r[::5, 1, 2] = np.nan
+    pool = HorizonPool(horizon=3, memory=50)
+    pooled = np.array([pool.pool(np.array([0, 1]), r[t]) for t in range(500)])
+    assert np.isnan(pooled[0]).all() and np.isfinite(pooled[1:]).all()
+    # by hand: each horizon over its running mean |r| (before this step), averaged over the finite ones
+    scale = np.zeros((2, 3))
+    count = np.zeros((2, 3))
+    for t in range(1, 500):
+        ok = np.isfinite(r[t - 1])
+        count += ok
+        rate = np.maximum(1 / np.maximum(count, 1), 1 / 50)
+        scale = np.where(ok, scale + rate * (np.abs(np.nan_to_num(r[t - 1])) - scale), scale)
+        np.testing.assert_allclose(pooled[t], np.nanmean(np.where(count > 0, r[t] / np.maximum(scale, 1e-300),
+                                                                  np.nan), axis=1))
+    assert 0.5 < np.std(pooled[100:]) < 2  # unit-free, whatever each horizon's scale
 
 
 # -- ResidualCUSUM: arrays over rows --------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Effectively-once state under failure: kill -9 mid-stream, and partitions moving between group members.
 
 Each test compares the service's final checkpointed state with an uninterrupted run of the same engine over the
-same records (the reference), array by array, and checks the forecast topic: after de-duplication on
-``(series_id, model, issued_at)`` every observation past warm-up has exactly one forecast, and every re-sent
-message is byte-identical to the first.
+same records (the reference), array by array - the drift detectors' rows included - and checks the forecast topic:
+after de-duplication on ``(series_id, model, issued_at)`` every observation past warm-up has exactly one forecast,
+and every re-sent message is byte-identical to the first. The kill -9 test checks the events topic the same way:
+after de-duplication on ``(series_id, model, detector, detected_at)`` it holds exactly the reference run's drift
+alarms, none lost and none doubled.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tidecast.monitors.drift import DriftEvent
 from tidecast.stream.batch import ObservationBatch
 from tidecast.stream.config import EngineConfig
 from tidecast.stream.engine import Engine
 from tidecast.stream.kafka import forecast_messages
 from tidecast.stream.records import decode
+from tidecast.stream.sinks import event_json
 from tidecast.stream.state import LocalStateStore
 
 pytestmark = pytest.mark.kafka
@@ -32,8 +36,10 @@ ENGINE_ARGS = ("--model-param", "seasonal-naive.period=24")
 FIRST_ORIGIN = 23  # seasonal naive with a known period forecasts from its 24th observation on
 
 
-def reference(records: list[Any]) -> tuple[Engine, dict[str, tuple[str, bytes]]]:
-    """An uninterrupted engine over ``records`` and its last forecast message per series."""
+def reference(records: list[Any], events: list[DriftEvent] | None = None,
+              ) -> tuple[Engine, dict[str, tuple[str, bytes]]]:
+    """An uninterrupted engine over ``records`` and its last forecast message per series (its drift events are
+    appended to ``events``)."""
     records = sorted(records, key=lambda r: (r.partition, r.offset))
     obs = [decode(r.value) for r in records]
     batch = ObservationBatch(np.array([o.series_id for o in obs], dtype=object),
@@ -44,6 +50,8 @@ def reference(records: list[Any]) -> tuple[Engine, dict[str, tuple[str, bytes]]]
     last: dict[str, tuple[str, bytes]] = {}
     for start in range(0, len(batch), 1000):
         result = engine.process(batch.take(np.arange(start, min(start + 1000, len(batch)))))
+        if events is not None:
+            events.extend(result.events)
         for sid, value in forecast_messages(result.forecasts):
             last[sid] = (json.loads(value)["issued_at"], value)
     return engine, last
@@ -86,6 +94,26 @@ def assert_forecasts_complete(messages: list[Any], records: list[Any], first_ori
     return duplicates
 
 
+def assert_events_exactly_once(messages: list[Any], expected: list[DriftEvent]) -> int:
+    """After de-duplication the events topic holds exactly ``expected``; re-sent events are byte-identical and
+    keyed by their series. Returns the number of duplicates."""
+    by_key: dict[tuple[str, str, str, str], bytes] = {}
+    duplicates = 0
+    for m in messages:
+        msg = json.loads(m.value)
+        key = (msg["series_id"], msg["model"], msg["detector"], msg["detected_at"])
+        assert m.key == msg["series_id"].encode()
+        if key in by_key:
+            assert by_key[key] == m.value, f"re-sent event differs for {key}"
+            duplicates += 1
+        by_key[key] = m.value
+    want = {(e.series_id, e.model, e.detector, e.to_dict()["detected_at"]): event_json(e).encode() for e in expected}
+    assert len(want) == len(expected), "the reference raised one event twice"
+    assert by_key == want, (f"lost: {sorted(set(want) - set(by_key))}, "
+                            f"not in the reference: {sorted(set(by_key) - set(want))}")
+    return duplicates
+
+
 def etth1_messages(as_messages, rows: int) -> list[tuple[bytes, bytes]]:
     frame = pd.read_csv(DATA / "ETTh1.csv", nrows=rows)
     stamps = (frame.pop("date").str.replace(" ", "T") + "Z").tolist()
@@ -111,12 +139,16 @@ def test_kill_9_three_times_mid_stream_then_state_and_forecasts_equal_an_uninter
     assert final.terminate()[0] == 0
 
     records = kafka.read_all(topic, min_count=len(sent))
-    engine, last = reference(records)
+    events: list[DriftEvent] = []
+    engine, last = reference(records, events)
+    assert any("/drift/det/" in key for key in engine.export_series(engine.series_ids[:1])[1])
     assert_state_equals_reference(LocalStateStore(state, group, topic), 2, engine, ends)
     assert kafka.committed(group, topic, 2) == ends
     messages = kafka.read_all(f"{topic}-forecasts", min_count=(1200 - FIRST_ORIGIN) * 7)
     duplicates = assert_forecasts_complete(messages, records, FIRST_ORIGIN, last)
     assert duplicates > 0, "no kill landed between checkpoints: nothing was re-processed"
+    assert len(events) >= 10  # ETTh1's first 1,200 hours: level and variance changes, a freeze of every channel
+    assert_events_exactly_once(kafka.read_all(f"{topic}-events", min_count=len(events)), events)
 
 
 def test_scale_out_then_in_moves_partitions_with_their_state(kafka, unique, serve, tmp_path, as_messages, waiter):

@@ -16,7 +16,7 @@ EXPECTED = (
     "tidecast_observations_total", "tidecast_forecasts_total", "tidecast_dead_letters_total",
     "tidecast_consumer_lag", "tidecast_consumer_records_per_second", "tidecast_checkpoint_seconds_bucket",
     "tidecast_rebalances_total", "tidecast_state_restored_series_total",
-    "tidecast_last_checkpoint_timestamp_seconds",
+    "tidecast_last_checkpoint_timestamp_seconds", "tidecast_drift_alarms_total", "tidecast_series_drifting",
 )
 
 
@@ -39,11 +39,13 @@ def test_prometheus_scrapes_serve_and_promtool_accepts_the_exposition(
         kafka, unique, serve, tmp_path, as_messages, prometheus_bin, promtool_bin, waiter):
     topic = unique("prom")
     kafka.create_topic(topic, 2)
-    kafka.send(topic, as_messages([(f"prom/{s}", f"2023-01-{1 + h // 24:02d}T{h % 24:02d}:00:00Z", float(h + s))
-                                   for h in range(48) for s in range(4)]))
+    # four days of four series; prom/0 jumps by 100 on the fourth day: a drift alarm
+    kafka.send(topic, as_messages([(f"prom/{s}", f"2023-01-{1 + h // 24:02d}T{h % 24:02d}:00:00Z",
+                                    float(h + s + (100 if s == 0 and h >= 72 else 0)))
+                                   for h in range(96) for s in range(4)]))
     proc = serve(topic, unique("g"), tmp_path / "state", "--checkpoint-interval", "0.5",
                  "--model-param", "seasonal-naive.period=24")
-    proc.wait_value("tidecast_observations_total", lambda v: v == 192, 60)
+    proc.wait_value("tidecast_observations_total", lambda v: v == 384, 60)
     proc.wait_value("tidecast_checkpoint_seconds_count", lambda v: v > 0, 10)
 
     lint = subprocess.run([promtool_bin, "check", "metrics"], input=proc.metrics_text().encode(),
@@ -68,10 +70,17 @@ def test_prometheus_scrapes_serve_and_promtool_accepts_the_exposition(
         lag = _api(port, "/api/v1/query", query="tidecast_consumer_lag")["data"]["result"]
         assert sorted(r["metric"]["partition"] for r in lag) == ["0", "1"]
         observed = _api(port, "/api/v1/query", query="tidecast_observations_total")["data"]["result"]
-        assert float(observed[0]["value"][1]) == 192
+        assert float(observed[0]["value"][1]) == 384
+        alarms = _api(port, "/api/v1/query", query="tidecast_drift_alarms_total")["data"]["result"]
+        assert [(r["metric"]["model"], r["metric"]["detector"]) for r in alarms] == [("seasonal-naive", "cusum")]
+        assert float(alarms[0]["value"][1]) >= 1
+        drifting = _api(port, "/api/v1/query", query="tidecast_series_drifting")["data"]["result"]
+        assert float(drifting[0]["value"][1]) >= 1
         up = _api(port, "/api/v1/query", query='up{job="tidecast"}')["data"]["result"]
         assert up[0]["value"][1] == "1"
     finally:
         server.terminate()
         server.wait(15)
     assert proc.terminate()[0] == 0
+    events = [json.loads(m.value) for m in kafka.read_all(f"{topic}-events", min_count=1)]
+    assert any(e["series_id"] == "prom/0" and e["detected_at"] >= "2023-01-04T00:00:00Z" for e in events)

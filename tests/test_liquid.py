@@ -1,0 +1,363 @@
+"""The liquid CfC model: the cell's closed form, dt from ticks, per-row hidden states, state round trips."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+from tidecast.models.liquid import CfCCell, CfCForecaster, LiquidNet, deltas, make
+
+W = 12
+PATTERN = np.sin(2 * np.pi * np.arange(W) / W) + 0.6 * (np.arange(W) == 3)
+
+
+def cyclic(ticks: np.ndarray, channels: int = 1, noise: float = 0.05, seed: int = 0) -> np.ndarray:
+    """Values whose cycle is ``PATTERN[tick % W]``, scaled and shifted per channel."""
+    rng = np.random.default_rng(seed)
+    base = PATTERN[np.asarray(ticks) % W][:, None] * (1.0 + np.arange(channels)) + 10.0 * np.arange(channels)
+    return base + noise * rng.normal(size=base.shape)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small(**params) -> CfCForecaster:
+    defaults = dict(horizon=4, lookback=8, units=8, backbone_units=16, warm_start=120, epochs=3, batch_size=64,
+                    replay_window=32, replay_batch=16, step_budget=60.0, defer=False, seed=1)
+    return CfCForecaster(**{**defaults, **params})
+
+
+def feed(model: CfCForecaster, rows: np.ndarray, ticks, values: np.ndarray, filled=None) -> None:
+    for i, t in enumerate(ticks):
+        kw = {} if filled is None else {"filled": np.full(rows.size, filled[i])}
+        model.learn_many(rows, np.full(rows.size, t), values[i], **kw)
+
+
+def fitted(mode: str = "frozen", channels: int = 3, n: int = 150, **params) -> CfCForecaster:
+    model = small(mode=mode, **params)
+    feed(model, np.arange(channels), range(n), cyclic(np.arange(n), channels=channels))
+    assert model.fitted_
+    return model
+
+
+# -- the cell ----------------------------------------------------------------------------------------------
+
+
+def test_cell_is_the_gated_closed_form_and_dt_moves_the_gate():
+    torch.manual_seed(0)
+    cell = CfCCell(n_inputs=3, units=6, backbone_units=10)
+    x, s = torch.randn(5, 3), torch.randn(5, 6).clamp(-0.9, 0.9)
+    small_dt, large_dt = torch.full((5, 1), 0.1), torch.full((5, 1), 1e4)
+    g, k, gate = cell.parts(cell.project(x), s, small_dt)
+    assert torch.all((gate > 0) & (gate < 1))
+    torch.testing.assert_close(cell(x, s, small_dt), (1 - gate) * g + gate * k)
+    assert cell(x, s, small_dt).abs().max() < 1  # a convex mix of two tanh heads
+    # a long dt saturates every gate towards 0 or 1 according to the sign of its slope a
+    a = cell.heads(cell.deeper(cell.act(cell.project(x) + cell.state_map(s)))).chunk(4, dim=1)[2]
+    _, _, gate_long = cell.parts(cell.project(x), s, large_dt)
+    torch.testing.assert_close(gate_long, (a > 0).float(), atol=1e-3, rtol=0)
+    torch.testing.assert_close(cell(x, s, large_dt), torch.where(a > 0, k, g), atol=2e-3, rtol=0)
+
+
+def test_deltas_count_ticks_since_the_previous_real_step():
+    present = np.array([[True, False, False, True, True], [False, True, True, False, True]])
+    assert deltas(present).tolist() == [[1, 1, 2, 3, 1], [1, 1, 1, 1, 2]]
+
+
+def test_cell_matches_ncps_with_the_same_weights():
+    """Same weights -> same states, over an irregular sequence (ncps' CfC wrapper, batch 1: its timespans input
+    only works for one sequence at a time)."""
+    ncps = pytest.importorskip("ncps.torch")
+    torch.manual_seed(3)
+    n_in, units, bu = 3, 7, 11
+    ref = ncps.CfC(n_in, units, backbone_units=bu, backbone_layers=1, return_sequences=True, batch_first=True)
+    net = LiquidNet(n_in, units, horizon=2, backbone_units=bu)
+    rc = ref.rnn_cell
+    with torch.no_grad():
+        w = rc.backbone[0].weight
+        net.cell.input_map.weight.copy_(w[:, :n_in])
+        net.cell.state_map.weight.copy_(w[:, n_in:])
+        net.cell.input_map.bias.copy_(rc.backbone[0].bias)
+        net.cell.heads.weight.copy_(torch.cat([rc.ff1.weight, rc.ff2.weight, rc.time_a.weight, rc.time_b.weight]))
+        net.cell.heads.bias.copy_(torch.cat([rc.ff1.bias, rc.ff2.bias, rc.time_a.bias, rc.time_b.bias]))
+    x = torch.randn(1, 9, n_in)
+    dt = torch.tensor([[1.0, 1.0, 3.0, 0.5, 1.0, 7.0, 1.0, 2.0, 1.0]])
+    out, h_ref = ref(x, timespans=dt)
+    h = torch.zeros(1, units)
+    for k in range(x.shape[1]):
+        h = net.cell(x[:, k], h, dt[:, k : k + 1])
+        torch.testing.assert_close(h, out[:, k], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(net.encode(x, torch.ones(1, 9, dtype=torch.bool), dt, torch.zeros(1, units)), h_ref,
+                               atol=1e-6, rtol=1e-5)
+
+
+# -- the forecaster ---------------------------------------------------------------------------------------------
+
+
+def test_forecasts_are_nan_until_warm_then_raw_scale_with_the_models_horizon():
+    model = small(mode="online")
+    rows = np.arange(3)
+    values = cyclic(np.arange(200), channels=3)
+    feed(model, rows, range(119), values[:119])
+    assert np.isnan(model.forecast_many(rows, 4)).all()
+    feed(model, rows, range(119, 200), values[119:])
+    f = model.forecast_many(rows, 6)  # beyond the model's horizon: NaN
+    assert f.shape == (3, 6) and np.isnan(f[:, 4:]).all() and np.isfinite(f[:, :4]).all()
+    truth = cyclic(np.arange(200, 204), channels=3, noise=0.0).T
+    assert np.abs(f[:, :4] - truth).max() < 2.5  # raw scale: the channels live at levels 0, 10 and 20
+    assert np.abs(f[:, :2] - truth[:, :2]).max() < 0.5  # and the next steps are close
+    assert model.fit_report_["rows"] == 3 and model._rounds > 0
+
+
+def test_batched_rounds_equal_one_series_at_a_time():
+    model = fitted("frozen")
+    alone = make(**model.get_params())
+    alone.import_shared(*model.export_shared())
+    rows = np.arange(3)
+    alone.import_rows(rows, model.export_rows(rows))
+    values = cyclic(np.arange(150, 170), channels=3, seed=5)
+    for i, t in enumerate(range(150, 170)):
+        model.learn_many(rows, np.full(3, t), values[i])
+        for r in rows:  # the same observations, one call per series
+            alone.learn_many(np.array([r]), np.array([t]), values[i, r : r + 1])
+    single = np.concatenate([alone.forecast_many(np.array([r]), 4) for r in rows])
+    np.testing.assert_allclose(model.forecast_many(rows, 4), single, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model._state[:3], alone._state[:3], rtol=1e-5, atol=1e-6)
+
+
+def test_forecast_reads_the_carried_state_without_re_encoding():
+    """A forecast changes only when a value arrives: it is the head over the row's state."""
+    model = fitted("frozen")
+    rows = np.arange(3)
+    before = model.forecast_many(rows, 4)
+    model._state[1] += 0.1  # only row 1's state moves
+    after = model.forecast_many(rows, 4)
+    np.testing.assert_array_equal(after[[0, 2]], before[[0, 2]])
+    assert np.abs(after[1] - before[1]).max() > 0
+
+
+def test_filled_ticks_are_skipped_and_a_gap_advances_the_state_by_its_duration():
+    a, b = fitted("frozen"), None
+    b = make(**a.get_params())
+    b.import_shared(*a.export_shared())
+    rows = np.arange(3)
+    b.import_rows(rows, a.export_rows(rows))
+    values = cyclic(np.arange(150, 160), channels=3)
+    # a: ticks 151..154 were interpolated by the engine (filled, with nonsense values); b never saw them
+    filled = [False, True, True, True, True, False, False, False, False, False]
+    garbage = values.copy()
+    garbage[1:5] = 1e6
+    feed(a, rows, range(150, 160), garbage, filled=filled)
+    feed(b, rows, [150, 155, 156, 157, 158, 159], values[[0, 5, 6, 7, 8, 9]])
+    np.testing.assert_array_equal(a._state[:3], b._state[:3])
+    np.testing.assert_array_equal(a.forecast_many(rows, 4), b.forecast_many(rows, 4))
+    history = a.export_rows(rows)["history"]  # oldest first, ending at tick 159
+    assert np.isnan(history[:, -9:-5]).all() and np.isfinite(history[:, -5:]).all()  # skipped, not filled
+    # the step over the gap is one closed-form step of dt = 5, not five steps of 1
+    c = make(**a.get_params())
+    c.import_shared(*a.export_shared())
+    c.import_rows(rows, b.export_rows(rows))
+    state = c._state[:3].copy()
+    c.learn_many(rows, np.full(3, 165), values[0])
+    z = (values[0] - c._mean[:3]) / c._scale[:3]
+    x, _ = c._inputs(rows, np.full(3, 165), z)
+    with torch.no_grad():
+        expect = c.net_.cell(torch.from_numpy(x), torch.from_numpy(state), torch.full((3, 1), 6.0)).numpy()
+        unit_step = c.net_.cell(torch.from_numpy(x), torch.from_numpy(state), torch.ones(3, 1)).numpy()
+    np.testing.assert_allclose(c._state[:3], expect, rtol=1e-6, atol=1e-7)
+    assert np.abs(c._state[:3] - unit_step).max() > 1e-4
+
+
+def test_a_long_gap_keeps_the_state_and_the_row_keeps_forecasting():
+    model = fitted("online")
+    rows = np.arange(3)
+    before = model.export_rows(rows)
+    model.reset_rows(np.array([1]))  # what the engine calls after a gap longer than max_gap
+    after = model.export_rows(rows)
+    assert all(np.array_equal(before[k], after[k], equal_nan=True) for k in before)
+    model.learn_many(rows, np.array([150, 2000, 150]), cyclic(np.array([150]), channels=3)[0])
+    assert np.isfinite(model.forecast_many(rows, 4)).all()
+    assert np.isnan(model.export_rows(np.array([1]))["history"]).sum() == model._ring - 1  # one value since
+
+
+def test_late_series_joins_with_its_own_scaler():
+    model = fitted("online", channels=1)
+    late = 3 * cyclic(np.arange(150, 200))[:, 0] + 100
+    for i, t in enumerate(range(150, 200)):
+        model.learn_many(np.array([0, 5]), np.array([t, t]), np.array([cyclic(np.array([t]))[0, 0], late[i]]))
+    assert model.ready_[5]
+    f = model.forecast_many(np.array([5]), 4)
+    assert np.isfinite(f).all() and abs(f.mean() - 100) < 5
+
+
+def test_online_learns_from_complete_windows_only_and_frozen_stays_put():
+    frozen, online = fitted("frozen"), fitted("online", replay_window=5)
+    weights = {k: v.copy() for k, v in frozen.export_shared()[0].items()}
+    learned = {k: v.copy() for k, v in online.export_shared()[0].items()}
+    rows = np.arange(3)
+    values = cyclic(np.arange(160), channels=3)  # its first 150 rows are what fitted() fed
+    feed(frozen, rows, range(150, 160), values[150:])
+    feed(online, rows, range(150, 160), values[150:])
+    assert all(np.array_equal(frozen.export_shared()[0][k], v) for k, v in weights.items())
+    assert any(not np.array_equal(online.export_shared()[0][k], v) for k, v in learned.items() if k.startswith("net."))
+    with online._lock:
+        batch = online._sample()
+    r, z, ticks = batch
+    last_target = ticks[:, -1]
+    assert np.all(last_target <= online._last_tick[r])  # no look-ahead: every target has arrived
+    assert np.all(last_target > online._last_tick[r] - 5)  # only the newest replay_window windows
+    raw = z[:, :8] * online._scale[r, None] + online._mean[r, None]  # the row's own values at those ticks
+    np.testing.assert_allclose(raw, values[ticks[:, :8], r[:, None]], rtol=1e-9)
+
+
+def test_adaptive_scaler_follows_a_level_shift_without_blowing_up():
+    model = small(scale_halflife=12.0, warm_start=400)  # no fit needed: the scaler runs from the first value
+    rows = np.array([0])
+    values = cyclic(np.arange(300))
+    values[150:] += 50.0  # 50 deviations of the cycle
+    feed(model, rows, range(150), values[:150])
+    settled = model._scale[0]
+    feed(model, rows, range(150, 151), values[150:151])
+    alpha = 1 - 0.5 ** (1 / 12)
+    assert model._scale[0] <= settled * np.sqrt((1 - alpha) * (1 + 9 * alpha)) + 1e-12  # winsorised at 3 sd
+    feed(model, rows, range(151, 300), values[151:])
+    assert abs(model._mean[0] - (50 + PATTERN.mean())) < 0.5 and model._scale[0] < 2 * settled
+
+
+def test_huber_replay_loss_is_the_squared_error_until_a_shift_caps_it():
+    model = fitted("online", online_huber=1.0)
+    with model._lock:
+        _, z, ticks = model._sample()
+    net = model._trainer
+
+    def loss(windows: np.ndarray, huber: float | None) -> float:
+        with torch.no_grad():
+            return float(model._window_loss(net, windows, ticks, None, 0, huber=huber))
+
+    assert loss(z, 100.0) == pytest.approx(loss(z, None), rel=1e-6)  # below the threshold: the squared error
+    assert loss(z, 1.0) <= loss(z, None)
+    shifted = z.copy()
+    shifted[:, model.lookback :] += 20.0  # every target 20 deviations off: a window across a sudden shift
+    assert loss(shifted, None) > 300 and loss(shifted, 1.0) < 45  # about 20^2 against 2 * 20 - 1
+
+
+@pytest.mark.parametrize("params", [
+    dict(mode="online"),
+    dict(mode="cyclenet", cycle=W),
+    dict(mode="online", scale_halflife=24.0, periods=[W]),
+])
+def test_save_restore_is_bit_exact(tmp_path, params):
+    rows = np.arange(3)
+    values = cyclic(np.arange(220), channels=3, seed=3)
+    model = small(**params)
+    feed(model, rows, range(150), values[:150])
+    assert model.fitted_ and model._rounds > 0
+    shared, meta = model.export_shared()
+    per_row = model.export_rows(rows)
+    assert all(isinstance(v, np.ndarray) and v.dtype != object for v in per_row.values())
+    save_file(shared, str(tmp_path / "shared.safetensors"))
+    save_file(per_row, str(tmp_path / "rows.safetensors"))
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+
+    restored = make(**model.get_params())
+    restored.import_shared(load_file(str(tmp_path / "shared.safetensors")),
+                           json.loads((tmp_path / "meta.json").read_text()))
+    restored.import_rows(rows[::-1] + 4, {k: v[::-1] for k, v in load_file(str(tmp_path / "rows.safetensors")).items()})
+    moved = rows + 4  # the state moves with the series, to other rows
+    np.testing.assert_array_equal(restored.forecast_many(moved, 4), model.forecast_many(rows, 4))
+    for t in range(150, 220):  # learning online from here on stays identical, step for step
+        model.learn_many(rows, np.full(3, t), values[t])
+        restored.learn_many(moved, np.full(3, t), values[t])
+        np.testing.assert_array_equal(restored.forecast_many(moved, 4), model.forecast_many(rows, 4))
+    a, b = model.export_rows(rows), restored.export_rows(moved)
+    assert all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)
+
+
+@pytest.mark.parametrize(("params", "per_row_bytes"), [
+    (dict(mode="online", units=32), 4096),
+    (dict(mode="cyclenet", units=32, cycle=168), 4096),
+])
+def test_own_per_series_state_fits_in_4_kb(params, per_row_bytes):
+    model = small(**params)
+    rows = np.arange(2)
+    feed(model, rows, range(130), cyclic(np.arange(130), channels=2))
+    state = model.export_rows(rows)
+    own = sum(v.nbytes for k, v in state.items() if not k.startswith("history")) / rows.size
+    assert 0 < own <= per_row_bytes
+    assert state["hidden"].shape == (2, 32)
+
+
+def test_runs_in_the_engine_from_the_registry_and_restores_through_it():
+    from tidecast.stream.batch import ObservationBatch
+    from tidecast.stream.config import EngineConfig
+    from tidecast.stream.engine import Engine
+
+    params = dict(lookback=8, units=8, backbone_units=16, warm_start=120, epochs=2, batch_size=64, replay_batch=16,
+                  step_budget=60.0)
+    config = EngineConfig(horizon=4, models=["cfc"], model_params={"cfc": params}, freq="1h")
+    engine = Engine.from_config(config)
+    ids = np.array(["a", "b"], dtype=object)
+    hour = 3_600_000_000_000
+    values = cyclic(np.arange(200), channels=2) + 100.0
+
+    def batch(lo: int, hi: int) -> ObservationBatch:
+        ticks = np.arange(lo, hi)
+        return ObservationBatch(np.tile(ids, hi - lo), np.repeat(ticks * hour, 2), values[lo:hi].ravel())
+
+    for lo in range(0, 160, 40):
+        engine.process(batch(lo, lo + 40))
+    assert engine.lanes[0].model.fitted_
+    restored = Engine.from_config(config)
+    restored.import_shared(engine.export_shared())
+    restored.import_series(*engine.export_series(["a", "b"]))
+    a, b = engine.process(batch(160, 200)), restored.process(batch(160, 200))
+    assert len(a.forecasts) and np.isfinite(a.forecasts.mean).all()
+    np.testing.assert_array_equal(a.forecasts.mean, b.forecasts.mean)
+    assert abs(np.median(a.forecasts.mean) - 105) < 10  # raw scale: channels at levels 100 and 110
+
+
+def test_cyclenet_mode_learns_the_cycle_row():
+    model = fitted("cyclenet", channels=2, n=300, cycle=W, epochs=6, val_fraction=0.0)
+    q = model._q[:2]
+    for c in range(2):  # Q is in standardised units: compare shapes, aligned on tick % W
+        assert np.corrcoef(q[c], PATTERN)[0, 1] > 0.5
+
+
+def test_bad_parameters_are_refused():
+    with pytest.raises(ValueError, match="mode"):
+        small(mode="liquid")
+    with pytest.raises(ValueError, match="warm_start"):
+        small(warm_start=10)
+    with pytest.raises(ValueError, match="scale_halflife"):
+        small(scale_halflife=0.0)
+
+
+def test_engine_can_drop_a_cfc_series_and_reuse_its_row():
+    from tidecast.stream.batch import ObservationBatch
+    from tidecast.stream.config import EngineConfig
+    from tidecast.stream.engine import Engine
+
+    hour = 3_600_000_000_000
+    params = {"lookback": 8, "units": 8, "backbone_units": 16, "warm_start": 80, "epochs": 1, "mode": "cyclenet"}
+    engine = Engine.from_config(EngineConfig(horizon=4, models=["cfc"], freq="1h", model_params={"cfc": params}))
+    ids = np.array(["a", "b", "c"], dtype=object)
+    for k in range(100):
+        engine.process(ObservationBatch(ids, np.full(3, k * hour), np.sin(2 * np.pi * k / 6) + np.arange(3.0)))
+    model = engine.lanes[0].model
+    assert model.fitted_ and model.cycle_ == 6  # detected at the warm start; blank rows were exported before
+    engine.drop_series(["b"])
+    out = engine.process(ObservationBatch(np.array(["new"], dtype=object), np.array([100 * hour]), np.array([1.0])))
+    assert engine._slot_of["new"] == 1 and len(out.forecasts) == 0 and not model.ready_[1]
+    for k in range(101, 115):  # after lookback + horizon observations the new series is served
+        out = engine.process(ObservationBatch(np.array(["a", "new"], dtype=object), np.full(2, k * hour),
+                                              np.array([np.sin(2 * np.pi * k / 6), 1.0])))
+    assert set(out.forecasts.series_id) == {"a", "new"}
