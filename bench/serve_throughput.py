@@ -338,18 +338,17 @@ def cyclenet_rate(broker: Broker, workdir: Path, n_series: int, warm: int, timed
                 m.get("tidecast_forecasts_total", 0) > 0, 1800, "the warm start", 0.5)
     warmer.stop()
     n_timed = fill(broker, topic, ids, range(warm, warm + timed), seed=1)
-    rate, _ = timed_serve(broker, topic, n_timed + n_warm, state, args, workdir / "cyclenet.log",
-                          group="g-cyclenet")
-    # the restored member counts only what it applied itself
-    return rate * n_timed / (n_timed + n_warm)
+    # the restored member resumes after the warm-up: it applies (and counts) the timed ticks only
+    rate, _ = timed_serve(broker, topic, n_timed, state, args, workdir / "cyclenet.log", group="g-cyclenet")
+    return rate
 
 
 # -- (d) latency ----------------------------------------------------------------------------------------------------
-def latency(broker: Broker, workdir: Path, rate: float, n_series: int, ticks: int) -> dict[str, float]:
+def latency(broker: Broker, workdir: Path, rate: float, n_series: int, ticks: int, args: tuple[str, ...] = SN_ARGS,
+            topic: str = "latency-in") -> dict[str, float]:
     """Percentiles (ms) from each input record's broker timestamp to its forecast's, input paced at ``rate``."""
-    topic = "latency-in"
     broker.create_topic(topic, 4)
-    member = Member(broker, topic, "g-latency", workdir / "latency-state", *SN_ARGS, log=workdir / "latency.log")
+    member = Member(broker, topic, f"g-{topic}", workdir / f"{topic}-state", *args, log=workdir / f"{topic}.log")
     member.wait(lambda m: m.get("tidecast_consumer_assigned_partitions", 0) == 4, 120, "the assignment")
     ids = series_ids(n_series, "l")
     levels = np.random.default_rng(7).uniform(10, 100, n_series).tolist()
@@ -452,8 +451,9 @@ def restore_seconds(broker: Broker, workdir: Path, n_series: int, ticks: int, ar
     checkpoints = m.get("tidecast_checkpoint_seconds_count", 0)
     first.stop(signal.SIGKILL)
     second = Member(broker, topic, "g-restore", workdir / "restore-b", *args, log=workdir / "restore-b.log")
-    m = second.wait(lambda m: m.get("tidecast_state_restored_series_total", 0) >= n_series, 600, "the restore",
-                    0.2)
+    # the series counter moves before the restore's duration is recorded: wait for both
+    m = second.wait(lambda m: m.get("tidecast_state_restored_series_total", 0) >= n_series and
+                    m.get("tidecast_state_restore_seconds_count", 0) >= 1, 600, "the restore", 0.2)
     second.stop()
     return {"seconds": m.get("tidecast_state_restore_seconds_sum", float("nan")),
             "changelog_bytes_read": m.get("tidecast_state_restore_bytes_total", float("nan")),
@@ -610,7 +610,8 @@ def measure(broker: Broker, workdir: Path, args: argparse.Namespace, only: set[s
         say("(e)", {k: round(v) for k, v in out["bytes_per_series"].items()})
     if "f" in only:
         detail = restore_seconds(broker, workdir, args.restore_series, 60,
-                                 (*SN_ARGS, "--output-format", "compact", "--changelog-bytes-per-record", "20"))
+                                 (*SN_ARGS, "--output-format", "compact", "--changelog-bytes-per-record", "0",
+                                  "--checkpoint-interval", "2"))
         out["restore_seconds_10k"] = detail["seconds"]
         out["restore_detail"] = detail
         say("(f)", detail)

@@ -338,6 +338,9 @@ class ServeSettings(KafkaClientSettings):
     max_poll_records: int = setting(500, "records per poll", group=KAFKA, check=at_least(1))
     max_partition_fetch_bytes: int = setting(1_048_576, "fetch size per partition", group=KAFKA, check=at_least(1))
     fetch_max_bytes: int = setting(52_428_800, "fetch size per request", group=KAFKA, check=at_least(1))
+    fetch_max_wait_ms: int = setting(20, "how long the broker may hold a fetch for more data; kafka-python's 500 ms "
+                                     "default put a forecast ~170 ms behind its observation at half load",
+                                     group=KAFKA, check=at_least(0))
     max_request_size: int = setting(16 * 1024 * 1024, "largest message the producer sends (state records can be "
                                     "large; the changelog topic is created to accept them)", group=KAFKA,
                                     check=at_least(1))

@@ -237,7 +237,8 @@ class Service:
             auto_offset_reset=cfg.auto_offset_reset, session_timeout_ms=cfg.session_timeout_ms,
             heartbeat_interval_ms=cfg.heartbeat_interval_ms, max_poll_interval_ms=cfg.max_poll_interval_ms,
             max_poll_records=cfg.max_poll_records, max_partition_fetch_bytes=cfg.max_partition_fetch_bytes,
-            fetch_max_bytes=cfg.fetch_max_bytes, partition_assignment_strategy=assignors(cfg.assignment_strategy))
+            fetch_max_bytes=cfg.fetch_max_bytes, fetch_max_wait_ms=cfg.fetch_max_wait_ms,
+            partition_assignment_strategy=assignors(cfg.assignment_strategy))
 
     def _reader_settings(self, client: type) -> dict[str, Any]:
         """A group-less consumer (changelog restore, lag probe): short fetch waits, never commits."""

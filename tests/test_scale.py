@@ -208,3 +208,20 @@ def test_a_restore_reads_only_the_last_complete_group():
     assert changelog.fetched < 3 * (len(ids) + 1) + 64  # the scan for the marker, then one group
     full = changelog.read(0, 0)
     assert full.position == tail.position and changelog.fetched > 20 * len(ids)
+
+
+def test_the_group_consumer_asks_the_broker_for_short_fetch_waits():
+    """kafka-python's 500 ms default let a fetch sit on the broker for up to half a second (p50 latency 171 ms at half
+    load in bench/serve_throughput.py); serve sets its own, which a setting changes."""
+    from kafka import KafkaConsumer
+
+    from tidecast.monitors.metrics import Metrics
+    from tidecast.stream.config import ServeConfig
+    from tidecast.stream.serve import Service
+
+    def wait_ms(**settings) -> int:
+        service = Service(ServeConfig({"bootstrap_servers": "a:1", "topic": "t", **settings}), metrics=Metrics())
+        return service._consumer_settings(KafkaConsumer)["fetch_max_wait_ms"]
+
+    assert wait_ms() == 20 < KafkaConsumer.DEFAULT_CONFIG["fetch_max_wait_ms"]
+    assert wait_ms(fetch_max_wait_ms=250) == 250
