@@ -15,9 +15,13 @@ Messages
 
     {"series_id": "ETTh1/OT", "model": "seasonal-naive", "issued_at": "2016-07-01T00:00:00Z", "alpha": 0.1,
      "h": [1, 2, ...], "target_timestamp": ["2016-07-01T01:00:00Z", ...],
-     "mean": [...], "lower": [...], "upper": [...], "schema_version": 1}
+     "mean": [...], "lower": [...], "upper": [...],
+     "intervals": {"90": {"lower": [...], "upper": [...]}}, "has_interval": [true, ...], "schema_version": 2}
 
-  ``lower``/``upper`` hold ``null`` for an unbounded side (a calibrator may emit an infinite interval). A
+  ``lower``/``upper`` are the first interval level's (``1 - alpha``), so readers of schema 1 keep working;
+  ``intervals`` holds every configured level (``--level 80,95``), keyed by its coverage in percent. A bound is
+  ``null`` where the step has no interval yet (its calibrator cell had no data: ``has_interval`` false, every
+  level) or where that side is unbounded (a calibrator may emit an infinite interval: ``has_interval`` true). A
   consumer de-duplicates on ``(series_id, model, issued_at, h)``; a re-sent message (after a crash) is identical.
 * drift events (``--events-topic``): key ``series_id``, value one JSON object per alarm of a lane monitor
   (:func:`tidecast.stream.sinks.event_json`)::
@@ -61,7 +65,8 @@ from tidecast.stream.sources import DeadLetter
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-FORECAST_SCHEMA_VERSION = 1
+#: 2: ``intervals`` (every level) and ``has_interval`` were added; everything of version 1 is unchanged.
+FORECAST_SCHEMA_VERSION = 2
 #: Settings passed through to both clients when given (flag, env or file).
 SECURITY_SETTINGS = ("security_protocol", "sasl_mechanism", "sasl_plain_username", "sasl_plain_password",
                      "sasl_kerberos_service_name", "sasl_kerberos_domain_name", "ssl_cafile", "ssl_certfile",
@@ -349,6 +354,10 @@ def forecast_payloads(batch: ForecastBatch) -> Iterable[tuple[str, int, bytes | 
     bad = np.flatnonzero(~finite) if not finite.all() else np.zeros(0, np.int64)
     bad_message = set(np.searchsorted(starts, bad, side="right") - 1) if len(bad) else set()
     alpha = float(batch.alpha)
+    lowers, uppers = batch.bounds()
+    levels = [(name, np.ascontiguousarray(lowers[:, j], dtype=np.float64),
+               np.ascontiguousarray(uppers[:, j], dtype=np.float64)) for j, name in enumerate(batch.level_names)]
+    has_interval = ~np.isnan(lower) & ~np.isnan(upper)  # NaN: none yet; +-inf: unbounded
     for i, (s, e) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
         series_id = str(sid[s])
         if i in bad_message:  # orjson would write null: a forecast without a mean is no forecast
@@ -359,7 +368,9 @@ def forecast_payloads(batch: ForecastBatch) -> Iterable[tuple[str, int, bytes | 
             payload: bytes | ValueError = orjson.dumps({
                 "series_id": series_id, "model": str(model[s]), "issued_at": issued_iso[i], "alpha": alpha,
                 "h": h[s:e], "target_timestamp": targets[s:e], "mean": mean[s:e], "lower": lower[s:e],
-                "upper": upper[s:e], "schema_version": FORECAST_SCHEMA_VERSION,
+                "upper": upper[s:e],
+                "intervals": {name: {"lower": lo[s:e], "upper": hi[s:e]} for name, lo, hi in levels},
+                "has_interval": has_interval[s:e], "schema_version": FORECAST_SCHEMA_VERSION,
             }, option=opts)
         except orjson.JSONEncodeError as err:  # a series id UTF-8 cannot hold (a lone surrogate)
             payload = ValueError(f"{err}")
@@ -403,13 +414,21 @@ def encode_compact(batch: ForecastBatch) -> bytes:
     def steps(values: np.ndarray, kind: Any) -> Any:
         return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(values), type=kind))
 
-    table = pa.RecordBatch.from_arrays([
+    columns = [
         pa.array(sid[starts].tolist(), type=pa.string()), pa.array(model[starts].tolist(), type=pa.string()),
         pa.array(issued[starts], type=utc), steps(batch.h.astype(np.int32), pa.int32()),
         steps(batch.target_ns, utc), steps(batch.mean, pa.float64()), steps(batch.lower, pa.float64()),
         steps(batch.upper, pa.float64()),
-    ], names=["series_id", "model", "issued_at", "h", "target_timestamp", "mean", "lower", "upper"])
-    table = table.replace_schema_metadata({"tidecast.schema": COMPACT_SCHEMA, "alpha": repr(float(batch.alpha))})
+    ]
+    names = ["series_id", "model", "issued_at", "h", "target_timestamp", "mean", "lower", "upper"]
+    metadata = {"tidecast.schema": COMPACT_SCHEMA, "alpha": repr(float(batch.alpha))}
+    if len(batch.level_names) > 1:  # every level's bounds too, as lower/<level> and upper/<level>
+        lowers, uppers = batch.bounds()
+        for j, level in enumerate(batch.level_names):
+            columns += [steps(lowers[:, j], pa.float64()), steps(uppers[:, j], pa.float64())]
+            names += [f"lower/{level}", f"upper/{level}"]
+        metadata["levels"] = ",".join(batch.level_names)
+    table = pa.RecordBatch.from_arrays(columns, names=names).replace_schema_metadata(metadata)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_batch(table)
@@ -461,25 +480,48 @@ def read_forecasts(values: Iterable[bytes | None]) -> ForecastBatch:
                 np.repeat(table.column("issued_at").to_numpy().astype("datetime64[ns]").astype(np.int64), counts),
                 np.repeat(np.array(table.column("model").to_pylist(), object), counts), flat["h"].astype(np.int32),
                 flat["target_timestamp"].astype("datetime64[ns]").astype(np.int64), flat["mean"], flat["lower"],
-                flat["upper"], alpha))
+                flat["upper"], alpha, **_compact_levels(table, counts)))
         else:
             parts.append(_json_forecast(value))
             alpha = parts[-1].alpha
-    return ForecastBatch.concat(parts, alpha)
+    return ForecastBatch.concat(parts, alpha, next((p.levels for p in parts if p.levels), ()))
+
+
+def _compact_levels(table: Any, counts: np.ndarray) -> dict[str, Any]:
+    """``levels``/``lowers``/``uppers`` of a compact message that carries several levels (else nothing)."""
+    names = (table.schema.metadata or {}).get(b"levels", b"").decode()
+    if not names:
+        return {}
+    levels = tuple(names.split(","))
+
+    def flat(name: str) -> np.ndarray:
+        return table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+
+    return {"levels": levels, "lowers": np.stack([flat(f"lower/{v}") for v in levels], axis=1),
+            "uppers": np.stack([flat(f"upper/{v}") for v in levels], axis=1)}
 
 
 def _json_forecast(value: bytes) -> ForecastBatch:
     msg = _orjson().loads(value)
     k = len(msg["h"])
     ns = np.array([_parse_iso_ns(t) for t in msg["target_timestamp"]], np.int64)
+    has = np.array(msg.get("has_interval", [True] * k), bool)  # null is unbounded where an interval was issued
 
     def bound(values: list[float | None], unbounded: float) -> np.ndarray:
-        return np.array([unbounded if v is None else v for v in values], float)
+        out = np.array([unbounded if v is None else v for v in values], float)
+        out[~has] = np.nan
+        return out
 
+    intervals = msg.get("intervals") or {}
+    many: dict[str, Any] = {}
+    if len(intervals) > 1:
+        many = {"levels": tuple(intervals),
+                "lowers": np.stack([bound(v["lower"], -np.inf) for v in intervals.values()], axis=1),
+                "uppers": np.stack([bound(v["upper"], np.inf) for v in intervals.values()], axis=1)}
     return ForecastBatch(np.array([msg["series_id"]] * k, object), np.full(k, _parse_iso_ns(msg["issued_at"])),
                          np.array([msg["model"]] * k, object), np.array(msg["h"], np.int32), ns,
                          np.array(msg["mean"], float), bound(msg["lower"], -np.inf), bound(msg["upper"], np.inf),
-                         float(msg["alpha"]))
+                         float(msg["alpha"]), **many)
 
 
 def _parse_iso_ns(text: str) -> int:
@@ -672,9 +714,12 @@ class KafkaForecastSink(_TopicSink):
 
 
 def _take(batch: ForecastBatch, index: np.ndarray) -> ForecastBatch:
+    many = {}
+    if batch.lowers is not None and batch.uppers is not None:
+        many = {"levels": batch.levels, "lowers": batch.lowers[index], "uppers": batch.uppers[index]}
     return ForecastBatch(batch.series_id[index], batch.issued_at_ns[index], batch.model[index], batch.h[index],
                          batch.target_ns[index], batch.mean[index], batch.lower[index], batch.upper[index],
-                         batch.alpha)
+                         batch.alpha, **many)
 
 
 class KafkaEventSink(_TopicSink):

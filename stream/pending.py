@@ -10,17 +10,18 @@ Compact, and exact where it matters: an origin's first step is kept as a float64
 as float32 differences from it, and the bounds as float32 offsets from their step's mean. A float32 mean would lose
 the unit digit of a series near 1e7; a difference from the anchor keeps the precision of the forecast's own moves.
 Scoring then sees ``mean`` to ~1e-7 of the forecast's change over the horizon and bounds to ~1e-7 of the interval's
-width (the published forecasts are not affected). Bounds are ``NaN`` where a step was issued without an interval.
+width (the published forecasts are not affected). Bounds are ``NaN`` where a step was issued without an interval;
+they have a last axis of one entry per interval level (``n_levels``).
 At H = 24 this is 4.0 kB a series instead of 14 kB; at H = 96, 57 kB instead of 222 kB.
 
 >>> import numpy as np
 >>> pending = PendingForecasts(horizon=2)
 >>> pending.resize(1)
->>> pending.store(np.array([0]), np.array([10]), np.array([[1.0, 2.0]]), np.array([[0.5, 1.0]]),
-...               np.array([[1.5, 3.0]]))
+>>> pending.store(np.array([0]), np.array([10]), np.array([[1.0, 2.0]]), np.array([[[0.5], [1.0]]]),
+...               np.array([[[1.5], [3.0]]]))
 >>> mean, lower, upper, valid = pending.matured(np.array([0]), np.array([11]))  # tick 11: h = 1 from origin 10
->>> mean.tolist(), lower.tolist()[0][0], valid.tolist()
-([[1.0, nan]], 0.5, [[True, False]])
+>>> mean.tolist(), lower.tolist()[0][0], valid.tolist(), lower.shape
+([[1.0, nan]], [0.5], [[True, False]], (1, 2, 1))
 >>> pending.matured(np.array([0]), np.array([12]))[0].tolist()  # tick 12: h = 2 from origin 10
 [[nan, 2.0]]
 
@@ -49,11 +50,12 @@ class PendingForecasts:
     origin_ = Column("origin")  # (rows, H): origin tick of each origin-ring slot (origin % H)
     anchor_ = Column("anchor")  # (rows, H): that origin's first finite step, float64
     delta_ = Column("delta")  # (rows, H(H+1)/2): step mean - anchor, float32, triangle of per-step rings
-    lower_ = Column("lower")  # (rows, H(H+1)/2): lower bound - step mean, float32
-    upper_ = Column("upper")  # (rows, H(H+1)/2): upper bound - step mean, float32
+    lower_ = Column("lower")  # (rows, H(H+1)/2, levels): lower bound - step mean, float32
+    upper_ = Column("upper")  # (rows, H(H+1)/2, levels): upper bound - step mean, float32
 
-    def __init__(self, horizon: int, bounds: bool = True) -> None:
+    def __init__(self, horizon: int, n_levels: int = 1, bounds: bool = True) -> None:
         self.horizon = horizon
+        self.n_levels = n_levels
         self.bounds = bounds  # False: the calibrator keeps the issued intervals (matured() returns None for them)
         self.hs_ = np.arange(1, horizon + 1)
         self.start_ = np.concatenate([[0], np.cumsum(self.hs_)[:-1]])  # step h's ring starts here
@@ -63,7 +65,8 @@ class PendingForecasts:
         fields = {"origin": Field((horizon,), np.int64, NO_TICK), "anchor": Field((horizon,), np.float64, 0.0),
                   "delta": steps}
         if bounds:
-            fields |= {"lower": steps, "upper": steps}
+            offsets = Field((cells, n_levels), np.float32, 0.0)
+            fields |= {"lower": offsets, "upper": offsets}
         self.table_ = RowTable(**fields)
 
     def resize(self, n_rows: int) -> None:
@@ -75,7 +78,7 @@ class PendingForecasts:
 
     def store(self, rows: np.ndarray, origins: np.ndarray, mean: np.ndarray, lower: np.ndarray,
               upper: np.ndarray) -> None:
-        """Keep the forecasts issued at tick ``origins`` (one per row), each (n, H)."""
+        """Keep the forecasts issued at tick ``origins`` (one per row): ``mean`` (n, H), bounds (n, H, levels)."""
         ring = origins % self.horizon
         finite = np.isfinite(mean)
         first = np.where(finite.any(axis=1), finite.argmax(axis=1), 0)
@@ -87,12 +90,12 @@ class PendingForecasts:
         with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf pass through as they are
             self.delta_[r, cells] = mean - anchor[:, None]
             if self.bounds:
-                self.lower_[r, cells] = lower - mean
-                self.upper_[r, cells] = upper - mean
+                self.lower_[r, cells] = lower - mean[..., None]
+                self.upper_[r, cells] = upper - mean[..., None]
 
     def matured(self, rows: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Forecasts for tick ``targets`` issued h ticks earlier: (mean, lower, upper, valid), each (n, H); the
-        bounds are ``None`` when this table does not keep them."""
+        """Forecasts for tick ``targets`` issued h ticks earlier: (mean, lower, upper, valid), each (n, H) but the
+        bounds (n, H, levels); the bounds are ``None`` when this table does not keep them."""
         origins = targets[:, None] - self.hs_[None, :]
         r = rows[:, None]
         ring = origins % self.horizon
@@ -102,9 +105,10 @@ class PendingForecasts:
         valid = issued & np.isfinite(mean)
         if not self.bounds:
             return mean, None, None, valid
+        lo, hi, m = self.lower_[r, cells], self.upper_[r, cells], mean[..., None]
         with np.errstate(invalid="ignore"):  # inf offsets of unbounded sides stay inf
-            lower = np.where(np.isinf(self.lower_[r, cells]), self.lower_[r, cells], mean + self.lower_[r, cells])
-            upper = np.where(np.isinf(self.upper_[r, cells]), self.upper_[r, cells], mean + self.upper_[r, cells])
+            lower = np.where(np.isinf(lo), lo, m + lo)
+            upper = np.where(np.isinf(hi), hi, m + hi)
         return mean, lower, upper, valid
 
     def invalidate(self, rows: np.ndarray) -> None:
@@ -120,13 +124,16 @@ class PendingForecasts:
         self.table_.import_rows(rows, state)
 
     def _upgrade(self, state: ArrayDict) -> ArrayDict:
-        """State saved in the square layout ((rows, H origins, H steps) float64 mean, lower, upper) in this one:
-        origins written oldest first, so each step ring ends with the newest origin's value, as it would have."""
+        """State saved in the square layout ((rows, H origins, H steps) float64 mean; bounds the same, with a last
+        axis of levels or, before levels, without) in this one: origins written oldest first, so each step ring
+        ends with the newest origin's value, as it would have."""
         origin = np.asarray(state["origin"], np.int64)
         n = len(origin)
-        out = PendingForecasts(self.horizon, self.bounds)
+        out = PendingForecasts(self.horizon, self.n_levels, self.bounds)
         out.resize(n)
         mean, lower, upper = (np.asarray(state[k], np.float64) for k in ("mean", "lower", "upper"))
+        if lower.ndim == 3:  # saved before interval levels: the one level
+            lower, upper = lower[..., None], upper[..., None]
         order = np.argsort(np.where(origin == NO_TICK, np.iinfo(np.int64).min, origin), axis=1, kind="stable")
         for j in range(self.horizon):
             slot = order[:, j]

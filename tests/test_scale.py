@@ -18,8 +18,9 @@ HOUR = 3_600_000_000_000
 class SquarePending:
     """The layout before: every origin's H steps in float64, in a ring of H origins (the reference)."""
 
-    def __init__(self, horizon: int) -> None:
+    def __init__(self, horizon: int, levels: int = 1) -> None:
         self.h = horizon
+        self.levels = levels
         self.origin: dict[int, dict[int, int]] = {}
         self.values: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
 
@@ -30,7 +31,7 @@ class SquarePending:
 
     def matured(self, rows, targets):
         n = len(rows)
-        out = [np.full((n, self.h), np.nan) for _ in range(3)]
+        out = [np.full((n, self.h), np.nan), *(np.full((n, self.h, self.levels), np.nan) for _ in range(2))]
         valid = np.zeros((n, self.h), bool)
         for i, (row, t) in enumerate(zip(rows.tolist(), targets.tolist(), strict=True)):
             for k in range(self.h):
@@ -50,7 +51,7 @@ class SquarePending:
 def test_pending_triangle_matches_the_square_layout_through_gaps_resets_and_missing_bounds():
     rng = np.random.default_rng(5)
     horizon, n_rows = 6, 4
-    new, ref = PendingForecasts(horizon), SquarePending(horizon)
+    new, ref = PendingForecasts(horizon, n_levels=2), SquarePending(horizon, levels=2)
     new.resize(n_rows)
     ticks = np.zeros(n_rows, np.int64)
     level = 1e7  # a float32 mean would lose the unit digit here
@@ -67,10 +68,10 @@ def test_pending_triangle_matches_the_square_layout_through_gaps_resets_and_miss
             ref.invalidate(rows)
         mean = level + rng.normal(size=(len(rows), horizon)).cumsum(axis=1)
         mean[rng.random(mean.shape) < 0.05] = np.nan  # not ready
-        width = rng.uniform(0.5, 2, size=mean.shape)
-        lower, upper = mean - width, mean + width
-        lower[rng.random(mean.shape) < 0.1] = np.nan  # no interval yet
-        upper[rng.random(mean.shape) < 0.05] = np.inf  # unbounded
+        width = rng.uniform(0.5, 2, size=(*mean.shape, 1)) * np.array([1.0, 2.0])  # two levels
+        lower, upper = mean[..., None] - width, mean[..., None] + width
+        lower[rng.random(lower.shape) < 0.1] = np.nan  # no interval yet
+        upper[rng.random(upper.shape) < 0.05] = np.inf  # unbounded
         new.store(rows, t, mean, lower, upper)
         ref.store(rows, t, mean, lower, upper)
 
@@ -88,19 +89,20 @@ def test_pending_state_in_the_square_layout_is_upgraded_on_import():
     pending.import_rows(np.array([0]), old)
     mean, lower, upper, valid = pending.matured(np.array([0]), np.array([10]))
     assert valid.tolist() == [[True, True, True, False]]  # from origins 9, 8, 7; origin 6 was never issued
-    assert mean[0, :3].tolist() == [900.0, 801.0, 702.0] and lower[0, :3].tolist() == [899.0, 799.0, 699.0]
+    assert mean[0, :3].tolist() == [900.0, 801.0, 702.0] and lower[0, :3, 0].tolist() == [899.0, 799.0, 699.0]
 
 
-def scored_run(keep_bounds: bool) -> np.ndarray:
+def scored_run(keep_bounds: bool, levels: list[float] | None = None) -> np.ndarray:
     """Scorer sums after a gap-free stream through seasonal naive + conformal PID, H = 6."""
     from tidecast.stream.batch import ObservationBatch
     from tidecast.stream.config import EngineConfig
     from tidecast.stream.engine import Engine
 
-    engine = Engine.from_config(EngineConfig(horizon=6, model_params={"seasonal-naive": {"period": 4}}))
+    engine = Engine.from_config(EngineConfig(horizon=6, model_params={"seasonal-naive": {"period": 4}},
+                                             levels=levels))
     lane = engine.lanes[0]
     if keep_bounds:  # the reference: the pending forecasts keep the bounds as issued
-        lane.pending = PendingForecasts(6, bounds=True)
+        lane.pending = PendingForecasts(6, len(levels or [0]), bounds=True)
         lane.pending.resize(8)  # as many rows as the engine starts with (it grows every lane beyond)
     rng = np.random.default_rng(1)
     ids = np.array(["a", "b", "c"], dtype=object)
@@ -110,13 +112,14 @@ def scored_run(keep_bounds: bool) -> np.ndarray:
     return lane.scorer.export_rows(np.arange(3))["sums"]
 
 
-def test_a_pid_lane_scores_the_intervals_it_issued_without_keeping_their_bounds_twice():
+@pytest.mark.parametrize("levels", [None, [80.0, 95.0]])
+def test_a_pid_lane_scores_the_intervals_it_issued_without_keeping_their_bounds_twice(levels):
     from tidecast.stream.config import EngineConfig
     from tidecast.stream.engine import Engine
 
     lane = Engine.from_config(EngineConfig(horizon=6)).lanes[0]
     assert not lane.pending.bounds and set(lane.pending.table_.fields) == {"origin", "anchor", "delta"}
-    got, want = scored_run(keep_bounds=False), scored_run(keep_bounds=True)
+    got, want = scored_run(False, levels), scored_run(True, levels)
     assert want[:, 3].sum() > 0.5 * want[:, 0].sum()  # intervals were issued and scored
     # the same intervals: only float32 rounding differs (the ring keeps thresholds, the table kept offsets)
     np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -225,3 +228,17 @@ def test_the_group_consumer_asks_the_broker_for_short_fetch_waits():
 
     assert wait_ms() == 20 < KafkaConsumer.DEFAULT_CONFIG["fetch_max_wait_ms"]
     assert wait_ms(fetch_max_wait_ms=250) == 250
+
+
+def test_every_interval_level_round_trips_through_both_formats():
+    base = forecasts()
+    lowers = np.stack([base.lower, base.lower - 1.0], axis=1)
+    uppers = np.stack([base.upper, base.upper + 1.0], axis=1)
+    batch = ForecastBatch(base.series_id, base.issued_at_ns, base.model, base.h, base.target_ns, base.mean,
+                          base.lower, base.upper, base.alpha, levels=("90", "95"), lowers=lowers, uppers=uppers)
+    for values in ([encode_compact(batch)], [v for _, v in forecast_messages(batch)]):
+        back = read_forecasts(values)
+        assert back.levels == ("90", "95")
+        np.testing.assert_array_equal(back.bounds()[0], lowers)
+        np.testing.assert_array_equal(back.bounds()[1], uppers)
+        np.testing.assert_array_equal(back.lower, base.lower)  # NaN: no interval yet, inf: unbounded, as sent

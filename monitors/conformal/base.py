@@ -78,8 +78,8 @@ class Calibrator(Params, ABC):
     keeps_issued_intervals: bool = False
 
     def issued_intervals(self, rows: np.ndarray, means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(lower, upper)`` (n, horizon) of the forecasts maturing now, whose means were ``means``, as issued;
-        call before :meth:`update` with the same rows. ``NaN`` where no interval was issued."""
+        """``(lower, upper)`` (n, horizon, levels) of the forecasts maturing now, whose means were ``means``, as
+        issued; call before :meth:`update` with the same rows. ``NaN`` where no interval was issued."""
         raise NotImplementedError(f"{type(self).__name__} does not keep the intervals it issued")
 
     # -- state ------------------------------------------------------------------------------------

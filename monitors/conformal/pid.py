@@ -144,7 +144,7 @@ class ConformalPID(ScoreCalibrator):
         rows = np.asarray(rows, dtype=np.intp)
         means = np.asarray(means, dtype=float).reshape(rows.size, self.horizon)
         if rows.size == 0:
-            return means.copy(), means.copy()
+            return np.zeros((0, self.horizon, self.alphas_.size)), np.zeros((0, self.horizon, self.alphas_.size))
         self.resize(int(rows.max()) + 1)
         if self._cell_base.size < self.state_.shape[1] * self.horizon:
             self._geometry()
@@ -159,10 +159,10 @@ class ConformalPID(ScoreCalibrator):
         width = 2 + self.n_targets_
         got = self.ring_.reshape(-1, width)[at, 1:].astype(float)  # (cells, 1 + K): centre, thresholds
         got[count < h1] = np.nan  # nothing issued h updates ago
-        q = got[:, 1:].reshape(rows.size, self.horizon, self.alphas_.size, -1)[:, :, 0]  # the first level
+        q = got[:, 1:].reshape(rows.size, self.horizon, self.alphas_.size, -1)  # (n, H, levels, sides)
         q_hi, q_lo = q[..., 0], q[..., -1]
-        mid = means + got[:, 0].reshape(rows.size, self.horizon)
-        gap = np.minimum(q_hi + q_lo, 0.0) / 2  # as interval(): an empty set is issued as a point
+        mid = (means + got[:, 0].reshape(rows.size, self.horizon))[..., None]
+        gap = np.minimum(q_hi + q_lo, 0.0) / 2  # as intervals(): an empty set is issued as a point
         return mid - q_lo + gap, mid + q_hi - gap
 
     def _integral_term(self, integral: np.ndarray, count: np.ndarray) -> np.ndarray | float:
