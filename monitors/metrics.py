@@ -109,6 +109,11 @@ class Metrics:
             registry=r)
         self.checkpoint_series = Counter(
             "tidecast_checkpoint_series", "Series states written to the changelog.", registry=r)
+        self.restore_seconds = Histogram(
+            "tidecast_state_restore_seconds", "Wall time of restoring assigned partitions' state (local snapshot "
+            "and changelog) into the engine.", buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300), registry=r)
+        self.restore_bytes = Counter(
+            "tidecast_state_restore_bytes", "Changelog bytes read to restore partitions.", registry=r)
         self.restored_series = Counter(
             "tidecast_state_restored_series", "Series states restored (local snapshot or changelog).",
             registry=r)

@@ -33,7 +33,7 @@ from tidecast.models.registry import MODELS, check_keywords, check_params, keywo
 from tidecast.monitors.conformal import CALIBRATORS, DEFAULT_CALIBRATOR
 from tidecast.monitors.drift import DEFAULT_DETECTOR, DETECTORS
 from tidecast.monitors.scoring import level_name
-from tidecast.stream.kafka import ASSIGNMENT_STRATEGIES
+from tidecast.stream.kafka import ASSIGNMENT_STRATEGIES, OUTPUT_FORMATS
 from tidecast.stream.partitioner import DEFAULT_PARTITIONER, PARTITIONERS
 from tidecast.stream.records import DEFAULT_MAX_ABS_VALUE, DEFAULT_MAX_BYTES
 from tidecast.stream.settings import (
@@ -365,6 +365,10 @@ class ServeSettings(KafkaClientSettings):
     group_id: str = setting("tidecast", "consumer group; members share the topic's partitions", group=KAFKA)
     forecast_topic: str | None = setting(None, "output topic for forecasts", group=KAFKA,
                                          shown_default="<topic>-forecasts")
+    output_format: str = setting("json", "forecast messages: json (one per series and origin, keyed by series id) or "
+                                 "compact (one Arrow message per partition and engine batch, many series' forecasts "
+                                 "in columns: far fewer messages; read them with tidecast.stream.kafka.read_forecasts)",
+                                 group=KAFKA, choices=OUTPUT_FORMATS)
     events_topic: str | None = setting(None, "output topic for drift events (alarms of the lanes' drift monitors)",
                                        group=KAFKA, shown_default="<topic>-events")
     dead_letter_topic: str | None = setting(None, "topic for rejected records", group=KAFKA,
@@ -383,6 +387,9 @@ class ServeSettings(KafkaClientSettings):
     max_poll_records: int = setting(500, "records per poll", group=KAFKA, check=at_least(1))
     max_partition_fetch_bytes: int = setting(1_048_576, "fetch size per partition", group=KAFKA, check=at_least(1))
     fetch_max_bytes: int = setting(52_428_800, "fetch size per request", group=KAFKA, check=at_least(1))
+    fetch_max_wait_ms: int = setting(20, "how long the broker may hold a fetch for more data; kafka-python's 500 ms "
+                                     "default put a forecast ~170 ms behind its observation at half load",
+                                     group=KAFKA, check=at_least(0))
     max_request_size: int = setting(16 * 1024 * 1024, "largest message the producer sends (state records can be "
                                     "large; the changelog topic is created to accept them)", group=KAFKA,
                                     check=at_least(1))
@@ -398,6 +405,11 @@ class ServeSettings(KafkaClientSettings):
     state_dir: Path = setting(Path("tidecast-state"), "local checkpoint directory", group=STATE)
     checkpoint_records: int = setting(10_000, "checkpoint after this many records", group=STATE, check=at_least(1))
     checkpoint_interval: float = setting(10.0, "... or after this many seconds", group=STATE, check=at_least(0))
+    changelog_bytes_per_record: float = setting(
+        100.0, "changelog budget: a checkpoint writes every series of its partitions, so the next one waits until "
+        "the records since then reach the last one's bytes divided by this, or 30 checkpoint intervals pass (0: no "
+        "budget). A restore reads one checkpoint's worth of changelog and re-reads the input records since",
+        group=STATE, check=at_least(0))
     metrics_port: int | None = setting(None, "serve Prometheus /metrics, /healthz and /readyz on this port",
                                        group=SERVICE, check=port_number)
     metrics_address: str = setting("0.0.0.0", "address of the /metrics server", group=SERVICE)

@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 
 from tidecast.models.base import ArrayDict, BatchForecaster
-from tidecast.models.rows import grow
+from tidecast.models.rows import capacity_for, grow
 from tidecast.monitors.conformal import Calibrator, make_calibrator
 from tidecast.monitors.conformal.pool import Pool
 from tidecast.monitors.drift import (
@@ -112,7 +112,10 @@ class Lane:
         if pool is None:
             pool = Pool(horizon, levels=n_levels) if model.couples_rows else Pool(horizon, n0=0, levels=n_levels)
         self.pool = pool
-        self.pending = PendingForecasts(horizon, n_levels)
+        # A calibrator that keeps the intervals it issued (conformal PID) spares the pending forecasts theirs, unless
+        # the lane pools young cells: then the published interval is not the calibrator's own.
+        keeps = getattr(calibrator, "keeps_issued_intervals", False) and pool.n0 == 0
+        self.pending = PendingForecasts(horizon, n_levels, bounds=not keeps)
         self.scorer = PrequentialScorer(horizon, alpha, coverage_window)
         self.monitors = list(monitors or [])
         keys = [m.key for m in self.monitors]
@@ -291,7 +294,7 @@ class Engine:
             return None
         slot = self._free.pop() if self._free else len(self._slot_of)
         if slot >= self._cap:
-            self._grow(max(8, 2 * self._cap))
+            self._grow(capacity_for(self._cap, slot + 1))
         self._slot_of[series_id] = slot
         self._ids[slot] = series_id
         if self._step is not None:
@@ -503,6 +506,8 @@ class Engine:
                 lane.pool.forget_last(reset_rows)
             if len(r_rows):  # 1. score what matured now, before the model sees y
                 mean, lower, upper, valid = lane.pending.matured(r_rows, r_ticks)
+                if lower is None:  # the calibrator kept them: read before it learns (its ring slot moves on)
+                    lower, upper = lane.calibrator.issued_intervals(r_rows, np.where(valid, mean, 0.0))
                 lane.calibrator.update(r_rows, np.where(valid, y[:, None] - mean, 0.0), valid)
                 lane.scorer.update(r_rows, y, mean, lower, upper, valid)
                 for monitor in lane.monitors:  # label-based watchers see what matured

@@ -48,7 +48,6 @@ raises :class:`BrokerUnavailable` past it; refusals (every other error) are neve
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -293,18 +292,30 @@ def ensure_topics(admin: Any, wanted: Mapping[str, tuple[int, dict[str, str]]], 
 
 # -- forecast messages -----------------------------------------------------------------------------------
 def iso_utc(ns: np.ndarray) -> list[str]:
-    """ISO-8601 UTC strings (``...Z``) for epoch nanoseconds, seconds resolution when that is exact."""
+    """ISO-8601 UTC strings (``...Z``) for epoch nanoseconds: whole seconds when a value is one, else microseconds
+    (decided per value, so a message reads the same whatever batch it was encoded in). Each distinct instant is
+    formatted once: the forecasts of one round share their targets.
+
+    >>> iso_utc(np.array([0, 1_500_000_000, 0]))
+    ['1970-01-01T00:00:00Z', '1970-01-01T00:00:01.500000Z', '1970-01-01T00:00:00Z']
+    """
     if not len(ns):
         return []
-    unit = "s" if not (ns % 1_000_000_000).any() else "us"
-    return [s + "Z" for s in np.datetime_as_string(ns.astype("datetime64[ns]"), unit=unit).tolist()]
+    unique, inverse = np.unique(ns, return_inverse=True)
+    stamps = unique.astype("datetime64[ns]")
+    whole = (unique % 1_000_000_000) == 0
+    text = np.empty(len(unique), dtype=object)
+    if whole.any():
+        text[whole] = [s + "Z" for s in np.datetime_as_string(stamps[whole], unit="s").tolist()]
+    if not whole.all():
+        text[~whole] = [s + "Z" for s in np.datetime_as_string(stamps[~whole], unit="us").tolist()]
+    return text[inverse.reshape(-1)].tolist()
 
 
-def _bounded(values: np.ndarray) -> list[float | None]:
-    """Floats, with ``None`` (JSON null) where the interval side is unbounded."""
-    if np.isfinite(values).all():
-        return values.tolist()
-    return [v if np.isfinite(v) else None for v in values.tolist()]
+def _orjson() -> Any:
+    import orjson
+
+    return orjson
 
 
 def forecast_messages(batch: ForecastBatch) -> Iterable[tuple[str, bytes]]:
@@ -318,10 +329,15 @@ def forecast_messages(batch: ForecastBatch) -> Iterable[tuple[str, bytes]]:
 def forecast_payloads(batch: ForecastBatch) -> Iterable[tuple[str, int, bytes | ValueError]]:
     """``(series_id, issued_at_ns, value)`` like :func:`forecast_messages`, but a forecast that JSON cannot hold (a
     non-finite mean) comes as its error instead of ending the batch, so the caller can set it aside and send the
-    others."""
+    others.
+
+    Encoded with orjson (its float and array writers are ~40x faster than the standard library's, which took a
+    third of a member's time in the default format); an unbounded or missing bound is ``null``, as before."""
     n = len(batch)
     if not n:
         return
+    orjson = _orjson()
+    opts = orjson.OPT_SERIALIZE_NUMPY
     sid, issued, model = batch.series_id, batch.issued_at_ns, batch.model
     change = np.ones(n, dtype=bool)
     change[1:] = (sid[1:] != sid[:-1]) | (issued[1:] != issued[:-1]) | (model[1:] != model[:-1])
@@ -330,25 +346,186 @@ def forecast_payloads(batch: ForecastBatch) -> Iterable[tuple[str, int, bytes | 
     issued_iso = iso_utc(issued[starts])
     issued_ns = issued[starts].tolist()
     targets = iso_utc(batch.target_ns)
-    h, mean = batch.h.tolist(), batch.mean.tolist()
-    lower, upper = _bounded(batch.lower), _bounded(batch.upper)
+    h = np.ascontiguousarray(batch.h, dtype=np.int64)
+    mean = np.ascontiguousarray(batch.mean, dtype=np.float64)
+    lower = np.ascontiguousarray(batch.lower, dtype=np.float64)
+    upper = np.ascontiguousarray(batch.upper, dtype=np.float64)
+    finite = np.isfinite(mean)
+    bad = np.flatnonzero(~finite) if not finite.all() else np.zeros(0, np.int64)
+    bad_message = set(np.searchsorted(starts, bad, side="right") - 1) if len(bad) else set()
+    alpha = float(batch.alpha)
     lowers, uppers = batch.bounds()
-    levels = [(name, _bounded(lowers[:, j]), _bounded(uppers[:, j])) for j, name in enumerate(batch.level_names)]
-    has_interval = (~np.isnan(batch.lower) & ~np.isnan(batch.upper)).tolist()  # NaN: none yet; +-inf: unbounded
-    dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+    levels = [(name, np.ascontiguousarray(lowers[:, j], dtype=np.float64),
+               np.ascontiguousarray(uppers[:, j], dtype=np.float64)) for j, name in enumerate(batch.level_names)]
+    has_interval = ~np.isnan(lower) & ~np.isnan(upper)  # NaN: none yet; +-inf: unbounded
     for i, (s, e) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
         series_id = str(sid[s])
+        if i in bad_message:  # orjson would write null: a forecast without a mean is no forecast
+            value = mean[s:e][~np.isfinite(mean[s:e])][0]
+            yield series_id, issued_ns[i], ValueError(f"Out of range float values are not JSON compliant: {value!r}")
+            continue
         try:
-            payload: bytes | ValueError = dumps({
-                "series_id": series_id, "model": str(model[s]), "issued_at": issued_iso[i], "alpha": batch.alpha,
+            payload: bytes | ValueError = orjson.dumps({
+                "series_id": series_id, "model": str(model[s]), "issued_at": issued_iso[i], "alpha": alpha,
                 "h": h[s:e], "target_timestamp": targets[s:e], "mean": mean[s:e], "lower": lower[s:e],
                 "upper": upper[s:e],
                 "intervals": {name: {"lower": lo[s:e], "upper": hi[s:e]} for name, lo, hi in levels},
                 "has_interval": has_interval[s:e], "schema_version": FORECAST_SCHEMA_VERSION,
-            }).encode()
-        except ValueError as err:  # allow_nan=False: a NaN or infinite mean
-            payload = err
+            }, option=opts)
+        except orjson.JSONEncodeError as err:  # a series id UTF-8 cannot hold (a lone surrogate)
+            payload = ValueError(f"{err}")
         yield series_id, issued_ns[i], payload
+
+
+# -- compact forecast messages -------------------------------------------------------------------------------
+#: ``--output-format`` values: one JSON message per forecast, or one Arrow message per partition and batch.
+OUTPUT_FORMATS = ("json", "compact")
+COMPACT_SCHEMA = "tidecast.forecasts.compact/1"
+_ARROW_STREAM = b"\xff\xff\xff\xff"  # an Arrow IPC stream starts with a continuation marker
+
+
+def forecast_starts(batch: ForecastBatch) -> np.ndarray:
+    """Index of the first step of each forecast (the rows of one (series, model, origin) are contiguous)."""
+    n = len(batch)
+    sid, issued, model = batch.series_id, batch.issued_at_ns, batch.model
+    change = np.ones(n, dtype=bool)
+    change[1:] = (sid[1:] != sid[:-1]) | (issued[1:] != issued[:-1]) | (model[1:] != model[:-1])
+    return np.flatnonzero(change)
+
+
+def encode_compact(batch: ForecastBatch) -> bytes:
+    """Forecast steps (rows of one forecast contiguous, as the engine emits them) as one compact message: an Arrow
+    IPC stream holding one record batch, one row per (series, model, origin), the steps as list columns.
+
+    Columns: ``series_id`` (string), ``model`` (string), ``issued_at`` (timestamp[ns, UTC]), ``h`` (list<int32>),
+    ``target_timestamp`` (list<timestamp[ns, UTC]>), ``mean``, ``lower``, ``upper`` (list<float64>). Steps that are
+    not ready are left out, as in the JSON format; a bound is ``NaN`` where the step has no interval yet and
+    ``+-inf`` where it is unbounded. Schema metadata: ``tidecast.schema`` (:data:`COMPACT_SCHEMA`) and ``alpha``.
+    :func:`read_forecasts` reads it back.
+    """
+    import pyarrow as pa
+
+    n = len(batch)
+    sid, issued, model = batch.series_id, batch.issued_at_ns, batch.model
+    starts = forecast_starts(batch)
+    offsets = pa.array(np.append(starts, n).astype(np.int32))
+    utc = pa.timestamp("ns", tz="UTC")
+
+    def steps(values: np.ndarray, kind: Any) -> Any:
+        return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(values), type=kind))
+
+    columns = [
+        pa.array(sid[starts].tolist(), type=pa.string()), pa.array(model[starts].tolist(), type=pa.string()),
+        pa.array(issued[starts], type=utc), steps(batch.h.astype(np.int32), pa.int32()),
+        steps(batch.target_ns, utc), steps(batch.mean, pa.float64()), steps(batch.lower, pa.float64()),
+        steps(batch.upper, pa.float64()),
+    ]
+    names = ["series_id", "model", "issued_at", "h", "target_timestamp", "mean", "lower", "upper"]
+    metadata = {"tidecast.schema": COMPACT_SCHEMA, "alpha": repr(float(batch.alpha))}
+    if len(batch.level_names) > 1:  # every level's bounds too, as lower/<level> and upper/<level>
+        lowers, uppers = batch.bounds()
+        for j, level in enumerate(batch.level_names):
+            columns += [steps(lowers[:, j], pa.float64()), steps(uppers[:, j], pa.float64())]
+            names += [f"lower/{level}", f"upper/{level}"]
+        metadata["levels"] = ",".join(batch.level_names)
+    table = pa.RecordBatch.from_arrays(columns, names=names).replace_schema_metadata(metadata)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_batch(table)
+    return sink.getvalue().to_pybytes()
+
+
+def is_compact(value: bytes | None) -> bool:
+    """Whether a forecast-topic value is a compact (Arrow) message rather than a JSON one."""
+    return value is not None and bytes(value[:4]) == _ARROW_STREAM
+
+
+def read_compact(value: bytes) -> Any:
+    """A compact message as a ``pyarrow.Table`` (one row per forecast; see :func:`encode_compact`)."""
+    import pyarrow as pa
+
+    table = pa.ipc.open_stream(pa.BufferReader(value)).read_all()
+    schema = (table.schema.metadata or {}).get(b"tidecast.schema", b"").decode()
+    if schema != COMPACT_SCHEMA:
+        raise ValueError(f"not a {COMPACT_SCHEMA} message (schema {schema!r})")
+    return table
+
+
+def read_forecasts(values: Iterable[bytes | None]) -> ForecastBatch:
+    """Forecast-topic values of either format (JSON or compact) as one :class:`ForecastBatch`, one row per step.
+
+    Consumers need not parse either format by hand; re-sent forecasts (after a crash) appear again: de-duplicate
+    on ``(series_id, model, issued_at_ns, h)``.
+
+    >>> hour = 3_600_000_000_000
+    >>> batch = ForecastBatch(np.array(["a", "a"], object), np.array([0, 0]), np.array(["m", "m"], object),
+    ...                       np.array([1, 2]), np.array([hour, 2 * hour]), np.array([1.0, 2.0]),
+    ...                       np.array([0.5, np.nan]), np.array([1.5, np.nan]), 0.1)
+    >>> back = read_forecasts([encode_compact(batch), *(v for _, v in forecast_messages(batch))])
+    >>> back.series_id.tolist(), back.h.tolist(), back.mean.tolist(), back.lower.tolist()[1]
+    (['a', 'a', 'a', 'a'], [1, 2, 1, 2], [1.0, 2.0, 1.0, 2.0], nan)
+    """
+    parts, alpha = [], float("nan")
+    for value in values:
+        if value is None:
+            continue
+        if is_compact(value):
+            table = read_compact(value)
+            alpha = float(table.schema.metadata[b"alpha"])
+            counts = table.column("h").combine_chunks().value_lengths().to_numpy()
+            flat = {name: table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+                    for name in ("h", "target_timestamp", "mean", "lower", "upper")}
+            parts.append(ForecastBatch(
+                np.repeat(np.array(table.column("series_id").to_pylist(), object), counts),
+                np.repeat(table.column("issued_at").to_numpy().astype("datetime64[ns]").astype(np.int64), counts),
+                np.repeat(np.array(table.column("model").to_pylist(), object), counts), flat["h"].astype(np.int32),
+                flat["target_timestamp"].astype("datetime64[ns]").astype(np.int64), flat["mean"], flat["lower"],
+                flat["upper"], alpha, **_compact_levels(table, counts)))
+        else:
+            parts.append(_json_forecast(value))
+            alpha = parts[-1].alpha
+    return ForecastBatch.concat(parts, alpha, next((p.levels for p in parts if p.levels), ()))
+
+
+def _compact_levels(table: Any, counts: np.ndarray) -> dict[str, Any]:
+    """``levels``/``lowers``/``uppers`` of a compact message that carries several levels (else nothing)."""
+    names = (table.schema.metadata or {}).get(b"levels", b"").decode()
+    if not names:
+        return {}
+    levels = tuple(names.split(","))
+
+    def flat(name: str) -> np.ndarray:
+        return table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+
+    return {"levels": levels, "lowers": np.stack([flat(f"lower/{v}") for v in levels], axis=1),
+            "uppers": np.stack([flat(f"upper/{v}") for v in levels], axis=1)}
+
+
+def _json_forecast(value: bytes) -> ForecastBatch:
+    msg = _orjson().loads(value)
+    k = len(msg["h"])
+    ns = np.array([_parse_iso_ns(t) for t in msg["target_timestamp"]], np.int64)
+    has = np.array(msg.get("has_interval", [True] * k), bool)  # null is unbounded where an interval was issued
+
+    def bound(values: list[float | None], unbounded: float) -> np.ndarray:
+        out = np.array([unbounded if v is None else v for v in values], float)
+        out[~has] = np.nan
+        return out
+
+    intervals = msg.get("intervals") or {}
+    many: dict[str, Any] = {}
+    if len(intervals) > 1:
+        many = {"levels": tuple(intervals),
+                "lowers": np.stack([bound(v["lower"], -np.inf) for v in intervals.values()], axis=1),
+                "uppers": np.stack([bound(v["upper"], np.inf) for v in intervals.values()], axis=1)}
+    return ForecastBatch(np.array([msg["series_id"]] * k, object), np.full(k, _parse_iso_ns(msg["issued_at"])),
+                         np.array([msg["model"]] * k, object), np.array(msg["h"], np.int32), ns,
+                         np.array(msg["mean"], float), bound(msg["lower"], -np.inf), bound(msg["upper"], np.inf),
+                         float(msg["alpha"]), **many)
+
+
+def _parse_iso_ns(text: str) -> int:
+    return int(np.datetime64(text.rstrip("Z"), "ns").astype(np.int64))
 
 
 # -- dead letters ------------------------------------------------------------------------------------------
@@ -462,11 +639,17 @@ class KafkaForecastSink(_TopicSink):
 
     def __init__(self, producer: Any, topic: str, errors: Any, flush_timeout: float,
                  partition_of: Callable[[str], int | None] | None = None, link: BrokerLink | None = None,
-                 progress: Callable[[], None] | None = None) -> None:
+                 progress: Callable[[], None] | None = None, output_format: str = "json") -> None:
         super().__init__(producer, topic, errors, flush_timeout, link, progress)
         self.partition_of = partition_of
+        if output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"output format {output_format!r}: one of {', '.join(OUTPUT_FORMATS)}")
+        self.output_format = output_format
 
     def write(self, batch: ForecastBatch) -> None:
+        if self.output_format == "compact":
+            self._write_compact(batch)
+            return
         unsendable: dict[str, BaseException] = {}
         origins: dict[str, set[int]] = {}
         for sid, issued_ns, payload in forecast_payloads(batch):
@@ -482,6 +665,61 @@ class KafkaForecastSink(_TopicSink):
             self._send(key, payload, partition)
         if unsendable:
             raise UnsendableForecasts(unsendable, origins)
+
+    def _write_compact(self, batch: ForecastBatch) -> None:
+        """One compact message per destination partition (the series' input partition when co-partitioned) for
+        the whole batch; forecasts that cannot be encoded are set aside as in the JSON format. Works per forecast
+        (not per step) and with dictionaries, never sorting the object column of series ids."""
+        n = len(batch)
+        if not n:
+            return
+        starts = forecast_starts(batch)
+        counts = np.diff(np.append(starts, n))
+        sids = batch.series_id[starts].tolist()
+        finite = np.isfinite(batch.mean)
+        ok = np.minimum.reduceat(finite, starts) if not finite.all() else np.ones(len(starts), bool)
+        unsendable: dict[str, BaseException] = {}
+        for sid in set(sids):
+            try:
+                sid.encode()
+            except UnicodeEncodeError as err:
+                unsendable[sid] = err
+        for i in np.flatnonzero(~ok).tolist():
+            unsendable.setdefault(sids[i], ValueError("Out of range float values are not JSON compliant: a "
+                                                      "non-finite mean"))
+        origins: dict[str, set[int]] = {}
+        if unsendable:
+            issued = batch.issued_at_ns[starts].tolist()
+            bad = np.array([sid in unsendable for sid in sids])
+            for i in np.flatnonzero(bad).tolist():
+                origins.setdefault(sids[i], set()).add(issued[i])
+        else:
+            bad = np.zeros(len(starts), bool)
+        if self.partition_of is None:
+            dest = np.full(len(starts), -1)
+        else:
+            home: dict[str, int] = {}
+            for sid in sids:
+                if sid not in home:
+                    p = self.partition_of(sid)
+                    home[sid] = -1 if p is None else p
+            dest = np.array([home[sid] for sid in sids])
+        dest[bad] = -2
+        step_dest = np.repeat(dest, counts)
+        for partition in np.unique(dest[~bad]).tolist():
+            part = batch if len(np.unique(dest)) == 1 else _take(batch, np.flatnonzero(step_dest == partition))
+            self._send(None, encode_compact(part), None if partition < 0 else partition)
+        if unsendable:
+            raise UnsendableForecasts(unsendable, origins)
+
+
+def _take(batch: ForecastBatch, index: np.ndarray) -> ForecastBatch:
+    many = {}
+    if batch.lowers is not None and batch.uppers is not None:
+        many = {"levels": batch.levels, "lowers": batch.lowers[index], "uppers": batch.uppers[index]}
+    return ForecastBatch(batch.series_id[index], batch.issued_at_ns[index], batch.model[index], batch.h[index],
+                         batch.target_ns[index], batch.mean[index], batch.lower[index], batch.upper[index],
+                         batch.alpha, **many)
 
 
 class KafkaEventSink(_TopicSink):
@@ -583,7 +821,9 @@ class HighwaterProbe(threading.Thread):
         deadline = time.monotonic() + max(self.interval, 1.0)
         fresh: dict[int, int] = {}
         while len(fresh) < len(tps) and time.monotonic() < deadline and not self._stop.is_set():
-            self._consumer.poll(timeout_ms=100)
+            # Only the highwater of the response is wanted: take one record, so kafka-python does not parse the
+            # rest in Python (probing a paused, lagging partition took a tenth of a member's time that way).
+            self._consumer.poll(timeout_ms=100, max_records=1)
             for p, tp in tps.items():
                 hw = self._consumer.highwater(tp)
                 if hw is not None:

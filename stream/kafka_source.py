@@ -25,7 +25,15 @@ from typing import Any
 import numpy as np
 
 from tidecast.stream.batch import ObservationBatch
-from tidecast.stream.records import DEFAULT_MAX_BYTES, REASONS, InvalidRecord, decode
+from tidecast.stream.records import (
+    DEFAULT_MAX_BYTES,
+    REASONS,
+    SCHEMA_VERSION,
+    InvalidRecord,
+    decode,
+    parse_timestamp,
+    to_ns,
+)
 from tidecast.stream.sources import DeadLetter
 
 #: Dead-letter reasons only ``serve`` gives, beside :data:`tidecast.stream.records.REASONS`: a record whose batch
@@ -56,21 +64,83 @@ def dead_letter(record: Any, reason: str, detail: str) -> DeadLetter:
     return DeadLetter(reason, detail, str(record.topic), (int(record.partition), int(record.offset)), record)
 
 
+class _Timestamps:
+    """Parsed timestamps by their text: the records of one poll mostly share a few instants (every sensor reports
+    at the top of the second, the hour...), so each text is parsed once. Bounded: cleared when full."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self.limit = limit
+        self._ns: dict[str, int] = {}
+
+    def __call__(self, text: str) -> int:
+        ns = self._ns.get(text)
+        if ns is None:
+            ns = to_ns(parse_timestamp(text))  # raises InvalidRecord: the caller falls back to decode()
+            if len(self._ns) >= self.limit:
+                self._ns.clear()
+            self._ns[text] = ns
+        return ns
+
+
+_TIMESTAMPS = _Timestamps()
+
+
+def _fast(value: Any, max_bytes: int, loads: Any) -> tuple[str, int, float] | None:
+    """The common, valid observation decoded without :func:`decode`'s per-field checks: orjson, a cached timestamp
+    parse and type tests; ``None`` for anything unusual, which :func:`decode` then judges (same rules, same
+    reasons: orjson refuses NaN literals, lone surrogates and huge integers that the standard parser reads)."""
+    if value is None or len(value) > max_bytes:
+        return None
+    try:
+        fields = loads(value)
+    except Exception:
+        return None
+    if type(fields) is not dict:
+        return None
+    sid, stamp, number = fields.get("series_id"), fields.get("timestamp"), fields.get("value")
+    version = fields.get("schema_version", SCHEMA_VERSION)
+    if type(sid) is not str or not 0 < len(sid) <= 64 or sid[0] == "\0" or type(stamp) is not str:
+        return None
+    if type(number) is not float and type(number) is not int or type(version) is not int or version != SCHEMA_VERSION:
+        return None
+    number = float(number)
+    if number - number != 0.0:  # NaN or +-inf
+        return None
+    try:
+        return sid, _TIMESTAMPS(stamp), number
+    except InvalidRecord:
+        return None
+
+
 def decode_records(records: Iterable[Any], max_bytes: int = DEFAULT_MAX_BYTES) -> DecodedRecords:
-    """Decode kafka-python ``ConsumerRecord``-like objects (``topic``, ``partition``, ``offset``, ``value``)."""
+    """Decode kafka-python ``ConsumerRecord``-like objects (``topic``, ``partition``, ``offset``, ``value``).
+
+    Most records take a fast path (:func:`_fast`); the rest, and every bad one, go through
+    :func:`tidecast.stream.records.decode`, so the outcome is the same either way."""
+    try:
+        import orjson
+
+        loads = orjson.loads
+    except ImportError:  # pragma: no cover - orjson is a dependency
+        loads = None
     sids, times, values, parts, offsets, kept = [], [], [], [], [], []
     letters: list[DeadLetter] = []
     ends: dict[int, int] = {}
     for rec in records:
         ends[rec.partition] = rec.offset + 1
-        try:
-            obs = decode(rec.value, max_bytes)
-        except InvalidRecord as err:
-            letters.append(dead_letter(rec, err.reason, err.detail))
-            continue
-        sids.append(obs.series_id)
-        times.append(obs.timestamp_ns)
-        values.append(obs.value)
+        fast = _fast(rec.value, max_bytes, loads) if loads is not None else None
+        if fast is not None:
+            sid, t_ns, value = fast
+        else:
+            try:
+                obs = decode(rec.value, max_bytes)
+            except InvalidRecord as err:
+                letters.append(dead_letter(rec, err.reason, err.detail))
+                continue
+            sid, t_ns, value = obs.series_id, obs.timestamp_ns, obs.value
+        sids.append(sid)
+        times.append(t_ns)
+        values.append(value)
         parts.append(rec.partition)
         offsets.append(rec.offset)
         kept.append(rec)

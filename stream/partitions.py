@@ -84,6 +84,20 @@ class PartitionState:
 
 
 @dataclass
+class CheckpointJob:
+    """One checkpoint of some partitions: what :meth:`PartitionTable.prepare` copied, what :meth:`~PartitionTable.
+    write` made of it."""
+
+    started: float
+    shared: SharedState
+    digests: dict[str, str]
+    groups: list[tuple[int, SeriesRows, SharedState, int]] = field(default_factory=list)
+    positions: dict[int, int] = field(default_factory=dict)
+    next_offsets: dict[int, int] = field(default_factory=dict)
+    changelog_bytes: int = 0
+
+
+@dataclass
 class Screened:
     """Which rows of a decoded batch to apply (:meth:`PartitionTable.screen`)."""
 
@@ -185,36 +199,64 @@ class PartitionTable:
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def checkpoint(self, partitions: Iterable[int] | None = None) -> dict[int, int]:
-        """Outputs, then state durable for ``partitions`` (default: all owned); the offsets safe to commit."""
+        """Outputs, then state durable for ``partitions`` (default: all owned), now; the offsets safe to commit."""
+        job = self.prepare(partitions)
+        if job is None:
+            return {}
+        self.write(job)
+        return self.finish(job)
+
+    def prepare(self, partitions: Iterable[int] | None = None) -> CheckpointJob | None:
+        """The worker's part of a checkpoint (a copy of the state, taken between two batches): every series of
+        each partition that changed, the shared model state and the positions. :meth:`write` can then run on
+        another thread while the worker goes on; :meth:`finish` (worker thread again) records it.
+
+        Every group holds the whole partition, so a restore needs only the last complete group (see
+        :meth:`~tidecast.stream.state.ChangelogStore.read_latest`); how often groups are written is the
+        worker's choice (``changelog_bytes_per_record``)."""
         chosen = list(self.owned) if partitions is None else partitions
         todo = [self.owned[p] for p in chosen if p in self.owned and self.owned[p].changed]
         if not todo:
-            return {}
+            return None
         started = time.perf_counter()
-        for sink in self.outputs:
-            sink.flush()
         shared = nonempty_shared(self.engine.export_shared())
         digests = {name: shared_digest(*state) for name, state in shared.items()}
         slots = {sid: i for i, sid in enumerate(self.engine.series_ids)}
-        exported = {st.partition: self._export(sorted(st.series), slots) for st in todo}
-        groups = []
+        job = CheckpointJob(started, shared, digests)
         for st in todo:
-            rows = exported[st.partition]
-            dirty = [i for i, sid in enumerate(rows.series_ids) if sid in st.dirty]
-            changed = {m: s for m, s in shared.items() if st.shared_digests.get(m) != digests[m]}
-            groups.append((st.partition, rows.take(dirty), changed, st.position))
-            self.metrics.checkpoint_series.inc(len(dirty))
-        next_offsets = self.changelog.write(groups, self.fingerprint)
-        for st in todo:
-            st.changelog_offset = next_offsets[st.partition]
-            self.local.save(Snapshot(self.topic, st.partition, st.position, st.changelog_offset, self.fingerprint,
-                                     exported[st.partition], shared, time.time()))
-            st.dirty.clear()
-            st.checkpointed = st.position
-            st.shared_digests = dict(digests)
-        self.metrics.checkpoint.observe(time.perf_counter() - started)
+            rows = self._export(sorted(st.series), slots)
+            job.groups.append((st.partition, rows, shared, st.position))
+            job.positions[st.partition] = st.position
+            self.metrics.checkpoint_series.inc(len(rows))
+            st.dirty.clear()  # in the copy now; what changes from here is dirty again
+        return job
+
+    def write(self, job: CheckpointJob) -> None:
+        """Make ``job`` durable, in order: outputs flushed, changelog group acknowledged, local snapshot fsynced.
+        Touches no engine state: safe on a thread of its own."""
+        for sink in self.outputs:
+            sink.flush()
+        before = self.changelog.bytes_written if hasattr(self.changelog, "bytes_written") else 0
+        job.next_offsets = self.changelog.write(job.groups, self.fingerprint)
+        job.changelog_bytes = getattr(self.changelog, "bytes_written", 0) - before
+        for partition, rows, shared, position in job.groups:
+            self.local.save(Snapshot(self.topic, partition, position, job.next_offsets[partition], self.fingerprint,
+                                     rows, shared, time.time()))
+        self.metrics.checkpoint.observe(time.perf_counter() - job.started)
         self.metrics.last_checkpoint.set(time.time())
-        return {st.partition: st.position for st in todo}
+
+    def finish(self, job: CheckpointJob) -> dict[int, int]:
+        """Record a written ``job`` (worker thread); the offsets now safe to commit (partitions still owned)."""
+        offsets = {}
+        for partition, position in job.positions.items():
+            st = self.owned.get(partition)
+            if st is None:  # lost meanwhile: whoever owns it restores from what was written
+                continue
+            st.changelog_offset = job.next_offsets[partition]
+            st.checkpointed = position
+            st.shared_digests = dict(job.digests)
+            offsets[partition] = position
+        return offsets
 
     def _export(self, series_ids: list[str], slots: dict[str, int]) -> SeriesRows:
         if not series_ids:
@@ -257,6 +299,7 @@ class PartitionTable:
         Returns each partition's restored position (``None``: no state, or already owned; the committed offset
         rules).
         """
+        started = time.perf_counter()
         partitions, assignment = set(partitions), set(assignment)
         self.forget([p for p in self.released if p not in assignment])  # gone to another member: free its rows
         already = {p for p in partitions if p in self.owned}
@@ -271,6 +314,8 @@ class PartitionTable:
         self._import(snapshots)
         for p, snap in snapshots.items():
             self._own(self._state_of(p, snap, tails[p]))
+        if snapshots:
+            self.metrics.restore_seconds.observe(time.perf_counter() - started)
         return {p: self.owned[p].position if p in self.owned and p not in already else None
                 for p in sorted(partitions)}
 
@@ -281,7 +326,9 @@ class PartitionTable:
             self.metrics.state_skipped.labels(source="snapshot").inc()
         if local is not None:
             check_fingerprint(local.config, self.fingerprint, str(self.local.path(p)))
-        tail = self.changelog.read(p, local.changelog_offset if local is not None else 0)
+        reader = getattr(self.changelog, "read_latest", self.changelog.read)
+        tail = reader(p, local.changelog_offset if local is not None else 0)
+        self.metrics.restore_bytes.inc(tail.n_bytes)
         if tail.n_skipped:
             self.metrics.state_skipped.labels(source="changelog").inc(tail.n_skipped)
         if local is not None and tail.end_offset < local.changelog_offset:

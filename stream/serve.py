@@ -93,7 +93,8 @@ def build_worker(cfg: ServeConfig, engine: Engine, metrics: Metrics, producer: A
     heartbeat = worker_kw.get("heartbeat")
     progress = heartbeat.tick if heartbeat is not None else None
     forecasts = KafkaForecastSink(producer, cfg.forecast_topic, metrics.output_errors, flush_timeout,
-                                  table.owner_of if co_partitioned.get(cfg.forecast_topic) else None, link, progress)
+                                  table.owner_of if co_partitioned.get(cfg.forecast_topic) else None, link, progress,
+                                  output_format=cfg.output_format)
     events = KafkaEventSink(producer, cfg.events_topic, metrics.output_errors, flush_timeout,
                             table.owner_of if co_partitioned.get(cfg.events_topic) else None, link, progress)
     letters = KafkaDeadLetterSink(producer, cfg.dead_letter_topic, metrics.output_errors, flush_timeout,
@@ -118,6 +119,7 @@ class Service:
         self.readiness = Readiness()
         self.consumer: Any = None
         self.producer: Any = None
+        self.changelog_producer: Any = None
         self.worker: Worker | None = None
         self.trainer: Trainer | None = None
         self.fetcher: Fetcher | None = None
@@ -175,12 +177,17 @@ class Service:
         self.consumer = self._connect(KafkaConsumer, self._consumer_settings(KafkaConsumer))
         n_input = partition_count(self.consumer, cfg.topic)
         output_partitions = self._prepare_topics(KafkaAdminClient, n_input)
-        self.producer = self._connect(KafkaProducer, client_settings(
+        producer = client_settings(
             cfg.options, KafkaProducer, cfg.kafka_extra, max_request_size=cfg.max_request_size, linger_ms=5,
-            batch_size=256 * 1024, acks="all", **producer_settings(cfg.broker_outage_budget, cfg.kafka_extra)))
+            batch_size=256 * 1024, acks="all", **producer_settings(cfg.broker_outage_budget, cfg.kafka_extra))
+        self.producer = self._connect(KafkaProducer, producer)
+        # The changelog gets a producer of its own: a checkpoint's megabytes, written while the worker goes on,
+        # must not fill the buffer the forecasts go through (a full buffer blocks send).
+        self.changelog_producer = self._connect(KafkaProducer, producer)
         reader_settings = self._reader_settings(KafkaConsumer)
-        changelog = ChangelogStore(cfg.changelog_topic, self.producer, lambda: KafkaConsumer(**reader_settings),
-                                   progress=self.heartbeats["worker"].tick, link=self.link)
+        changelog = ChangelogStore(cfg.changelog_topic, self.changelog_producer,
+                                   lambda: KafkaConsumer(**reader_settings), progress=self.heartbeats["worker"].tick,
+                                   link=self.link)
         local = LocalStateStore(cfg.state_dir, cfg.group_id, cfg.topic)
         engine = self._engine_factory(cfg.engine, self.metrics)
         set_torch_threads(cfg.torch_threads)  # after the models exist: a no-op unless one of them imported torch
@@ -230,7 +237,8 @@ class Service:
             auto_offset_reset=cfg.auto_offset_reset, session_timeout_ms=cfg.session_timeout_ms,
             heartbeat_interval_ms=cfg.heartbeat_interval_ms, max_poll_interval_ms=cfg.max_poll_interval_ms,
             max_poll_records=cfg.max_poll_records, max_partition_fetch_bytes=cfg.max_partition_fetch_bytes,
-            fetch_max_bytes=cfg.fetch_max_bytes, partition_assignment_strategy=assignors(cfg.assignment_strategy))
+            fetch_max_bytes=cfg.fetch_max_bytes, fetch_max_wait_ms=cfg.fetch_max_wait_ms,
+            partition_assignment_strategy=assignors(cfg.assignment_strategy))
 
     def _reader_settings(self, client: type) -> dict[str, Any]:
         """A group-less consumer (changelog restore, lag probe): short fetch waits, never commits."""
@@ -290,8 +298,9 @@ class Service:
             self.trainer.stop()
         if self.probe is not None:
             self.probe.stop()
-        if self.producer is not None:
-            _close_producer(self.producer, max(0.5, deadline - time.monotonic()))
+        for producer in (self.producer, self.changelog_producer):
+            if producer is not None:
+                _close_producer(producer, max(0.5, deadline - time.monotonic()))
         if self.health is not None:
             self.health.stop()
         log.info("stopped")

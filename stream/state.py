@@ -69,6 +69,7 @@ _META_LEN = struct.Struct("<I")
 
 SHARED_KEY_PREFIX = "\x00shared/"
 MARKER_KEY = "\x00checkpoint"
+_MARKER = MARKER_KEY.encode()
 #: Engine settings that change the meaning or the shape of saved state; a mismatch refuses to restore.
 FINGERPRINT_FIELDS = ("horizon", "alpha", "models", "model_params", "calibrator", "calibrator_params", "freq",
                       "max_gap", "coverage_window")
@@ -350,7 +351,9 @@ class ChangelogTail:
     next_offset: int = 0  # changelog offset after the last complete group
     end_offset: int = 0  # changelog highwater when read
     n_records: int = 0
+    n_bytes: int = 0  # keys and values read
     n_incomplete: int = 0  # records after the last marker (an interrupted checkpoint), ignored
+    last_group_short: bool = False  # the last group held fewer series than its marker says (read from mid-group)
     n_skipped: int = 0  # records that are no state blob (or not one of ours), skipped with a warning
 
     @property
@@ -382,14 +385,17 @@ class TailReader:
     one stray record must not stop every restore of the partition.
     """
 
-    def __init__(self, start: int, where: str = "changelog") -> None:
+    def __init__(self, start: int, where: str = "changelog", quiet: bool = False) -> None:
         self.tail = ChangelogTail(next_offset=start)
         self.where = where
+        self.quiet = quiet  # keep the warnings in ``held`` instead of logging them
+        self.held: list[str] = []
         self._rows: dict[str, SeriesRows] = {}
         self._shared: SharedState = {}
 
     def add(self, offset: int, key: bytes | None, value: bytes | None) -> None:
         self.tail.n_records += 1
+        self.tail.n_bytes += len(key or b"") + len(value or b"")
         if value is None:  # a tombstone: not ours
             return
         try:
@@ -397,8 +403,12 @@ class TailReader:
         except (CorruptState, KeyError, TypeError, ValueError) as err:
             self.tail.n_skipped += 1
             shown = key[:64] if key is not None else None
-            log.warning("skipping changelog record at %s offset %d (key %r): %s; restoring the rest", self.where,
-                        offset, shown, err if isinstance(err, CorruptState) else f"{type(err).__name__}: {err}")
+            text = (f"skipping changelog record at {self.where} offset {offset} (key {shown!r}): "
+                    f"{err if isinstance(err, CorruptState) else f'{type(err).__name__}: {err}'}; restoring the rest")
+            if self.quiet:
+                self.held.append(text)
+            else:
+                log.warning("%s", text)
 
     def _fold(self, offset: int, value: bytes) -> None:
         meta, arrays = decode_blob(value)
@@ -419,6 +429,7 @@ class TailReader:
             raise CorruptState(f"unknown changelog record kind {kind!r}")
 
     def _close_group(self, offset: int, meta: dict[str, Any]) -> None:
+        self.tail.last_group_short = len(self._rows) < int(meta.get("n_series") or 0)
         rows = self.tail.rows
         for sid, one in self._rows.items():
             rows[sid] = newer(rows.get(sid), one)
@@ -444,9 +455,12 @@ def shared_record(model: str, arrays: ArrayDict, meta: dict[str, Any]) -> bytes:
     return encode_blob({"kind": "shared", "model": model, "meta": meta}, arrays)
 
 
-def marker_record(position: int, config: dict[str, Any] | None, n_series: int) -> bytes:
+def marker_record(position: int, config: dict[str, Any] | None, n_series: int, n_records: int = 0) -> bytes:
+    """The record that closes a checkpoint group; ``n_records`` counts the group's records, this one included,
+    so that a reader finding the last marker knows where its group starts (the producer is idempotent: a group's
+    records are contiguous and in order)."""
     return encode_blob({"kind": "checkpoint", "position": position, "config": config, "n_series": n_series,
-                        "written_at": time.time()}, {})
+                        "records": n_records, "written_at": time.time()}, {})
 
 
 class ChangelogStore:
@@ -470,18 +484,22 @@ class ChangelogStore:
         self.timeout_seconds = timeout_seconds
         self._progress = progress
         self.link = link
+        self.bytes_written = 0
 
     def write(self, groups: list[tuple[int, SeriesRows, SharedState, int]], config: dict[str, Any] | None
               ) -> dict[int, int]:
-        """Send checkpoint groups ``(partition, changed series, changed shared state, position)`` and wait until
-        they are durable; returns each partition's next changelog offset."""
+        """Send checkpoint groups ``(partition, series, shared state, position)`` and wait until they are durable;
+        returns each partition's next changelog offset. :attr:`bytes_written` adds up what was sent."""
         markers = {}
         for partition, rows, shared, position in groups:
+            n = 1
             for sid, one in rows.rows():
                 self._send(key_bytes(sid), series_record(one.meta[0], one.arrays), partition)
+                n += 1
             for model, (arrays, meta) in shared.items():
                 self._send((SHARED_KEY_PREFIX + model).encode(), shared_record(model, arrays, meta), partition)
-            markers[partition] = self._send(MARKER_KEY.encode(), marker_record(position, config, len(rows)),
+                n += 1
+            markers[partition] = self._send(MARKER_KEY.encode(), marker_record(position, config, len(rows), n),
                                             partition)
         if self.link is None:
             self.producer.flush(timeout=self.timeout_seconds)
@@ -501,6 +519,8 @@ class ChangelogStore:
         return offsets
 
     def _send(self, key: bytes, value: bytes, partition: int) -> Any:
+        self.bytes_written += len(key) + len(value)
+
         def send(_timeout: float = 0.0) -> Any:
             return self.producer.send(self.topic, key=key, value=value, partition=partition)
 
@@ -518,6 +538,64 @@ class ChangelogStore:
         reader = TailReader(start, f"{self.topic}[{partition}]")
         end = self._fetch(partition, start, reader.add)
         return reader.finish(end)
+
+    def read_latest(self, partition: int, start: int = 0) -> ChangelogTail:
+        """Like :meth:`read`, but from the start of the last complete group when that is later than ``start``:
+        every group holds the whole partition, so a restore reads one group's worth, not the changelog's
+        history (which only grows where the topic is not compacted)."""
+        base = self.last_group_start(partition)
+        if base <= start:
+            return self.read(partition, start)
+        reader = TailReader(base, f"{self.topic}[{partition}]", quiet=True)
+        tail = reader.finish(self._fetch(partition, base, reader.add))
+        if tail.empty or tail.last_group_short:
+            # the group was not where its marker said (a foreign record inside it): read everything from start
+            return self.read(partition, start)
+        for text in reader.held:
+            log.warning("%s", text)
+        return tail
+
+    def last_group_start(self, partition: int) -> int:
+        """The offset where the last complete group starts (0 if there is none, or its marker predates the
+        group size): a few records before the end are read, then more, until a marker turns up."""
+        end = self._end(partition)
+        back = 64
+        while end > 0:
+            start = max(0, end - back)
+            found: list[int] = []
+
+            def marker(offset: int, key: bytes | None, value: bytes | None, found: list[int] = found) -> None:
+                if key == _MARKER and value is not None:
+                    try:
+                        meta, _ = decode_blob(value)
+                        found.append(offset - int(meta["records"]) + 1 if meta.get("records") else 0)
+                    except (CorruptState, KeyError, TypeError, ValueError):
+                        pass
+
+            self._fetch(partition, start, marker)
+            if found:
+                return max(0, found[-1])
+            if start == 0:
+                return 0
+            back *= 8
+        return 0
+
+    def _end(self, partition: int) -> int:
+        """The partition's highwater, off one fetch response (ListOffsets is not trusted on every broker)."""
+        from kafka import TopicPartition
+
+        consumer = self._reader()
+        tp = TopicPartition(self.topic, partition)
+        consumer.assign([tp])
+        consumer.seek(tp, 0)
+        deadline = time.monotonic() + self.timeout_seconds
+        while consumer.highwater(tp) is None:
+            consumer.poll(timeout_ms=200, max_records=1)
+            if self._progress is not None:
+                self._progress()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no answer reading the end of changelog {self.topic}[{partition}]")
+        return int(consumer.highwater(tp))
 
     def _fetch(self, partition: int, start: int, sink: Callable[[int, bytes | None, bytes | None], None]) -> int:
         """Feed ``sink(offset, key, value)`` every record from ``start`` to the end; returns the end offset."""

@@ -45,11 +45,15 @@ from tidecast.stream.messages import (
     Stop,
     WorkerCommand,
 )
-from tidecast.stream.partitions import PartitionTable
+from tidecast.stream.partitions import CheckpointJob, PartitionTable
 from tidecast.stream.sinks import DeadLetterSink, EventSink, ForecastSink
 from tidecast.stream.sources import DeadLetter
 
 log = logging.getLogger(__name__)
+
+#: The changelog budget postpones a checkpoint by at most this many checkpoint intervals, so that a trickle of
+#: records is still made durable (5 minutes with the default interval of 10 s).
+BUDGET_WAIT_INTERVALS = 30
 
 
 class Worker(threading.Thread):
@@ -83,6 +87,11 @@ class Worker(threading.Thread):
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
         self._traced_at = -float("inf")  # when a processing error's traceback was last logged
+        # The checkpoint being written on its own thread (one at a time), and what the last one wrote.
+        self._job: CheckpointJob | None = None
+        self._job_thread: threading.Thread | None = None
+        self._job_error: BaseException | None = None
+        self._last_changelog_bytes = 0
 
     # -- loop ------------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -109,6 +118,7 @@ class Worker(threading.Thread):
                 fetched, message = self._gather(message)
                 self.process(fetched)
             if isinstance(message, Stop):
+                self._collect_job(wait=True)
                 return
             if message is not None:
                 self.handle(message)
@@ -205,7 +215,8 @@ class Worker(threading.Thread):
 
     # -- commands -----------------------------------------------------------------------------------------------
     def handle(self, command: WorkerCommand) -> None:
-        """Run one partition command (assign, release, abandon)."""
+        """Run one partition command (assign, release, abandon); a checkpoint being written finishes first."""
+        self._collect_job(wait=True)
         if isinstance(command, AssignPartitions):
             positions = self.table.restore(command.partitions, command.assignment)
             for p, position in positions.items():
@@ -230,13 +241,55 @@ class Worker(threading.Thread):
             release.done.set()
 
     def _maybe_checkpoint(self) -> None:
+        """Start a checkpoint when one is due: after ``checkpoint_records`` records or ``checkpoint_interval``
+        seconds, but no sooner than the changelog budget allows (``changelog_bytes_per_record``: the last group's
+        bytes spread over the records since), and never two at once. The worker only copies the state
+        (:meth:`PartitionTable.prepare`); flushing outputs, the changelog group and the local snapshot are
+        written on a thread of their own while the worker goes on, and the offsets are committed when they are
+        durable."""
+        self._collect_job()
+        if self._job is not None:
+            return
         due_records = self._since_checkpoint >= self.cfg.checkpoint_records
-        due_time = time.monotonic() - self._last_checkpoint >= self.cfg.checkpoint_interval
-        if not (due_records or due_time):
+        elapsed = time.monotonic() - self._last_checkpoint
+        if not (due_records or elapsed >= self.cfg.checkpoint_interval):
+            return
+        budget = getattr(self.cfg, "changelog_bytes_per_record", 0)
+        over_budget = budget and self._since_checkpoint * budget < self._last_changelog_bytes
+        if over_budget and elapsed < BUDGET_WAIT_INTERVALS * self.cfg.checkpoint_interval:
             return
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
-        offsets = self.table.checkpoint()
+        job = self.table.prepare()
+        if job is None:
+            return
+        self._job = job
+        self._job_thread = threading.Thread(target=self._write_job, args=(job,), name="tidecast-checkpoint",
+                                            daemon=True)
+        self._job_thread.start()
+
+    def _write_job(self, job: CheckpointJob) -> None:
+        try:
+            self.table.write(job)
+        except BaseException as err:  # the worker raises it on its own thread: the service stops as before
+            self._job_error = err
+
+    def _collect_job(self, wait: bool = False) -> None:
+        """Record the checkpoint written on its thread (``wait``: wait for it) and pass its offsets on for
+        committing; its error, if it failed, is raised here, on the worker's thread."""
+        if self._job is None or self._job_thread is None:
+            return
+        while wait and self._job_thread.is_alive():
+            self.heartbeat.tick()
+            self._job_thread.join(0.1)
+        if self._job_thread.is_alive():
+            return
+        job, self._job, self._job_thread = self._job, None, None
+        if self._job_error is not None:
+            err, self._job_error = self._job_error, None
+            raise err
+        self._last_changelog_bytes = job.changelog_bytes
+        offsets = self.table.finish(job)
         if offsets:
             self.outbox.put(CommitOffsets(offsets, {p: self.epochs.get(p, 0) for p in offsets}))
 

@@ -83,7 +83,9 @@ def test_state_saved_before_levels_existed_restores_and_continues_identically():
     ids = sorted(whole.series_ids)
     meta, arrays = whole.export_series(ids)
     old = {k: (v[..., 0] if k.endswith(("pending/lower", "pending/upper")) else v) for k, v in arrays.items()}
-    assert old["seasonal-naive/pending/lower"].ndim == 3
+    # a conformal-PID lane keeps no pending bounds (its calibrator answers for them, see stream/pending.py); where
+    # they are kept, drop their level axis (the square layout before it is tested in tests/test_scale.py)
+    assert all(old[k].ndim == 2 for k in old if k.endswith("pending/lower"))
     restored, _ = run([], alpha=0.1)
     restored.import_series(meta, old)
     for batch in data[2:]:

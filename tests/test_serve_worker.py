@@ -65,6 +65,9 @@ class MemoryChangelog(ChangelogStore):
             sink(offset, *log[offset])
         return len(log)
 
+    def _end(self, partition):
+        return len(self.producer.log[(self.topic, partition)])
+
 
 def make_worker(tmp_path, producer, engine=None, state_dir="state", **worker_kw) -> tuple[Worker, queue.Queue]:
     cfg = ServeConfig({"bootstrap_servers": "x:1", "topic": TOPIC, "checkpoint_records": 10**9,

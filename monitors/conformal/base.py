@@ -150,6 +150,15 @@ class Calibrator(Params, ABC):
         lo, hi = self.intervals(rows, zeros)
         return np.stack([hi, -lo], axis=-1)
 
+    #: Whether :meth:`issued_intervals` answers: the calibrator keeps, per cell, the interval it issued for the
+    #: forecast maturing next, so the engine need not keep the bounds of its pending forecasts too.
+    keeps_issued_intervals: bool = False
+
+    def issued_intervals(self, rows: np.ndarray, means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(lower, upper)`` (n, horizon, levels) of the forecasts maturing now, whose means were ``means``, as
+        issued; call before :meth:`update` with the same rows. ``NaN`` where no interval was issued."""
+        raise NotImplementedError(f"{type(self).__name__} does not keep the intervals it issued")
+
     # -- state ------------------------------------------------------------------------------------
     @abstractmethod
     def export_rows(self, rows: np.ndarray) -> ArrayDict:

@@ -193,6 +193,37 @@ class ConformalPID(ScoreCalibrator):
             count[pad] += 1
         flat[:, cells] = blk.data
 
+    keeps_issued_intervals = True
+
+    def issued_intervals(self, rows: np.ndarray, means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The intervals the next :meth:`update` scores against (the ring slot it reads, see *Delayed feedback*):
+        the engine's pending forecasts need not keep their bounds. Exact while a cell learns at every tick; after
+        a gap the h-step cell's slot is its h-th last update's, as for the controller itself. A cell that has not
+        filled its ring yet issued no interval then: ``NaN``."""
+        rows = np.asarray(rows, dtype=np.intp)
+        means = np.asarray(means, dtype=float).reshape(rows.size, self.horizon)
+        if rows.size == 0:
+            return np.zeros((0, self.horizon, self.alphas_.size)), np.zeros((0, self.horizon, self.alphas_.size))
+        self.resize(int(rows.max()) + 1)
+        if self._cell_base.size < self.state_.shape[1] * self.horizon:
+            self._geometry()
+        cells = (rows[:, None] * self.horizon + np.arange(self.horizon)).ravel()
+        flat = self.state_.reshape(self._fill.size, -1)
+        count = flat[self._layout["count"][0], cells][0].astype(np.int64)
+        pos = flat[self._layout["pos"][0], cells][0].astype(np.int64)
+        h1 = self._cell_h1[cells]
+        base = self._cell_base[cells]
+        # the slot update() reads next: with ring length h it is the one about to be overwritten
+        at = base + pos if self._simple_ring else (count - h1) % self.ring_len_[h1 - 1] + base
+        width = 2 + self.n_targets_
+        got = self.ring_.reshape(-1, width)[at, 1:].astype(float)  # (cells, 1 + K): centre, thresholds
+        got[count < h1] = np.nan  # nothing issued h updates ago
+        q = got[:, 1:].reshape(rows.size, self.horizon, self.alphas_.size, -1)  # (n, H, levels, sides)
+        q_hi, q_lo = q[..., 0], q[..., -1]
+        mid = (means + got[:, 0].reshape(rows.size, self.horizon))[..., None]
+        gap = np.minimum(q_hi + q_lo, 0.0) / 2  # as intervals(): an empty set is issued as a point
+        return mid - q_lo + gap, mid + q_hi - gap
+
     def _integral_term(self, integral: np.ndarray, count: np.ndarray) -> np.ndarray | float:
         """``K_I tan(I log(n) / (C_sat n))`` for integrals (K, m) after ``count`` (m,) residuals."""
         if self.ki == 0.0:
