@@ -85,6 +85,7 @@ def _sample(s) -> tuple[Any, Any, str | list[str]]:
                          "seasonal-naive.period=12"),
         "calibrator_params": ({"lr": 0.5}, {"lr": 0.5}, "lr=0.5"),
         "drift_params": ({"h": 20.0}, {"h": 20.0}, "h=20"),
+        "bootstrap_params": ({"threshold": 6.0}, {"threshold": 6.0}, "threshold=6"),
     }
     if s.field in special:
         return special[s.field]
