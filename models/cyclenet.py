@@ -61,8 +61,10 @@ import numpy as np
 import torch
 
 from tidecast.models.base import ArrayDict, BatchForecaster
+from tidecast.models.bootstrap import check_bootstrap
 from tidecast.models.cyclenet_net import DEFAULT_LR, BatchFit, CycleNet, Windows, make_adam
 from tidecast.models.cyclenet_net import build as build_net
+from tidecast.models.cyclenet_replicas import OnlineReplicas, ReplicaFit, Replicas
 from tidecast.models.rows import Column, Field, RowTable
 from tidecast.models.seasonality import detect_period
 
@@ -141,6 +143,12 @@ class CycleNetForecaster(BatchForecaster):
         Longest cycle :func:`detect_cycle` considers.
     seed
         Seeds the initial weights and every shuffle.
+    bootstrap
+        B bootstrap replicas (0: none): B more backbones and cycle tables, stacked
+        (:mod:`tidecast.models.cyclenet_replicas`), fitted after the warm start on a Poisson(1)-weighted resample of
+        its training windows for the main fit's best epoch count, then trained online on the same replay
+        mini-batches with fresh Poisson(1) weights. :meth:`spread_many` gives their forecasts' standard
+        deviation. The point forecasts are the same with or without them (the replicas draw from their own RNG).
 
     The online-learning defaults were chosen on the validation blocks of ETTh1 and ETTh2
     (``bench/cyclenet_stream.py --dev``): replay over a long history, a slow backbone (3e-5) and a faster cycle
@@ -184,6 +192,7 @@ class CycleNetForecaster(BatchForecaster):
         defer: bool | None = None,
         max_cycle: int = 400,
         seed: int = 0,
+        bootstrap: int = 0,
     ) -> None:
         self.horizon, self.lookback, self.cycle = horizon, lookback, cycle
         self.backbone, self.hidden, self.instance_norm = backbone, hidden, instance_norm
@@ -194,6 +203,8 @@ class CycleNetForecaster(BatchForecaster):
         self.replay_window, self.replay_every = replay_window, replay_every
         self.replay_steps, self.replay_batch, self.step_budget = replay_steps, replay_batch, step_budget
         self.defer, self.max_cycle, self.seed = defer, max_cycle, seed
+        check_bootstrap(bootstrap)
+        self.bootstrap = bootstrap
         self._check_params()
         self._lock = threading.RLock()  # row tables, replay order, serving weights
         self._train_lock = threading.Lock()  # the training copy and its optimiser
@@ -248,6 +259,9 @@ class CycleNetForecaster(BatchForecaster):
         self._perm_last = np.zeros(0, dtype=np.int64)
         self._perm_rng: dict[str, Any] | None = None  # RNG state that drew the permutation (to redraw it)
         self._cursor = 0
+        self.replicas_: Replicas | None = None  # serving replicas (bootstrap > 0, once fitted)
+        self._online_replicas: OnlineReplicas | None = None  # their training copy and optimiser
+        self._boot_rng = np.random.default_rng(self.seed + 1)  # replicas' Poisson weights: not the main RNG
 
     def _alloc(self, n: int) -> None:
         self._rows = RowTable(
@@ -291,10 +305,12 @@ class CycleNetForecaster(BatchForecaster):
             self._rows.resize(n_rows)
             if self.net_ is not None and self.net_.channels < self._cap:
                 self.net_.grow(self._cap)
+            if self.replicas_ is not None and self.replicas_.channels < self._cap:
+                self.replicas_.grow(self._cap)
 
     def reset_rows(self, rows: np.ndarray) -> None:
         """Forget the history of ``rows``: their replay windows leave the buffer; scaler and ``Q`` column stay."""
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)  # torch.from_numpy refuses negative strides
         with self._lock:
             self._seen[rows] = 0
 
@@ -319,7 +335,7 @@ class CycleNetForecaster(BatchForecaster):
     def learn_many(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray,
                    filled: np.ndarray | None = None) -> None:
         # Windows are taken on the tick grid, so interpolated values are learned like real ones.
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)  # torch.from_numpy refuses negative strides
         ticks = np.asarray(ticks, dtype=np.int64)
         if rows.size == 0:
             return
@@ -381,7 +397,20 @@ class CycleNetForecaster(BatchForecaster):
         lr = self.lr if self.lr is not None else DEFAULT_LR[self.backbone]
         fit = BatchFit(net, train, val, lr=lr, epochs=self.epochs, patience=self.patience, batch_size=batch,
                        seed=self.seed, shuffled_val=self.shuffled_val)
-        return {"fit": fit, "net": net, "rows": cohort, "mean": mean, "scale": scale, "cycle": cycle}
+        return {"fit": fit, "net": net, "rows": cohort, "mean": mean, "scale": scale, "cycle": cycle,
+                "train": train, "batch": batch, "lr": lr}
+
+    def _fit_replicas(self, job: dict[str, Any], budget: float) -> bool:
+        """The replicas' warm-start fit (after the main one, for its best epoch count); True when done."""
+        if "replica_fit" not in job:
+            net: CycleNet = job["net"]
+            reps = Replicas(self.bootstrap, self.lookback, self.horizon, job["cycle"], net.channels, self.backbone,
+                            self.hidden, self.instance_norm, self.seed)
+            epochs = max(1, int(job["fit"].report.get("best_epoch") or job["fit"].report["epochs"]))
+            job["replicas"] = reps
+            job["replica_fit"] = ReplicaFit(reps, job["train"], lr=job["lr"], epochs=epochs,
+                                            batch_size=job["batch"], seed=self.seed)
+        return job["replica_fit"].run(max(budget, 0.0))
 
     def _install(self, job: dict[str, Any]) -> None:
         """Swap the fitted network in: its backbone, and its ``Q`` columns into the rows' columns."""
@@ -400,9 +429,19 @@ class CycleNetForecaster(BatchForecaster):
             self.net_ = net
             self.fit_report_ = {**job["fit"].report, "cycle": job["cycle"], "rows": int(rows.size)}
             self._new_trainer()
+            if self.bootstrap:
+                self.replicas_ = Replicas(self.bootstrap, self.lookback, self.horizon, job["cycle"], self._cap,
+                                          self.backbone, self.hidden, self.instance_norm, self.seed)
+                self.replicas_.load_from(job["replicas"], torch.as_tensor(rows))
+                self.replicas_.eval()
+                self._new_replica_trainer()
             late = np.flatnonzero(~self._ready[: self.n_rows_] & (self._seen[: self.n_rows_] >= self._window))
             self._join(late)
             self._job = None
+
+    def _new_replica_trainer(self) -> None:
+        cycle_lr = self.online_lr if self.online_cycle_lr is None else self.online_cycle_lr
+        self._online_replicas = OnlineReplicas(self.replicas_, self.online_lr, cycle_lr)
 
     def _new_trainer(self) -> None:
         self._trainer = copy.deepcopy(self.net_)
@@ -432,6 +471,8 @@ class CycleNetForecaster(BatchForecaster):
             if job is not None:
                 if not job["fit"].run(fit_budget):
                     return
+                if self.bootstrap and not self._fit_replicas(job, fit_budget - (time.perf_counter() - start)):
+                    return
                 self._install(job)
             deadline = start + replay_budget
             while self._due > 0:
@@ -447,6 +488,9 @@ class CycleNetForecaster(BatchForecaster):
             self._due -= 1
             if self._trainer.channels < self.net_.channels:
                 self._grow_trainer(self.net_.channels)
+            online = self._online_replicas
+            if online is not None and online.trainer.channels < self.replicas_.channels:
+                online.grow_trainer(self.replicas_.channels)
             batch = self._next_batch()
         if batch is None:
             return
@@ -455,12 +499,16 @@ class CycleNetForecaster(BatchForecaster):
         self._opt.zero_grad(set_to_none=True)
         loss.backward()
         self._opt.step()
+        if online is not None:  # the replicas learn the same windows, each weighted by a fresh Poisson(1)
+            online.step(x, y, phase, cols, self._boot_rng)
         with self._lock, torch.no_grad():
             for dst, src in zip(self.net_.parameters(), self._trainer.parameters(), strict=True):
                 if dst.shape == src.shape:
                     dst.copy_(src)
                 else:  # the serving Q grew meanwhile: its new columns are still zero
                     dst[:, : src.shape[1]] = src
+            if online is not None:
+                online.publish()
 
     def _reshuffle(self) -> None:
         """Start a pass: a random order of every window now in the buffer (row, last tick)."""
@@ -515,7 +563,7 @@ class CycleNetForecaster(BatchForecaster):
 
     def forecast_many(self, rows: np.ndarray, horizon: int) -> np.ndarray:
         """Raw-scale forecasts (n, horizon); NaN for rows not served yet and beyond the model's horizon."""
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)  # torch.from_numpy refuses negative strides
         out = np.full((rows.size, horizon), np.nan)
         with self._lock:
             if self.net_ is None or rows.size == 0:
@@ -535,10 +583,36 @@ class CycleNetForecaster(BatchForecaster):
         out[ok, :k] = y[:, :k] * scale + mean
         return out
 
+    def spread_many(self, rows: np.ndarray, horizon: int) -> np.ndarray | None:
+        """The replicas' standard deviation per (row, horizon), in the series' units (one batched forward over
+        the replicas); NaN where :meth:`forecast_many` is NaN; ``None`` without replicas."""
+        if not self.bootstrap:
+            return None
+        rows = np.ascontiguousarray(rows, dtype=np.int64)  # torch.from_numpy refuses negative strides
+        out = np.full((rows.size, horizon), np.nan)
+        with self._lock:
+            if self.replicas_ is None or rows.size == 0:
+                return out
+            inside = rows < self.n_rows_
+            ok = np.zeros(rows.size, dtype=bool)
+            ok[inside] = self._ready[rows[inside]] & (self._seen[rows[inside]] >= self.lookback)
+            r = rows[ok]
+            if r.size == 0:
+                return out
+            x = torch.from_numpy(((self._last(r, self.lookback) - self._mean[r, None]) / self._scale[r, None])
+                                 .astype(np.float32))
+            phase = torch.from_numpy((self._last_tick[r] - self.lookback + 1) % self.cycle_)
+            with torch.inference_mode():
+                y = self.replicas_(x[:, :, None], phase, torch.from_numpy(r)[:, None])[:, :, :, 0]
+                spread = y.std(dim=0, unbiased=False).numpy()
+        k = min(horizon, self.horizon)
+        out[ok, :k] = spread[:, :k] * self._scale[r, None]
+        return out
+
     # -- state ------------------------------------------------------------------------------------------
 
     def export_rows(self, rows: np.ndarray) -> ArrayDict:
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)  # torch.from_numpy refuses negative strides
         with self._train_lock, self._lock:
             if self.net_ is not None and self._trainer.channels < self.net_.channels:
                 self._grow_trainer(self.net_.channels)
@@ -554,10 +628,15 @@ class CycleNetForecaster(BatchForecaster):
                 st = self._opt.state[self._trainer.cycle_table]
                 state["cycle_adam_m"] = st["exp_avg"][:, cols].T.numpy().copy()
                 state["cycle_adam_v"] = st["exp_avg_sq"][:, cols].T.numpy().copy()
+            if self._online_replicas is not None:
+                online = self._online_replicas
+                if online.trainer.channels < self.replicas_.channels:
+                    online.grow_trainer(self.replicas_.channels)
+                state.update(online.export_rows(torch.from_numpy(rows)))
         return state
 
     def import_rows(self, rows: np.ndarray, state: ArrayDict) -> None:
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)  # torch.from_numpy refuses negative strides
         with self._train_lock, self._lock:
             if rows.size and rows.max() >= self.n_rows_:
                 self.resize(int(rows.max()) + 1)
@@ -586,6 +665,11 @@ class CycleNetForecaster(BatchForecaster):
                 for key, name in (("exp_avg", "cycle_adam_m"), ("exp_avg_sq", "cycle_adam_v")):
                     moments = np.asarray(state.get(name, zeros), dtype=np.float32)
                     st[key][:, cols] = torch.from_numpy(moments).T
+            if self._online_replicas is not None:
+                online = self._online_replicas
+                if online.trainer.channels < self.replicas_.channels:
+                    online.grow_trainer(self.replicas_.channels)
+                online.import_rows(cols, state)
 
     def export_shared(self) -> tuple[ArrayDict, dict[str, Any]]:
         with self._train_lock, self._lock:
@@ -602,6 +686,8 @@ class CycleNetForecaster(BatchForecaster):
                 "rng": self._rng.bit_generator.state,
                 "perm_rng": self._perm_rng,
                 "fit_report": self.fit_report_,
+                "boot_rng": self._boot_rng.bit_generator.state,
+                "replicas": self.replicas_ is not None,
             }
             # the pass's permutation is redrawn on import from the RNG state that drew it: O(rows), not O(windows)
             arrays: ArrayDict = {"replay_rows": self._perm_rows.copy(), "replay_cum": self._perm_cum.copy(),
@@ -614,6 +700,8 @@ class CycleNetForecaster(BatchForecaster):
                 arrays[f"adam_m.{name}"] = st["exp_avg"].numpy().copy()
                 arrays[f"adam_v.{name}"] = st["exp_avg_sq"].numpy().copy()
             arrays["adam_step"] = np.array([float(self._opt.state[self._trainer.cycle_table]["step"])])
+            if self._online_replicas is not None:
+                arrays.update(self._online_replicas.export_shared())
         return arrays, meta
 
     def import_shared(self, arrays: ArrayDict, meta: dict[str, Any]) -> None:
@@ -631,6 +719,8 @@ class CycleNetForecaster(BatchForecaster):
             self._rounds, self._due, self._cursor = int(meta["rounds"]), int(meta["due"]), int(meta["cursor"])
             self._rng.bit_generator.state = meta["rng"]
             self.fit_report_ = meta.get("fit_report", {})
+            if "boot_rng" in meta:
+                self._boot_rng.bit_generator.state = meta["boot_rng"]
             self._perm_rng = meta.get("perm_rng")
             self._perm_rows = np.asarray(arrays["replay_rows"], dtype=np.int64).copy()
             self._perm_cum = np.asarray(arrays["replay_cum"], dtype=np.int64).copy()
@@ -656,6 +746,13 @@ class CycleNetForecaster(BatchForecaster):
                 st["exp_avg_sq"].copy_(torch.from_numpy(np.asarray(arrays[f"adam_v.{name}"])))
             for p in self._trainer.parameters():
                 self._opt.state[p]["step"] = step.clone()
+            if self.bootstrap:  # saved without replicas: they restart from their seeds' weights and zero columns
+                self.replicas_ = Replicas(self.bootstrap, self.lookback, self.horizon, self.cycle_, self._cap,
+                                          self.backbone, self.hidden, self.instance_norm, self.seed)
+                self.replicas_.eval()
+                self._new_replica_trainer()
+                if meta.get("replicas") and "boot_adam_step" in arrays:
+                    self._online_replicas.import_shared(arrays)
 
 
 def build(horizon: int, **params: Any) -> CycleNetForecaster:

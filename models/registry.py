@@ -19,10 +19,10 @@ the annotated types, so a bad parameter fails before any work starts:
 (('sn24', 'seasonal-naive'), ('holt-winters', 'holt-winters'))
 >>> check_params("seasonal-naive", {"period": 24}, "sn24")
 {'period': 24}
->>> check_params("seasonal-naive", {"bogus": 1}, "sn24")
+>>> check_params("seasonal-naive", {"bogus": 1}, "sn24")  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-ValueError: model parameter sn24.bogus: seasonal-naive has no parameter 'bogus'; valid: period, max_period, detect_after, bootstrap
+ValueError: model parameter sn24.bogus: seasonal-naive has no parameter 'bogus'; valid: period, max_period, ...
 """
 
 from __future__ import annotations

@@ -17,7 +17,21 @@ BOOT_PARAMS = {
     "seasonal-naive": {"period": 6, "bootstrap": 4},
     "holt-winters": {"period": 6, "warmup": 20, "bootstrap": 4},
     "snarimax": {"period": 6, "warmup": 20, "bootstrap": 3},
+    # inline fit and replay (defer=False), small enough to fit in a test; online: replicas learn in replay steps
+    "cyclenet": {"lookback": 12, "cycle": 6, "warm_start": 96, "epochs": 3, "lr": 0.05, "batch_size": 16,
+                 "replay_window": 32, "replay_batch": 16, "replay_every": 2, "replay_steps": 1, "defer": False,
+                 "step_budget": 10.0, "bootstrap": 4},
 }
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """CycleNet's tiny steps: one intra-op thread is several times faster than two on a shared machine."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _series(n: int, shift_at: int | None = None, shift: float = 0.0, seed: int = 0, n_rows: int = 2) -> np.ndarray:
@@ -68,19 +82,27 @@ def test_replica_state_round_trips(name: str) -> None:
     model = make_model(name, horizon=H, **BOOT_PARAMS[name])
     _run(model, values[:100])
     rows = np.arange(values.shape[1])
+    shared = model.export_shared()
+    # per-series models move to other rows of another table; a shared model's replay plan names its rows
+    moved = rows + 3 if not shared[0] else rows
     restored = make_model(name, horizon=H, **BOOT_PARAMS[name])
-    restored.import_rows(rows[::-1] + 3, model.export_rows(rows[::-1]))  # other rows of another table
+    restored.import_shared(*shared)
+    restored.import_rows(moved[::-1], model.export_rows(rows[::-1]))
     for t in range(100, 160):
         model.learn_many(rows, np.full(2, t), values[t])
-        restored.learn_many(rows + 3, np.full(2, t), values[t])
-        np.testing.assert_array_equal(model.forecast_many(rows, H), restored.forecast_many(rows + 3, H))
-        np.testing.assert_array_equal(model.spread_many(rows, H), restored.spread_many(rows + 3, H))
+        restored.learn_many(moved, np.full(2, t), values[t])
+        np.testing.assert_array_equal(model.forecast_many(rows, H), restored.forecast_many(moved, H))
+        np.testing.assert_array_equal(model.spread_many(rows, H), restored.spread_many(moved, H))
     assert np.isfinite(model.spread_many(rows, H)).all()
 
 
 @pytest.mark.parametrize("name", list(BOOT_PARAMS))
 def test_models_keep_the_contract_with_replicas_on(name: str) -> None:
-    checks.check_forecaster(lambda: make_model(name, horizon=H, **BOOT_PARAMS[name]), horizon=H)
+    from test_contract import HORIZON, MODEL_OPTIONS, MODEL_PARAMS  # the contract suite's settings, replicas on
+
+    params = {**MODEL_PARAMS.get(name, {}), "bootstrap": 3}
+    checks.check_forecaster(lambda: make_model(name, horizon=HORIZON, **params), horizon=HORIZON,
+                            **MODEL_OPTIONS.get(name, {}))
 
 
 def test_bootstrap_parameter_is_checked() -> None:
