@@ -149,6 +149,10 @@ class CycleNetForecaster(BatchForecaster):
         its training windows for the main fit's best epoch count, then trained online on the same replay
         mini-batches with fresh Poisson(1) weights. :meth:`spread_many` gives their forecasts' standard
         deviation. The point forecasts are the same with or without them (the replicas draw from their own RNG).
+    bootstrap_norm
+        Per-window normalisation of the replicas' inputs (``None``: as ``instance_norm``). Off, the replicas see
+        the series on its warm-start scale, so a level, trend or variance that leaves that range moves them apart;
+        with it, each window is re-centred and re-scaled first and such changes mostly vanish from their inputs.
 
     The online-learning defaults were chosen on the validation blocks of ETTh1 and ETTh2
     (``bench/cyclenet_stream.py --dev``): replay over a long history, a slow backbone (3e-5) and a faster cycle
@@ -193,6 +197,7 @@ class CycleNetForecaster(BatchForecaster):
         max_cycle: int = 400,
         seed: int = 0,
         bootstrap: int = 0,
+        bootstrap_norm: bool | None = None,
     ) -> None:
         self.horizon, self.lookback, self.cycle = horizon, lookback, cycle
         self.backbone, self.hidden, self.instance_norm = backbone, hidden, instance_norm
@@ -204,7 +209,7 @@ class CycleNetForecaster(BatchForecaster):
         self.replay_steps, self.replay_batch, self.step_budget = replay_steps, replay_batch, step_budget
         self.defer, self.max_cycle, self.seed = defer, max_cycle, seed
         check_bootstrap(bootstrap)
-        self.bootstrap = bootstrap
+        self.bootstrap, self.bootstrap_norm = bootstrap, bootstrap_norm
         self._check_params()
         self._lock = threading.RLock()  # row tables, replay order, serving weights
         self._train_lock = threading.Lock()  # the training copy and its optimiser
@@ -231,6 +236,10 @@ class CycleNetForecaster(BatchForecaster):
             raise ValueError("cycle must be >= 1")
         if self.replay_window < 1 or self.replay_every < 1 or self.replay_batch < 1:
             raise ValueError("replay_window, replay_every and replay_batch must be >= 1")
+
+    @property
+    def _replica_norm(self) -> bool:
+        return self.instance_norm if self.bootstrap_norm is None else self.bootstrap_norm
 
     def _n_val(self) -> int:
         return int(round(self.warm_start * self.val_fraction))
@@ -262,6 +271,7 @@ class CycleNetForecaster(BatchForecaster):
         self.replicas_: Replicas | None = None  # serving replicas (bootstrap > 0, once fitted)
         self._online_replicas: OnlineReplicas | None = None  # their training copy and optimiser
         self._boot_rng = np.random.default_rng(self.seed + 1)  # replicas' Poisson weights: not the main RNG
+        self._spread_cache: tuple[np.ndarray, int, np.ndarray] | None = None  # the last forecast's replica spread
 
     def _alloc(self, n: int) -> None:
         self._rows = RowTable(
@@ -313,6 +323,7 @@ class CycleNetForecaster(BatchForecaster):
         rows = np.ascontiguousarray(rows, dtype=np.int64)  # torch.from_numpy refuses negative strides
         with self._lock:
             self._seen[rows] = 0
+            self._spread_cache = None
 
     def drop_rows(self, rows: np.ndarray) -> None:
         """The rows' series moved to another process: end the current replay pass, whose plan names them (the
@@ -340,6 +351,7 @@ class CycleNetForecaster(BatchForecaster):
         if rows.size == 0:
             return
         self._learn_thread = threading.get_ident()
+        self._spread_cache = None  # the rows' inputs move on
         with self._lock:
             if rows.max() >= self.n_rows_:
                 self.resize(int(rows.max()) + 1)
@@ -405,7 +417,7 @@ class CycleNetForecaster(BatchForecaster):
         if "replica_fit" not in job:
             net: CycleNet = job["net"]
             reps = Replicas(self.bootstrap, self.lookback, self.horizon, job["cycle"], net.channels, self.backbone,
-                            self.hidden, self.instance_norm, self.seed)
+                            self.hidden, self._replica_norm, self.seed)
             epochs = max(1, int(job["fit"].report.get("best_epoch") or job["fit"].report["epochs"]))
             job["replicas"] = reps
             job["replica_fit"] = ReplicaFit(reps, job["train"], lr=job["lr"], epochs=epochs,
@@ -431,7 +443,7 @@ class CycleNetForecaster(BatchForecaster):
             self._new_trainer()
             if self.bootstrap:
                 self.replicas_ = Replicas(self.bootstrap, self.lookback, self.horizon, job["cycle"], self._cap,
-                                          self.backbone, self.hidden, self.instance_norm, self.seed)
+                                          self.backbone, self.hidden, self._replica_norm, self.seed)
                 self.replicas_.load_from(job["replicas"], torch.as_tensor(rows))
                 self.replicas_.eval()
                 self._new_replica_trainer()
@@ -562,9 +574,12 @@ class CycleNetForecaster(BatchForecaster):
     # -- forecasting ------------------------------------------------------------------------------------
 
     def forecast_many(self, rows: np.ndarray, horizon: int) -> np.ndarray:
-        """Raw-scale forecasts (n, horizon); NaN for rows not served yet and beyond the model's horizon."""
+        """Raw-scale forecasts (n, horizon); NaN for rows not served yet and beyond the model's horizon. With
+        replicas, their spread is computed in the same pass (same inputs) and kept for :meth:`spread_many`."""
         rows = np.ascontiguousarray(rows, dtype=np.int64)  # torch.from_numpy refuses negative strides
         out = np.full((rows.size, horizon), np.nan)
+        spread = np.full((rows.size, horizon), np.nan) if self.bootstrap else None
+        self._spread_cache = None
         with self._lock:
             if self.net_ is None or rows.size == 0:
                 return out
@@ -575,39 +590,34 @@ class CycleNetForecaster(BatchForecaster):
             if r.size == 0:
                 return out
             mean, scale = self._mean[r, None], self._scale[r, None]
-            x = torch.from_numpy(((self._last(r, self.lookback) - mean) / scale).astype(np.float32))
+            x = torch.from_numpy(((self._last(r, self.lookback) - mean) / scale).astype(np.float32))[:, :, None]
             phase = torch.from_numpy((self._last_tick[r] - self.lookback + 1) % self.cycle_)
+            cols = torch.from_numpy(r)[:, None]
             with torch.inference_mode():
-                y = self.net_(x[:, :, None], phase, torch.from_numpy(r)[:, None])[:, :, 0].numpy()
+                y = self.net_(x, phase, cols)[:, :, 0].numpy()
+                if spread is not None and self.replicas_ is not None:
+                    spread_std = self.replicas_(x, phase, cols)[:, :, :, 0].std(dim=0, unbiased=False).numpy()
         k = min(horizon, self.horizon)
         out[ok, :k] = y[:, :k] * scale + mean
+        if spread is not None and self.replicas_ is not None:
+            spread[ok, :k] = spread_std[:, :k] * scale
+            self._spread_cache = (rows.copy(), horizon, spread)
         return out
 
     def spread_many(self, rows: np.ndarray, horizon: int) -> np.ndarray | None:
         """The replicas' standard deviation per (row, horizon), in the series' units (one batched forward over
-        the replicas); NaN where :meth:`forecast_many` is NaN; ``None`` without replicas."""
+        the replicas); NaN where :meth:`forecast_many` is NaN; ``None`` without replicas. Right after
+        :meth:`forecast_many` for the same rows it is what that call computed."""
         if not self.bootstrap:
             return None
-        rows = np.ascontiguousarray(rows, dtype=np.int64)  # torch.from_numpy refuses negative strides
-        out = np.full((rows.size, horizon), np.nan)
-        with self._lock:
-            if self.replicas_ is None or rows.size == 0:
-                return out
-            inside = rows < self.n_rows_
-            ok = np.zeros(rows.size, dtype=bool)
-            ok[inside] = self._ready[rows[inside]] & (self._seen[rows[inside]] >= self.lookback)
-            r = rows[ok]
-            if r.size == 0:
-                return out
-            x = torch.from_numpy(((self._last(r, self.lookback) - self._mean[r, None]) / self._scale[r, None])
-                                 .astype(np.float32))
-            phase = torch.from_numpy((self._last_tick[r] - self.lookback + 1) % self.cycle_)
-            with torch.inference_mode():
-                y = self.replicas_(x[:, :, None], phase, torch.from_numpy(r)[:, None])[:, :, :, 0]
-                spread = y.std(dim=0, unbiased=False).numpy()
-        k = min(horizon, self.horizon)
-        out[ok, :k] = spread[:, :k] * self._scale[r, None]
-        return out
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        cache = self._spread_cache
+        if cache is None or cache[1] != horizon or not np.array_equal(cache[0], rows):
+            self.forecast_many(rows, horizon)
+            cache = self._spread_cache
+        if cache is None:
+            return np.full((rows.size, horizon), np.nan)
+        return cache[2].copy()
 
     # -- state ------------------------------------------------------------------------------------------
 
@@ -643,6 +653,7 @@ class CycleNetForecaster(BatchForecaster):
             hist = np.asarray(state["history"], dtype=float)
             if hist.shape[1] != self._ring:
                 raise ValueError(f"history length {hist.shape[1]} != this model's ring ({self._ring})")
+            self._spread_cache = None
             self._rows.import_rows(rows, {**state, "history": hist, "pos": np.zeros(rows.size, np.int64),
                                           "ready": np.asarray(state["ready"]).astype(bool)})
             if self.net_ is None:
@@ -748,7 +759,7 @@ class CycleNetForecaster(BatchForecaster):
                 self._opt.state[p]["step"] = step.clone()
             if self.bootstrap:  # saved without replicas: they restart from their seeds' weights and zero columns
                 self.replicas_ = Replicas(self.bootstrap, self.lookback, self.horizon, self.cycle_, self._cap,
-                                          self.backbone, self.hidden, self.instance_norm, self.seed)
+                                          self.backbone, self.hidden, self._replica_norm, self.seed)
                 self.replicas_.eval()
                 self._new_replica_trainer()
                 if meta.get("replicas") and "boot_adam_step" in arrays:
