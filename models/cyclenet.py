@@ -149,10 +149,6 @@ class CycleNetForecaster(BatchForecaster):
         its training windows for the main fit's best epoch count, then trained online on the same replay
         mini-batches with fresh Poisson(1) weights. :meth:`spread_many` gives their forecasts' standard
         deviation. The point forecasts are the same with or without them (the replicas draw from their own RNG).
-    bootstrap_norm
-        Per-window normalisation of the replicas' inputs (``None``: as ``instance_norm``). Off, the replicas see
-        the series on its warm-start scale, so a level, trend or variance that leaves that range moves them apart;
-        with it, each window is re-centred and re-scaled first and such changes mostly vanish from their inputs.
 
     The online-learning defaults were chosen on the validation blocks of ETTh1 and ETTh2
     (``bench/cyclenet_stream.py --dev``): replay over a long history, a slow backbone (3e-5) and a faster cycle
@@ -197,7 +193,6 @@ class CycleNetForecaster(BatchForecaster):
         max_cycle: int = 400,
         seed: int = 0,
         bootstrap: int = 0,
-        bootstrap_norm: bool | None = None,
     ) -> None:
         self.horizon, self.lookback, self.cycle = horizon, lookback, cycle
         self.backbone, self.hidden, self.instance_norm = backbone, hidden, instance_norm
@@ -209,7 +204,7 @@ class CycleNetForecaster(BatchForecaster):
         self.replay_steps, self.replay_batch, self.step_budget = replay_steps, replay_batch, step_budget
         self.defer, self.max_cycle, self.seed = defer, max_cycle, seed
         check_bootstrap(bootstrap)
-        self.bootstrap, self.bootstrap_norm = bootstrap, bootstrap_norm
+        self.bootstrap = bootstrap
         self._check_params()
         self._lock = threading.RLock()  # row tables, replay order, serving weights
         self._train_lock = threading.Lock()  # the training copy and its optimiser
@@ -236,10 +231,6 @@ class CycleNetForecaster(BatchForecaster):
             raise ValueError("cycle must be >= 1")
         if self.replay_window < 1 or self.replay_every < 1 or self.replay_batch < 1:
             raise ValueError("replay_window, replay_every and replay_batch must be >= 1")
-
-    @property
-    def _replica_norm(self) -> bool:
-        return self.instance_norm if self.bootstrap_norm is None else self.bootstrap_norm
 
     def _n_val(self) -> int:
         return int(round(self.warm_start * self.val_fraction))
@@ -417,7 +408,7 @@ class CycleNetForecaster(BatchForecaster):
         if "replica_fit" not in job:
             net: CycleNet = job["net"]
             reps = Replicas(self.bootstrap, self.lookback, self.horizon, job["cycle"], net.channels, self.backbone,
-                            self.hidden, self._replica_norm, self.seed)
+                            self.hidden, self.instance_norm, self.seed)
             epochs = max(1, int(job["fit"].report.get("best_epoch") or job["fit"].report["epochs"]))
             job["replicas"] = reps
             job["replica_fit"] = ReplicaFit(reps, job["train"], lr=job["lr"], epochs=epochs,
@@ -443,7 +434,7 @@ class CycleNetForecaster(BatchForecaster):
             self._new_trainer()
             if self.bootstrap:
                 self.replicas_ = Replicas(self.bootstrap, self.lookback, self.horizon, job["cycle"], self._cap,
-                                          self.backbone, self.hidden, self._replica_norm, self.seed)
+                                          self.backbone, self.hidden, self.instance_norm, self.seed)
                 self.replicas_.load_from(job["replicas"], torch.as_tensor(rows))
                 self.replicas_.eval()
                 self._new_replica_trainer()
@@ -759,7 +750,7 @@ class CycleNetForecaster(BatchForecaster):
                 self._opt.state[p]["step"] = step.clone()
             if self.bootstrap:  # saved without replicas: they restart from their seeds' weights and zero columns
                 self.replicas_ = Replicas(self.bootstrap, self.lookback, self.horizon, self.cycle_, self._cap,
-                                          self.backbone, self.hidden, self._replica_norm, self.seed)
+                                          self.backbone, self.hidden, self.instance_norm, self.seed)
                 self.replicas_.eval()
                 self._new_replica_trainer()
                 if meta.get("replicas") and "boot_adam_step" in arrays:
