@@ -259,3 +259,27 @@ def test_bootstrap_watcher_settings_are_checked() -> None:
     assert engine.lanes[0].monitors[0].threshold == 50.0
     with pytest.raises(SettingsError, match="bootstrap watcher parameter bogus"):
         _engine(bootstrap_params={"bogus": 1})
+
+
+def test_replay_writes_the_uncertainty_events(tmp_path) -> None:
+    import json
+
+    import pandas as pd
+
+    from tidecast.stream.cli import main
+
+    values = _values()
+    stamps = pd.date_range("2017-01-01", periods=len(values), freq="1h")
+    frame = pd.DataFrame({"date": stamps.strftime("%Y-%m-%d %H:%M:%S"),
+                          **{f"s{i}": values[:, i] for i in range(values.shape[1])}})
+    frame.to_csv(tmp_path / "trend.csv", index=False)
+    events_file, summary_file = tmp_path / "events.jsonl", tmp_path / "summary.json"
+    assert main(["replay", str(tmp_path / "trend.csv"), "--model", "sn=seasonal-naive", "--model-param",
+                 "sn.period=24", "--model-param", "sn.bootstrap=8", "--bootstrap-param", "threshold=4",
+                 "--horizon", "6", "--freq", "1h", "--events", str(events_file), "--summary-json",
+                 str(summary_file), "--no-progress", "--dead-letter", str(tmp_path / "dead.jsonl")]) == 0
+    lines = [json.loads(line) for line in events_file.read_text().splitlines()]
+    boot = [line for line in lines if line["detector"] == "bootstrap"]
+    assert boot and {line["kind"] for line in boot} == {"uncertainty"}
+    assert any(line["series_id"] == "trend/s1" for line in boot)
+    assert json.loads(summary_file.read_text())["drift_events"]["sn"]["bootstrap"] == len(boot)
