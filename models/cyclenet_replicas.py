@@ -16,6 +16,9 @@ torch.Size([3, 5, 4, 2])
 >>> single = build(8, 4, 6, 2, seed=2)  # replica 1 is the CycleNet seeded 2, bit for bit in float32 tolerance
 >>> torch.allclose(reps(x, phase)[1], single(x, phase), atol=1e-6)
 True
+>>> cols = torch.tensor([[0], [1], [1], [0], [1]])  # one series per window: the fast path, the same numbers
+>>> torch.allclose(reps(x[:, :, :1], phase, cols)[1], single(x[:, :, :1], phase, cols), atol=1e-6)
+True
 """
 
 from __future__ import annotations
@@ -71,17 +74,32 @@ class Replicas(nn.Module):
             std = torch.sqrt(x.square().sum(dim=1, keepdim=True) / (self.lookback - 1) + 1e-5)
             x = x / std
         t = self._roll[phase]  # (N, L + H)
-        # Q over the input and output steps of each window: (B, N, L + H, C)
-        q = self.cycle_table[:, t] if cols is None else self.cycle_table[:, t[:, :, None], cols[:, None, :]]
-        z = x[None] - q[:, :, : self.lookback]  # (B, N, L, C)
-        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-            if i:
-                z = torch.relu(z)
-            z = torch.einsum("bnlc,bhl->bnhc", z, w) + b[:, None, :, None]
-        y = z + q[:, :, self.lookback :]
+        if cols is not None and cols.shape[1] == 1:
+            y = self._one_series(x[:, :, 0], t, cols[:, 0])[..., None]
+        else:
+            # Q over the input and output steps of each window: (B, N, L + H, C)
+            q = self.cycle_table[:, t] if cols is None else self.cycle_table[:, t[:, :, None], cols[:, None, :]]
+            z = x[None] - q[:, :, : self.lookback]  # (B, N, L, C)
+            for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+                if i:
+                    z = torch.relu(z)
+                z = torch.einsum("bnlc,bhl->bnhc", z, w) + b[:, None, :, None]
+            y = z + q[:, :, self.lookback :]
         if self.instance_norm:
             y = y * std + mean
         return y
+
+    def _one_series(self, x: torch.Tensor, t: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+        """One series per window (streaming and replay): ``x`` (N, L) -> (B, N, H), a gather and one batched
+        matrix product per layer (the general path's 4-d einsum costs several times more here)."""
+        table = self.cycle_table[:, :, col].transpose(1, 2)  # (B, N, W): each window's own column
+        q = torch.gather(table, 2, t[None].expand(self.replicas, -1, -1))  # (B, N, L + H)
+        z = x[None] - q[:, :, : self.lookback]
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            if i:
+                z = torch.relu(z)
+            z = torch.baddbmm(b[:, None, :], z, w.transpose(1, 2))  # (B, N, out)
+        return z + q[:, :, self.lookback :]
 
     def grow(self, channels: int) -> None:
         """Append zero columns to every replica's ``Q`` (new series); rebuild an optimiser over it."""
