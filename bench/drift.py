@@ -585,7 +585,7 @@ def bootstrap_block(chosen: list[Group], seed: int, console) -> dict:
         console.print(f"bootstrap: {group.name}: {runs[-1].score.shape[0]} streams, {runs[-1].seconds:.0f} s")
     rho_error, rho_width, n_streams = boot.spearman_medians(runs)
     lead = boot.leads(runs, CYCLES_AFTER)
-    alarms, steps = boot.false_alarms(runs)
+    alarms, steps = boot.false_alarms(runs, [g.false_alarms for g in chosen])
     cost = boot.costs(synthetic)
     return {"spearman_error": rho_error, "spearman_width": rho_width, "lead_steps": lead["lead_steps"],
             "forecast_cost_ratio": cost["forecast_cost_ratio"], "train_cost_ratio": cost["train_cost_ratio"],
