@@ -33,7 +33,9 @@ ADWIN (0.62 against 0.39 of the changes detected, h = 1); D3A its square. A dete
 cycles after the change; ``median_delay`` is over detected changes, in steps. Every detector resets after an
 alarm. ``us_per_obs``: ``cusum`` and ``d3a`` through :meth:`Engine.process` at 10,000 series (seasonal naive,
 H = 24), with the drift monitor minus without it, per observation; river's, the time in their per-row loop on these
-streams. ``"bootstrap"`` is null until the label-free bootstrap monitor lands (:func:`bootstrap_block`).
+streams. ``"bootstrap"``: CycleNet's label-free bootstrap watcher on the same changed streams (bench/drift_bootstrap.py:
+how its score and the conformal width rank the realised error, how far its alarm leads the default detector's on
+the kinds that move inputs out of range, and what 8 replicas cost); ``--bootstrap-only`` computes just that block.
 
 False alarms are counted three ways. ``false_alarms_per_10k``: every alarm on the no-change streams, as the issue
 defines it. ``..._freeze_rule``: ETTh2's no-change streams hold real sensor freezes (every channel constant for 23 h
@@ -57,6 +59,7 @@ trade-off table and the engine cost take ~5 min).
     python bench/drift.py            # scored streams, tables
     python bench/drift.py --dev      # the dev streams the defaults were chosen on
     python bench/drift.py --json     # ... and the JSON object last
+    python bench/drift.py --dev --bootstrap-only --bootstrap-groups synthetic   # the bootstrap block alone
 """
 
 from __future__ import annotations
@@ -571,10 +574,62 @@ def vectorised_cost(name: str, n_series: int = 10_000, rounds: int = 200, warm: 
     return 1e6 * (time.perf_counter() - started) / (rounds * n_series)
 
 
-def bootstrap_block() -> dict | None:
-    """Hook for the label-free bootstrap monitor (issue 12, built separately): CycleNet's ``spearman_error``,
-    ``spearman_width``, ``lead_steps``, ``forecast_cost_ratio`` and ``train_cost_ratio``. None until then."""
-    return None
+def bootstrap_block(chosen: list[Group], seed: int, console) -> dict:
+    """CycleNet's label-free bootstrap watcher on ``chosen`` groups (bench/drift_bootstrap.py): ``spearman_error``,
+    ``spearman_width``, ``lead_steps``, ``forecast_cost_ratio`` and ``train_cost_ratio``, then the details."""
+    import drift_bootstrap as boot  # bench/ is on the path when this file runs as a script
+
+    runs = []
+    for group in chosen:
+        runs.append(boot.cached_bootstrap_run(_this_module(), group, place_changes(group, seed), seed))
+        console.print(f"bootstrap: {group.name}: {runs[-1].score.shape[0]} streams, {runs[-1].seconds:.0f} s")
+    rho_error, rho_width, n_streams = boot.spearman_medians(runs)
+    lead = boot.leads(runs, CYCLES_AFTER)
+    alarms, steps = boot.false_alarms(runs, [g.false_alarms for g in chosen])
+    cost = boot.costs(synthetic)
+    return {"spearman_error": rho_error, "spearman_width": rho_width, "lead_steps": lead["lead_steps"],
+            "forecast_cost_ratio": cost["forecast_cost_ratio"], "train_cost_ratio": cost["train_cost_ratio"],
+            "details": {"groups": [g.name for g in chosen], "streams": n_streams, "leads": lead,
+                        "false_alarms": alarms, "no_change_steps": steps, "costs": cost}}
+
+
+def _this_module():
+    import sys
+
+    return sys.modules[__name__]
+
+
+def bootstrap_report(block: dict, console) -> list[str]:
+    """Print the bootstrap table; return its done-when lines."""
+    from rich.table import Table
+
+    d, lead, cost = block["details"], block["details"]["leads"], block["details"]["costs"]
+    table = Table(title=f"bootstrap watcher (CycleNet, B = 8) on {', '.join(d['groups'])}: {d['streams']} streams")
+    for col in ("spearman: score", "spearman: width", "lead (steps)", "both fire", "bootstrap first",
+                "bootstrap only", "default only", "neither", "false alarms /10k", "forecast x", "train x",
+                "(fit x", "replay x)"):
+        table.add_column(col, justify="right")
+    per_10k = 1e4 * d["false_alarms"] / max(d["no_change_steps"], 1)
+    table.add_row(f"{block['spearman_error']:.2f}", f"{block['spearman_width']:.2f}", fmt(block["lead_steps"], ".0f"),
+                  str(lead["both"]), str(lead["bootstrap_first"]), str(lead["bootstrap_only"]),
+                  str(lead["default_only"]), str(lead["neither"]), f"{per_10k:.1f}",
+                  f"{cost['forecast_cost_ratio']:.2f}", f"{cost['train_cost_ratio']:.2f}",
+                  f"{cost['fit_cost_ratio']:.2f}", f"{cost['replay_cost_ratio']:.2f}")
+    console.print(table)
+    rho_ok = block["spearman_error"] > block["spearman_width"] and block["spearman_error"] >= 0.5
+    lines = [
+        f"spearman_error {block['spearman_error']:.2f} > spearman_width {block['spearman_width']:.2f} and >= 0.5 -> "
+        f"{'holds' if rho_ok else 'does not hold'}",
+        f"lead_steps {fmt(block['lead_steps'], '.0f')} > 0 -> "
+        f"{'holds' if block['lead_steps'] is not None and block['lead_steps'] > 0 else 'does not hold'}",
+        f"forecast_cost_ratio {block['forecast_cost_ratio']:.2f} <= 2 -> "
+        f"{'holds' if block['forecast_cost_ratio'] <= 2 else 'does not hold'} (train_cost_ratio "
+        f"{block['train_cost_ratio']:.2f})",
+    ]
+    console.print("[bold]done-when, bootstrap[/bold]")
+    for line in lines:
+        console.print("  " + line)
+    return lines
 
 
 def median_or_none(values: np.ndarray) -> float | None:
@@ -586,9 +641,9 @@ def detection(seg: Segments, o: Outcome, kinds: tuple[str, ...] = KINDS) -> dict
     return {k: float((o.delay[changed & (seg.kind == k)] >= 0).mean()) for k in kinds}
 
 
-def summarise(seg: Segments, outcomes: dict[str, Outcome], tradeoff: list[dict]) -> dict:
+def summarise(seg: Segments, outcomes: dict[str, Outcome], tradeoff: list[dict], bootstrap: dict | None) -> dict:
     changed = seg.change >= 0
-    out: dict = {"default": DEFAULT_DETECTOR, "detectors": {}, "by_kind": {}, "bootstrap": bootstrap_block(),
+    out: dict = {"default": DEFAULT_DETECTOR, "detectors": {}, "by_kind": {}, "bootstrap": bootstrap,
                  "nab": {}, "tradeoff": tradeoff}
     for name in DETECTOR_NAMES:
         o = outcomes[name]
@@ -767,11 +822,22 @@ def main() -> None:
                         help="what detectors watch: every matured horizon pooled (default, what the engine's drift "
                              "monitor watches), the h = 1 residual or the h = H one")
     parser.add_argument("--skip-kswin", action="store_true", help="leave river's KSWIN out (about 1 min per run)")
+    parser.add_argument("--bootstrap-only", action="store_true",
+                        help="only the bootstrap block (its JSON object holds only that key)")
+    parser.add_argument("--bootstrap-groups", nargs="*", default=None, metavar="GROUP",
+                        help="data sets the bootstrap block runs on (default: all of the split)")
     args = parser.parse_args()
     from rich.console import Console
 
     console = Console(width=200, stderr=args.json)
     seed = 1 if args.dev else 0
+    chosen = [g for g in groups(args.dev) if args.bootstrap_groups is None or g.name in args.bootstrap_groups]
+    if args.bootstrap_only:
+        block = bootstrap_block(chosen, seed, console)
+        bootstrap_report(block, console)
+        if args.json:
+            print(json.dumps({"bootstrap": block}))
+        return
     runs = []
     for group in groups(args.dev):
         for model_name in MODELS:
@@ -793,8 +859,10 @@ def main() -> None:
         elif not name.startswith("river-"):
             outcomes[name].us_per_obs = engine_cost(name)
         console.print(f"{name}: {time.perf_counter() - started:.0f} s")
-    summary = summarise(seg, outcomes, tradeoff_rows(seg, console))
+    block = bootstrap_block(chosen, seed, console)
+    summary = summarise(seg, outcomes, tradeoff_rows(seg, console), block)
     report(seg, outcomes, summary, args.dev, console)
+    bootstrap_report(block, console)
     if args.json:
         print(json.dumps(summary))
 

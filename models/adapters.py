@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from tidecast.models.base import ArrayDict, BatchForecaster, Forecaster, Params
+from tidecast.models.bootstrap import ResidualRing, check_bootstrap, poisson_counts
 from tidecast.models.river_state import dump_state, load_state
 from tidecast.models.seasonality import detect_period
 
@@ -157,6 +158,12 @@ class PerSeries(BatchForecaster):
     ``min_history`` observations and at least what river's forecasters need (:func:`river_min_history`).
     A factory whose forecasters declare neither is refused here, before any data, rather than crashing later.
 
+    ``bootstrap=B`` adds B replicas per row (:meth:`spread_many`): with ``bootstrap_kind="bagging"`` B more
+    forecasters from the factory, each fed every value ``k ~ Poisson(1)`` times (online bagging; the spread is
+    their standard deviation); with ``"residual"`` a residual bootstrap of the row's recent in-sample one-step
+    residuals (:class:`~tidecast.models.bootstrap.ResidualRing`, ``h`` draws summed for horizon h), for models
+    whose few smoothing constants make bagged copies nearly identical (Holt-Winters).
+
     >>> from river import time_series
     >>> model = PerSeries("hw", lambda: time_series.HoltWinters(0.3, 0.1, 0.5, seasonality=3))
     >>> model.resize(1)
@@ -166,18 +173,38 @@ class PerSeries(BatchForecaster):
     array([[nan, nan]])
     """
 
-    def __init__(self, name: str, factory: Callable[[], Forecaster], min_history: int | None = None) -> None:
+    def __init__(self, name: str, factory: Callable[[], Forecaster], min_history: int | None = None,
+                 bootstrap: int = 0, bootstrap_kind: str = "bagging") -> None:
+        check_bootstrap(bootstrap)
+        if bootstrap_kind not in ("bagging", "residual"):
+            raise ValueError(f"bootstrap_kind = {bootstrap_kind!r}: 'bagging' or 'residual'")
         self.name = name
         self.factory = factory
         self.min_history = min_history
+        self.bootstrap = bootstrap
+        self.bootstrap_kind = bootstrap_kind
         self.models_: list[Forecaster | None] = []
         self.n_learned_ = np.zeros(0, dtype=np.int64)
+        self.last_tick_ = np.zeros(0, dtype=np.int64)
+        bagging = bootstrap and bootstrap_kind == "bagging"
+        self.replicas_: list[list[Forecaster] | None] = []  # bagging: B forecasters per row
+        self.replica_learned_ = np.zeros((0, bootstrap if bagging else 0), dtype=np.int64)
+        self.ring_ = ResidualRing(bootstrap) if bootstrap and not bagging else None
+        self.next_one_ = np.zeros(0)  # residual bootstrap: the last one-step forecast, for the tick after last_tick_
         is_ready(factory(), 0, min_history)  # raises now if readiness cannot be told
 
     def resize(self, n_rows: int) -> None:
         if n_rows > len(self.models_):
-            self.models_.extend([None] * (n_rows - len(self.models_)))
-            self.n_learned_ = np.concatenate([self.n_learned_, np.zeros(n_rows - self.n_learned_.size, np.int64)])
+            extra = n_rows - len(self.models_)
+            self.models_.extend([None] * extra)
+            self.replicas_.extend([None] * extra)
+            self.n_learned_ = np.concatenate([self.n_learned_, np.zeros(extra, np.int64)])
+            self.last_tick_ = np.concatenate([self.last_tick_, np.zeros(extra, np.int64)])
+            self.next_one_ = np.concatenate([self.next_one_, np.full(extra, np.nan)])
+            self.replica_learned_ = np.concatenate(
+                [self.replica_learned_, np.zeros((extra, self.replica_learned_.shape[1]), np.int64)])
+        if self.ring_ is not None:
+            self.ring_.resize(n_rows)
 
     def _model(self, row: int) -> Forecaster:
         model = self.models_[row]
@@ -188,9 +215,32 @@ class PerSeries(BatchForecaster):
     def learn_many(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray,
                    filled: np.ndarray | None = None) -> None:
         # One-series forecasters assume a regular grid: interpolated values are learned like real ones.
+        if self.ring_ is not None:  # the in-sample one-step residual, where the last forecast was for this tick
+            follows = (self.n_learned_[rows] > 0) & (ticks == self.last_tick_[rows] + 1)
+            self.ring_.add(rows, ticks, np.where(follows, values - self.next_one_[rows], np.nan))
+            self.next_one_[rows] = np.nan
         for row, y in zip(rows.tolist(), values.tolist(), strict=True):
             self._model(row).learn_one(y)
         self.n_learned_[rows] += 1
+        self.last_tick_[rows] = ticks
+        if self.replica_learned_.shape[1]:
+            self._learn_replicas(rows, ticks, values)
+
+    def _learn_replicas(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray) -> None:
+        """Online bagging: replica b of a row learns the value k ~ Poisson(1) times, once it is ready; until
+        then exactly once, so a warm-up window (cycle detection, standardisation) sees the series as it is."""
+        counts = poisson_counts(ticks, values, self.bootstrap)
+        for i, (row, y) in enumerate(zip(rows.tolist(), values.tolist(), strict=True)):
+            replicas = self.replicas_[row]
+            if replicas is None:
+                replicas = self.replicas_[row] = [self.factory() for _ in range(self.bootstrap)]
+            learned = self.replica_learned_[row]
+            for b, replica in enumerate(replicas):
+                if not is_ready(replica, int(learned[b]), self.min_history):
+                    counts[i, b] = 1
+                for _ in range(int(counts[i, b])):
+                    replica.learn_one(y)
+        self.replica_learned_[rows] += counts
 
     def forecast_many(self, rows: np.ndarray, horizon: int) -> np.ndarray:
         out = np.full((len(rows), horizon), np.nan)
@@ -198,30 +248,78 @@ class PerSeries(BatchForecaster):
             model = self.models_[row] if row < len(self.models_) else None
             if model is not None and is_ready(model, int(self.n_learned_[row]), self.min_history):
                 out[i] = model.forecast(horizon)
+        if self.ring_ is not None and len(rows):
+            self.next_one_[rows] = out[:, 0]
+        return out
+
+    def spread_many(self, rows: np.ndarray, horizon: int) -> np.ndarray | None:
+        """Bagging: the standard deviation of the ready replicas' forecasts (NaN with fewer than 2 ready);
+        residual: the resampled residuals' root mean square perturbation of the point forecast."""
+        if not self.bootstrap:
+            return None
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.ring_ is not None:
+            steps = np.broadcast_to(np.arange(1, horizon + 1)[None, :], (rows.size, horizon))
+            spread = self.ring_.spread(rows, self.last_tick_[rows], steps, keys=self.next_one_[rows])
+            return np.where(np.isfinite(self.next_one_[rows])[:, None], spread, np.nan)
+        out = np.full((rows.size, horizon), np.nan)
+        for i, row in enumerate(rows.tolist()):
+            replicas = self.replicas_[row] if row < len(self.replicas_) else None
+            if replicas is None:
+                continue
+            ready = [r.forecast(horizon) for r, n in zip(replicas, self.replica_learned_[row].tolist(), strict=True)
+                     if is_ready(r, n, self.min_history)]
+            if len(ready) >= 2:
+                out[i] = np.std(np.asarray(ready, dtype=float), axis=0)
         return out
 
     def reset_rows(self, rows: np.ndarray) -> None:
         for row in rows.tolist():
             self.models_[row] = None
+            self.replicas_[row] = None
         self.n_learned_[rows] = 0
+        self.replica_learned_[rows] = 0
+        self.next_one_[rows] = np.nan
+        if self.ring_ is not None:
+            self.ring_.reset_rows(rows)
 
     def export_rows(self, rows: np.ndarray) -> ArrayDict:
-        blobs = [json.dumps(self._state_of(self.models_[r]), separators=(",", ":")).encode()
-                 for r in rows.tolist()]
-        width = max((len(b) for b in blobs), default=0)
-        data = np.zeros((len(blobs), width), np.uint8)
-        for i, blob in enumerate(blobs):
-            data[i, : len(blob)] = np.frombuffer(blob, np.uint8)
-        return {"json": data, "json_len": np.array([len(b) for b in blobs], np.int64),
-                "n_learned": self.n_learned_[rows].copy()}
+        data, lengths = _pack([self._state_of(self.models_[r]) for r in rows.tolist()])
+        state = {"json": data, "json_len": lengths, "n_learned": self.n_learned_[rows].copy()}
+        if self.bootstrap:
+            state["boot_last_tick"] = self.last_tick_[rows].copy()
+            state["boot_next_one"] = self.next_one_[rows].copy()
+        if self.replica_learned_.shape[1]:
+            replicas = [None if self.replicas_[r] is None else [self._state_of(m) for m in self.replicas_[r]]
+                        for r in rows.tolist()]
+            state["boot_json"], state["boot_json_len"] = _pack(replicas)
+            state["boot_n_learned"] = self.replica_learned_[rows].copy()
+        if self.ring_ is not None:
+            state.update(self.ring_.export_rows(rows))
+        return state
 
     def import_rows(self, rows: np.ndarray, state: ArrayDict) -> None:
         self.resize(int(rows.max()) + 1 if len(rows) else 0)
-        for i, row in enumerate(rows.tolist()):
-            item = json.loads(state["json"][i, : int(state["json_len"][i])].tobytes())
+        for row, item in zip(rows.tolist(), _unpack(state["json"], state["json_len"]), strict=True):
             self.models_[row] = None if item is None else self._restore(item)
         # states written before the count existed: 0, i.e. a count-based forecaster warms up again
         self.n_learned_[rows] = state.get("n_learned", np.zeros(len(rows), np.int64))
+        if not self.bootstrap:
+            return
+        # saved without replicas: they start again from this row's next value (the spread is NaN meanwhile)
+        self.last_tick_[rows] = state.get("boot_last_tick", np.zeros(len(rows), np.int64))
+        self.next_one_[rows] = state.get("boot_next_one", np.full(len(rows), np.nan))
+        if self.ring_ is not None:
+            self.ring_.import_rows(rows, state)
+            return
+        if "boot_json" not in state:
+            items: list[Any] = [None] * len(rows)
+            self.replica_learned_[rows] = 0
+        else:
+            items = _unpack(state["boot_json"], state["boot_json_len"])
+            self.replica_learned_[rows] = state["boot_n_learned"]
+        for row, item in zip(rows.tolist(), items, strict=True):
+            self.replicas_[row] = None if item is None else [self._restore(s) for s in item]
 
     @staticmethod
     def _state_of(model: Forecaster | None) -> Any:
@@ -236,3 +334,16 @@ class PerSeries(BatchForecaster):
         else:
             load_state(model, state)
         return model
+
+
+def _pack(items: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """JSON-able items -> one padded ``uint8`` array of their UTF-8 JSON, and the lengths."""
+    blobs = [json.dumps(item, separators=(",", ":")).encode() for item in items]
+    data = np.zeros((len(blobs), max((len(b) for b in blobs), default=0)), np.uint8)
+    for i, blob in enumerate(blobs):
+        data[i, : len(blob)] = np.frombuffer(blob, np.uint8)
+    return data, np.array([len(b) for b in blobs], np.int64)
+
+
+def _unpack(data: np.ndarray, lengths: np.ndarray) -> list[Any]:
+    return [json.loads(data[i, : int(n)].tobytes()) for i, n in enumerate(np.asarray(lengths).tolist())]

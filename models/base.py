@@ -228,6 +228,12 @@ class BatchForecaster(Params, ABC):
     def forecast_many(self, rows: np.ndarray, horizon: int) -> np.ndarray:
         """Point forecasts for the next ``horizon`` ticks of each row, shape ``(len(rows), horizon)``."""
 
+    def spread_many(self, rows: np.ndarray, horizon: int) -> np.ndarray | None:
+        """Bootstrap replicas' spread: ``(len(rows), horizon)`` standard deviations of the replicas' forecasts
+        (series units, ``NaN`` where not ready), or ``None`` for a model run without replicas (``bootstrap=0``,
+        the default). Call right after :meth:`forecast_many` for the same rows (:mod:`tidecast.models.bootstrap`)."""
+        return None
+
     def reset_rows(self, rows: np.ndarray) -> None:  # noqa: B027 - optional hook
         """Forget the recent history of ``rows`` (after a long gap); learned parameters may stay."""
 

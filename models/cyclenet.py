@@ -80,8 +80,10 @@ import numpy as np
 import torch
 
 from tidecast.models.base import ArrayDict, BatchForecaster, Calibration, CalibrationQueue
+from tidecast.models.bootstrap import check_bootstrap
 from tidecast.models.cyclenet_net import DEFAULT_LR, BatchFit, CycleNet, Windows, make_adam
 from tidecast.models.cyclenet_net import build as build_net
+from tidecast.models.cyclenet_replicas import OnlineReplicas, ReplicaFit, Replicas
 from tidecast.models.rows import Column, Field, RowTable
 from tidecast.models.seasonality import detect_period
 
@@ -170,6 +172,12 @@ class CycleNetForecaster(BatchForecaster):
         left out of the step and counted in ``skipped_windows_`` (``None``: only non-finite ones).
     seed
         Seeds the initial weights and every shuffle.
+    bootstrap
+        B bootstrap replicas (0: none): B more backbones and cycle tables, stacked
+        (:mod:`tidecast.models.cyclenet_replicas`), fitted after the warm start on a Poisson(1)-weighted resample of
+        its training windows for the main fit's best epoch count, then trained online on the same replay
+        mini-batches with fresh Poisson(1) weights. :meth:`spread_many` gives their forecasts' standard
+        deviation. The point forecasts are the same with or without them (the replicas draw from their own RNG).
 
     The online-learning defaults were chosen on the validation blocks of ETTh1 and ETTh2
     (``bench/cyclenet_stream.py --dev``): replay over a long history, a slow backbone (3e-5) and a faster cycle
@@ -217,6 +225,7 @@ class CycleNetForecaster(BatchForecaster):
         input_limit: float | None = 100.0,
         loss_limit: float | None = 100.0,
         seed: int = 0,
+        bootstrap: int = 0,
     ) -> None:
         self.horizon, self.lookback, self.cycle = horizon, lookback, cycle
         self.backbone, self.hidden, self.instance_norm = backbone, hidden, instance_norm
@@ -228,6 +237,8 @@ class CycleNetForecaster(BatchForecaster):
         self.replay_steps, self.replay_batch, self.step_budget = replay_steps, replay_batch, step_budget
         self.defer, self.max_cycle, self.seed = defer, max_cycle, seed
         self.input_limit, self.loss_limit = input_limit, loss_limit
+        check_bootstrap(bootstrap)
+        self.bootstrap = bootstrap
         self._check_params()
         self._lock = threading.RLock()  # row tables, replay order, serving weights
         self._train_lock = threading.Lock()  # the training copy and its optimiser
@@ -294,6 +305,10 @@ class CycleNetForecaster(BatchForecaster):
         self._perm_last = np.zeros(0, dtype=np.int64)
         self._perm_rng: dict[str, Any] | None = None  # RNG state that drew the permutation (to redraw it)
         self._cursor = 0
+        self.replicas_: Replicas | None = None  # serving replicas (bootstrap > 0, once fitted)
+        self._online_replicas: OnlineReplicas | None = None  # their training copy and optimiser
+        self._boot_rng = np.random.default_rng(self.seed + 1)  # replicas' Poisson weights: not the main RNG
+        self._spread_cache: tuple[np.ndarray, int, np.ndarray] | None = None  # the last forecast's replica spread
 
     def _alloc(self, n: int) -> None:
         self._rows = RowTable(
@@ -337,12 +352,15 @@ class CycleNetForecaster(BatchForecaster):
             self._rows.resize(n_rows)
             if self.net_ is not None and self.net_.channels < self._cap:
                 self.net_.grow(self._cap)
+            if self.replicas_ is not None and self.replicas_.channels < self._cap:
+                self.replicas_.grow(self._cap)
 
     def reset_rows(self, rows: np.ndarray) -> None:
         """Forget the history of ``rows``: their replay windows leave the buffer; scaler and ``Q`` column stay."""
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)  # torch.from_numpy refuses negative strides
         with self._lock:
             self._seen[rows] = 0
+            self._spread_cache = None
 
     def drop_rows(self, rows: np.ndarray) -> None:
         """The rows' series moved to another process: end the current replay pass, whose plan names them (the
@@ -375,11 +393,12 @@ class CycleNetForecaster(BatchForecaster):
     def learn_many(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray,
                    filled: np.ndarray | None = None) -> None:
         # Windows are taken on the tick grid, so interpolated values are learned like real ones.
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)  # torch.from_numpy refuses negative strides
         ticks = np.asarray(ticks, dtype=np.int64)
         if rows.size == 0:
             return
         self._learn_thread = threading.get_ident()
+        self._spread_cache = None  # the rows' inputs move on
         with self._lock:
             if rows.max() >= self.n_rows_:
                 self.resize(int(rows.max()) + 1)
@@ -469,7 +488,19 @@ class CycleNetForecaster(BatchForecaster):
         fit = BatchFit(net, train, val, lr=lr, epochs=self.epochs, patience=self.patience, batch_size=batch,
                        seed=self.seed, shuffled_val=self.shuffled_val)
         return {"fit": fit, "net": net, "rows": cohort, "mean": mean, "scale": scale, "cycle": cycle, "std": std,
-                "last": last, "calib_from": n - (n_hold or n_val)}
+                "last": last, "calib_from": n - (n_hold or n_val), "train": train, "batch": batch, "lr": lr}
+
+    def _fit_replicas(self, job: dict[str, Any], budget: float) -> bool:
+        """The replicas' warm-start fit (after the main one, for its best epoch count); True when done."""
+        if "replica_fit" not in job:
+            net: CycleNet = job["net"]
+            reps = Replicas(self.bootstrap, self.lookback, self.horizon, job["cycle"], net.channels, self.backbone,
+                            self.hidden, self.instance_norm, self.seed)
+            epochs = max(1, int(job["fit"].report.get("best_epoch") or job["fit"].report["epochs"]))
+            job["replicas"] = reps
+            job["replica_fit"] = ReplicaFit(reps, job["train"], lr=job["lr"], epochs=epochs,
+                                            batch_size=job["batch"], seed=self.seed)
+        return job["replica_fit"].run(max(budget, 0.0))
 
     def _install(self, job: dict[str, Any]) -> None:
         """Swap the fitted network in: its backbone, and its ``Q`` columns into the rows' columns."""
@@ -492,9 +523,19 @@ class CycleNetForecaster(BatchForecaster):
                 cols = np.arange(rows.size)
                 residuals = self._backtest(fitted, job["std"], job["last"], cols, job["calib_from"])
                 self._calibrations.put(Calibration(rows, residuals * job["scale"][:, None, None]))
+            if self.bootstrap:
+                self.replicas_ = Replicas(self.bootstrap, self.lookback, self.horizon, job["cycle"], self._cap,
+                                          self.backbone, self.hidden, self.instance_norm, self.seed)
+                self.replicas_.load_from(job["replicas"], torch.as_tensor(rows))
+                self.replicas_.eval()
+                self._new_replica_trainer()
             late = np.flatnonzero(~self._ready[: self.n_rows_] & (self._seen[: self.n_rows_] >= self._window))
             self._join(late)
             self._job = None
+
+    def _new_replica_trainer(self) -> None:
+        cycle_lr = self.online_lr if self.online_cycle_lr is None else self.online_cycle_lr
+        self._online_replicas = OnlineReplicas(self.replicas_, self.online_lr, cycle_lr)
 
     def _new_trainer(self) -> None:
         self._trainer = copy.deepcopy(self.net_)
@@ -524,6 +565,8 @@ class CycleNetForecaster(BatchForecaster):
             if job is not None:
                 if not job["fit"].run(fit_budget):
                     return
+                if self.bootstrap and not self._fit_replicas(job, fit_budget - (time.perf_counter() - start)):
+                    return
                 self._install(job)
             deadline = start + replay_budget
             while self._due > 0:
@@ -539,6 +582,9 @@ class CycleNetForecaster(BatchForecaster):
             self._due -= 1
             if self._trainer.channels < self.net_.channels:
                 self._grow_trainer(self.net_.channels)
+            online = self._online_replicas
+            if online is not None and online.trainer.channels < self.replicas_.channels:
+                online.grow_trainer(self.replicas_.channels)
             batch = self._next_batch()
         if batch is None:
             return
@@ -565,12 +611,16 @@ class CycleNetForecaster(BatchForecaster):
         self._opt.zero_grad(set_to_none=True)
         loss.backward()
         self._opt.step()
+        if online is not None:  # the replicas learn the same windows, each weighted by a fresh Poisson(1)
+            online.step(x, y, phase, cols, self._boot_rng)
         with self._lock, torch.no_grad():
             for dst, src in zip(self.net_.parameters(), self._trainer.parameters(), strict=True):
                 if dst.shape == src.shape:
                     dst.copy_(src)
                 else:  # the serving Q grew meanwhile: its new columns are still zero
                     dst[:, : src.shape[1]] = src
+            if online is not None:
+                online.publish()
 
     #: Rate of the running mean window loss (memory ~ 100 replay steps).
     _loss_rate = 0.01
@@ -659,9 +709,12 @@ class CycleNetForecaster(BatchForecaster):
     # -- forecasting ------------------------------------------------------------------------------------
 
     def forecast_many(self, rows: np.ndarray, horizon: int) -> np.ndarray:
-        """Raw-scale forecasts (n, horizon); NaN for rows not served yet and beyond the model's horizon."""
-        rows = np.asarray(rows, dtype=np.int64)
+        """Raw-scale forecasts (n, horizon); NaN for rows not served yet and beyond the model's horizon. With
+        replicas, their spread is computed in the same pass (same inputs) and kept for :meth:`spread_many`."""
+        rows = np.ascontiguousarray(rows, dtype=np.int64)  # torch.from_numpy refuses negative strides
         out = np.full((rows.size, horizon), np.nan)
+        spread = np.full((rows.size, horizon), np.nan) if self.bootstrap else None
+        self._spread_cache = None
         with self._lock:
             if self.net_ is None or rows.size == 0:
                 return out
@@ -672,18 +725,40 @@ class CycleNetForecaster(BatchForecaster):
             if r.size == 0:
                 return out
             mean, scale = self._mean[r, None], self._scale[r, None]
-            x = torch.from_numpy(self._sanitise((self._last(r, self.lookback) - mean) / scale).astype(np.float32))
+            z = self._sanitise((self._last(r, self.lookback) - mean) / scale)
+            x = torch.from_numpy(z.astype(np.float32))[:, :, None]
             phase = torch.from_numpy((self._last_tick[r] - self.lookback + 1) % self.cycle_)
+            cols = torch.from_numpy(r)[:, None]
             with torch.inference_mode():
-                y = self.net_(x[:, :, None], phase, torch.from_numpy(r)[:, None])[:, :, 0].numpy()
+                y = self.net_(x, phase, cols)[:, :, 0].numpy()
+                if spread is not None and self.replicas_ is not None:
+                    spread_std = self.replicas_(x, phase, cols)[:, :, :, 0].std(dim=0, unbiased=False).numpy()
         k = min(horizon, self.horizon)
         out[ok, :k] = y[:, :k] * scale + mean
+        if spread is not None and self.replicas_ is not None:
+            spread[ok, :k] = spread_std[:, :k] * scale
+            self._spread_cache = (rows.copy(), horizon, spread)
         return out
+
+    def spread_many(self, rows: np.ndarray, horizon: int) -> np.ndarray | None:
+        """The replicas' standard deviation per (row, horizon), in the series' units (one batched forward over
+        the replicas); NaN where :meth:`forecast_many` is NaN; ``None`` without replicas. Right after
+        :meth:`forecast_many` for the same rows it is what that call computed."""
+        if not self.bootstrap:
+            return None
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        cache = self._spread_cache
+        if cache is None or cache[1] != horizon or not np.array_equal(cache[0], rows):
+            self.forecast_many(rows, horizon)
+            cache = self._spread_cache
+        if cache is None:
+            return np.full((rows.size, horizon), np.nan)
+        return cache[2].copy()
 
     # -- state ------------------------------------------------------------------------------------------
 
     def export_rows(self, rows: np.ndarray) -> ArrayDict:
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)  # torch.from_numpy refuses negative strides
         with self._train_lock, self._lock:
             if self.net_ is not None and self._trainer.channels < self.net_.channels:
                 self._grow_trainer(self.net_.channels)
@@ -699,16 +774,22 @@ class CycleNetForecaster(BatchForecaster):
                 st = self._opt.state[self._trainer.cycle_table]
                 state["cycle_adam_m"] = st["exp_avg"][:, cols].T.numpy().copy()
                 state["cycle_adam_v"] = st["exp_avg_sq"][:, cols].T.numpy().copy()
+            if self._online_replicas is not None:
+                online = self._online_replicas
+                if online.trainer.channels < self.replicas_.channels:
+                    online.grow_trainer(self.replicas_.channels)
+                state.update(online.export_rows(torch.from_numpy(rows)))
         return state
 
     def import_rows(self, rows: np.ndarray, state: ArrayDict) -> None:
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)  # torch.from_numpy refuses negative strides
         with self._train_lock, self._lock:
             if rows.size and rows.max() >= self.n_rows_:
                 self.resize(int(rows.max()) + 1)
             hist = np.asarray(state["history"], dtype=float)
             if hist.shape[1] != self._ring:
                 raise ValueError(f"history length {hist.shape[1]} != this model's ring ({self._ring})")
+            self._spread_cache = None
             self._rows.import_rows(rows, {**state, "history": hist, "pos": np.zeros(rows.size, np.int64),
                                           "ready": np.asarray(state["ready"]).astype(bool)})
             if self.net_ is None:
@@ -731,6 +812,11 @@ class CycleNetForecaster(BatchForecaster):
                 for key, name in (("exp_avg", "cycle_adam_m"), ("exp_avg_sq", "cycle_adam_v")):
                     moments = np.asarray(state.get(name, zeros), dtype=np.float32)
                     st[key][:, cols] = torch.from_numpy(moments).T
+            if self._online_replicas is not None:
+                online = self._online_replicas
+                if online.trainer.channels < self.replicas_.channels:
+                    online.grow_trainer(self.replicas_.channels)
+                online.import_rows(cols, state)
 
     def export_shared(self) -> tuple[ArrayDict, dict[str, Any]]:
         with self._train_lock, self._lock:
@@ -749,6 +835,8 @@ class CycleNetForecaster(BatchForecaster):
                 "loss_ema": self.loss_ema_ if np.isfinite(self.loss_ema_) else None,
                 "skipped_windows": self.skipped_windows_,
                 "fit_report": self.fit_report_,
+                "boot_rng": self._boot_rng.bit_generator.state,
+                "replicas": self.replicas_ is not None,
             }
             # the pass's permutation is redrawn on import from the RNG state that drew it: O(rows), not O(windows)
             arrays: ArrayDict = {"replay_rows": self._perm_rows.copy(), "replay_cum": self._perm_cum.copy(),
@@ -761,6 +849,8 @@ class CycleNetForecaster(BatchForecaster):
                 arrays[f"adam_m.{name}"] = st["exp_avg"].numpy().copy()
                 arrays[f"adam_v.{name}"] = st["exp_avg_sq"].numpy().copy()
             arrays["adam_step"] = np.array([float(self._opt.state[self._trainer.cycle_table]["step"])])
+            if self._online_replicas is not None:
+                arrays.update(self._online_replicas.export_shared())
         return arrays, meta
 
     def import_shared(self, arrays: ArrayDict, meta: dict[str, Any]) -> None:
@@ -781,6 +871,8 @@ class CycleNetForecaster(BatchForecaster):
             loss_ema = meta.get("loss_ema")  # absent in state saved before the loss filter: start afresh
             self.loss_ema_ = math.nan if loss_ema is None else float(loss_ema)
             self.skipped_windows_ = int(meta.get("skipped_windows", 0))
+            if "boot_rng" in meta:
+                self._boot_rng.bit_generator.state = meta["boot_rng"]
             self._perm_rng = meta.get("perm_rng")
             self._perm_rows = np.asarray(arrays["replay_rows"], dtype=np.int64).copy()
             self._perm_cum = np.asarray(arrays["replay_cum"], dtype=np.int64).copy()
@@ -806,6 +898,13 @@ class CycleNetForecaster(BatchForecaster):
                 st["exp_avg_sq"].copy_(torch.from_numpy(np.asarray(arrays[f"adam_v.{name}"])))
             for p in self._trainer.parameters():
                 self._opt.state[p]["step"] = step.clone()
+            if self.bootstrap:  # saved without replicas: they restart from their seeds' weights and zero columns
+                self.replicas_ = Replicas(self.bootstrap, self.lookback, self.horizon, self.cycle_, self._cap,
+                                          self.backbone, self.hidden, self.instance_norm, self.seed)
+                self.replicas_.eval()
+                self._new_replica_trainer()
+                if meta.get("replicas") and "boot_adam_step" in arrays:
+                    self._online_replicas.import_shared(arrays)
 
 
 def build(horizon: int, **params: Any) -> CycleNetForecaster:

@@ -34,6 +34,7 @@ import threading
 import numpy as np
 
 from tidecast.models.base import ArrayDict, BatchForecaster, Calibration
+from tidecast.models.bootstrap import ResidualRing, check_bootstrap
 from tidecast.models.rows import Column, Field, RowTable
 from tidecast.models.seasonality import detect_period
 
@@ -85,11 +86,16 @@ class SeasonalNaive(BatchForecaster):
     last_tick_ = Column("last_tick")
     period_ = Column("period")  # 0 = not known yet
 
-    def __init__(self, period: int | None = None, max_period: int = 200, detect_after: int | None = None) -> None:
+    def __init__(self, period: int | None = None, max_period: int = 200, detect_after: int | None = None,
+                 bootstrap: int = 0) -> None:
         check_ticks("period", period, optional=True)
         check_ticks("max_period", max_period)
         check_ticks("detect_after", detect_after, low=2, optional=True)
+        check_bootstrap(bootstrap)
         self.period = period
+        self.bootstrap = bootstrap
+        # residual bootstrap: the in-sample one-cycle differences y[t] - y[t - P], resampled per replica
+        self.ring_ = ResidualRing(bootstrap) if bootstrap else None
         self.max_period = max_period
         self.detect_after = detect_after if detect_after is not None else 2 * max_period + 2
         # The ring must hold one cycle to forecast and, while detecting, the detection window.
@@ -105,9 +111,13 @@ class SeasonalNaive(BatchForecaster):
 
     def resize(self, n_rows: int) -> None:
         self.table_.resize(n_rows)
+        if self.ring_ is not None:
+            self.ring_.resize(n_rows)
 
     def learn_many(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray,
                    filled: np.ndarray | None = None) -> None:
+        if self.ring_ is not None:  # the residual of the one-step forecast this value answers
+            self.ring_.add(rows, ticks, values - self.forecast_many(rows, 1)[:, 0])
         # A grid model: interpolated values keep the ring contiguous, so they are learned like real ones.
         self.buffer_[rows, ticks % self.buffer_len] = values
         self.last_tick_[rows] = ticks
@@ -142,9 +152,22 @@ class SeasonalNaive(BatchForecaster):
         ready = (period > 0) & (self.count_[rows][:, None] >= period)
         return np.where(ready, out, np.nan)
 
+    def spread_many(self, rows: np.ndarray, horizon: int) -> np.ndarray | None:
+        """Residual bootstrap: the h-step error of seasonal naive is a sum of ``ceil(h / P)`` one-cycle
+        differences, each replica resamples them from the row's recent ones."""
+        if self.ring_ is None:
+            return None
+        period = np.maximum(self.period_[rows], 1)[:, None]
+        steps = (np.arange(1, horizon + 1)[None, :] + period - 1) // period
+        last = self.last_tick_[rows]
+        spread = self.ring_.spread(rows, last, steps, keys=self.buffer_[rows, last % self.buffer_len])
+        return np.where(self.period_[rows][:, None] > 0, spread, np.nan)
+
     def reset_rows(self, rows: np.ndarray) -> None:
         # A known period is kept: the clock-based grid keeps it aligned.
         self.table_.blank(rows, ("buffer", "count"))
+        if self.ring_ is not None:
+            self.ring_.reset_rows(rows)
 
     def drop_rows(self, rows: np.ndarray) -> None:
         with self._lock:  # a hand-off still waiting would seed the rows' next series
@@ -152,7 +175,10 @@ class SeasonalNaive(BatchForecaster):
                               if (keep := ~np.isin(r, rows)).any()]
 
     def export_rows(self, rows: np.ndarray) -> ArrayDict:
-        return self.table_.export_rows(rows)
+        state = self.table_.export_rows(rows)
+        return state if self.ring_ is None else {**state, **self.ring_.export_rows(rows)}
 
     def import_rows(self, rows: np.ndarray, state: ArrayDict) -> None:
         self.table_.import_rows(rows, state)
+        if self.ring_ is not None:
+            self.ring_.import_rows(rows, state)

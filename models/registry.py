@@ -19,10 +19,10 @@ the annotated types, so a bad parameter fails before any work starts:
 (('sn24', 'seasonal-naive'), ('holt-winters', 'holt-winters'))
 >>> check_params("seasonal-naive", {"period": 24}, "sn24")
 {'period': 24}
->>> check_params("seasonal-naive", {"bogus": 1}, "sn24")
+>>> check_params("seasonal-naive", {"bogus": 1}, "sn24")  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-ValueError: model parameter sn24.bogus: seasonal-naive has no parameter 'bogus'; valid: period, max_period, detect_after
+ValueError: model parameter sn24.bogus: seasonal-naive has no parameter 'bogus'; valid: period, max_period, ...
 """
 
 from __future__ import annotations
@@ -63,24 +63,28 @@ def _snarimax(period: int, p: int, d: int, q: int, sp: int, sq: int, lr: float):
 
 
 def holt_winters(horizon: int, period: int | None = None, max_period: int = 200, warmup: int | None = None,
-                 alpha: float = 0.1, beta: float = 0.01, gamma: float = 0.3) -> BatchForecaster:
-    """river HoltWinters (additive) per series; smoothing constants from a small grid on ETTh1 rows 0-6000."""
+                 alpha: float = 0.1, beta: float = 0.01, gamma: float = 0.3, bootstrap: int = 0) -> BatchForecaster:
+    """river HoltWinters (additive) per series; smoothing constants from a small grid on ETTh1 rows 0-6000.
+    ``bootstrap=B``: a residual bootstrap of B replicas (0: none)."""
     _check_cycle(period, max_period, warmup)
     for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
         require(0 <= value <= 1, name, value, "a smoothing constant in [0, 1]")
     build = partial(_holt_winters, alpha=alpha, beta=beta, gamma=gamma)
-    return PerSeries("holt-winters", partial(Standardised, build, period, max_period, warmup))
+    return PerSeries("holt-winters", partial(Standardised, build, period, max_period, warmup), bootstrap=bootstrap,
+                     bootstrap_kind="residual")
 
 
 def snarimax(horizon: int, period: int | None = None, max_period: int = 200, warmup: int | None = None,
-             p: int = 2, d: int = 0, q: int = 1, sp: int = 1, sq: int = 0, lr: float = 0.01) -> BatchForecaster:
-    """river SNARIMAX per series with a standardised target (its SGD diverges on raw scale)."""
+             p: int = 2, d: int = 0, q: int = 1, sp: int = 1, sq: int = 0, lr: float = 0.01,
+             bootstrap: int = 0) -> BatchForecaster:
+    """river SNARIMAX per series with a standardised target (its SGD diverges on raw scale).
+    ``bootstrap=B``: B replicas fed each value ``k ~ Poisson(1)`` times (online bagging; 0: none)."""
     _check_cycle(period, max_period, warmup)
     for name, value in (("p", p), ("d", d), ("q", q), ("sp", sp), ("sq", sq)):
         require(0 <= value <= 100, name, value, "an order from 0 to 100")
     require(lr > 0, "lr", lr, "a learning rate > 0")
     build = partial(_snarimax, p=p, d=d, q=q, sp=sp, sq=sq, lr=lr)
-    return PerSeries("snarimax", partial(Standardised, build, period, max_period, warmup))
+    return PerSeries("snarimax", partial(Standardised, build, period, max_period, warmup), bootstrap=bootstrap)
 
 
 def _check_cycle(period: int | None, max_period: int, warmup: int | None) -> None:

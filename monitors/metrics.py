@@ -68,6 +68,10 @@ class Metrics:
         self.series_drifting = Gauge(
             "tidecast_series_drifting", "Series whose model raised a drift alarm within the last drift_window steps "
             "of their own grid.", ["model"], registry=r)
+        self.bootstrap_spread_ratio = Gauge(
+            "tidecast_bootstrap_spread_ratio", "Bootstrap replicas' forecast spread over the series' residual scale, "
+            "median over series; horizon labels are buckets 1, 2, 4, 8, ... up to H, each labelled by its last "
+            "horizon (lanes whose model runs bootstrap replicas only).", ["model", "horizon"], registry=r)
         self.processing = Histogram(
             "tidecast_processing_seconds", "Wall time of one engine batch.", buckets=_LATENCY_BUCKETS,
             registry=r)

@@ -173,6 +173,12 @@ class EngineConfig:
         {}, "drift detector parameter KEY=VALUE (VALUE is JSON), repeated; in the file: a [drift_params] table",
         group=ENGINE, name="drift_param", key="drift_params", repeat=True, sep=None, metavar="KEY=VALUE",
         parse=partial(parse_key_values, what="drift detector parameter", nested=False))
+    bootstrap_params: dict[str, Any] = setting(
+        {}, "bootstrap watcher parameter KEY=VALUE (VALUE is JSON), repeated: slack, threshold, warmup, memory, "
+            "scale_memory; it runs on each lane whose model has bootstrap > 0 (--model-param ALIAS.bootstrap=8); "
+            "in the file: a [bootstrap_params] table", group=ENGINE, name="bootstrap_param",
+        key="bootstrap_params", repeat=True, sep=None, metavar="KEY=VALUE",
+        parse=partial(parse_key_values, what="bootstrap watcher parameter", nested=False))
     drift_window: int = setting(168, "a series counts as drifting (tidecast_series_drifting) for this many steps of "
                                 "its own grid after a drift alarm", group=ENGINE, check=at_least(1))
     maintenance_budget_seconds: float = setting(0.05, "time given to deferred model work (fitting) between batches",
@@ -201,6 +207,7 @@ class EngineConfig:
             raise SettingsError(f"{err} (from --calibrator-param or [calibrator_params])") from None
         object.__setattr__(self, "calibrator_params", params)
         object.__setattr__(self, "drift_params", self._checked_drift_params())
+        object.__setattr__(self, "bootstrap_params", self._checked_bootstrap_params())
 
     def _settle_levels(self) -> None:
         """``alpha`` is the first level's: from ``levels`` when given (a contradicting ``alpha`` is an error)."""
@@ -250,6 +257,15 @@ class EngineConfig:
             return check_keywords(accepted, dict(self.drift_params), "drift detector parameter ", self.drift_detector)
         except ValueError as err:
             raise SettingsError(f"{err} (from --drift-param or [drift_params])") from None
+
+    def _checked_bootstrap_params(self) -> dict[str, Any]:
+        from tidecast.monitors.bootstrap import BootstrapMonitor
+
+        accepted = keyword_parameters(BootstrapMonitor, exclude=("model", "horizon"))
+        try:
+            return check_keywords(accepted, dict(self.bootstrap_params), "bootstrap watcher parameter ", "bootstrap")
+        except ValueError as err:
+            raise SettingsError(f"{err} (from --bootstrap-param or [bootstrap_params])") from None
 
     @property
     def lanes(self) -> list[tuple[str, str]]:

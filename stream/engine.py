@@ -61,6 +61,7 @@ import numpy as np
 
 from tidecast.models.base import ArrayDict, BatchForecaster
 from tidecast.models.rows import capacity_for, grow
+from tidecast.monitors.bootstrap import BootstrapMonitor, bootstrap_monitors
 from tidecast.monitors.conformal import Calibrator, make_calibrator
 from tidecast.monitors.conformal.pool import Pool
 from tidecast.monitors.drift import (
@@ -278,7 +279,9 @@ class Engine:
             lanes.append(Lane(
                 forecaster,
                 make_calibrator(config.calibrator, config.horizon, alpha, **config.calibrator_params),
-                config.horizon, alpha, config.coverage_window, name=alias, monitors=drift_monitors(config),
+                config.horizon, alpha, config.coverage_window, name=alias,
+                monitors=drift_monitors(config) + bootstrap_monitors(forecaster, config.horizon,
+                                                                     **config.bootstrap_params),
             ))
         return cls(config, lanes, metrics)
 
@@ -600,6 +603,11 @@ class Engine:
                 alarmed = latest != NO_ALARM
                 recent = alarmed & (last_tick - np.where(alarmed, latest, last_tick) < self.config.drift_window)
                 m.series_drifting.labels(model=lane.name).set(int(np.count_nonzero(recent)))
+        for lane in self.lanes:  # the bootstrap watcher's spread ratio, median over series per horizon bucket
+            for monitor in lane.monitors:
+                if isinstance(monitor, BootstrapMonitor):
+                    for h, value in monitor.spread_ratio_medians(self._cap).items():
+                        m.bootstrap_spread_ratio.labels(lane.name, str(h)).set(value)
         for lane in self.lanes:  # gauges appear once there is something to say (absent != 0% coverage)
             for level, coverage, width in zip(self._levels, lane.scorer.rolling_coverage_,
                                               lane.scorer.rolling_width_, strict=True):

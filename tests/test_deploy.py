@@ -300,7 +300,7 @@ def test_dashboard_panels_query_known_metrics(known: tuple[set[str], set[str], s
         "tidecast_interval_width", "tidecast_dead_letters_total", "tidecast_consumer_lag",
         "tidecast_last_checkpoint_timestamp_seconds", "tidecast_processing_seconds_bucket",
         "tidecast_rebalances_total", "tidecast_consumer_records_per_second", "tidecast_checkpoint_seconds_bucket",
-        "tidecast_series_drifting", "tidecast_drift_alarms_total",
+        "tidecast_series_drifting", "tidecast_drift_alarms_total", "tidecast_bootstrap_spread_ratio",
     }
     assert needed <= queried, f"dashboard lacks panels for {sorted(needed - queried)}"
 
