@@ -152,6 +152,13 @@ class EngineConfig:
         parse=partial(parse_key_values, what="drift detector parameter", nested=False))
     drift_window: int = setting(168, "a series counts as drifting (tidecast_series_drifting) for this many steps of "
                                 "its own grid after a drift alarm", group=ENGINE, check=at_least(1))
+    retrain: str = setting("off", "retrain each lane's model under drift: alarms start a refit, a shadow gate "
+                           "promotes or rejects it (on); off: never", group=ENGINE, choices=("off", "on"))
+    retrain_params: dict[str, Any] = setting(
+        {}, "retrain policy parameter KEY=VALUE (VALUE is JSON; RetrainPolicy's and mode, history, epochs, "
+            "lambdas), repeated; in the file: a [retrain_params] table", group=ENGINE, name="retrain_param",
+        key="retrain_params", repeat=True, sep=None, metavar="KEY=VALUE",
+        parse=partial(parse_key_values, what="retrain parameter", nested=False))
     maintenance_budget_seconds: float = setting(0.05, "time given to deferred model work (fitting) between batches",
                                                 group=ENGINE, check=at_least(0))
     torch_threads: int = setting(1, "torch intra-op threads", group=ENGINE, check=at_least(1))
@@ -177,6 +184,15 @@ class EngineConfig:
             raise SettingsError(f"{err} (from --calibrator-param or [calibrator_params])") from None
         object.__setattr__(self, "calibrator_params", params)
         object.__setattr__(self, "drift_params", self._checked_drift_params())
+        if self.retrain == "on":
+            from tidecast.stream.retrain import retrain_settings
+
+            try:
+                retrain_settings(self.retrain_params)
+            except (TypeError, ValueError) as err:
+                raise SettingsError(f"{err} (from --retrain-param or [retrain_params])") from None
+        elif self.retrain_params:
+            raise SettingsError("retrain parameters given, but --retrain is off")
 
     def _checked_model_params(self, lanes: dict[str, str]) -> dict[str, dict[str, Any]]:
         checked = {}
