@@ -499,7 +499,7 @@ class Engine:
         if not len(alarms):
             return
         at = t_ns[alarms.positions(rows)]
-        if self.retrainer is not None:
+        if self.retrainer is not None and getattr(lane.model, "fitted_", True):  # alarms before a fit: nothing to refit
             self.retrainer.alarms(lane.name, monitor.detector, len(alarms))
         events.extend(DriftEvent(str(self._ids[r]), lane.name, monitor.detector, str(k), from_epoch_ns(int(t)),
                                  float(s))
