@@ -598,6 +598,29 @@ class Engine:
         for monitor in lane.monitors:
             monitor.reset_rows(rows)
 
+    def adopt_newer(self, shared: dict[str, tuple[ArrayDict, dict[str, Any]]]) -> list[str]:
+        """Take the shared state (e.g. the backbone) of each retrained lane whose version in ``shared`` is newer than
+        this engine's - a checkpoint of partitions this member was just assigned, written by a member that promoted
+        a candidate. The per-row state of the series held here stays theirs. Returns the lanes adopted."""
+        adopted = []
+        for lane in self.lanes:
+            if self.retrainer is None or lane.name not in self.retrainer or lane.name not in shared:
+                continue
+            arrays, meta = shared[lane.name]
+            theirs = int(((meta.get("retrain") or {}).get("policy") or {}).get("version", 0))
+            if theirs <= self.retrainer.version(lane.name):
+                continue
+            rows = self.live_rows()
+            own = lane.model.export_rows(rows) if rows.size else {}
+            lane.model.import_shared(arrays, {k: v for k, v in meta.items() if k != "retrain"})
+            lane.model.resize(self._cap)
+            if rows.size:
+                lane.model.import_rows(rows, own)
+            self.retrainer.adopt(lane.name, theirs)
+            self.metrics.model_version.labels(model=lane.name).set(theirs)
+            adopted.append(lane.name)
+        return adopted
+
     def model_versions(self) -> dict[str, int]:
         """Each retrained lane's model version (promotions so far)."""
         if self.retrainer is None:

@@ -347,6 +347,13 @@ class Retrainer:
                 log.info("retrain restarted: %s", why)
                 st.restart, st.shadow, st.job = st.in_flight, None, None
 
+    def adopt(self, lane: str, version: int) -> None:
+        """The lane took a newer model from another member's checkpoint: its version, and no job of its own on
+        the older one."""
+        st = self.lanes[lane]
+        st.policy.version_ = int(version)
+        st.job = st.shadow = st.restart = st.in_flight = None
+
     # -- state ------------------------------------------------------------------------------------------------
     def version(self, lane: str) -> int:
         st = self.lanes.get(lane)

@@ -243,3 +243,18 @@ def test_blend_interpolates_every_weight():
         np.testing.assert_allclose(c.detach().numpy(), 0.25 * b.detach().numpy() + 0.75 * a.detach().numpy(),
                                    rtol=1e-5, atol=1e-6)
     assert not np.allclose(other.forecast_many(rows, 2), model.forecast_many(rows, 2))
+
+
+def test_a_member_adopts_a_newer_model_version_from_a_checkpoint(reference):
+    promoted, _, _ = reference
+    member = Engine.from_config(config())
+    feed(member, phase_shifted(), 0, 300)  # fitted, version 0, serving its own series
+    before = member.lanes[0].model.forecast_many(np.array([0]), 4)
+    assert member.adopt_newer(promoted.export_shared()) == ["cyclenet"]
+    assert member.model_versions() == promoted.model_versions()
+    ours, theirs = member.lanes[0].model.net_.backbone, promoted.lanes[0].model.net_.backbone
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        np.testing.assert_array_equal(a.detach().numpy(), b.detach().numpy())
+    assert np.isfinite(member.lanes[0].model.forecast_many(np.array([0]), 4)).all()
+    assert not np.allclose(before, member.lanes[0].model.forecast_many(np.array([0]), 4))
+    assert member.adopt_newer(promoted.export_shared()) == []  # same version: nothing to take
