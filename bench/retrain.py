@@ -200,8 +200,9 @@ def score_a(values: np.ndarray, ats: np.ndarray, cycle: int, runs: dict[str, dic
     return out
 
 
-def part_a(dev: bool, names: list[str]) -> dict[str, dict]:
-    groups = [synthetic(1 if dev else 0), etth2(dev=dev)]
+def part_a(dev: bool, names: list[str], which: tuple[str, ...] = ("synthetic", "etth2")) -> dict[str, dict]:
+    groups = [g for name, g in (("synthetic", lambda: synthetic(1 if dev else 0)), ("etth2", lambda: etth2(dev=dev)))
+              if name in which for g in [g()]]
     per_group = []
     for group in groups:
         values, ats, _ = streams(group, seed=1 if dev else 0)
@@ -299,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--part", choices=("a", "b", "both"), default="both")
     parser.add_argument("--dev", action="store_true", help="(a) on the dev streams")
     parser.add_argument("--policies", default=",".join(policies()), help="(a) policies, comma-separated")
+    parser.add_argument("--groups", default="synthetic,etth2", help="(a) stream groups, comma-separated")
     parser.add_argument("--horizons", default="1,24,48")
     parser.add_argument("--models", default="cyclenet-online,cyclenet-retrain,cfc-online,cyclenet-cfc")
     parser.add_argument("--json", action="store_true")
@@ -307,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {"policies": {}, "default_policy": "drift-triggered", "online_protocol": {},
                            "online_protocol_mae": {}}
     if args.part in ("a", "both"):
-        out["policies"] = part_a(args.dev, args.policies.split(","))
+        out["policies"] = part_a(args.dev, args.policies.split(","), tuple(args.groups.split(",")))
         print(f"{'policy':16} {'mse':>7} {'post/static':>11} {'retrains':>8} {'train s':>8} {'cov after':>9}")
         for name, s in out["policies"].items():
             cov = "-" if s["coverage_after_promotion"] is None else f"{s['coverage_after_promotion']:.3f}"
