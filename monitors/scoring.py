@@ -13,6 +13,11 @@ A forecast step issued before its calibrator had data carries no interval (``NaN
 miss in coverage (an interval that was not given did not cover), and in ``n_no_interval``; widths and interval
 scores are means over the steps that had one.
 
+Several interval levels (``alpha`` a sequence) are scored side by side: bounds then have a last axis of one entry
+per level, and the summary holds each level's coverage, width and interval score under ``levels`` (named by the
+coverage in percent, ``"80"``, ``"95"``); the top-level ``coverage``/``mean_width``/``interval_score`` are the first
+level's.
+
 >>> import numpy as np
 >>> s = PrequentialScorer(horizon=1, alpha=0.1)
 >>> s.resize(1)
@@ -26,32 +31,56 @@ scores are means over the steps that had one.
 >>> summary = s.summary(np.array([0]))
 >>> summary["n_scored"], summary["n_no_interval"], summary["coverage"], summary["mean_width"]
 (2, 1, 0.5, 2.0)
+
+Two levels at once (bounds of shape (n, horizon, levels)):
+
+>>> s = PrequentialScorer(horizon=1, alpha=(0.2, 0.05))
+>>> s.resize(1)
+>>> s.update(np.array([0]), np.array([1.9]), np.array([[1.0]]), np.array([[[0.5, 0.0]]]), np.array([[[1.5, 2.0]]]),
+...          np.array([[True]]))
+>>> {level: m["coverage"] for level, m in s.summary(np.array([0]))["levels"].items()}
+{'80': 0.0, '95': 1.0}
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
 from tidecast.models.rows import ArrayDict, Column, Field, RowTable
 
-_SUMS = ("count", "abs_err", "sq_err", "covered", "width", "interval_score", "issued")
+_POINT = ("count", "abs_err", "sq_err")
+_PER_LEVEL = ("covered", "width", "interval_score")
+
+
+def level_name(alpha: float) -> str:
+    """The coverage level of a miscoverage ``alpha``, in percent, as text: ``0.1 -> "90"``, ``0.025 -> "97.5"``."""
+    return f"{round(100.0 * (1.0 - float(alpha)), 9):g}"
 
 
 class PrequentialScorer:
-    """Per-(row, horizon) running sums plus run-wide rolling coverage and width per horizon."""
+    """Per-(row, horizon) running sums plus run-wide rolling coverage and width per level and horizon.
 
-    sums_ = Column("sums")  # (rows, statistic, horizon), statistics as in _SUMS
+    The sums of a row are ``count, abs_err, sq_err``, then ``covered, width, interval_score`` for each level, then
+    ``issued`` (with one level, the layout of the single-level scorer, so its saved state reads unchanged).
+    """
+
+    sums_ = Column("sums")  # (rows, statistic, horizon), statistics as in names_
     no_interval_ = Column("no_interval")  # (rows, horizon): scored steps that had no interval
 
-    def __init__(self, horizon: int, alpha: float, window: int = 1000) -> None:
+    def __init__(self, horizon: int, alpha: float | Sequence[float], window: int = 1000) -> None:
         self.horizon = horizon
         self.alpha = alpha
         self.window = window
-        self.table_ = RowTable(sums=Field((len(_SUMS), horizon), np.float64, 0.0),
+        self.alphas_ = np.atleast_1d(np.asarray(alpha, dtype=float))
+        self.levels_ = [level_name(a) for a in self.alphas_]
+        self.names_ = (*_POINT, *(f"{stat}@{lv}" for lv in self.levels_ for stat in _PER_LEVEL), "issued")
+        self.table_ = RowTable(sums=Field((len(self.names_), horizon), np.float64, 0.0),
                                no_interval=Field((horizon,), np.float64, 0.0))
-        # Rolling (exponentially weighted, ~``window`` scored forecasts) coverage and width per horizon.
-        self.rolling_coverage_ = np.full(horizon, np.nan)
-        self.rolling_width_ = np.full(horizon, np.nan)
+        # Rolling (exponentially weighted, ~``window`` scored forecasts) coverage and width per level and horizon.
+        self.rolling_coverage_ = np.full((self.alphas_.size, horizon), np.nan)
+        self.rolling_width_ = np.full((self.alphas_.size, horizon), np.nan)
 
     def resize(self, n_rows: int) -> None:
         self.table_.resize(n_rows)
@@ -65,23 +94,32 @@ class PrequentialScorer:
         upper: np.ndarray,
         mask: np.ndarray,
     ) -> None:
-        """Score matured forecasts: ``y`` has shape (n,), the others (n, horizon); ``mask`` marks real cells.
-        ``NaN`` bounds mean the step was issued without an interval."""
+        """Score matured forecasts: ``y`` has shape (n,), ``mean`` and ``mask`` (n, horizon), the bounds (n, horizon)
+        with one level or (n, horizon, levels); ``mask`` marks real cells. ``NaN`` bounds mean the step was issued
+        without an interval."""
         if not mask.any():
             return
+        n_levels = self.alphas_.size
+        lower = lower.reshape(*mask.shape, n_levels)
+        upper = upper.reshape(*mask.shape, n_levels)
         yy = y[:, None]
         err = np.where(mask, yy - mean, 0.0)
-        has = mask & ~np.isnan(lower) & ~np.isnan(upper)
-        covered = has & (lower <= yy) & (yy <= upper)
+        y3, m3 = yy[..., None], mask[..., None]
+        has = m3 & ~np.isnan(lower) & ~np.isnan(upper)  # (n, H, L)
+        covered = has & (lower <= y3) & (y3 <= upper)
         with np.errstate(invalid="ignore"):  # unmatured cells and steps without an interval hold NaN: masked
             width = np.where(has, upper - lower, 0.0)
-            penalty = (2.0 / self.alpha) * (np.maximum(lower - yy, 0.0) + np.maximum(yy - upper, 0.0))
+            penalty = (2.0 / self.alphas_) * (np.maximum(lower - y3, 0.0) + np.maximum(y3 - upper, 0.0))
             score = np.where(has, width + penalty, 0.0)
-        self.sums_[rows, :-1] += np.stack((mask, np.abs(err), err * err, covered, width, score), axis=1)
-        missing = mask & ~has
+        block = np.empty((len(rows), len(self.names_) - 1, self.horizon))  # every sum but "issued"
+        block[:, 0], block[:, 1], block[:, 2] = mask, np.abs(err), err * err
+        for k, stat in enumerate((covered, width, score)):  # level j's stat k lands in row 3 + 3j + k
+            block[:, 3 + k::3] = np.swapaxes(stat, 1, 2)
+        self.sums_[rows, :-1] += block
+        missing = mask & ~has[..., 0]  # a calibrator cell gives every level or none
         if missing.any():
             self.no_interval_[rows] += missing
-        self._roll(mask, has, covered, width)
+        self._roll(mask, has[..., 0], covered, width)
 
     def _roll(self, mask: np.ndarray, has: np.ndarray, covered: np.ndarray, width: np.ndarray) -> None:
         """Coverage over every scored step (no interval = a miss), width over the steps that had an interval."""
@@ -89,11 +127,11 @@ class PrequentialScorer:
         if not n.any():
             return
         with np.errstate(invalid="ignore", divide="ignore"):
-            cov_now = covered.sum(axis=0) / n
-            width_now = width.sum(axis=0) / n_has
+            cov_now = covered.sum(axis=0).T / n  # (L, H)
+            width_now = width.sum(axis=0).T / n_has
         for rolling, now, count in ((self.rolling_coverage_, cov_now, n), (self.rolling_width_, width_now, n_has)):
-            seen = count > 0
-            weight = 1.0 - (1.0 - 1.0 / self.window) ** count  # count updates of an EWMA with step 1/window
+            seen = np.broadcast_to(count > 0, rolling.shape)
+            weight = np.broadcast_to(1.0 - (1.0 - 1.0 / self.window) ** count, rolling.shape)  # count EWMA steps
             fresh = seen & np.isnan(rolling)
             rolling[fresh] = now[fresh]
             old = seen & ~fresh
@@ -105,16 +143,24 @@ class PrequentialScorer:
 
     # -- reading ----------------------------------------------------------------------------------
     def totals(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Per-horizon sums over ``rows`` (pass rows in a fixed order for reproducible floating point)."""
+        """Per-horizon sums over ``rows`` (pass rows in a fixed order for reproducible floating point); per-level
+        sums are named ``covered@80`` etc."""
         sums = self.sums_[rows].sum(axis=0)
-        return {**{name: sums[i] for i, name in enumerate(_SUMS)}, "no_interval": self.no_interval_[rows].sum(0)}
+        return {**{name: sums[i] for i, name in enumerate(self.names_)},
+                "no_interval": self.no_interval_[rows].sum(0)}
 
     def summary(self, rows: np.ndarray) -> dict:
-        """MAE, RMSE, coverage, mean width and interval score overall and by horizon; ``None`` where undefined
-        (nothing scored, or no step with an interval), never ``NaN``."""
+        """MAE, RMSE, coverage, mean width and interval score overall and by horizon, each level's under
+        ``levels``; ``None`` where undefined (nothing scored, or no step with an interval), never ``NaN``."""
         t = self.totals(rows)
-        by_horizon = {str(h + 1): _metrics({k: v[h] for k, v in t.items()}) for h in range(self.horizon)}
-        return {**_metrics({k: v.sum() for k, v in t.items()}), "by_horizon": by_horizon}
+        by_horizon = {str(h + 1): self._metrics({k: v[h] for k, v in t.items()}) for h in range(self.horizon)}
+        return {**self._metrics({k: v.sum() for k, v in t.items()}), "by_horizon": by_horizon}
+
+    def _metrics(self, t: dict[str, float]) -> dict:
+        levels = {lv: _interval_metrics(t, lv, alpha) for lv, alpha in zip(self.levels_, self.alphas_, strict=True)}
+        first = levels[self.levels_[0]]
+        return {**_point_metrics(t), "coverage": first["coverage"], "mean_width": first["mean_width"],
+                "interval_score": first["interval_score"], "levels": levels}
 
     # -- state ------------------------------------------------------------------------------------
     def export_rows(self, rows: np.ndarray) -> ArrayDict:
@@ -126,21 +172,27 @@ class PrequentialScorer:
         self.table_.import_rows(rows, state)
 
 
-def _metrics(t: dict[str, float]) -> dict:
+def _mean(total: float, count: float) -> float | None:
+    return float(total / count) if count > 0 else None
+
+
+def _point_metrics(t: dict[str, float]) -> dict:
     n = float(t["count"])
-    n_no_interval = int(t["no_interval"])
-    n_with = n - n_no_interval
-
-    def mean(total: float, count: float) -> float | None:
-        return float(total / count) if count > 0 else None
-
     return {
         "n_forecasts": int(t["issued"]),
         "n_scored": int(n),
-        "n_no_interval": n_no_interval,
-        "mae": mean(t["abs_err"], n),
+        "n_no_interval": int(t["no_interval"]),
+        "mae": _mean(t["abs_err"], n),
         "rmse": float(np.sqrt(t["sq_err"] / n)) if n > 0 else None,
-        "coverage": mean(t["covered"], n),
-        "mean_width": mean(t["width"], n_with),
-        "interval_score": mean(t["interval_score"], n_with),
+    }
+
+
+def _interval_metrics(t: dict[str, float], level: str, alpha: float) -> dict:
+    n = float(t["count"])
+    n_with = n - int(t["no_interval"])
+    return {
+        "target": float(1.0 - alpha),
+        "coverage": _mean(t[f"covered@{level}"], n),
+        "mean_width": _mean(t[f"width@{level}"], n_with),
+        "interval_score": _mean(t[f"interval_score@{level}"], n_with),
     }

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from tidecast.monitors.scoring import level_name
 from tidecast.stream.records import ForecastRecord, Observation, from_ns, to_ns
 
 
@@ -67,12 +68,18 @@ class Rejection:
     detail: str
 
 
+#: Columns of a forecast record frame; ``lo-<level>``/``hi-<level>`` follow for every interval level.
 FORECAST_COLUMNS = ("series_id", "issued_at", "model", "h", "target_timestamp", "mean", "lower", "upper", "alpha")
 
 
 @dataclass
 class ForecastBatch:
-    """Forecast steps, one row per (series, origin, model, h)."""
+    """Forecast steps, one row per (series, origin, model, h).
+
+    ``lower``/``upper`` are the interval at ``1 - alpha``, the first level. With several levels, ``levels`` names
+    them (coverage in percent: ``("80", "95")``) and ``lowers``/``uppers`` hold every level's bounds, (n, levels);
+    without, the batch has the one level of ``alpha``.
+    """
 
     series_id: np.ndarray
     issued_at_ns: np.ndarray
@@ -83,28 +90,49 @@ class ForecastBatch:
     lower: np.ndarray
     upper: np.ndarray
     alpha: float
+    levels: tuple[str, ...] = ()
+    lowers: np.ndarray | None = None
+    uppers: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.mean)
 
-    @classmethod
-    def empty(cls, alpha: float) -> ForecastBatch:
-        z = np.zeros(0)
-        return cls(np.zeros(0, object), z.astype(np.int64), np.zeros(0, object), z.astype(np.int32),
-                   z.astype(np.int64), z, z, z, alpha)
+    @property
+    def level_names(self) -> tuple[str, ...]:
+        """Every level's name, the first being ``alpha``'s."""
+        return self.levels or (level_name(self.alpha),)
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(lowers, uppers)``, each (n, levels)."""
+        if self.lowers is None or self.uppers is None:
+            return self.lower[:, None], self.upper[:, None]
+        return self.lowers, self.uppers
 
     @classmethod
-    def concat(cls, parts: Sequence[ForecastBatch], alpha: float) -> ForecastBatch:
+    def empty(cls, alpha: float, levels: tuple[str, ...] = ()) -> ForecastBatch:
+        z = np.zeros(0)
+        many = np.zeros((0, len(levels))) if levels else None
+        return cls(np.zeros(0, object), z.astype(np.int64), np.zeros(0, object), z.astype(np.int32),
+                   z.astype(np.int64), z, z, z, alpha, levels, many, many)
+
+    @classmethod
+    def concat(cls, parts: Sequence[ForecastBatch], alpha: float, levels: tuple[str, ...] = ()) -> ForecastBatch:
         if not parts:
-            return cls.empty(alpha)
+            return cls.empty(alpha, levels)
         if len(parts) == 1:
             return parts[0]
         cols = ("series_id", "issued_at_ns", "model", "h", "target_ns", "mean", "lower", "upper")
-        return cls(*(np.concatenate([getattr(p, c) for p in parts]) for c in cols), alpha=alpha)
+        many = {}
+        if levels:
+            bounds = [p.bounds() for p in parts]
+            many = {"lowers": np.concatenate([b[0] for b in bounds]), "uppers": np.concatenate([b[1] for b in bounds])}
+        return cls(*(np.concatenate([getattr(p, c) for p in parts]) for c in cols), alpha=alpha, levels=levels,
+                   **many)
 
     def to_frame(self) -> pd.DataFrame:
-        """A pandas frame with the forecast record's columns (timestamps as UTC datetimes)."""
-        return pd.DataFrame({
+        """A pandas frame with the forecast record's columns (timestamps as UTC datetimes), then ``lo-<level>``
+        and ``hi-<level>`` for every level."""
+        frame = pd.DataFrame({
             "series_id": self.series_id.astype(str),
             "issued_at": pd.to_datetime(self.issued_at_ns, utc=True),
             "model": self.model.astype(str),
@@ -115,11 +143,41 @@ class ForecastBatch:
             "upper": self.upper,
             "alpha": np.full(len(self), self.alpha),
         })
+        lowers, uppers = self.bounds()
+        for i, level in enumerate(self.level_names):
+            frame[f"lo-{level}"], frame[f"hi-{level}"] = lowers[:, i], uppers[:, i]
+        return frame
 
     def records(self) -> Iterator[ForecastRecord]:
+        """One record per step (the first level's interval)."""
         for i in range(len(self)):
             yield ForecastRecord(
                 str(self.series_id[i]), from_ns(int(self.issued_at_ns[i])), str(self.model[i]), int(self.h[i]),
                 from_ns(int(self.target_ns[i])), float(self.mean[i]), float(self.lower[i]), float(self.upper[i]),
                 self.alpha,
             )
+
+
+@dataclass
+class ActualBatch:
+    """Real observations as placed on their series' grid: ``target_ns`` is the grid time of the tick, the time a
+    forecast of that step targets, so forecasts and their outcomes join on ``(series_id, target_ns)``."""
+
+    series_id: np.ndarray  # object array of str
+    target_ns: np.ndarray  # int64
+    value: np.ndarray  # float64
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+    @classmethod
+    def empty(cls) -> ActualBatch:
+        return cls(np.zeros(0, object), np.zeros(0, np.int64), np.zeros(0))
+
+    @classmethod
+    def concat(cls, parts: Sequence[ActualBatch]) -> ActualBatch:
+        if not parts:
+            return cls.empty()
+        if len(parts) == 1:
+            return parts[0]
+        return cls(*(np.concatenate([getattr(p, c) for p in parts]) for c in ("series_id", "target_ns", "value")))

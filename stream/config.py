@@ -32,6 +32,7 @@ import pandas as pd
 from tidecast.models.registry import MODELS, check_keywords, check_params, keyword_parameters, parse_lane
 from tidecast.monitors.conformal import CALIBRATORS, DEFAULT_CALIBRATOR
 from tidecast.monitors.drift import DEFAULT_DETECTOR, DETECTORS
+from tidecast.monitors.scoring import level_name
 from tidecast.stream.kafka import ASSIGNMENT_STRATEGIES
 from tidecast.stream.partitioner import DEFAULT_PARTITIONER, PARTITIONERS
 from tidecast.stream.records import DEFAULT_MAX_ABS_VALUE, DEFAULT_MAX_BYTES
@@ -54,6 +55,22 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 def _open_unit(value: float) -> str | None:
     return None if 0 < value < 1 else "must be in (0, 1)"
+
+
+def _levels(value: list[float]) -> str | None:
+    if not value:
+        return "give at least one level, e.g. 80,95"
+    for level in value:
+        if not 0 < level < 100:
+            return f"{level:g} is no coverage level: each must be in (0, 100), in percent"
+    if len(set(value)) < len(value):
+        return "a level is given twice"
+    return None
+
+
+def _known_calibrator(name: str) -> str | None:
+    """Built-in calibrators and those of installed plug-ins, found when the setting is read."""
+    return None if name in CALIBRATORS else f"not one of {', '.join(sorted(CALIBRATORS))}"
 
 
 #: Observations held per series to infer its grid step (the lower median of their gaps) when freq is not set:
@@ -113,17 +130,23 @@ class EngineConfig:
 
     horizon: int = setting(24, f"forecast steps H (ticks of the series' own grid), at most {MAX_HORIZON}",
                            group=ENGINE, check=_horizon)
-    alpha: float = setting(0.1, "target miscoverage: intervals aim at 1 - alpha coverage", group=ENGINE,
-                           check=_open_unit)
+    alpha: float | None = setting(None, "target miscoverage: intervals aim at 1 - alpha coverage; the one-level "
+                                  "shorthand of --level", group=ENGINE, shown_default="0.1", check=_open_unit)
+    levels: list[float] | None = setting(
+        None, "interval coverage levels in percent, comma-separated (80,95): one calibrator pass learns them all; "
+              "the first is the records' lower/upper", group=ENGINE, name="level", key="levels", repeat=True,
+        metavar="LEVEL[,LEVEL]", shown_default="100·(1 - alpha)", check=_levels)
     models: list[str] = setting(["seasonal-naive"], "lanes compared side by side, ALIAS=MODEL or MODEL, "
-                                f"comma-separated or repeated; models: {', '.join(MODELS)}", group=ENGINE,
+                                f"comma-separated or repeated; models: {', '.join(MODELS)}, a plug-in's (entry point "
+                                "group tidecast.models) or river:MODULE.CLASS (a river forecaster)", group=ENGINE,
                                 name="model", repeat=True, metavar="[ALIAS=]MODEL")
     model_params: dict[str, dict[str, Any]] = setting(
         {}, "lane parameter ALIAS.KEY=VALUE (VALUE is JSON), repeated; in the file: [model_params.ALIAS] tables; "
             "in the environment: whitespace-separated items", group=ENGINE, name="model_param", key="model_params",
         repeat=True, sep=None, metavar="ALIAS.KEY=VALUE",
         parse=partial(parse_key_values, what="model parameter", nested=True))
-    calibrator: str = setting(DEFAULT_CALIBRATOR, "conformal method", group=ENGINE, choices=tuple(sorted(CALIBRATORS)))
+    calibrator: str = setting(DEFAULT_CALIBRATOR, f"conformal method: {', '.join(sorted(CALIBRATORS))}, or a plug-in's "
+                              "(entry point group tidecast.calibrators)", group=ENGINE, check=_known_calibrator)
     calibrator_params: dict[str, Any] = setting(
         {}, "calibrator parameter KEY=VALUE (VALUE is JSON), repeated; in the file: a [calibrator_params] table",
         group=ENGINE, name="calibrator_param", key="calibrator_params", repeat=True, sep=None,
@@ -165,6 +188,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         check_declared(self)
+        self._settle_levels()
         if not self.models:
             raise SettingsError("at least one model is required")
         lanes = [_lane(text) for text in self.models]
@@ -193,6 +217,31 @@ class EngineConfig:
                 raise SettingsError(f"{err} (from --retrain-param or [retrain_params])") from None
         elif self.retrain_params:
             raise SettingsError("retrain parameters given, but --retrain is off")
+
+    def _settle_levels(self) -> None:
+        """``alpha`` is the first level's: from ``levels`` when given (a contradicting ``alpha`` is an error)."""
+        if self.levels is None:
+            object.__setattr__(self, "alpha", 0.1 if self.alpha is None else float(self.alpha))
+            return
+        levels = [float(level) for level in self.levels]
+        first = (100.0 - levels[0]) / 100.0
+        if self.alpha is not None and abs(self.alpha - first) > 1e-12:
+            raise SettingsError(f"--alpha {self.alpha:g} contradicts --level {','.join(f'{v:g}' for v in levels)}: "
+                                f"--alpha A is the one-level shorthand of --level {100 * (1 - self.alpha):g}; give one")
+        object.__setattr__(self, "levels", levels)
+        object.__setattr__(self, "alpha", first)
+
+    @property
+    def alphas(self) -> tuple[float, ...]:
+        """Miscoverage of every interval level, the first being ``alpha``."""
+        if self.levels is None:
+            return (float(self.alpha),)  # type: ignore[arg-type]  # settled in __post_init__
+        return tuple((100.0 - level) / 100.0 for level in self.levels)
+
+    @property
+    def level_names(self) -> list[str]:
+        """Every level as text, coverage in percent: ``["80", "95"]``."""
+        return [level_name(alpha) for alpha in self.alphas]
 
     def _checked_model_params(self, lanes: dict[str, str]) -> dict[str, dict[str, Any]]:
         checked = {}

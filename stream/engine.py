@@ -12,12 +12,13 @@ For each series, in timestamp order, every new observation ``y`` at tick ``t`` g
    to horizon h's calibrator and to the prequential scorer. Never earlier: that would leak the future.
 2. **learn** — the model sees ``y``.
 3. **forecast** — H steps ahead.
-4. **interval** — the calibrator puts ``[lower, upper]`` around each step; both are ``NaN`` ("no interval yet")
-   while that (series, h) cell has no matured residual, never a zero-width interval claiming certainty.
+4. **interval** — the calibrator puts ``[lower, upper]`` around each step, one per configured level (all learned
+   in the same pass); both are ``NaN`` ("no interval yet") while that (series, h) cell has no matured residual,
+   never a zero-width interval claiming certainty.
 5. **monitor** — each lane's monitors (:class:`~tidecast.monitors.drift.LaneMonitor`) see what matured in step 1
-   (the drift monitor: residuals of every horizon, the h = 1 interval's hit or miss, the value) and what was issued
-   in step 4 (label-free watchers); their alarms become :class:`~tidecast.monitors.drift.DriftEvent` objects in
-   :attr:`EngineResult.events`; metrics are updated.
+   (the drift monitor: residuals of every horizon, the first level's h = 1 interval's hit or miss, the value) and
+   what was issued in step 4 (label-free watchers); their alarms become :class:`~tidecast.monitors.drift.DriftEvent`
+   objects in :attr:`EngineResult.events`; metrics are updated.
 6. **emit** — forecast records and events go back to the caller.
 
 Time: each series lives on a regular grid of step ``freq``. Without a configured ``freq`` the step is inferred
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,7 +69,7 @@ from tidecast.monitors.drift import (
 )
 from tidecast.monitors.metrics import Metrics
 from tidecast.monitors.scoring import PrequentialScorer
-from tidecast.stream.batch import ForecastBatch, ObservationBatch, Rejection
+from tidecast.stream.batch import ActualBatch, ForecastBatch, ObservationBatch, Rejection
 from tidecast.stream.config import STEP_WINDOW, EngineConfig
 from tidecast.stream.pending import PendingForecasts
 from tidecast.stream.records import REASONS, from_ns, out_of_range
@@ -81,15 +83,23 @@ _MAX_NS = np.iinfo(np.int64).max
 
 class Lane:
     """One model's path through the engine: forecaster -> calibrator -> scorer, and its watchers (``monitors``:
-    :class:`~tidecast.monitors.drift.LaneMonitor` objects, e.g. the drift monitor) whose alarms become events."""
+    :class:`~tidecast.monitors.drift.LaneMonitor` objects, e.g. the drift monitor) whose alarms become events.
 
-    def __init__(self, model: BatchForecaster, calibrator: Calibrator, horizon: int, alpha: float,
-                 coverage_window: int = 1000, name: str | None = None,
+    ``alpha`` may be a sequence: every level is learned by the one calibrator, kept pending and scored; monitors
+    see the first level's interval.
+    """
+
+    def __init__(self, model: BatchForecaster, calibrator: Calibrator, horizon: int,
+                 alpha: float | Sequence[float], coverage_window: int = 1000, name: str | None = None,
                  monitors: list[LaneMonitor] | None = None) -> None:
         self.name = name or model.name  # the lane's alias: records, metric labels and state keys use it
         self.model = model
         self.calibrator = calibrator
-        self.pending = PendingForecasts(horizon)
+        n_levels = np.atleast_1d(alpha).size
+        if n_levels > 1 and type(calibrator).intervals is Calibrator.intervals:
+            raise ValueError(f"lane {self.name!r}: calibrator {calibrator.name!r} gives one interval level (it does "
+                             f"not implement intervals()), {n_levels} were asked for")
+        self.pending = PendingForecasts(horizon, n_levels)
         self.scorer = PrequentialScorer(horizon, alpha, coverage_window)
         self.monitors = list(monitors or [])
         keys = [m.key for m in self.monitors]
@@ -117,6 +127,8 @@ class EngineResult:
     n_gap_filled: int = 0
     n_resets: int = 0  # series whose history was reset by a gap longer than max_gap
     elapsed_seconds: float = 0.0
+    #: the real observations applied, on their grid (what the forecasts of those steps are scored against)
+    actuals: ActualBatch = field(default_factory=ActualBatch.empty)
     events: list[DriftEvent] = field(default_factory=list)  # lane monitors' alarms (drift), in round order
 
 
@@ -213,6 +225,7 @@ class Engine:
         self._allowed = set(config.allowed_series) if config.allowed_series is not None else None
         self._step = config.step_ns
         self._gap_limit = config.gap_limit
+        self._levels = tuple(config.level_names)
         self._slot_of: dict[str, int] = {}
         self._free: list[int] = []  # rows of dropped series, reused first
         self._ids = np.zeros(0, dtype=object)
@@ -220,8 +233,9 @@ class Engine:
         self.series_ = {name: _empty_field(name) for name in _SERIES_FIELDS}
         self._grow(8)
         self._blank = self._export_rows(np.array([0]))  # the state of a row no series has touched
-        for lane in lanes:  # the alerts compare rolling coverage with this, per model
-            self.metrics.target_coverage.labels(model=lane.name).set(1.0 - config.alpha)
+        for lane in lanes:  # the alerts compare rolling coverage with this, per model and level
+            for level, alpha in zip(config.level_names, config.alphas, strict=True):
+                self.metrics.target_coverage.labels(model=lane.name, level=level).set(1.0 - alpha)
             for monitor in lane.monitors:  # export zeros: absent != no alarm
                 self.metrics.drift_alarms.labels(model=lane.name, detector=monitor.detector)
             if lane.monitors:
@@ -233,6 +247,7 @@ class Engine:
         from tidecast.models.registry import make_model
 
         lanes = []
+        alpha = config.alphas if len(config.alphas) > 1 else config.alpha  # one level: as it always was
         for alias, model in config.lanes:
             try:
                 forecaster = make_model(model, horizon=config.horizon, **config.model_params.get(alias, {}))
@@ -241,8 +256,8 @@ class Engine:
                                  f"[model_params.{alias}])") from None
             lanes.append(Lane(
                 forecaster,
-                make_calibrator(config.calibrator, config.horizon, config.alpha, **config.calibrator_params),
-                config.horizon, config.alpha, config.coverage_window, name=alias, monitors=drift_monitors(config),
+                make_calibrator(config.calibrator, config.horizon, alpha, **config.calibrator_params),
+                config.horizon, alpha, config.coverage_window, name=alias, monitors=drift_monitors(config),
             ))
         retrainer = None
         if config.retrain == "on":
@@ -282,14 +297,14 @@ class Engine:
     def process(self, batch: ObservationBatch) -> EngineResult:
         """Apply a batch (any mix of series, each in arrival order) and return the forecasts it produced."""
         started = time.perf_counter()
-        result = EngineResult(ForecastBatch.empty(self.config.alpha))
+        result = EngineResult(self._no_forecasts())
         return self._run(self._sequence(batch, result), result, started)
 
     def flush(self) -> EngineResult:
         """End of input: release the rows of every series still inferring its step onto a grid inferred from
         what it has. A series seen at one timestamp only has no step and stays held (:attr:`held_rows`)."""
         started = time.perf_counter()
-        result = EngineResult(ForecastBatch.empty(self.config.alpha))
+        result = EngineResult(self._no_forecasts())
         events: _Events = _Events()
         rank: dict[int, int] = {}
         for slot in np.flatnonzero(self.series_["hold_n"] >= 2).tolist():
@@ -301,11 +316,16 @@ class Engine:
         """Rows held while their series' step is being inferred (applied once released)."""
         return int(self.series_["hold_n"].sum())
 
+    def _no_forecasts(self) -> ForecastBatch:
+        return ForecastBatch.empty(self.config.alpha, self._levels)
+
     def _run(self, events: _Events, result: EngineResult, started: float) -> EngineResult:
         outputs: list[tuple] = []
+        actuals: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for rnd in events.rounds():
-            self._step_round(rnd, outputs, result.events)
+            self._step_round(rnd, outputs, actuals, result.events)
         result.forecasts = self._collect(outputs)
+        result.actuals = self._actuals(actuals)
         result.elapsed_seconds = time.perf_counter() - started
         self._observe(result)
         return result
@@ -448,7 +468,8 @@ class Engine:
         s["n_collisions"][slot] += 1
         result.n_collisions += 1
 
-    def _step_round(self, rnd: dict[str, np.ndarray], outputs: list[tuple], events: list[DriftEvent]) -> None:
+    def _step_round(self, rnd: dict[str, np.ndarray], outputs: list[tuple], actuals: list[tuple],
+                    events: list[DriftEvent]) -> None:
         rows, ticks, values, real, reset = rnd["slot"], rnd["tick"], rnd["value"], rnd["real"], rnd["reset"]
         all_real = bool(real.all())
         r_rows = rows if all_real else rows[real]
@@ -458,6 +479,8 @@ class Engine:
         reset_rows = rows[reset] if reset.any() else None
         filled = ~real
         horizon = self.config.horizon
+        if len(r_rows):
+            actuals.append((r_rows, r_ticks, y))
         for lane in self.lanes:
             if reset_rows is not None:
                 lane.model.reset_rows(reset_rows)
@@ -467,8 +490,8 @@ class Engine:
                 lane.calibrator.update(r_rows, np.where(valid, y[:, None] - mean, 0.0), valid)
                 lane.scorer.update(r_rows, y, mean, lower, upper, valid)
                 for monitor in lane.monitors:  # label-based watchers see what matured
-                    self._alarms(monitor.matured(r_rows, r_ticks, y, mean, lower, upper, valid), r_rows, t_ns,
-                                 lane, monitor, events)
+                    self._alarms(monitor.matured(r_rows, r_ticks, y, mean, lower[..., 0], upper[..., 0], valid),
+                                 r_rows, t_ns, lane, monitor, events)
             shadow = self.retrainer.candidates(lane.name) if self.retrainer is not None else None
             if shadow is not None:
                 if reset_rows is not None:
@@ -484,15 +507,25 @@ class Engine:
             if shadow is not None:  # never emitted: scored against the incumbent only
                 shadow.forecast(r_rows, r_ticks, horizon)
             forecast = lane.model.forecast_many(r_rows, horizon)  # 3. forecast
-            lower, upper = lane.calibrator.interval(r_rows, forecast)  # 4. interval (NaN: none yet)
+            lower, upper = lane.calibrator.intervals(r_rows, forecast)  # 4. interval per level (NaN: none yet)
+            if lower.shape[-1] != lane.pending.n_levels:
+                raise ValueError(f"lane {lane.name!r}: calibrator {lane.calibrator.name!r} gave "
+                                 f"{lower.shape[-1]} interval level(s), {lane.pending.n_levels} asked for")
             lane.pending.store(r_rows, r_ticks, forecast, lower, upper)
             lane.scorer.issued(r_rows, np.isfinite(forecast))
             for monitor in lane.monitors:  # label-free watchers see what was just issued
-                self._alarms(monitor.issued(r_rows, r_ticks, forecast, lower, upper), r_rows, t_ns, lane, monitor,
-                             events)
+                self._alarms(monitor.issued(r_rows, r_ticks, forecast, lower[..., 0], upper[..., 0]), r_rows, t_ns,
+                             lane, monitor, events)
             outputs.append((lane.name, r_rows, r_ticks, t_ns, forecast, lower, upper))
             if self.retrainer is not None and lane.name in self.retrainer:  # 5b. retrain decisions
                 self.retrainer.end_round(self, lane, from_epoch_ns(int(t_ns.max())), events)
+
+    def _actuals(self, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> ActualBatch:
+        if not parts:
+            return ActualBatch.empty()
+        rows, ticks, values = (np.concatenate(cols) for cols in zip(*parts, strict=True))
+        grid = self.series_["anchor_ns"][rows] + ticks * self.series_["step_ns"][rows]
+        return ActualBatch(self._ids[rows], grid, values)
 
     def _alarms(self, alarms: Alarms, rows: np.ndarray, t_ns: np.ndarray, lane: Lane, monitor: LaneMonitor,
                 events: list[DriftEvent]) -> None:
@@ -508,7 +541,7 @@ class Engine:
 
     def _collect(self, outputs: list[tuple]) -> ForecastBatch:
         if not outputs:
-            return ForecastBatch.empty(self.config.alpha)
+            return self._no_forecasts()
         horizon = self.config.horizon
         parts = []
         hs = np.arange(1, horizon + 1)
@@ -521,15 +554,16 @@ class Engine:
             ready &= hs[None, :] <= ((_MAX_NS - anchor) // step - ticks)[:, None]  # targets past 2262 overflow
             target = anchor[:, None] + (ticks[:, None] + hs[None, :]) * step[:, None]
             row_of = np.broadcast_to(rows[:, None], mean.shape)[ready]
+            lowers, uppers = lower[ready], upper[ready]  # (n, levels)
             parts.append(ForecastBatch(
                 series_id=self._ids[row_of],
                 issued_at_ns=np.broadcast_to(t_ns[:, None], mean.shape)[ready],
                 model=np.full(int(ready.sum()), name, dtype=object),
                 h=np.broadcast_to(hs[None, :], mean.shape)[ready].astype(np.int32),
-                target_ns=target[ready], mean=mean[ready], lower=lower[ready], upper=upper[ready],
-                alpha=self.config.alpha,
+                target_ns=target[ready], mean=mean[ready], lower=lowers[:, 0], upper=uppers[:, 0],
+                alpha=self.config.alpha, levels=self._levels, lowers=lowers, uppers=uppers,
             ))
-        return ForecastBatch.concat(parts, self.config.alpha)
+        return ForecastBatch.concat(parts, self.config.alpha, self._levels)
 
     def _observe(self, result: EngineResult) -> None:
         m = self.metrics
@@ -559,11 +593,12 @@ class Engine:
                 recent = alarmed & (last_tick - np.where(alarmed, latest, last_tick) < self.config.drift_window)
                 m.series_drifting.labels(model=lane.name).set(int(np.count_nonzero(recent)))
         for lane in self.lanes:  # gauges appear once there is something to say (absent != 0% coverage)
-            coverage, width = lane.scorer.rolling_coverage_, lane.scorer.rolling_width_
-            for h in np.flatnonzero(np.isfinite(coverage)).tolist():
-                m.coverage.labels(lane.name, str(h + 1)).set(coverage[h])
-                if not np.isnan(width[h]):  # no step of this horizon has had an interval yet
-                    m.width.labels(lane.name, str(h + 1)).set(width[h])
+            for level, coverage, width in zip(self._levels, lane.scorer.rolling_coverage_,
+                                              lane.scorer.rolling_width_, strict=True):
+                for h in np.flatnonzero(np.isfinite(coverage)).tolist():
+                    m.coverage.labels(lane.name, str(h + 1), level).set(coverage[h])
+                    if not np.isnan(width[h]):  # no step of this horizon has had an interval yet
+                        m.width.labels(lane.name, str(h + 1), level).set(width[h])
 
     def maintenance(self, budget_seconds: float | None = None) -> None:
         """Give each model time for deferred work (fits, replay training); call between batches."""

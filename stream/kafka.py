@@ -15,9 +15,13 @@ Messages
 
     {"series_id": "ETTh1/OT", "model": "seasonal-naive", "issued_at": "2016-07-01T00:00:00Z", "alpha": 0.1,
      "h": [1, 2, ...], "target_timestamp": ["2016-07-01T01:00:00Z", ...],
-     "mean": [...], "lower": [...], "upper": [...], "schema_version": 1}
+     "mean": [...], "lower": [...], "upper": [...],
+     "intervals": {"90": {"lower": [...], "upper": [...]}}, "has_interval": [true, ...], "schema_version": 2}
 
-  ``lower``/``upper`` hold ``null`` for an unbounded side (a calibrator may emit an infinite interval). A
+  ``lower``/``upper`` are the first interval level's (``1 - alpha``), so readers of schema 1 keep working;
+  ``intervals`` holds every configured level (``--level 80,95``), keyed by its coverage in percent. A bound is
+  ``null`` where the step has no interval yet (its calibrator cell had no data: ``has_interval`` false, every
+  level) or where that side is unbounded (a calibrator may emit an infinite interval: ``has_interval`` true). A
   consumer de-duplicates on ``(series_id, model, issued_at, h)``; a re-sent message (after a crash) is identical.
 * drift events (``--events-topic``): key ``series_id``, value one JSON object per alarm of a lane monitor
   (:func:`tidecast.stream.sinks.event_json`)::
@@ -62,7 +66,8 @@ from tidecast.stream.sources import DeadLetter
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-FORECAST_SCHEMA_VERSION = 1
+#: 2: ``intervals`` (every level) and ``has_interval`` were added; everything of version 1 is unchanged.
+FORECAST_SCHEMA_VERSION = 2
 #: Settings passed through to both clients when given (flag, env or file).
 SECURITY_SETTINGS = ("security_protocol", "sasl_mechanism", "sasl_plain_username", "sasl_plain_password",
                      "sasl_kerberos_service_name", "sasl_kerberos_domain_name", "ssl_cafile", "ssl_certfile",
@@ -327,6 +332,9 @@ def forecast_payloads(batch: ForecastBatch) -> Iterable[tuple[str, int, bytes | 
     targets = iso_utc(batch.target_ns)
     h, mean = batch.h.tolist(), batch.mean.tolist()
     lower, upper = _bounded(batch.lower), _bounded(batch.upper)
+    lowers, uppers = batch.bounds()
+    levels = [(name, _bounded(lowers[:, j]), _bounded(uppers[:, j])) for j, name in enumerate(batch.level_names)]
+    has_interval = (~np.isnan(batch.lower) & ~np.isnan(batch.upper)).tolist()  # NaN: none yet; +-inf: unbounded
     dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
     for i, (s, e) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
         series_id = str(sid[s])
@@ -334,7 +342,9 @@ def forecast_payloads(batch: ForecastBatch) -> Iterable[tuple[str, int, bytes | 
             payload: bytes | ValueError = dumps({
                 "series_id": series_id, "model": str(model[s]), "issued_at": issued_iso[i], "alpha": batch.alpha,
                 "h": h[s:e], "target_timestamp": targets[s:e], "mean": mean[s:e], "lower": lower[s:e],
-                "upper": upper[s:e], "schema_version": FORECAST_SCHEMA_VERSION,
+                "upper": upper[s:e],
+                "intervals": {name: {"lower": lo[s:e], "upper": hi[s:e]} for name, lo, hi in levels},
+                "has_interval": has_interval[s:e], "schema_version": FORECAST_SCHEMA_VERSION,
             }).encode()
         except ValueError as err:  # allow_nan=False: a NaN or infinite mean
             payload = err

@@ -1,8 +1,9 @@
 """``tidecast replay``: run a history file through the engine, as the live service would have.
 
 source (file) -> decode (:mod:`tidecast.stream.sources`) -> :class:`~tidecast.stream.engine.Engine` -> forecast sink,
-drift events, dead letters, metrics -> summary. Nothing here is specific to files except the source: the engine, the
-rules and the metrics are the ones ``serve`` uses.
+drift events, dead letters, metrics -> summary (and, with ``--report``, a :class:`~tidecast.stream.result.ReplayResult`
+written as an HTML report). Nothing here is specific to files except the source: the engine, the rules and the
+metrics are the ones ``serve`` uses. :func:`execute` is the loop shared with the Python API (:func:`tidecast.replay`).
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from rich.table import Table
 from tidecast.models.runtime import set_torch_threads
 from tidecast.monitors.drift import DriftEvent
 from tidecast.monitors.metrics import Metrics
-from tidecast.stream.batch import ObservationBatch
+from tidecast.stream.batch import ForecastBatch, ObservationBatch
 from tidecast.stream.config import EngineConfig, port_number
 from tidecast.stream.engine import Engine, EngineResult
 from tidecast.stream.records import REASONS
+from tidecast.stream.result import ResultCollector
 from tidecast.stream.settings import at_least, check_declared, positive, setting
-from tidecast.stream.sinks import EventSink, JsonlDeadLetters, JsonlEvents, NullSink, forecast_sink_for
-from tidecast.stream.sources import DeadLetter, ReplaySpec, load_replay
+from tidecast.stream.sinks import EventSink, ForecastSink, JsonlDeadLetters, JsonlEvents, NullSink, forecast_sink_for
+from tidecast.stream.sources import DeadLetter, Replay, ReplaySpec, load_replay
 
 
 @dataclass(frozen=True)
@@ -37,9 +39,13 @@ class ReplayOptions:
 
     out: Path | None = setting(None, "forecast records, .parquet or .csv", group="output")
     events: Path | None = setting(None, "drift events (the lanes' monitors' alarms) as JSON lines", group="output")
-    dead_letter: Path = setting(Path("tidecast-dead-letters.jsonl"), "rejected rows as JSON lines (created only if "
-                                "there are any)", group="output")
+    dead_letter: Path | None = setting(Path("tidecast-dead-letters.jsonl"), "rejected rows as JSON lines (created "
+                                       "only if there are any)", group="output")
     summary_json: Path | None = setting(None, "write the summary as JSON", group="output")
+    report: Path | None = setting(None, "write a self-contained HTML report (summary, coverage, plots of the worst "
+                                  "series, events, dead letters)", group="output")
+    report_series: list[str] | None = setting(None, "series the report plots besides those with the largest errors, "
+                                              "comma-separated", group="output", shown_default="none")
     progress: bool = setting(True, "progress bar", group="output")
     metrics_port: int | None = setting(None, "serve Prometheus /metrics on this port", group="service",
                                        check=port_number)
@@ -57,7 +63,8 @@ class ReplayOptions:
 
 
 def run_replay(config: EngineConfig, options: ReplayOptions, console: Console | None = None) -> dict[str, Any]:
-    """Replay a file end to end and return the summary (also printed and optionally written as JSON).
+    """Replay a file end to end and return the summary (also printed and optionally written as JSON, and with
+    ``options.report`` an HTML report).
 
     Everything a user can get wrong — outputs that would overwrite the input or cannot be written, model
     parameters, the metrics port — is checked before the first row is read.
@@ -69,41 +76,19 @@ def run_replay(config: EngineConfig, options: ReplayOptions, console: Console | 
     server = _serve_metrics(metrics, options.metrics_address, options.metrics_port, console)
     set_torch_threads(config.torch_threads)
     replay = load_replay(options.spec)
-    letters = JsonlDeadLetters(options.dead_letter)
-    sink = forecast_sink_for(options.out)
-    events: EventSink = JsonlEvents(options.events) if options.events is not None else NullSink()
-    counts: dict[tuple[str, str], int] = {}
     source = str(options.spec.path)
-    started = time.perf_counter()
-    try:
-        for letter in replay.dead_letters:
-            _dead_letter(letters, metrics, letter)
-        batch_size = options.batch_size if options.rate is None else max(1, min(options.batch_size,
-                                                                                   int(options.rate / 20)))
-        with _progress(console, options.progress) as progress:
-            task = progress.add_task(f"replay {Path(source).name}", total=len(replay.observations))
-            for batch in replay.batches(batch_size):
-                result = engine.process(batch)
-                sink.write(result.forecasts)
-                _events(events, counts, result.events)
-                for letter in _rejections(result, batch, source):
-                    letters.write(letter)  # the engine already counted them in its metrics
-                engine.maintenance()
-                progress.advance(task, len(batch))
-                _throttle(options.rate, started, progress.tasks[task].completed)
-        last = engine.flush()  # series still inferring their step at the end of the file
-        sink.write(last.forecasts)
-        _events(events, counts, last.events)
-    finally:
-        sink.close()
-        events.close()
-        letters.close()
-    elapsed = time.perf_counter() - started
-    summary = _summary(engine, metrics, elapsed, letters.count, options, counts)
+    if options.report_series:
+        _check_report_series(options.report_series, replay)
+    collector = ResultCollector(config) if options.report is not None else None
+    summary = execute(engine, replay, source, options, console, collector)
     print_summary(summary, console)
     if options.summary_json is not None:
         options.summary_json.parent.mkdir(parents=True, exist_ok=True)
         options.summary_json.write_text(json.dumps(summary, indent=2))
+    if collector is not None and options.report is not None:
+        result = collector.build(summary, source)
+        path = result.report(options.report, series=options.report_series or ())
+        console.print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
     if server is not None and options.linger_seconds > 0:
         console.print(f"serving /metrics on {_url(options)} for {options.linger_seconds:.0f} s more")
         time.sleep(options.linger_seconds)
@@ -112,10 +97,89 @@ def run_replay(config: EngineConfig, options: ReplayOptions, console: Console | 
     return summary
 
 
+def _check_report_series(wanted: list[str], replay: Replay) -> None:
+    """``ValueError`` before any work for a ``--report-series`` the file does not hold."""
+    known = set(replay.observations.series_ids.tolist())
+    for series_id in wanted:
+        if series_id not in known:
+            shown = ", ".join(sorted(known)[:10]) + (" ..." if len(known) > 10 else "")
+            raise ValueError(f"--report-series {series_id!r}: no such series in the input; series: {shown}")
+
+
+class _Tee:
+    """Writes every forecast batch to several sinks."""
+
+    def __init__(self, *sinks: ForecastSink) -> None:
+        self.sinks = sinks
+
+    def write(self, batch: ForecastBatch) -> None:
+        for sink in self.sinks:
+            sink.write(batch)
+
+    def flush(self) -> None:
+        for sink in self.sinks:
+            sink.flush()
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+def execute(engine: Engine, replay: Replay, source: str, options: ReplayOptions, console: Console,
+            collector: ResultCollector | None = None) -> dict[str, Any]:
+    """The replay loop: every batch through the engine, forecasts to ``options.out`` (and the collector), dead
+    letters to ``options.dead_letter`` (and the collector), model maintenance between batches; the summary."""
+    metrics = engine.metrics
+    letters = JsonlDeadLetters(options.dead_letter) if options.dead_letter is not None else None
+    sinks = [forecast_sink_for(options.out)] + ([collector] if collector is not None else [])
+    sink = _Tee(*sinks)
+    events: EventSink = JsonlEvents(options.events) if options.events is not None else NullSink()
+    counts: dict[tuple[str, str], int] = {}
+    started = time.perf_counter()
+
+    def dead_letter(letter: DeadLetter) -> None:
+        if letters is not None:
+            letters.write(letter)
+        if collector is not None:
+            collector.letter(letter)
+
+    def forward(result: EngineResult) -> None:
+        sink.write(result.forecasts)
+        _events(events, counts, result.events)
+        if collector is not None:
+            collector.observe(result)
+
+    try:
+        for letter in replay.dead_letters:
+            dead_letter(letter)
+            metrics.dead_letters.labels(reason=letter.reason).inc()
+        batch_size = options.batch_size if options.rate is None else max(1, min(options.batch_size,
+                                                                                   int(options.rate / 20)))
+        with _progress(console, options.progress) as progress:
+            task = progress.add_task(f"replay {Path(source).name}", total=len(replay.observations))
+            for batch in replay.batches(batch_size):
+                result = engine.process(batch)
+                forward(result)
+                for letter in _rejections(result, batch, source):
+                    dead_letter(letter)  # the engine already counted them in its metrics
+                engine.maintenance()
+                progress.advance(task, len(batch))
+                _throttle(options.rate, started, progress.tasks[task].completed)
+        forward(engine.flush())  # series still inferring their step at the end of the file
+    finally:
+        sink.close()
+        events.close()
+        if letters is not None:
+            letters.close()
+    elapsed = time.perf_counter() - started
+    letter_file = options.dead_letter if letters is not None and letters.count else None
+    return _summary(engine, metrics, elapsed, letter_file, options, counts)
+
+
 def check_outputs(options: ReplayOptions) -> None:
     """``ValueError`` for an output that is the input file, another output, or cannot be written."""
     outputs = {"--out": options.out, "--events": options.events, "--dead-letter": options.dead_letter,
-               "--summary-json": options.summary_json}
+               "--summary-json": options.summary_json, "--report": options.report}
     given = {flag: Path(path) for flag, path in outputs.items() if path is not None}
     source = Path(options.spec.path)
     for flag, path in given.items():
@@ -173,11 +237,6 @@ def _url(options: ReplayOptions) -> str:
     return f"http://{_host(options.metrics_address)}:{options.metrics_port}/metrics"
 
 
-def _dead_letter(sink: JsonlDeadLetters, metrics: Metrics, letter: DeadLetter) -> None:
-    sink.write(letter)
-    metrics.dead_letters.labels(reason=letter.reason).inc()
-
-
 def _events(sink: EventSink, counts: dict[tuple[str, str], int], events: list[DriftEvent]) -> None:
     sink.write(events)
     for event in events:
@@ -208,7 +267,7 @@ def _throttle(rate: float | None, started: float, done: float) -> None:
             time.sleep(ahead)
 
 
-def _summary(engine: Engine, metrics: Metrics, elapsed: float, n_letters: int, options: ReplayOptions,
+def _summary(engine: Engine, metrics: Metrics, elapsed: float, letter_file: Path | None, options: ReplayOptions,
              event_counts: dict[tuple[str, str], int]) -> dict[str, Any]:
     summary = engine.summary()
     events: dict[str, dict[str, int]] = {}  # model -> detector -> events
@@ -221,7 +280,7 @@ def _summary(engine: Engine, metrics: Metrics, elapsed: float, n_letters: int, o
     return {
         **summary,
         "dead_letters": dead,
-        "dead_letter_file": str(options.dead_letter) if n_letters else None,
+        "dead_letter_file": str(letter_file) if letter_file is not None else None,
         "drift_events": events,
         "events_file": str(options.events) if options.events is not None else None,
         "elapsed_seconds": elapsed,
@@ -233,16 +292,22 @@ def _summary(engine: Engine, metrics: Metrics, elapsed: float, n_letters: int, o
 def print_summary(summary: dict[str, Any], console: Console) -> None:
     """The end-of-run table: one row per model, side by side."""
     cfg = summary["config"]
-    table = Table(title=f"tidecast replay — H={cfg['horizon']}, target coverage {1 - cfg['alpha']:.0%}, "
+    levels = list(next(iter(summary["models"].values()))["levels"]) if summary["models"] else []
+    targets = ", ".join(f"{level} %" for level in levels)
+    table = Table(title=f"tidecast replay — H={cfg['horizon']}, target coverage {targets}, "
                         f"calibrator {cfg['calibrator']}")
-    for col in ("model", "forecasts", "MAE", "RMSE", "coverage", "mean width", "interval score"):
+    interval_columns = ("coverage", "mean width", "interval score")
+    if len(levels) > 1:  # one set of interval columns per level
+        interval_columns = tuple(f"{col} {level}" for level in levels for col in ("coverage", "width", "score"))
+    for col in ("model", "forecasts", "MAE", "RMSE", *interval_columns):
         table.add_column(col, justify="left" if col == "model" else "right")
     best = min((m["mae"] for m in summary["models"].values() if m["mae"] is not None), default=None)
     for name, m in summary["models"].items():
-        table.add_row(
-            name, f"{m['n_forecasts']:,}", _fmt(m["mae"], bold=m["mae"] == best), _fmt(m["rmse"]),
-            _fmt(m["coverage"], ".3f"), _fmt(m["mean_width"]), _fmt(m["interval_score"]),
-        )
+        cells = []
+        for level in levels:
+            lv = m["levels"][level]
+            cells += [_fmt(lv["coverage"], ".3f"), _fmt(lv["mean_width"]), _fmt(lv["interval_score"])]
+        table.add_row(name, f"{m['n_forecasts']:,}", _fmt(m["mae"], bold=m["mae"] == best), _fmt(m["rmse"]), *cells)
     console.print(table)
     dead = ", ".join(f"{k}={v}" for k, v in sorted(summary["dead_letters"].items())) or "none"
     console.print(

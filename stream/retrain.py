@@ -200,7 +200,7 @@ class Shadow:
             c.learn_many(rows, ticks, values, filled=filled)
 
     def forecast(self, rows: np.ndarray, ticks: np.ndarray, horizon: int) -> None:
-        nan = np.full((rows.size, horizon), np.nan)
+        nan = np.full((rows.size, horizon, 1), np.nan)  # no interval: the candidate is scored on its mean
         for c, pending in zip(self.candidates, self.pending, strict=True):
             pending.store(rows, ticks, c.forecast_many(rows, horizon), nan, nan)
 

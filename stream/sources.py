@@ -287,7 +287,33 @@ def load_replay(spec: ReplaySpec) -> Replay:
         raise ValueError(f"{path} is a directory: PATH is one CSV, Parquet or JSON-lines file")
     if spec.resolved_format() == "jsonl":
         return _load_jsonl(path, spec)
-    table = read_table(path, spec.max_bytes)
+    return _load_table(read_table(path, spec.max_bytes), spec, str(path), spec.name or path.stem, path)
+
+
+def load_frame(frame: pd.DataFrame, spec: ReplaySpec | None = None, source: str = "<DataFrame>") -> Replay:
+    """A history already in memory, by the rules of a file: long (``unique_id, ds, y``) or wide (a time column,
+    or a ``DatetimeIndex``, plus one column per channel, each its own series named by the column, or
+    ``<name>/<column>`` when ``spec.name`` is set). Positions are ``(0, row)`` with ``row`` the frame's row
+    number; bad cells are dead letters as in a file.
+
+    >>> frame = pd.DataFrame({"unique_id": ["a", "a", "b"], "ds": pd.date_range("2024-01-01", periods=3, freq="h"),
+    ...                       "y": [1.0, "oops", 3.0]})
+    >>> replay = load_frame(frame)
+    >>> replay.format, list(replay.observations.series_ids), [d.reason for d in replay.dead_letters]
+    ('long', ['a', 'b'], ['non_numeric_value'])
+    """
+    spec = spec if spec is not None else ReplaySpec()
+    if spec.resolved_format() == "jsonl":
+        raise ValueError("a DataFrame is long or wide, not JSON lines")
+    if isinstance(frame.index, pd.DatetimeIndex):  # wide frames often keep their time in the index
+        frame = frame.reset_index(names=frame.index.name or "ds")
+    frame = frame.reset_index(drop=True).rename(columns=str)
+    return _load_table(Table(frame, np.arange(len(frame), dtype=np.int64)), spec, source, spec.name)
+
+
+def _load_table(table: Table, spec: ReplaySpec, source: str, name: str | None, path: Path | None = None) -> Replay:
+    """Validate a table's cells into observations and dead letters (shared by files and in-memory frames);
+    ``name`` prefixes wide series ids, ``path`` is the file read (``None`` for a frame)."""
     frame = table.frame
     fmt = spec.resolved_format(list(frame.columns))
     time_col = spec.time_column or _guess_time_column(frame)
@@ -300,8 +326,8 @@ def load_replay(spec: ReplaySpec) -> Replay:
         used = [time_col, spec.series_column, spec.value_column]
     else:
         used = [time_col, *(spec.columns or [c for c in frame.columns if c != time_col])]
-    _refuse_nested(path, used)
-    source = str(path)
+    if path is not None:
+        _refuse_nested(path, used)
     letters = list(table.letters)
     sizes = _row_sizes(frame)
     oversized = sizes > spec.max_bytes
@@ -319,7 +345,7 @@ def load_replay(spec: ReplaySpec) -> Replay:
     if fmt == "long":
         obs, more = _long(table, spec, t_ns, good_rows, source)
     else:
-        obs, more = _wide(table, spec, time_col, t_ns, good_rows, source, path)
+        obs, more = _wide(table, spec, time_col, t_ns, good_rows, source, name)
     letters.extend(more)
     order = np.argsort(obs.timestamps_ns, kind="stable")
     letters.sort(key=lambda d: d.position[1])
@@ -494,9 +520,8 @@ def _id_letters(table: Table, err: InvalidRecord, bad: np.ndarray, source: str) 
 
 
 def _wide(table: Table, spec: ReplaySpec, time_col: str, t_ns: np.ndarray, good_rows: np.ndarray,
-          source: str, path: Path) -> tuple[ObservationBatch, list[DeadLetter]]:
+          source: str, name: str | None) -> tuple[ObservationBatch, list[DeadLetter]]:
     frame = table.frame
-    name = spec.name or path.stem
     channels = spec.columns or [c for c in frame.columns if c != time_col]
     missing = [c for c in channels if c not in frame.columns]
     if missing:
@@ -504,7 +529,7 @@ def _wide(table: Table, spec: ReplaySpec, time_col: str, t_ns: np.ndarray, good_
     ids, times, values, rows, letters = [], [], [], [], []
     all_rows = np.arange(len(frame))
     for col in channels:
-        series_id = f"{name}/{col}"
+        series_id = f"{name}/{col}" if name else str(col)
         try:
             parse_series_id(series_id)
         except InvalidRecord as err:  # a channel whose name makes no valid id: every cell of it is refused

@@ -115,8 +115,12 @@ def decode_blob(blob: bytes) -> tuple[dict[str, Any], ArrayDict]:
 
 
 def config_fingerprint(config: dict[str, Any]) -> dict[str, Any]:
-    """The parts of an engine configuration that saved state depends on."""
-    return {k: config.get(k) for k in FINGERPRINT_FIELDS}
+    """The parts of an engine configuration that saved state depends on. ``levels`` only when set: state saved
+    before levels existed had the one level of ``alpha``, which is what no ``levels`` means."""
+    found = {k: config.get(k) for k in FINGERPRINT_FIELDS}
+    if config.get("levels") is not None:
+        found["levels"] = config["levels"]
+    return found
 
 
 def check_fingerprint(saved: dict[str, Any] | None, current: dict[str, Any], where: str) -> None:

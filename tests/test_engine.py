@@ -127,7 +127,7 @@ def test_long_gap_resets_the_series_history():
 def test_target_coverage_is_exported_per_model():
     engine, _ = spy_engine(horizon=2)
     value = engine.metrics.registry.get_sample_value("tidecast_interval_target_coverage_ratio",
-                                                     {"model": "seasonal-naive"})
+                                                     {"model": "seasonal-naive", "level": "90"})
     assert value == pytest.approx(0.9)
 
 

@@ -161,8 +161,8 @@ def test_metrics_are_served_during_a_replay(tmp_path):
             pytest.fail(f"no mid-replay scrape with coverage gauges; last:\n{text[-2000:]}")
         assert _value(text, "tidecast_forecasts_total") > 0
         assert _value(text, 'tidecast_dead_letters_total{reason="non_numeric_value"}') == 1.0
-        assert 'tidecast_interval_coverage_ratio{horizon="1",model="seasonal-naive"}' in text
-        assert 'tidecast_interval_width{horizon="24",model="seasonal-naive"}' in text
+        assert 'tidecast_interval_coverage_ratio{horizon="1",level="90",model="seasonal-naive"}' in text
+        assert 'tidecast_interval_width{horizon="24",level="90",model="seasonal-naive"}' in text
         assert "tidecast_processing_seconds_bucket" in text
     finally:
         proc.terminate()
@@ -177,7 +177,8 @@ def test_forecast_records_are_written_with_the_record_schema(tmp_path, suffix):
     s = replay(tmp_path, str(sample), "--model", "seasonal-naive", "--horizon", "3", "--out", str(out))
     frame = pd.read_parquet(out) if suffix == ".parquet" else pd.read_csv(out)
     assert list(frame.columns) == ["series_id", "issued_at", "model", "h", "target_timestamp", "mean", "lower",
-                                   "upper", "alpha"]
+                                   "upper", "alpha", "lo-90", "hi-90"]  # every level's bounds: here the one
+    assert frame["lo-90"].equals(frame["lower"]) and frame["hi-90"].equals(frame["upper"])
     assert len(frame) == s["models"]["seasonal-naive"]["n_forecasts"]
     issued = pd.to_datetime(frame["issued_at"], utc=True)
     target = pd.to_datetime(frame["target_timestamp"], utc=True)

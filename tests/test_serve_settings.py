@@ -101,7 +101,35 @@ def test_forecast_messages_hold_one_origin_each_with_all_steps():
     assert first["issued_at"] == "1970-01-01T00:00:00Z" and first["h"] == [1, 2]
     assert first["target_timestamp"] == ["1970-01-01T01:00:00Z", "1970-01-01T02:00:00Z"]
     assert first["lower"] == [0.5, None] and first["upper"] == [1.5, None]  # unbounded side -> null
-    assert first["mean"] == [1.0, 2.0] and first["alpha"] == 0.1 and first["schema_version"] == 1
+    assert first["mean"] == [1.0, 2.0] and first["alpha"] == 0.1 and first["schema_version"] == 2
+    assert first["intervals"] == {"90": {"lower": [0.5, None], "upper": [1.5, None]}}  # the one level of alpha
+    assert first["has_interval"] == [True, True]  # null at h=2: an unbounded side, not a missing interval
+
+
+def test_forecast_messages_carry_every_level_and_the_first_in_lower_upper():
+    batch = ForecastBatch(
+        series_id=np.array(["a", "a"], dtype=object), issued_at_ns=np.array([0, 0]),
+        model=np.array(["m"] * 2, dtype=object), h=np.array([1, 2]), target_ns=np.array([1, 2]) * 3_600_000_000_000,
+        mean=np.array([1.0, 2.0]), lower=np.array([0.5, 1.0]), upper=np.array([1.5, 3.0]), alpha=0.2,
+        levels=("80", "95"), lowers=np.array([[0.5, 0.0], [1.0, np.nan]]),
+        uppers=np.array([[1.5, 2.0], [3.0, np.nan]]))
+    (key, value), = forecast_messages(batch)
+    message = json.loads(value)
+    assert message["lower"] == [0.5, 1.0] and message["upper"] == [1.5, 3.0] and message["alpha"] == 0.2
+    assert message["intervals"] == {"80": {"lower": [0.5, 1.0], "upper": [1.5, 3.0]},
+                                    "95": {"lower": [0.0, None], "upper": [2.0, None]}}
+    assert message["has_interval"] == [True, True]
+
+
+def test_a_step_without_an_interval_yet_is_told_apart_from_an_unbounded_one():
+    batch = ForecastBatch(
+        series_id=np.array(["a", "a"], dtype=object), issued_at_ns=np.array([0, 0]),
+        model=np.array(["m"] * 2, dtype=object), h=np.array([1, 2]), target_ns=np.array([1, 2]) * 3_600_000_000_000,
+        mean=np.array([1.0, 2.0]), lower=np.array([-np.inf, np.nan]), upper=np.array([np.inf, np.nan]), alpha=0.1)
+    (_, value), = forecast_messages(batch)
+    message = json.loads(value)
+    assert message["lower"] == [None, None] and message["upper"] == [None, None]
+    assert message["has_interval"] == [True, False]
 
 
 def test_dead_letter_keeps_the_raw_record_and_says_why_and_where():

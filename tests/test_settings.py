@@ -84,6 +84,8 @@ def _sample(s) -> tuple[Any, Any, str | list[str]]:
         "model_params": ({"seasonal-naive": {"period": 12}}, {"seasonal-naive": {"period": 12}},
                          "seasonal-naive.period=12"),
         "calibrator_params": ({"lr": 0.5}, {"lr": 0.5}, "lr=0.5"),
+        "calibrator": ("aci", "aci", "aci"),
+        "levels": ([80.0, 95.0], [80, 95], "80,95"),
         "drift_params": ({"h": 20.0}, {"h": 20.0}, "h=20"),
     }
     if s.field in special:

@@ -8,12 +8,17 @@ The distribution installs one import namespace:
 * :mod:`tidecast.checks` — the model contract as runnable checks, for plug-in authors (it is
   :mod:`tidecast.stream.checks`, loaded on first use so ``import tidecast`` stays light).
 
+The public API for notebooks: :func:`tidecast.replay` (a DataFrame or a file in, a
+:class:`~tidecast.stream.result.ReplayResult` out; it is :func:`tidecast.stream.api.replay`, loaded on first use).
+
 >>> import tidecast
 >>> isinstance(tidecast.__version__, str)
 True
 >>> from tidecast import checks
 >>> checks.check_forecaster.__module__
 'tidecast.stream.checks'
+>>> tidecast.replay.__module__, tidecast.ReplayResult.__name__
+('tidecast.stream.api', 'ReplayResult')
 """
 
 from __future__ import annotations
@@ -32,10 +37,12 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__", "checks"]
+__all__ = ["ReplayResult", "__version__", "checks", "replay"]
 
 #: Public short names for modules that live deeper in the package tree (this folder holds only this file).
 _ALIASES = {f"{__name__}.checks": "tidecast.stream.checks"}
+#: Public functions and classes, imported on first use: name -> module that defines it.
+_API = {"replay": "tidecast.stream.api", "ReplayResult": "tidecast.stream.result"}
 
 
 class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -56,7 +63,9 @@ if not any(isinstance(finder, _AliasFinder) for finder in sys.meta_path):
 
 
 def __getattr__(name: str) -> Any:
-    """``tidecast.checks`` after a plain ``import tidecast``."""
+    """``tidecast.checks``, ``tidecast.replay`` and ``tidecast.ReplayResult`` after a plain ``import tidecast``."""
     if f"{__name__}.{name}" in _ALIASES:
         return importlib.import_module(f"{__name__}.{name}")
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,92 @@
+"""The Python API: :func:`replay`, importable as ``tidecast.replay``.
+
+A DataFrame (or a file) in, a :class:`~tidecast.stream.result.ReplayResult` out — the same engine, rules and
+scores as ``tidecast replay`` on the command line, which is a thin layer over the same loop
+(:func:`tidecast.stream.replay.execute`).
+
+>>> import pandas as pd, tidecast
+>>> frame = pd.DataFrame({"unique_id": "a", "ds": pd.date_range("2024-01-01", periods=60, freq="h"),
+...                       "y": [float(i % 4) for i in range(60)]})
+>>> result = tidecast.replay(frame, models=["seasonal-naive"], horizon=3, levels=(80, 95),
+...                          model_params={"seasonal-naive": {"period": 4}})
+>>> result.forecasts[["unique_id", "h", "mean", "y"]].head(3)
+  unique_id  h  mean    y
+0         a  1   0.0  0.0
+1         a  2   1.0  1.0
+2         a  3   2.0  2.0
+>>> tidecast.replay(frame, colour="red")
+Traceback (most recent call last):
+...
+TypeError: replay() got an unexpected option 'colour'; options: allowed_series, alpha, batch_size, ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+
+from tidecast.models.runtime import set_torch_threads
+from tidecast.monitors.conformal import DEFAULT_CALIBRATOR
+from tidecast.monitors.metrics import Metrics
+from tidecast.stream.config import EngineConfig
+from tidecast.stream.engine import Engine
+from tidecast.stream.records import REASONS
+from tidecast.stream.replay import ReplayOptions, execute
+from tidecast.stream.result import ReplayResult, ResultCollector
+from tidecast.stream.sources import ReplaySpec, load_frame, load_replay
+
+#: Keyword options besides the named arguments: engine settings, how to read the input, and how to run.
+ENGINE_OPTIONS = tuple(f.name for f in dataclasses.fields(EngineConfig)
+                       if f.name not in ("models", "horizon", "levels", "calibrator", "freq"))
+INPUT_OPTIONS = ("format", "time_column", "series_column", "value_column", "name", "columns")
+RUN_OPTIONS = ("batch_size", "progress")
+
+
+def replay(data: pd.DataFrame | str | Path, models: Sequence[str] = ("seasonal-naive",), horizon: int = 24,
+           levels: Sequence[float] | None = (80, 95), calibrator: str | None = None, freq: str | None = None,
+           **options: Any) -> ReplayResult:
+    """Replay a history through the engine as the live service would have, and return everything it produced.
+
+    data: a long DataFrame (``unique_id, ds, y``, Nixtla's layout), a wide one (a time column or a
+    ``DatetimeIndex`` plus one column per series), or the path of a CSV, Parquet or JSON-lines file.
+    models: lanes, ``ALIAS=MODEL`` or ``MODEL`` — built-in names, plug-ins' (entry points ``tidecast.models``)
+    or ``river:MODULE.CLASS``. horizon: steps forecast at every observation. levels: interval coverages in percent,
+    all learned in one calibrator pass (``None``: the one level of the ``alpha`` option, default 90 %).
+    calibrator: the conformal method (default: the engine's). freq: the grid step (default: inferred per series).
+
+    options: any other engine setting (``model_params={"alias": {...}}``, ``calibrator_params``, ``max_gap``,
+    ``alpha``, ``coverage_window``, ``torch_threads`` ...), how to read the input (``time_column``,
+    ``series_column``, ``value_column``, ``format``, ``name``, ``columns``) and ``batch_size`` (observations per
+    engine batch, 2000) and ``progress`` (a progress bar, off). Bad input cells become dead letters
+    (``result.dead_letters``), never exceptions; a mistake in the arguments raises before any work.
+    """
+    unknown = sorted(set(options) - {*ENGINE_OPTIONS, *INPUT_OPTIONS, *RUN_OPTIONS})
+    if unknown:
+        valid = ", ".join(sorted({*ENGINE_OPTIONS, *INPUT_OPTIONS, *RUN_OPTIONS}))
+        raise TypeError(f"replay() got an unexpected option {unknown[0]!r}; options: {valid}")
+    if isinstance(models, str):
+        models = [models]
+    config = EngineConfig(models=list(models), horizon=horizon, levels=None if levels is None else list(levels),
+                          calibrator=calibrator or DEFAULT_CALIBRATOR, freq=freq,
+                          **{k: v for k, v in options.items() if k in ENGINE_OPTIONS})
+    spec_options = {k: v for k, v in options.items() if k in INPUT_OPTIONS}
+    if isinstance(data, pd.DataFrame):
+        source = "<DataFrame>"
+        loaded = load_frame(data, ReplaySpec(**spec_options), source)
+    elif isinstance(data, str | Path):
+        source = str(data)
+        loaded = load_replay(ReplaySpec(path=Path(data), **spec_options))
+    else:
+        raise TypeError(f"data must be a pandas DataFrame or a path, got {type(data).__name__}")
+    run = ReplayOptions(dead_letter=None, progress=bool(options.get("progress", False)),
+                        batch_size=int(options.get("batch_size", 2000)))
+    engine = Engine.from_config(config, Metrics(reasons=REASONS))
+    set_torch_threads(config.torch_threads)
+    collector = ResultCollector(config)
+    summary = execute(engine, loaded, source, run, Console(stderr=True), collector)
+    return collector.build(summary, source)

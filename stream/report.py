@@ -1,0 +1,344 @@
+"""The replay report: one self-contained HTML file to see where a model was wrong and where its intervals failed.
+
+Everything is inline — CSS in the page, figures as base64 PNG — so the file opens anywhere with no network and can
+be mailed or attached to a ticket. Sections:
+
+1. the run: source, series, observations, models, horizon, levels, calibrator;
+2. a summary table per model (:meth:`~tidecast.stream.result.ReplayResult.summary`), coverage off its target by
+   more than 0.02 flagged;
+3. coverage and mean width per horizon against each level's target;
+4. rolling coverage over time (all horizons, per model and level);
+5. for the series with the largest errors (highest mean MASE over the models; MAE where no scale exists) and any
+   asked for: actual against forecast with the bands at h = 1 and h = H, outcomes outside the widest band marked,
+   drift alarms and retrain promotions drawn as vertical lines, and a zoom on the largest h = 1 error;
+6. events per model, detector and kind; dead letters per reason.
+
+Plots use matplotlib's object API (no pyplot, no display needed).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from tidecast.stream.result import ReplayResult
+
+#: Largest report the tests accept; figures are sized so that a report of a few dozen series stays well below.
+MAX_BYTES = 5_000_000
+DPI = 90
+#: Coverage further than this from its target is flagged in the summary table.
+COVERAGE_TOLERANCE = 0.02
+_LINESTYLES = ("-", "--", ":", "-.")
+_EVENT_STYLE = {"drift": ("tab:orange", "--"), "retrain": ("tab:green", "-"), "promotion": ("tab:green", "-")}
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;
+       color: #222; padding: 0 1em; }
+h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 2em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f3f3f3; }
+td.off { color: #b00020; font-weight: 600; }
+figure { margin: 1em 0; } img { max-width: 100%; height: auto; }
+figcaption, .note { color: #555; font-size: 0.9em; }
+"""
+
+
+# -- drawing -----------------------------------------------------------------------------------------------
+def _colors(models: list[str]) -> dict[str, str]:
+    return {m: f"C{i % 10}" for i, m in enumerate(models)}
+
+
+def draw_forecast(ax: Axes, result: ReplayResult, series_id: str, models: list[str], h: int,
+                  window: tuple[pd.Timestamp, pd.Timestamp] | None = None, legend: bool = True) -> None:
+    """On ``ax``: the series' actual values, each model's ``h``-step forecast with every level's band, outcomes
+    outside the widest band, and the series' events; optionally only inside ``window``. Over a whole series the
+    misses are a rug along the bottom (one row per model: clusters of failures stand out and the data stays
+    visible); inside a window they are red dots on the outcomes."""
+    f = result.forecasts
+    rows = f[(f["unique_id"] == series_id) & (f["h"] == h) & f["model"].isin(models)]
+    actual = result.actuals[result.actuals["unique_id"] == series_id]
+    if window is not None:
+        rows = rows[(rows["ds"] >= window[0]) & (rows["ds"] <= window[1])]
+        actual = actual[(actual["ds"] >= window[0]) & (actual["ds"] <= window[1])]
+    colors = _colors(result.models)
+    widest = max(result.levels, key=float)
+    for row, model in enumerate(models):
+        mine = rows[rows["model"] == model].sort_values("ds")
+        if mine.empty:
+            continue
+        ds = mine["ds"].to_numpy()
+        for i, level in enumerate(sorted(result.levels, key=float, reverse=True)):
+            ax.fill_between(ds, mine[f"lo-{level}"].to_numpy(), mine[f"hi-{level}"].to_numpy(), color=colors[model],
+                            alpha=0.12 + 0.12 * i, linewidth=0, label=f"{model} {level} %")
+        ax.plot(ds, mine["mean"].to_numpy(), color=colors[model], linewidth=0.8, label=f"{model} h={h}")
+        y, lo, hi = (mine[c].to_numpy() for c in ("y", f"lo-{widest}", f"hi-{widest}"))
+        with np.errstate(invalid="ignore"):
+            out = np.isfinite(y) & ~((lo <= y) & (y <= hi))
+        if out.any() and window is None:
+            ax.plot(ds[out], np.full(int(out.sum()), 0.02 + 0.04 * row), "|", markersize=6, color=colors[model],
+                    transform=ax.get_xaxis_transform(), label=f"outside {model} {widest} % (rug)")
+        elif out.any():
+            ax.scatter(ds[out], y[out], s=8, color="tab:red", zorder=3, label=f"outside {model} {widest} %")
+    ax.plot(actual["ds"].to_numpy(), actual["y"].to_numpy(), color="black", linewidth=0.6, label="actual")
+    _draw_events(ax, result.events, series_id, models, window)
+    ax.set_title(f"{series_id} — {', '.join(models)}, h = {h}", fontsize=10)
+    ax.tick_params(labelsize=8)
+    if legend:
+        ax.legend(fontsize=7, loc="upper left", ncols=5)
+
+
+def _draw_events(ax: Axes, events: pd.DataFrame, series_id: str, models: list[str],
+                 window: tuple[pd.Timestamp, pd.Timestamp] | None) -> None:
+    mine = events[(events["unique_id"] == series_id)
+                  & (events["model"].isna() | events["model"].isin(models))]
+    if window is not None:
+        mine = mine[(mine["at"] >= window[0]) & (mine["at"] <= window[1])]
+    labelled: set[str] = set()
+    for _, event in mine.iterrows():
+        kind = str(event["kind"]) if pd.notna(event["kind"]) else "event"
+        family = next((k for k in _EVENT_STYLE if k in kind or k in str(event["detector"])), "drift")
+        color, style = _EVENT_STYLE[family]
+        label = f"{event['detector']} {kind}" if pd.notna(event["detector"]) else kind
+        ax.axvline(event["at"], color=color, linestyle=style, linewidth=1.0,
+                   label=None if label in labelled else label)
+        labelled.add(label)
+
+
+def _png(fig: Figure) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _per_horizon_figure(result: ReplayResult, by_horizon: pd.DataFrame) -> Figure:
+    fig = Figure(figsize=(11, 3.6), layout="constrained")
+    coverage_ax, width_ax = fig.subplots(1, 2)
+    colors = _colors(result.models)
+    for model, rows in by_horizon.groupby("model", observed=True):
+        for i, level in enumerate(result.levels):
+            style = _LINESTYLES[i % len(_LINESTYLES)]
+            coverage_ax.plot(rows["h"], rows[f"coverage-{level}"], color=colors[model], linestyle=style,
+                             marker=".", label=f"{model} {level} %")
+            width_ax.plot(rows["h"], rows[f"width-{level}"], color=colors[model], linestyle=style, marker=".",
+                          label=f"{model} {level} %")
+    for level, alpha in zip(result.levels, result.config.alphas, strict=True):
+        coverage_ax.axhline(1 - alpha, color="grey", linewidth=0.8, linestyle="--")
+        coverage_ax.annotate(f"target {level} %", (1, 1 - alpha), fontsize=7, color="grey",
+                             xytext=(2, 2), textcoords="offset points")
+    coverage_ax.set(title="Coverage by horizon (dashed: targets)", xlabel="h", ylabel="coverage")
+    width_ax.set(title="Mean interval width by horizon", xlabel="h", ylabel="width")
+    for ax in (coverage_ax, width_ax):
+        ax.legend(fontsize=7)
+        ax.tick_params(labelsize=8)
+    return fig
+
+
+def rolling_coverage(result: ReplayResult, bins: int = 150, smooth: int = 7) -> pd.DataFrame:
+    """Rolling coverage over time, per model and level: the data's span is cut into ``bins`` equal time spans,
+    and each span's value is the share of covered outcomes (all horizons and series) among the forecasts whose
+    targets fall in it and its ``smooth - 1`` neighbours. Columns ``model, level, ds`` (span start),
+    ``coverage``, ``n`` (scored steps in the span)."""
+    f = result.forecasts
+    scored = f[f["y"].notna()]
+    if scored.empty:
+        return pd.DataFrame(columns=["model", "level", "ds", "coverage", "n"])
+    edges = pd.date_range(scored["ds"].min(), scored["ds"].max(), periods=bins + 1)
+    span = pd.cut(scored["ds"], edges, include_lowest=True, labels=edges[:-1])
+    parts = []
+    y = scored["y"].to_numpy()
+    for level in result.levels:
+        lo, hi = scored[f"lo-{level}"].to_numpy(), scored[f"hi-{level}"].to_numpy()
+        with np.errstate(invalid="ignore"):
+            covered = (lo <= y) & (y <= hi)
+        table = pd.DataFrame({"model": scored["model"], "ds": span, "covered": covered})
+        grouped = table.groupby(["model", "ds"], observed=True)["covered"].agg(["sum", "size"]).reset_index()
+        for model, rows in grouped.groupby("model", observed=True):
+            hits = rows["sum"].rolling(smooth, center=True, min_periods=1).sum()
+            count = rows["size"].rolling(smooth, center=True, min_periods=1).sum()
+            parts.append(pd.DataFrame({"model": model, "level": level, "ds": rows["ds"], "coverage": hits / count,
+                                       "n": rows["size"]}))
+    out = pd.concat(parts, ignore_index=True)
+    out["ds"] = pd.to_datetime(out["ds"].astype("datetime64[ns, UTC]"))
+    return out[["model", "level", "ds", "coverage", "n"]]
+
+
+def _rolling_figure(result: ReplayResult) -> Figure:
+    table = rolling_coverage(result)
+    fig = Figure(figsize=(11, 3.4), layout="constrained")
+    ax = fig.add_subplot()
+    colors = _colors(result.models)
+    for i, level in enumerate(result.levels):
+        for model in result.models:
+            rows = table[(table["model"] == model) & (table["level"] == level)]
+            ax.plot(rows["ds"], rows["coverage"], color=colors[model], linestyle=_LINESTYLES[i % 4],
+                    linewidth=0.9, label=f"{model} {level} %")
+    for alpha in result.config.alphas:
+        ax.axhline(1 - alpha, color="grey", linewidth=0.8, linestyle="--")
+    events = result.events
+    for at in events["at"].dropna().tolist():
+        ax.axvline(at, color="tab:orange", linewidth=0.4, alpha=0.5)
+    ax.set(title="Coverage over time (targets dashed; orange: events)", ylabel="coverage")
+    ax.legend(fontsize=7, ncols=4)
+    ax.tick_params(labelsize=8)
+    return fig
+
+
+def _series_figure(result: ReplayResult, series_id: str) -> Figure:
+    models, horizon = result.models, result.horizon
+    steps = [1, horizon] if horizon > 1 else [1]
+    fig = Figure(figsize=(11, 2.6 * (len(steps) + 1)), layout="constrained")
+    axes = fig.subplots(len(steps) + 1, 1)
+    for i, (ax, h) in enumerate(zip(axes, steps, strict=False)):
+        draw_forecast(ax, result, series_id, models, h, legend=i == 0)  # one legend: the panels share it
+    draw_forecast(axes[-1], result, series_id, models, 1, window=_worst_window(result, series_id), legend=False)
+    axes[-1].set_title(f"{series_id} — around its largest h = 1 error", fontsize=10)
+    return fig
+
+
+def _worst_window(result: ReplayResult, series_id: str, steps: int = 240) -> tuple[pd.Timestamp, pd.Timestamp]:
+    f = result.forecasts
+    rows = f[(f["unique_id"] == series_id) & (f["h"] == 1) & f["y"].notna()]
+    actual = result.actuals[result.actuals["unique_id"] == series_id]["ds"]
+    if rows.empty:
+        return actual.iloc[0], actual.iloc[-1]
+    worst = rows["ds"].to_numpy()[np.argmax(np.abs(rows["y"].to_numpy() - rows["mean"].to_numpy()))]
+    step = actual.diff().median() if len(actual) > 1 else pd.Timedelta(0)
+    return pd.Timestamp(worst) - step * (steps * 2 // 3), pd.Timestamp(worst) + step * (steps // 3)
+
+
+def worst_series(result: ReplayResult, top: int) -> list[str]:
+    """The ``top`` series with the highest mean MASE over the models (MAE where no series has a scale)."""
+    per_series = result.summary("series")
+    score = "mase" if per_series["mase"].notna().any() else "mae"
+    ranked = per_series.groupby("unique_id", observed=True)[score].mean().sort_values(ascending=False)
+    return [str(s) for s in ranked.dropna().index[:top]]
+
+
+# -- the page ----------------------------------------------------------------------------------------------
+def _table(frame: pd.DataFrame) -> str:
+    """An HTML table; a ``coverage`` cell further than the tolerance from the row's ``target`` gets ``off``."""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = []
+    for _, row in frame.iterrows():
+        cells = []
+        for column, value in row.items():
+            css = ""
+            if column == "coverage" and np.isfinite(value) and abs(value - row["target"]) > COVERAGE_TOLERANCE:
+                css = ' class="off"'
+            cells.append(f"<td{css}>{html.escape(_fmt(value))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def interval_table(summary: pd.DataFrame, levels: list[str]) -> pd.DataFrame:
+    """The interval columns of a summary, one row per model and level: ``model, level, target, coverage,
+    width, interval_score``."""
+    keys = [c for c in summary.columns if c in ("model", "h", "unique_id")]
+    parts = [summary[keys].assign(level=f"{level} %", target=summary[f"target-{level}"],
+                                  coverage=summary[f"coverage-{level}"], width=summary[f"width-{level}"],
+                                  interval_score=summary[f"interval_score-{level}"]) for level in levels]
+    return pd.concat(parts, ignore_index=True).sort_values(keys, kind="stable")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float | np.floating):
+        if not np.isfinite(value):
+            return "–"
+        return f"{value:,.4g}" if abs(value) < 1e6 else f"{value:,.0f}"
+    if isinstance(value, int | np.integer):
+        return f"{value:,}"
+    return str(value)
+
+
+def _figure(fig: Figure, alt: str, caption: str) -> str:
+    return (f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{_png(fig)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _run_section(result: ReplayResult) -> str:
+    run, cfg = result.run, result.config
+    actuals = result.actuals
+    span = (f"{actuals['ds'].min():%Y-%m-%d %H:%M} → {actuals['ds'].max():%Y-%m-%d %H:%M} UTC"
+            if len(actuals) else "no observations")
+    items = {
+        "source": result.source,
+        "series": f"{actuals['unique_id'].nunique():,}",
+        "observations": f"{run.get('n_observations', len(actuals)):,}",
+        "time span": span,
+        "models": ", ".join(f"{alias} ({name})" if alias != name else alias for alias, name in cfg.lanes),
+        "horizon": f"{cfg.horizon} steps",
+        "interval levels": ", ".join(f"{level} %" for level in result.levels),
+        "calibrator": cfg.calibrator,
+        "forecast steps": f"{len(result.forecasts):,}",
+    }
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in items.items())
+    return f"<table><tbody>{rows}</tbody></table>"
+
+
+def _counts(frame: pd.DataFrame, keys: list[str], what: str) -> str:
+    if frame.empty:
+        return f'<p class="note">No {what}.</p>'
+    counts = frame.groupby(keys, dropna=False).size().rename("count").reset_index()
+    return _table(counts.sort_values("count", ascending=False))
+
+
+def render(result: ReplayResult, series: list[str] | None = None, top: int = 3) -> str:
+    """The report as one HTML string."""
+    summary = result.summary()
+    point = summary[["model", "n_forecasts", "n_scored", "n_no_interval", "mae", "rmse", "mase", "smape"]]
+    by_horizon = result.summary("horizon")
+    chosen = list(dict.fromkeys([*(series or []), *worst_series(result, top)]))
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>tidecast replay report — {html.escape(Path(result.source).name)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>tidecast replay report</h1>", _run_section(result),
+        "<h2>Summary per model</h2>",
+        '<p class="note">Prequential: each forecast scored once, when its outcome arrived. MASE: error over the '
+        "series' one-step in-sample seasonal-naive error up to the forecast's origin. sMAPE in percent. "
+        f"Coverage further than {COVERAGE_TOLERANCE} from its target in red; a step issued without an interval "
+        "counts as a miss.</p>",
+        _table(point), _table(interval_table(summary, result.levels)),
+        "<h2>Coverage and width by horizon</h2>",
+        _figure(_per_horizon_figure(result, by_horizon), "coverage and width by horizon",
+                "Left: share of outcomes inside each level's interval, per horizon; dashed: targets. "
+                "Right: mean width of the intervals that were given."),
+        "<h2>Coverage over time</h2>",
+        _figure(_rolling_figure(result), "coverage over time",
+                "Share of outcomes inside the interval among forecasts whose targets fall in each time span "
+                "(all horizons and series)."),
+        "<h2>Series</h2>",
+        f'<p class="note">{len(chosen)} series: '
+        + (f"asked for: {html.escape(', '.join(series))}; " if series else "")
+        + f"largest errors (mean MASE over models): {html.escape(', '.join(worst_series(result, top)))}. "
+          "Outcomes outside the widest band: a rug along the bottom (whole series) or red dots (zoom). Vertical "
+          "lines: drift alarms (dashed) and retrain promotions (solid).</p>",
+    ]
+    for series_id in chosen:
+        parts.append(f"<h3>{html.escape(series_id)}</h3>")
+        parts.append(_figure(_series_figure(result, series_id), f"forecasts of {series_id}",
+                             f"{series_id}: actual (black) and forecasts with bands at h = 1 and h = "
+                             f"{result.horizon}, outcomes outside the widest band as a rug along the bottom; "
+                             "last: the span around its largest h = 1 error, misses in red."))
+    parts += ["<h2>Events</h2>", _counts(result.events, ["model", "detector", "kind"], "drift or retrain events"),
+              "<h2>Dead letters</h2>", _counts(result.dead_letters, ["reason"], "dead letters"),
+              "</body></html>"]
+    return "\n".join(parts)
+
+
+def write_report(result: ReplayResult, path: Path, series: list[str] | None = None, top: int = 3) -> Path:
+    """Write :func:`render`'s page to ``path`` (folders created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render(result, series, top), encoding="utf-8")
+    return path

@@ -1,0 +1,147 @@
+"""Several interval levels at once (``--level 80,95``): one calibrator pass, every level pending, scored, exported
+as records and metrics; state saved before levels existed still restores."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tidecast.stream.batch import ObservationBatch
+from tidecast.stream.cli import main
+from tidecast.stream.config import EngineConfig
+from tidecast.stream.engine import Engine
+from tidecast.stream.settings import SettingsError
+from tidecast.stream.state import config_fingerprint
+
+HOUR = 3_600_000_000_000
+T0 = 1_467_331_200_000_000_000  # 2016-07-01T00:00Z
+
+
+def stream(n: int = 600, series: tuple[str, ...] = ("a", "b"), seed: int = 3) -> ObservationBatch:
+    rng = np.random.default_rng(seed)
+    t = np.repeat(np.arange(n), len(series))
+    ids = np.tile(np.array(series, dtype=object), n)
+    values = 10 + 3 * np.sin(2 * np.pi * t / 24) + rng.standard_t(4, t.size)
+    return ObservationBatch(ids, T0 + t * HOUR, values)
+
+
+def run(batches: list[ObservationBatch], **config) -> tuple[Engine, list]:
+    engine = Engine.from_config(EngineConfig(models=["seasonal-naive"], horizon=4, freq="1h",
+                                             model_params={"seasonal-naive": {"period": 24}}, **config))
+    return engine, [engine.process(b).forecasts for b in batches]
+
+
+def chunks(batch: ObservationBatch, size: int = 250) -> list[ObservationBatch]:
+    return [batch.take(np.arange(i, min(i + size, len(batch)))) for i in range(0, len(batch), size)]
+
+
+def test_every_level_is_learned_in_one_pass_exactly_as_alone():
+    """The calibrator's levels are independent targets: two levels in one pass give the bounds each level
+    gives on its own, and the first level is the record's lower/upper."""
+    data = chunks(stream())
+    engine, both = run(data, levels=[80, 95])
+    assert engine.lanes[0].calibrator.alphas_.tolist() == [0.2, 0.05]
+    _, only80 = run(data, alpha=0.2)
+    _, only95 = run(data, levels=[95])
+    for pair, a80, a95 in zip(both, only80, only95, strict=True):
+        assert pair.levels == ("80", "95") and pair.lowers.shape == (len(pair), 2)
+        np.testing.assert_array_equal(pair.lower, pair.lowers[:, 0])
+        np.testing.assert_array_equal(pair.lowers[:, 0], a80.lower)
+        np.testing.assert_array_equal(pair.uppers[:, 0], a80.upper)
+        np.testing.assert_array_equal(pair.lowers[:, 1], a95.lower)
+        np.testing.assert_array_equal(pair.uppers[:, 1], a95.upper)
+    frame = both[-1].to_frame()
+    assert ((frame["hi-95"] - frame["lo-95"]) > (frame["hi-80"] - frame["lo-80"])).mean() > 0.95
+
+
+def test_the_summary_and_the_metrics_report_each_level():
+    engine, _ = run(chunks(stream()), levels=[80, 95], coverage_window=100)  # rolling gauges: ~100 steps
+    scores = engine.summary()["models"]["seasonal-naive"]
+    assert set(scores["levels"]) == {"80", "95"}
+    assert scores["coverage"] == scores["levels"]["80"]["coverage"]
+    assert 0.75 < scores["levels"]["80"]["coverage"] < 0.85 and 0.92 < scores["levels"]["95"]["coverage"] < 0.98
+    assert scores["levels"]["95"]["mean_width"] > scores["levels"]["80"]["mean_width"]
+    assert scores["by_horizon"]["4"]["levels"]["95"]["target"] == pytest.approx(0.95)
+    registry = engine.metrics.registry
+    for level, target in (("80", 0.8), ("95", 0.95)):
+        assert registry.get_sample_value("tidecast_interval_target_coverage_ratio",
+                                         {"model": "seasonal-naive", "level": level}) == pytest.approx(target)
+        coverage = registry.get_sample_value("tidecast_interval_coverage_ratio",
+                                             {"model": "seasonal-naive", "horizon": "1", "level": level})
+        assert abs(coverage - target) < 0.1
+        assert registry.get_sample_value("tidecast_interval_width",
+                                         {"model": "seasonal-naive", "horizon": "4", "level": level}) > 0
+
+
+def test_state_saved_before_levels_existed_restores_and_continues_identically():
+    """Pending bounds used to have no level axis; such state, under the one-level configuration it was saved
+    with, continues exactly like the uninterrupted engine, and its fingerprint is unchanged."""
+    data = chunks(stream(), 300)
+    whole, _ = run(data[:2], alpha=0.1)
+    ids = sorted(whole.series_ids)
+    meta, arrays = whole.export_series(ids)
+    old = {k: (v[..., 0] if k.endswith(("pending/lower", "pending/upper")) else v) for k, v in arrays.items()}
+    assert old["seasonal-naive/pending/lower"].ndim == 3
+    restored, _ = run([], alpha=0.1)
+    restored.import_series(meta, old)
+    for batch in data[2:]:
+        a, b = whole.process(batch).forecasts, restored.process(batch).forecasts
+        np.testing.assert_array_equal(a.lower, b.lower)
+        np.testing.assert_array_equal(a.upper, b.upper)
+    assert whole.summary()["models"] == restored.summary()["models"]
+    assert "levels" not in config_fingerprint(EngineConfig().to_dict())  # old fingerprints still match
+    assert config_fingerprint(EngineConfig(levels=[80, 95]).to_dict())["levels"] == [80.0, 95.0]
+
+
+def test_levels_are_checked_and_alpha_is_their_one_level_shorthand():
+    assert EngineConfig(levels=[95, 80]).alpha == pytest.approx(0.05)  # the first level is lower/upper's
+    assert EngineConfig(alpha=0.05, levels=[95]).level_names == ["95"]
+    assert EngineConfig(alpha=0.025).level_names == ["97.5"]
+    for bad, message in (([80, 80], "twice"), ([0], "in \\(0, 100\\)"), ([], "at least one")):
+        with pytest.raises(SettingsError, match=message):
+            EngineConfig(levels=bad)
+
+
+def test_replay_command_takes_levels_and_refuses_a_contradicting_alpha(tmp_path, capsys):
+    path = tmp_path / "s.csv"
+    rows = stream(300, ("v",))
+    path.write_text("ds,v\n" + "".join(f"{t},{v}\n" for t, v in zip(rows.timestamps_ns // 10**9, rows.values,
+                                                                      strict=True)))
+    summary = tmp_path / "summary.json"
+    assert main(["replay", str(path), "--level", "80,95", "--horizon", "2", "--model-param",
+                 "seasonal-naive.period=24", "--no-progress", "--summary-json", str(summary), "--out",
+                 str(tmp_path / "f.csv"), "--dead-letter", str(tmp_path / "d.jsonl")]) == 0
+    scores = json.loads(summary.read_text())["models"]["seasonal-naive"]
+    assert set(scores["levels"]) == {"80", "95"}
+    assert "coverage 80" in capsys.readouterr().out
+    header = (tmp_path / "f.csv").read_text().splitlines()[0]
+    assert header.endswith("lower,upper,alpha,lo-80,hi-80,lo-95,hi-95")
+    assert main(["replay", str(path), "--level", "80,95", "--alpha", "0.05", "--no-progress"]) == 2
+    assert "--alpha 0.05 contradicts --level 80,95" in capsys.readouterr().err
+
+
+def test_a_calibrator_that_gives_one_level_is_refused_when_several_are_asked_for():
+    from tidecast.models.naive import SeasonalNaive
+    from tidecast.monitors.conformal.base import Calibrator
+    from tidecast.stream.engine import Lane
+
+    class OneLevel(Calibrator):
+        name = "one-level"
+
+        def resize(self, n_rows): ...
+
+        def update(self, rows, residuals, mask): ...
+
+        def interval(self, rows, means):
+            return means - 1, means + 1
+
+        def export_rows(self, rows):
+            return {}
+
+        def import_rows(self, rows, state): ...
+
+    with pytest.raises(ValueError, match="calibrator 'one-level' gives one interval level .* 2 were asked for"):
+        Lane(SeasonalNaive(period=2), OneLevel(3, (0.2, 0.05)), 3, (0.2, 0.05))
+    Lane(SeasonalNaive(period=2), OneLevel(3, 0.1), 3, 0.1)  # one level: fine
