@@ -75,7 +75,7 @@ def policies() -> dict[str, dict[str, Any]]:
     return {
         "static": {"model": static},
         "periodic": {"model": static, "retrain": dict(DRIFT_TRIGGERED, triggers=[], schedule=168,
-                                                      cooldown=0)},
+                                                      cooldown=0, budget=100)},
         "always-online": {"model": {"online": True}},
         "drift-triggered": {"model": static, "retrain": DRIFT_TRIGGERED},
         "d3a": {"model": static, "detector": "d3a",

@@ -254,6 +254,8 @@ class Retrainer:
             if st.job.done.is_set():
                 self._job_finished(engine, lane, st, when, events)
             return
+        if not getattr(lane.model, "fitted_", True):  # nothing to refit before the first fit
+            return
         start = st.restart or st.policy.poll(st.step)
         st.restart = None
         if start is None:
