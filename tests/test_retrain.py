@@ -273,3 +273,11 @@ def test_cfc_plugs_into_the_retrain_hook():
     assert done["steps"] >= 2
     after = candidate.forecast_many(rows, 3)
     assert np.isfinite(after).all() and not np.allclose(after, model.forecast_many(rows, 3))
+
+
+def test_no_job_before_the_first_fit():
+    engine = Engine.from_config(config(schedule=50, triggers=[], cooldown=0))
+    events, _ = feed(engine, phase_shifted(), 0, 300)
+    started = [e for e in events if e.detector == "retrain"]
+    assert started and all(e.kind != "failed" for e in started)
+    assert min((e.detected_at.timestamp() * 1e9 - T0) / HOUR for e in started) >= 240  # the warm start
