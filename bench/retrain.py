@@ -201,8 +201,8 @@ def score_a(values: np.ndarray, ats: np.ndarray, cycle: int, runs: dict[str, dic
 
 
 def part_a(dev: bool, names: list[str], which: tuple[str, ...] = ("synthetic", "etth2")) -> dict[str, dict]:
-    groups = [g for name, g in (("synthetic", lambda: synthetic(1 if dev else 0)), ("etth2", lambda: etth2(dev=dev)))
-              if name in which for g in [g()]]
+    builders = {"synthetic": lambda: synthetic(1 if dev else 0), "etth2": lambda: etth2(dev=dev)}
+    groups = [build() for name, build in builders.items() if name in which]
     per_group = []
     for group in groups:
         values, ats, _ = streams(group, seed=1 if dev else 0)
