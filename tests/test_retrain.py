@@ -281,3 +281,15 @@ def test_no_job_before_the_first_fit():
     started = [e for e in events if e.detector == "retrain"]
     assert started and all(e.kind != "failed" for e in started)
     assert min((e.detected_at.timestamp() * 1e9 - T0) / HOUR for e in started) >= 239  # the warm start fits at the 240th observation (tick 239)
+
+
+def test_gated_online_learning_promotes_only_through_the_gate():
+    engine = Engine.from_config(config(mode="online", schedule=48, triggers=[], cooldown=0, lambdas=[]))
+    events, _ = feed(engine, phase_shifted(), 0, SHIFT + 96)
+    kinds = [k for k, _ in retrain_events(events)]
+    assert kinds.count("retrain_started") >= 2 and "failed" not in kinds
+    assert kinds.count("retrain_started") - kinds.count("promoted") - kinds.count("rejected") <= 1
+    assert engine.lanes[0].model.online is False  # the served model stays frozen between gates
+    for e in events:
+        if e.detector == "retrain" and e.kind == "promoted":
+            assert e.statistic <= 0.98
