@@ -259,6 +259,8 @@ def model_spec(name: str, horizon: int) -> tuple[str, dict[str, Any], dict[str, 
         return "cyclenet", dict(cyclenet, online=True, **online), None
     if name == "cyclenet-retrain":
         return "cyclenet", dict(cyclenet, online=False), dict(DRIFT_TRIGGERED)
+    if name == "cyclenet-online-retrain":  # the online learner, with the drift-triggered policy on top
+        return "cyclenet", dict(cyclenet, online=True, **online), dict(DRIFT_TRIGGERED)
     cfc = dict(lookback=LOOKBACK, warm_start=3600, val_fraction=0.2, seed=0, defer=False)
     if name == "cfc-online":
         return "cfc", dict(cfc, mode="online"), None
@@ -304,7 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--horizons", default="1,24,48")
     parser.add_argument("--models", default="cyclenet-online,cyclenet-retrain,cfc-online,cyclenet-cfc")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--drift-params", default=None, help="JSON overriding the drift-triggered settings (dev)")
     args = parser.parse_args(argv)
+    if args.drift_params:
+        DRIFT_TRIGGERED.update(json.loads(args.drift_params))
     torch.set_num_threads(1)
     out: dict[str, Any] = {"policies": {}, "default_policy": "drift-triggered", "online_protocol": {},
                            "online_protocol_mae": {}}

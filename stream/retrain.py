@@ -149,7 +149,9 @@ class Shadow:
         self.done_steps = 0
         self.inc_err = np.zeros((len(candidates), n_rows))
         self.cand_err = np.zeros((len(candidates), n_rows))
-        self.resid = np.full((n_rows, steps, horizon), np.nan)  # the chosen candidate's matured residuals
+        # the chosen candidate's matured residuals, for the calibrators if it is promoted: float32, rows x steps x H
+        # x 4 bytes while a shadow runs (10,000 series, 48 steps, H = 24: 46 MB)
+        self.resid = np.full((n_rows, steps, horizon), np.nan, np.float32)
         self.n_resid = np.zeros(n_rows, np.int64)
 
     def _fit(self, n_rows: int) -> None:
@@ -157,7 +159,7 @@ class Shadow:
             extra = n_rows - self.inc_err.shape[1]
             self.inc_err = np.pad(self.inc_err, ((0, 0), (0, extra)))
             self.cand_err = np.pad(self.cand_err, ((0, 0), (0, extra)))
-            self.resid = np.concatenate([self.resid, np.full((extra, *self.resid.shape[1:]), np.nan)])
+            self.resid = np.concatenate([self.resid, np.full((extra, *self.resid.shape[1:]), np.nan, np.float32)])
             self.n_resid = np.pad(self.n_resid, (0, extra))
             for p in self.pending:
                 p.resize(n_rows)
@@ -206,7 +208,7 @@ class Shadow:
 
     def seed_residuals(self, rows: np.ndarray) -> np.ndarray:
         """The chosen candidate's residuals of ``rows``, oldest first, (n, T, H) (NaN where none)."""
-        return self.resid[rows, : int(min(self.steps, self.n_resid[rows].max(initial=0)))]
+        return self.resid[rows, : int(min(self.steps, self.n_resid[rows].max(initial=0)))].astype(float)
 
 
 class LaneRetrain:
