@@ -630,6 +630,9 @@ class Engine:
         seed = getattr(lane.calibrator, "seed", None)
         if seed is not None and residuals.shape[1] and rows.size:
             seed(rows, residuals)
+            pool = getattr(lane, "pool", None)  # a lane pool for young cells restarts with them
+            if pool is not None:
+                pool.restart(rows)
         for monitor in lane.monitors:
             monitor.reset_rows(rows)
 
