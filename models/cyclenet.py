@@ -516,7 +516,7 @@ class CycleNetForecaster(BatchForecaster):
     #: Per-row state a refit learns (kept when a candidate's rows are re-synced from its incumbent).
     learned_row_keys = ("cycle_row", "cycle_adam_m", "cycle_adam_v")
 
-    def refit(self, recent: int, epochs: int = 5, lr: float = 1e-3, cycle_lr: float = 1e-2,
+    def refit(self, recent: int, epochs: int = 5, lr: float = 1e-4, cycle_lr: float = 3e-3,
               batch_size: int = 64) -> dict[str, Any]:
         """Fine-tune this (copied) model in place on the windows ending in each served row's last ``recent``
         steps, warm-started from its weights: ``epochs`` reshuffled passes of Adam (fresh moments) on backbone and

@@ -121,7 +121,7 @@ class RetrainPolicy(Params):
 
     def __init__(self, triggers: tuple[str, ...] | None = None, min_alarm_rows: int = 1, min_fresh: int = 48,
                  cooldown: int = 168, budget: int = 4, budget_window: int = 2000, schedule: int | None = None,
-                 shadow_steps: int = 48, margin: float = 0.02, flip_margin: float = 0.1,
+                 shadow_steps: int = 96, margin: float = 0.02, flip_margin: float = 0.1,
                  flip_budget: float = 0.5) -> None:
         self.triggers = triggers
         self.min_alarm_rows = min_alarm_rows

@@ -72,7 +72,7 @@ class RetrainSettings:
 
     policy: RetrainPolicy = field(default_factory=RetrainPolicy)
     mode: str = "refit"
-    history: int = 168
+    history: int = 336
     epochs: int = 5
     lambdas: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     refit_params: dict[str, Any] = field(default_factory=dict)
