@@ -58,10 +58,7 @@ class RetrainEvent(DriftEvent):
     reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        out = {**super().to_dict(), "version": self.version, "reason": self.reason}
-        if not np.isfinite(out["statistic"]):  # no shadow ratio (started, failed): null, not a non-JSON NaN
-            out["statistic"] = None
-        return out
+        return {**super().to_dict(), "version": self.version, "reason": self.reason}
 
 
 @dataclass
