@@ -208,15 +208,12 @@ class EngineConfig:
             raise SettingsError(f"{err} (from --calibrator-param or [calibrator_params])") from None
         object.__setattr__(self, "calibrator_params", params)
         object.__setattr__(self, "drift_params", self._checked_drift_params())
-        if self.retrain == "on":
-            from tidecast.stream.retrain import retrain_settings
+        from tidecast.stream.retrain import retrain_settings
 
-            try:
-                retrain_settings(self.retrain_params)
-            except (TypeError, ValueError) as err:
-                raise SettingsError(f"{err} (from --retrain-param or [retrain_params])") from None
-        elif self.retrain_params:
-            raise SettingsError("retrain parameters given, but --retrain is off")
+        try:  # checked even while --retrain is off, so a file that turns it on later holds no surprise
+            retrain_settings(self.retrain_params)
+        except (TypeError, ValueError) as err:
+            raise SettingsError(f"{err} (from --retrain-param or [retrain_params])") from None
 
     def _settle_levels(self) -> None:
         """``alpha`` is the first level's: from ``levels`` when given (a contradicting ``alpha`` is an error)."""

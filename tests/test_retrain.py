@@ -124,7 +124,7 @@ def test_settings_check_retrain_params():
     with pytest.raises(SettingsError, match="retrain"):
         config(min_fresh=-1)
     with pytest.raises(SettingsError, match="retrain"):
-        EngineConfig(models=["seasonal-naive"], retrain_params={"min_fresh": 3})  # --retrain off
+        EngineConfig(models=["seasonal-naive"], retrain_params={"no_such_key": 3})  # checked while off too
 
 
 # -- in the engine ------------------------------------------------------------------------------------------

@@ -87,6 +87,7 @@ def _sample(s) -> tuple[Any, Any, str | list[str]]:
         "calibrator": ("aci", "aci", "aci"),
         "levels": ([80.0, 95.0], [80, 95], "80,95"),
         "drift_params": ({"h": 20.0}, {"h": 20.0}, "h=20"),
+        "retrain_params": ({"min_fresh": 12}, {"min_fresh": 12}, "min_fresh=12"),
     }
     if s.field in special:
         return special[s.field]
