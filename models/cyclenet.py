@@ -706,6 +706,68 @@ class CycleNetForecaster(BatchForecaster):
             state[key] = torch.cat([state[key], torch.zeros(new.shape[0], extra)], dim=1)
         self._opt.state[new] = state
 
+    # -- retraining (the engine's hook: stream/retrain.py) ---------------------------------------------------
+
+    #: Per-row state a refit learns (kept when a candidate's rows are re-synced from its incumbent).
+    learned_row_keys = ("cycle_row", "cycle_adam_m", "cycle_adam_v")
+
+    def refit(self, recent: int, epochs: int = 5, lr: float = 1e-4, cycle_lr: float = 3e-3,
+              batch_size: int = 64) -> dict[str, Any]:
+        """Fine-tune this (copied) model in place on the windows ending in each served row's last ``recent``
+        steps, warm-started from its weights: ``epochs`` reshuffled passes of Adam (fresh moments) on backbone and
+        cycle table, then publish. Returns what it did."""
+        with self._train_lock:
+            with self._lock:
+                if self.net_ is None:
+                    raise ValueError("not fitted yet: nothing to refit")
+                rows = np.flatnonzero(self._ready[: self.n_rows_])
+                counts = np.minimum(self._replayable(rows), max(int(recent), 1))
+                rows, counts = rows[counts > 0], counts[counts > 0]
+                if self._trainer.channels < self.net_.channels:
+                    self._grow_trainer(self.net_.channels)
+            if not rows.size:
+                raise ValueError("no complete window since the change point")
+            pair_rows = np.repeat(rows, counts)
+            ages = np.concatenate([np.arange(c) for c in counts])
+            groups = [{"params": list(self._trainer.backbone.parameters()), "lr": lr},
+                      {"params": [self._trainer.cycle_table], "lr": cycle_lr}]
+            opt = make_adam(groups)
+            steps = 0
+            for _ in range(epochs):
+                order = self._rng.permutation(pair_rows.size)
+                for start in range(0, order.size, batch_size):
+                    pick = order[start : start + batch_size]
+                    x, y, phase, cols = self._windows_at(pair_rows[pick], ages[pick])
+                    loss = torch.mean((self._trainer(x, phase, cols) - y) ** 2)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    steps += 1
+            with self._lock, torch.no_grad():
+                for dst, src in zip(self.net_.parameters(), self._trainer.parameters(), strict=True):
+                    dst[..., : src.shape[-1]] = src
+        return {"windows": int(pair_rows.size), "steps": steps}
+
+    def _windows_at(self, rows: np.ndarray, ages: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """Standardised (input, target, phase, column) of the windows ``ages`` steps before each row's newest."""
+        w = self._window
+        idx = (self._pos[rows, None] - ages[:, None] - w + np.arange(w)) % self._ring
+        values = (self._hist[rows[:, None], idx] - self._mean[rows, None]) / self._scale[rows, None]
+        values = torch.from_numpy(values.astype(np.float32))[:, :, None]
+        phase = torch.from_numpy((self._last_tick[rows] - ages - w + 1) % self.cycle_)
+        return values[:, : self.lookback], values[:, self.lookback :], phase, torch.from_numpy(rows)[:, None]
+
+    def blend(self, other: CycleNetForecaster, weight: float) -> None:
+        """Backward-compatible weight interpolation (BCWI): every weight becomes ``weight * mine + (1 - weight) *
+        other's`` (backbone and cycle table; ``other`` is the incumbent this model was copied from)."""
+        with self._train_lock, self._lock, other._lock, torch.no_grad():
+            if other.net_ is None or self.net_ is None:
+                raise ValueError("both models must be fitted to blend")
+            for net in (self.net_, self._trainer):
+                for mine, theirs in zip(net.parameters(), other.net_.parameters(), strict=True):
+                    k = min(mine.shape[-1], theirs.shape[-1])
+                    mine[..., :k] = weight * mine[..., :k] + (1.0 - weight) * theirs[..., :k]
+
     # -- forecasting ------------------------------------------------------------------------------------
 
     def forecast_many(self, rows: np.ndarray, horizon: int) -> np.ndarray:

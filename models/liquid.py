@@ -736,6 +736,60 @@ class CfCForecaster(BatchForecaster):
         update = lr * (m / (1 - b1**step)) / (np.sqrt(v / (1 - b2**step)) + _ADAM_EPS)
         self._q[uniq] -= update.astype(np.float32)
 
+    # -- retraining (the engine's hook: stream/retrain.py) ---------------------------------------------------
+
+    #: Per-row state a refit learns (kept when a candidate's rows are re-synced from its incumbent).
+    learned_row_keys = ("cycle_row", "cycle_adam_m", "cycle_adam_v", "cycle_adam_step")
+
+    def refit(self, recent: int, epochs: int = 5, lr: float = 1e-3, batch_size: int = 64) -> dict[str, Any]:
+        """Fine-tune this (copied) model in place on the windows whose targets lie in each served row's last
+        ``recent`` ticks, warm-started from its weights: ``epochs`` reshuffled passes of Adam (fresh moments; cycle
+        rows by their lazy Adam), then publish and re-encode the rows' states with the new weights."""
+        with self._train_lock:
+            with self._lock:
+                if self.net_ is None:
+                    raise ValueError("not fitted yet: nothing to refit")
+                rows = np.flatnonzero(self._ready[: self.n_rows_])
+                counts = np.minimum(self._windows(rows), max(int(recent), 1))
+                rows, counts = rows[counts > 0], counts[counts > 0]
+            if not rows.size:
+                raise ValueError("no complete window since the change point")
+            trainer = copy.deepcopy(self.net_)
+            trainer.train()
+            opt = torch.optim.Adam(trainer.parameters(), lr=lr)
+            pair_rows = np.repeat(rows, counts)
+            ages = np.concatenate([np.arange(c) for c in counts])
+            steps = 0
+            for _ in range(epochs):
+                order = self._rng.permutation(pair_rows.size)
+                for start in range(0, order.size, batch_size):
+                    pick = order[start : start + batch_size]
+                    r, age = pair_rows[pick], ages[pick]
+                    with self._lock:
+                        ticks = ((self._last_tick[r] - self.horizon - age)[:, None] - self.lookback + 1
+                                 + np.arange(self._window))
+                        z = self._window_z(self._hist[r[:, None], ticks % self._ring], *self._stats(r, ticks))
+                        q0 = self._q[r].copy() if self.cycle_ else None
+                    ok = np.isfinite(z[:, self.lookback - 1]) & np.isfinite(z[:, self.lookback :]).any(axis=1)
+                    if not ok.any():
+                        continue
+                    q = torch.tensor(q0[ok], requires_grad=True) if q0 is not None else None
+                    loss = self._window_loss(trainer, z[ok], ticks[ok], q, self.cycle_, self.online_huber)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    steps += 1
+                    if q is not None:
+                        with self._lock:
+                            self._cycle_step(r[ok], q.grad.numpy())
+            with self._lock, torch.no_grad():
+                for dst, src in zip(self.net_.parameters(), trainer.parameters(), strict=True):
+                    dst.copy_(src)
+                if self._learns:
+                    self._new_trainer()
+                self._encode(rows)
+        return {"windows": int(pair_rows.size), "steps": steps}
+
     # -- forecasting ------------------------------------------------------------------------------------
 
     def forecast_many(self, rows: np.ndarray, horizon: int) -> np.ndarray:

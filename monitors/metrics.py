@@ -65,6 +65,18 @@ class Metrics:
         self.drift_alarms = Counter(
             "tidecast_drift_alarms", "Drift alarms raised on a series' model, by lane and watcher.",
             ["model", "detector"], registry=r)
+        self.retrains = Counter(
+            "tidecast_retrains", "Retrain jobs of a lane's model by outcome: started, promoted, rejected, failed.",
+            ["model", "outcome"], registry=r)
+        self.model_version = Gauge(
+            "tidecast_model_version", "Version of a lane's model: promotions of retrained candidates so far.",
+            ["model"], registry=r)
+        self.retrain_seconds = Histogram(
+            "tidecast_retrain_seconds", "Time a retrain job spent fitting its candidate.",
+            buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300, 900), registry=r)
+        self.shadow_error_ratio = Gauge(
+            "tidecast_shadow_error_ratio", "The last shadow gate's squared error of the candidate over the "
+            "incumbent's (below 1: the candidate was better).", ["model"], registry=r)
         self.series_drifting = Gauge(
             "tidecast_series_drifting", "Series whose model raised a drift alarm within the last drift_window steps "
             "of their own grid.", ["model"], registry=r)

@@ -181,6 +181,13 @@ class EngineConfig:
         parse=partial(parse_key_values, what="bootstrap watcher parameter", nested=False))
     drift_window: int = setting(168, "a series counts as drifting (tidecast_series_drifting) for this many steps of "
                                 "its own grid after a drift alarm", group=ENGINE, check=at_least(1))
+    retrain: str = setting("off", "retrain each lane's model under drift: alarms start a refit, a shadow gate "
+                           "promotes or rejects it (on); off: never", group=ENGINE, choices=("off", "on"))
+    retrain_params: dict[str, Any] = setting(
+        {}, "retrain policy parameter KEY=VALUE (VALUE is JSON; RetrainPolicy's and mode, history, epochs, "
+            "lambdas), repeated; in the file: a [retrain_params] table", group=ENGINE, name="retrain_param",
+        key="retrain_params", repeat=True, sep=None, metavar="KEY=VALUE",
+        parse=partial(parse_key_values, what="retrain parameter", nested=False))
     maintenance_budget_seconds: float = setting(0.05, "time given to deferred model work (fitting) between batches",
                                                 group=ENGINE, check=at_least(0))
     torch_threads: int = setting(1, "torch intra-op threads", group=ENGINE, check=at_least(1))
@@ -208,6 +215,12 @@ class EngineConfig:
         object.__setattr__(self, "calibrator_params", params)
         object.__setattr__(self, "drift_params", self._checked_drift_params())
         object.__setattr__(self, "bootstrap_params", self._checked_bootstrap_params())
+        from tidecast.stream.retrain import retrain_settings
+
+        try:  # checked even while --retrain is off, so a file that turns it on later holds no surprise
+            retrain_settings(self.retrain_params)
+        except (TypeError, ValueError) as err:
+            raise SettingsError(f"{err} (from --retrain-param or [retrain_params])") from None
 
     def _settle_levels(self) -> None:
         """``alpha`` is the first level's: from ``levels`` when given (a contradicting ``alpha`` is an error)."""

@@ -79,6 +79,7 @@ from tidecast.stream.batch import ActualBatch, ForecastBatch, ObservationBatch, 
 from tidecast.stream.config import STEP_WINDOW, EngineConfig
 from tidecast.stream.pending import PendingForecasts
 from tidecast.stream.records import REASONS, from_ns, out_of_range
+from tidecast.stream.retrain import Retrainer, retrain_settings
 
 log = logging.getLogger(__name__)
 
@@ -240,10 +241,18 @@ class _Events:
 class Engine:
     """Per-series state plus one :class:`Lane` per model; see the module docstring for the rules."""
 
-    def __init__(self, config: EngineConfig, lanes: list[Lane], metrics: Metrics | None = None) -> None:
+    def __init__(self, config: EngineConfig, lanes: list[Lane], metrics: Metrics | None = None,
+                 retrainer: Retrainer | None = None) -> None:
         self.config = config
         self.lanes = lanes
         self.metrics = metrics if metrics is not None else Metrics(reasons=REASONS)
+        self.retrainer = retrainer
+        if retrainer is not None:
+            for lane in lanes:
+                if lane.name in retrainer:  # export zeros: absent != never retrained
+                    for outcome in ("started", "promoted", "rejected", "failed"):
+                        self.metrics.retrains.labels(model=lane.name, outcome=outcome)
+                    self.metrics.model_version.labels(model=lane.name).set(retrainer.version(lane.name))
         self._allowed = set(config.allowed_series) if config.allowed_series is not None else None
         self._step = config.step_ns
         self._gap_limit = config.gap_limit
@@ -283,7 +292,10 @@ class Engine:
                 monitors=drift_monitors(config) + bootstrap_monitors(forecaster, config.horizon,
                                                                      **config.bootstrap_params),
             ))
-        return cls(config, lanes, metrics)
+        retrainer = None
+        if config.retrain == "on":
+            retrainer = Retrainer({alias: retrain_settings(config.retrain_params) for alias, _ in config.lanes})
+        return cls(config, lanes, metrics, retrainer)
 
     # -- series table -----------------------------------------------------------------------------
     @property
@@ -516,10 +528,21 @@ class Engine:
                 for monitor in lane.monitors:  # label-based watchers see what matured
                     self._alarms(monitor.matured(r_rows, r_ticks, y, mean, lower[..., 0], upper[..., 0], valid),
                                  r_rows, t_ns, lane, monitor, events)
+            shadow = self.retrainer.candidates(lane.name) if self.retrainer is not None else None
+            if shadow is not None:
+                if reset_rows is not None:
+                    for model, pending in zip(shadow.candidates, shadow.pending, strict=True):
+                        model.reset_rows(reset_rows)
+                        pending.invalidate(reset_rows)
+                if len(r_rows):  # the candidates' forecasts that matured, on the incumbent's cells
+                    shadow.score(r_rows, r_ticks, y, mean, valid)
+                shadow.learn(rows, ticks, values, filled)
             lane.model.learn_many(rows, ticks, values, filled=filled)  # 2. learn (filled gap ticks included)
             lane.pool.observe(rows, values)
             if not len(r_rows):
                 continue
+            if shadow is not None:  # never emitted: scored against the incumbent only
+                shadow.forecast(r_rows, r_ticks, horizon)
             forecast = lane.model.forecast_many(r_rows, horizon)  # 3. forecast
             lane.seed_calibrator(horizon)  # residuals the model handed over since the last round
             lower, upper = lane.interval(r_rows, forecast)  # 4. interval per level (NaN: none yet)
@@ -532,6 +555,8 @@ class Engine:
                 self._alarms(monitor.issued(r_rows, r_ticks, forecast, lower[..., 0], upper[..., 0]), r_rows, t_ns,
                              lane, monitor, events)
             outputs.append((lane.name, r_rows, r_ticks, t_ns, forecast, lower, upper))
+            if self.retrainer is not None and lane.name in self.retrainer:  # 5b. retrain decisions
+                self.retrainer.end_round(self, lane, from_epoch_ns(int(t_ns.max())), events)
 
     def _actuals(self, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> ActualBatch:
         if not parts:
@@ -545,6 +570,8 @@ class Engine:
         if not len(alarms):
             return
         at = t_ns[alarms.positions(rows)]
+        if self.retrainer is not None and getattr(lane.model, "fitted_", True):  # alarms before a fit: nothing to refit
+            self.retrainer.alarms(lane.name, monitor.detector, len(alarms))
         events.extend(DriftEvent(str(self._ids[r]), lane.name, monitor.detector, str(k), from_epoch_ns(int(t)),
                                  float(s))
                       for r, k, s, t in zip(alarms.rows.tolist(), alarms.kind.tolist(), alarms.statistic.tolist(),
@@ -622,7 +649,64 @@ class Engine:
         started = time.perf_counter()
         for lane in self.lanes:
             lane.model.maintenance(budget / len(self.lanes))
+            shadow = self.retrainer.candidates(lane.name) if self.retrainer is not None else None
+            for candidate in shadow.candidates if shadow is not None else ():
+                candidate.maintenance(budget / len(self.lanes))
+        if self.retrainer is not None:
+            self.retrainer.maintenance()
         self.metrics.maintenance.observe(time.perf_counter() - started)
+
+    # -- retraining ---------------------------------------------------------------------------------
+    def live_rows(self) -> np.ndarray:
+        """Table rows of the series this engine holds, in slot order."""
+        return np.sort(np.fromiter(self._slot_of.values(), np.int64, len(self._slot_of)))
+
+    @property
+    def capacity(self) -> int:
+        return self._cap
+
+    def promote(self, lane: Lane, model: BatchForecaster, rows: np.ndarray, residuals: np.ndarray) -> None:
+        """``model`` replaces the lane's: calibrators seeded from its shadow residuals ``(rows, T, H)``, the lane's
+        watchers started afresh (their references were the old model's)."""
+        model.resize(self._cap)
+        lane.model = model
+        seed = getattr(lane.calibrator, "seed", None)
+        if seed is not None and residuals.shape[1] and rows.size:
+            seed(rows, residuals)
+            pool = getattr(lane, "pool", None)  # a lane pool for young cells restarts with them
+            if pool is not None:
+                pool.restart(rows)
+        for monitor in lane.monitors:
+            monitor.reset_rows(rows)
+
+    def adopt_newer(self, shared: dict[str, tuple[ArrayDict, dict[str, Any]]]) -> list[str]:
+        """Take the shared state (e.g. the backbone) of each retrained lane whose version in ``shared`` is newer than
+        this engine's - a checkpoint of partitions this member was just assigned, written by a member that promoted
+        a candidate. The per-row state of the series held here stays theirs. Returns the lanes adopted."""
+        adopted = []
+        for lane in self.lanes:
+            if self.retrainer is None or lane.name not in self.retrainer or lane.name not in shared:
+                continue
+            arrays, meta = shared[lane.name]
+            theirs = int(((meta.get("retrain") or {}).get("policy") or {}).get("version", 0))
+            if theirs <= self.retrainer.version(lane.name):
+                continue
+            rows = self.live_rows()
+            own = lane.model.export_rows(rows) if rows.size else {}
+            lane.model.import_shared(arrays, {k: v for k, v in meta.items() if k != "retrain"})
+            lane.model.resize(self._cap)
+            if rows.size:
+                lane.model.import_rows(rows, own)
+            self.retrainer.adopt(lane.name, theirs)
+            self.metrics.model_version.labels(model=lane.name).set(theirs)
+            adopted.append(lane.name)
+        return adopted
+
+    def model_versions(self) -> dict[str, int]:
+        """Each retrained lane's model version (promotions so far)."""
+        if self.retrainer is None:
+            return {}
+        return {lane.name: self.retrainer.version(lane.name) for lane in self.lanes if lane.name in self.retrainer}
 
     # -- reading ----------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -669,6 +753,8 @@ class Engine:
                     raise ValueError(f"cannot restore series {sid!r}: not accepted by this engine's config")
             rows.append(slot)
         self._import_rows(np.array(rows, dtype=np.int64), arrays)
+        if self.retrainer is not None and rows:
+            self.retrainer.abort("series restored")
 
     def _import_rows(self, rows: np.ndarray, arrays: ArrayDict) -> None:
         arrays = _upgrade_engine_arrays(arrays, len(rows))
@@ -686,6 +772,8 @@ class Engine:
             return
         for lane in self.lanes:
             lane.model.drop_rows(rows)
+        if self.retrainer is not None:
+            self.retrainer.abort("series dropped")
         self._import_rows(rows, {k: np.repeat(v, len(rows), axis=0) for k, v in self._blank.items()})
         self._ids[rows] = None
         self._free.extend(rows.tolist())
@@ -693,12 +781,23 @@ class Engine:
 
     def export_shared(self) -> dict[str, tuple[ArrayDict, dict[str, Any]]]:
         """Per-model shared state (e.g. a backbone's weights), keyed by model name."""
-        return {lane.name: lane.model.export_shared() for lane in self.lanes}
+        out = {}
+        for lane in self.lanes:
+            arrays, meta = lane.model.export_shared()
+            retrain = self.retrainer.export_state(lane.name) if self.retrainer is not None else None
+            out[lane.name] = (arrays, meta if retrain is None else {**meta, "retrain": retrain})
+        return out
 
     def import_shared(self, shared: dict[str, tuple[ArrayDict, dict[str, Any]]]) -> None:
         for lane in self.lanes:
             if lane.name in shared:
-                lane.model.import_shared(*shared[lane.name])
+                arrays, meta = shared[lane.name]
+                model_meta = {k: v for k, v in meta.items() if k != "retrain"}
+                if model_meta or arrays:
+                    lane.model.import_shared(arrays, model_meta)
+                if self.retrainer is not None:
+                    self.retrainer.import_state(lane.name, meta.get("retrain"))
+                    self.metrics.model_version.labels(model=lane.name).set(self.retrainer.version(lane.name))
 
     def applied_positions(self) -> dict[str, tuple[int, int]]:
         """Last applied (partition, offset) per series (-1, -1 if none)."""

@@ -369,10 +369,15 @@ class PartitionTable:
         # Import in the exporter's slot order: a process restoring its own state gets the same rows back,
         # which keeps any row-indexed shared state (e.g. a replay buffer) pointing at the right series.
         rows = rows.take(np.argsort([m.get("slot", 0) for m in rows.meta], kind="stable"))
+        shared = _newest_shared(found)
         if not self.engine.series_ids:
-            shared = _newest_shared(found)
             if shared:
                 self.engine.import_shared(shared)
+        elif shared:  # a member already serving adopts a newer retrained model version (README: versions)
+            adopted = self.engine.adopt_newer(shared)
+            if adopted:
+                log.info("adopted newer model versions of %s from partitions %s", adopted,
+                         sorted(s.partition for s in found))
         self.engine.import_series([{"series_id": m["series_id"]} for m in rows.meta], rows.arrays)
         self.metrics.restored_series.inc(len(rows))
         log.info("restored %d series of partitions %s", len(rows), sorted(s.partition for s in found))

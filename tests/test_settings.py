@@ -88,6 +88,7 @@ def _sample(s) -> tuple[Any, Any, str | list[str]]:
         "levels": ([80.0, 95.0], [80, 95], "80,95"),
         "drift_params": ({"h": 20.0}, {"h": 20.0}, "h=20"),
         "bootstrap_params": ({"threshold": 6.0}, {"threshold": 6.0}, "threshold=6"),
+        "retrain_params": ({"min_fresh": 12}, {"min_fresh": 12}, "min_fresh=12"),
     }
     if s.field in special:
         return special[s.field]

@@ -1,0 +1,206 @@
+"""The retrain policy of one lane: when to refit its model, and whether a refitted candidate may replace it.
+
+Pure: it sees counts and errors (arrays in, decisions out) and never touches a model; the engine
+(:mod:`tidecast.stream.retrain`) applies its decisions. Time is counted in the lane's *steps* (engine rounds in which
+the lane received observations), so a replay takes the same decisions whatever the machine's speed.
+
+The rule, in plain words:
+
+* **Trigger.** A drift alarm of a watched detector (``triggers``; ``None``: every detector, e.g. ``cusum``,
+  ``bootstrap``) marks a *change point*, the step of the first alarm since the last job. ``schedule`` (steps)
+  adds a periodic trigger.
+* **Wait for fresh data.** A job starts only ``min_fresh`` steps after the change point (a refit on two points of
+  the new regime learns nothing), ``cooldown`` steps after the last job started, and while fewer than
+  ``budget`` jobs started in the last ``budget_window`` steps.
+* **Shadow gate.** The candidate forecasts beside the incumbent on the next ``shadow_steps`` matured steps
+  (prequential: only forecasts whose targets arrived). It is promoted only if its squared error over them is
+  lower by ``margin`` (ratio <= 1 - margin) *and* the share of series whose own error it makes worse by more than
+  ``flip_margin`` ("negative flips") is at most ``flip_budget``; otherwise it is rejected, with the reason.
+
+>>> import numpy as np
+>>> policy = RetrainPolicy(min_fresh=10, cooldown=50)
+>>> policy.alarm(step=100, detector="cusum", n_rows=3)
+>>> policy.poll(105) is None  # 5 steps of the new regime: too few
+True
+>>> policy.poll(110)
+StartJob(reason='alarm:cusum', change_step=100, step=110)
+>>> policy.gate(np.array([1.0, 1.0, 1.0]), np.array([0.5, 0.6, 0.9]))
+Promote(reason='error ratio 0.667, 0.00 of series worse', ratio=0.6666666666666666, worse_share=0.0)
+>>> policy.version_
+1
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tidecast.models.base import Params
+
+__all__ = ["Fail", "Promote", "Reject", "RetrainPolicy", "StartJob", "gate_errors"]
+
+NO_STEP = -1
+
+
+@dataclass(frozen=True)
+class StartJob:
+    """Refit the lane's model: ``change_step`` is where the data of the new regime starts (``-1``: schedule)."""
+
+    reason: str
+    change_step: int
+    step: int
+
+
+@dataclass(frozen=True)
+class Promote:
+    """The candidate replaces the incumbent (``ratio``: its squared error over the incumbent's in the shadow)."""
+
+    reason: str
+    ratio: float
+    worse_share: float
+
+
+@dataclass(frozen=True)
+class Reject:
+    """The candidate is discarded (rollback); ``reason`` says which rule it failed."""
+
+    reason: str
+    ratio: float
+    worse_share: float
+
+
+@dataclass(frozen=True)
+class Fail:
+    """The job raised or produced no usable model."""
+
+    reason: str
+
+
+def gate_errors(incumbent: np.ndarray, candidate: np.ndarray, flip_margin: float) -> tuple[float, float]:
+    """``(ratio, worse_share)`` of per-series summed squared errors over the same matured cells: the candidate's
+    total over the incumbent's, and the share of series (with any error) it makes worse by more than ``flip_margin``.
+
+    >>> gate_errors(np.array([1.0, 2.0]), np.array([1.5, 1.0]), 0.1)
+    (0.8333333333333334, 0.5)
+    """
+    incumbent, candidate = np.asarray(incumbent, float), np.asarray(candidate, float)
+    scored = incumbent + candidate > 0
+    total = float(incumbent[scored].sum())
+    ratio = float(candidate[scored].sum()) / total if total > 0 else (1.0 if not scored.any() else np.inf)
+    worse = candidate[scored] > incumbent[scored] * (1.0 + flip_margin)
+    return ratio, float(worse.mean()) if worse.size else 0.0
+
+
+class RetrainPolicy(Params):
+    """When to start a refit of one lane's model and whether to promote its candidate (see the module docstring).
+
+    Parameters
+    ----------
+    triggers
+        Detector names whose alarms start a job (``None``: all).
+    min_alarm_rows
+        Alarmed series needed in one step to mark a change point.
+    min_fresh
+        Steps of data after the change point before a job starts.
+    cooldown
+        Steps between two job starts.
+    budget, budget_window
+        At most ``budget`` job starts in any ``budget_window`` steps.
+    schedule
+        Start a job every ``schedule`` steps as well (``None``: only alarms).
+    shadow_steps
+        Matured steps the candidate is scored on beside the incumbent (K).
+    margin
+        The candidate's error must be at most ``1 - margin`` times the incumbent's.
+    flip_margin, flip_budget
+        A series is a negative flip if the candidate's error on it exceeds the incumbent's by more than
+        ``flip_margin`` (relative); at most ``flip_budget`` of the series may flip.
+    """
+
+    def __init__(self, triggers: tuple[str, ...] | None = None, min_alarm_rows: int = 1, min_fresh: int = 48,
+                 cooldown: int = 168, budget: int = 4, budget_window: int = 2000, schedule: int | None = None,
+                 shadow_steps: int = 96, margin: float = 0.02, flip_margin: float = 0.1,
+                 flip_budget: float = 0.5) -> None:
+        self.triggers = triggers
+        self.min_alarm_rows = min_alarm_rows
+        self.min_fresh = min_fresh
+        self.cooldown = cooldown
+        self.budget = budget
+        self.budget_window = budget_window
+        self.schedule = schedule
+        self.shadow_steps = shadow_steps
+        self.margin = margin
+        self.flip_margin = flip_margin
+        self.flip_budget = flip_budget
+        if min_fresh < 0 or cooldown < 0 or budget < 1 or budget_window < 1 or shadow_steps < 2:
+            raise ValueError("min_fresh and cooldown must be >= 0, budget and budget_window >= 1, "
+                             "shadow_steps >= 2")
+        if schedule is not None and schedule < 1:
+            raise ValueError("schedule must be >= 1 steps (or None)")
+        self.version_ = 0  # promotions so far: the lane's model version
+        self.change_step_ = NO_STEP  # first alarm since the last job start
+        self.starts_ = np.zeros(0, np.int64)  # steps at which jobs started, within the budget window
+        self.last_scheduled_ = 0
+        self.counts_: dict[str, int] = {"started": 0, "promoted": 0, "rejected": 0, "failed": 0}
+
+    # -- triggers ---------------------------------------------------------------------------------------
+    def alarm(self, step: int, detector: str, n_rows: int) -> None:
+        """``n_rows`` series of the lane raised an alarm of ``detector`` at ``step``."""
+        if n_rows < self.min_alarm_rows or (self.triggers is not None and detector not in self.triggers):
+            return
+        if self.change_step_ == NO_STEP:
+            self.change_step_ = int(step)
+            self._reason = f"alarm:{detector}"
+
+    def poll(self, step: int) -> StartJob | None:
+        """A job to start now, or ``None`` (waiting for fresh data, in cooldown, over budget, or no trigger)."""
+        recent = self.starts_[self.starts_ > step - self.budget_window]
+        if recent.size >= self.budget or (recent.size and step - int(recent.max()) < self.cooldown):
+            return None
+        if self.change_step_ != NO_STEP and step - self.change_step_ >= self.min_fresh:
+            job = StartJob(getattr(self, "_reason", "alarm"), self.change_step_, int(step))
+        elif self.schedule is not None and step - self.last_scheduled_ >= self.schedule:
+            job = StartJob("schedule", NO_STEP, int(step))
+        else:
+            return None
+        self.starts_ = np.append(recent, step)
+        self.last_scheduled_ = int(step)
+        self.change_step_ = NO_STEP  # alarms during the job mark the next change point
+        self.counts_["started"] += 1
+        return job
+
+    # -- the gate ---------------------------------------------------------------------------------------
+    def gate(self, incumbent: np.ndarray, candidate: np.ndarray) -> Promote | Reject:
+        """Decide on a candidate from per-series squared errors summed over the shadow window (same cells)."""
+        ratio, worse = gate_errors(incumbent, candidate, self.flip_margin)
+        said = f"error ratio {ratio:.3f}, {worse:.2f} of series worse"
+        if not np.isfinite(ratio) or ratio > 1.0 - self.margin:
+            self.counts_["rejected"] += 1
+            return Reject(f"{said}: not below 1 - margin = {1.0 - self.margin:.3f}", ratio, worse)
+        if worse > self.flip_budget:
+            self.counts_["rejected"] += 1
+            return Reject(f"{said}: negative flips over the budget {self.flip_budget:.2f}", ratio, worse)
+        self.counts_["promoted"] += 1
+        self.version_ += 1
+        return Promote(said, ratio, worse)
+
+    def failed(self, reason: str) -> Fail:
+        self.counts_["failed"] += 1
+        return Fail(reason)
+
+    # -- state ------------------------------------------------------------------------------------------
+    def export_state(self) -> dict[str, Any]:
+        """JSON-able state (the lane's shared state carries it)."""
+        return {"version": self.version_, "change_step": self.change_step_, "starts": self.starts_.tolist(),
+                "last_scheduled": self.last_scheduled_, "counts": dict(self.counts_),
+                "reason": getattr(self, "_reason", "alarm")}
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        self.version_ = int(state["version"])
+        self.change_step_ = int(state["change_step"])
+        self.starts_ = np.asarray(state["starts"], np.int64)
+        self.last_scheduled_ = int(state["last_scheduled"])
+        self.counts_ = {k: int(v) for k, v in state["counts"].items()}
+        self._reason = str(state.get("reason", "alarm"))

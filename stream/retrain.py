@@ -1,0 +1,395 @@
+"""Retraining in the engine: jobs that refit a lane's model, shadow candidates, and the decisions' effects.
+
+The policy (:class:`tidecast.monitors.retrain.RetrainPolicy`) decides; this module applies:
+
+* **Job.** On :class:`~tidecast.monitors.retrain.StartJob` the lane's model is copied through its own state API
+  (``clone`` + ``export_shared``/``export_rows`` -> ``import_*``: no pickle, no shared tensors) and the copy is
+  refitted by the model's ``refit(recent=..., epochs=...)`` hook on the data since the change point plus
+  ``history`` steps before it (CycleNet and cfc warm-start from the incumbent's weights; a model without the hook
+  fails the job, with the reason). ``mode="online"`` skips the refit: the copy learns online during the shadow
+  window (gated online learning). Where the job runs: inline, at the decision step, while the engine is driven
+  from one thread (``replay``: same input, same promotions); once :meth:`Retrainer.maintenance` is called from
+  another thread (``serve``'s trainer thread), there, and the shadow starts at the first round after it ends
+  (the candidate's per-row state is then re-synced from the incumbent, keeping what it learned).
+* **Shadow.** Candidates learn and forecast beside the incumbent on every round; their forecasts are never
+  emitted. Each matured step adds the squared errors of candidate and incumbent over the same cells, per series.
+  For a model with a ``blend(other, weight)`` hook (same-architecture torch models) the shadow holds one
+  candidate per BCWI weight lambda (``lambdas``), the first half of the window chooses lambda, and only the
+  second half gates the chosen model (never the data that chose it).
+* **Promotion.** The candidate becomes the lane's model; the calibrator is seeded from the candidate's shadow
+  residuals (``Calibrator.seed``) and the lane's watchers are reset (their references were the old model's).
+  Forecasts already issued by the incumbent mature and are scored as issued.
+* **State.** The policy's state, the model version and a job in flight ride in the lane's shared state
+  (:meth:`Retrainer.export_state`); a job or shadow interrupted by a crash restarts from the saved histories
+  after a restore. The version only moves at a gate, so a restart cannot promote twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from tidecast.models.base import BatchForecaster
+from tidecast.monitors.drift import DriftEvent
+from tidecast.monitors.retrain import NO_STEP, Fail, Promote, Reject, RetrainPolicy, StartJob
+from tidecast.stream.pending import PendingForecasts
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RetrainEvent", "RetrainSettings", "Retrainer", "copy_model"]
+
+#: Events a retrain emits (``RetrainEvent.kind``); ``detector`` is ``"retrain"``.
+EVENT_KINDS = ("retrain_started", "promoted", "rejected", "failed")
+
+
+@dataclass(frozen=True)
+class RetrainEvent(DriftEvent):
+    """A lane-level retrain event, on the same sinks as drift events (``series_id`` is empty: the lane's model).
+    ``statistic`` is the shadow error ratio (candidate over incumbent; NaN where none), ``version`` the lane's model
+    version after the event, ``reason`` why."""
+
+    version: int = 0
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "version": self.version, "reason": self.reason}
+
+
+@dataclass
+class RetrainSettings:
+    """What a job does: ``mode`` ``"refit"`` (fine-tune a copy on recent data) or ``"online"`` (a copy that learns
+    online in the shadow); ``history`` steps before the change point join the refit data; ``epochs`` passes;
+    ``lambdas`` the BCWI weights tried (``()``: no interpolation)."""
+
+    policy: RetrainPolicy = field(default_factory=RetrainPolicy)
+    mode: str = "refit"
+    history: int = 336
+    epochs: int = 5
+    lambdas: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    refit_params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("refit", "online"):
+            raise ValueError(f"retrain mode must be 'refit' or 'online', got {self.mode!r}")
+
+
+def copy_model(model: BatchForecaster, rows: np.ndarray, **overrides: Any) -> BatchForecaster:
+    """An independent copy of ``model`` (with parameter ``overrides``) holding the same state for ``rows``."""
+    copy = model.clone(**overrides)
+    arrays, meta = model.export_shared()
+    if meta:
+        copy.import_shared(arrays, meta)
+    copy.resize(int(rows.max()) + 1 if rows.size else 0)
+    if rows.size:
+        copy.import_rows(rows, model.export_rows(rows))
+    return copy
+
+
+def sync_rows(candidate: BatchForecaster, incumbent: BatchForecaster, rows: np.ndarray) -> None:
+    """Bring the candidate's per-row state (histories, last ticks) up to the incumbent's, keeping the per-row
+    parameters the candidate learned (``learned_row_keys``)."""
+    if not rows.size:
+        return
+    state = incumbent.export_rows(rows)
+    keep = getattr(candidate, "learned_row_keys", ())
+    if keep:
+        own = candidate.export_rows(rows)
+        state.update({k: own[k] for k in keep if k in own and k in state})
+    candidate.resize(int(rows.max()) + 1)
+    candidate.import_rows(rows, state)
+
+
+class Job:
+    """One refit, runnable on any thread: it only touches its own copy of the model."""
+
+    def __init__(self, start: StartJob, candidate: BatchForecaster, recent: int, settings: RetrainSettings) -> None:
+        self.start = start
+        self.candidate = candidate
+        self.recent = recent
+        self.settings = settings
+        self.done = threading.Event()
+        self.error: str | None = None
+        self.seconds = 0.0
+
+    def run(self) -> None:
+        began = time.perf_counter()
+        try:
+            if self.settings.mode == "refit":
+                refit = getattr(self.candidate, "refit", None)
+                if refit is None:
+                    raise TypeError(f"{type(self.candidate).__name__} has no refit hook")
+                refit(recent=self.recent, epochs=self.settings.epochs, **self.settings.refit_params)
+        except Exception as err:  # a failed job is reported as an event; the incumbent keeps serving
+            self.error = f"{type(err).__name__}: {err}"
+            log.warning("retrain job failed: %s", self.error)
+        self.seconds = time.perf_counter() - began
+        self.done.set()
+
+
+class Shadow:
+    """Candidates scored beside the incumbent on matured steps (per-series squared errors over the same cells)."""
+
+    def __init__(self, candidates: list[BatchForecaster], lambdas: list[float], horizon: int, n_rows: int,
+                 steps: int) -> None:
+        self.candidates, self.lambdas = candidates, lambdas
+        self.pending = [PendingForecasts(horizon) for _ in candidates]
+        for p in self.pending:
+            p.resize(n_rows)
+        self.horizon, self.steps = horizon, steps
+        self.half = steps // 2 if len(candidates) > 1 else 0  # BCWI: the first half chooses lambda
+        self.done_steps = 0
+        self.inc_err = np.zeros((len(candidates), n_rows))
+        self.cand_err = np.zeros((len(candidates), n_rows))
+        # the chosen candidate's matured residuals, for the calibrators if it is promoted: float32, rows x steps x H
+        # x 4 bytes while a shadow runs (10,000 series, 48 steps, H = 24: 46 MB)
+        self.resid = np.full((n_rows, steps, horizon), np.nan, np.float32)
+        self.n_resid = np.zeros(n_rows, np.int64)
+
+    def _fit(self, n_rows: int) -> None:
+        if n_rows > self.inc_err.shape[1]:
+            extra = n_rows - self.inc_err.shape[1]
+            self.inc_err = np.pad(self.inc_err, ((0, 0), (0, extra)))
+            self.cand_err = np.pad(self.cand_err, ((0, 0), (0, extra)))
+            self.resid = np.concatenate([self.resid, np.full((extra, *self.resid.shape[1:]), np.nan, np.float32)])
+            self.n_resid = np.pad(self.n_resid, (0, extra))
+            for p in self.pending:
+                p.resize(n_rows)
+
+    def score(self, rows: np.ndarray, ticks: np.ndarray, y: np.ndarray, inc_mean: np.ndarray,
+              inc_valid: np.ndarray) -> None:
+        self._fit(int(rows.max()) + 1)
+        any_matured = False
+        for k, pending in enumerate(self.pending):
+            mean, _, _, valid = pending.matured(rows, ticks)
+            both = valid & inc_valid
+            if not both.any():
+                continue
+            any_matured = True
+            self.cand_err[k, rows] += np.where(both, (y[:, None] - mean) ** 2, 0.0).sum(axis=1)
+            self.inc_err[k, rows] += np.where(both, (y[:, None] - inc_mean) ** 2, 0.0).sum(axis=1)
+            if len(self.candidates) == 1:
+                at = np.minimum(self.n_resid[rows], self.steps - 1)
+                self.resid[rows, at] = np.where(valid, y[:, None] - mean, np.nan)
+                self.n_resid[rows] += 1
+        self.done_steps += any_matured
+        if self.half and self.done_steps >= self.half:
+            self._choose()
+
+    def _choose(self) -> None:
+        """Keep the BCWI candidate with the lowest first-half error; the second half starts from zero."""
+        best = int(np.argmin(self.cand_err.sum(axis=1)))
+        self.candidates, self.lambdas = [self.candidates[best]], [self.lambdas[best]]
+        self.pending = [self.pending[best]]
+        self.inc_err = np.zeros((1, self.inc_err.shape[1]))
+        self.cand_err = np.zeros((1, self.cand_err.shape[1]))
+        self.half = 0
+
+    @property
+    def complete(self) -> bool:
+        return len(self.candidates) == 1 and self.done_steps >= self.steps
+
+    def learn(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray, filled: np.ndarray) -> None:
+        for c in self.candidates:
+            c.learn_many(rows, ticks, values, filled=filled)
+
+    def forecast(self, rows: np.ndarray, ticks: np.ndarray, horizon: int) -> None:
+        nan = np.full((rows.size, horizon, 1), np.nan)  # no interval: the candidate is scored on its mean
+        for c, pending in zip(self.candidates, self.pending, strict=True):
+            pending.store(rows, ticks, c.forecast_many(rows, horizon), nan, nan)
+
+    def seed_residuals(self, rows: np.ndarray) -> np.ndarray:
+        """The chosen candidate's residuals of ``rows``, oldest first, (n, T, H) (NaN where none)."""
+        return self.resid[rows, : int(min(self.steps, self.n_resid[rows].max(initial=0)))].astype(float)
+
+
+class LaneRetrain:
+    """One lane's retraining: its policy, the job in flight, the shadow."""
+
+    def __init__(self, settings: RetrainSettings) -> None:
+        self.settings = settings
+        self.policy = settings.policy.clone()
+        self.step = 0
+        self.job: Job | None = None
+        self.in_flight: StartJob | None = None  # started, not yet decided (saved: restarted after a crash)
+        self.shadow: Shadow | None = None
+        self.restart: StartJob | None = None
+        self.last_ratio = float("nan")
+
+
+class Retrainer:
+    """Applies the lanes' retrain policies inside :class:`~tidecast.stream.engine.Engine` (see the module docstring)."""
+
+    def __init__(self, settings: dict[str, RetrainSettings]) -> None:
+        self.lanes = {name: LaneRetrain(s) for name, s in settings.items()}
+        self._process_thread: int | None = None
+        self.deferred = False
+        self._lock = threading.Lock()
+
+    def __contains__(self, lane: str) -> bool:
+        return lane in self.lanes
+
+    # -- hooks the engine calls ---------------------------------------------------------------------------
+    def alarms(self, lane: str, detector: str, n_rows: int) -> None:
+        state = self.lanes.get(lane)
+        if state is not None and n_rows:
+            state.policy.alarm(state.step, detector, n_rows)
+
+    def end_round(self, engine: Any, lane: Any, when: datetime, events: list[DriftEvent]) -> None:
+        """After a lane's round: count the step, decide, apply."""
+        self._process_thread = threading.get_ident()
+        st = self.lanes[lane.name]
+        st.step += 1
+        if st.shadow is not None:
+            if st.shadow.complete:
+                self._decide(engine, lane, st, when, events)
+            return
+        if st.job is not None:
+            if st.job.done.is_set():
+                self._job_finished(engine, lane, st, when, events)
+            return
+        if not getattr(lane.model, "fitted_", True):  # nothing to refit before the first fit
+            return
+        start = st.restart or st.policy.poll(st.step)
+        st.restart = None
+        if start is None:
+            return
+        rows = engine.live_rows()
+        if not rows.size:
+            return
+        fresh = start.step - start.change_step if start.change_step != NO_STEP else 0
+        overrides = {"online": True} if st.settings.mode == "online" and "online" in lane.model.get_params() else {}
+        st.job = Job(start, copy_model(lane.model, rows, **overrides), fresh + st.settings.history, st.settings)
+        st.in_flight = start
+        engine.metrics.retrains.labels(model=lane.name, outcome="started").inc()
+        events.append(self._event(lane.name, "retrain_started", when, float("nan"), st, start.reason))
+        if not self.deferred:  # replay: the job runs here, at the decision step
+            st.job.run()
+            self._job_finished(engine, lane, st, when, events)
+
+    def maintenance(self) -> None:
+        """Run waiting jobs; called by ``serve``'s trainer thread (which makes jobs deferred from then on)."""
+        if self._process_thread is not None and threading.get_ident() != self._process_thread:
+            self.deferred = True
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            for st in self.lanes.values():
+                job = st.job
+                if job is not None and not job.done.is_set():
+                    job.run()
+        finally:
+            self._lock.release()
+
+    def candidates(self, lane: str) -> Shadow | None:
+        st = self.lanes.get(lane)
+        return st.shadow if st is not None else None
+
+    # -- decisions ------------------------------------------------------------------------------------------
+    def _job_finished(self, engine: Any, lane: Any, st: LaneRetrain, when: datetime,
+                      events: list[DriftEvent]) -> None:
+        job, st.job = st.job, None
+        engine.metrics.retrain_seconds.observe(job.seconds)
+        if job.error is not None:
+            fail: Fail = st.policy.failed(job.error)
+            st.in_flight = None
+            engine.metrics.retrains.labels(model=lane.name, outcome="failed").inc()
+            events.append(self._event(lane.name, "failed", when, float("nan"), st, fail.reason))
+            return
+        rows = engine.live_rows()
+        candidate = job.candidate
+        if self.deferred:  # the incumbent moved on while the job ran
+            sync_rows(candidate, lane.model, rows)
+        lambdas = list(st.settings.lambdas) if hasattr(candidate, "blend") and st.settings.lambdas else [1.0]
+        candidates = []
+        for lam in lambdas:
+            c = candidate if lam == 1.0 else copy_model(candidate, rows)
+            if lam != 1.0:
+                c.blend(lane.model, lam)
+            candidates.append(c)
+        st.shadow = Shadow(candidates, lambdas, engine.config.horizon, engine.capacity,
+                           st.policy.shadow_steps)
+
+    def _decide(self, engine: Any, lane: Any, st: LaneRetrain, when: datetime, events: list[DriftEvent]) -> None:
+        shadow, st.shadow = st.shadow, None
+        st.in_flight = None
+        decision = st.policy.gate(shadow.inc_err[0], shadow.cand_err[0])
+        st.last_ratio = decision.ratio
+        engine.metrics.shadow_error_ratio.labels(model=lane.name).set(decision.ratio)
+        lam = shadow.lambdas[0]
+        reason = decision.reason + (f" (BCWI lambda {lam:g})" if len(st.settings.lambdas) > 1 else "")
+        if isinstance(decision, Reject):
+            engine.metrics.retrains.labels(model=lane.name, outcome="rejected").inc()
+            events.append(self._event(lane.name, "rejected", when, decision.ratio, st, reason))
+            return
+        assert isinstance(decision, Promote)
+        model = shadow.candidates[0]
+        if st.settings.mode == "online" and "online" in model.get_params():
+            model.online = lane.model.online  # gated: the promoted copy serves as the incumbent did
+        rows = engine.live_rows()
+        engine.promote(lane, model, rows, shadow.seed_residuals(rows))
+        engine.metrics.retrains.labels(model=lane.name, outcome="promoted").inc()
+        engine.metrics.model_version.labels(model=lane.name).set(st.policy.version_)
+        events.append(self._event(lane.name, "promoted", when, decision.ratio, st, reason))
+
+    @staticmethod
+    def _event(lane: str, kind: str, when: datetime, ratio: float, st: LaneRetrain, reason: str) -> RetrainEvent:
+        return RetrainEvent("", lane, "retrain", kind, when, ratio, version=st.policy.version_, reason=reason)
+
+    def abort(self, why: str) -> None:
+        """Series moved in or out: a shadow's candidates no longer hold the lanes' rows; start the job again."""
+        for st in self.lanes.values():
+            if st.shadow is not None or st.job is not None:
+                log.info("retrain restarted: %s", why)
+                st.restart, st.shadow, st.job = st.in_flight, None, None
+
+    def adopt(self, lane: str, version: int) -> None:
+        """The lane took a newer model from another member's checkpoint: its version, and no job of its own on
+        the older one."""
+        st = self.lanes[lane]
+        st.policy.version_ = int(version)
+        st.job = st.shadow = st.restart = st.in_flight = None
+
+    # -- state ------------------------------------------------------------------------------------------------
+    def version(self, lane: str) -> int:
+        st = self.lanes.get(lane)
+        return st.policy.version_ if st is not None else 0
+
+    def export_state(self, lane: str) -> dict[str, Any] | None:
+        st = self.lanes.get(lane)
+        if st is None:
+            return None
+        flight = st.in_flight or st.restart
+        return {"policy": st.policy.export_state(), "step": st.step,
+                "in_flight": None if flight is None else [flight.reason, flight.change_step, flight.step]}
+
+    def import_state(self, lane: str, state: dict[str, Any] | None) -> None:
+        st = self.lanes.get(lane)
+        if st is None or not state:
+            return
+        st.policy.import_state(state["policy"])
+        st.step = int(state["step"])
+        st.job = st.shadow = None
+        flight = state.get("in_flight")
+        st.in_flight = None
+        st.restart = StartJob(str(flight[0]), int(flight[1]), int(flight[2])) if flight else None
+
+
+_JOB_KEYS = ("mode", "history", "epochs", "lambdas", "refit_params")
+
+
+def retrain_settings(params: dict[str, Any]) -> RetrainSettings:
+    """Settings from ``--retrain-param`` items: the job's keys (``mode``, ``history``, ``epochs``, ``lambdas``,
+    ``refit_params``) and :class:`~tidecast.monitors.retrain.RetrainPolicy`'s parameters."""
+    job = {k: v for k, v in params.items() if k in _JOB_KEYS}
+    policy = {k: v for k, v in params.items() if k not in _JOB_KEYS}
+    if "lambdas" in job:
+        job["lambdas"] = tuple(float(x) for x in job["lambdas"])
+    if "triggers" in policy and policy["triggers"] is not None:
+        policy["triggers"] = tuple(policy["triggers"])
+    return RetrainSettings(policy=RetrainPolicy(**policy), **job)
