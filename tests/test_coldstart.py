@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import runpy
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +277,12 @@ def test_cyclenet_lane_is_seeded_at_the_fit_and_late_series_from_their_first_win
     assert out["summary"]["n_no_interval"] == 0
 
 
+def fit_until_installed(model, deadline_seconds: float = 120.0) -> None:
+    stop = time.monotonic() + deadline_seconds
+    while model.net_ is None and time.monotonic() < stop:
+        model.maintenance(1.0)
+
+
 def test_a_fit_finished_on_another_thread_seeds_the_rows_before_their_first_interval():
     values = panel(n_series=4, hours=400)
     model = CycleNetForecaster(horizon=6, lookback=24, cycle=24, warm_start=200, epochs=2, replay_window=32,
@@ -287,9 +294,11 @@ def test_a_fit_finished_on_another_thread_seeds_the_rows_before_their_first_inte
     first_round = None
     for t in range(400):
         out = engine.process(ObservationBatch(ids, np.full(4, T0 + t * HOUR), values[:, t]))
-        if t == 199:  # the fit runs on a trainer thread, as in serve
-            worker = threading.Thread(target=lambda: [model.maintenance(1.0) for _ in range(200)])
+        if t == 199:  # the fit runs on a trainer thread, as in serve, while rounds go on here
+            worker = threading.Thread(target=fit_until_installed, args=(model,))
             worker.start()
+        if t == 300:  # however slow the machine, the fit is in before the last 100 rounds
+            worker.join(timeout=120)
         if len(out.forecasts) and first_round is None:
             first_round = out.forecasts
     worker.join()
