@@ -40,9 +40,10 @@ def retrain_events(kafka, topic: str, at_least: int) -> list[dict]:
     return [r for r in unique.values() if r["detector"] == "retrain"]
 
 
-@pytest.mark.xfail(run=False, reason="known defect after the calib/scale/bootstrap merges: in serve with these "
-                   "settings CycleNet never starts forecasting, so no drift alarm and no retrain (replay of the same "
-                   "stream retrains and promotes); under investigation")
+@pytest.mark.xfail(run=False, reason="known defect since the calib/scale/bootstrap merges: in serve with these "
+                   "settings no drift alarm is raised (tidecast_drift_alarms_total stays 0, and no coverage gauge "
+                   "for the lane), so no retrain starts; a replay of the same stream alarms, retrains and promotes "
+                   "(tests/test_retrain.py). Passed on the retrain branch before those merges.")
 def test_serve_retrains_after_drift_without_interrupting_polling(kafka, unique, serve, tmp_path, as_messages):
     topic, group = unique("retrain"), unique("g")
     kafka.create_topic(topic, 1)
@@ -63,9 +64,10 @@ def test_serve_retrains_after_drift_without_interrupting_polling(kafka, unique, 
     assert kinds[:2] == ["retrain_started", "promoted"]
 
 
-@pytest.mark.xfail(run=False, reason="known defect after the calib/scale/bootstrap merges: in serve with these "
-                   "settings CycleNet never starts forecasting, so no drift alarm and no retrain (replay of the same "
-                   "stream retrains and promotes); under investigation")
+@pytest.mark.xfail(run=False, reason="known defect since the calib/scale/bootstrap merges: in serve with these "
+                   "settings no drift alarm is raised (tidecast_drift_alarms_total stays 0, and no coverage gauge "
+                   "for the lane), so no retrain starts; a replay of the same stream alarms, retrains and promotes "
+                   "(tests/test_retrain.py). Passed on the retrain branch before those merges.")
 def test_kill_9_during_the_job_ends_in_exactly_one_promotion(kafka, unique, serve, tmp_path, as_messages):
     topic, group, state = unique("retrain-crash"), unique("g"), tmp_path / "state"
     kafka.create_topic(topic, 1)
