@@ -31,6 +31,17 @@ import numpy as np
 
 ArrayDict = dict[str, np.ndarray]
 
+
+def under(prefix: str, arrays: ArrayDict) -> ArrayDict:
+    """The entries of ``arrays`` whose key starts with ``prefix``, the prefix removed: a part's own state out of a
+    state that nests several parts (``under("pool/", {"pool/scale": s, "det/x": x}) == {"scale": s}``)."""
+    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+
+def nest(prefix: str, arrays: ArrayDict) -> ArrayDict:
+    """``arrays`` with ``prefix`` put before every key; :func:`under` undoes it."""
+    return {prefix + k: v for k, v in arrays.items()}
+
 #: Smallest capacity a table allocates: growing one row at a time would copy on every new series.
 MIN_CAPACITY = 8
 

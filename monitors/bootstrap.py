@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from tidecast.models.base import ArrayDict, BatchForecaster
-from tidecast.models.rows import Field, RowTable
+from tidecast.models.rows import Field, RowTable, nest, under
 from tidecast.monitors.drift import NO_ALARM, Alarms, HorizonPool, LaneMonitor
 
 __all__ = ["BootstrapMonitor", "horizon_buckets"]
@@ -175,7 +175,7 @@ class BootstrapMonitor(LaneMonitor):
         rows = np.asarray(rows, dtype=np.intp)
         self.resize(int(rows.max()) + 1 if rows.size else 0)
         out = super().export_rows(rows)
-        out.update({f"pool/{k}": v for k, v in self.pool_.export_rows(rows).items()})
+        out.update(nest("pool/", self.pool_.export_rows(rows)))
         out.update({f"row/{k}": v.copy() for k, v in self.rows_.export_rows(rows).items()})
         return out
 
@@ -184,8 +184,7 @@ class BootstrapMonitor(LaneMonitor):
         if rows.size == 0:
             return
         self.resize(int(rows.max()) + 1)
-        row = {k[4:]: v for k, v in state.items() if k.startswith("row/")}
-        pool = {k[5:]: v for k, v in state.items() if k.startswith("pool/")}
+        row, pool = under("row/", state), under("pool/", state)
         fits = (set(row) == set(self.rows_.fields) and "scale" in pool
                 and np.shape(pool["scale"])[1:] == (self.horizon,))
         if not fits:  # saved without the watcher (or with another horizon): these rows start afresh

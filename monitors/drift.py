@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from tidecast.models.base import Params
+from tidecast.models.rows import nest, under
 from tidecast.monitors.conformal.base import ArrayDict, grow
 
 __all__ = ["D3A", "DEFAULT_DETECTOR", "DETECTORS", "NO_ALARM", "Alarms", "DriftDetector", "DriftEvent",
@@ -631,8 +632,8 @@ class DriftMonitor(LaneMonitor):
 
     def export_rows(self, rows: np.ndarray) -> ArrayDict:
         out = super().export_rows(rows)
-        out.update({f"det/{k}": v for k, v in self.detector_.export_rows(rows).items()})
-        out.update({f"pool/{k}": v for k, v in self.pool_.export_rows(rows).items()})
+        out.update(nest("det/", self.detector_.export_rows(rows)))
+        out.update(nest("pool/", self.pool_.export_rows(rows)))
         return out
 
     def import_rows(self, rows: np.ndarray, state: ArrayDict) -> None:
@@ -640,8 +641,7 @@ class DriftMonitor(LaneMonitor):
         if rows.size == 0:
             return
         self.resize(int(rows.max()) + 1)
-        det = {k[4:]: v for k, v in state.items() if k.startswith("det/")}
-        pool = {k[5:]: v for k, v in state.items() if k.startswith("pool/")}
+        det, pool = under("det/", state), under("pool/", state)
         fits = (set(det) == set(self.detector_.state_fields) and "scale" in pool
                 and np.shape(pool["scale"])[1:] == (self.pool_.horizon,))
         if not fits:  # an older or different layout: these rows start watching afresh

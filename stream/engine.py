@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 
 from tidecast.models.base import ArrayDict, BatchForecaster
-from tidecast.models.rows import capacity_for, grow
+from tidecast.models.rows import capacity_for, grow, under
 from tidecast.monitors.bootstrap import BootstrapMonitor, bootstrap_monitors
 from tidecast.monitors.conformal import Calibrator, make_calibrator
 from tidecast.monitors.conformal.pool import Pool
@@ -762,8 +762,7 @@ class Engine:
             self.series_[name][rows] = arrays[f"engine/{name}"]
         for lane in self.lanes:
             for part_name, part in lane.parts().items():
-                prefix = f"{lane.name}/{part_name}/"
-                part.import_rows(rows, {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+                part.import_rows(rows, under(f"{lane.name}/{part_name}/", arrays))
 
     def drop_series(self, series_ids: list[str]) -> None:
         """Forget these series (their partition moved to another process); their rows are blanked and reused."""
