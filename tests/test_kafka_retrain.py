@@ -4,6 +4,7 @@ kill -9 while the job is in flight ends in exactly one promotion after the resta
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ import pytest
 pytestmark = pytest.mark.kafka
 
 SHIFT, STEPS = 420, 720
+WARM = 250  # steps sent before serve starts: the warm-start fit (240 steps) begins on them
+READY_BY = SHIFT - 60  # the lane must forecast by then, so the detector's reference sees the old regime
 CUT = SHIFT + 72  # steps sent before the job starts; the rest drives the shadow
 ARGS = ("--model", "cyclenet", "--horizon", "4", "--freq", "1h",
         "--model-param", 'cyclenet.lookback=24', "--model-param", "cyclenet.cycle=24",
@@ -33,6 +36,24 @@ def drifting(as_messages, n: int = 3) -> list[tuple[bytes, bytes]]:
     return as_messages([(f"s{i}", stamps[k], float(values[k, i])) for k in range(STEPS) for i in range(n)])
 
 
+def feed_until_forecasting(kafka, topic: str, proc, messages: list, start: int, last: int) -> int:
+    """Send the steps from ``start`` on a few at a time until the lane forecasts; returns the first step not sent.
+
+    serve fits CycleNet on the trainer thread while the consumer keeps reading (it never stalls for a fit), so a
+    backlog sent at once would pass before the model forecasts, and the detector's reference would start after
+    the change. A live stream arrives at its own pace; this gives the fit that pace before the change.
+    """
+    step = start
+    while step < last:
+        kafka.send(topic, messages[step * 3 : (step + 6) * 3])
+        step += 6
+        proc.wait_value("tidecast_observations_total", lambda v, n=step * 3: v >= n, 60)
+        if proc.value("tidecast_forecasts_total", model="cyclenet"):
+            return step
+        time.sleep(0.2)
+    pytest.fail(f"cyclenet did not forecast before step {last}; log tail:\n{proc.tail()}")
+
+
 def retrain_events(kafka, topic: str, at_least: int) -> list[dict]:
     messages = kafka.read_all(f"{topic}-events", min_count=at_least)
     rows = [json.loads(m.value) for m in messages]
@@ -40,16 +61,14 @@ def retrain_events(kafka, topic: str, at_least: int) -> list[dict]:
     return [r for r in unique.values() if r["detector"] == "retrain"]
 
 
-@pytest.mark.xfail(run=False, reason="known defect since the calib/scale/bootstrap merges: in serve with these "
-                   "settings no drift alarm is raised (tidecast_drift_alarms_total stays 0, and no coverage gauge "
-                   "for the lane), so no retrain starts; a replay of the same stream alarms, retrains and promotes "
-                   "(tests/test_retrain.py). Passed on the retrain branch before those merges.")
 def test_serve_retrains_after_drift_without_interrupting_polling(kafka, unique, serve, tmp_path, as_messages):
     topic, group = unique("retrain"), unique("g")
     kafka.create_topic(topic, 1)
     messages = drifting(as_messages)
-    kafka.send(topic, messages[: CUT * 3])
+    kafka.send(topic, messages[: WARM * 3])
     proc = serve(topic, group, tmp_path / "state", *ARGS, "--retrain-param", "epochs=4")
+    sent = feed_until_forecasting(kafka, topic, proc, messages, WARM, READY_BY)
+    kafka.send(topic, messages[sent * 3 : CUT * 3])
     proc.wait_value("tidecast_retrains_total", lambda v: v >= 1, 240, outcome="started")
     kafka.send(topic, messages[CUT * 3 :])  # the shadow is scored on what arrives after the job
     proc.wait_value("tidecast_retrains_total", lambda v: v >= 1, 240, outcome="promoted")
@@ -64,24 +83,22 @@ def test_serve_retrains_after_drift_without_interrupting_polling(kafka, unique, 
     assert kinds[:2] == ["retrain_started", "promoted"]
 
 
-@pytest.mark.xfail(run=False, reason="known defect since the calib/scale/bootstrap merges: in serve with these "
-                   "settings no drift alarm is raised (tidecast_drift_alarms_total stays 0, and no coverage gauge "
-                   "for the lane), so no retrain starts; a replay of the same stream alarms, retrains and promotes "
-                   "(tests/test_retrain.py). Passed on the retrain branch before those merges.")
 def test_kill_9_during_the_job_ends_in_exactly_one_promotion(kafka, unique, serve, tmp_path, as_messages):
     topic, group, state = unique("retrain-crash"), unique("g"), tmp_path / "state"
     kafka.create_topic(topic, 1)
     messages = drifting(as_messages)
-    kafka.send(topic, messages[: CUT * 3])
+    kafka.send(topic, messages[: WARM * 3])
     slow = ("--retrain-param", "epochs=1500", "--retrain-param", "cooldown=100000")  # a job of several seconds
     first = serve(topic, group, state, *ARGS, *slow, name="first")
+    sent = feed_until_forecasting(kafka, topic, first, messages, WARM, READY_BY)
+    kafka.send(topic, messages[sent * 3 : CUT * 3])
     first.wait_value("tidecast_retrains_total", lambda v: v >= 1, 240, outcome="started")
     done = first.value("tidecast_checkpoint_seconds_count") or 0  # let a checkpoint hold the job in flight
     first.wait_value("tidecast_checkpoint_seconds_count", lambda v: v > done, 60)
     assert not first.value("tidecast_retrains_total", outcome="promoted")
     first.kill()
     final = serve(topic, group, state, *ARGS, *slow, name="final")
-    final.wait_value("tidecast_observations_total", lambda v: v >= 1, 120)
+    final.wait_value("tidecast_state_restored_series_total", lambda v: v >= 3, 120)  # the job in flight with them
     kafka.send(topic, messages[CUT * 3 :])
     final.wait_value("tidecast_retrains_total", lambda v: v >= 1, 600, outcome="promoted")
     final.wait_caught_up(1, timeout=120)
