@@ -27,8 +27,12 @@ Changelog
 ---------
 A topic co-partitioned with the input (changelog partition P holds input partition P's state), written with an
 explicit partition so the producer's partitioner never matters. A checkpoint of partition P is a *group* of
-records: one per changed series (key ``series_id``), one per changed shared state (key ``\\0shared/<model>``),
-then a marker (key ``\\0checkpoint``) with the input position the group reflects. Restore reads the partition
+records: the partition's series in blocks of consecutive ids (key ``\\0series/<first id>``, arrays stacked over
+the block's series, about :data:`BLOCK_BYTES` a record: a restore decodes a few hundred records, not one per
+series; a record holding one series under its own id, as written before blocks, is read the same way), one per
+changed shared state (key ``\\0shared/<model>``), then a marker (key ``\\0checkpoint``) with the input position
+the group reflects and the group's record count. Restore finds the last marker (scanning back from the end),
+reads that group and stops at its marker. Restore reads the partition
 with last-value-wins per key — refined to "the state with the highest applied offset wins, the later on a tie"
 (:func:`newer`) — and keeps only groups closed by a marker, so a checkpoint interrupted half-way is ignored as a
 whole; a record that is no state blob is skipped with a warning naming its offset (:class:`TailReader`).
@@ -45,7 +49,7 @@ import logging
 import os
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -68,6 +72,11 @@ _HEADER = struct.Struct("<8sH32s")
 _META_LEN = struct.Struct("<I")
 
 SHARED_KEY_PREFIX = "\x00shared/"
+SERIES_BLOCK_KEY_PREFIX = "\x00series/"
+#: Target size of one changelog record of series states. Far below Kafka's 1 MB default ``max.message.bytes``, so a
+#: changelog topic created by hand with the defaults takes it; large enough that a 10,000-series partition is a few
+#: hundred records.
+BLOCK_BYTES = 512 * 1024
 MARKER_KEY = "\x00checkpoint"
 _MARKER = MARKER_KEY.encode()
 #: Engine settings that change the meaning or the shape of saved state; a mismatch refuses to restore.
@@ -176,6 +185,77 @@ class SeriesRows:
             return {}
         return {sid: (int(p), int(o)) for sid, p, o in zip(self.series_ids, parts.tolist(), offs.tolist(),
                                                            strict=True)}
+
+
+_Entry = tuple[SeriesRows, int, int]  # the block holding a series' state, its row there, its applied offset
+
+
+class LatestRows(Mapping[str, SeriesRows]):
+    """The newest state of each series (:func:`newer`'s rule) over whole blocks of series, kept unsplit.
+
+    A restore folds a partition's blocks (changelog records, a local snapshot) into this and assembles one table at
+    the end (:meth:`table`): a 10,000-series partition is a few hundred row selections, not 10,000 one-row
+    tables concatenated. As a mapping it reads like ``{series_id: one-row SeriesRows}``.
+
+    >>> block = SeriesRows([{"series_id": "a"}, {"series_id": "b"}],
+    ...                    {"engine/applied_offset": np.array([5, 6]), "x": np.array([1.0, 2.0])})
+    >>> late = SeriesRows([{"series_id": "a"}], {"engine/applied_offset": np.array([4]), "x": np.array([9.0])})
+    >>> latest = LatestRows()
+    >>> latest.add(block); latest.add(late)  # a late writer's older state of "a" loses
+    >>> sorted(latest), latest.table().arrays["x"].tolist()
+    (['a', 'b'], [1.0, 2.0])
+    """
+
+    def __init__(self) -> None:
+        self._at: dict[str, _Entry] = {}
+
+    def add(self, block: SeriesRows, newest: bool = True) -> None:
+        """Take each series of ``block`` if it is at least as advanced as the one held (every one with
+        ``newest=False``: within one checkpoint group the later record wins)."""
+        applied = block.arrays.get("engine/applied_offset")
+        offsets = applied.tolist() if applied is not None and len(applied) == len(block) else [-1] * len(block)
+        for row, (sid, offset) in enumerate(zip(block.series_ids, offsets, strict=True)):
+            self._put(sid, (block, row, int(offset)), newest)
+
+    def absorb(self, other: Mapping[str, SeriesRows]) -> None:
+        """Fold another set in (or any ``{series_id: SeriesRows}``), keeping the more advanced state of each
+        series."""
+        if not isinstance(other, LatestRows):
+            for rows in other.values():
+                self.add(rows)
+            return
+        for sid, entry in other._at.items():
+            self._put(sid, entry, True)
+
+    def _put(self, sid: str, entry: _Entry, newest: bool) -> None:
+        held = self._at.get(sid)
+        if not newest or held is None or entry[2] >= held[2]:
+            self._at[sid] = entry
+
+    def table(self) -> SeriesRows:
+        """All held states as one table, in first-seen order (one row selection per run of a block)."""
+        parts: list[SeriesRows] = []
+        run_block: SeriesRows | None = None
+        run: list[int] = []
+        for block, row, _ in self._at.values():
+            if block is not run_block:
+                if run_block is not None:
+                    parts.append(run_block.take(run))
+                run_block, run = block, []
+            run.append(row)
+        if run_block is not None:
+            parts.append(run_block.take(run))
+        return SeriesRows.concat(parts)
+
+    def __getitem__(self, sid: str) -> SeriesRows:
+        block, row, _ = self._at[sid]
+        return block.take([row])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._at)
+
+    def __len__(self) -> int:
+        return len(self._at)
 
 
 def _pack_shared(shared: SharedState) -> tuple[dict[str, Any], ArrayDict]:
@@ -344,7 +424,7 @@ def _safe_name(name: str) -> str:
 class ChangelogTail:
     """What a changelog partition adds on top of a base: complete groups only, last value per key."""
 
-    rows: dict[str, SeriesRows] = field(default_factory=dict)
+    rows: LatestRows = field(default_factory=LatestRows)
     shared: SharedState = field(default_factory=dict)
     position: int | None = None  # input position of the last complete group
     config: dict[str, Any] | None = None
@@ -390,7 +470,7 @@ class TailReader:
         self.where = where
         self.quiet = quiet  # keep the warnings in ``held`` instead of logging them
         self.held: list[str] = []
-        self._rows: dict[str, SeriesRows] = {}
+        self._rows = LatestRows()  # the open group's series
         self._shared: SharedState = {}
 
     def add(self, offset: int, key: bytes | None, value: bytes | None) -> None:
@@ -413,13 +493,13 @@ class TailReader:
     def _fold(self, offset: int, value: bytes) -> None:
         meta, arrays = decode_blob(value)
         kind = meta.get("kind")
-        if kind == "series":
-            item = meta["series"]
-            if not isinstance(item, dict) or not isinstance(item.get("series_id"), str):
+        if kind == "series":  # one series (``series`` is its dict) or a block (a list of them)
+            items = meta["series"] if isinstance(meta["series"], list) else [meta["series"]]
+            if not items or not all(isinstance(i, dict) and isinstance(i.get("series_id"), str) for i in items):
                 raise CorruptState("a series record without a series id")
-            if any(np.ndim(v) == 0 or len(v) != 1 for v in arrays.values()):
-                raise CorruptState("a series record whose arrays do not hold exactly one series")
-            self._rows[item["series_id"]] = SeriesRows([item], arrays)
+            if any(np.ndim(v) == 0 or len(v) != len(items) for v in arrays.values()):
+                raise CorruptState(f"a series record whose arrays do not hold its {len(items)} series")
+            self._rows.add(SeriesRows(items, arrays), newest=False)
         elif kind == "shared":
             self._shared[str(meta["model"])] = (arrays, dict(meta["meta"]))
         elif kind == "checkpoint":
@@ -430,11 +510,9 @@ class TailReader:
 
     def _close_group(self, offset: int, meta: dict[str, Any]) -> None:
         self.tail.last_group_short = len(self._rows) < int(meta.get("n_series") or 0)
-        rows = self.tail.rows
-        for sid, one in self._rows.items():
-            rows[sid] = newer(rows.get(sid), one)
+        self.tail.rows.absorb(self._rows)
         self.tail.shared.update(self._shared)
-        self._rows, self._shared = {}, {}
+        self._rows, self._shared = LatestRows(), {}
         # Every record below a marker's position is reflected in the series states (see ``newer``), so the
         # highest position seen is a safe place to resume.
         self.tail.position = max(int(meta["position"]), self.tail.position or 0)
@@ -449,6 +527,19 @@ class TailReader:
 
 def series_record(item: dict[str, Any], arrays: ArrayDict) -> bytes:
     return encode_blob({"kind": "series", "series": item}, arrays)
+
+
+def series_blocks(rows: SeriesRows, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[bytes, bytes]]:
+    """``(key, record)`` of ``rows`` in blocks of consecutive series of about ``block_bytes`` each (at least one
+    series a block); the key is the block's first series id."""
+    if not len(rows):
+        return
+    per_series = max(1, sum(v.nbytes for v in rows.arrays.values()) // len(rows))
+    size = max(1, block_bytes // per_series)
+    for lo in range(0, len(rows), size):
+        block = rows.take(range(lo, min(lo + size, len(rows))))
+        key = key_bytes(SERIES_BLOCK_KEY_PREFIX + block.meta[0]["series_id"])
+        yield key, encode_blob({"kind": "series", "series": block.meta}, block.arrays)
 
 
 def shared_record(model: str, arrays: ArrayDict, meta: dict[str, Any]) -> bytes:
@@ -476,8 +567,9 @@ class ChangelogStore:
 
     def __init__(self, topic: str, producer: Any, consumer_factory: Callable[[], Any],
                  timeout_seconds: float = 30.0, progress: Callable[[], None] | None = None,
-                 link: BrokerLink | None = None) -> None:
+                 link: BrokerLink | None = None, block_bytes: int = BLOCK_BYTES) -> None:
         self.topic = topic
+        self.block_bytes = block_bytes
         self.producer = producer
         self._consumer_factory = consumer_factory
         self._consumer = None
@@ -493,8 +585,8 @@ class ChangelogStore:
         markers = {}
         for partition, rows, shared, position in groups:
             n = 1
-            for sid, one in rows.rows():
-                self._send(key_bytes(sid), series_record(one.meta[0], one.arrays), partition)
+            for key, record in series_blocks(rows, self.block_bytes):
+                self._send(key, record, partition)
                 n += 1
             for model, (arrays, meta) in shared.items():
                 self._send((SHARED_KEY_PREFIX + model).encode(), shared_record(model, arrays, meta), partition)
@@ -540,14 +632,15 @@ class ChangelogStore:
         return reader.finish(end)
 
     def read_latest(self, partition: int, start: int = 0) -> ChangelogTail:
-        """Like :meth:`read`, but from the start of the last complete group when that is later than ``start``:
-        every group holds the whole partition, so a restore reads one group's worth, not the changelog's
-        history (which only grows where the topic is not compacted)."""
-        base = self.last_group_start(partition)
+        """Like :meth:`read`, but from the start of the last complete group when that is later than ``start``, and
+        only up to that group's marker: every group holds the whole partition, so a restore reads one group's
+        worth, not the changelog's history (which only grows where the topic is not compacted) nor the records of
+        a checkpoint interrupted after it (which a restore ignores anyway)."""
+        base, marker = self.last_group(partition)
         if base <= start:
             return self.read(partition, start)
         reader = TailReader(base, f"{self.topic}[{partition}]", quiet=True)
-        tail = reader.finish(self._fetch(partition, base, reader.add))
+        tail = reader.finish(self._fetch(partition, base, reader.add, stop=marker + 1))
         if tail.empty or tail.last_group_short:
             # the group was not where its marker said (a foreign record inside it): read everything from start
             return self.read(partition, start)
@@ -556,29 +649,37 @@ class ChangelogStore:
         return tail
 
     def last_group_start(self, partition: int) -> int:
-        """The offset where the last complete group starts (0 if there is none, or its marker predates the
-        group size): a few records before the end are read, then more, until a marker turns up."""
-        end = self._end(partition)
-        back = 64
-        while end > 0:
-            start = max(0, end - back)
-            found: list[int] = []
+        """The offset where the last complete group starts (0 if there is none, or its marker predates the group
+        size)."""
+        return self.last_group(partition)[0]
 
-            def marker(offset: int, key: bytes | None, value: bytes | None, found: list[int] = found) -> None:
+    def last_group(self, partition: int) -> tuple[int, int]:
+        """``(first offset, marker offset)`` of the last complete group; ``(0, -1)`` when no marker turns up.
+
+        Windows of records before the end are read, each 8 times longer than the one after it and never read
+        twice, until one holds a marker: the cost is about what follows the last marker (a checkpoint cut off by
+        a crash) plus the window that finds it."""
+        end = self._end(partition)
+        back, stop = 64, end
+        while stop > 0:
+            start = max(0, stop - back)
+            found: list[tuple[int, int]] = []
+
+            def marker(offset: int, key: bytes | None, value: bytes | None,
+                       found: list[tuple[int, int]] = found) -> None:
                 if key == _MARKER and value is not None:
                     try:
                         meta, _ = decode_blob(value)
-                        found.append(offset - int(meta["records"]) + 1 if meta.get("records") else 0)
+                        first = offset - int(meta["records"]) + 1 if meta.get("records") else 0
+                        found.append((max(0, first), offset))
                     except (CorruptState, KeyError, TypeError, ValueError):
                         pass
 
-            self._fetch(partition, start, marker)
+            self._fetch(partition, start, marker, stop=stop)
             if found:
-                return max(0, found[-1])
-            if start == 0:
-                return 0
-            back *= 8
-        return 0
+                return found[-1]
+            stop, back = start, back * 8
+        return 0, -1
 
     def _end(self, partition: int) -> int:
         """The partition's highwater, off one fetch response (ListOffsets is not trusted on every broker)."""
@@ -597,8 +698,10 @@ class ChangelogStore:
                 raise TimeoutError(f"no answer reading the end of changelog {self.topic}[{partition}]")
         return int(consumer.highwater(tp))
 
-    def _fetch(self, partition: int, start: int, sink: Callable[[int, bytes | None, bytes | None], None]) -> int:
-        """Feed ``sink(offset, key, value)`` every record from ``start`` to the end; returns the end offset."""
+    def _fetch(self, partition: int, start: int, sink: Callable[[int, bytes | None, bytes | None], None],
+               stop: int | None = None) -> int:
+        """Feed ``sink(offset, key, value)`` every record from ``start`` to the end, or to before offset ``stop``;
+        returns the end offset (the partition's highwater)."""
         from kafka import TopicPartition
 
         consumer = self._reader()
@@ -612,18 +715,23 @@ class ChangelogStore:
         deadline = time.monotonic() + stall
         while True:
             fetched = False
+            done = False
             for records in consumer.poll(timeout_ms=200).values():
                 for rec in records:
+                    if stop is not None and rec.offset >= stop:
+                        done = True
+                        break
                     sink(rec.offset, rec.key, rec.value)
                     fetched = True
             if self._progress is not None:
                 self._progress()
             # highwater comes with every fetch response (ListOffsets is not trusted: some brokers get it wrong).
             highwater = consumer.highwater(tp)
-            if highwater is not None and consumer.position(tp) >= highwater:
+            limit = highwater if stop is None or highwater is None else min(stop, highwater)
+            if done or (limit is not None and consumer.position(tp) >= limit):
                 if self.link is not None:
                     self.link.ok()
-                return highwater
+                return highwater if highwater is not None else stop  # records came, so a highwater did too
             if fetched:
                 deadline = time.monotonic() + stall
             elif time.monotonic() > deadline:
@@ -652,16 +760,16 @@ def merge(base: Snapshot | None, tail: ChangelogTail, topic: str, partition: int
     """The newest state of a partition: ``base`` (local snapshot) updated by the changelog groups after it."""
     if tail.empty:
         return base
-    rows = dict(base.rows.rows()) if base is not None else {}
-    for sid, one in tail.rows.items():
-        rows[sid] = newer(rows.get(sid), one)
+    rows = LatestRows()
+    if base is not None:
+        rows.add(base.rows)
+    rows.absorb(tail.rows)
     shared = dict(base.shared) if base is not None else {}
     shared.update(tail.shared)
     assert tail.position is not None
     position = max(tail.position, base.position if base is not None else 0)
     config = tail.config if tail.config is not None else (base.config if base is not None else None)
-    return Snapshot(topic, partition, position, tail.next_offset, config, SeriesRows.concat(list(rows.values())),
-                    shared, time.time())
+    return Snapshot(topic, partition, position, tail.next_offset, config, rows.table(), shared, time.time())
 
 
 def nonempty_shared(shared: SharedState) -> SharedState:

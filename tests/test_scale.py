@@ -10,7 +10,7 @@ from tidecast.models.rows import grow
 from tidecast.stream.batch import ForecastBatch
 from tidecast.stream.kafka import encode_compact, forecast_messages, is_compact, read_compact, read_forecasts
 from tidecast.stream.pending import NO_TICK, PendingForecasts
-from tidecast.stream.state import ChangelogStore, SeriesRows
+from tidecast.stream.state import ChangelogStore, SeriesRows, encode_blob
 
 HOUR = 3_600_000_000_000
 
@@ -164,8 +164,8 @@ def test_a_value_that_is_not_a_compact_message_is_refused():
 class ListChangelog(ChangelogStore):
     """The real writer and reader over an in-memory log, counting what each read fetched."""
 
-    def __init__(self) -> None:
-        super().__init__("cl", None, lambda: None)
+    def __init__(self, block_bytes: int = 80) -> None:  # rows_of's series are 16 bytes: 5 a block
+        super().__init__("cl", None, lambda: None, block_bytes=block_bytes)
         self.log: list[tuple[bytes, bytes]] = []
         self.fetched = 0
 
@@ -183,8 +183,8 @@ class ListChangelog(ChangelogStore):
         self.producer = type("P", (), {"flush": lambda *a, **k: None})()
         return super().write(groups, config)
 
-    def _fetch(self, partition, start, sink):
-        for offset in range(start, len(self.log)):
+    def _fetch(self, partition, start, sink, stop=None):
+        for offset in range(start, len(self.log) if stop is None else min(stop, len(self.log))):
             self.fetched += 1
             sink(offset, *self.log[offset])
         return len(self.log)
@@ -203,14 +203,29 @@ def test_a_restore_reads_only_the_last_complete_group():
     ids = [f"s{k}" for k in range(50)]
     for k in range(20):  # twenty checkpoints of the whole partition
         changelog.write([(0, rows_of(ids, k), {}, 100 * (k + 1))], None)
-    changelog.log.append((b"s1", b"half a group, cut off by a crash"))
+    group = len(changelog.log) // 20
+    assert group == 50 // 5 + 1  # series in blocks of five, then the marker
+    changelog.log += [(b"\x00series/s0", b"a group cut off by a crash")] * 3
     changelog.fetched = 0
     tail = changelog.read_latest(0)
     assert tail.position == 2000 and sorted(tail.rows) == sorted(ids)
     assert tail.rows["s3"].arrays["x"].tolist() == [22.0]  # the last group's state
-    assert changelog.fetched < 3 * (len(ids) + 1) + 64  # the scan for the marker, then one group
+    assert tail.n_incomplete == 0  # the read stopped at the group's marker
+    assert changelog.fetched <= 64 + group  # one window of the scan for the marker, then one group
     full = changelog.read(0, 0)
-    assert full.position == tail.position and changelog.fetched > 20 * len(ids)
+    assert full.position == tail.position and changelog.fetched > 20 * group
+    assert sorted(full.rows) == sorted(ids) and full.rows["s3"].arrays["x"].tolist() == [22.0]
+
+
+def test_a_block_record_whose_arrays_do_not_match_its_series_is_skipped():
+    changelog = ListChangelog()
+    changelog.write([(0, rows_of(["a", "b"], 1), {}, 10)], None)
+    (key, good), marker = changelog.log
+    bad = encode_blob({"kind": "series", "series": [{"series_id": "a"}, {"series_id": "b"}]},
+                      {"engine/applied_offset": np.array([2]), "x": np.array([5.0])})
+    changelog.log = [(key, good), (key, bad), marker]
+    tail = changelog.read(0, 0)
+    assert tail.n_skipped == 1 and tail.rows["a"].arrays["x"].tolist() == [1.0]
 
 
 def test_the_group_consumer_asks_the_broker_for_short_fetch_waits():
