@@ -10,7 +10,7 @@ from tidecast.models.rows import grow
 from tidecast.stream.batch import ForecastBatch
 from tidecast.stream.kafka import encode_compact, forecast_messages, is_compact, read_compact, read_forecasts
 from tidecast.stream.pending import NO_TICK, PendingForecasts
-from tidecast.stream.state import ChangelogStore, SeriesRows, encode_blob
+from tidecast.stream.state import ChangelogStore, SeriesRows, encode_blob, series_blocks
 
 HOUR = 3_600_000_000_000
 
@@ -215,6 +215,26 @@ def test_a_restore_reads_only_the_last_complete_group():
     full = changelog.read(0, 0)
     assert full.position == tail.position and changelog.fetched > 20 * group
     assert sorted(full.rows) == sorted(ids) and full.rows["s3"].arrays["x"].tolist() == [22.0]
+
+
+@pytest.mark.kafka
+def test_on_a_real_broker_a_restore_scans_back_past_a_cut_off_checkpoint_and_stops_at_the_last_marker(kafka, unique):
+    from kafka import KafkaConsumer
+
+    topic = unique("changelog")
+    kafka.create_topic(topic, 1)
+    store = ChangelogStore(topic, kafka.producer, lambda: KafkaConsumer(bootstrap_servers=kafka.bootstrap),
+                           block_bytes=160)  # ten series a block
+    ids = [f"s{k:03d}" for k in range(200)]
+    for k in range(3):
+        store.write([(0, rows_of(ids, k), {}, 1000 * (k + 1))], None)
+    cut_off = list(series_blocks(rows_of(ids, 3), 160))  # a fourth group's blocks, the member killed before its marker
+    kafka.send(topic, cut_off * 4)  # 80 records: more than the scan's first window
+    tail = store.read_latest(0)
+    store.close()
+    assert tail.position == 3000 and sorted(tail.rows) == ids
+    assert tail.rows["s007"].arrays["x"].tolist() == [9.0]  # the third group's state (offset 2 + index 7)
+    assert tail.n_records == 21 and tail.n_incomplete == 0  # its 20 blocks and marker, nothing after
 
 
 def test_a_block_record_whose_arrays_do_not_match_its_series_is_skipped():
