@@ -74,10 +74,10 @@ class Pool(Params):
         self.n0 = n0
         self.scale_decay = scale_decay
         self.levels = levels
-        self.table_ = RowTable(scale=Field((), np.float64, np.nan), n=Field((), np.int64, 0),
-                               last=Field((), np.float64, np.nan),
-                               borrowed=Field((horizon, levels, 2), np.float64, np.nan),
-                               taken=Field((), np.bool_, False))
+        # Pooling off keeps no row state at all: at H = 96 ``borrowed`` alone would be 1.5 kB a series for nothing.
+        self.table_ = RowTable() if n0 == 0 else RowTable(
+            scale=Field((), np.float64, np.nan), n=Field((), np.int64, 0), last=Field((), np.float64, np.nan),
+            borrowed=Field((horizon, levels, 2), np.float64, np.nan), taken=Field((), np.bool_, False))
 
     def resize(self, n_rows: int) -> None:
         self.table_.resize(n_rows)
@@ -86,7 +86,7 @@ class Pool(Params):
     def observe(self, rows: np.ndarray, values: np.ndarray) -> None:
         """Values the rows' model learned (one per row, in tick order)."""
         rows = np.asarray(rows, dtype=np.intp)
-        if rows.size == 0:
+        if rows.size == 0 or self.n0 == 0:
             return
         self.resize(int(rows.max()) + 1)
         values = np.asarray(values, dtype=float)
@@ -103,12 +103,13 @@ class Pool(Params):
 
     def forget_last(self, rows: np.ndarray) -> None:
         """After a reset (a long gap) the next step is not a one-tick difference: do not learn from it."""
-        self.last_[np.asarray(rows, dtype=np.intp)] = np.nan
+        if self.n0:
+            self.last_[np.asarray(rows, dtype=np.intp)] = np.nan
 
     def restart(self, rows: np.ndarray) -> None:
         """The rows' calibrator cells started afresh (seeded): take the lane estimate again at their next interval."""
         rows = np.asarray(rows, dtype=np.intp)
-        if rows.size:
+        if rows.size and self.n0:
             self.resize(int(rows.max()) + 1)
             self.table_.blank(rows, ("borrowed", "taken"))
 
@@ -178,12 +179,16 @@ class Pool(Params):
 
     # -- state ----------------------------------------------------------------------------------------
     def export_rows(self, rows: np.ndarray) -> ArrayDict:
+        if self.n0 == 0:
+            return {}
         state = self.table_.export_rows(rows)
         state["taken"] = state["taken"].astype(np.uint8)
         return state
 
     def import_rows(self, rows: np.ndarray, state: ArrayDict) -> None:
         rows = np.asarray(rows, dtype=np.intp)
+        if self.n0 == 0:  # pooling off: nothing to keep (state saved by a version that kept it anyway is dropped)
+            return
         if not state:  # saved before pooling existed: the rows start without a scale and have borrowed nothing
             self.resize(int(rows.max()) + 1 if rows.size else 0)
             self.table_.blank(rows)
