@@ -48,9 +48,11 @@ def feed_until_forecasting(kafka, topic: str, proc, messages: list, start: int, 
         kafka.send(topic, messages[step * 3 : (step + 6) * 3])
         step += 6
         proc.wait_value("tidecast_observations_total", lambda v, n=step * 3: v >= n, 60)
-        if proc.value("tidecast_forecasts_total", model="cyclenet"):
-            return step
-        time.sleep(0.2)
+        deadline = time.monotonic() + 1.0  # up to a second a chunk: 18 s for the fit on a slow runner
+        while time.monotonic() < deadline:
+            if proc.value("tidecast_forecasts_total", model="cyclenet"):
+                return step
+            time.sleep(0.05)
     pytest.fail(f"cyclenet did not forecast before step {last}; log tail:\n{proc.tail()}")
 
 
