@@ -50,6 +50,12 @@ direct multi-horizon head.
   row is about 200 bytes (plus 12 bytes per cycle step in ``"cyclenet"`` mode). :meth:`export_shared` gives the
   weights, their Adam state and the RNG. Restoring both and feeding the same inputs reproduces the forecasts
   bit for bit (if the time budget lets both runs take the same replay steps).
+* **Bootstrap** (``bootstrap=B``, 0 by default): a residual bootstrap, as for Holt-Winters
+  (:class:`tidecast.models.bootstrap.ResidualRing`): each row keeps its last 50 one-step residuals (the value
+  against the state's 1-step forecast, for values one tick after the last), and replica ``b``'s h-step forecast
+  is the point forecast plus the sum of ``h`` of them resampled; :meth:`spread_many` is their root mean square.
+  Bagged networks would need B hidden states per series advanced every round (B times the serving cost); the
+  residual ring costs one head evaluation per round and 400 bytes a series.
 
 >>> import numpy as np
 >>> model = CfCForecaster(horizon=3, lookback=8, units=8, backbone_units=16, warm_start=60, epochs=2)
@@ -77,6 +83,7 @@ import torch
 from torch import nn
 
 from tidecast.models.base import ArrayDict, BatchForecaster
+from tidecast.models.bootstrap import ResidualRing, check_bootstrap
 
 __all__ = ["CfCCell", "CfCForecaster", "LiquidNet", "build", "make"]
 
@@ -248,6 +255,8 @@ class CfCForecaster(BatchForecaster):
         from another thread than :meth:`learn_many` (None).
     max_cycle, seed
         Longest detected cycle; seed of the initial weights and of every draw.
+    bootstrap
+        Replicas of the residual bootstrap behind :meth:`spread_many` (0: none; see the module docstring).
     """
 
     name = "cfc"
@@ -281,6 +290,7 @@ class CfCForecaster(BatchForecaster):
         defer: bool | None = None,
         max_cycle: int = 400,
         seed: int = 0,
+        bootstrap: int = 0,
     ) -> None:
         self.horizon, self.lookback, self.mode = horizon, lookback, mode
         self.units, self.backbone_units, self.backbone_layers = units, backbone_units, backbone_layers
@@ -292,6 +302,7 @@ class CfCForecaster(BatchForecaster):
         self.replay_window, self.replay_every = replay_window, replay_every
         self.replay_steps, self.replay_batch, self.step_budget = replay_steps, replay_batch, step_budget
         self.defer, self.max_cycle, self.seed = defer, max_cycle, seed
+        self.bootstrap = bootstrap
         self._check_params()
         self._lock = threading.RLock()  # row tables, serving weights
         self._train_lock = threading.Lock()  # the training copy and its optimiser
@@ -303,6 +314,7 @@ class CfCForecaster(BatchForecaster):
     # -- construction helpers -------------------------------------------------------------------------
 
     def _check_params(self) -> None:
+        check_bootstrap(self.bootstrap)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.horizon < 1 or self.lookback < 1 or self.units < 1:
@@ -374,6 +386,7 @@ class CfCForecaster(BatchForecaster):
         self._q_m = np.zeros((0, self.cycle_), dtype=np.float32)
         self._q_v = np.zeros((0, self.cycle_), dtype=np.float32)
         self._q_step = np.zeros(0, dtype=np.int64)
+        self.ring_ = ResidualRing(self.bootstrap) if self.bootstrap else None
 
     # -- the table ------------------------------------------------------------------------------------
 
@@ -405,6 +418,8 @@ class CfCForecaster(BatchForecaster):
                 self._ready = grow(self._ready, False)
                 self._q, self._q_m, self._q_v = grow(self._q, 0.0), grow(self._q_m, 0.0), grow(self._q_v, 0.0)
                 self._q_step = grow(self._q_step, 0)
+                if self.ring_ is not None:
+                    self.ring_.resize(cap)
                 self._cap = cap
             self.n_rows_ = max(self.n_rows_, n_rows)
 
@@ -447,6 +462,9 @@ class CfCForecaster(BatchForecaster):
             if rows.max() >= self.n_rows_:
                 self.resize(int(rows.max()) + 1)
             prev = self._last_tick[rows].copy()
+            if self.ring_ is not None and self.net_ is not None:  # before the value enters the row
+                self._residuals(rows[self._ready[rows]], ticks[self._ready[rows]], values[self._ready[rows]],
+                                prev[self._ready[rows]])
             self._record(rows, ticks, values, prev)
             if self.net_ is None:
                 if self._job is None and np.any(self._seen[rows] >= self.warm_start):
@@ -509,6 +527,14 @@ class CfCForecaster(BatchForecaster):
         if self.periods:
             feats.append(time_features(ticks, self.periods))
         return np.concatenate(feats, axis=-1), q
+
+    def _residuals(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray, prev: np.ndarray) -> None:
+        """The bootstrap ring learns each value one tick after the row's last against the row's 1-step forecast
+        (called before the value enters the row)."""
+        step = ticks - prev == 1
+        if step.any():
+            rows = rows[step]
+            self.ring_.add(rows, ticks[step], values[step] - self.forecast_many(rows, 1)[:, 0])
 
     def _advance(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray, dt: np.ndarray) -> None:
         """One cell step for served rows: the batched call of the round (under the lock)."""
@@ -820,6 +846,19 @@ class CfCForecaster(BatchForecaster):
         out[ok, :k] = y[:, :k] * scale[:, None] + mean[:, None]
         return out
 
+    def spread_many(self, rows: np.ndarray, horizon: int) -> np.ndarray | None:
+        """Residual bootstrap: replica h-step errors are sums of h resampled one-step residuals (NaN for rows
+        not served or with fewer than 20 residuals)."""
+        if self.ring_ is None:
+            return None
+        rows = np.asarray(rows, dtype=np.int64)
+        with self._lock:
+            if rows.size and rows.max() >= self.n_rows_:
+                self.resize(int(rows.max()) + 1)
+            steps = np.broadcast_to(np.arange(1, horizon + 1), (rows.size, horizon))
+            spread = self.ring_.spread(rows, self._last_tick[rows], steps, keys=self._last_value[rows])
+            return np.where(self._ready[rows][:, None], spread, np.nan)
+
     # -- state ------------------------------------------------------------------------------------------
 
     def export_rows(self, rows: np.ndarray) -> ArrayDict:
@@ -844,6 +883,8 @@ class CfCForecaster(BatchForecaster):
             if self.mode == "cyclenet":
                 state.update(cycle_row=self._q[rows].copy(), cycle_adam_m=self._q_m[rows].copy(),
                              cycle_adam_v=self._q_v[rows].copy(), cycle_adam_step=self._q_step[rows].copy())
+            if self.ring_ is not None:
+                state.update(self.ring_.export_rows(rows))
         return state
 
     def import_rows(self, rows: np.ndarray, state: ArrayDict) -> None:
@@ -871,6 +912,8 @@ class CfCForecaster(BatchForecaster):
             self._ready[rows] = np.asarray(state["ready"]).astype(bool)
             if self.mode == "cyclenet":
                 self._import_cycle_rows(rows, state)
+            if self.ring_ is not None:
+                self.ring_.import_rows(rows, state)
 
     def _import_cycle_rows(self, rows: np.ndarray, state: ArrayDict) -> None:
         q = np.asarray(state["cycle_row"], dtype=np.float32)

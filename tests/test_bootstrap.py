@@ -21,6 +21,9 @@ BOOT_PARAMS = {
     "cyclenet": {"lookback": 12, "cycle": 6, "warm_start": 96, "epochs": 3, "lr": 0.05, "batch_size": 16,
                  "replay_window": 32, "replay_batch": 16, "replay_every": 2, "replay_steps": 1, "defer": False,
                  "step_budget": 10.0, "bootstrap": 4},
+    # a residual bootstrap on the liquid model's one-step residuals; frozen, so that its states alone move
+    "cfc": {"lookback": 8, "units": 8, "backbone_units": 16, "warm_start": 96, "epochs": 30, "lr": 0.02,
+            "batch_size": 16, "mode": "frozen", "defer": False, "bootstrap": 4},
 }
 
 
@@ -62,6 +65,21 @@ def test_spread_is_nonzero_and_grows_off_distribution(name: str) -> None:
     after = np.nanmean([s.mean() for s in spreads[at + 10 : at + 40]])
     assert np.isfinite(before) and before > 0
     assert after > 1.5 * before, (before, after)
+
+
+def test_cfc_residual_bootstrap_spread_follows_its_residuals() -> None:
+    """cfc's replicas resample its own one-step residuals, so the spread follows them: here the noise's standard
+    deviation doubles (0.3 to ~0.67) with no change of level, trend or cycle."""
+    n, at = 300, 240
+    values = _series(n)
+    values[at:] += 0.6 * np.random.default_rng(1).normal(size=(n - at, values.shape[1]))  # noise sd 0.3 -> ~0.67
+    model = make_model("cfc", horizon=H, **BOOT_PARAMS["cfc"])
+    _, spreads = _run(model, values)
+    before = np.nanmean([s.mean() for s in spreads[at - 40 : at]])
+    after = np.nanmean([s.mean() for s in spreads[at + 30 : at + 60]])
+    assert np.isfinite(before) and before > 0
+    assert after > 1.3 * before, (before, after)
+    assert np.all(np.diff(spreads[-1], axis=1) > 0)  # sums of more residuals: wider with h
 
 
 @pytest.mark.parametrize("name", list(BOOT_PARAMS))
