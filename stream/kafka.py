@@ -826,8 +826,12 @@ class HighwaterProbe(threading.Thread):
             self._consumer.poll(timeout_ms=100, max_records=1)
             for p, tp in tps.items():
                 hw = self._consumer.highwater(tp)
-                if hw is not None:
+                if hw is not None and p not in fresh:
                     fresh[p] = hw
+                    # Done with it: paused, its buffered records are dropped instead of handed out one a poll,
+                    # and the next poll waits for the others (a probe took ~3,000 one-record polls, all Python,
+                    # while any partition was still missing).
+                    self._consumer.pause(tp)
         with self._lock:
             for p, hw in fresh.items():
                 if p in self._wanted:
