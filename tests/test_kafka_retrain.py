@@ -36,24 +36,39 @@ def drifting(as_messages, n: int = 3) -> list[tuple[bytes, bytes]]:
     return as_messages([(f"s{i}", stamps[k], float(values[k, i])) for k in range(STEPS) for i in range(n)])
 
 
-def feed_until_forecasting(kafka, topic: str, proc, messages: list, start: int, last: int) -> int:
-    """Send the steps from ``start`` on a few at a time until the lane forecasts; returns the first step not sent.
+def feed_until(kafka, topic: str, proc, messages: list, start: int, last: int, done, what: str,
+               wait: float = 1.0) -> int:
+    """Send the steps from ``start`` on, six at a time, until ``done()``; returns the first step not sent. Fails if
+    step ``last`` is reached first.
 
-    serve fits CycleNet on the trainer thread while the consumer keeps reading (it never stalls for a fit), so a
-    backlog sent at once would pass before the model forecasts, and the detector's reference would start after
-    the change. A live stream arrives at its own pace; this gives the fit that pace before the change.
+    serve fits and retrains on its trainer thread while the consumer keeps reading (it never stalls for either),
+    so a backlog sent at once can pass before the model forecasts (the detector's reference would then start after
+    the change) or before the retrain job ends (its shadow, which starts after the job, would see no data). A live
+    stream arrives at its own pace; this gives the test that pace, however slow the machine.
     """
-    step = start
+    step, before = start, proc.value("tidecast_observations_total") or 0  # this process's count
     while step < last:
         kafka.send(topic, messages[step * 3 : (step + 6) * 3])
         step += 6
-        proc.wait_value("tidecast_observations_total", lambda v, n=step * 3: v >= n, 60)
-        deadline = time.monotonic() + 1.0  # up to a second a chunk: 18 s for the fit on a slow runner
+        proc.wait_value("tidecast_observations_total", lambda v, n=before + (step - start) * 3: v >= n, 60)
+        deadline = time.monotonic() + wait  # up to ``wait`` seconds a chunk
         while time.monotonic() < deadline:
-            if proc.value("tidecast_forecasts_total", model="cyclenet"):
+            if done():
                 return step
             time.sleep(0.05)
-    pytest.fail(f"cyclenet did not forecast before step {last}; log tail:\n{proc.tail()}")
+    pytest.fail(f"{what} not before step {last}; log tail:\n{proc.tail()}")
+
+
+def feed_until_forecasting(kafka, topic: str, proc, messages: list, start: int, last: int) -> int:
+    return feed_until(kafka, topic, proc, messages, start, last,
+                      lambda: bool(proc.value("tidecast_forecasts_total", model="cyclenet")), "cyclenet forecast")
+
+
+def feed_until_promoted(kafka, topic: str, proc, messages: list, start: int) -> None:
+    """The rest of the stream, paced until the candidate is promoted, then all of it."""
+    sent = feed_until(kafka, topic, proc, messages, start, STEPS,
+                      lambda: bool(proc.value("tidecast_retrains_total", outcome="promoted")), "promotion", wait=2.0)
+    kafka.send(topic, messages[sent * 3 :])
 
 
 def retrain_events(kafka, topic: str, at_least: int) -> list[dict]:
@@ -72,8 +87,7 @@ def test_serve_retrains_after_drift_without_interrupting_polling(kafka, unique, 
     sent = feed_until_forecasting(kafka, topic, proc, messages, WARM, READY_BY)
     kafka.send(topic, messages[sent * 3 : CUT * 3])
     proc.wait_value("tidecast_retrains_total", lambda v: v >= 1, 240, outcome="started")
-    kafka.send(topic, messages[CUT * 3 :])  # the shadow is scored on what arrives after the job
-    proc.wait_value("tidecast_retrains_total", lambda v: v >= 1, 240, outcome="promoted")
+    feed_until_promoted(kafka, topic, proc, messages, CUT)  # the shadow is scored on what arrives after the job
     proc.wait_caught_up(1, timeout=120)
     assert proc.value("tidecast_model_version", model="cyclenet") >= 1
     assert proc.value("tidecast_rebalances_total") == 1  # the first assignment only: never kicked from the group
@@ -101,8 +115,7 @@ def test_kill_9_during_the_job_ends_in_exactly_one_promotion(kafka, unique, serv
     first.kill()
     final = serve(topic, group, state, *ARGS, *slow, name="final")
     final.wait_value("tidecast_state_restored_series_total", lambda v: v >= 3, 120)  # the job in flight with them
-    kafka.send(topic, messages[CUT * 3 :])
-    final.wait_value("tidecast_retrains_total", lambda v: v >= 1, 600, outcome="promoted")
+    feed_until_promoted(kafka, topic, final, messages, CUT)
     final.wait_caught_up(1, timeout=120)
     assert final.value("tidecast_model_version", model="cyclenet") == 1
     assert final.terminate()[0] == 0

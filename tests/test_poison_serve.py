@@ -75,8 +75,8 @@ def test_a_stray_changelog_record_is_skipped_with_its_position_and_the_rest_rest
     log0 = producer.log[(a.cfg.changelog_topic, 0)]
     feed(a, 0, records(0, ["a", "b"], range(20, 25), 40))
     a.table.checkpoint()
-    second = len(log0) - 3  # the last group: a, b, marker
-    log0.insert(second + 1, (b"a", b"not a state blob"))  # inside the group: between a's and b's records
+    inside = len(log0) - 1  # the last group's marker, after its records (a and b in one block)
+    log0.insert(inside, (b"a", b"not a state blob"))  # inside the group: between its records and its marker
     log0.append((None, b"\x00" * 3))  # and one after the last group
 
     b, b_results = make_worker(tmp_path, producer, state_dir="elsewhere")  # changelog only
@@ -88,7 +88,7 @@ def test_a_stray_changelog_record_is_skipped_with_its_position_and_the_rest_rest
     assert sample(b, "tidecast_state_skipped_total", source="changelog") == 2
     warnings = [r.getMessage() for r in caplog.records if "skipping changelog record" in r.getMessage()]
     assert len(warnings) == 2
-    assert f"{a.cfg.changelog_topic}[0] offset {second + 1}" in warnings[0] and "too short" in warnings[0]
+    assert f"{a.cfg.changelog_topic}[0] offset {inside}" in warnings[0] and "too short" in warnings[0]
     assert f"{a.cfg.changelog_topic}[0] offset {len(log0) - 1}" in warnings[1]
 
 

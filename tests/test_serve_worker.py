@@ -59,9 +59,9 @@ class FakeProducer:
 class MemoryChangelog(ChangelogStore):
     """The real writer and reader logic over the fake producer's log."""
 
-    def _fetch(self, partition, start, sink):
+    def _fetch(self, partition, start, sink, stop=None):
         log = self.producer.log[(self.topic, partition)]
-        for offset in range(start, len(log)):
+        for offset in range(start, len(log) if stop is None else min(stop, len(log))):
             sink(offset, *log[offset])
         return len(log)
 
@@ -194,7 +194,8 @@ def test_shared_state_is_written_when_it_changes_and_restored_into_a_fresh_engin
     a.table.checkpoint([0])  # nothing changed: nothing written
     changelog = producer.log[(a.cfg.changelog_topic, 0)]
     assert [k for k, _ in changelog].count(b"\x00shared/seasonal-naive") == 1
-    assert [k for k, _ in changelog] == [b"a", b"b", b"\x00shared/seasonal-naive", b"\x00checkpoint"]
+    # both series in one block (keyed by its first id), the shared state, the marker
+    assert [k for k, _ in changelog] == [b"\x00series/a", b"\x00shared/seasonal-naive", b"\x00checkpoint"]
 
     b, b_results = make_worker(tmp_path, producer, counting_engine(), state_dir="elsewhere")
     assign(b, b_results, {0})
