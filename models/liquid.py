@@ -463,8 +463,8 @@ class CfCForecaster(BatchForecaster):
                 self.resize(int(rows.max()) + 1)
             prev = self._last_tick[rows].copy()
             if self.ring_ is not None and self.net_ is not None:  # before the value enters the row
-                self._residuals(rows[self._ready[rows]], ticks[self._ready[rows]], values[self._ready[rows]],
-                                prev[self._ready[rows]])
+                served = self._ready[rows]
+                self._residuals(rows[served], ticks[served], values[served], prev[served])
             self._record(rows, ticks, values, prev)
             if self.net_ is None:
                 if self._job is None and np.any(self._seen[rows] >= self.warm_start):

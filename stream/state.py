@@ -34,7 +34,7 @@ changed shared state (key ``\\0shared/<model>``), then a marker (key ``\\0checkp
 the group reflects and the group's record count. Restore finds the last marker (scanning back from the end),
 reads that group and stops at its marker. Restore reads the partition
 with last-value-wins per key — refined to "the state with the highest applied offset wins, the later on a tie"
-(:func:`newer`) — and keeps only groups closed by a marker, so a checkpoint interrupted half-way is ignored as a
+(:class:`LatestRows`) — and keeps only groups closed by a marker, so a checkpoint interrupted half-way is ignored as a
 whole; a record that is no state blob is skipped with a warning naming its offset (:class:`TailReader`).
 Compaction (``cleanup.policy=compact``) keeps the topic small on real Kafka; nothing relies on it (the test broker
 never compacts) and no transactions are used. Series ids are written as keys with ``surrogatepass``, so that no id
@@ -191,7 +191,9 @@ _Entry = tuple[SeriesRows, int, int]  # the block holding a series' state, its r
 
 
 class LatestRows(Mapping[str, SeriesRows]):
-    """The newest state of each series (:func:`newer`'s rule) over whole blocks of series, kept unsplit.
+    """The newest state of each series over whole blocks of series, kept unsplit: the higher applied offset wins,
+    the later on a tie. Plain last-value-wins would let a late write from a member that lost the partition (no
+    transactions fence it) replace a newer state with an older one; a series' applied offset only ever grows.
 
     A restore folds a partition's blocks (changelog records, a local snapshot) into this and assembles one table at
     the end (:meth:`table`): a 10,000-series partition is a few hundred row selections, not 10,000 one-row
@@ -217,13 +219,8 @@ class LatestRows(Mapping[str, SeriesRows]):
         for row, (sid, offset) in enumerate(zip(block.series_ids, offsets, strict=True)):
             self._put(sid, (block, row, int(offset)), newest)
 
-    def absorb(self, other: Mapping[str, SeriesRows]) -> None:
-        """Fold another set in (or any ``{series_id: SeriesRows}``), keeping the more advanced state of each
-        series."""
-        if not isinstance(other, LatestRows):
-            for rows in other.values():
-                self.add(rows)
-            return
+    def absorb(self, other: LatestRows) -> None:
+        """Fold another set in, keeping the more advanced state of each series."""
         for sid, entry in other._at.items():
             self._put(sid, entry, True)
 
@@ -441,22 +438,6 @@ class ChangelogTail:
         return self.position is None
 
 
-def newer(current: SeriesRows | None, candidate: SeriesRows) -> SeriesRows:
-    """The more advanced of two states of one series: higher applied offset; on a tie, the candidate (later).
-
-    Plain last-value-wins would let a late write from a member that lost the partition (no transactions
-    fence it) replace a newer state with an older one; a series' applied offset only ever grows.
-    """
-    if current is None:
-        return candidate
-
-    def applied(rows: SeriesRows) -> int:
-        arr = rows.arrays.get("engine/applied_offset")
-        return int(arr[0]) if arr is not None and len(arr) else -1
-
-    return candidate if applied(candidate) >= applied(current) else current
-
-
 class TailReader:
     """Folds changelog records (in offset order) into a :class:`ChangelogTail`.
 
@@ -513,7 +494,7 @@ class TailReader:
         self.tail.rows.absorb(self._rows)
         self.tail.shared.update(self._shared)
         self._rows, self._shared = LatestRows(), {}
-        # Every record below a marker's position is reflected in the series states (see ``newer``), so the
+        # Every record below a marker's position is reflected in the series states (see :class:`LatestRows`), so the
         # highest position seen is a safe place to resume.
         self.tail.position = max(int(meta["position"]), self.tail.position or 0)
         self.tail.config = meta.get("config")
@@ -647,11 +628,6 @@ class ChangelogStore:
         for text in reader.held:
             log.warning("%s", text)
         return tail
-
-    def last_group_start(self, partition: int) -> int:
-        """The offset where the last complete group starts (0 if there is none, or its marker predates the group
-        size)."""
-        return self.last_group(partition)[0]
 
     def last_group(self, partition: int) -> tuple[int, int]:
         """``(first offset, marker offset)`` of the last complete group; ``(0, -1)`` when no marker turns up.

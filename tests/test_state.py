@@ -13,6 +13,7 @@ from tidecast.stream.state import (
     ChangelogTail,
     CorruptState,
     IncompatibleState,
+    LatestRows,
     LocalStateStore,
     SeriesRows,
     Snapshot,
@@ -23,7 +24,6 @@ from tidecast.stream.state import (
     encode_blob,
     marker_record,
     merge,
-    newer,
     series_record,
 )
 
@@ -126,9 +126,9 @@ def test_merge_lets_newer_changelog_state_win_over_the_local_snapshot():
     base_rows = SeriesRows([{"series_id": "a"}, {"series_id": "b"}],
                            {"engine/applied_offset": np.array([5, 6]), "x": np.array([1.0, 1.0])})
     base = Snapshot("t", 0, 7, 3, None, base_rows)
-    tail = ChangelogTail(rows={"a": SeriesRows([{"series_id": "a"}], {"engine/applied_offset": np.array([9]),
-                                                                       "x": np.array([2.0])})},
-                         position=10, next_offset=5, end_offset=5)
+    changed = LatestRows()
+    changed.add(SeriesRows([{"series_id": "a"}], {"engine/applied_offset": np.array([9]), "x": np.array([2.0])}))
+    tail = ChangelogTail(rows=changed, position=10, next_offset=5, end_offset=5)
     merged = merge(base, tail, "t", 0)
     values = dict(zip(merged.rows.series_ids, merged.rows.arrays["x"].tolist(), strict=True))
     assert values == {"a": 2.0, "b": 1.0} and merged.position == 10 and merged.changelog_offset == 5
@@ -136,12 +136,19 @@ def test_merge_lets_newer_changelog_state_win_over_the_local_snapshot():
     assert merge(None, ChangelogTail(), "t", 0) is None
 
 
-def test_newer_prefers_the_higher_applied_offset_and_the_later_on_ties():
+def test_the_higher_applied_offset_wins_and_the_later_on_ties():
     old = SeriesRows([{"series_id": "a"}], {"engine/applied_offset": np.array([3]), "x": np.array([0.0])})
     new = SeriesRows([{"series_id": "a"}], {"engine/applied_offset": np.array([3]), "x": np.array([1.0])})
-    assert newer(old, new) is new and newer(new, old) is old and newer(None, old) is old
     ahead = SeriesRows([{"series_id": "a"}], {"engine/applied_offset": np.array([4]), "x": np.array([2.0])})
-    assert newer(ahead, new) is ahead
+
+    def winner(*states: SeriesRows) -> float:
+        latest = LatestRows()
+        for state in states:
+            latest.add(state)
+        return float(latest["a"].arrays["x"][0])
+
+    assert winner(old, new) == 1.0 and winner(new, old) == 0.0 and winner(old) == 0.0
+    assert winner(ahead, new) == 2.0
 
 
 def test_state_from_another_configuration_is_refused():
