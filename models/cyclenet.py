@@ -794,7 +794,7 @@ class CycleNetForecaster(BatchForecaster):
             with torch.inference_mode():
                 y = self.net_(x, phase, cols)[:, :, 0].numpy()
                 if spread is not None and self.replicas_ is not None:
-                    spread_std = self.replicas_(x, phase, cols)[:, :, :, 0].std(dim=0, unbiased=False).numpy()
+                    spread_std = self.replicas_.spread(x, phase, cols).numpy()
         k = min(horizon, self.horizon)
         out[ok, :k] = y[:, :k] * scale + mean
         if spread is not None and self.replicas_ is not None:

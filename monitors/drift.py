@@ -46,8 +46,8 @@ from typing import Any
 import numpy as np
 
 from tidecast.models.base import Params
-from tidecast.models.rows import nest, under
-from tidecast.monitors.conformal.base import ArrayDict, grow
+from tidecast.models.rows import grow, nest, under
+from tidecast.monitors.conformal.base import ArrayDict
 
 __all__ = ["D3A", "DEFAULT_DETECTOR", "DETECTORS", "NO_ALARM", "Alarms", "DriftDetector", "DriftEvent",
            "DriftMonitor", "HorizonPool", "LaneMonitor", "ResidualCUSUM", "make_detector"]

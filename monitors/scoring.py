@@ -87,8 +87,9 @@ class PrequentialScorer:
         self.levels_ = [level_name(a) for a in self.alphas_]
         self.names_ = (*_POINT, *(f"{stat}@{lv}" for lv in self.levels_ for stat in _PER_LEVEL), "issued")
         self.table_ = RowTable(sums=Field((len(self.names_), horizon), np.float64, 0.0),
-                               no_interval=Field((horizon,), np.float64, 0.0),
-                               infinite=Field((horizon,), np.float64, 0.0))
+                               # counts: int32 holds 68 years of one step a second, in half float64's bytes
+                               no_interval=Field((horizon,), np.int32, 0),
+                               infinite=Field((horizon,), np.int32, 0))
         # Rolling (exponentially weighted, ~``window`` scored forecasts) coverage and width per level and horizon.
         self.rolling_coverage_ = np.full((self.alphas_.size, horizon), np.nan)
         self.rolling_width_ = np.full((self.alphas_.size, horizon), np.nan)
@@ -187,7 +188,7 @@ class PrequentialScorer:
     def import_rows(self, rows: np.ndarray, state: ArrayDict) -> None:
         for name in ("no_interval", "infinite"):  # saved before these were counted: zero (inf was in the sums)
             if name not in state:
-                state = {**state, name: np.zeros((len(rows), self.horizon))}
+                state = {**state, name: np.zeros((len(rows), self.horizon), np.int32)}
         self.table_.import_rows(rows, state)
 
 

@@ -117,10 +117,13 @@ class ConformalPID(ScoreCalibrator):
         self.ring_cols_ = -(-int(self.ring_len_.sum()) // horizon)  # ceil: slots per row = horizon * cols
         self._simple_ring = bool(np.all(self.ring_len_ == h1))  # the slot read is the slot written
         self._ar1 = self.order == 1 and scorecaster == "ar"  # the default: its one lag is the issued slot's
-        self._cell_base = np.zeros(0, np.int64)  # per flat cell: its first ring slot (derived, not state)
-        self._cell_h1 = np.zeros(0, np.int64)  # per flat cell: h (1-based)
-        self._cell_rate = np.zeros(0)  # per flat cell: its scale rate
-        self._cell_mean_rate = np.zeros(0)  # per flat cell: its intercept rate
+        # Per-cell geometry over a run of cells starting at a row's first horizon (derived, not state): first ring
+        # slot relative to that row, h (1-based), scale and intercept rates. Sized to the longest run learned at
+        # once, not to the table: at H = 96 a table-sized copy cost ~3 kB a series.
+        self._run_base = np.zeros(0, np.int64)
+        self._run_h1 = np.zeros(0, np.int64)
+        self._run_rate = np.zeros(0)
+        self._run_mean_rate = np.zeros(0)
         # Prior thresholds in units of mean |u|: the Gaussian quantile over E|Z| = sqrt(2/pi). A new cell starts
         # there; in residual units (normalize=False) it starts at 0 and walks.
         a, _ = targets(np.atleast_1d(np.asarray(alpha, dtype=float)), symmetric)
@@ -169,13 +172,11 @@ class ConformalPID(ScoreCalibrator):
         docstring): slots of (no residual, current offsets), one per tick, advancing ``pos`` and ``count``."""
         if self.horizon == 1:
             return
-        if self._cell_base.size < self.state_.shape[1] * self.horizon:
-            self._geometry()
         cells = (np.asarray(rows, dtype=np.intp)[:, None] * self.horizon + np.arange(self.horizon)).ravel()
+        cell_base, h1 = self._cell_slots(cells)
         flat = self.state_.reshape(self._fill.size, -1)
         blk = Block(flat[:, cells], self._layout)
         count, pos = blk.fields("count")[0], blk.fields("pos")[0]
-        h1 = self._cell_h1[cells]
         length = h1 if self._simple_ring else self.ring_len_[h1 - 1]
         width = 2 + self.n_targets_
         ring = self.ring_.reshape(-1, width)
@@ -187,7 +188,7 @@ class ConformalPID(ScoreCalibrator):
             pad = started & (h1 > k)
             if not pad.any():
                 break
-            ring[self._cell_base[cells[pad]] + pos[pad].astype(np.int64)] = slot[pad]
+            ring[cell_base[pad] + pos[pad].astype(np.int64)] = slot[pad]
             pos[pad] += 1
             pos[pad] -= length[pad] * (pos[pad] >= length[pad])
             count[pad] += 1
@@ -205,14 +206,11 @@ class ConformalPID(ScoreCalibrator):
         if rows.size == 0:
             return np.zeros((0, self.horizon, self.alphas_.size)), np.zeros((0, self.horizon, self.alphas_.size))
         self.resize(int(rows.max()) + 1)
-        if self._cell_base.size < self.state_.shape[1] * self.horizon:
-            self._geometry()
         cells = (rows[:, None] * self.horizon + np.arange(self.horizon)).ravel()
         flat = self.state_.reshape(self._fill.size, -1)
         count = flat[self._layout["count"][0], cells][0].astype(np.int64)
         pos = flat[self._layout["pos"][0], cells][0].astype(np.int64)
-        h1 = self._cell_h1[cells]
-        base = self._cell_base[cells]
+        base, h1 = self._cell_slots(cells)
         # the slot update() reads next: with ring length h it is the one about to be overwritten
         at = base + pos if self._simple_ring else (count - h1) % self.ring_len_[h1 - 1] + base
         width = 2 + self.n_targets_
@@ -233,15 +231,26 @@ class ConformalPID(ScoreCalibrator):
         # tan saturates: bounded to +-tan(1.4) ~ 5.8 so a pathological stream stays finite.
         return self.ki * np.tan(np.clip(arg, -1.4, 1.4))
 
-    def _geometry(self) -> None:
-        """Per-cell ring offsets for the table's capacity (cells are ``row * horizon + h``)."""
-        n_cells = self.state_.shape[1] * self.horizon
-        h = np.arange(n_cells) % self.horizon
-        self._cell_base = (np.arange(n_cells) // self.horizon) * (self.horizon * self.ring_cols_)
-        self._cell_base += self.ring_start_[h]
-        self._cell_h1 = h + 1
-        self._cell_rate = self.scale_rate_[h]
-        self._cell_mean_rate = self.mean_rate_[h]
+    def _cell_slots(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """First ring slot and h (1-based) of each flat cell ``row * horizon + h``."""
+        h = cells % self.horizon
+        return (cells // self.horizon) * (self.horizon * self.ring_cols_) + self.ring_start_[h], h + 1
+
+    def _run_geometry(self, start: int, n: int) -> tuple[np.ndarray, int, np.ndarray, np.ndarray, np.ndarray]:
+        """Per-cell tables for the contiguous run of cells ``start .. start + n - 1``, as views: first ring slot
+        relative to the run's first row (add the returned row offset), h (1-based), scale rate, intercept rate."""
+        skip = start % self.horizon
+        if self._run_h1.size < skip + n:
+            n_cells = -(-(skip + n) // self.horizon) * self.horizon
+            h = np.arange(n_cells) % self.horizon
+            self._run_base = (np.arange(n_cells) // self.horizon) * (self.horizon * self.ring_cols_)
+            self._run_base += self.ring_start_[h]
+            self._run_h1 = h + 1
+            self._run_rate = self.scale_rate_[h]
+            self._run_mean_rate = self.mean_rate_[h]
+        run = slice(skip, skip + n)
+        row_offset = (start // self.horizon) * (self.horizon * self.ring_cols_)
+        return self._run_base[run], row_offset, self._run_h1[run], self._run_rate[run], self._run_mean_rate[run]
 
     def _lagged(
         self, ring: np.ndarray, base: np.ndarray, length: np.ndarray, count: np.ndarray, back: np.ndarray,
@@ -275,12 +284,14 @@ class ConformalPID(ScoreCalibrator):
         # numpy gathers and scatters whole rows far faster as single opaque items than as (m, width) floats.
         slot_type = np.dtype((np.void, width * ring.itemsize))
         items = ring.view(slot_type).reshape(-1)
-        if self._cell_base.size < self.state_.shape[1] * self.horizon:
-            self._geometry()
         # Cells arrive sorted; a contiguous run (the engine's usual batch) reads the per-cell tables as views.
-        sel = slice(cells[0], cells[-1] + 1) if cells[-1] - cells[0] + 1 == cells.size else cells
-        base = self._cell_base[sel]
-        h1 = self._cell_h1[sel]
+        if cells[-1] - cells[0] + 1 == cells.size:
+            base, row_offset, h1, cell_rate, cell_mean_rate = self._run_geometry(int(cells[0]), cells.size)
+            if row_offset:
+                base = base + row_offset
+        else:
+            base, h1 = self._cell_slots(cells)
+            cell_rate, cell_mean_rate = self.scale_rate_[h1 - 1], self.mean_rate_[h1 - 1]
         pos_f = blk.fields("pos")[0]
         new = pos_f.astype(np.int64)
         new += base
@@ -336,7 +347,7 @@ class ConformalPID(ScoreCalibrator):
         p += err * (self.lr if self.normalize else self.lr * scale)
         count_f += 1
         # Scale and intercept: running means first, exponential forgetting afterwards.
-        rate = self._cell_rate[sel] if self.scale_memory_per_h else self.scale_decay
+        rate = cell_rate if self.scale_memory_per_h else self.scale_decay
         if count_f.min() * np.min(rate) < 1.0:  # running mean first, exponential forgetting afterwards
             rate = np.maximum(rate, 1.0 / count_f)
         if unknown is not None:  # without its lag, u is the whole residual: it says nothing about the scale of u
@@ -360,7 +371,7 @@ class ConformalPID(ScoreCalibrator):
             # least-squares slope, and an unbounded one re-centres the interval far off (NYC taxi, first days:
             # widths of 1e10). Clipping keeps the scorecaster a contraction.
             np.clip(coef, -1.0, 1.0, out=coef)
-        rate = self._cell_mean_rate[sel] if self.mean_memory_per_h else self.mean_decay
+        rate = cell_mean_rate if self.mean_memory_per_h else self.mean_decay
         if count_f.min() * np.min(rate) < 1.0:
             rate = np.maximum(rate, 1.0 / count_f)
         mean += rate * y
