@@ -20,6 +20,7 @@ N series x T hourly observations (4 partitions) and measures, in the same run:
     .venv/bin/python bench/serve_throughput.py --only a,b      # a subset
     .venv/bin/python bench/serve_throughput.py --soak          # 1,000,000 observations over 10,000 series, a kill -9
                                                                # in the middle (~10 min)
+    .venv/bin/python bench/serve_throughput.py --soak --soak-checkpoint-records 100000   # many checkpoints
     .venv/bin/python bench/serve_throughput.py --scale-out     # two members against one on 4 partitions
 
 Every process the bench starts (the broker, the members) is stopped by its PID. Numbers are for the machine it runs
@@ -547,6 +548,10 @@ def main() -> None:
     parser.add_argument("--soak", action="store_true", help="run the soak instead")
     parser.add_argument("--soak-series", type=int, default=10_000)
     parser.add_argument("--soak-observations", type=int, default=1_000_000)
+    parser.add_argument("--soak-checkpoint-records", type=int, default=None, metavar="N",
+                        help="soak members checkpoint every N records (not by time), the changelog budget off, so "
+                        "that the second half holds enough checkpoints to compare their durations (default: the "
+                        "defaults)")
     parser.add_argument("--scale-out", action="store_true", help="run the scale-out comparison instead")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -557,8 +562,11 @@ def main() -> None:
         broker = Broker(workdir)
         try:
             if args.soak:
+                cadence = () if args.soak_checkpoint_records is None else (
+                    "--checkpoint-records", str(args.soak_checkpoint_records), "--checkpoint-interval", "3600",
+                    "--changelog-bytes-per-record", "0")
                 out["soak"] = soak(broker, workdir, args.soak_series, args.soak_observations,
-                                   (*SN_ARGS, "--output-format", "compact"))
+                                   (*SN_ARGS, "--output-format", "compact", *cadence))
             elif args.scale_out:
                 out["scale_out"] = scale_out(broker, workdir, args.series, args.ticks,
                                              (*SN_ARGS, "--output-format", "compact"))
