@@ -505,7 +505,9 @@ def soak(broker: Broker, workdir: Path, n_series: int, n_obs: int, args: tuple[s
             "forecasts_sent": int(origins.sum()), "rss_growth_second_half": float(growth),
             "rss_mb_end": float(rss[-1] / 2**20), "checkpoint_seconds_first": float(np.mean(durations[:third]))
             if len(durations) else float("nan"), "checkpoint_seconds_last": float(np.mean(durations[-third:]))
-            if len(durations) else float("nan"), "checkpoints": int(samples[-1][3])}
+            if len(durations) else float("nan"), "checkpoints": int(samples[-1][3]),
+            "checkpoint_seconds": [round(float(d), 3) for d in durations],
+            "rss_mb": [round(float(r) / 2**20) for r in rss]}
 
 
 def scale_out(broker: Broker, workdir: Path, n_series: int, ticks: int, args: tuple[str, ...]) -> dict[str, float]:

@@ -78,6 +78,16 @@ def make_adam(params: Iterable[Any], device: str = "cpu", **options: Any) -> tor
     return torch.optim.Adam(params, **options)
 
 
+def normalise_windows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CycleNet's instance normalisation of windows ``x`` (N, L, C) over the steps: ``(x - mean) / std``, the mean
+    and the std (unbiased, as in the paper, plus 1e-5 under the root), each (N, 1, C)."""
+    mean = x.mean(dim=1, keepdim=True)
+    x = x - mean
+    # two-pass by hand: torch.var is ~10x slower on CPU here
+    std = torch.sqrt(x.square().sum(dim=1, keepdim=True) / (x.shape[1] - 1) + 1e-5)
+    return x / std, mean, std
+
+
 class CycleNet(nn.Module):
     """RCF + a Linear or MLP backbone over time, shared by all channels.
 
@@ -142,11 +152,7 @@ class CycleNet(nn.Module):
         the ``Q`` column of every channel of every window; ``None`` means channel ``c`` is column ``c``.
         """
         if self.instance_norm:
-            mean = x.mean(dim=1, keepdim=True)
-            x = x - mean
-            # unbiased variance, as in the paper; two-pass by hand: torch.var is ~10x slower on CPU here
-            std = torch.sqrt(x.square().sum(dim=1, keepdim=True) / (self.lookback - 1) + 1e-5)
-            x = x / std
+            x, mean, std = normalise_windows(x)
         q = self._cycle_window(phase, cols)
         x = x - q[:, : self.lookback]
         y = self.backbone(x.transpose(1, 2)).transpose(1, 2)

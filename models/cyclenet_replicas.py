@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tidecast.models.cyclenet_net import Windows, make_adam
+from tidecast.models.cyclenet_net import Windows, make_adam, normalise_windows
 from tidecast.models.cyclenet_net import build as build_net
 
 
@@ -69,10 +69,7 @@ class Replicas(nn.Module):
         """``(B, N, H, C)`` forecasts of every replica from ``x`` (N, L, C); ``phase`` and ``cols`` as in
         :meth:`CycleNet.forward`."""
         if self.instance_norm:  # the same normalisation as CycleNet.forward, shared by the replicas
-            mean = x.mean(dim=1, keepdim=True)
-            x = x - mean
-            std = torch.sqrt(x.square().sum(dim=1, keepdim=True) / (self.lookback - 1) + 1e-5)
-            x = x / std
+            x, mean, std = normalise_windows(x)
         t = self._roll[phase]  # (N, L + H)
         if cols is not None and cols.shape[1] == 1:
             y = self._one_series(x[:, :, 0], t, cols[:, 0])[..., None]
@@ -94,12 +91,10 @@ class Replicas(nn.Module):
         :meth:`forward`'s spread without de-normalising B forecasts (a spread is shift-free and scales with the
         window's std), and by hand: torch's ``std`` over the replica axis took ~7x as long on the CPU."""
         std = 1.0
-        x = x[:, :, 0]
         if self.instance_norm:
-            x = x - x.mean(dim=1, keepdim=True)
-            std = torch.sqrt(x.square().sum(dim=1, keepdim=True) / (self.lookback - 1) + 1e-5)
-            x = x / std
-        y = self._one_series(x, self._roll[phase], cols[:, 0])  # (B, N, H)
+            x, _, std = normalise_windows(x)
+            std = std[:, :, 0]
+        y = self._one_series(x[:, :, 0], self._roll[phase], cols[:, 0])  # (B, N, H)
         return (y - y.mean(dim=0)).square_().mean(dim=0).sqrt_() * std
 
     def _one_series(self, x: torch.Tensor, t: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
