@@ -242,12 +242,9 @@ class ConformalPID(ScoreCalibrator):
         skip = start % self.horizon
         if self._run_h1.size < skip + n:
             n_cells = -(-(skip + n) // self.horizon) * self.horizon
-            h = np.arange(n_cells) % self.horizon
-            self._run_base = (np.arange(n_cells) // self.horizon) * (self.horizon * self.ring_cols_)
-            self._run_base += self.ring_start_[h]
-            self._run_h1 = h + 1
-            self._run_rate = self.scale_rate_[h]
-            self._run_mean_rate = self.mean_rate_[h]
+            self._run_base, self._run_h1 = self._cell_slots(np.arange(n_cells))
+            self._run_rate = self.scale_rate_[self._run_h1 - 1]
+            self._run_mean_rate = self.mean_rate_[self._run_h1 - 1]
         run = slice(skip, skip + n)
         row_offset = (start // self.horizon) * (self.horizon * self.ring_cols_)
         return self._run_base[run], row_offset, self._run_h1[run], self._run_rate[run], self._run_mean_rate[run]
@@ -291,7 +288,7 @@ class ConformalPID(ScoreCalibrator):
                 base = base + row_offset
         else:
             base, h1 = self._cell_slots(cells)
-            cell_rate, cell_mean_rate = self.scale_rate_[h1 - 1], self.mean_rate_[h1 - 1]
+            cell_rate, cell_mean_rate = self.scale_rate_[h], self.mean_rate_[h]
         pos_f = blk.fields("pos")[0]
         new = pos_f.astype(np.int64)
         new += base
