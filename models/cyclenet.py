@@ -551,8 +551,13 @@ class CycleNetForecaster(BatchForecaster):
     # -- deferred work ----------------------------------------------------------------------------------
 
     def maintenance(self, budget_seconds: float) -> None:
-        """Advance the warm-start fit and take due replay steps, for about ``budget_seconds``."""
-        if self.defer is None and self._learn_thread not in (None, threading.get_ident()):
+        """Advance the warm-start fit and take due replay steps, for about ``budget_seconds``. With
+        ``defer=False`` the work is inline: a call from another thread than :meth:`learn_many`'s does nothing, so
+        the result does not depend on which thread got to a replay step first."""
+        elsewhere = self._learn_thread not in (None, threading.get_ident())
+        if self.defer is False and elsewhere:
+            return
+        if self.defer is None and elsewhere:
             self._deferred = True  # a worker thread does the heavy work from now on
         self._work(budget_seconds, budget_seconds)
 

@@ -176,6 +176,22 @@ def test_deferred_training_runs_from_a_worker_thread():
     assert np.isfinite(model.forecast_many(rows, 6)).all()
 
 
+def test_maintenance_from_another_thread_leaves_inline_work_alone():
+    # defer=False promises inline work: a worker thread calling maintenance must not take a replay step (the
+    # result would depend on which thread got the lock first); the learning thread itself still may
+    model = small()
+    rows = np.array([0, 1])
+    feed(model, rows, range(420), cyclic(np.arange(420), channels=2))
+    assert model.fitted_
+    model._due = 1  # as if learn_many had just made a replay step due
+    worker = threading.Thread(target=model.maintenance, args=(60.0,))
+    worker.start()
+    worker.join()
+    assert model._due == 1
+    model.maintenance(60.0)  # the learning thread (as replay calls it)
+    assert model._due == 0
+
+
 def test_save_restore_is_bit_exact(tmp_path):
     rows = np.array([0, 1, 2])
     values = cyclic(np.arange(700), channels=3, seed=3)
