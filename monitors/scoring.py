@@ -77,7 +77,7 @@ class PrequentialScorer:
 
     sums_ = Column("sums")  # (rows, statistic, horizon), statistics as in names_
     no_interval_ = Column("no_interval")  # (rows, horizon): scored steps that had no interval
-    infinite_ = Column("infinite")  # (rows, horizon): scored steps whose interval was infinite
+    infinite_ = Column("infinite")  # (rows, level, horizon): scored steps whose interval was infinite
 
     def __init__(self, horizon: int, alpha: float | Sequence[float], window: int = 1000) -> None:
         self.horizon = horizon
@@ -89,7 +89,7 @@ class PrequentialScorer:
         self.table_ = RowTable(sums=Field((len(self.names_), horizon), np.float64, 0.0),
                                # counts: int32 holds 68 years of one step a second, in half float64's bytes
                                no_interval=Field((horizon,), np.int32, 0),
-                               infinite=Field((horizon,), np.int32, 0))
+                               infinite=Field((self.alphas_.size, horizon), np.int32, 0))
         # Rolling (exponentially weighted, ~``window`` scored forecasts) coverage and width per level and horizon.
         self.rolling_coverage_ = np.full((self.alphas_.size, horizon), np.nan)
         self.rolling_width_ = np.full((self.alphas_.size, horizon), np.nan)
@@ -134,9 +134,9 @@ class PrequentialScorer:
         missing = mask & ~has[..., 0]  # a calibrator cell gives every level or none
         if missing.any():
             self.no_interval_[rows] += missing
-        infinite = has[..., 0] & ~finite[..., 0]  # counted on the first level (the widest is infinite first)
+        infinite = has & ~finite  # per level: a wider level can be infinite where a narrower one is not
         if infinite.any():
-            self.infinite_[rows] += infinite
+            self.infinite_[rows] += np.swapaxes(infinite, 1, 2)
         self._roll(mask, finite[..., 0], covered, width)
 
     def _roll(self, mask: np.ndarray, has: np.ndarray, covered: np.ndarray, width: np.ndarray) -> None:
@@ -165,8 +165,9 @@ class PrequentialScorer:
         """Per-horizon sums over ``rows`` (pass rows in a fixed order for reproducible floating point); per-level
         sums are named ``covered@80`` etc."""
         sums = self.sums_[rows].sum(axis=0)
-        return {**{name: sums[i] for i, name in enumerate(self.names_)},
-                "no_interval": self.no_interval_[rows].sum(0), "infinite": self.infinite_[rows].sum(0)}
+        infinite = self.infinite_[rows].sum(0)
+        return {**{name: sums[i] for i, name in enumerate(self.names_)}, "no_interval": self.no_interval_[rows].sum(0),
+                "infinite": infinite[0], **{f"infinite@{lv}": infinite[j] for j, lv in enumerate(self.levels_)}}
 
     def summary(self, rows: np.ndarray) -> dict:
         """MAE, RMSE, coverage, mean width and interval score overall and by horizon, each level's under
@@ -189,6 +190,11 @@ class PrequentialScorer:
         for name in ("no_interval", "infinite"):  # saved before these were counted: zero (inf was in the sums)
             if name not in state:
                 state = {**state, name: np.zeros((len(rows), self.horizon), np.int32)}
+        infinite = np.asarray(state["infinite"])
+        if infinite.ndim == 2:  # saved when only the first level was counted: the others start at zero
+            per_level = np.zeros((len(rows), self.alphas_.size, self.horizon), np.int32)
+            per_level[:, 0] = infinite
+            state = {**state, "infinite": per_level}
         self.table_.import_rows(rows, state)
 
 
@@ -202,7 +208,7 @@ def _point_metrics(t: dict[str, float]) -> dict:
         "n_forecasts": int(t["issued"]),
         "n_scored": int(n),
         "n_no_interval": int(t["no_interval"]),
-        "n_infinite_interval": int(t["infinite"]),
+        "n_infinite_interval": int(t["infinite"]),  # the first level's (the one in lower / upper)
         "mae": _finite_mean(t["abs_err"], n),
         "rmse": _finite_mean(np.sqrt(t["sq_err"] / n), 1.0) if n > 0 else None,
     }
@@ -216,7 +222,7 @@ def _finite_mean(total: float, count: float) -> float | None:
 
 def _interval_metrics(t: dict[str, float], level: str, alpha: float) -> dict:
     n = float(t["count"])
-    n_with = n - int(t["no_interval"]) - int(t["infinite"])  # steps with a finite interval
+    n_with = n - int(t["no_interval"]) - int(t[f"infinite@{level}"])  # steps with a finite interval
     return {
         "target": float(1.0 - alpha),
         "coverage": _finite_mean(t[f"covered@{level}"], n),

@@ -106,6 +106,31 @@ def test_scorer_sums_stay_finite():
     assert np.isfinite(s.sums_).all()
 
 
+def test_each_level_keeps_its_own_infinite_steps_out_of_its_mean_width():
+    # two levels: the 95 % interval is infinite where the 80 % one is still finite
+    s = PrequentialScorer(horizon=1, alpha=(0.2, 0.05))
+    s.resize(1)
+    ok = np.array([[True]])
+    for lo95, hi95 in ((-np.inf, np.inf), (-3.0, 3.0)):
+        lower = np.array([[[-1.0, lo95]]])
+        upper = np.array([[[1.0, hi95]]])
+        s.update(np.array([0]), np.array([0.0]), np.array([[0.0]]), lower, upper, ok)
+    summary = s.summary(np.array([0]))
+    levels = summary["levels"]
+    assert levels["80"]["mean_width"] == pytest.approx(2.0)
+    assert levels["95"]["mean_width"] == pytest.approx(6.0)  # the one finite 95 % width, not 6 / 2
+    assert summary["n_infinite_interval"] == 0  # the first level's count (the interval in lower / upper)
+    # state saved when only the first level was counted: (rows, horizon) reads as that level's count
+    state = s.export_rows(np.array([0]))
+    assert state["infinite"].shape == (1, 2, 1)
+    old = {**state, "infinite": np.array([[1]], np.int32)}
+    fresh = PrequentialScorer(horizon=1, alpha=(0.2, 0.05))
+    fresh.resize(1)
+    fresh.import_rows(np.array([0]), old)
+    assert fresh.summary(np.array([0]))["n_infinite_interval"] == 1
+    assert fresh.infinite_[0].tolist() == [[1], [0]]
+
+
 # -- CycleNet: the shared backbone never learns the value ----------------------------------------------------------
 @pytest.fixture()
 def one_thread():
