@@ -244,6 +244,14 @@ class CfCForecaster(BatchForecaster):
         a window across a sudden shift, unpredictable by construction, then pulls no harder than one of
         ``online_huber`` deviations instead of dominating every batch it is drawn into. On the link-failure
         bench's dev seeds it cut the steps to recover from a failure by a third.
+    input_dropout
+        Training windows (warm start, replay, refit) lose each lookback input but the last with probability
+        ``u * input_dropout``, ``u`` uniform in [0, 1) per window: the cell learns to bridge gaps by their ``dt``
+        on complete data too, so a stream with missing values is not out of its training distribution.
+    online_average
+        None: serve the trained weights as they are after each replay step. A half-life in replay steps: serve
+        their exponential moving average (Polyak averaging) instead, so one noisy batch moves the served
+        network, and the hidden states it advances, by a fraction of its step.
     replay_window, replay_every, replay_steps, replay_batch
         Each row keeps its newest ``replay_window`` windows; every ``replay_every`` rounds that complete a window,
         ``replay_steps`` Adam steps on ``replay_batch`` windows are due (unpaid steps carry over, up to four
@@ -282,6 +290,8 @@ class CfCForecaster(BatchForecaster):
         online_lr: float = 1e-3,
         online_cycle_lr: float | None = None,
         online_huber: float | None = 1.0,
+        input_dropout: float = 0.0,
+        online_average: float | None = None,
         replay_window: int = 168,
         replay_every: int = 1,
         replay_steps: int = 1,
@@ -299,6 +309,7 @@ class CfCForecaster(BatchForecaster):
         self.warm_start, self.val_fraction = warm_start, val_fraction
         self.lr, self.epochs, self.patience, self.batch_size = lr, epochs, patience, batch_size
         self.online_lr, self.online_cycle_lr, self.online_huber = online_lr, online_cycle_lr, online_huber
+        self.input_dropout, self.online_average = input_dropout, online_average
         self.replay_window, self.replay_every = replay_window, replay_every
         self.replay_steps, self.replay_batch, self.step_budget = replay_steps, replay_batch, step_budget
         self.defer, self.max_cycle, self.seed = defer, max_cycle, seed
@@ -328,6 +339,10 @@ class CfCForecaster(BatchForecaster):
             raise ValueError(f"the validation part ({self._n_val()} observations) is shorter than the horizon")
         if self.scale_halflife is not None and not self.scale_halflife > 0:
             raise ValueError("scale_halflife must be > 0 (or None)")
+        if not 0.0 <= self.input_dropout < 1.0:
+            raise ValueError("input_dropout must be in [0, 1)")
+        if self.online_average is not None and not self.online_average > 0:
+            raise ValueError("online_average must be > 0 replay steps (or None)")
         if any(p < 2 for p in self.periods) or (self.cycle is not None and self.cycle < 1):
             raise ValueError("periods must be >= 2 and cycle >= 1")
         if self.replay_window < 1 or self.replay_every < 1 or self.replay_batch < 1:
@@ -579,6 +594,17 @@ class CfCForecaster(BatchForecaster):
         return np.concatenate([(raw[:, :lb] - mean[:, :lb]) / scale[:, :lb],
                                (raw[:, lb:] - mean[:, lb - 1 : lb]) / scale[:, lb - 1 : lb]], axis=1)
 
+    def _drop_inputs(self, z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """``z`` with lookback inputs (all but the last) removed at random: ``input_dropout`` augmentation."""
+        if not self.input_dropout:
+            return z
+        lb = self.lookback
+        rate = rng.random((len(z), 1)) * self.input_dropout
+        gone = rng.random((len(z), lb - 1)) < rate
+        z = z.copy()
+        z[:, : lb - 1][gone] = np.nan
+        return z
+
     def _window_loss(self, net: LiquidNet, z: np.ndarray, ticks: np.ndarray, q: torch.Tensor | None,
                      cycle: int, huber: float | None = None) -> torch.Tensor:
         """Masked MSE (or Huber loss with threshold ``huber``) of ``net`` on windows ``z`` ``(B, L + H)`` (from
@@ -726,7 +752,7 @@ class CfCForecaster(BatchForecaster):
         ticks = (self._last_tick[r] - self.horizon - age)[:, None] - self.lookback + 1 + np.arange(self._window)
         z = self._window_z(self._hist[r[:, None], ticks % self._ring], *self._stats(r, ticks))
         ok = np.isfinite(z[:, self.lookback - 1]) & np.isfinite(z[:, self.lookback :]).any(axis=1)
-        return (r[ok], z[ok], ticks[ok]) if ok.any() else None
+        return (r[ok], self._drop_inputs(z[ok], self._rng), ticks[ok]) if ok.any() else None
 
     def _replay_step(self) -> None:
         """One Adam step of the training copy on a replay batch, then publish the weights (and cycle rows)."""
@@ -744,7 +770,10 @@ class CfCForecaster(BatchForecaster):
         self._opt.step()
         with self._lock, torch.no_grad():
             for dst, src in zip(self.net_.parameters(), self._trainer.parameters(), strict=True):
-                dst.copy_(src)
+                if self.online_average is None:
+                    dst.copy_(src)
+                else:
+                    dst.lerp_(src, 1.0 - 0.5 ** (1.0 / self.online_average))
             if q is not None:
                 self._cycle_step(rows, q.grad.numpy())
 
@@ -795,6 +824,7 @@ class CfCForecaster(BatchForecaster):
                         ticks = ((self._last_tick[r] - self.horizon - age)[:, None] - self.lookback + 1
                                  + np.arange(self._window))
                         z = self._window_z(self._hist[r[:, None], ticks % self._ring], *self._stats(r, ticks))
+                        z = self._drop_inputs(z, self._rng)
                         q0 = self._q[r].copy() if self.cycle_ else None
                     ok = np.isfinite(z[:, self.lookback - 1]) & np.isfinite(z[:, self.lookback :]).any(axis=1)
                     if not ok.any():
@@ -947,6 +977,8 @@ class CfCForecaster(BatchForecaster):
             if self._trainer is not None:
                 params = dict(self._trainer.named_parameters())
                 for name, p in params.items():
+                    if self.online_average is not None:  # the trained weights differ from the served average
+                        arrays[f"train.{name}"] = p.detach().numpy().copy()
                     st = self._opt.state[p]
                     arrays[f"adam_m.{name}"] = st["exp_avg"].numpy().copy()
                     arrays[f"adam_v.{name}"] = st["exp_avg_sq"].numpy().copy()
@@ -983,6 +1015,9 @@ class CfCForecaster(BatchForecaster):
             self._new_trainer()
             step = torch.tensor(float(np.asarray(arrays["adam_step"])[0]))
             for name, p in self._trainer.named_parameters():
+                if f"train.{name}" in arrays:
+                    with torch.no_grad():
+                        p.copy_(torch.from_numpy(np.asarray(arrays[f"train.{name}"])))
                 st = self._opt.state[p]
                 st["exp_avg"].copy_(torch.from_numpy(np.asarray(arrays[f"adam_m.{name}"])))
                 st["exp_avg_sq"].copy_(torch.from_numpy(np.asarray(arrays[f"adam_v.{name}"])))
@@ -1023,11 +1058,13 @@ class _WarmFit:
         self.report["seconds"] = self.report.get("seconds", 0.0) + time.perf_counter() - began
         return self.done
 
-    def _loss(self, rows: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+    def _loss(self, rows: np.ndarray, idx: np.ndarray, train: bool = False) -> torch.Tensor:
         span = idx[:, None] - self.model.lookback + 1 + np.arange(self.model._window)
         q = self.q[torch.from_numpy(rows)] if self.q is not None else None
         at = (rows[:, None], span)
         z = self.model._window_z(self.raw[at], self.mean[at], self.scale[at])
+        if train:
+            z = self.model._drop_inputs(z, self.rng)
         return self.model._window_loss(self.net, z, self.ticks[at], q, self.cycle)
 
     def _val_mse(self) -> float:
@@ -1052,7 +1089,7 @@ class _WarmFit:
             losses = []
             for b in range(n_batches):
                 sel = order[b * bs : (b + 1) * bs]
-                loss = self._loss(self.train[0][sel], self.train[1][sel])
+                loss = self._loss(self.train[0][sel], self.train[1][sel], train=True)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
