@@ -248,10 +248,6 @@ class CfCForecaster(BatchForecaster):
         Training windows (warm start, replay, refit) lose each lookback input but the last with probability
         ``u * input_dropout``, ``u`` uniform in [0, 1) per window: the cell learns to bridge gaps by their ``dt``
         on complete data too, so a stream with missing values is not out of its training distribution.
-    online_average
-        None: serve the trained weights as they are after each replay step. A half-life in replay steps: serve
-        their exponential moving average (Polyak averaging) instead, so one noisy batch moves the served
-        network, and the hidden states it advances, by a fraction of its step.
     replay_window, replay_every, replay_steps, replay_batch
         Each row keeps its newest ``replay_window`` windows; every ``replay_every`` rounds that complete a window,
         ``replay_steps`` Adam steps on ``replay_batch`` windows are due (unpaid steps carry over, up to four
@@ -291,7 +287,6 @@ class CfCForecaster(BatchForecaster):
         online_cycle_lr: float | None = None,
         online_huber: float | None = 1.0,
         input_dropout: float = 0.0,
-        online_average: float | None = None,
         replay_window: int = 168,
         replay_every: int = 1,
         replay_steps: int = 1,
@@ -309,7 +304,7 @@ class CfCForecaster(BatchForecaster):
         self.warm_start, self.val_fraction = warm_start, val_fraction
         self.lr, self.epochs, self.patience, self.batch_size = lr, epochs, patience, batch_size
         self.online_lr, self.online_cycle_lr, self.online_huber = online_lr, online_cycle_lr, online_huber
-        self.input_dropout, self.online_average = input_dropout, online_average
+        self.input_dropout = input_dropout
         self.replay_window, self.replay_every = replay_window, replay_every
         self.replay_steps, self.replay_batch, self.step_budget = replay_steps, replay_batch, step_budget
         self.defer, self.max_cycle, self.seed = defer, max_cycle, seed
@@ -341,8 +336,6 @@ class CfCForecaster(BatchForecaster):
             raise ValueError("scale_halflife must be > 0 (or None)")
         if not 0.0 <= self.input_dropout < 1.0:
             raise ValueError("input_dropout must be in [0, 1)")
-        if self.online_average is not None and not self.online_average > 0:
-            raise ValueError("online_average must be > 0 replay steps (or None)")
         if any(p < 2 for p in self.periods) or (self.cycle is not None and self.cycle < 1):
             raise ValueError("periods must be >= 2 and cycle >= 1")
         if self.replay_window < 1 or self.replay_every < 1 or self.replay_batch < 1:
@@ -770,10 +763,7 @@ class CfCForecaster(BatchForecaster):
         self._opt.step()
         with self._lock, torch.no_grad():
             for dst, src in zip(self.net_.parameters(), self._trainer.parameters(), strict=True):
-                if self.online_average is None:
-                    dst.copy_(src)
-                else:
-                    dst.lerp_(src, 1.0 - 0.5 ** (1.0 / self.online_average))
+                dst.copy_(src)
             if q is not None:
                 self._cycle_step(rows, q.grad.numpy())
 
@@ -977,8 +967,6 @@ class CfCForecaster(BatchForecaster):
             if self._trainer is not None:
                 params = dict(self._trainer.named_parameters())
                 for name, p in params.items():
-                    if self.online_average is not None:  # the trained weights differ from the served average
-                        arrays[f"train.{name}"] = p.detach().numpy().copy()
                     st = self._opt.state[p]
                     arrays[f"adam_m.{name}"] = st["exp_avg"].numpy().copy()
                     arrays[f"adam_v.{name}"] = st["exp_avg_sq"].numpy().copy()
@@ -1015,9 +1003,6 @@ class CfCForecaster(BatchForecaster):
             self._new_trainer()
             step = torch.tensor(float(np.asarray(arrays["adam_step"])[0]))
             for name, p in self._trainer.named_parameters():
-                if f"train.{name}" in arrays:
-                    with torch.no_grad():
-                        p.copy_(torch.from_numpy(np.asarray(arrays[f"train.{name}"])))
                 st = self._opt.state[p]
                 st["exp_avg"].copy_(torch.from_numpy(np.asarray(arrays[f"adam_m.{name}"])))
                 st["exp_avg_sq"].copy_(torch.from_numpy(np.asarray(arrays[f"adam_v.{name}"])))

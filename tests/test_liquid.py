@@ -290,7 +290,7 @@ def test_huber_replay_loss_is_the_squared_error_until_a_shift_caps_it():
     dict(mode="online"),
     dict(mode="cyclenet", cycle=W),
     dict(mode="online", scale_halflife=24.0, periods=[W]),
-    dict(mode="online", online_average=5.0, input_dropout=0.3),  # served weights apart from the trained ones
+    dict(mode="online", input_dropout=0.3),  # the dropout draws come from the exported RNG
 ])
 def test_save_restore_is_bit_exact(tmp_path, params):
     rows = np.arange(3)
@@ -378,29 +378,6 @@ def test_bad_parameters_are_refused():
         small(scale_halflife=0.0)
     with pytest.raises(ValueError, match="input_dropout"):
         small(input_dropout=1.0)
-    with pytest.raises(ValueError, match="online_average"):
-        small(online_average=0.0)
-
-
-@pytest.mark.parametrize("average", [None, 4.0])
-def test_online_average_serves_a_moving_average_of_the_trained_weights(average):
-    rows = np.arange(3)
-    model = small(mode="online", online_average=average)
-    feed(model, rows, range(140), cyclic(np.arange(140), channels=3, seed=1))
-    assert model._rounds > 0
-    served = [p.detach().clone() for p in model.net_.parameters()]
-    trained = [p.detach().clone() for p in model._trainer.parameters()]
-    gap = max(float((a - b).abs().max()) for a, b in zip(served, trained, strict=True))
-    if average is None:
-        assert gap == 0.0  # the trained weights are served as they are
-        return
-    assert gap > 0.0
-    before = served
-    model._due += 1
-    model._replay_step()  # one step moves the served weights 1 - 2^(-1/4) of the way to the trained ones
-    rate = 1.0 - 0.5 ** (1.0 / average)
-    for b, a, t in zip(before, model.net_.parameters(), model._trainer.parameters(), strict=True):
-        torch.testing.assert_close(a.detach(), b + rate * (t.detach() - b), rtol=1e-5, atol=1e-6)
 
 
 def test_input_dropout_removes_lookback_inputs_but_never_the_last():
