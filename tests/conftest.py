@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
@@ -42,6 +43,13 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def maintain_from_another_thread(model: Any, budget_seconds: float = 60.0) -> None:
+    """Call ``model.maintenance`` from a fresh thread (as serve's trainer thread does) and wait for it."""
+    worker = threading.Thread(target=model.maintenance, args=(budget_seconds,))
+    worker.start()
+    worker.join()
 
 
 def _wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import maintain_from_another_thread
 from safetensors.numpy import load_file, save_file
 
 from tidecast.models.cyclenet import CycleNetForecaster, detect_cycle, make
@@ -184,9 +185,7 @@ def test_maintenance_from_another_thread_leaves_inline_work_alone():
     feed(model, rows, range(420), cyclic(np.arange(420), channels=2))
     assert model.fitted_
     model._due = 1  # as if learn_many had just made a replay step due
-    worker = threading.Thread(target=model.maintenance, args=(60.0,))
-    worker.start()
-    worker.join()
+    maintain_from_another_thread(model)
     assert model._due == 1
     model.maintenance(60.0)  # the learning thread (as replay calls it)
     assert model._due == 0

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import threading
 
 import numpy as np
 import pytest
 import torch
+from conftest import maintain_from_another_thread
 from safetensors.numpy import load_file, save_file
 
 from tidecast.models.liquid import CfCCell, CfCForecaster, LiquidNet, deltas, make
@@ -222,16 +222,12 @@ def test_maintenance_from_another_thread_leaves_inline_work_alone():
     model = small(mode="online", defer=True)
     feed(model, np.arange(2), range(120), cyclic(np.arange(120), channels=2))  # the fit is queued, not run
     model.defer, model._deferred = False, False  # an inline model between queuing its fit and running it
-    worker = threading.Thread(target=model.maintenance, args=(60.0,))
-    worker.start()
-    worker.join()
+    maintain_from_another_thread(model)
     assert not model.fitted_ and model._job is not None
     model._work(60.0, 60.0)  # the inline path
     assert model.fitted_
     model._due = 1  # as if learn_many had just made a replay step due
-    worker = threading.Thread(target=model.maintenance, args=(60.0,))
-    worker.start()
-    worker.join()
+    maintain_from_another_thread(model)
     assert model._due == 1
 
 
