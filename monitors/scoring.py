@@ -137,12 +137,12 @@ class PrequentialScorer:
         infinite = has & ~finite  # per level: a wider level can be infinite where a narrower one is not
         if infinite.any():
             self.infinite_[rows] += np.swapaxes(infinite, 1, 2)
-        self._roll(mask, finite[..., 0], covered, width)
+        self._roll(mask, finite, covered, width)
 
-    def _roll(self, mask: np.ndarray, has: np.ndarray, covered: np.ndarray, width: np.ndarray) -> None:
-        """Coverage over every scored step (no interval = a miss), width over the steps that had a finite
-        interval."""
-        n, n_has = mask.sum(axis=0), has.sum(axis=0)
+    def _roll(self, mask: np.ndarray, finite: np.ndarray, covered: np.ndarray, width: np.ndarray) -> None:
+        """Coverage over every scored step (no interval = a miss), each level's width over the steps where that
+        level's interval was finite."""
+        n, n_has = mask.sum(axis=0), finite.sum(axis=0).T  # (H,), (L, H)
         if not n.any():
             return
         with np.errstate(invalid="ignore", divide="ignore"):

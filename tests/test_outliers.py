@@ -119,6 +119,7 @@ def test_each_level_keeps_its_own_infinite_steps_out_of_its_mean_width():
     levels = summary["levels"]
     assert levels["80"]["mean_width"] == pytest.approx(2.0)
     assert levels["95"]["mean_width"] == pytest.approx(6.0)  # the one finite 95 % width, not 6 / 2
+    assert s.rolling_width_[:, 0].tolist() == pytest.approx([2.0, 6.0])  # the rolling gauge likewise
     assert summary["n_infinite_interval"] == 0  # the first level's count (the interval in lower / upper)
     # state saved when only the first level was counted: (rows, horizon) reads as that level's count
     state = s.export_rows(np.array([0]))
