@@ -676,25 +676,7 @@ class KafkaForecastSink(_TopicSink):
         starts = forecast_starts(batch)
         counts = np.diff(np.append(starts, n))
         sids = batch.series_id[starts].tolist()
-        finite = np.isfinite(batch.mean)
-        ok = np.minimum.reduceat(finite, starts) if not finite.all() else np.ones(len(starts), bool)
-        unsendable: dict[str, BaseException] = {}
-        for sid in set(sids):
-            try:
-                sid.encode()
-            except UnicodeEncodeError as err:
-                unsendable[sid] = err
-        for i in np.flatnonzero(~ok).tolist():
-            unsendable.setdefault(sids[i], ValueError("Out of range float values are not JSON compliant: a "
-                                                      "non-finite mean"))
-        origins: dict[str, set[int]] = {}
-        if unsendable:
-            issued = batch.issued_at_ns[starts].tolist()
-            bad = np.array([sid in unsendable for sid in sids])
-            for i in np.flatnonzero(bad).tolist():
-                origins.setdefault(sids[i], set()).add(issued[i])
-        else:
-            bad = np.zeros(len(starts), bool)
+        unsendable, origins, bad = set_aside_unsendable(batch, starts, sids)
         if self.partition_of is None:
             dest = np.full(len(starts), -1)
         else:
@@ -707,13 +689,41 @@ class KafkaForecastSink(_TopicSink):
         dest[bad] = -2
         step_dest = np.repeat(dest, counts)
         for partition in np.unique(dest[~bad]).tolist():
-            part = batch if len(np.unique(dest)) == 1 else _take(batch, np.flatnonzero(step_dest == partition))
+            part = batch if len(np.unique(dest)) == 1 else take_rows(batch, np.flatnonzero(step_dest == partition))
             self._send(None, encode_compact(part), None if partition < 0 else partition)
         if unsendable:
             raise UnsendableForecasts(unsendable, origins)
 
 
-def _take(batch: ForecastBatch, index: np.ndarray) -> ForecastBatch:
+def set_aside_unsendable(batch: ForecastBatch, starts: np.ndarray, sids: list[str],
+                         ) -> tuple[dict[str, BaseException], dict[str, set[int]], np.ndarray]:
+    """The forecasts no message can hold, found per forecast without encoding any: a series id UTF-8 cannot hold
+    (a lone surrogate) or a non-finite mean. Returns ``(unsendable, origins, bad)`` for
+    :class:`UnsendableForecasts`; ``bad`` marks every forecast of such a series (``starts``/``sids``: each
+    forecast's first row and series)."""
+    finite = np.isfinite(batch.mean)
+    ok = np.minimum.reduceat(finite, starts) if not finite.all() else np.ones(len(starts), bool)
+    unsendable: dict[str, BaseException] = {}
+    for sid in set(sids):
+        try:
+            sid.encode()
+        except UnicodeEncodeError as err:
+            unsendable[sid] = err
+    for i in np.flatnonzero(~ok).tolist():
+        unsendable.setdefault(sids[i], ValueError("Out of range float values are not JSON compliant: a "
+                                                  "non-finite mean"))
+    origins: dict[str, set[int]] = {}
+    if not unsendable:
+        return unsendable, origins, np.zeros(len(starts), bool)
+    issued = batch.issued_at_ns[starts].tolist()
+    bad = np.array([sid in unsendable for sid in sids])
+    for i in np.flatnonzero(bad).tolist():
+        origins.setdefault(sids[i], set()).add(issued[i])
+    return unsendable, origins, bad
+
+
+def take_rows(batch: ForecastBatch, index: np.ndarray) -> ForecastBatch:
+    """The steps ``index`` of ``batch`` (every level's bounds with them)."""
     many = {}
     if batch.lowers is not None and batch.uppers is not None:
         many = {"levels": batch.levels, "lowers": batch.lowers[index], "uppers": batch.uppers[index]}

@@ -74,6 +74,7 @@ from tidecast.stream.kafka import (
     warn_without_crc32c,
 )
 from tidecast.stream.kafka_source import SERVE_REASONS
+from tidecast.stream.output_process import ProcessForecastSink
 from tidecast.stream.partitioner import HomePartitions
 from tidecast.stream.partitions import PartitionTable
 from tidecast.stream.state import ChangelogStore, LocalStateStore
@@ -83,18 +84,26 @@ log = logging.getLogger(__name__)
 
 def build_worker(cfg: ServeConfig, engine: Engine, metrics: Metrics, producer: Any, changelog: ChangelogStore,
                  local: LocalStateStore, outbox: queue.Queue, output_partitions: dict[str, int], input_partitions: int,
-                 link: BrokerLink | None = None, **worker_kw: Any) -> Worker:
+                 link: BrokerLink | None = None, producer_config: dict[str, Any] | None = None,
+                 **worker_kw: Any) -> Worker:
     """The worker and its parts: the partition table (checking records against their home partition under
-    ``cfg.partitioner``) and the Kafka sinks, co-partitioned where counts match."""
+    ``cfg.partitioner``) and the Kafka sinks, co-partitioned where counts match. With ``cfg.output_processes``
+    the forecasts go through child processes with a producer of ``producer_config``."""
     co_partitioned = {name: n == input_partitions for name, n in output_partitions.items()}
     flush_timeout = cfg.shutdown_timeout * 4
     homes = HomePartitions(input_partitions, cfg.partitioner)
     table = PartitionTable(cfg.topic, engine, changelog, local, metrics, homes=homes)
     heartbeat = worker_kw.get("heartbeat")
     progress = heartbeat.tick if heartbeat is not None else None
-    forecasts = KafkaForecastSink(producer, cfg.forecast_topic, metrics.output_errors, flush_timeout,
-                                  table.owner_of if co_partitioned.get(cfg.forecast_topic) else None, link, progress,
-                                  output_format=cfg.output_format)
+    forecast_partition = table.owner_of if co_partitioned.get(cfg.forecast_topic) else None
+    forecasts: KafkaForecastSink | ProcessForecastSink
+    if getattr(cfg, "output_processes", 0):
+        forecasts = ProcessForecastSink(producer_config or {}, cfg.forecast_topic, metrics.output_errors,
+                                        flush_timeout, forecast_partition, cfg.output_format,
+                                        cfg.broker_outage_budget, progress, processes=cfg.output_processes)
+    else:
+        forecasts = KafkaForecastSink(producer, cfg.forecast_topic, metrics.output_errors, flush_timeout,
+                                      forecast_partition, link, progress, output_format=cfg.output_format)
     events = KafkaEventSink(producer, cfg.events_topic, metrics.output_errors, flush_timeout,
                             table.owner_of if co_partitioned.get(cfg.events_topic) else None, link, progress)
     letters = KafkaDeadLetterSink(producer, cfg.dead_letter_topic, metrics.output_errors, flush_timeout,
@@ -195,7 +204,7 @@ class Service:
         outbox: queue.Queue = queue.Queue()
         epochs: dict[int, int] = {}
         self.worker = build_worker(cfg, engine, self.metrics, self.producer, changelog, local, outbox,
-                                   output_partitions, n_input, self.link, epochs=epochs,
+                                   output_partitions, n_input, self.link, producer_config=producer, epochs=epochs,
                                    heartbeat=self.heartbeats["worker"], after_batch=self.trainer.wake)
         self.worker.start()
         self.trainer.start()
@@ -294,6 +303,7 @@ class Service:
             self.worker.stop()
             self.worker.join(timeout=max(0.5, deadline - time.monotonic()))
             self.worker.table.changelog.close()
+            self.worker.forecasts.close()  # a child process (--output-process) stops here
         if self.trainer is not None:
             self.trainer.stop()
         if self.probe is not None:
