@@ -5,8 +5,10 @@ N series x T hourly observations (4 partitions) and measures, in the same run:
 
 (a) the client's ceilings: raw kafka-python consume + ``json.loads`` of that topic, and raw kafka-python produce of
     forecast-sized messages; the member's ceiling in the default format is ``1 / (1/consume + 1/produce)``;
-(b) ``tidecast serve`` (seasonal naive + conformal PID, H = 24) from its first record to its last forecast, in the
-    default output format and in the compact one;
+(b) ``tidecast serve`` (seasonal naive + conformal PID, H = 24, default settings) from its first record to its last
+    forecast, in the default output format (its forecasts sent by 2 output processes, the default) and in the
+    compact one; ``--in-worker`` also times the default format with ``--output-processes 0`` (said on stderr, not
+    in the JSON line, whose keys are the issue's);
 (c) the same with CycleNet (default format, online learning on), in its steady state: a first member warm-starts
     the model on the first ticks and checkpoints; a second member restores it and is timed on the rest;
 (d) end-to-end latency (input record's broker timestamp to its forecast's) while the input arrives at 50 % of (b);
@@ -555,6 +557,8 @@ def main() -> None:
                         "that the second half holds enough checkpoints to compare their durations (default: the "
                         "defaults)")
     parser.add_argument("--scale-out", action="store_true", help="run the scale-out comparison instead")
+    parser.add_argument("--in-worker", action="store_true",
+                        help="(b) also with --output-processes 0: the worker sends the forecasts itself")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -597,6 +601,11 @@ def measure(broker: Broker, workdir: Path, args: argparse.Namespace, only: set[s
         out["serve_obs_per_s"] = rate
         out["changelog_bytes_per_obs"] = changelog_bytes(broker, f"g-{topic}-{topic}-changelog") / n_obs
         say("(b) default", round(rate), "(g)", round(out["changelog_bytes_per_obs"], 1))
+    if "b" in only and args.in_worker:
+        rate, _ = serve_rate(broker, workdir, "in-worker", ids, args.ticks, (*SN_ARGS, "--output-processes", "0"))
+        ceiling = out.get("ceiling_obs_per_s")
+        say("(b) default format, --output-processes 0", round(rate), "ratio", round(rate / ceiling, 2) if ceiling
+            else "")
     if "b" in only:
         rate, _ = serve_rate(broker, workdir, "compact", ids, args.ticks, (*SN_ARGS, "--output-format", "compact"))
         out["serve_compact_obs_per_s"] = rate

@@ -398,11 +398,12 @@ class ServeSettings(KafkaClientSettings):
                                  "compact (one Arrow message per partition and engine batch, many series' forecasts "
                                  "in columns: far fewer messages; read them with tidecast.stream.kafka.read_forecasts)",
                                  group=KAFKA, choices=OUTPUT_FORMATS)
-    output_processes: int = setting(0, "child processes that encode and send the forecasts "
-                                    "(tidecast.stream.output_process), each with a producer of its own; 0: the "
-                                    "worker sends them. In the json format one process's limit is the client's "
-                                    "per-message cost: 2 passed it here (README, serve at scale)", group=KAFKA,
-                                    check=at_least(0))
+    output_processes: int | None = setting(None, "child processes that encode and send the forecasts "
+                                           "(tidecast.stream.output_process), each with a producer of its own; 0: "
+                                           "the worker sends them. In the json format one process is held to the "
+                                           "client's per-message cost (README, serve at scale)", group=KAFKA,
+                                           shown_default="2 with --output-format json, 0 with compact",
+                                           check=at_least(0))
     events_topic: str | None = setting(None, "output topic for drift events (alarms of the lanes' drift monitors)",
                                        group=KAFKA, shown_default="<topic>-events")
     dead_letter_topic: str | None = setting(None, "topic for rejected records", group=KAFKA,

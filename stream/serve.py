@@ -14,6 +14,9 @@ Threads
   events, :class:`~tidecast.stream.kafka.KafkaDeadLetterSink`).
 * **trainer** (:class:`~tidecast.stream.worker.Trainer`) runs model maintenance (fits, replay training), so the
   worker never waits for a fit.
+* **output processes** (``--output-processes``, 2 by default in the JSON format): child processes that encode and
+  send the forecasts (:mod:`~tidecast.stream.output_process`), so that kafka-python's per-message cost does not
+  share the worker's core; the worker hands each batch's forecasts over as raw columns.
 * kafka-python's IO thread runs the rebalance listener, which hands revoked partitions to the worker for a
   final checkpoint, awaits it without blocking heartbeats, and commits.
 * a lag probe (:class:`~tidecast.stream.kafka.HighwaterProbe`) refreshes the end of paused partitions.
@@ -85,10 +88,11 @@ log = logging.getLogger(__name__)
 def build_worker(cfg: ServeConfig, engine: Engine, metrics: Metrics, producer: Any, changelog: ChangelogStore,
                  local: LocalStateStore, outbox: queue.Queue, output_partitions: dict[str, int], input_partitions: int,
                  link: BrokerLink | None = None, producer_config: dict[str, Any] | None = None,
-                 **worker_kw: Any) -> Worker:
+                 output_processes: int = 0, **worker_kw: Any) -> Worker:
     """The worker and its parts: the partition table (checking records against their home partition under
-    ``cfg.partitioner``) and the Kafka sinks, co-partitioned where counts match. With ``cfg.output_processes``
-    the forecasts go through child processes with a producer of ``producer_config``."""
+    ``cfg.partitioner``) and the Kafka sinks, co-partitioned where counts match. With ``output_processes``
+    (:func:`output_processes` of the settings, in serve) the forecasts go through that many child processes, each
+    with a producer of ``producer_config``."""
     co_partitioned = {name: n == input_partitions for name, n in output_partitions.items()}
     flush_timeout = cfg.shutdown_timeout * 4
     homes = HomePartitions(input_partitions, cfg.partitioner)
@@ -97,10 +101,10 @@ def build_worker(cfg: ServeConfig, engine: Engine, metrics: Metrics, producer: A
     progress = heartbeat.tick if heartbeat is not None else None
     forecast_partition = table.owner_of if co_partitioned.get(cfg.forecast_topic) else None
     forecasts: KafkaForecastSink | ProcessForecastSink
-    if getattr(cfg, "output_processes", 0):
+    if output_processes:
         forecasts = ProcessForecastSink(producer_config or {}, cfg.forecast_topic, metrics.output_errors,
                                         flush_timeout, forecast_partition, cfg.output_format,
-                                        cfg.broker_outage_budget, progress, processes=cfg.output_processes)
+                                        cfg.broker_outage_budget, progress, processes=output_processes)
     else:
         forecasts = KafkaForecastSink(producer, cfg.forecast_topic, metrics.output_errors, flush_timeout,
                                       forecast_partition, link, progress, output_format=cfg.output_format)
@@ -111,6 +115,16 @@ def build_worker(cfg: ServeConfig, engine: Engine, metrics: Metrics, producer: A
                                   progress)
     table.outputs = (forecasts, events, letters)  # flushed first in every checkpoint (they need the table)
     return Worker(cfg, engine, table, forecasts, letters, outbox, metrics, events=events, **worker_kw)
+
+
+def output_processes(cfg: Any) -> int:
+    """``--output-processes``, or its default: 2 in the JSON format (one message per forecast: two processes passed
+    the client's ceiling where one could not), 0 in the compact format (a few messages per round: sending them is
+    cheap, the hand-over would cost more than it saves)."""
+    chosen = getattr(cfg, "output_processes", None)
+    if chosen is not None:
+        return int(chosen)
+    return 2 if cfg.output_format == "json" else 0
 
 
 class Service:
@@ -204,7 +218,8 @@ class Service:
         outbox: queue.Queue = queue.Queue()
         epochs: dict[int, int] = {}
         self.worker = build_worker(cfg, engine, self.metrics, self.producer, changelog, local, outbox,
-                                   output_partitions, n_input, self.link, producer_config=producer, epochs=epochs,
+                                   output_partitions, n_input, self.link, producer_config=producer,
+                                   output_processes=output_processes(cfg), epochs=epochs,
                                    heartbeat=self.heartbeats["worker"], after_batch=self.trainer.wake)
         self.worker.start()
         self.trainer.start()

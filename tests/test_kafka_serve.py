@@ -29,8 +29,10 @@ ETTH1 = DATA / "ETTh1.csv"
 WARMUP = 401  # seasonal naive (period detected after 2 * 200 + 2 observations) emits from the 402nd on
 
 
-@pytest.mark.parametrize("extra", [(), ("--output-processes", "2")], ids=["in-process", "output-processes"])
-def test_produce_then_serve_forecasts_every_observation_after_warmup(kafka, unique, serve, tmp_path, extra):
+@pytest.mark.parametrize("extra,children", [((), 2), (("--output-processes", "0"), 0)],
+                         ids=["default-output-processes", "in-worker"])
+def test_produce_then_serve_forecasts_every_observation_after_warmup(kafka, unique, serve, tmp_path, extra,
+                                                                      children):
     topic, group, rows = unique("etth1"), unique("g"), 1500
     assert main(["produce", str(ETTH1), "--bootstrap-servers", kafka.bootstrap, "--topic", topic,
                  "--partitions", "4", "--rows", str(rows)]) == 0
@@ -38,8 +40,8 @@ def test_produce_then_serve_forecasts_every_observation_after_warmup(kafka, uniq
     proc = serve(topic, group, tmp_path / "state", *extra)
     proc.wait_value("tidecast_observations_total", lambda v: v >= n_obs, 60)
     proc.wait_caught_up(4)
-    children = Path(f"/proc/{proc.proc.pid}/task/{proc.proc.pid}/children").read_text().split()
-    assert len(children) == (int(extra[1]) if extra else 0)  # the output processes, when asked for
+    pids = Path(f"/proc/{proc.proc.pid}/task/{proc.proc.pid}/children").read_text().split()
+    assert len(pids) == children  # the output processes: 2 by default in the JSON format
 
     expected = (rows - WARMUP) * 7
     messages = [json.loads(r.value) for r in kafka.read_all(f"{topic}-forecasts", min_count=expected)]
@@ -66,7 +68,7 @@ def test_produce_then_serve_forecasts_every_observation_after_warmup(kafka, uniq
 
     rc, elapsed = proc.terminate()
     assert rc == 0
-    assert not any(Path(f"/proc/{pid}").exists() for pid in children)  # it stopped with the member
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)  # they stopped with the member
 
 
 def test_bad_input_goes_to_the_dead_letter_topic_and_the_consumer_keeps_running(kafka, unique, serve, tmp_path,
