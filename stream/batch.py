@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -93,6 +94,9 @@ class ForecastBatch:
     levels: tuple[str, ...] = ()
     lowers: np.ndarray | None = None
     uppers: np.ndarray | None = None
+    #: Index of each forecast's first step, where the maker knew it (the engine does); ``None``: found by comparing
+    #: the columns (:func:`tidecast.stream.kafka.forecast_starts`). Whoever takes rows of a batch leaves it out.
+    starts: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.mean)
@@ -122,10 +126,13 @@ class ForecastBatch:
         if len(parts) == 1:
             return parts[0]
         cols = ("series_id", "issued_at_ns", "model", "h", "target_ns", "mean", "lower", "upper")
-        many = {}
+        many: dict[str, Any] = {}
         if levels:
             bounds = [p.bounds() for p in parts]
             many = {"lowers": np.concatenate([b[0] for b in bounds]), "uppers": np.concatenate([b[1] for b in bounds])}
+        if all(p.starts is not None for p in parts):
+            offsets = np.cumsum([0] + [len(p) for p in parts[:-1]])
+            many["starts"] = np.concatenate([p.starts + o for p, o in zip(parts, offsets, strict=True)])
         return cls(*(np.concatenate([getattr(p, c) for p in parts]) for c in cols), alpha=alpha, levels=levels,
                    **many)
 

@@ -601,6 +601,7 @@ class Engine:
                 h=np.broadcast_to(hs[None, :], mean.shape)[ready].astype(np.int32),
                 target_ns=target[ready], mean=mean[ready], lower=lowers[:, 0], upper=uppers[:, 0],
                 alpha=self.config.alpha, levels=self._levels, lowers=lowers, uppers=uppers,
+                starts=_first_steps(ready),
             ))
         return ForecastBatch.concat(parts, self.config.alpha, self._levels)
 
@@ -865,3 +866,15 @@ def _by_lane(outputs: list[tuple]) -> list[tuple]:
         return [group[0] for group in lanes.values()]
     return [(name, *(np.concatenate(cols) for cols in zip(*(o[1:] for o in group), strict=True)))
             for name, group in lanes.items()]
+
+
+def _first_steps(ready: np.ndarray) -> np.ndarray:
+    """Index of each forecast's first step in the steps ``ready`` (origins x H) keeps: one forecast per origin with
+    any step ready (finding them afterwards compared three object columns step by step).
+
+    >>> _first_steps(np.array([[True, True], [False, False], [False, True]])).tolist()
+    [0, 2]
+    """
+    counts = ready.sum(axis=1)
+    counts = counts[counts > 0]
+    return np.concatenate([[0], np.cumsum(counts[:-1])]).astype(np.int64) if len(counts) else np.zeros(0, np.int64)

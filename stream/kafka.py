@@ -339,9 +339,7 @@ def forecast_payloads(batch: ForecastBatch) -> Iterable[tuple[str, int, bytes | 
     orjson = _orjson()
     opts = orjson.OPT_SERIALIZE_NUMPY
     sid, issued, model = batch.series_id, batch.issued_at_ns, batch.model
-    change = np.ones(n, dtype=bool)
-    change[1:] = (sid[1:] != sid[:-1]) | (issued[1:] != issued[:-1]) | (model[1:] != model[:-1])
-    starts = np.flatnonzero(change)
+    starts = forecast_starts(batch)
     ends = np.append(starts[1:], n)
     issued_iso = iso_utc(issued[starts])
     issued_ns = issued[starts].tolist()
@@ -385,7 +383,10 @@ _ARROW_STREAM = b"\xff\xff\xff\xff"  # an Arrow IPC stream starts with a continu
 
 
 def forecast_starts(batch: ForecastBatch) -> np.ndarray:
-    """Index of the first step of each forecast (the rows of one (series, model, origin) are contiguous)."""
+    """Index of the first step of each forecast (the rows of one (series, model, origin) are contiguous): the
+    batch's own ``starts`` when its maker gave them."""
+    if batch.starts is not None:
+        return batch.starts
     n = len(batch)
     sid, issued, model = batch.series_id, batch.issued_at_ns, batch.model
     change = np.ones(n, dtype=bool)

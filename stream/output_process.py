@@ -121,7 +121,8 @@ def decode_batch(body: bytes) -> tuple[ForecastBatch, list[int] | None]:
 
     batch = ForecastBatch(repeat(header["series"]), np.repeat(issued, counts), repeat(header["models"]),
                           cols["h"], cols["target_ns"], cols["mean"], cols["lower"], cols["upper"], header["alpha"],
-                          tuple(header["levels"]), **many)
+                          tuple(header["levels"]), **many,
+                          starts=np.concatenate([[0], np.cumsum(counts[:-1])]).astype(np.int64) if f else None)
     return batch, header["partitions"]
 
 

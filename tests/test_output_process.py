@@ -163,3 +163,29 @@ def test_with_two_children_each_series_keeps_its_order_and_nothing_is_lost(kafka
         issued.setdefault(msg["series_id"], []).append(msg["issued_at"])
     assert set(issued) == set(series)
     assert all(len(v) == 8 and v == sorted(v) and len(set(v)) == 8 for v in issued.values())
+
+
+def test_the_engine_s_forecast_starts_are_those_the_columns_give():
+    from tidecast.stream.batch import ObservationBatch
+    from tidecast.stream.config import EngineConfig
+    from tidecast.stream.engine import Engine
+    from tidecast.stream.kafka import forecast_starts
+    from tidecast.stream.records import Observation, from_ns
+
+    engine = Engine.from_config(EngineConfig(
+        horizon=6, models=["sn=seasonal-naive", "sn3=seasonal-naive"], freq="1h",
+        model_params={"sn": {"period": 4}, "sn3": {"period": 3}}))
+    rng = np.random.default_rng(0)
+    batches = []
+    for call in range(40):  # two lanes, three rounds per call, series joining late
+        obs = [Observation(f"s{k}", from_ns((3 * call + j) * HOUR), float(rng.normal() + k))
+               for j in range(3) for k in range(4) if call >= 5 * k]
+        result = engine.process(ObservationBatch.from_observations(obs))
+        if len(result.forecasts):
+            batches.append(result.forecasts)
+    assert len(batches) > 20 and any(len(set(b.model.tolist())) == 2 for b in batches)
+    for batch in batches:
+        given = forecast_starts(batch)
+        assert batch.starts is not None
+        batch.starts = None
+        np.testing.assert_array_equal(given, forecast_starts(batch))
