@@ -59,7 +59,8 @@ log = logging.getLogger(__name__)
 
 _FRAME = struct.Struct("<cI")
 #: Per step, with their wire types; issued_at goes per forecast. ``lower``/``upper`` are left out when every level's
-#: bounds go (they are the first level's): a frame is ~36 bytes a step, ~1.7 MB for a 2,000-observation round.
+#: bounds go and they are the first level's (as the engine's are): a frame is then ~36 bytes a step, ~1.7 MB for a
+#: 2,000-observation round.
 _COLUMNS = {"h": "<i4", "target_ns": "<i8", "mean": "<f8", "lower": "<f8", "upper": "<f8"}
 #: Pipe buffer asked for (Linux's default is 64 KiB; 1 MiB is the most an unprivileged process may ask): each
 #: refill costs the reading thread a turn at the interpreter lock, which it may wait milliseconds for.
@@ -81,10 +82,14 @@ def encode_batch(batch: ForecastBatch, partitions: list[int] | None) -> bytes:
     """
     starts = forecast_starts(batch) if len(batch) else np.zeros(0, np.int64)
     counts = np.diff(np.append(starts, len(batch)))
+    many = batch.lowers is not None and batch.uppers is not None
     header = {"alpha": float(batch.alpha), "levels": list(batch.levels), "counts": counts.tolist(),
               "series": batch.series_id[starts].tolist(), "models": batch.model[starts].tolist(),
-              "partitions": partitions, "many": batch.lowers is not None and batch.uppers is not None}
-    columns = [c for c in _COLUMNS if not (header["many"] and c in ("lower", "upper"))]
+              "partitions": partitions, "many": many, "width": batch.lowers.shape[1] if many else 0,
+              # the first level's bounds travel once, unless lower/upper differ from them
+              "first": many and np.array_equal(batch.lower, batch.lowers[:, 0], equal_nan=True)
+              and np.array_equal(batch.upper, batch.uppers[:, 0], equal_nan=True)}
+    columns = [c for c in _COLUMNS if not (header["first"] and c in ("lower", "upper"))]
     arrays = [np.ascontiguousarray(batch.issued_at_ns[starts], "<i8")]
     arrays += [np.ascontiguousarray(getattr(batch, c), _COLUMNS[c]) for c in columns]
     if header["many"]:
@@ -98,7 +103,7 @@ def decode_batch(body: bytes) -> tuple[ForecastBatch, list[int] | None]:
     (size,) = struct.unpack_from("<I", body)
     header = json.loads(body[4:4 + size])
     counts = np.asarray(header["counts"], np.int64)
-    n, f, width = int(counts.sum()), len(counts), len(header["levels"])
+    n, f, width = int(counts.sum()), len(counts), int(header["width"])
     at = 4 + size
 
     def take(dtype: str, length: int) -> np.ndarray:
@@ -108,10 +113,11 @@ def decode_batch(body: bytes) -> tuple[ForecastBatch, list[int] | None]:
         return out
 
     issued = take("<i8", f)
-    cols = {c: take(kind, n) for c, kind in _COLUMNS.items() if not (header["many"] and c in ("lower", "upper"))}
+    cols = {c: take(kind, n) for c, kind in _COLUMNS.items() if not (header["first"] and c in ("lower", "upper"))}
     many = {}
     if header["many"]:
         many = {"lowers": take("<f8", n * width).reshape(n, width), "uppers": take("<f8", n * width).reshape(n, width)}
+    if header["first"]:
         cols["lower"], cols["upper"] = many["lowers"][:, 0].copy(), many["uppers"][:, 0].copy()
 
     def repeat(values: list[str]) -> np.ndarray:

@@ -54,6 +54,16 @@ def test_a_batch_crosses_the_pipe_unchanged(levels):
     assert len(empty) == 0
 
 
+def test_bounds_that_are_not_the_first_level_s_and_levels_without_names_cross_unchanged():
+    base = forecasts(levels=False)
+    lowers, uppers = np.stack([base.lower - 5, base.lower], 1), np.stack([base.upper + 5, base.upper], 1)
+    odd = ForecastBatch(base.series_id, base.issued_at_ns, base.model, base.h, base.target_ns, base.mean, base.lower,
+                        base.upper, base.alpha, (), lowers, uppers)  # lower/upper are not lowers[:, 0]; no names
+    back, _ = decode_batch(encode_batch(odd, None))
+    for name in ("lower", "upper", "lowers", "uppers"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(odd, name), err_msg=name)
+
+
 def messages(kafka, topic: str, n: int) -> list[tuple[int, bytes, bytes]]:
     return sorted((r.partition, r.key, r.value) for r in kafka.read_all(topic, min_count=n))
 
