@@ -11,7 +11,8 @@ N series x T hourly observations (4 partitions) and measures, in the same run:
     in the JSON line, whose keys are the issue's);
 (c) the same with CycleNet (default format, online learning on), in its steady state: a first member warm-starts
     the model on the first ticks and checkpoints; a second member restores it and is timed on the rest;
-(d) end-to-end latency (input record's broker timestamp to its forecast's) while the input arrives at 50 % of (b);
+(d) end-to-end latency (input record's broker timestamp to its forecast's) while the input arrives at 50 % of (b),
+    and, as its baseline, the same paced input read by a bare kafka-python consumer (``latency_detail.transport_*``);
 (e) marginal memory per series, (RSS(N) - RSS(0)) / N through the engine, in a fresh process per size;
 (f) restore of a 10,000-series partition from the changelog on a new member (no local state), after a run that
     wrote several checkpoints;
@@ -39,6 +40,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable
@@ -353,22 +355,7 @@ def latency(broker: Broker, workdir: Path, rate: float, n_series: int, ticks: in
     broker.create_topic(topic, 4)
     member = Member(broker, topic, f"g-{topic}", workdir / f"{topic}-state", *args, log=workdir / f"{topic}.log")
     member.wait(lambda m: m.get("tidecast_consumer_assigned_partitions", 0) == 4, 120, "the assignment")
-    ids = series_ids(n_series, "l")
-    levels = np.random.default_rng(7).uniform(10, 100, n_series).tolist()
-    rng = np.random.default_rng(8)
-    producer = broker.producer(linger_ms=1)
-    started = time.perf_counter()
-    sent = 0
-    for tick in range(ticks):
-        for sid, level in zip(ids, levels, strict=True):
-            producer.send(topic, key=sid.encode(), value=observation(sid, tick, level, rng))
-            sent += 1
-            if sent % 50 == 0:  # pace in small bursts
-                ahead = sent / rate - (time.perf_counter() - started)
-                if ahead > 0:
-                    time.sleep(ahead)
-    producer.flush()
-    producer.close()
+    sent = paced_send(broker, topic, n_series, ticks, rate)
     member.wait(lambda m: m.get("tidecast_observations_total", 0) >= sent and
                 m.get("tidecast_consumer_queued_records", 1) == 0, 600, "the paced input", 0.2)
     time.sleep(1.0)
@@ -385,6 +372,63 @@ def latency(broker: Broker, workdir: Path, rate: float, n_series: int, ticks: in
     d = np.array(delays, float)
     return {"p50": float(np.percentile(d, 50)), "p99": float(np.percentile(d, 99)), "max": float(d.max()),
             "n": int(d.size)}
+
+
+def paced_send(broker: Broker, topic: str, n_series: int, ticks: int, rate: float) -> int:
+    """Send ``ticks`` observations of ``n_series`` series at ``rate`` per second (in bursts of 50); how many."""
+    ids = series_ids(n_series, "l")
+    levels = np.random.default_rng(7).uniform(10, 100, n_series).tolist()
+    rng = np.random.default_rng(8)
+    producer = broker.producer(linger_ms=1)
+    started = time.perf_counter()
+    sent = 0
+    for tick in range(ticks):
+        for sid, level in zip(ids, levels, strict=True):
+            producer.send(topic, key=sid.encode(), value=observation(sid, tick, level, rng))
+            sent += 1
+            if sent % 50 == 0:
+                ahead = sent / rate - (time.perf_counter() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+    producer.flush()
+    producer.close()
+    return sent
+
+
+def transport_latency(broker: Broker, rate: float, n_series: int, ticks: int, topic: str = "transport-in",
+                      ) -> dict[str, float]:
+    """(d)'s baseline, in the same run: the same paced input read by a bare kafka-python consumer (serve's fetch
+    wait, 20 ms; ``json.loads`` of each value), ms from each record's broker timestamp to its receipt."""
+    from kafka import TopicPartition
+
+    broker.create_topic(topic, 4)
+    consumer = broker.consumer(fetch_max_wait_ms=20)
+    parts = [TopicPartition(topic, p) for p in range(4)]
+    consumer.assign(parts)
+    for tp in parts:
+        consumer.seek(tp, 0)
+    delays: list[float] = []
+    done = threading.Event()
+
+    def consume() -> None:
+        while not done.is_set():
+            for records in consumer.poll(timeout_ms=100, max_records=500).values():
+                now_ms = time.time() * 1000
+                for r in records:
+                    json.loads(r.value)
+                    delays.append(now_ms - r.timestamp)
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    sent = paced_send(broker, topic, n_series, ticks, rate)
+    deadline = time.monotonic() + 60
+    while len(delays) < sent and time.monotonic() < deadline:
+        time.sleep(0.1)
+    done.set()
+    reader.join()
+    consumer.close()
+    d = np.array(delays, float)
+    return {"p50": float(np.percentile(d, 50)), "p99": float(np.percentile(d, 99)), "n": int(d.size)}
 
 
 def forecasts_of(record: Any) -> set[tuple[str, int]]:
@@ -620,8 +664,10 @@ def measure(broker: Broker, workdir: Path, args: argparse.Namespace, only: set[s
         target = 0.5 * out.get("serve_obs_per_s", 10_000.0)
         lat = latency(broker, workdir, target, args.series, max(60, args.ticks // 2))
         out["latency_ms"] = {"p50": lat["p50"], "p99": lat["p99"]}
-        out["latency_detail"] = {**lat, "input_obs_per_s": target}
-        say("(d)", lat)
+        transport = transport_latency(broker, target, args.series, max(60, args.ticks // 2))
+        out["latency_detail"] = {**lat, "input_obs_per_s": target, "transport_p50": transport["p50"],
+                                 "transport_p99": transport["p99"]}
+        say("(d)", lat, "transport alone (bare consumer, same pace)", transport)
     if "e" in only:
         sizes = [int(s) for s in args.memory_sizes.split(",")]
         out["bytes_per_series"] = {str(n): memory_per_series(n, 24) for n in sizes}
