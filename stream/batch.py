@@ -73,6 +73,16 @@ class Rejection:
 FORECAST_COLUMNS = ("series_id", "issued_at", "model", "h", "target_timestamp", "mean", "lower", "upper", "alpha")
 
 
+def first_steps(counts: np.ndarray) -> np.ndarray:
+    """Index of each forecast's first step, from the number of steps of each (contiguous) forecast.
+
+    >>> first_steps(np.array([2, 1, 3])).tolist()
+    [0, 2, 3]
+    """
+    counts = np.asarray(counts, np.int64)
+    return np.concatenate([[0], np.cumsum(counts[:-1])]).astype(np.int64) if len(counts) else np.zeros(0, np.int64)
+
+
 @dataclass
 class ForecastBatch:
     """Forecast steps, one row per (series, origin, model, h).

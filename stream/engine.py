@@ -75,7 +75,7 @@ from tidecast.monitors.drift import (
 )
 from tidecast.monitors.metrics import Metrics
 from tidecast.monitors.scoring import PrequentialScorer
-from tidecast.stream.batch import ActualBatch, ForecastBatch, ObservationBatch, Rejection
+from tidecast.stream.batch import ActualBatch, ForecastBatch, ObservationBatch, Rejection, first_steps
 from tidecast.stream.config import STEP_WINDOW, EngineConfig
 from tidecast.stream.pending import PendingForecasts
 from tidecast.stream.records import REASONS, from_ns, out_of_range
@@ -601,7 +601,7 @@ class Engine:
                 h=np.broadcast_to(hs[None, :], mean.shape)[ready].astype(np.int32),
                 target_ns=target[ready], mean=mean[ready], lower=lowers[:, 0], upper=uppers[:, 0],
                 alpha=self.config.alpha, levels=self._levels, lowers=lowers, uppers=uppers,
-                starts=_first_steps(ready),
+                starts=first_steps(_steps_per_origin(ready)),
             ))
         return ForecastBatch.concat(parts, self.config.alpha, self._levels)
 
@@ -868,13 +868,13 @@ def _by_lane(outputs: list[tuple]) -> list[tuple]:
             for name, group in lanes.items()]
 
 
-def _first_steps(ready: np.ndarray) -> np.ndarray:
-    """Index of each forecast's first step in the steps ``ready`` (origins x H) keeps: one forecast per origin with
-    any step ready (finding them afterwards compared three object columns step by step).
+def _steps_per_origin(ready: np.ndarray) -> np.ndarray:
+    """Steps of each forecast the batch gets from ``ready`` (origins x H): one forecast per origin with any step
+    ready. The batch carries its starts from these (finding them afterwards compared three object columns step by
+    step).
 
-    >>> _first_steps(np.array([[True, True], [False, False], [False, True]])).tolist()
-    [0, 2]
+    >>> _steps_per_origin(np.array([[True, True], [False, False], [False, True]])).tolist()
+    [2, 1]
     """
     counts = ready.sum(axis=1)
-    counts = counts[counts > 0]
-    return np.concatenate([[0], np.cumsum(counts[:-1])]).astype(np.int64) if len(counts) else np.zeros(0, np.int64)
+    return counts[counts > 0]

@@ -58,7 +58,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from tidecast.monitors.drift import DriftEvent
-from tidecast.stream.batch import ForecastBatch
+from tidecast.stream.batch import ForecastBatch, first_steps
 from tidecast.stream.sinks import event_json
 from tidecast.stream.sources import DeadLetter
 
@@ -678,19 +678,10 @@ class KafkaForecastSink(_TopicSink):
         counts = np.diff(np.append(starts, n))
         sids = batch.series_id[starts].tolist()
         unsendable, origins, bad = set_aside_unsendable(batch, starts, sids)
-        if self.partition_of is None:
-            dest = np.full(len(starts), -1)
-        else:
-            home: dict[str, int] = {}
-            for sid in sids:
-                if sid not in home:
-                    p = self.partition_of(sid)
-                    home[sid] = -1 if p is None else p
-            dest = np.array([home[sid] for sid in sids])
+        dest = destinations(self.partition_of, sids)
         dest[bad] = -2
-        step_dest = np.repeat(dest, counts)
         for partition in np.unique(dest[~bad]).tolist():
-            part = batch if len(np.unique(dest)) == 1 else take_rows(batch, np.flatnonzero(step_dest == partition))
+            part = batch if len(np.unique(dest)) == 1 else take_forecasts(batch, dest == partition, counts)
             self._send(None, encode_compact(part), None if partition < 0 else partition)
         if unsendable:
             raise UnsendableForecasts(unsendable, origins)
@@ -723,14 +714,29 @@ def set_aside_unsendable(batch: ForecastBatch, starts: np.ndarray, sids: list[st
     return unsendable, origins, bad
 
 
-def take_rows(batch: ForecastBatch, index: np.ndarray) -> ForecastBatch:
-    """The steps ``index`` of ``batch`` (every level's bounds with them)."""
+def destinations(partition_of: Callable[[str], int | None] | None, sids: list[str]) -> np.ndarray:
+    """Each forecast's destination partition under ``partition_of`` (one call per series), ``-1`` where the
+    producer's partitioner decides (no ``partition_of``, or it gave ``None``)."""
+    if partition_of is None:
+        return np.full(len(sids), -1)
+    home: dict[str, int] = {}
+    for sid in sids:
+        if sid not in home:
+            p = partition_of(sid)
+            home[sid] = -1 if p is None else int(p)
+    return np.array([home[sid] for sid in sids], np.int64)
+
+
+def take_forecasts(batch: ForecastBatch, chosen: np.ndarray, counts: np.ndarray) -> ForecastBatch:
+    """The forecasts ``chosen`` (a mask over them; ``counts``: each forecast's steps) of ``batch``, every level's
+    bounds with them; the result knows its forecasts' first steps."""
+    index = np.flatnonzero(np.repeat(chosen, counts))
     many = {}
     if batch.lowers is not None and batch.uppers is not None:
         many = {"levels": batch.levels, "lowers": batch.lowers[index], "uppers": batch.uppers[index]}
     return ForecastBatch(batch.series_id[index], batch.issued_at_ns[index], batch.model[index], batch.h[index],
                          batch.target_ns[index], batch.mean[index], batch.lower[index], batch.upper[index],
-                         batch.alpha, **many)
+                         batch.alpha, **many, starts=first_steps(counts[chosen]))
 
 
 class KafkaEventSink(_TopicSink):

@@ -43,16 +43,17 @@ from typing import Any
 
 import numpy as np
 
-from tidecast.stream.batch import ForecastBatch
+from tidecast.stream.batch import ForecastBatch, first_steps
 from tidecast.stream.kafka import (
     BrokerLink,
     BrokerUnavailable,
     KafkaForecastSink,
     OutputError,
     UnsendableForecasts,
+    destinations,
     forecast_starts,
     set_aside_unsendable,
-    take_rows,
+    take_forecasts,
 )
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,7 @@ def decode_batch(body: bytes) -> tuple[ForecastBatch, list[int] | None]:
 
     batch = ForecastBatch(repeat(header["series"]), np.repeat(issued, counts), repeat(header["models"]),
                           cols["h"], cols["target_ns"], cols["mean"], cols["lower"], cols["upper"], header["alpha"],
-                          tuple(header["levels"]), **many,
-                          starts=np.concatenate([[0], np.cumsum(counts[:-1])]).astype(np.int64) if f else None)
+                          tuple(header["levels"]), **many, starts=first_steps(counts))
     return batch, header["partitions"]
 
 
@@ -179,36 +179,25 @@ class ProcessForecastSink:
         sids = batch.series_id[starts].tolist()
         unsendable, origins, bad = set_aside_unsendable(batch, starts, sids)
         counts = np.diff(np.append(starts, len(batch)))
-        partitions = self._partitions(sids)
+        partitions = destinations(self.partition_of, sids)
         child_of = self._children_of(sids, partitions)
         for k, child in enumerate(self.children):
-            mine = ~bad if len(self.children) == 1 else ~bad & (child_of == k)
+            mine = ~bad & (child_of == k)
             if not mine.any():
                 continue
-            part = batch if mine.all() else take_rows(batch, np.flatnonzero(np.repeat(mine, counts)))
-            chosen = np.flatnonzero(mine).tolist()
-            child.send(b"W", encode_batch(part, None if partitions is None else [partitions[i] for i in chosen]))
+            part = batch if mine.all() else take_forecasts(batch, mine, counts)
+            child.send(b"W", encode_batch(part, None if self.partition_of is None else partitions[mine].tolist()))
         if unsendable:
             raise UnsendableForecasts(unsendable, origins)
 
-    def _partitions(self, sids: list[str]) -> list[int] | None:
-        """Each forecast's destination partition (-1: the producer's partitioner decides), if co-partitioned."""
-        if self.partition_of is None:
-            return None
-        home: dict[str, int] = {}
-        for sid in sids:
-            if sid not in home:
-                p = self.partition_of(sid)
-                home[sid] = -1 if p is None else int(p)
-        return [home[sid] for sid in sids]
-
-    def _children_of(self, sids: list[str], partitions: list[int] | None) -> np.ndarray:
+    def _children_of(self, sids: list[str], partitions: np.ndarray) -> np.ndarray:
+        """Each forecast's child: its destination partition's, else one by a CRC of its series id."""
         n = len(self.children)
         if n == 1:
             return np.zeros(len(sids), np.int64)
         keys = {sid: zlib.crc32(sid.encode("utf-8", "surrogatepass")) for sid in set(sids)}
-        return np.array([(p if partitions is not None and (p := partitions[i]) >= 0 else keys[sid]) % n
-                         for i, sid in enumerate(sids)], np.int64)
+        by_id = np.array([keys[sid] for sid in sids], np.int64)
+        return np.where(partitions >= 0, partitions, by_id) % n
 
     def flush(self) -> None:
         """Wait until the children have every forecast written so far acknowledged; :class:`OutputError` if the
@@ -394,13 +383,11 @@ def serve_child(stream: Any, replies: Any) -> int:
         producer.close(timeout=config["flush_timeout"])
 
 
-def _write(sink: KafkaForecastSink, batch: ForecastBatch) -> dict[str, Any] | None:
-    """Send one batch; a failure to report at the next flush, if it failed."""
+def _attempt(action: Callable[[], None]) -> dict[str, Any] | None:
+    """Run a send or a flush; the failure the member is to raise, if it failed: ``unavailable``
+    (:class:`BrokerUnavailable`) or ``refused`` (:class:`OutputError`)."""
     try:
-        sink.write(batch)
-    except UnsendableForecasts as err:  # the member set these aside already: nothing should get here
-        log.error("forecasts of %d series could not be encoded and were not sent: %s", len(err.series),
-                  sorted(err.series)[:5])
+        action()
     except BrokerUnavailable as err:
         return {"failure": "unavailable", "message": str(err)}
     except OutputError as err:
@@ -408,14 +395,20 @@ def _write(sink: KafkaForecastSink, batch: ForecastBatch) -> dict[str, Any] | No
     return None
 
 
-def _flush(sink: KafkaForecastSink, errors: _Count, failure: dict[str, Any] | None) -> dict[str, Any]:
-    if failure is None:
+def _write(sink: KafkaForecastSink, batch: ForecastBatch) -> dict[str, Any] | None:
+    """Send one batch; a failure to report at the next flush, if it failed."""
+    def send() -> None:
         try:
-            sink.flush()
-        except BrokerUnavailable as err:
-            failure = {"failure": "unavailable", "message": str(err)}
-        except OutputError as err:
-            failure = {"failure": "refused", "message": str(err)}
+            sink.write(batch)
+        except UnsendableForecasts as err:  # the member set these aside already: nothing should get here
+            log.error("forecasts of %d series could not be encoded and were not sent: %s", len(err.series),
+                      sorted(err.series)[:5])
+
+    return _attempt(send)
+
+
+def _flush(sink: KafkaForecastSink, errors: _Count, failure: dict[str, Any] | None) -> dict[str, Any]:
+    failure = failure or _attempt(sink.flush)
     return {"failure": None, "message": None, **(failure or {}), "errors": errors.take()}
 
 

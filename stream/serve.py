@@ -121,9 +121,8 @@ def output_processes(cfg: Any) -> int:
     """``--output-processes``, or its default: 2 in the JSON format (one message per forecast: two processes passed
     the client's ceiling where one could not), 0 in the compact format (a few messages per round: sending them is
     cheap, the hand-over would cost more than it saves)."""
-    chosen = getattr(cfg, "output_processes", None)
-    if chosen is not None:
-        return int(chosen)
+    if cfg.output_processes is not None:
+        return int(cfg.output_processes)
     return 2 if cfg.output_format == "json" else 0
 
 
@@ -318,7 +317,7 @@ class Service:
             self.worker.stop()
             self.worker.join(timeout=max(0.5, deadline - time.monotonic()))
             self.worker.table.changelog.close()
-            self.worker.forecasts.close()  # a child process (--output-process) stops here
+            self.worker.forecasts.close()  # the output processes (--output-processes) stop here
         if self.trainer is not None:
             self.trainer.stop()
         if self.probe is not None:
