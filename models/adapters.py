@@ -28,6 +28,7 @@ import numpy as np
 
 from tidecast.models.base import ArrayDict, BatchForecaster, Forecaster, Params
 from tidecast.models.bootstrap import ResidualRing, check_bootstrap, poisson_counts
+from tidecast.models.history import HistoryRing
 from tidecast.models.river_state import dump_state, load_state
 from tidecast.models.seasonality import detect_period
 
@@ -158,6 +159,9 @@ class PerSeries(BatchForecaster):
     ``min_history`` observations and at least what river's forecasters need (:func:`river_min_history`).
     A factory whose forecasters declare neither is refused here, before any data, rather than crashing later.
 
+    ``history=N`` keeps each row's last N learned values (:class:`~tidecast.models.history.HistoryRing`) so that
+    :meth:`refit` can rebuild the row's forecaster on recent data; the engine sets it when retraining is on.
+
     ``bootstrap=B`` adds B replicas per row (:meth:`spread_many`): with ``bootstrap_kind="bagging"`` B more
     forecasters from the factory, each fed every value ``k ~ Poisson(1)`` times (online bagging; the spread is
     their standard deviation); with ``"residual"`` a residual bootstrap of the row's recent in-sample one-step
@@ -174,8 +178,10 @@ class PerSeries(BatchForecaster):
     """
 
     def __init__(self, name: str, factory: Callable[[], Forecaster], min_history: int | None = None,
-                 bootstrap: int = 0, bootstrap_kind: str = "bagging") -> None:
+                 bootstrap: int = 0, bootstrap_kind: str = "bagging", history: int = 0) -> None:
         check_bootstrap(bootstrap)
+        if history < 0:
+            raise ValueError(f"history = {history}: values kept per series, >= 0")
         if bootstrap_kind not in ("bagging", "residual"):
             raise ValueError(f"bootstrap_kind = {bootstrap_kind!r}: 'bagging' or 'residual'")
         self.name = name
@@ -183,6 +189,8 @@ class PerSeries(BatchForecaster):
         self.min_history = min_history
         self.bootstrap = bootstrap
         self.bootstrap_kind = bootstrap_kind
+        self.history = history
+        self.history_ = HistoryRing(history) if history else None
         self.models_: list[Forecaster | None] = []
         self.n_learned_ = np.zeros(0, dtype=np.int64)
         self.last_tick_ = np.zeros(0, dtype=np.int64)
@@ -205,6 +213,8 @@ class PerSeries(BatchForecaster):
                 [self.replica_learned_, np.zeros((extra, self.replica_learned_.shape[1]), np.int64)])
         if self.ring_ is not None:
             self.ring_.resize(n_rows)
+        if self.history_ is not None:
+            self.history_.resize(n_rows)
 
     def _model(self, row: int) -> Forecaster:
         model = self.models_[row]
@@ -223,6 +233,8 @@ class PerSeries(BatchForecaster):
             self._model(row).learn_one(y)
         self.n_learned_[rows] += 1
         self.last_tick_[rows] = ticks
+        if self.history_ is not None:
+            self.history_.add(rows, values)
         if self.replica_learned_.shape[1]:
             self._learn_replicas(rows, ticks, values)
 
@@ -282,6 +294,43 @@ class PerSeries(BatchForecaster):
         self.next_one_[rows] = np.nan
         if self.ring_ is not None:
             self.ring_.reset_rows(rows)
+        if self.history_ is not None:
+            self.history_.reset_rows(rows)
+
+    def refit(self, recent: int, epochs: int = 1, **unused: Any) -> dict[str, Any]:
+        """Rebuild each row's forecaster from scratch on the row's last ``recent`` values (the retrain job's hook).
+
+        A fresh forecaster from the factory learns them in order, once: a one-series online learner must see the
+        series as one sequence, so a second pass (``epochs``) would show it jumping back in time, and the other
+        keywords (a torch model's learning rates) mean nothing here. The rebuild re-runs the model's own warm-up
+        on the recent values (:class:`Standardised`: cycle length and standardisation from them), which is what
+        repairs a forecaster after a change of level or scale. Where ``recent`` values are fewer than that warm-up
+        needs, the rebuild takes every value the row holds; a row still not ready keeps the forecaster it had.
+        Needs ``history > 0``."""
+        if self.history_ is None:
+            raise ValueError(f"{self.name} keeps no history (history=0): nothing to refit on")
+        rows = np.flatnonzero(self.history_.count(np.arange(len(self.models_))) > 0)
+        rebuilt = 0
+        for row in rows.tolist():
+            model, n = self._rebuilt(row, max(int(recent), 1))
+            if model is not None:
+                self.models_[row], self.n_learned_[row] = model, n
+                rebuilt += 1
+        return {"rows": int(rows.size), "rebuilt": rebuilt}
+
+    def _rebuilt(self, row: int, recent: int) -> tuple[Forecaster | None, int]:
+        """A fresh forecaster that learned the row's last ``recent`` values, or all it holds if those are fewer
+        than its warm-up needs; ``None`` if even that leaves it unready."""
+        for n in dict.fromkeys((recent, self.history)):  # the wider try only if the first falls short
+            values = self.history_.recent(row, n)
+            model = self.factory()
+            for y in values.tolist():
+                model.learn_one(y)
+            if is_ready(model, len(values), self.min_history):
+                return model, len(values)
+            if len(values) < n:  # the ring holds no more than this
+                break
+        return None, 0
 
     def export_rows(self, rows: np.ndarray) -> ArrayDict:
         data, lengths = _pack([self._state_of(self.models_[r]) for r in rows.tolist()])
@@ -296,6 +345,8 @@ class PerSeries(BatchForecaster):
             state["boot_n_learned"] = self.replica_learned_[rows].copy()
         if self.ring_ is not None:
             state.update(self.ring_.export_rows(rows))
+        if self.history_ is not None:
+            state.update(self.history_.export_rows(rows))
         return state
 
     def import_rows(self, rows: np.ndarray, state: ArrayDict) -> None:
@@ -304,6 +355,8 @@ class PerSeries(BatchForecaster):
             self.models_[row] = None if item is None else self._restore(item)
         # states written before the count existed: 0, i.e. a count-based forecaster warms up again
         self.n_learned_[rows] = state.get("n_learned", np.zeros(len(rows), np.int64))
+        if self.history_ is not None:
+            self.history_.import_rows(rows, state)
         if not self.bootstrap:
             return
         # saved without replicas: they start again from this row's next value (the spread is NaN meanwhile)

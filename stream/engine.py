@@ -79,7 +79,7 @@ from tidecast.stream.batch import ActualBatch, ForecastBatch, ObservationBatch, 
 from tidecast.stream.config import STEP_WINDOW, EngineConfig
 from tidecast.stream.pending import PendingForecasts
 from tidecast.stream.records import REASONS, from_ns, out_of_range
-from tidecast.stream.retrain import Retrainer, retrain_settings
+from tidecast.stream.retrain import Retrainer, give_history, retrain_settings
 
 log = logging.getLogger(__name__)
 
@@ -280,12 +280,15 @@ class Engine:
 
         lanes = []
         alpha = config.alphas if len(config.alphas) > 1 else config.alpha  # one level: as it always was
+        retrain = retrain_settings(config.retrain_params) if config.retrain == "on" else None
         for alias, model in config.lanes:
             try:
                 forecaster = make_model(model, horizon=config.horizon, **config.model_params.get(alias, {}))
             except ValueError as err:  # a parameter value the model refuses: name the lane and where it came from
                 raise ValueError(f"lane {alias!r} ({model}): {err} (from --model-param or "
                                  f"[model_params.{alias}])") from None
+            if retrain is not None:  # a refit needs recent data: models that keep none get a ring
+                forecaster = give_history(forecaster, retrain)
             lanes.append(Lane(
                 forecaster,
                 make_calibrator(config.calibrator, config.horizon, alpha, **config.calibrator_params),
@@ -294,7 +297,7 @@ class Engine:
                                                                      **config.bootstrap_params),
             ))
         retrainer = None
-        if config.retrain == "on":
+        if retrain is not None:
             retrainer = Retrainer({alias: retrain_settings(config.retrain_params) for alias, _ in config.lanes})
         return cls(config, lanes, metrics, retrainer)
 

@@ -4,12 +4,13 @@ The policy (:class:`tidecast.monitors.retrain.RetrainPolicy`) decides; this modu
 
 * **Job.** On :class:`~tidecast.monitors.retrain.StartJob` the lane's model is copied through its own state API
   (``clone`` + ``export_shared``/``export_rows`` -> ``import_*``: no pickle, no shared tensors) and the copy is
-  refitted by the model's ``refit(recent=..., epochs=...)`` hook on the data since the change point plus
-  ``history`` steps before it (CycleNet and cfc warm-start from the incumbent's weights; a model without the hook
-  fails the job, with the reason). ``mode="online"`` skips the refit: the copy learns online during the shadow
-  window (gated online learning). Where the job runs: inline, at the decision step, while the engine is driven
-  from one thread (``replay``: same input, same promotions); once :meth:`Retrainer.maintenance` is called from
-  another thread (``serve``'s trainer thread), there, and the shadow starts at the first round after it ends
+  refitted by the model's ``refit(recent=..., epochs=...)`` hook on the data since the change point plus ``history``
+  steps before it (CycleNet and cfc warm-start from the incumbent's weights; river lanes, which keep no history of
+  their own, get a per-series ring from :func:`give_history` and rebuild each series' forecaster on it; a model
+  without the hook fails the job, with the reason). ``mode="online"`` skips the refit: the copy learns online during
+  the shadow window (gated online learning). Where the job runs: inline, at the decision step, while the engine is
+  driven from one thread (``replay``: same input, same promotions); once :meth:`Retrainer.maintenance` is called
+  from another thread (``serve``'s trainer thread), there, and the shadow starts at the first round after it ends
   (the candidate's per-row state is then re-synced from the incumbent, keeping what it learned).
 * **Shadow.** Candidates learn and forecast beside the incumbent on every round; their forecasts are never
   emitted. Each matured step adds the squared errors of candidate and incumbent over the same cells, per series.
@@ -42,7 +43,7 @@ from tidecast.stream.pending import PendingForecasts
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RetrainEvent", "RetrainSettings", "Retrainer", "copy_model"]
+__all__ = ["RetrainEvent", "RetrainSettings", "Retrainer", "copy_model", "give_history"]
 
 #: Events a retrain emits (``RetrainEvent.kind``); ``detector`` is ``"retrain"``.
 EVENT_KINDS = ("retrain_started", "promoted", "rejected", "failed")
@@ -77,6 +78,21 @@ class RetrainSettings:
     def __post_init__(self) -> None:
         if self.mode not in ("refit", "online"):
             raise ValueError(f"retrain mode must be 'refit' or 'online', got {self.mode!r}")
+
+    @property
+    def ring_capacity(self) -> int:
+        """Values per series a model without history of its own keeps for its jobs: ``history`` plus the fresh
+        steps a job can see at most when it starts on time (``min_fresh``, or up to ``cooldown`` if it waited)."""
+        return self.history + self.policy.min_fresh + self.policy.cooldown
+
+
+def give_history(model: BatchForecaster, settings: RetrainSettings) -> BatchForecaster:
+    """``model``, or, for a model that keeps no history of its own (a ``history`` parameter left at 0: the river
+    lanes, :class:`~tidecast.models.adapters.PerSeries`), a copy keeping a per-series ring of
+    ``settings.ring_capacity`` values for its refit hook (4 bytes a value and series)."""
+    if model.get_params().get("history") == 0:
+        return model.clone(history=settings.ring_capacity)
+    return model
 
 
 def copy_model(model: BatchForecaster, rows: np.ndarray, **overrides: Any) -> BatchForecaster:
@@ -322,7 +338,8 @@ class Retrainer:
         st.last_ratio = decision.ratio
         engine.metrics.shadow_error_ratio.labels(model=lane.name).set(decision.ratio)
         lam = shadow.lambdas[0]
-        reason = decision.reason + (f" (BCWI lambda {lam:g})" if len(st.settings.lambdas) > 1 else "")
+        blended = len(st.settings.lambdas) > 1 and hasattr(shadow.candidates[0], "blend")
+        reason = decision.reason + (f" (BCWI lambda {lam:g})" if blended else "")
         if isinstance(decision, Reject):
             engine.metrics.retrains.labels(model=lane.name, outcome="rejected").inc()
             events.append(self._event(lane.name, "rejected", when, decision.ratio, st, reason))

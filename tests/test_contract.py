@@ -58,6 +58,14 @@ def test_registered_model_keeps_the_contract(name: str, check: str) -> None:
     checks.FORECASTER_CHECKS[check](model_factory(name), horizon=HORIZON, **MODEL_OPTIONS.get(name, {}))
 
 
+@pytest.mark.parametrize("check", list(checks.FORECASTER_CHECKS))
+def test_a_river_lane_with_its_retrain_ring_keeps_the_contract(check: str) -> None:
+    """As the engine builds it when retraining is on (stream.retrain.give_history): the ring is row state too."""
+    def factory():
+        return make_model("holt-winters", horizon=HORIZON, **MODEL_PARAMS["holt-winters"]).clone(history=30)
+    checks.FORECASTER_CHECKS[check](factory, horizon=HORIZON)
+
+
 @pytest.mark.parametrize("check", list(checks.CALIBRATOR_CHECKS))
 @pytest.mark.parametrize("name", list(CALIBRATORS))
 def test_registered_calibrator_keeps_the_contract(name: str, check: str) -> None:

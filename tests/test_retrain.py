@@ -305,3 +305,86 @@ def test_retrain_events_serialise_like_drift_events(reference):
     assert rows[0]["kind"] == "retrain_started" and rows[0]["statistic"] is None
     assert rows[1]["kind"] in ("promoted", "rejected") and rows[1]["statistic"] > 0 and rows[1]["reason"]
     assert {r["version"] for r in rows} <= {0, 1, 2, 3}
+
+
+# -- models that keep no history (river lanes) ---------------------------------------------------------------
+
+def river_config(model: str = "holt-winters", retrain: str = "on") -> EngineConfig:
+    rp = {"min_fresh": 24, "shadow_steps": 24, "history": 24} if retrain == "on" else {}
+    return EngineConfig(horizon=4, models=[model], freq="1h", model_params={model: {"period": 24, "warmup": 48}},
+                        retrain=retrain, retrain_params=rp)
+
+
+def test_history_ring_keeps_the_last_values_oldest_first_and_round_trips():
+    from tidecast.models.history import HistoryRing
+
+    ring = HistoryRing(capacity=4)
+    ring.resize(2)
+    for v in range(6):
+        ring.add(np.array([0, 1]), np.array([v, 10.0 * v]))
+    assert ring.recent(0, 10).tolist() == [2.0, 3.0, 4.0, 5.0]
+    assert ring.recent(1, 2).tolist() == [40.0, 50.0]
+    other = HistoryRing(capacity=4)
+    other.import_rows(np.array([3]), ring.export_rows(np.array([1])))
+    assert other.recent(3, 4).tolist() == [20.0, 30.0, 40.0, 50.0]
+    other.import_rows(np.array([3]), {})  # saved without a ring: empty, refilled as values arrive
+    assert other.recent(3, 4).size == 0
+    ring.reset_rows(np.array([0]))
+    assert ring.recent(0, 4).size == 0 and ring.recent(1, 1).tolist() == [50.0]
+    assert ring.bytes_per_row == 4 * 4 + 8
+
+
+def test_river_lanes_get_a_ring_only_when_retraining():
+    on, off = Engine.from_config(river_config()), Engine.from_config(river_config(retrain="off"))
+    settings = on.retrainer.lanes["holt-winters"].settings
+    assert on.lanes[0].model.history == settings.ring_capacity == 24 + 24 + 168
+    assert off.lanes[0].model.history == 0 and off.lanes[0].model.history_ is None
+    assert Engine.from_config(config()).lanes[0].model.get_params().get("history") is None  # CycleNet keeps its own
+
+
+def test_a_river_lane_is_refit_on_its_ring_and_promoted_after_the_change():
+    engine = Engine.from_config(river_config())
+    events, means = feed(engine, phase_shifted())
+    kinds = retrain_events(events)
+    assert ("promoted", 1) in kinds and all(k != "failed" for k, _ in kinds)
+    assert engine.model_versions() == {"holt-winters": 1}
+    static = Engine.from_config(river_config(retrain="off"))
+    feed(static, phase_shifted())
+    mae = {name: e.summary()["models"]["holt-winters"]["mae"] for name, e in (("retrain", engine), ("static", static))}
+    assert mae["retrain"] < mae["static"]
+
+
+def test_river_refit_rebuilds_ready_rows_and_keeps_the_others():
+    from tidecast.models.registry import make_model
+
+    model = make_model("holt-winters", horizon=4, period=24, warmup=48).clone(history=100)
+    model.resize(2)
+    for tick in range(120):  # row 0: 120 values, level 0 then 50; row 1: 20 values only
+        rows = np.array([0, 1]) if tick < 20 else np.array([0])
+        level = 50.0 if tick >= 60 else 0.0
+        model.learn_many(rows, np.full(rows.size, tick), level + np.sin(2 * np.pi * tick / 24) + rows)
+    before = model.export_rows(np.array([1]))
+    assert model.refit(recent=48) == {"rows": 2, "rebuilt": 1}
+    assert model.models_[0].mean_ == pytest.approx(50.0, abs=0.5)  # standardised on the recent values alone
+    after = model.export_rows(np.array([1]))
+    np.testing.assert_array_equal(after["json"], before["json"])  # not ready on 20 values: kept as it was
+    with pytest.raises(ValueError, match="history"):
+        make_model("holt-winters", horizon=4).refit(recent=48)
+
+
+def test_a_crash_restores_the_ring_so_a_river_job_promotes_once():
+    values = phase_shifted()
+    reference, _ = feed(Engine.from_config(river_config()), values)
+    started = next(e for e in reference if e.kind == "retrain_started")
+    crash = round((started.detected_at.timestamp() * 1e9 - T0) / HOUR) + 8
+    engine = Engine.from_config(river_config())
+    events, _ = feed(engine, values, 0, crash)
+    meta, arrays = engine.export_series(engine.series_ids)
+    assert any("history_values" in k for k in arrays)
+    restored = Engine.from_config(river_config())
+    restored.import_shared(engine.export_shared())
+    restored.import_series(meta, arrays)
+    later, _ = feed(restored, values, crash)
+    kinds = retrain_events(events + later)
+    assert [k for k in kinds if k[0] == "promoted"] == [("promoted", 1)]
+    assert restored.model_versions() == {"holt-winters": 1}
