@@ -117,12 +117,16 @@ class RetrainPolicy(Params):
     flip_margin, flip_budget
         A series is a negative flip if the candidate's error on it exceeds the incumbent's by more than
         ``flip_margin`` (relative); at most ``flip_budget`` of the series may flip.
+    probation_steps
+        After a promotion, the model it replaced keeps forecasting (never emitted) for this many matured steps;
+        if its error is then at most ``1 - margin`` times the promoted model's, the lane rolls back to it
+        (0: no probation).
     """
 
     def __init__(self, triggers: tuple[str, ...] | None = None, min_alarm_rows: int = 1, min_fresh: int = 48,
                  cooldown: int = 168, budget: int = 4, budget_window: int = 2000, schedule: int | None = None,
                  shadow_steps: int = 96, margin: float = 0.02, flip_margin: float = 0.1,
-                 flip_budget: float = 0.5) -> None:
+                 flip_budget: float = 0.5, probation_steps: int = 0) -> None:
         self.triggers = triggers
         self.min_alarm_rows = min_alarm_rows
         self.min_fresh = min_fresh
@@ -134,6 +138,9 @@ class RetrainPolicy(Params):
         self.margin = margin
         self.flip_margin = flip_margin
         self.flip_budget = flip_budget
+        self.probation_steps = probation_steps
+        if probation_steps < 0 or probation_steps == 1:
+            raise ValueError(f"probation_steps must be 0 (off) or >= 2, got {probation_steps}")
         if min_fresh < 0 or cooldown < 0 or budget < 1 or budget_window < 1 or shadow_steps < 2:
             raise ValueError("min_fresh and cooldown must be >= 0, budget and budget_window >= 1, "
                              "shadow_steps >= 2")
@@ -185,6 +192,17 @@ class RetrainPolicy(Params):
         self.counts_["promoted"] += 1
         self.version_ += 1
         return Promote(said, ratio, worse)
+
+    def probation(self, promoted: np.ndarray, previous: np.ndarray) -> Promote | Reject:
+        """After a probation window: :class:`Promote` (roll back to the previous model) if its error was at most
+        ``1 - margin`` times the promoted one's, else :class:`Reject` (the promotion stands)."""
+        ratio, worse = gate_errors(promoted, previous, self.flip_margin)
+        said = f"previous model's error ratio {ratio:.3f}"
+        if np.isfinite(ratio) and ratio <= 1.0 - self.margin:
+            self.counts_["rolled_back"] = self.counts_.get("rolled_back", 0) + 1
+            self.version_ += 1
+            return Promote(f"{said}: rolled back", ratio, worse)
+        return Reject(f"{said}: the promotion stands", ratio, worse)
 
     def failed(self, reason: str) -> Fail:
         self.counts_["failed"] += 1

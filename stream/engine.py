@@ -250,7 +250,7 @@ class Engine:
         if retrainer is not None:
             for lane in lanes:
                 if lane.name in retrainer:  # export zeros: absent != never retrained
-                    for outcome in ("started", "promoted", "rejected", "failed"):
+                    for outcome in ("started", "promoted", "rejected", "failed", "rolled_back"):
                         self.metrics.retrains.labels(model=lane.name, outcome=outcome)
                     self.metrics.model_version.labels(model=lane.name).set(retrainer.version(lane.name))
         self._allowed = set(config.allowed_series) if config.allowed_series is not None else None

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 __all__ = ["RetrainEvent", "RetrainSettings", "Retrainer", "copy_model", "give_history"]
 
 #: Events a retrain emits (``RetrainEvent.kind``); ``detector`` is ``"retrain"``.
-EVENT_KINDS = ("retrain_started", "promoted", "rejected", "failed")
+EVENT_KINDS = ("retrain_started", "promoted", "rejected", "failed", "rolled_back", "confirmed")
 
 
 @dataclass(frozen=True)
@@ -236,6 +236,7 @@ class LaneRetrain:
         self.shadow: Shadow | None = None
         self.restart: StartJob | None = None
         self.last_ratio = float("nan")
+        self.probation = False  # the shadow holds the model a promotion replaced (see Retrainer._end_probation)
 
 
 class Retrainer:
@@ -333,6 +334,9 @@ class Retrainer:
 
     def _decide(self, engine: Any, lane: Any, st: LaneRetrain, when: datetime, events: list[DriftEvent]) -> None:
         shadow, st.shadow = st.shadow, None
+        if st.probation:
+            self._end_probation(engine, lane, st, shadow, when, events)
+            return
         st.in_flight = None
         decision = st.policy.gate(shadow.inc_err[0], shadow.cand_err[0])
         st.last_ratio = decision.ratio
@@ -349,10 +353,28 @@ class Retrainer:
         if st.settings.mode == "online" and "online" in model.get_params():
             model.online = lane.model.online  # gated: the promoted copy serves as the incumbent did
         rows = engine.live_rows()
+        previous = lane.model
         engine.promote(lane, model, rows, shadow.seed_residuals(rows))
         engine.metrics.retrains.labels(model=lane.name, outcome="promoted").inc()
         engine.metrics.model_version.labels(model=lane.name).set(st.policy.version_)
         events.append(self._event(lane.name, "promoted", when, decision.ratio, st, reason))
+        if st.policy.probation_steps:  # the replaced model keeps forecasting beside it, never emitted
+            st.shadow = Shadow([previous], [1.0], engine.config.horizon, engine.capacity, st.policy.probation_steps)
+            st.probation = True
+
+    def _end_probation(self, engine: Any, lane: Any, st: LaneRetrain, shadow: Shadow, when: datetime,
+                       events: list[DriftEvent]) -> None:
+        """A promotion's probation is over: roll back to the replaced model if it did clearly better since."""
+        st.probation = False
+        decision = st.policy.probation(shadow.inc_err[0], shadow.cand_err[0])
+        if isinstance(decision, Reject):
+            events.append(self._event(lane.name, "confirmed", when, decision.ratio, st, decision.reason))
+            return
+        rows = engine.live_rows()
+        engine.promote(lane, shadow.candidates[0], rows, shadow.seed_residuals(rows))
+        engine.metrics.retrains.labels(model=lane.name, outcome="rolled_back").inc()
+        engine.metrics.model_version.labels(model=lane.name).set(st.policy.version_)
+        events.append(self._event(lane.name, "rolled_back", when, decision.ratio, st, decision.reason))
 
     @staticmethod
     def _event(lane: str, kind: str, when: datetime, ratio: float, st: LaneRetrain, reason: str) -> RetrainEvent:
@@ -363,7 +385,7 @@ class Retrainer:
         for st in self.lanes.values():
             if st.shadow is not None or st.job is not None:
                 log.info("retrain restarted: %s", why)
-                st.restart, st.shadow, st.job = st.in_flight, None, None
+                st.restart, st.shadow, st.job, st.probation = st.in_flight, None, None, False
 
     def adopt(self, lane: str, version: int) -> None:
         """The lane took a newer model from another member's checkpoint: its version, and no job of its own on
@@ -371,6 +393,7 @@ class Retrainer:
         st = self.lanes[lane]
         st.policy.version_ = int(version)
         st.job = st.shadow = st.restart = st.in_flight = None
+        st.probation = False
 
     # -- state ------------------------------------------------------------------------------------------------
     def version(self, lane: str) -> int:
@@ -392,6 +415,7 @@ class Retrainer:
         st.policy.import_state(state["policy"])
         st.step = int(state["step"])
         st.job = st.shadow = None
+        st.probation = False  # the replaced model is not saved: a restart ends a probation, the promotion stands
         flight = state.get("in_flight")
         st.in_flight = None
         st.restart = StartJob(str(flight[0]), int(flight[1]), int(flight[2])) if flight else None

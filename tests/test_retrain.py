@@ -388,3 +388,35 @@ def test_a_crash_restores_the_ring_so_a_river_job_promotes_once():
     kinds = retrain_events(events + later)
     assert [k for k in kinds if k[0] == "promoted"] == [("promoted", 1)]
     assert restored.model_versions() == {"holt-winters": 1}
+
+
+def test_probation_rolls_back_a_promotion_that_turns_bad(reference):
+    """Fault injection: right after the promotion the promoted model's cycle table is corrupted (as a model that
+    diverges after its shadow would be); the probation must hand the lane back to the model it replaced."""
+    import torch
+
+    promoted = next(e for e in reference[1] if e.detector == "retrain" and e.kind == "promoted")
+    at = round((promoted.detected_at.timestamp() * 1e9 - T0) / HOUR)
+    values = phase_shifted()
+    engine = Engine.from_config(config(probation_steps=48, cooldown=10_000))
+    replaced = engine.lanes[0].model
+    events, _ = feed(engine, values, 0, at + 1, chunk=1)
+    assert retrain_events(events)[-1] == ("promoted", 1)
+    with torch.no_grad():
+        engine.lanes[0].model.net_.cycle_table += 5.0
+    later, _ = feed(engine, values, at + 1)
+    kinds = retrain_events(events + later)
+    assert ("rolled_back", 2) in kinds
+    rolled = next(e for e in later if e.detector == "retrain" and e.kind == "rolled_back")
+    assert rolled.statistic <= 0.98 and "rolled back" in rolled.reason
+    assert engine.lanes[0].model is replaced and engine.model_versions() == {"cyclenet": 2}
+    m = engine.metrics.registry.get_sample_value
+    assert m("tidecast_retrains_total", {"model": "cyclenet", "outcome": "rolled_back"}) == 1
+
+
+def test_probation_confirms_a_promotion_that_keeps_winning(reference):
+    engine = Engine.from_config(config(probation_steps=48, cooldown=10_000))
+    events, _ = feed(engine, phase_shifted())
+    kinds = [k for k, _ in retrain_events(events)]
+    assert "promoted" in kinds and "confirmed" in kinds and "rolled_back" not in kinds
+    assert engine.model_versions() == {"cyclenet": 1}
