@@ -16,6 +16,8 @@ The rule, in plain words:
   (prequential: only forecasts whose targets arrived). It is promoted only if its squared error over them is
   lower by ``margin`` (ratio <= 1 - margin) *and* the share of series whose own error it makes worse by more than
   ``flip_margin`` ("negative flips") is at most ``flip_budget``; otherwise it is rejected, with the reason.
+* **Probation** (optional). For ``probation_steps`` more matured steps the replaced model is scored beside the
+  promoted one; if it does better by ``margin`` the lane rolls back to it (:meth:`RetrainPolicy.probation`).
 
 >>> import numpy as np
 >>> policy = RetrainPolicy(min_fresh=10, cooldown=50)

@@ -20,6 +20,10 @@ The policy (:class:`tidecast.monitors.retrain.RetrainPolicy`) decides; this modu
 * **Promotion.** The candidate becomes the lane's model; the calibrator is seeded from the candidate's shadow
   residuals (``Calibrator.seed``) and the lane's watchers are reset (their references were the old model's).
   Forecasts already issued by the incumbent mature and are scored as issued.
+* **Probation** (``probation_steps`` > 0; off by default). The replaced model stays in a shadow of its own beside
+  the promoted one; when it ends, :meth:`~tidecast.monitors.retrain.RetrainPolicy.probation` rolls the lane back to
+  it (promoted again, with its probation residuals) or confirms the promotion. No job starts meanwhile; a restart
+  drops a probation.
 * **State.** The policy's state, the model version and a job in flight ride in the lane's shared state
   (:meth:`Retrainer.export_state`); a job or shadow interrupted by a crash restarts from the saved histories
   after a restore. The version only moves at a gate, so a restart cannot promote twice.
