@@ -303,10 +303,11 @@ class PerSeries(BatchForecaster):
         A fresh forecaster from the factory learns them in order, once: a one-series online learner must see the
         series as one sequence, so a second pass (``epochs``) would show it jumping back in time, and the other
         keywords (a torch model's learning rates) mean nothing here. The rebuild re-runs the model's own warm-up
-        on the recent values (:class:`Standardised`: cycle length and standardisation from them), which is what
-        repairs a forecaster after a change of level or scale. Where ``recent`` values are fewer than that warm-up
-        needs, the rebuild takes every value the row holds; a row still not ready keeps the forecaster it had.
-        Needs ``history > 0``."""
+        on the recent values (:class:`Standardised`: cycle length and standardisation from them), what can repair
+        a forecaster whose fixed standardisation no longer fits the series (``bench/retrain_river.py`` measures
+        whether it pays: not for Holt-Winters, not reliably for SNARIMAX). Where ``recent`` values are fewer than
+        that warm-up needs, the rebuild takes every value the row holds; a row still not ready keeps the forecaster
+        it had. Needs ``history > 0``."""
         if self.history_ is None:
             raise ValueError(f"{self.name} keeps no history (history=0): nothing to refit on")
         rows = np.flatnonzero(self.history_.count(np.arange(len(self.models_))) > 0)
