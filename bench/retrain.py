@@ -127,7 +127,6 @@ def streams(group: Group, seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]
 
 def run_policy(values: np.ndarray, cycle: int, spec: dict[str, Any]) -> dict[str, Any]:
     """Feed the streams through one engine; return forecasts (rows, T + H + 1, H) with intervals, events, cost."""
-    n, T = values.shape
     params = {"cyclenet": dict(CYCLENET, cycle=cycle, **spec["model"])}
     retrain = spec.get("retrain")
     cfg = EngineConfig(horizon=H, models=["cyclenet"], freq="1h", model_params=params,
@@ -145,6 +144,15 @@ def run_policy(values: np.ndarray, cycle: int, spec: dict[str, Any]) -> dict[str
             replay_seconds[0] += time.perf_counter() - began
 
         model._replay_step = timed
+    run = feed_streams(engine, values)
+    seconds = engine.metrics.registry.get_sample_value("tidecast_retrain_seconds_sum") or 0.0
+    return {**run, "train_seconds": seconds + replay_seconds[0]}
+
+
+def feed_streams(engine: Engine, values: np.ndarray) -> dict[str, Any]:
+    """Feed each row of ``values`` (one stream, hourly from ``EPOCH_NS``) through ``engine`` a day at a time; its
+    forecasts (rows, T + H + 1, H) with intervals, the retrain events and the wall seconds."""
+    n, T = values.shape
     ids = np.array([f"s{i}" for i in range(n)], dtype=object)
     row_of = {s: i for i, s in enumerate(ids)}
     mean = np.full((n, T + H + 1, H), np.nan)
@@ -164,9 +172,7 @@ def run_policy(values: np.ndarray, cycle: int, spec: dict[str, Any]) -> dict[str
             r = np.array([row_of[s] for s in out.series_id])
             target, h = (out.target_ns - EPOCH_NS) // step_ns, out.h - 1
             mean[r, target, h], lower[r, target, h], upper[r, target, h] = out.mean, out.lower, out.upper
-    seconds = engine.metrics.registry.get_sample_value("tidecast_retrain_seconds_sum") or 0.0
-    return {"mean": mean, "lower": lower, "upper": upper, "events": events,
-            "train_seconds": seconds + replay_seconds[0], "wall": time.perf_counter() - began}
+    return {"mean": mean, "lower": lower, "upper": upper, "events": events, "wall": time.perf_counter() - began}
 
 
 def score_a(values: np.ndarray, ats: np.ndarray, cycle: int, runs: dict[str, dict]) -> dict[str, dict]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,66 +26,38 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from drift import EPOCH_NS, etth2, synthetic  # noqa: E402
-from retrain import DRIFT_TRIGGERED, WARM_START, H, streams  # noqa: E402
+from drift import etth2, synthetic  # noqa: E402
+from retrain import DRIFT_TRIGGERED, WARM_START, H, feed_streams, score_a, streams  # noqa: E402
 
-from tidecast.stream.batch import ObservationBatch  # noqa: E402
 from tidecast.stream.config import EngineConfig  # noqa: E402
 from tidecast.stream.engine import Engine  # noqa: E402
-
-HOUR_NS = 3_600 * 10**9
 
 
 def run_lane(model: str, values: np.ndarray, cycle: int, retrain: dict[str, Any] | None) -> dict[str, Any]:
     """Feed the streams through one ``model`` lane (retrain settings ``retrain``, ``None``: off); forecasts
     (rows, T + H + 1, H), retrain events, costs."""
-    n, T = values.shape
     cfg = EngineConfig(horizon=H, models=[model], freq="1h", model_params={model: {"period": cycle}},
                        retrain="on" if retrain else "off", retrain_params=retrain or {})
     engine = Engine.from_config(cfg)
-    ids = np.array([f"s{i}" for i in range(n)], dtype=object)
-    row_of = {s: i for i, s in enumerate(ids)}
-    mean = np.full((n, T + H + 1, H), np.nan)
-    events = []
-    began = time.perf_counter()
-    for lo in range(0, T, 24):
-        ticks = np.arange(lo, min(lo + 24, T))
-        batch = ObservationBatch(np.tile(ids, ticks.size), EPOCH_NS + np.repeat(ticks, n) * HOUR_NS,
-                                 values[:, ticks].T.reshape(-1))
-        result = engine.process(batch)
-        engine.maintenance()
-        events += [e for e in result.events if e.detector == "retrain"]
-        out = result.forecasts
-        if len(out):
-            rows = np.array([row_of[s] for s in out.series_id])
-            mean[rows, (out.target_ns - EPOCH_NS) // HOUR_NS, out.h - 1] = out.mean
+    run = feed_streams(engine, values)
     ring = getattr(engine.lanes[0].model, "history_", None)
-    return {"mean": mean, "events": events, "wall": time.perf_counter() - began,
-            "job_seconds": engine.metrics.registry.get_sample_value("tidecast_retrain_seconds_sum") or 0.0,
+    return {**run, "train_seconds": engine.metrics.registry.get_sample_value("tidecast_retrain_seconds_sum") or 0.0,
             "ring_bytes_per_series": ring.bytes_per_row if ring is not None else 0}
 
 
 def score(values: np.ndarray, ats: np.ndarray, cycle: int, plain: dict, retrained: dict) -> dict[str, Any]:
-    n, T = values.shape
-    y = np.concatenate([values, np.full((n, H + 1), np.nan)], axis=1)[:, :, None]
-    scale = np.array([np.std(values[i, WARM_START : ats[i]]) for i in range(n)])
-    err_plain, err_re = np.abs(plain["mean"] - y), np.abs(retrained["mean"] - y)
-    mse_plain, mse_re, ratios = [], [], []
-    for i in range(n):
-        ok = np.isfinite(err_plain[i]) & np.isfinite(err_re[i])
-        ok[:WARM_START] = False
-        mse_plain.append(np.mean((err_plain[i][ok] / scale[i]) ** 2))
-        mse_re.append(np.mean((err_re[i][ok] / scale[i]) ** 2))
-        post = np.zeros(T + H + 1, bool)
-        post[ats[i] + 2 * cycle : min(ats[i] + 10 * cycle, T)] = True
-        cells = ok & post[:, None]
-        ratios.append(err_re[i][cells].sum() / err_plain[i][cells].sum())
+    """``bench/retrain.py``'s scores, the lane without retraining in static's place, from step 2,000 as there (a
+    river lane forecasts from the end of its warm-up on, CycleNet from its warm start at 2,000)."""
+    for run in (plain, retrained):
+        run["mean"][:, :WARM_START] = np.nan
+    scored = score_a(values, ats, cycle, {"static": plain, "drift-triggered": retrained})
     kinds = [e.kind for e in retrained["events"]]
-    return {"n": n, "mse_without": float(np.mean(mse_plain)), "mse_drift_triggered": float(np.mean(mse_re)),
-            "post_change_mae_ratio": float(np.mean(ratios)), "promoted": kinds.count("promoted"),
-            "rejected": kinds.count("rejected"), "failed": kinds.count("failed"),
+    return {"n": len(values), "mse_without": scored["static"]["mse"],
+            "mse_drift_triggered": scored["drift-triggered"]["mse"],
+            "post_change_mae_ratio": scored["drift-triggered"]["post_change_mae_ratio"],
+            "promoted": kinds.count("promoted"), "rejected": kinds.count("rejected"), "failed": kinds.count("failed"),
             "rolled_back": kinds.count("rolled_back"),
-            "job_seconds": round(retrained["job_seconds"], 2), "wall_seconds": round(retrained["wall"], 1),
+            "job_seconds": scored["drift-triggered"]["train_seconds"], "wall_seconds": round(retrained["wall"], 1),
             "ring_bytes_per_series": retrained["ring_bytes_per_series"]}
 
 
