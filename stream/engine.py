@@ -298,7 +298,7 @@ class Engine:
             ))
         retrainer = None
         if retrain is not None:
-            retrainer = Retrainer({alias: retrain_settings(config.retrain_params) for alias, _ in config.lanes})
+            retrainer = Retrainer({alias: retrain for alias, _ in config.lanes})  # each lane clones the policy
         return cls(config, lanes, metrics, retrainer)
 
     # -- series table -----------------------------------------------------------------------------

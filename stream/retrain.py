@@ -356,12 +356,8 @@ class Retrainer:
         model = shadow.candidates[0]
         if st.settings.mode == "online" and "online" in model.get_params():
             model.online = lane.model.online  # gated: the promoted copy serves as the incumbent did
-        rows = engine.live_rows()
         previous = lane.model
-        engine.promote(lane, model, rows, shadow.seed_residuals(rows))
-        engine.metrics.retrains.labels(model=lane.name, outcome="promoted").inc()
-        engine.metrics.model_version.labels(model=lane.name).set(st.policy.version_)
-        events.append(self._event(lane.name, "promoted", when, decision.ratio, st, reason))
+        self._serve(engine, lane, st, model, shadow, "promoted", when, decision.ratio, reason, events)
         if st.policy.probation_steps:  # the replaced model keeps forecasting beside it, never emitted
             st.shadow = Shadow([previous], [1.0], engine.config.horizon, engine.capacity, st.policy.probation_steps)
             st.probation = True
@@ -374,11 +370,18 @@ class Retrainer:
         if isinstance(decision, Reject):
             events.append(self._event(lane.name, "confirmed", when, decision.ratio, st, decision.reason))
             return
+        self._serve(engine, lane, st, shadow.candidates[0], shadow, "rolled_back", when, decision.ratio,
+                    decision.reason, events)
+
+    def _serve(self, engine: Any, lane: Any, st: LaneRetrain, model: BatchForecaster, shadow: Shadow, outcome: str,
+               when: datetime, ratio: float, reason: str, events: list[DriftEvent]) -> None:
+        """``model`` (a promoted candidate, or the model a probation rolls back to) serves the lane from now on, its
+        calibrators seeded from its residuals in ``shadow``; counted and reported as ``outcome``."""
         rows = engine.live_rows()
-        engine.promote(lane, shadow.candidates[0], rows, shadow.seed_residuals(rows))
-        engine.metrics.retrains.labels(model=lane.name, outcome="rolled_back").inc()
+        engine.promote(lane, model, rows, shadow.seed_residuals(rows))
+        engine.metrics.retrains.labels(model=lane.name, outcome=outcome).inc()
         engine.metrics.model_version.labels(model=lane.name).set(st.policy.version_)
-        events.append(self._event(lane.name, "rolled_back", when, decision.ratio, st, decision.reason))
+        events.append(self._event(lane.name, outcome, when, ratio, st, reason))
 
     @staticmethod
     def _event(lane: str, kind: str, when: datetime, ratio: float, st: LaneRetrain, reason: str) -> RetrainEvent:
