@@ -232,10 +232,28 @@ class _Events:
             "value": np.array(self.value, np.float64), "real": np.array(self.real, bool),
             "reset": np.array(self.reset, bool), "t_ns": np.array(self.t_ns, np.int64),
         }
-        rank = np.array(self.rank, np.int64)
-        order = np.argsort(rank, kind="stable")
-        bounds = np.flatnonzero(np.diff(rank[order])) + 1
-        return [{k: v[idx] for k, v in cols.items()} for idx in np.split(order, bounds)]
+        return _cut_rounds(cols, np.array(self.rank, np.int64))
+
+
+class _Placed:
+    """The events of a batch placed in one go by :meth:`Engine._place_all` (columns, already arrays)."""
+
+    __slots__ = ("cols", "rank")
+
+    def __init__(self, cols: dict[str, np.ndarray], rank: np.ndarray) -> None:
+        self.cols, self.rank = cols, rank
+
+    def rounds(self) -> list[dict[str, np.ndarray]]:
+        return _cut_rounds(self.cols, self.rank)
+
+
+def _cut_rounds(cols: dict[str, np.ndarray], rank: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """Round k holds every series' k-th event of the batch, in arrival order."""
+    if len(rank) and not rank.any():  # one event per series: the common case, no sort
+        return [cols]
+    order = np.argsort(rank, kind="stable")
+    bounds = np.flatnonzero(np.diff(rank[order])) + 1
+    return [{k: v[idx] for k, v in cols.items()} for idx in np.split(order, bounds)]
 
 
 class Engine:
@@ -356,7 +374,7 @@ class Engine:
     def _no_forecasts(self) -> ForecastBatch:
         return ForecastBatch.empty(self.config.alpha, self._levels)
 
-    def _run(self, events: _Events, result: EngineResult, started: float) -> EngineResult:
+    def _run(self, events: _Events | _Placed, result: EngineResult, started: float) -> EngineResult:
         outputs: list[tuple] = []
         actuals: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for rnd in events.rounds():
@@ -367,8 +385,11 @@ class Engine:
         self._observe(result)
         return result
 
-    def _sequence(self, batch: ObservationBatch, result: EngineResult) -> _Events:
+    def _sequence(self, batch: ObservationBatch, result: EngineResult) -> _Events | _Placed:
         """Check values and order, assign ticks, expand gaps: per-series event lists for this batch."""
+        placed_all = self._place_all(batch, result)
+        if placed_all is not None:
+            return placed_all
         events = _Events()
         rank: dict[int, int] = {}
         slot_of = self._slot_of
@@ -421,6 +442,45 @@ class Engine:
             slots, rows = np.array(list(kept), np.int64), np.array(list(kept.values()), np.int64)
             s["applied_partition"][slots], s["applied_offset"][slots] = batch.partitions[rows], batch.offsets[rows]
         return events
+
+    def _place_all(self, batch: ObservationBatch, result: EngineResult) -> _Placed | None:
+        """The steady state in array operations: every record in range, of a known series on a known grid, the
+        next tick of its series (no gap, duplicate or disorder). ``None`` (nothing changed) when any record is
+        not, and :meth:`_sequence` takes the batch one record at a time; both give the same state and events."""
+        n = len(batch)
+        if n == 0 or out_of_range(batch.values, self.config.max_abs_value).any():
+            return None
+        get = self._slot_of.get
+        found = [get(sid) for sid in batch.series_ids.tolist()]
+        if None in found:
+            return None
+        s = self.series_
+        slots = np.array(found, np.int64)
+        step = s["step_ns"][slots]
+        last = s["last_tick"][slots]
+        if not step.all() or (last == _NO_TICK).any():
+            return None
+        t = batch.timestamps_ns
+        tick = (t - s["anchor_ns"][slots] + step // 2) // step
+        order = np.argsort(slots, kind="stable")  # each series' records together, in arrival order
+        by_series, tick_sorted = slots[order], tick[order]
+        first = np.ones(n, bool)
+        first[1:] = by_series[1:] != by_series[:-1]
+        previous = np.where(first, last[order], np.roll(tick_sorted, 1))
+        if (tick_sorted - previous != 1).any():
+            return None
+        starts = np.flatnonzero(first)
+        rank = np.empty(n, np.int64)
+        rank[order] = np.arange(n) - np.repeat(starts, np.diff(np.append(starts, n)))
+        ends = order[np.append(starts[1:], n) - 1]  # each series' last record in the batch
+        u = slots[ends]
+        s["last_tick"][u], s["last_value"][u], s["last_t"][u] = tick[ends], batch.values[ends], t[ends]
+        s["applied_partition"][u], s["applied_offset"][u] = batch.partitions[ends], batch.offsets[ends]
+        np.add.at(s["n_applied"], slots, 1)
+        result.n_applied += n
+        cols = {"slot": slots, "tick": tick, "value": batch.values.copy(), "real": np.ones(n, bool),
+                "reset": np.zeros(n, bool), "t_ns": t.copy()}  # copies: lanes may keep what a round hands them
+        return _Placed(cols, rank)
 
     def _hold(self, slot: int, t: int, v: float) -> str | None:
         """Keep a row of a series whose step is unknown; ``"duplicate"``/``"out_of_order"`` if it cannot be."""

@@ -295,3 +295,54 @@ def test_learn_many_is_told_which_values_were_filled():
     ticks = [t[0] - model.calls[0][0][0] for t, _ in model.calls]
     assert ticks == [0, 1, 2, 3, 4]
     assert [flags for _, flags in model.calls] == [[False], [False], [True], [True], [False]]
+
+
+def _steady_stream(seed, n_series=5, n_ticks=60):
+    """Interleaved hourly series in arrival order, with a few gaps, duplicates and late records mixed in."""
+    rng = np.random.default_rng(seed)
+    ids, ticks, values = [], [], []
+    for t in range(n_ticks):
+        for k in rng.permutation(n_series):
+            if rng.random() < 0.03:  # a missing hour (a gap to fill)
+                continue
+            ids.append(f"s{k}")
+            ticks.append(t)
+            values.append(10 * k + np.sin(2 * np.pi * t / 6) + rng.normal())
+            fault = rng.random()
+            if fault < 0.02:  # the same record again
+                ids.append(f"s{k}"), ticks.append(t), values.append(values[-1])
+            elif fault < 0.04 and t > 2:  # a late one
+                ids.append(f"s{k}"), ticks.append(t - 2), values.append(0.0)
+    return ids, np.array(ticks, np.int64), np.array(values)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_array_path_and_the_record_path_give_the_same_state(seed, monkeypatch):
+    ids, ticks, values = _steady_stream(seed)
+    fast, slow = _engine(), _engine()
+    monkeypatch.setattr(slow, "_place_all", lambda batch, result: None)
+    taken = []  # per batch: did the array path take it?
+    place_all = fast._place_all
+
+    def counted(part, result):
+        out = place_all(part, result)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(fast, "_place_all", counted)
+    rng = np.random.default_rng(seed)
+    start = 0
+    while start < len(ids):
+        stop = min(len(ids), start + int(rng.integers(1, 12)))
+        part = batch(ids[start:stop], ticks[start:stop], values[start:stop])
+        a, b = fast.process(part), slow.process(part)
+        pd.testing.assert_frame_equal(a.forecasts.to_frame(), b.forecasts.to_frame())
+        assert (a.n_applied, a.n_duplicates, a.n_gap_filled, len(a.rejections)) == (
+            b.n_applied, b.n_duplicates, b.n_gap_filled, len(b.rejections))
+        start = stop
+    assert any(taken) and not all(taken)  # both paths ran on this stream
+    assert fast.summary() == slow.summary()
+    (meta_a, arrays_a), (meta_b, arrays_b) = fast.export_series(fast.series_ids), slow.export_series(slow.series_ids)
+    assert meta_a == meta_b and arrays_a.keys() == arrays_b.keys()
+    for key in arrays_a:
+        np.testing.assert_array_equal(arrays_a[key], arrays_b[key], err_msg=key)
