@@ -70,10 +70,53 @@ def test_seeding_one_step_cells_is_exactly_having_seen_the_residuals(name, param
     seeded.seed(rows, r[None, :300])
     for t in range(300):
         live.update(rows, r[t : t + 1], ok)
+    if name == "conformal-pid" and params.get("scorecaster", "ar") is not None:
+        # The seeds were scored by a scorecaster fitted on them: the seeded scale is widened by the in-sample ->
+        # out-of-sample factor sqrt((m + k) / (m - k)), k = 2 (slope, intercept), m = 299 pairs, at most the
+        # 1 / (1 - forget) = 200 the fit remembers.
+        m = 1.0 / (1.0 - 0.995)
+        live.state_[live._layout["scale"][0].start, rows] *= np.sqrt((m + 2) / (m - 2))
     for t in range(300, 400):
         np.testing.assert_array_equal(seeded.interval(rows, np.zeros((1, 1))), live.interval(rows, np.zeros((1, 1))))
         for cal in (live, seeded):
             cal.update(rows, r[t : t + 1], ok)
+
+
+def _coverage_after_short_seeds(cal, n_rows=400, horizon=24, n_seed=96, n_after=48):
+    """Coverage of the intervals issued over ``n_after`` steps after seeding ``n_rows`` rows with ``n_seed`` steps
+    of h-step residuals of an AR(0.8) process (each scored when it matures, h steps after its interval)."""
+    rng = np.random.default_rng(0)
+    T = n_seed + n_after + horizon
+    e = np.zeros((n_rows, T + horizon))
+    for t in range(1, T + horizon):
+        e[:, t] = 0.8 * e[:, t - 1] + rng.normal(size=n_rows)
+    r = np.stack([e[:, horizon:] - 0.8 ** (h + 1) * e[:, horizon - h - 1: horizon - h - 1 + T]
+                  for h in range(horizon)], axis=2)
+    rows = np.arange(n_rows)
+    cal.seed(rows, r[:, :n_seed])
+    issued, covered = [], []
+    for t in range(n_after + horizon):
+        lo, hi = cal.interval(rows, np.zeros((n_rows, horizon)))
+        issued.append((lo.reshape(n_rows, horizon), hi.reshape(n_rows, horizon)))
+        res = r[:, n_seed + t]
+        cal.update(rows, res, np.broadcast_to(np.arange(1, horizon + 1) <= t, (n_rows, horizon)).copy())
+        for h in range(1, horizon + 1):
+            if 0 <= t - h < n_after:
+                lo_h, hi_h = issued[t - h]
+                covered.append((lo_h[:, h - 1] <= res[:, h - 1]) & (res[:, h - 1] <= hi_h[:, h - 1]))
+    return float(np.mean(covered))
+
+
+def test_a_pid_seeded_from_few_residuals_widens_for_its_in_sample_scorecaster(monkeypatch):
+    """96 seeds (a promoted model's shadow window) scored by a scorecaster fitted on them look better than live
+    residuals will: without the out-of-sample factor the intervals that follow cover below target."""
+    corrected = _coverage_after_short_seeds(make_calibrator("conformal-pid", horizon=24, alpha=0.1))
+    plain = make_calibrator("conformal-pid", horizon=24, alpha=0.1)
+    monkeypatch.setattr(plain, "_out_of_sample_factor", lambda pairs: 1.0)
+    uncorrected = _coverage_after_short_seeds(plain)
+    assert uncorrected < corrected
+    assert abs(corrected - 0.9) < abs(uncorrected - 0.9)
+    assert abs(corrected - 0.9) < 0.015
 
 
 def test_a_seeded_pid_cell_scores_its_first_live_residual_against_the_interval_it_issued():
