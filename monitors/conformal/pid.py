@@ -41,8 +41,8 @@ whole residual, not its unpredictable part, would inflate it: ETTh1-like panels 
 steps that way). So the first live residual is scored against the interval actually issued for it and the
 ring stays aligned, as in a cell that has run live all along. The second pass scores the seeds with a scorecaster
 fitted on them, whose errors there are smaller than its live ones will be; the seeded scale is widened by the
-least-squares in-sample to out-of-sample factor (``_out_of_sample_factor``: 2-4 % for 96 seeds at H = 24, nothing to speak
-of for long ones). Without it a promoted model's 96 shadow residuals under-covered (bench/retrain.py --dev, the
+least-squares in-sample to out-of-sample factor (``_out_of_sample_factor``: 2-4 % for 96 seeds at H = 24, next
+to nothing for long ones). Without it a promoted model's 96 shadow residuals under-covered (bench/retrain.py --dev, the
 two cycles after a promotion: 0.866 against 0.876 with it).
 
 >>> import numpy as np
