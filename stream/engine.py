@@ -741,13 +741,14 @@ class Engine:
         return self._cap
 
     def promote(self, lane: Lane, model: BatchForecaster, rows: np.ndarray, residuals: np.ndarray) -> None:
-        """``model`` replaces the lane's: calibrators seeded from its shadow residuals ``(rows, T, H)``, the lane's
-        watchers started afresh (their references were the old model's)."""
+        """``model`` replaces the lane's: calibrators re-seeded from its shadow residuals ``(rows, T, H)`` (same
+        series, new model: ``Calibrator.reseed``), the lane's watchers started afresh (their references were the
+        old model's)."""
         model.resize(self._cap)
         lane.model = model
-        seed = getattr(lane.calibrator, "seed", None)
-        if seed is not None and residuals.shape[1] and rows.size:
-            seed(rows, residuals)
+        reseed = getattr(lane.calibrator, "reseed", None)
+        if reseed is not None and residuals.shape[1] and rows.size:
+            reseed(rows, residuals)
             pool = getattr(lane, "pool", None)  # a lane pool for young cells restarts with them
             if pool is not None:
                 pool.restart(rows)

@@ -76,6 +76,7 @@ def test_seeding_one_step_cells_is_exactly_having_seen_the_residuals(name, param
         # 1 / (1 - forget) = 200 the fit remembers.
         m = 1.0 / (1.0 - 0.995)
         live.state_[live._layout["scale"][0].start, rows] *= np.sqrt((m + 2) / (m - 2))
+        live._refresh_offsets(rows)
     for t in range(300, 400):
         np.testing.assert_array_equal(seeded.interval(rows, np.zeros((1, 1))), live.interval(rows, np.zeros((1, 1))))
         for cal in (live, seeded):
@@ -117,6 +118,41 @@ def test_a_pid_seeded_from_few_residuals_widens_for_its_in_sample_scorecaster(mo
     assert uncorrected < corrected
     assert abs(corrected - 0.9) < abs(uncorrected - 0.9)
     assert abs(corrected - 0.9) < 0.015
+
+
+def test_a_reseeded_pid_takes_scale_from_the_new_residuals_and_keeps_part_of_its_thresholds():
+    """A promotion re-seeds the lane's calibrator from the new model's shadow residuals: scale and scorecaster from
+    them, thresholds ``p`` a ``reseed_keep`` mean with the cell's own; a cell that had learned nothing is seeded."""
+    horizon, rows = 3, np.array([0, 1])
+    old, new = ar_residuals(600, horizon, seed=1), ar_residuals(96, horizon, seed=2, scale=3.0)
+    cal = make_calibrator("conformal-pid", horizon=horizon, alpha=0.1)
+    cal.seed(rows[:1], old[None])  # row 0 has a life behind it, row 1 has learned nothing
+    p_field = cal._layout["p"][0]
+    p_before = cal.state_[p_field, 0].copy()
+    only_new = make_calibrator("conformal-pid", horizon=horizon, alpha=0.1)
+    only_new.seed(rows, np.stack([new, new]))
+    cal.reseed(rows, np.stack([new, new]))
+    keep = cal.reseed_keep
+    assert 0 < keep < 1
+    np.testing.assert_allclose(cal.state_[p_field, 0], (1 - keep) * only_new.state_[p_field, 0] + keep * p_before)
+    np.testing.assert_array_equal(cal.state_[p_field, 1], only_new.state_[p_field, 1])
+    scale = cal._layout["scale"][0].start
+    np.testing.assert_array_equal(cal.state_[scale, rows], only_new.state_[scale, rows])
+    assert (cal.state_[scale, 0] > 2 * make_scale(old, horizon)).all()  # the new model's errors set the size
+    lo, hi = cal.interval(rows, np.zeros((2, horizon)))  # what is issued is what the state says
+    centre = cal.offsets_[rows][..., 0]
+    p_now = cal.state_[p_field, rows]  # (K, n, H): upper, lower
+    np.testing.assert_allclose(hi, centre + p_now[0] * cal.state_[scale, rows], rtol=1e-12)
+    np.testing.assert_allclose(lo, centre - p_now[1] * cal.state_[scale, rows], rtol=1e-12)
+    lo_new, hi_new = only_new.interval(rows[1:], np.zeros((1, horizon)))
+    np.testing.assert_array_equal(lo[1:], lo_new)
+    np.testing.assert_array_equal(hi[1:], hi_new)
+
+
+def make_scale(residuals: np.ndarray, horizon: int) -> np.ndarray:
+    cal = make_calibrator("conformal-pid", horizon=horizon, alpha=0.1)
+    cal.seed(np.array([0]), residuals[None])
+    return cal.state_[cal._layout["scale"][0].start, 0]
 
 
 def test_a_seeded_pid_cell_scores_its_first_live_residual_against_the_interval_it_issued():

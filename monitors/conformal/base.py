@@ -107,6 +107,11 @@ class Calibrator(Params, ABC):
         self._replay(rows, r)
         self._after_seed(rows)
 
+    def reseed(self, rows: np.ndarray, residuals: np.ndarray) -> None:
+        """The same series under a new model (a retrain's promotion or rollback), from that model's residuals; a
+        calibrator may keep what does not depend on the model. The default: :meth:`seed`."""
+        self.seed(rows, residuals)
+
     def _seed_input(self, rows: np.ndarray, residuals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Checked ``(rows, residuals)``, residuals cut or padded (NaN) to ``horizon`` columns; rows fit the table."""
         rows = np.asarray(rows, dtype=np.intp)
