@@ -46,7 +46,10 @@ epoch, so ``tick % W`` is a phase taken from the clock. Then:
 * timestamps off the grid snap to the nearest tick.
 
 Many series are processed together: a batch is split into *rounds*, round k holding the k-th event of every
-series in the batch, and each round makes one vectorised call per model and per calibrator.
+series in the batch, and each round makes one vectorised call per model and per calibrator. Placing records on
+their grids is a Python loop over records only where a rule above applies: a batch whose every record is the next
+tick of a known series (the steady state of a live stream) is placed with array operations (``_place_all``),
+with the same state and events.
 """
 
 from __future__ import annotations
