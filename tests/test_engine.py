@@ -166,8 +166,8 @@ def _stream(n_series=3, n=120, seed=0):
     return [np.array(x, dtype=object if i == 0 else None)[order] for i, x in enumerate((ids, ticks, values))]
 
 
-def _engine(models=("seasonal-naive",)):
-    cfg = EngineConfig(horizon=4, models=list(models), freq="1h",
+def _engine(models=("seasonal-naive",), freq="1h"):
+    cfg = EngineConfig(horizon=4, models=list(models), freq=freq,
                        model_params={m: {"period": 6, "warmup": 20} if m != "seasonal-naive" else {"period": 6}
                                      for m in models})
     return Engine.from_config(cfg)
@@ -316,10 +316,11 @@ def _steady_stream(seed, n_series=5, n_ticks=60):
     return ids, np.array(ticks, np.int64), np.array(values)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_the_array_path_and_the_record_path_give_the_same_state(seed, monkeypatch):
+@pytest.mark.parametrize("seed, freq", [(0, "1h"), (1, "1h"), (2, None), (3, None)])
+def test_the_array_path_and_the_record_path_give_the_same_state(seed, freq, monkeypatch):
+    """``freq=None``: each series' step is inferred from its first rows, held meanwhile (the record path)."""
     ids, ticks, values = _steady_stream(seed)
-    fast, slow = _engine(), _engine()
+    fast, slow = _engine(freq=freq), _engine(freq=freq)
     monkeypatch.setattr(slow, "_place_all", lambda batch, result: None)
     taken = []  # per batch: did the array path take it?
     place_all = fast._place_all
