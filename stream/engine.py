@@ -48,8 +48,8 @@ epoch, so ``tick % W`` is a phase taken from the clock. Then:
 Many series are processed together: a batch is split into *rounds*, round k holding the k-th event of every
 series in the batch, and each round makes one vectorised call per model and per calibrator. Placing records on
 their grids is a Python loop over records only where a rule above applies: a batch whose every record is the next
-tick of a known series (the steady state of a live stream) is placed with array operations (``_place_all``),
-with the same state and events.
+tick of a known series (the steady state of a live stream) is placed with array operations (``_place_steady``),
+with the same state and events; so are the steady series of any other batch.
 """
 
 from __future__ import annotations
@@ -230,16 +230,20 @@ class _Events:
     def rounds(self) -> list[dict[str, np.ndarray]]:
         if not self.slot:
             return []
+        return _cut_rounds(*self.columns())
+
+    def columns(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
         cols = {
             "slot": np.array(self.slot, np.int64), "tick": np.array(self.tick, np.int64),
             "value": np.array(self.value, np.float64), "real": np.array(self.real, bool),
             "reset": np.array(self.reset, bool), "t_ns": np.array(self.t_ns, np.int64),
         }
-        return _cut_rounds(cols, np.array(self.rank, np.int64))
+        return cols, np.array(self.rank, np.int64)
 
 
 class _Placed:
-    """The events of a batch placed in one go by :meth:`Engine._place_all` (columns, already arrays)."""
+    """The events of a batch's steady series, placed in one go by :meth:`Engine._place_steady` (columns, already
+    arrays)."""
 
     __slots__ = ("cols", "rank")
 
@@ -248,6 +252,14 @@ class _Placed:
 
     def rounds(self) -> list[dict[str, np.ndarray]]:
         return _cut_rounds(self.cols, self.rank)
+
+    def join(self, events: _Events) -> _Placed:
+        """These events and those placed one record at a time (other series: ranks stay per series)."""
+        if not events.slot:
+            return self
+        cols, rank = events.columns()
+        joined = {k: np.concatenate([v, cols[k]]) for k, v in self.cols.items()}
+        return _Placed(joined, np.concatenate([self.rank, rank]))
 
 
 def _cut_rounds(cols: dict[str, np.ndarray], rank: np.ndarray) -> list[dict[str, np.ndarray]]:
@@ -390,10 +402,12 @@ class Engine:
         return result
 
     def _sequence(self, batch: ObservationBatch, result: EngineResult) -> _Events | _Placed:
-        """Check values and order, assign ticks, expand gaps: per-series event lists for this batch."""
-        placed_all = self._place_all(batch, result)
-        if placed_all is not None:
-            return placed_all
+        """Check values and order, assign ticks, expand gaps: per-series event lists for this batch. Series in
+        the steady state are placed with array operations (:meth:`_place_steady`), the others one record at a
+        time here; series are independent, so both give the same state and events."""
+        steady, rest = self._place_steady(batch, result)
+        if not rest.size:  # an empty batch has neither
+            return steady if steady is not None else _Events()
         events = _Events()
         rank: dict[int, int] = {}
         slot_of = self._slot_of
@@ -403,8 +417,9 @@ class Engine:
         step_a = self.series_["step_ns"]
         kept: dict[int, int] = {}  # slot -> the last row its state now includes (applied or held)
         placed: list[int] = []  # slot of every row applied now
-        for i, (sid, t, v) in enumerate(zip(batch.series_ids, batch.timestamps_ns.tolist(),
-                                            batch.values.tolist(), strict=True)):
+        ids, stamps, values = batch.series_ids, batch.timestamps_ns, batch.values
+        for i in rest.tolist():
+            sid, t, v = ids[i], int(stamps[i]), float(values[i])
             if check_range and too_big[i]:
                 result.rejections.append(Rejection(i, "out_of_range", f"{sid!r}: |{v:.6g}| > max_abs_value "
                                                                       f"{limit:g}"))
@@ -445,46 +460,58 @@ class Engine:
         if kept:  # a restart resumes after the last row each series' state includes
             slots, rows = np.array(list(kept), np.int64), np.array(list(kept.values()), np.int64)
             s["applied_partition"][slots], s["applied_offset"][slots] = batch.partitions[rows], batch.offsets[rows]
-        return events
+        return events if steady is None else steady.join(events)
 
-    def _place_all(self, batch: ObservationBatch, result: EngineResult) -> _Placed | None:
-        """The steady state in array operations: every record in range, of a known series on a known grid, the
-        next tick of its series (no gap, duplicate or disorder). ``None`` (nothing changed) when any record is
-        not, and :meth:`_sequence` takes the batch one record at a time; both give the same state and events."""
+    def _place_steady(self, batch: ObservationBatch, result: EngineResult) -> tuple[_Placed | None, np.ndarray]:
+        """The steady state in array operations: the records of every series whose records in this batch are all
+        in range, on a known grid, each the next tick of its series (no gap, duplicate or disorder). Returns their
+        events (``None`` if there are none) and the indices of the other records, in arrival order, which
+        :meth:`_sequence` places one at a time (it changed nothing of theirs)."""
         n = len(batch)
-        if n == 0 or out_of_range(batch.values, self.config.max_abs_value).any():
-            return None
+        if n == 0:
+            return None, np.arange(0)
         get = self._slot_of.get
-        found = [get(sid) for sid in batch.series_ids.tolist()]
-        if None in found:
-            return None
+        slots = np.array([get(sid, -1) for sid in batch.series_ids.tolist()], np.int64)
+        known = slots >= 0
         s = self.series_
-        slots = np.array(found, np.int64)
-        step = s["step_ns"][slots]
-        last = s["last_tick"][slots]
-        if not step.all() or (last == _NO_TICK).any():
-            return None
+        at = np.where(known, slots, 0)  # unknown series read row 0 and are thrown out below
+        step, last = s["step_ns"][at], s["last_tick"][at]
+        fine = known & (step != 0) & (last != _NO_TICK) & ~out_of_range(batch.values, self.config.max_abs_value)
         t = batch.timestamps_ns
-        tick = (t - s["anchor_ns"][slots] + step // 2) // step
+        tick = (t - s["anchor_ns"][at] + np.where(fine, step, 2) // 2) // np.where(fine, step, 1)
         order = np.argsort(slots, kind="stable")  # each series' records together, in arrival order
         by_series, tick_sorted = slots[order], tick[order]
         first = np.ones(n, bool)
         first[1:] = by_series[1:] != by_series[:-1]
-        previous = np.where(first, last[order], np.roll(tick_sorted, 1))
-        if (tick_sorted - previous != 1).any():
-            return None
+        fine[order] &= tick_sorted - np.where(first, last[order], np.roll(tick_sorted, 1)) == 1
+        group = np.cumsum(first) - 1  # each sorted record's series, numbered
+        fine[order] = np.bincount(group, weights=~fine[order], minlength=group[-1] + 1)[group] == 0
+        if not fine.any():
+            return None, np.arange(n)
+        rest = np.flatnonzero(~fine)
+        if rest.size:  # keep the steady records only, in arrival order
+            keep = np.flatnonzero(fine)
+            slots, tick, t = slots[keep], tick[keep], t[keep]
+            values, partitions, offsets = batch.values[keep], batch.partitions[keep], batch.offsets[keep]
+            order = np.argsort(slots, kind="stable")
+            by_series = slots[order]
+            first = np.ones(keep.size, bool)
+            first[1:] = by_series[1:] != by_series[:-1]
+        else:
+            values, partitions, offsets = batch.values, batch.partitions, batch.offsets
+        m = slots.size
         starts = np.flatnonzero(first)
-        rank = np.empty(n, np.int64)
-        rank[order] = np.arange(n) - np.repeat(starts, np.diff(np.append(starts, n)))
-        ends = order[np.append(starts[1:], n) - 1]  # each series' last record in the batch
+        rank = np.empty(m, np.int64)
+        rank[order] = np.arange(m) - np.repeat(starts, np.diff(np.append(starts, m)))
+        ends = order[np.append(starts[1:], m) - 1]  # each series' last record in the batch
         u = slots[ends]
-        s["last_tick"][u], s["last_value"][u], s["last_t"][u] = tick[ends], batch.values[ends], t[ends]
-        s["applied_partition"][u], s["applied_offset"][u] = batch.partitions[ends], batch.offsets[ends]
+        s["last_tick"][u], s["last_value"][u], s["last_t"][u] = tick[ends], values[ends], t[ends]
+        s["applied_partition"][u], s["applied_offset"][u] = partitions[ends], offsets[ends]
         np.add.at(s["n_applied"], slots, 1)
-        result.n_applied += n
-        cols = {"slot": slots, "tick": tick, "value": batch.values.copy(), "real": np.ones(n, bool),
-                "reset": np.zeros(n, bool), "t_ns": t.copy()}  # copies: lanes may keep what a round hands them
-        return _Placed(cols, rank)
+        result.n_applied += m
+        cols = {"slot": slots, "tick": tick, "value": values.copy(), "real": np.ones(m, bool),
+                "reset": np.zeros(m, bool), "t_ns": t.copy()}  # copies: lanes may keep what a round hands them
+        return _Placed(cols, rank), rest
 
     def _hold(self, slot: int, t: int, v: float) -> str | None:
         """Keep a row of a series whose step is unknown; ``"duplicate"``/``"out_of_order"`` if it cannot be."""

@@ -321,27 +321,31 @@ def test_the_array_path_and_the_record_path_give_the_same_state(seed, freq, monk
     """``freq=None``: each series' step is inferred from its first rows, held meanwhile (the record path)."""
     ids, ticks, values = _steady_stream(seed)
     fast, slow = _engine(freq=freq), _engine(freq=freq)
-    monkeypatch.setattr(slow, "_place_all", lambda batch, result: None)
-    taken = []  # per batch: did the array path take it?
-    place_all = fast._place_all
+    monkeypatch.setattr(slow, "_place_steady", lambda batch, result: (None, np.arange(len(batch))))
+    taken = []  # per batch: (records the array path took, records left to the record path)
+    place_steady = fast._place_steady
 
     def counted(part, result):
-        out = place_all(part, result)
-        taken.append(out is not None)
-        return out
+        steady, rest = place_steady(part, result)
+        taken.append((len(part) - rest.size, rest.size))
+        return steady, rest
 
-    monkeypatch.setattr(fast, "_place_all", counted)
+    monkeypatch.setattr(fast, "_place_steady", counted)
     rng = np.random.default_rng(seed)
     start = 0
     while start < len(ids):
         stop = min(len(ids), start + int(rng.integers(1, 12)))
         part = batch(ids[start:stop], ticks[start:stop], values[start:stop])
         a, b = fast.process(part), slow.process(part)
-        pd.testing.assert_frame_equal(a.forecasts.to_frame(), b.forecasts.to_frame())
-        assert (a.n_applied, a.n_duplicates, a.n_gap_filled, len(a.rejections)) == (
-            b.n_applied, b.n_duplicates, b.n_gap_filled, len(b.rejections))
+        key = ["series_id", "issued_at", "h"]  # within a batch the steady series' rounds come first
+        pd.testing.assert_frame_equal(a.forecasts.to_frame().sort_values(key).reset_index(drop=True),
+                                      b.forecasts.to_frame().sort_values(key).reset_index(drop=True))
+        assert (a.n_applied, a.n_duplicates, a.n_gap_filled, a.n_collisions, a.n_resets) == (
+            b.n_applied, b.n_duplicates, b.n_gap_filled, b.n_collisions, b.n_resets)
+        assert sorted((r.index, r.reason) for r in a.rejections) == sorted((r.index, r.reason) for r in b.rejections)
         start = stop
-    assert any(taken) and not all(taken)  # both paths ran on this stream
+    assert any(k and r for k, r in taken)  # batches split between the paths
+    assert any(k and not r for k, r in taken) and any(r and not k for k, r in taken)
     assert fast.summary() == slow.summary()
     (meta_a, arrays_a), (meta_b, arrays_b) = fast.export_series(fast.series_ids), slow.export_series(slow.series_ids)
     assert meta_a == meta_b and arrays_a.keys() == arrays_b.keys()
