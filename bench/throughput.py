@@ -5,7 +5,7 @@ hundred records spread over many keys). The baseline, measured in the same run, 
 anyway on every message: ``json.loads`` + validation (``stream.records.decode``) of the same messages. The
 target for the whole service is >= 10k observations/s per consumer process.
 
-    .venv/bin/python bench/throughput.py [--series 1000] [--ticks 200] [--batch 500] [--models ...]
+    .venv/bin/python bench/throughput.py [--series 1000] [--ticks 200] [--batch 500] [--models ...] [--missing 0.01]
 """
 
 from __future__ import annotations
@@ -26,13 +26,18 @@ from tidecast.stream.records import decode, encode, from_ns
 HOUR = 3_600_000_000_000
 
 
-def make_stream(n_series: int, n_ticks: int, seed: int = 0) -> ObservationBatch:
+def make_stream(n_series: int, n_ticks: int, seed: int = 0, missing: float = 0.0) -> ObservationBatch:
+    """Every series at every hour, tick-major; ``missing``: the share of observations left out at random (gaps the
+    engine fills), the same ones in every run."""
     rng = np.random.default_rng(seed)
     t = np.arange(n_ticks)
     level = rng.uniform(10, 100, size=n_series)
     values = level[None, :] * (1 + 0.3 * np.sin(2 * np.pi * t[:, None] / 24)) + rng.normal(size=(n_ticks, n_series))
     ids = np.array([f"s{k:05d}" for k in range(n_series)], dtype=object)
-    return ObservationBatch(np.tile(ids, n_ticks), np.repeat(t * HOUR, n_series), values.reshape(-1))
+    stream = ObservationBatch(np.tile(ids, n_ticks), np.repeat(t * HOUR, n_series), values.reshape(-1))
+    if missing:
+        stream = stream.take(np.flatnonzero(np.random.default_rng([seed, 1]).random(len(stream)) >= missing))
+    return stream
 
 
 def time_decode(stream: ObservationBatch, limit: int = 50_000) -> float:
@@ -67,9 +72,10 @@ def main() -> None:
     parser.add_argument("--horizon", type=int, default=24)
     parser.add_argument("--models", default="seasonal-naive;seasonal-naive,holt-winters",
                         help="';'-separated model sets to time")
+    parser.add_argument("--missing", type=float, default=0.0, help="share of observations left out at random")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    stream = make_stream(args.series, args.ticks)
+    stream = make_stream(args.series, args.ticks, missing=args.missing)
     rows = [("decode only (json.loads + validate): baseline", time_decode(stream))]
     for models in args.models.split(";"):
         rows.append((f"engine: {models} (H={args.horizon})",
