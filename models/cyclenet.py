@@ -91,6 +91,8 @@ __all__ = ["CycleNetForecaster", "build", "detect_cycle", "make"]
 
 #: Most series-windows in one warm-start step (ETTh's 256 x 7 fits; 1,000 series take 8 origins a step).
 MAX_BATCH_WINDOWS = 8192
+#: Steps an epoch of a retrain refit keeps where its batches may shrink (see :meth:`CycleNetForecaster.refit`).
+REFIT_STEPS = 16
 
 
 def detect_cycle(values: np.ndarray, max_cycle: int = 400) -> int:
@@ -717,14 +719,17 @@ class CycleNetForecaster(BatchForecaster):
     learned_row_keys = ("cycle_row", "cycle_adam_m", "cycle_adam_v")
 
     def refit(self, recent: int, epochs: int = 5, lr: float = 1e-4, cycle_lr: float = 3e-3,
-              batch_size: int = 256) -> dict[str, Any]:
+              batch_size: int = 256, min_batch_size: int = 64) -> dict[str, Any]:
         """Fine-tune this (copied) model in place on the windows ending in each served row's last ``recent``
         steps, warm-started from its weights: ``epochs`` reshuffled passes of Adam (fresh moments) on backbone and
         cycle table, then publish. Returns what it did.
 
         ``batch_size`` 256 was chosen on bench/retrain.py's dev streams, (a): dev MSE 0.716 / 0.714 / 0.715 / 0.712
         at 64 / 128 / 256 / 512 windows a step, training seconds 0.70 / 0.48 / 0.26 / 0.18 of always-online's
-        replay steps: a job's cost is its steps, and larger batches lost nothing."""
+        replay steps: a job's cost is its steps, and larger batches lost nothing there (thousands of windows a job).
+        A smaller job takes smaller batches, down to ``min_batch_size`` (the size before), so that an epoch keeps
+        :data:`REFIT_STEPS` steps where it can: at 256 windows a step, three series' 200 windows would be one step an
+        epoch and the refit would hardly move."""
         with self._train_lock:
             with self._lock:
                 if self.net_ is None:
@@ -742,6 +747,7 @@ class CycleNetForecaster(BatchForecaster):
                       {"params": [self._trainer.cycle_table], "lr": cycle_lr}]
             opt = make_adam(groups)
             steps = 0
+            batch_size = max(1, min(batch_size, max(min_batch_size, -(-pair_rows.size // REFIT_STEPS))))
             for _ in range(epochs):
                 order = self._rng.permutation(pair_rows.size)
                 for start in range(0, order.size, batch_size):
