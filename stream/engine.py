@@ -47,9 +47,9 @@ epoch, so ``tick % W`` is a phase taken from the clock. Then:
 
 Many series are processed together: a batch is split into *rounds*, round k holding the k-th event of every
 series in the batch, and each round makes one vectorised call per model and per calibrator. Placing records on
-their grids is a Python loop over records only where a rule above applies: a batch whose every record is the next
-tick of a known series (the steady state of a live stream) is placed with array operations (``_place_steady``),
-with the same state and events; so are the steady series of any other batch.
+their grids is a Python loop over records only where a rule above applies: the series whose records in a batch are
+each the next tick of a known series (the steady state of a live stream) are placed with array operations
+(``_place_steady``), with the same state and events.
 """
 
 from __future__ import annotations
@@ -405,21 +405,20 @@ class Engine:
         """Check values and order, assign ticks, expand gaps: per-series event lists for this batch. Series in
         the steady state are placed with array operations (:meth:`_place_steady`), the others one record at a
         time here; series are independent, so both give the same state and events."""
-        steady, rest = self._place_steady(batch, result)
+        limit = self.config.max_abs_value
+        too_big = out_of_range(batch.values, limit)
+        steady, rest = self._place_steady(batch, result, too_big)
         if not rest.size:  # an empty batch has neither
             return steady if steady is not None else _Events()
         events = _Events()
         rank: dict[int, int] = {}
         slot_of = self._slot_of
-        limit = self.config.max_abs_value
-        too_big = out_of_range(batch.values, limit)
-        check_range = bool(too_big.any())
+        check_range = bool(too_big[rest].any())
         step_a = self.series_["step_ns"]
         kept: dict[int, int] = {}  # slot -> the last row its state now includes (applied or held)
         placed: list[int] = []  # slot of every row applied now
-        ids, stamps, values = batch.series_ids, batch.timestamps_ns, batch.values
-        for i in rest.tolist():
-            sid, t, v = ids[i], int(stamps[i]), float(values[i])
+        for i, sid, t, v in zip(rest.tolist(), batch.series_ids[rest].tolist(), batch.timestamps_ns[rest].tolist(),
+                                batch.values[rest].tolist(), strict=True):
             if check_range and too_big[i]:
                 result.rejections.append(Rejection(i, "out_of_range", f"{sid!r}: |{v:.6g}| > max_abs_value "
                                                                       f"{limit:g}"))
@@ -462,11 +461,12 @@ class Engine:
             s["applied_partition"][slots], s["applied_offset"][slots] = batch.partitions[rows], batch.offsets[rows]
         return events if steady is None else steady.join(events)
 
-    def _place_steady(self, batch: ObservationBatch, result: EngineResult) -> tuple[_Placed | None, np.ndarray]:
+    def _place_steady(self, batch: ObservationBatch, result: EngineResult, too_big: np.ndarray
+                      ) -> tuple[_Placed | None, np.ndarray]:
         """The steady state in array operations: the records of every series whose records in this batch are all
         in range, on a known grid, each the next tick of its series (no gap, duplicate or disorder). Returns their
         events (``None`` if there are none) and the indices of the other records, in arrival order, which
-        :meth:`_sequence` places one at a time (it changed nothing of theirs)."""
+        :meth:`_sequence` places one at a time (it changed nothing of theirs). ``too_big``: values out of range."""
         n = len(batch)
         if n == 0:
             return None, np.arange(0)
@@ -476,7 +476,7 @@ class Engine:
         s = self.series_
         at = np.where(known, slots, 0)  # unknown series read row 0 and are thrown out below
         step, last = s["step_ns"][at], s["last_tick"][at]
-        fine = known & (step != 0) & (last != _NO_TICK) & ~out_of_range(batch.values, self.config.max_abs_value)
+        fine = known & (step != 0) & (last != _NO_TICK) & ~too_big
         t = batch.timestamps_ns
         tick = (t - s["anchor_ns"][at] + np.where(fine, step, 2) // 2) // np.where(fine, step, 1)
         order = np.argsort(slots, kind="stable")  # each series' records together, in arrival order
@@ -490,13 +490,11 @@ class Engine:
             return None, np.arange(n)
         rest = np.flatnonzero(~fine)
         if rest.size:  # keep the steady records only, in arrival order
+            kept = fine[order]  # a series is kept or left whole, so its first record stays its first
+            order, first = (np.cumsum(fine) - 1)[order[kept]], first[kept]
             keep = np.flatnonzero(fine)
             slots, tick, t = slots[keep], tick[keep], t[keep]
             values, partitions, offsets = batch.values[keep], batch.partitions[keep], batch.offsets[keep]
-            order = np.argsort(slots, kind="stable")
-            by_series = slots[order]
-            first = np.ones(keep.size, bool)
-            first[1:] = by_series[1:] != by_series[:-1]
         else:
             values, partitions, offsets = batch.values, batch.partitions, batch.offsets
         m = slots.size

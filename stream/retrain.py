@@ -17,8 +17,8 @@ The policy (:class:`tidecast.monitors.retrain.RetrainPolicy`) decides; this modu
   For a model with a ``blend(other, weight)`` hook (same-architecture torch models) the shadow holds one
   candidate per BCWI weight lambda (``lambdas``), the first half of the window chooses lambda, and only the
   second half gates the chosen model (never the data that chose it).
-* **Promotion.** The candidate becomes the lane's model; the calibrator is seeded from the candidate's shadow
-  residuals (``Calibrator.seed``) and the lane's watchers are reset (their references were the old model's).
+* **Promotion.** The candidate becomes the lane's model; the calibrator is re-seeded from the candidate's shadow
+  residuals (``Calibrator.reseed``) and the lane's watchers are reset (their references were the old model's).
   Forecasts already issued by the incumbent mature and are scored as issued.
 * **Probation** (``probation_steps`` > 0; off by default). The replaced model stays in a shadow of its own beside
   the promoted one; when it ends, :meth:`~tidecast.monitors.retrain.RetrainPolicy.probation` rolls the lane back to
@@ -376,7 +376,7 @@ class Retrainer:
     def _serve(self, engine: Any, lane: Any, st: LaneRetrain, model: BatchForecaster, shadow: Shadow, outcome: str,
                when: datetime, ratio: float, reason: str, events: list[DriftEvent]) -> None:
         """``model`` (a promoted candidate, or the model a probation rolls back to) serves the lane from now on, its
-        calibrators seeded from its residuals in ``shadow``; counted and reported as ``outcome``."""
+        calibrators re-seeded from its residuals in ``shadow``; counted and reported as ``outcome``."""
         rows = engine.live_rows()
         engine.promote(lane, model, rows, shadow.seed_residuals(rows))
         engine.metrics.retrains.labels(model=lane.name, outcome=outcome).inc()

@@ -321,12 +321,12 @@ def test_the_array_path_and_the_record_path_give_the_same_state(seed, freq, monk
     """``freq=None``: each series' step is inferred from its first rows, held meanwhile (the record path)."""
     ids, ticks, values = _steady_stream(seed)
     fast, slow = _engine(freq=freq), _engine(freq=freq)
-    monkeypatch.setattr(slow, "_place_steady", lambda batch, result: (None, np.arange(len(batch))))
+    monkeypatch.setattr(slow, "_place_steady", lambda batch, result, too_big: (None, np.arange(len(batch))))
     taken = []  # per batch: (records the array path took, records left to the record path)
     place_steady = fast._place_steady
 
-    def counted(part, result):
-        steady, rest = place_steady(part, result)
+    def counted(part, result, too_big):
+        steady, rest = place_steady(part, result, too_big)
         taken.append((len(part) - rest.size, rest.size))
         return steady, rest
 

@@ -174,10 +174,7 @@ class ConformalPID(ScoreCalibrator):
         bench/retrain.py's dev streams, coverage over the two cycles after a drift-triggered promotion: 0.876 (0),
         0.889 (0.75), 0.893 (1); after a periodic one 0.852, 0.867, 0.874."""
         rows, r = self._seed_input(rows, residuals)
-        if rows.size == 0:
-            return
-        p_field = self._layout["p"][0]
-        old_p = self.state_[p_field, rows].copy()
+        old_p = self.state_[self._layout["p"][0], rows].copy()
         learned = self.state_[self._layout["count"][0].start, rows] > 0
         self._seed(rows, r, keep=(old_p, learned))
 
