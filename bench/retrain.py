@@ -82,7 +82,8 @@ def policies() -> dict[str, dict[str, Any]]:
         "drift-triggered": {"model": static, "retrain": DRIFT_TRIGGERED},
         "d3a": {"model": static, "detector": "d3a",
                 "retrain": dict(min_fresh=16, cooldown=16, history=0, epochs=20, shadow_steps=2, margin=-1e9,
-                                flip_budget=1.0, lambdas=[], refit_params={"lr": 1e-3, "cycle_lr": 1e-2})},
+                                significance=0.0, flip_budget=1.0, lambdas=[],
+                                refit_params={"lr": 1e-3, "cycle_lr": 1e-2})},
     }
 
 

@@ -16,6 +16,8 @@ The rule, in plain words:
   (prequential: only forecasts whose targets arrived). It is promoted only if its squared error over them is
   lower by ``margin`` (ratio <= 1 - margin) *and* the share of series whose own error it makes worse by more than
   ``flip_margin`` ("negative flips") is at most ``flip_budget``; otherwise it is rejected, with the reason.
+  With ``significance`` z > 0 the win must also be larger than the window's noise: the Diebold-Mariano statistic of
+  the per-step loss differential (:func:`loss_differential_t`) must be at most -z.
 * **Probation** (optional). For ``probation_steps`` more matured steps the replaced model is scored beside the
   promoted one; if it does better by ``margin`` the lane rolls back to it (:meth:`RetrainPolicy.probation`).
 
@@ -41,7 +43,7 @@ import numpy as np
 
 from tidecast.models.base import Params
 
-__all__ = ["Fail", "Promote", "Reject", "RetrainPolicy", "StartJob", "gate_errors"]
+__all__ = ["Fail", "Promote", "Reject", "RetrainPolicy", "StartJob", "gate_errors", "loss_differential_t"]
 
 NO_STEP = -1
 
@@ -95,6 +97,33 @@ def gate_errors(incumbent: np.ndarray, candidate: np.ndarray, flip_margin: float
     return ratio, float(worse.mean()) if worse.size else 0.0
 
 
+def loss_differential_t(diffs: np.ndarray, lag: int) -> float:
+    """Diebold-Mariano statistic of a loss differential series ``diffs`` (candidate's loss minus incumbent's, one
+    value per shadow step): its mean over the standard error from a Newey-West (Bartlett) variance with ``lag``
+    autocovariances. Negative: the candidate's loss is lower. Multi-step forecasts overlap — a step's loss holds
+    forecasts issued up to H - 1 steps earlier, shared with the next H - 1 steps — so ``lag`` H - 1 is DM's choice;
+    it is capped at T - 1 for T steps. ``0.0`` when undefined (fewer than 2 steps, or no variance and no mean).
+
+    >>> rng = np.random.default_rng(0)
+    >>> bool(loss_differential_t(rng.normal(-1.0, 1.0, 200), lag=0) < -10)  # a clear win: about -sqrt(200)
+    True
+    >>> abs(loss_differential_t(rng.normal(0.0, 1.0, 200), lag=4)) < 3  # no difference
+    True
+    """
+    d = np.asarray(diffs, dtype=float)
+    d = d[np.isfinite(d)]
+    if d.size < 2:
+        return 0.0
+    lag = int(min(max(lag, 0), d.size - 1))
+    u = d - d.mean()
+    var = float(u @ u) / d.size
+    for k in range(1, lag + 1):
+        var += 2.0 * (1.0 - k / (lag + 1.0)) * float(u[k:] @ u[:-k]) / d.size
+    if var <= 0.0:
+        return 0.0 if d.mean() == 0.0 else float(np.copysign(np.inf, d.mean()))
+    return float(d.mean() / np.sqrt(var / d.size))
+
+
 class RetrainPolicy(Params):
     """When to start a refit of one lane's model and whether to promote its candidate (see the module docstring).
 
@@ -119,6 +148,9 @@ class RetrainPolicy(Params):
     flip_margin, flip_budget
         A series is a negative flip if the candidate's error on it exceeds the incumbent's by more than
         ``flip_margin`` (relative); at most ``flip_budget`` of the series may flip.
+    significance
+        z > 0: the candidate's win must also be significant, its Diebold-Mariano statistic over the shadow's
+        per-step loss differential at most -z (0: no test).
     probation_steps
         After a promotion, the model it replaced keeps forecasting (never emitted) for this many matured steps;
         if its error is then at most ``1 - margin`` times the promoted model's, the lane rolls back to it
@@ -128,7 +160,7 @@ class RetrainPolicy(Params):
     def __init__(self, triggers: tuple[str, ...] | None = None, min_alarm_rows: int = 1, min_fresh: int = 48,
                  cooldown: int = 168, budget: int = 4, budget_window: int = 2000, schedule: int | None = None,
                  shadow_steps: int = 96, margin: float = 0.02, flip_margin: float = 0.1,
-                 flip_budget: float = 0.5, probation_steps: int = 0) -> None:
+                 flip_budget: float = 0.5, probation_steps: int = 0, significance: float = 1.645) -> None:
         self.triggers = triggers
         self.min_alarm_rows = min_alarm_rows
         self.min_fresh = min_fresh
@@ -141,6 +173,9 @@ class RetrainPolicy(Params):
         self.flip_margin = flip_margin
         self.flip_budget = flip_budget
         self.probation_steps = probation_steps
+        self.significance = significance
+        if significance < 0:
+            raise ValueError(f"significance must be >= 0 (0: no test), got {significance}")
         if probation_steps < 0 or probation_steps == 1:
             raise ValueError(f"probation_steps must be 0 (off) or >= 2, got {probation_steps}")
         if min_fresh < 0 or cooldown < 0 or budget < 1 or budget_window < 1 or shadow_steps < 2:
@@ -181,10 +216,19 @@ class RetrainPolicy(Params):
         return job
 
     # -- the gate ---------------------------------------------------------------------------------------
-    def gate(self, incumbent: np.ndarray, candidate: np.ndarray) -> Promote | Reject:
-        """Decide on a candidate from per-series squared errors summed over the shadow window (same cells)."""
+    def gate(self, incumbent: np.ndarray, candidate: np.ndarray, step_diffs: np.ndarray | None = None,
+             lag: int = 0) -> Promote | Reject:
+        """Decide on a candidate from per-series squared errors summed over the shadow window (same cells); with
+        ``significance``, also from ``step_diffs``, the candidate's minus the incumbent's squared error summed over
+        each shadow step's cells (see :func:`loss_differential_t` for ``lag``)."""
         ratio, worse = gate_errors(incumbent, candidate, self.flip_margin)
         said = f"error ratio {ratio:.3f}, {worse:.2f} of series worse"
+        if self.significance and step_diffs is not None and np.isfinite(ratio) and ratio <= 1.0 - self.margin:
+            t = loss_differential_t(step_diffs, lag)
+            said += f", DM t {t:.2f}"
+            if t > -self.significance:
+                self.counts_["rejected"] += 1
+                return Reject(f"{said}: not significant (needs t <= -{self.significance:g})", ratio, worse)
         if not np.isfinite(ratio) or ratio > 1.0 - self.margin:
             self.counts_["rejected"] += 1
             return Reject(f"{said}: not below 1 - margin = {1.0 - self.margin:.3f}", ratio, worse)

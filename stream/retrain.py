@@ -166,6 +166,7 @@ class Shadow:
         self.done_steps = 0
         self.inc_err = np.zeros((len(candidates), n_rows))
         self.cand_err = np.zeros((len(candidates), n_rows))
+        self.step_diffs: list[list[float]] = [[] for _ in candidates]  # per scored step: candidate - incumbent
         # the chosen candidate's matured residuals, for the calibrators if it is promoted: float32, rows x steps x H
         # x 4 bytes while a shadow runs (10,000 series, 48 steps, H = 24: 46 MB)
         self.resid = np.full((n_rows, steps, horizon), np.nan, np.float32)
@@ -191,8 +192,11 @@ class Shadow:
             if not both.any():
                 continue
             any_matured = True
-            self.cand_err[k, rows] += np.where(both, (y[:, None] - mean) ** 2, 0.0).sum(axis=1)
-            self.inc_err[k, rows] += np.where(both, (y[:, None] - inc_mean) ** 2, 0.0).sum(axis=1)
+            cand = np.where(both, (y[:, None] - mean) ** 2, 0.0).sum(axis=1)
+            inc = np.where(both, (y[:, None] - inc_mean) ** 2, 0.0).sum(axis=1)
+            self.cand_err[k, rows] += cand
+            self.inc_err[k, rows] += inc
+            self.step_diffs[k].append(float(cand.sum() - inc.sum()))
             if len(self.candidates) == 1:
                 at = np.minimum(self.n_resid[rows], self.steps - 1)
                 self.resid[rows, at] = np.where(valid, y[:, None] - mean, np.nan)
@@ -208,6 +212,7 @@ class Shadow:
         self.pending = [self.pending[best]]
         self.inc_err = np.zeros((1, self.inc_err.shape[1]))
         self.cand_err = np.zeros((1, self.cand_err.shape[1]))
+        self.step_diffs = [[]]
         self.half = 0
 
     @property
@@ -342,7 +347,8 @@ class Retrainer:
             self._end_probation(engine, lane, st, shadow, when, events)
             return
         st.in_flight = None
-        decision = st.policy.gate(shadow.inc_err[0], shadow.cand_err[0])
+        decision = st.policy.gate(shadow.inc_err[0], shadow.cand_err[0], np.asarray(shadow.step_diffs[0]),
+                                  lag=engine.config.horizon - 1)
         st.last_ratio = decision.ratio
         engine.metrics.shadow_error_ratio.labels(model=lane.name).set(decision.ratio)
         lam = shadow.lambdas[0]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tidecast.models.cyclenet import CycleNetForecaster
-from tidecast.monitors.retrain import Promote, Reject, RetrainPolicy, StartJob, gate_errors
+from tidecast.monitors.retrain import Promote, Reject, RetrainPolicy, StartJob, gate_errors, loss_differential_t
 from tidecast.stream.batch import ObservationBatch
 from tidecast.stream.config import EngineConfig
 from tidecast.stream.engine import Engine
@@ -104,6 +104,30 @@ def test_gate_needs_margin_and_few_negative_flips():
     good = policy.gate(inc, np.array([0.5, 0.5, 0.5, 1.2]))
     assert isinstance(good, Promote) and policy.version_ == 1
     assert gate_errors(np.zeros(3), np.zeros(3), 0.1) == (1.0, 0.0)
+
+
+def test_gate_rejects_a_win_the_shadow_noise_explains():
+    """Same totals (ratio 0.9), two shadows: in one the candidate is ahead at every step, in the other the
+    differences swing by more than the mean win; only the first is significant."""
+    policy = RetrainPolicy(significance=1.645)
+    inc, cand = np.full(4, 10.0), np.full(4, 9.0)  # ratio 0.9: passes the margin and the flips
+    steady = np.full(48, -4.0 / 48) + np.random.default_rng(0).normal(0.0, 0.01, 48)
+    swinging = np.tile([3.0, -3.0], 24) + steady
+    assert isinstance(policy.gate(inc, cand, steady, lag=23), Promote)
+    noisy = policy.gate(inc, cand, swinging, lag=0)
+    assert isinstance(noisy, Reject) and "not significant" in noisy.reason
+    assert isinstance(RetrainPolicy(significance=0.0).gate(inc, cand, swinging, lag=0), Promote)  # off
+    assert isinstance(RetrainPolicy().gate(inc, cand), Promote)  # no per-step differences given: no test
+
+
+def test_loss_differential_t_accounts_for_overlapping_steps():
+    rng = np.random.default_rng(1)
+    # a differential made of overlapping 24-step sums of white noise, as H-step forecasts' losses overlap
+    d = np.convolve(rng.normal(0.0, 1.0, 2000), np.ones(24), "valid")[:1000] - 2.0
+    naive, hac = loss_differential_t(d, lag=0), loss_differential_t(d, lag=23)
+    assert naive < hac < 0  # ignoring the overlap overstates the evidence
+    assert loss_differential_t(np.array([1.0]), lag=3) == 0.0
+    assert loss_differential_t(np.full(5, -1.0), lag=2) == -np.inf
 
 
 def test_policy_state_round_trips_through_json():
