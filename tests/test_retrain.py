@@ -147,6 +147,8 @@ def test_policy_state_round_trips_through_json():
 def test_settings_check_retrain_params():
     with pytest.raises(SettingsError, match="retrain"):
         config(min_fresh=-1)
+    with pytest.raises(SettingsError, match="significance"):
+        config(significance=-1.0)
     with pytest.raises(SettingsError, match="retrain"):
         EngineConfig(models=["seasonal-naive"], retrain_params={"no_such_key": 3})  # checked while off too
 
