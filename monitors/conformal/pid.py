@@ -196,7 +196,8 @@ class ConformalPID(ScoreCalibrator):
             weight = self.reseed_keep * had  # (n, H), broadcast over the targets
             p_field = self._layout["p"][0]
             self.state_[p_field, rows] = (1.0 - weight) * self.state_[p_field, rows] + weight * old_p
-        self._refresh_offsets(rows)
+        if self.order or keep is not None:  # scale or p changed after the last learn step
+            self._refresh_offsets(rows)
         self._after_seed(rows)
 
     def _refresh_offsets(self, rows: np.ndarray) -> None:
@@ -204,11 +205,9 @@ class ConformalPID(ScoreCalibrator):
         outside :meth:`_learn`: the cached offsets and the newest ring slot (the interval issued now, which a
         residual h updates later is scored against). Centres are unchanged."""
         field = self._layout
-        p = self.state_[field["p"][0], rows]  # (K, n, H)
         count = self.state_[field["count"][0].start, rows]
-        thr = p + self._integral_term(self.state_[field["integral"][0], rows], count) if self.ki else p
-        if self.normalize:
-            thr = thr * self.state_[field["scale"][0].start, rows]
+        thr = self._thresholds(self.state_[field["p"][0], rows], self.state_[field["integral"][0], rows], count,
+                               self.state_[field["scale"][0].start, rows])  # (K, n, H)
         learned = count > 0
         offsets = self.offsets_[rows]
         offsets[..., 1:] = np.where(learned[..., None], np.moveaxis(thr, 0, -1), offsets[..., 1:])
@@ -284,6 +283,12 @@ class ConformalPID(ScoreCalibrator):
         mid = (means + got[:, 0].reshape(rows.size, self.horizon))[..., None]
         gap = np.minimum(q_hi + q_lo, 0.0) / 2  # as intervals(): an empty set is issued as a point
         return mid - q_lo + gap, mid + q_hi - gap
+
+    def _thresholds(self, p: np.ndarray, integral: np.ndarray, count: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """The issued thresholds (K, ...) from a cell's P term, integral, count and scale (see the module docstring):
+        in residual units, as the ring and the cached offsets keep them."""
+        thr = p + self._integral_term(integral, count) if self.ki else p
+        return thr * scale if self.normalize else thr
 
     def _integral_term(self, integral: np.ndarray, count: np.ndarray) -> np.ndarray | float:
         """``K_I tan(I log(n) / (C_sat n))`` for integrals (K, m) after ``count`` (m,) residuals."""
@@ -450,7 +455,6 @@ class ConformalPID(ScoreCalibrator):
             slot[1] = mean + (coef * np.nan_to_num(self._lagged(ring, base, length, count + 1, back, mean))).sum(0)
         else:
             slot[1] = 0.0
-        thr = p + self._integral_term(integral, count_f) if self.ki else p
-        slot[2:] = thr * scale if self.normalize else thr
+        slot[2:] = self._thresholds(p, integral, count_f, scale)
         items[new] = np.ascontiguousarray(slot.T, dtype=ring.dtype).view(slot_type).reshape(-1)
         return slot[1:].T  # (m, 1 + K)
