@@ -113,7 +113,7 @@ def longest_gap(gone: np.ndarray) -> int:
 def make_lanes(split: Split, cfc: dict[str, Any], seed: int) -> list[Lane]:
     common = dict(horizon=HORIZON, warm_start=split.warm, val_fraction=0.2, seed=seed, defer=False,
                   step_budget=60.0)  # a generous budget: every due replay step is taken, the run is repeatable
-    liquid = CfCForecaster(mode="online", **common, **cfc)
+    liquid = CfCForecaster(**{"mode": "online", **common, **cfc})  # --cfc mode="frozen" overrides
     cyclenet = CycleNetForecaster(online=True, **common, **CYCLENET)
     cyclenet.name = "cyclenet-online"
     return [Lane(m, make_calibrator(DEFAULT_CALIBRATOR, HORIZON, 0.1), HORIZON, 0.1) for m in (liquid, cyclenet)]
@@ -205,8 +205,9 @@ def evaluate(path: str, dev: bool, seed: int, cfc: dict[str, Any], jobs: int, th
             "origins_kept": float(have.mean()),
             "mse_complete_same_cells": float(full.transpose(0, 2, 1)[have].mean()),
         }
-    return {"results": results, "origins": int(split.origins.size), "removed": float(gone[: split.end].mean()),
-            "longest_gap": longest_gap(gone[: split.end]), "complete": _meta(complete), "missing": _meta(missing)}
+    return {"results": results, "name": ett.name, "origins": int(split.origins.size),
+            "removed": float(gone[: split.end].mean()), "longest_gap": longest_gap(gone[: split.end]),
+            "complete": _meta(complete), "missing": _meta(missing)}
 
 
 def _meta(run: dict[str, Any]) -> dict[str, Any]:
@@ -215,7 +216,8 @@ def _meta(run: dict[str, Any]) -> dict[str, Any]:
 
 def print_table(report: dict[str, Any], dev: bool, cfc: dict[str, Any]) -> None:
     m = report["missing"]
-    print(f"ETTh2 H={HORIZON}, {'dev split (score [2880, 3600))' if dev else 'online test [3600, 14400)'}, "
+    rows = "dev split (score [2880, 3600))" if dev else "online test [3600, 14400)"
+    print(f"{report['name']} H={HORIZON}, {rows}, "
           f"{report['origins']} origins x 7 channels; {100 * report['removed']:.1f} % removed (longest gap "
           f"{report['longest_gap']}), {m['gap_filled']} ticks gap-filled, {m['resets']} resets; passes "
           f"{report['complete']['seconds']:.0f} s + {m['seconds']:.0f} s; cfc {cfc}")
