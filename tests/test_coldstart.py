@@ -120,28 +120,32 @@ def test_a_pid_seeded_from_few_residuals_widens_for_its_in_sample_scorecaster(mo
     assert abs(corrected - 0.9) < 0.015
 
 
-def test_a_reseeded_pid_takes_scale_from_the_new_residuals_and_keeps_part_of_its_thresholds():
-    """A promotion re-seeds the lane's calibrator from the new model's shadow residuals: scale and scorecaster from
-    them, thresholds ``p`` a ``reseed_keep`` mean with the cell's own; a cell that had learned nothing is seeded."""
+def test_a_reseeded_pid_mixes_what_it_learned_with_the_new_residuals():
+    """A promotion re-seeds the lane's calibrator from the new model's shadow residuals: every learned statistic
+    (thresholds ``p``, scale, intercept, scorecaster) is a ``reseed_keep`` mean of the one learned from them and the
+    cell's own; a cell that had learned nothing is seeded from them alone."""
     horizon, rows = 3, np.array([0, 1])
     old, new = ar_residuals(600, horizon, seed=1), ar_residuals(96, horizon, seed=2, scale=3.0)
     cal = make_calibrator("conformal-pid", horizon=horizon, alpha=0.1)
     cal.seed(rows[:1], old[None])  # row 0 has a life behind it, row 1 has learned nothing
-    p_field = cal._layout["p"][0]
-    p_before = cal.state_[p_field, 0].copy()
+    fields = {name: cal._layout[name][0] for name in ("p", "scale", "mean", "xx", "xy", "coef")}
+    before = {name: cal.state_[f, 0].copy() for name, f in fields.items()}
     only_new = make_calibrator("conformal-pid", horizon=horizon, alpha=0.1)
     only_new.seed(rows, np.stack([new, new]))
     cal.reseed(rows, np.stack([new, new]))
     keep = cal.reseed_keep
     assert 0 < keep < 1
-    np.testing.assert_allclose(cal.state_[p_field, 0], (1 - keep) * only_new.state_[p_field, 0] + keep * p_before)
-    np.testing.assert_array_equal(cal.state_[p_field, 1], only_new.state_[p_field, 1])
-    scale = cal._layout["scale"][0].start
-    np.testing.assert_array_equal(cal.state_[scale, rows], only_new.state_[scale, rows])
-    assert (cal.state_[scale, 0] > 2 * make_scale(old, horizon)).all()  # the new model's errors set the size
+    for name, f in fields.items():
+        np.testing.assert_allclose(cal.state_[f, 0], (1 - keep) * only_new.state_[f, 0] + keep * before[name],
+                                   err_msg=name)
+        np.testing.assert_array_equal(cal.state_[f, 1], only_new.state_[f, 1], err_msg=name)
+    scale = fields["scale"].start
+    old_size = make_scale(old, horizon)
+    # the new model's errors are 3x larger: the mixed size lies between the two, above the old one
+    assert (cal.state_[scale, 0] > 1.2 * old_size).all() and (cal.state_[scale, 0] < only_new.state_[scale, 0]).all()
     lo, hi = cal.interval(rows, np.zeros((2, horizon)))  # what is issued is what the state says
     centre = cal.offsets_[rows][..., 0]
-    p_now = cal.state_[p_field, rows]  # (K, n, H): upper, lower
+    p_now = cal.state_[fields["p"], rows]  # (K, n, H): upper, lower
     np.testing.assert_allclose(hi, centre + p_now[0] * cal.state_[scale, rows], rtol=1e-12)
     np.testing.assert_allclose(lo, centre - p_now[1] * cal.state_[scale, rows], rtol=1e-12)
     lo_new, hi_new = only_new.interval(rows[1:], np.zeros((1, horizon)))

@@ -162,23 +162,32 @@ class ConformalPID(ScoreCalibrator):
         rows, r = self._seed_input(rows, residuals)
         self._seed(rows, r)
 
+    #: What a cell has learned about its series' errors; on a promotion, a mix of the old model's and the new one's.
+    _RESEED_FIELDS = ("p", "scale", "mean", "xx", "xy", "coef")
+
     def reseed(self, rows: np.ndarray, residuals: np.ndarray) -> None:
-        """As :meth:`seed`, for the same series under a new model (a retrain's promotion): the scale and the
-        scorecaster come from the new model's residuals, but the thresholds ``p`` — quantiles of ``u / scale``, the
-        shape of the series' errors more than their size — are the mean of the ones learned from those (a 96-step
-        shadow window, scored in sample) and the ones the cell had learned over its life (``reseed_keep``: the
-        weight of the old ones; a cell that had learned nothing keeps its seeds' alone).
+        """As :meth:`seed`, for the same series under a new model (a retrain's promotion): every statistic the
+        cell learns — thresholds ``p``, scale, intercept and scorecaster — is the weighted mean of the one learned
+        from the new model's residuals (a 96-step shadow window, scored in sample) and the one the cell had learned
+        over its life (``reseed_keep``: the weight of the old ones; a cell that had learned nothing keeps its
+        seeds' alone).
 
         ``reseed_keep`` 0.75 weighs the two by the steps behind them: the tracker's memory at a 5 % tail,
-        1 / (lr * density of u / scale there) ~ 240 steps for Gaussian errors, against a shadow window's 96. On
-        bench/retrain.py's dev streams, coverage over the two cycles after a drift-triggered promotion: 0.876 (0),
-        0.889 (0.75), 0.893 (1); after a periodic one 0.852, 0.867, 0.874."""
+        1 / (lr * density of u / scale there) ~ 240 steps for Gaussian errors, against a shadow window's 96. The
+        shadow window also flatters the new model: it was promoted *because* its errors there were small, so
+        the size of its errors taken from that window alone is biased low, and the old cell's size pulls it
+        back toward what live errors will be. On bench/retrain.py's dev streams, coverage of the intervals
+        issued in the two cycles after a promotion (ETTh2 rows): with ``p`` alone mixed, 0.875 after a
+        drift-triggered and 0.829 after a periodic one; with every statistic mixed, see README ("Retraining
+        policies")."""
         rows, r = self._seed_input(rows, residuals)
-        old_p = self.state_[self._layout["p"][0], rows].copy()
+        names = self._RESEED_FIELDS if self.order else self._RESEED_FIELDS[:3]
+        old = {name: self.state_[self._layout[name][0], rows].copy() for name in names}
         learned = self.state_[self._layout["count"][0].start, rows] > 0
-        self._seed(rows, r, keep=(old_p, learned))
+        self._seed(rows, r, keep=(old, learned))
 
-    def _seed(self, rows: np.ndarray, r: np.ndarray, keep: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    def _seed(self, rows: np.ndarray, r: np.ndarray,
+              keep: tuple[dict[str, np.ndarray], np.ndarray] | None = None) -> None:
         if rows.size == 0:
             return
         self.reset_rows(rows)
@@ -192,10 +201,11 @@ class ConformalPID(ScoreCalibrator):
             self._replay(rows, r)
             self.state_[self._layout["scale"][0].start, rows] *= self._out_of_sample_factor(pairs)
         if keep is not None:
-            old_p, had = keep
-            weight = self.reseed_keep * had  # (n, H), broadcast over the targets
-            p_field = self._layout["p"][0]
-            self.state_[p_field, rows] = (1.0 - weight) * self.state_[p_field, rows] + weight * old_p
+            old, had = keep
+            weight = self.reseed_keep * had  # (n, H), broadcast over each field's leading axis
+            for name, value in old.items():
+                field = self._layout[name][0]
+                self.state_[field, rows] = (1.0 - weight) * self.state_[field, rows] + weight * value
         if self.order or keep is not None:  # scale or p changed after the last learn step
             self._refresh_offsets(rows)
         self._after_seed(rows)
