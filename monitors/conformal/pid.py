@@ -178,8 +178,8 @@ class ConformalPID(ScoreCalibrator):
         the size of its errors taken from that window alone is biased low, and the old cell's size pulls it
         back toward what live errors will be. On bench/retrain.py's dev streams, coverage of the intervals
         issued in the two cycles after a promotion (ETTh2 rows): with ``p`` alone mixed, 0.875 after a
-        drift-triggered and 0.829 after a periodic one; with every statistic mixed, see README ("Retraining
-        policies")."""
+        drift-triggered and 0.829 after a periodic one; with every statistic mixed, 0.886 and 0.875 (README,
+        "Retraining policies")."""
         rows, r = self._seed_input(rows, residuals)
         names = self._RESEED_FIELDS if self.order else self._RESEED_FIELDS[:3]
         old = {name: self.state_[self._layout[name][0], rows].copy() for name in names}
