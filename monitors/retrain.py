@@ -223,15 +223,15 @@ class RetrainPolicy(Params):
         each shadow step's cells (see :func:`loss_differential_t` for ``lag``)."""
         ratio, worse = gate_errors(incumbent, candidate, self.flip_margin)
         said = f"error ratio {ratio:.3f}, {worse:.2f} of series worse"
-        if self.significance and step_diffs is not None and np.isfinite(ratio) and ratio <= 1.0 - self.margin:
+        if not np.isfinite(ratio) or ratio > 1.0 - self.margin:
+            self.counts_["rejected"] += 1
+            return Reject(f"{said}: not below 1 - margin = {1.0 - self.margin:.3f}", ratio, worse)
+        if self.significance and step_diffs is not None:
             t = loss_differential_t(step_diffs, lag)
             said += f", DM t {t:.2f}"
             if t > -self.significance:
                 self.counts_["rejected"] += 1
                 return Reject(f"{said}: not significant (needs t <= -{self.significance:g})", ratio, worse)
-        if not np.isfinite(ratio) or ratio > 1.0 - self.margin:
-            self.counts_["rejected"] += 1
-            return Reject(f"{said}: not below 1 - margin = {1.0 - self.margin:.3f}", ratio, worse)
         if worse > self.flip_budget:
             self.counts_["rejected"] += 1
             return Reject(f"{said}: negative flips over the budget {self.flip_budget:.2f}", ratio, worse)
