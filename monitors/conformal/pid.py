@@ -162,8 +162,10 @@ class ConformalPID(ScoreCalibrator):
         rows, r = self._seed_input(rows, residuals)
         self._seed(rows, r)
 
-    #: What a cell has learned about its series' errors; on a promotion, a mix of the old model's and the new one's.
-    _RESEED_FIELDS = ("p", "scale", "mean", "xx", "xy", "coef")
+    #: What a cell has learned about its series' errors (on a promotion, a mix of the old model's and the new one's),
+    #: and the scorecaster's part of it, which exists with ``order`` > 0 only.
+    _SCORECASTER_FIELDS = ("xx", "xy", "coef")
+    _RESEED_FIELDS = ("p", "scale", "mean", *_SCORECASTER_FIELDS)
 
     def reseed(self, rows: np.ndarray, residuals: np.ndarray) -> None:
         """As :meth:`seed`, for the same series under a new model (a retrain's promotion): every statistic the
@@ -181,7 +183,7 @@ class ConformalPID(ScoreCalibrator):
         drift-triggered and 0.829 after a periodic one; with every statistic mixed, 0.886 and 0.875 (README,
         "Retraining policies")."""
         rows, r = self._seed_input(rows, residuals)
-        names = self._RESEED_FIELDS if self.order else self._RESEED_FIELDS[:3]
+        names = [n for n in self._RESEED_FIELDS if self.order or n not in self._SCORECASTER_FIELDS]
         old = {name: self.state_[self._layout[name][0], rows].copy() for name in names}
         learned = self.state_[self._layout["count"][0].start, rows] > 0
         self._seed(rows, r, keep=(old, learned))
@@ -193,7 +195,7 @@ class ConformalPID(ScoreCalibrator):
         self.reset_rows(rows)
         self._replay(rows, r)
         if self.order:
-            learned = {name: self.state_[self._layout[name][0], rows].copy() for name in ("xx", "xy", "coef")}
+            learned = {name: self.state_[self._layout[name][0], rows].copy() for name in self._SCORECASTER_FIELDS}
             pairs = self.state_[self._layout["count"][0].start, rows] - self.ring_len_  # (lag, residual) pairs
             self.reset_rows(rows)
             for name, value in learned.items():
