@@ -7,8 +7,10 @@ N series x T hourly observations (4 partitions) and measures, in the same run:
     forecast-sized messages; the member's ceiling in the default format is ``1 / (1/consume + 1/produce)``;
 (b) ``tidecast serve`` (seasonal naive + conformal PID, H = 24, default settings) from its first record to its last
     forecast, in the default output format (its forecasts sent by 2 output processes, the default) and in the
-    compact one; ``--in-worker`` also times the default format with ``--output-processes 0`` (said on stderr, not
-    in the JSON line, whose keys are the issue's);
+    compact one, whose member fetches and decodes its input in a child process (``--fetch-process``; the compact
+    member without it is timed too, ``serve_compact_detail``; ``--no-fetch-process``: only that one); ``--in-worker``
+    also times the default format with ``--output-processes 0`` (said on stderr, not in the JSON line, whose keys
+    are the issue's);
 (c) the same with CycleNet (default format, online learning on), in its steady state: a first member warm-starts
     the model on the first ticks and checkpoints; a second member restores it and is timed on the rest;
 (d) end-to-end latency (input record's broker timestamp to its forecast's) while the input arrives at 50 % of (b),
@@ -603,6 +605,10 @@ def main() -> None:
     parser.add_argument("--scale-out", action="store_true", help="run the scale-out comparison instead")
     parser.add_argument("--in-worker", action="store_true",
                         help="(b) also with --output-processes 0: the worker sends the forecasts itself")
+    parser.add_argument("--no-fetch-process", dest="fetch_process", action="store_false",
+                        help="(b) and (d): members without --fetch-process only (by default the compact member of "
+                        "(b) fetches and decodes in a child process, and the one-process compact member is timed "
+                        "beside it, in the same run)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -651,9 +657,16 @@ def measure(broker: Broker, workdir: Path, args: argparse.Namespace, only: set[s
         say("(b) default format, --output-processes 0", round(rate), "ratio", round(rate / ceiling, 2) if ceiling
             else "")
     if "b" in only:
-        rate, _ = serve_rate(broker, workdir, "compact", ids, args.ticks, (*SN_ARGS, "--output-format", "compact"))
+        fetching = ("--fetch-process",) if args.fetch_process else ()
+        rate, _ = serve_rate(broker, workdir, "compact", ids, args.ticks,
+                             (*SN_ARGS, "--output-format", "compact", *fetching))
         out["serve_compact_obs_per_s"] = rate
-        say("(b) compact", round(rate))
+        say("(b) compact", "with --fetch-process" if fetching else "", round(rate))
+        if args.fetch_process:  # the same run's baseline: one interpreter fetches, decodes and runs the engine
+            alone, _ = serve_rate(broker, workdir, "compact-one", ids, args.ticks,
+                                  (*SN_ARGS, "--output-format", "compact"))
+            out["serve_compact_detail"] = {"one_process_obs_per_s": alone, "fetch_process_speedup": rate / alone}
+            say("(b) compact without --fetch-process", round(alone), "speed-up", round(rate / alone, 2))
         if "ceiling_obs_per_s" in out:
             out["ratio_default"] = out["serve_obs_per_s"] / out["ceiling_obs_per_s"]
             out["ratio_compact"] = out["serve_compact_obs_per_s"] / out["raw_consume_obs_per_s"]

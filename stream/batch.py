@@ -59,6 +59,15 @@ class ObservationBatch:
         return ObservationBatch(self.series_ids[index], self.timestamps_ns[index], self.values[index],
                                 self.partitions[index], self.offsets[index])
 
+    @classmethod
+    def concat(cls, parts: Sequence[ObservationBatch]) -> ObservationBatch:
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return cls(np.zeros(0, object), np.zeros(0, np.int64), np.zeros(0))
+        cols = ("series_ids", "timestamps_ns", "values", "partitions", "offsets")
+        return cls(*(np.concatenate([getattr(p, c) for p in parts]) for c in cols))
+
 
 @dataclass
 class Rejection:

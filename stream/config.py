@@ -404,6 +404,10 @@ class ServeSettings(KafkaClientSettings):
                                            "client's per-message cost (README, serve at scale)", group=KAFKA,
                                            shown_default="2 with --output-format json, 0 with compact",
                                            check=at_least(0))
+    fetch_process: bool = setting(False, "fetch and decode the input in a child process "
+                                  "(tidecast.stream.fetch_process); the group consumer keeps the membership and "
+                                  "commits. Takes the record parsing off the engine's interpreter: worth it with "
+                                  "two cores or more (README, serve at scale)", group=KAFKA)
     events_topic: str | None = setting(None, "output topic for drift events (alarms of the lanes' drift monitors)",
                                        group=KAFKA, shown_default="<topic>-events")
     dead_letter_topic: str | None = setting(None, "topic for rejected records", group=KAFKA,

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tidecast.monitors.metrics import Metrics
+from tidecast.stream.fetch_process import Chunk, FetchProcess
 from tidecast.stream.health import Heartbeat, Readiness
 from tidecast.stream.kafka import BrokerLink, HighwaterProbe, is_unavailable
 from tidecast.stream.messages import (
@@ -94,11 +95,21 @@ class Fetcher:
     PAST_END_SECONDS = 1.0  # how long a position must stay past the log end (stale highwater after a seek)
     PROBE_SECONDS = 5.0  # how quiet the link must be before the poll thread probes the cluster
 
+    #: With a fetch process, how often the group consumer is polled (membership only: its partitions stay paused).
+    GROUP_POLL_SECONDS = 0.05
+
     def __init__(self, cfg: Any, consumer: Any, worker: Worker, outbox: queue.Queue, epochs: dict[int, int],
                  readiness: Readiness, probe: HighwaterProbe, metrics: Metrics,
-                 heartbeat: Heartbeat | None = None, link: BrokerLink | None = None) -> None:
+                 heartbeat: Heartbeat | None = None, link: BrokerLink | None = None,
+                 fetch_process: FetchProcess | None = None) -> None:
         self.cfg = cfg
         self.consumer = consumer
+        # Where records come from: the group consumer itself, or a fetch process (--fetch-process) that answers the
+        # same calls (poll, pause, resume, seek, position, highwater, paused) while the group consumer, all
+        # partitions paused, keeps the membership and commits.
+        self.fetch_process = fetch_process
+        self.data: Any = fetch_process if fetch_process is not None else consumer
+        self._group_polled = 0.0
         self.worker = worker
         self.outbox = outbox
         self.epochs = epochs
@@ -119,26 +130,41 @@ class Fetcher:
 
     def poll_once(self) -> None:
         self.heartbeat.tick()
-        polled = self.consumer.poll(timeout_ms=100)
-        for tp, records in polled.items():
+        if self.fetch_process is not None and time.monotonic() - self._group_polled >= self.GROUP_POLL_SECONDS:
+            # The membership: nothing to fetch, every partition is paused here. A join or rejoin needs polls that
+            # wait (with 1 ms polls a join took 7-20 s against 4.5 s); a settled member's poll returns at once.
+            self.consumer.poll(timeout_ms=1 if _settled(self.consumer) else 100)
+            self._group_polled = time.monotonic()
+        polled = self.data.poll(timeout_ms=100)  # a fetch process answers (partition, chunk) pairs in arrival order
+        for tp, records in (polled.items() if isinstance(polled, dict) else polled):
             if not records:
                 continue
+            first, end, count, epoch, payload = self._span(tp.partition, records)
             if self.readiness.is_restoring(tp.partition):  # not expected (paused); never lose them: seek back
-                self._dropped_from.setdefault(tp.partition, records[0].offset)
+                if self.fetch_process is None:  # (a fetch process's chunk from before the restore is stale)
+                    self._dropped_from.setdefault(tp.partition, first)
                 continue
             expected = self._expected.get(tp.partition)
-            if expected is not None and records[0].offset < expected:
+            if expected is not None and first < expected:
                 self._rewound(tp.partition, f"the consumer went back from offset {expected} to "
-                                            f"{records[0].offset} (it resets after OffsetOutOfRange)",
-                              records[0].offset)
-            self._expected[tp.partition] = records[-1].offset + 1
-            self.worker.inbox.put(FetchedRecords(tp.partition, self.epochs.get(tp.partition, 0), records))
-            self._enqueued += len(records)
-            self.metrics.consumer_records.inc(len(records))
+                                            f"{first} (it resets after OffsetOutOfRange)", first)
+            self._expected[tp.partition] = end
+            self.worker.inbox.put(FetchedRecords(tp.partition, epoch, payload))
+            self._enqueued += count
+            self.metrics.consumer_records.inc(count)
         self.drain()
         self._apply_backpressure()
         self._update_gauges()
         self._probe_cluster()
+
+    def _span(self, partition: int, records: Any) -> tuple[int, int, int, int, Any]:
+        """A poll's records of one partition: first offset, the offset after the last, how many, their epoch, and
+        what the worker gets (the records, or what a fetch process decoded them to, with the epoch its fetch of
+        the partition began in)."""
+        if isinstance(records, Chunk):
+            return records.first, records.next, records.count, records.epoch, records.decoded
+        epoch = self.epochs.get(partition, 0)
+        return records[0].offset, records[-1].offset + 1, len(records), epoch, records
 
     def drain(self) -> None:
         """Act on what the worker reported: restored partitions, durable offsets."""
@@ -153,7 +179,10 @@ class Fetcher:
                 self.committer.commit(message)
 
     def pause_all(self) -> None:
-        self.consumer.pause(*self.consumer.assignment())
+        assignment = self.consumer.assignment()
+        self.consumer.pause(*assignment)
+        if self.fetch_process is not None:
+            self.fetch_process.pause(*assignment)
 
     def _on_restored(self, restored: PartitionRestored) -> None:
         from kafka import TopicPartition
@@ -165,11 +194,11 @@ class Fetcher:
         dropped = self._dropped_from.pop(p, None)
         position = restored.position if restored.position is not None else dropped
         if position is not None:
-            self.consumer.seek(tp, position)
+            self.data.seek(tp, position)
             self._expected[p] = position
         self.readiness.end_restore(p)
         if not self._backpressure:
-            self.consumer.resume(tp)
+            self.data.resume(tp)
 
     def _apply_backpressure(self) -> None:
         queued = self._enqueued - self.worker.dequeued
@@ -181,7 +210,7 @@ class Fetcher:
         elif self._backpressure and queued <= high // 2:
             self._backpressure = False
             resumable = [tp for tp in self.consumer.assignment() if not self.readiness.is_restoring(tp.partition)]
-            self.consumer.resume(*resumable)
+            self.data.resume(*resumable)
 
     def _update_gauges(self) -> None:
         now = time.monotonic()
@@ -193,7 +222,7 @@ class Fetcher:
             self.metrics.consumer_rate.set((self.worker.processed - mark_n) / (now - mark_t))
             self._rate_mark = (now, self.worker.processed)
         assigned = set(self.consumer.assignment())
-        paused = self.consumer.paused()
+        paused = self.data.paused()
         self.metrics.assigned_partitions.set(len(assigned))
         self.metrics.paused_partitions.set(len(paused & assigned))
         positions = {}
@@ -201,15 +230,18 @@ class Fetcher:
             if self.readiness.is_restoring(tp.partition):
                 continue
             try:
-                positions[tp.partition] = self.consumer.position(tp, timeout_ms=1_000)
+                positions[tp.partition] = self.data.position(tp, timeout_ms=1_000)
             except Exception:  # e.g. revoked meanwhile; the gauge catches up on the next round
                 continue
         paused_ids = {tp.partition for tp in paused}
-        self.probe.want({p: pos for p, pos in positions.items() if p in paused_ids})
+        # A fetch process reports the highwater of its last fetch of each partition, fresh within its back-pressure
+        # pauses (a fraction of a second): probing them here would parse fetches in the engine's interpreter.
+        probed = {} if self.fetch_process is not None else positions
+        self.probe.want({p: pos for p, pos in probed.items() if p in paused_ids})
         current = set()
         for tp in assigned:
             pos = positions.get(tp.partition)
-            fetched_end = self.consumer.highwater(tp)
+            fetched_end = self.data.highwater(tp)
             if pos is not None and tp not in paused:
                 pos = self._watch_log_end(tp, pos, fetched_end, now)
             highs = [h for h in (fetched_end, self.probe.highwater(tp.partition)) if h is not None]
@@ -234,7 +266,7 @@ class Fetcher:
         target = 0 if self.cfg.auto_offset_reset == "earliest" else log_end
         self._rewound(p, f"position {position} is past the log end {log_end}, so nothing new would ever be read; "
                          f"resetting to {target} (auto_offset_reset={self.cfg.auto_offset_reset})", target)
-        self.consumer.seek(tp, target)
+        self.data.seek(tp, target)
         self._expected[p] = target
         return target
 
@@ -287,6 +319,8 @@ class Fetcher:
         self.worker.inbox.put(AbandonPartitions(frozenset(partitions)))
 
     def _forget_locally(self, partitions: set[int]) -> None:
+        if self.fetch_process is not None:
+            self.fetch_process.forget(partitions)
         for p in partitions:
             self.epochs[p] = self.epochs.get(p, 0) + 1  # queued records of p become stale
             self.readiness.end_restore(p)
@@ -301,6 +335,16 @@ class Fetcher:
         if stopping:  # shutting down: stay inside the shutdown budget
             budget = min(budget, self.cfg.shutdown_timeout * 0.75)
         return time.monotonic() + budget
+
+
+def _settled(consumer: Any) -> bool:
+    """Whether the group consumer holds an assignment and no rebalance is pending (kafka-python's coordinator says;
+    a client without that answer counts as never settled)."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    try:
+        return bool(consumer.assignment()) and not coordinator.need_rejoin()
+    except Exception:
+        return False
 
 
 def rebalance_listener(fetcher: Fetcher, stopping: threading.Event, worker_failed: Callable[[], bool]) -> Any:

@@ -18,7 +18,7 @@ which the Kafka dead-letter sink sends on unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,9 +54,38 @@ class DecodedRecords:
     """
 
     batch: ObservationBatch
-    records: list[Any]
+    records: Sequence[Any]
     letters: list[DeadLetter]
     ends: dict[int, int]
+
+    @property
+    def count(self) -> int:
+        """How many records: each became a row or a letter."""
+        return len(self.batch) + len(self.letters)
+
+    @classmethod
+    def concat(cls, parts: Sequence[DecodedRecords]) -> DecodedRecords:
+        """Runs of records decoded apart, as one (``records`` stay lazy where every part's are of one kind)."""
+        if len(parts) == 1:
+            return parts[0]
+        kinds = {type(p.records) for p in parts}
+        kind = kinds.pop() if len(kinds) == 1 else list
+        if kind is not list and hasattr(kind, "concat"):
+            records: Sequence[Any] = kind.concat([p.records for p in parts])
+        else:
+            records = [r for p in parts for r in p.records]
+        ends: dict[int, int] = {}
+        for part in parts:
+            ends.update(part.ends)
+        return cls(ObservationBatch.concat([p.batch for p in parts]), records,
+                   [letter for p in parts for letter in p.letters], ends)
+
+
+def take_records(records: Sequence[Any], index: np.ndarray) -> Sequence[Any]:
+    """The records at ``index``: a view where ``records`` can take one (:class:`~tidecast.stream.fetch_process.
+    RecordRows`), else a list."""
+    take = getattr(records, "take", None)
+    return take(index) if take is not None else [records[i] for i in index.tolist()]
 
 
 def dead_letter(record: Any, reason: str, detail: str) -> DeadLetter:

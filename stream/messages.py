@@ -19,14 +19,22 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from tidecast.stream.kafka_source import DecodedRecords
+
 
 @dataclass(frozen=True)
 class FetchedRecords:
-    """Records of one input partition, as polled (kafka-python ``ConsumerRecord`` objects)."""
+    """Records of one input partition, as polled: kafka-python ``ConsumerRecord`` objects, or what a fetch process
+    decoded them to already (a :class:`~tidecast.stream.kafka_source.DecodedRecords`)."""
 
     partition: int
     epoch: int
-    records: list[Any]
+    records: Any
+
+    @property
+    def count(self) -> int:
+        """How many records."""
+        return self.records.count if isinstance(self.records, DecodedRecords) else len(self.records)
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ from tidecast.stream.kafka import (
 
 log = logging.getLogger(__name__)
 
-_FRAME = struct.Struct("<cI")
+FRAME = struct.Struct("<cI")
 #: Per step, with their wire types; issued_at goes per forecast. ``lower``/``upper`` are left out when every level's
 #: bounds go and they are the first level's (as the engine's are): a frame is then ~36 bytes a step, ~1.7 MB for a
 #: 2,000-observation round.
@@ -248,7 +248,7 @@ class _Child:
 
     def send(self, op: bytes, body: bytes) -> None:
         with self._lock:
-            self._write(memoryview(_FRAME.pack(op, len(body)) + body))
+            self._write(memoryview(FRAME.pack(op, len(body)) + body))
 
     def _write(self, data: memoryview) -> None:
         while data:
@@ -311,33 +311,33 @@ class _Count:
         return value
 
 
-def _read_frame(stream: Any) -> tuple[bytes, bytes]:
-    head = stream.read(_FRAME.size)
-    if len(head) < _FRAME.size:
+def read_frame(stream: Any) -> tuple[bytes, bytes]:
+    head = stream.read(FRAME.size)
+    if len(head) < FRAME.size:
         return b"", b""  # the member is gone
-    op, size = _FRAME.unpack(head)
+    op, size = FRAME.unpack(head)
     return op, stream.read(size)
 
 
-def _read_ahead(stream: Any, depth: int = 8) -> queue.Queue:
-    """Frames read on a thread of their own, up to ``depth`` ahead: the member's writes seldom wait for a batch
-    being sent (with one pipe buffer between them, each side waited for the other ~20 % of the time), and a full
-    queue still holds the member back."""
+def read_ahead(stream: Any, depth: int = 8, name: str = "tidecast-output-reader") -> queue.Queue:
+    """Frames read on a thread of their own, up to ``depth`` ahead (0: unbounded), until ``S`` or the end of input:
+    the member's writes seldom wait for a batch being sent (with one pipe buffer between them, each side waited for
+    the other ~20 % of the time), and a full queue still holds the member back."""
     frames: queue.Queue = queue.Queue(maxsize=depth)
 
     def read() -> None:
         while True:
-            op, body = _read_frame(stream)
+            op, body = read_frame(stream)
             frames.put((op, body))
             if op in (b"", b"S"):
                 return
 
-    threading.Thread(target=read, name="tidecast-output-reader", daemon=True).start()
+    threading.Thread(target=read, name=name, daemon=True).start()
     return frames
 
 
-def producer_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The producer's keyword arguments as the member gave them (JSON turned its tuples into lists)."""
+def client_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A kafka-python client's keyword arguments as the member gave them (JSON turned its tuples into lists)."""
     out = dict(config)
     for key in _TUPLE_SETTINGS:
         if isinstance(out.get(key), list):
@@ -345,21 +345,28 @@ def producer_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_config(stream: Any, child: str) -> dict[str, Any] | None:
+    """A child process's first frame, its config (``C``); ``None`` (said in the log) if the member sent another."""
+    op, body = read_frame(stream)
+    if op != b"C":
+        log.error("the %s expected its config first, got %r", child, op)
+        return None
+    return json.loads(body)
+
+
 def serve_child(stream: Any, replies: Any) -> int:
     """The child's loop: frames from ``stream`` until ``S`` or the end of input; flush answers on ``replies``."""
     from kafka import KafkaProducer
 
-    op, body = _read_frame(stream)
-    if op != b"C":
-        log.error("the forecast output process expected its config first, got %r", op)
+    config = read_config(stream, "forecast output process")
+    if config is None:
         return 2
-    config = json.loads(body)
-    producer = KafkaProducer(**producer_kwargs(config["producer"]))
+    producer = KafkaProducer(**client_kwargs(config["producer"]))
     errors = _Count()
     sink = KafkaForecastSink(producer, config["topic"], errors, config["flush_timeout"],
                              link=BrokerLink(config["outage_budget"]), output_format=config["output_format"])
     failure: dict[str, Any] | None = None  # a send that failed: the next flush reports it
-    frames = _read_ahead(stream)
+    frames = read_ahead(stream)
     try:
         while True:
             op, body = frames.get()
@@ -412,14 +419,19 @@ def _flush(sink: KafkaForecastSink, errors: _Count, failure: dict[str, Any] | No
     return {"failure": None, "message": None, **(failure or {}), "errors": errors.take()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s (output process): %(message)s")
+def start_child(child: str) -> None:
+    """A child process's logging and signals. The member tells the child when to stop (``S``, or the end of its
+    input if it died); a Ctrl-C sent to the whole process group must not cut the child off before the member's
+    last flush."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s ({child}): %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
-    # The member tells the child when to stop (S, or the end of its input if it died); a Ctrl-C sent to the whole
-    # process group must not cut the child off before the member's last flush.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    start_child("output process")
     # The frame reader and the producer's IO thread wait on the encoding thread for the interpreter lock; a shorter
     # switch interval than the default 5 ms lets them in sooner.
     sys.setswitchinterval(0.001)

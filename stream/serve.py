@@ -17,6 +17,9 @@ Threads
 * **output processes** (``--output-processes``, 2 by default in the JSON format): child processes that encode and
   send the forecasts (:mod:`~tidecast.stream.output_process`), so that kafka-python's per-message cost does not
   share the worker's core; the worker hands each batch's forecasts over as raw columns.
+* **fetch process** (``--fetch-process``, off by default): a child process that fetches and decodes the input
+  (:mod:`~tidecast.stream.fetch_process`); the group consumer then only keeps the membership and commits, and
+  the poll thread hands the child's decoded columns to the worker.
 * kafka-python's IO thread runs the rebalance listener, which hands revoked partitions to the worker for a
   final checkpoint, awaits it without blocking heartbeats, and commits.
 * a lag probe (:class:`~tidecast.stream.kafka.HighwaterProbe`) refreshes the end of paused partitions.
@@ -59,6 +62,7 @@ from typing import Any
 from tidecast.monitors.metrics import Metrics
 from tidecast.stream.config import EngineConfig, ServeConfig
 from tidecast.stream.engine import Engine
+from tidecast.stream.fetch_process import FetchProcess
 from tidecast.stream.fetcher import Fetcher, rebalance_listener
 from tidecast.stream.health import HealthServer, Heartbeat, Readiness
 from tidecast.stream.kafka import (
@@ -146,6 +150,7 @@ class Service:
         self.trainer: Trainer | None = None
         self.fetcher: Fetcher | None = None
         self.probe: HighwaterProbe | None = None
+        self.fetch_process: FetchProcess | None = None
         self.health: HealthServer | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
@@ -226,8 +231,11 @@ class Service:
         probe_settings = {**reader_settings, "max_partition_fetch_bytes": 65_536, "fetch_max_bytes": 1_048_576}
         self.probe = HighwaterProbe(cfg.topic, lambda: KafkaConsumer(**probe_settings), cfg.lag_interval)
         self.probe.start()
+        if cfg.fetch_process:
+            self.fetch_process = FetchProcess(self._fetch_settings(KafkaConsumer), cfg.topic, cfg.max_record_bytes,
+                                              self.consumer, epochs)
         self.fetcher = Fetcher(cfg, self.consumer, self.worker, outbox, epochs, self.readiness, self.probe,
-                               self.metrics, self.heartbeats["poll"], self.link)
+                               self.metrics, self.heartbeats["poll"], self.link, self.fetch_process)
         self.consumer.subscribe([cfg.topic], listener=rebalance_listener(self.fetcher, self._stop, self.worker_failed))
         self.readiness.mark_started()
         log.info("serving %s as group %s -> %s (drift events %s, dead letters %s, changelog %s)", cfg.topic,
@@ -271,6 +279,14 @@ class Service:
                                max_partition_fetch_bytes=max(cfg.max_partition_fetch_bytes, cfg.max_request_size),
                                fetch_max_bytes=max(cfg.fetch_max_bytes, cfg.max_request_size))
 
+    def _fetch_settings(self, client: type) -> dict[str, Any]:
+        """The fetch process's consumer: the group consumer's fetch settings, without the group."""
+        cfg = self.cfg
+        return client_settings(cfg.options, client, cfg.kafka_extra, group_id=None, enable_auto_commit=False,
+                               auto_offset_reset=cfg.auto_offset_reset, max_poll_records=cfg.max_poll_records,
+                               max_partition_fetch_bytes=cfg.max_partition_fetch_bytes,
+                               fetch_max_bytes=cfg.fetch_max_bytes, fetch_max_wait_ms=cfg.fetch_max_wait_ms)
+
     def _prepare_topics(self, admin_cls: type, n_input: int) -> dict[str, int]:
         cfg = self.cfg
         if cfg.create_topics:
@@ -313,6 +329,8 @@ class Service:
                 self.consumer.close(timeout_ms=int(max(1.0, deadline - time.monotonic()) * 1000))
             except Exception as err:
                 _log_close_error("closing the consumer", err)
+        if self.fetch_process is not None:
+            self.fetch_process.close(max(0.5, deadline - time.monotonic()))
         if self.worker is not None:
             self.worker.stop()
             self.worker.join(timeout=max(0.5, deadline - time.monotonic()))

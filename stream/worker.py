@@ -25,7 +25,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tidecast.monitors.metrics import Metrics
@@ -33,7 +33,13 @@ from tidecast.stream.batch import ObservationBatch
 from tidecast.stream.engine import Engine
 from tidecast.stream.health import Heartbeat
 from tidecast.stream.kafka import BrokerUnavailable, OutputError, UnsendableForecasts
-from tidecast.stream.kafka_source import PROCESSING_ERROR, dead_letter, decode_records
+from tidecast.stream.kafka_source import (
+    PROCESSING_ERROR,
+    DecodedRecords,
+    dead_letter,
+    decode_records,
+    take_records,
+)
 from tidecast.stream.messages import (
     AbandonPartitions,
     AssignPartitions,
@@ -126,7 +132,7 @@ class Worker(threading.Thread):
 
     def _gather(self, first: FetchedRecords) -> tuple[list[FetchedRecords], Any]:
         """``first`` plus queued records up to ``batch_size``; also returns a command taken off meanwhile."""
-        fetched, size = [first], len(first.records)
+        fetched, size = [first], first.count
         while size < self.cfg.batch_size:
             try:
                 nxt = self.inbox.get_nowait()
@@ -135,17 +141,21 @@ class Worker(threading.Thread):
             if not isinstance(nxt, FetchedRecords):
                 return fetched, nxt
             fetched.append(nxt)
-            size += len(nxt.records)
+            size += nxt.count
         return fetched, None
 
     # -- records: decode -> screen -> engine -> sinks -----------------------------------------------------------
     def process(self, fetched: list[FetchedRecords]) -> None:
         """Apply fetched records of owned partitions in the current epoch; others are stale and dropped."""
-        self.dequeued += sum(len(f.records) for f in fetched)
+        self.dequeued += sum(f.count for f in fetched)
         live = [f for f in fetched if self.table.owns(f.partition) and self.epochs.get(f.partition, 0) == f.epoch]
         if not live:
             return
-        decoded = decode_records((r for f in live for r in f.records), self.cfg.max_record_bytes)
+        if any(isinstance(f.records, DecodedRecords) for f in live):  # a fetch process decoded them
+            decoded = DecodedRecords.concat([f.records if isinstance(f.records, DecodedRecords)
+                                             else decode_records(f.records, self.cfg.max_record_bytes) for f in live])
+        else:
+            decoded = decode_records((r for f in live for r in f.records), self.cfg.max_record_bytes)
         self.table.advance(decoded.ends)
         screened = self.table.screen(decoded.batch)
         if screened.skipped:
@@ -155,14 +165,14 @@ class Worker(threading.Thread):
         self._write_letters(letters)
         batch = decoded.batch.take(screened.keep)
         if len(batch):
-            self._apply(batch, [decoded.records[i] for i in screened.keep.tolist()], screened.new_owners)
-        n = sum(len(f.records) for f in live)
+            self._apply(batch, take_records(decoded.records, screened.keep), screened.new_owners)
+        n = sum(f.count for f in live)
         self.processed += n
         self._since_checkpoint += n
         if self._after_batch is not None:
             self._after_batch()
 
-    def _apply(self, batch: ObservationBatch, records: list[Any], new_owners: dict[str, int]) -> None:
+    def _apply(self, batch: ObservationBatch, records: Sequence[Any], new_owners: dict[str, int]) -> None:
         """Engine, then forecasts and drift events; a failure of either dead-letters the records concerned (module
         docstring)."""
         try:
@@ -194,7 +204,7 @@ class Worker(threading.Thread):
         except Exception as err:
             self._processing_failed(records, range(len(records)), "publishing the batch's drift events", err)
 
-    def _processing_failed(self, records: list[Any], rows: Any, what: str, err: BaseException) -> None:
+    def _processing_failed(self, records: Sequence[Any], rows: Any, what: str, err: BaseException) -> None:
         rows = list(rows)
         self.metrics.processing_errors.inc()
         detail = (f"{what} raised {type(err).__name__}: {err} (a tidecast bug or a gap in input validation; "

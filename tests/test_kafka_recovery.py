@@ -120,14 +120,15 @@ def etth1_messages(as_messages, rows: int) -> list[tuple[bytes, bytes]]:
     return as_messages([(f"ETTh1/{c}", t, v) for i, t in enumerate(stamps) for c, v in frame.iloc[i].items()])
 
 
+@pytest.mark.parametrize("fetching", [(), ("--fetch-process",)], ids=["in-process", "fetch-process"])
 def test_kill_9_three_times_mid_stream_then_state_and_forecasts_equal_an_uninterrupted_run(
-        kafka, unique, serve, tmp_path, as_messages):
+        kafka, unique, serve, tmp_path, as_messages, fetching):
     topic, group, state = unique("crash"), unique("g"), tmp_path / "state"
     kafka.create_topic(topic, 2)
     sent = kafka.send(topic, etth1_messages(as_messages, 1200))
     ends = {p: 1 + max(m.offset for m in sent if m.partition == p) for p in range(2)}
     args = (*ENGINE_ARGS, "--checkpoint-records", "500", "--checkpoint-interval", "0.3", "--max-poll-records", "50",
-            "--batch-size", "100", "--session-timeout-ms", "3000", "--heartbeat-interval-ms", "500")
+            "--batch-size", "100", "--session-timeout-ms", "3000", "--heartbeat-interval-ms", "500", *fetching)
     for run in range(3):
         proc = serve(topic, group, state, *args, name=f"run-{run}")
         proc.wait_value("tidecast_observations_total", lambda v: v >= 1500, 60)
@@ -151,7 +152,9 @@ def test_kill_9_three_times_mid_stream_then_state_and_forecasts_equal_an_uninter
     assert_events_exactly_once(kafka.read_all(f"{topic}-events", min_count=len(events)), events)
 
 
-def test_scale_out_then_in_moves_partitions_with_their_state(kafka, unique, serve, tmp_path, as_messages, waiter):
+@pytest.mark.parametrize("fetching", [(), ("--fetch-process",)], ids=["in-process", "fetch-process"])
+def test_scale_out_then_in_moves_partitions_with_their_state(kafka, unique, serve, tmp_path, as_messages, waiter,
+                                                             fetching):
     topic, group = unique("scale"), unique("g")
     kafka.create_topic(topic, 4)
     rng = np.random.default_rng(3)
@@ -159,7 +162,7 @@ def test_scale_out_then_in_moves_partitions_with_their_state(kafka, unique, serv
     rows = [(f"scale/{s}", (t0 + pd.Timedelta(hours=k)).isoformat(), 5 * s + np.sin(k / 4 + s) + rng.normal())
             for k in range(600) for s in range(12)]
     messages = as_messages(rows)
-    args = (*ENGINE_ARGS, "--assignment-strategy", "cooperative-sticky")  # (range is used everywhere else)
+    args = (*ENGINE_ARGS, "--assignment-strategy", "cooperative-sticky", *fetching)  # (range everywhere else)
     a = serve(topic, group, tmp_path / "a", *args, name="a")
     b = serve(topic, group, tmp_path / "b", *args, name="b")
     for proc in (a, b):

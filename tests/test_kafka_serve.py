@@ -29,8 +29,9 @@ ETTH1 = DATA / "ETTh1.csv"
 WARMUP = 401  # seasonal naive (period detected after 2 * 200 + 2 observations) emits from the 402nd on
 
 
-@pytest.mark.parametrize("extra,children", [((), 2), (("--output-processes", "0"), 0)],
-                         ids=["default-output-processes", "in-worker"])
+@pytest.mark.parametrize("extra,children", [((), 2), (("--output-processes", "0"), 0),
+                                            (("--fetch-process", "--output-processes", "1"), 2)],
+                         ids=["default-output-processes", "in-worker", "fetch-process"])
 def test_produce_then_serve_forecasts_every_observation_after_warmup(kafka, unique, serve, tmp_path, extra,
                                                                       children):
     topic, group, rows = unique("etth1"), unique("g"), 1500
@@ -41,7 +42,7 @@ def test_produce_then_serve_forecasts_every_observation_after_warmup(kafka, uniq
     proc.wait_value("tidecast_observations_total", lambda v: v >= n_obs, 60)
     proc.wait_caught_up(4)
     pids = Path(f"/proc/{proc.proc.pid}/task/{proc.proc.pid}/children").read_text().split()
-    assert len(pids) == children  # the output processes: 2 by default in the JSON format
+    assert len(pids) == children  # the output processes (2 by default in the JSON format) and the fetch process
 
     expected = (rows - WARMUP) * 7
     messages = [json.loads(r.value) for r in kafka.read_all(f"{topic}-forecasts", min_count=expected)]

@@ -469,15 +469,16 @@ def test_a_broker_outage_is_waited_out_and_nothing_is_lost(private_broker, as_me
 
 
 @pytest.mark.kafka
+@pytest.mark.parametrize("fetching", [(), ("--fetch-process",)], ids=["in-process", "fetch-process"])
 def test_after_the_broker_lost_its_data_serve_resets_past_the_end_and_reads_the_new_records(
-        private_broker, serve, as_messages, tmp_path, caplog):
+        private_broker, serve, as_messages, tmp_path, caplog, fetching):
     """A restarted in-memory broker: topics, changelog and committed offsets are gone, the local snapshot says
     the partition was at offset 60. The new topic's records must be read, not waited for past its end."""
     from conftest import KafkaKit
 
     topic, group, state = "lost", "g-lost", tmp_path / "state"
     args = ("--bootstrap-servers", private_broker.bootstrap, "--model-param", "seasonal-naive.period=6",
-            "--checkpoint-interval", "0.5")
+            "--checkpoint-interval", "0.5", *fetching)
     kit = KafkaKit(private_broker.bootstrap)
     kit.create_topic(topic, 1)
     kit.send(topic, as_messages(hourly("lost/a", range(60))))
@@ -513,8 +514,9 @@ def _reason_of(value: bytes) -> str | None:
 
 
 @pytest.mark.kafka
+@pytest.mark.parametrize("fetching", [(), ("--fetch-process",)], ids=["in-process", "fetch-process"])
 def test_serve_survives_a_mixed_batch_of_every_poison_pill_and_a_restart(kafka, unique, serve, tmp_path,
-                                                                          as_messages):
+                                                                          as_messages, fetching):
     topic, group, state = unique("poison"), unique("g"), tmp_path / "state"
     partitions = 4
     kafka.create_topic(topic, partitions)
@@ -589,7 +591,7 @@ def test_serve_survives_a_mixed_batch_of_every_poison_pill_and_a_restart(kafka, 
     assert duplicate.partition == 1
 
     args = ("--model-param", "seasonal-naive.period=24", "--max-record-bytes", "2048",
-            "--checkpoint-interval", "600", "--checkpoint-records", "1000000")
+            "--checkpoint-interval", "600", "--checkpoint-records", "1000000", *fetching)
     proc = serve(topic, group, state, *args)
     proc.wait_value("tidecast_observations_total", lambda v: v == steps * len(series) + lone_applied, 90)
     proc.wait_caught_up(partitions)
