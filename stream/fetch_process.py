@@ -326,9 +326,10 @@ class FetchProcess:
             return out
         while frame is not None:
             op, body = frame
-            if op == b"":
-                self._alive()
-                raise RuntimeError("the fetch process closed its pipe")
+            if op == b"":  # its end of the pipe closed: it exited, or is about to
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(5)
+                raise RuntimeError(f"the fetch process exited (status {self.proc.poll()})")
             if op == b"B":
                 chunk = decode_chunk(body, self.topic, self._table)
                 with self._lock:

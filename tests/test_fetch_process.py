@@ -21,6 +21,7 @@ from tidecast.stream.fetch_process import (
 from tidecast.stream.kafka import dead_letter_message
 from tidecast.stream.kafka_source import DecodedRecords, decode_records
 from tidecast.stream.messages import FetchedRecords
+from tidecast.stream.state import LocalStateStore
 
 
 def mixed_records(partition: int = 1, offset0: int = 40) -> list[SimpleNamespace]:
@@ -185,3 +186,34 @@ def test_the_child_fetches_from_where_it_is_told_and_drops_what_a_seek_or_revoca
     finally:
         fetch.close()
     assert fetch.proc.returncode == 0
+
+
+@pytest.mark.kafka
+def test_a_member_whose_fetch_process_dies_stops_and_its_successor_loses_nothing(kafka, unique, serve, tmp_path,
+                                                                                  as_messages):
+    import os
+    import signal
+    from pathlib import Path
+
+    topic, group, state = unique("fpdie"), unique("g"), tmp_path / "state"
+    kafka.create_topic(topic, 2)
+    rows = [(f"die/{s}", f"2024-01-{1 + h // 24:02d}T{h % 24:02d}:00:00Z", float(h % 7)) for h in range(60)
+            for s in range(3)]
+    kafka.send(topic, as_messages(rows[:90]))
+    args = ("--model-param", "seasonal-naive.period=6", "--fetch-process", "--output-processes", "0")
+    proc = serve(topic, group, state, *args, name="first")
+    proc.wait_value("tidecast_observations_total", lambda v: v == 90, 60)
+    pid = proc.proc.pid
+    (child,) = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    os.kill(int(child), signal.SIGKILL)
+    assert proc.proc.wait(30) == 1  # the member stops instead of waiting for records that never come
+    assert "the fetch process exited" in proc.log.read_text()
+
+    kafka.send(topic, as_messages(rows[90:]))
+    again = serve(topic, group, state, *args, name="again")
+    again.wait_value("tidecast_observations_total", lambda v: v >= 90, 60)  # at most the last checkpoint re-read
+    again.wait_caught_up(2)
+    assert again.terminate()[0] == 0
+    applied = sum(int(n) for p in range(2) if (snap := LocalStateStore(state, group, topic).load(p)) is not None
+                  for n in snap.rows.arrays["engine/n_applied"].tolist())
+    assert applied == len(rows)  # every observation applied once, across the two members
