@@ -21,7 +21,7 @@ partition: :func:`encode_chunk`) and ``H`` (positions and highwaters, four times
 >>> from types import SimpleNamespace as Rec
 >>> recs = [Rec(topic="obs", partition=2, offset=7, timestamp=1, key=b"a", headers=[],
 ...             value=b'{"series_id":"a","timestamp":"2020-01-01T00:00:00Z","value":1}'),
-...         Rec(topic="obs", partition=2, offset=9, timestamp=2, key=None, headers=[("h", b"1")], value=b"{")]
+...         Rec(topic="obs", partition=2, offset=9, timestamp=2, key=None, headers=[], value=b"{")]
 >>> body = encode_chunk(2, 5, recs, decode_records(recs), 10, SeriesCodes())
 >>> chunk = decode_chunk(body, "obs", SeriesTable())
 >>> chunk.partition, chunk.gen, chunk.first, chunk.next, chunk.count, chunk.highwater
@@ -29,8 +29,8 @@ partition: :func:`encode_chunk`) and ``H`` (positions and highwaters, four times
 >>> chunk.decoded.batch.series_ids.tolist(), chunk.decoded.records[0].key
 (['a'], b'a')
 >>> letter = chunk.decoded.letters[0]
->>> letter.reason, letter.position, letter.raw.value, letter.raw.headers
-('not_json', (2, 9), b'{', [('h', b'1')])
+>>> letter.reason, letter.position, letter.raw.key, letter.raw.value
+('not_json', (2, 9), None, b'{')
 """
 
 from __future__ import annotations
@@ -80,7 +80,6 @@ class RecordView:
     timestamp: int | None
     key: bytes | None
     value: bytes | None
-    headers: list[tuple[str, bytes]]
 
 
 class RawRecords:
@@ -88,13 +87,12 @@ class RawRecords:
     records a dead letter carries)."""
 
     def __init__(self, topic: str, partition: int, arrays: Mapping[str, np.ndarray], keys: bytes, values: bytes,
-                 headers: Mapping[int, list[tuple[str, bytes]]]) -> None:
+                 ) -> None:
         self.topic = topic
         self.partition = partition
         self.arrays = arrays
         self.keys = keys
         self.values = values
-        self.headers = headers
 
     def __len__(self) -> int:
         return len(self.arrays["offsets"])
@@ -103,17 +101,20 @@ class RawRecords:
         a = self.arrays
         stamp = int(a["timestamps"][i])
         return RecordView(self.topic, self.partition, int(a["offsets"][i]), None if stamp < 0 else stamp,
-                          _slice(self.keys, a["key_ends"], i), _slice(self.values, a["value_ends"], i),
-                          list(self.headers.get(i, [])))
+                          _slice(self.keys, a["key_ends"], i), _slice(self.values, a["value_ends"], i))
 
 
 def _slice(blob: bytes, ends: np.ndarray, i: int) -> bytes | None:
-    """Item ``i`` of a blob whose items end at ``abs(ends)``; a negative end marks ``None``."""
+    """Item ``i`` of a blob (:func:`_ends` wrote ``ends``): ``None`` where the item was ``None``."""
     end = int(ends[i])
     if end < 0:
         return None
-    start = abs(int(ends[i - 1])) if i else 0
-    return blob[start:end]
+    return blob[_end(int(ends[i - 1])) if i else 0:end]
+
+
+def _end(stored: int) -> int:
+    """Where an item ends in its blob, from its stored end (``-(end + 1)`` marks a ``None`` item)."""
+    return stored if stored >= 0 else -stored - 1
 
 
 class RecordRows(Sequence):
@@ -214,9 +215,8 @@ def encode_chunk(partition: int, gen: int, records: Sequence[Any], decoded: Deco
         "values": batch.values,
     }
     letters = [[int(np.searchsorted(offsets, d.position[1])), d.reason, d.detail] for d in decoded.letters]
-    headers = {str(i): [[k, (v or b"").hex()] for k, v in r.headers] for i, r in enumerate(records) if r.headers}
     header = {"p": partition, "gen": gen, "n": n, "rows": len(batch), "hw": highwater, "letters": letters,
-              "headers": headers, "new": new, "reset": reset}
+              "new": new, "reset": reset}
     head = json.dumps(header, separators=(",", ":")).encode("utf-8", "surrogatepass")
     parts = [struct.pack("<I", len(head)), head]
     parts += [np.ascontiguousarray(arrays[name], kind).tobytes() for name, kind in (*_RECORD_ARRAYS, *_ROW_ARRAYS)]
@@ -225,11 +225,11 @@ def encode_chunk(partition: int, gen: int, records: Sequence[Any], decoded: Deco
 
 
 def _ends(items: list[bytes | None]) -> np.ndarray:
-    """Cumulative ends of the items in their blob; ``None`` items are marked by a negative end."""
+    """Cumulative ends of the items in their blob; a ``None`` item's is stored as ``-(end + 1)``."""
     lengths = np.fromiter((0 if b is None else len(b) for b in items), np.int64, len(items))
     ends = np.cumsum(lengths)
     missing = np.fromiter((b is None for b in items), bool, len(items))
-    return np.where(missing, -ends, ends) if missing.any() else ends
+    return np.where(missing, -ends - 1, ends) if missing.any() else ends
 
 
 @dataclass(frozen=True)
@@ -257,10 +257,9 @@ def decode_chunk(body: bytes, topic: str, table: SeriesTable) -> Chunk:
         length = n if name in dict(_RECORD_ARRAYS) else rows
         arrays[name] = np.frombuffer(body, kind, length, at)
         at += arrays[name].nbytes
-    key_bytes = int(abs(arrays["key_ends"][-1])) if n else 0
+    key_bytes = _end(int(arrays["key_ends"][-1])) if n else 0
     keys, values = body[at:at + key_bytes], body[at + key_bytes:]
-    headers = {int(i): [(k, bytes.fromhex(v)) for k, v in hs] for i, hs in header["headers"].items()}
-    raw = RawRecords(topic, p, arrays, keys, values, headers)
+    raw = RawRecords(topic, p, arrays, keys, values)
     table.update(header["new"], header["reset"])
     offsets = arrays["offsets"]
     batch = ObservationBatch(table.lookup(arrays["codes"]), arrays["times"], arrays["values"],

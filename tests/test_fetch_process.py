@@ -29,12 +29,12 @@ def mixed_records(partition: int = 1, offset0: int = 40) -> list[SimpleNamespace
     good = records(partition, ["a", "d"], range(3), offset0)
     bad = [
         SimpleNamespace(topic="obs", partition=partition, offset=0, key=None, value=b"{", timestamp=None,
-                        headers=[("trace", b"\x00\xff"), ("empty", None)]),
+                        headers=[("trace", b"\x00\xff")]),
         SimpleNamespace(topic="obs", partition=partition, offset=0, key=b"", value=None, timestamp=5, headers=[]),
         SimpleNamespace(topic="obs", partition=partition, offset=0, key=b"z", value=b'{"series_id":"z"}',
                         timestamp=6, headers=[]),
     ]
-    out = good[:2] + bad[:1] + good[2:4] + bad[1:] + good[4:]
+    out = bad[:1] + good[:2] + good[2:4] + bad[1:] + good[4:]  # a None key first: nothing before it in the blob
     for i, rec in enumerate(out):
         rec.offset = offset0 + i + (3 if i >= 4 else 0)  # offsets need not be consecutive (compaction, markers)
     return out
