@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 STATUS_SECONDS = 0.25
 #: Frames read ahead of the poll thread; a full queue holds the child back (its pipe fills, its writes wait).
 READ_AHEAD = 64
+#: How long the group consumer may take to say where a partition restored without a position starts.
+POSITION_TIMEOUT_MS = 5_000
 #: Series ids the child numbers before it starts over (the member's table of them is cleared with it).
 MAX_CODES = 1_000_000
 #: Per record, in this order, then the two blobs (keys, values); per kept row, in this order.
@@ -301,6 +303,7 @@ class FetchProcess:
         self._fetching: set[int] = set()  # partitions the child fetches
         self._paused: set[int] = set()
         self._pending: dict[int, int] = {}  # partition -> where to start once resumed (a seek before the first resume)
+        self._unstarted: set[int] = set()  # resumed, but the group could not say where to start yet
         self._positions: dict[int, int] = {}
         self._highwater: dict[int, int] = {}
         self._table = SeriesTable()
@@ -318,6 +321,10 @@ class FetchProcess:
         from kafka import TopicPartition
 
         out: list[tuple[Any, Chunk]] = []
+        if self._unstarted:
+            with self._lock:
+                for p in sorted(self._unstarted - self._paused):
+                    self._begin(p)
         try:
             frame = self._frames.get(timeout=timeout_ms / 1000)
         except queue.Empty:
@@ -360,10 +367,7 @@ class FetchProcess:
             parts = {tp.partition for tp in tps}
             self._paused -= parts
             for p in sorted(parts - self._fetching):
-                offset = self._pending.pop(p, None)
-                if offset is None:  # restored without a position: the group's committed offset (or the reset)
-                    offset = self.group.position(self._tp(p))
-                self._start(p, offset)
+                self._begin(p)
             resumed = sorted(parts & self._fetching)
             if resumed:
                 self._send(b"R", json.dumps(resumed).encode())
@@ -404,6 +408,7 @@ class FetchProcess:
                 self._fetching.discard(p)
                 self._paused.discard(p)
                 self._pending.pop(p, None)
+                self._unstarted.discard(p)
                 self._positions.pop(p, None)
                 self._highwater.pop(p, None)
             if stopped:  # (a child that died meanwhile stops the member at the next poll, not the listener here)
@@ -420,6 +425,22 @@ class FetchProcess:
             log.warning("the fetch process did not stop within %.0f s: killed", timeout)
             self.proc.kill()
             self.proc.wait()
+
+    def _begin(self, p: int) -> None:
+        """Start fetching a resumed partition where it was sought, else at the group's committed offset (or where
+        the reset policy puts it); if the group cannot say now (the cluster unreachable), the next poll asks
+        again."""
+        offset = self._pending.get(p)
+        if offset is None:
+            try:
+                offset = self.group.position(self._tp(p), timeout_ms=POSITION_TIMEOUT_MS)
+            except Exception as err:
+                log.warning("no start position for partition %d yet (%s); asking again", p, err)
+                self._unstarted.add(p)
+                return
+        self._pending.pop(p, None)
+        self._unstarted.discard(p)
+        self._start(p, offset)
 
     def _start(self, p: int, offset: int) -> None:
         gen = self._gen[p] = self._gen.get(p, 0) + 1

@@ -126,13 +126,17 @@ class FakeGroup:
 
     def __init__(self, topic: str, committed: dict[int, int]) -> None:
         self.topic, self.committed = topic, committed
+        self.asked = 0
 
     def assignment(self) -> set:
         from kafka import TopicPartition
 
         return {TopicPartition(self.topic, p) for p in self.committed}
 
-    def position(self, tp) -> int:
+    def position(self, tp, timeout_ms=None) -> int:
+        self.asked += 1
+        if self.asked == 1:  # the cluster does not answer the first time: the fetch process asks again
+            raise TimeoutError("no answer")
         return self.committed[tp.partition]
 
 
