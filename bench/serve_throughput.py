@@ -24,7 +24,8 @@ N series x T hourly observations (4 partitions) and measures, in the same run:
     .venv/bin/python bench/serve_throughput.py --json          # the same; the last line is JSON
     .venv/bin/python bench/serve_throughput.py --only a,b      # a subset
     .venv/bin/python bench/serve_throughput.py --soak          # 1,000,000 observations over 10,000 series, a kill -9
-                                                               # in the middle (~10 min)
+                                                               # in the middle (~10 min; compact, --fetch-process;
+                                                               # RSS counts the member and its child processes)
     .venv/bin/python bench/serve_throughput.py --soak --soak-checkpoint-records 100000   # many checkpoints
     .venv/bin/python bench/serve_throughput.py --scale-out     # two members against one on 4 partitions
 
@@ -63,6 +64,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _rss(pid: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:  # gone meanwhile
+        pass
+    return 0
 
 
 def stop_pid(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
@@ -165,10 +176,13 @@ class Member:
             time.sleep(interval)
 
     def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
+        """The member's resident memory with its child processes' (fetch and output processes)."""
+        pid = self.proc.pid
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            children = []
+        return sum(_rss(p) for p in [str(pid), *children])
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         return stop_pid(self.proc, sig)
@@ -621,8 +635,9 @@ def main() -> None:
                 cadence = () if args.soak_checkpoint_records is None else (
                     "--checkpoint-records", str(args.soak_checkpoint_records), "--checkpoint-interval", "3600",
                     "--changelog-bytes-per-record", "0")
+                fetching = ("--fetch-process",) if args.fetch_process else ()
                 out["soak"] = soak(broker, workdir, args.soak_series, args.soak_observations,
-                                   (*SN_ARGS, "--output-format", "compact", *cadence))
+                                   (*SN_ARGS, "--output-format", "compact", *fetching, *cadence))
             elif args.scale_out:
                 out["scale_out"] = scale_out(broker, workdir, args.series, args.ticks,
                                              (*SN_ARGS, "--output-format", "compact"))
