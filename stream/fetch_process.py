@@ -88,8 +88,8 @@ class RawRecords:
     """One chunk's records, as columns; :class:`RecordView` objects are made only for the rows asked for (the
     records a dead letter carries)."""
 
-    def __init__(self, topic: str, partition: int, arrays: Mapping[str, np.ndarray], keys: bytes, values: bytes,
-                 ) -> None:
+    def __init__(self, topic: str, partition: int, arrays: Mapping[str, np.ndarray], keys: bytes,
+                 values: bytes) -> None:
         self.topic = topic
         self.partition = partition
         self.arrays = arrays
