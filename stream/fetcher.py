@@ -130,12 +130,17 @@ class Fetcher:
 
     def poll_once(self) -> None:
         self.heartbeat.tick()
-        if self.fetch_process is not None and time.monotonic() - self._group_polled >= self.GROUP_POLL_SECONDS:
+        wait_ms = 100
+        if self.fetch_process is not None:
             # The membership: nothing to fetch, every partition is paused here. A join or rejoin needs polls that
-            # wait (with 1 ms polls a join took 7-20 s against 4.5 s); a settled member's poll returns at once.
-            self.consumer.poll(timeout_ms=1 if _settled(self.consumer) else 100)
-            self._group_polled = time.monotonic()
-        polled = self.data.poll(timeout_ms=100)  # a fetch process answers (partition, chunk) pairs in arrival order
+            # wait, back to back (with 1 ms polls a join took 7-20 s against 4.5 s); a settled member's poll returns
+            # at once, every GROUP_POLL_SECONDS.
+            settled = _settled(self.consumer)
+            if not settled or time.monotonic() - self._group_polled >= self.GROUP_POLL_SECONDS:
+                self.consumer.poll(timeout_ms=1 if settled else 100)
+                self._group_polled = time.monotonic()
+            wait_ms = 100 if settled else 10
+        polled = self.data.poll(timeout_ms=wait_ms)  # a fetch process answers (partition, chunk) pairs in arrival order
         for tp, records in (polled.items() if isinstance(polled, dict) else polled):
             if not records:
                 continue
@@ -338,11 +343,12 @@ class Fetcher:
 
 
 def _settled(consumer: Any) -> bool:
-    """Whether the group consumer holds an assignment and no rebalance is pending (kafka-python's coordinator says;
-    a client without that answer counts as never settled)."""
+    """Whether the group consumer holds an assignment, is a stable member and no rebalance is pending
+    (kafka-python's coordinator says; a client without that answer counts as never settled)."""
     coordinator = getattr(consumer, "_coordinator", None)
     try:
-        return bool(consumer.assignment()) and not coordinator.need_rejoin()
+        stable = getattr(coordinator, "state", None) == "<stable>"  # kafka.structs.MemberState.STABLE
+        return stable and bool(consumer.assignment()) and not coordinator.need_rejoin()
     except Exception:
         return False
 
