@@ -53,7 +53,7 @@ import numpy as np
 
 from tidecast.stream.batch import ObservationBatch
 from tidecast.stream.kafka_source import DecodedRecords, decode_records
-from tidecast.stream.output_process import FRAME, client_kwargs, read_ahead, read_config, start_child
+from tidecast.stream.output_process import client_kwargs, read_ahead, read_config, start_child, write_frame
 from tidecast.stream.sources import DeadLetter
 
 log = logging.getLogger(__name__)
@@ -461,8 +461,7 @@ class FetchProcess:
 
     def _send(self, op: bytes, body: bytes) -> None:
         try:
-            self._stdin.write(FRAME.pack(op, len(body)) + body)
-            self._stdin.flush()
+            write_frame(self._stdin, op, body)
         except BrokenPipeError as err:
             raise RuntimeError(f"the fetch process exited ({self.proc.poll()})") from err
 
@@ -494,10 +493,10 @@ class _Fetching:
         if op == b"A":
             order = json.loads(body)
             p = int(order["p"])
-            if p not in self.gen:
-                self.gen[p] = order["gen"]
-                self._assign()
+            new = p not in self.gen
             self.gen[p] = order["gen"]
+            if new:
+                self._assign()
             self.consumer.seek(TopicPartition(self.topic, p), int(order["offset"]))
             self.next[p] = int(order["offset"])
             if p in self.paused:  # a new generation starts unpaused unless told otherwise
@@ -527,7 +526,6 @@ class _Fetching:
     @property
     def active(self) -> bool:
         return bool(set(self.gen) - self.paused)
-
 
     def status(self) -> dict[str, Any]:
         from kafka import TopicPartition
@@ -569,19 +567,14 @@ def fetch_child(commands: Any, frames: Any) -> int:
                 decoded = decode_records(records, max_bytes)
                 fetching.next[tp.partition] = records[-1].offset + 1
                 body = encode_chunk(tp.partition, gen, records, decoded, consumer.highwater(tp), codes)
-                _write_frame(frames, b"B", body)
+                write_frame(frames, b"B", body)
             if time.monotonic() - status_at >= STATUS_SECONDS:
                 status_at = time.monotonic()
-                _write_frame(frames, b"H", json.dumps(fetching.status()).encode())
+                write_frame(frames, b"H", json.dumps(fetching.status()).encode())
     except BrokenPipeError:
         return 0  # the member is gone
     finally:
         consumer.close()
-
-
-def _write_frame(stream: Any, op: bytes, body: bytes) -> None:
-    stream.write(FRAME.pack(op, len(body)) + body)
-    stream.flush()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -319,6 +319,12 @@ def read_frame(stream: Any) -> tuple[bytes, bytes]:
     return op, stream.read(size)
 
 
+def write_frame(stream: Any, op: bytes, body: bytes) -> None:
+    """One frame to a blocking stream (the fetch process's pipes; the output processes' own pipe is non-blocking)."""
+    stream.write(FRAME.pack(op, len(body)) + body)
+    stream.flush()
+
+
 def read_ahead(stream: Any, depth: int = 8, name: str = "tidecast-output-reader") -> queue.Queue:
     """Frames read on a thread of their own, up to ``depth`` ahead (0: unbounded), until ``S`` or the end of input:
     the member's writes seldom wait for a batch being sent (with one pipe buffer between them, each side waited for

@@ -264,12 +264,16 @@ class Service:
     def _consumer_settings(self, client: type) -> dict[str, Any]:
         cfg = self.cfg
         return client_settings(
-            cfg.options, client, cfg.kafka_extra, group_id=cfg.group_id, enable_auto_commit=False,
-            auto_offset_reset=cfg.auto_offset_reset, session_timeout_ms=cfg.session_timeout_ms,
+            cfg.options, client, cfg.kafka_extra, group_id=cfg.group_id, session_timeout_ms=cfg.session_timeout_ms,
             heartbeat_interval_ms=cfg.heartbeat_interval_ms, max_poll_interval_ms=cfg.max_poll_interval_ms,
-            max_poll_records=cfg.max_poll_records, max_partition_fetch_bytes=cfg.max_partition_fetch_bytes,
-            fetch_max_bytes=cfg.fetch_max_bytes, fetch_max_wait_ms=cfg.fetch_max_wait_ms,
-            partition_assignment_strategy=assignors(cfg.assignment_strategy))
+            partition_assignment_strategy=assignors(cfg.assignment_strategy), **self._input_fetch())
+
+    def _input_fetch(self) -> dict[str, Any]:
+        """How the input is fetched, by the group consumer or by the fetch process's (never auto-committing)."""
+        cfg = self.cfg
+        return {"enable_auto_commit": False, "auto_offset_reset": cfg.auto_offset_reset,
+                "max_poll_records": cfg.max_poll_records, "max_partition_fetch_bytes": cfg.max_partition_fetch_bytes,
+                "fetch_max_bytes": cfg.fetch_max_bytes, "fetch_max_wait_ms": cfg.fetch_max_wait_ms}
 
     def _reader_settings(self, client: type) -> dict[str, Any]:
         """A group-less consumer (changelog restore, lag probe): short fetch waits, never commits."""
@@ -281,11 +285,7 @@ class Service:
 
     def _fetch_settings(self, client: type) -> dict[str, Any]:
         """The fetch process's consumer: the group consumer's fetch settings, without the group."""
-        cfg = self.cfg
-        return client_settings(cfg.options, client, cfg.kafka_extra, group_id=None, enable_auto_commit=False,
-                               auto_offset_reset=cfg.auto_offset_reset, max_poll_records=cfg.max_poll_records,
-                               max_partition_fetch_bytes=cfg.max_partition_fetch_bytes,
-                               fetch_max_bytes=cfg.fetch_max_bytes, fetch_max_wait_ms=cfg.fetch_max_wait_ms)
+        return client_settings(self.cfg.options, client, self.cfg.kafka_extra, group_id=None, **self._input_fetch())
 
     def _prepare_topics(self, admin_cls: type, n_input: int) -> dict[str, int]:
         cfg = self.cfg
