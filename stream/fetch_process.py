@@ -53,7 +53,14 @@ import numpy as np
 
 from tidecast.stream.batch import ObservationBatch
 from tidecast.stream.kafka_source import DecodedRecords, decode_records
-from tidecast.stream.output_process import client_kwargs, read_ahead, read_config, start_child, write_frame
+from tidecast.stream.output_process import (
+    client_kwargs,
+    read_ahead,
+    read_config,
+    reap,
+    start_child,
+    write_frame,
+)
 from tidecast.stream.sources import DeadLetter
 
 log = logging.getLogger(__name__)
@@ -419,12 +426,7 @@ class FetchProcess:
         with contextlib.suppress(OSError, ValueError):
             self._send(b"S", b"")
             self._stdin.close()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("the fetch process did not stop within %.0f s: killed", timeout)
-            self.proc.kill()
-            self.proc.wait()
+        reap(self.proc, timeout, "fetch process")
 
     def _begin(self, p: int) -> None:
         """Start fetching a resumed partition where it was sought, else at the group's committed offset (or where

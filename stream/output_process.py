@@ -283,13 +283,18 @@ class _Child:
             raise OutputError(f"the forecast output process exited with status {code}")
 
     def wait(self, timeout: float) -> None:
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("the forecast output process did not stop within %.0f s: killed", timeout)
-            self.proc.kill()
-            self.proc.wait()
+        reap(self.proc, timeout, "forecast output process")
         self._replies.close()
+
+
+def reap(proc: subprocess.Popen, timeout: float, child: str) -> None:
+    """Wait for a child process that was told to stop; killed past ``timeout``."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("the %s did not stop within %.0f s: killed", child, timeout)
+        proc.kill()
+        proc.wait()
 
 
 # -- the child's side ----------------------------------------------------------------------------------------------
