@@ -423,7 +423,7 @@ class FetchProcess:
                     self._send(b"U", json.dumps(stopped).encode())
 
     def close(self, timeout: float = 10.0) -> None:
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, RuntimeError):  # (RuntimeError: _send found the child gone)
             self._send(b"S", b"")
             self._stdin.close()
         reap(self.proc, timeout, "fetch process")

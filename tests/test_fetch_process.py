@@ -211,7 +211,9 @@ def test_a_member_whose_fetch_process_dies_stops_and_its_successor_loses_nothing
     (child,) = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     os.kill(int(child), signal.SIGKILL)
     assert proc.proc.wait(30) == 1  # the member stops instead of waiting for records that never come
-    assert "the fetch process exited" in proc.log.read_text()
+    log = proc.log.read_text()
+    assert "the fetch process exited" in log
+    assert log.rstrip().endswith("INFO tidecast.stream.serve: stopped")  # the shutdown ran to its end
 
     kafka.send(topic, as_messages(rows[90:]))
     again = serve(topic, group, state, *args, name="again")
