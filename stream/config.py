@@ -33,7 +33,7 @@ from tidecast.models.registry import MODELS, check_keywords, check_params, keywo
 from tidecast.monitors.conformal import CALIBRATORS, DEFAULT_CALIBRATOR
 from tidecast.monitors.drift import DEFAULT_DETECTOR, DETECTORS
 from tidecast.monitors.scoring import level_name
-from tidecast.stream.kafka import ASSIGNMENT_STRATEGIES, OUTPUT_FORMATS
+from tidecast.stream.kafka import ASSIGNMENT_STRATEGIES, COMPACT_COMPRESSIONS, OUTPUT_FORMATS
 from tidecast.stream.partitioner import DEFAULT_PARTITIONER, PARTITIONERS
 from tidecast.stream.records import DEFAULT_MAX_ABS_VALUE, DEFAULT_MAX_BYTES
 from tidecast.stream.settings import (
@@ -398,6 +398,10 @@ class ServeSettings(KafkaClientSettings):
                                  "compact (one Arrow message per partition and engine batch, many series' forecasts "
                                  "in columns: far fewer messages; read them with tidecast.stream.kafka.read_forecasts)",
                                  group=KAFKA, choices=OUTPUT_FORMATS)
+    compact_compression: str = setting("lz4", "Arrow IPC body compression of compact forecast messages (any Arrow "
+                                       "reader undoes it): lz4 (a third fewer bytes; the producer and the broker "
+                                       "spend less), zstd (smaller, slower) or none", group=KAFKA,
+                                       choices=COMPACT_COMPRESSIONS)
     output_processes: int | None = setting(None, "child processes that encode and send the forecasts "
                                            "(tidecast.stream.output_process), each with a producer of its own; 0: "
                                            "the worker sends them. In the json format one process is held to the "

@@ -379,6 +379,9 @@ def forecast_payloads(batch: ForecastBatch) -> Iterable[tuple[str, int, bytes | 
 #: ``--output-format`` values: one JSON message per forecast, or one Arrow message per partition and batch.
 OUTPUT_FORMATS = ("json", "compact")
 COMPACT_SCHEMA = "tidecast.forecasts.compact/1"
+#: Arrow IPC body compression of compact messages ("none": uncompressed). lz4 is the default: a third fewer bytes
+#: for ~1 us of CPU an observation, which the producer and the broker more than save (README, serve at scale).
+COMPACT_COMPRESSIONS = ("lz4", "zstd", "none")
 _ARROW_STREAM = b"\xff\xff\xff\xff"  # an Arrow IPC stream starts with a continuation marker
 
 
@@ -394,7 +397,7 @@ def forecast_starts(batch: ForecastBatch) -> np.ndarray:
     return np.flatnonzero(change)
 
 
-def encode_compact(batch: ForecastBatch) -> bytes:
+def encode_compact(batch: ForecastBatch, compression: str = "lz4") -> bytes:
     """Forecast steps (rows of one forecast contiguous, as the engine emits them) as one compact message: an Arrow
     IPC stream holding one record batch, one row per (series, model, origin), the steps as list columns.
 
@@ -402,7 +405,8 @@ def encode_compact(batch: ForecastBatch) -> bytes:
     ``target_timestamp`` (list<timestamp[ns, UTC]>), ``mean``, ``lower``, ``upper`` (list<float64>). Steps that are
     not ready are left out, as in the JSON format; a bound is ``NaN`` where the step has no interval yet and
     ``+-inf`` where it is unbounded. Schema metadata: ``tidecast.schema`` (:data:`COMPACT_SCHEMA`) and ``alpha``.
-    :func:`read_forecasts` reads it back.
+    ``compression`` (one of :data:`COMPACT_COMPRESSIONS`) is Arrow's IPC body compression, which any Arrow IPC
+    reader undoes by itself. :func:`read_forecasts` reads it back.
     """
     import pyarrow as pa
 
@@ -430,8 +434,11 @@ def encode_compact(batch: ForecastBatch) -> bytes:
             names += [f"lower/{level}", f"upper/{level}"]
         metadata["levels"] = ",".join(batch.level_names)
     table = pa.RecordBatch.from_arrays(columns, names=names).replace_schema_metadata(metadata)
+    if compression not in COMPACT_COMPRESSIONS:
+        raise ValueError(f"compact compression {compression!r}: one of {', '.join(COMPACT_COMPRESSIONS)}")
+    options = pa.ipc.IpcWriteOptions(compression=None if compression == "none" else compression)
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
+    with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
         writer.write_batch(table)
     return sink.getvalue().to_pybytes()
 
@@ -635,17 +642,22 @@ class KafkaForecastSink(_TopicSink):
     ``partition_of`` (series id -> input partition) pins each message to its series' input partition, for an
     output topic co-partitioned with the input; without it the producer's partitioner decides. A forecast that
     cannot be encoded does not stop the others: :meth:`write` sends the rest, then raises
-    :class:`UnsendableForecasts` naming the series set aside.
+    :class:`UnsendableForecasts` naming the series set aside. ``output_format="compact"`` sends one Arrow message
+    per destination partition and batch instead (:func:`encode_compact`, with ``compression``).
     """
 
     def __init__(self, producer: Any, topic: str, errors: Any, flush_timeout: float,
                  partition_of: Callable[[str], int | None] | None = None, link: BrokerLink | None = None,
-                 progress: Callable[[], None] | None = None, output_format: str = "json") -> None:
+                 progress: Callable[[], None] | None = None, output_format: str = "json",
+                 compression: str = "lz4") -> None:
         super().__init__(producer, topic, errors, flush_timeout, link, progress)
         self.partition_of = partition_of
         if output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output format {output_format!r}: one of {', '.join(OUTPUT_FORMATS)}")
+        if compression not in COMPACT_COMPRESSIONS:
+            raise ValueError(f"compact compression {compression!r}: one of {', '.join(COMPACT_COMPRESSIONS)}")
         self.output_format = output_format
+        self.compression = compression
 
     def write(self, batch: ForecastBatch) -> None:
         if self.output_format == "compact":
@@ -682,7 +694,7 @@ class KafkaForecastSink(_TopicSink):
         dest[bad] = -2
         for partition in np.unique(dest[~bad]).tolist():
             part = batch if len(np.unique(dest)) == 1 else take_forecasts(batch, dest == partition, counts)
-            self._send(None, encode_compact(part), None if partition < 0 else partition)
+            self._send(None, encode_compact(part, self.compression), None if partition < 0 else partition)
         if unsendable:
             raise UnsendableForecasts(unsendable, origins)
 

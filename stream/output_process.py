@@ -138,7 +138,7 @@ class ProcessForecastSink:
 
     Each series goes through one child (by its destination partition, else a hash of its id), so its messages keep
     their order. ``producer_config`` is the kafka-python producer's keyword arguments (JSON-able, as settings are);
-    ``partition_of``, ``output_format`` and ``flush_timeout`` mean what they mean for
+    ``partition_of``, ``output_format``, ``compression`` and ``flush_timeout`` mean what they mean for
     :class:`~tidecast.stream.kafka.KafkaForecastSink`; ``outage_budget`` is the children's
     :class:`~tidecast.stream.kafka.BrokerLink` budget. ``progress`` (a heartbeat) is ticked while waiting for a
     child.
@@ -147,7 +147,7 @@ class ProcessForecastSink:
     def __init__(self, producer_config: Mapping[str, Any], topic: str, errors: Any, flush_timeout: float,
                  partition_of: Callable[[str], int | None] | None = None, output_format: str = "json",
                  outage_budget: float = 300.0, progress: Callable[[], None] | None = None,
-                 processes: int = 1) -> None:
+                 processes: int = 1, compression: str = "lz4") -> None:
         if processes < 1:
             raise ValueError(f"processes must be at least 1, not {processes}")
         self.topic = topic
@@ -156,7 +156,7 @@ class ProcessForecastSink:
         self.outage_budget = outage_budget
         self._errors = errors  # tidecast_output_errors_total: the children report their refusals at each flush
         config = {"producer": dict(producer_config), "topic": topic, "flush_timeout": flush_timeout,
-                  "output_format": output_format, "outage_budget": outage_budget}
+                  "output_format": output_format, "compression": compression, "outage_budget": outage_budget}
         try:
             body = json.dumps(config).encode()
         except TypeError as err:
@@ -375,7 +375,8 @@ def serve_child(stream: Any, replies: Any) -> int:
     producer = KafkaProducer(**client_kwargs(config["producer"]))
     errors = _Count()
     sink = KafkaForecastSink(producer, config["topic"], errors, config["flush_timeout"],
-                             link=BrokerLink(config["outage_budget"]), output_format=config["output_format"])
+                             link=BrokerLink(config["outage_budget"]), output_format=config["output_format"],
+                             compression=config["compression"])
     failure: dict[str, Any] | None = None  # a send that failed: the next flush reports it
     frames = read_ahead(stream)
     try:

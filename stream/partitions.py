@@ -143,6 +143,11 @@ class PartitionTable:
 
     def screen(self, batch: ObservationBatch) -> Screened:
         """Sort decoded observations into apply, wrong partition and already applied."""
+        everything = self._screen_all_kept(batch)
+        return everything if everything is not None else self._screen_rows(batch)
+
+    def _screen_rows(self, batch: ObservationBatch) -> Screened:
+        """:meth:`screen`, row by row."""
         keep, misrouted, skipped, new_owners = [], [], 0, {}
         rows = zip(batch.series_ids.tolist(), batch.partitions.tolist(), batch.offsets.tolist(), strict=True)
         for i, (sid, partition, offset) in enumerate(rows):
@@ -165,6 +170,22 @@ class PartitionTable:
                 del self._floors[sid]
             keep.append(i)
         return Screened(np.array(keep, np.int64), misrouted, skipped, new_owners)
+
+    def _screen_all_kept(self, batch: ObservationBatch) -> Screened | None:
+        """The usual case, checked once per (series, partition) instead of once per row: every row is applied (each
+        series on its home and owning partition, none with a re-delivery floor). ``None`` when any is not, for
+        the row-by-row :meth:`screen` to sort out."""
+        new_owners: dict[str, int] = {}
+        pairs = zip(batch.series_ids.tolist(), batch.partitions.tolist(), strict=True)
+        for sid, partition in dict.fromkeys(pairs):
+            if sid in self._floors or (self.homes is not None and self.homes(sid) != partition):
+                return None
+            owner = self._owner.get(sid, new_owners.get(sid))
+            if owner is None:
+                new_owners[sid] = partition
+            elif owner != partition:
+                return None
+        return Screened(np.arange(len(batch), dtype=np.int64), [], 0, new_owners)
 
     def _not_home(self, sid: str, partition: int, home: int) -> str:
         assert self.homes is not None

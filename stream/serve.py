@@ -108,10 +108,12 @@ def build_worker(cfg: ServeConfig, engine: Engine, metrics: Metrics, producer: A
     if output_processes:
         forecasts = ProcessForecastSink(producer_config or {}, cfg.forecast_topic, metrics.output_errors,
                                         flush_timeout, forecast_partition, cfg.output_format,
-                                        cfg.broker_outage_budget, progress, processes=output_processes)
+                                        cfg.broker_outage_budget, progress, processes=output_processes,
+                                        compression=cfg.compact_compression)
     else:
         forecasts = KafkaForecastSink(producer, cfg.forecast_topic, metrics.output_errors, flush_timeout,
-                                      forecast_partition, link, progress, output_format=cfg.output_format)
+                                      forecast_partition, link, progress, output_format=cfg.output_format,
+                                      compression=cfg.compact_compression)
     events = KafkaEventSink(producer, cfg.events_topic, metrics.output_errors, flush_timeout,
                             table.owner_of if co_partitioned.get(cfg.events_topic) else None, link, progress)
     letters = KafkaDeadLetterSink(producer, cfg.dead_letter_topic, metrics.output_errors, flush_timeout,

@@ -13,6 +13,7 @@ from tidecast.stream.batch import ObservationBatch
 from tidecast.stream.config import EngineConfig
 from tidecast.stream.engine import Engine
 from tidecast.stream.kafka import OutputError
+from tidecast.stream.partitioner import HomePartitions
 from tidecast.stream.partitions import PartitionTable
 from tidecast.stream.records import REASONS
 from tidecast.stream.state import (
@@ -228,3 +229,49 @@ def test_state_written_under_another_engine_configuration_is_refused():
     other, _ = make_table(MemoryChangelog([]), table.local, EngineConfig(horizon=6))
     with pytest.raises(IncompatibleState, match="horizon"):
         other.restore({0}, {0})
+
+
+def test_screening_per_series_agrees_with_screening_row_by_row():
+    """``screen`` checks a batch once per (series, partition) when every row is applied; whatever the batch, it
+    must sort the rows exactly as the row-by-row path does (misrouted series, home partitions, re-deliveries)."""
+    rng = np.random.default_rng(0)
+    table, _ = make_table()
+    table.homes = HomePartitions(2)
+    pool = [f"s{i}" for i in range(12)]
+    home = {s: table.homes(s) for s in pool}
+    table.restore({0, 1}, {0, 1})
+    offsets = {0: 0, 1: 0}
+    fast_taken = 0
+
+    def check(batch: ObservationBatch) -> None:
+        nonlocal fast_taken
+        fast_taken += table._screen_all_kept(batch) is not None
+        floors = dict(table._floors)  # the row-by-row path drops the floors it passes: both must see them
+        want = table._screen_rows(batch)
+        table._floors = floors
+        got = table.screen(batch)
+        assert got.keep.tolist() == want.keep.tolist() and got.skipped == want.skipped
+        assert got.new_owners == want.new_owners and got.misrouted == want.misrouted
+        kept = batch.take(got.keep)
+        if len(kept):
+            table.engine.process(kept)
+            table.applied(kept, got.new_owners, set())
+
+    for step in range(40):
+        series = rng.choice(pool, size=int(rng.integers(1, 6)), replace=False).tolist()
+        stray = step % 7 == 3  # now and then a series on a partition it does not live on
+        partition = int(rng.integers(0, 2))
+        on = [s for s in series if stray or home[s] == partition] or [next(s for s in pool if home[s] == partition)]
+        batch = observations(partition, on, range(step, step + 1), offsets[partition])
+        offsets[partition] += len(batch)
+        table.advance({partition: offsets[partition]})
+        check(batch)
+    table.checkpoint()
+    again, _ = make_table(table.changelog, MemoryLocal([]))  # restored from the changelog: re-delivery floors
+    again.homes = table.homes
+    table = again
+    table.restore({0, 1}, {0, 1})
+    for partition in (0, 1):
+        own = [s for s in pool if home[s] == partition]
+        check(observations(partition, own, range(38, 42), max(0, offsets[partition] - 3 * len(own))))
+    assert 10 <= fast_taken < 42  # both paths ran

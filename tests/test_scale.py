@@ -156,6 +156,28 @@ def test_compact_message_round_trips_through_the_reader_like_the_json_messages()
     assert np.isneginf(from_json.lower[1]) and np.isposinf(from_json.upper[1])  # null: unbounded
 
 
+def test_compact_compression_changes_the_bytes_not_what_the_reader_gets():
+    rng = np.random.default_rng(0)
+    n_series, horizon = 200, 24
+    ids = np.array([f"s{i:04d}" for i in range(n_series)], object)
+    batch = ForecastBatch(
+        np.repeat(ids, horizon), np.zeros(n_series * horizon, np.int64),
+        np.full(n_series * horizon, "m", object), np.tile(np.arange(1, horizon + 1), n_series),
+        np.tile(np.arange(1, horizon + 1) * HOUR, n_series), rng.normal(size=n_series * horizon),
+        np.full(n_series * horizon, -1.0), np.full(n_series * horizon, 1.0), 0.1)
+    sizes = {}
+    for compression in ("none", "lz4", "zstd"):
+        value = encode_compact(batch, compression)
+        sizes[compression] = len(value)
+        assert is_compact(value)
+        back = read_forecasts([value])
+        for name in ("issued_at_ns", "h", "target_ns", "mean", "lower", "upper"):
+            np.testing.assert_array_equal(getattr(back, name), getattr(batch, name), err_msg=f"{compression} {name}")
+    assert sizes["zstd"] < sizes["lz4"] < 0.8 * sizes["none"]  # steps and timestamps repeat; means do not
+    with pytest.raises(ValueError, match="compact compression 'gzip'"):
+        encode_compact(batch, "gzip")
+
+
 def test_a_value_that_is_not_a_compact_message_is_refused():
     with pytest.raises(Exception):  # noqa: B017 - pyarrow's own error for bytes that are no Arrow stream
         read_compact(b"\xff\xff\xff\xffnot arrow")
