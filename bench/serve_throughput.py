@@ -651,18 +651,25 @@ def main() -> None:
     report(out, args.json)
 
 
+def member_ceiling(out: dict[str, Any]) -> float:
+    """The default format's ceiling from (a): consume and produce in series, ``1 / (1/consume + 1/produce)``."""
+    return 1 / (1 / out["raw_consume_obs_per_s"] + 1 / out["raw_produce_msgs_per_s"])
+
+
 def measure(broker: Broker, workdir: Path, args: argparse.Namespace, only: set[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     ids = series_ids(args.series)
     n_obs = args.series * args.ticks
     say = (lambda *a: print(*a, file=sys.stderr, flush=True))
+    ceilings = {"raw_consume": ("raw_consume_obs_per_s", lambda: raw_consume(broker, "raw-in", n_obs)),
+                "raw_produce": ("raw_produce_msgs_per_s", lambda: raw_produce(broker, "raw-out", min(n_obs, 100_000)))}
     if "a" in only or "b" in only:
         broker.create_topic("raw-in", 4)
         fill(broker, "raw-in", ids, range(args.ticks))
         broker.create_topic("raw-out", 4)
-        out["raw_consume_obs_per_s"] = raw_consume(broker, "raw-in", n_obs)
-        out["raw_produce_msgs_per_s"] = raw_produce(broker, "raw-out", min(n_obs, 100_000))
-        out["ceiling_obs_per_s"] = 1 / (1 / out["raw_consume_obs_per_s"] + 1 / out["raw_produce_msgs_per_s"])
+        for name, measure_once in ceilings.values():
+            out[name] = measure_once()
+        out["ceiling_obs_per_s"] = member_ceiling(out)
         say("(a)", {k: round(v) for k, v in out.items()})
     if "b" in only or "g" in only:
         rate, topic = serve_rate(broker, workdir, "default", ids, args.ticks, SN_ARGS)
@@ -686,15 +693,11 @@ def measure(broker: Broker, workdir: Path, args: argparse.Namespace, only: set[s
             out["serve_compact_detail"] = {"one_process_obs_per_s": alone, "fetch_process_speedup": rate / alone}
             say("(b) compact without --fetch-process", round(alone), "speed-up", round(rate / alone, 2))
         if "raw_consume_obs_per_s" in out:  # bracket (b): the client's ceilings again, the ratios against the means
-            for key, again in (("raw_consume", lambda: raw_consume(broker, "raw-in", n_obs)),
-                               ("raw_produce", lambda: raw_produce(broker, "raw-out", min(n_obs, 100_000)))):
-                name = f"{key}_{'obs' if key == 'raw_consume' else 'msgs'}_per_s"
-                before, after = out[name], again()
-                out[f"{key}_detail"] = {"before_b": before, "after_b": after}
-                out[name] = (before + after) / 2
-            out["ceiling_obs_per_s"] = 1 / (1 / out["raw_consume_obs_per_s"] + 1 / out["raw_produce_msgs_per_s"])
-            say("(a) after (b)", {k: {w: round(v) for w, v in out[f"{k}_detail"].items()}
-                                  for k in ("raw_consume", "raw_produce")})
+            for key, (name, measure_once) in ceilings.items():
+                out[f"{key}_detail"] = {"before_b": out[name], "after_b": measure_once()}
+                out[name] = sum(out[f"{key}_detail"].values()) / 2
+            out["ceiling_obs_per_s"] = member_ceiling(out)
+            say("(a) after (b)", {k: {w: round(v) for w, v in out[f"{k}_detail"].items()} for k in ceilings})
         if "ceiling_obs_per_s" in out:
             out["ratio_default"] = out["serve_obs_per_s"] / out["ceiling_obs_per_s"]
             out["ratio_compact"] = out["serve_compact_obs_per_s"] / out["raw_consume_obs_per_s"]

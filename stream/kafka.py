@@ -382,6 +382,11 @@ COMPACT_SCHEMA = "tidecast.forecasts.compact/1"
 #: Arrow IPC body compression of compact messages ("none": uncompressed). lz4 is the default: a third fewer bytes
 #: for ~1 us of CPU an observation, which the producer and the broker more than save (README, serve at scale).
 COMPACT_COMPRESSIONS = ("lz4", "zstd", "none")
+
+
+def _check_compression(compression: str) -> None:
+    if compression not in COMPACT_COMPRESSIONS:
+        raise ValueError(f"compact compression {compression!r}: one of {', '.join(COMPACT_COMPRESSIONS)}")
 _ARROW_STREAM = b"\xff\xff\xff\xff"  # an Arrow IPC stream starts with a continuation marker
 
 
@@ -434,8 +439,7 @@ def encode_compact(batch: ForecastBatch, compression: str = "lz4") -> bytes:
             names += [f"lower/{level}", f"upper/{level}"]
         metadata["levels"] = ",".join(batch.level_names)
     table = pa.RecordBatch.from_arrays(columns, names=names).replace_schema_metadata(metadata)
-    if compression not in COMPACT_COMPRESSIONS:
-        raise ValueError(f"compact compression {compression!r}: one of {', '.join(COMPACT_COMPRESSIONS)}")
+    _check_compression(compression)
     options = pa.ipc.IpcWriteOptions(compression=None if compression == "none" else compression)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
@@ -654,8 +658,7 @@ class KafkaForecastSink(_TopicSink):
         self.partition_of = partition_of
         if output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output format {output_format!r}: one of {', '.join(OUTPUT_FORMATS)}")
-        if compression not in COMPACT_COMPRESSIONS:
-            raise ValueError(f"compact compression {compression!r}: one of {', '.join(COMPACT_COMPRESSIONS)}")
+        _check_compression(compression)  # at start-up, not at the first compact batch
         self.output_format = output_format
         self.compression = compression
 
