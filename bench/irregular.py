@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cyclenet_etth import DATA_DIR, ETT  # noqa: E402
 
 from tidecast.models.cyclenet import CycleNetForecaster  # noqa: E402
-from tidecast.models.liquid import CfCForecaster  # noqa: E402
+from tidecast.models.liquid import build as build_cfc  # noqa: E402
 from tidecast.monitors.conformal import DEFAULT_CALIBRATOR, make_calibrator  # noqa: E402
 from tidecast.stream.batch import ObservationBatch  # noqa: E402
 from tidecast.stream.config import EngineConfig  # noqa: E402
@@ -113,7 +113,7 @@ def longest_gap(gone: np.ndarray) -> int:
 def make_lanes(split: Split, cfc: dict[str, Any], seed: int) -> list[Lane]:
     common = dict(horizon=HORIZON, warm_start=split.warm, val_fraction=0.2, seed=seed, defer=False,
                   step_budget=60.0)  # a generous budget: every due replay step is taken, the run is repeatable
-    liquid = CfCForecaster(**{"mode": "online", **common, **cfc})  # --cfc mode="frozen" overrides
+    liquid = build_cfc(**{"mode": "online", **common, **cfc})  # --cfc mode="frozen" overrides; members=K: ensemble
     cyclenet = CycleNetForecaster(online=True, **common, **CYCLENET)
     cyclenet.name = "cyclenet-online"
     return [Lane(m, make_calibrator(DEFAULT_CALIBRATOR, HORIZON, 0.1), HORIZON, 0.1) for m in (liquid, cyclenet)]

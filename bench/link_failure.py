@@ -66,6 +66,7 @@ from torch import nn
 from tidecast.models.base import ArrayDict, BatchForecaster
 from tidecast.models.cyclenet import CycleNetForecaster
 from tidecast.models.liquid import CfCForecaster
+from tidecast.models.liquid import build as build_cfc
 from tidecast.models.naive import SeasonalNaive
 from tidecast.monitors.conformal import DEFAULT_CALIBRATOR, make_calibrator
 from tidecast.stream.batch import ObservationBatch
@@ -334,7 +335,7 @@ def make_models(names: list[str], seed: int, cfc: dict[str, Any]) -> list[BatchF
     models: list[BatchForecaster] = []
     for name in names:
         if name.startswith("cfc-"):
-            model = CfCForecaster(mode=name.removeprefix("cfc-"), **{**common, **cfc})
+            model = build_cfc(mode=name.removeprefix("cfc-"), **{**common, **cfc})  # members=K: an ensemble
         elif name.startswith("mlp-b"):
             model = IncrementalMLP(HORIZON, every=int(name.removeprefix("mlp-b")), seed=seed)
         elif name == "cyclenet-online":
@@ -348,11 +349,19 @@ def make_models(names: list[str], seed: int, cfc: dict[str, Any]) -> list[BatchF
     return models
 
 
+def lane_labels(models: list[BatchForecaster]) -> list[str]:
+    """The config's ``ALIAS=MODEL`` lane names. The engine is handed its lanes ready-made, so the config's names
+    only label them; it still checks each against the registry, where this file's own MLP has no name and is
+    labelled as the seasonal-naive model it is compared with."""
+    registered = {"cfc": "cfc", "cyclenet": "cyclenet"}
+    return [f"{m.name}={registered.get(m.name.split('-')[0], 'seasonal-naive')}" for m in models]
+
+
 def forecasts(loads: np.ndarray, t_f: int, failed: int | None, models: list[BatchForecaster],
               ticks_per_batch: int = 24) -> dict[str, np.ndarray]:
     """Stream the loads hour by hour through one engine; each model's forecasts by origin (T, H, links)."""
     lanes = [Lane(m, make_calibrator(DEFAULT_CALIBRATOR, HORIZON, 0.1), HORIZON, 0.1) for m in models]
-    engine = Engine(EngineConfig(horizon=HORIZON, models=[m.name for m in models], freq="1h"), lanes)
+    engine = Engine(EngineConfig(horizon=HORIZON, models=lane_labels(models), freq="1h"), lanes)
     n_ticks, n_links = loads.shape
     ids = np.array([f"link-{k:02d}" for k in range(n_links)], dtype=object)
     preds = {m.name: np.full((n_ticks, HORIZON, n_links), np.nan) for m in models}

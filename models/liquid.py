@@ -56,6 +56,9 @@ direct multi-horizon head.
   is the point forecast plus the sum of ``h`` of them resampled; :meth:`spread_many` is their root mean square.
   Bagged networks would need B hidden states per series advanced every round (B times the serving cost); the
   residual ring costs one head evaluation per round and 400 bytes a series.
+* **Ensembles** (``members=K`` through :func:`build`, the registry's factory): K networks seeded ``seed`` ...
+  ``seed + K - 1``, each with its own states, history and training, serving the mean of their forecasts
+  (:class:`CfCEnsemble`, :mod:`tidecast.models.ensemble`); K times the time and per-row memory of one.
 
 >>> import numpy as np
 >>> model = CfCForecaster(horizon=3, lookback=8, units=8, backbone_units=16, warm_start=60, epochs=2)
@@ -72,6 +75,7 @@ direct multi-horizon head.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import threading
 import time
@@ -84,8 +88,9 @@ from torch import nn
 
 from tidecast.models.base import ArrayDict, BatchForecaster
 from tidecast.models.bootstrap import ResidualRing, check_bootstrap
+from tidecast.models.ensemble import Ensemble
 
-__all__ = ["CfCCell", "CfCForecaster", "LiquidNet", "build", "make"]
+__all__ = ["CfCCell", "CfCEnsemble", "CfCForecaster", "LiquidNet", "build", "make"]
 
 MODES = ("frozen", "online", "cyclenet")
 _NO_TICK = np.iinfo(np.int64).min
@@ -261,6 +266,9 @@ class CfCForecaster(BatchForecaster):
         Longest detected cycle; seed of the initial weights and of every draw.
     bootstrap
         Replicas of the residual bootstrap behind :meth:`spread_many` (0: none; see the module docstring).
+    members
+        Networks averaged (1 here: :func:`build`, the registry's factory, turns ``members=K`` into an
+        :class:`~tidecast.models.ensemble.Ensemble` of K networks; K times the time and per-row memory).
     """
 
     name = "cfc"
@@ -296,6 +304,7 @@ class CfCForecaster(BatchForecaster):
         max_cycle: int = 400,
         seed: int = 0,
         bootstrap: int = 0,
+        members: int = 1,
     ) -> None:
         self.horizon, self.lookback, self.mode = horizon, lookback, mode
         self.units, self.backbone_units, self.backbone_layers = units, backbone_units, backbone_layers
@@ -308,7 +317,7 @@ class CfCForecaster(BatchForecaster):
         self.replay_window, self.replay_every = replay_window, replay_every
         self.replay_steps, self.replay_batch, self.step_budget = replay_steps, replay_batch, step_budget
         self.defer, self.max_cycle, self.seed = defer, max_cycle, seed
-        self.bootstrap = bootstrap
+        self.bootstrap, self.members = bootstrap, members
         self._check_params()
         self._lock = threading.RLock()  # row tables, serving weights
         self._train_lock = threading.Lock()  # the training copy and its optimiser
@@ -321,6 +330,9 @@ class CfCForecaster(BatchForecaster):
 
     def _check_params(self) -> None:
         check_bootstrap(self.bootstrap)
+        if self.members != 1:  # one object is one network; the registry's factory builds the ensemble
+            raise ValueError(f"members={self.members}: build an ensemble with tidecast.models.liquid.build "
+                             "(the registry's 'cfc'); a CfCForecaster is one network (members=1)")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.horizon < 1 or self.lookback < 1 or self.units < 1:
@@ -1101,12 +1113,38 @@ class _WarmFit:
         self.done = True
 
 
-def build(horizon: int, **params: Any) -> CfCForecaster:
+def build(horizon: int, **params: Any) -> CfCForecaster | CfCEnsemble:
     """Registry factory: ``build(horizon, lookback=24, mode="online", units=32, warm_start=500, ...)``.
 
-    See :class:`CfCForecaster` for every parameter.
+    See :class:`CfCForecaster` for every parameter. ``members=K`` (K > 1) gives an
+    :class:`~tidecast.models.ensemble.Ensemble` of K networks seeded ``seed``, ``seed + 1``, ... whose forecasts
+    are averaged.
+
+    >>> build(horizon=3, members=2, warm_start=60).get_params()["members"]
+    2
     """
-    return CfCForecaster(horizon=horizon, **params)
+    members = int(params.pop("members", 1))
+    if members == 1:
+        return CfCForecaster(horizon=horizon, **params)
+    return CfCEnsemble(horizon=horizon, members=members, **params)
+
+
+class CfCEnsemble(Ensemble):
+    """``members`` :class:`CfCForecaster` networks seeded ``seed``, ``seed + 1``, ...; forecasts their mean
+    (:class:`~tidecast.models.ensemble.Ensemble`). Takes :class:`CfCForecaster`'s parameters, so that
+    ``CfCEnsemble(**model.get_params())`` rebuilds it.
+
+    >>> model = CfCEnsemble(horizon=3, members=2, warm_start=60, seed=4)
+    >>> [m.seed for m in model.members_], model.get_params()["members"]
+    ([4, 5], 2)
+    """
+
+    def __init__(self, horizon: int, members: int = 2, seed: int = 0, **params: Any) -> None:
+        self.horizon = horizon
+        super().__init__(functools.partial(CfCForecaster, horizon), params, members, seed)
+
+    def _rebuilt(self, params: dict[str, Any], size: int, seed: int) -> CfCEnsemble:
+        return CfCEnsemble(horizon=self.horizon, members=size, seed=seed, **params)
 
 
 make = build

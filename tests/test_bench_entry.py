@@ -26,3 +26,16 @@ def test_makefile_has_bench_target_and_a_torch_index_variable() -> None:
     dry = subprocess.run(["make", "-n", "-B", ".venv/.installed", "TORCH_INDEX_URL=https://example.invalid/cpu"],
                          cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert "--index-url https://example.invalid/cpu torch==" in dry
+
+
+def test_link_failure_bench_builds_an_engine_of_all_its_models() -> None:
+    """Every lane the bench compares (its own MLP included) passes the engine's config: the lane names are
+    checked against the registry, which once broke the bench without any test noticing."""
+    code = ("import sys; sys.path.insert(0, 'bench'); import link_failure as lf;"
+            "from tidecast.stream.config import EngineConfig;"
+            "models = lf.make_models(list(lf.MODELS), 0, dict(lf.CFC, members=2));"
+            "config = EngineConfig(horizon=lf.HORIZON, models=lf.lane_labels(models), freq='1h');"
+            "print(len(config.models), type(models[0]).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["7", "CfCEnsemble"]

@@ -66,6 +66,14 @@ def test_a_river_lane_with_its_retrain_ring_keeps_the_contract(check: str) -> No
     checks.FORECASTER_CHECKS[check](factory, horizon=HORIZON)
 
 
+@pytest.mark.parametrize("check", list(checks.FORECASTER_CHECKS))
+def test_a_cfc_ensemble_keeps_the_contract(check: str) -> None:
+    """``cfc`` with ``members=2``: the registry's factory gives an ensemble of two networks."""
+    def factory():
+        return make_model("cfc", horizon=HORIZON, **MODEL_PARAMS["cfc"], members=2)
+    checks.FORECASTER_CHECKS[check](factory, horizon=HORIZON, **MODEL_OPTIONS["cfc"])
+
+
 @pytest.mark.parametrize("check", list(checks.CALIBRATOR_CHECKS))
 @pytest.mark.parametrize("name", list(CALIBRATORS))
 def test_registered_calibrator_keeps_the_contract(name: str, check: str) -> None:

@@ -329,13 +329,14 @@ def test_own_per_series_state_fits_in_4_kb(params, per_row_bytes):
     assert state["hidden"].shape == (2, 32)
 
 
-def test_runs_in_the_engine_from_the_registry_and_restores_through_it():
+@pytest.mark.parametrize("members", [1, 2])
+def test_runs_in_the_engine_from_the_registry_and_restores_through_it(members):
     from tidecast.stream.batch import ObservationBatch
     from tidecast.stream.config import EngineConfig
     from tidecast.stream.engine import Engine
 
     params = dict(lookback=8, units=8, backbone_units=16, warm_start=120, epochs=2, batch_size=64, replay_batch=16,
-                  step_budget=60.0)
+                  step_budget=60.0, members=members)
     config = EngineConfig(horizon=4, models=["cfc"], model_params={"cfc": params}, freq="1h")
     engine = Engine.from_config(config)
     ids = np.array(["a", "b"], dtype=object)
@@ -349,6 +350,7 @@ def test_runs_in_the_engine_from_the_registry_and_restores_through_it():
     for lo in range(0, 160, 40):
         engine.process(batch(lo, lo + 40))
     assert engine.lanes[0].model.fitted_
+    assert engine.lanes[0].model.get_params()["members"] == members
     restored = Engine.from_config(config)
     restored.import_shared(engine.export_shared())
     restored.import_series(*engine.export_series(["a", "b"]))
@@ -408,3 +410,59 @@ def test_engine_can_drop_a_cfc_series_and_reuse_its_row():
         out = engine.process(ObservationBatch(np.array(["a", "new"], dtype=object), np.full(2, k * hour),
                                               np.array([np.sin(2 * np.pi * k / 6), 1.0])))
     assert set(out.forecasts.series_id) == {"a", "new"}
+
+
+# -- ensembles (members=K) ------------------------------------------------------------------------------------
+
+def ensemble(**params):
+    from tidecast.models.ensemble import Ensemble
+
+    defaults = dict(horizon=4, lookback=8, units=8, backbone_units=16, warm_start=120, epochs=3, batch_size=64,
+                    replay_window=32, replay_batch=16, step_budget=60.0, defer=False, seed=1)
+    model = make(**{**defaults, "members": 3, **params})
+    assert isinstance(model, Ensemble)
+    return model
+
+
+def test_an_ensemble_serves_the_mean_of_networks_seeded_apart():
+    model = ensemble(mode="online")
+    rows = np.arange(2)
+    feed(model, rows, range(150), cyclic(np.arange(150), channels=2))
+    assert model.fitted_ and [m.seed for m in model.members_] == [1, 2, 3]
+    each = np.stack([m.forecast_many(rows, 4) for m in model.members_])
+    assert np.isfinite(each).all() and np.ptp(each, axis=0).max() > 1e-4  # the networks differ
+    np.testing.assert_allclose(model.forecast_many(rows, 4), each.mean(axis=0))
+    single = small(mode="online", seed=1)  # member 0 is the single network with the ensemble's seed
+    feed(single, rows, range(150), cyclic(np.arange(150), channels=2))
+    np.testing.assert_array_equal(single.forecast_many(rows, 4), each[0])
+
+
+def test_an_ensemble_restores_bit_for_bit_through_its_parameters(tmp_path):
+    model = ensemble(mode="online")
+    rows = np.arange(3)
+    values = cyclic(np.arange(200), channels=3, seed=3)
+    feed(model, rows, range(150), values[:150])
+    shared, meta = model.export_shared()
+    save_file(shared, str(tmp_path / "shared.safetensors"))
+    save_file(model.export_rows(rows), str(tmp_path / "rows.safetensors"))
+    params = json.loads(json.dumps(model.get_params()))
+    assert params["members"] == 3 and params["seed"] == 1
+    restored = make(**params)
+    restored.import_shared(load_file(str(tmp_path / "shared.safetensors")), json.loads(json.dumps(meta)))
+    restored.resize(8)
+    restored.import_rows(rows + 4, load_file(str(tmp_path / "rows.safetensors")))
+    for t in range(150, 200):
+        model.learn_many(rows, np.full(3, t), values[t])
+        restored.learn_many(rows + 4, np.full(3, t), values[t])
+        np.testing.assert_array_equal(restored.forecast_many(rows + 4, 4), model.forecast_many(rows, 4))
+    with pytest.raises(ValueError, match="ensemble of 3"):
+        ensemble(members=2).import_shared(shared, meta)
+
+
+def test_an_ensemble_is_built_by_the_registry_only():
+    with pytest.raises(ValueError, match="members"):
+        small(members=2)
+    with pytest.raises(ValueError, match="at least one member"):
+        make(horizon=4, members=0)
+    clone = ensemble().clone(members=2, seed=7)
+    assert [m.seed for m in clone.members_] == [7, 8] and clone.get_params()["lookback"] == 8

@@ -287,17 +287,20 @@ def test_a_member_adopts_a_newer_model_version_from_a_checkpoint(reference):
     assert member.adopt_newer(promoted.export_shared()) == []  # same version: nothing to take
 
 
-def test_cfc_plugs_into_the_retrain_hook():
-    from tidecast.models.liquid import CfCForecaster
+@pytest.mark.parametrize("members", [1, 2])
+def test_cfc_plugs_into_the_retrain_hook(members):
+    from tidecast.models.liquid import build
 
-    model = CfCForecaster(horizon=3, lookback=8, units=8, backbone_units=16, warm_start=60, epochs=1, mode="frozen")
+    model = build(horizon=3, lookback=8, units=8, backbone_units=16, warm_start=60, epochs=1, mode="frozen",
+                  members=members)
+    model.resize(2)
     rows = np.array([0, 1])
     for tick in range(90):
         model.learn_many(rows, np.array([tick, tick]), np.sin(tick / 3) + np.array([0.0, 5.0]))
     candidate = copy_model(model, rows)
     np.testing.assert_array_equal(candidate.forecast_many(rows, 3), model.forecast_many(rows, 3))
     done = candidate.refit(recent=12, epochs=2)
-    assert done["steps"] >= 2
+    assert done["steps"] >= 2 * members  # an ensemble refits every member
     after = candidate.forecast_many(rows, 3)
     assert np.isfinite(after).all() and not np.allclose(after, model.forecast_many(rows, 3))
 

@@ -1,0 +1,79 @@
+"""The ensemble wrapper on a small model whose members differ by their seed: mean forecasts, spreads, calibration
+hand-offs, state under member prefixes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tidecast.models.base import Calibration
+from tidecast.models.ensemble import Ensemble
+from tidecast.models.naive import SeasonalNaive
+
+
+class Offset(SeasonalNaive):
+    """Seasonal naive plus ``seed`` (so members differ), with a residual bootstrap spread of ``seed`` and a
+    calibration queue the test fills."""
+
+    def __init__(self, period: int = 2, seed: int = 0, bootstrap: int = 1) -> None:
+        super().__init__(period=period)
+        self.seed, self.bootstrap = seed, bootstrap
+        self.handed: list[Calibration] = []
+
+    def forecast_many(self, rows, horizon):
+        return super().forecast_many(rows, horizon) + self.seed
+
+    def spread_many(self, rows, horizon):
+        return np.full((len(rows), horizon), float(self.seed))
+
+    def pop_calibration(self, horizon):
+        return self.handed.pop(0) if self.handed else None
+
+
+def fed(size: int = 3) -> Ensemble:
+    model = Ensemble(Offset, {"period": 2}, size=size, seed=1)
+    model.resize(2)
+    for tick in range(4):
+        model.learn_many(np.arange(2), np.full(2, tick), np.array([tick % 2, 5.0]))
+    return model
+
+
+def test_mean_forecast_and_spread_of_members_seeded_apart():
+    model = fed()
+    rows = np.arange(2)
+    got = model.forecast_many(rows, 2)
+    np.testing.assert_allclose(got, [[0 + 2, 1 + 2], [5 + 2, 5 + 2]])  # seeds 1, 2, 3: mean offset 2
+    spread = model.spread_many(rows, 2)  # sqrt(mean(spread^2) + var(member means)) = sqrt(14/3 + 2/3)
+    np.testing.assert_allclose(spread, np.sqrt(16 / 3))
+    assert model.bootstrap == 1 and model.get_params() == {"period": 2, "seed": 1, "bootstrap": 1, "members": 3}
+
+
+def test_calibration_waits_for_every_member_and_hands_over_the_mean_residual():
+    model = fed(2)
+    rows = np.array([0, 1])
+    first = Calibration(rows, np.ones((2, 3, 2)))
+    model.members_[0].handed.append(first)
+    assert model.pop_calibration(2) is None  # member 1 has not handed over yet
+    model.members_[1].handed.append(Calibration(rows, np.full((2, 3, 2), 3.0)))
+    got = model.pop_calibration(2)
+    np.testing.assert_array_equal(got.rows, rows)
+    np.testing.assert_allclose(got.residuals, 2.0)  # y - mean(yhat) = mean(y - yhat)
+    assert model.pop_calibration(2) is None
+    model.members_[0].handed.append(Calibration(rows[:1], np.ones((1, 3, 2))))
+    model.members_[1].handed.append(Calibration(rows, np.ones((2, 3, 2))))
+    assert model.pop_calibration(2).rows.tolist() == [0]  # rows differ: the first member's hand-off
+
+
+def test_state_round_trip_under_member_prefixes_and_clone():
+    model = fed()
+    rows = np.arange(2)
+    state = model.export_rows(rows)
+    assert {k.split(".")[0] for k in state} == {"m0", "m1", "m2"}
+    other = model.clone()
+    other.resize(4)
+    other.import_rows(rows + 2, state)
+    np.testing.assert_array_equal(other.forecast_many(rows + 2, 2), model.forecast_many(rows, 2))
+    assert model.export_shared() == ({}, {})  # per-series members: nothing shared
+    assert [m.seed for m in model.clone(members=2, seed=5).members_] == [5, 6]
+    with pytest.raises(ValueError, match="at least one member"):
+        Ensemble(Offset, {}, size=0)
