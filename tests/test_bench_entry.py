@@ -39,3 +39,12 @@ def test_link_failure_bench_builds_an_engine_of_all_its_models() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["7", "CfCEnsemble"]
+
+
+def test_irregular_bench_builds_its_lanes_with_a_cfc_ensemble() -> None:
+    code = ("import sys; sys.path.insert(0, 'bench'); import irregular as ir;"
+            "lanes = ir.make_lanes(ir.Split(dev=True), dict(ir.CFC, members=2), 0);"
+            "print(*[type(lane.model).__name__ for lane in lanes])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["CfCEnsemble", "CycleNetForecaster"]
