@@ -1,9 +1,9 @@
 """An ensemble: several copies of one model that differ only in their seed, serving the mean of their forecasts.
 
 Online learners with a random start and random replay draws (the liquid ``cfc``) end in different places from
-the same data; the mean of a few such networks forecasts better than a typical one (on ETTh2's validation rows
-four ``cfc`` networks averaged scored 10 % below the best single one, README, "Liquid CfC"). :class:`Ensemble`
-does that for any :class:`~tidecast.models.base.BatchForecaster` built by a factory that takes a ``seed``:
+the same data; the mean of a few such networks forecasts better than any of them (on ETTh2's validation rows
+four ``cfc`` networks averaged scored an MSE of 0.769 against 0.795-0.921 alone, README, "Liquid CfC").
+:class:`Ensemble` does that for any :class:`~tidecast.models.base.BatchForecaster` built by a factory that takes a ``seed``:
 
 * **Learning**: every member sees every call (``learn_many``, ``reset_rows``, ``drop_rows``, ``maintenance``,
   a retrain's ``refit``); member ``k`` is built with ``seed + k``. Each member keeps its own per-row state and
