@@ -3,7 +3,8 @@
 Online learners with a random start and random replay draws (the liquid ``cfc``) end in different places from
 the same data; the mean of a few such networks forecasts better than any of them (on ETTh2's validation rows
 four ``cfc`` networks averaged scored an MSE of 0.769 against 0.795-0.921 alone, README, "Liquid CfC").
-:class:`Ensemble` does that for any :class:`~tidecast.models.base.BatchForecaster` built by a factory that takes a ``seed``:
+:class:`Ensemble` does that for any :class:`~tidecast.models.base.BatchForecaster` built by a factory that
+takes a ``seed``:
 
 * **Learning**: every member sees every call (``learn_many``, ``reset_rows``, ``drop_rows``, ``maintenance``,
   a retrain's ``refit``); member ``k`` is built with ``seed + k``. Each member keeps its own per-row state and
