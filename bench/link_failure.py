@@ -68,6 +68,7 @@ from tidecast.models.cyclenet import CycleNetForecaster
 from tidecast.models.liquid import CfCForecaster
 from tidecast.models.liquid import build as build_cfc
 from tidecast.models.naive import SeasonalNaive
+from tidecast.models.registry import MODELS as MODELS_REGISTRY
 from tidecast.monitors.conformal import DEFAULT_CALIBRATOR, make_calibrator
 from tidecast.stream.batch import ObservationBatch
 from tidecast.stream.config import EngineConfig
@@ -350,11 +351,10 @@ def make_models(names: list[str], seed: int, cfc: dict[str, Any]) -> list[BatchF
 
 
 def lane_labels(models: list[BatchForecaster]) -> list[str]:
-    """The config's ``ALIAS=MODEL`` lane names. The engine is handed its lanes ready-made, so the config's names
-    only label them; it still checks each against the registry, where this file's own MLP has no name and is
-    labelled as the seasonal-naive model it is compared with."""
-    registered = {"cfc": "cfc", "cyclenet": "cyclenet"}
-    return [f"{m.name}={registered.get(m.name.split('-')[0], 'seasonal-naive')}" for m in models]
+    """The config's ``ALIAS=MODEL`` lane names: each lane's alias and its class's registry name. The engine is
+    handed its lanes ready-made, so the config's names only label them; it still checks each against the registry,
+    where this file's own MLP has no name and is labelled as the seasonal-naive model it is compared with."""
+    return [f"{m.name}={type(m).name if type(m).name in MODELS_REGISTRY else 'seasonal-naive'}" for m in models]
 
 
 def forecasts(loads: np.ndarray, t_f: int, failed: int | None, models: list[BatchForecaster],

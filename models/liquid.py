@@ -1139,6 +1139,8 @@ class CfCEnsemble(Ensemble):
     ([4, 5], 2)
     """
 
+    name = CfCForecaster.name  # the registry's "cfc", as one network
+
     def __init__(self, horizon: int, members: int = 2, seed: int = 0, **params: Any) -> None:
         self.horizon = horizon
         super().__init__(functools.partial(CfCForecaster, horizon), params, members, seed)

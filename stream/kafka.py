@@ -382,12 +382,12 @@ COMPACT_SCHEMA = "tidecast.forecasts.compact/1"
 #: Arrow IPC body compression of compact messages ("none": uncompressed). lz4 is the default: a third fewer bytes
 #: for ~1 us of CPU an observation, which the producer and the broker more than save (README, serve at scale).
 COMPACT_COMPRESSIONS = ("lz4", "zstd", "none")
+_ARROW_STREAM = b"\xff\xff\xff\xff"  # an Arrow IPC stream starts with a continuation marker
 
 
 def _check_compression(compression: str) -> None:
     if compression not in COMPACT_COMPRESSIONS:
         raise ValueError(f"compact compression {compression!r}: one of {', '.join(COMPACT_COMPRESSIONS)}")
-_ARROW_STREAM = b"\xff\xff\xff\xff"  # an Arrow IPC stream starts with a continuation marker
 
 
 def forecast_starts(batch: ForecastBatch) -> np.ndarray:

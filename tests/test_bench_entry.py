@@ -36,15 +36,18 @@ def test_link_failure_bench_builds_an_engine_of_all_its_models() -> None:
             "models = lf.make_models(list(lf.MODELS), 0, dict(lf.CFC, members=2));"
             "config = EngineConfig(horizon=lf.HORIZON, models=lf.lane_labels(models), freq='1h');"
             "print(len(config.models), type(models[0]).__name__)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["7", "CfCEnsemble"]
+    assert bench_output(code) == ["7", "CfCEnsemble"]
 
 
 def test_irregular_bench_builds_its_lanes_with_a_cfc_ensemble() -> None:
     code = ("import sys; sys.path.insert(0, 'bench'); import irregular as ir;"
             "lanes = ir.make_lanes(ir.Split(dev=True), dict(ir.CFC, members=2), 0);"
             "print(*[type(lane.model).__name__ for lane in lanes])")
+    assert bench_output(code) == ["CfCEnsemble", "CycleNetForecaster"]
+
+
+def bench_output(code: str) -> list[str]:
+    """The words ``code`` prints, run from the repository root in a fresh interpreter (the benches are scripts)."""
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["CfCEnsemble", "CycleNetForecaster"]
+    return out.stdout.split()

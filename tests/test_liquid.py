@@ -31,10 +31,13 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+#: A small, quick network fitted inline (the tests' defaults).
+SMALL = dict(horizon=4, lookback=8, units=8, backbone_units=16, warm_start=120, epochs=3, batch_size=64,
+             replay_window=32, replay_batch=16, step_budget=60.0, defer=False, seed=1)
+
+
 def small(**params) -> CfCForecaster:
-    defaults = dict(horizon=4, lookback=8, units=8, backbone_units=16, warm_start=120, epochs=3, batch_size=64,
-                    replay_window=32, replay_batch=16, step_budget=60.0, defer=False, seed=1)
-    return CfCForecaster(**{**defaults, **params})
+    return CfCForecaster(**{**SMALL, **params})
 
 
 def feed(model: CfCForecaster, rows: np.ndarray, ticks, values: np.ndarray, filled=None) -> None:
@@ -417,9 +420,7 @@ def test_engine_can_drop_a_cfc_series_and_reuse_its_row():
 def ensemble(**params):
     from tidecast.models.ensemble import Ensemble
 
-    defaults = dict(horizon=4, lookback=8, units=8, backbone_units=16, warm_start=120, epochs=3, batch_size=64,
-                    replay_window=32, replay_batch=16, step_budget=60.0, defer=False, seed=1)
-    model = make(**{**defaults, "members": 3, **params})
+    model = make(**{**SMALL, "members": 3, **params})
     assert isinstance(model, Ensemble)
     return model
 
