@@ -250,7 +250,8 @@ class ResidualCUSUM(DriftDetector):
       reference against it, on ``min(e^2, clip^2)``, threshold ``variance_h``; and downwards, of a variance
       ``collapse_ratio`` times *smaller*, threshold ``collapse_h``: the residuals of a frozen input collapse.
     * **coverage** (when ``covered`` is passed): the CUSUM of the log-likelihood ratio of a miss rate
-      ``coverage_ratio * alpha`` against ``alpha``; alarm when it exceeds ``coverage_h``.
+      ``coverage_ratio * alpha`` (at most ``(1 + alpha) / 2``) against ``alpha``; alarm when it exceeds
+      ``coverage_h``.
     * **freeze** (when ``values`` are passed): the row's share ``p`` of values equal to the one before (learned
       like the reference, never reset by an alarm); a run of ``r`` repeats alarms once ``max(p, freeze_floor)^r <
       freeze_tail``: 4 repeats on a continuous series, 7 on ETTh2's oil temperature (p = 0.16), 30 on a channel
@@ -300,8 +301,8 @@ class ResidualCUSUM(DriftDetector):
         clip: float = 5.0,
         whiten: bool = True,
     ) -> None:
-        if not 0 < alpha < 1 or not 1 < coverage_ratio < 1 / alpha:
-            raise ValueError(f"need 0 < alpha < 1 and 1 < coverage_ratio < 1/alpha, got {alpha}, {coverage_ratio}")
+        if not 0 < alpha < 1 or not coverage_ratio > 1:
+            raise ValueError(f"need 0 < alpha < 1 and coverage_ratio > 1, got {alpha}, {coverage_ratio}")
         if min(variance_ratio, collapse_ratio) <= 1:
             raise ValueError("variance_ratio and collapse_ratio must be > 1")
         if min(h, variance_h, collapse_h, coverage_h, clip) <= 0 or warmup < 2 or memory < 2:
@@ -314,7 +315,8 @@ class ResidualCUSUM(DriftDetector):
         self.alpha, self.coverage_ratio, self.coverage_h = alpha, coverage_ratio, coverage_h
         self.freeze_tail, self.freeze_floor = freeze_tail, freeze_floor
         self.warmup, self.memory, self.clip, self.whiten = warmup, memory, clip, whiten
-        p1 = coverage_ratio * alpha
+        # A wide miss rate (a 50 % interval: alpha 0.5) cannot triple: the alternative is then capped halfway to 1.
+        p1 = min(coverage_ratio * alpha, (1 + alpha) / 2)
         self.miss_llr_ = float(np.log(p1 / alpha))
         self.hit_llr_ = float(np.log((1 - p1) / (1 - alpha)))
         self._thresholds = np.array([h, h, variance_h, collapse_h, coverage_h])[:, None]

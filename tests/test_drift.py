@@ -58,6 +58,18 @@ def test_variance_jump_fires_variance_up_and_a_frozen_input_fires_it_down(seed: 
     assert down is not None and down[0] - 600 < 60 and down[2] == "variance" and down[3] < 0
 
 
+def test_a_wide_miss_rate_is_watched_too() -> None:
+    """A 50 % interval (alpha 0.5) cannot miss three times as often: the alternative is capped below 1, so
+    the watcher builds, stays quiet at its target and fires when the interval stops covering."""
+    rng = np.random.default_rng(0)
+    x = ar1(rng, 800, 1)
+    covered = rng.random((800, 1)) > 0.5  # 50 % coverage ...
+    assert first_after(feed(ResidualCUSUM(alpha=0.5), x, covered), 0) is None
+    covered[600:] = rng.random((200, 1)) > 0.9  # ... then 10 %
+    hit = first_after(feed(ResidualCUSUM(alpha=0.5), x, covered), 600)  # a miss weighs log 1.5: ~40 of them
+    assert hit is not None and hit[0] - 600 < 80 and hit[2] == "coverage"
+
+
 def test_coverage_drop_fires_coverage_when_residuals_look_unchanged() -> None:
     rng = np.random.default_rng(0)
     x = ar1(rng, 800, 1)
@@ -207,7 +219,7 @@ def test_constructor_stores_params_and_rejects_bad_ones() -> None:
     assert ResidualCUSUM(**params).get_params() == params
     json.dumps(params)
     with pytest.raises(ValueError):
-        ResidualCUSUM(coverage_ratio=20.0)  # a miss rate above 1
+        ResidualCUSUM(coverage_ratio=1.0)  # no change to detect
     with pytest.raises(ValueError):
         ResidualCUSUM(variance_ratio=1.0)
     with pytest.raises(ValueError, match="unknown detector"):

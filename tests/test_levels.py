@@ -75,6 +75,15 @@ def test_the_summary_and_the_metrics_report_each_level():
                                          {"model": "seasonal-naive", "horizon": "4", "level": level}) > 0
 
 
+def test_levels_at_or_below_50_percent_run_with_every_watcher():
+    """A fan chart's 50 % band as the first level (alpha 0.5): the drift detector's coverage watcher takes the
+    first level's alpha, and every level is still learned to its target."""
+    engine, _ = run(chunks(stream(n=1200)), levels=[50, 80, 99], coverage_window=100)
+    levels = engine.summary()["models"]["seasonal-naive"]["levels"]
+    for level, target in (("50", 0.5), ("80", 0.8), ("99", 0.99)):
+        assert abs(levels[level]["coverage"] - target) < 0.03, (level, levels[level]["coverage"])
+
+
 def test_state_saved_before_levels_existed_restores_and_continues_identically():
     """Pending bounds used to have no level axis; such state, under the one-level configuration it was saved
     with, continues exactly like the uninterrupted engine, and its fingerprint is unchanged."""
