@@ -254,6 +254,14 @@ class PerSeries(BatchForecaster):
                     replica.learn_one(y)
         self.replica_learned_[rows] += counts
 
+    def first_forecast_after(self) -> tuple[int, str] | None:
+        probe = self.factory()
+        warmup = getattr(probe, "warmup", None)  # Standardised: it starts its river model on a warm-up window
+        if isinstance(warmup, int):
+            return warmup, f"warmup={warmup}: the standardising window"
+        needs = [n for n in (river_min_history(probe), self.min_history) if n is not None]
+        return (max(needs), "the forecaster's minimum history") if needs else None
+
     def forecast_many(self, rows: np.ndarray, horizon: int) -> np.ndarray:
         out = np.full((len(rows), horizon), np.nan)
         for i, row in enumerate(rows.tolist()):

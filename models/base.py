@@ -244,6 +244,12 @@ class BatchForecaster(Params, ABC):
     def maintenance(self, budget_seconds: float) -> None:  # noqa: B027 - optional hook
         """Deferred heavy work; the default model has none."""
 
+    def first_forecast_after(self) -> tuple[int, str] | None:
+        """Observations a series needs before this model's first forecast, and what sets that number (a short
+        phrase naming the parameter), so a replay that ends before any forecast can say why; ``None``: not known
+        ahead."""
+        return None
+
     def pop_calibration(self, horizon: int) -> Calibration | None:
         """Residuals of the 1..``horizon``-step forecasts to seed the calibrators with, queued since the last call
         (thread-safe); ``None``: none."""

@@ -785,6 +785,9 @@ class CycleNetForecaster(BatchForecaster):
 
     # -- forecasting ------------------------------------------------------------------------------------
 
+    def first_forecast_after(self) -> tuple[int, str]:
+        return self.warm_start, f"warm_start={self.warm_start}: the first fit waits for a series that long"
+
     def forecast_many(self, rows: np.ndarray, horizon: int) -> np.ndarray:
         """Raw-scale forecasts (n, horizon); NaN for rows not served yet and beyond the model's horizon. With
         replicas, their spread is computed in the same pass (same inputs) and kept for :meth:`spread_many`."""

@@ -136,6 +136,9 @@ class Ensemble(BatchForecaster):
         return out
 
     # -- forecasting --------------------------------------------------------------------------------------
+    def first_forecast_after(self) -> tuple[int, str] | None:
+        return self.members_[0].first_forecast_after()
+
     def forecast_many(self, rows: np.ndarray, horizon: int) -> np.ndarray:
         means = np.stack([m.forecast_many(rows, horizon) for m in self.members_])
         self._last_means = means

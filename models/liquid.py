@@ -850,6 +850,9 @@ class CfCForecaster(BatchForecaster):
 
     # -- forecasting ------------------------------------------------------------------------------------
 
+    def first_forecast_after(self) -> tuple[int, str]:
+        return self.warm_start, f"warm_start={self.warm_start}: the first fit waits for a series that long"
+
     def forecast_many(self, rows: np.ndarray, horizon: int) -> np.ndarray:
         """Raw-scale forecasts (n, horizon) read from the rows' states; NaN for rows not served yet and beyond
         the model's horizon."""

@@ -143,6 +143,12 @@ class SeasonalNaive(BatchForecaster):
         return Calibration.concat([Calibration(rows, seasonal_backtest(window, period, horizon))
                                    for rows, window, period in detected])
 
+    def first_forecast_after(self) -> tuple[int, str]:
+        if self.period is not None:
+            return self.period, f"period={self.period}: one cycle"
+        return self.detect_after, (f"detect_after={self.detect_after}: its cycle is detected then; given a period, "
+                                   "it starts after one cycle")
+
     def forecast_many(self, rows: np.ndarray, horizon: int) -> np.ndarray:
         period = self.period_[rows][:, None]
         h = np.arange(1, horizon + 1)[None, :]

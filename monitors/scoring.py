@@ -169,6 +169,10 @@ class PrequentialScorer:
         return {**{name: sums[i] for i, name in enumerate(self.names_)}, "no_interval": self.no_interval_[rows].sum(0),
                 "infinite": infinite[0], **{f"infinite@{lv}": infinite[j] for j, lv in enumerate(self.levels_)}}
 
+    def issued_per_row(self, rows: np.ndarray) -> np.ndarray:
+        """Forecast steps issued per row (every horizon), shape ``(len(rows),)``."""
+        return self.sums_[rows, -1].sum(axis=1)
+
     def summary(self, rows: np.ndarray) -> dict:
         """MAE, RMSE, coverage, mean width and interval score overall and by horizon, each level's under
         ``levels``; ``None`` where undefined (nothing scored, or no step with an interval), never ``NaN``."""

@@ -23,6 +23,7 @@ TypeError: replay() got an unexpected option 'colour'; options: allowed_series, 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -89,4 +90,6 @@ def replay(data: pd.DataFrame | str | Path, models: Sequence[str] = ("seasonal-n
     set_torch_threads(config.torch_threads)
     collector = ResultCollector(config)
     summary = execute(engine, loaded, source, run, Console(stderr=True), collector)
+    for note in summary["notes"]:  # e.g. a history shorter than a model's warm-up: say why nothing came out
+        warnings.warn(note, UserWarning, stacklevel=2)
     return collector.build(summary, source)

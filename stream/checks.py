@@ -15,7 +15,7 @@ with some cells not matured. Each check is also available on its own (:data:`FOR
 
 * **params** - ``get_params`` rebuilds an object with the same parameters (calibrators: through JSON);
 * **no_interval / cold_start** - a row or cell that has seen nothing answers ``NaN`` ("not ready"), never a
-  value it cannot know;
+  value it cannot know; nor does a row one observation short of what ``first_forecast_after()`` announces;
 * **no_look_ahead** - what was issued never changes afterwards and never depends on later inputs (for
   calibrators: nor on residuals that had not matured, i.e. masked cells);
 * **vectorised** - a table of N rows gives the same outputs as N one-row tables. A model with shared state
@@ -228,13 +228,28 @@ def check_forecaster_params(factory: ForecasterFactory, **options: Any) -> None:
 
 
 def check_forecaster_cold_start(factory: ForecasterFactory, **options: Any) -> None:
-    """A row that has seen nothing forecasts NaN."""
+    """A row that has seen nothing forecasts NaN; where the model says how many observations its first forecast
+    needs (``first_forecast_after``), a row that has seen one fewer still forecasts NaN."""
     opts = Options(**options)
     model = _new(factory, 2)
     forecast = np.asarray(model.forecast_many(np.array([0, 1]), opts.horizon), dtype=float)
     if not np.isnan(forecast).all():
         raise AssertionError(f"{_name(model)}: a row that has seen nothing must forecast NaN (not ready), got "
                              f"{forecast}")
+    said = model.first_forecast_after()
+    if said is None:
+        return
+    needs, why = said
+    if not isinstance(needs, int | np.integer) or needs < 1 or not isinstance(why, str):
+        raise AssertionError(f"{_name(model)}: first_forecast_after() must be (observations >= 1, phrase) or None, "
+                             f"got {said!r}")
+    ticks = np.arange(needs - 1)
+    for tick in ticks:
+        model.learn_many(np.array([0]), np.array([tick]), np.array([10.0 + np.sin(2 * np.pi * tick / opts.period)]))
+    early = np.asarray(model.forecast_many(np.array([0]), opts.horizon), dtype=float)
+    if not np.isnan(early).all():
+        raise AssertionError(f"{_name(model)}: forecast after {ticks.size} observations, before the {needs} its "
+                             f"first_forecast_after() says ({why})")
 
 
 def check_forecaster_no_look_ahead(factory: ForecasterFactory, **options: Any) -> None:

@@ -830,9 +830,12 @@ class Engine:
         rows = np.array([self._slot_of[sid] for sid in sorted(self._slot_of)], dtype=np.int64)
         s = self.series_
         return {
-            "models": {lane.name: lane.scorer.summary(rows) for lane in self.lanes},
+            "models": {lane.name: {**lane.scorer.summary(rows),
+                                   "n_series_without_forecast": int((lane.scorer.issued_per_row(rows) == 0).sum())}
+                       for lane in self.lanes},
             "n_series": len(rows),
             "n_observations": int(s["n_applied"][rows].sum()),
+            "max_series_observations": int(s["n_applied"][rows].max()) if rows.size else 0,
             "n_duplicates": int(s["n_duplicates"][rows].sum()),
             "n_collisions": int(s["n_collisions"][rows].sum()),
             "n_held": int(s["hold_n"][rows].sum()),

@@ -279,6 +279,7 @@ def _summary(engine: Engine, metrics: Metrics, elapsed: float, letter_file: Path
             dead[sample.labels["reason"]] = int(sample.value)
     return {
         **summary,
+        "notes": not_ready_notes(engine, summary),
         "dead_letters": dead,
         "dead_letter_file": str(letter_file) if letter_file is not None else None,
         "drift_events": events,
@@ -287,6 +288,22 @@ def _summary(engine: Engine, metrics: Metrics, elapsed: float, letter_file: Path
         "observations_per_second": summary["n_observations"] / elapsed if elapsed > 0 else None,
         "config": engine.config.to_dict(),
     }
+
+
+def not_ready_notes(engine: Engine, summary: dict[str, Any]) -> list[str]:
+    """A line per model with series that never forecast: how many, what the model waits for (where it can tell)
+    and the longest series seen, so that a replay of a short history says why its table is empty."""
+    notes = []
+    for lane in engine.lanes:
+        silent = summary["models"][lane.name]["n_series_without_forecast"]
+        if not silent:
+            continue
+        note = f"{lane.name}: {silent:,} of {summary['n_series']:,} series never forecast"
+        needs = lane.model.first_forecast_after()
+        if needs is not None:
+            note += f"; a series needs {needs[0]:,} observations first ({needs[1]})"
+        notes.append(note + f"; the longest series here has {summary['max_series_observations']:,}")
+    return notes
 
 
 def print_summary(summary: dict[str, Any], console: Console) -> None:
@@ -322,6 +339,8 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     events = ", ".join(f"{model}/{detector} {n:,}" for model, by in summary["drift_events"].items()
                        for detector, n in by.items()) or "none"
     console.print(f"drift events: {events}" + (f" -> {summary['events_file']}" if summary["events_file"] else ""))
+    for note in summary.get("notes", []):
+        console.print(f"[yellow]note[/yellow]: {note}", highlight=False)
 
 
 def _fmt(value: float | None, spec: str = ".4g", bold: bool = False) -> str:

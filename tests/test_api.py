@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,19 @@ def test_bad_cells_become_dead_letters_and_the_rest_is_replayed():
     assert sorted(result.dead_letters["reason"]) == ["bad_timestamp", "non_numeric_value"]
     assert sorted(result.dead_letters["offset"]) == [10, 20]
     assert len(result.actuals) == 98 and result.run["n_observations"] == 98
+
+
+def test_a_history_shorter_than_a_models_warm_up_says_why_nothing_came_out():
+    """300 hourly values: the detecting seasonal naive waits for 402, so it never forecasts and the replay warns
+    with the numbers (a configured period starts it after one cycle, and then nothing is said)."""
+    frame = noisy_cycles(300)
+    with pytest.warns(UserWarning, match=r"seasonal-naive: 2 of 2 series never forecast; a series needs 402 "
+                                         r"observations first \(detect_after=402.*longest series here has 300"):
+        silent = tidecast.replay(frame, models=["seasonal-naive"], horizon=6)
+    assert len(silent.forecasts) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(tidecast.replay(frame, models=["seasonal-naive"], horizon=6, model_params=SN12).forecasts)
 
 
 def test_mistakes_in_the_arguments_raise_before_any_work():

@@ -126,6 +126,13 @@ class Eager(SeasonalNaive):
         return np.nan_to_num(super().forecast_many(rows, horizon))
 
 
+class Overcautious(SeasonalNaive):
+    """Announces a longer warm-up than it keeps (a replay's "never forecast" note would mislead)."""
+
+    def first_forecast_after(self):
+        return 10 * self.period, "period times ten"
+
+
 class ReusedOutput(SeasonalNaive):
     """Writes every forecast into the same buffer (an allocation saved, and every earlier forecast overwritten)."""
 
@@ -251,6 +258,7 @@ class SharedHandOff(SeasonalNaive):
     (lambda: SharedHandOff(max_period=12, detect_after=30), checks.check_forecaster_calibration,
      "changed afterwards"),
     (lambda: Eager(period=6), checks.check_forecaster_cold_start, "must forecast NaN"),
+    (lambda: Overcautious(period=6), checks.check_forecaster_cold_start, "before the 60 its first_forecast_after"),
     (lambda: ReusedOutput(period=6), checks.check_forecaster_no_look_ahead, "changed after it was returned"),
     (PooledMean, checks.check_forecaster_vectorised, "disagree"),
     (lambda: ForgetsPeriod(max_period=12, detect_after=30), checks.check_forecaster_round_trip, "differs"),

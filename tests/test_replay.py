@@ -92,6 +92,22 @@ def _dead(tmp_path: Path) -> list[dict]:
     return [json.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
 
 
+def test_a_model_that_never_forecast_is_explained_at_the_end(tmp_path, capsys):
+    """ETTh1's first 450 hours: cyclenet's first fit waits for 2,000 observations of a series, so its row is
+    empty, and the summary (printed and in the JSON) says so with the numbers; seasonal naive forecast."""
+    path = tmp_path / "short.csv"
+    pd.read_csv(ETTH1, usecols=["date", "OT"]).iloc[:450].to_csv(path, index=False)
+    s = replay(tmp_path, str(path), "--model", "seasonal-naive,cyclenet")
+    assert s["models"]["cyclenet"]["n_series_without_forecast"] == 1
+    assert s["models"]["seasonal-naive"]["n_series_without_forecast"] == 0
+    assert s["max_series_observations"] == 450
+    assert s["notes"] == ["cyclenet: 1 of 1 series never forecast; a series needs 2,000 observations first "
+                          "(warm_start=2000: the first fit waits for a series that long); the longest series here "
+                          "has 450"]
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "note: cyclenet: 1 of 1 series never forecast" in printed and "seasonal-naive:" not in printed
+
+
 def test_every_malformed_row_is_dead_lettered_with_its_reason(tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text(BAD_WIDE.format(big="9" * 70_000))
