@@ -270,6 +270,7 @@ def _throttle(rate: float | None, started: float, done: float) -> None:
 def _summary(engine: Engine, metrics: Metrics, elapsed: float, letter_file: Path | None, options: ReplayOptions,
              event_counts: dict[tuple[str, str], int]) -> dict[str, Any]:
     summary = engine.summary()
+    summary["n_resets"] = int(metrics.registry.get_sample_value("tidecast_series_resets_total") or 0)
     events: dict[str, dict[str, int]] = {}  # model -> detector -> events
     for (model, detector), count in sorted(event_counts.items()):
         events.setdefault(model, {})[detector] = count
@@ -302,7 +303,12 @@ def not_ready_notes(engine: Engine, summary: dict[str, Any]) -> list[str]:
         needs = lane.model.first_forecast_after()
         if needs is not None:
             note += f"; a series needs {needs[0]:,} observations first ({needs[1]})"
-        notes.append(note + f"; the longest series here has {summary['max_series_observations']:,}")
+        note += f"; the longest series here has {summary['max_series_observations']:,}"
+        resets = summary["n_resets"]
+        if resets:  # a reset restarts a series' history: its count no longer says how far it got
+            note += (f", and {resets:,} gap{'s' * (resets > 1)} longer than max_gap restarted "
+                     f"{'histories' if resets > 1 else 'a history'} (is the time column right? --freq, --max-gap)")
+        notes.append(note)
     return notes
 
 
@@ -332,6 +338,7 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
         f"{summary['elapsed_seconds']:.1f} s ({summary['observations_per_second'] or 0:,.0f} obs/s); "
         f"duplicates {summary['n_duplicates']}, snapped collisions {summary['n_collisions']}, gap-filled ticks "
         f"{summary['n_gap_filled']}"
+        + (f", gap resets {summary['n_resets']}" if summary.get("n_resets") else "")
         + (f", held (series seen at one timestamp) {summary['n_held']}" if summary["n_held"] else "")
         + f"; dead letters: {dead}"
         + (f" -> {summary['dead_letter_file']}" if summary["dead_letter_file"] else "")

@@ -108,6 +108,18 @@ def test_a_model_that_never_forecast_is_explained_at_the_end(tmp_path, capsys):
     assert "note: cyclenet: 1 of 1 series never forecast" in printed and "seasonal-naive:" not in printed
 
 
+def test_the_note_counts_gap_resets_that_restarted_histories(tmp_path):
+    """Two stretches of 300 hours with 100 hours missing between them (longer than max_gap = H): 600
+    observations, but seasonal naive's history restarted after the gap and neither stretch reaches 402."""
+    frame = pd.read_csv(ETTH1, usecols=["date", "OT"])
+    path = tmp_path / "gap.csv"
+    pd.concat([frame.iloc[:300], frame.iloc[400:700]]).to_csv(path, index=False)
+    s = replay(tmp_path, str(path))
+    assert s["n_resets"] == 1 and s["max_series_observations"] == 600
+    assert s["notes"][0].endswith("the longest series here has 600, and 1 gap longer than max_gap restarted a "
+                                  "history (is the time column right? --freq, --max-gap)")
+
+
 def test_every_malformed_row_is_dead_lettered_with_its_reason(tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text(BAD_WIDE.format(big="9" * 70_000))
