@@ -72,20 +72,20 @@ from __future__ import annotations
 import copy
 import math
 import threading
-import time
 from collections import Counter
 from typing import Any
 
 import numpy as np
 import torch
 
-from tidecast.models.base import ArrayDict, BatchForecaster, Calibration, CalibrationQueue
+from tidecast.models.base import ArrayDict, Calibration, CalibrationQueue
 from tidecast.models.bootstrap import check_bootstrap
 from tidecast.models.cyclenet_net import DEFAULT_LR, BatchFit, CycleNet, Windows, make_adam
 from tidecast.models.cyclenet_net import build as build_net
 from tidecast.models.cyclenet_replicas import OnlineReplicas, ReplicaFit, Replicas
 from tidecast.models.rows import Column, Field, RowTable
 from tidecast.models.seasonality import detect_period
+from tidecast.models.warm_start import WarmStarted
 
 __all__ = ["CycleNetForecaster", "build", "detect_cycle", "make"]
 
@@ -119,7 +119,7 @@ def detect_cycle(values: np.ndarray, max_cycle: int = 400) -> int:
     return min(votes, key=lambda p: (-votes[p], p))
 
 
-class CycleNetForecaster(BatchForecaster):
+class CycleNetForecaster(WarmStarted):
     """CycleNet over a group of series (rows), warm-started in batch and then learning online.
 
     Parameters
@@ -274,20 +274,9 @@ class CycleNetForecaster(BatchForecaster):
         if self.replay_window < 1 or self.replay_every < 1 or self.replay_batch < 1:
             raise ValueError("replay_window, replay_every and replay_batch must be >= 1")
 
-    def _n_val(self) -> int:
-        return int(round(self.warm_start * self.val_fraction))
-
     def _n_hold(self) -> int:
         """Validation observations kept out of early stopping (the calibration part)."""
         return int(round(self._n_val() * self.calib_holdout))
-
-    @property
-    def _window(self) -> int:
-        return self.lookback + self.horizon
-
-    @property
-    def _ring(self) -> int:
-        return max(self.warm_start, self.replay_window + self._window - 1)
 
     def _reset_model(self) -> None:
         self.cycle_: int | None = self.cycle
@@ -339,15 +328,6 @@ class CycleNetForecaster(BatchForecaster):
     @property
     def _cap(self) -> int:
         return self._rows.capacity
-
-    @property
-    def fitted_(self) -> bool:
-        return self.net_ is not None
-
-    @property
-    def ready_(self) -> np.ndarray:
-        """Which rows are served (scaler and cycle column set), shape ``(n_rows_,)``."""
-        return self._ready[: self.n_rows_].copy()
 
     def resize(self, n_rows: int) -> None:
         with self._lock:
@@ -563,25 +543,8 @@ class CycleNetForecaster(BatchForecaster):
             self._deferred = True  # a worker thread does the heavy work from now on
         self._work(budget_seconds, budget_seconds)
 
-    def _work(self, fit_budget: float, replay_budget: float) -> None:
-        if not self._train_lock.acquire(blocking=False):
-            return  # another thread is training; it will do the work
-        try:
-            start = time.perf_counter()
-            job = self._job
-            if job is not None:
-                if not job["fit"].run(fit_budget):
-                    return
-                if self.bootstrap and not self._fit_replicas(job, fit_budget - (time.perf_counter() - start)):
-                    return
-                self._install(job)
-            deadline = start + replay_budget
-            while self._due > 0:
-                self._replay_step()
-                if time.perf_counter() >= deadline:
-                    break
-        finally:
-            self._train_lock.release()
+    def _fit_extras(self, job: dict[str, Any], budget: float) -> bool:
+        return not self.bootstrap or self._fit_replicas(job, budget)
 
     def _replay_step(self) -> None:
         """One Adam step of the training copy on the next reshuffled mini-batch, then publish the weights."""
@@ -785,9 +748,6 @@ class CycleNetForecaster(BatchForecaster):
 
     # -- forecasting ------------------------------------------------------------------------------------
 
-    def first_forecast_after(self) -> tuple[int, str]:
-        return self.warm_start, f"warm_start={self.warm_start}: the first fit waits for a series that long"
-
     def forecast_many(self, rows: np.ndarray, horizon: int) -> np.ndarray:
         """Raw-scale forecasts (n, horizon); NaN for rows not served yet and beyond the model's horizon. With
         replicas, their spread is computed in the same pass (same inputs) and kept for :meth:`spread_many`."""
@@ -901,20 +861,11 @@ class CycleNetForecaster(BatchForecaster):
     def export_shared(self) -> tuple[ArrayDict, dict[str, Any]]:
         with self._train_lock, self._lock:
             meta: dict[str, Any] = {
-                "kind": "cyclenet",
-                "version": 1,
-                "params": self.get_params(),
-                "cycle": self.cycle_,
-                "fitted": self.net_ is not None,
-                "n_rows": int(self.n_rows_),
-                "rounds": self._rounds,
-                "due": self._due,
+                **self._shared_meta("cyclenet"),
                 "cursor": self._cursor,
-                "rng": self._rng.bit_generator.state,
                 "perm_rng": self._perm_rng,
                 "loss_ema": self.loss_ema_ if np.isfinite(self.loss_ema_) else None,
                 "skipped_windows": self.skipped_windows_,
-                "fit_report": self.fit_report_,
                 "boot_rng": self._boot_rng.bit_generator.state,
                 "replicas": self.replicas_ is not None,
             }
@@ -934,12 +885,8 @@ class CycleNetForecaster(BatchForecaster):
         return arrays, meta
 
     def import_shared(self, arrays: ArrayDict, meta: dict[str, Any]) -> None:
-        if meta.get("kind") != "cyclenet":
-            raise ValueError("not a CycleNet state")
-        params = meta["params"]
-        for key in ("horizon", "lookback", "backbone", "hidden", "instance_norm", "warm_start", "replay_window"):
-            if params[key] != getattr(self, key):
-                raise ValueError(f"state has {key}={params[key]!r}, this model {getattr(self, key)!r}")
+        self._check_shared_meta(meta, "cyclenet", ("horizon", "lookback", "backbone", "hidden", "instance_norm",
+                                                   "warm_start", "replay_window"))
         with self._train_lock, self._lock:
             self._job = None
             self._reset_model()

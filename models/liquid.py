@@ -86,9 +86,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from tidecast.models.base import ArrayDict, BatchForecaster
+from tidecast.models.base import ArrayDict
 from tidecast.models.bootstrap import ResidualRing, check_bootstrap
 from tidecast.models.ensemble import Ensemble
+from tidecast.models.warm_start import WarmStarted
 
 __all__ = ["CfCCell", "CfCEnsemble", "CfCForecaster", "LiquidNet", "build", "make"]
 
@@ -216,7 +217,7 @@ def deltas(present: np.ndarray) -> np.ndarray:
     return np.where(prev >= 0, idx - prev, 1).astype(np.float32)
 
 
-class CfCForecaster(BatchForecaster):
+class CfCForecaster(WarmStarted):
     """CfC over a group of series (rows); see the module docstring.
 
     Parameters
@@ -353,17 +354,6 @@ class CfCForecaster(BatchForecaster):
         if self.replay_window < 1 or self.replay_every < 1 or self.replay_batch < 1:
             raise ValueError("replay_window, replay_every and replay_batch must be >= 1")
 
-    def _n_val(self) -> int:
-        return int(round(self.warm_start * self.val_fraction))
-
-    @property
-    def _window(self) -> int:
-        return self.lookback + self.horizon
-
-    @property
-    def _ring(self) -> int:
-        return max(self.warm_start, self.replay_window + self._window - 1)
-
     @property
     def _n_inputs(self) -> int:
         return 1 + 2 * len(self.periods)
@@ -409,15 +399,6 @@ class CfCForecaster(BatchForecaster):
         self.ring_ = ResidualRing(self.bootstrap) if self.bootstrap else None
 
     # -- the table ------------------------------------------------------------------------------------
-
-    @property
-    def fitted_(self) -> bool:
-        return self.net_ is not None
-
-    @property
-    def ready_(self) -> np.ndarray:
-        """Which rows are served (scaler and state set), shape ``(n_rows_,)``."""
-        return self._ready[: self.n_rows_].copy()
 
     def resize(self, n_rows: int) -> None:
         with self._lock:
@@ -725,24 +706,6 @@ class CfCForecaster(BatchForecaster):
             self._deferred = True  # a worker thread does the heavy work from now on
         self._work(budget_seconds, budget_seconds)
 
-    def _work(self, fit_budget: float, replay_budget: float) -> None:
-        if not self._train_lock.acquire(blocking=False):
-            return  # another thread is training; it will do the work
-        try:
-            start = time.perf_counter()
-            job = self._job
-            if job is not None:
-                if not job["fit"].run(fit_budget):
-                    return
-                self._install(job)
-            deadline = start + replay_budget
-            while self._due > 0:
-                self._replay_step()
-                if time.perf_counter() >= deadline:
-                    break
-        finally:
-            self._train_lock.release()
-
     def _sample(self) -> tuple[np.ndarray, ...] | None:
         """``replay_batch`` windows drawn uniformly from the buffer (under the lock): rows, standardised
         windows ``(B, L + H)`` and their ticks. Windows without a real last input or any target are dropped."""
@@ -849,9 +812,6 @@ class CfCForecaster(BatchForecaster):
         return {"windows": int(pair_rows.size), "steps": steps}
 
     # -- forecasting ------------------------------------------------------------------------------------
-
-    def first_forecast_after(self) -> tuple[int, str]:
-        return self.warm_start, f"warm_start={self.warm_start}: the first fit waits for a series that long"
 
     def forecast_many(self, rows: np.ndarray, horizon: int) -> np.ndarray:
         """Raw-scale forecasts (n, horizon) read from the rows' states; NaN for rows not served yet and beyond
@@ -962,18 +922,7 @@ class CfCForecaster(BatchForecaster):
 
     def export_shared(self) -> tuple[ArrayDict, dict[str, Any]]:
         with self._train_lock, self._lock:
-            meta: dict[str, Any] = {
-                "kind": "cfc",
-                "version": 1,
-                "params": self.get_params(),
-                "cycle": self.cycle_,
-                "fitted": self.net_ is not None,
-                "n_rows": int(self.n_rows_),
-                "rounds": self._rounds,
-                "due": self._due,
-                "rng": self._rng.bit_generator.state,
-                "fit_report": self.fit_report_,
-            }
+            meta = self._shared_meta("cfc")
             arrays: ArrayDict = {}
             if self.net_ is None:
                 return arrays, meta
@@ -989,13 +938,9 @@ class CfCForecaster(BatchForecaster):
         return arrays, meta
 
     def import_shared(self, arrays: ArrayDict, meta: dict[str, Any]) -> None:
-        if meta.get("kind") != "cfc":
-            raise ValueError("not a CfC state")
-        params = meta["params"]
-        for key in ("horizon", "lookback", "mode", "units", "backbone_units", "backbone_layers", "periods",
-                    "skip", "scale_halflife", "warm_start", "replay_window"):
-            if params[key] != self.get_params()[key]:
-                raise ValueError(f"state has {key}={params[key]!r}, this model {self.get_params()[key]!r}")
+        self._check_shared_meta(meta, "cfc", ("horizon", "lookback", "mode", "units", "backbone_units",
+                                              "backbone_layers", "periods", "skip", "scale_halflife", "warm_start",
+                                              "replay_window"))
         with self._train_lock, self._lock:
             self._reset_model()
             self.resize(int(meta["n_rows"]))

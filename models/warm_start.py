@@ -1,0 +1,112 @@
+"""What the two torch forecasters (CycleNet, the liquid ``cfc``) share: a warm start, then online replay.
+
+Both keep each series' recent history in a ring, fit one shared network once a series has ``warm_start``
+observations (the last ``val_fraction`` of them for early stopping), then learn online from replayed windows.
+The fit and the replay steps are *deferred work*: :meth:`WarmStarted._work` advances the fit within a budget,
+installs it when done, then takes the replay steps that are due, all under one training lock so that a
+trainer thread and the engine's thread never train at once. A subclass supplies the fit job (``_job``, a dict
+with a resumable ``"fit"``), ``_install(job)``, ``_replay_step()`` and the due-step count ``_due``; it may hook
+``_fit_extras`` (CycleNet fits its bootstrap replicas there).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from tidecast.models.base import BatchForecaster
+
+
+class WarmStarted(BatchForecaster):
+    """Base of the warm-started, replay-trained forecasters (see the module docstring)."""
+
+    # set by the subclass's constructor and state
+    warm_start: int
+    val_fraction: float
+    lookback: int
+    horizon: int
+    replay_window: int
+    net_: Any
+    cycle_: int
+    fit_report_: dict[str, Any]
+    n_rows_: int
+    _rounds: int
+    _rng: np.random.Generator
+    _ready: np.ndarray
+    _job: dict[str, Any] | None
+    _due: int
+    _train_lock: threading.Lock
+
+    def _n_val(self) -> int:
+        """Warm-start observations kept for early stopping."""
+        return int(round(self.warm_start * self.val_fraction))
+
+    @property
+    def _window(self) -> int:
+        return self.lookback + self.horizon
+
+    @property
+    def _ring(self) -> int:
+        """History kept per series: the warm-start block, or the replay window's windows if longer."""
+        return max(self.warm_start, self.replay_window + self._window - 1)
+
+    @property
+    def fitted_(self) -> bool:
+        return self.net_ is not None
+
+    @property
+    def ready_(self) -> np.ndarray:
+        """Which rows are served, shape ``(n_rows_,)``."""
+        return self._ready[: self.n_rows_].copy()
+
+    def first_forecast_after(self) -> tuple[int, str]:
+        return self.warm_start, f"warm_start={self.warm_start}: the first fit waits for a series that long"
+
+    def _work(self, fit_budget: float, replay_budget: float) -> None:
+        """Advance the warm-start fit (install it when done), then take due replay steps until the budget ends."""
+        if not self._train_lock.acquire(blocking=False):
+            return  # another thread is training; it will do the work
+        try:
+            start = time.perf_counter()
+            job = self._job
+            if job is not None:
+                if not job["fit"].run(fit_budget):
+                    return
+                if not self._fit_extras(job, fit_budget - (time.perf_counter() - start)):
+                    return
+                self._install(job)
+            deadline = start + replay_budget
+            while self._due > 0:
+                self._replay_step()
+                if time.perf_counter() >= deadline:
+                    break
+        finally:
+            self._train_lock.release()
+
+    def _shared_meta(self, kind: str) -> dict[str, Any]:
+        """The JSON part of the shared state both models write (the caller holds the locks)."""
+        return {"kind": kind, "version": 1, "params": self.get_params(), "cycle": self.cycle_,
+                "fitted": self.net_ is not None, "n_rows": int(self.n_rows_), "rounds": self._rounds,
+                "due": self._due, "rng": self._rng.bit_generator.state, "fit_report": self.fit_report_}
+
+    def _check_shared_meta(self, meta: dict[str, Any], kind: str, keys: tuple[str, ...]) -> None:
+        """Refuse shared state of another model, or saved with other values of the parameters in ``keys``."""
+        if meta.get("kind") != kind:
+            raise ValueError(f"not a {kind} state")
+        saved, current = meta["params"], self.get_params()
+        for key in keys:
+            if saved[key] != current[key]:
+                raise ValueError(f"state has {key}={saved[key]!r}, this model {current[key]!r}")
+
+    def _fit_extras(self, job: dict[str, Any], budget: float) -> bool:
+        """More fitting after the network's, before the job is installed; True when done (default: none)."""
+        return True
+
+    def _install(self, job: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _replay_step(self) -> None:
+        raise NotImplementedError
