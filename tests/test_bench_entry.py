@@ -46,6 +46,21 @@ def test_irregular_bench_builds_its_lanes_with_a_cfc_ensemble() -> None:
     assert bench_output(code) == ["CfCEnsemble", "CycleNetForecaster"]
 
 
+def test_retrain_oracle_streams_are_in_the_new_regime_and_in_phase_with_it() -> None:
+    """bench/retrain.py --oracle fits a model on values already in the post-change regime: on a clean daily sine
+    the stream before and after the change point must then be one regime (the same cycle, continuous phase; the
+    phase shift has no past for its first half cycle), so the bound measures the regime, not a seam."""
+    code = ("import sys; sys.path.insert(0, 'bench'); import numpy as np; import retrain as rb;"
+            "base = np.sin(2 * np.pi * np.arange(8000) / 24); at, c = 2611, 24;"
+            "rng = np.random.default_rng(0);"
+            "both = lambda k: np.concatenate([rb.regime_from_start(k, base, at, 1.0, c, rng),"
+            "                                 rb.persistent(k, base, at, 1.0, c, 3500, rng)]);"
+            "p = both('phase'); q = both('cycle'); t = both('trend'); lv = both('level');"
+            "print(np.abs(p[36:] - p[12:-24]).max(), np.abs(q[12:] - q[:-12]).max(),"
+            "      np.abs(np.diff(t - base[:3500]) - 0.05).max(), np.abs(lv - base[:3500] - 3).max())")
+    assert all(float(x) < 1e-9 for x in bench_output(code))
+
+
 def bench_output(code: str) -> list[str]:
     """The words ``code`` prints, run from the repository root in a fresh interpreter (the benches are scripts)."""
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
