@@ -282,7 +282,8 @@ def _run_section(result: ReplayResult) -> str:
         "calibrator": cfg.calibrator,
         "forecast steps": f"{len(result.forecasts):,}",
     }
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in items.items())
+    pairs = [*items.items(), *(("note", note) for note in run.get("notes", []))]  # e.g. a model that never forecast
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in pairs)
     return f"<table><tbody>{rows}</tbody></table>"
 
 

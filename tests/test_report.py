@@ -105,3 +105,17 @@ def test_a_report_series_that_does_not_exist_is_an_error_before_any_work(tmp_pat
                  "--no-progress"]) == 2
     assert "--report-series 'e/nope': no such series" in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists()
+
+
+def test_a_model_that_never_forecast_is_noted_in_the_report(tmp_path):
+    """300 hours: cyclenet's first fit waits for 2,000, so the report's run table says why its rows are empty
+    (and a report of a run with no forecast at all still renders)."""
+    page, summary = tmp_path / "r.html", tmp_path / "s.json"
+    excerpt = tmp_path / "ETTh1.csv"
+    excerpt.write_text("".join(ETTH1.read_text().splitlines(keepends=True)[:301]))
+    assert main(["replay", str(excerpt), "--columns", "OT", "--model", "cyclenet,seasonal-naive",
+                 "--model-param", "seasonal-naive.period=24", "--report", str(page), "--no-progress",
+                 "--summary-json", str(summary), "--dead-letter", str(tmp_path / "dead.jsonl")]) == 0
+    notes = re.findall(r"<tr><td>note</td><td>([^<]*)</td></tr>", page.read_text(encoding="utf-8"))
+    assert notes == json.loads(summary.read_text())["notes"] and len(notes) == 1
+    assert notes[0].startswith("cyclenet: 1 of 1 series never forecast; a series needs 2,000 observations")
