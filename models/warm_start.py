@@ -63,7 +63,8 @@ class WarmStarted(BatchForecaster):
         return self._ready[: self.n_rows_].copy()
 
     def first_forecast_after(self) -> tuple[int, str]:
-        return self.warm_start, f"warm_start={self.warm_start}: the first fit waits for a series that long"
+        return self.warm_start, (f"warm_start={self.warm_start}: the first fit waits for a series that long; "
+                                 f"after it, a new series joins with lookback + horizon = {self._window}")
 
     def _work(self, fit_budget: float, replay_budget: float) -> None:
         """Advance the warm-start fit (install it when done), then take due replay steps until the budget ends."""

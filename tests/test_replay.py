@@ -102,8 +102,8 @@ def test_a_model_that_never_forecast_is_explained_at_the_end(tmp_path, capsys):
     assert s["models"]["seasonal-naive"]["n_series_without_forecast"] == 0
     assert s["max_series_observations"] == 450
     assert s["notes"] == ["cyclenet: 1 of 1 series never forecast; a series needs 2,000 observations first "
-                          "(warm_start=2000: the first fit waits for a series that long); the longest series here "
-                          "has 450"]
+                          "(warm_start=2000: the first fit waits for a series that long; after it, a new series "
+                          "joins with lookback + horizon = 120); the longest series here has 450"]
     printed = " ".join(capsys.readouterr().out.split())
     assert "note: cyclenet: 1 of 1 series never forecast" in printed and "seasonal-naive:" not in printed
 
