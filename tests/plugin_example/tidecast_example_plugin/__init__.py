@@ -49,6 +49,9 @@ class DampedDrift(BatchForecaster):
         out = self.last_[rows][:, None] + slope[:, None] * weights[None, :]
         return np.where((count >= 2)[:, None], out, np.nan)
 
+    def first_forecast_after(self) -> tuple[int, str]:
+        return 2, "a drift needs two values"  # optional: lets a replay say why a short series got no forecast
+
     def reset_rows(self, rows: np.ndarray) -> None:
         self.table_.blank(rows)
 
