@@ -77,6 +77,9 @@ class Metrics:
         self.shadow_error_ratio = Gauge(
             "tidecast_shadow_error_ratio", "The last shadow gate's squared error of the candidate over the "
             "incumbent's (below 1: the candidate was better).", ["model"], registry=r)
+        self.series_warming_up = Gauge(
+            "tidecast_series_warming_up", "Series with observations whose model has not issued a forecast yet (its "
+            "warm-up: a cycle to detect, a first fit to wait for).", ["model"], registry=r)
         self.series_drifting = Gauge(
             "tidecast_series_drifting", "Series whose model raised a drift alarm within the last drift_window steps "
             "of their own grid.", ["model"], registry=r)

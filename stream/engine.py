@@ -730,6 +730,10 @@ class Engine:
         for event in result.events:
             m.drift_alarms.labels(model=event.model, detector=event.detector).inc()
         last_tick = self.series_["last_tick"][: self._cap]
+        observed = last_tick != _NO_TICK  # blank rows (never used, or dropped) hold no series
+        for lane in self.lanes:
+            waiting = observed & ~lane.scorer.ever_issued(self._cap)
+            m.series_warming_up.labels(model=lane.name).set(int(np.count_nonzero(waiting)))
         for lane in self.lanes:
             if lane.monitors:  # rows that never alarmed (blank ones included) hold NO_ALARM and never count
                 latest = np.max([mon.last_alarm_tick_[: self._cap] for mon in lane.monitors], axis=0)

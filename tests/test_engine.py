@@ -351,3 +351,25 @@ def test_the_array_path_and_the_record_path_give_the_same_state(seed, freq, monk
     assert meta_a == meta_b and arrays_a.keys() == arrays_b.keys()
     for key in arrays_a:
         np.testing.assert_array_equal(arrays_a[key], arrays_b[key], err_msg=key)
+
+
+def test_series_warming_up_counts_observed_series_without_a_forecast_yet():
+    """Seasonal naive detecting its cycle waits for 402 values: three series count as warming up until then, a
+    series that joins later counts alone, and a dropped one stops counting (its row is blank)."""
+    engine = Engine.from_config(EngineConfig(models=["seasonal-naive"], horizon=3, freq="1h"))
+
+    def warming() -> float:
+        return engine.metrics.registry.get_sample_value("tidecast_series_warming_up", {"model": "seasonal-naive"})
+
+    t = np.arange(450)
+    for name in ("a", "b", "c"):
+        engine.process(batch(name, t[:100], np.sin(2 * np.pi * t[:100] / 24)))
+    assert warming() == 3
+    for name in ("a", "b", "c"):
+        engine.process(batch(name, t[100:], np.sin(2 * np.pi * t[100:] / 24)))
+    assert warming() == 0
+    engine.process(batch("late", t[:10], np.ones(10)))
+    assert warming() == 1
+    engine.drop_series(["late"])
+    engine.process(batch("a", [450], [0.0]))
+    assert warming() == 0
