@@ -65,9 +65,13 @@ KINDS = ("level", "variance", "phase", "cycle", "trend", "ramp")
 DSOF_BEST = {"1": 0.365, "24": 1.701, "48": 2.988}
 
 #: The drift-triggered policy's settings: the README's defaults. Chosen with --dev (ETTh2 rows [0, 8700)) only,
-#: among three: refit lr 1e-3 / cycle 1e-2, shadow 48, history 168 (dev MSE 1.021 against static's 1.003);
-#: lr 3e-4 / 1e-2, shadow 96, history 168 (1.016); lr 1e-4 / 3e-3, shadow 96, history 336 (0.985, kept).
-DRIFT_TRIGGERED: dict[str, Any] = dict(min_fresh=48, cooldown=168, shadow_steps=96, history=336, epochs=5)
+#: first among three: refit lr 1e-3 / cycle 1e-2, shadow 48, history 168 (dev MSE 1.021 against static's 1.003);
+#: lr 3e-4 / 1e-2, shadow 96, history 168 (1.016); lr 1e-4 / 3e-3, shadow 96, history 336 (0.985, kept). Then
+#: (2026-12-02, dev streams of both groups, MSE / training s; always-online 0.696 / ~9.5 s) from cooldown 168,
+#: budget 4, history 336, 5 epochs (0.715 / 2.4 s): cheaper, more frequent refits, one pass over four weeks -
+#: cooldown 96, budget 8, history 672, 1 epoch 0.688 / 1.8 s (kept); neighbours history 504 0.693, 1008 0.699,
+#: cooldown 72 0.688, 120 0.698; 2 epochs 0.695 / 3.3 s; 3 epochs with history 336 0.699 / 2.6 s.
+DRIFT_TRIGGERED: dict[str, Any] = dict(min_fresh=48, cooldown=96, budget=8, shadow_steps=96, history=672, epochs=1)
 
 CYCLENET = dict(lookback=LOOKBACK, warm_start=WARM_START, defer=False, seed=0)
 

@@ -158,7 +158,7 @@ class RetrainPolicy(Params):
     """
 
     def __init__(self, triggers: tuple[str, ...] | None = None, min_alarm_rows: int = 1, min_fresh: int = 48,
-                 cooldown: int = 168, budget: int = 4, budget_window: int = 2000, schedule: int | None = None,
+                 cooldown: int = 96, budget: int = 8, budget_window: int = 2000, schedule: int | None = None,
                  shadow_steps: int = 96, margin: float = 0.02, flip_margin: float = 0.1,
                  flip_budget: float = 0.5, probation_steps: int = 0, significance: float = 1.645) -> None:
         self.triggers = triggers

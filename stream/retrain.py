@@ -74,8 +74,8 @@ class RetrainSettings:
 
     policy: RetrainPolicy = field(default_factory=RetrainPolicy)
     mode: str = "refit"
-    history: int = 336
-    epochs: int = 5
+    history: int = 672  # four weeks of hourly steps, one pass: bench/retrain.py --dev chose cheap, frequent refits
+    epochs: int = 1
     lambdas: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     refit_params: dict[str, Any] = field(default_factory=dict)
 

@@ -366,7 +366,7 @@ def test_history_ring_keeps_the_last_values_oldest_first_and_round_trips():
 def test_river_lanes_get_a_ring_only_when_retraining():
     on, off = Engine.from_config(river_config()), Engine.from_config(river_config(retrain="off"))
     settings = on.retrainer.lanes["holt-winters"].settings
-    assert on.lanes[0].model.history == settings.ring_capacity == 24 + 24 + 168
+    assert on.lanes[0].model.history == settings.ring_capacity == 24 + 24 + 96  # history, min_fresh, cooldown
     assert off.lanes[0].model.history == 0 and off.lanes[0].model.history_ is None
     assert Engine.from_config(config()).lanes[0].model.get_params().get("history") is None  # CycleNet keeps its own
 
