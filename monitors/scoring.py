@@ -169,14 +169,9 @@ class PrequentialScorer:
         return {**{name: sums[i] for i, name in enumerate(self.names_)}, "no_interval": self.no_interval_[rows].sum(0),
                 "infinite": infinite[0], **{f"infinite@{lv}": infinite[j] for j, lv in enumerate(self.levels_)}}
 
-    def ever_issued(self, n_rows: int) -> np.ndarray:
-        """Whether each of the first ``n_rows`` rows has issued a 1-step forecast, shape ``(n_rows,)`` (a view's
-        worth of work: one column of the sums)."""
-        return self.sums_[:n_rows, -1, 0] > 0
-
-    def issued_per_row(self, rows: np.ndarray) -> np.ndarray:
-        """Forecast steps issued per row (every horizon), shape ``(len(rows),)``."""
-        return self.sums_[rows, -1].sum(axis=1)
+    def ever_issued(self, rows: np.ndarray) -> np.ndarray:
+        """Whether each of ``rows`` has issued a forecast step (any horizon), shape ``(len(rows),)``."""
+        return self.sums_[rows, -1].sum(axis=1) > 0
 
     def summary(self, rows: np.ndarray) -> dict:
         """MAE, RMSE, coverage, mean width and interval score overall and by horizon, each level's under

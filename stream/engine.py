@@ -58,6 +58,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -306,6 +307,8 @@ class Engine:
                 self.metrics.drift_alarms.labels(model=lane.name, detector=monitor.detector)
             if lane.monitors:
                 self.metrics.series_drifting.labels(model=lane.name).set(0)
+            # counted when scraped, not after every batch: a scan of every row that only a dashboard reads
+            self.metrics.series_warming_up.labels(model=lane.name).set_function(partial(self._warming_up, lane))
 
     @classmethod
     def from_config(cls, config: EngineConfig, metrics: Metrics | None = None) -> Engine:
@@ -730,10 +733,6 @@ class Engine:
         for event in result.events:
             m.drift_alarms.labels(model=event.model, detector=event.detector).inc()
         last_tick = self.series_["last_tick"][: self._cap]
-        observed = last_tick != _NO_TICK  # blank rows (never used, or dropped) hold no series
-        for lane in self.lanes:
-            waiting = observed & ~lane.scorer.ever_issued(self._cap)
-            m.series_warming_up.labels(model=lane.name).set(int(np.count_nonzero(waiting)))
         for lane in self.lanes:
             if lane.monitors:  # rows that never alarmed (blank ones included) hold NO_ALARM and never count
                 latest = np.max([mon.last_alarm_tick_[: self._cap] for mon in lane.monitors], axis=0)
@@ -752,6 +751,11 @@ class Engine:
                     self._gauge(m.coverage, lane.name, h, level).set(coverage[h])
                     if not np.isnan(width[h]):  # no step of this horizon has had an interval yet
                         self._gauge(m.width, lane.name, h, level).set(width[h])
+
+    def _warming_up(self, lane: Lane) -> int:
+        """Series with observations whose ``lane`` has issued no forecast yet (blank rows hold no series)."""
+        rows = np.flatnonzero(self.series_["last_tick"][: self._cap] != _NO_TICK)
+        return int(np.count_nonzero(~lane.scorer.ever_issued(rows)))
 
     def _gauge(self, family: Any, model: str, h: int, level: str) -> Any:
         """The (model, horizon, level) child of a per-horizon gauge family, kept: ``labels()`` took a third of
@@ -835,7 +839,7 @@ class Engine:
         s = self.series_
         return {
             "models": {lane.name: {**lane.scorer.summary(rows),
-                                   "n_series_without_forecast": int((lane.scorer.issued_per_row(rows) == 0).sum())}
+                                   "n_series_without_forecast": int(np.count_nonzero(~lane.scorer.ever_issued(rows)))}
                        for lane in self.lanes},
             "n_series": len(rows),
             "n_observations": int(s["n_applied"][rows].sum()),
