@@ -113,6 +113,12 @@ def persistent(kind: str, base: np.ndarray, at: int, sigma: float, cycle: int, e
     raise ValueError(kind)
 
 
+def change_sigma(base: np.ndarray, at: int, cycle: int) -> float:
+    """The change's unit: the std of the seasonal difference over the 1,000 steps before ``at``, over sqrt(2)."""
+    diff = base[at - 1000 : at] - base[at - 1000 - cycle : at - cycle]
+    return float(np.std(diff) / np.sqrt(2))
+
+
 def streams(group: Group, seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(rows, STREAM_END) values, each row's change step, each row's kind."""
     rng = np.random.default_rng([seed, len(group.name), 13])
@@ -121,10 +127,9 @@ def streams(group: Group, seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]
         base = group.values[i]
         for kind in KINDS:
             at = int(rng.integers(*CHANGE_RANGE))
-            diff = base[at - 1000 : at] - base[at - 1000 - group.cycle : at - group.cycle]
-            sigma = float(np.std(diff) / np.sqrt(2))
             values = base[:STREAM_END].copy()
-            values[at:] = persistent(kind, base, at, sigma, group.cycle, STREAM_END, rng)
+            values[at:] = persistent(kind, base, at, change_sigma(base, at, group.cycle), group.cycle, STREAM_END,
+                                     rng)
             rows.append(values)
             ats.append(at)
             kinds.append(kind)
@@ -181,23 +186,37 @@ def feed_streams(engine: Engine, values: np.ndarray) -> dict[str, Any]:
     return {"mean": mean, "lower": lower, "upper": upper, "events": events, "wall": time.perf_counter() - began}
 
 
-def score_a(values: np.ndarray, ats: np.ndarray, cycle: int, runs: dict[str, dict]) -> dict[str, dict]:
-    n, T = values.shape
-    y = np.concatenate([values, np.full((n, H + 1), np.nan)], axis=1)[:, :, None]
-    scale = np.array([np.std(values[i, WARM_START : ats[i]]) for i in range(n)])
-    post = np.zeros((n, T + H + 1), bool)
+def targets(values: np.ndarray) -> np.ndarray:
+    """``values`` padded to the forecast arrays' (rows, T + H + 1, 1) target cells (NaN past the end)."""
+    return np.concatenate([values, np.full((len(values), H + 1), np.nan)], axis=1)[:, :, None]
+
+
+def post_change_ratios(values: np.ndarray, ats: np.ndarray, cycle: int, mean: np.ndarray,
+                       static_mean: np.ndarray) -> list[float]:
+    """Per stream: the MAE of forecasts ``mean`` over the targets in cycles 3-10 after its change, divided by the
+    static model's (``static_mean``) on the same cells."""
+    y = targets(values)
+    err, static_err = np.abs(mean - y), np.abs(static_mean - y)
+    ratios = []
     for i, at in enumerate(ats):
-        post[i, at + 2 * cycle : min(at + 10 * cycle, T)] = True
+        post = np.zeros((values.shape[1] + H + 1, 1), bool)
+        post[at + 2 * cycle : min(at + 10 * cycle, values.shape[1])] = True
+        cells = np.isfinite(err[i]) & np.isfinite(static_err[i]) & post
+        ratios.append(float(err[i][cells].sum() / static_err[i][cells].sum()))
+    return ratios
+
+
+def score_a(values: np.ndarray, ats: np.ndarray, cycle: int, runs: dict[str, dict]) -> dict[str, dict]:
+    n = len(values)
+    y = targets(values)
+    scale = np.array([np.std(values[i, WARM_START : ats[i]]) for i in range(n)])
     static_err = np.abs(runs["static"]["mean"] - y)
     out = {}
     for name, run in runs.items():
         err = run["mean"] - y
         ok = np.isfinite(err) & np.isfinite(static_err)
         mse = [np.mean((err[i][ok[i]] / scale[i]) ** 2) for i in range(n)]
-        ratios = []
-        for i in range(n):
-            cells = ok[i] & post[i][:, None]
-            ratios.append(np.abs(err[i][cells]).sum() / static_err[i][cells].sum())
+        ratios = post_change_ratios(values, ats, cycle, run["mean"], runs["static"]["mean"])
         promoted = [e for e in run["events"] if e.kind == "promoted"]
         cover = []
         for e in promoted:
@@ -273,18 +292,12 @@ def oracle_bound(dev: bool) -> dict[str, float]:
         oracle = values.copy()
         for i, (at, kind) in enumerate(zip(ats, kinds, strict=True)):
             base = group.values[i // len(KINDS)]
-            diff = base[at - 1000 : at] - base[at - 1000 - group.cycle : at - group.cycle]
-            oracle[i, :at] = regime_from_start(kind, base, int(at), float(np.std(diff) / np.sqrt(2)), group.cycle,
-                                               rng)
+            oracle[i, :at] = regime_from_start(kind, base, int(at), change_sigma(base, int(at), group.cycle),
+                                               group.cycle, rng)
         static, ahead = (run_policy(v, group.cycle, policies()["static"]) for v in (values, oracle))
-        n, T = values.shape
-        y = np.concatenate([values, np.full((n, H + 1), np.nan)], axis=1)[:, :, None]
-        for i, at in enumerate(ats):
-            post = np.zeros((T + H + 1, 1), bool)
-            post[at + 2 * group.cycle : min(at + 10 * group.cycle, T)] = True
-            e_static, e_ahead = np.abs(static["mean"][i] - y[i]), np.abs(ahead["mean"][i] - y[i])
-            cells = np.isfinite(e_static) & np.isfinite(e_ahead) & post
-            ratios[kinds[i]].append(float(e_ahead[cells].sum() / e_static[cells].sum()))
+        for kind, ratio in zip(kinds, post_change_ratios(values, ats, group.cycle, ahead["mean"], static["mean"]),
+                               strict=True):
+            ratios[kind].append(ratio)
     return {**{k: float(np.mean(r)) for k, r in ratios.items()},
             "all": float(np.mean([x for r in ratios.values() for x in r]))}
 
