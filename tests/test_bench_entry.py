@@ -61,6 +61,24 @@ def test_retrain_oracle_streams_are_in_the_new_regime_and_in_phase_with_it() -> 
     assert all(float(x) < 1e-9 for x in bench_output(code))
 
 
+def test_bootstrap_grid_replays_the_watchers_alarms_from_its_scores() -> None:
+    """bench/drift_bootstrap_grid.py replays the bootstrap watcher's rule on cached scores (spread / scale): the
+    alarms must be those a watcher with a real residual scale raises on the spreads themselves, here a series whose
+    replicas start to disagree three times as much at t = 300."""
+    code = ("import sys; sys.path.insert(0, 'bench'); import numpy as np; import drift_bootstrap_grid as g;"
+            "from tidecast.models.naive import SeasonalNaive; from tidecast.monitors.bootstrap import BootstrapMonitor;"
+            "rng = np.random.default_rng(0); scale = np.array([[2.0, 4.0]]);"
+            "spread = scale * np.exp(rng.normal(0, 0.1, (400, 1, 2))); spread[300:] *= 3;"
+            "m = BootstrapMonitor(SeasonalNaive(period=1), horizon=2); m.resize(1);"
+            "m.pool_.scale_[:] = scale; m.pool_.count_[:] = 1.0; r = np.array([0]);"
+            "real = [t for t in range(400) if len(m.observe(r, np.array([t]), spread[t]))];"
+            "replayed = g.replay_alarms((spread / scale).mean(axis=2).T)[0];"
+            "print(real == replayed, real[0] if real else -1)")
+    same, first = bench_output(code)
+    assert same == "True"
+    assert 300 <= int(first) < 310
+
+
 def bench_output(code: str) -> list[str]:
     """The words ``code`` prints, run from the repository root in a fresh interpreter (the benches are scripts)."""
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
