@@ -66,7 +66,8 @@ class Metrics:
             "tidecast_drift_alarms", "Drift alarms raised on a series' model, by lane and watcher.",
             ["model", "detector"], registry=r)
         self.retrains = Counter(
-            "tidecast_retrains", "Retrain jobs of a lane's model by outcome: started, promoted, rejected, failed.",
+            "tidecast_retrains", "Retrain jobs of a lane's model by outcome: started, promoted, rejected, "
+            "rolled_back, failed.",
             ["model", "outcome"], registry=r)
         self.model_version = Gauge(
             "tidecast_model_version", "Version of a lane's model: promotions of retrained candidates so far.",

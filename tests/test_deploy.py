@@ -7,12 +7,16 @@ renamed metric breaks this test instead of silently emptying a panel or muting a
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
 from tidecast.monitors.metrics import Metrics
+from tidecast.stream.config import ServeSettings
 
 try:
     import yaml
@@ -159,6 +164,29 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return [(text.split(None, 1)[0].upper(), text.split(None, 1)[1] if " " in text else "") for text in logical]
 
 
+def docker_context() -> list[str]:
+    """The repository's files that deploy/Dockerfile.dockerignore lets into the build context: the last pattern that
+    matches a path or a folder above it decides (``!`` lets it in), as BuildKit reads the file."""
+    patterns = [line.strip() for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+
+    def let_in(path: str) -> bool:
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        verdict = True
+        for pattern in patterns:
+            negated = pattern.startswith("!")
+            body = pattern.lstrip("!").rstrip("/")
+            bodies = [body, body[3:]] if body.startswith("**/") else [body]
+            if any(fnmatch.fnmatchcase(p, b) for p in prefixes for b in bodies):
+                verdict = negated
+        return verdict
+
+    return [f for f in files if let_in(f)]
+
+
 # ---------------------------------------------------------------------------------------------- prometheus
 
 
@@ -199,6 +227,19 @@ def test_alert_rules_are_operator_ready() -> None:
         assert annotations["summary"].strip(), name
         assert len(annotations["description"]) > 150, f"{name}: description should say what to check"
         assert "Check" in annotations["description"], f"{name}: description should say what to check"
+
+
+def test_every_alert_is_in_the_deploy_readme_table() -> None:
+    table = {m.group(1) for m in re.finditer(r"^\| `(Tidecast\w+)` \|", (DEPLOY / "README.md").read_text(), re.M)}
+    assert {rule["alert"] for rule in alert_rules()} == table
+
+
+def test_every_metric_the_code_registers_is_documented_in_the_readme() -> None:
+    """An operator reads the README's metric tables to build dashboards: no metric may be missing from them."""
+    readme = (ROOT / "README.md").read_text()
+    for family in Metrics().registry.collect():
+        name = family.name + ("_total" if family.type == "counter" else "")
+        assert re.search(rf"`{name}(\{{[^`]*\}})?`", readme), f"{name} ({family.type}) is not in README's metric tables"
 
 
 def test_required_alerts_and_thresholds() -> None:
@@ -352,7 +393,11 @@ def test_compose_stack() -> None:
 
     init = "\n".join(services["kafka-init"]["command"])
     creates = {m.group(1): m.group(0) for m in re.finditer(r"--create .*?--topic (\S+).*", init)}
-    for key in ("TIDECAST_TOPIC", "TIDECAST_FORECAST_TOPIC", "TIDECAST_DEAD_LETTER_TOPIC", "TIDECAST_CHANGELOG_TOPIC"):
+    # every topic serve reads or writes (any *_topic setting, the events topic included) is named and created
+    topics = ["topic", *(f.name for f in dataclasses.fields(ServeSettings) if f.name.endswith("_topic"))]
+    assert {"forecast_topic", "events_topic", "dead_letter_topic", "changelog_topic"} <= set(topics)
+    for key in (f"TIDECAST_{name.upper()}" for name in topics):
+        assert key in env, f"compose leaves {key} to its default, which kafka-init does not create"
         assert env[key] in creates, f"kafka-init does not create {env[key]}"
     changelog = creates[env["TIDECAST_CHANGELOG_TOPIC"]]
     assert "cleanup.policy=compact" in changelog
@@ -496,7 +541,9 @@ def test_k8s_statefulset(monkeypatch: pytest.MonkeyPatch) -> None:
     assert mounts[claim["metadata"]["name"]] == STATE_DIR
 
     config = tomllib.loads((K8S / "tidecast.toml").read_text())
-    assert config["state_dir"] == STATE_DIR and config["metrics_port"] == METRICS_PORT
+    env_names = {e["name"] for e in container["env"]}
+    shadowed = {key for key in config if f"TIDECAST_{key.upper()}" in env_names}
+    assert not shadowed, f"the pods' environment overrides {sorted(shadowed)} of tidecast.toml: edits do nothing"
     config_mount = mounts[next(v["name"] for v in pod["volumes"] if "configMap" in v)]
     assert container["args"][container["args"].index("--config") + 1] == f"{config_mount}/tidecast.toml"
 
@@ -559,3 +606,39 @@ def test_dockerfile() -> None:
         if op == "COPY" and "--from" not in args:
             for source in args.split()[:-1]:
                 assert (ROOT / source).exists(), f"COPY source {source} missing from the repository"
+
+
+def test_the_image_build_stage_installs_every_package_pyproject_maps(tmp_path: Path) -> None:
+    """The build stage's `pip install .` sees only what its COPY lines take from the context the dockerignore lets
+    through. Lay out exactly that and build the wheel from it: every package of pyproject's mapping must be in it
+    (the image once left out tidecast/, the public API's folder, and `pip install .` failed in `docker build`)."""
+    context = docker_context()
+    instructions = dockerfile_instructions()
+    stages = [i for i, (op, _) in enumerate(instructions) if op == "FROM"]
+    src = tmp_path / "src"
+    for op, args in instructions[stages[0] : stages[1]]:
+        if op != "COPY" or "--from" in args:
+            continue
+        *sources, dest = args.split()
+        for source in sources:
+            taken = [f for f in context if f == source or f.startswith(source.rstrip("/") + "/")]
+            assert taken, f"COPY {source}: nothing of it is in the build context (deploy/Dockerfile.dockerignore)"
+            for f in taken:
+                if f == source:
+                    target = src / dest / Path(f).name if dest.endswith("/") else src / dest
+                else:
+                    target = src / dest / Path(f).relative_to(source)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(ROOT / f, target)
+    for op, args in instructions[stages[1] :]:  # the runtime stage's own COPYs come from the context too
+        if op == "COPY" and "--from" not in args:
+            assert set(args.split()[:-1]) <= set(context), f"COPY {args}: not in the build context"
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path / "wheel"), str(src)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (wheel,) = (tmp_path / "wheel").glob("tidecast-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    for package in packages:
+        assert package.replace(".", "/") + "/__init__.py" in names, f"{package} missing from the image's wheel"
+    assert "tidecast/stream/data/nyc_taxi.csv" in names  # the bundled sample, package data
