@@ -126,7 +126,7 @@ class Table:
 def read_table(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Table:
     """All cells as strings (CSV) or native types (Parquet); the raw form is kept for dead letters."""
     if path.suffix.lower() in (".parquet", ".pq"):
-        frame = pd.read_parquet(path)
+        frame = index_as_columns(pd.read_parquet(path))  # pandas stores a frame's index in the file
         return Table(frame, np.arange(len(frame), dtype=np.int64))
     return read_csv(path, max_bytes)
 
@@ -305,16 +305,47 @@ def load_frame(frame: pd.DataFrame, spec: ReplaySpec | None = None, source: str 
     spec = spec if spec is not None else ReplaySpec()
     if spec.resolved_format() == "jsonl":
         raise ValueError("a DataFrame is long or wide, not JSON lines")
-    if isinstance(frame.index, pd.DatetimeIndex):  # wide frames often keep their time in the index
-        frame = frame.reset_index(names=frame.index.name or "ds")
-    frame = frame.reset_index(drop=True).rename(columns=str)
+    frame = index_as_columns(frame).rename(columns=str)
     return _load_table(Table(frame, np.arange(len(frame), dtype=np.int64)), spec, source, spec.name)
+
+
+def index_as_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with its index moved into columns where it holds data: a ``DatetimeIndex`` (wide frames often keep
+    their time there; ``ds`` if unnamed) or any named index (``set_index("unique_id")``). A Parquet file written
+    from a frame stores its index, so the frame and the file load alike. An index level that repeats a column
+    (``set_index("ds", drop=False)``) is dropped if it holds the same values and refused if not; an unnamed index
+    that is not a ``DatetimeIndex`` (row numbers) is dropped.
+
+    >>> frame = pd.DataFrame({"y": [1.0, 2.0]}, index=pd.date_range("2024-01-01", periods=2, freq="h"))
+    >>> list(index_as_columns(frame).columns)
+    ['ds', 'y']
+    """
+    index = frame.index
+    names = list(index.names)
+    if names == [None] and isinstance(index, pd.DatetimeIndex):
+        names = ["ds"]
+    keep = []
+    for level, name in enumerate(names):
+        if name is None:
+            continue
+        if name in frame.columns:
+            if not np.array_equal(index.get_level_values(level).to_numpy(), frame[name].to_numpy()):
+                raise ValueError(f"the frame's index {name!r} and its column {name!r} differ: drop one of them")
+            continue
+        keep.append(level)
+    flat = frame.reset_index(drop=True)
+    for level in reversed(keep):
+        flat.insert(0, str(names[level]), index.get_level_values(level).to_numpy())
+    return flat
 
 
 def _load_table(table: Table, spec: ReplaySpec, source: str, name: str | None, path: Path | None = None) -> Replay:
     """Validate a table's cells into observations and dead letters (shared by files and in-memory frames);
     ``name`` prefixes wide series ids, ``path`` is the file read (``None`` for a frame)."""
     frame = table.frame
+    repeated = sorted({str(c) for c in frame.columns[frame.columns.duplicated()]})
+    if repeated:
+        raise ValueError(f"{source}: the columns {repeated} appear more than once")
     fmt = spec.resolved_format(list(frame.columns))
     time_col = spec.time_column or _guess_time_column(frame)
     if time_col not in frame.columns:

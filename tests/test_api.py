@@ -147,6 +147,33 @@ def test_wide_frame_long_frame_and_file_give_the_same_forecasts(tmp_path):
                                       from_long.assign(unique_id=from_long["unique_id"].astype(str)))
 
 
+def test_a_parquet_file_written_from_a_frame_keeps_the_time_in_its_index(tmp_path):
+    """``df.to_parquet()`` stores a DatetimeIndex in the file and pandas reads it back as the index: the file must
+    replay like the frame (it once read the first value column as epoch seconds, one series in 1970)."""
+    wide = noisy_cycles(200).pivot(index="ds", columns="unique_id", values="y")
+    wide.to_parquet(tmp_path / "wide.parquet")
+    kwargs = {"models": ["seasonal-naive"], "horizon": 3, "levels": (90,), "model_params": SN12}
+    from_frame = tidecast.replay(wide, **kwargs)
+    from_file = tidecast.replay(tmp_path / "wide.parquet", name="w", **kwargs)
+    assert list(from_file.actuals["unique_id"].cat.categories) == ["w/a", "w/b"]
+    assert from_file.actuals["ds"].min() == from_frame.actuals["ds"].min() == pd.Timestamp("2024-01-01", tz="UTC")
+    assert len(from_file.forecasts) == len(from_frame.forecasts) > 0
+
+
+def test_an_index_that_repeats_a_column_and_repeated_columns():
+    long = noisy_cycles(50, series=("a",))
+    same = tidecast.replay(long.set_index("ds", drop=False), horizon=2, model_params=SN12)
+    assert same.run["n_observations"] == 50
+    shifted = long.set_index("ds", drop=False)
+    shifted.index = shifted.index + HOUR
+    with pytest.raises(ValueError, match="index 'ds' and its column 'ds' differ"):
+        tidecast.replay(shifted, horizon=2)
+    with pytest.raises(ValueError, match=r"the columns \['y'\] appear more than once"):
+        tidecast.replay(pd.concat([long, long[["y"]]], axis=1), horizon=2)
+    by_series = tidecast.replay(long.set_index("unique_id"), horizon=2, model_params=SN12)  # a named index: data
+    assert list(by_series.actuals["unique_id"].cat.categories) == ["a"]
+
+
 def test_bad_cells_become_dead_letters_and_the_rest_is_replayed():
     frame = noisy_cycles(100, series=("a",)).astype({"y": object, "ds": str})
     frame.loc[10, "y"], frame.loc[20, "ds"] = "n/a", "not a time"
