@@ -92,16 +92,25 @@ def draw_forecast(ax: Axes, result: ReplayResult, series_id: str, models: list[s
             ax.scatter(ds[out], y[out], s=8, color="tab:red", zorder=3, label=f"outside {model} {widest} %")
     ax.plot(actual["ds"].to_numpy(), actual["y"].to_numpy(), color="black", linewidth=0.6, label="actual")
     _draw_events(ax, result.events, series_id, models, window)
-    ax.set_title(f"{series_id} — {', '.join(models)}, h = {h}", fontsize=10)
+    ax.set_title(plain(f"{series_id} — {', '.join(models)}, h = {h}"), fontsize=10)
     ax.tick_params(labelsize=8)
     if legend:
         ax.legend(fontsize=7, loc="upper left", ncols=5)
 
 
+def plain(text: str) -> str:
+    """``text`` as matplotlib draws it literally: a series id such as ``cost_$_2024_$`` would otherwise be parsed as
+    mathtext (``$...$``) and set in italics, or fail to render at all."""
+    return text.replace("$", r"\$")
+
+
 def _draw_events(ax: Axes, events: pd.DataFrame, series_id: str, models: list[str],
                  window: tuple[pd.Timestamp, pd.Timestamp] | None) -> None:
-    mine = events[(events["unique_id"] == series_id)
-                  & (events["model"].isna() | events["model"].isin(models))]
+    """The series' own events and its lanes' (a retrain promotion has no series: it changes every series of the
+    model), as vertical lines."""
+    ids = events["unique_id"]
+    lane_wide = ids.isna() | (ids.astype(str) == "")
+    mine = events[((ids == series_id) | lane_wide) & (events["model"].isna() | events["model"].isin(models))]
     if window is not None:
         mine = mine[(mine["at"] >= window[0]) & (mine["at"] <= window[1])]
     labelled: set[str] = set()
@@ -111,7 +120,7 @@ def _draw_events(ax: Axes, events: pd.DataFrame, series_id: str, models: list[st
         color, style = _EVENT_STYLE[family]
         label = f"{event['detector']} {kind}" if pd.notna(event["detector"]) else kind
         ax.axvline(event["at"], color=color, linestyle=style, linewidth=1.0,
-                   label=None if label in labelled else label)
+                   label=None if label in labelled else plain(label))
         labelled.add(label)
 
 
@@ -202,7 +211,7 @@ def _series_figure(result: ReplayResult, series_id: str) -> Figure:
     for i, (ax, h) in enumerate(zip(axes, steps, strict=False)):
         draw_forecast(ax, result, series_id, models, h, legend=i == 0)  # one legend: the panels share it
     draw_forecast(axes[-1], result, series_id, models, 1, window=_worst_window(result, series_id), legend=False)
-    axes[-1].set_title(f"{series_id} — around its largest h = 1 error", fontsize=10)
+    axes[-1].set_title(plain(f"{series_id} — around its largest h = 1 error"), fontsize=10)
     return fig
 
 

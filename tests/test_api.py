@@ -237,6 +237,25 @@ def test_plot_draws_actual_forecast_bands_misses_and_events(result):
         result.plot("a", h=7)
 
 
+def test_a_lanes_promotion_is_drawn_on_its_series_and_dollar_ids_render(tmp_path):
+    """Retrain events belong to a lane (empty series id): the plot of every series of that model draws them. A
+    series id with two '$' was parsed as matplotlib mathtext and failed the whole report."""
+    frame = noisy_cycles(200, series=("cost_$_2024_$", "b"))
+    result = tidecast.replay(frame, models=["seasonal-naive"], horizon=2, model_params=SN12)
+    result.events = events_frame([{"series_id": "", "model": "seasonal-naive", "detector": "retrain",
+                                   "kind": "promoted", "at": "2024-01-05T00:00:00Z"},
+                                  {"series_id": "", "model": "other-lane", "detector": "retrain",
+                                   "kind": "promoted", "at": "2024-01-06T00:00:00Z"}])
+    fig = result.plot("cost_$_2024_$")
+    fig.savefig(tmp_path / "plot.png")  # renders the title and labels
+    (ax,) = fig.axes
+    assert ax.get_title().startswith(r"cost_\$_2024_\$")  # drawn literally, not as mathtext
+    assert "retrain promoted" in [text.get_text() for text in ax.get_legend().get_texts()]
+    assert len([line for line in ax.get_lines() if len(set(line.get_xdata())) == 1]) == 1  # not the other lane's
+    report = result.report(tmp_path / "report.html")
+    assert "cost_$_2024_$" in Path(report).read_text()
+
+
 @pytest.mark.slow
 def test_notebook_etth1_two_models_two_levels_cover_their_targets():
     """Issue 16's notebook check on ETTh1: per model, coverage over all horizons within 0.02 of each target and
