@@ -61,6 +61,8 @@ def _levels(value: list[float]) -> str | None:
     if not value:
         return "give at least one level, e.g. 80,95"
     for level in value:
+        if 0 < level < 1:  # a fraction (0.95) for a percentage would silently give a 0.95 % interval
+            return f"{level:g} looks like a fraction: levels are in percent, e.g. {100 * level:g} (each in [1, 100))"
         if not 0 < level < 100:
             return f"{level:g} is no coverage level: each must be in (0, 100), in percent"
     if len(set(value)) < len(value):

@@ -518,10 +518,15 @@ def _parse_values(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 def _why(parser: Any, raw: Any) -> InvalidRecord:
     """The records module's verdict on a raw cell the vectorised path flagged."""
     try:
-        parser(None if isinstance(raw, float) and np.isnan(raw) else raw)
+        parser(None if _missing(raw) else raw)
     except InvalidRecord as err:
         return err
     return InvalidRecord("wrong_type", f"unreadable cell {raw!r}")
+
+
+def _missing(raw: Any) -> bool:
+    """A missing cell in any of pandas' spellings: NaN, ``pd.NA`` (nullable columns), ``NaT``."""
+    return raw is pd.NA or raw is pd.NaT or (isinstance(raw, float) and np.isnan(raw))
 
 
 def _raw_rows(frame: pd.DataFrame, rows: np.ndarray) -> list[dict[str, Any]]:
@@ -533,7 +538,7 @@ def _raw_cell(value: Any) -> Any:
     value = value.item() if isinstance(value, np.generic) else value
     if isinstance(value, float) and not math.isfinite(value):
         return None if math.isnan(value) else repr(value)
-    return None if value is pd.NaT else value
+    return None if value is pd.NaT or value is pd.NA else value
 
 
 def _value_letters(table: Table, column: str, bad: np.ndarray, source: str, series_of: Any) -> list[DeadLetter]:

@@ -183,6 +183,13 @@ def test_bad_cells_become_dead_letters_and_the_rest_is_replayed():
     assert len(result.actuals) == 98 and result.run["n_observations"] == 98
 
 
+def test_missing_cells_of_nullable_columns_are_missing_fields():
+    frame = noisy_cycles(30, series=("a",)).astype({"y": "Float64"})
+    frame.loc[5, "y"] = pd.NA
+    letters = tidecast.replay(frame, models=["seasonal-naive"], horizon=2, model_params=SN12).dead_letters
+    assert list(letters["reason"]) == ["missing_field"]  # was wrong_type, "got NAType"
+
+
 def test_a_history_shorter_than_a_models_warm_up_says_why_nothing_came_out():
     """300 hourly values: the detecting seasonal naive waits for 402, so it never forecasts and the replay warns
     with the numbers (a configured period starts it after one cycle, and then nothing is said)."""
@@ -204,6 +211,8 @@ def test_mistakes_in_the_arguments_raise_before_any_work():
         tidecast.replay(frame, models=["nope"])
     with pytest.raises(ValueError, match="each must be in"):
         tidecast.replay(frame, levels=(80, 120))
+    with pytest.raises(ValueError, match=r"0.5 looks like a fraction: levels are in percent, e.g. 50"):
+        tidecast.replay(frame, levels=(0.5, 0.8, 0.95))  # once a silent 0.95 % interval
     with pytest.raises(ValueError, match="contradicts"):
         tidecast.replay(frame, levels=(80,), alpha=0.05)
     with pytest.raises(TypeError, match="DataFrame or a path"):
