@@ -23,6 +23,7 @@ TypeError: replay() got an unexpected option 'colour'; options: allowed_series, 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,16 +49,20 @@ INPUT_OPTIONS = ("format", "time_column", "series_column", "value_column", "name
 RUN_OPTIONS = ("batch_size", "progress")
 
 
-def replay(data: pd.DataFrame | str | Path, models: Sequence[str] = ("seasonal-naive",), horizon: int = 24,
-           levels: Sequence[float] | None = (80, 95), calibrator: str | None = None, freq: str | None = None,
-           **options: Any) -> ReplayResult:
+DEFAULT_LEVELS = (80, 95)
+
+
+def replay(data: pd.DataFrame | str | Path, models: Sequence[str] | str = ("seasonal-naive",), horizon: int = 24,
+           levels: Sequence[float] | str | None = DEFAULT_LEVELS, calibrator: str | None = None,
+           freq: str | None = None, **options: Any) -> ReplayResult:
     """Replay a history through the engine as the live service would have, and return everything it produced.
 
     data: a long DataFrame (``unique_id, ds, y``, Nixtla's layout), a wide one (a time column or a
     ``DatetimeIndex`` plus one column per series), or the path of a CSV, Parquet or JSON-lines file.
     models: lanes, ``ALIAS=MODEL`` or ``MODEL`` — built-in names, plug-ins' (entry points ``tidecast.models``)
-    or ``river:MODULE.CLASS``. horizon: steps forecast at every observation. levels: interval coverages in percent,
-    all learned in one calibrator pass (``None``: the one level of the ``alpha`` option, default 90 %).
+    or ``river:MODULE.CLASS`` (a string: comma-separated, as the CLI's ``--model``). horizon: steps forecast at
+    every observation. levels: interval coverages in percent, all learned in one calibrator pass (a string:
+    comma-separated; ``None``, or ``alpha=`` given instead: the one level ``1 - alpha``, default 90 %).
     calibrator: the conformal method (default: the engine's). freq: the grid step (default: inferred per series).
 
     options: any other engine setting (``model_params={"alias": {...}}``, ``calibrator_params``, ``max_gap``,
@@ -70,8 +75,14 @@ def replay(data: pd.DataFrame | str | Path, models: Sequence[str] = ("seasonal-n
     if unknown:
         valid = ", ".join(sorted({*ENGINE_OPTIONS, *INPUT_OPTIONS, *RUN_OPTIONS}))
         raise TypeError(f"replay() got an unexpected option {unknown[0]!r}; options: {valid}")
-    if isinstance(models, str):
-        models = [models]
+    models, levels = _listed(models, str), _listed(levels, float)
+    if "alpha" in options and levels is not None:
+        if levels is not DEFAULT_LEVELS:
+            raise ValueError(f"give levels or alpha, not both (alpha={options['alpha']} is levels=("
+                             f"{100 * (1 - options['alpha']):g},))")
+        levels = None  # alpha alone: its one level replaces the default levels
+    if isinstance(horizon, bool) or not isinstance(horizon, numbers.Integral):
+        raise TypeError(f"horizon must be a whole number of steps, got {horizon!r}")
     config = EngineConfig(models=list(models), horizon=horizon, levels=None if levels is None else list(levels),
                           calibrator=calibrator or DEFAULT_CALIBRATOR, freq=freq,
                           **{k: v for k, v in options.items() if k in ENGINE_OPTIONS})
@@ -93,3 +104,13 @@ def replay(data: pd.DataFrame | str | Path, models: Sequence[str] = ("seasonal-n
     for note in summary["notes"]:  # e.g. a history shorter than a model's warm-up: say why nothing came out
         warnings.warn(note, UserWarning, stacklevel=2)
     return collector.build(summary, source)
+
+
+def _listed(value: Any, kind: type) -> Any:
+    """A comma-separated string (the CLI's spelling) as a list of ``kind``; anything else unchanged."""
+    if isinstance(value, str):
+        try:
+            return [kind(part.strip()) for part in value.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(f"{value!r}: not a comma-separated list of {kind.__name__} values") from None
+    return value

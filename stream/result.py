@@ -30,7 +30,7 @@ that had one. MASE and sMAPE follow :mod:`tidecast.monitors.accuracy`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -188,7 +188,6 @@ class ReplayResult:
     run: dict[str, Any]  # the replay's summary: counts, timing, the engine's own scores, dead letters
     config: EngineConfig
     source: str = "<DataFrame>"
-    _scales: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def levels(self) -> list[str]:
@@ -257,10 +256,10 @@ class ReplayResult:
         return out[order].reset_index()
 
     def scales(self) -> np.ndarray:
-        """Per forecast row, the MASE scale of its series at its origin (``NaN`` while undefined)."""
-        if self._scales is None:
-            self._scales = _scales(self.forecasts, self.actuals)
-        return self._scales
+        """Per forecast row, the MASE scale of its series at its origin (``NaN`` while undefined). Computed on
+        each call (a tenth of a second at three million rows), so a ``forecasts`` sorted or subset since gets
+        its own."""
+        return _scales(self.forecasts, self.actuals)
 
     # -- looking -----------------------------------------------------------------------------------
     def plot(self, series_id: str, model: str | None = None, h: int = 1) -> Figure:
@@ -270,7 +269,7 @@ class ReplayResult:
 
         from tidecast.stream.report import draw_forecast
 
-        self._check_series(series_id)
+        series_id = self._check_series(series_id)
         models = self.models if model is None else [model]
         unknown = [m for m in models if m not in self.models]
         if unknown:
@@ -285,9 +284,8 @@ class ReplayResult:
         """Write the self-contained HTML report (see :mod:`tidecast.stream.report`); returns its path."""
         from tidecast.stream.report import write_report
 
-        for series_id in series:
-            self._check_series(series_id)
-        return write_report(self, Path(path), series=list(series), top=top)
+        series = [self._check_series(series_id) for series_id in series]
+        return write_report(self, Path(path), series=series, top=top)
 
     def to_nixtla(self) -> pd.DataFrame:
         """Nixtla's cross-validation layout: one row per (series, target, origin) with ``y`` and each model's
@@ -312,11 +310,17 @@ class ReplayResult:
                 out[model if value == "mean" else f"{model}-{value}"] = column
         return out
 
-    def _check_series(self, series_id: str) -> None:
+    def _check_series(self, series_id: Any) -> str:
+        """``series_id`` as the frames spell it (ids are strings: ``1`` is ``"1"``), or a ``ValueError`` that says
+        which series there are, and why one from the input may be missing."""
         known = self.actuals["unique_id"].cat.categories
-        if series_id not in known:
+        if str(series_id) not in known:
             shown = ", ".join(map(str, known[:10])) + (" ..." if len(known) > 10 else "")
-            raise ValueError(f"no series {series_id!r} in this replay; series: {shown}")
+            held = int(self.run.get("n_held", 0))
+            why = (f" ({held} series seen at one timestamp only were held back, not replayed: their values are not "
+                   f"in the result)" if held else "")
+            raise ValueError(f"no series {series_id!r} in this replay; series: {shown}{why}")
+        return str(series_id)
 
 
 def _scales(forecasts: pd.DataFrame, actuals: pd.DataFrame) -> np.ndarray:

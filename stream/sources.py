@@ -343,6 +343,8 @@ def _load_table(table: Table, spec: ReplaySpec, source: str, name: str | None, p
     """Validate a table's cells into observations and dead letters (shared by files and in-memory frames);
     ``name`` prefixes wide series ids, ``path`` is the file read (``None`` for a frame)."""
     frame = table.frame
+    if not len(frame.columns):
+        raise ValueError(f"{source} has no columns: a history needs a time column and values")
     repeated = sorted({str(c) for c in frame.columns[frame.columns.duplicated()]})
     if repeated:
         raise ValueError(f"{source}: the columns {repeated} appear more than once")

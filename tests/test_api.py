@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -213,12 +214,23 @@ def test_mistakes_in_the_arguments_raise_before_any_work():
         tidecast.replay(frame, levels=(80, 120))
     with pytest.raises(ValueError, match=r"0.5 looks like a fraction: levels are in percent, e.g. 50"):
         tidecast.replay(frame, levels=(0.5, 0.8, 0.95))  # once a silent 0.95 % interval
-    with pytest.raises(ValueError, match="contradicts"):
+    with pytest.raises(ValueError, match=r"give levels or alpha, not both \(alpha=0.05 is levels=\(95,\)\)"):
         tidecast.replay(frame, levels=(80,), alpha=0.05)
+    with pytest.raises(TypeError, match="horizon must be a whole number of steps, got 2.5"):
+        tidecast.replay(frame, horizon=2.5)
+    with pytest.raises(ValueError, match="has no columns"):
+        tidecast.replay(pd.DataFrame())
+    with pytest.raises(ValueError, match="not a comma-separated list of float"):
+        tidecast.replay(frame, levels="80;95")
     with pytest.raises(TypeError, match="DataFrame or a path"):
         tidecast.replay([1, 2, 3])
     one = tidecast.replay(frame, levels=None, alpha=0.2, models=["seasonal-naive"], model_params=SN12, horizon=2)
     assert one.levels == ["80"] and "lo-80" in one.forecasts.columns
+    alone = tidecast.replay(frame, alpha=0.2, model_params=SN12, horizon=np.int64(2))  # alpha replaces the default
+    assert alone.levels == ["80"]
+    as_cli = tidecast.replay(frame, models="seasonal-naive,naive=seasonal-naive", levels="50, 80", horizon=2,
+                             model_params={"seasonal-naive": {"period": 12}, "naive": {"period": 12}})
+    assert as_cli.models == ["seasonal-naive", "naive"] and as_cli.levels == ["50", "80"]
 
 
 def test_plot_draws_actual_forecast_bands_misses_and_events(result):
@@ -244,6 +256,19 @@ def test_plot_draws_actual_forecast_bands_misses_and_events(result):
         result.plot("zz")
     with pytest.raises(ValueError, match="h=7"):
         result.plot("a", h=7)
+
+
+def test_series_are_found_by_their_input_id_and_a_held_one_is_explained():
+    frame = noisy_cycles(100, series=("1", "2")).astype({"unique_id": int})
+    frame = pd.concat([frame, pd.DataFrame({"unique_id": [3], "ds": frame["ds"][:1], "y": [0.0]})])
+    with pytest.warns(UserWarning, match="1 of 3 series never forecast"):  # the held one
+        result = tidecast.replay(frame, horizon=2, model_params=SN12)
+    assert result.plot(1).axes[0].get_title().startswith("1 ")  # ids are strings in the result: 1 is "1"
+    assert result.summary("series")["unique_id"].astype(str).tolist() == ["1", "2"]
+    with pytest.raises(ValueError, match=r"no series 3 in this replay; series: 1, 2 \(1 series seen at one timestamp"):
+        result.plot(3)
+    subset = dataclasses.replace(result, forecasts=result.forecasts[result.forecasts["h"] == 1])
+    assert len(subset.summary()) == 1  # scales follow the frame they score (a cached copy once broke this)
 
 
 def test_a_lanes_promotion_is_drawn_on_its_series_and_dollar_ids_render(tmp_path):
