@@ -87,7 +87,14 @@ def run_replay(config: EngineConfig, options: ReplayOptions, console: Console | 
         options.summary_json.write_text(json.dumps(summary, indent=2))
     if collector is not None and options.report is not None:
         result = collector.build(summary, source)
-        path = result.report(options.report, series=options.report_series or ())
+        replayed = set(result.actuals["unique_id"].cat.categories)
+        wanted = options.report_series or []
+        left_out = [series_id for series_id in wanted if series_id not in replayed]
+        if left_out:  # in the input, yet never replayed: a report of the rest beats none after the whole run
+            console.print(f"[yellow]--report-series: {', '.join(left_out)} left out of the report: in the input but "
+                          f"not replayed (a series seen at one timestamp only is held; one refused by "
+                          f"--allowed-series or --max-series is dead-lettered)[/yellow]")
+        path = result.report(options.report, series=[s for s in wanted if s in replayed])
         console.print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
     if server is not None and options.linger_seconds > 0:
         console.print(f"serving /metrics on {_url(options)} for {options.linger_seconds:.0f} s more")

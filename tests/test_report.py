@@ -107,6 +107,21 @@ def test_a_report_series_that_does_not_exist_is_an_error_before_any_work(tmp_pat
     assert not (tmp_path / "r.html").exists()
 
 
+def test_a_report_series_in_the_input_but_not_replayed_is_left_out_not_fatal(tmp_path, capsys):
+    """A series seen at one timestamp is held, never replayed: asked for in --report-series, the report of the
+    rest is still written (the run once ended in 'no series' and rc 2 after the whole replay)."""
+    rows = ETTH1.read_text().splitlines()
+    lines = ["unique_id,ds,y"] + [f"a,{row.split(',')[0]},{row.split(',')[-1]}" for row in rows[1:60]]
+    lines.append(f"lonely,{rows[1].split(',')[0]},1.0")
+    history = tmp_path / "long.csv"
+    history.write_text("\n".join(lines) + "\n")
+    page = tmp_path / "r.html"
+    assert main(["replay", str(history), "--report", str(page), "--report-series", "lonely,a", "--no-progress",
+                 "--model-param", "seasonal-naive.period=24"]) == 0
+    assert "--report-series: lonely left out of the report" in capsys.readouterr().out.replace("\n", " ")
+    assert page.exists() and "<h3>a</h3>" in page.read_text()
+
+
 def test_a_model_that_never_forecast_is_noted_in_the_report(tmp_path):
     """300 hours: cyclenet's first fit waits for 2,000, so the report's run table says why its rows are empty
     (and a report of a run with no forecast at all still renders)."""
