@@ -36,7 +36,7 @@ import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -488,6 +488,10 @@ def _time_cell(raw: Any, epoch_column: bool) -> datetime:
     if isinstance(raw, datetime):  # Parquet timestamps: naive is UTC
         ts = raw.replace(tzinfo=UTC) if raw.tzinfo is None else raw.astimezone(UTC)
         return parse_timestamp(ts.isoformat())
+    if isinstance(raw, date):  # Parquet date32 (daily data): midnight UTC
+        return parse_timestamp(datetime(raw.year, raw.month, raw.day, tzinfo=UTC).isoformat())
+    if isinstance(raw, time):  # Parquet time64: a clock reading, no day to place it on
+        raise InvalidRecord("bad_timestamp", f"{raw.isoformat()} is a time of day without a date")
     if isinstance(raw, str) and epoch_column:
         try:
             seconds = float(raw)

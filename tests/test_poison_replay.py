@@ -217,6 +217,29 @@ def test_missing_parquet_cells_cost_only_their_rows_and_dead_letters_stay_strict
     assert letters[2]["raw"]["y"] == "inf" and s["n_observations"] == 7
 
 
+def test_parquet_date_columns_are_days_and_times_of_day_are_refused_with_why(tmp_path):
+    """date32 is Parquet's type for daily data (pyarrow, polars, Spark, pandas' datetime.date): each day is its
+    midnight UTC (every row was a wrong_type dead letter); a time64 cell has no day and is a bad_timestamp."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    days = [dt.date(2024, 1, 1) + dt.timedelta(days=k) for k in range(10)]
+    pq.write_table(pa.table({"ds": pa.array(days, pa.date32()), "v": pa.array(range(10), pa.int8())}),
+                   tmp_path / "days.parquet")
+    out = tmp_path / "out.csv"
+    rc, s, letters = run(tmp_path, str(tmp_path / "days.parquet"), "--horizon", "1", "--freq", "1D",
+                         "--model-param", "seasonal-naive.period=1", "--out", str(out))
+    assert rc == 0 and not letters and s["n_observations"] == 10
+    assert pd.Timestamp(pd.read_csv(out)["issued_at"].iloc[0]) == pd.Timestamp("2024-01-01", tz="UTC")
+    clocks = [dt.time(k) for k in range(3)]
+    pq.write_table(pa.table({"ds": pa.array(clocks, pa.time64("us")), "v": [1.0, 2.0, 3.0]}), tmp_path / "t.parquet")
+    rc, s, letters = run(tmp_path, str(tmp_path / "t.parquet"))
+    assert rc == 0 and [d["reason"] for d in letters] == ["bad_timestamp"] * 3
+    assert letters[0]["detail"].endswith("00:00:00 is a time of day without a date")
+
+
 @pytest.mark.parametrize("odd", ["2016-07-01T05:00:00,5,15,extra", "2016-07-01T05:00:00,5", "", "   "])
 def test_one_odd_line_in_a_clean_csv_costs_at_most_that_line_and_positions_count_lines(tmp_path, odd):
     lines = [f"2016-07-01T{k:02d}:00:00,{k},{10 + k}" for k in range(12)]
