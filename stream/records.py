@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -180,6 +181,9 @@ def _short_number(raw: int | float) -> str:
     return repr(raw)
 
 
+_DECIMAL = re.compile(r"\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\s*", re.ASCII)
+
+
 def parse_value(raw: Any) -> float:
     """A finite float from a JSON number or a numeric string."""
     if raw is None or (isinstance(raw, str) and not raw.strip()):
@@ -187,10 +191,11 @@ def parse_value(raw: Any) -> float:
     if isinstance(raw, bool) or not isinstance(raw, int | float | str):
         raise InvalidRecord("wrong_type", f"value must be a number, got {type(raw).__name__}")
     if isinstance(raw, str):
-        try:
-            value = float(raw)
-        except ValueError as err:
-            raise InvalidRecord("non_numeric_value", f"value is not a number: {raw[:64]!r}") from err
+        # plain ASCII decimals only: Python's float() also takes "1_000" and other scripts' digits ("١٢"), which
+        # the CSV reader does not; one rule for every input
+        if not (_DECIMAL.fullmatch(raw) or raw.strip().lower().lstrip("+-") in ("inf", "infinity", "nan")):
+            raise InvalidRecord("non_numeric_value", f"value is not a number: {raw[:64]!r}")
+        value = float(raw)
     else:
         try:
             value = float(raw)

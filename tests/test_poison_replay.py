@@ -217,6 +217,24 @@ def test_missing_parquet_cells_cost_only_their_rows_and_dead_letters_stay_strict
     assert letters[2]["raw"]["y"] == "inf" and s["n_observations"] == 7
 
 
+def test_a_value_string_gets_the_same_verdict_in_csv_and_json_lines(tmp_path):
+    """Python's float() takes '1_000' and other scripts' digits, the CSV reader does not: JSON lines (and Kafka)
+    accepted them while CSV dead-lettered them as an undocumented wrong_type. One rule: plain ASCII decimals."""
+    cells = ["1", "+2", " 3 ", "1e5", "-.5", "1_000", "0x10", "١٢", "1,5", "inf"]
+    stamps = [f"2020-01-01T{k:02d}:00:00" for k in range(len(cells))]
+    (tmp_path / "v.csv").write_text("unique_id,ds,y\n" + "".join(f'a,{t},"{c}"\n' for t, c in zip(stamps, cells,
+                                                                                                    strict=True)))
+    (tmp_path / "v.jsonl").write_text("".join(json.dumps({"series_id": "a", "timestamp": t, "value": c}) + "\n"
+                                              for t, c in zip(stamps, cells, strict=True)))
+    verdicts = []
+    for name in ("v.csv", "v.jsonl"):
+        rc, s, letters = run(tmp_path, str(tmp_path / name), "--horizon", "1", "--freq", "1h")
+        assert rc == 0 and s["n_observations"] == 5
+        verdicts.append(reasons(letters))
+    assert verdicts[0] == verdicts[1] == [(5, "non_numeric_value"), (6, "non_numeric_value"),
+                                          (7, "non_numeric_value"), (8, "non_numeric_value"), (9, "non_finite_value")]
+
+
 def test_parquet_date_columns_are_days_and_times_of_day_are_refused_with_why(tmp_path):
     """date32 is Parquet's type for daily data (pyarrow, polars, Spark, pandas' datetime.date): each day is its
     midnight UTC (every row was a wrong_type dead letter); a time64 cell has no day and is a bad_timestamp."""
