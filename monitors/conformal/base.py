@@ -51,6 +51,28 @@ ArrayDict = dict[str, np.ndarray]
 MAX_RESIDUAL = 1e100
 
 
+def bounds(mid: np.ndarray, q_hi: np.ndarray, q_lo: np.ndarray, alphas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(lower, upper)`` (n, H, levels) from a centre and the one-sided thresholds above and below it.
+
+    A negative total width (both thresholds below the centre) is an empty set: it is issued as its middle point,
+    written once so that lower <= upper holds to the last bit (two float expressions of the same point differed
+    by one ulp). Levels nest: a wider level's interval contains every narrower one's (each level's thresholds
+    are learned apart and may cross by a little; a fan chart must not).
+
+    >>> lo, hi = bounds(np.zeros((1, 1, 2)), np.array([[[1.0, 0.9]]]), np.array([[[1.0, 1.2]]]), np.array([0.2, 0.1]))
+    >>> lo.tolist(), hi.tolist()  # the 90 % upper threshold (0.9) is raised to the 80 % one (1.0)
+    ([[[-1.0, -1.2]]], [[[1.0, 1.0]]])
+    """
+    gap = np.minimum(q_hi + q_lo, 0.0) / 2
+    lower = mid - q_lo + gap
+    upper = np.maximum(mid + q_hi - gap, lower)
+    if lower.shape[-1] > 1:
+        order = np.argsort(-np.asarray(alphas), kind="stable")  # narrowest level first
+        lower[..., order] = np.fmin.accumulate(lower[..., order], axis=-1)
+        upper[..., order] = np.fmax.accumulate(upper[..., order], axis=-1)
+    return lower, upper
+
+
 class Calibrator(Params, ABC):
     """Base class. Constructor stores parameters (``get_params`` is derived from its signature); fitted arrays
     end in ``_`` and have shape (rows, horizon, ...)."""
@@ -394,9 +416,7 @@ class ScoreCalibrator(Calibrator):
         q = off[..., 1:].reshape(rows.size, self.horizon, self.alphas_.size, -1)  # (n, H, L, sides)
         q_hi, q_lo = q[..., 0], q[..., -1]
         mid = (means + off[..., 0])[..., None]
-        # A negative total width (both one-sided thresholds below the centre) is an empty set; emit a point.
-        gap = np.minimum(q_hi + q_lo, 0.0) / 2
-        return mid - q_lo + gap, mid + q_hi - gap
+        return bounds(mid, q_hi, q_lo, self.alphas_)
 
     def interval(self, rows: np.ndarray, means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = self.intervals(rows, means)

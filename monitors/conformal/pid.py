@@ -67,7 +67,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tidecast.models.rows import Column
-from tidecast.monitors.conformal.base import Block, ScoreCalibrator, gaussian_quantile, targets
+from tidecast.monitors.conformal.base import Block, ScoreCalibrator, bounds, gaussian_quantile, targets
 from tidecast.monitors.conformal.scorecaster import lag_table, solve_ridge
 
 
@@ -293,8 +293,7 @@ class ConformalPID(ScoreCalibrator):
         q = got[:, 1:].reshape(rows.size, self.horizon, self.alphas_.size, -1)  # (n, H, levels, sides)
         q_hi, q_lo = q[..., 0], q[..., -1]
         mid = (means + got[:, 0].reshape(rows.size, self.horizon))[..., None]
-        gap = np.minimum(q_hi + q_lo, 0.0) / 2  # as intervals(): an empty set is issued as a point
-        return mid - q_lo + gap, mid + q_hi - gap
+        return bounds(mid, q_hi, q_lo, self.alphas_)  # as intervals() issued them
 
     def _thresholds(self, p: np.ndarray, integral: np.ndarray, count: np.ndarray, scale: np.ndarray) -> np.ndarray:
         """The issued thresholds (K, ...) from a cell's P term, integral, count and scale (see the module docstring):
