@@ -112,6 +112,8 @@ def port_number(value: int | None) -> str | None:
 def _grid_step(value: str | None) -> str | None:
     if value is None:
         return None
+    if str(value).strip().lstrip("+-").replace(".", "", 1).isdigit():  # pandas reads a bare "1800" as nanoseconds
+        return "a number without a unit is no time step: say 1800s, 30min, 1h"
     try:
         step = pd.Timedelta(value)
     except ValueError:

@@ -358,6 +358,12 @@ class Engine:
         self.metrics.series_active.set(len(self._slot_of))
         return slot
 
+    def _refusal(self, series_id: str) -> str:
+        """Why a new series was not accepted: not in ``allowed_series``, or ``max_series`` reached."""
+        if self._allowed is not None and series_id not in self._allowed:
+            return f"series {series_id!r} not accepted: not in allowed_series"
+        return f"series {series_id!r} not accepted: max_series ({self.config.max_series:,}) series are served"
+
     def _grow(self, cap: int) -> None:
         self._cap = cap
         ids = np.zeros(cap, dtype=object)
@@ -430,7 +436,7 @@ class Engine:
             if slot is None:
                 slot = self._register(sid)
                 if slot is None:
-                    result.rejections.append(Rejection(i, "unknown_series", f"series {sid!r} not accepted"))
+                    result.rejections.append(Rejection(i, "unknown_series", self._refusal(sid)))
                     continue
                 step_a = self.series_["step_ns"]  # _register may have grown the arrays
             if step_a[slot] == 0:  # grid unknown: hold the row until the step is inferred

@@ -151,7 +151,18 @@ def test_allow_list_rejects_unknown_series():
     engine = Engine.from_config(EngineConfig(models=["seasonal-naive"], allowed_series=["a"], freq="1h"))
     r = engine.process(batch(["a", "b", "a"], [0, 0, 1], [1.0, 2.0, 3.0]))
     assert [(j.index, j.reason) for j in r.rejections] == [(1, "unknown_series")]
+    assert r.rejections[0].detail == "series 'b' not accepted: not in allowed_series"
     assert engine.series_ids == ["a"]
+    capped = Engine.from_config(EngineConfig(models=["seasonal-naive"], max_series=1, freq="1h"))
+    (refused,) = capped.process(batch(["a", "b"], [0, 0], [1.0, 2.0])).rejections
+    assert refused.detail == "series 'b' not accepted: max_series (1) series are served"  # the limit, not a list
+
+
+@pytest.mark.parametrize("freq", ["1800", 1800, "2.5"])
+def test_a_grid_step_without_a_unit_is_refused(freq):
+    """pandas reads a bare '1800' as 1,800 ns: every value then looked like a gap and reset the history."""
+    with pytest.raises(ValueError, match="a number without a unit is no time step"):
+        EngineConfig(models=["seasonal-naive"], freq=freq)
 
 
 def _stream(n_series=3, n=120, seed=0):
