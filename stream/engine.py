@@ -646,6 +646,7 @@ class Engine:
             if shadow is not None:  # never emitted: scored against the incumbent only
                 shadow.forecast(r_rows, r_ticks, horizon)
             forecast = lane.model.forecast_many(r_rows, horizon)  # 3. forecast
+            forecast[self._past_time(r_rows, r_ticks, horizon)] = np.nan  # targets after 2262: not issued anywhere
             lane.seed_calibrator(horizon)  # residuals the model handed over since the last round
             lower, upper = lane.interval(r_rows, forecast)  # 4. interval per level (NaN: none yet)
             if lower.shape[-1] != lane.pending.n_levels:
@@ -679,6 +680,12 @@ class Engine:
                       for r, k, s, t in zip(alarms.rows.tolist(), alarms.kind.tolist(), alarms.statistic.tolist(),
                                             at.tolist(), strict=True))
 
+    def _past_time(self, rows: np.ndarray, ticks: np.ndarray, horizon: int) -> np.ndarray:
+        """(n, H) True where the h-step target lies past the last representable timestamp (2262-04-11): such a
+        step can be neither published nor scored, so it is not issued (and not counted) at all."""
+        step, anchor = self.series_["step_ns"][rows], self.series_["anchor_ns"][rows]
+        return np.arange(1, horizon + 1)[None, :] > ((_MAX_NS - anchor) // step - ticks)[:, None]
+
     def _collect(self, outputs: list[tuple]) -> tuple[ForecastBatch, dict[str, int]]:
         """The rounds' forecasts as one batch, and its forecast steps per lane (for the metrics: comparing every
         step's model name to count them cost ~1 % of a serve member's time)."""
@@ -693,7 +700,6 @@ class Engine:
                 continue
             step = self.series_["step_ns"][rows]
             anchor = self.series_["anchor_ns"][rows]
-            ready &= hs[None, :] <= ((_MAX_NS - anchor) // step - ticks)[:, None]  # targets past 2262 overflow
             target = anchor[:, None] + (ticks[:, None] + hs[None, :]) * step[:, None]
             row_of = np.broadcast_to(rows[:, None], mean.shape)[ready]
             lowers, uppers = lower[ready], upper[ready]  # (n, levels)

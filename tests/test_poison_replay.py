@@ -77,6 +77,22 @@ def test_the_kafka_source_dead_letters_a_far_timestamp_instead_of_overflowing():
     assert decoded.batch.offsets.tolist() == [2]
 
 
+def test_steps_past_2262_are_neither_published_nor_counted(tmp_path):
+    """A history ending on the last representable hour: the steps whose targets lie after it cannot be written,
+    and the summary must not count them either (it counted 3,696 forecasts where --out held 3,371)."""
+    end = pd.Timestamp("2262-04-11T00:00:00Z")
+    stamps = pd.date_range(end=end, periods=100, freq="h")
+    path = tmp_path / "late.csv"
+    pd.DataFrame({"ds": stamps.strftime("%Y-%m-%dT%H:%M:%SZ"), "y": np.sin(np.arange(100) / 4)}).to_csv(path,
+                                                                                                       index=False)
+    out = tmp_path / "out.csv"
+    rc, s, _ = run(tmp_path, str(path), "--horizon", "48", "--model-param", "seasonal-naive.period=24", "--out",
+                   str(out))
+    written = pd.read_csv(out)
+    assert rc == 0 and s["models"]["seasonal-naive"]["n_forecasts"] == len(written) > 0
+    assert end < pd.to_datetime(written["target_timestamp"], utc=True).max() <= pd.Timestamp.max.tz_localize("UTC")
+
+
 def test_replay_of_jsonl_with_far_timestamps_dead_letters_those_lines_only(tmp_path):
     path = tmp_path / "far.jsonl"
     lines = [{"series_id": "j", "timestamp": T0 // 10**9 + 3600 * k, "value": float(k)} for k in range(12)]
