@@ -599,8 +599,9 @@ def _long(table: Table, spec: ReplaySpec, t_ns: np.ndarray, good_rows: np.ndarra
           source: str) -> tuple[ObservationBatch, list[DeadLetter]]:
     frame = table.frame
     raw_ids = frame[spec.series_column]
-    series = raw_ids.astype(str).str.strip()
-    no_series = (series == "").to_numpy() | raw_ids.isna().to_numpy()
+    # ids are kept as written, as Kafka keys and JSON lines keep them: stripping merged " OT" into "OT"
+    series = raw_ids.astype(str)
+    no_series = (series.str.strip() == "").to_numpy() | raw_ids.isna().to_numpy()
     letters = _id_letters(table, InvalidRecord("missing_field", "series_id is missing"), no_series & good_rows,
                           source)
     bad_id = np.zeros(len(frame), bool)

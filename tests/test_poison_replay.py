@@ -233,6 +233,20 @@ def test_missing_parquet_cells_cost_only_their_rows_and_dead_letters_stay_strict
     assert letters[2]["raw"]["y"] == "inf" and s["n_observations"] == 7
 
 
+def test_series_ids_are_kept_as_written_in_csv_as_in_json_lines(tmp_path):
+    """'OT' and ' OT' are two series wherever they come from (CSV once stripped the id: 100 rows silently counted
+    as duplicates of the other series')."""
+    stamps = [f"2020-01-01T{k:02d}:00:00" for k in range(12)]
+    rows = [(sid, t, k + (100 if sid == " OT" else 0)) for sid in ("OT", " OT") for k, t in enumerate(stamps)]
+    (tmp_path / "ids.csv").write_text("unique_id,ds,y\n" + "".join(f"{i},{t},{v}\n" for i, t, v in rows))
+    (tmp_path / "ids.jsonl").write_text("".join(json.dumps({"series_id": i, "timestamp": t, "value": v}) + "\n"
+                                                for i, t, v in rows))
+    for name in ("ids.csv", "ids.jsonl"):
+        rc, s, letters = run(tmp_path, str(tmp_path / name), "--horizon", "1", "--freq", "1h")
+        assert rc == 0 and not letters
+        assert (s["n_series"], s["n_observations"], s["n_duplicates"]) == (2, 24, 0), name
+
+
 def test_a_value_string_gets_the_same_verdict_in_csv_and_json_lines(tmp_path):
     """Python's float() takes '1_000' and other scripts' digits, the CSV reader does not: JSON lines (and Kafka)
     accepted them while CSV dead-lettered them as an undocumented wrong_type. One rule: plain ASCII decimals."""
