@@ -34,6 +34,7 @@ import csv
 import io
 import json
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time
@@ -399,10 +400,28 @@ def _refuse_nested(path: Path, columns: list[str]) -> None:
 
 
 def _guess_time_column(frame: pd.DataFrame) -> str:
+    """The time column when none is named: one of :data:`TIME_COLUMN_CANDIDATES` (any case), else the first
+    column of datetimes or dates, else the first column - with a warning, as it may well hold values."""
+    by_lower = {str(c).lower(): str(c) for c in reversed(frame.columns)}
     for name in TIME_COLUMN_CANDIDATES:
-        if name in frame.columns:
-            return name
-    return str(frame.columns[0])
+        if name in by_lower:
+            return by_lower[name]
+    for column in frame.columns:
+        if _holds_times(frame[column]):
+            return str(column)
+    first = str(frame.columns[0])
+    warnings.warn(f"no time column named {', '.join(TIME_COLUMN_CANDIDATES)}: reading the first column, {first!r}, "
+                  f"as the time (numbers as epoch seconds); name it with --time-column / time_column=",
+                  UserWarning, stacklevel=2)
+    return first
+
+
+def _holds_times(cells: pd.Series) -> bool:
+    """A column of datetimes (any dtype pandas gives them) or of dates (Parquet date32)."""
+    if pd.api.types.is_datetime64_any_dtype(cells):
+        return True
+    present = cells.dropna() if cells.dtype == object else cells.iloc[:0]
+    return bool(len(present)) and isinstance(present.iloc[0], date)  # a datetime is a date too
 
 
 def _row_sizes(frame: pd.DataFrame) -> np.ndarray:

@@ -161,6 +161,19 @@ def test_a_parquet_file_written_from_a_frame_keeps_the_time_in_its_index(tmp_pat
     assert len(from_file.forecasts) == len(from_frame.forecasts) > 0
 
 
+def test_the_time_column_is_found_by_name_in_any_case_or_by_type_and_a_guess_warns():
+    """'Date' after the value columns was missed and the first value column read as epoch seconds (one series
+    in 1970, no word said)."""
+    wide = noisy_cycles(100, series=("a",)).rename(columns={"ds": "Date", "y": "OT"})[["OT", "Date"]]
+    kwargs = {"horizon": 2, "model_params": SN12}
+    assert tidecast.replay(wide, **kwargs).actuals["ds"].min() == pd.Timestamp("2024-01-01", tz="UTC")
+    typed = wide.rename(columns={"Date": "when"})  # no known name: the datetime column
+    assert tidecast.replay(typed, **kwargs).actuals["ds"].min() == pd.Timestamp("2024-01-01", tz="UTC")
+    numbers = typed.assign(when=np.arange(100) * 3600)[["when", "OT"]]
+    with pytest.warns(UserWarning, match="reading the first column, 'when', as the time"):
+        assert tidecast.replay(numbers, **kwargs).run["n_observations"] == 100
+
+
 def test_an_index_that_repeats_a_column_and_repeated_columns():
     long = noisy_cycles(50, series=("a",))
     same = tidecast.replay(long.set_index("ds", drop=False), horizon=2, model_params=SN12)
