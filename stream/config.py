@@ -99,7 +99,7 @@ def _horizon(value: int) -> str | None:
 def _size(n_bytes: float) -> str:
     for unit in ("bytes", "kB", "MB", "GB", "TB"):
         if n_bytes < 1000 or unit == "TB":
-            return f"{n_bytes:.0f} {unit}"
+            return f"{n_bytes:.0f} {unit}" if unit == "bytes" or n_bytes >= 100 else f"{n_bytes:.3g} {unit}"
         n_bytes /= 1000
     return f"{n_bytes:.0f} TB"
 

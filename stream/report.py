@@ -148,7 +148,8 @@ def _per_horizon_figure(result: ReplayResult, by_horizon: pd.DataFrame) -> Figur
     coverage_ax.set(title="Coverage by horizon (dashed: targets)", xlabel="h", ylabel="coverage")
     width_ax.set(title="Mean interval width by horizon", xlabel="h", ylabel="width")
     for ax in (coverage_ax, width_ax):
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[1]:  # a run without forecasts has nothing to label
+            ax.legend(fontsize=7)
         ax.tick_params(labelsize=8)
     return fig
 
