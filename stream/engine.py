@@ -646,7 +646,9 @@ class Engine:
             if shadow is not None:  # never emitted: scored against the incumbent only
                 shadow.forecast(r_rows, r_ticks, horizon)
             forecast = lane.model.forecast_many(r_rows, horizon)  # 3. forecast
-            forecast[self._past_time(r_rows, r_ticks, horizon)] = np.nan  # targets after 2262: not issued anywhere
+            past = self._past_time(r_rows, r_ticks, horizon)
+            if past.any():  # targets after 2262: not issued anywhere (a new array: the model's may be read-only)
+                forecast = np.where(past, np.nan, forecast)
             lane.seed_calibrator(horizon)  # residuals the model handed over since the last round
             lower, upper = lane.interval(r_rows, forecast)  # 4. interval per level (NaN: none yet)
             if lower.shape[-1] != lane.pending.n_levels:
@@ -684,7 +686,10 @@ class Engine:
         """(n, H) True where the h-step target lies past the last representable timestamp (2262-04-11): such a
         step can be neither published nor scored, so it is not issued (and not counted) at all."""
         step, anchor = self.series_["step_ns"][rows], self.series_["anchor_ns"][rows]
-        return np.arange(1, horizon + 1)[None, :] > ((_MAX_NS - anchor) // step - ticks)[:, None]
+        last = (_MAX_NS - anchor) // step - ticks  # the last representable step, per row
+        if not rows.size or last.min() >= horizon:  # the usual case: one comparison per row, no (n, H) mask
+            return np.zeros((rows.size, 0), bool)
+        return np.arange(1, horizon + 1)[None, :] > last[:, None]
 
     def _collect(self, outputs: list[tuple]) -> tuple[ForecastBatch, dict[str, int]]:
         """The rounds' forecasts as one batch, and its forecast steps per lane (for the metrics: comparing every

@@ -182,6 +182,7 @@ def _short_number(raw: int | float) -> str:
 
 
 _DECIMAL = re.compile(r"\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\s*", re.ASCII)
+_NON_FINITE = re.compile(r"\s*[+-]?(?:inf|infinity|nan)\s*", re.ASCII | re.IGNORECASE)  # float() reads each
 
 
 def parse_value(raw: Any) -> float:
@@ -193,7 +194,7 @@ def parse_value(raw: Any) -> float:
     if isinstance(raw, str):
         # plain ASCII decimals only: Python's float() also takes "1_000" and other scripts' digits ("١٢"), which
         # the CSV reader does not; one rule for every input
-        if not (_DECIMAL.fullmatch(raw) or raw.strip().lower().lstrip("+-") in ("inf", "infinity", "nan")):
+        if not (_DECIMAL.fullmatch(raw) or _NON_FINITE.fullmatch(raw)):
             raise InvalidRecord("non_numeric_value", f"value is not a number: {raw[:64]!r}")
         value = float(raw)
     else:

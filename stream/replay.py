@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -91,7 +92,8 @@ def run_replay(config: EngineConfig, options: ReplayOptions, console: Console | 
         wanted = options.report_series or []
         left_out = [series_id for series_id in wanted if series_id not in replayed]
         if left_out:  # in the input, yet never replayed: a report of the rest beats none after the whole run
-            console.print(f"[yellow]--report-series: {', '.join(left_out)} left out of the report: in the input but "
+            shown = ", ".join(map(escape, left_out))  # ids may hold rich markup's brackets
+            console.print(f"[yellow]--report-series: {shown} left out of the report: in the input but "
                           f"not replayed (a series seen at one timestamp only is held; one refused by "
                           f"--allowed-series or --max-series is dead-lettered)[/yellow]")
         path = result.report(options.report, series=[s for s in wanted if s in replayed])

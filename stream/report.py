@@ -38,7 +38,9 @@ DPI = 90
 #: Coverage further than this from its target is flagged in the summary table.
 COVERAGE_TOLERANCE = 0.02
 _LINESTYLES = ("-", "--", ":", "-.")
-_EVENT_STYLE = {"drift": ("tab:orange", "--"), "retrain": ("tab:green", "-"), "promotion": ("tab:green", "-")}
+#: Lane events (no series id) drawn on every series of their model: the ones that change what it forecasts.
+LANE_CHANGES = ("promoted", "rolled_back")
+_EVENT_STYLE = {"drift": ("tab:orange", "--"), "retrain": ("tab:green", "-"), "promot": ("tab:green", "-")}
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;
@@ -106,10 +108,11 @@ def plain(text: str) -> str:
 
 def _draw_events(ax: Axes, events: pd.DataFrame, series_id: str, models: list[str],
                  window: tuple[pd.Timestamp, pd.Timestamp] | None) -> None:
-    """The series' own events and its lanes' (a retrain promotion has no series: it changes every series of the
-    model), as vertical lines."""
+    """The series' own events and its lanes' model changes (a retrain promotion or rollback has no series: it
+    changes every series of the model; the lane's other retrain events stay in the events table), as vertical
+    lines."""
     ids = events["unique_id"]
-    lane_wide = ids.isna() | (ids.astype(str) == "")
+    lane_wide = (ids.isna() | (ids.astype(str) == "")) & events["kind"].isin(LANE_CHANGES)
     mine = events[((ids == series_id) | lane_wide) & (events["model"].isna() | events["model"].isin(models))]
     if window is not None:
         mine = mine[(mine["at"] >= window[0]) & (mine["at"] <= window[1])]

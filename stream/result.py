@@ -257,8 +257,8 @@ class ReplayResult:
 
     def scales(self) -> np.ndarray:
         """Per forecast row, the MASE scale of its series at its origin (``NaN`` while undefined). Computed on
-        each call (a tenth of a second at three million rows), so a ``forecasts`` sorted or subset since gets
-        its own."""
+        each call (one pass over the rows: ~0.1 s at three million), so a ``forecasts`` sorted or subset since
+        gets its own."""
         return _scales(self.forecasts, self.actuals)
 
     # -- looking -----------------------------------------------------------------------------------
@@ -331,12 +331,14 @@ def _scales(forecasts: pd.DataFrame, actuals: pd.DataFrame) -> np.ndarray:
     order = np.argsort(codes, kind="stable")
     bounds = np.searchsorted(codes[order], np.arange(len(forecasts["unique_id"].cat.categories) + 1))
     actual_codes = actuals["unique_id"].cat.codes.to_numpy()
+    by_series = np.argsort(actual_codes, kind="stable")  # each series' actuals in their order, in one pass
+    actual_bounds = np.searchsorted(actual_codes[by_series], np.arange(len(bounds)))
     times = nanoseconds(actuals["ds"])
     values = actuals["y"].to_numpy()
     for code in range(len(bounds) - 1):
         rows = order[bounds[code]:bounds[code + 1]]
-        mine = actual_codes == code
-        if not len(rows) or mine.sum() < 2:
+        mine = by_series[actual_bounds[code]:actual_bounds[code + 1]]
+        if not len(rows) or mine.size < 2:
             continue
         t, y = times[mine], values[mine]
         step = int(np.median(np.diff(t)))

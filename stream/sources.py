@@ -35,8 +35,8 @@ import io
 import json
 import math
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time
 from itertools import islice
 from pathlib import Path
@@ -127,7 +127,7 @@ class Table:
 def read_table(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Table:
     """All cells as strings (CSV) or native types (Parquet); the raw form is kept for dead letters."""
     if path.suffix.lower() in (".parquet", ".pq"):
-        frame = index_as_columns(pd.read_parquet(path))  # pandas stores a frame's index in the file
+        frame = pd.read_parquet(path)  # pandas stores a frame's index in the file: _load_table moves it back
         return Table(frame, np.arange(len(frame), dtype=np.int64))
     return read_csv(path, max_bytes)
 
@@ -306,16 +306,17 @@ def load_frame(frame: pd.DataFrame, spec: ReplaySpec | None = None, source: str 
     spec = spec if spec is not None else ReplaySpec()
     if spec.resolved_format() == "jsonl":
         raise ValueError("a DataFrame is long or wide, not JSON lines")
-    frame = index_as_columns(frame).rename(columns=str)
+    frame = frame.rename(columns=str)
     return _load_table(Table(frame, np.arange(len(frame), dtype=np.int64)), spec, source, spec.name)
 
 
-def index_as_columns(frame: pd.DataFrame) -> pd.DataFrame:
+def index_as_columns(frame: pd.DataFrame, wanted: Collection[str] = ()) -> pd.DataFrame:
     """``frame`` with its index moved into columns where it holds data: a ``DatetimeIndex`` (wide frames often keep
-    their time there; ``ds`` if unnamed) or any named index (``set_index("unique_id")``). A Parquet file written
-    from a frame stores its index, so the frame and the file load alike. An index level that repeats a column
-    (``set_index("ds", drop=False)``) is dropped if it holds the same values and refused if not; an unnamed index
-    that is not a ``DatetimeIndex`` (row numbers) is dropped.
+    their time there; ``ds`` if unnamed), or a level named as a column the reader wants (``wanted``: the series
+    column of ``set_index("unique_id")``, a time column's name). A Parquet file written from a frame stores its
+    index, so the frame and the file load alike. An index level that repeats a column (``set_index("ds",
+    drop=False)``) is dropped if it holds the same values and refused if not; any other index (row numbers, a
+    label of rows) is dropped, not made a series.
 
     >>> frame = pd.DataFrame({"y": [1.0, 2.0]}, index=pd.date_range("2024-01-01", periods=2, freq="h"))
     >>> list(index_as_columns(frame).columns)
@@ -327,10 +328,11 @@ def index_as_columns(frame: pd.DataFrame) -> pd.DataFrame:
         names = ["ds"]
     keep = []
     for level, name in enumerate(names):
-        if name is None:
+        timely = isinstance(index.get_level_values(level), pd.DatetimeIndex)
+        if name is None or not (timely or str(name) in wanted):
             continue
         if name in frame.columns:
-            if not np.array_equal(index.get_level_values(level).to_numpy(), frame[name].to_numpy()):
+            if not index.get_level_values(level).equals(pd.Index(frame[name])):  # NaT equals NaT here
                 raise ValueError(f"the frame's index {name!r} and its column {name!r} differ: drop one of them")
             continue
         keep.append(level)
@@ -343,6 +345,8 @@ def index_as_columns(frame: pd.DataFrame) -> pd.DataFrame:
 def _load_table(table: Table, spec: ReplaySpec, source: str, name: str | None, path: Path | None = None) -> Replay:
     """Validate a table's cells into observations and dead letters (shared by files and in-memory frames);
     ``name`` prefixes wide series ids, ``path`` is the file read (``None`` for a frame)."""
+    wanted = {spec.series_column, spec.value_column, *TIME_COLUMN_CANDIDATES, *filter(None, [spec.time_column])}
+    table = replace(table, frame=index_as_columns(table.frame, wanted))
     frame = table.frame
     if not len(frame.columns):
         raise ValueError(f"{source} has no columns: a history needs a time column and values")
@@ -494,7 +498,8 @@ def _mostly_numbers(text: pd.Series, sample: int = 2001) -> bool:
 
 
 def _missing(value: Any) -> bool:
-    return value is None or value is pd.NaT or (isinstance(value, float) and math.isnan(value))
+    """A missing cell in any of its spellings: ``None``, NaN, ``pd.NA`` (nullable columns), ``NaT``."""
+    return value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and math.isnan(value))
 
 
 def _time_cell(raw: Any, epoch_column: bool) -> datetime:
@@ -547,11 +552,6 @@ def _why(parser: Any, raw: Any) -> InvalidRecord:
     except InvalidRecord as err:
         return err
     return InvalidRecord("wrong_type", f"unreadable cell {raw!r}")
-
-
-def _missing(raw: Any) -> bool:
-    """A missing cell in any of pandas' spellings: NaN, ``pd.NA`` (nullable columns), ``NaT``."""
-    return raw is pd.NA or raw is pd.NaT or (isinstance(raw, float) and np.isnan(raw))
 
 
 def _raw_rows(frame: pd.DataFrame, rows: np.ndarray) -> list[dict[str, Any]]:

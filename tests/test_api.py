@@ -184,8 +184,14 @@ def test_an_index_that_repeats_a_column_and_repeated_columns():
         tidecast.replay(shifted, horizon=2)
     with pytest.raises(ValueError, match=r"the columns \['y'\] appear more than once"):
         tidecast.replay(pd.concat([long, long[["y"]]], axis=1), horizon=2)
+    holed = long.copy()
+    holed.loc[3, "ds"] = pd.NaT  # equal to its column, NaT included: the index goes, the row is a dead letter
+    assert len(tidecast.replay(holed.set_index("ds", drop=False), horizon=2, model_params=SN12).dead_letters) == 1
     by_series = tidecast.replay(long.set_index("unique_id"), horizon=2, model_params=SN12)  # a named index: data
     assert list(by_series.actuals["unique_id"].cat.categories) == ["a"]
+    wide = long.pivot(index="ds", columns="unique_id", values="y").reset_index().rename_axis("row")
+    labelled = tidecast.replay(wide, horizon=2, model_params=SN12)  # a label of rows is no series
+    assert list(labelled.actuals["unique_id"].cat.categories) == ["a"]
 
 
 def test_bad_cells_become_dead_letters_and_the_rest_is_replayed():
@@ -195,6 +201,14 @@ def test_bad_cells_become_dead_letters_and_the_rest_is_replayed():
     assert sorted(result.dead_letters["reason"]) == ["bad_timestamp", "non_numeric_value"]
     assert sorted(result.dead_letters["offset"]) == [10, 20]
     assert len(result.actuals) == 98 and result.run["n_observations"] == 98
+
+
+def test_a_missing_cell_in_a_column_of_epoch_second_strings_costs_its_row_only():
+    frame = pd.DataFrame({"unique_id": "a", "ds": [str(1_700_000_000 + 3600 * k) for k in range(50)],
+                          "y": np.arange(50.0)}).astype({"ds": object})
+    frame.loc[7, "ds"] = None
+    letters = tidecast.replay(frame, horizon=2, model_params=SN12).dead_letters
+    assert list(letters["reason"]) == ["missing_field"]  # not 50 bad_timestamps (a shadowed helper once did that)
 
 
 def test_missing_cells_of_nullable_columns_are_missing_fields():
@@ -292,13 +306,16 @@ def test_a_lanes_promotion_is_drawn_on_its_series_and_dollar_ids_render(tmp_path
     result.events = events_frame([{"series_id": "", "model": "seasonal-naive", "detector": "retrain",
                                    "kind": "promoted", "at": "2024-01-05T00:00:00Z"},
                                   {"series_id": "", "model": "other-lane", "detector": "retrain",
-                                   "kind": "promoted", "at": "2024-01-06T00:00:00Z"}])
+                                   "kind": "promoted", "at": "2024-01-06T00:00:00Z"},
+                                  {"series_id": "", "model": "seasonal-naive", "detector": "retrain",
+                                   "kind": "rejected", "at": "2024-01-07T00:00:00Z"}])  # changes nothing
     fig = result.plot("cost_$_2024_$")
     fig.savefig(tmp_path / "plot.png")  # renders the title and labels
     (ax,) = fig.axes
     assert ax.get_title().startswith(r"cost_\$_2024_\$")  # drawn literally, not as mathtext
     assert "retrain promoted" in [text.get_text() for text in ax.get_legend().get_texts()]
-    assert len([line for line in ax.get_lines() if len(set(line.get_xdata())) == 1]) == 1  # not the other lane's
+    assert len([line for line in ax.get_lines() if len(set(line.get_xdata())) == 1]) == 1  # not the other lane's,
+    # nor a rejected candidate's
     report = result.report(tmp_path / "report.html")
     assert "cost_$_2024_$" in Path(report).read_text()
 

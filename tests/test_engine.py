@@ -158,6 +158,21 @@ def test_allow_list_rejects_unknown_series():
     assert refused.detail == "series 'b' not accepted: max_series (1) series are served"  # the limit, not a list
 
 
+def test_a_model_may_return_a_read_only_forecast_array():
+    """The engine never writes into what forecast_many returned (a plug-in may hand out a view of its state)."""
+
+    class Frozen(SeasonalNaive):
+        def forecast_many(self, rows, horizon):
+            out = super().forecast_many(rows, horizon)
+            out.flags.writeable = False
+            return out
+
+    lane = Lane(Frozen(period=2), make_calibrator("conformal-pid", 2, 0.1), 2, 0.1)
+    engine = Engine(EngineConfig(models=["seasonal-naive"], horizon=2, freq="1h"), [lane])
+    out = engine.process(batch(["a"] * 20, list(range(20)), [float(k % 2) for k in range(20)])).forecasts
+    assert len(out) > 0
+
+
 @pytest.mark.parametrize("freq", ["1800", 1800, "2.5"])
 def test_a_grid_step_without_a_unit_is_refused(freq):
     """pandas reads a bare '1800' as 1,800 ns: every value then looked like a gap and reset the history."""

@@ -250,7 +250,7 @@ def test_series_ids_are_kept_as_written_in_csv_as_in_json_lines(tmp_path):
 def test_a_value_string_gets_the_same_verdict_in_csv_and_json_lines(tmp_path):
     """Python's float() takes '1_000' and other scripts' digits, the CSV reader does not: JSON lines (and Kafka)
     accepted them while CSV dead-lettered them as an undocumented wrong_type. One rule: plain ASCII decimals."""
-    cells = ["1", "+2", " 3 ", "1e5", "-.5", "1_000", "0x10", "١٢", "1,5", "inf"]
+    cells = ["1", "+2", " 3 ", "1e5", "-.5", "1_000", "0x10", "١٢", "1,5", "inf", "+-inf", "--nan"]
     stamps = [f"2020-01-01T{k:02d}:00:00" for k in range(len(cells))]
     (tmp_path / "v.csv").write_text("unique_id,ds,y\n" + "".join(f'a,{t},"{c}"\n' for t, c in zip(stamps, cells,
                                                                                                     strict=True)))
@@ -262,7 +262,8 @@ def test_a_value_string_gets_the_same_verdict_in_csv_and_json_lines(tmp_path):
         assert rc == 0 and s["n_observations"] == 5
         verdicts.append(reasons(letters))
     assert verdicts[0] == verdicts[1] == [(5, "non_numeric_value"), (6, "non_numeric_value"),
-                                          (7, "non_numeric_value"), (8, "non_numeric_value"), (9, "non_finite_value")]
+                                          (7, "non_numeric_value"), (8, "non_numeric_value"), (9, "non_finite_value"),
+                                          (10, "non_numeric_value"), (11, "non_numeric_value")]  # two signs: no number
 
 
 def test_parquet_date_columns_are_days_and_times_of_day_are_refused_with_why(tmp_path):
