@@ -548,9 +548,15 @@ class DeadLetterMessage:
     headers: list[tuple[str, bytes]]
 
 
+#: Longest key a dead letter keeps (a valid key is a series id of at most 256 bytes): a megabyte key would make
+#: the dead letter itself too large for the topic, and a refused dead letter stops the member on every restart.
+MAX_DEAD_LETTER_KEY_BYTES = 1024
+
+
 def dead_letter_message(record: Any, reason: str, detail: str, max_bytes: int) -> DeadLetterMessage:
-    """The raw record, unchanged (cut to ``max_bytes`` if larger), with reason and source in headers."""
-    value = record.value
+    """The raw record, unchanged (value cut to ``max_bytes`` if larger; key to
+    :data:`MAX_DEAD_LETTER_KEY_BYTES`), with reason and source in headers."""
+    value, key = record.value, record.key
     headers = [("tidecast.reason", reason.encode()),
                ("tidecast.detail", detail[:1000].encode("utf-8", "backslashreplace")),
                ("tidecast.source.topic", str(record.topic).encode()),
@@ -560,7 +566,10 @@ def dead_letter_message(record: Any, reason: str, detail: str, max_bytes: int) -
     if value is not None and max_bytes > 0 and len(value) > max_bytes:
         headers.append(("tidecast.raw.size", str(len(value)).encode()))
         value = bytes(value[:max_bytes])
-    return DeadLetterMessage(record.key, value, headers)
+    if key is not None and len(key) > MAX_DEAD_LETTER_KEY_BYTES:
+        headers.append(("tidecast.key.size", str(len(key)).encode()))
+        key = bytes(key[:MAX_DEAD_LETTER_KEY_BYTES])
+    return DeadLetterMessage(key, value, headers)
 
 
 def header_dict(headers: Iterable[tuple[str, bytes]] | None) -> dict[str, str]:

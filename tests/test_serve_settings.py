@@ -143,3 +143,9 @@ def test_dead_letter_keeps_the_raw_record_and_says_why_and_where():
             headers["tidecast.source.offset"]) == ("obs", "3", "42")
     whole = dead_letter_message(record, "not_json", "", max_bytes=0)
     assert whole.value == record.value and "tidecast.raw.size" not in header_dict(whole.headers)
+    # a 200 kB key beside a 900 kB value made the dead letter larger than a 1 MB topic takes: the broker refused
+    # it and the member stopped, on every restart; the key is cut too, and says how long it was
+    huge = SimpleNamespace(topic="obs", partition=0, offset=7, timestamp=0, key=b"k" * 200_000, value=b"v" * 900_000)
+    cut = dead_letter_message(huge, "not_json", "", max_bytes=1_000_000)
+    assert len(cut.key) == 1024 and header_dict(cut.headers)["tidecast.key.size"] == "200000"
+    assert len(cut.key) + len(cut.value) + sum(len(k) + len(v) for k, v in cut.headers) < 1_000_000
