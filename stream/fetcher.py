@@ -285,14 +285,16 @@ class Fetcher:
         self.committer.forget(p)  # the new log's offsets are lower than those committed: commit them all the same
 
     def _probe_cluster(self) -> None:
-        """When nothing reached the cluster for a while, ask it something cheap (the committed offset of
-        partition 0): an outage shows in ``tidecast_broker_up`` and counts against the budget even when idle."""
+        """When nothing reached the cluster for a while, ask it something cheap (the log end of partition 0, from
+        its leader): an outage shows in ``tidecast_broker_up`` and counts against the budget even when idle. Not
+        the group coordinator: it does not answer offset fetches while the group rebalances (a join waiting out a
+        killed member's session), and that silence once counted as an outage, up to stopping a healthy member."""
         if self.link is None or self.link.quiet_seconds < self.PROBE_SECONDS:
             return
         from kafka import TopicPartition
 
         try:
-            self.consumer.committed(TopicPartition(self.cfg.topic, 0), timeout_ms=2_000)
+            self.consumer.end_offsets([TopicPartition(self.cfg.topic, 0)], timeout_ms=2_000)
         except Exception as err:
             if not is_unavailable(err):
                 log.debug("cluster probe: %s", err)

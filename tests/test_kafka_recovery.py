@@ -196,3 +196,20 @@ def test_scale_out_then_in_moves_partitions_with_their_state(kafka, unique, serv
     assert_state_equals_reference(LocalStateStore(tmp_path / "b", group, topic), 4, engine, ends)
     out = kafka.read_all(f"{topic}-forecasts", min_count=(600 - FIRST_ORIGIN) * 12)
     assert assert_forecasts_complete(out, records, FIRST_ORIGIN, last) == 0  # graceful moves re-send nothing
+
+
+def test_a_join_that_waits_out_a_killed_members_session_is_no_outage(kafka, unique, serve, tmp_path):
+    """After a kill -9 the next member's join waits for the dead one's session to expire; the group coordinator
+    does not answer offset fetches meanwhile. The cluster probe once asked it, read the silence as an outage
+    (tidecast_broker_up 0) and, with a budget shorter than the session, stopped a healthy member with rc 1."""
+    topic, group = unique("join"), unique("g")
+    kafka.create_topic(topic, 2)
+    session = ("--session-timeout-ms", "16000", "--broker-outage-budget", "6", *ENGINE_ARGS)
+    first = serve(topic, group, tmp_path / "a", *session, name="a")
+    first.wait_value("tidecast_consumer_assigned_partitions", lambda v: v == 2, 60)
+    first.kill()
+    second = serve(topic, group, tmp_path / "b", *session, name="b")
+    second.wait_value("tidecast_consumer_assigned_partitions", lambda v: v == 2, 60)  # after ~16 s of waiting
+    assert second.value("tidecast_broker_up") == 1.0
+    assert "unreachable" not in second.log.read_text()
+    assert second.terminate()[0] == 0
