@@ -395,7 +395,8 @@ def rebalance_listener(fetcher: Fetcher, stopping: threading.Event, worker_faile
 
         async def on_partitions_assigned(self, assigned: set) -> None:
             if assigned:
-                fetcher.on_assigned({tp.partition for tp in assigned})
+                fetcher.on_assigned({tp.partition for tp in assigned})  # their restore begins: not ready
+            fetcher.readiness.mark_started()  # joined the group (an empty assignment too: a spare member is ready)
 
         async def on_partitions_lost(self, lost: set) -> None:
             if lost:

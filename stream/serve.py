@@ -238,8 +238,9 @@ class Service:
                                               self.consumer, epochs)
         self.fetcher = Fetcher(cfg, self.consumer, self.worker, outbox, epochs, self.readiness, self.probe,
                                self.metrics, self.heartbeats["poll"], self.link, self.fetch_process)
+        # /readyz stays "starting" until the group's first assignment (rebalance_listener marks it), so a rolling
+        # restart does not take the next member down before this one owns its partitions
         self.consumer.subscribe([cfg.topic], listener=rebalance_listener(self.fetcher, self._stop, self.worker_failed))
-        self.readiness.mark_started()
         log.info("serving %s as group %s -> %s (drift events %s, dead letters %s, changelog %s)", cfg.topic,
                  cfg.group_id, cfg.forecast_topic, cfg.events_topic, cfg.dead_letter_topic, cfg.changelog_topic)
         log.info("series ids are expected on their home partition under the %s; records on another partition "

@@ -255,8 +255,11 @@ def test_readyz_waits_for_the_restore_and_healthz_fails_while_the_worker_is_stuc
     thread = threading.Thread(target=service.run, name="serve-under-test")
     thread.start()
     try:
-        waiter(lambda: _http(port, "/readyz") == (503, {"status": "restoring", "restoring": [0, 1]}), 30,
+        seen = []
+        waiter(lambda: seen.append(_http(port, "/readyz")) or seen[-1] == (503, {"status": "restoring",
+                                                                             "restoring": [0, 1]}), 30,
                "/readyz to report both partitions restoring")
+        assert all(status != 200 for status, _ in seen)  # never "ready" before it joined and owned its partitions
         restore_gate.set()
         waiter(lambda: _http(port, "/readyz") == (200, {"status": "ready"}), 30, "/readyz once restored")
         waiter(lambda: _http(port, "/healthz")[0] == 200, 10, "a live service")
