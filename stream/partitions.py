@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -141,19 +141,21 @@ class PartitionTable:
         for partition, end in ends.items():
             self.owned[partition].position = end
 
-    def screen(self, batch: ObservationBatch) -> Screened:
-        """Sort decoded observations into apply, wrong partition and already applied."""
+    def screen(self, batch: ObservationBatch, key_of: Callable[[int], bytes | None] | None = None) -> Screened:
+        """Sort decoded observations into apply, wrong partition and already applied. ``key_of(row)``: the row's
+        record key, read only for a row on the wrong partition (to tell a key that is not the series id from a
+        producer that hashes differently)."""
         everything = self._screen_all_kept(batch)
-        return everything if everything is not None else self._screen_rows(batch)
+        return everything if everything is not None else self._screen_rows(batch, key_of)
 
-    def _screen_rows(self, batch: ObservationBatch) -> Screened:
+    def _screen_rows(self, batch: ObservationBatch, key_of: Callable[[int], bytes | None] | None = None) -> Screened:
         """:meth:`screen`, row by row."""
         keep, misrouted, skipped, new_owners = [], [], 0, {}
         rows = zip(batch.series_ids.tolist(), batch.partitions.tolist(), batch.offsets.tolist(), strict=True)
         for i, (sid, partition, offset) in enumerate(rows):
             home = self.homes(sid) if self.homes is not None else None
             if home is not None and home != partition:
-                misrouted.append((i, home, self._not_home(sid, partition, home)))
+                misrouted.append((i, home, self._not_home(sid, partition, home, key_of(i) if key_of else None)))
                 continue
             owner = self._owner.get(sid, new_owners.get(sid))
             if owner is None:
@@ -187,8 +189,12 @@ class PartitionTable:
                 return None
         return Screened(np.arange(len(batch), dtype=np.int64), [], 0, new_owners)
 
-    def _not_home(self, sid: str, partition: int, home: int) -> str:
+    def _not_home(self, sid: str, partition: int, home: int, key: bytes | None = None) -> str:
         assert self.homes is not None
+        if key is not None and key != sid.encode("utf-8", "surrogatepass"):
+            # not the partitioner's fault: this record is keyed by something else than its series id
+            return (f"series {sid!r} belongs on partition {home}, not {partition}: the record's key "
+                    f"{key[:64]!r} is not its series_id; key records by series_id (README, message schema)")
         detail = (f"series {sid!r} belongs on partition {home} (partitioner {self.homes.describe()}), not "
                   f"{partition}: the producer hashes keys differently; set --partitioner to the producers' "
                   "(or produce with tidecast produce --partitioner)")

@@ -157,7 +157,7 @@ class Worker(threading.Thread):
         else:
             decoded = decode_records((r for f in live for r in f.records), self.cfg.max_record_bytes)
         self.table.advance(decoded.ends)
-        screened = self.table.screen(decoded.batch)
+        screened = self.table.screen(decoded.batch, key_of=lambda row: decoded.records[row].key)
         if screened.skipped:
             self.metrics.consumer_skipped.inc(screened.skipped)
         letters = decoded.letters + [dead_letter(decoded.records[i], "wrong_partition", detail)

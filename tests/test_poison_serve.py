@@ -163,6 +163,23 @@ def test_two_members_agree_that_a_record_off_its_home_partition_is_wrong_partiti
     assert sum("wrong_partition: series 'a' belongs on partition 0" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_a_record_keyed_by_something_else_than_its_series_is_told_so_not_to_change_the_partitioner(tmp_path, caplog):
+    """The key decides the partition; a record keyed 'other' landed off its series' home: the dead letter says the
+    key is the problem (it blamed the partitioner, whose change would move every series), and the series, whose
+    own records are fine, is not named in a partitioner warning."""
+    producer = FakeProducer()
+    b, b_results = make_worker(tmp_path, producer, state_dir="b")
+    assign(b, b_results, {1})
+    stray = records(1, ["a"], range(2), 0)
+    for record in stray:
+        record.key = b"other"
+    with caplog.at_level(logging.WARNING):
+        feed(b, 1, stray)
+    detail = letters_of(producer)[0][1]
+    assert "the record's key b'other' is not its series_id" in detail and "--partitioner" not in detail
+    assert "wrong_partition" not in caplog.text
+
+
 def test_the_partitioner_setting_decides_the_home_partition(tmp_path):
     """A librdkafka producer (crc32) puts series d on partition 0, where murmur2 would expect partition 1."""
     assert (home_partition(b"d", 2, "crc32"), home_partition(b"d", 2, "murmur2")) == (0, 1)
