@@ -166,9 +166,16 @@ class Service:
 
     def run(self) -> int:
         """Serve until stopped; 0 after a clean stop, 1 if the worker or the trainer failed or the cluster stayed
-        unreachable for the outage budget (said in one line, without a traceback)."""
+        unreachable for the outage budget (said in one line, without a traceback), 2 if the setup failed on the
+        environment or the settings (a missing input topic, a metrics port in use: one line too)."""
         try:
-            self._start()
+            try:
+                self._start()
+            except BrokerUnavailable:
+                raise
+            except (OSError, ValueError) as err:  # the setup: a missing topic, a port in use - one line, no traceback
+                log.error("serve could not start: %s", err)
+                return 2
             assert self.fetcher is not None
             while not self._stop.is_set():
                 failed = self._failure()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -70,3 +71,21 @@ def test_readyz_waits_for_the_start_and_then_for_every_assigned_partition(parts)
     assert json.loads(get(server.port, "/readyz")[1])["restoring"] == [1]
     readiness.end_restore(1)
     assert get(server.port, "/readyz") == (200, json.dumps({"status": "ready"}))
+
+
+def test_a_metrics_port_in_use_is_one_error_line_and_exit_2(tmp_path):
+    """A mistake in the environment at start-up is said in one line, like a bad option, not as a traceback."""
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "tidecast.stream.cli", "serve", "--bootstrap-servers",
+                              "127.0.0.1:1", "--topic", "t", "--metrics-port", str(port), "--metrics-address",
+                              "127.0.0.1", "--broker-outage-budget", "2", "--state-dir", str(tmp_path)],
+                             capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "serve could not start:" in out.stderr and "Address already in use" in out.stderr
+    assert "Traceback" not in out.stderr
