@@ -124,6 +124,7 @@ class PartitionTable:
         self._warned: set[str] = set()
         self.owned: dict[int, PartitionState] = {}
         self.released: dict[int, PartitionState] = {}  # checkpointed at revocation, still in engine memory
+        self._checkpointed = False  # this process wrote a checkpoint (tidecast_last_checkpoint_timestamp_seconds)
         self._owner: dict[str, int] = {}  # series -> input partition holding its state
         self._floors: dict[str, int] = {}  # series -> applied offset at restore (skip re-deliveries up to it)
         self.fingerprint = config_fingerprint(engine.config.to_dict())
@@ -271,6 +272,7 @@ class PartitionTable:
                                      rows, shared, time.time()))
         self.metrics.checkpoint.observe(time.perf_counter() - job.started)
         self.metrics.last_checkpoint.set(time.time())
+        self._checkpointed = True
 
     def finish(self, job: CheckpointJob) -> dict[int, int]:
         """Record a written ``job`` (worker thread); the offsets now safe to commit (partitions still owned)."""
@@ -343,6 +345,10 @@ class PartitionTable:
             self._own(self._state_of(p, snap, tails[p]))
         if snapshots:
             self.metrics.restore_seconds.observe(time.perf_counter() - started)
+        if not self._checkpointed and not any(st.dirty for st in self.owned.values()):
+            # restored from durable state and nothing applied since: all of it is checkpointed as of now (an idle
+            # member after a restart showed a checkpoint age of 56 years until its first write)
+            self.metrics.last_checkpoint.set(time.time())
         return {p: self.owned[p].position if p in self.owned and p not in already else None
                 for p in sorted(partitions)}
 

@@ -183,7 +183,11 @@ def test_restore_merges_the_local_snapshot_with_the_changelog_written_after_it()
     table.checkpoint()
 
     other, _ = make_table(table.changelog, local)
+    gauge = other.metrics.registry.get_sample_value
+    assert gauge("tidecast_last_checkpoint_timestamp_seconds") == 0
     assert other.restore({0}, {0}) == {0: 50}
+    # all it holds is durable: the checkpoint age starts from the restore, not from 1970 (an idle member's panel)
+    assert gauge("tidecast_last_checkpoint_timestamp_seconds") > 1e9
     assert table.changelog.reads[-1] == (0, first_end)  # read on from where the snapshot left off
     assert restored_series(other) == 2
     for key, value in state(table.engine).items():
