@@ -399,3 +399,6 @@ def test_series_warming_up_counts_observed_series_without_a_forecast_yet():
     engine.drop_series(["late"])
     engine.process(batch("a", [450], [0.0]))
     assert warming() == 0
+    inferred = Engine.from_config(EngineConfig(models=["seasonal-naive"], horizon=3))  # the step is inferred
+    inferred.process(batch("new", [0, 1], [1.0, 2.0]))  # held until its step is known: it counts all the same
+    assert inferred.metrics.registry.get_sample_value("tidecast_series_warming_up", {"model": "seasonal-naive"}) == 1
