@@ -386,6 +386,12 @@ def rebalance_listener(fetcher: Fetcher, stopping: threading.Event, worker_faile
                        for p, o in release.offsets.items()}
             if not offsets:
                 return
+            if stopping.is_set() and fetcher.link is not None and fetcher.link.down:
+                # the commit would wait out kafka-python's request timeout (30 s and more), past the shutdown budget
+                # and the platform's grace period; uncommitted records are re-read and skipped after a restart
+                log.warning("not committing revoked partitions %s: the Kafka cluster is unreachable while stopping",
+                            sorted(partitions))
+                return
             try:
                 await fetcher.consumer.commit_async(offsets)
                 metrics.commits.inc()

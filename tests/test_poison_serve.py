@@ -694,3 +694,41 @@ def test_an_outage_longer_than_the_budget_ends_serve_in_one_line(private_broker,
     assert "Traceback" not in log_text
     stopped = [line for line in log_text.splitlines() if "serve stopped" in line]
     assert len(stopped) == 1 and "longer than the outage budget of 4 s" in stopped[0]
+
+
+
+def test_revoked_partitions_are_not_committed_while_stopping_during_an_outage():
+    """Stopping while the cluster hangs: the revoke listener's commit would wait out kafka-python's request timeout
+    (30 s by default; 60 s with the README's request_timeout_ms example), past the shutdown budget and the
+    platform's grace period. It is skipped; the records are re-read and skipped after a restart. Outside an
+    outage, or when not stopping, the checkpointed offsets are committed as before."""
+    import threading
+
+    from kafka import TopicPartition
+
+    from tidecast.stream.fetcher import rebalance_listener
+    from tidecast.stream.messages import ReleasePartitions
+
+    def revoke(stopping: bool, down: bool) -> list:
+        commits = []
+
+        class Consumer:
+            async def commit_async(self, offsets):
+                commits.append(offsets)
+
+        release = ReleasePartitions(frozenset({0}), offsets={0: 42})
+        release.done.set()
+        fetcher = SimpleNamespace(metrics=Metrics(), cfg=SimpleNamespace(topic="t"), consumer=Consumer(),
+                                  link=SimpleNamespace(down=down), begin_release=lambda partitions: release,
+                                  release_deadline=lambda stopping: time.monotonic() + 5)
+        flag = threading.Event()
+        if stopping:
+            flag.set()
+        listener = rebalance_listener(fetcher, flag, lambda: False)
+        coroutine = listener.on_partitions_revoked({TopicPartition("t", 0)})
+        with pytest.raises(StopIteration):
+            coroutine.send(None)  # the checkpoint is done: the listener runs to its end without waiting
+        return commits
+
+    assert revoke(stopping=True, down=True) == []
+    assert len(revoke(stopping=True, down=False)) == 1 and len(revoke(stopping=False, down=True)) == 1
