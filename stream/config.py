@@ -257,11 +257,13 @@ class EngineConfig:
             if alias not in lanes:
                 known = ", ".join(f"{a} ({name})" if a != name else a for a, name in lanes.items())
                 raise SettingsError(f"model parameters for {alias!r}, which is no lane; the lanes are: {known} "
-                                    "(--model-param and [model_params.ALIAS] name a lane by its alias)")
+                                    "(--model-param, TIDECAST_MODEL_PARAM and [model_params.ALIAS] name a lane by its "
+                                    "alias)")
             try:
                 checked[alias] = check_params(lanes[alias], dict(params), alias)
             except ValueError as err:
-                raise SettingsError(f"{err} (from --model-param or [model_params.{alias}])") from None
+                where = f"--model-param, TIDECAST_MODEL_PARAM or [model_params.{alias}]"  # merged key by key
+                raise SettingsError(f"{err} (from {where})") from None
         return checked
 
     def _checked_drift_params(self) -> dict[str, Any]:

@@ -370,6 +370,8 @@ def test_bad_model_parameters_fail_before_any_work(tmp_path, capsys, clean_env, 
                  "--out", str(out), "--dead-letter", str(dead), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert says in err and "--model-param" in err
+    if "=" in param and "." in param.split("=")[0]:  # the three places it may have come from are named
+        assert "TIDECAST_MODEL_PARAM" in err
     assert not out.exists() and not dead.exists()
 
 
