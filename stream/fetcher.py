@@ -130,6 +130,11 @@ class Fetcher:
 
     def poll_once(self) -> None:
         self.heartbeat.tick()
+        if not self.readiness.started and _joined(self.consumer) and not self.consumer.assignment():
+            # joined with nothing assigned: cooperative-sticky calls no listener for an empty assignment, and a
+            # spare member (more members than partitions) must be ready too (with partitions the listener marks
+            # it, after their restore has begun)
+            self.readiness.mark_started()
         wait_ms = 100
         if self.fetch_process is not None:
             # The membership: nothing to fetch, every partition is paused here. A join or rejoin needs polls that
@@ -285,22 +290,29 @@ class Fetcher:
         self.committer.forget(p)  # the new log's offsets are lower than those committed: commit them all the same
 
     def _probe_cluster(self) -> None:
-        """When nothing reached the cluster for a while, ask it something cheap (the log end of partition 0, from
-        its leader): an outage shows in ``tidecast_broker_up`` and counts against the budget even when idle. Not
-        the group coordinator: it does not answer offset fetches while the group rebalances (a join waiting out a
-        killed member's session), and that silence once counted as an outage, up to stopping a healthy member."""
+        """When nothing reached the cluster for a while, ask it something cheap (the committed offset of
+        partition 0): an outage shows in ``tidecast_broker_up`` and counts against the budget even when idle.
+        The group coordinator does not answer while the group rebalances (a join waiting out a killed member's
+        session), so an unanswered probe asks partition 0's leader for its log end before it counts as an outage:
+        that silence once read as one, up to stopping a healthy member. (The leader alone is no probe either:
+        kafka-python retries a moved leader without refreshing its metadata until the request times out.)"""
         if self.link is None or self.link.quiet_seconds < self.PROBE_SECONDS:
             return
         from kafka import TopicPartition
 
+        partition = TopicPartition(self.cfg.topic, 0)
         try:
-            self.consumer.end_offsets([TopicPartition(self.cfg.topic, 0)], timeout_ms=2_000)
+            self.consumer.committed(partition, timeout_ms=2_000)
         except Exception as err:
             if not is_unavailable(err):
                 log.debug("cluster probe: %s", err)
                 return
-            self.link.failed("probing the cluster", err)  # raises once the outage outlasts the budget
-            return
+            try:
+                self.consumer.end_offsets([partition], timeout_ms=2_000)
+            except Exception as second:
+                if is_unavailable(second):
+                    self.link.failed("probing the cluster", err)  # raises once the outage outlasts the budget
+                    return
         self.link.ok()
 
     # -- rebalance callbacks (kafka-python's IO thread) ---------------------------------------------------------
@@ -347,10 +359,18 @@ class Fetcher:
 def _settled(consumer: Any) -> bool:
     """Whether the group consumer holds an assignment, is a stable member and no rebalance is pending
     (kafka-python's coordinator says; a client without that answer counts as never settled)."""
+    try:
+        return _joined(consumer) and bool(consumer.assignment())
+    except Exception:
+        return False
+
+
+def _joined(consumer: Any) -> bool:
+    """Whether the group consumer is a stable member with no rebalance pending, holding partitions or none."""
     coordinator = getattr(consumer, "_coordinator", None)
     try:
         stable = getattr(coordinator, "state", None) == "<stable>"  # kafka.structs.MemberState.STABLE
-        return stable and bool(consumer.assignment()) and not coordinator.need_rejoin()
+        return stable and not coordinator.need_rejoin()
     except Exception:
         return False
 
@@ -386,18 +406,22 @@ def rebalance_listener(fetcher: Fetcher, stopping: threading.Event, worker_faile
                        for p, o in release.offsets.items()}
             if not offsets:
                 return
-            if stopping.is_set() and fetcher.link is not None and fetcher.link.down:
-                # the commit would wait out kafka-python's request timeout (30 s and more), past the shutdown budget
-                # and the platform's grace period; uncommitted records are re-read and skipped after a restart
-                log.warning("not committing revoked partitions %s: the Kafka cluster is unreachable while stopping",
-                            sorted(partitions))
-                return
-            try:
-                await fetcher.consumer.commit_async(offsets)
+            # Bounded like the checkpoint wait: a commit to a hanging cluster would wait out kafka-python's request
+            # timeout (30 s and more), past the shutdown budget and the platform's grace period; records left
+            # uncommitted are re-read and skipped after a restart.
+            future = fetcher.consumer.commit_async(offsets)
+            deadline = fetcher.release_deadline(stopping.is_set())
+            while not future.is_done:
+                if time.monotonic() > deadline:
+                    metrics.commit_failures.inc()
+                    log.warning("commit of revoked partitions %s not answered in time; leaving it", sorted(partitions))
+                    return
+                await KernelEvent("_sleep", 0.01)
+            if future.exception is None:
                 metrics.commits.inc()
-            except Exception as err:
+            else:
                 metrics.commit_failures.inc()
-                log.warning("commit of revoked partitions failed: %s", err)
+                log.warning("commit of revoked partitions failed: %s", future.exception)
 
         async def on_partitions_assigned(self, assigned: set) -> None:
             if assigned:

@@ -67,9 +67,14 @@ class Readiness:
         self._restoring: set[int] = set()
 
     def mark_started(self) -> None:
-        """The service is up: clients connected, worker running, subscribed."""
+        """The service is up: connected, subscribed, and joined its group (its first assignment, maybe empty)."""
         with self._lock:
             self._started = True
+
+    @property
+    def started(self) -> bool:
+        with self._lock:
+            return self._started
 
     def begin_restore(self, partitions: Iterable[int]) -> None:
         with self._lock:

@@ -107,6 +107,9 @@ class Screened:
     new_owners: dict[str, int]  # series seen for the first time -> their partition
 
 
+_KEY_UNREAD = object()  # a record key not read (the caller gave no ``key_of``)
+
+
 class PartitionTable:
     """Owned partitions and their series; checkpoint, restore, release (see the module docstring)."""
 
@@ -156,7 +159,8 @@ class PartitionTable:
         for i, (sid, partition, offset) in enumerate(rows):
             home = self.homes(sid) if self.homes is not None else None
             if home is not None and home != partition:
-                misrouted.append((i, home, self._not_home(sid, partition, home, key_of(i) if key_of else None)))
+                key = key_of(i) if key_of is not None else _KEY_UNREAD
+                misrouted.append((i, home, self._not_home(sid, partition, home, key)))
                 continue
             owner = self._owner.get(sid, new_owners.get(sid))
             if owner is None:
@@ -190,10 +194,13 @@ class PartitionTable:
                 return None
         return Screened(np.arange(len(batch), dtype=np.int64), [], 0, new_owners)
 
-    def _not_home(self, sid: str, partition: int, home: int, key: bytes | None = None) -> str:
+    def _not_home(self, sid: str, partition: int, home: int, key: bytes | None | object = _KEY_UNREAD) -> str:
         assert self.homes is not None
-        if key is not None and key != sid.encode("utf-8", "surrogatepass"):
-            # not the partitioner's fault: this record is keyed by something else than its series id
+        if key is None:  # a keyless record lands on any partition: not the partitioner's fault
+            return (f"series {sid!r} belongs on partition {home}, not {partition}: the record has no key; key "
+                    "records by series_id (README, message schema)")
+        if key is not _KEY_UNREAD and key != sid.encode("utf-8", "surrogatepass"):
+            # not the partitioner's fault either: this record is keyed by something else than its series id
             return (f"series {sid!r} belongs on partition {home}, not {partition}: the record's key "
                     f"{key[:64]!r} is not its series_id; key records by series_id (README, message schema)")
         detail = (f"series {sid!r} belongs on partition {home} (partitioner {self.homes.describe()}), not "

@@ -132,6 +132,10 @@ def output_processes(cfg: Any) -> int:
     return 2 if cfg.output_format == "json" else 0
 
 
+class StartupError(Exception):
+    """The cluster or the host is not as the settings say (a missing topic, a port in use): said in one line, exit 2."""
+
+
 class Service:
     """A ``tidecast serve`` process: :meth:`run` blocks until :meth:`stop` (or SIGTERM/SIGINT)."""
 
@@ -171,9 +175,7 @@ class Service:
         try:
             try:
                 self._start()
-            except BrokerUnavailable:
-                raise
-            except (OSError, ValueError) as err:  # the setup: a missing topic, a port in use - one line, no traceback
+            except StartupError as err:  # the environment: a missing topic, a port in use - one line, no traceback
                 log.error("serve could not start: %s", err)
                 return 2
             assert self.fetcher is not None
@@ -209,10 +211,17 @@ class Service:
         from tidecast.models.runtime import set_torch_threads
 
         cfg = self.cfg
-        self._serve_health()
+        try:
+            self._serve_health()
+        except OSError as err:
+            raise StartupError(f"the metrics and health server on {cfg.metrics_address}:{cfg.metrics_port}: {err}") \
+                from err
         self.consumer = self._connect(KafkaConsumer, self._consumer_settings(KafkaConsumer))
-        n_input = partition_count(self.consumer, cfg.topic)
-        output_partitions = self._prepare_topics(KafkaAdminClient, n_input)
+        try:  # the topics as they are on the cluster: missing, or a changelog of another partition count
+            n_input = partition_count(self.consumer, cfg.topic)
+            output_partitions = self._prepare_topics(KafkaAdminClient, n_input)
+        except ValueError as err:
+            raise StartupError(str(err)) from err
         producer = client_settings(
             cfg.options, KafkaProducer, cfg.kafka_extra, max_request_size=cfg.max_request_size, linger_ms=5,
             batch_size=256 * 1024, acks="all", **producer_settings(cfg.broker_outage_budget, cfg.kafka_extra))

@@ -282,3 +282,18 @@ def test_readyz_waits_for_the_restore_and_healthz_fails_while_the_worker_is_stuc
         service.stop()
         thread.join(15)
     assert not thread.is_alive()
+
+
+def test_a_spare_member_is_ready_under_cooperative_sticky(kafka, unique, serve, tmp_path, waiter):
+    """Two members, one partition: the one left without a partition is ready too. cooperative-sticky calls no
+    rebalance listener for an empty assignment, and /readyz once waited for one forever (a startup probe would
+    restart that pod every ten minutes)."""
+    topic, group = unique("spare"), unique("g")
+    kafka.create_topic(topic, 1)
+    members = [serve(topic, group, tmp_path / name, "--assignment-strategy", "cooperative-sticky", name=name)
+               for name in ("a", "b")]
+    waiter(lambda: sum(m.value("tidecast_consumer_assigned_partitions") or 0 for m in members) == 1, 60,
+           "the one partition to be assigned")
+    for member in members:
+        waiter(lambda m=member: _http(m.metrics_port, "/readyz")[0] == 200, 30, "every member ready")
+    assert sorted(m.value("tidecast_consumer_assigned_partitions") for m in members) == [0.0, 1.0]
