@@ -772,10 +772,9 @@ class Engine:
     def _warming_up(self, lane: Lane) -> int:
         """Series with observations whose ``lane`` has issued no forecast yet (blank rows hold no series): those on
         their grid, and those still held while their step is inferred (no lane has seen them yet)."""
-        cap = self._cap
-        rows = np.flatnonzero(self.series_["last_tick"][:cap] != _NO_TICK)
-        held = np.count_nonzero((self.series_["hold_n"][:cap] > 0) & (self.series_["last_tick"][:cap] == _NO_TICK))
-        return int(np.count_nonzero(~lane.scorer.ever_issued(rows))) + int(held)
+        placed = self.series_["last_tick"][: self._cap] != _NO_TICK
+        held = np.count_nonzero((self.series_["hold_n"][: self._cap] > 0) & ~placed)
+        return int(np.count_nonzero(~lane.scorer.ever_issued(np.flatnonzero(placed)))) + int(held)
 
     def _gauge(self, family: Any, model: str, h: int, level: str) -> Any:
         """The (model, horizon, level) child of a per-horizon gauge family, kept: ``labels()`` took a third of

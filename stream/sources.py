@@ -424,7 +424,9 @@ def _holds_times(cells: pd.Series) -> bool:
     """A column of datetimes (any dtype pandas gives them) or of dates (Parquet date32)."""
     if pd.api.types.is_datetime64_any_dtype(cells):
         return True
-    present = cells.dropna() if cells.dtype == object else cells.iloc[:0]
+    if cells.dtype != object:
+        return False
+    present = cells.dropna()
     return bool(len(present)) and isinstance(present.iloc[0], date)  # a datetime is a date too
 
 
@@ -563,7 +565,7 @@ def _raw_cell(value: Any) -> Any:
     value = value.item() if isinstance(value, np.generic) else value
     if isinstance(value, float) and not math.isfinite(value):
         return None if math.isnan(value) else repr(value)
-    return None if value is pd.NaT or value is pd.NA else value
+    return None if _missing(value) else value
 
 
 def _value_letters(table: Table, column: str, bad: np.ndarray, source: str, series_of: Any) -> list[DeadLetter]:
