@@ -110,21 +110,21 @@ def longest_gap(gone: np.ndarray) -> int:
     return longest
 
 
-def make_lanes(split: Split, cfc: dict[str, Any], seed: int) -> list[Lane]:
+def make_lanes(split: Split, cfc: dict[str, Any], seed: int, cyclenet: dict[str, Any] | None = None) -> list[Lane]:
     common = dict(horizon=HORIZON, warm_start=split.warm, val_fraction=0.2, seed=seed, defer=False,
                   step_budget=60.0)  # a generous budget: every due replay step is taken, the run is repeatable
     liquid = build_cfc(**{"mode": "online", **common, **cfc})  # --cfc mode="frozen" overrides; members=K: ensemble
-    cyclenet = CycleNetForecaster(online=True, **common, **CYCLENET)
+    cyclenet = CycleNetForecaster(**{"online": True, **common, **(CYCLENET if cyclenet is None else cyclenet)})
     cyclenet.name = "cyclenet-online"
     return [Lane(m, make_calibrator(DEFAULT_CALIBRATOR, HORIZON, 0.1), HORIZON, 0.1) for m in (liquid, cyclenet)]
 
 
 def stream(ett: ETT, split: Split, gone: np.ndarray | None, cfc: dict[str, Any], seed: int,
-           threads: int = 1) -> dict[str, Any]:
+           threads: int = 1, cyclenet: dict[str, Any] | None = None) -> dict[str, Any]:
     """Feed rows [0, end) (without the ``gone`` values) through one engine; each model's forecasts
     ``(origins, H, channels)`` (NaN where none was issued) and the engine's gap counts."""
     torch.set_num_threads(threads)
-    lanes = make_lanes(split, cfc, seed)
+    lanes = make_lanes(split, cfc, seed, cyclenet)
     max_gap = HORIZON if gone is None else max(HORIZON, longest_gap(gone[: split.end]) + 1)
     engine = Engine(EngineConfig(horizon=HORIZON, models=["cfc", "cyclenet-online=cyclenet"], freq="1h",
                                  max_gap=max_gap), lanes)
@@ -170,19 +170,21 @@ def errors(ett: ETT, split: Split, pred: np.ndarray) -> np.ndarray:
     return (((pred - mean) / std - (ett.values[rows] - mean) / std) ** 2)
 
 
-def run_pass(args: tuple[str, bool, bool, int, dict[str, Any], int]) -> dict[str, Any]:
-    path, dev, missing, seed, cfc, threads = args
+def run_pass(args: tuple[str, bool, bool, int, dict[str, Any], int, dict[str, Any]]) -> dict[str, Any]:
+    path, dev, missing, seed, cfc, threads, cyclenet = args
     ett = ETT(path)
     split = Split(dev)
     gone = removal(TEST_END, len(ett.columns), seed) if missing else None
-    return stream(ett, split, gone, cfc, seed, threads)
+    return stream(ett, split, gone, cfc, seed, threads, cyclenet)
 
 
-def evaluate(path: str, dev: bool, seed: int, cfc: dict[str, Any], jobs: int, threads: int) -> dict[str, Any]:
+def evaluate(path: str, dev: bool, seed: int, cfc: dict[str, Any], jobs: int, threads: int,
+             cyclenet: dict[str, Any] | None = None) -> dict[str, Any]:
     ett = ETT(path)
     split = Split(dev)
     gone = removal(TEST_END, len(ett.columns), seed)
-    passes = [(path, dev, missing, seed, cfc, threads) for missing in (False, True)]
+    passes = [(path, dev, missing, seed, cfc, threads, CYCLENET if cyclenet is None else cyclenet)
+              for missing in (False, True)]
     if jobs > 1:
         with ProcessPoolExecutor(2) as pool:
             complete, missing = pool.map(run_pass, passes)
@@ -229,6 +231,15 @@ def print_table(report: dict[str, Any], dev: bool, cfc: dict[str, Any]) -> None:
               f"{r['mse_missing']:>12.4f} {100 * growth:>7.1f}% {r['origins_kept']:>6.3f}")
 
 
+def overrides(settings: dict[str, Any], items: list[str]) -> dict[str, Any]:
+    """``settings`` with each ``KEY=VALUE`` (JSON value) of ``items`` applied."""
+    out = dict(settings)
+    for item in items:
+        key, _, value = item.partition("=")
+        out[key] = json.loads(value)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(DATA_DIR / "ETTh2.csv"))
@@ -236,15 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the removal and the models' seed")
     parser.add_argument("--cfc", action="append", default=[], metavar="KEY=VALUE",
                         help="override a cfc setting (JSON value), e.g. lookback=24")
+    parser.add_argument("--cyclenet", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a CycleNet setting (JSON value), e.g. persistence_half_life=168")
     parser.add_argument("--jobs", type=int, default=1, help="2: the complete and the missing pass in parallel")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per pass")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object")
     args = parser.parse_args(argv)
-    cfc = dict(CFC)
-    for item in args.cfc:
-        key, _, value = item.partition("=")
-        cfc[key] = json.loads(value)
-    report = evaluate(args.data, args.dev, args.seed, cfc, args.jobs, args.threads)
+    cfc, cyclenet = overrides(CFC, args.cfc), overrides(CYCLENET, args.cyclenet)
+    report = evaluate(args.data, args.dev, args.seed, cfc, args.jobs, args.threads, cyclenet)
     print_table(report, args.dev, cfc)
     if args.json:
         keys = ("mse_complete", "mse_missing", "origins_kept")

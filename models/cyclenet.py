@@ -83,6 +83,7 @@ from tidecast.models.bootstrap import check_bootstrap
 from tidecast.models.cyclenet_net import DEFAULT_LR, BatchFit, CycleNet, Windows, make_adam
 from tidecast.models.cyclenet_net import build as build_net
 from tidecast.models.cyclenet_replicas import OnlineReplicas, ReplicaFit, Replicas
+from tidecast.models.persistence import PersistenceBlend
 from tidecast.models.rows import Column, Field, RowTable
 from tidecast.models.seasonality import detect_period
 from tidecast.models.warm_start import WarmStarted
@@ -174,6 +175,11 @@ class CycleNetForecaster(WarmStarted):
         left out of the step and counted in ``skipped_windows_`` (``None``: only non-finite ones).
     seed
         Seeds the initial weights and every shuffle.
+    persistence_half_life
+        Serve a blend of the forecasts with the last value, weighted per series and step by the errors that
+        matured, forgetting with this half-life in matured targets (:mod:`tidecast.models.persistence`; 0: off,
+        the default). For series whose level wanders: on ETTh2's online protocol it beats both CycleNet and the
+        last value at every horizon (README, "Retraining").
     bootstrap
         B bootstrap replicas (0: none): B more backbones and cycle tables, stacked
         (:mod:`tidecast.models.cyclenet_replicas`), fitted after the warm start on a Poisson(1)-weighted resample of
@@ -228,6 +234,7 @@ class CycleNetForecaster(WarmStarted):
         loss_limit: float | None = 100.0,
         seed: int = 0,
         bootstrap: int = 0,
+        persistence_half_life: int = 0,
     ) -> None:
         self.horizon, self.lookback, self.cycle = horizon, lookback, cycle
         self.backbone, self.hidden, self.instance_norm = backbone, hidden, instance_norm
@@ -241,7 +248,10 @@ class CycleNetForecaster(WarmStarted):
         self.input_limit, self.loss_limit = input_limit, loss_limit
         check_bootstrap(bootstrap)
         self.bootstrap = bootstrap
+        self.persistence_half_life = persistence_half_life
         self._check_params()
+        # the forecasts served are blended with the last value (models/persistence.py); None: the model's own
+        self._persistence = (PersistenceBlend(horizon, persistence_half_life) if persistence_half_life else None)
         self._lock = threading.RLock()  # row tables, replay order, serving weights
         self._train_lock = threading.Lock()  # the training copy and its optimiser
         self._deferred = bool(defer)
@@ -273,6 +283,8 @@ class CycleNetForecaster(WarmStarted):
             raise ValueError("cycle must be >= 1")
         if self.replay_window < 1 or self.replay_every < 1 or self.replay_batch < 1:
             raise ValueError("replay_window, replay_every and replay_batch must be >= 1")
+        if self.persistence_half_life < 0:
+            raise ValueError("persistence_half_life must be >= 0 (0: no blend with the last value)")
 
     def _n_hold(self) -> int:
         """Validation observations kept out of early stopping (the calibration part)."""
@@ -332,6 +344,8 @@ class CycleNetForecaster(WarmStarted):
     def resize(self, n_rows: int) -> None:
         with self._lock:
             self._rows.resize(n_rows)
+            if self._persistence is not None:
+                self._persistence.resize(n_rows)
             if self.net_ is not None and self.net_.channels < self._cap:
                 self.net_.grow(self._cap)
             if self.replicas_ is not None and self.replicas_.channels < self._cap:
@@ -384,6 +398,8 @@ class CycleNetForecaster(WarmStarted):
         with self._lock:
             if rows.max() >= self.n_rows_:
                 self.resize(int(rows.max()) + 1)
+            if self._persistence is not None:  # score the blend's forecasts whose target this is
+                self._persistence.learn(rows, ticks, np.asarray(values, dtype=float), filled)
             self._hist[rows, self._pos[rows]] = np.asarray(values, dtype=float)
             self._pos[rows] = (self._pos[rows] + 1) % self._ring
             self._seen[rows] += 1
@@ -773,10 +789,14 @@ class CycleNetForecaster(WarmStarted):
                 y = self.net_(x, phase, cols)[:, :, 0].numpy()
                 if spread is not None and self.replicas_ is not None:
                     spread_std = self.replicas_.spread(x, phase, cols).numpy()
-        k = min(horizon, self.horizon)
-        out[ok, :k] = y[:, :k] * scale + mean
+            k = min(horizon, self.horizon)
+            out[ok, :k] = y[:, :k] * scale + mean
+            weight = 1.0
+            if self._persistence is not None:
+                out[ok] = self._persistence.combine(r, self._last_tick[r], self._last(r, 1)[:, 0], out[ok])
+                weight = self._persistence.weights(r)[:, :k]
         if spread is not None and self.replicas_ is not None:
-            spread[ok, :k] = spread_std[:, :k] * scale
+            spread[ok, :k] = spread_std[:, :k] * scale * weight  # the last value has no replicas' spread
             self._spread_cache = (rows.copy(), horizon, spread)
         return out
 
@@ -808,6 +828,8 @@ class CycleNetForecaster(WarmStarted):
                 **self._rows.export_rows(rows, ("seen", "last_tick", "mean", "scale")),
                 "ready": self._ready[rows].astype(np.uint8),
             }
+            if self._persistence is not None:
+                state.update(self._persistence.export_rows(rows))
             if self.net_ is not None:
                 cols = torch.from_numpy(rows)
                 state["cycle_row"] = self.net_.cycle_table.detach()[:, cols].T.numpy().copy()
@@ -832,6 +854,8 @@ class CycleNetForecaster(WarmStarted):
             self._spread_cache = None
             self._rows.import_rows(rows, {**state, "history": hist, "pos": np.zeros(rows.size, np.int64),
                                           "ready": np.asarray(state["ready"]).astype(bool)})
+            if self._persistence is not None:
+                self._persistence.import_rows(rows, state)
             if self.net_ is None:
                 if "cycle_row" in state:
                     raise ValueError("import_shared must come before import_rows for a fitted model")

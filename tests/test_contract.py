@@ -74,6 +74,15 @@ def test_a_cfc_ensemble_keeps_the_contract(check: str) -> None:
     checks.FORECASTER_CHECKS[check](factory, horizon=HORIZON, **MODEL_OPTIONS["cfc"])
 
 
+@pytest.mark.parametrize("check", list(checks.FORECASTER_CHECKS))
+@pytest.mark.parametrize("name", ["cyclenet", "cfc"])
+def test_a_model_blended_with_the_last_value_keeps_the_contract(name: str, check: str) -> None:
+    """``persistence_half_life``: the blend's sums and past forecasts are row state too (models/persistence.py)."""
+    def factory():
+        return make_model(name, horizon=HORIZON, **MODEL_PARAMS[name], persistence_half_life=24)
+    checks.FORECASTER_CHECKS[check](factory, horizon=HORIZON, **MODEL_OPTIONS[name])
+
+
 @pytest.mark.parametrize("check", list(checks.CALIBRATOR_CHECKS))
 @pytest.mark.parametrize("name", list(CALIBRATORS))
 def test_registered_calibrator_keeps_the_contract(name: str, check: str) -> None:
