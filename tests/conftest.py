@@ -45,6 +45,18 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Small torch models run fastest on one thread, and CI has two cores: a test module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch  # only the modules that use it pay for the import
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def maintain_from_another_thread(model: Any, budget_seconds: float = 60.0) -> None:
     """Call ``model.maintenance`` from a fresh thread (as serve's trainer thread does) and wait for it."""
     worker = threading.Thread(target=model.maintenance, args=(budget_seconds,))

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from tidecast.models.base import Calibration, CalibrationQueue
 from tidecast.models.cyclenet import CycleNetForecaster
@@ -25,12 +24,7 @@ HOUR = 3_600_000_000_000
 T0 = 1_467_331_200_000_000_000
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: small models, two CI cores
 
 
 def ar_residuals(n: int, horizon: int, seed: int = 0, scale: float = 1.0) -> np.ndarray:

@@ -23,12 +23,7 @@ def cyclic(ticks: np.ndarray, channels: int = 1, noise: float = 0.05, seed: int 
     return base + noise * rng.normal(size=base.shape)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: small models, two CI cores
 
 
 #: A small, quick network fitted inline (the tests' defaults).

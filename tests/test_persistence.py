@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from tidecast.models.cyclenet import CycleNetForecaster
 from tidecast.models.persistence import PersistenceBlend
@@ -13,12 +12,7 @@ from tidecast.models.persistence import PersistenceBlend
 W = 12
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: small models, two CI cores
 
 
 def run(blend: PersistenceBlend, model: np.ndarray, values: np.ndarray, filled: np.ndarray | None = None,

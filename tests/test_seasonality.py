@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from tidecast.models.cyclenet import CycleNetForecaster, detect_cycle
 from tidecast.models.cyclenet_net import BatchFit, Windows, build, evaluate
@@ -55,12 +54,7 @@ def load_like(n: int, seed: int, switching: float = 0.0, channels: int = 3) -> n
     return np.stack(out, axis=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: small models, two CI cores
 
 
 def is_multiple_of_the_day(period: int | None) -> bool:
