@@ -274,7 +274,8 @@ class CfCForecaster(WarmStarted):
     persistence_half_life
         Serve a blend of the forecasts with the last value, weighted per series and step by the errors that
         matured, forgetting with this half-life in matured targets (:mod:`tidecast.models.persistence`; 0: off,
-        the default; ``4 H^2 + 40 H`` more bytes a series).
+        the default; ``4 H^2 + 40 H`` more bytes a series). One network only: an ensemble refuses it (the blend
+        belongs around the members' mean, not inside each member).
     """
 
     name = "cfc"
@@ -475,12 +476,12 @@ class CfCForecaster(WarmStarted):
         with self._lock:
             if rows.max() >= self.n_rows_:
                 self.resize(int(rows.max()) + 1)
-            if self._persistence is not None:  # score the blend's forecasts whose target this is
-                self._persistence.learn(rows, ticks, values)
             prev = self._last_tick[rows].copy()
             if self.ring_ is not None and self.net_ is not None:  # before the value enters the row
                 served = self._ready[rows]
                 self._residuals(rows[served], ticks[served], values[served], prev[served])
+            if self._persistence is not None:  # score the blend's forecasts whose target this is
+                self._persistence.learn(rows, ticks, values)
             self._record(rows, ticks, values, prev)
             if self.net_ is None:
                 if self._job is None and np.any(self._seen[rows] >= self.warm_start):
@@ -545,12 +546,16 @@ class CfCForecaster(WarmStarted):
         return np.concatenate(feats, axis=-1), q
 
     def _residuals(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray, prev: np.ndarray) -> None:
-        """The bootstrap ring learns each value one tick after the row's last against the row's 1-step forecast
-        (called before the value enters the row)."""
+        """The bootstrap ring learns each value one tick after the row's last against the row's 1-step forecast as
+        served, blended with the last value where that is on (called before the value enters the row and before
+        the blend scores it)."""
         step = ticks - prev == 1
         if step.any():
             rows = rows[step]
-            self.ring_.add(rows, ticks[step], values[step] - self.forecast_many(rows, 1)[:, 0])
+            served = self._forecast(rows, 1)
+            if self._persistence is not None:
+                served = self._persistence.blended(rows, self._last_value[rows], served)
+            self.ring_.add(rows, ticks[step], values[step] - served[:, 0])
 
     def _advance(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray, dt: np.ndarray) -> None:
         """One cell step for served rows: the batched call of the round (under the lock)."""
@@ -829,9 +834,19 @@ class CfCForecaster(WarmStarted):
     # -- forecasting ------------------------------------------------------------------------------------
 
     def forecast_many(self, rows: np.ndarray, horizon: int) -> np.ndarray:
-        """Raw-scale forecasts (n, horizon) read from the rows' states; NaN for rows not served yet and beyond
-        the model's horizon."""
+        """Raw-scale forecasts (n, horizon) read from the rows' states, blended with the last value where
+        ``persistence_half_life`` is on; NaN for rows not served yet and beyond the model's horizon."""
         rows = np.asarray(rows, dtype=np.int64)
+        with self._lock:
+            out = self._forecast(rows, horizon)
+            if self._persistence is not None:
+                ok = np.isfinite(out).any(axis=1)
+                r = rows[ok]
+                out[ok] = self._persistence.combine(r, self._last_tick[r], self._last_value[r], out[ok])
+        return out
+
+    def _forecast(self, rows: np.ndarray, horizon: int) -> np.ndarray:
+        """The network's own forecasts (n, horizon), unblended (under the lock)."""
         out = np.full((rows.size, horizon), np.nan)
         with self._lock:
             if self.net_ is None or rows.size == 0:
@@ -854,8 +869,6 @@ class CfCForecaster(WarmStarted):
                     y += self._q[r[:, None], (last[:, None] + np.arange(1, self.horizon + 1)) % self.cycle_]
             k = min(horizon, self.horizon)
             out[ok, :k] = y[:, :k] * scale[:, None] + mean[:, None]
-            if self._persistence is not None:
-                out[ok] = self._persistence.combine(r, last, self._last_value[r], out[ok])
         return out
 
     def spread_many(self, rows: np.ndarray, horizon: int) -> np.ndarray | None:
@@ -868,12 +881,8 @@ class CfCForecaster(WarmStarted):
             if rows.size and rows.max() >= self.n_rows_:
                 self.resize(int(rows.max()) + 1)
             steps = np.broadcast_to(np.arange(1, horizon + 1), (rows.size, horizon))
+            # the ring holds the served forecasts' residuals, blended ones included: no weighting here
             spread = self.ring_.spread(rows, self._last_tick[rows], steps, keys=self._last_value[rows])
-            if self._persistence is not None:  # the last value has no spread of its own
-                k = min(horizon, self.horizon)
-                weight = np.ones((rows.size, horizon))
-                weight[:, :k] = self._persistence.weights(rows)[:, :k]
-                spread = spread * weight
             return np.where(self._ready[rows][:, None], spread, np.nan)
 
     # -- state ------------------------------------------------------------------------------------------
@@ -1100,6 +1109,9 @@ def build(horizon: int, **params: Any) -> CfCForecaster | CfCEnsemble:
     members = int(params.pop("members", 1))
     if members == 1:
         return CfCForecaster(horizon=horizon, **params)
+    if params.get("persistence_half_life"):  # each member would fit its weight to its own, noisier errors
+        raise ValueError("persistence_half_life needs members=1: an ensemble of cfc networks does not blend with "
+                         "the last value yet")
     return CfCEnsemble(horizon=horizon, members=members, **params)
 
 

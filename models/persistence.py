@@ -14,8 +14,11 @@ half-life of ``half_life`` matured targets, so the weight follows a regime chang
 enter (no look-ahead) and interpolated values (a short gap the engine filled) are not scored. Before any target
 matured ``w = 1``: the model as it is, so a model's calibration hand-off stays exact for its first forecasts.
 
-State per series: the last ``H`` origins' model forecasts (``H x H`` float32) with their ticks and the value at
-each origin, and the three sums per ``h``: ``4 H^2 + 40 H`` bytes (2.3 kB at H = 24).
+The weight is the least-squares one from the first matured target on (no prior): one target already moves it.
+
+State per series: the last ``H`` origins' model forecasts (``H x H``, float32, kept as the difference from the
+value at the origin so that a series' level costs no precision) with their ticks and the value at each origin,
+and the three sums per ``h``: ``4 H^2 + 40 H`` bytes (3.3 kB at H = 24).
 
 >>> import numpy as np
 >>> blend = PersistenceBlend(horizon=1, half_life=100)
@@ -61,7 +64,7 @@ class PersistenceBlend:
         h = self.horizon
         self.rows_ = RowTable(
             origin=Field((h,), np.int64, NO_TICK),  # slot tick % H: the tick of the origin it holds
-            forecast=Field((h, h), np.float32, np.nan),  # the model's forecasts from that origin
+            forecast=Field((h, h), np.float32, np.nan),  # the model's forecasts from that origin, minus ``last``
             last=Field((h,), np.float64, np.nan),  # the value at that origin (persistence's forecast)
             sums=Field((3, h), np.float64, 0.0),  # discounted e_m^2, e_p^2, e_m * e_p per h
         )
@@ -80,8 +83,8 @@ class PersistenceBlend:
         slots = origins % self.horizon
         r = rows[:, None]
         y = np.asarray(values, dtype=float)[:, None]
-        e_model = self.rows_["forecast"][r, slots, h - 1] - y
         e_last = self.rows_["last"][r, slots] - y
+        e_model = self.rows_["forecast"][r, slots, h - 1] + e_last  # stored as the difference from the last value
         ok = (self.rows_["origin"][r, slots] == origins) & np.isfinite(e_model) & np.isfinite(e_last)
         if filled is not None:
             ok &= ~np.asarray(filled, dtype=bool)[:, None]
@@ -102,16 +105,25 @@ class PersistenceBlend:
 
     def combine(self, rows: np.ndarray, ticks: np.ndarray, last: np.ndarray, forecasts: np.ndarray) -> np.ndarray:
         """Keep the model's ``forecasts`` (n, k <= H) from origin ``ticks`` and the values ``last`` there, for
-        scoring once their targets arrive; return the blended forecasts (NaN where the model's are)."""
+        scoring once their targets arrive; return the blended forecasts (NaN where the model's are). A second call
+        at the same origin overwrites only the steps it brings."""
         if rows.size == 0:
             return forecasts
         self.resize(int(rows.max()) + 1)
         k = min(forecasts.shape[1], self.horizon)
-        slots = np.asarray(ticks, dtype=np.int64) % self.horizon
+        ticks = np.asarray(ticks, dtype=np.int64)
+        last = np.asarray(last, dtype=float)
+        slots = ticks % self.horizon
+        fresh = self.rows_["origin"][rows, slots] != ticks
+        self.rows_["forecast"][rows[fresh], slots[fresh]] = np.nan  # the slot held an older origin's forecasts
         self.rows_["origin"][rows, slots] = ticks
-        self.rows_["forecast"][rows, slots] = np.nan
-        self.rows_["forecast"][rows, slots, :k] = forecasts[:, :k]
+        self.rows_["forecast"][rows, slots, :k] = forecasts[:, :k] - last[:, None]
         self.rows_["last"][rows, slots] = last
+        return self.blended(rows, last, forecasts)
+
+    def blended(self, rows: np.ndarray, last: np.ndarray, forecasts: np.ndarray) -> np.ndarray:
+        """The blend of ``forecasts`` (n, k) with ``last`` at the rows' current weights, keeping nothing."""
+        k = min(forecasts.shape[1], self.horizon)
         w = self.weights(rows)[:, :k]
         out = forecasts.copy()
         out[:, :k] = w * forecasts[:, :k] + (1.0 - w) * np.asarray(last, dtype=float)[:, None]

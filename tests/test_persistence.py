@@ -155,3 +155,49 @@ def test_cyclenet_serves_the_blend_and_beats_itself_after_a_level_shift():
     state = blended.export_rows(rows)
     assert {"persistence.sums", "persistence.forecast"} <= set(state)
     assert "persistence.sums" not in plain.export_rows(rows)
+
+
+def test_a_second_call_at_the_same_origin_keeps_the_steps_it_does_not_bring():
+    blend = PersistenceBlend(horizon=3, half_life=50)
+    rows = np.array([0])
+    blend.combine(rows, np.array([7]), np.array([1.0]), np.array([[2.0, 3.0, 4.0]]))
+    blend.combine(rows, np.array([7]), np.array([1.0]), np.array([[2.0]]))  # e.g. a 1-step residual check
+    np.testing.assert_array_equal(blend.rows_["forecast"][0, 7 % 3] + 1.0, [2.0, 3.0, 4.0])
+    blend.combine(rows, np.array([10]), np.array([1.0]), np.array([[5.0]]))  # a new origin in that slot
+    assert np.isnan(blend.rows_["forecast"][0, 10 % 3, 1:]).all()
+
+
+def test_a_large_level_costs_no_precision():
+    """An exact model on a series around 1e8 keeps all the weight (float32 copies of the forecasts would be scored
+    as ~6 units of error there)."""
+    H, T = 2, 600
+    t = np.arange(T + H)
+    y = 1e8 + np.sin(2 * np.pi * t / 12)
+    exact = np.stack([y[k + 1 : k + 1 + H] for k in range(T)])
+    blend = PersistenceBlend(H, 168)
+    run(blend, exact, y[:T])
+    np.testing.assert_array_equal(blend.weights(np.array([0])), np.ones((1, H)))
+
+
+def test_cfc_with_a_residual_bootstrap_blends_every_step():
+    """cfc's bootstrap ring takes a 1-step forecast inside learn_many: it must neither overwrite the stored H-step
+    forecasts (steps 2..H would never be scored) nor be weighted twice in the spread."""
+    from tidecast.models.liquid import CfCForecaster, build
+
+    params = dict(horizon=4, lookback=8, units=8, backbone_units=16, warm_start=40, epochs=2, batch_size=16,
+                  replay_window=16, mode="frozen", defer=False, persistence_half_life=20)
+    rng = np.random.default_rng(0)
+    y = np.cumsum(rng.normal(size=200)) + np.sin(np.arange(200) / 2)
+    weights = {}
+    for boot in (0, 8):
+        model = CfCForecaster(bootstrap=boot, **params)
+        rows = np.array([0])
+        for t in range(200):
+            model.learn_many(rows, np.array([t]), y[t : t + 1])
+            model.forecast_many(rows, 4)
+        weights[boot] = model._persistence.weights(rows)[0]
+    np.testing.assert_array_equal(weights[8], weights[0])  # the ring's 1-step forecast changed nothing
+    assert (weights[8][1:] < 1).any()
+    assert np.nanmean(model.spread_many(rows, 4)[0, 0]) > 0.1  # the served errors' spread, not shrunk by w
+    with pytest.raises(ValueError, match="members=1"):
+        build(horizon=4, members=2, warm_start=40, persistence_half_life=20)
