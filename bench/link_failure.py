@@ -90,6 +90,10 @@ MODELS = ("cfc-online", "cfc-frozen", "mlp-b16", "mlp-b96", "mlp-b384", "cyclene
 #: in which online learning lost to the frozen model in 3 of 10 seeds: a Huber replay loss (threshold 1) took
 #: h = 1 rmse_after from 1.822 to 1.780 and converge_steps from 245 to 171; with replay_window 48, 1.767 and
 #: 111 (thresholds 0.5 and 2, online_lr 1e-3 and threshold 2 with window 48 were within 1 %, not better).
+#: Not adopted (2026-12-03, seeds 1000-1009): the blend with the last value (persistence_half_life=168). It improves
+#: cfc-online (drastic h = 1 rmse_after 1.767 -> 1.734, converge_steps 111 -> 84), but blended the frozen network
+#: does as well (1.726; below online in 8 of 10 seeds): the blend, not the network's learning, would do the work,
+#: and this bench tests the network's learning (README, "Liquid CfC through a link failure").
 CFC: dict[str, Any] = dict(lookback=24, units=32, backbone_units=64, periods=(24, 168), skip=True,
                            batch_size=256, lr=0.005, epochs=10, online_lr=3e-3, online_huber=1.0, replay_window=48,
                            replay_steps=1, replay_batch=128)
