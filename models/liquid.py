@@ -1111,7 +1111,7 @@ def build(horizon: int, **params: Any) -> CfCForecaster | CfCEnsemble:
         return CfCForecaster(horizon=horizon, **params)
     if params.get("persistence_half_life"):  # each member would fit its weight to its own, noisier errors
         raise ValueError("persistence_half_life needs members=1: an ensemble of cfc networks does not blend with "
-                         "the last value yet")
+                         "the last value yet (set persistence_half_life=0 for an ensemble)")
     return CfCEnsemble(horizon=horizon, members=members, **params)
 
 
