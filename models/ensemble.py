@@ -15,7 +15,13 @@ takes a ``seed``:
   rows; the ensemble waits until every member has handed over and passes on the mean residual (the residual of
   the mean forecast). Hand-offs whose rows differ between members (which the same data does not produce) are
   passed on from the first member.
-* **State**: member ``k``'s arrays under the prefix ``m{k}.`` in both ``export_rows`` and ``export_shared``.
+* **Blend with the last value** (``persistence_half_life`` > 0, :mod:`tidecast.models.persistence`): around the
+  members' mean, not inside each member (a member would fit its weight to its own, noisier errors). The members
+  run unblended; the ensemble keeps each row's last real value and serves ``w * mean + (1 - w) * last value``,
+  ``w`` learned from the mean's matured errors. The spread is scaled by ``w`` (the last value has no spread of
+  its own), as a blended CycleNet does.
+* **State**: member ``k``'s arrays under the prefix ``m{k}.`` in both ``export_rows`` and ``export_shared``; the
+  blend's under ``persistence.`` and the last real value under ``ensemble.``.
 
 >>> import numpy as np
 >>> from tidecast.models.naive import SeasonalNaive
@@ -41,8 +47,13 @@ from typing import Any, Self
 import numpy as np
 
 from tidecast.models.base import ArrayDict, BatchForecaster, Calibration
+from tidecast.models.persistence import NO_TICK, PersistenceBlend
+from tidecast.models.rows import Field, RowTable, nest, under
 
 __all__ = ["Ensemble"]
+
+#: Prefix of the ensemble's own row state (the last real value behind the blend).
+LAST_PREFIX = "ensemble."
 
 
 class Ensemble(BatchForecaster):
@@ -58,13 +69,24 @@ class Ensemble(BatchForecaster):
         Number of members (>= 1).
     seed
         Member ``k`` gets ``seed + k``.
+    persistence_half_life
+        Blend the mean with the last value (module docstring; 0: off); needs ``horizon``.
+    horizon
+        The members' horizon H (only the blend needs it).
     """
 
     def __init__(self, build: Callable[..., BatchForecaster], params: dict[str, Any], size: int,
-                 seed: int = 0) -> None:
+                 seed: int = 0, persistence_half_life: int = 0, horizon: int | None = None) -> None:
         if int(size) < 1:
             raise ValueError(f"an ensemble needs at least one member, got {size}")
+        if persistence_half_life and horizon is None:
+            raise ValueError("an ensemble blended with the last value needs the members' horizon")
         self.build, self.params, self.size, self.seed = build, dict(params), int(size), int(seed)
+        self.persistence_half_life, self.horizon = int(persistence_half_life), horizon
+        self._persistence = (PersistenceBlend(int(horizon), self.persistence_half_life)
+                             if self.persistence_half_life else None)
+        # each row's last real value and its tick: the blend's persistence forecast and its origin
+        self.last_ = RowTable(tick=Field((), np.int64, NO_TICK), value=Field((), np.float64, np.nan))
         self.members_ = [build(**self.params, seed=self.seed + k) for k in range(self.size)]
         first = self.members_[0]
         self.name, self.couples_rows = first.name, first.couples_rows
@@ -73,17 +95,21 @@ class Ensemble(BatchForecaster):
 
     # -- parameters ---------------------------------------------------------------------------------------
     def get_params(self) -> dict[str, Any]:
-        return {**self.members_[0].get_params(), "members": self.size, "seed": self.seed}
+        params = {**self.members_[0].get_params(), "members": self.size, "seed": self.seed}
+        if self.persistence_half_life or "persistence_half_life" in params:
+            params["persistence_half_life"] = self.persistence_half_life
+        return params
 
     def clone(self, **overrides: Any) -> Self:
-        params = {**self.params, **overrides}
+        params = {**self.params, "persistence_half_life": self.persistence_half_life, **overrides}
         size, seed = int(params.pop("members", self.size)), int(params.pop("seed", self.seed))
         return self._rebuilt(params, size, seed)
 
     def _rebuilt(self, params: dict[str, Any], size: int, seed: int) -> Self:
-        """A new ensemble of the same kind with these settings (a subclass with its own constructor overrides
-        this)."""
-        return type(self)(self.build, params, size, seed)
+        """A new ensemble of the same kind with these settings (``params`` may hold ``persistence_half_life``;
+        a subclass with its own constructor overrides this)."""
+        half_life = int(params.pop("persistence_half_life", 0))
+        return type(self)(self.build, params, size, seed, persistence_half_life=half_life, horizon=self.horizon)
 
     @property
     def bootstrap(self) -> int:
@@ -104,11 +130,25 @@ class Ensemble(BatchForecaster):
     def resize(self, n_rows: int) -> None:
         for m in self.members_:
             m.resize(n_rows)
+        if self._persistence is not None:
+            self._persistence.resize(n_rows)
+            self.last_.resize(n_rows)
 
     def learn_many(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray,
                    filled: np.ndarray | None = None) -> None:
+        if self._persistence is not None and np.size(rows):
+            self._remember(np.asarray(rows, dtype=np.int64), np.asarray(ticks, dtype=np.int64),
+                           np.asarray(values, dtype=float), filled)
         for m in self.members_:
             m.learn_many(rows, ticks, values, filled=filled)
+
+    def _remember(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray, filled: np.ndarray | None) -> None:
+        """Score the blend's forecasts whose target arrived, and keep each row's last real value (a value the
+        engine filled into a gap is neither scored nor an origin: forecasts are issued on real values only)."""
+        self.resize(int(rows.max()) + 1)
+        self._persistence.learn(rows, ticks, values, filled)
+        real = np.ones(rows.size, dtype=bool) if filled is None else ~np.asarray(filled, dtype=bool)
+        self.last_["tick"][rows[real]], self.last_["value"][rows[real]] = ticks[real], values[real]
 
     def reset_rows(self, rows: np.ndarray) -> None:
         for m in self.members_:
@@ -142,7 +182,15 @@ class Ensemble(BatchForecaster):
     def forecast_many(self, rows: np.ndarray, horizon: int) -> np.ndarray:
         means = np.stack([m.forecast_many(rows, horizon) for m in self.members_])
         self._last_means = means
-        return means.mean(axis=0)
+        out = means.mean(axis=0)
+        if self._persistence is not None and out.size:
+            rows = np.asarray(rows, dtype=np.int64)
+            self.resize(int(rows.max()) + 1)
+            # a row without a last value yet (restored from a state saved with the blend off) serves the mean
+            ok = np.isfinite(out).any(axis=1) & np.isfinite(self.last_["value"][rows])
+            r = rows[ok]
+            out[ok] = self._persistence.combine(r, self.last_["tick"][r], self.last_["value"][r], out[ok])
+        return out
 
     def spread_many(self, rows: np.ndarray, horizon: int) -> np.ndarray | None:
         spreads = [m.spread_many(rows, horizon) for m in self.members_]
@@ -151,8 +199,15 @@ class Ensemble(BatchForecaster):
         within = np.mean(np.square(np.stack(spreads)), axis=0)
         means = self._last_means
         if means is None or means.shape[1:] != within.shape:  # not called right after forecast_many
-            return np.sqrt(within)
-        return np.sqrt(within + means.var(axis=0))
+            spread = np.sqrt(within)
+        else:
+            spread = np.sqrt(within + means.var(axis=0))
+        if self._persistence is not None and spread.size:
+            rows = np.asarray(rows, dtype=np.int64)
+            self.resize(int(rows.max()) + 1)
+            k = min(horizon, self._persistence.horizon)
+            spread[:, :k] *= self._persistence.weights(rows)[:, :k]  # the last value brings no spread
+        return spread
 
     def pop_calibration(self, horizon: int) -> Calibration | None:
         for queue, m in zip(self._handed, self.members_, strict=True):
@@ -169,12 +224,28 @@ class Ensemble(BatchForecaster):
 
     # -- state --------------------------------------------------------------------------------------------
     def export_rows(self, rows: np.ndarray) -> ArrayDict:
-        return {f"m{k}.{key}": value for k, m in enumerate(self.members_)
-                for key, value in m.export_rows(rows).items()}
+        state = {f"m{k}.{key}": value for k, m in enumerate(self.members_)
+                 for key, value in m.export_rows(rows).items()}
+        if self._persistence is not None:
+            self.resize(int(np.max(rows)) + 1 if np.size(rows) else 0)
+            state.update(self._persistence.export_rows(rows))
+            state.update(nest(LAST_PREFIX, self.last_.export_rows(rows)))
+        return state
 
     def import_rows(self, rows: np.ndarray, state: ArrayDict) -> None:
+        """Write exported rows back; a state saved with the blend off starts the blend's rows blank (the mean as
+        it is until targets mature)."""
         for k, m in enumerate(self.members_):
             m.import_rows(rows, _member(state, k))
+        if self._persistence is not None:
+            rows = np.asarray(rows, dtype=np.int64)
+            self._persistence.import_rows(rows, state)
+            last = under(LAST_PREFIX, state)
+            if last:
+                self.last_.import_rows(rows, last)
+            else:
+                self.resize(int(rows.max()) + 1 if rows.size else 0)
+                self.last_.blank(rows)
 
     def export_shared(self) -> tuple[ArrayDict, dict[str, Any]]:
         arrays: ArrayDict = {}

@@ -274,8 +274,8 @@ class CfCForecaster(WarmStarted):
     persistence_half_life
         Serve a blend of the forecasts with the last value, weighted per series and step by the errors that
         matured, forgetting with this half-life in matured targets (:mod:`tidecast.models.persistence`; 0: off,
-        the default; ``4 H^2 + 40 H`` more bytes a series). One network only: an ensemble refuses it (the blend
-        belongs around the members' mean, not inside each member).
+        the default; ``4 H^2 + 40 H`` more bytes a series). With ``members`` > 1 the ensemble blends the members'
+        mean and the members run unblended (a member would fit its weight to its own, noisier errors).
     """
 
     name = "cfc"
@@ -1109,9 +1109,6 @@ def build(horizon: int, **params: Any) -> CfCForecaster | CfCEnsemble:
     members = int(params.pop("members", 1))
     if members == 1:
         return CfCForecaster(horizon=horizon, **params)
-    if params.get("persistence_half_life"):  # each member would fit its weight to its own, noisier errors
-        raise ValueError("persistence_half_life needs members=1: an ensemble of cfc networks does not blend with "
-                         "the last value yet (set persistence_half_life=0 for an ensemble)")
     return CfCEnsemble(horizon=horizon, members=members, **params)
 
 
@@ -1127,9 +1124,11 @@ class CfCEnsemble(Ensemble):
 
     name = CfCForecaster.name  # the registry's "cfc", as one network
 
-    def __init__(self, horizon: int, members: int = 2, seed: int = 0, **params: Any) -> None:
-        self.horizon = horizon
-        super().__init__(functools.partial(CfCForecaster, horizon), params, members, seed)
+    def __init__(self, horizon: int, members: int = 2, seed: int = 0, persistence_half_life: int = 0,
+                 **params: Any) -> None:
+        # the blend goes around the members' mean (Ensemble), the members run unblended
+        super().__init__(functools.partial(CfCForecaster, horizon), params, members, seed,
+                         persistence_half_life=persistence_half_life, horizon=horizon)
 
     def _rebuilt(self, params: dict[str, Any], size: int, seed: int) -> CfCEnsemble:
         return CfCEnsemble(horizon=self.horizon, members=size, seed=seed, **params)

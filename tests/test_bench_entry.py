@@ -40,13 +40,15 @@ def test_link_failure_bench_builds_an_engine_of_all_its_models() -> None:
 
 
 def test_irregular_bench_builds_its_lanes_with_a_cfc_ensemble() -> None:
-    """The README's ensemble commands for bench/irregular.py: ``--cfc members=K --cfc persistence_half_life=0``
-    (an ensemble does not blend with the last value, which the bench's cfc does by default)."""
+    """The README's ensemble commands for bench/irregular.py (``--cfc members=K``, with the bench's default blend
+    or ``--cfc persistence_half_life=0``): the ensemble carries the blend, its members do not."""
     code = ("import sys; sys.path.insert(0, 'bench'); import irregular as ir;"
             "lanes = ir.make_lanes(ir.Split(dev=True), dict(ir.CFC, members=2, persistence_half_life=0), 0);"
             "print(*[type(lane.model).__name__ for lane in lanes]);"
-            "print(ir.make_lanes(ir.Split(dev=True), ir.CFC, 0)[0].model.persistence_half_life)")
-    assert bench_output(code) == ["CfCEnsemble", "CycleNetForecaster", "168"]
+            "print(ir.make_lanes(ir.Split(dev=True), ir.CFC, 0)[0].model.persistence_half_life);"
+            "ens = ir.make_lanes(ir.Split(dev=True), dict(ir.CFC, members=2), 0)[0].model;"
+            "print(ens.get_params()['persistence_half_life'], *[m.persistence_half_life for m in ens.members_])")
+    assert bench_output(code) == ["CfCEnsemble", "CycleNetForecaster", "168", "168", "0", "0"]
 
 
 def test_retrain_oracle_streams_are_in_the_new_regime_and_in_phase_with_it() -> None:

@@ -75,11 +75,13 @@ def test_a_cfc_ensemble_keeps_the_contract(check: str) -> None:
 
 
 @pytest.mark.parametrize("check", list(checks.FORECASTER_CHECKS))
-@pytest.mark.parametrize("name", ["cyclenet", "cfc"])
-def test_a_model_blended_with_the_last_value_keeps_the_contract(name: str, check: str) -> None:
-    """``persistence_half_life``: the blend's sums and past forecasts are row state too (models/persistence.py)."""
+@pytest.mark.parametrize("name,extra", [("cyclenet", {}), ("cfc", {}), ("cfc", {"members": 2})],
+                         ids=["cyclenet", "cfc", "cfc-ensemble"])
+def test_a_model_blended_with_the_last_value_keeps_the_contract(name: str, extra: dict, check: str) -> None:
+    """``persistence_half_life``: the blend's sums and past forecasts are row state too (models/persistence.py);
+    an ensemble keeps them around its members' mean."""
     def factory():
-        return make_model(name, horizon=HORIZON, **MODEL_PARAMS[name], persistence_half_life=24)
+        return make_model(name, horizon=HORIZON, **MODEL_PARAMS[name], persistence_half_life=24, **extra)
     checks.FORECASTER_CHECKS[check](factory, horizon=HORIZON, **MODEL_OPTIONS[name])
 
 

@@ -9,6 +9,7 @@ import pytest
 from tidecast.models.base import Calibration
 from tidecast.models.ensemble import Ensemble
 from tidecast.models.naive import SeasonalNaive
+from tidecast.models.persistence import PersistenceBlend
 
 
 class Offset(SeasonalNaive):
@@ -77,3 +78,65 @@ def test_state_round_trip_under_member_prefixes_and_clone():
     assert [m.seed for m in model.clone(members=2, seed=5).members_] == [5, 6]
     with pytest.raises(ValueError, match="at least one member"):
         Ensemble(Offset, {}, size=0)
+
+
+def blended(size: int = 3) -> Ensemble:
+    return Ensemble(Offset, {"period": 2}, size=size, seed=1, persistence_half_life=50, horizon=2)
+
+
+def test_the_blend_with_the_last_value_goes_around_the_members_mean():
+    """The ensemble serves the blend of its mean, scored on the mean's own matured errors (a reference blend fed
+    the same mean forecasts agrees); the members stay unblended; the spread shrinks with the model's weight."""
+    model, reference = blended(), PersistenceBlend(horizon=2, half_life=50)
+    rows = np.arange(2)
+    served = []
+    for tick in range(30):
+        values = np.array([float(tick % 2), 5.0])
+        model.learn_many(rows, np.full(2, tick), values)
+        reference.learn(rows, np.full(2, tick), values)
+        if tick < 1:
+            continue
+        mean = np.mean([m.forecast_many(rows, 2) for m in model.members_], axis=0)
+        got = model.forecast_many(rows, 2)
+        np.testing.assert_allclose(got, reference.combine(rows, np.full(2, tick), values, mean))
+        served.append((got, mean))
+    first, first_mean = served[0]
+    np.testing.assert_array_equal(first, first_mean)  # nothing matured yet: the mean as it is
+    last, last_mean = served[-1]
+    np.testing.assert_allclose(last_mean[1], 7.0)  # the constant series: members 2 too high on average ...
+    np.testing.assert_allclose(last[1], 5.0)  # ... the blend serves the last value
+    weights = model._persistence.weights(rows)
+    assert 0.0 < weights[0, 0] < 1.0 and np.all(weights[1] == 0.0)
+    np.testing.assert_allclose(model.spread_many(rows, 2), np.sqrt(16 / 3) * weights)
+    assert model.get_params()["persistence_half_life"] == 50
+    assert model.clone(members=2).persistence_half_life == 50
+    with pytest.raises(ValueError, match="horizon"):
+        Ensemble(Offset, {"period": 2}, size=2, persistence_half_life=50)
+
+
+def test_a_filled_value_is_neither_scored_nor_the_last_value():
+    model = blended()
+    rows = np.array([0])
+    for tick in range(6):
+        model.learn_many(rows, np.array([tick]), np.array([5.0]))
+    before = model.export_rows(rows)["persistence.sums"].copy()
+    model.learn_many(rows, np.array([6]), np.array([9.0]), filled=np.array([True]))
+    np.testing.assert_array_equal(model.export_rows(rows)["persistence.sums"], before)
+    assert model.last_["value"][0] == 5.0 and model.last_["tick"][0] == 5
+
+
+def test_the_blend_state_round_trips_and_a_state_without_it_starts_blank():
+    model = blended()
+    rows = np.arange(2)
+    for tick in range(12):
+        model.learn_many(rows, np.full(2, tick), np.array([float(tick % 2), 5.0]))
+        model.forecast_many(rows, 2)
+    state = model.export_rows(rows)
+    assert {k.split(".")[0] for k in state} == {"m0", "m1", "m2", "persistence", "ensemble"}
+    other = model.clone()
+    other.import_rows(rows + 2, state)
+    np.testing.assert_array_equal(other.forecast_many(rows + 2, 2), model.forecast_many(rows, 2))
+    unblended = {k: v for k, v in state.items() if k.startswith("m")}  # saved with the blend off
+    other.import_rows(rows, unblended)
+    mean = np.mean([m.forecast_many(rows, 2) for m in other.members_], axis=0)
+    np.testing.assert_array_equal(other.forecast_many(rows, 2), mean)  # weight 1 until targets mature

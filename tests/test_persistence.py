@@ -199,5 +199,6 @@ def test_cfc_with_a_residual_bootstrap_blends_every_step():
     np.testing.assert_array_equal(weights[8], weights[0])  # the ring's 1-step forecast changed nothing
     assert (weights[8][1:] < 1).any()
     assert np.nanmean(model.spread_many(rows, 4)[0, 0]) > 0.1  # the served errors' spread, not shrunk by w
-    with pytest.raises(ValueError, match="members=1"):
-        build(horizon=4, members=2, warm_start=40, persistence_half_life=20)
+    ensemble = build(horizon=4, members=2, warm_start=40, persistence_half_life=20)
+    assert ensemble.persistence_half_life == 20  # the blend goes around the members' mean ...
+    assert [m.persistence_half_life for m in ensemble.members_] == [0, 0]  # ... not inside each member
