@@ -130,6 +130,10 @@ class Ensemble(BatchForecaster):
     def resize(self, n_rows: int) -> None:
         for m in self.members_:
             m.resize(n_rows)
+        self._resize_blend(n_rows)
+
+    def _resize_blend(self, n_rows: int) -> None:
+        """Room for ``n_rows`` in the blend's own tables only (the members grow when they learn)."""
         if self._persistence is not None:
             self._persistence.resize(n_rows)
             self.last_.resize(n_rows)
@@ -145,7 +149,7 @@ class Ensemble(BatchForecaster):
     def _remember(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray, filled: np.ndarray | None) -> None:
         """Score the blend's forecasts whose target arrived, and keep each row's last real value (a value the
         engine filled into a gap is neither scored nor an origin: forecasts are issued on real values only)."""
-        self.resize(int(rows.max()) + 1)
+        self._resize_blend(int(rows.max()) + 1)
         self._persistence.learn(rows, ticks, values, filled)
         real = np.ones(rows.size, dtype=bool) if filled is None else ~np.asarray(filled, dtype=bool)
         self.last_["tick"][rows[real]], self.last_["value"][rows[real]] = ticks[real], values[real]
@@ -185,7 +189,7 @@ class Ensemble(BatchForecaster):
         out = means.mean(axis=0)
         if self._persistence is not None and out.size:
             rows = np.asarray(rows, dtype=np.int64)
-            self.resize(int(rows.max()) + 1)
+            self._resize_blend(int(rows.max()) + 1)
             # a row without a last value yet (restored from a state saved with the blend off) serves the mean
             ok = np.isfinite(out).any(axis=1) & np.isfinite(self.last_["value"][rows])
             r = rows[ok]
@@ -204,7 +208,7 @@ class Ensemble(BatchForecaster):
             spread = np.sqrt(within + means.var(axis=0))
         if self._persistence is not None and spread.size:
             rows = np.asarray(rows, dtype=np.int64)
-            self.resize(int(rows.max()) + 1)
+            self._resize_blend(int(rows.max()) + 1)
             k = min(horizon, self._persistence.horizon)
             spread[:, :k] *= self._persistence.weights(rows)[:, :k]  # the last value brings no spread
         return spread
@@ -227,7 +231,7 @@ class Ensemble(BatchForecaster):
         state = {f"m{k}.{key}": value for k, m in enumerate(self.members_)
                  for key, value in m.export_rows(rows).items()}
         if self._persistence is not None:
-            self.resize(int(np.max(rows)) + 1 if np.size(rows) else 0)
+            self._resize_blend(int(np.max(rows)) + 1 if np.size(rows) else 0)
             state.update(self._persistence.export_rows(rows))
             state.update(nest(LAST_PREFIX, self.last_.export_rows(rows)))
         return state
@@ -244,7 +248,7 @@ class Ensemble(BatchForecaster):
             if last:
                 self.last_.import_rows(rows, last)
             else:
-                self.resize(int(rows.max()) + 1 if rows.size else 0)
+                self._resize_blend(int(rows.max()) + 1 if rows.size else 0)
                 self.last_.blank(rows)
 
     def export_shared(self) -> tuple[ArrayDict, dict[str, Any]]:

@@ -80,8 +80,10 @@ def test_state_round_trip_under_member_prefixes_and_clone():
         Ensemble(Offset, {}, size=0)
 
 
-def blended(size: int = 3) -> Ensemble:
-    return Ensemble(Offset, {"period": 2}, size=size, seed=1, persistence_half_life=50, horizon=2)
+def blended(size: int = 3, n_rows: int = 4) -> Ensemble:
+    model = Ensemble(Offset, {"period": 2}, size=size, seed=1, persistence_half_life=50, horizon=2)
+    model.resize(n_rows)  # as the engine does before a row's first value
+    return model
 
 
 def test_the_blend_with_the_last_value_goes_around_the_members_mean():
@@ -134,6 +136,7 @@ def test_the_blend_state_round_trips_and_a_state_without_it_starts_blank():
     state = model.export_rows(rows)
     assert {k.split(".")[0] for k in state} == {"m0", "m1", "m2", "persistence", "ensemble"}
     other = model.clone()
+    other.resize(4)
     other.import_rows(rows + 2, state)
     np.testing.assert_array_equal(other.forecast_many(rows + 2, 2), model.forecast_many(rows, 2))
     unblended = {k: v for k, v in state.items() if k.startswith("m")}  # saved with the blend off
