@@ -38,6 +38,7 @@ every horizon that matured at a tick are pooled into the one stream (:class:`Hor
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -255,7 +256,10 @@ class ResidualCUSUM(DriftDetector):
     * **freeze** (when ``values`` are passed): the row's share ``p`` of values equal to the one before (learned
       like the reference, never reset by an alarm); a run of ``r`` repeats alarms once ``max(p, freeze_floor)^r <
       freeze_tail``: 4 repeats on a continuous series, 7 on ETTh2's oil temperature (p = 0.16), 30 on a channel
-      quantised so coarsely that 68 % of its values repeat. One alarm per run.
+      quantised so coarsely that 68 % of its values repeat. One alarm per run, from any watcher: once a run is
+      as long as the freeze watcher's shortest (``ceil(log freeze_tail / log freeze_floor)``, 4) and has
+      alarmed, a residual CUSUM crossing its threshold restarts the reference without an alarm (a series that
+      never moves raises at most one).
 
     The alarm's ``kind`` is the watcher furthest past its threshold (``"mean"``, ``"variance"``, ``"coverage"``
     or ``"freeze"``); its statistic is that CUSUM, negative for a downward change (for a freeze: the run length).
@@ -320,6 +324,9 @@ class ResidualCUSUM(DriftDetector):
         self.miss_llr_ = float(np.log(p1 / alpha))
         self.hit_llr_ = float(np.log((1 - p1) / (1 - alpha)))
         self._thresholds = np.array([h, h, variance_h, collapse_h, coverage_h])[:, None]
+        # the shortest run of repeats the freeze watcher could ever flag (at the floor share): a shorter run is an
+        # ordinary repeat, not a stuck input
+        self.freeze_min_run_ = math.ceil(math.log(freeze_tail) / math.log(freeze_floor))
         super().__init__()
 
     def _step(self, s: np.ndarray, x: np.ndarray, covered: np.ndarray | None,
@@ -377,8 +384,17 @@ class ResidualCUSUM(DriftDetector):
         cols = np.arange(x.size)
         fired = ratios[which, cols] > 1.0
         stat = np.where(which == 5, s[idx["y_run"]], self._SIGNS[which] * stats[np.minimum(which, 4), cols])
-        # One alarm per frozen run, whichever watcher raised it.
-        s[idx["y_alarmed"]] = np.where(fired & (s[idx["y_run"]] > 0), 1.0, s[idx["y_alarmed"]])
+        # One alarm per frozen run, whichever watcher raised it: while the input repeats the value of a run that
+        # already alarmed, the residuals show the model's wiggles around a stuck value (a constant series makes
+        # a learning model's tiny errors look like drift), so a crossing restarts the reference silently. A run
+        # counts once it is as long as the freeze watcher's shortest: an alarm during an ordinary repeat must not
+        # silence a freeze that continues it.
+        frozen = s[idx["y_run"]] >= self.freeze_min_run_
+        muted = fired & frozen & (s[idx["y_alarmed"]] == 1.0)
+        if muted.any():
+            s[np.ix_(self._reset_on_alarm, np.flatnonzero(muted))] = self._fresh[self._reset_on_alarm, None]
+            fired = fired & ~muted
+        s[idx["y_alarmed"]] = np.where(fired & frozen, 1.0, s[idx["y_alarmed"]])
         return fired, self._KINDS[which], stat
 
     def _freeze(self, s: np.ndarray, values: np.ndarray | None) -> np.ndarray:

@@ -116,6 +116,58 @@ def test_a_frozen_sensor_alarms_once_after_a_run_as_unlikely_as_the_rows_own_rep
     assert before == []  # its own shorter runs never alarm
 
 
+def test_a_series_that_never_moves_alarms_at_most_once_and_alarms_resume_when_it_moves() -> None:
+    # A learning model on a stuck value makes tiny errors that wander (its weights keep moving): without the
+    # one-alarm-per-run rule every step change of those errors is a "drift" (tidecast replay of a constant
+    # series under cfc raised 89 alarms on 7 series in 1,500 steps).
+    rng = np.random.default_rng(4)
+    steps = 3000
+    wander = np.repeat(rng.normal(scale=1e-3, size=steps // 100), 100)  # the errors' level moves every 100 steps
+    residuals = (wander + rng.normal(scale=1e-4, size=steps))[:, None]
+    values = np.full((steps, 1), 5.0)
+    values[2000:, 0] = 5.0 + rng.normal(size=1000)  # the sensor comes back
+    residuals[2000:, 0] = rng.normal(size=1000)
+    residuals[2500:, 0] += 4.0  # and a real level shift follows
+
+    def run(det: ResidualCUSUM, muted_values: bool) -> list:
+        out = []
+        for t in range(steps):
+            a = det.update(np.array([0]), residuals[t], values=values[t] if muted_values else None)
+            out += [(t, str(k)) for k in a.kind]
+        return out
+
+    without_values = run(ResidualCUSUM(), muted_values=False)
+    assert len([a for a in without_values if a[0] < 2000]) >= 5  # what the rule removes
+    alarms = run(ResidualCUSUM(), muted_values=True)
+    assert len([a for a in alarms if a[0] < 2000]) <= 1
+    assert any(2000 <= t < 2030 for t, _ in alarms)  # the sensor's return is a change of the residuals
+    assert any(2500 <= t < 2560 for t, _ in alarms)  # and once it moves, a shift is seen
+
+
+def test_an_alarm_during_an_ordinary_repeat_does_not_silence_a_freeze_that_continues_it() -> None:
+    rng = np.random.default_rng(5)
+    residuals = rng.normal(size=(700, 1))
+    residuals[500:] += 5.0  # a level shift: its alarm comes a few steps after 500
+    values = rng.normal(size=(700, 1))
+    first = next(t for t, _, _, _ in feed_values_with(ResidualCUSUM(), values, residuals) if t >= 500)
+    values[first:] = values[first - 1]  # the value repeats at the alarm's step and stays stuck from there
+    alarms = feed_values_with(ResidualCUSUM(), values, residuals)
+    assert first in [t for t, _, _, _ in alarms]  # the shift's alarm, at the repeat
+    freeze = [t for t, _, k, _ in alarms if k == "freeze"]
+    assert freeze and first + 3 <= freeze[0] <= first + 4  # 4 repeats, as for any continuous series
+    assert len([t for t, _, _, _ in alarms if t > freeze[0]]) == 0  # and the stuck run alarms no more
+
+
+def feed_values_with(detector, values: np.ndarray, residuals: np.ndarray) -> list:
+    rows = np.arange(values.shape[1])
+    out = []
+    for t in range(values.shape[0]):
+        alarms = detector.update(rows, residuals[t], values=values[t])
+        out += [(t, int(r), str(k), float(s)) for r, k, s in zip(alarms.rows, alarms.kind, alarms.statistic,
+                                                                strict=True)]
+    return out
+
+
 def test_unknown_coverage_is_no_evidence() -> None:
     x = ar1(np.random.default_rng(0), 400, 1)
     misses = np.zeros((400, 1))  # every interval missed ...
