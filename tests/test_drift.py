@@ -88,13 +88,15 @@ def test_quiet_on_stationary_autocorrelated_noise_where_a_raw_cusum_is_not() -> 
     assert len(raw) > 20 * max(len(whitened), 1)
 
 
-def feed_values(detector, y: np.ndarray) -> list:
-    """Feed (steps, rows) observed values with white-noise residuals; return (step, row, kind, statistic)."""
-    rng = np.random.default_rng(9)
+def feed_values(detector, y: np.ndarray, residuals: np.ndarray | None = None) -> list:
+    """Feed (steps, rows) observed values with their residuals (white noise if None); return (step, row, kind,
+    statistic) per alarm."""
+    if residuals is None:
+        residuals = np.random.default_rng(9).normal(size=y.shape)
     rows = np.arange(y.shape[1])
     out = []
     for t in range(y.shape[0]):
-        alarms = detector.update(rows, rng.normal(size=y.shape[1]), values=y[t])
+        alarms = detector.update(rows, residuals[t], values=y[t])
         out += [(t, int(r), str(k), float(s)) for r, k, s in zip(alarms.rows, alarms.kind, alarms.statistic,
                                                                 strict=True)]
     return out
@@ -149,23 +151,13 @@ def test_an_alarm_during_an_ordinary_repeat_does_not_silence_a_freeze_that_conti
     residuals = rng.normal(size=(700, 1))
     residuals[500:] += 5.0  # a level shift: its alarm comes a few steps after 500
     values = rng.normal(size=(700, 1))
-    first = next(t for t, _, _, _ in feed_values_with(ResidualCUSUM(), values, residuals) if t >= 500)
+    first = next(t for t, _, _, _ in feed_values(ResidualCUSUM(), values, residuals) if t >= 500)
     values[first:] = values[first - 1]  # the value repeats at the alarm's step and stays stuck from there
-    alarms = feed_values_with(ResidualCUSUM(), values, residuals)
+    alarms = feed_values(ResidualCUSUM(), values, residuals)
     assert first in [t for t, _, _, _ in alarms]  # the shift's alarm, at the repeat
     freeze = [t for t, _, k, _ in alarms if k == "freeze"]
     assert freeze and first + 3 <= freeze[0] <= first + 4  # 4 repeats, as for any continuous series
     assert len([t for t, _, _, _ in alarms if t > freeze[0]]) == 0  # and the stuck run alarms no more
-
-
-def feed_values_with(detector, values: np.ndarray, residuals: np.ndarray) -> list:
-    rows = np.arange(values.shape[1])
-    out = []
-    for t in range(values.shape[0]):
-        alarms = detector.update(rows, residuals[t], values=values[t])
-        out += [(t, int(r), str(k), float(s)) for r, k, s in zip(alarms.rows, alarms.kind, alarms.statistic,
-                                                                strict=True)]
-    return out
 
 
 def test_unknown_coverage_is_no_evidence() -> None:
