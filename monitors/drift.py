@@ -196,11 +196,16 @@ class DriftDetector(Params, ABC):
         cols = slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows
         block = self.state_[:, cols]
         fired, kind, stat = self._step(block, x, cov, y)
-        if fired.any():
-            block[np.ix_(self._reset_on_alarm, np.flatnonzero(fired))] = self._fresh[self._reset_on_alarm, None]
+        self._restart(block, fired)
         if not contiguous:
             self.state_[:, rows] = block
         return Alarms(rows[fired].astype(np.int64), kind[fired], stat[fired])
+
+    def _restart(self, s: np.ndarray, rows: np.ndarray) -> None:
+        """Start a new reference in the columns of the gathered block ``s`` where ``rows`` (bool) is set, as an
+        alarm does: every field but the ``_kept`` ones back to a fresh row's value."""
+        if rows.any():
+            s[np.ix_(self._reset_on_alarm, np.flatnonzero(rows))] = self._fresh[self._reset_on_alarm, None]
 
     @abstractmethod
     def _step(self, s: np.ndarray, x: np.ndarray, covered: np.ndarray | None,
@@ -391,9 +396,8 @@ class ResidualCUSUM(DriftDetector):
         # silence a freeze that continues it.
         frozen = s[idx["y_run"]] >= self.freeze_min_run_
         muted = fired & frozen & (s[idx["y_alarmed"]] == 1.0)
-        if muted.any():
-            s[np.ix_(self._reset_on_alarm, np.flatnonzero(muted))] = self._fresh[self._reset_on_alarm, None]
-            fired = fired & ~muted
+        self._restart(s, muted)
+        fired = fired & ~muted
         s[idx["y_alarmed"]] = np.where(fired & frozen, 1.0, s[idx["y_alarmed"]])
         return fired, self._KINDS[which], stat
 
