@@ -53,8 +53,10 @@ brought the dev synthetic streams to <= 1 false alarm per 10,000 steps (6 -> 5 a
 trade-off table reruns the default with every threshold scaled; bench/drift_variants.py measures what was tried
 and not kept (on the dev streams).
 
-Residual runs are cached under bench/.cache/ (numpy arrays; a few minutes to compute, then the detectors, the
-trade-off table and the engine cost take ~5 min).
+Residual runs (and the bootstrap block's runs) are cached under bench/.cache/ (numpy arrays; a few minutes to
+compute, then the detectors, the trade-off table and the engine cost take ~5 min), keyed by their inputs and by the
+source of models/, monitors/ and stream/: a change to the code that made them recomputes them (``--refresh``
+always does).
 
     python bench/drift.py            # scored streams, tables
     python bench/drift.py --dev      # the dev streams the defaults were chosen on
@@ -65,6 +67,7 @@ trade-off table and the engine cost take ~5 min).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import time
@@ -100,6 +103,9 @@ CYCLES_AFTER = 4  # a detection counts within this many cycles after the change
 SCALE_MEMORY = 1000  # steps of the running scale every detector's input is divided by
 EPOCH_NS = 1_451_606_400 * 10**9  # 2016-01-01, a Friday: the grid's first timestamp
 CACHE_VERSION = "3"
+#: the project's folders whose code shapes a cached run (the models, the calibrators and monitors, the engine):
+#: their source is part of every cache key, so a table is never built from the residuals of older code
+SOURCE_DIRS = ("models", "monitors", "stream")
 
 
 # -- base series ------------------------------------------------------------------------------------------
@@ -288,13 +294,24 @@ def run_model(group: Group, model_name: str, changes: list[Change], seed: int) -
     return Run(residual, covered, values, sigma, changes, time.perf_counter() - started)
 
 
+@functools.cache
+def source_fingerprint() -> str:
+    """A digest of the project's source in :data:`SOURCE_DIRS` (paths and contents): part of every cache key."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for folder in SOURCE_DIRS:
+        for path in sorted((root / folder).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def cached_run(group: Group, model_name: str, seed: int, refresh: bool = False) -> Run:
-    """:func:`run_model`, kept under bench/.cache/ (arrays only) keyed by everything that shapes the residuals."""
+    """:func:`run_model`, kept under bench/.cache/ (arrays only) keyed by everything that shapes the residuals,
+    the project's source included (:func:`source_fingerprint`)."""
     changes = place_changes(group, seed)
-    key = hashlib.sha256(json.dumps([CACHE_VERSION, group.name, group.series, group.cycle, group.step, model_name,
-                                     seed, [[c.series, c.kind, c.at] for c in changes], HORIZON, ALPHA,
-                                     WARM_START, SIGMA_WINDOW]).encode()
-                         + group.values.tobytes()).hexdigest()[:16]
+    shape = [CACHE_VERSION, source_fingerprint(), group.name, group.series, group.cycle, group.step, model_name,
+             seed, [[c.series, c.kind, c.at] for c in changes], HORIZON, ALPHA, WARM_START, SIGMA_WINDOW]
+    key = hashlib.sha256(json.dumps(shape).encode() + group.values.tobytes()).hexdigest()[:16]
     path = CACHE / f"{group.name}-{model_name}-{key}.npz"
     if path.exists() and not refresh:
         with np.load(path, allow_pickle=False) as z:
@@ -574,14 +591,14 @@ def vectorised_cost(name: str, n_series: int = 10_000, rounds: int = 200, warm: 
     return 1e6 * (time.perf_counter() - started) / (rounds * n_series)
 
 
-def bootstrap_block(chosen: list[Group], seed: int, console) -> dict:
+def bootstrap_block(chosen: list[Group], seed: int, console, refresh: bool = False) -> dict:
     """CycleNet's label-free bootstrap watcher on ``chosen`` groups (bench/drift_bootstrap.py): ``spearman_error``,
     ``spearman_width``, ``lead_steps``, ``forecast_cost_ratio`` and ``train_cost_ratio``, then the details."""
     import drift_bootstrap as boot  # bench/ is on the path when this file runs as a script
 
     runs = []
     for group in chosen:
-        runs.append(boot.cached_bootstrap_run(_this_module(), group, place_changes(group, seed), seed))
+        runs.append(boot.cached_bootstrap_run(_this_module(), group, place_changes(group, seed), seed, refresh))
         console.print(f"bootstrap: {group.name}: {runs[-1].score.shape[0]} streams, {runs[-1].seconds:.0f} s")
     rho_error, rho_width, n_streams = boot.spearman_medians(runs)
     lead = boot.leads(runs, CYCLES_AFTER)
@@ -816,7 +833,8 @@ def tradeoff_rows(seg: Segments, console) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dev", action="store_true", help="the dev streams (synthetic seed 1, ETTh2 rows < 8700)")
-    parser.add_argument("--refresh", action="store_true", help="recompute the cached residuals")
+    parser.add_argument("--refresh", action="store_true",
+                        help="recompute the cached runs (residuals and bootstrap scores) even where the key matches")
     parser.add_argument("--json", action="store_true", help="print the JSON object last")
     parser.add_argument("--residual", default="mean", choices=("mean", "1", "H"),
                         help="what detectors watch: every matured horizon pooled (default, what the engine's drift "
@@ -833,7 +851,7 @@ def main() -> None:
     seed = 1 if args.dev else 0
     chosen = [g for g in groups(args.dev) if args.bootstrap_groups is None or g.name in args.bootstrap_groups]
     if args.bootstrap_only:
-        block = bootstrap_block(chosen, seed, console)
+        block = bootstrap_block(chosen, seed, console, args.refresh)
         bootstrap_report(block, console)
         if args.json:
             print(json.dumps({"bootstrap": block}))
@@ -859,7 +877,7 @@ def main() -> None:
         elif not name.startswith("river-"):
             outcomes[name].us_per_obs = engine_cost(name)
         console.print(f"{name}: {time.perf_counter() - started:.0f} s")
-    block = bootstrap_block(chosen, seed, console)
+    block = bootstrap_block(chosen, seed, console, args.refresh)
     summary = summarise(seg, outcomes, tradeoff_rows(seg, console), block)
     report(seg, outcomes, summary, args.dev, console)
     bootstrap_report(block, console)

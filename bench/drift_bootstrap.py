@@ -136,16 +136,17 @@ def bootstrap_run(drift, group, changes, seed: int) -> BootRun:
                    np.array([-1] * n_clean + [c.at for c in changes]), cycle, time.perf_counter() - started)
 
 
-def cached_bootstrap_run(drift, group, changes, seed: int) -> BootRun:
-    """:func:`bootstrap_run`, kept under bench/.cache/ (arrays only), keyed by what shapes it."""
+def cached_bootstrap_run(drift, group, changes, seed: int, refresh: bool = False) -> BootRun:
+    """:func:`bootstrap_run`, kept under bench/.cache/ (arrays only), keyed by what shapes it: its inputs, and the
+    project's source (``drift.source_fingerprint``: the default drift detector's alarms are in the run too)."""
     import hashlib
     import json
 
-    shape = [CACHE_VERSION, group.name, group.series, group.cycle, group.step, seed,
+    shape = [CACHE_VERSION, drift.source_fingerprint(), group.name, group.series, group.cycle, group.step, seed,
              [[c.series, c.kind, c.at] for c in changes], drift.HORIZON, drift.ALPHA, drift.WARM_START, REPLICAS]
     key = hashlib.sha256(json.dumps(shape).encode() + group.values.tobytes()).hexdigest()[:16]
     path = drift.CACHE / f"bootstrap-{group.name}-{key}.npz"
-    if path.exists():
+    if path.exists() and not refresh:
         with np.load(path, allow_pickle=False) as z:
             return BootRun(z["score"], z["width"], z["error"], _lists(z["boot"], len(z["lo"])),
                            _lists(z["default"], len(z["lo"])), z["lo"], z["hi"], z["kind"].tolist(), z["at"],
