@@ -132,6 +132,58 @@ class CalibrationQueue:
             self._parts = []
 
 
+def require(ok: bool, name: str, value: object, rule: str) -> None:
+    """``ValueError("name = value: rule")`` unless ``ok``: constructors check their parameters with it."""
+    if not ok:
+        raise ValueError(f"{name} = {value!r}: {rule}")
+
+
+def check_count(name: str, value: object, low: int = 1) -> None:
+    """A whole number ``>= low`` (bools are not counts).
+
+    >>> check_count("epochs", 0)
+    Traceback (most recent call last):
+    ...
+    ValueError: epochs = 0: a whole number >= 1
+    """
+    ok = isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= low
+    require(ok, name, value, f"a whole number >= {low}")
+
+
+def check_positive(name: str, value: object, optional: bool = False, rule: str = "a number > 0",
+                   finite: bool = False) -> None:
+    """A real number ``> 0``, or ``None`` when ``optional``; NaN never, ``inf`` ("no limit") unless ``finite``.
+
+    >>> check_positive("lr", float("nan"))
+    Traceback (most recent call last):
+    ...
+    ValueError: lr = nan: a number > 0
+    """
+    if optional and value is None:
+        return
+    ok = isinstance(value, int | float | np.number) and not isinstance(value, bool) and value > 0
+    require(ok and (not finite or value < float("inf")), name, value, rule + (" (or None)" if optional else ""))
+
+
+def check_rate(name: str, value: object, optional: bool = False) -> None:
+    """A finite learning rate ``> 0`` (or ``None`` when ``optional``)."""
+    check_positive(name, value, optional, rule="a finite learning rate > 0", finite=True)
+
+
+def check_between(name: str, value: object, low: float, high: float, open_low: bool = False,
+                  open_high: bool = False) -> None:
+    """A real number in ``[low, high]``, with either end open (``open_low``, ``open_high``); NaN never.
+
+    >>> check_between("forget", 0.0, 0.0, 1.0, open_low=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: forget = 0.0: a number in (0, 1]
+    """
+    ok = isinstance(value, int | float | np.number) and not isinstance(value, bool)
+    ok = ok and (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
+    require(ok, name, value, f"a number in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}")
+
+
 def _plain(value: Any) -> Any:
     """numpy scalars and arrays, tuples -> Python scalars and lists, so parameters are JSON-able as they are."""
     if isinstance(value, np.generic):

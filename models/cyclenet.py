@@ -78,7 +78,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tidecast.models.base import ArrayDict, Calibration, CalibrationQueue
+from tidecast.models.base import ArrayDict, Calibration, CalibrationQueue, check_count, check_positive, check_rate
 from tidecast.models.bootstrap import check_bootstrap
 from tidecast.models.cyclenet_net import DEFAULT_LR, BatchFit, CycleNet, Windows, make_adam
 from tidecast.models.cyclenet_net import build as build_net
@@ -264,6 +264,19 @@ class CycleNetForecaster(WarmStarted):
     # -- construction helpers -------------------------------------------------------------------------
 
     def _check_params(self) -> None:
+        check_count("lookback", self.lookback, 2)
+        check_count("hidden", self.hidden)
+        check_rate("lr", self.lr, optional=True)
+        check_count("epochs", self.epochs)
+        check_count("patience", self.patience, 0)
+        check_count("batch_size", self.batch_size)
+        check_rate("online_lr", self.online_lr)
+        check_rate("online_cycle_lr", self.online_cycle_lr, optional=True)
+        check_count("replay_steps", self.replay_steps, 0)
+        check_positive("step_budget", self.step_budget, rule="seconds > 0")
+        check_count("max_cycle", self.max_cycle, 2)
+        check_positive("input_limit", self.input_limit, optional=True, rule="scaler units > 0")
+        check_positive("loss_limit", self.loss_limit, optional=True, rule="a multiple > 0")
         if self.backbone not in ("linear", "mlp"):
             raise ValueError(f"backbone must be 'linear' or 'mlp', got {self.backbone!r}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -279,8 +292,8 @@ class CycleNetForecaster(WarmStarted):
         if n_val and n_val - self._n_hold() < self.horizon:
             raise ValueError(f"calib_holdout={self.calib_holdout} leaves early stopping fewer observations "
                              f"({n_val - self._n_hold()}) than the horizon")
-        if self.cycle is not None and self.cycle < 1:
-            raise ValueError("cycle must be >= 1")
+        if self.cycle is not None:
+            check_count("cycle", self.cycle)
         if self.replay_window < 1 or self.replay_every < 1 or self.replay_batch < 1:
             raise ValueError("replay_window, replay_every and replay_batch must be >= 1")
         if self.persistence_half_life < 0:

@@ -86,7 +86,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tidecast.models.base import ArrayDict
+from tidecast.models.base import ArrayDict, check_count, check_positive, check_rate
 from tidecast.models.bootstrap import ResidualRing, check_bootstrap
 from tidecast.models.ensemble import Ensemble
 from tidecast.models.persistence import PersistenceBlend
@@ -341,6 +341,18 @@ class CfCForecaster(WarmStarted):
 
     def _check_params(self) -> None:
         check_bootstrap(self.bootstrap)
+        check_count("backbone_units", self.backbone_units)
+        check_count("backbone_layers", self.backbone_layers)
+        check_rate("lr", self.lr)
+        check_count("epochs", self.epochs)
+        check_count("patience", self.patience, 0)
+        check_count("batch_size", self.batch_size)
+        check_rate("online_lr", self.online_lr)
+        check_rate("online_cycle_lr", self.online_cycle_lr, optional=True)
+        check_positive("online_huber", self.online_huber, optional=True, rule="residual deviations > 0")
+        check_count("replay_steps", self.replay_steps, 0)
+        check_positive("step_budget", self.step_budget, rule="seconds > 0")
+        check_count("max_cycle", self.max_cycle, 2)
         if self.persistence_half_life < 0:
             raise ValueError("persistence_half_life must be >= 0 (0: no blend with the last value)")
         if self.members != 1:  # one object is one network; the registry's factory builds the ensemble
@@ -361,8 +373,10 @@ class CfCForecaster(WarmStarted):
             raise ValueError("scale_halflife must be > 0 (or None)")
         if not 0.0 <= self.input_dropout < 1.0:
             raise ValueError("input_dropout must be in [0, 1)")
-        if any(p < 2 for p in self.periods) or (self.cycle is not None and self.cycle < 1):
-            raise ValueError("periods must be >= 2 and cycle >= 1")
+        if any(p < 2 for p in self.periods):
+            raise ValueError("periods must be >= 2")
+        if self.cycle is not None:
+            check_count("cycle", self.cycle)
         if self.replay_window < 1 or self.replay_every < 1 or self.replay_batch < 1:
             raise ValueError("replay_window, replay_every and replay_batch must be >= 1")
 

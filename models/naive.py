@@ -33,7 +33,7 @@ import threading
 
 import numpy as np
 
-from tidecast.models.base import ArrayDict, BatchForecaster, Calibration
+from tidecast.models.base import ArrayDict, BatchForecaster, Calibration, require
 from tidecast.models.bootstrap import ResidualRing, check_bootstrap
 from tidecast.models.rows import Column, Field, RowTable
 from tidecast.models.seasonality import detect_period
@@ -41,12 +41,6 @@ from tidecast.models.seasonality import detect_period
 #: Longest cycle, in ticks, a model keeps a ring buffer row for (8 bytes per tick and series): a week of minutes
 #: is 10,080; a bigger number is a mistake that would take gigabytes.
 MAX_PERIOD = 100_000
-
-
-def require(ok: bool, name: str, value: object, rule: str) -> None:
-    """``ValueError("name = value: rule")`` unless ``ok``: constructors check their parameters with it."""
-    if not ok:
-        raise ValueError(f"{name} = {value!r}: {rule}")
 
 
 def check_ticks(name: str, value: int | None, low: int = 1, optional: bool = False) -> None:

@@ -36,8 +36,8 @@ from functools import partial
 from typing import Any
 
 from tidecast.models.adapters import PerSeries, Standardised
-from tidecast.models.base import BatchForecaster
-from tidecast.models.naive import SeasonalNaive, check_ticks, require
+from tidecast.models.base import BatchForecaster, require
+from tidecast.models.naive import SeasonalNaive, check_ticks
 from tidecast.models.plugins import MODEL_GROUP, RIVER_PREFIX, Registry, river_factory, river_parameters, takes_horizon
 
 

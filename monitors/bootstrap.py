@@ -43,11 +43,12 @@ True
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
-from tidecast.models.base import ArrayDict, BatchForecaster
+from tidecast.models.base import ArrayDict, BatchForecaster, check_between, check_count, check_positive
 from tidecast.models.rows import Field, RowTable, nest, under
 from tidecast.monitors.drift import NO_ALARM, Alarms, HorizonPool, LaneMonitor
 
@@ -84,8 +85,11 @@ class BootstrapMonitor(LaneMonitor):
     def __init__(self, model: BatchForecaster, horizon: int, slack: float = float(np.log(1.5)),
                  threshold: float = 4.0, warmup: int = 100, memory: int = 1000, scale_memory: int = 1000) -> None:
         super().__init__()
-        if threshold <= 0 or slack < 0 or warmup < 1 or memory < 1:
-            raise ValueError("threshold must be > 0, slack >= 0, warmup and memory >= 1")
+        check_positive("threshold", threshold)
+        check_between("slack", slack, 0, math.inf, open_high=True)
+        check_count("warmup", warmup)
+        check_count("memory", memory)
+        check_count("scale_memory", scale_memory)
         self.model = model
         self.horizon, self.slack, self.threshold = horizon, slack, threshold
         self.warmup, self.memory = warmup, memory

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from tidecast.models.base import Params
+from tidecast.models.base import Params, check_between, check_count, check_positive
 from tidecast.models.rows import grow, nest, under
 from tidecast.monitors.conformal.base import ArrayDict
 
@@ -310,6 +310,15 @@ class ResidualCUSUM(DriftDetector):
         clip: float = 5.0,
         whiten: bool = True,
     ) -> None:
+        check_between("k", k, 0, math.inf, open_high=True)
+        for name, value in (("h", h), ("variance_h", variance_h), ("collapse_h", collapse_h),
+                            ("coverage_h", coverage_h), ("clip", clip)):
+            check_positive(name, value)  # inf: that statistic never alarms
+        check_count("warmup", warmup, 2)
+        check_count("memory", memory, 2)
+        for name, value in (("variance_ratio", variance_ratio), ("collapse_ratio", collapse_ratio),
+                            ("coverage_ratio", coverage_ratio)):
+            check_between(name, value, 1, math.inf, open_low=True, open_high=True)
         if not 0 < alpha < 1 or not coverage_ratio > 1:
             raise ValueError(f"need 0 < alpha < 1 and coverage_ratio > 1, got {alpha}, {coverage_ratio}")
         if min(variance_ratio, collapse_ratio) <= 1:
@@ -447,6 +456,9 @@ class D3A(DriftDetector):
     name = "d3a"
 
     def __init__(self, window: int = 16, z: float = 2.97, max_age: int = 1000) -> None:
+        check_count("window", window, 2)
+        check_positive("z", z)
+        check_count("max_age", max_age, window)
         self.window, self.z, self.max_age = window, z, max_age
         self._fields = {"n": 0.0, "sum": 0.0, "sumsq": 0.0, **{f"last{i}": 0.0 for i in range(window)}}
         super().__init__()

@@ -36,12 +36,13 @@ Promote(reason='error ratio 0.667, 0.00 of series worse', ratio=0.66666666666666
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from tidecast.models.base import Params
+from tidecast.models.base import Params, check_between, check_count
 
 __all__ = ["Fail", "Promote", "Reject", "RetrainPolicy", "StartJob", "gate_errors", "loss_differential_t"]
 
@@ -174,7 +175,20 @@ class RetrainPolicy(Params):
         self.flip_budget = flip_budget
         self.probation_steps = probation_steps
         self.significance = significance
-        if significance < 0:
+        if triggers is not None and (isinstance(triggers, str) or not all(isinstance(t, str) for t in triggers)):
+            raise ValueError(f"triggers = {triggers!r}: a list of detector names (e.g. [\"cusum\"]) or None")
+        check_count("min_alarm_rows", min_alarm_rows)
+        for name in ("min_fresh", "cooldown", "probation_steps"):
+            check_count(name, getattr(self, name), 0)
+        for name in ("budget", "budget_window"):
+            check_count(name, getattr(self, name))
+        check_count("shadow_steps", shadow_steps, 2)
+        if schedule is not None:
+            check_count("schedule", schedule)
+        check_between("margin", margin, 0, 1, open_high=True)
+        check_between("flip_margin", flip_margin, 0, math.inf, open_high=True)
+        check_between("flip_budget", flip_budget, 0, 1)
+        if significance < 0 or math.isnan(significance):
             raise ValueError(f"significance must be >= 0 (0: no test), got {significance}")
         if probation_steps < 0 or probation_steps == 1:
             raise ValueError(f"probation_steps must be 0 (off) or >= 2, got {probation_steps}")

@@ -225,6 +225,19 @@ class EngineConfig:
             retrain_settings(self.retrain_params)
         except (TypeError, ValueError) as err:
             raise SettingsError(f"{err} (from --retrain-param or [retrain_params])") from None
+        self._check_values()
+
+    def _check_values(self) -> None:
+        """Build the engine's parts once and drop them, so that a value a part refuses (a negative learning rate,
+        a lookback of 0) fails here, before any data is read or a Kafka connection made (``serve`` builds its
+        engine only once it has joined the group), with the settings it came from named. About 10 ms once the
+        model libraries are imported."""
+        from tidecast.stream.engine import Engine
+
+        try:
+            Engine.from_config(self)
+        except ValueError as err:
+            raise SettingsError(str(err)) from None
 
     def _settle_levels(self) -> None:
         """``alpha`` is the first level's: from ``levels`` when given (a contradicting ``alpha`` is an error)."""

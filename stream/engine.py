@@ -56,10 +56,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -89,6 +89,7 @@ log = logging.getLogger(__name__)
 
 _NO_TICK = np.iinfo(np.int64).min
 _MAX_NS = np.iinfo(np.int64).max
+T = TypeVar("T")
 
 
 class Lane:
@@ -326,13 +327,13 @@ class Engine:
                                  f"[model_params.{alias}])") from None
             if retrain is not None:  # a refit needs recent data: models that keep none get a ring
                 forecaster = give_history(forecaster, retrain)
-            lanes.append(Lane(
-                forecaster,
-                make_calibrator(config.calibrator, config.horizon, alpha, **config.calibrator_params),
-                config.horizon, alpha, config.coverage_window, name=alias,
-                monitors=drift_monitors(config) + bootstrap_monitors(forecaster, config.horizon,
-                                                                     **config.bootstrap_params),
-            ))
+            calibrator = _from_settings("--calibrator-param or [calibrator_params]", make_calibrator,
+                                        config.calibrator, config.horizon, alpha, **config.calibrator_params)
+            monitors = _from_settings("--drift-param or [drift_params]", drift_monitors, config)
+            monitors += _from_settings("--bootstrap-param or [bootstrap_params]", bootstrap_monitors, forecaster,
+                                       config.horizon, **config.bootstrap_params)
+            lanes.append(Lane(forecaster, calibrator, config.horizon, alpha, config.coverage_window, name=alias,
+                              monitors=monitors))
         retrainer = None
         if retrain is not None:
             retrainer = Retrainer({alias: retrain for alias, _ in config.lanes})  # each lane clones the policy
@@ -949,6 +950,14 @@ class Engine:
         s = self.series_
         return {sid: (int(s["applied_partition"][slot]), int(s["applied_offset"][slot]))
                 for sid, slot in self._slot_of.items()}
+
+
+def _from_settings(where: str, build: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``build(*args, **kwargs)``; a value it refuses (``ValueError``) names the settings it came from."""
+    try:
+        return build(*args, **kwargs)
+    except ValueError as err:
+        raise ValueError(f"{err} (from {where})") from None
 
 
 def drift_monitors(config: EngineConfig) -> list[LaneMonitor]:

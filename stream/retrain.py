@@ -40,7 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from tidecast.models.base import BatchForecaster
+from tidecast.models.base import BatchForecaster, check_between, check_count
+from tidecast.models.registry import keyword_parameters
 from tidecast.monitors.drift import DriftEvent
 from tidecast.monitors.retrain import NO_STEP, Fail, Promote, Reject, RetrainPolicy, StartJob
 from tidecast.stream.pending import PendingForecasts
@@ -82,6 +83,10 @@ class RetrainSettings:
     def __post_init__(self) -> None:
         if self.mode not in ("refit", "online"):
             raise ValueError(f"retrain mode must be 'refit' or 'online', got {self.mode!r}")
+        check_count("history", self.history, 0)
+        check_count("epochs", self.epochs)
+        for weight in self.lambdas:  # BCWI: the candidate's share of the interpolated weights
+            check_between("lambdas", weight, 0, 1, open_low=True)
 
     @property
     def ring_capacity(self) -> int:
@@ -440,10 +445,16 @@ _JOB_KEYS = ("mode", "history", "epochs", "lambdas", "refit_params")
 def retrain_settings(params: dict[str, Any]) -> RetrainSettings:
     """Settings from ``--retrain-param`` items: the job's keys (``mode``, ``history``, ``epochs``, ``lambdas``,
     ``refit_params``) and :class:`~tidecast.monitors.retrain.RetrainPolicy`'s parameters."""
+    valid = [*keyword_parameters(RetrainPolicy), *_JOB_KEYS]
+    for key in params:
+        if key not in valid:
+            raise ValueError(f"retrain parameter {key}: no such parameter; valid: {', '.join(valid)}")
     job = {k: v for k, v in params.items() if k in _JOB_KEYS}
     policy = {k: v for k, v in params.items() if k not in _JOB_KEYS}
     if "lambdas" in job:
         job["lambdas"] = tuple(float(x) for x in job["lambdas"])
     if "triggers" in policy and policy["triggers"] is not None:
+        if isinstance(policy["triggers"], str):  # tuple() would spell it out letter by letter
+            raise ValueError(f"triggers = {policy['triggers']!r}: a list of detector names, e.g. [\"cusum\"]")
         policy["triggers"] = tuple(policy["triggers"])
     return RetrainSettings(policy=RetrainPolicy(**policy), **job)

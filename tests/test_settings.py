@@ -384,6 +384,25 @@ def test_bad_calibrator_parameters_fail_before_any_work(captured, capsys):
     assert captured["serve"].engine.calibrator_params == {"gamma": 0.01}
 
 
+@pytest.mark.parametrize(("args", "says"), [
+    (["--calibrator-param", "lr=-1"], "lr = -1.0: a finite learning rate > 0 (from --calibrator-param or "
+                                      "[calibrator_params])"),
+    (["--drift-param", "k=-1"], "k = -1.0: a number in [0, inf) (from --drift-param or [drift_params])"),
+    (["--model", "cyclenet", "--model-param", "cyclenet.lookback=0"],
+     "lane 'cyclenet' (cyclenet): lookback = 0: a whole number >= 2 (from --model-param"),
+    (["--model", "cyclenet", "--model-param", "cyclenet.bootstrap=4", "--bootstrap-param", "threshold=0"],
+     "threshold = 0.0: a number > 0 (from --bootstrap-param or [bootstrap_params])"),
+    (["--retrain-param", 'triggers="cusum"'], "triggers = 'cusum': a list of detector names"),
+    (["--retrain-param", "cooldown_steps=4"], "retrain parameter cooldown_steps: no such parameter; valid: "),
+])
+def test_values_a_part_refuses_fail_serve_before_it_connects(captured, capsys, args, says):
+    """``serve`` builds its engine only once it has joined the group: the settings check builds the parts once
+    beforehand, so a misconfigured deployment exits with the reason instead of crash-looping after it connects."""
+    assert main(["serve", "--bootstrap-servers", "b:1", "--topic", "t", *args]) == 2
+    assert says in capsys.readouterr().err
+    assert not captured  # never got as far as connecting
+
+
 def test_unknown_models_and_odd_aliases_are_errors():
     with pytest.raises(SettingsError, match="unknown model 'nope'"):
         EngineConfig(models=["x=nope"])

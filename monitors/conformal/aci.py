@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tidecast.models.base import check_count, check_rate
 from tidecast.models.rows import Column
 from tidecast.monitors.conformal.base import ScoreCalibrator
 from tidecast.monitors.conformal.window import conformal_quantile, window_values
@@ -41,6 +42,8 @@ class ACI(ScoreCalibrator):
         clip: bool = False,
         symmetric: bool = False,
     ) -> None:
+        check_rate("gamma", gamma)
+        check_count("window", window)
         self.gamma = gamma
         self.window = window
         self.clip = clip

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tidecast.models.base import check_count, check_rate
 from tidecast.monitors.conformal.aci import ACI
 from tidecast.monitors.conformal.window import window_values
 
@@ -36,6 +37,11 @@ class DtACI(ACI):
         clip: bool = False,
         symmetric: bool = False,
     ) -> None:
+        if not len(gammas):
+            raise ValueError("gammas: at least one learning rate")
+        for gamma in gammas:
+            check_rate("gammas", gamma)
+        check_count("interval_length", interval_length)
         self.gammas = tuple(float(g) for g in gammas)
         self.interval_length = interval_length
         super().__init__(horizon, alpha, window=window, clip=clip, symmetric=symmetric)

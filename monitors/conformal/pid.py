@@ -62,10 +62,12 @@ two cycles after a promotion: 0.866 against 0.876 with it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 
+from tidecast.models.base import check_between, check_count, check_positive, check_rate
 from tidecast.models.rows import Column
 from tidecast.monitors.conformal.base import Block, ScoreCalibrator, bounds, gaussian_quantile, targets
 from tidecast.monitors.conformal.scorecaster import lag_table, solve_ridge
@@ -96,6 +98,19 @@ class ConformalPID(ScoreCalibrator):
         symmetric: bool = False,
         reseed_keep: float = 0.75,
     ) -> None:
+        check_rate("lr", lr)
+        if scorecaster:
+            check_count("order", order)
+        check_count("period", period)
+        check_between("forget", forget, 0, 1, open_low=True)
+        check_between("ridge", ridge, 0, math.inf, open_high=True)
+        check_between("scale_decay", scale_decay, 0, 1, open_low=True)
+        check_between("mean_decay", mean_decay, 0, 1, open_low=True)
+        check_between("scale_memory_per_h", scale_memory_per_h, 0, math.inf, open_high=True)
+        check_between("mean_memory_per_h", mean_memory_per_h, 0, math.inf, open_high=True)
+        check_between("ki", ki, 0, math.inf, open_high=True)
+        check_positive("csat", csat, finite=True)
+        check_between("reseed_keep", reseed_keep, 0, 1)
         self.lr = lr
         self.reseed_keep = reseed_keep
         self.scorecaster = scorecaster

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tidecast.models.base import check_count
 from tidecast.monitors.conformal.base import ScoreCalibrator
 
 
@@ -39,6 +40,8 @@ class SAOCP(ScoreCalibrator):
         slots: int = 72,
         symmetric: bool = False,
     ) -> None:
+        check_count("lifetime", lifetime)
+        check_count("slots", slots)
         self.lifetime = lifetime
         self.slots = slots
         super().__init__(horizon, alpha, symmetric)

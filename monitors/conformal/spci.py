@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from tidecast.models.base import check_count
 from tidecast.models.rows import Column
 from tidecast.monitors.conformal.base import ScoreCalibrator
 
@@ -72,6 +73,15 @@ class SPCI(ScoreCalibrator):
         random_state: int = 0,
         symmetric: bool = False,
     ) -> None:
+        check_count("window", window)
+        check_count("history", history, window)  # the windows of features are cut from the history
+        check_count("refit_every", refit_every)
+        check_count("n_estimators", n_estimators)
+        check_count("max_depth", max_depth)
+        check_count("bins", bins)
+        if min_history is not None:
+            check_count("min_history", min_history)
+        check_count("random_state", random_state, 0)
         self.window = window
         self.history = history
         self.refit_every = refit_every
