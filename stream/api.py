@@ -83,6 +83,9 @@ def replay(data: pd.DataFrame | str | Path, models: Sequence[str] | str = ("seas
         levels = None  # alpha alone: its one level replaces the default levels
     if isinstance(horizon, bool) or not isinstance(horizon, numbers.Integral):
         raise TypeError(f"horizon must be a whole number of steps, got {horizon!r}")
+    batch_size = options.get("batch_size", 2000)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        raise TypeError(f"batch_size must be a whole number of observations, got {batch_size!r}")
     config = EngineConfig(models=list(models), horizon=horizon, levels=None if levels is None else list(levels),
                           calibrator=calibrator or DEFAULT_CALIBRATOR, freq=freq,
                           **{k: v for k, v in options.items() if k in ENGINE_OPTIONS})
@@ -96,7 +99,7 @@ def replay(data: pd.DataFrame | str | Path, models: Sequence[str] | str = ("seas
     else:
         raise TypeError(f"data must be a pandas DataFrame or a path, got {type(data).__name__}")
     run = ReplayOptions(dead_letter=None, progress=bool(options.get("progress", False)),
-                        batch_size=int(options.get("batch_size", 2000)))
+                        batch_size=int(batch_size))
     engine = Engine.from_config(config, Metrics(reasons=REASONS))
     set_torch_threads(config.torch_threads)
     collector = ResultCollector(config)

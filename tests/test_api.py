@@ -245,6 +245,10 @@ def test_mistakes_in_the_arguments_raise_before_any_work():
         tidecast.replay(frame, levels=(80,), alpha=0.05)
     with pytest.raises(TypeError, match="horizon must be a whole number of steps, got 2.5"):
         tidecast.replay(frame, horizon=2.5)
+    with pytest.raises(TypeError, match="batch_size must be a whole number of observations, got 1.5"):
+        tidecast.replay(frame, batch_size=1.5)  # once silently 1
+    with pytest.raises(ValueError, match="lr = -1.0: a finite learning rate > 0"):
+        tidecast.replay(frame, models="cyclenet", model_params={"cyclenet": {"lr": -1.0}})
     with pytest.raises(ValueError, match="has no columns"):
         tidecast.replay(pd.DataFrame())
     with pytest.raises(ValueError, match="not a comma-separated list of float"):
