@@ -75,8 +75,9 @@ def _known_calibrator(name: str) -> str | None:
     return None if name in CALIBRATORS else f"not one of {', '.join(sorted(CALIBRATORS))}"
 
 
-#: Observations held per series to infer its grid step (the lower median of their gaps) when freq is not set:
-#: one odd gap among the first few cannot set a wrong grid. Fixed, because held rows are part of saved state.
+#: Observations held per series to infer its grid step (their most frequent gap; the lower median when none
+#: repeats) when freq is not set: missing values or one odd gap among the first few cannot set a wrong grid.
+#: Fixed, because held rows are part of saved state.
 STEP_WINDOW = 8
 #: Longest forecast horizon. Per series and lane the engine keeps H forecasts of H steps (mean, lower, upper) and
 #: the calibrator keeps scores per horizon: about 32·H² bytes with the default calibrator (measured: 5.2 MB per
@@ -157,7 +158,7 @@ class EngineConfig:
         metavar="KEY=VALUE",
         parse=partial(parse_key_values, what="calibrator parameter", nested=False))
     freq: str | None = setting(None, "grid step, a pandas offset such as 1h or 30min", group=ENGINE,
-                               shown_default=f"inferred per series: the median gap of its first {STEP_WINDOW} "
+                               shown_default=f"inferred per series: the commonest gap of its first {STEP_WINDOW} "
                                "observations", check=_grid_step)
     max_gap: int | None = setting(None, "longest gap (ticks) filled by linear interpolation; a longer one resets the "
                                   "series", group=ENGINE, shown_default="H", check=at_least(0))

@@ -147,6 +147,21 @@ def test_inferred_grid_holds_the_first_observations_and_anchors_to_the_clock():
     assert engine.series_["n_applied"][0] == STEP_WINDOW + 1
 
 
+def test_an_inferred_grid_is_the_series_step_when_values_are_missing():
+    """Hourly rows with 30 % missing: the median of the first gaps is 2 h, which would put every other value onto a
+    used tick (lost as a collision); the commonest gap is the step. A series with two near-duplicate readings
+    among its first rows keeps its own step (the readings collide: that is what a collision is for)."""
+    engine = Engine.from_config(EngineConfig(horizon=2, models=["seasonal-naive"],
+                                             model_params={"seasonal-naive": {"period": 1}}))
+    hours = [0, 3, 5, 8, 9, 10, 11, 13, 14, 16, 17, 20]  # gaps 3, 2, 3, 1, 1, 1, 2: lower median 2, commonest 1
+    out = engine.process(batch("gappy", hours, np.arange(len(hours), dtype=float)))
+    assert engine.series_["step_ns"][engine._slot_of["gappy"]] == HOUR
+    assert out.n_collisions == 0 and out.n_applied == len(hours)
+    minutes = [0, 10, 20, 21, 31, 41, 51, 52, 62]  # gaps 10, 10, 1, 10, 10, 10, 1: commonest 10
+    engine.process(batch("twice", minutes, np.zeros(len(minutes)), step=HOUR // 60))
+    assert engine.series_["step_ns"][engine._slot_of["twice"]] == 10 * (HOUR // 60)
+
+
 def test_allow_list_rejects_unknown_series():
     engine = Engine.from_config(EngineConfig(models=["seasonal-naive"], allowed_series=["a"], freq="1h"))
     r = engine.process(batch(["a", "b", "a"], [0, 0, 1], [1.0, 2.0, 3.0]))
