@@ -185,7 +185,7 @@ class RetrainPolicy(Params):
         check_count("shadow_steps", shadow_steps, 2)
         if schedule is not None:
             check_count("schedule", schedule)
-        check_between("margin", margin, 0, 1, open_high=True)
+        check_between("margin", margin, -math.inf, 1)  # below 0 admits worse candidates (a gate switched off)
         check_between("flip_margin", flip_margin, 0, math.inf, open_high=True)
         check_between("flip_budget", flip_budget, 0, 1)
         if significance < 0 or math.isnan(significance):

@@ -68,7 +68,7 @@ REFUSED = [
     ("bootstrap", "threshold", NAN), ("bootstrap", "slack", -1.0), ("bootstrap", "slack", NAN),
     ("bootstrap", "scale_memory", 0),
     ("policy", "min_alarm_rows", 0), ("policy", "min_fresh", NAN), ("policy", "shadow_steps", 1),
-    ("policy", "margin", 1.0), ("policy", "margin", NAN), ("policy", "flip_budget", 1.5),
+    ("policy", "margin", 1.5), ("policy", "margin", NAN), ("policy", "flip_budget", 1.5),
     ("policy", "significance", NAN), ("policy", "triggers", "cusum"),
     ("settings", "epochs", 0), ("settings", "history", -1), ("settings", "lambdas", (0.0, 1.0)),
     ("retrain-param", "triggers", "cusum"), ("retrain-param", "cooldown_steps", 4),
@@ -91,6 +91,7 @@ TAKEN = [
     ("bootstrap", {"slack": 0.0, "threshold": INF}),
     ("policy", {"min_fresh": 0, "cooldown": 0, "margin": 0.0, "flip_budget": 1.0, "significance": 0.0,
                 "triggers": ("cusum",)}),
+    ("policy", {"margin": -1e9, "triggers": []}),  # bench/retrain.py's D3A baseline: no gate, no alarm trigger
     ("settings", {"history": 0, "lambdas": (1.0,)}),
     ("retrain-param", {"triggers": ["cusum"], "epochs": 2, "lambdas": [0.5, 1]}),
 ]
