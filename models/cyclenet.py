@@ -78,7 +78,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from tidecast.models.base import ArrayDict, Calibration, CalibrationQueue, check_count, check_positive, check_rate
+from tidecast.models.base import (
+    ArrayDict,
+    Calibration,
+    CalibrationQueue,
+    check_count,
+    check_positive,
+    check_rate,
+    require,
+)
 from tidecast.models.bootstrap import check_bootstrap
 from tidecast.models.cyclenet_net import DEFAULT_LR, BatchFit, CycleNet, Windows, make_adam
 from tidecast.models.cyclenet_net import build as build_net
@@ -275,6 +283,7 @@ class CycleNetForecaster(WarmStarted):
         check_count("replay_steps", self.replay_steps, 0)
         check_positive("step_budget", self.step_budget, rule="seconds > 0")
         check_count("max_cycle", self.max_cycle, 2)
+        require(self.defer is None or isinstance(self.defer, bool), "defer", self.defer, "True, False or None")
         check_positive("input_limit", self.input_limit, optional=True, rule="scaler units > 0")
         check_positive("loss_limit", self.loss_limit, optional=True, rule="a multiple > 0")
         if self.backbone not in ("linear", "mlp"):

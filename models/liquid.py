@@ -86,7 +86,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tidecast.models.base import ArrayDict, check_count, check_positive, check_rate
+from tidecast.models.base import ArrayDict, check_count, check_positive, check_rate, require
 from tidecast.models.bootstrap import ResidualRing, check_bootstrap
 from tidecast.models.ensemble import Ensemble
 from tidecast.models.persistence import PersistenceBlend
@@ -353,6 +353,7 @@ class CfCForecaster(WarmStarted):
         check_count("replay_steps", self.replay_steps, 0)
         check_positive("step_budget", self.step_budget, rule="seconds > 0")
         check_count("max_cycle", self.max_cycle, 2)
+        require(self.defer is None or isinstance(self.defer, bool), "defer", self.defer, "True, False or None")
         if self.persistence_half_life < 0:
             raise ValueError("persistence_half_life must be >= 0 (0: no blend with the last value)")
         if self.members != 1:  # one object is one network; the registry's factory builds the ensemble

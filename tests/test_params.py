@@ -51,7 +51,7 @@ REFUSED = [
     ("cyclenet", "batch_size", 0), ("cyclenet", "online_lr", 0.0), ("cyclenet", "online_cycle_lr", NAN),
     ("cyclenet", "replay_steps", -1), ("cyclenet", "step_budget", 0.0), ("cyclenet", "step_budget", NAN),
     ("cyclenet", "max_cycle", 1), ("cyclenet", "input_limit", 0.0), ("cyclenet", "loss_limit", NAN),
-    ("cyclenet", "cycle", 0), ("cyclenet", "cycle", 2.5),
+    ("cyclenet", "cycle", 0), ("cyclenet", "cycle", 2.5), ("cyclenet", "defer", 0), ("cfc", "defer", "yes"),
     ("cfc", "backbone_units", 0), ("cfc", "backbone_layers", 0), ("cfc", "lr", 0.0), ("cfc", "epochs", 0),
     ("cfc", "online_lr", NAN), ("cfc", "online_huber", 0.0), ("cfc", "step_budget", -1.0), ("cfc", "cycle", NAN),
     ("conformal-pid", "lr", -1.0), ("conformal-pid", "lr", NAN), ("conformal-pid", "forget", 0.0),
