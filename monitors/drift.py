@@ -319,12 +319,7 @@ class ResidualCUSUM(DriftDetector):
         for name, value in (("variance_ratio", variance_ratio), ("collapse_ratio", collapse_ratio),
                             ("coverage_ratio", coverage_ratio)):
             check_between(name, value, 1, math.inf, open_low=True, open_high=True)
-        if not 0 < alpha < 1 or not coverage_ratio > 1:
-            raise ValueError(f"need 0 < alpha < 1 and coverage_ratio > 1, got {alpha}, {coverage_ratio}")
-        if min(variance_ratio, collapse_ratio) <= 1:
-            raise ValueError("variance_ratio and collapse_ratio must be > 1")
-        if min(h, variance_h, collapse_h, coverage_h, clip) <= 0 or warmup < 2 or memory < 2:
-            raise ValueError("thresholds and clip must be > 0, warmup and memory >= 2")
+        check_between("alpha", alpha, 0, 1, open_low=True, open_high=True)
         if not 0 < freeze_tail < 1 or not 0 < freeze_floor < 1:
             raise ValueError("freeze_tail and freeze_floor must be in (0, 1)")
         self.k, self.h = k, h

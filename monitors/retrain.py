@@ -190,13 +190,8 @@ class RetrainPolicy(Params):
         check_between("flip_budget", flip_budget, 0, 1)
         if significance < 0 or math.isnan(significance):
             raise ValueError(f"significance must be >= 0 (0: no test), got {significance}")
-        if probation_steps < 0 or probation_steps == 1:
+        if probation_steps == 1:  # below 0 is refused above
             raise ValueError(f"probation_steps must be 0 (off) or >= 2, got {probation_steps}")
-        if min_fresh < 0 or cooldown < 0 or budget < 1 or budget_window < 1 or shadow_steps < 2:
-            raise ValueError("min_fresh and cooldown must be >= 0, budget and budget_window >= 1, "
-                             "shadow_steps >= 2")
-        if schedule is not None and schedule < 1:
-            raise ValueError("schedule must be >= 1 steps (or None)")
         self.version_ = 0  # promotions so far: the lane's model version
         self.change_step_ = NO_STEP  # first alarm since the last job start
         self.starts_ = np.zeros(0, np.int64)  # steps at which jobs started, within the budget window

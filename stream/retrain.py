@@ -453,8 +453,6 @@ def retrain_settings(params: dict[str, Any]) -> RetrainSettings:
     policy = {k: v for k, v in params.items() if k not in _JOB_KEYS}
     if "lambdas" in job:
         job["lambdas"] = tuple(float(x) for x in job["lambdas"])
-    if "triggers" in policy and policy["triggers"] is not None:
-        if isinstance(policy["triggers"], str):  # tuple() would spell it out letter by letter
-            raise ValueError(f"triggers = {policy['triggers']!r}: a list of detector names, e.g. [\"cusum\"]")
+    if isinstance(policy.get("triggers"), list):  # a JSON list; anything else is RetrainPolicy's to judge
         policy["triggers"] = tuple(policy["triggers"])
     return RetrainSettings(policy=RetrainPolicy(**policy), **job)
