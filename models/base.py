@@ -98,8 +98,8 @@ class Calibration:
 class CalibrationQueue:
     """A thread-safe mailbox of :class:`Calibration` hand-offs: models ``put``, the engine ``pop``s them all.
 
-    A hand-off is not model state: one still queued when the model is exported is lost, and those rows'
-    calibrators start from what they have (pooled, see :mod:`tidecast.monitors.conformal.pool`)."""
+    A hand-off is not model state: the engine drains the queue into its calibrators before it exports series
+    (:meth:`~tidecast.stream.engine.Engine.export_series`), so a checkpoint never leaves one behind."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

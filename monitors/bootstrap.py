@@ -108,6 +108,9 @@ class BootstrapMonitor(LaneMonitor):
         """Each row's latest score over its reference (1: as uncertain as usual; NaN before the warm-up)."""
         return self.rows_["deterioration"]
 
+    def model_replaced(self, model: BatchForecaster) -> None:
+        self.model = model  # the replaced model's replicas no longer forecast: reading them, the watcher went blind
+
     def resize(self, n_rows: int) -> None:
         super().resize(n_rows)
         self.pool_.resize(n_rows)

@@ -125,6 +125,12 @@ def from_epoch_ns(t_ns: int) -> datetime:
     return _EPOCH + timedelta(microseconds=t_ns // 1000)
 
 
+#: A detector's input (a residual over its scale) is clipped to +-this before it is learned.
+MAX_STANDARDISED = 1e6
+#: HorizonPool's scale learns a residual as at most this many times the scale (see HorizonPool).
+POOL_OUTLIER_LIMIT = 30.0
+
+
 class DriftDetector(Params, ABC):
     """Base class: per-row state in one float table ``state_`` (fields, rows); fitted state ends in ``_``.
 
@@ -190,6 +196,9 @@ class DriftDetector(Params, ABC):
             y = None if y is None else y[ok]
         if rows.size == 0:
             return Alarms.empty()
+        # a standardised residual beyond this says no more than "absurd", and its square must stay finite: 1e160
+        # once made the variance inf and every statistic of the row NaN, for good
+        x = np.clip(x, -MAX_STANDARDISED, MAX_STANDARDISED)
         self.resize(int(rows.max()) + 1)
         contiguous = rows[-1] - rows[0] + 1 == rows.size and bool(np.all(np.diff(rows) == 1))
         # A contiguous run of rows (the engine's common case) is updated in place; others are gathered.
@@ -470,7 +479,9 @@ class D3A(DriftDetector):
         s[i_n] = n
         mean = s[i_sum] / n
         std = np.sqrt(np.maximum(s[i_sq] / n - mean * mean, 0.0))
-        recent = s[3 : 3 + self.window].mean(axis=0)
+        # summed in one memory layout whichever rows these are (a strided view of a contiguous run of rows, or a
+        # gathered copy), so a series' statistic does not depend on the row it sits in, to the last bit
+        recent = np.ascontiguousarray(s[3 : 3 + self.window]).mean(axis=0)
         with np.errstate(divide="ignore", invalid="ignore"):
             stat = np.where(std > 0, (recent - mean) / (std / np.sqrt(n)), 0.0)
         fired = (n >= self.window) & (stat > self.z)
@@ -546,9 +557,14 @@ class HorizonPool:
             z = np.where(ok & (count > 0), r / scale, np.nan)  # a zero scale gives inf: the row is skipped
             used = np.isfinite(z)
             pooled = np.where(used, z, 0.0).sum(axis=1) / used.sum(axis=1)
+        size = np.abs(np.where(ok, r, 0.0))
+        # an outlier moves the scale as one of POOL_OUTLIER_LIMIT scales would (once 3 residuals started it): one
+        # absurd value used to inflate it for a thousand steps, and as it decayed the ordinary residuals looked
+        # ever larger, faking variance alarms (and bootstrap ones: its watcher shares this scale)
+        size = np.where((count >= 3) & (scale > 0), np.minimum(size, POOL_OUTLIER_LIMIT * scale), size)
         count += ok
         rate = np.where(ok, np.maximum(1.0 / np.maximum(count, 1.0), 1.0 / self.memory), 0.0)
-        scale += rate * (np.abs(np.where(ok, r, 0.0)) - scale)
+        scale += rate * (size - scale)
         self.scale_[rows], self.count_[rows] = scale, count
         return pooled
 
@@ -593,6 +609,9 @@ class LaneMonitor:
                upper: np.ndarray) -> Alarms:
         """Rows were just given ``forecast`` (n, H) and its interval at ``ticks``."""
         return Alarms.empty()
+
+    def model_replaced(self, model: object) -> None:
+        """The lane now serves ``model`` (a promotion): a watcher that reads the model itself follows it."""
 
     def reset_rows(self, rows: np.ndarray) -> None:
         """The rows' model was replaced (retrained): what was learned about its errors no longer applies."""

@@ -345,12 +345,19 @@ class Engine:
     def series_ids(self) -> list[str]:
         return list(self._slot_of)
 
-    def _register(self, series_id: str) -> int | None:
+    def series_rows(self) -> dict[str, int]:
+        """Each series' row in the engine's tables (a checkpoint keeps it, so a restore can put it back there)."""
+        return dict(self._slot_of)
+
+    def _register(self, series_id: str, row: int | None = None) -> int | None:
+        """A row for a new series: ``row`` if given and free, else a freed row, else the next new one."""
         if self._allowed is not None and series_id not in self._allowed:
             return None
         if len(self._slot_of) >= self.config.max_series:
             return None
-        slot = self._free.pop() if self._free else len(self._slot_of)
+        slot = self._claim(row) if row is not None else None
+        if slot is None:
+            slot = self._free.pop() if self._free else len(self._slot_of)
         if slot >= self._cap:
             self._grow(capacity_for(self._cap, slot + 1))
         self._slot_of[series_id] = slot
@@ -597,10 +604,15 @@ class Engine:
     def _collision(self, slot: int, t: int, result: EngineResult) -> None:
         s = self.series_
         if s["n_collisions"][slot] == 0:
-            log.warning("series %r: %s snaps onto the grid tick of %s (step %s), already used; skipped and counted "
-                        "in tidecast_snapped_collisions_total (warned once per series: is --freq too coarse?)",
-                        self._ids[slot], _iso(t), _iso(int(s["last_t"][slot])),
-                        _duration(int(s["step_ns"][slot])))
+            step = int(s["step_ns"][slot])
+            tick_time = int(s["anchor_ns"][slot]) + int(s["last_tick"][slot]) * step
+            hint = ("is --freq too coarse?" if self.config.freq is not None else
+                    "the step was inferred from the series' first values: set --freq if it is wrong; calendar months "
+                    "and years are not fixed steps and do not fit a grid")
+            log.warning("series %r: %s snaps onto the grid tick %s (step %s), which the observation at %s already "
+                        "holds; skipped and counted in tidecast_snapped_collisions_total (warned once per series: %s)",
+                        self._ids[slot], _iso(t), _iso(tick_time), _duration(step), _iso(int(s["last_t"][slot])),
+                        hint)
         s["n_collisions"][slot] += 1
         result.n_collisions += 1
 
@@ -821,6 +833,7 @@ class Engine:
             if pool is not None:
                 pool.restart(rows)
         for monitor in lane.monitors:
+            monitor.model_replaced(model)
             monitor.reset_rows(rows)
 
     def adopt_newer(self, shared: dict[str, tuple[ArrayDict, dict[str, Any]]]) -> list[str]:
@@ -877,6 +890,11 @@ class Engine:
         Keys: ``engine/<field>`` for the grid and applied position, ``<model>/<part>/<name>`` for each lane's
         model, calibrator (``cal``), pending forecasts and scorer.
         """
+        # A fit installed between rounds (the trainer thread, maintenance) hands its validation residuals over in a
+        # queue the next round drains; the queue is not state, so drain it into the calibrators now, or a restore
+        # from this export would serve those series without intervals until they learn their own.
+        for lane in self.lanes:
+            lane.seed_calibrator(self.config.horizon)
         rows = np.array([self._slot_of[sid] for sid in series_ids], dtype=np.int64)
         return [{"series_id": sid} for sid in series_ids], self._export_rows(rows)
 
@@ -888,14 +906,29 @@ class Engine:
                     arrays[f"{lane.name}/{part_name}/{key}"] = np.asarray(arr)
         return arrays
 
+    def _claim(self, row: int) -> int | None:
+        """Take ``row`` for a new series if no series holds it; ``None`` if one does. Rows below it never handed
+        out join the free rows (rows handed out = series + free rows, so a new row is always the next one)."""
+        handed_out = len(self._slot_of) + len(self._free)
+        if row in self._free:
+            self._free.remove(row)
+            return row
+        if row < handed_out:
+            return None
+        self._free.extend(range(handed_out, row))
+        return row
+
     def import_series(self, meta: list[dict[str, Any]], arrays: ArrayDict) -> None:
-        """Inverse of :meth:`export_series`: creates the series if needed and overwrites their state."""
+        """Inverse of :meth:`export_series`: creates the series if needed and overwrites their state. A new
+        series whose item holds a ``row`` (:meth:`series_rows` at the export) gets that row if it is free, so an
+        engine restoring its own checkpoint has every series where it was; row-indexed shared state (a replay
+        buffer's plan) then still points at the right series."""
         rows = []
         for item in meta:
             sid = item["series_id"]
             slot = self._slot_of.get(sid)
             if slot is None:
-                slot = self._register(sid)
+                slot = self._register(sid, item.get("row"))
                 if slot is None:
                     raise ValueError(f"cannot restore series {sid!r}: not accepted by this engine's config")
             rows.append(slot)

@@ -256,7 +256,7 @@ class PartitionTable:
         started = time.perf_counter()
         shared = nonempty_shared(self.engine.export_shared())
         digests = {name: shared_digest(*state) for name, state in shared.items()}
-        slots = {sid: i for i, sid in enumerate(self.engine.series_ids)}
+        slots = self.engine.series_rows()
         job = CheckpointJob(started, shared, digests)
         for st in todo:
             rows = self._export(sorted(st.series), slots)
@@ -406,9 +406,11 @@ class PartitionTable:
         if not found:
             return
         rows = SeriesRows.concat([s.rows for s in found])
-        # Import in the exporter's slot order: a process restoring its own state gets the same rows back,
-        # which keeps any row-indexed shared state (e.g. a replay buffer) pointing at the right series.
+        # Import in the exporter's row order ("slot"), and into those very rows when this engine holds no series
+        # yet: a process restoring its own state gets every series back where it was, which keeps row-indexed
+        # shared state (e.g. a replay buffer's plan) pointing at the right series.
         rows = rows.take(np.argsort([m.get("slot", 0) for m in rows.meta], kind="stable"))
+        fresh = not self.engine.series_ids
         shared = _newest_shared(found)
         if not self.engine.series_ids:
             if shared:
@@ -418,7 +420,9 @@ class PartitionTable:
             if adopted:
                 log.info("adopted newer model versions of %s from partitions %s", adopted,
                          sorted(s.partition for s in found))
-        self.engine.import_series([{"series_id": m["series_id"]} for m in rows.meta], rows.arrays)
+        wanted = [{"series_id": m["series_id"]} | ({"row": m["slot"]} if fresh and "slot" in m else {})
+                  for m in rows.meta]
+        self.engine.import_series(wanted, rows.arrays)
         self.metrics.restored_series.inc(len(rows))
         log.info("restored %d series of partitions %s", len(rows), sorted(s.partition for s in found))
 

@@ -111,6 +111,11 @@ class PendingForecasts:
             upper = np.where(np.isinf(hi), hi, m + hi)
         return mean, lower, upper, valid
 
+    def issued(self, rows: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """(n, H): whether a forecast for tick ``targets`` was issued h ticks earlier (finite or not)."""
+        origins = targets[:, None] - self.hs_[None, :]
+        return self.origin_[rows[:, None], origins % self.horizon] == origins
+
     def invalidate(self, rows: np.ndarray) -> None:
         """Forget what ``rows`` have pending (after a reset nothing may mature across the gap)."""
         self.table_.blank(rows, ("origin",))

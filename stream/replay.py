@@ -41,7 +41,7 @@ class ReplayOptions:
     out: Path | None = setting(None, "forecast records, .parquet or .csv", group="output")
     events: Path | None = setting(None, "drift events (the lanes' monitors' alarms) as JSON lines", group="output")
     dead_letter: Path | None = setting(Path("tidecast-dead-letters.jsonl"), "rejected rows as JSON lines (created "
-                                       "only if there are any)", group="output")
+                                       "only if there are any; an earlier run's file is emptied)", group="output")
     summary_json: Path | None = setting(None, "write the summary as JSON", group="output")
     report: Path | None = setting(None, "write a self-contained HTML report (summary, coverage, plots of the worst "
                                   "series, events, dead letters)", group="output")

@@ -166,7 +166,10 @@ def rolling_coverage(result: ReplayResult, bins: int = 150, smooth: int = 7) -> 
     scored = f[f["y"].notna()]
     if scored.empty:
         return pd.DataFrame(columns=["model", "level", "ds", "coverage", "n"])
-    edges = pd.date_range(scored["ds"].min(), scored["ds"].max(), periods=bins + 1)
+    start, end = scored["ds"].min(), scored["ds"].max()
+    # fewer spans than nanoseconds in the span, so the edges stay distinct (one span when every target is at one time)
+    n_spans = int(min(bins, max(1, (end - start).value)))
+    edges = pd.date_range(start, max(end, start + pd.Timedelta(1, "ns")), periods=n_spans + 1)
     span = pd.cut(scored["ds"], edges, include_lowest=True, labels=edges[:-1])
     parts = []
     y = scored["y"].to_numpy()

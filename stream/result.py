@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from tidecast.monitors.accuracy import running_scale, scale_period, smape
+from tidecast.monitors.accuracy import running_scale_at, scale_period, smape
 from tidecast.stream.batch import ActualBatch, ForecastBatch
 from tidecast.stream.config import EngineConfig
 from tidecast.stream.sources import DeadLetter
@@ -323,6 +323,21 @@ class ReplayResult:
         return str(series_id)
 
 
+#: ticks a series' seasonal naive period is detected on (scale_period's default max_period of 200: 2 · 200 + 2)
+_PERIOD_HEAD = 402
+
+
+def _commonest_gap(times: np.ndarray) -> int:
+    """The most frequent positive gap between sorted grid times (the engine's step: with values missing, the
+    median gap can be two steps or more); 0 if no two times differ."""
+    gaps = np.diff(times)
+    gaps = gaps[gaps > 0]
+    if not gaps.size:
+        return 0
+    values, counts = np.unique(gaps, return_counts=True)
+    return int(values[np.argmax(counts)])
+
+
 def _scales(forecasts: pd.DataFrame, actuals: pd.DataFrame) -> np.ndarray:
     """The prequential seasonal-naive scale of each forecast row's series at the row's origin."""
     out = np.full(len(forecasts), np.nan)
@@ -341,16 +356,17 @@ def _scales(forecasts: pd.DataFrame, actuals: pd.DataFrame) -> np.ndarray:
         if not len(rows) or mine.size < 2:
             continue
         t, y = times[mine], values[mine]
-        step = int(np.median(np.diff(t)))
+        by_time = np.argsort(t, kind="stable")
+        t, y = t[by_time], y[by_time]
+        step = _commonest_gap(t)
         if step <= 0:
             continue
         ticks = np.rint((t - t[0]) / step).astype(np.int64)
-        grid = np.full(int(ticks[-1]) + 1, np.nan)
-        grid[ticks] = y
-        scale = running_scale(grid, scale_period(y))
+        head = np.full(min(int(ticks[-1]) + 1, _PERIOD_HEAD), np.nan)  # the ticks the period is detected on
+        early = ticks < head.size
+        head[ticks[early]] = y[early]
         at = np.rint((cutoff[rows] - t[0]) / step).astype(np.int64)
-        inside = (at >= 0) & (at < grid.size)
-        out[rows[inside]] = scale[at[inside]]
+        out[rows] = running_scale_at(ticks, y, scale_period(head), at)
     with np.errstate(invalid="ignore"):
         out[out <= 0] = np.nan  # a constant history scales nothing
     return out

@@ -194,10 +194,13 @@ class Shadow:
         for k, pending in enumerate(self.pending):
             mean, _, _, valid = pending.matured(rows, ticks)
             both = valid & inc_valid
-            if not both.any():
+            # the candidate issued a forecast that is not finite where the incumbent's is: an infinite error, so
+            # a candidate that cannot forecast a series the incumbent can is never promoted
+            failed = inc_valid & ~valid & pending.issued(rows, ticks)
+            if not (both.any() or failed.any()):
                 continue
             any_matured = True
-            cand = np.where(both, (y[:, None] - mean) ** 2, 0.0).sum(axis=1)
+            cand = np.where(both, (y[:, None] - mean) ** 2, 0.0).sum(axis=1) + np.where(failed.any(axis=1), np.inf, 0.0)
             inc = np.where(both, (y[:, None] - inc_mean) ** 2, 0.0).sum(axis=1)
             self.cand_err[k, rows] += cand
             self.inc_err[k, rows] += inc

@@ -102,16 +102,23 @@ class NullSink:
 
 
 class ParquetSink:
-    """Appends row groups to one Parquet file."""
+    """Appends row groups to one Parquet file. A run that issues no forecast leaves a file of no rows (with the
+    columns where the run said them), never an earlier run's rows."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._writer: pq.ParquetWriter | None = None
+        self._empty: ForecastBatch | None = None  # an empty batch: the columns of a run that forecast nothing
+        self._closed = False
 
     def write(self, batch: ForecastBatch) -> None:
         if not len(batch):
+            if self._empty is None:
+                self._empty = batch
             return
-        table = pa.Table.from_pandas(batch.to_frame(), preserve_index=False)
+        self._write(pa.Table.from_pandas(batch.to_frame(), preserve_index=False))
+
+    def _write(self, table: pa.Table) -> None:
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = pq.ParquetWriter(self.path, table.schema)
@@ -121,20 +128,28 @@ class ParquetSink:
         """Row groups are in the file once written; only the footer waits for :meth:`close`."""
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if self._closed:
+            return
+        if self._writer is None:
+            self._write(pa.Table.from_pandas(self._empty.to_frame(), preserve_index=False)
+                        if self._empty is not None else pa.table({}))
+        self._writer.close()
+        self._writer, self._closed = None, True
 
 
 class CsvSink:
-    """Appends rows to one CSV file (header once)."""
+    """Appends rows to one CSV file (header once). A run that issues no forecast leaves the file with the header
+    alone, never an earlier run's rows."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._started = False
+        self._empty: ForecastBatch | None = None  # an empty batch: the columns of a run that forecast nothing
 
     def write(self, batch: ForecastBatch) -> None:
         if not len(batch):
+            if self._empty is None:
+                self._empty = batch
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         batch.to_frame().to_csv(self.path, mode="a" if self._started else "w", header=not self._started,
@@ -145,7 +160,13 @@ class CsvSink:
         """Each write opens, appends and closes the file."""
 
     def close(self) -> None:
-        pass
+        if not self._started:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self._empty is not None:
+                self._empty.to_frame().to_csv(self.path, index=False)
+            else:
+                self.path.write_text("", encoding="utf-8")
+            self._started = True
 
 
 def forecast_sink_for(path: str | Path | None) -> ForecastSink:
@@ -161,7 +182,8 @@ def forecast_sink_for(path: str | Path | None) -> ForecastSink:
 
 
 class JsonlDeadLetters:
-    """Dead letters as JSON lines; the file is created on the first letter only."""
+    """Dead letters as JSON lines. The file is created on the first letter; a run with none creates no file and
+    empties one an earlier run left at the path (it would be read as this run's)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -180,6 +202,8 @@ class JsonlDeadLetters:
             self._fh.flush()
 
     def close(self) -> None:
-        if self._fh is not None:
+        if self._fh is None and not self.count and self.path.is_file():
+            self.path.write_text("", encoding="utf-8")  # an earlier run's letters: this run had none
+        elif self._fh is not None:
             self._fh.close()
             self._fh = None

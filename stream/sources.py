@@ -34,6 +34,7 @@ import csv
 import io
 import json
 import math
+import re
 import warnings
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field, replace
@@ -363,7 +364,7 @@ def _load_table(table: Table, spec: ReplaySpec, source: str, name: str | None, p
                 raise ValueError(f"long format needs column {col!r}; columns are {list(frame.columns)}")
         used = [time_col, spec.series_column, spec.value_column]
     else:
-        used = [time_col, *(spec.columns or [c for c in frame.columns if c != time_col])]
+        used = [time_col, *_channels(frame, spec, time_col)]
     if path is not None:
         _refuse_nested(path, used)
     letters = list(table.letters)
@@ -413,7 +414,7 @@ def _guess_time_column(frame: pd.DataFrame) -> str:
     for column in frame.columns:
         if _holds_times(frame[column]):
             return str(column)
-    first = str(frame.columns[0])
+    first = str(next((c for c in frame.columns if not _headerless(c)), frame.columns[0]))
     warnings.warn(f"no time column named {', '.join(TIME_COLUMN_CANDIDATES)}: reading the first column, {first!r}, "
                   f"as the time (numbers as epoch seconds); name it with --time-column / time_column=",
                   UserWarning, stacklevel=2)
@@ -436,12 +437,22 @@ def _row_sizes(frame: pd.DataFrame) -> np.ndarray:
     sizes = np.zeros(len(frame), np.int64)
     for col in frame.columns:
         if frame[col].dtype == object:
-            sizes += frame[col].astype(str).str.len().fillna(0).to_numpy(dtype=np.int64)
+            sizes += _as_text(frame[col]).str.len().fillna(0).to_numpy(dtype=np.int64)
         elif pd.api.types.is_string_dtype(frame[col]):
             sizes += frame[col].str.len().fillna(0).to_numpy(dtype=np.int64)
         else:
             sizes += 16
     return sizes
+
+
+def _as_text(cells: pd.Series) -> pd.Series:
+    """Each cell as ``str`` would write it. pandas' string dtype (Arrow) refuses a lone surrogate such as
+    ``"\\ud800"``, so a column holding one is converted cell by cell into Python strings instead: the id is then
+    refused as ``bad_series_id`` with its row, not by an exception for the whole input."""
+    try:
+        return cells.astype(str)
+    except UnicodeEncodeError:
+        return pd.Series([str(cell) for cell in cells], index=cells.index, dtype=object)
 
 
 _MIN_US, _MAX_US = to_ns(MIN_TIMESTAMP) // 1000, to_ns(MAX_TIMESTAMP) // 1000
@@ -582,10 +593,29 @@ def _id_letters(table: Table, err: InvalidRecord, bad: np.ndarray, source: str) 
             for row, raw in zip(rows.tolist(), _raw_rows(table.frame, rows), strict=True)]
 
 
+def _channels(frame: pd.DataFrame, spec: ReplaySpec, time_col: str) -> list[Any]:
+    """A wide table's value columns: ``--columns`` if given, else every column but the time column and those
+    without a header (the row numbers ``DataFrame.to_csv()`` writes by default, or the empty column after a
+    trailing comma on every line), which name no series.
+
+    >>> frame = pd.DataFrame({"": [0, 1], "ds": ["2024-01-01", "2024-01-02"], "a": [1.0, 2.0]})
+    >>> _channels(frame, ReplaySpec(path="x.csv"), "ds")
+    ['a']
+    """
+    if spec.columns:
+        return list(spec.columns)
+    return [c for c in frame.columns if c != time_col and not _headerless(c)]
+
+
+def _headerless(column: Any) -> bool:
+    """A column with an empty header (as read here) or pandas' stand-in for one (``Unnamed: 0``)."""
+    return not str(column).strip() or re.fullmatch(r"Unnamed: \d+", str(column)) is not None
+
+
 def _wide(table: Table, spec: ReplaySpec, time_col: str, t_ns: np.ndarray, good_rows: np.ndarray,
           source: str, name: str | None) -> tuple[ObservationBatch, list[DeadLetter]]:
     frame = table.frame
-    channels = spec.columns or [c for c in frame.columns if c != time_col]
+    channels = _channels(frame, spec, time_col)
     missing = [c for c in channels if c not in frame.columns]
     if missing:
         raise ValueError(f"columns {missing} not in {list(frame.columns)}")
@@ -621,7 +651,7 @@ def _long(table: Table, spec: ReplaySpec, t_ns: np.ndarray, good_rows: np.ndarra
     frame = table.frame
     raw_ids = frame[spec.series_column]
     # ids are kept as written, as Kafka keys and JSON lines keep them: stripping merged " OT" into "OT"
-    series = raw_ids.astype(str)
+    series = _as_text(raw_ids)
     no_series = (series.str.strip() == "").to_numpy() | raw_ids.isna().to_numpy()
     letters = _id_letters(table, InvalidRecord("missing_field", "series_id is missing"), no_series & good_rows,
                           source)

@@ -358,3 +358,35 @@ def test_the_engines_drift_alarms_arrive_as_events_and_are_drawn():
     assert jump <= first < jump + 24 * HOUR
     (ax,) = result.plot("a").axes
     assert any(text.get_text().startswith(events["detector"].iloc[0]) for text in ax.get_legend().get_texts())
+
+
+def test_mase_scale_is_taken_on_the_grid_when_values_are_missing():
+    """Missing values must not squeeze the history: the scale is the mean |y_t - y_{t-m}| over ticks m apart on
+    the series' grid, with m detected on the grid (it read 23 with 5 % of a daily cycle's hours missing)."""
+    rng = np.random.default_rng(0)
+    n = 3000
+    t = pd.date_range("2024-01-01", periods=n, freq="h")
+    y = 10 * np.sin(2 * np.pi * np.arange(n) / 24) + rng.normal(0, 1, n)
+    mase = {}
+    for missing in (0.0, 0.3):
+        keep = rng.random(n) > missing
+        keep[:8] = True
+        frame = pd.DataFrame({"unique_id": "s", "ds": t[keep], "y": y[keep]})
+        result = tidecast.replay(frame, horizon=1, max_gap=48, model_params={"seasonal-naive": {"period": 24}})
+        mase[missing] = float(result.summary()["mase"].iloc[0])
+    assert 0.9 < mase[0.0] < 1.1 and 0.9 < mase[0.3] < 1.1, mase  # 0.107 with 30 % missing before
+
+
+def test_a_stray_timestamp_decades_off_does_not_blow_up_the_scale():
+    """One clock-glitch row in 1970 among one-second steps: the scale was computed on a dense grid over the whole
+    span (12.7 GiB)."""
+    t = list(pd.date_range("2024-01-01", periods=600, freq="s")) + [pd.Timestamp("1970-01-01")]
+    frame = pd.DataFrame({"unique_id": "s", "ds": t, "y": [*np.sin(np.arange(600) / 10), 0.0]})
+    assert np.isfinite(tidecast.replay(frame, horizon=1).summary()["mase"]).all()
+
+
+def test_a_series_id_with_a_lone_surrogate_is_a_dead_letter_not_an_exception():
+    frame = noisy_cycles(50, series=("a",)).astype({"unique_id": object})
+    frame.at[5, "unique_id"] = "\ud800"
+    result = tidecast.replay(frame, model_params=SN12)
+    assert result.dead_letters["reason"].tolist() == ["bad_series_id"] and len(result.actuals) == 49

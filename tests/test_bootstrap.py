@@ -301,3 +301,21 @@ def test_replay_writes_the_uncertainty_events(tmp_path) -> None:
     assert boot and {line["kind"] for line in boot} == {"uncertainty"}
     assert any(line["series_id"] == "trend/s1" for line in boot)
     assert json.loads(summary_file.read_text())["drift_events"]["sn"]["bootstrap"] == len(boot)
+
+
+def test_after_a_promotion_the_watcher_reads_the_model_now_served() -> None:
+    """A retrain promotion replaces the lane's model; the watcher read the replaced one (whose replicas no longer
+    forecast: its ratio went NaN and it could never alarm again)."""
+    engine = _engine(models=["hw=holt-winters"], model_params={"hw": {"period": 24, "warmup": 48, "bootstrap": 4}},
+                     bootstrap_params={"warmup": 20}, retrain="on",
+                     retrain_params={"schedule": 40, "min_fresh": 10, "cooldown": 30, "shadow_steps": 10,
+                                     "history": 48, "significance": 0, "margin": -1e9, "flip_budget": 1.0})
+    events = _feed(engine, _values(steps=500, at=500), chunk=1)
+    assert [e for e in events if e.kind == "promoted"], "the policy promoted nothing"
+    lane = engine.lanes[0]
+    (watcher,) = [m for m in lane.monitors if isinstance(m, BootstrapMonitor)]
+    assert watcher.model is lane.model
+    rows = engine.live_rows()
+    n_before = watcher.rows_["n"][rows].copy()
+    _feed(engine, _values(steps=560, at=560)[500:], start=500, chunk=1)
+    assert (watcher.rows_["n"][rows] > n_before).all() and np.isfinite(watcher.ratio_[rows, 0]).all()

@@ -332,3 +332,41 @@ def test_alarms_become_json_round_tripping_events() -> None:
     wire = json.dumps(event.to_dict())
     assert DriftEvent.from_dict(json.loads(wire)) == event
     assert json.loads(wire)["detected_at"] == "2017-01-01T00:00:00Z"
+
+
+def test_d3a_statistics_do_not_depend_on_the_rows_a_series_sits_in():
+    """The same series in rows 0, 1, 2 (a contiguous run, updated through a view) and in rows 2, 0, 1 (gathered):
+    the same alarms with bit-identical statistics, so a restore into other rows changes no event."""
+    rng = np.random.default_rng(0)
+    straight, shuffled = D3A(), D3A()
+    straight.resize(3)
+    shuffled.resize(3)
+    place = np.array([2, 0, 1])  # series k sits in row k of `straight`, row place[k] of `shuffled`
+    seen_straight, seen_shuffled = [], []
+    for t in range(400):
+        x = rng.normal(size=3) * (1 + 3 * (t > 200))
+        a, b = straight.update(np.arange(3), x), shuffled.update(place, x)
+        seen_straight += [(t, int(r), s) for r, s in zip(a.rows, a.statistic, strict=True)]
+        seen_shuffled += [(t, int(np.flatnonzero(place == r)[0]), s) for r, s in zip(b.rows, b.statistic, strict=True)]
+    assert len(seen_straight) > 5 and sorted(seen_straight) == sorted(seen_shuffled)
+
+
+def test_one_absurd_residual_neither_disables_the_cusum_nor_inflates_the_pooled_scale():
+    """1e200 once: the variance's square overflowed and left every statistic of the row NaN (no alarm ever again);
+    1e14 once moved the pooled scale by 1e11, which decayed over thousands of steps and faked variance alarms."""
+    rng = np.random.default_rng(0)
+    detector = ResidualCUSUM()
+    row = np.array([0])
+    for t in range(2600):
+        x = rng.normal() + (5.0 if t >= 2000 else 0.0)
+        alarms = detector.update(row, np.array([1e200 if t == 500 else x]))
+        state = detector.export_rows(row)
+        assert all(np.isfinite(state[key]).all() for key in ("mean", "var", "cov1", "mean_up", "var_up")), t
+        if t >= 2000 and len(alarms):
+            break
+    else:
+        pytest.fail("the 5-sigma shift at 2000 raised no alarm")
+    pool = HorizonPool(horizon=1)
+    for t in range(100):
+        pool.pool(row, np.array([[1e14 if t == 50 else rng.normal()]]))
+    assert pool.scale_[0, 0] < 5.0  # 30 x the scale at most, learned at the rate of one step

@@ -417,3 +417,37 @@ def test_series_warming_up_counts_observed_series_without_a_forecast_yet():
     inferred = Engine.from_config(EngineConfig(models=["seasonal-naive"], horizon=3))  # the step is inferred
     inferred.process(batch("new", [0, 1], [1.0, 2.0]))  # held until its step is known: it counts all the same
     assert inferred.metrics.registry.get_sample_value("tidecast_series_warming_up", {"model": "seasonal-naive"}) == 1
+
+
+def test_a_fit_installed_between_rounds_keeps_its_calibration_through_an_export():
+    """A deferred fit (serve's trainer thread; maintenance here) queues its validation residuals for the
+    calibrators, and the queue is not state: an export drains it first, so an engine restored from that export
+    issues the same intervals as the one that ran on (it issued none before: its rows were never seeded)."""
+    pytest.importorskip("torch")
+    config = EngineConfig(horizon=6, models=["cyclenet"], freq="1h", model_params={"cyclenet": {
+        "lookback": 24, "cycle": 24, "warm_start": 200, "epochs": 2, "batch_size": 16, "replay_window": 64,
+        "replay_batch": 16, "defer": True, "online": False}})
+    rng = np.random.default_rng(0)
+    ids = ["a", "b", "c"]
+    t = np.arange(300)
+    values = {sid: 10 + (i + 1) * np.sin(2 * np.pi * t / 24) + rng.normal(0, 0.3, t.size) for i, sid in enumerate(ids)}
+
+    def rows(lo: int, hi: int) -> ObservationBatch:
+        k = np.repeat(np.arange(lo, hi), len(ids))
+        sid = np.tile(np.array(ids, dtype=object), hi - lo)
+        return ObservationBatch(sid, T0 + k * HOUR, np.array([values[s][j] for s, j in zip(sid, k, strict=True)]))
+
+    live = Engine.from_config(config)
+    live.process(rows(0, 200))
+    model = live.lanes[0].model
+    while model.net_ is None:
+        live.maintenance(5.0)  # the fit is installed between rounds; its hand-off waits in the queue
+    meta, arrays = live.export_series(sorted(live.series_ids))
+    restored = Engine.from_config(config)
+    restored.import_shared(live.export_shared())
+    restored.import_series(meta, arrays)
+    for k in range(200, 212):
+        a, b = live.process(rows(k, k + 1)).forecasts, restored.process(rows(k, k + 1)).forecasts
+        assert np.isfinite(a.lower).all()
+        np.testing.assert_array_equal(a.lower, b.lower)
+        np.testing.assert_array_equal(a.upper, b.upper)

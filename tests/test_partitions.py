@@ -279,3 +279,27 @@ def test_screening_per_series_agrees_with_screening_row_by_row():
         own = [s for s in pool if home[s] == partition]
         check(observations(partition, own, range(38, 42), max(0, offsets[partition] - 3 * len(own))))
     assert 10 <= fast_taken < 42  # both paths ran
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_a_restore_puts_every_series_back_in_its_own_row(reuse):
+    """Row-indexed shared state (a replay buffer's sampling plan) must find the same series in the same rows after
+    a restart: the checkpoint keeps each series' row, not its place in the engine's list of series (which differ
+    once a dropped series' row is reused, or left free)."""
+    table, _ = make_table()
+    table.restore({0, 1}, {0, 1})
+    apply(table, observations(0, ["a"], range(4), 0))
+    apply(table, observations(1, ["c", "d"], range(4), 0))
+    table.release({0})
+    table.restore(set(), {1})  # partition 0 went to another member: "a" dropped, its row 0 freed
+    if reuse:
+        apply(table, observations(1, ["e"], range(4, 8), 8))  # takes row 0
+    table.checkpoint()
+    rows = table.engine.series_rows()
+    assert rows["c"] == 1 and rows["d"] == 2 and (rows.get("e") == 0) == reuse
+
+    other, _ = make_table(table.changelog, MemoryLocal([]))
+    other.restore({1}, {1})
+    assert other.engine.series_rows() == rows
+    apply(other, observations(1, ["f"], range(4, 8), 20))  # a new series still gets a free row
+    assert other.engine.series_rows()["f"] not in rows.values()

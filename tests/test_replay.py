@@ -215,3 +215,34 @@ def test_forecast_records_are_written_with_the_record_schema(tmp_path, suffix):
     assert (has_interval == frame["upper"].notna()).all() and has_interval.mean() > 0.9
     assert (frame["lower"][has_interval] <= frame["upper"][has_interval]).all()
     assert set(frame["series_id"]) == {"nyc_taxi/value"}
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_run_that_forecasts_nothing_leaves_no_earlier_runs_rows_in_its_outputs(tmp_path, suffix):
+    out, letters = tmp_path / f"out{suffix}", tmp_path / "dead.jsonl"
+    assert main(["replay", str(SAMPLE), "--horizon", "2", "--out", str(out), "--no-progress",
+                 "--dead-letter", str(letters)]) == 0
+    before = pd.read_csv(out) if suffix == ".csv" else pd.read_parquet(out)
+    assert len(before) > 1000
+    letters.write_text('{"reason": "from an earlier run"}\n')
+    one = tmp_path / "one.csv"
+    one.write_text("timestamp,value\n2024-01-01 00:00,1.0\n")  # one value: nothing to forecast, nothing refused
+    assert main(["replay", str(one), "--horizon", "2", "--out", str(out), "--no-progress",
+                 "--dead-letter", str(letters)]) == 0
+    after = pd.read_csv(out) if suffix == ".csv" else pd.read_parquet(out)
+    assert len(after) == 0 and list(after.columns)[:3] == list(before.columns)[:3]
+    assert letters.read_text() == ""
+
+
+def test_columns_without_a_header_name_no_series(tmp_path):
+    """``DataFrame.to_csv()`` writes the row numbers under an empty header; a trailing comma on every line makes an
+    empty last column. Neither is a series."""
+    frame = pd.DataFrame({"date": pd.date_range("2024-01-01", periods=60, freq="h").astype(str),
+                          "A": [float(k % 4) for k in range(60)]})
+    indexed = tmp_path / "indexed.csv"
+    frame.to_csv(indexed)  # header ",date,A"
+    trailing = tmp_path / "trailing.csv"
+    trailing.write_text("".join(line + ",\n" for line in frame.to_csv(index=False).splitlines()))
+    for path in (indexed, trailing):
+        s = replay(tmp_path, str(path), "--horizon", "2", "--model-param", "seasonal-naive.period=4")
+        assert s["n_observations"] == 60 and s["dead_letters"] == {}, path.name

@@ -134,3 +134,13 @@ def test_a_model_that_never_forecast_is_noted_in_the_report(tmp_path):
     notes = re.findall(r"<tr><td>note</td><td>([^<]*)</td></tr>", page.read_text(encoding="utf-8"))
     assert notes == json.loads(summary.read_text())["notes"] and len(notes) == 1
     assert notes[0].startswith("cyclenet: 1 of 1 series never forecast; a series needs 2,000 observations")
+
+
+def test_a_report_of_a_run_whose_scored_targets_all_fall_at_one_time_renders(tmp_path):
+    """Five hourly values, H = 1, period 4: one scored target, so the rolling coverage's time bins had equal edges
+    (pandas refused them after the whole run)."""
+    data, page = tmp_path / "five.csv", tmp_path / "r.html"
+    data.write_text("ds,y\n" + "".join(f"2024-01-01 0{k}:00,{k % 4}\n" for k in range(5)))
+    assert main(["replay", str(data), "--horizon", "1", "--model-param", "seasonal-naive.period=4",
+                 "--report", str(page), "--no-progress", "--dead-letter", str(tmp_path / "dead.jsonl")]) == 0
+    assert page.stat().st_size > 0

@@ -449,3 +449,34 @@ def test_probation_confirms_a_promotion_that_keeps_winning(reference):
     kinds = [k for k, _ in retrain_events(events)]
     assert "promoted" in kinds and "confirmed" in kinds and "rolled_back" not in kinds
     assert engine.model_versions() == {"cyclenet": 1}
+
+
+class _CandidateLostOnSeries:
+    """A candidate that forecasts nothing finite for every series but the first (diverged there) and well on it."""
+
+    def forecast_many(self, rows: np.ndarray, horizon: int) -> np.ndarray:
+        out = np.zeros((rows.size, horizon))
+        out[rows > 0] = np.nan
+        return out
+
+
+def test_a_candidate_that_cannot_forecast_a_series_the_incumbent_can_is_never_promoted():
+    """Cells where only the incumbent had a finite forecast were dropped from both sides, so a candidate that
+    diverged on two series of three was promoted on the one it still forecast (ratio 0.52)."""
+    from tidecast.stream.retrain import Shadow
+
+    horizon, n = 2, 3
+    rng = np.random.default_rng(0)
+    shadow = Shadow([_CandidateLostOnSeries()], [1.0], horizon, n, steps=48)
+    rows = np.arange(n)
+    for t in range(200):
+        if shadow.complete:
+            break
+        matured = np.full((n, horizon), t >= horizon)
+        incumbent = np.ones((n, horizon))  # finite everywhere, off by one
+        shadow.score(rows, np.full(n, t), rng.normal(size=n), incumbent, matured)
+        shadow.forecast(rows, np.full(n, t), horizon)
+    assert shadow.complete
+    verdict = RetrainPolicy().gate(shadow.inc_err[0], shadow.cand_err[0], np.asarray(shadow.step_diffs[0]),
+                                   lag=horizon - 1)
+    assert isinstance(verdict, Reject) and verdict.ratio == np.inf

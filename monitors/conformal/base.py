@@ -21,10 +21,11 @@ the rest of the run. Every :class:`ScoreCalibrator` cell keeps a *guard*: a runn
 multiplicatively (``g <- g * exp(+-guard_rate / 2)`` as ``|r|`` is above or below it), so one value moves it by
 2.5 % at most. Before a method learns a residual it is clipped to ``+-outlier_limit * g`` (30: the largest
 ``|r| / g`` on the bench's real streams is 21.5, ETTh1) and, whatever the guard says, to ``+-MAX_RESIDUAL``
-(``1e100``: squares and sums stay finite). The clipped residual still counts as a miss, so coverage is scored
-honestly; it only cannot blow up the scale, the thresholds or the scorecaster. A cell's first ``guard_warmup``
-(20) residuals start its guard (their running mean ``|r|``) and are not clipped, so a tiny first residual cannot
-clip the ordinary ones after it.
+(``1e30``: squares and sums stay finite, and so does a float32 copy). The clipped residual still counts as a miss,
+so coverage is scored honestly; it only cannot blow up the scale, the thresholds or the scorecaster. A cell's first
+``guard_warmup`` (20) residuals start its guard as the running mean of their clipped ``|r|``, so a tiny first
+residual cannot hold the ordinary ones after it clipped for long; the first ``GUARD_START`` (3) are not clipped
+(nothing to judge them by), the rest of the warm-up is.
 
 **Seeding.** :meth:`Calibrator.seed` starts rows afresh from residual sequences a model hands over
 (:class:`~tidecast.models.base.Calibration`: a fit's validation residuals, a backtest): the rows are blanked and
@@ -47,8 +48,11 @@ from tidecast.models.rows import Column, Field, RowTable, grow  # grow lives in 
 
 ArrayDict = dict[str, np.ndarray]
 
-#: No residual beyond this magnitude is learned (it is clipped): squares and sums of any learned value stay finite.
-MAX_RESIDUAL = 1e100
+#: No residual beyond this magnitude is learned (it is clipped): squares and sums of any learned value stay finite,
+#: and a float32 copy (conformal PID's ring of issued intervals; float32 ends at 3.4e38) stays finite too.
+MAX_RESIDUAL = 1e30
+#: Residuals a cell learns before its guard clips anything (see ``ScoreCalibrator._guard``).
+GUARD_START = 3
 
 
 def bounds(mid: np.ndarray, q_hi: np.ndarray, q_lo: np.ndarray, alphas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -386,13 +390,15 @@ class ScoreCalibrator(Calibrator):
         if size.max() > MAX_RESIDUAL:
             r = np.clip(r, -MAX_RESIDUAL, MAX_RESIDUAL)
             size = np.abs(r)
-        # The first guard_warmup residuals of a cell only start its guard (their running mean |r|): one tiny first
-        # residual must not clip the ordinary ones after it while the multiplicative steps catch up.
+        # The first guard_warmup residuals of a cell start its guard as the running mean of their (clipped) |r|,
+        # which the multiplicative steps would take long to reach from one tiny first residual. The first
+        # GUARD_START of them are not clipped (there is nothing to judge them by); from then on an outlier is
+        # clipped in the warm-up too, or one absurd residual among a cell's first twenty would be learned as it is.
         count = blk.fields("count")[0] if "count" in self._layout else None
         warm = count is not None and count.min() < self.guard_warmup
         over = size > self.outlier_limit * g  # a guard not started (0) is handled below
         if warm or not g.all():
-            over &= (g > 0) if count is None else (g > 0) & (count >= self.guard_warmup)
+            over &= (g > 0) if count is None else (g > 0) & (count >= GUARD_START)
         if over.any():
             self.n_clipped_ += int(over.sum())
             limit = self.outlier_limit * g
@@ -402,8 +408,7 @@ class ScoreCalibrator(Calibrator):
         if warm or not g.all():  # not started (0): the first non-zero |r| starts it; warm-up: running mean
             stepped = np.where(g > 0, stepped, size)
             if warm:
-                stepped = np.where(count < self.guard_warmup, g + (np.minimum(size, MAX_RESIDUAL) - g) / (count + 1.0),
-                                   stepped)
+                stepped = np.where(count < self.guard_warmup, g + (np.abs(r) - g) / (count + 1.0), stepped)
         g[...] = stepped
         return r
 
