@@ -127,6 +127,8 @@ def from_epoch_ns(t_ns: int) -> datetime:
 
 #: A detector's input (a residual over its scale) is clipped to +-this before it is learned.
 MAX_STANDARDISED = 1e6
+#: Below this reference variance (of standardised residuals, ~1 when they vary) there is nothing to collapse.
+MIN_REFERENCE_VARIANCE = 1e-12
 #: HorizonPool's scale learns a residual as at most this many times the scale (see HorizonPool).
 POOL_OUTLIER_LIMIT = 30.0
 
@@ -381,7 +383,10 @@ class ResidualCUSUM(DriftDetector):
             old[0] + ec - self.k,
             old[1] - ec - self.k,
             old[2] - 0.5 * np.log(up) + 0.5 * e2 * (1.0 - 1.0 / up),
-            old[3] + 0.5 * np.log(down) - 0.5 * e2 * (down - 1.0),
+            # a variance can only collapse from something: with a reference of none (a residual that has been
+            # exactly constant, e.g. seasonal naive on a counter that rises at a fixed rate) every step looked like
+            # a collapse and raised a `variance` alarm every ~70 steps, forever
+            np.where(var > MIN_REFERENCE_VARIANCE, old[3] + 0.5 * np.log(down) - 0.5 * e2 * (down - 1.0), 0.0),
             miss,
         ])
         stats = np.where(ready, np.maximum(stats, 0.0), np.where(ok, 0.0, old))

@@ -81,6 +81,8 @@ def replay(data: pd.DataFrame | str | Path, models: Sequence[str] | str = ("seas
             raise ValueError(f"give levels or alpha, not both (alpha={options['alpha']} is levels=("
                              f"{100 * (1 - options['alpha']):g},))")
         levels = None  # alpha alone: its one level replaces the default levels
+    if levels is not None and levels is not DEFAULT_LEVELS:
+        levels = [_level(level) for level in _items("levels", levels)]
     if isinstance(horizon, bool) or not isinstance(horizon, numbers.Integral):
         raise TypeError(f"horizon must be a whole number of steps, got {horizon!r}")
     batch_size = options.get("batch_size", 2000)
@@ -107,6 +109,25 @@ def replay(data: pd.DataFrame | str | Path, models: Sequence[str] | str = ("seas
     for note in summary["notes"]:  # e.g. a history shorter than a model's warm-up: say why nothing came out
         warnings.warn(note, UserWarning, stacklevel=2)
     return collector.build(summary, source)
+
+
+def _items(name: str, value: Any) -> list[Any]:
+    if isinstance(value, numbers.Real):
+        return [value]
+    try:
+        return list(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a list of numbers or a comma-separated string, got {value!r}") from None
+
+
+def _level(level: Any) -> float:
+    """One interval level in percent: a number, or a string of one (``"80"``, as a CSV or a form gives it)."""
+    if isinstance(level, bool) or not isinstance(level, numbers.Real | str):
+        raise TypeError(f"levels: {level!r} is not a number (levels are percentages, e.g. levels=(80, 95))")
+    try:
+        return float(level)
+    except ValueError:
+        raise ValueError(f"levels: {level!r} is not a number (levels are percentages, e.g. levels=(80, 95))") from None
 
 
 def _listed(value: Any, kind: type) -> Any:

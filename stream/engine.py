@@ -910,11 +910,11 @@ class Engine:
         """Take ``row`` for a new series if no series holds it; ``None`` if one does. Rows below it never handed
         out join the free rows (rows handed out = series + free rows, so a new row is always the next one)."""
         handed_out = len(self._slot_of) + len(self._free)
-        if row in self._free:
+        if row < handed_out:
+            if isinstance(self._ids[row], str):  # a series holds it (a free row holds None, or 0 if never used)
+                return None
             self._free.remove(row)
             return row
-        if row < handed_out:
-            return None
         self._free.extend(range(handed_out, row))
         return row
 

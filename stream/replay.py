@@ -190,6 +190,8 @@ def check_outputs(options: ReplayOptions) -> None:
     outputs = {"--out": options.out, "--events": options.events, "--dead-letter": options.dead_letter,
                "--summary-json": options.summary_json, "--report": options.report}
     given = {flag: Path(path) for flag, path in outputs.items() if path is not None}
+    if options.out is not None:
+        forecast_sink_for(options.out)  # an extension it cannot write is refused before any input is read
     source = Path(options.spec.path)
     for flag, path in given.items():
         if _same_file(path, source):

@@ -233,12 +233,13 @@ def _worst_window(result: ReplayResult, series_id: str, steps: int = 240) -> tup
     return pd.Timestamp(worst) - step * (steps * 2 // 3), pd.Timestamp(worst) + step * (steps // 3)
 
 
-def worst_series(result: ReplayResult, top: int) -> list[str]:
-    """The ``top`` series with the highest mean MASE over the models (MAE where no series has a scale)."""
+def worst_series(result: ReplayResult, top: int) -> tuple[list[str], str]:
+    """The ``top`` series with the highest mean MASE over the models (MAE where no series has a scale), and the
+    score ranked by (``"MASE"`` or ``"MAE"``)."""
     per_series = result.summary("series")
     score = "mase" if per_series["mase"].notna().any() else "mae"
     ranked = per_series.groupby("unique_id", observed=True)[score].mean().sort_values(ascending=False)
-    return [str(s) for s in ranked.dropna().index[:top]]
+    return [str(s) for s in ranked.dropna().index[:top]], score.upper()
 
 
 # -- the page ----------------------------------------------------------------------------------------------
@@ -315,7 +316,8 @@ def render(result: ReplayResult, series: list[str] | None = None, top: int = 3) 
     summary = result.summary()
     point = summary[["model", "n_forecasts", "n_scored", "n_no_interval", "mae", "rmse", "mase", "smape"]]
     by_horizon = result.summary("horizon")
-    chosen = list(dict.fromkeys([*(series or []), *worst_series(result, top)]))
+    worst, score = worst_series(result, top)
+    chosen = list(dict.fromkeys([*(series or []), *worst]))
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>tidecast replay report — {html.escape(Path(result.source).name)}</title>",
@@ -338,7 +340,7 @@ def render(result: ReplayResult, series: list[str] | None = None, top: int = 3) 
         "<h2>Series</h2>",
         f'<p class="note">{len(chosen)} series: '
         + (f"asked for: {html.escape(', '.join(series))}; " if series else "")
-        + f"largest errors (mean MASE over models): {html.escape(', '.join(worst_series(result, top)))}. "
+        + f"largest errors (mean {score} over models): {html.escape(', '.join(worst))}. "
           "Outcomes outside the widest band: a rug along the bottom (whole series) or red dots (zoom). Vertical "
           "lines: drift alarms (dashed) and retrain promotions (solid).</p>",
     ]

@@ -219,6 +219,8 @@ class ReplayResult:
         keys = ["model", *GROUPINGS[by]]
         f = self.forecasts
         issued = f.groupby(keys, observed=True).size().rename("n_forecasts")
+        if by == "model":  # a model that issued nothing is still a row (0 forecasts), as in the engine's summary
+            issued = issued.reindex(pd.Index(self.models, name="model"), fill_value=0)
         scored = f[f["y"].notna()]
         err = (scored["y"] - scored["mean"]).to_numpy()
         columns: dict[str, Any] = {

@@ -390,3 +390,20 @@ def test_a_series_id_with_a_lone_surrogate_is_a_dead_letter_not_an_exception():
     frame.at[5, "unique_id"] = "\ud800"
     result = tidecast.replay(frame, model_params=SN12)
     assert result.dead_letters["reason"].tolist() == ["bad_series_id"] and len(result.actuals) == 49
+
+
+def test_levels_given_as_strings_are_numbers_and_anything_else_is_a_clear_error():
+    frame = noisy_cycles(60, series=("a",))
+    assert tidecast.replay(frame, levels=("80",), model_params=SN12).levels == ["80"]
+    for bad, error in ((("x",), ValueError), ((True,), TypeError), ([None], TypeError)):
+        with pytest.raises(error, match="levels are percentages"):
+            tidecast.replay(frame, levels=bad, model_params=SN12)
+
+
+def test_a_model_that_issued_nothing_keeps_its_row_in_the_summary():
+    result = tidecast.replay(noisy_cycles(300, series=("a",)), models=["seasonal-naive", "cyclenet"], horizon=2,
+                             model_params=SN12)
+    summary = result.summary().set_index("model")
+    assert list(summary.index) == ["seasonal-naive", "cyclenet"]  # cyclenet's first fit needs 2,000 values
+    assert summary.loc["cyclenet", "n_forecasts"] == 0 and summary.loc["seasonal-naive", "n_forecasts"] > 0
+    assert summary.loc["cyclenet", "n_forecasts"] == result.run["models"]["cyclenet"]["n_forecasts"]

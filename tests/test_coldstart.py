@@ -413,3 +413,29 @@ def test_series_that_start_together_do_not_depend_on_how_far_the_others_got():
     for key, value in state_a.items():
         if not key.startswith("engine/applied"):  # batch positions differ, by construction
             np.testing.assert_array_equal(state_b[key], value, err_msg=key)
+
+
+def test_one_absurd_value_seen_by_a_young_series_leaves_its_borrowed_interval_sane():
+    """1e14 as a young series' sixth value inflated its step scale, and so the interval it borrows from the lane,
+    by 1e13 for the rest of its youth (168 values); now the step is learned as at most 30 scales."""
+    from tidecast.monitors.conformal import make_calibrator
+    from tidecast.monitors.conformal.pool import Pool
+
+    widths = {}
+    for outlier in (False, True):
+        rng = np.random.default_rng(0)
+        calibrator, pool = make_calibrator("conformal-pid", 1, 0.1), Pool(horizon=1, n0=168)
+        level = np.zeros(21)
+        for t in range(420):
+            rows = np.arange(20) if t < 300 else np.arange(21)  # row 20 arrives at t = 300
+            level[rows] += rng.normal(size=rows.size)
+            values = level[rows].copy()
+            if outlier and t == 305:
+                values[-1] = 1e14
+            pool.observe(rows, values)
+            if t:
+                calibrator.update(rows, rng.normal(size=(rows.size, 1)), np.ones((rows.size, 1), bool))
+            lower, upper = calibrator.intervals(rows, np.zeros((rows.size, 1)))
+            lower, upper = pool.intervals(calibrator, rows, np.zeros((rows.size, 1)), lower, upper)
+        widths[outlier] = float(upper[-1, 0, 0] - lower[-1, 0, 0])
+    assert widths[True] < 3 * widths[False], widths

@@ -370,3 +370,19 @@ def test_one_absurd_residual_neither_disables_the_cusum_nor_inflates_the_pooled_
     for t in range(100):
         pool.pool(row, np.array([[1e14 if t == 50 else rng.normal()]]))
     assert pool.scale_[0, 0] < 5.0  # 30 x the scale at most, learned at the rate of one step
+
+
+def test_a_constant_residual_raises_no_variance_collapse_alarms():
+    """Seasonal naive on a counter rising at a fixed rate errs by the same amount every step: its reference has no
+    variance to collapse from. Every step used to count as a collapse: a `variance` alarm every ~70 steps."""
+    from tidecast.monitors.drift import DriftMonitor
+
+    monitor = DriftMonitor(ResidualCUSUM(), 4)
+    monitor.resize(1)
+    alarms = 0
+    for t in range(2000):
+        y = np.array([float(t)])  # a ramp: no value repeats, so the freeze rule plays no part
+        mean = y[:, None] - 2.5
+        alarms += len(monitor.matured(np.array([0]), np.array([t]), y, mean, mean - 1, mean + 3,
+                                      np.ones((1, 4), bool)))
+    assert alarms == 0

@@ -451,3 +451,21 @@ def test_a_fit_installed_between_rounds_keeps_its_calibration_through_an_export(
         assert np.isfinite(a.lower).all()
         np.testing.assert_array_equal(a.lower, b.lower)
         np.testing.assert_array_equal(a.upper, b.upper)
+
+
+def test_imported_series_take_the_rows_they_ask_for_when_free():
+    engine = Engine.from_config(EngineConfig(horizon=2, freq="1h"))
+    ids = np.array(["a", "b", "c"], dtype=object)
+    engine.process(ObservationBatch(np.tile(ids, 3), T0 + np.repeat(np.arange(3), 3) * HOUR, np.arange(9.0)))
+    meta, arrays = engine.export_series(["b"])
+    engine.drop_series(["b"])  # row 1 is free now
+    rows = {"a": 0, "c": 2}
+    assert engine.series_rows() == rows
+    one = {k: v[:1] for k, v in arrays.items()}
+    engine.import_series([{"series_id": "x", "row": 1}], one)  # free: taken
+    engine.import_series([{"series_id": "y", "row": 0}], one)  # held by "a": the next new row instead
+    engine.import_series([{"series_id": "z", "row": 6}], one)  # rows 4 and 5 become free rows
+    assert engine.series_rows() == rows | {"x": 1, "y": 3, "z": 6}
+    engine.process(ObservationBatch(np.array(["w", "v", "u"], dtype=object), T0 + np.full(3, 9) * HOUR,
+                                    np.ones(3)))
+    assert {engine.series_rows()[s] for s in "wvu"} == {4, 5, 7}  # free rows first, then the next new one

@@ -246,3 +246,10 @@ def test_columns_without_a_header_name_no_series(tmp_path):
     for path in (indexed, trailing):
         s = replay(tmp_path, str(path), "--horizon", "2", "--model-param", "seasonal-naive.period=4")
         assert s["n_observations"] == 60 and s["dead_letters"] == {}, path.name
+
+
+def test_an_out_file_it_cannot_write_is_refused_before_anything_is_made(tmp_path, capsys):
+    folder = tmp_path / "new"
+    assert main(["replay", str(SAMPLE), "--out", str(folder / "x.txt"), "--no-progress"]) == 2
+    assert "--out must end in .parquet or .csv" in capsys.readouterr().err
+    assert not folder.exists()

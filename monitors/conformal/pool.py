@@ -52,6 +52,9 @@ from tidecast.models.base import Params
 from tidecast.models.rows import ArrayDict, Column, Field, RowTable
 from tidecast.monitors.conformal.base import Calibrator
 
+#: A step |y_t - y_{t-1}| is learned as at most this many times the row's scale (see Pool.observe).
+STEP_LIMIT = 30.0
+
 
 class Pool(Params):
     """Borrowed intervals for young cells; see the module docstring. ``n0 = 0`` turns pooling off; ``levels`` is the
@@ -94,11 +97,14 @@ class Pool(Params):
         ok = np.isfinite(step)
         if ok.any():
             r = rows[ok]
+            old = self.scale_[r]
+            # an absurd value (a unit error) moves the scale as one step of STEP_LIMIT scales would, once 3 steps
+            # have started it: it used to make a young series' borrowed interval 1e13 wide for its whole youth
+            moved = np.where((self.n_[r] >= 3) & (old > 0), np.minimum(step[ok], STEP_LIMIT * old), step[ok])
             n = self.n_[r] + 1
             self.n_[r] = n
             rate = np.maximum(self.scale_decay, 1.0 / n)
-            old = self.scale_[r]
-            self.scale_[r] = np.where(np.isnan(old), step[ok], old + rate * (step[ok] - np.nan_to_num(old)))
+            self.scale_[r] = np.where(np.isnan(old), moved, old + rate * (moved - np.nan_to_num(old)))
         self.last_[rows] = values
 
     def forget_last(self, rows: np.ndarray) -> None:
