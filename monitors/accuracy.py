@@ -32,7 +32,12 @@ def smape(y: np.ndarray, yhat: np.ndarray) -> np.ndarray:
     return np.where(denominator == 0, 0.0, out)
 
 
-def scale_period(grid: np.ndarray, max_period: int = 200) -> int:
+#: The longest period the scale looks for, and the ticks of a series' grid it is detected on.
+MAX_PERIOD = 200
+PERIOD_HEAD = 2 * MAX_PERIOD + 2
+
+
+def scale_period(grid: np.ndarray, max_period: int = MAX_PERIOD) -> int:
     """The seasonal naive period of a series from its values on its grid (``NaN`` where no value arrived):
     detected on the first ``2 · max_period + 2`` ticks with the gaps interpolated linearly, as the engine fills
     them for :class:`~tidecast.models.naive.SeasonalNaive` (squeezing the gaps out would shift every lag: a daily

@@ -48,7 +48,7 @@ import numpy as np
 
 from tidecast.models.base import Params, check_between, check_count, check_positive
 from tidecast.models.rows import grow, nest, under
-from tidecast.monitors.conformal.base import ArrayDict
+from tidecast.monitors.conformal.base import ArrayDict, bounded_by_scale
 
 __all__ = ["D3A", "DEFAULT_DETECTOR", "DETECTORS", "NO_ALARM", "Alarms", "DriftDetector", "DriftEvent",
            "DriftMonitor", "HorizonPool", "LaneMonitor", "ResidualCUSUM", "make_detector"]
@@ -129,8 +129,6 @@ def from_epoch_ns(t_ns: int) -> datetime:
 MAX_STANDARDISED = 1e6
 #: Below this reference variance (of standardised residuals, ~1 when they vary) there is nothing to collapse.
 MIN_REFERENCE_VARIANCE = 1e-12
-#: HorizonPool's scale learns a residual as at most this many times the scale (see HorizonPool).
-POOL_OUTLIER_LIMIT = 30.0
 
 
 class DriftDetector(Params, ABC):
@@ -562,11 +560,9 @@ class HorizonPool:
             z = np.where(ok & (count > 0), r / scale, np.nan)  # a zero scale gives inf: the row is skipped
             used = np.isfinite(z)
             pooled = np.where(used, z, 0.0).sum(axis=1) / used.sum(axis=1)
-        size = np.abs(np.where(ok, r, 0.0))
-        # an outlier moves the scale as one of POOL_OUTLIER_LIMIT scales would (once 3 residuals started it): one
-        # absurd value used to inflate it for a thousand steps, and as it decayed the ordinary residuals looked
-        # ever larger, faking variance alarms (and bootstrap ones: its watcher shares this scale)
-        size = np.where((count >= 3) & (scale > 0), np.minimum(size, POOL_OUTLIER_LIMIT * scale), size)
+        # one absurd value used to inflate the scale for a thousand steps, and as it decayed the ordinary residuals
+        # looked ever larger, faking variance alarms (and bootstrap ones: its watcher shares this scale)
+        size = bounded_by_scale(np.abs(np.where(ok, r, 0.0)), scale, count)
         count += ok
         rate = np.where(ok, np.maximum(1.0 / np.maximum(count, 1.0), 1.0 / self.memory), 0.0)
         scale += rate * (size - scale)

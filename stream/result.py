@@ -37,9 +37,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from tidecast.monitors.accuracy import running_scale_at, scale_period, smape
+from tidecast.monitors.accuracy import PERIOD_HEAD, running_scale_at, scale_period, smape
 from tidecast.stream.batch import ActualBatch, ForecastBatch
 from tidecast.stream.config import EngineConfig
+from tidecast.stream.engine import inferred_step
 from tidecast.stream.sources import DeadLetter
 
 if TYPE_CHECKING:
@@ -325,21 +326,6 @@ class ReplayResult:
         return str(series_id)
 
 
-#: ticks a series' seasonal naive period is detected on (scale_period's default max_period of 200: 2 · 200 + 2)
-_PERIOD_HEAD = 402
-
-
-def _commonest_gap(times: np.ndarray) -> int:
-    """The most frequent positive gap between sorted grid times (the engine's step: with values missing, the
-    median gap can be two steps or more); 0 if no two times differ."""
-    gaps = np.diff(times)
-    gaps = gaps[gaps > 0]
-    if not gaps.size:
-        return 0
-    values, counts = np.unique(gaps, return_counts=True)
-    return int(values[np.argmax(counts)])
-
-
 def _scales(forecasts: pd.DataFrame, actuals: pd.DataFrame) -> np.ndarray:
     """The prequential seasonal-naive scale of each forecast row's series at the row's origin."""
     out = np.full(len(forecasts), np.nan)
@@ -360,11 +346,13 @@ def _scales(forecasts: pd.DataFrame, actuals: pd.DataFrame) -> np.ndarray:
         t, y = times[mine], values[mine]
         by_time = np.argsort(t, kind="stable")
         t, y = t[by_time], y[by_time]
-        step = _commonest_gap(t)
-        if step <= 0:
+        gaps = np.diff(t)
+        gaps = gaps[gaps > 0]
+        if not gaps.size:
             continue
+        step = inferred_step(gaps)  # the engine's rule: with values missing, the median gap can be two steps
         ticks = np.rint((t - t[0]) / step).astype(np.int64)
-        head = np.full(min(int(ticks[-1]) + 1, _PERIOD_HEAD), np.nan)  # the ticks the period is detected on
+        head = np.full(min(int(ticks[-1]) + 1, PERIOD_HEAD), np.nan)  # the ticks the period is detected on
         early = ticks < head.size
         head[ticks[early]] = y[early]
         at = np.rint((cutoff[rows] - t[0]) / step).astype(np.int64)

@@ -51,8 +51,23 @@ ArrayDict = dict[str, np.ndarray]
 #: No residual beyond this magnitude is learned (it is clipped): squares and sums of any learned value stay finite,
 #: and a float32 copy (conformal PID's ring of issued intervals; float32 ends at 3.4e38) stays finite too.
 MAX_RESIDUAL = 1e30
-#: Residuals a cell learns before its guard clips anything (see ``ScoreCalibrator._guard``).
+#: Residuals a cell learns before its guard clips anything (see ``ScoreCalibrator._guard``); also the values a
+#: running scale takes in before :func:`bounded_by_scale` bounds what it learns.
 GUARD_START = 3
+#: A running mean |r| (or |step|) learns a value as at most this many times itself (:func:`bounded_by_scale`).
+SCALE_OUTLIER_LIMIT = 30.0
+
+
+def bounded_by_scale(size: np.ndarray, scale: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """``size`` (a |residual| or |step|) as the running ``scale`` that saw ``count`` values should learn it: at
+    most :data:`SCALE_OUTLIER_LIMIT` scales once :data:`GUARD_START` values have started it (before that, or with
+    no scale yet, as it is). One absurd value (a unit error) then moves a scale as one large value would, instead
+    of inflating it for thousands of steps.
+
+    >>> bounded_by_scale(np.array([1e14, 1e14, 5.0]), np.array([1.0, 1.0, 1.0]), np.array([3, 2, 3])).tolist()
+    [30.0, 100000000000000.0, 5.0]
+    """
+    return np.where((count >= GUARD_START) & (scale > 0), np.minimum(size, SCALE_OUTLIER_LIMIT * scale), size)
 
 
 def bounds(mid: np.ndarray, q_hi: np.ndarray, q_lo: np.ndarray, alphas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -50,10 +50,7 @@ import numpy as np
 
 from tidecast.models.base import Params
 from tidecast.models.rows import ArrayDict, Column, Field, RowTable
-from tidecast.monitors.conformal.base import Calibrator
-
-#: A step |y_t - y_{t-1}| is learned as at most this many times the row's scale (see Pool.observe).
-STEP_LIMIT = 30.0
+from tidecast.monitors.conformal.base import Calibrator, bounded_by_scale
 
 
 class Pool(Params):
@@ -98,9 +95,8 @@ class Pool(Params):
         if ok.any():
             r = rows[ok]
             old = self.scale_[r]
-            # an absurd value (a unit error) moves the scale as one step of STEP_LIMIT scales would, once 3 steps
-            # have started it: it used to make a young series' borrowed interval 1e13 wide for its whole youth
-            moved = np.where((self.n_[r] >= 3) & (old > 0), np.minimum(step[ok], STEP_LIMIT * old), step[ok])
+            # one absurd value used to make a young series' borrowed interval 1e13 wide for its whole youth
+            moved = bounded_by_scale(step[ok], old, self.n_[r])
             n = self.n_[r] + 1
             self.n_[r] = n
             rate = np.maximum(self.scale_decay, 1.0 / n)
