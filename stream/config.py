@@ -33,7 +33,13 @@ from tidecast.models.registry import MODELS, check_keywords, check_params, keywo
 from tidecast.monitors.conformal import CALIBRATORS, DEFAULT_CALIBRATOR
 from tidecast.monitors.drift import DEFAULT_DETECTOR, DETECTORS
 from tidecast.monitors.scoring import level_name
-from tidecast.stream.kafka import ASSIGNMENT_STRATEGIES, COMPACT_COMPRESSIONS, OUTPUT_FORMATS
+from tidecast.stream.kafka import (
+    ASSIGNMENT_STRATEGIES,
+    COMPACT_COMPRESSIONS,
+    FIXED_CLIENT_KEYS,
+    OUTPUT_FORMATS,
+    parse_servers,
+)
 from tidecast.stream.partitioner import DEFAULT_PARTITIONER, PARTITIONERS
 from tidecast.stream.records import DEFAULT_MAX_ABS_VALUE, DEFAULT_MAX_BYTES
 from tidecast.stream.settings import (
@@ -44,6 +50,7 @@ from tidecast.stream.settings import (
     from_values,
     parse_key_values,
     setting,
+    settings_of,
     suggest,
 )
 from tidecast.stream.sources import ReplaySpec
@@ -55,6 +62,11 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 def _open_unit(value: float) -> str | None:
     return None if 0 < value < 1 else "must be in (0, 1)"
+
+
+def _names_series(value: list[str]) -> str | None:
+    # an empty list would dead-letter every series (unknown_series) without a word
+    return None if value else "names no series (leave it unset to accept every series)"
 
 
 def _levels(value: list[float]) -> str | None:
@@ -119,6 +131,8 @@ def _grid_step(value: str | None) -> str | None:
         step = pd.Timedelta(value)
     except ValueError:
         return "not a time step (e.g. 1h, 30min, 15s)"
+    if pd.isna(step):  # "" and "nat" parse as NaT
+        return "not a time step (e.g. 1h, 30min, 15s; leave it unset to infer the step)"
     return None if step.value > 0 else "must be positive"
 
 
@@ -136,7 +150,8 @@ class EngineConfig:
     horizon: int = setting(24, f"forecast steps H (ticks of the series' own grid), at most {MAX_HORIZON}",
                            group=ENGINE, check=_horizon)
     alpha: float | None = setting(None, "target miscoverage: intervals aim at 1 - alpha coverage; the one-level "
-                                  "shorthand of --level", group=ENGINE, shown_default="0.1", check=_open_unit)
+                                  "shorthand of --level", group=ENGINE, shown_default="0.1", check=_open_unit,
+                                  alternative_to="levels")
     levels: list[float] | None = setting(
         None, "interval coverage levels in percent, comma-separated (80,95): one calibrator pass learns them all; "
               "the first is the records' lower/upper", group=ENGINE, name="level", key="levels", repeat=True,
@@ -168,7 +183,7 @@ class EngineConfig:
         group=ENGINE, shown_default=f"{DEFAULT_MAX_ABS_VALUE:g}", check=at_least(0))
     max_series: int = setting(100_000, "series limit per process", group=ENGINE, check=at_least(1))
     allowed_series: list[str] | None = setting(None, "accept only these series, comma-separated", group=ENGINE,
-                                               shown_default="all")
+                                               shown_default="all", check=_names_series)
     coverage_window: int = setting(1000, "effective window (scored forecasts) of the rolling coverage and width "
                                    "gauges", group=ENGINE, check=at_least(1))
     drift_detector: str = setting(DEFAULT_DETECTOR, "label-based drift detector on each lane's matured residuals, "
@@ -247,9 +262,9 @@ class EngineConfig:
             return
         levels = [float(level) for level in self.levels]
         first = (100.0 - levels[0]) / 100.0
-        if self.alpha is not None and abs(self.alpha - first) > 1e-12:
-            raise SettingsError(f"--alpha {self.alpha:g} contradicts --level {','.join(f'{v:g}' for v in levels)}: "
-                                f"--alpha A is the one-level shorthand of --level {100 * (1 - self.alpha):g}; give one")
+        if self.alpha is not None and abs(self.alpha - first) > 1e-12:  # both from one source (see resolve)
+            raise SettingsError(f"alpha {self.alpha:g} contradicts level {','.join(f'{v:g}' for v in levels)}: alpha "
+                                f"A is the one-level shorthand of level {100 * (1 - self.alpha):g}; give one")
         object.__setattr__(self, "levels", levels)
         object.__setattr__(self, "alpha", first)
 
@@ -296,9 +311,12 @@ class EngineConfig:
 
         accepted = keyword_parameters(BootstrapMonitor, exclude=("model", "horizon"))
         try:
-            return check_keywords(accepted, dict(self.bootstrap_params), "bootstrap watcher parameter ", "bootstrap")
-        except ValueError as err:
+            params = check_keywords(accepted, dict(self.bootstrap_params), "bootstrap watcher parameter ", "bootstrap")
+            # the values too, even with no lane running replicas (as retrain's while --retrain is off)
+            BootstrapMonitor(None, self.horizon, **params)  # type: ignore[arg-type]  # the model is only stored
+        except (TypeError, ValueError) as err:
             raise SettingsError(f"{err} (from --bootstrap-param or [bootstrap_params])") from None
+        return params
 
     @property
     def lanes(self) -> list[tuple[str, str]]:
@@ -357,12 +375,16 @@ class InputSettings:
                           columns=self.columns)
 
 
+def _names_servers(value: str) -> str | None:
+    return None if parse_servers(value) else "names no server (host:port, comma-separated)"
+
+
 @dataclass(frozen=True)
 class KafkaClientSettings:
     """Where the Kafka cluster is and how to authenticate; every kafka-python client gets these."""
 
     bootstrap_servers: str | None = setting(None, "Kafka bootstrap servers, comma-separated (required)", group=KAFKA,
-                                            required=True)
+                                            required=True, check=_names_servers)
     security_protocol: str | None = setting(None, "security protocol", group=SECURITY,
                                             choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"))
     sasl_mechanism: str | None = setting(None, "SASL mechanism", group=SECURITY,
@@ -397,11 +419,22 @@ def kafka_client_keys() -> frozenset[str]:
 
 
 def check_kafka_table(table: Mapping[str, Any], where: str = "[kafka]") -> dict[str, Any]:
-    """The ``[kafka]`` table, refused if a key is no kafka-python client setting."""
+    """The ``[kafka]`` table, refused if a key is no kafka-python client setting, is one of tidecast's own settings
+    (set there, a flag or the environment could not override it: flag > environment > file must hold) or one that
+    tidecast fixes on its clients (:data:`~tidecast.stream.kafka.FIXED_CLIENT_KEYS`)."""
+    from tidecast.stream.produce import ProduceOptions  # produce imports this module
+
     known: Collection[str] = kafka_client_keys()
+    own = {s.key: s for cls in (ServeSettings, ProduceOptions) for s in settings_of(cls)}
     for key in table:
         if key not in known:
             raise SettingsError(f"unknown key {key!r} in {where} (kafka-python client settings){suggest(key, known)}")
+        if key in own:
+            s = own[key]
+            raise SettingsError(f"{key!r} in {where} is a tidecast setting: set it as {s.key} at the top of the "
+                                f"file, {s.flag} or {s.env}")
+        if key in FIXED_CLIENT_KEYS:
+            raise SettingsError(f"{key!r} in {where}: tidecast sets it on its clients itself: {FIXED_CLIENT_KEYS[key]}")
     return dict(table)
 
 

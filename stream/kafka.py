@@ -74,6 +74,24 @@ SECURITY_SETTINGS = ("security_protocol", "sasl_mechanism", "sasl_plain_username
 ASSIGNMENT_STRATEGIES = ("range", "roundrobin", "sticky", "cooperative-sticky")
 
 
+#: kafka-python keys tidecast sets on its clients itself, and why. A ``[kafka]`` table may not hold them: its value
+#: would be overridden without a word (serve and produce pass these as overrides).
+FIXED_CLIENT_KEYS = {
+    "enable_auto_commit": "offsets are committed only after the forecasts are sent (at-least-once)",
+    "acks": "every send waits for all in-sync replicas (acks=all: at-least-once)",
+    "partition_assignment_strategy": "set it with --assignment-strategy",
+    "linger_ms": "the producers' batching is tidecast's own",
+    "batch_size": "the producers' batching is tidecast's own",
+    "delivery_timeout_ms": "derived from --broker-outage-budget",
+    "max_block_ms": "a send blocks a few seconds at most, so the worker keeps its heartbeat",
+    "bootstrap_timeout_ms": "connecting retries within --broker-outage-budget",
+    "key_serializer": "tidecast encodes its messages itself",
+    "value_serializer": "tidecast encodes its messages itself",
+    "key_deserializer": "tidecast decodes its messages itself",
+    "value_deserializer": "tidecast decodes its messages itself",
+}
+
+
 def client_settings(settings: Mapping[str, Any], client: type, extra: Mapping[str, Any] | None = None,
                     **overrides: Any) -> dict[str, Any]:
     """kafka-python keyword arguments for ``client`` (KafkaConsumer/KafkaProducer/KafkaAdminClient).
@@ -257,7 +275,7 @@ def producer_settings(budget_seconds: float, extra: Mapping[str, Any] | None = N
     retries them until ``delivery_timeout_ms``), and ``send`` blocks at most a few seconds on a full buffer or
     missing metadata, so that the caller can keep its heartbeat and retry through :class:`BrokerLink`."""
     request_timeout_ms = int((extra or {}).get("request_timeout_ms", 30_000))
-    linger_ms = int((extra or {}).get("linger_ms", 5))
+    linger_ms = 5  # serve's producers' (FIXED_CLIENT_KEYS)
     return {"delivery_timeout_ms": max(int(budget_seconds * 1000), request_timeout_ms + linger_ms + 1_000),
             "max_block_ms": 5_000}
 

@@ -45,7 +45,8 @@ class ProduceOptions(KafkaClientSettings):
     rows: int | None = setting(None, "send only the file's first N rows", group=INPUT, check=at_least(0))
     rate: float | None = setting(None, "messages per second", group="pace", shown_default="as fast as possible",
                                  check=positive)
-    speed: float | None = setting(None, "replay at X times event time", group="pace", check=positive)
+    speed: float | None = setting(None, "replay at X times event time", group="pace", check=positive,
+                                  alternative_to="rate")
     spec: ReplaySpec = field(default_factory=ReplaySpec)
     kafka_extra: Mapping[str, Any] = field(default_factory=dict)  # the settings file's [kafka] table
 

@@ -80,6 +80,10 @@ class Meta:
     positional: bool = False
     metavar: str | None = None
     shown_default: str | None = None  # the default as documented, where the field's own is a placeholder
+    # the field this one is an alternative way to set (--alpha and --level): given by sources of different
+    # precedence, the lower one is dropped, so that a flag overrides the file's alternative too; given by the same
+    # source, both reach the class, whose own check reports a contradiction
+    alternative_to: str | None = None
 
 
 def setting(default: Any = None, help: str = "", *, group: str, **meta: Any) -> Any:
@@ -255,8 +259,8 @@ def check_declared(obj: Any) -> None:
     """Run the declared checks on a directly constructed settings object (``__post_init__``)."""
     for s in settings_of(type(obj)):
         value = getattr(obj, s.field)
-        if value is None:
-            if s.meta.required:
+        if value is None or (s.meta.required and isinstance(value, str) and not value.strip()):
+            if s.meta.required:  # an empty TIDECAST_TOPIC= is as missing as none
                 raise SettingsError(f"{s.name} is required ({_where_to_set(s)})")
             continue
         problem = None
@@ -334,13 +338,20 @@ def load_file(path: str | Path | None, known_keys: Collection[str]) -> SettingsF
     """
     if path is None:
         return SettingsFile()
+    if not str(path).strip():  # TIDECAST_CONFIG= would read the directory '.'
+        raise SettingsError("the config file's path is empty (--config, TIDECAST_CONFIG)")
     path = Path(path)
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
     except tomllib.TOMLDecodeError as err:
         raise SettingsError(f"{path}: not valid TOML: {err}") from None
+    except OSError as err:
+        raise SettingsError(f"config file {path}: {err.strerror or err}") from None
     values = {key.replace("-", "_"): value for key, value in data.items()}
+    if len(values) < len(data):  # max-gap and max_gap: one would win without a word
+        raise SettingsError(f"{path}: a key is given twice, with '-' and with '_' ("
+                            f"{', '.join(k for k in data if k.replace('-', '_') != k)})")
     kafka = values.pop("kafka", {})
     if not isinstance(kafka, dict):
         raise SettingsError(f"{path}: kafka must be a table ([kafka]) of kafka-python client settings")
@@ -394,10 +405,12 @@ def resolve(cls: type[T], args: argparse.Namespace, env: Mapping[str, str], file
     """Build ``cls`` from its settings (flag > environment > file > default) plus the ``fixed`` fields."""
     file = file or SettingsFile()
     values: dict[str, Any] = {}
+    precedence: dict[str, int] = {}  # field -> 0 flag, 1 environment, 2 file
     for s in settings_of(cls):
         found = list(_sources(s, args, env, file))
         if not found:
             continue
+        precedence[s.field] = ("flag", "env").index(found[0][1]) if found[0][1] in ("flag", "env") else 2
         converted = [(_converted(s, raw, where), where) for raw, where in found]
         if s.merges:
             merged: dict[str, Any] = {}
@@ -406,6 +419,10 @@ def resolve(cls: type[T], args: argparse.Namespace, env: Mapping[str, str], file
             values[s.field] = merged
         else:
             values[s.field] = converted[0][0]
+    for s in settings_of(cls):
+        other = s.meta.alternative_to
+        if other in values and s.field in values and precedence[s.field] != precedence[other]:
+            del values[s.field if precedence[s.field] > precedence[other] else other]
     return cls(**values, **fixed)  # __post_init__ checks what needs several fields (and required ones)
 
 

@@ -146,7 +146,22 @@ def test_replay_command_takes_levels_and_refuses_a_contradicting_alpha(tmp_path,
     header = (tmp_path / "f.csv").read_text().splitlines()[0]
     assert header.endswith("lower,upper,alpha,lo-80,hi-80,lo-95,hi-95")
     assert main(["replay", str(path), "--level", "80,95", "--alpha", "0.05", "--no-progress"]) == 2
-    assert "--alpha 0.05 contradicts --level 80,95" in capsys.readouterr().err
+    assert "alpha 0.05 contradicts level 80,95" in capsys.readouterr().err
+    # from sources of different precedence the higher one wins, as for any setting (a deployment's file sets
+    # alpha = 0.1 and an operator's --level or TIDECAST_LEVEL used to be refused)
+    config = tmp_path / "t.toml"
+    config.write_text("alpha = 0.1\n")
+    out = tmp_path / "g.csv"
+    assert main(["replay", str(path), "--config", str(config), "--level", "80,95", "--horizon", "2",
+                 "--model-param", "seasonal-naive.period=24", "--no-progress", "--out", str(out)]) == 0
+    assert out.read_text().splitlines()[0].endswith("alpha,lo-80,hi-80,lo-95,hi-95")
+    config.write_text("levels = [80, 95]\n")
+    assert main(["replay", str(path), "--config", str(config), "--alpha", "0.2", "--horizon", "2",
+                 "--model-param", "seasonal-naive.period=24", "--no-progress", "--out", str(out)]) == 0
+    header = out.read_text().splitlines()[0]
+    assert header.endswith("alpha,lo-80,hi-80") and "lo-95" not in header  # the flag's one level
+    column = header.split(",").index("alpha")
+    assert {line.split(",")[column] for line in out.read_text().splitlines()[1:]} == {"0.2"}
 
 
 def test_a_calibrator_that_gives_one_level_is_refused_when_several_are_asked_for():

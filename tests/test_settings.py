@@ -215,11 +215,29 @@ def test_an_unknown_kafka_table_key_is_an_error_naming_the_closest_valid_one(cap
 
 def test_the_kafka_table_takes_any_kafka_python_client_setting(captured, tmp_path):
     config = write(tmp_path / "t.toml", 'bootstrap_servers = "b:9092"\ntopic = "obs"\n'
-                                        '[kafka]\nrequest_timeout_ms = 40000\nacks = 1\nfetch_min_bytes = 10\n')
+                                        '[kafka]\nrequest_timeout_ms = 40000\nfetch_min_bytes = 10\n')
     assert main(["serve", "--config", str(config)]) == 0
-    assert captured["serve"].kafka_extra == {"request_timeout_ms": 40000, "acks": 1, "fetch_min_bytes": 10}
+    assert captured["serve"].kafka_extra == {"request_timeout_ms": 40000, "fetch_min_bytes": 10}
     with pytest.raises(SettingsError, match="did you mean 'request_timeout_ms'"):
         ServeConfig(REQUIRED, kafka_extra={"request_timeout": 1})
+
+
+@pytest.mark.parametrize(("table", "says"), [
+    # a tidecast setting in [kafka] went to the client after the flag's and the environment's value
+    ('bootstrap_servers = "table:9092"', "set it as bootstrap_servers at the top of the file, --bootstrap-servers"),
+    ('security_protocol = "PLAINTEXT"', "TIDECAST_SECURITY_PROTOCOL"),
+    ('client_id = "x"', "--client-id"),
+    ("max_poll_records = 7", "--max-poll-records"),
+    ('group_id = "g"', "--group-id"),
+    # kafka-python keys tidecast fixes on its clients: a value there was dropped without a word
+    ("acks = 1", "tidecast sets it on its clients itself: every send waits for all in-sync replicas"),
+    ("enable_auto_commit = true", "at-least-once"),
+])
+def test_the_kafka_table_refuses_what_tidecast_sets_itself(captured, tmp_path, capsys, table, says):
+    config = write(tmp_path / "t.toml", f'bootstrap_servers = "b:9092"\ntopic = "obs"\n[kafka]\n{table}\n')
+    assert main(["serve", "--config", str(config), "--bootstrap-servers", "flag:9092"]) == 2
+    assert says in capsys.readouterr().err
+    assert not captured
 
 
 def test_one_file_serves_every_command(captured, tmp_path):
@@ -263,6 +281,40 @@ def test_invalid_values_are_errors_naming_the_setting_and_where_it_came_from(cap
     assert not captured
 
 
+@pytest.mark.parametrize(("env", "says"), [
+    ({"TIDECAST_TOPIC": ""}, "topic is required (--topic"),  # was accepted: topics named -forecasts, -events
+    ({"TIDECAST_TOPIC": "  "}, "topic is required (--topic"),
+    ({"TIDECAST_BOOTSTRAP_SERVERS": ""}, "TIDECAST_BOOTSTRAP_SERVERS= (environment): names no server"),  # a traceback
+    ({"TIDECAST_BOOTSTRAP_SERVERS": " , "}, "names no server"),
+    ({"TIDECAST_ALLOWED_SERIES": ""}, "names no series"),  # was: every series dead-lettered as unknown
+    ({"TIDECAST_FREQ": ""}, "TIDECAST_FREQ= (environment): not a time step"),  # was: "must be positive"
+])
+def test_an_empty_required_setting_or_series_list_is_refused(captured, capsys, monkeypatch, env, says):
+    monkeypatch.setenv("TIDECAST_BOOTSTRAP_SERVERS", "b:9092")
+    monkeypatch.setenv("TIDECAST_TOPIC", "obs")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["serve"]) == 2
+    assert says in capsys.readouterr().err
+    assert not captured
+
+
+def test_a_config_file_that_cannot_be_used_is_one_clear_line(captured, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("TIDECAST_CONFIG", "")  # read the directory '.' ("[Errno 21] Is a directory")
+    assert main(["serve", "--bootstrap-servers", "b:1", "--topic", "t"]) == 2
+    assert "error: the config file's path is empty (--config, TIDECAST_CONFIG)" in capsys.readouterr().err
+    monkeypatch.delenv("TIDECAST_CONFIG")
+    assert main(["serve", "--bootstrap-servers", "b:1", "--topic", "t", "--config", str(tmp_path / "no.toml")]) == 2
+    assert f"config file {tmp_path / 'no.toml'}: No such file or directory" in capsys.readouterr().err
+    twice = write(tmp_path / "t.toml", "max-gap = 3\nmax_gap = 4\n")  # one of the two won without a word
+    assert main(["serve", "--bootstrap-servers", "b:1", "--topic", "t", "--config", str(twice)]) == 2
+    assert "a key is given twice, with '-' and with '_' (max-gap)" in capsys.readouterr().err
+    bad = write(tmp_path / "bad.toml", "horizon = [\n")
+    assert main(["serve", "--bootstrap-servers", "b:1", "--topic", "t", "--config", str(bad)]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+    assert not captured
+
+
 def test_missing_required_settings_say_how_to_set_them(captured, capsys):
     assert main(["produce", "x.csv", "--bootstrap-servers", "b:1"]) == 2
     assert "topic is required (--topic, TIDECAST_TOPIC or topic in the config file)" in capsys.readouterr().err
@@ -302,9 +354,13 @@ def test_secrets_are_never_printed(captured, tmp_path, capsys, caplog, clean_env
     assert "sasl_plain_password = <hidden>" in err and SECRET not in err
 
 
-def test_produce_takes_rate_or_speed_not_both(captured, capsys):
+def test_produce_takes_rate_or_speed_not_both(captured, capsys, tmp_path):
     assert main(["produce", "x.csv", "--bootstrap-servers", "b:1", "--topic", "t", "--rate", "5", "--speed", "2"]) == 2
     assert "give --rate or --speed, not both" in capsys.readouterr().err
+    config = write(tmp_path / "t.toml", "rate = 200\n")  # another source's pace: the flag overrides it
+    assert main(["produce", "x.csv", "--bootstrap-servers", "b:1", "--topic", "t", "--config", str(config),
+                 "--speed", "2"]) == 0
+    assert (captured["produce"].rate, captured["produce"].speed) == (None, 2.0)
 
 
 # -- lanes and aliases ------------------------------------------------------------------------------------------
@@ -392,6 +448,8 @@ def test_bad_calibrator_parameters_fail_before_any_work(captured, capsys):
      "lane 'cyclenet' (cyclenet): lookback = 0: a whole number >= 2 (from --model-param"),
     (["--model", "cyclenet", "--model-param", "cyclenet.bootstrap=4", "--bootstrap-param", "threshold=0"],
      "threshold = 0.0: a number > 0 (from --bootstrap-param or [bootstrap_params])"),
+    # with no lane running replicas too (it passed until a file turned replicas on)
+    (["--bootstrap-param", "slack=-1"], "slack = -1.0: a number in [0, inf) (from --bootstrap-param"),
     (["--retrain-param", 'triggers="cusum"'], "triggers = 'cusum': a list of detector names"),
     (["--retrain-param", "cooldown_steps=4"], "retrain parameter cooldown_steps: no such parameter; valid: "),
 ])
