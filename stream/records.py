@@ -254,12 +254,16 @@ def decode(raw: bytes | str | Mapping[str, Any], max_bytes: int = DEFAULT_MAX_BY
     """Decode one observation from JSON bytes/text or an already-parsed mapping."""
     if isinstance(raw, Mapping):
         return decode_mapping(raw)
+    if raw is None:  # a Kafka record without a value
+        raise InvalidRecord("not_json", "no value (a tombstone)")
     if isinstance(raw, bytes | bytearray | memoryview | str):
         size = len(raw.encode() if isinstance(raw, str) else raw)
         if size > max_bytes:
             raise InvalidRecord("oversized", f"{size} bytes > limit {max_bytes}")
         try:
-            fields = json.loads(raw)
+            # UTF-8 only (a leading byte-order mark is ignored, as RFC 8259 allows): json.loads would take
+            # UTF-16 and UTF-32 bytes too, which the documented wire format is not
+            fields = json.loads(raw if isinstance(raw, str) else bytes(raw).decode("utf-8-sig"))
         except (ValueError, RecursionError) as err:  # ValueError: bad JSON, bad UTF-8, a 5000-digit integer
             raise InvalidRecord("not_json", f"{type(err).__name__}: {str(err)[:120]}") from err
         if not isinstance(fields, dict):

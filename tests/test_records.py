@@ -50,6 +50,10 @@ def test_good_record_round_trips_through_the_wire_format():
         ({**GOOD, "timestamp": 1e30}, "bad_timestamp"),
         ({**GOOD, "schema_version": 2}, "unknown_schema_version"),
         (b"x" * 70_000, "oversized"),
+        (None, "not_json"),  # a Kafka tombstone (was wrong_type, "cannot decode a NoneType")
+        (json.dumps(GOOD).encode("utf-16"), "not_json"),  # json.loads alone took UTF-16 and UTF-32
+        (json.dumps(GOOD).encode("utf-32"), "not_json"),
+        (json.dumps(GOOD).encode("utf-16-le"), "not_json"),
     ],
 )
 def test_each_bad_input_has_its_reason(raw, reason):
@@ -58,6 +62,10 @@ def test_each_bad_input_has_its_reason(raw, reason):
     assert info.value.reason == reason
     assert info.value.reason in REASONS
     assert info.value.detail
+
+
+def test_a_utf8_byte_order_mark_is_ignored():
+    assert decode(b"\xef\xbb\xbf" + json.dumps(GOOD).encode()).value == 1.5  # RFC 8259 allows ignoring it
 
 
 def test_extra_fields_are_ignored_for_forward_compatibility():
