@@ -367,7 +367,7 @@ class Engine:
         self.metrics.series_active.set(len(self._slot_of))
         return slot
 
-    def _refusal(self, series_id: str) -> str:
+    def refusal(self, series_id: str) -> str:
         """Why a new series was not accepted: not in ``allowed_series``, or ``max_series`` reached."""
         if self._allowed is not None and series_id not in self._allowed:
             return f"series {series_id!r} not accepted: not in allowed_series"
@@ -445,7 +445,7 @@ class Engine:
             if slot is None:
                 slot = self._register(sid)
                 if slot is None:
-                    result.rejections.append(Rejection(i, "unknown_series", self._refusal(sid)))
+                    result.rejections.append(Rejection(i, "unknown_series", self.refusal(sid)))
                     continue
                 step_a = self.series_["step_ns"]  # _register may have grown the arrays
             if step_a[slot] == 0:  # grid unknown: hold the row until the step is inferred
@@ -918,23 +918,32 @@ class Engine:
         self._free.extend(range(handed_out, row))
         return row
 
-    def import_series(self, meta: list[dict[str, Any]], arrays: ArrayDict) -> None:
+    def import_series(self, meta: list[dict[str, Any]], arrays: ArrayDict) -> list[int]:
         """Inverse of :meth:`export_series`: creates the series if needed and overwrites their state. A new
         series whose item holds a ``row`` (:meth:`series_rows` at the export) gets that row if it is free, so an
         engine restoring its own checkpoint has every series where it was; row-indexed shared state (a replay
-        buffer's plan) then still points at the right series."""
-        rows = []
-        for item in meta:
+        buffer's plan) then still points at the right series.
+
+        A series this engine does not accept (not in ``allowed_series``, or ``max_series`` reached: a scale-in
+        hands a member more series than its limit) is left out; returns the positions in ``meta`` of those left
+        out, so the caller can keep their state (a restore never fails on them)."""
+        rows, refused = [], []
+        for i, item in enumerate(meta):
             sid = item["series_id"]
             slot = self._slot_of.get(sid)
             if slot is None:
                 slot = self._register(sid, item.get("row"))
                 if slot is None:
-                    raise ValueError(f"cannot restore series {sid!r}: not accepted by this engine's config")
+                    refused.append(i)
+                    continue
             rows.append(slot)
+        if refused:
+            kept = np.setdiff1d(np.arange(len(meta)), refused)
+            arrays = {k: v[kept] for k, v in arrays.items()}
         self._import_rows(np.array(rows, dtype=np.int64), arrays)
         if self.retrainer is not None and rows:
             self.retrainer.abort("series restored")
+        return refused
 
     def _import_rows(self, rows: np.ndarray, arrays: ArrayDict) -> None:
         arrays = _upgrade_engine_arrays(arrays, len(rows))

@@ -46,6 +46,7 @@ from tidecast.stream.partitioner import HomePartitions
 from tidecast.stream.state import (
     ChangelogStore,
     ChangelogTail,
+    IncompatibleState,
     LocalStateStore,
     SeriesRows,
     SharedState,
@@ -77,6 +78,10 @@ class PartitionState:
     checkpointed: int | None = None  # position of the last durable checkpoint
     changelog_offset: int = 0  # changelog read or written up to here
     shared_digests: dict[str, str] = field(default_factory=dict)
+    # restored series this member's engine does not accept (max_series reached, e.g. after a scale-in; not in
+    # allowed_series): their state rides along unchanged in every checkpoint of the partition, so the member that
+    # takes them next (or this one, once rows free up) continues them; meanwhile their records are dead-lettered
+    parked: SeriesRows = field(default_factory=lambda: SeriesRows([], {}))
 
     @property
     def changed(self) -> bool:
@@ -259,7 +264,7 @@ class PartitionTable:
         slots = self.engine.series_rows()
         job = CheckpointJob(started, shared, digests)
         for st in todo:
-            rows = self._export(sorted(st.series), slots)
+            rows = self._with_parked(self._export(sorted(st.series), slots), st)
             job.groups.append((st.partition, rows, shared, st.position))
             job.positions[st.partition] = st.position
             self.metrics.checkpoint_series.inc(len(rows))
@@ -293,6 +298,17 @@ class PartitionTable:
             st.shared_digests = dict(job.digests)
             offsets[partition] = position
         return offsets
+
+    def _with_parked(self, rows: SeriesRows, st: PartitionState) -> SeriesRows:
+        if not len(st.parked):
+            return rows
+        try:
+            return SeriesRows.concat([rows, st.parked])
+        except IncompatibleState:  # parked in an older layout than the engine now exports: cannot be one group
+            log.warning("partition %d: dropping the parked state of %d series (an older state layout)",
+                        st.partition, len(st.parked))
+            st.parked = SeriesRows([], {})
+            return rows
 
     def _export(self, series_ids: list[str], slots: dict[str, int]) -> SeriesRows:
         if not series_ids:
@@ -328,6 +344,24 @@ class PartitionTable:
                     if self._owner.get(sid) == p:
                         del self._owner[sid]
                 self.engine.drop_series(sorted(st.series))
+        self._unpark()  # rows freed: parked series of the partitions kept may fit now
+
+    def _unpark(self) -> None:
+        """Import the parked series that the engine accepts now; the rest stay parked."""
+        for st in self.owned.values():
+            if not len(st.parked):
+                continue
+            refused = self.engine.import_series(st.parked.meta, st.parked.arrays)
+            left = set(refused)
+            taken = [sid for i, sid in enumerate(st.parked.series_ids) if i not in left]
+            if taken:
+                st.parked = st.parked.take(refused)
+                for sid in taken:
+                    st.series.add(sid)
+                    st.dirty.add(sid)
+                    self._owner[sid] = st.partition
+                log.info("partition %d: %d parked series restored (%d still parked)", st.partition, len(taken),
+                         len(st.parked))
 
     def restore(self, partitions: Iterable[int], assignment: Iterable[int]) -> dict[int, int | None]:
         """Take ``partitions`` (newly assigned; ``assignment`` is all this member now holds) with their state.
@@ -347,9 +381,9 @@ class PartitionTable:
                 self._own(kept)  # nobody wrote since our own last checkpoint: memory is current
                 continue
             snapshots[p], tails[p] = self._read(p)  # (a stale kept state is overwritten by the import)
-        self._import(snapshots)
+        refused = self._import(snapshots)
         for p, snap in snapshots.items():
-            self._own(self._state_of(p, snap, tails[p]))
+            self._own(self._state_of(p, snap, tails[p], refused))
         if snapshots:
             self.metrics.restore_seconds.observe(time.perf_counter() - started)
         if not self._checkpointed and not any(st.dirty for st in self.owned.values()):
@@ -378,10 +412,12 @@ class PartitionTable:
         check_fingerprint(tail.config, self.fingerprint, f"changelog {self.changelog.topic}[{p}]")
         return merge(local, tail, self.topic, p), tail
 
-    def _state_of(self, p: int, snap: Snapshot | None, tail: ChangelogTail) -> PartitionState:
+    def _state_of(self, p: int, snap: Snapshot | None, tail: ChangelogTail, refused: set[str]) -> PartitionState:
         st = PartitionState(p, changelog_offset=tail.end_offset)
         if snap is not None:
-            st.series = set(snap.rows.series_ids)
+            ids = snap.rows.series_ids
+            st.series = set(ids) - refused
+            st.parked = snap.rows.take([i for i, sid in enumerate(ids) if sid in refused])
             st.position = st.checkpointed = snap.position
             st.shared_digests = {m: shared_digest(*s) for m, s in snap.shared.items()}
             for sid, (_part, offset) in snap.rows.applied_offsets().items():
@@ -401,10 +437,11 @@ class PartitionTable:
         for sid in st.series:
             self._owner[sid] = st.partition
 
-    def _import(self, snapshots: dict[int, Snapshot | None]) -> None:
+    def _import(self, snapshots: dict[int, Snapshot | None]) -> set[str]:
+        """Restore the snapshots' series into the engine; returns those it does not accept (see ``parked``)."""
         found = [s for s in snapshots.values() if s is not None and len(s.rows)]
         if not found:
-            return
+            return set()
         rows = SeriesRows.concat([s.rows for s in found])
         # Import in the exporter's row order ("slot"), and into those very rows when this engine holds no series
         # yet: a process restoring its own state gets every series back where it was, which keeps row-indexed
@@ -422,9 +459,15 @@ class PartitionTable:
                          sorted(s.partition for s in found))
         wanted = [{"series_id": m["series_id"]} | ({"row": m["slot"]} if fresh and "slot" in m else {})
                   for m in rows.meta]
-        self.engine.import_series(wanted, rows.arrays)
-        self.metrics.restored_series.inc(len(rows))
-        log.info("restored %d series of partitions %s", len(rows), sorted(s.partition for s in found))
+        refused = {wanted[i]["series_id"] for i in self.engine.import_series(wanted, rows.arrays)}
+        self.metrics.restored_series.inc(len(rows) - len(refused))
+        log.info("restored %d series of partitions %s", len(rows) - len(refused), sorted(s.partition for s in found))
+        if refused:
+            log.warning("%d restored series are not accepted by this member (%s): their state is kept unchanged in "
+                        "the partitions' checkpoints and their records are dead-lettered as unknown_series until "
+                        "rows free up here or another member takes them; raise --max-series (or widen "
+                        "--allowed-series) to serve them", len(refused), self.engine.refusal(sorted(refused)[0]))
+        return refused
 
 
 def _newest_shared(snapshots: list[Snapshot]) -> SharedState:

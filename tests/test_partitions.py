@@ -116,7 +116,8 @@ def apply(table: PartitionTable, batch: ObservationBatch):
     kept = batch.take(screened.keep)
     if len(kept):
         table.engine.process(kept)
-        table.applied(kept, screened.new_owners, set())
+        known = set(table.engine.series_ids)  # the worker's rule: a new series the engine refused is nobody's
+        table.applied(kept, screened.new_owners, {sid for sid in screened.new_owners if sid not in known})
     return screened
 
 
@@ -223,6 +224,45 @@ def test_released_partitions_given_to_another_member_and_lost_ones_are_dropped_w
     assert 0 not in table.released and table.engine.series_ids == ["c"]
     table.forget({1})  # lost: unsaved changes go, whoever owns it next restores from durable state
     assert table.engine.series_ids == [] and table.owner_of("c") is None and len(journal) == written
+
+
+def test_restored_series_beyond_max_series_are_parked_and_ride_along_until_rows_free_up():
+    """A scale-in hands a member more series than its max_series (or a narrower allowed_series): the restore
+    raised and the member crash-looped. Now the series left out keep their state unchanged in the partition's
+    checkpoints, their records are refused, and they are restored once rows free up here or elsewhere."""
+    table, _ = make_table()
+    table.restore({0, 1}, {0, 1})
+    apply(table, observations(0, ["a", "b"], range(10), 0))
+    apply(table, observations(1, ["c", "d"], range(10), 0))
+    table.checkpoint()
+    before = dict(zip(table.engine.series_ids, table.engine.export_series(table.engine.series_ids)[0], strict=True))
+
+    small, _ = make_table(table.changelog, MemoryLocal([]),
+                          EngineConfig(horizon=4, model_params={"seasonal-naive": {"period": 6}}, max_series=3))
+    assert small.restore({0, 1}, {0, 1}) == {0: 20, 1: 20}
+    assert len(small.engine.series_ids) == 3 and restored_series(small) == 3
+    parked = [(p, sid) for p in (0, 1) for sid in small.owned[p].parked.series_ids]
+    assert len(parked) == 1
+    (home, sid), = parked
+    apply(small, observations(home, [sid], range(10, 12), 20))  # its records: not taken in
+    assert sid not in small.engine.series_ids
+    small.checkpoint()
+
+    roomy, _ = make_table(small.changelog, MemoryLocal([]))  # the next member with room: all four, as they were
+    roomy.restore({0, 1}, {0, 1})
+    assert sorted(roomy.engine.series_ids) == ["a", "b", "c", "d"] and len(before) == 4
+    original = table.engine.export_series([sid])[1]
+    for key, value in roomy.engine.export_series([sid])[1].items():
+        np.testing.assert_array_equal(value, original[key], err_msg=key)
+
+    small.forget({1 - home})  # rows free up here: the parked series is taken in, and checkpointed as its own
+    assert sid in small.engine.series_ids and not len(small.owned[home].parked)
+    assert small.owner_of(sid) == home and small.checkpoint() == {home: 22}
+
+    narrow, _ = make_table(table.changelog, MemoryLocal([]), EngineConfig(
+        horizon=4, model_params={"seasonal-naive": {"period": 6}}, allowed_series=["a", "b", "c"]))
+    narrow.restore({0, 1}, {0, 1})  # (it raised too)
+    assert sorted(narrow.engine.series_ids) == ["a", "b", "c"] and narrow.owned[1].parked.series_ids == ["d"]
 
 
 def test_state_written_under_another_engine_configuration_is_refused():
