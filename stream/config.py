@@ -537,6 +537,10 @@ class ServeSettings(KafkaClientSettings):
         object.__setattr__(self, "state_dir", Path(self.state_dir))
 
 
+#: room for a state record's header (JSON meta, array names and shapes) beside the series' arrays
+STATE_RECORD_SLACK = 64 * 1024
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """Everything ``serve`` runs with: its settings, the engine configuration and the ``[kafka]`` table.
@@ -553,6 +557,23 @@ class ServeConfig:
         if not isinstance(self.settings, ServeSettings):
             object.__setattr__(self, "settings", from_values(ServeSettings, self.settings, "ServeConfig"))
         object.__setattr__(self, "kafka_extra", check_kafka_table(self.kafka_extra))
+        self._check_state_fits()
+
+    def _check_state_fits(self) -> None:
+        """A series' state is one changelog record at least (blocks never split a series): one larger than
+        ``max_request_size`` failed the first checkpoint, and serve exited at every restart (H = 1000 with two
+        lanes or three levels: ~20 MB a series)."""
+        from tidecast.stream.engine import Engine
+
+        need = Engine.from_config(self.engine).series_state_bytes()
+        if need + STATE_RECORD_SLACK > self.settings.max_request_size:
+            wanted = need + STATE_RECORD_SLACK
+            raise SettingsError(
+                f"one series' state takes {need:,} bytes (horizon {self.engine.horizon}, {len(self.engine.models)} "
+                f"lane(s), {len(self.engine.alphas)} level(s): pending forecasts and calibrators grow as H^2), more "
+                f"than a changelog record may (--max-request-size {self.settings.max_request_size:,}): raise "
+                f"--max-request-size to at least {wanted:,} (and the brokers' message.max.bytes; the changelog topic "
+                f"is created with it), or lower --horizon")
 
     @property
     def options(self) -> SettingsView:

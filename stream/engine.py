@@ -898,6 +898,11 @@ class Engine:
         rows = np.array([self._slot_of[sid] for sid in series_ids], dtype=np.int64)
         return [{"series_id": sid} for sid in series_ids], self._export_rows(rows)
 
+    def series_state_bytes(self) -> int:
+        """Bytes of one series' exported arrays: fixed by the configuration (horizon, levels, lanes and their
+        models), the least a checkpoint record holding the series takes."""
+        return sum(v.nbytes for v in self._blank.values())
+
     def _export_rows(self, rows: np.ndarray) -> ArrayDict:
         arrays: ArrayDict = {f"engine/{n}": a[rows].copy() for n, a in self.series_.items()}
         for lane in self.lanes:

@@ -315,6 +315,18 @@ def test_a_config_file_that_cannot_be_used_is_one_clear_line(captured, capsys, t
     assert not captured
 
 
+def test_serve_refuses_a_series_state_larger_than_a_changelog_record(captured, capsys):
+    """Blocks never split a series: at H = 1000 two lanes' state (~20 MB a series) failed the first checkpoint
+    against the default 16 MiB --max-request-size, and serve exited at every restart."""
+    lanes = ["--horizon", "1000", "--model", "a=seasonal-naive", "--model", "b=seasonal-naive"]
+    assert main(["serve", "--bootstrap-servers", "b:1", "--topic", "t", *lanes]) == 2
+    err = capsys.readouterr().err
+    assert "one series' state takes" in err and "horizon 1000, 2 lane(s)" in err
+    assert "raise --max-request-size to at least" in err and not captured
+    assert main(["serve", "--bootstrap-servers", "b:1", "--topic", "t", *lanes, "--max-request-size", "33554432"]) == 0
+    assert main(["serve", "--bootstrap-servers", "b:1", "--topic", "t", "--horizon", "1000"]) == 0  # one lane fits
+
+
 def test_missing_required_settings_say_how_to_set_them(captured, capsys):
     assert main(["produce", "x.csv", "--bootstrap-servers", "b:1"]) == 2
     assert "topic is required (--topic, TIDECAST_TOPIC or topic in the config file)" in capsys.readouterr().err
