@@ -96,6 +96,15 @@ __all__ = ["CfCCell", "CfCEnsemble", "CfCForecaster", "LiquidNet", "build", "mak
 
 MODES = ("frozen", "online", "cyclenet")
 _NO_TICK = np.iinfo(np.int64).min
+
+
+def _ticks_ending(last: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` ticks up to each ``last`` tick, oldest first, (rows, n). A row without a tick counts as ending at
+    ``n - 1`` (its ring is blank anyway): ``_NO_TICK - n + 1`` wrapped around int64, and the slots taken modulo
+    the ring were then no permutation, so importing a blank row (a dropped series) left one slot of the series
+    that held the row before (cfc's history ring leaked a value into the next series given that row)."""
+    last = np.where(last == _NO_TICK, n - 1, last)
+    return last[:, None] - n + 1 + np.arange(n)
 _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
 SCALE_CLIP = 3.0  # deviations at which the adaptive scaler winsorises a value for its variance
@@ -466,7 +475,7 @@ class CfCForecaster(WarmStarted):
 
     def _history(self, rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Raw values and ticks of the last ``n`` ticks of each row, oldest first (NaN where missing)."""
-        ticks = self._last_tick[rows, None] - n + 1 + np.arange(n)
+        ticks = _ticks_ending(self._last_tick[rows], n)
         return self._hist[rows[:, None], ticks % self._ring], ticks
 
     def _windows(self, rows: np.ndarray) -> np.ndarray:
@@ -917,8 +926,7 @@ class CfCForecaster(WarmStarted):
                 "ready": self._ready[rows].astype(np.uint8),
             }
             if self._adaptive:
-                ticks = self._last_tick[rows, None] - self._ring + 1 + np.arange(self._ring)
-                at = (rows[:, None], ticks % self._ring)
+                at = (rows[:, None], _ticks_ending(self._last_tick[rows], self._ring) % self._ring)
                 state.update(var=self._var[rows].copy(), history_mean=self._hist_mean[at],
                              history_scale=self._hist_scale[at])
             if self.mode == "cyclenet":
@@ -942,7 +950,7 @@ class CfCForecaster(WarmStarted):
             if hidden.shape[1] != self.units:
                 raise ValueError(f"hidden state of {hidden.shape[1]} units != this model's {self.units}")
             last = np.asarray(state["last_tick"], dtype=np.int64)
-            ticks = last[:, None] - self._ring + 1 + np.arange(self._ring)
+            ticks = _ticks_ending(last, self._ring)
             self._hist[rows[:, None], ticks % self._ring] = hist
             if self._adaptive:
                 self._var[rows] = state["var"]

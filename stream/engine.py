@@ -55,6 +55,7 @@ each the next tick of a known series (the steady state of a live stream) are pla
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -296,7 +297,10 @@ class Engine:
         self._model_columns: dict[str, np.ndarray] = {}  # see _model_column
         self._gauges: dict[tuple, Any] = {}  # see _gauge
         self._slot_of: dict[str, int] = {}
-        self._free: list[int] = []  # rows of dropped series, reused first
+        # rows of dropped series, reused first, lowest first (a heap): the choice then depends only on which rows
+        # hold series, so an engine restored into the same rows gives a new series the row the uninterrupted one
+        # would (a stack gave the last dropped; row-indexed shared state, such as cfc's replay draws, diverged)
+        self._free: list[int] = []
         self._ids = np.zeros(0, dtype=object)
         self._cap = 0
         self.series_ = {name: _empty_field(name) for name in _SERIES_FIELDS}
@@ -357,7 +361,7 @@ class Engine:
             return None
         slot = self._claim(row) if row is not None else None
         if slot is None:
-            slot = self._free.pop() if self._free else len(self._slot_of)
+            slot = heapq.heappop(self._free) if self._free else len(self._slot_of)
         if slot >= self._cap:
             self._grow(capacity_for(self._cap, slot + 1))
         self._slot_of[series_id] = slot
@@ -919,8 +923,10 @@ class Engine:
             if isinstance(self._ids[row], str):  # a series holds it (a free row holds None, or 0 if never used)
                 return None
             self._free.remove(row)
+            heapq.heapify(self._free)
             return row
-        self._free.extend(range(handed_out, row))
+        for free in range(handed_out, row):
+            heapq.heappush(self._free, free)
         return row
 
     def import_series(self, meta: list[dict[str, Any]], arrays: ArrayDict) -> list[int]:
@@ -969,7 +975,8 @@ class Engine:
             self.retrainer.abort("series dropped")
         self._import_rows(rows, {k: np.repeat(v, len(rows), axis=0) for k, v in self._blank.items()})
         self._ids[rows] = None
-        self._free.extend(rows.tolist())
+        for row in rows.tolist():
+            heapq.heappush(self._free, row)
         self.metrics.series_active.set(len(self._slot_of))
 
     def export_shared(self) -> dict[str, tuple[ArrayDict, dict[str, Any]]]:

@@ -462,3 +462,21 @@ def test_an_ensemble_is_built_by_the_registry_only():
         make(horizon=4, members=0)
     clone = ensemble().clone(members=2, seed=7)
     assert [m.seed for m in clone.members_] == [7, 8] and clone.get_params()["lookback"] == 8
+
+
+@pytest.mark.parametrize("params", [{}, {"scale_halflife": 24}])
+def test_importing_a_blank_row_blanks_its_whole_history_ring(params) -> None:
+    """What ``Engine.drop_series`` does to a dropped series' row. The ring slots were taken from the blank row's
+    tick (int64 min) minus the ring, which wrapped, so one slot kept the dropped series' value and the next series
+    given the row inherited it (an engine restored from a checkpoint had a clean row: the two runs diverged)."""
+    model = small(warm_start=1000, **params)  # no fit: the rings alone
+    model.resize(3)
+    n = 1100
+    feed(model, np.arange(2), range(n), cyclic(np.arange(n), channels=2))
+    blank = model.export_rows(np.array([2]))  # a row no series has touched
+    assert np.isnan(blank["history"]).all()
+    model.import_rows(np.array([1]), blank)
+    assert np.isnan(model._hist[1]).all()
+    if params:
+        assert np.array_equal(model._hist_mean[1], model._hist_mean[2], equal_nan=True)
+    np.testing.assert_array_equal(model.export_rows(np.array([1]))["history"], blank["history"])

@@ -226,6 +226,25 @@ def test_released_partitions_given_to_another_member_and_lost_ones_are_dropped_w
     assert table.engine.series_ids == [] and table.owner_of("c") is None and len(journal) == written
 
 
+def test_a_new_series_gets_the_same_row_after_a_restore_as_without_it():
+    """Free rows are reused lowest first, a choice that depends only on which rows hold series: a stack gave the
+    last dropped row, which a restored engine (whose free rows are the gaps below its highest series) does not
+    know, so a new series took another row and row-indexed shared state (cfc's replay draws) diverged."""
+    table, _ = make_table()
+    table.restore({0, 1}, {0, 1})
+    apply(table, observations(0, ["a", "b"], range(4), 0))
+    apply(table, observations(1, ["c", "d"], range(4), 0))
+    assert table.engine.series_rows() == {"a": 0, "b": 1, "c": 2, "d": 3}
+    table.release({1})
+    table.restore(set(), {0})  # c and d left: rows 2 and 3 free, 3 freed last
+    table.checkpoint()
+    other, _ = make_table(table.changelog, MemoryLocal([]))
+    other.restore({0}, {0})
+    for t in (table, other):
+        apply(t, observations(0, ["e", "f"], range(4, 6), 8))
+    assert table.engine.series_rows() == other.engine.series_rows() == {"a": 0, "b": 1, "e": 2, "f": 3}
+
+
 def test_restored_series_beyond_max_series_are_parked_and_ride_along_until_rows_free_up():
     """A scale-in hands a member more series than its max_series (or a narrower allowed_series): the restore
     raised and the member crash-looped. Now the series left out keep their state unchanged in the partition's
