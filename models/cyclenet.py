@@ -90,7 +90,7 @@ from tidecast.models.base import (
 from tidecast.models.bootstrap import check_bootstrap
 from tidecast.models.cyclenet_net import DEFAULT_LR, BatchFit, CycleNet, Windows, make_adam
 from tidecast.models.cyclenet_net import build as build_net
-from tidecast.models.cyclenet_replicas import OnlineReplicas, ReplicaFit, Replicas
+from tidecast.models.cyclenet_replicas import OnlineReplicas, ReplicaFit, Replicas, serve_windows
 from tidecast.models.persistence import PersistenceBlend
 from tidecast.models.rows import Column, Field, RowTable
 from tidecast.models.seasonality import detect_period
@@ -807,10 +807,9 @@ class CycleNetForecaster(WarmStarted):
             x = torch.from_numpy(z.astype(np.float32))[:, :, None]
             phase = torch.from_numpy((self._last_tick[r] - self.lookback + 1) % self.cycle_)
             cols = torch.from_numpy(r)[:, None]
-            with torch.inference_mode():
-                y = self.net_(x, phase, cols)[:, :, 0].numpy()
-                if spread is not None and self.replicas_ is not None:
-                    spread_std = self.replicas_.spread(x, phase, cols).numpy()
+            with torch.inference_mode():  # one pass for the net and its replicas
+                y, spread_std = serve_windows(self.net_, self.replicas_ if spread is not None else None, x, phase, cols)
+                y = y.numpy()
             k = min(horizon, self.horizon)
             out[ok, :k] = y[:, :k] * scale + mean
             weight = 1.0
@@ -818,7 +817,12 @@ class CycleNetForecaster(WarmStarted):
                 out[ok] = self._persistence.combine(r, self._last_tick[r], self._last(r, 1)[:, 0], out[ok])
                 weight = self._persistence.weights(r)[:, :k]
         if spread is not None and self.replicas_ is not None:
-            spread[ok, :k] = spread_std[:, :k] * scale * weight  # the last value has no replicas' spread
+            # the last value has no replicas' spread (weight: the network's share of a blend)
+            spread_k = spread_std.numpy()[:, :k] * scale * weight
+            if ok.all():  # the common case, without a boolean mask's gather and scatter
+                spread[:, :k] = spread_k
+            else:
+                spread[ok, :k] = spread_k
             self._spread_cache = (rows.copy(), horizon, spread)
         return out
 

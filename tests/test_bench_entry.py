@@ -89,3 +89,17 @@ def bench_output(code: str) -> list[str]:
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     return out.stdout.split()
+
+
+def test_retrain_coverage_after_promotion_reads_the_promoted_models_intervals_only() -> None:
+    """bench/retrain.py scores coverage after a promotion at tick t on the intervals issued at t + 1 .. t + steps,
+    every horizon (its arrays are indexed by target tick): an old model's interval for a later target is left out."""
+    code = ("import sys; sys.path.insert(0, 'bench'); import numpy as np; import retrain as rb;"
+            "T, H = 20, 3; y = np.zeros((1, T + H + 1, 1));"
+            "lower = np.full((1, T + H + 1, H), -1.0); upper = np.full((1, T + H + 1, H), 1.0);"
+            "lower[0, 11, 2] = 5.0;"  # target 11 at h = 3: issued at 8, before the promotion at 9: a miss, left out
+            "lower[0, 14, 1] = 5.0;"  # target 14 at h = 2: issued at 12, after it: a miss, counted
+            "run = {'lower': lower, 'upper': upper};"
+            "hits = [rb.issued_after(run, y, 9, 4, h) for h in range(H)];"
+            "print(*[int(np.nansum(x == 0)) for x in hits], int(sum(np.isfinite(x).sum() for x in hits)))")
+    assert bench_output(code) == ["0", "1", "0", "12"]

@@ -94,6 +94,33 @@ def test_bootstrap_zero_changes_no_forecast(name: str) -> None:
     assert all(s is None for s in plain_spread + off_spread)
 
 
+@pytest.mark.parametrize("backbone", ["linear", "mlp"])
+def test_cyclenet_serves_forecast_and_spread_in_one_pass(backbone: str) -> None:
+    """The served net evaluated as replica 0 of the replicas' batched pass: its forecast is the same to the bit
+    with and without replicas (also when its cycle table has more columns than theirs) and the net's own to
+    float rounding; the spread is the replicas' standard deviation."""
+    torch = pytest.importorskip("torch")
+    from tidecast.models.cyclenet_net import build
+    from tidecast.models.cyclenet_replicas import Replicas, serve_windows
+
+    reps = Replicas(4, lookback=8, horizon=4, cycle=6, channels=3, backbone=backbone, hidden=16, seed=5)
+    net = build(8, 4, 6, 5, backbone, 16, seed=1)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        reps.cycle_table.copy_(torch.randn(reps.cycle_table.shape, generator=g))
+        net.cycle_table.copy_(torch.randn(net.cycle_table.shape, generator=g))
+    x = 5 + 2 * torch.randn(7, 8, 1, generator=g)
+    phase, cols = torch.randint(0, 6, (7,), generator=g), torch.randint(0, 3, (7, 1), generator=g)
+    with torch.inference_mode():
+        forecast, spread = serve_windows(net, reps, x, phase, cols)
+        alone, none = serve_windows(net, None, x, phase, cols)
+        each = reps(x, phase, cols)[..., 0]  # (B, N, H), every replica de-normalised on its own
+        torch.testing.assert_close(forecast, net(x, phase, cols)[:, :, 0], rtol=1e-5, atol=1e-5)
+    assert none is None and torch.equal(forecast, alone)
+    torch.testing.assert_close(spread, each.std(dim=0, unbiased=False), rtol=1e-4, atol=1e-5)
+    assert float(spread.min()) > 0
+
+
 @pytest.mark.parametrize("name", list(BOOT_PARAMS))
 def test_replica_state_round_trips(name: str) -> None:
     values = _series(160)
