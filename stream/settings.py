@@ -197,11 +197,17 @@ def split_items(text: str, sep: str | None) -> list[str]:
     return [part.strip() for part in parts if part.strip()]
 
 
+def _toml_kind(raw: Any) -> str:
+    return {dict: "a table", list: "a list", tuple: "a list"}.get(type(raw), type(raw).__name__)
+
+
 def _convert(raw: Any, kind: Any) -> Any:
     if kind is bool:
         return parse_bool(raw)
     if isinstance(raw, bool) and kind in (int, float, str):
         raise ValueError(f"expected {kind.__name__}, got a boolean")
+    if kind in (int, float) and not isinstance(raw, str | int | float):  # a TOML table or list, a date
+        raise ValueError(f"expected a {'whole number' if kind is int else 'number'}, got {_toml_kind(raw)}")
     if kind is int:
         if isinstance(raw, float):
             raise ValueError("not a whole number")
@@ -217,7 +223,7 @@ def _convert(raw: Any, kind: Any) -> Any:
     if kind is str:
         if isinstance(raw, str | int | float):
             return str(raw)
-        raise ValueError(f"expected text, got {type(raw).__name__}")
+        raise ValueError(f"expected text, got {_toml_kind(raw)}")
     if kind is Path:
         if isinstance(raw, str | Path):
             return Path(raw)
@@ -225,7 +231,7 @@ def _convert(raw: Any, kind: Any) -> Any:
     if typing.get_origin(kind) is list:
         (item,) = typing.get_args(kind) or (str,)
         if not isinstance(raw, list | tuple):
-            raise ValueError(f"expected a list, got {type(raw).__name__}")
+            raise ValueError(f"expected a list, got {_toml_kind(raw)}")
         return [_convert(v, item) for v in raw]
     if kind is Any:
         return raw

@@ -309,6 +309,10 @@ def test_a_config_file_that_cannot_be_used_is_one_clear_line(captured, capsys, t
     twice = write(tmp_path / "t.toml", "max-gap = 3\nmax_gap = 4\n")  # one of the two won without a word
     assert main(["serve", "--bootstrap-servers", "b:1", "--topic", "t", "--config", str(twice)]) == 2
     assert "a key is given twice, with '-' and with '_' (max-gap)" in capsys.readouterr().err
+    table = write(tmp_path / "table.toml", "[horizon]\na = 1\n")  # was "int() argument must be a string, ..."
+    assert main(["serve", "--bootstrap-servers", "b:1", "--topic", "t", "--config", str(table)]) == 2
+    err = capsys.readouterr().err
+    assert 'horizon = {"a": 1} in ' in err and "expected a whole number, got a table" in err
     bad = write(tmp_path / "bad.toml", "horizon = [\n")
     assert main(["serve", "--bootstrap-servers", "b:1", "--topic", "t", "--config", str(bad)]) == 2
     assert "not valid TOML" in capsys.readouterr().err
