@@ -106,7 +106,8 @@ def _run_produce(args: argparse.Namespace) -> int:
     summary = run_produce(options)
     Console(stderr=True).print(
         f"sent {summary['sent']:,} observations to {summary['topic']} in {summary['elapsed_seconds']:.1f} s "
-        f"({summary['messages_per_second'] or 0:,.0f} msg/s); rows skipped: {summary['skipped_rows']}")
+        f"({summary['messages_per_second'] or 0:,.0f} msg/s); skipped (bad rows, or cells of a wide file): "
+        f"{summary['skipped_rows']}")
     return 0
 
 

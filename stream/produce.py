@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from tidecast.stream.batch import ObservationBatch
 from tidecast.stream.config import INPUT, KAFKA, KafkaClientSettings, check_kafka_table
 from tidecast.stream.kafka import client_settings, ensure_topics, warn_without_crc32c
 from tidecast.stream.partitioner import DEFAULT_PARTITIONER, PARTITIONERS, HomePartitions
 from tidecast.stream.records import Observation, encode, from_ns
 from tidecast.stream.settings import SettingsError, at_least, check_declared, positive, setting
-from tidecast.stream.sources import ReplaySpec, load_replay
+from tidecast.stream.sources import DeadLetter, Replay, ReplaySpec, load_replay
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,16 @@ class ProduceOptions(KafkaClientSettings):
         object.__setattr__(self, "kafka_extra", check_kafka_table(self.kafka_extra))
 
 
+def first_rows(replay: Replay, rows: int | None) -> tuple[ObservationBatch, list[DeadLetter]]:
+    """The observations and the skipped rows (dead letters) among the file's first ``rows`` rows (all: ``None``);
+    a skipped row further on is not counted (it was, in the summary's rows skipped)."""
+    if rows is None:
+        return replay.observations, list(replay.dead_letters)
+    obs = replay.observations
+    return (obs.take(np.flatnonzero(obs.offsets < rows)),
+            [letter for letter in replay.dead_letters if letter.position[1] < rows])
+
+
 def run_produce(options: ProduceOptions) -> dict[str, Any]:
     """Send the file's observations; returns counts and the measured rate."""
     from kafka import KafkaProducer
@@ -64,9 +75,7 @@ def run_produce(options: ProduceOptions) -> dict[str, Any]:
 
     warn_without_crc32c()
     replay = load_replay(options.spec)
-    obs = replay.observations
-    if options.rows is not None:
-        obs = obs.take(np.flatnonzero(obs.offsets < options.rows))
+    obs, letters = first_rows(replay, options.rows)
     if options.partitions:
         admin = KafkaAdminClient(**client_settings(options.options, KafkaAdminClient, options.kafka_extra))
         try:
@@ -93,7 +102,7 @@ def run_produce(options: ProduceOptions) -> dict[str, Any]:
     elapsed = time.perf_counter() - started
     if failures:
         raise RuntimeError(f"{len(failures)} messages were not acknowledged, first: {failures[0]!r}")
-    return {"sent": len(obs), "skipped_rows": len(replay.dead_letters), "elapsed_seconds": elapsed,
+    return {"sent": len(obs), "skipped_rows": len(letters), "elapsed_seconds": elapsed,
             "messages_per_second": len(obs) / elapsed if elapsed > 0 else None, "topic": options.topic}
 
 

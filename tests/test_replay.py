@@ -253,3 +253,19 @@ def test_an_out_file_it_cannot_write_is_refused_before_anything_is_made(tmp_path
     assert main(["replay", str(SAMPLE), "--out", str(folder / "x.txt"), "--no-progress"]) == 2
     assert "--out must end in .parquet or .csv" in capsys.readouterr().err
     assert not folder.exists()
+
+
+def test_produce_counts_the_skipped_rows_among_the_rows_it_sends_only(tmp_path) -> None:
+    """``tidecast produce --rows N`` reported every bad row of the whole file as skipped (a review: --rows 5
+    said 3 where the first five rows held 2)."""
+    from tidecast.stream.produce import first_rows
+    from tidecast.stream.sources import ReplaySpec, load_replay
+
+    path = tmp_path / "h.csv"
+    path.write_text("unique_id,ds,y\na,2024-01-01 00:00,1\na,yesterday,2\na,2024-01-01 02:00,x\n"
+                    "a,2024-01-01 03:00,4\na,2024-01-01 04:00,5\na,2024-01-01 05:00,oops\n")
+    replay = load_replay(ReplaySpec(path=path))
+    obs, letters = first_rows(replay, 4)
+    assert len(obs) == 2 and len(letters) == 2
+    assert [len(x) for x in first_rows(replay, None)] == [3, 3]
+    assert [len(x) for x in first_rows(replay, 0)] == [0, 0]
