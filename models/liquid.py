@@ -996,9 +996,12 @@ class CfCForecaster(WarmStarted):
         return arrays, meta
 
     def import_shared(self, arrays: ArrayDict, meta: dict[str, Any]) -> None:
-        self._check_shared_meta(meta, "cfc", ("horizon", "lookback", "mode", "units", "backbone_units",
+        self._check_shared_meta(meta, "cfc", ("horizon", "lookback", "units", "backbone_units",
                                               "backbone_layers", "periods", "skip", "scale_halflife", "warm_start",
                                               "replay_window"))
+        saved = meta["params"]["mode"]
+        if (saved == "cyclenet") != (self.mode == "cyclenet"):  # frozen and online share one layout (no cycle)
+            raise ValueError(f"state has mode={saved!r}, this model {self.mode!r}")
         with self._train_lock, self._lock:
             self._reset_model()
             self.resize(int(meta["n_rows"]))
@@ -1019,6 +1022,8 @@ class CfCForecaster(WarmStarted):
             if not self._learns:
                 return
             self._new_trainer()
+            if "adam_step" not in arrays:  # saved frozen, learning now (gated online learning's candidate)
+                return
             step = torch.tensor(float(np.asarray(arrays["adam_step"])[0]))
             for name, p in self._trainer.named_parameters():
                 st = self._opt.state[p]

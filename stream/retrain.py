@@ -104,6 +104,19 @@ def give_history(model: BatchForecaster, settings: RetrainSettings) -> BatchFore
     return model
 
 
+def online_switch(model: BatchForecaster) -> tuple[str, Any] | None:
+    """The parameter that turns ``model``'s online learning on, and its "on" value: CycleNet's ``online`` (True),
+    cfc's ``mode`` ("online", from "frozen"); ``None`` for a model without one (cfc's ``mode="cyclenet"`` always
+    learns, river lanes learn every value). Gated online learning (``mode="online"`` jobs) needs it: the candidate
+    is a copy with learning on."""
+    params = model.get_params()
+    if "online" in params:
+        return "online", True
+    if params.get("mode") in ("frozen", "online"):
+        return "mode", "online"
+    return None
+
+
 def copy_model(model: BatchForecaster, rows: np.ndarray, **overrides: Any) -> BatchForecaster:
     """An independent copy of ``model`` (with parameter ``overrides``) holding the same state for ``rows``."""
     copy = model.clone(**overrides)
@@ -133,9 +146,11 @@ def sync_rows(candidate: BatchForecaster, incumbent: BatchForecaster, rows: np.n
 class Job:
     """One refit, runnable on any thread: it only touches its own copy of the model."""
 
-    def __init__(self, start: StartJob, candidate: BatchForecaster, recent: int, settings: RetrainSettings) -> None:
+    def __init__(self, start: StartJob, candidate: BatchForecaster, recent: int, settings: RetrainSettings,
+                 refused: str | None = None) -> None:
         self.start = start
         self.candidate = candidate
+        self.refused = refused  # why the job cannot help (it fails with this reason)
         self.recent = recent
         self.settings = settings
         self.done = threading.Event()
@@ -150,6 +165,8 @@ class Job:
                 if refit is None:
                     raise TypeError(f"{type(self.candidate).__name__} has no refit hook")
                 refit(recent=self.recent, epochs=self.settings.epochs, **self.settings.refit_params)
+            elif self.refused:  # a copy learning like the incumbent shadows it bit for bit: ratio 1.0 every time
+                raise TypeError(self.refused)
         except Exception as err:  # a failed job is reported as an event; the incumbent keeps serving
             self.error = f"{type(err).__name__}: {err}"
             log.warning("retrain job failed: %s", self.error)
@@ -297,14 +314,29 @@ class Retrainer:
         if not rows.size:
             return
         fresh = start.step - start.change_step if start.change_step != NO_STEP else 0
-        overrides = {"online": True} if st.settings.mode == "online" and "online" in lane.model.get_params() else {}
-        st.job = Job(start, copy_model(lane.model, rows, **overrides), fresh + st.settings.history, st.settings)
+        overrides, refused = self._online_overrides(lane.model) if st.settings.mode == "online" else ({}, None)
+        st.job = Job(start, copy_model(lane.model, rows, **overrides), fresh + st.settings.history, st.settings,
+                     refused)
         st.in_flight = start
         engine.metrics.retrains.labels(model=lane.name, outcome="started").inc()
         events.append(self._event(lane.name, "retrain_started", when, float("nan"), st, start.reason))
         if not self.deferred:  # replay: the job runs here, at the decision step
             st.job.run()
             self._job_finished(engine, lane, st, when, events)
+
+    @staticmethod
+    def _online_overrides(model: BatchForecaster) -> tuple[dict[str, Any], str | None]:
+        """Gated online learning's candidate: the parameter turning learning on, or why there is none to turn."""
+        switch = online_switch(model)
+        name = type(model).__name__
+        if switch is None:
+            return {}, (f"{name} has no online switch (CycleNet's online, cfc's mode frozen/online): gated online "
+                        "learning needs one")
+        key, on = switch
+        if model.get_params()[key] == on:
+            return {}, (f"{name} already learns online, ungated ({key}={on!r}): gated online learning serves a "
+                        "frozen model and promotes what a learning copy gains")
+        return {key: on}, None
 
     def maintenance(self) -> None:
         """Run waiting jobs; called by ``serve``'s trainer thread (which makes jobs deferred from then on)."""
@@ -368,8 +400,13 @@ class Retrainer:
             return
         assert isinstance(decision, Promote)
         model = shadow.candidates[0]
-        if st.settings.mode == "online" and "online" in model.get_params():
-            model.online = lane.model.online  # gated: the promoted copy serves as the incumbent did
+        switch = online_switch(model) if st.settings.mode == "online" else None
+        if switch is not None:  # gated: the promoted copy serves as the incumbent did (frozen, say)
+            key, served = switch[0], lane.model.get_params()[switch[0]]
+            if key == "online":
+                model.online = served
+            elif model.get_params()[key] != served:  # cfc's mode also sets what it builds: a copy in that mode
+                model = copy_model(model, engine.live_rows(), **{key: served})
         previous = lane.model
         self._serve(engine, lane, st, model, shadow, "promoted", when, decision.ratio, reason, events)
         if st.policy.probation_steps:  # the replaced model keeps forecasting beside it, never emitted

@@ -480,3 +480,27 @@ def test_a_candidate_that_cannot_forecast_a_series_the_incumbent_can_is_never_pr
     verdict = RetrainPolicy().gate(shadow.inc_err[0], shadow.cand_err[0], np.asarray(shadow.step_diffs[0]),
                                    lag=horizon - 1)
     assert isinstance(verdict, Reject) and verdict.ratio == np.inf
+
+
+@pytest.mark.parametrize(("mode", "members"), [("frozen", 1), ("frozen", 2), ("online", 1), ("cyclenet", 1)])
+def test_gated_online_learning_with_cfc(mode, members):
+    """cfc has no ``online`` parameter, so gated online learning's candidate was a plain copy: it shadowed the
+    incumbent bit for bit and every job ended rejected at ratio 1.0. A frozen cfc's candidate now learns
+    (``mode="online"``) and is promoted only through the gate, the served model staying frozen; where there is
+    nothing to turn on (already online, or mode="cyclenet") the job fails with the reason."""
+    cfc = dict(lookback=24, units=8, backbone_units=16, warm_start=240, epochs=3, mode=mode, members=members,
+               defer=False, step_budget=60.0, seed=1) | ({"cycle": 24} if mode == "cyclenet" else {})
+    engine = Engine.from_config(EngineConfig(
+        horizon=4, models=["cfc"], freq="1h", model_params={"cfc": cfc}, retrain="on",
+        retrain_params=dict(min_fresh=24, shadow_steps=24, history=0, mode="online", schedule=48, triggers=[],
+                            cooldown=0, lambdas=[])))
+    events, _ = feed(engine, phase_shifted(), 0, SHIFT + 96)
+    done = [e for e in events if e.detector == "retrain" and e.kind in ("promoted", "rejected", "failed")]
+    assert done
+    if mode != "frozen":
+        assert {e.kind for e in done} == {"failed"} and all("online" in e.reason for e in done)
+        return
+    assert "failed" not in {e.kind for e in done}
+    assert all(e.statistic != 1.0 for e in done)  # the candidate learned: its forecasts differ
+    assert all(e.statistic <= 0.98 for e in done if e.kind == "promoted")
+    assert engine.lanes[0].model.get_params()["mode"] == "frozen"  # served frozen between gates
