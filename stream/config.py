@@ -247,13 +247,20 @@ class EngineConfig:
         """Build the engine's parts once and drop them, so that a value a part refuses (a negative learning rate,
         a lookback of 0) fails here, before any data is read or a Kafka connection made (``serve`` builds its
         engine only once it has joined the group), with the settings it came from named. About 10 ms once the
-        model libraries are imported."""
+        model libraries are imported. What that engine tells of the configuration is kept (not a setting, not in
+        the fingerprint): :attr:`series_state_bytes`."""
         from tidecast.stream.engine import Engine
 
         try:
-            Engine.from_config(self)
+            engine = Engine.from_config(self)
         except ValueError as err:
             raise SettingsError(str(err)) from None
+        object.__setattr__(self, "_series_state_bytes", engine.series_state_bytes())
+
+    @property
+    def series_state_bytes(self) -> int:
+        """Bytes of one series' exported state under this configuration (:meth:`Engine.series_state_bytes`)."""
+        return self._series_state_bytes  # type: ignore[attr-defined]  # set by _check_values
 
     def _settle_levels(self) -> None:
         """``alpha`` is the first level's: from ``levels`` when given (a contradicting ``alpha`` is an error)."""
@@ -563,9 +570,7 @@ class ServeConfig:
         """A series' state is one changelog record at least (blocks never split a series): one larger than
         ``max_request_size`` failed the first checkpoint, and serve exited at every restart (H = 1000 with two
         lanes or three levels: ~20 MB a series)."""
-        from tidecast.stream.engine import Engine
-
-        need = Engine.from_config(self.engine).series_state_bytes()
+        need = self.engine.series_state_bytes
         if need + STATE_RECORD_SLACK > self.settings.max_request_size:
             wanted = need + STATE_RECORD_SLACK
             raise SettingsError(

@@ -74,6 +74,9 @@ SECURITY_SETTINGS = ("security_protocol", "sasl_mechanism", "sasl_plain_username
 ASSIGNMENT_STRATEGIES = ("range", "roundrobin", "sticky", "cooperative-sticky")
 
 
+#: serve's producers wait this long to batch records (the request timeout's budget counts it)
+SERVE_LINGER_MS = 5
+
 #: kafka-python keys tidecast sets on its clients itself, and why. A ``[kafka]`` table may not hold them: its value
 #: would be overridden without a word (serve and produce pass these as overrides).
 FIXED_CLIENT_KEYS = {
@@ -275,8 +278,7 @@ def producer_settings(budget_seconds: float, extra: Mapping[str, Any] | None = N
     retries them until ``delivery_timeout_ms``), and ``send`` blocks at most a few seconds on a full buffer or
     missing metadata, so that the caller can keep its heartbeat and retry through :class:`BrokerLink`."""
     request_timeout_ms = int((extra or {}).get("request_timeout_ms", 30_000))
-    linger_ms = 5  # serve's producers' (FIXED_CLIENT_KEYS)
-    return {"delivery_timeout_ms": max(int(budget_seconds * 1000), request_timeout_ms + linger_ms + 1_000),
+    return {"delivery_timeout_ms": max(int(budget_seconds * 1000), request_timeout_ms + SERVE_LINGER_MS + 1_000),
             "max_block_ms": 5_000}
 
 

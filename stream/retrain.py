@@ -315,8 +315,9 @@ class Retrainer:
             return
         fresh = start.step - start.change_step if start.change_step != NO_STEP else 0
         overrides, refused = self._online_overrides(lane.model) if st.settings.mode == "online" else ({}, None)
-        st.job = Job(start, copy_model(lane.model, rows, **overrides), fresh + st.settings.history, st.settings,
-                     refused)
+        # a refused job fails before it reads its candidate: no copy of the model for it
+        candidate = lane.model if refused else copy_model(lane.model, rows, **overrides)
+        st.job = Job(start, candidate, fresh + st.settings.history, st.settings, refused)
         st.in_flight = start
         engine.metrics.retrains.labels(model=lane.name, outcome="started").inc()
         events.append(self._event(lane.name, "retrain_started", when, float("nan"), st, start.reason))
@@ -402,7 +403,8 @@ class Retrainer:
         model = shadow.candidates[0]
         switch = online_switch(model) if st.settings.mode == "online" else None
         if switch is not None:  # gated: the promoted copy serves as the incumbent did (frozen, say)
-            key, served = switch[0], lane.model.get_params()[switch[0]]
+            key = switch[0]
+            served = lane.model.get_params()[key]
             if key == "online":
                 model.online = served
             elif model.get_params()[key] != served:  # cfc's mode also sets what it builds: a copy in that mode

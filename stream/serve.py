@@ -66,6 +66,7 @@ from tidecast.stream.fetch_process import FetchProcess
 from tidecast.stream.fetcher import Fetcher, rebalance_listener
 from tidecast.stream.health import HealthServer, Heartbeat, Readiness
 from tidecast.stream.kafka import (
+    SERVE_LINGER_MS,
     BrokerLink,
     BrokerUnavailable,
     HighwaterProbe,
@@ -223,8 +224,9 @@ class Service:
         except ValueError as err:
             raise StartupError(str(err)) from err
         producer = client_settings(
-            cfg.options, KafkaProducer, cfg.kafka_extra, max_request_size=cfg.max_request_size, linger_ms=5,
-            batch_size=256 * 1024, acks="all", **producer_settings(cfg.broker_outage_budget, cfg.kafka_extra))
+            cfg.options, KafkaProducer, cfg.kafka_extra, max_request_size=cfg.max_request_size,
+            linger_ms=SERVE_LINGER_MS, batch_size=256 * 1024, acks="all",
+            **producer_settings(cfg.broker_outage_budget, cfg.kafka_extra))
         self.producer = self._connect(KafkaProducer, producer)
         # The changelog gets a producer of its own: a checkpoint's megabytes, written while the worker goes on,
         # must not fill the buffer the forecasts go through (a full buffer blocks send).
