@@ -75,6 +75,11 @@ def replay(data: pd.DataFrame | str | Path, models: Sequence[str] | str = ("seas
     if unknown:
         valid = ", ".join(sorted({*ENGINE_OPTIONS, *INPUT_OPTIONS, *RUN_OPTIONS}))
         raise TypeError(f"replay() got an unexpected option {unknown[0]!r}; options: {valid}")
+    options = {k: v for k, v in options.items() if v is not None}  # None: not given (the setting's default)
+    if isinstance(options.get("alpha"), str):  # as levels="80,95" is read
+        options["alpha"] = _number("alpha", options["alpha"])
+    if "columns" in options:
+        options["columns"] = _listed(options["columns"], str)
     models, levels = _listed(models, str), _listed(levels, float)
     if "alpha" in options and levels is not None:
         if levels is not DEFAULT_LEVELS:
@@ -128,6 +133,13 @@ def _level(level: Any) -> float:
         return float(level)
     except ValueError:
         raise ValueError(f"levels: {level!r} is not a number (levels are percentages, e.g. levels=(80, 95))") from None
+
+
+def _number(name: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r}: not a number") from None
 
 
 def _listed(value: Any, kind: type) -> Any:

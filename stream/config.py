@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from pandas.tseries.frequencies import to_offset
 
 from tidecast.models.registry import MODELS, check_keywords, check_params, keyword_parameters, parse_lane
 from tidecast.monitors.conformal import CALIBRATORS, DEFAULT_CALIBRATOR
@@ -122,15 +123,38 @@ def port_number(value: int | None) -> str | None:
     return None if value is None or 0 <= value <= 65_535 else "must be a TCP port, 0 to 65535"
 
 
+def grid_step(value: str) -> pd.Timedelta:
+    """The fixed time step ``value`` names: a duration (``1h``, ``30min``, ``15s``) or a pandas frequency alias of
+    a fixed length (``h``, ``D``, ``min``: what ``pd.infer_freq`` returns). ``ValueError`` for anything else,
+    calendar frequencies included (a month or a business day has no one length).
+
+    >>> grid_step("30min"), grid_step("h")
+    (Timedelta('0 days 00:30:00'), Timedelta('0 days 01:00:00'))
+    """
+    try:
+        return pd.Timedelta(value)
+    except ValueError:
+        pass
+    try:
+        offset = to_offset(value)
+    except ValueError:
+        raise ValueError("not a time step (e.g. 1h, 30min, 15s)") from None
+    try:
+        return pd.Timedelta(offset)
+    except ValueError:
+        raise ValueError(f"{offset.freqstr} is a calendar frequency, not a fixed time step: give a duration such "
+                         "as 7D or 1h (calendar months and business days are not supported)") from None
+
+
 def _grid_step(value: str | None) -> str | None:
     if value is None:
         return None
     if str(value).strip().lstrip("+-").replace(".", "", 1).isdigit():  # pandas reads a bare "1800" as nanoseconds
         return "a number without a unit is no time step: say 1800s, 30min, 1h"
     try:
-        step = pd.Timedelta(value)
-    except ValueError:
-        return "not a time step (e.g. 1h, 30min, 15s)"
+        step = grid_step(value)
+    except ValueError as err:
+        return str(err)
     if pd.isna(step):  # "" and "nat" parse as NaT
         return "not a time step (e.g. 1h, 30min, 15s; leave it unset to infer the step)"
     return None if step.value > 0 else "must be positive"
@@ -334,7 +358,7 @@ class EngineConfig:
     def step_ns(self) -> int | None:
         if self.freq is None:
             return None
-        return int(pd.Timedelta(self.freq).value)
+        return int(grid_step(self.freq).value)
 
     @property
     def gap_limit(self) -> int:

@@ -30,6 +30,7 @@ that had one. MASE and sMAPE follow :mod:`tidecast.monitors.accuracy`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -283,10 +284,15 @@ class ReplayResult:
         draw_forecast(fig.add_subplot(), self, series_id, models, h)
         return fig
 
-    def report(self, path: str | Path, series: list[str] | tuple[str, ...] = (), top: int = 3) -> Path:
-        """Write the self-contained HTML report (see :mod:`tidecast.stream.report`); returns its path."""
+    def report(self, path: str | Path, series: Iterable[str] | str = (), top: int = 3) -> Path:
+        """Write the self-contained HTML report (see :mod:`tidecast.stream.report`); returns its path. ``series``:
+        ids drawn besides the worst ``top`` (one id, or a comma-separated string as the CLI's)."""
         from tidecast.stream.report import write_report
 
+        if isinstance(series, str) and series not in self._series_ids():  # the CLI's spelling: "a,b"
+            series = [part.strip() for part in series.split(",") if part.strip()]
+        elif isinstance(series, str) or not isinstance(series, Iterable):  # one id
+            series = [series]
         series = [self._check_series(series_id) for series_id in series]
         return write_report(self, Path(path), series=series, top=top)
 
@@ -298,7 +304,8 @@ class ReplayResult:
         # (series, origin, h) identifies a row as (series, target, origin) does; packed into one integer key
         cutoff_code, _ = pd.factorize(f["cutoff"], sort=True)
         n_cutoffs = int(cutoff_code.max()) + 1 if len(f) else 1
-        keys = (f["unique_id"].cat.codes.to_numpy(np.int64) * n_cutoffs + cutoff_code) * (self.horizon + 1) \
+        series_code, _ = pd.factorize(f["unique_id"])  # not .cat.codes: a frame filtered since may hold plain str
+        keys = (series_code.astype(np.int64) * n_cutoffs + cutoff_code) * (self.horizon + 1) \
             + f["h"].to_numpy(np.int64)
         unique, first = np.unique(keys, return_index=True)
         out = f.iloc[first][["unique_id", "ds", "cutoff", "y"]].reset_index(drop=True)
@@ -313,10 +320,13 @@ class ReplayResult:
                 out[model if value == "mean" else f"{model}-{value}"] = column
         return out
 
+    def _series_ids(self) -> pd.Index:
+        return self.actuals["unique_id"].cat.categories
+
     def _check_series(self, series_id: Any) -> str:
         """``series_id`` as the frames spell it (ids are strings: ``1`` is ``"1"``), or a ``ValueError`` that says
         which series there are, and why one from the input may be missing."""
-        known = self.actuals["unique_id"].cat.categories
+        known = self._series_ids()
         if str(series_id) not in known:
             shown = ", ".join(map(str, known[:10])) + (" ..." if len(known) > 10 else "")
             held = int(self.run.get("n_held", 0))
@@ -329,10 +339,12 @@ class ReplayResult:
 def _scales(forecasts: pd.DataFrame, actuals: pd.DataFrame) -> np.ndarray:
     """The prequential seasonal-naive scale of each forecast row's series at the row's origin."""
     out = np.full(len(forecasts), np.nan)
-    codes = forecasts["unique_id"].cat.codes.to_numpy()
+    series = actuals["unique_id"].cat.categories
+    # codes by id, not the forecasts' own codes: a filtered frame may have dropped categories or be plain strings
+    codes = pd.Categorical(forecasts["unique_id"], categories=series).codes
     cutoff = nanoseconds(forecasts["cutoff"])
     order = np.argsort(codes, kind="stable")
-    bounds = np.searchsorted(codes[order], np.arange(len(forecasts["unique_id"].cat.categories) + 1))
+    bounds = np.searchsorted(codes[order], np.arange(len(series) + 1))  # code -1 (an unknown id) sorts first
     actual_codes = actuals["unique_id"].cat.codes.to_numpy()
     by_series = np.argsort(actual_codes, kind="stable")  # each series' actuals in their order, in one pass
     actual_bounds = np.searchsorted(actual_codes[by_series], np.arange(len(bounds)))

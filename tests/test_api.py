@@ -302,6 +302,31 @@ def test_series_are_found_by_their_input_id_and_a_held_one_is_explained():
     assert len(subset.summary()) == 1  # scales follow the frame they score (a cached copy once broke this)
 
 
+def test_a_filtered_frame_keeps_each_series_scale_whatever_its_categories():
+    result = tidecast.replay(noisy_cycles(300, series=("a", "b", "c")), horizon=2, model_params=SN12)
+    by_series = result.summary("series").set_index("unique_id")["mase"]
+    only_c = result.forecasts[result.forecasts["unique_id"] == "c"]
+    for ids in (only_c["unique_id"].cat.remove_unused_categories(), only_c["unique_id"].astype(str)):
+        mine = dataclasses.replace(result, forecasts=only_c.assign(unique_id=ids))  # c's code is 0, or no codes
+        assert mine.summary()["mase"].item() == pytest.approx(by_series["c"])  # once a's scale: wrong by 20 %
+        assert len(mine.to_nixtla()) == len(only_c)  # one row per (target, origin) with one model
+
+
+def test_the_clis_spellings_and_none_are_read_as_the_cli_reads_them(tmp_path):
+    frame = noisy_cycles(300, series=("a", "b", "c")).pivot(index="ds", columns="unique_id", values="y")
+    result = tidecast.replay(frame, columns="a,b", freq="h", alpha="0.2", model_params=SN12, horizon=2)
+    assert result.summary("series")["unique_id"].astype(str).tolist() == ["a", "b"]  # once 'a', ',', 'b'
+    assert result.levels == ["80"]
+    assert tidecast.replay(frame, levels=(50,), alpha=None, model_params=None, horizon=2).levels == ["50"]
+    with pytest.raises(ValueError, match="alpha='x': not a number"):
+        tidecast.replay(frame, alpha="x")
+    with pytest.raises(ValueError, match="MS is a calendar frequency, not a fixed time step"):
+        tidecast.replay(frame, freq="MS")
+    assert result.report(tmp_path / "one.html", series="b").stat().st_size > 0  # once series 'b' split to chars
+    with pytest.raises(ValueError, match="no series 'zz'"):
+        result.report(tmp_path / "two.html", series="a,zz")
+
+
 def test_a_lanes_promotion_is_drawn_on_its_series_and_dollar_ids_render(tmp_path):
     """Retrain events belong to a lane (empty series id): the plot of every series of that model draws them. A
     series id with two '$' was parsed as matplotlib mathtext and failed the whole report."""
