@@ -19,13 +19,16 @@ itself (a zero-width interval would claim certainty). Bounds may be ``+-inf`` wh
 **Outlying residuals.** One absurd value (a unit error, ``1e20`` on data of scale 10) must not poison a cell for
 the rest of the run. Every :class:`ScoreCalibrator` cell keeps a *guard*: a running median of ``|r|``, tracked
 multiplicatively (``g <- g * exp(+-guard_rate / 2)`` as ``|r|`` is above or below it), so one value moves it by
-2.5 % at most. Before a method learns a residual it is clipped to ``+-outlier_limit * g`` (30: the largest
-``|r| / g`` on the bench's real streams is 21.5, ETTh1) and, whatever the guard says, to ``+-MAX_RESIDUAL``
-(``1e30``: squares and sums stay finite, and so does a float32 copy). The clipped residual still counts as a miss,
-so coverage is scored honestly; it only cannot blow up the scale, the thresholds or the scorecaster. A cell's first
-``guard_warmup`` (20) residuals start its guard as the running mean of their clipped ``|r|``, so a tiny first
-residual cannot hold the ordinary ones after it clipped for long; the first ``GUARD_START`` (3) are not clipped
-(nothing to judge them by), the rest of the warm-up is.
+2.5 % at most; a residual of exactly 0 leaves it alone (a series that is often exactly right would pull a median
+of ``|r|`` to 0 and have every residual after it clipped to nothing). Before a method learns a residual it is
+clipped to ``+-outlier_limit * g`` (30: the largest ``|r| / g`` on the bench's real streams is 21.5, ETTh1), never
+to less than ``MISS_MARGIN`` (2) times the reach of the interval the cell holds, and, whatever the guard says, to
+``+-MAX_RESIDUAL`` (``1e30``: squares and sums stay finite, and so does a float32 copy). A clipped residual beyond
+the cell's interval is therefore still learned as a miss, and a heavy tail's high quantile stays reachable; it
+only cannot blow up the scale, the thresholds or the scorecaster. A cell's first ``guard_warmup`` (20) residuals
+start its guard as the running mean of their clipped ``|r|``, so a tiny first residual cannot hold the ordinary
+ones after it clipped for long; the first ``GUARD_START`` (3) are judged by the row's cells that have guards of
+their own (scaled by the square root of the horizons' ratio), the rest of the warm-up by the cell's own guard.
 
 **Seeding.** :meth:`Calibrator.seed` starts rows afresh from residual sequences a model hands over
 (:class:`~tidecast.models.base.Calibration`: a fit's validation residuals, a backtest): the rows are blanked and
@@ -54,6 +57,9 @@ MAX_RESIDUAL = 1e30
 #: Residuals a cell learns before its guard clips anything (see ``ScoreCalibrator._guard``); also the values a
 #: running scale takes in before :func:`bounded_by_scale` bounds what it learns.
 GUARD_START = 3
+#: A residual is never clipped to less than this many times the reach of the interval its cell holds
+#: (:func:`reach`), so a clipped residual beyond that interval is still a miss.
+MISS_MARGIN = 2.0
 #: A running mean |r| (or |step|) learns a value as at most this many times itself (:func:`bounded_by_scale`).
 SCALE_OUTLIER_LIMIT = 30.0
 
@@ -68,6 +74,14 @@ def bounded_by_scale(size: np.ndarray, scale: np.ndarray, count: np.ndarray) -> 
     [30.0, 100000000000000.0, 5.0]
     """
     return np.where((count >= GUARD_START) & (scale > 0), np.minimum(size, SCALE_OUTLIER_LIMIT * scale), size)
+
+
+def reach(offsets: np.ndarray) -> np.ndarray:
+    """How far from the point forecast each cell's interval reaches, (m,) from (m, 1 + K) offsets (centre,
+    thresholds): ``|centre| + max |threshold|``, non-finite parts (no interval yet, ACI's unbounded) as 0."""
+    size = np.abs(offsets)
+    size[~np.isfinite(size)] = 0.0
+    return size[:, 0] + size[:, 1:].max(axis=1)
 
 
 def bounds(mid: np.ndarray, q_hi: np.ndarray, q_lo: np.ndarray, alphas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -369,10 +383,11 @@ class ScoreCalibrator(Calibrator):
                 # views, no gather/scatter.
                 window = slice(int(chunk[0]), int(chunk[-1]) + 1)
                 blk = Block(flat[:, window], self._layout)
-                offsets_flat[window] = self._learn(blk, chunk, h[part], self._guard(blk, rv[part]))
+                offsets_flat[window] = self._learn(blk, chunk, h[part],
+                                                   self._guard(blk, rv[part], chunk, offsets_flat[window]))
                 continue
             blk = Block(flat[:, chunk], self._layout)
-            offsets = self._learn(blk, chunk, h[part], self._guard(blk, rv[part]))
+            offsets = self._learn(blk, chunk, h[part], self._guard(blk, rv[part], chunk, offsets_flat[chunk]))
             flat[:, chunk] = blk.data
             offsets_flat[chunk] = offsets
 
@@ -397,35 +412,61 @@ class ScoreCalibrator(Calibrator):
         lo, hi = ScoreCalibrator.intervals(self, rows, np.zeros((rows.size, self.horizon)))
         return np.stack([hi, -lo], axis=-1)
 
-    def _guard(self, blk: Block, r: np.ndarray) -> np.ndarray:
+    def _guard(self, blk: Block, r: np.ndarray, cells: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """Clip ``r`` (m,) to the cells' guard and move the guard (a running median of ``|r|``) towards ``|r|``.
-        On the hot path: a handful of passes over m values when nothing is clipped."""
+        ``cells``: the flat cell indices; ``offsets``: the cells' current (centre, thresholds). On the hot path: a
+        handful of passes over m values when nothing is clipped."""
         g = blk.fields("guard")[0]
         size = np.abs(r)
         if size.max() > MAX_RESIDUAL:
             r = np.clip(r, -MAX_RESIDUAL, MAX_RESIDUAL)
             size = np.abs(r)
         # The first guard_warmup residuals of a cell start its guard as the running mean of their (clipped) |r|,
-        # which the multiplicative steps would take long to reach from one tiny first residual. The first
-        # GUARD_START of them are not clipped (there is nothing to judge them by); from then on an outlier is
-        # clipped in the warm-up too, or one absurd residual among a cell's first twenty would be learned as it is.
+        # which the multiplicative steps would take long to reach from one tiny first residual.
         count = blk.fields("count")[0] if "count" in self._layout else None
         warm = count is not None and count.min() < self.guard_warmup
-        over = size > self.outlier_limit * g  # a guard not started (0) is handled below
+        limit = self.outlier_limit * g
+        over = size > limit  # a guard not started (0) is handled below
         if warm or not g.all():
-            over &= (g > 0) if count is None else (g > 0) & (count >= GUARD_START)
+            # A cell's first GUARD_START residuals have nothing of their own to judge them by: its row's older
+            # cells do (one absurd value among them was learned as it was: intervals 1e11 wide 1,000 steps later).
+            young = (g == 0) if count is None else (g == 0) | (count < GUARD_START)
+            over &= ~young
+            judged = np.flatnonzero(young & (size > 0))
+            if judged.size:
+                limit[judged] = self.outlier_limit * self._row_reference(cells[judged])
+                over[judged] = (limit[judged] > 0) & (size[judged] > limit[judged])
         if over.any():
-            self.n_clipped_ += int(over.sum())
-            limit = self.outlier_limit * g
-            r = np.where(over, np.copysign(limit, r), r)
+            # Never clip a residual back inside the interval its cell holds: clipped, it still counts as a miss
+            # (coverage is learned honestly), and a heavy tail's quantile beyond outlier_limit guards stays
+            # reachable (Cauchy's 99 % one is 64 median |r|).
+            at = np.flatnonzero(over)
+            limit[at] = np.maximum(limit[at], np.minimum(MISS_MARGIN * reach(offsets[at]), MAX_RESIDUAL))
+            over[at] = size[at] > limit[at]
         down, up = self._guard_steps
         stepped = g * np.where(size > g, up, down)
+        if over.any():
+            self.n_clipped_ += int(over.sum())
+            r = np.where(over, np.copysign(limit, r), r)
         if warm or not g.all():  # not started (0): the first non-zero |r| starts it; warm-up: running mean
-            stepped = np.where(g > 0, stepped, size)
+            stepped = np.where(g > 0, stepped, np.abs(r))
             if warm:
                 stepped = np.where(count < self.guard_warmup, g + (np.abs(r) - g) / (count + 1.0), stepped)
-        g[...] = stepped
+        # A zero residual says nothing of the size of the others: a series that is often exactly right (a stuck
+        # sensor, counts, night-time zeros) pulled a median of |r| to 0, and every residual after it was clipped.
+        g[...] = np.where(size > 0, stepped, g)
         return r
+
+    def _row_reference(self, cells: np.ndarray) -> np.ndarray:
+        """Per cell, the largest guard among its row's cells that have judged GUARD_START residuals, each scaled by
+        sqrt((h + 1) / (h' + 1)) (a random walk's errors grow so with the horizon); 0 where the row has none."""
+        rows, h = np.divmod(cells, self.horizon)
+        g = self.state_[self._layout["guard"][0].start, rows]  # (k, H)
+        started = g > 0
+        if "count" in self._layout:
+            started &= self.state_[self._layout["count"][0].start, rows] >= GUARD_START
+        ratio = np.sqrt((h[:, None] + 1.0) / np.arange(1.0, self.horizon + 1.0))
+        return np.where(started, g * ratio, 0.0).max(axis=1)
 
     def intervals(self, rows: np.ndarray, means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows = np.asarray(rows, dtype=np.intp)
