@@ -290,14 +290,11 @@ class CycleNetForecaster(WarmStarted):
             raise ValueError(f"backbone must be 'linear' or 'mlp', got {self.backbone!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError("val_fraction must be in [0, 1)")
-        n_val = self._n_val()
-        if self.warm_start - n_val < self._window:
-            raise ValueError(f"warm_start={self.warm_start} leaves fewer than lookback + horizon = "
-                             f"{self._window} training observations")
-        if n_val and n_val < self.horizon:
-            raise ValueError(f"the validation part ({n_val} observations) is shorter than the horizon")
+        check_count("seed", self.seed, 0)
+        self._check_warm_start()
         if not 0.0 <= self.calib_holdout < 1.0:
             raise ValueError("calib_holdout must be in [0, 1)")
+        n_val = self._n_val()
         if n_val and n_val - self._n_hold() < self.horizon:
             raise ValueError(f"calib_holdout={self.calib_holdout} leaves early stopping fewer observations "
                              f"({n_val - self._n_hold()}) than the horizon")

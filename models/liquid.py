@@ -374,11 +374,8 @@ class CfCForecaster(WarmStarted):
             raise ValueError("horizon, lookback and units must be >= 1")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError("val_fraction must be in [0, 1)")
-        if self.warm_start - self._n_val() < self._window:
-            raise ValueError(f"warm_start={self.warm_start} leaves fewer than lookback + horizon = "
-                             f"{self._window} training observations")
-        if self._n_val() and self._n_val() < self.horizon:
-            raise ValueError(f"the validation part ({self._n_val()} observations) is shorter than the horizon")
+        check_count("seed", self.seed, 0)
+        self._check_warm_start()
         if self.scale_halflife is not None and not self.scale_halflife > 0:
             raise ValueError("scale_halflife must be > 0 (or None)")
         if not 0.0 <= self.input_dropout < 1.0:

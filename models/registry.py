@@ -36,7 +36,7 @@ from functools import partial
 from typing import Any
 
 from tidecast.models.adapters import PerSeries, Standardised
-from tidecast.models.base import BatchForecaster, require
+from tidecast.models.base import BatchForecaster, check_rate, require
 from tidecast.models.naive import SeasonalNaive, check_ticks
 from tidecast.models.plugins import MODEL_GROUP, RIVER_PREFIX, Registry, river_factory, river_parameters, takes_horizon
 
@@ -69,6 +69,8 @@ def holt_winters(horizon: int, period: int | None = None, max_period: int = 200,
     _check_cycle(period, max_period, warmup)
     for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
         require(0 <= value <= 1, name, value, "a smoothing constant in [0, 1]")
+    # river's additive seasonal update reads the trend: beta = 0 failed at the first fit, after the warm-up
+    require(beta > 0 or period == 1, "beta", beta, "a smoothing constant in (0, 1] (0 only with period=1: no cycle)")
     build = partial(_holt_winters, alpha=alpha, beta=beta, gamma=gamma)
     return PerSeries("holt-winters", partial(Standardised, build, period, max_period, warmup), bootstrap=bootstrap,
                      bootstrap_kind="residual")
@@ -82,7 +84,7 @@ def snarimax(horizon: int, period: int | None = None, max_period: int = 200, war
     _check_cycle(period, max_period, warmup)
     for name, value in (("p", p), ("d", d), ("q", q), ("sp", sp), ("sq", sq)):
         require(0 <= value <= 100, name, value, "an order from 0 to 100")
-    require(lr > 0, "lr", lr, "a learning rate > 0")
+    check_rate("lr", lr)
     build = partial(_snarimax, p=p, d=d, q=q, sp=sp, sq=sq, lr=lr)
     return PerSeries("snarimax", partial(Standardised, build, period, max_period, warmup), bootstrap=bootstrap)
 
@@ -199,7 +201,8 @@ def check_keywords(accepted: dict[str, Any], params: dict[str, Any], prefix: str
 
 def coerce(value: Any, annotation: Any) -> Any:
     """``value`` as ``annotation`` wants it: strict for ``int``, ``float``, ``bool`` and ``str`` (``int`` is a
-    ``float``), unions tried in turn; other annotations (sequences, callables) take the value as given.
+    ``float``), lists and tuples item by item, unions tried in turn; other annotations (callables) take the value
+    as given.
 
     >>> coerce(24, int | None), coerce(1, float), coerce(None, int | None)
     (24, 1.0, None)
@@ -207,6 +210,8 @@ def coerce(value: Any, annotation: Any) -> Any:
     Traceback (most recent call last):
     ...
     ValueError: expected int or None, got 'abc'
+    >>> coerce([24, 168], tuple[int, ...])
+    (24, 168)
     """
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -215,7 +220,7 @@ def coerce(value: Any, annotation: Any) -> Any:
                 return coerce(value, option)
             except ValueError:
                 continue
-        names = " or ".join("None" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
+        names = " or ".join(dict.fromkeys(_type_name(o) for o in options))
         raise ValueError(f"expected {names}, got {value!r}")
     if annotation is type(None):
         if value is None:
@@ -232,10 +237,23 @@ def coerce(value: Any, annotation: Any) -> Any:
     elif annotation is str:
         if isinstance(value, str):
             return value
+    elif typing.get_origin(annotation) in (tuple, list):
+        kind = typing.get_args(annotation)[0]
+        if isinstance(value, list | tuple):  # a TOML or JSON array
+            return typing.get_origin(annotation)(coerce(item, kind) for item in value)
+        raise ValueError(f"expected {_type_name(annotation)}, got {value!r}")
     else:
         return value
     name = "None" if annotation is type(None) else annotation.__name__
     raise ValueError(f"expected {name}, got {value!r}")
+
+
+def _type_name(annotation: Any) -> str:
+    if annotation is type(None):
+        return "None"
+    if typing.get_origin(annotation) in (tuple, list):
+        return f"a list of {typing.get_args(annotation)[0].__name__} (e.g. [24, 168])"
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def make_model(name: str, horizon: int, **params: Any) -> BatchForecaster:

@@ -44,6 +44,19 @@ class WarmStarted(BatchForecaster):
         """Warm-start observations kept for early stopping."""
         return int(round(self.warm_start * self.val_fraction))
 
+    def _check_warm_start(self) -> None:
+        """The warm-start block holds a training window and a validation part of at least a horizon; the error
+        says which value would do (``warm_start`` is what grows with a long horizon)."""
+        n_val = self._n_val()
+        need = self._window + (int(np.ceil(self.horizon / self.val_fraction)) if self.val_fraction else 0)
+        if self.warm_start - n_val < self._window:
+            raise ValueError(f"warm_start={self.warm_start} leaves fewer than lookback + horizon = "
+                             f"{self._window} training observations (warm_start={need} would do)")
+        if n_val and n_val < self.horizon:
+            raise ValueError(f"warm_start={self.warm_start}: its validation part (val_fraction={self.val_fraction}: "
+                             f"{n_val} observations) is shorter than the horizon ({self.horizon}); give "
+                             f"warm_start={need} or more")
+
     @property
     def _window(self) -> int:
         return self.lookback + self.horizon

@@ -663,6 +663,9 @@ class Engine:
             if shadow is not None:  # never emitted: scored against the incumbent only
                 shadow.forecast(r_rows, r_ticks, horizon)
             forecast = lane.model.forecast_many(r_rows, horizon)  # 3. forecast
+            if np.shape(forecast) != (len(r_rows), horizon):  # a plug-in's mistake, named before a reshape hides it
+                raise ValueError(f"lane {lane.name!r}: model {type(lane.model).__name__} returned forecasts of shape "
+                                 f"{np.shape(forecast)}, expected (series, horizon) = ({len(r_rows)}, {horizon})")
             past = self._past_time(r_rows, r_ticks, horizon)
             if past.any():  # targets after 2262: not issued anywhere (a new array: the model's may be read-only)
                 forecast = np.where(past, np.nan, forecast)

@@ -469,3 +469,19 @@ def test_imported_series_take_the_rows_they_ask_for_when_free():
     engine.process(ObservationBatch(np.array(["w", "v", "u"], dtype=object), T0 + np.full(3, 9) * HOUR,
                                     np.ones(3)))
     assert {engine.series_rows()[s] for s in "wvu"} == {4, 5, 7}  # free rows first, then the next new one
+
+
+def test_a_model_that_returns_the_wrong_shape_is_named():
+    """A plug-in's forecasts one step short failed inside the calibrator ('cannot reshape array of size 3 into
+    shape (1,4)'), naming neither the lane nor the model."""
+
+    class OneShort(SeasonalNaive):
+        def forecast_many(self, rows, horizon):
+            return super().forecast_many(rows, horizon)[:, :-1]
+
+    engine = Engine(EngineConfig(horizon=4, freq="1h"),
+                    [Lane(OneShort(period=2), make_calibrator("conformal-pid", 4, 0.1), 4, 0.1, name="short")])
+    t = np.arange(6)
+    with pytest.raises(ValueError, match=r"lane 'short': model OneShort returned forecasts of shape \(1, 3\), "
+                                         r"expected \(series, horizon\) = \(1, 4\)"):
+        engine.process(batch(["s"] * t.size, t, np.sin(t)))

@@ -441,10 +441,20 @@ def test_bad_model_parameters_are_one_line_naming_the_parameter(tmp_path, small_
 
 
 @pytest.mark.parametrize(("model", "param"), [("holt-winters", "alpha=1.5"), ("holt-winters", "max_period=0"),
-                                              ("snarimax", "p=-1"), ("snarimax", "lr=0")])
+                                              ("snarimax", "p=-1"), ("snarimax", "lr=0"),
+                                              ("holt-winters", "beta=0"),  # once accepted, then a failed first fit
+                                              ("snarimax", "lr=Infinity"), ("cfc", "seed=-1"),
+                                              ("cyclenet", "seed=-1")])  # numpy's message, without the key
 def test_river_model_parameters_are_checked_by_their_factories(tmp_path, small_csv, capsys, model, param):
     rc, _, _ = run(tmp_path, str(small_csv), "--model", f"m={model}", "--model-param", f"m.{param}")
     assert rc == 2 and f"lane 'm' ({model}): {param.split('=')[0]} = " in error_line(capsys)
+
+
+def test_list_parameters_and_a_long_horizon_say_what_to_give(tmp_path, small_csv, capsys):
+    rc, _, _ = run(tmp_path, str(small_csv), "--model", "c=cfc", "--model-param", "c.periods=24")
+    assert rc == 2 and "c.periods = 24: expected a list of int (e.g. [24, 168])" in error_line(capsys)  # a traceback
+    rc, _, _ = run(tmp_path, str(small_csv), "--model", "cfc", "--horizon", "200")
+    assert rc == 2 and "give warm_start=1224 or more" in error_line(capsys)
 
 
 def test_metrics_port_out_of_range_or_in_use_is_one_line(tmp_path, small_csv, capsys):
