@@ -46,8 +46,9 @@ epoch, so ``tick % W`` is a phase taken from the clock. Then:
   (learned parameters such as CycleNet's cycle row stay; phase comes from the clock, so they stay aligned).
 * timestamps off the grid snap to the nearest tick.
 
-Many series are processed together: a batch is split into *rounds*, round k holding the k-th event of every
-series in the batch, and each round makes one vectorised call per model and per calibrator. Placing records on
+Many series are processed together: a batch is split into *rounds*, one per grid time of the batch (in buckets of
+its finest step), each holding every series' event at that time, and each round makes one vectorised call per model
+and per calibrator. Placing records on
 their grids is a Python loop over records only where a rule above applies: the series whose records in a batch are
 each the next tick of a known series (the steady state of a live stream) are placed with array operations
 (``_place_steady``), with the same state and events.
@@ -231,10 +232,11 @@ class _Events:
         self.t_ns.append(t_ns)
         self.rank.append(rank)
 
-    def rounds(self) -> list[dict[str, np.ndarray]]:
+    def rounds(self, retime: Callable[[dict[str, np.ndarray], np.ndarray], np.ndarray]) -> list[dict[str, np.ndarray]]:
         if not self.slot:
             return []
-        return _cut_rounds(*self.columns())
+        cols, rank = self.columns()
+        return _cut_rounds(cols, retime(cols, rank))
 
     def columns(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
         cols = {
@@ -254,8 +256,8 @@ class _Placed:
     def __init__(self, cols: dict[str, np.ndarray], rank: np.ndarray) -> None:
         self.cols, self.rank = cols, rank
 
-    def rounds(self) -> list[dict[str, np.ndarray]]:
-        return _cut_rounds(self.cols, self.rank)
+    def rounds(self, retime: Callable[[dict[str, np.ndarray], np.ndarray], np.ndarray]) -> list[dict[str, np.ndarray]]:
+        return _cut_rounds(self.cols, retime(self.cols, self.rank))
 
     def join(self, events: _Events) -> _Placed:
         """These events and those placed one record at a time (other series: ranks stay per series)."""
@@ -267,7 +269,7 @@ class _Placed:
 
 
 def _cut_rounds(cols: dict[str, np.ndarray], rank: np.ndarray) -> list[dict[str, np.ndarray]]:
-    """Round k holds every series' k-th event of the batch, in arrival order."""
+    """Round k holds the events of rank k (:meth:`Engine._time_ranks`), in arrival order."""
     if len(rank) and not rank.any():  # one event per series: the common case, no sort
         return [cols]
     order = np.argsort(rank, kind="stable")
@@ -412,10 +414,25 @@ class Engine:
     def _no_forecasts(self) -> ForecastBatch:
         return ForecastBatch.empty(self.config.alpha, self._levels)
 
+    def _time_ranks(self, cols: dict[str, np.ndarray], rank: np.ndarray) -> np.ndarray:
+        """Each event's round: the index of its grid time among the batch's, in buckets of the batch's finest grid
+        step (``rank``: its index among its series' events, is kept when every series has one event). A series'
+        events are one step apart at least, so each is in a later bucket than the one before; and no series'
+        event is learned before another series' older ones. The k-th event of every series (the rounds once) put a
+        series that starts late in the batch, or resumes after a long gap, beside the others' older events: a
+        shared model (CycleNet, cfc) learned its future values before forecasting theirs, and the result
+        depended on the batch size."""
+        if not rank.any():
+            return rank
+        slots = cols["slot"]
+        step = self.series_["step_ns"][slots]
+        grid = self.series_["anchor_ns"][slots] + cols["tick"] * step
+        return np.unique((grid - grid.min()) // step.min(), return_inverse=True)[1].reshape(rank.shape)
+
     def _run(self, events: _Events | _Placed, result: EngineResult, started: float) -> EngineResult:
         outputs: list[tuple] = []
         actuals: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        for rnd in events.rounds():
+        for rnd in events.rounds(self._time_ranks):
             self._step_round(rnd, outputs, actuals, result.events)
         result.forecasts, steps_by_lane = self._collect(outputs)
         result.actuals = self._actuals(actuals)

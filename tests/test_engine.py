@@ -485,3 +485,30 @@ def test_a_model_that_returns_the_wrong_shape_is_named():
     with pytest.raises(ValueError, match=r"lane 'short': model OneShort returned forecasts of shape \(1, 3\), "
                                          r"expected \(series, horizon\) = \(1, 4\)"):
         engine.process(batch(["s"] * t.size, t, np.sin(t)))
+
+
+def test_a_series_that_starts_late_in_a_batch_is_not_learned_ahead_of_the_others():
+    """Rounds were the k-th event of every series: b's first value (tick 150) went into round 0 beside a's tick 0,
+    so CycleNet's shared fit at a's tick 120 had learned 120 of b's future values, and b joined at the fit rather
+    than lookback + horizon values after its start. Rounds follow the grid's time now: the same forecasts whatever
+    the batch size."""
+    t = np.arange(300)
+    ids = np.array(["a"] * t.size + ["b"] * 150, dtype=object)
+    ticks = np.concatenate([t, t[150:]])
+    values = np.concatenate([np.sin(2 * np.pi * t / 6), 3 + np.cos(2 * np.pi * t[150:] / 6)])
+    order = np.argsort(ticks, kind="stable")
+    ids, ticks, values = ids[order], ticks[order], values[order]
+
+    def run(size: int) -> pd.DataFrame:
+        engine = Engine.from_config(EngineConfig(
+            horizon=3, freq="1h", models=["cyclenet"],
+            model_params={"cyclenet": {"lookback": 8, "cycle": 6, "warm_start": 120, "epochs": 2, "defer": False}}))
+        parts = [engine.process(batch(list(ids[i:i + size]), ticks[i:i + size], values[i:i + size]))
+                 for i in range(0, ids.size, size)]
+        frame = pd.concat([p.forecasts.to_frame() for p in parts], ignore_index=True)
+        return frame.sort_values(["series_id", "issued_at", "h"]).reset_index(drop=True)
+
+    whole, small = run(ids.size), run(10)
+    first_b = (small[small["series_id"] == "b"]["issued_at"].min() - pd.Timestamp(T0, unit="ns", tz="UTC"))
+    assert first_b == pd.Timedelta(hours=150 + 8 + 3 - 1)  # lookback + horizon values after b's start
+    pd.testing.assert_frame_equal(whole, small)
