@@ -92,11 +92,12 @@ def _known_calibrator(name: str) -> str | None:
 #: repeats) when freq is not set: missing values or one odd gap among the first few cannot set a wrong grid.
 #: Fixed, because held rows are part of saved state.
 STEP_WINDOW = 8
-#: Longest forecast horizon. Per series and lane the engine keeps H forecasts of H steps (mean, lower, upper) and
-#: the calibrator keeps scores per horizon: about 32·H² bytes with the default calibrator (measured: 5.2 MB per
-#: series at H=400), so 32 MB at this bound.
+#: Longest forecast horizon. Per series and lane the engine keeps the pending forecasts (H(H+1)/2 steps) and the
+#: calibrator its ring of issued intervals per horizon: about 10·H² bytes with the default calibrator and one level,
+#: 4·H² more per further level (measured with Engine.series_state_bytes: 10.2 MB at H = 1000, 4.1 MB per level).
 MAX_HORIZON = 1000
-BYTES_PER_HORIZON_SQUARED = 32
+BYTES_PER_HORIZON_SQUARED = 10
+BYTES_PER_HORIZON_SQUARED_PER_LEVEL = 4
 
 
 def _horizon(value: int) -> str | None:
@@ -105,8 +106,9 @@ def _horizon(value: int) -> str | None:
     if value > MAX_HORIZON:
         per_series = BYTES_PER_HORIZON_SQUARED
         return (f"must be at most {MAX_HORIZON}: every series keeps about {per_series}·H² bytes of pending "
-                f"forecasts and calibrator state per model ({_size(per_series * MAX_HORIZON ** 2)} at "
-                f"H={MAX_HORIZON}, {_size(per_series * value ** 2)} at H={value})")
+                f"forecasts and calibrator state per model with one level, {BYTES_PER_HORIZON_SQUARED_PER_LEVEL}·H² "
+                f"more per further level ({_size(per_series * MAX_HORIZON ** 2)} at H={MAX_HORIZON}, "
+                f"{_size(per_series * value ** 2)} at H={value})")
     return None
 
 

@@ -311,14 +311,25 @@ def not_ready_notes(engine: Engine, summary: dict[str, Any]) -> list[str]:
         if not silent:
             continue
         note = f"{lane.name}: {silent:,} of {summary['n_series']:,} series never forecast"
+        held = summary.get("n_held", 0)
+        if held:  # a series seen at one timestamp has no grid step: it is held, not warming up
+            note += (f" ({held:,} of them seen at one timestamp only: held back, no grid step to forecast on; "
+                     "--freq sets one)")
         needs = lane.model.first_forecast_after()
         if needs is not None:
             note += f"; a series needs {needs[0]:,} observations first ({needs[1]})"
-        note += f"; the longest series here has {summary['max_series_observations']:,}"
-        resets = summary["n_resets"]
+        longest = summary["max_series_observations"]
+        note += f"; the longest series here has {longest:,}"
+        resets, duplicates = summary["n_resets"], summary.get("n_duplicates", 0)
         if resets:  # a reset restarts a series' history: its count no longer says how far it got
             note += (f", and {resets:,} gap{'s' * (resets > 1)} longer than max_gap restarted "
                      f"{'histories' if resets > 1 else 'a history'} (is the time column right? --freq, --max-gap)")
+        elif duplicates > summary["n_observations"]:  # most rows repeat a timestamp: times read from the wrong column
+            note += (f", and {duplicates:,} rows repeated their series' last timestamp (is the time column right? "
+                     "--time-column)")
+        elif needs is not None and longest >= needs[0] and silent >= summary["n_series"]:
+            note += ("; long enough, yet no forecast was ever finite: the model diverged or failed (check its "
+                     "--model-param values)")
         notes.append(note)
     return notes
 

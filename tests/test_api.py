@@ -231,6 +231,21 @@ def test_a_history_shorter_than_a_models_warm_up_says_why_nothing_came_out():
         assert len(tidecast.replay(frame, models=["seasonal-naive"], horizon=6, model_params=SN12).forecasts)
 
 
+def test_the_note_names_a_held_series_a_repeated_time_and_a_diverged_model():
+    """The note blamed the warm-up for every silent series: one seen at a single timestamp (held: no grid step),
+    rows that all repeat a timestamp (the wrong time column), a model whose forecasts were never finite."""
+    frame = noisy_cycles(500)
+    lone = pd.concat([frame, pd.DataFrame({"unique_id": ["c"], "ds": frame["ds"][:1], "y": [0.0]})])
+    with pytest.warns(UserWarning, match=r"1 of 3 series never forecast \(1 of them seen at one timestamp only"):
+        tidecast.replay(lone, horizon=2, model_params=SN12)
+    same_time = frame.assign(ds=frame["ds"].iloc[0])
+    with pytest.warns(UserWarning, match=r"998 rows repeated their series' last timestamp \(is the time column"):
+        tidecast.replay(same_time, horizon=2)
+    with pytest.warns(UserWarning, match="long enough, yet no forecast was ever finite: the model diverged"):
+        tidecast.replay(frame[frame["unique_id"] == "a"], models="snarimax", horizon=2,
+                        model_params={"snarimax": {"lr": 1e308, "period": 12}})
+
+
 def test_mistakes_in_the_arguments_raise_before_any_work():
     frame = noisy_cycles(50)
     with pytest.raises(TypeError, match="unexpected option 'colour'"):
