@@ -211,7 +211,7 @@ def coerce(value: Any, annotation: Any) -> Any:
     ...
     ValueError: expected int or None, got 'abc'
     >>> coerce([24, 168], tuple[int, ...])
-    (24, 168)
+    [24, 168]
     """
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -239,8 +239,8 @@ def coerce(value: Any, annotation: Any) -> Any:
             return value
     elif typing.get_origin(annotation) in (tuple, list):
         kind = typing.get_args(annotation)[0]
-        if isinstance(value, list | tuple):  # a TOML or JSON array
-            return typing.get_origin(annotation)(coerce(item, kind) for item in value)
+        if isinstance(value, list | tuple):  # a TOML or JSON array, kept as given (saved settings compare equal)
+            return type(value)(coerce(item, kind) for item in value)
         raise ValueError(f"expected {_type_name(annotation)}, got {value!r}")
     else:
         return value
