@@ -1131,10 +1131,16 @@ def build(horizon: int, **params: Any) -> CfCForecaster | CfCEnsemble:
     >>> build(horizon=3, members=2, warm_start=60).get_params()["members"]
     2
     """
-    members = int(params.pop("members", 1))
+    members = params.pop("members", 1)
+    check_count("members", members)
+    require(members <= MAX_MEMBERS, "members", members, f"at most {MAX_MEMBERS} networks")
     if members == 1:
         return CfCForecaster(horizon=horizon, **params)
     return CfCEnsemble(horizon=horizon, members=members, **params)
+
+
+#: Networks an ensemble may hold: each is a network and a hidden state per series, trained every round.
+MAX_MEMBERS = 64
 
 
 class CfCEnsemble(Ensemble):

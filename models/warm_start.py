@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from tidecast.models.base import BatchForecaster
+from tidecast.models.naive import check_ticks
 
 
 class WarmStarted(BatchForecaster):
@@ -47,6 +48,8 @@ class WarmStarted(BatchForecaster):
     def _check_warm_start(self) -> None:
         """The warm-start block holds a training window and a validation part of at least a horizon; the error
         says which value would do (``warm_start`` is what grows with a long horizon)."""
+        for name in ("warm_start", "replay_window", "lookback"):  # rings of this many values a series
+            check_ticks(name, getattr(self, name))
         n_val = self._n_val()
         need = self._window + (int(np.ceil(self.horizon / self.val_fraction)) if self.val_fraction else 0)
         if self.warm_start - n_val < self._window:

@@ -458,7 +458,7 @@ def test_an_ensemble_restores_bit_for_bit_through_its_parameters(tmp_path):
 def test_an_ensemble_is_built_by_the_registry_only():
     with pytest.raises(ValueError, match="members"):
         small(members=2)
-    with pytest.raises(ValueError, match="at least one member"):
+    with pytest.raises(ValueError, match="members = 0: a whole number >= 1"):
         make(horizon=4, members=0)
     clone = ensemble().clone(members=2, seed=7)
     assert [m.seed for m in clone.members_] == [7, 8] and clone.get_params()["lookback"] == 8

@@ -444,7 +444,9 @@ def test_bad_model_parameters_are_one_line_naming_the_parameter(tmp_path, small_
                                               ("snarimax", "p=-1"), ("snarimax", "lr=0"),
                                               ("holt-winters", "beta=0"),  # once accepted, then a failed first fit
                                               ("snarimax", "lr=Infinity"), ("cfc", "seed=-1"),
-                                              ("cyclenet", "seed=-1")])  # numpy's message, without the key
+                                              ("cyclenet", "seed=-1"),  # numpy's message, without the key
+                                              ("cfc", "replay_window=1000000000000"),  # 58 TiB asked for
+                                              ("cfc", "members=1000000")])  # grew until killed
 def test_river_model_parameters_are_checked_by_their_factories(tmp_path, small_csv, capsys, model, param):
     rc, _, _ = run(tmp_path, str(small_csv), "--model", f"m={model}", "--model-param", f"m.{param}")
     assert rc == 2 and f"lane 'm' ({model}): {param.split('=')[0]} = " in error_line(capsys)
