@@ -232,12 +232,6 @@ class _Events:
         self.t_ns.append(t_ns)
         self.rank.append(rank)
 
-    def rounds(self, retime: Callable[[dict[str, np.ndarray], np.ndarray], np.ndarray]) -> list[dict[str, np.ndarray]]:
-        if not self.slot:
-            return []
-        cols, rank = self.columns()
-        return _cut_rounds(cols, retime(cols, rank))
-
     def columns(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
         cols = {
             "slot": np.array(self.slot, np.int64), "tick": np.array(self.tick, np.int64),
@@ -256,8 +250,8 @@ class _Placed:
     def __init__(self, cols: dict[str, np.ndarray], rank: np.ndarray) -> None:
         self.cols, self.rank = cols, rank
 
-    def rounds(self, retime: Callable[[dict[str, np.ndarray], np.ndarray], np.ndarray]) -> list[dict[str, np.ndarray]]:
-        return _cut_rounds(self.cols, retime(self.cols, self.rank))
+    def columns(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        return self.cols, self.rank
 
     def join(self, events: _Events) -> _Placed:
         """These events and those placed one record at a time (other series: ranks stay per series)."""
@@ -432,7 +426,8 @@ class Engine:
     def _run(self, events: _Events | _Placed, result: EngineResult, started: float) -> EngineResult:
         outputs: list[tuple] = []
         actuals: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        for rnd in events.rounds(self._time_ranks):
+        cols, rank = events.columns()
+        for rnd in _cut_rounds(cols, self._time_ranks(cols, rank)) if len(rank) else []:
             self._step_round(rnd, outputs, actuals, result.events)
         result.forecasts, steps_by_lane = self._collect(outputs)
         result.actuals = self._actuals(actuals)

@@ -42,6 +42,7 @@ from tidecast.monitors.accuracy import PERIOD_HEAD, running_scale_at, scale_peri
 from tidecast.stream.batch import ActualBatch, ForecastBatch
 from tidecast.stream.config import EngineConfig
 from tidecast.stream.engine import inferred_step
+from tidecast.stream.settings import split_items
 from tidecast.stream.sources import DeadLetter
 
 if TYPE_CHECKING:
@@ -290,7 +291,7 @@ class ReplayResult:
         from tidecast.stream.report import write_report
 
         if isinstance(series, str) and series not in self._series_ids():  # the CLI's spelling: "a,b"
-            series = [part.strip() for part in series.split(",") if part.strip()]
+            series = split_items(series, ",")
         elif isinstance(series, str) or not isinstance(series, Iterable):  # one id
             series = [series]
         series = [self._check_series(series_id) for series_id in series]
