@@ -40,6 +40,7 @@ from tidecast.stream.engine import Engine
 from tidecast.stream.records import REASONS
 from tidecast.stream.replay import ReplayOptions, execute
 from tidecast.stream.result import ReplayResult, ResultCollector
+from tidecast.stream.settings import split_items
 from tidecast.stream.sources import ReplaySpec, load_frame, load_replay
 
 #: Keyword options besides the named arguments: engine settings, how to read the input, and how to run.
@@ -146,7 +147,7 @@ def _listed(value: Any, kind: type) -> Any:
     """A comma-separated string (the CLI's spelling) as a list of ``kind``; anything else unchanged."""
     if isinstance(value, str):
         try:
-            return [kind(part.strip()) for part in value.split(",") if part.strip()]
+            return [kind(part) for part in split_items(value, ",")]
         except ValueError:
             raise ValueError(f"{value!r}: not a comma-separated list of {kind.__name__} values") from None
     return value
