@@ -127,6 +127,10 @@ class Metrics:
         self.last_checkpoint = Gauge(
             "tidecast_last_checkpoint_timestamp_seconds", "Unix time of the last durable checkpoint.",
             registry=r)
+        self.checkpoint_deadline = Gauge(
+            "tidecast_checkpoint_deadline_seconds", "Longest a checkpoint may be postponed while records arrive: "
+            "checkpoint_interval, times 30 with a changelog budget (alert when the last one is older).",
+            registry=r)
         self.checkpoint_series = Counter(
             "tidecast_checkpoint_series", "Series states written to the changelog.", registry=r)
         self.restore_seconds = Histogram(

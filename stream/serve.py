@@ -278,9 +278,16 @@ class Service:
         try:
             return self.link.call(f"connecting to {servers}",
                                   lambda timeout: client(**{**settings, "bootstrap_timeout_ms": int(timeout * 1000)}),
-                                  self.heartbeats["poll"].tick)
+                                  self._tick_waiting)
         finally:
             kafka_log.setLevel(level)
+
+    def _tick_waiting(self) -> None:
+        """While a client waits for the cluster: the poll thread is alive, and so is the worker until it starts
+        (it has nothing to be stuck on yet; a startup outage keeps /healthz 200, as a later one does)."""
+        self.heartbeats["poll"].tick()
+        if self.worker is None:
+            self.heartbeats["worker"].tick()
 
     def _consumer_settings(self, client: type) -> dict[str, Any]:
         cfg = self.cfg

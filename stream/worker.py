@@ -62,6 +62,14 @@ log = logging.getLogger(__name__)
 BUDGET_WAIT_INTERVALS = 30
 
 
+def checkpoint_deadline(cfg: Any) -> float:
+    """Seconds a checkpoint may be postponed while records keep arriving: ``checkpoint_interval``, or
+    ``BUDGET_WAIT_INTERVALS`` of them when the changelog budget can postpone it. A checkpoint older than this on a
+    consuming member is stale (the TidecastCheckpointStale alert compares the two)."""
+    budget = getattr(cfg, "changelog_bytes_per_record", 0)
+    return cfg.checkpoint_interval * (BUDGET_WAIT_INTERVALS if budget else 1)
+
+
 class Worker(threading.Thread):
     """Everything that touches the engine runs here, in queue order.
 
@@ -98,6 +106,7 @@ class Worker(threading.Thread):
         self._job_thread: threading.Thread | None = None
         self._job_error: BaseException | None = None
         self._last_changelog_bytes = 0
+        self.metrics.checkpoint_deadline.set(checkpoint_deadline(cfg))
 
     # -- loop ------------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -266,7 +275,7 @@ class Worker(threading.Thread):
             return
         budget = getattr(self.cfg, "changelog_bytes_per_record", 0)
         over_budget = budget and self._since_checkpoint * budget < self._last_changelog_bytes
-        if over_budget and elapsed < BUDGET_WAIT_INTERVALS * self.cfg.checkpoint_interval:
+        if over_budget and elapsed < checkpoint_deadline(self.cfg):
             return
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()

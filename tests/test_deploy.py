@@ -356,6 +356,19 @@ def test_every_dashboard_query_follows_the_instance_variable() -> None:
                 assert 'instance=~"$instance"' in selector, f"panel {panel['title']!r}: {metric} ignores $instance"
 
 
+def test_dashboard_panels_do_not_overlap() -> None:
+    """Overlapping panels are pushed down by Grafana, breaking the side-by-side layout."""
+    panels = list(dashboard_panels(json.loads(DASHBOARD.read_text())["panels"]))
+    cells: dict[tuple[int, int], str] = {}
+    for panel in panels:
+        pos = panel["gridPos"]
+        assert pos["x"] + pos["w"] <= 24, f"panel {panel['title']!r} is wider than the grid"
+        for x in range(pos["x"], pos["x"] + pos["w"]):
+            for y in range(pos["y"], pos["y"] + pos["h"]):
+                other = cells.setdefault((x, y), panel["title"])
+                assert other == panel["title"], f"panels {other!r} and {panel['title']!r} overlap at {(x, y)}"
+
+
 def test_grafana_provisioning_matches_dashboard_and_compose() -> None:
     datasources = load_yaml(GRAFANA / "provisioning" / "datasources" / "prometheus.yml")["datasources"]
     (prometheus,) = [ds for ds in datasources if ds["type"] == "prometheus"]

@@ -16,7 +16,8 @@ EXPECTED = (
     "tidecast_observations_total", "tidecast_forecasts_total", "tidecast_dead_letters_total",
     "tidecast_consumer_lag", "tidecast_consumer_records_per_second", "tidecast_checkpoint_seconds_bucket",
     "tidecast_rebalances_total", "tidecast_state_restored_series_total",
-    "tidecast_last_checkpoint_timestamp_seconds", "tidecast_drift_alarms_total", "tidecast_series_drifting",
+    "tidecast_last_checkpoint_timestamp_seconds", "tidecast_checkpoint_deadline_seconds",
+    "tidecast_drift_alarms_total", "tidecast_series_drifting",
 )
 
 

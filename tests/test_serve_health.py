@@ -89,3 +89,42 @@ def test_a_metrics_port_in_use_is_one_error_line_and_exit_2(tmp_path):
     assert out.returncode == 2, out.stderr
     assert "serve could not start:" in out.stderr and "Address already in use" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_healthz_stays_ok_while_serve_waits_for_the_broker_at_start(tmp_path):
+    """A startup outage is waited out like a later one: restarting the container would not help, so /healthz
+    answers 200 (the worker, not started yet, has nothing to be stuck on; it was reported stale after the
+    liveness timeout, and Docker's HEALTHCHECK marked the container unhealthy)."""
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        broker = f"127.0.0.1:{closed.getsockname()[1]}"  # bound, never listening: refused
+        proc = subprocess.Popen([sys.executable, "-m", "tidecast.stream.cli", "serve", "--bootstrap-servers",
+                                 broker, "--topic", "t", "--metrics-port", str(port), "--metrics-address",
+                                 "127.0.0.1", "--liveness-timeout", "8", "--broker-outage-budget", "60",
+                                 "--state-dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            answers = []
+            deadline = time.monotonic() + 45
+            while len(answers) < 10 and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(2)
+                try:
+                    answers.append(get(port, "/healthz"))
+                except OSError:  # the health server not up yet
+                    continue
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert len(answers) == 10, answers
+            # the last answers come well past the liveness timeout of 8 s (retries tick every 5 s at most)
+            assert all(status == 200 for status, _ in answers), answers
+            assert json.loads(answers[-1][1])["status"] == "ok"
+            assert get(port, "/readyz")[0] == 503  # not ready: it owns no partitions
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)

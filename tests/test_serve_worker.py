@@ -26,7 +26,7 @@ from tidecast.stream.messages import AssignPartitions, FetchedRecords, Partition
 from tidecast.stream.records import REASONS, Observation, encode, parse_timestamp
 from tidecast.stream.serve import ServeConfig, build_worker
 from tidecast.stream.state import ChangelogStore, LocalStateStore
-from tidecast.stream.worker import Trainer, Worker
+from tidecast.stream.worker import Trainer, Worker, checkpoint_deadline
 
 CONFIG = EngineConfig(horizon=4, model_params={"seasonal-naive": {"period": 6}})
 TOPIC = "obs"
@@ -331,3 +331,14 @@ def test_a_long_fit_runs_on_the_trainer_and_never_stops_the_worker_heartbeat(tmp
         worker.stop()
         trainer.join(10)
         worker.join(10)
+
+
+def test_the_checkpoint_deadline_gauge_allows_for_the_changelog_budget(tmp_path):
+    """TidecastCheckpointStale compares a checkpoint's age with this gauge: under the changelog budget a healthy
+    member may postpone a checkpoint by 30 intervals (a fixed 300 s threshold fired with checkpoint_interval=30)."""
+    worker, _ = make_worker(tmp_path, FakeProducer())
+    assert worker.cfg.changelog_bytes_per_record > 0
+    assert sample(worker, "tidecast_checkpoint_deadline_seconds") == 30 * worker.cfg.checkpoint_interval
+    no_budget = SimpleNamespace(checkpoint_interval=30, changelog_bytes_per_record=0)
+    assert checkpoint_deadline(no_budget) == 30
+    assert checkpoint_deadline(SimpleNamespace(checkpoint_interval=30, changelog_bytes_per_record=100)) == 900
