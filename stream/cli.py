@@ -16,7 +16,6 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -57,25 +56,25 @@ ALL_SETTINGS = tuple(dict.fromkeys(cls for classes in COMMANDS.values() for cls 
 def _add_command(sub: argparse._SubParsersAction, name: str, func: Callable[[argparse.Namespace], int],
                  **texts: str) -> None:
     p = sub.add_parser(name, **texts)
-    p.add_argument("--config", type=Path, default=None, help=f"TOML settings file [env {CONFIG_ENV}]")
+    p.add_argument("--config", default=None, help=f"TOML settings file [env {CONFIG_ENV}]")  # "" is refused
     add_arguments(p, COMMANDS[name])
     p.set_defaults(func=func)
 
 
-def _layered(args: argparse.Namespace, uses_kafka: bool) -> tuple[Mapping[str, str], SettingsFile]:
-    """The environment and the settings file (checked: unknown keys are errors, unknown variables warnings)."""
+def _layered(args: argparse.Namespace) -> tuple[Mapping[str, str], SettingsFile]:
+    """The environment and the settings file (checked: unknown keys are errors, unknown variables warnings; the
+    [kafka] table too, by every command, since one file serves them all)."""
     env = os.environ
     warn_unknown_env(env, env_names_of(ALL_SETTINGS))
-    file = load_file(args.config or env.get(CONFIG_ENV), keys_of(ALL_SETTINGS))
-    if uses_kafka:
-        check_kafka_table(file.kafka, f"the [kafka] table of {file.path}")
+    file = load_file(args.config if args.config is not None else env.get(CONFIG_ENV), keys_of(ALL_SETTINGS))
+    check_kafka_table(file.kafka, f"the [kafka] table of {file.path}")
     return env, file
 
 
 def _run_replay(args: argparse.Namespace) -> int:
     from tidecast.stream.replay import run_replay
 
-    env, file = _layered(args, uses_kafka=False)
+    env, file = _layered(args)
     spec = resolve(InputSettings, args, env, file).spec(default_path=BUNDLED_SAMPLE)
     engine = resolve(EngineConfig, args, env, file)
     options = resolve(ReplayOptions, args, env, file, spec=spec)
@@ -91,7 +90,7 @@ def make_console() -> Console:
 def _run_serve(args: argparse.Namespace) -> int:
     from tidecast.stream import serve
 
-    env, file = _layered(args, uses_kafka=True)
+    env, file = _layered(args)
     config = ServeConfig(resolve(ServeSettings, args, env, file), resolve(EngineConfig, args, env, file),
                          kafka_extra=file.kafka)
     return serve.run_serve(config)
@@ -100,7 +99,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _run_produce(args: argparse.Namespace) -> int:
     from tidecast.stream.produce import run_produce
 
-    env, file = _layered(args, uses_kafka=True)
+    env, file = _layered(args)
     spec = resolve(InputSettings, args, env, file).spec()
     options = resolve(ProduceOptions, args, env, file, spec=spec, kafka_extra=file.kafka)
     summary = run_produce(options)

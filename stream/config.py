@@ -70,6 +70,16 @@ def _names_series(value: list[str]) -> str | None:
     return None if value else "names no series (leave it unset to accept every series)"
 
 
+def _known_lanes(models: list[str]) -> str | None:
+    """A check: each lane parses (its error then names where the value came from: flag, environment or file)."""
+    for text in models:
+        try:
+            parse_lane(text)
+        except ValueError as err:
+            return str(err)
+    return None
+
+
 def _levels(value: list[float]) -> str | None:
     if not value:
         return "give at least one level, e.g. 80,95"
@@ -185,7 +195,7 @@ class EngineConfig:
     models: list[str] = setting(["seasonal-naive"], "lanes compared side by side, ALIAS=MODEL or MODEL, "
                                 f"comma-separated or repeated; models: {', '.join(MODELS)}, a plug-in's (entry point "
                                 "group tidecast.models) or river:MODULE.CLASS (a river forecaster)", group=ENGINE,
-                                name="model", repeat=True, metavar="[ALIAS=]MODEL")
+                                name="model", repeat=True, metavar="[ALIAS=]MODEL", check=_known_lanes)
     model_params: dict[str, dict[str, Any]] = setting(
         {}, "lane parameter ALIAS.KEY=VALUE (VALUE is JSON), repeated; in the file: [model_params.ALIAS] tables; "
             "in the environment: whitespace-separated items", group=ENGINE, name="model_param", key="model_params",
@@ -236,7 +246,7 @@ class EngineConfig:
         parse=partial(parse_key_values, what="retrain parameter", nested=False))
     maintenance_budget_seconds: float = setting(0.05, "time given to deferred model work (fitting) between batches",
                                                 group=ENGINE, check=at_least(0))
-    torch_threads: int = setting(1, "torch intra-op threads", group=ENGINE, check=at_least(1))
+    torch_threads: int = setting(1, "torch intra-op threads", group=ENGINE, check=at_least(1, 1024))
 
     def __post_init__(self) -> None:
         check_declared(self)
@@ -297,7 +307,8 @@ class EngineConfig:
         first = (100.0 - levels[0]) / 100.0
         if self.alpha is not None and abs(self.alpha - first) > 1e-12:  # both from one source (see resolve)
             raise SettingsError(f"alpha {self.alpha:g} contradicts level {','.join(f'{v:g}' for v in levels)}: alpha "
-                                f"A is the one-level shorthand of level {100 * (1 - self.alpha):g}; give one")
+                                f"{self.alpha:g} is the one-level shorthand of level {100 * (1 - self.alpha):g}; give "
+                                "one (--alpha / --level, TIDECAST_ALPHA / TIDECAST_LEVEL, alpha / levels in the file)")
         object.__setattr__(self, "levels", levels)
         object.__setattr__(self, "alpha", first)
 
@@ -331,7 +342,11 @@ class EngineConfig:
     def _checked_drift_params(self) -> dict[str, Any]:
         if self.drift_detector == "none":
             if self.drift_params:
-                raise SettingsError("drift detector parameters given, but --drift-detector is none")
+                given = ", ".join(sorted(self.drift_params))
+                raise SettingsError(f"drift detector parameters given ({given}), but the drift detector is none: "
+                                    "drop them (--drift-param, TIDECAST_DRIFT_PARAM, [drift_params]) or name a "
+                                    "detector (--drift-detector, TIDECAST_DRIFT_DETECTOR, "
+                                    "drift_detector)")
             return {}
         accepted = keyword_parameters(DETECTORS[self.drift_detector])
         try:

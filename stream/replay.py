@@ -99,7 +99,8 @@ def run_replay(config: EngineConfig, options: ReplayOptions, console: Console | 
         path = result.report(options.report, series=[s for s in wanted if s in replayed])
         console.print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
     if server is not None and options.linger_seconds > 0:
-        console.print(f"serving /metrics on {_url(options)} for {options.linger_seconds:.0f} s more")
+        console.print(f"serving /metrics on http://{_host(options.metrics_address)}:{server.server_port}/metrics "
+                      f"for {options.linger_seconds:.0f} s more")
         time.sleep(options.linger_seconds)
     if server is not None:
         server.shutdown()
@@ -242,10 +243,6 @@ def _serve_metrics(metrics: Metrics, address: str, port: int | None, console: Co
 
 def _host(address: str) -> str:
     return f"[{address}]" if ":" in address else address
-
-
-def _url(options: ReplayOptions) -> str:
-    return f"http://{_host(options.metrics_address)}:{options.metrics_port}/metrics"
 
 
 def _events(sink: EventSink, counts: dict[tuple[str, str], int], events: list[DriftEvent]) -> None:

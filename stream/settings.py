@@ -32,6 +32,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import math
 import re
 import tomllib
 import types
@@ -95,14 +96,21 @@ def setting(default: Any = None, help: str = "", *, group: str, **meta: Any) -> 
     return field(default=default, metadata=metadata, repr=not info.secret)
 
 
-def at_least(low: float) -> Callable[[Any], str | None]:
-    """A check: ``None`` or a number ``>= low``."""
-    return lambda value: None if value is None or value >= low else f"must be at least {low}"
+def at_least(low: float, high: float = math.inf) -> Callable[[Any], str | None]:
+    """A check: ``None`` or a finite number ``>= low`` (and ``<= high`` when given): ``inf`` would pass ``>=`` and
+    end later in a traceback (a sleep, a timeout in milliseconds)."""
+    def check(value: Any) -> str | None:
+        if value is None:
+            return None
+        if not math.isfinite(value) or value < low:
+            return f"must be a finite number of at least {low}"
+        return None if value <= high else f"must be at most {high}"
+    return check
 
 
 def positive(value: float | None) -> str | None:
-    """A check: ``None`` or a number ``> 0``."""
-    return None if value is None or value > 0 else "must be positive"
+    """A check: ``None`` or a finite number ``> 0``."""
+    return None if value is None or (value > 0 and math.isfinite(value)) else "must be a finite positive number"
 
 
 def parse_bool(value: Any) -> bool:
@@ -225,6 +233,8 @@ def _convert(raw: Any, kind: Any) -> Any:
             return str(raw)
         raise ValueError(f"expected text, got {_toml_kind(raw)}")
     if kind is Path:
+        if isinstance(raw, str) and not raw.strip():  # Path("") is the working directory
+            raise ValueError("an empty path")
         if isinstance(raw, str | Path):
             return Path(raw)
         raise ValueError(f"expected a path, got {type(raw).__name__}")
@@ -352,6 +362,8 @@ def load_file(path: str | Path | None, known_keys: Collection[str]) -> SettingsF
             data = tomllib.load(fh)
     except tomllib.TOMLDecodeError as err:
         raise SettingsError(f"{path}: not valid TOML: {err}") from None
+    except UnicodeDecodeError as err:  # TOML is UTF-8; a file saved as UTF-16 or Latin-1 is not
+        raise SettingsError(f"{path}: not valid TOML: not UTF-8 text (byte {err.start})") from None
     except OSError as err:
         raise SettingsError(f"config file {path}: {err.strerror or err}") from None
     values = {key.replace("-", "_"): value for key, value in data.items()}
@@ -390,16 +402,19 @@ def warn_unknown_env(env: Mapping[str, str], known: Collection[str]) -> list[str
     """
     unknown = sorted(name for name in env if name.startswith(ENV_PREFIX) and name not in known)
     if unknown:
-        named = ", ".join(f"{name} ({_guess(name, known)})" for name in unknown)
+        named = ", ".join(f"{name} ({_guess(name, known, env[name])})" for name in unknown)
         log.warning("ignored environment variables that are no tidecast setting: %s", named)
     return unknown
 
 
-_SERVICE_LINK = re.compile(r"_SERVICE_(HOST|PORT)(_\w+)?$|_PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?$")
+# Kubernetes' service links for a service named tidecast-...: X_SERVICE_HOST, X_SERVICE_PORT[_NAME],
+# X_PORT_80_TCP[_PROTO|_PORT|_ADDR] and X_PORT=tcp://10.0.0.11:80 (a bare _PORT only with such a value, else a typo)
+_SERVICE_LINK = re.compile(r"_SERVICE_(HOST|PORT)(_\w+)?$|_PORT_\d+_(TCP|UDP|SCTP)(_\w+)?$")
+_SERVICE_URL = re.compile(r"(tcp|udp|sctp)://", re.IGNORECASE)
 
 
-def _guess(name: str, known: Collection[str]) -> str:
-    if _SERVICE_LINK.search(name):
+def _guess(name: str, known: Collection[str], value: str = "") -> str:
+    if _SERVICE_LINK.search(name) or (name.endswith("_PORT") and _SERVICE_URL.match(value)):
         return "a Kubernetes service link?"
     close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
     return f"did you mean {close[0]}?" if close else "unknown"

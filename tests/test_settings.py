@@ -203,11 +203,11 @@ def test_an_unknown_file_key_is_an_error_naming_the_closest_valid_one(captured, 
     assert not captured
 
 
-@pytest.mark.parametrize("command", ["serve", "produce"])
+@pytest.mark.parametrize("command", ["serve", "produce", "replay"])  # one file serves all: replay accepted it
 def test_an_unknown_kafka_table_key_is_an_error_naming_the_closest_valid_one(captured, tmp_path, capsys, command):
     config = write(tmp_path / "t.toml", 'bootstrap_servers = "b:9092"\ntopic = "obs"\n'
                                         '[kafka]\n"max.poll.records" = 50\nrequest_timeout_ms = 40000\n')
-    assert main([command, "--config", str(config)] + (["x.csv"] if command == "produce" else [])) == 2
+    assert main([command, "--config", str(config)] + (["x.csv"] if command != "serve" else [])) == 2
     err = capsys.readouterr().err
     assert "unknown key 'max.poll.records' in the [kafka] table" in err and "did you mean 'max_poll_records'?" in err
     assert not captured
@@ -270,6 +270,14 @@ def test_unknown_tidecast_environment_variables_are_a_warning(captured, caplog, 
     (["--horizon", "0"], {}, "", "--horizon 0: must be at least 1"),
     ([], {"TIDECAST_ALPHA": "1.5"}, "", "TIDECAST_ALPHA=1.5 (environment): must be in (0, 1)"),
     ([], {}, "create_topics = 3", "create_topics = 3 in "),
+    # inf passed ">= 0" and ended in an OverflowError where a timeout becomes milliseconds
+    (["--broker-outage-budget", "inf"], {}, "", "--broker-outage-budget inf: must be a finite number"),
+    (["--torch-threads", "99999999999"], {}, "", "--torch-threads 99999999999: must be at most 1024"),
+    # an unknown model named the flag whatever its source
+    ([], {"TIDECAST_MODEL": "seasonl-naive"}, "", "TIDECAST_MODEL=seasonl-naive (environment): "),
+    ([], {}, 'model = ["seasonl-naive"]', "model = seasonl-naive in "),
+    # an empty path was the working directory, blamed on the flag
+    ([], {"TIDECAST_STATE_DIR": ""}, "", "TIDECAST_STATE_DIR= (environment): an empty path"),
 ])
 def test_invalid_values_are_errors_naming_the_setting_and_where_it_came_from(captured, tmp_path, capsys, clean_env,
                                                                               argv, env, file, says):
@@ -499,3 +507,48 @@ def test_readme_configuration_reference_matches_the_declarations():
     assert documented == reference(), (
         "README's configuration reference is stale; regenerate it with "
         ".venv/bin/python -c \"from tidecast.stream.cli import reference; print(reference())\"")
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--rate", "inf"], "--rate inf: must be a finite positive number"),  # OverflowError in the pacing
+    (["--linger", "inf"], "--linger inf: must be a finite number"),  # OverflowError in time.sleep, after the run
+    (["--config", ""], "the config file's path is empty"),  # was "config file .: Is a directory"
+])
+def test_replay_refuses_unusable_values_before_any_work(tmp_path, capsys, clean_env, argv, says):
+    assert main(["replay", str(hourly_csv(tmp_path)), "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path, capsys, clean_env):
+    config = tmp_path / "notepad.toml"
+    config.write_bytes('horizon = 12\n'.encode("utf-16"))
+    assert main(["replay", str(hourly_csv(tmp_path)), "--config", str(config)]) == 2
+    assert f"{config}: not valid TOML: not UTF-8 text" in capsys.readouterr().err
+
+
+def test_a_contradicting_alpha_and_level_are_both_named(captured, capsys, clean_env):
+    clean_env.setenv("TIDECAST_ALPHA", "0.2")
+    clean_env.setenv("TIDECAST_LEVEL", "90")
+    assert main(["serve", "--bootstrap-servers", "b:1", "--topic", "t"]) == 2
+    err = capsys.readouterr().err
+    assert "alpha 0.2 is the one-level shorthand of level 80" in err and "TIDECAST_ALPHA" in err
+
+
+def test_a_misspelt_port_variable_is_a_typo_unless_it_holds_a_service_url(captured, caplog, clean_env):
+    clean_env.setenv("TIDECAST_METRIC_PORT", "9400")
+    clean_env.setenv("TIDECAST_CACHE_PORT", "tcp://10.0.0.11:6379")  # Kubernetes' link to a service tidecast-cache
+    with caplog.at_level(logging.WARNING, logger="tidecast.stream.settings"):
+        assert main(["serve", "--bootstrap-servers", "b:1", "--topic", "t"]) == 0
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "TIDECAST_METRIC_PORT (did you mean TIDECAST_METRICS_PORT?)" in warning
+    assert "TIDECAST_CACHE_PORT (a Kubernetes service link?)" in warning
+
+
+def test_lingering_names_the_port_metrics_are_served_on(tmp_path, capsys, clean_env):
+    assert main(["replay", str(hourly_csv(tmp_path, 120)), "--no-progress", "--metrics-port", "0",
+                 "--metrics-address", "127.0.0.1", "--linger", "0.1", "--horizon", "4"]) == 0
+    out = capsys.readouterr().out
+    first = out.split("metrics on ", 1)[1].split()[0]
+    assert first.endswith(":" + first.rsplit(":", 1)[1]) and ":0/" not in first
+    assert f"serving /metrics on {first} for" in out
