@@ -216,6 +216,15 @@ class PerSeries(BatchForecaster):
         if self.history_ is not None:
             self.history_.resize(n_rows)
 
+    @property
+    def fitted_(self) -> bool:
+        """Some row's forecaster is ready (forecasts): before that a retrain job has nothing to refit. Once true it
+        stays true (the scan over rows stops)."""
+        if not getattr(self, "_fitted", False):
+            self._fitted = any(m is not None and is_ready(m, int(n), self.min_history)
+                               for m, n in zip(self.models_, self.n_learned_, strict=True))
+        return self._fitted
+
     def _model(self, row: int) -> Forecaster:
         model = self.models_[row]
         if model is None:

@@ -169,7 +169,9 @@ class CycleNetForecaster(WarmStarted):
         ``replay_steps`` Adam steps on ``replay_batch`` windows each. Steps that do not fit the time budget
         are carried over, up to ``4 * replay_steps``; older debt is dropped rather than lagging.
     step_budget
-        Seconds of replay training allowed per inline round.
+        Seconds of replay training allowed per inline round; ``None`` (the default): every due step (at most
+        ``4 * replay_steps``), so a replay gives the same forecasts and promotions however busy the machine (a
+        time budget made them depend on its speed).
     defer
         Run the fit and replay steps in :meth:`maintenance` (True), inline (False), or inline until
         :meth:`maintenance` is called from another thread than :meth:`learn_many` (None).
@@ -235,7 +237,7 @@ class CycleNetForecaster(WarmStarted):
         replay_every: int = 1,
         replay_steps: int = 2,
         replay_batch: int = 256,
-        step_budget: float = 0.02,
+        step_budget: float | None = None,
         defer: bool | None = None,
         max_cycle: int = 400,
         input_limit: float | None = 100.0,
@@ -281,7 +283,7 @@ class CycleNetForecaster(WarmStarted):
         check_rate("online_lr", self.online_lr)
         check_rate("online_cycle_lr", self.online_cycle_lr, optional=True)
         check_count("replay_steps", self.replay_steps, 0)
-        check_positive("step_budget", self.step_budget, rule="seconds > 0")
+        check_positive("step_budget", self.step_budget, optional=True, rule="seconds > 0")
         check_count("max_cycle", self.max_cycle, 2)
         require(self.defer is None or isinstance(self.defer, bool), "defer", self.defer, "True, False or None")
         check_positive("input_limit", self.input_limit, optional=True, rule="scaler units > 0")
@@ -433,7 +435,7 @@ class CycleNetForecaster(WarmStarted):
                         self._due = min(self._due + self.replay_steps, 4 * self.replay_steps)
                 self._join(rows[~self._ready[rows] & (self._seen[rows] >= self._window)])
         if not self._deferred:
-            self._work(math.inf, self.step_budget)
+            self._work(math.inf, math.inf if self.step_budget is None else self.step_budget)
 
     def _join(self, rows: np.ndarray) -> None:
         """Serve rows that arrived after the fit: scaler from their history, ``Q`` column from zero; a backtest of

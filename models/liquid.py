@@ -269,7 +269,8 @@ class CfCForecaster(WarmStarted):
         ``replay_steps`` Adam steps on ``replay_batch`` windows are due (unpaid steps carry over, up to four
         rounds' worth).
     step_budget
-        Seconds of replay training allowed per inline round.
+        Seconds of replay training allowed per inline round; ``None`` (the default): every due step (at most four
+        rounds' worth), so a replay gives the same forecasts and promotions however busy the machine.
     defer
         Heavy work in :meth:`maintenance` (True), inline (False), or inline until :meth:`maintenance` is called
         from another thread than :meth:`learn_many` (None).
@@ -315,7 +316,7 @@ class CfCForecaster(WarmStarted):
         replay_every: int = 1,
         replay_steps: int = 1,
         replay_batch: int = 128,
-        step_budget: float = 0.02,
+        step_budget: float | None = None,
         defer: bool | None = None,
         max_cycle: int = 400,
         seed: int = 0,
@@ -360,7 +361,7 @@ class CfCForecaster(WarmStarted):
         check_rate("online_cycle_lr", self.online_cycle_lr, optional=True)
         check_positive("online_huber", self.online_huber, optional=True, rule="residual deviations > 0")
         check_count("replay_steps", self.replay_steps, 0)
-        check_positive("step_budget", self.step_budget, rule="seconds > 0")
+        check_positive("step_budget", self.step_budget, optional=True, rule="seconds > 0")
         check_count("max_cycle", self.max_cycle, 2)
         require(self.defer is None or isinstance(self.defer, bool), "defer", self.defer, "True, False or None")
         if self.persistence_half_life < 0:
@@ -517,7 +518,7 @@ class CfCForecaster(WarmStarted):
                     if self._rounds % self.replay_every == 0:
                         self._due = min(self._due + self.replay_steps, 4 * self.replay_steps)
         if not self._deferred:
-            self._work(math.inf, self.step_budget)
+            self._work(math.inf, math.inf if self.step_budget is None else self.step_budget)
 
     def _record(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray, prev: np.ndarray) -> None:
         """Write the values into the rings; ticks skipped since each row's last value are marked missing."""

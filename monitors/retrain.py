@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from tidecast.models.base import Params, check_between, check_count
+from tidecast.models.naive import check_ticks
 
 __all__ = ["Fail", "Promote", "Reject", "RetrainPolicy", "StartJob", "gate_errors", "loss_differential_t"]
 
@@ -178,13 +179,13 @@ class RetrainPolicy(Params):
         if triggers is not None and (isinstance(triggers, str) or not all(isinstance(t, str) for t in triggers)):
             raise ValueError(f"triggers = {triggers!r}: a list of detector names (e.g. [\"cusum\"]) or None")
         check_count("min_alarm_rows", min_alarm_rows)
+        # steps, at most MAX_PERIOD like every ring: they size the history a job sees and the shadow's residuals
         for name in ("min_fresh", "cooldown", "probation_steps"):
-            check_count(name, getattr(self, name), 0)
-        for name in ("budget", "budget_window"):
-            check_count(name, getattr(self, name))
-        check_count("shadow_steps", shadow_steps, 2)
-        if schedule is not None:
-            check_count("schedule", schedule)
+            check_ticks(name, getattr(self, name), low=0)
+        check_count("budget", budget)
+        check_ticks("budget_window", budget_window)
+        check_ticks("shadow_steps", shadow_steps, low=2)
+        check_ticks("schedule", schedule, optional=True)
         check_between("margin", margin, -math.inf, 1)  # below 0 admits worse candidates (a gate switched off)
         check_between("flip_margin", flip_margin, 0, math.inf, open_high=True)
         check_between("flip_budget", flip_budget, 0, 1)
@@ -210,7 +211,8 @@ class RetrainPolicy(Params):
     def poll(self, step: int) -> StartJob | None:
         """A job to start now, or ``None`` (waiting for fresh data, in cooldown, over budget, or no trigger)."""
         recent = self.starts_[self.starts_ > step - self.budget_window]
-        if recent.size >= self.budget or (recent.size and step - int(recent.max()) < self.cooldown):
+        # the cooldown runs from the last start, even one older than the budget window (which forgets it)
+        if recent.size >= self.budget or (self.starts_.size and step - int(self.starts_.max()) < self.cooldown):
             return None
         if self.change_step_ != NO_STEP and step - self.change_step_ >= self.min_fresh:
             job = StartJob(getattr(self, "_reason", "alarm"), self.change_step_, int(step))

@@ -40,7 +40,7 @@ from tidecast.stream.engine import Engine
 from tidecast.stream.records import REASONS
 from tidecast.stream.replay import ReplayOptions, execute
 from tidecast.stream.result import ReplayResult, ResultCollector
-from tidecast.stream.settings import split_items
+from tidecast.stream.settings import settings_of, split_items
 from tidecast.stream.sources import ReplaySpec, load_frame, load_replay
 
 #: Keyword options besides the named arguments: engine settings, how to read the input, and how to run.
@@ -48,6 +48,8 @@ ENGINE_OPTIONS = tuple(f.name for f in dataclasses.fields(EngineConfig)
                        if f.name not in ("models", "horizon", "levels", "calibrator", "freq"))
 INPUT_OPTIONS = ("format", "time_column", "series_column", "value_column", "name", "columns")
 RUN_OPTIONS = ("batch_size", "progress")
+#: The KEY=VALUE settings (model_params, retrain_params ...): a string is parsed as the CLI and environment do.
+_KEY_VALUE_SETTINGS = {s.field: s for s in settings_of(EngineConfig) if s.field.endswith("_params")}
 
 
 DEFAULT_LEVELS = (80, 95)
@@ -81,6 +83,12 @@ def replay(data: pd.DataFrame | str | Path, models: Sequence[str] | str = ("seas
         options["alpha"] = _number("alpha", options["alpha"])
     if "columns" in options:
         options["columns"] = _listed(options["columns"], str)
+    for key, setting in _KEY_VALUE_SETTINGS.items():  # "cooldown=5 budget=2": the CLI's spelling, parsed as it is
+        if isinstance(options.get(key), str):
+            try:
+                options[key] = setting.convert(options[key])
+            except ValueError as err:
+                raise ValueError(f"{key}={options[key]!r}: {err}") from None
     models, levels = _listed(models, str), _listed(levels, float)
     if "alpha" in options and levels is not None:
         if levels is not DEFAULT_LEVELS:

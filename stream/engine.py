@@ -337,6 +337,7 @@ class Engine:
                               monitors=monitors))
         retrainer = None
         if retrain is not None:
+            _check_triggers(lanes, retrain.policy)
             retrainer = Retrainer({alias: retrain for alias, _ in config.lanes})  # each lane clones the policy
         return cls(config, lanes, metrics, retrainer)
 
@@ -646,6 +647,9 @@ class Engine:
         if len(r_rows):
             actuals.append((r_rows, r_ticks, y))
         for lane in self.lanes:
+            if len(r_rows) and self.retrainer is not None and lane.name in self.retrainer:
+                # 0. retrain decisions for the lane's last grid time, now complete (promotions take effect here)
+                self.retrainer.begin_round(self, lane, int(t_ns.max()), events)
             if reset_rows is not None:
                 lane.model.reset_rows(reset_rows)
                 lane.pending.invalidate(reset_rows)
@@ -666,7 +670,7 @@ class Engine:
                         model.reset_rows(reset_rows)
                         pending.invalidate(reset_rows)
                 if len(r_rows):  # the candidates' forecasts that matured, on the incumbent's cells
-                    shadow.score(r_rows, r_ticks, y, mean, valid)
+                    shadow.score(r_rows, r_ticks, y, mean, valid, int(t_ns.max()))
                 shadow.learn(rows, ticks, values, filled)
             lane.model.learn_many(rows, ticks, values, filled=filled)  # 2. learn (filled gap ticks included)
             lane.pool.observe(rows, values)
@@ -692,8 +696,6 @@ class Engine:
                 self._alarms(monitor.issued(r_rows, r_ticks, forecast, lower[..., 0], upper[..., 0]), r_rows, t_ns,
                              lane, monitor, events)
             outputs.append((lane.name, r_rows, r_ticks, t_ns, forecast, lower, upper))
-            if self.retrainer is not None and lane.name in self.retrainer:  # 5b. retrain decisions
-                self.retrainer.end_round(self, lane, from_epoch_ns(int(t_ns.max())), events)
 
     def _actuals(self, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> ActualBatch:
         if not parts:
@@ -1041,6 +1043,28 @@ def inferred_step(gaps: np.ndarray) -> int:
     if counts.max() >= 2:
         return int(values[np.argmax(counts)])
     return int(np.sort(gaps)[(len(gaps) - 1) // 2])
+
+
+def _check_triggers(lanes: Sequence[Lane], policy: Any) -> None:
+    """``--retrain on`` with nothing that can start a job (no schedule, and no watcher the triggers name) is an
+    error when it holds for every lane (a typo such as ``triggers=["CUSUM"]`` ran to the end without a word), a
+    warning for the lanes it holds for."""
+    if policy.schedule is not None:
+        return
+    idle = {}
+    for lane in lanes:
+        watchers = {monitor.detector for monitor in lane.monitors}
+        if not (watchers if policy.triggers is None else watchers & set(policy.triggers)):
+            idle[lane.name] = sorted(watchers)
+    if not idle:
+        return
+    runs = "; ".join(f"lane {name!r} runs {', '.join(w) if w else 'no watcher'}" for name, w in idle.items())
+    named = "any watcher" if policy.triggers is None else f"triggers {list(policy.triggers)}"
+    why = (f"--retrain on can never start a job: {named} and no schedule ({runs}; watchers: --drift-detector, "
+           "a model's bootstrap > 0). Name a watcher the lane runs, or add schedule=N (--retrain-param)")
+    if len(idle) == len(lanes):
+        raise ValueError(why)
+    log.warning(why)
 
 
 def _from_settings(where: str, build: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -41,8 +41,9 @@ from typing import Any
 import numpy as np
 
 from tidecast.models.base import BatchForecaster, check_between, check_count
+from tidecast.models.naive import check_ticks
 from tidecast.models.registry import keyword_parameters
-from tidecast.monitors.drift import DriftEvent
+from tidecast.monitors.drift import DriftEvent, from_epoch_ns
 from tidecast.monitors.retrain import NO_STEP, Fail, Promote, Reject, RetrainPolicy, StartJob
 from tidecast.stream.pending import PendingForecasts
 
@@ -83,7 +84,7 @@ class RetrainSettings:
     def __post_init__(self) -> None:
         if self.mode not in ("refit", "online"):
             raise ValueError(f"retrain mode must be 'refit' or 'online', got {self.mode!r}")
-        check_count("history", self.history, 0)
+        check_ticks("history", self.history, low=0)
         check_count("epochs", self.epochs)
         for weight in self.lambdas:  # BCWI: the candidate's share of the interpolated weights
             check_between("lambdas", weight, 0, 1, open_low=True)
@@ -186,6 +187,8 @@ class Shadow:
         self.horizon, self.steps = horizon, steps
         self.half = steps // 2 if len(candidates) > 1 else 0  # BCWI: the first half chooses lambda
         self.done_steps = 0
+        self._last_ns = np.iinfo(np.int64).min  # the newest round time scored, and the newest that counted a step
+        self._scored_ns = self._last_ns
         self.inc_err = np.zeros((len(candidates), n_rows))
         self.cand_err = np.zeros((len(candidates), n_rows))
         self.step_diffs: list[list[float]] = [[] for _ in candidates]  # per scored step: candidate - incumbent
@@ -205,8 +208,12 @@ class Shadow:
                 p.resize(n_rows)
 
     def score(self, rows: np.ndarray, ticks: np.ndarray, y: np.ndarray, inc_mean: np.ndarray,
-              inc_valid: np.ndarray) -> None:
+              inc_valid: np.ndarray, at_ns: int) -> None:
+        """Add the errors of what matured in a round at time ``at_ns``; a round at the same time as the last one
+        (a batch split that time's rows) adds to the same step."""
         self._fit(int(rows.max()) + 1)
+        same_step = at_ns <= self._last_ns
+        self._last_ns = max(self._last_ns, at_ns)
         any_matured = False
         for k, pending in enumerate(self.pending):
             mean, _, _, valid = pending.matured(rows, ticks)
@@ -221,12 +228,18 @@ class Shadow:
             inc = np.where(both, (y[:, None] - inc_mean) ** 2, 0.0).sum(axis=1)
             self.cand_err[k, rows] += cand
             self.inc_err[k, rows] += inc
-            self.step_diffs[k].append(float(cand.sum() - inc.sum()))
+            diff = float(cand.sum() - inc.sum())
+            if same_step and self._scored_ns == at_ns:
+                self.step_diffs[k][-1] += diff
+            else:
+                self.step_diffs[k].append(diff)
             if len(self.candidates) == 1:
                 at = np.minimum(self.n_resid[rows], self.steps - 1)
                 self.resid[rows, at] = np.where(valid, y[:, None] - mean, np.nan)
                 self.n_resid[rows] += 1
-        self.done_steps += any_matured
+        if any_matured and not (same_step and self._scored_ns == at_ns):
+            self.done_steps += 1
+            self._scored_ns = at_ns
         if self.half and self.done_steps >= self.half:
             self._choose()
 
@@ -264,7 +277,8 @@ class LaneRetrain:
     def __init__(self, settings: RetrainSettings) -> None:
         self.settings = settings
         self.policy = settings.policy.clone()
-        self.step = 0
+        self.step = 0  # grid times completed (not rounds: a batch may split one time's rows into two rounds)
+        self.last_ns: int | None = None  # the newest round time seen (epoch ns); its decisions are still to come
         self.job: Job | None = None
         self.in_flight: StartJob | None = None  # started, not yet decided (saved: restarted after a crash)
         self.shadow: Shadow | None = None
@@ -291,10 +305,18 @@ class Retrainer:
         if state is not None and n_rows:
             state.policy.alarm(state.step, detector, n_rows)
 
-    def end_round(self, engine: Any, lane: Any, when: datetime, events: list[DriftEvent]) -> None:
-        """After a lane's round: count the step, decide, apply."""
-        self._process_thread = threading.get_ident()
+    def begin_round(self, engine: Any, lane: Any, at_ns: int, events: list[DriftEvent]) -> None:
+        """Before a lane's round at time ``at_ns``: if that is a newer time than the last round's, the last time is
+        complete (every series of it learned and forecast, in however many rounds the batches cut it): count
+        the step, decide, apply. The same input thus gives the same decisions at any batch size."""
         st = self.lanes[lane.name]
+        last, st.last_ns = st.last_ns, max(at_ns, st.last_ns if st.last_ns is not None else at_ns)
+        if last is not None and at_ns > last:
+            self._end_step(engine, lane, st, from_epoch_ns(last), events)
+
+    def _end_step(self, engine: Any, lane: Any, st: LaneRetrain, when: datetime, events: list[DriftEvent]) -> None:
+        """A grid time of the lane is complete: count the step, decide, apply."""
+        self._process_thread = threading.get_ident()
         st.step += 1
         if st.shadow is not None:
             if st.shadow.complete:
@@ -465,7 +487,7 @@ class Retrainer:
         if st is None:
             return None
         flight = st.in_flight or st.restart
-        return {"policy": st.policy.export_state(), "step": st.step,
+        return {"policy": st.policy.export_state(), "step": st.step, "last_ns": st.last_ns,
                 "in_flight": None if flight is None else [flight.reason, flight.change_step, flight.step]}
 
     def import_state(self, lane: str, state: dict[str, Any] | None) -> None:
@@ -474,6 +496,8 @@ class Retrainer:
             return
         st.policy.import_state(state["policy"])
         st.step = int(state["step"])
+        last = state.get("last_ns")  # absent in states saved before it: the next round only sets it
+        st.last_ns = None if last is None else int(last)
         st.job = st.shadow = None
         st.probation = False  # the replaced model is not saved: a restart ends a probation, the promotion stands
         flight = state.get("in_flight")
@@ -494,7 +518,12 @@ def retrain_settings(params: dict[str, Any]) -> RetrainSettings:
     job = {k: v for k, v in params.items() if k in _JOB_KEYS}
     policy = {k: v for k, v in params.items() if k not in _JOB_KEYS}
     if "lambdas" in job:
-        job["lambdas"] = tuple(float(x) for x in job["lambdas"])
+        lambdas = job["lambdas"]
+        if not isinstance(lambdas, list | tuple) or not all(
+                isinstance(x, int | float) and not isinstance(x, bool) for x in lambdas):
+            raise ValueError(f"retrain parameter lambdas = {lambdas!r}: a list of BCWI weights in (0, 1], e.g. "
+                             "[0.5, 1] ([] : no interpolation)")
+        job["lambdas"] = tuple(float(x) for x in lambdas)
     if isinstance(policy.get("triggers"), list):  # a JSON list; anything else is RetrainPolicy's to judge
         policy["triggers"] = tuple(policy["triggers"])
     return RetrainSettings(policy=RetrainPolicy(**policy), **job)

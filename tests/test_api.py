@@ -277,6 +277,13 @@ def test_mistakes_in_the_arguments_raise_before_any_work():
     as_cli = tidecast.replay(frame, models="seasonal-naive,naive=seasonal-naive", levels="50, 80", horizon=2,
                              model_params={"seasonal-naive": {"period": 12}, "naive": {"period": 12}})
     assert as_cli.models == ["seasonal-naive", "naive"] and as_cli.levels == ["50", "80"]
+    # KEY=VALUE settings as strings read as the CLI's (the string was iterated: "retrain parameter c")
+    spelled = tidecast.replay(frame, model_params="seasonal-naive.period=12", horizon=2, retrain="on",
+                              retrain_params="schedule=20 cooldown=5")
+    assert spelled.run["config"]["retrain_params"] == {"schedule": 20, "cooldown": 5}
+    assert spelled.run["config"]["model_params"] == {"seasonal-naive": {"period": 12}}
+    with pytest.raises(ValueError, match="retrain_params='cooldown': "):
+        tidecast.replay(frame, retrain="on", retrain_params="cooldown")
 
 
 def test_plot_draws_actual_forecast_bands_misses_and_events(result):

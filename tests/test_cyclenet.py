@@ -211,6 +211,31 @@ def test_save_restore_is_bit_exact(tmp_path):
     assert all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)
 
 
+@pytest.mark.parametrize("name", ["cyclenet", "cfc"])
+def test_online_learning_inline_does_not_depend_on_the_machines_speed(monkeypatch, name):
+    """With the default step budget a replay takes every due replay step: the same forecasts on a busy machine
+    (a 0.02 s budget per round made CycleNet's promotions differ between identical replays run side by side)."""
+    import tidecast.models.warm_start as warm_start
+    from tidecast.models.registry import MODELS
+
+    rows = np.array([0, 1])
+    values = cyclic(np.arange(560), channels=2, seed=4)
+    params = dict(horizon=6, warm_start=400, replay_window=64, replay_batch=16, defer=False, seed=1, epochs=2)
+    if name == "cyclenet":
+        params.update(lookback=24, cycle=W, batch_size=32)
+
+    def run() -> np.ndarray:
+        model = MODELS[name](**params)
+        feed(model, rows, range(560), values)
+        assert model.fitted_
+        return model.forecast_many(rows, 6)
+
+    quiet = run()
+    clock = iter(range(10**9))  # every reading of the clock a second later: a machine far busier than any
+    monkeypatch.setattr(warm_start.time, "perf_counter", lambda: float(next(clock)))
+    np.testing.assert_array_equal(run(), quiet)
+
+
 # -- cycle detection on real data ----------------------------------------------------------------------------
 
 

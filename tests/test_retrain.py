@@ -429,11 +429,11 @@ def test_probation_rolls_back_a_promotion_that_turns_bad(reference):
     values = phase_shifted()
     engine = Engine.from_config(config(probation_steps=48, cooldown=10_000))
     replaced = engine.lanes[0].model
-    events, _ = feed(engine, values, 0, at + 1, chunk=1)
+    events, _ = feed(engine, values, 0, at + 2, chunk=1)  # decisions for a time come once the next one arrives
     assert retrain_events(events)[-1] == ("promoted", 1)
     with torch.no_grad():
         engine.lanes[0].model.net_.cycle_table += 5.0
-    later, _ = feed(engine, values, at + 1)
+    later, _ = feed(engine, values, at + 2)
     kinds = retrain_events(events + later)
     assert ("rolled_back", 2) in kinds
     rolled = next(e for e in later if e.detector == "retrain" and e.kind == "rolled_back")
@@ -474,7 +474,7 @@ def test_a_candidate_that_cannot_forecast_a_series_the_incumbent_can_is_never_pr
             break
         matured = np.full((n, horizon), t >= horizon)
         incumbent = np.ones((n, horizon))  # finite everywhere, off by one
-        shadow.score(rows, np.full(n, t), rng.normal(size=n), incumbent, matured)
+        shadow.score(rows, np.full(n, t), rng.normal(size=n), incumbent, matured, at_ns=t)
         shadow.forecast(rows, np.full(n, t), horizon)
     assert shadow.complete
     verdict = RetrainPolicy().gate(shadow.inc_err[0], shadow.cand_err[0], np.asarray(shadow.step_diffs[0]),
@@ -504,3 +504,73 @@ def test_gated_online_learning_with_cfc(mode, members):
     assert all(e.statistic != 1.0 for e in done)  # the candidate learned: its forecasts differ
     assert all(e.statistic <= 0.98 for e in done if e.kind == "promoted")
     assert engine.lanes[0].model.get_params()["mode"] == "frozen"  # served frozen between gates
+
+
+# -- found by the retrain review (2026-12-04) ------------------------------------------------------------------
+
+def feed_rows(engine: Engine, values: np.ndarray, batch_rows: int) -> list:
+    """Every observation in time order, ``batch_rows`` at a time: a batch may end in the middle of a time."""
+    n_steps, n = values.shape
+    ids = np.tile(np.array([f"s{i}" for i in range(n)], dtype=object), n_steps)
+    times = T0 + np.repeat(np.arange(n_steps), n) * HOUR
+    flat = values.reshape(-1)
+    events = []
+    for start in range(0, flat.size, batch_rows):
+        part = slice(start, start + batch_rows)
+        events += engine.process(ObservationBatch(ids[part], times[part], flat[part])).events
+        engine.maintenance()
+    return events
+
+
+def test_retrain_decisions_do_not_depend_on_where_batches_cut_a_time():
+    """A policy step is one grid time, not one engine round: batches of 7 observations of 3 series cut times in two
+    rounds, and the job started 11 hours earlier, its 96-step shadow covered 76 hours and a rejected candidate
+    was promoted."""
+    values = phase_shifted()
+    whole = feed_rows(Engine.from_config(river_config()), values, 10_000)
+    cut = feed_rows(Engine.from_config(river_config()), values, 7)
+    kinds = retrain_events(whole)
+    assert ("retrain_started", 0) in kinds
+    as_dicts = [[event_json(e) for e in events if e.detector == "retrain"] for events in (whole, cut)]
+    assert as_dicts[0] == as_dicts[1]
+
+
+def test_the_cooldown_runs_from_the_last_start_even_past_the_budget_window():
+    policy = RetrainPolicy(min_fresh=0, cooldown=3000, budget_window=2000, schedule=10)
+    assert policy.poll(10) is not None
+    assert policy.poll(2010) is None  # the start at 10 left the budget window, not the cooldown
+    assert policy.poll(3009) is None and policy.poll(3010) is not None
+
+
+@pytest.mark.parametrize(("params", "says"), [
+    (dict(cooldown=10**9), "cooldown"), (dict(min_fresh=10**9), "min_fresh"), (dict(shadow_steps=10**11), "shadow"),
+    (dict(history=10**9), "history"),  # a 30 GiB ring (history + min_fresh + cooldown) at the first batch
+    (dict(lambdas=5), "lambdas = 5: a list of BCWI weights"), (dict(lambdas="abc"), "lambdas = 'abc'"),
+])
+def test_retrain_sizes_and_lambdas_are_checked_before_any_work(params, says):
+    with pytest.raises(ValueError, match=says):
+        Engine.from_config(river_config().__class__(**{**river_config().to_dict(), "retrain_params": params}))
+
+
+@pytest.mark.parametrize(("detector", "params"), [
+    ("cusum", {"triggers": ["CUSUM"]}), ("cusum", {"triggers": ["d3a"]}), ("none", {}),
+])
+def test_retraining_that_can_never_start_is_an_error(detector, params):
+    with pytest.raises(ValueError, match="can never start a job"):
+        Engine.from_config(EngineConfig(models=["holt-winters"], drift_detector=detector, retrain="on",
+                                        retrain_params=params))
+    EngineConfig(models=["holt-winters"], drift_detector=detector, retrain="on",  # a schedule can
+                 retrain_params={**params, "schedule": 100})
+
+
+def test_a_river_lane_is_not_fitted_before_any_series_forecasts():
+    """A scheduled job started at step 10, before Holt-Winters forecast anything, and shadowed ~490 steps."""
+    engine = Engine.from_config(EngineConfig(horizon=4, models=["holt-winters"], freq="1h", retrain="on",
+                                             model_params={"holt-winters": {"period": 24, "warmup": 48}},
+                                             retrain_params={"schedule": 10, "min_fresh": 0, "cooldown": 0,
+                                                             "history": 24}))
+    assert not engine.lanes[0].model.fitted_
+    events = feed_rows(engine, phase_shifted()[:200], 30)
+    first = next(e for e in events if e.kind == "retrain_started")
+    assert engine.lanes[0].model.fitted_
+    assert (first.detected_at.timestamp() * 1e9 - T0) / HOUR >= 47  # not before the warm-up: 48 values, ticks 0-47
