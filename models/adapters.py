@@ -20,6 +20,7 @@ State is JSON (:mod:`tidecast.models.river_state`), stored per row as UTF-8 byte
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +32,8 @@ from tidecast.models.bootstrap import ResidualRing, check_bootstrap, poisson_cou
 from tidecast.models.history import HistoryRing
 from tidecast.models.river_state import dump_state, load_state
 from tidecast.models.seasonality import detect_period
+
+log = logging.getLogger(__name__)
 
 
 def river_min_history(model: Any) -> int | None:
@@ -72,6 +75,10 @@ def is_ready(model: Any, n_learned: int, min_history: int | None = None) -> bool
         raise ValueError(f"cannot tell when a {type(model).__name__} is ready to forecast: give it an `is_ready` "
                          "attribute, or give PerSeries `min_history` (observations it needs first)")
     return n_learned >= max(needs)
+
+
+#: A standardised forecast further out than this many warm-up standard deviations is a diverged model's.
+DIVERGED = 1e3
 
 
 class Standardised(Params):
@@ -133,9 +140,19 @@ class Standardised(Params):
         self.buffer_ = []
 
     def forecast(self, horizon: int, xs: list[dict] | None = None) -> list[float]:
+        """The river model's forecast on the raw scale; ``NaN`` in the warm-up. A model that has diverged (a
+        forecast not finite, or more than :data:`DIVERGED` warm-up deviations out: river's plain SGD, e.g.
+        SNARIMAX's default regressor, reached 1e36 on the bundled sample) starts over with a new warm-up window."""
         if not self.is_ready:
             return [math.nan] * horizon
-        return [v * self.scale_ + self.mean_ for v in self.model_.forecast(horizon)]
+        standard = self.model_.forecast(horizon)
+        if not all(math.isfinite(v) and abs(v) <= DIVERGED for v in standard):
+            log.warning("a %s diverged (forecast %.3g warm-up deviations out): it starts over with a new warm-up "
+                        "window of %d observations", type(self.model_).__name__,
+                        max((abs(v) if math.isfinite(v) else math.inf) for v in standard), self.warmup)
+            self.model_, self.n_model_, self.buffer_ = None, 0, []
+            return [math.nan] * horizon
+        return [v * self.scale_ + self.mean_ for v in standard]
 
     def get_state(self) -> dict[str, Any]:
         return {"buffer": self.buffer_, "period": self.period_, "mean": self.mean_, "scale": self.scale_,

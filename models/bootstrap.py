@@ -41,13 +41,20 @@ def _mix(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def uniforms(ticks: np.ndarray, values: np.ndarray, shape: tuple[int, ...], salt: int = 0) -> np.ndarray:
-    """Uniforms in [0, 1) of shape ``(n, *shape)``, a pure function of each row's (tick, value bits) and position."""
+def uniforms(ticks: np.ndarray, values: np.ndarray, shape: tuple[int, ...], salt: int = 0,
+             stride: int | None = None) -> np.ndarray:
+    """Uniforms in [0, 1) of shape ``(n, *shape)``, a pure function of each row's (tick, value bits) and position.
+    ``stride`` (2-D ``shape`` only): position ``(b, j)`` is number ``b * stride + j``, so a shape cut short of
+    ``stride`` columns gives the same numbers in the columns it keeps."""
     ticks = np.asarray(ticks, dtype=np.int64).astype(np.uint64)
     bits = np.ascontiguousarray(np.asarray(values, dtype=np.float64)).view(np.uint64)
     with np.errstate(over="ignore"):
         key = _mix(ticks * _GOLDEN + np.uint64(salt)) ^ _mix(bits + _GOLDEN)
-        index = np.arange(int(np.prod(shape)), dtype=np.uint64).reshape(shape)
+        if stride is None:
+            index = np.arange(int(np.prod(shape)), dtype=np.uint64).reshape(shape)
+        else:
+            index = (np.arange(shape[0], dtype=np.uint64)[:, None] * np.uint64(stride)
+                     + np.arange(shape[1], dtype=np.uint64)[None, :])
         mixed = _mix(key.reshape(-1, *([1] * len(shape))) + (index + np.uint64(1)) * _GOLDEN)
     return (mixed >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
@@ -113,7 +120,10 @@ class ResidualRing:
         if not ok.any() or depth == 0:
             return out
         r, f = rows[ok], filled[ok]
-        u = uniforms(ticks[ok], np.zeros(r.size) if keys is None else keys[ok], (self.replicas, depth), salt=1)
+        # numbered as if every row needed ``horizon`` draws: a row's draws do not depend on the other rows of the
+        # call (the deepest row's depth set them, so a series' alarms changed with its batch-mates)
+        u = uniforms(ticks[ok], np.zeros(r.size) if keys is None else keys[ok], (self.replicas, depth), salt=1,
+                     stride=horizon)
         draws = self.table_["residuals"][r[:, None, None], (u * f[:, None, None]).astype(np.int64)]
         paths = np.cumsum(draws, axis=2)  # (n, B, depth): sums of the first j draws
         perturbation = np.take_along_axis(paths, steps[ok][:, None, :] - 1, axis=2)  # (n, B, H)

@@ -212,6 +212,8 @@ def coerce(value: Any, annotation: Any) -> Any:
     ValueError: expected int or None, got 'abc'
     >>> coerce([24, 168], tuple[int, ...])
     [24, 168]
+    >>> coerce("inf", float)
+    inf
     """
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -234,6 +236,8 @@ def coerce(value: Any, annotation: Any) -> Any:
     elif annotation is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and value.strip().lower().lstrip("+-") in ("inf", "infinity"):
+            return float(value)  # JSON has no infinity: h=inf ("that statistic never alarms") arrives as text
     elif annotation is str:
         if isinstance(value, str):
             return value

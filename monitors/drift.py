@@ -48,7 +48,7 @@ import numpy as np
 
 from tidecast.models.base import Params, check_between, check_count, check_positive
 from tidecast.models.rows import grow, nest, under
-from tidecast.monitors.conformal.base import ArrayDict, bounded_by_scale
+from tidecast.monitors.conformal.base import SCALE_OUTLIER_LIMIT, ArrayDict, bounded_by_scale
 
 __all__ = ["D3A", "DEFAULT_DETECTOR", "DETECTORS", "NO_ALARM", "Alarms", "DriftDetector", "DriftEvent",
            "DriftMonitor", "HorizonPool", "LaneMonitor", "ResidualCUSUM", "make_detector"]
@@ -372,6 +372,10 @@ class ResidualCUSUM(DriftDetector):
         e2 = ec * ec
         up, down = self.variance_ratio, self.collapse_ratio
         old = s[idx["mean_up"] : idx["miss"] + 1]
+        # A repeated input value is the freeze watcher's to judge (calibrated on the row's share of repeats): the
+        # collapse CUSUM holds. On the residuals of an intermittent series (90 % zeros, no change) every long run
+        # of zeros looked like a collapse, and the reference relearned from it made the next spike a variance alarm
+        repeat = self._repeats(s, values)
         if covered is None:
             miss = old[4]
         else:
@@ -384,7 +388,8 @@ class ResidualCUSUM(DriftDetector):
             # a variance can only collapse from something: with a reference of none (a residual that has been
             # exactly constant, e.g. seasonal naive on a counter that rises at a fixed rate) every step looked like
             # a collapse and raised a `variance` alarm every ~70 steps, forever
-            np.where(var > MIN_REFERENCE_VARIANCE, old[3] + 0.5 * np.log(down) - 0.5 * e2 * (down - 1.0), 0.0),
+            np.where(repeat, old[3], np.where(var > MIN_REFERENCE_VARIANCE,
+                                              old[3] + 0.5 * np.log(down) - 0.5 * e2 * (down - 1.0), 0.0)),
             miss,
         ])
         stats = np.where(ready, np.maximum(stats, 0.0), np.where(ok, 0.0, old))
@@ -417,6 +422,12 @@ class ResidualCUSUM(DriftDetector):
         s[idx["y_alarmed"]] = np.where(fired & frozen, 1.0, s[idx["y_alarmed"]])
         return fired, self._KINDS[which], stat
 
+    def _repeats(self, s: np.ndarray, values: np.ndarray | None) -> np.ndarray | bool:
+        """Rows whose input value equals the one before (``False`` without values)."""
+        if values is None:
+            return False
+        return np.isfinite(values) & (s[self._index["y_n"]] >= 1) & (values == s[self._index["y_last"]])
+
     def _freeze(self, s: np.ndarray, values: np.ndarray | None) -> np.ndarray:
         """Learn the rows' values; the freeze watcher's ratio to its threshold (> 1: alarm)."""
         idx = self._index
@@ -437,6 +448,10 @@ class ResidualCUSUM(DriftDetector):
         s[idx["y_run"]] = run
         s[idx["y_alarmed"]] = alarmed
         return ratio
+
+
+#: Longest D3A window: each slot is a per-series field (8 bytes a series), the authors use 16.
+D3A_MAX_WINDOW = 1_000
 
 
 class D3A(DriftDetector):
@@ -464,6 +479,8 @@ class D3A(DriftDetector):
 
     def __init__(self, window: int = 16, z: float = 2.97, max_age: int = 1000) -> None:
         check_count("window", window, 2)
+        if window > D3A_MAX_WINDOW:  # a field per slot, 8 bytes a series each: 1e8 ended in a MemoryError traceback
+            raise ValueError(f"window = {window}: at most {D3A_MAX_WINDOW:,} losses (D3A uses 16)")
         check_positive("z", z)
         check_count("max_age", max_age, window)
         self.window, self.z, self.max_age = window, z, max_age
@@ -557,7 +574,13 @@ class HorizonPool:
         scale, count = self.scale_[rows], self.count_[rows]
         ok = np.isfinite(r)
         with np.errstate(divide="ignore", invalid="ignore"):
-            z = np.where(ok & (count > 0), r / scale, np.nan)  # a zero scale gives inf: the row is skipped
+            z = np.where(ok & (count > 0), r / scale, np.nan)
+        # a horizon whose residuals were all exactly 0 (a constant series, forecast exactly) has no scale: a 0 is
+        # "as before" and anything else as far out as a scale lets a value count (it was skipped, so the watcher
+        # had learned nothing and took a step on such a series for its reference)
+        blank = ok & (count > 0) & (scale == 0.0)
+        z = np.where(blank, np.sign(r) * SCALE_OUTLIER_LIMIT, z)
+        with np.errstate(invalid="ignore"):
             used = np.isfinite(z)
             pooled = np.where(used, z, 0.0).sum(axis=1) / used.sum(axis=1)
         # one absurd value used to inflate the scale for a thousand steps, and as it decayed the ordinary residuals

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from tidecast.models.base import check_between
 from tidecast.monitors.conformal.base import ArrayDict
 from tidecast.monitors.drift import Alarms, DriftDetector
 
@@ -46,6 +47,23 @@ class RiverDetector(DriftDetector):
         self._fields = {}
         super().__init__()
         self.detectors_: list[Any] = []
+        self._check_params()
+
+    def _check_params(self) -> None:
+        """river takes any value: ADWIN with delta = 0 never alarms, PageHinkley with threshold < 0 every few steps.
+        Ranges of the parameters that would silently break the reference; an unknown keyword is river's error."""
+        inf = float("inf")
+        ranges = {"adwin": {"delta": (0, 1, True, True)},
+                  "pagehinkley": {"delta": (0, inf, False, True), "threshold": (0, inf, True, True),
+                                  "alpha": (0, 1, True, False)},
+                  "kswin": {"alpha": (0, 1, True, True)}}[self.method]
+        for key, (low, high, open_low, open_high) in ranges.items():
+            if key in self.params:
+                check_between(key, self.params[key], low, high, open_low=open_low, open_high=open_high)
+        try:
+            self._new()
+        except (TypeError, ValueError) as err:  # an unknown keyword, or a value river itself refuses
+            raise ValueError(f"{self.name}: {err}") from None
 
     def _new(self) -> Any:
         from river import drift

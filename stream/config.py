@@ -29,6 +29,7 @@ from typing import Any
 
 import pandas as pd
 from pandas.tseries.frequencies import to_offset
+from pandas.tseries.offsets import Day, Tick, Week
 
 from tidecast.models.registry import MODELS, check_keywords, check_params, keyword_parameters, parse_lane
 from tidecast.monitors.conformal import CALIBRATORS, DEFAULT_CALIBRATOR
@@ -144,18 +145,27 @@ def grid_step(value: str) -> pd.Timedelta:
     (Timedelta('0 days 00:30:00'), Timedelta('0 days 01:00:00'))
     """
     try:
+        offset = to_offset(value)
+    except ValueError:
+        offset = None
+    # a calendar alias first: pandas' Timedelta reads "1MS" (month start) as one millisecond, an old spelling
+    if offset is not None and not isinstance(offset, Tick | Day | Week):
+        raise ValueError(_calendar(offset.freqstr))
+    try:
         return pd.Timedelta(value)
     except ValueError:
         pass
-    try:
-        offset = to_offset(value)
-    except ValueError:
-        raise ValueError("not a time step (e.g. 1h, 30min, 15s)") from None
+    if offset is None:
+        raise ValueError("not a time step (e.g. 1h, 30min, 15s)")
     try:
         return pd.Timedelta(offset)
     except ValueError:
-        raise ValueError(f"{offset.freqstr} is a calendar frequency, not a fixed time step: give a duration such "
-                         "as 7D or 1h (calendar months and business days are not supported)") from None
+        raise ValueError(_calendar(offset.freqstr)) from None
+
+
+def _calendar(name: str) -> str:
+    return (f"{name} is a calendar frequency, not a fixed time step: give a duration such as 7D or 1h (calendar "
+            "months and business days are not supported)")
 
 
 def _grid_step(value: str | None) -> str | None:

@@ -102,8 +102,10 @@ def at_least(low: float, high: float = math.inf) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         if value is None:
             return None
-        if not math.isfinite(value) or value < low:
-            return f"must be a finite number of at least {low}"
+        if not math.isfinite(value):
+            return "must be a finite number"
+        if value < low:
+            return f"must be at least {low}"
         return None if value <= high else f"must be at most {high}"
     return check
 

@@ -342,8 +342,9 @@ def test_the_clis_spellings_and_none_are_read_as_the_cli_reads_them(tmp_path):
     assert tidecast.replay(frame, levels=(50,), alpha=None, model_params=None, horizon=2).levels == ["50"]
     with pytest.raises(ValueError, match="alpha='x': not a number"):
         tidecast.replay(frame, alpha="x")
-    with pytest.raises(ValueError, match="MS is a calendar frequency, not a fixed time step"):
-        tidecast.replay(frame, freq="MS")
+    for calendar in ("MS", "1MS", "2MS"):  # pandas' Timedelta reads "1MS" as one millisecond: 299 gap resets
+        with pytest.raises(ValueError, match="MS is a calendar frequency, not a fixed time step"):
+            tidecast.replay(frame, freq=calendar)
     assert result.report(tmp_path / "one.html", series="b").stat().st_size > 0  # once series 'b' split to chars
     with pytest.raises(ValueError, match="no series 'zz'"):
         result.report(tmp_path / "two.html", series="a,zz")

@@ -346,3 +346,21 @@ def test_after_a_promotion_the_watcher_reads_the_model_now_served() -> None:
     n_before = watcher.rows_["n"][rows].copy()
     _feed(engine, _values(steps=560, at=560)[500:], start=500, chunk=1)
     assert (watcher.rows_["n"][rows] > n_before).all() and np.isfinite(watcher.ratio_[rows, 0]).all()
+
+
+def test_a_rows_residual_bootstrap_spread_does_not_depend_on_its_batch_mates() -> None:
+    """The deepest row of a call (seasonal naive: steps(h) = ceil(h / period)) numbered every row's draws, so a
+    series' spread, and its uncertainty alarms, changed with the series forecast beside it and the batch size."""
+    from tidecast.models.bootstrap import ResidualRing
+
+    ring = ResidualRing(replicas=8)
+    ring.resize(2)
+    rng = np.random.default_rng(0)
+    for t in range(40):
+        ring.add(np.array([0, 1]), np.array([t, t]), rng.normal(size=2))
+    short = np.array([[1, 1, 1, 1, 2, 2, 2, 2]])  # period 4: at most two one-cycle steps
+    deep = np.arange(1, 9)[None, :]  # a period not yet known: h steps
+    keys = np.array([3.0, 5.0])
+    alone = ring.spread(np.array([0]), np.array([39]), short, keys[:1])
+    beside = ring.spread(np.array([0, 1]), np.array([39, 39]), np.vstack([short, deep]), keys)
+    np.testing.assert_array_equal(beside[:1], alone)

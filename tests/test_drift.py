@@ -386,3 +386,55 @@ def test_a_constant_residual_raises_no_variance_collapse_alarms():
         alarms += len(monitor.matured(np.array([0]), np.array([t]), y, mean, mean - 1, mean + 3,
                                       np.ones((1, 4), bool)))
     assert alarms == 0
+
+
+# -- found by the drift review (2026-12-04) ------------------------------------------------------------------
+def _monitor_alarms(y: np.ndarray, mean: np.ndarray) -> list[tuple[int, str, float]]:
+    """A horizon-1 DriftMonitor with the default detector over one series: (step, kind, statistic) per alarm."""
+    from tidecast.monitors.drift import DriftMonitor
+
+    monitor = DriftMonitor(ResidualCUSUM(), 1)
+    monitor.resize(1)
+    out = []
+    for t in range(y.size):
+        m = np.array([[mean[t]]])
+        alarms = monitor.matured(np.array([0]), np.array([t]), y[t : t + 1], m, m - 1, m + 1, np.ones((1, 1), bool))
+        out += [(t, str(k), float(s)) for k, s in zip(alarms.kind, alarms.statistic, strict=True)]
+    return out
+
+
+def test_an_intermittent_series_runs_of_zeros_are_no_collapse():
+    """90 % zeros, i.i.d.: every long run of zeros counted as a variance collapse (7 alarms in 4,000 steps), and
+    the reference relearned from the run made the next spike a variance-up alarm."""
+    rng = np.random.default_rng(5)
+    y = rng.gamma(2.0, 5.0, 4000)
+    y[rng.random(4000) < 0.9] = 0.0
+    seasonal_naive = np.concatenate([np.full(24, y[:24].mean()), y[:-24]])  # exactly right on two zeros
+    alarms = _monitor_alarms(y, seasonal_naive)
+    assert not [a for a in alarms if a[1] == "variance" and a[2] < 0]  # 4 on the old code
+    assert len(alarms) <= 8  # 15 on the old code
+
+
+def test_a_step_on_a_series_that_was_exactly_constant_is_caught_at_once():
+    """Residuals all exactly 0 left the pooled scale at 0 and every value was skipped: the watcher learned nothing
+    before the step and took the step for its reference (only a coverage alarm 44 steps later)."""
+    y = np.where(np.arange(700) < 500, 5.0, 6.0)
+    alarms = _monitor_alarms(y, np.full(700, 5.0))
+    assert alarms and 500 <= alarms[0][0] <= 503 and alarms[0][1] in ("mean", "variance")
+    assert not _monitor_alarms(np.full(700, 5.0), np.full(700, 5.0))  # and a constant that stays is quiet
+
+
+def test_watcher_parameters_refuse_sizes_that_exhaust_memory_and_read_inf():
+    with pytest.raises(ValueError, match="window = 100000000: at most 1,000"):
+        D3A(window=100_000_000, max_age=100_000_000)
+    from tidecast.models.registry import check_keywords, keyword_parameters
+
+    given = check_keywords(keyword_parameters(ResidualCUSUM), {"h": "inf"}, "drift detector parameter ", "cusum")
+    assert given["h"] == float("inf")  # "that statistic never alarms": JSON has no inf, the CLI sends text
+    for kw in ({"delta": 0}, {"delta": float("nan")}):
+        with pytest.raises(ValueError, match="delta"):
+            make_detector("river-adwin", **kw)  # never alarmed
+    with pytest.raises(ValueError, match="threshold = -1"):
+        make_detector("river-pagehinkley", threshold=-1)  # alarmed every ~30 steps
+    with pytest.raises(ValueError, match="unexpected keyword"):
+        make_detector("river-kswin", windw=100)

@@ -194,3 +194,29 @@ def test_engine_serves_a_plain_river_forecaster_through_its_warm_up():
         frame = engine.process(batch).forecasts.to_frame()
         issued.append(int(np.isfinite(frame["mean"]).sum()) if len(frame) else 0)
     assert sum(issued[:23]) == 0 and all(n > 0 for n in issued[23:])
+
+
+class _Exploding:
+    """A river-like forecaster whose forecast doubles with every value learned after the tenth (a diverging SGD)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def learn_one(self, y: float, x: dict | None = None) -> None:
+        self.n += 1
+
+    def forecast(self, horizon: int, xs: list | None = None) -> list[float]:
+        return [0.1 * 2.0 ** max(self.n - 10, 0)] * horizon
+
+
+def test_a_diverged_river_model_starts_over_instead_of_forecasting_garbage(caplog):
+    """river's SNARIMAX with its default regressor reached 1e36 on the bundled sample, and stayed there."""
+    f = Standardised(lambda p: _Exploding(), period=1, warmup=5)
+    out = []
+    for y in daily(40):
+        f.learn_one(float(y))
+        out.append(f.forecast(2)[0])
+    issued = np.array(out)[np.isfinite(out)]
+    assert issued.size and np.all(np.abs(issued - daily(40).mean()) < 1e3 * daily(40).std() + 1e3)
+    assert np.isnan(out).sum() > 5  # the warm-up, and again after each restart
+    assert "diverged" in caplog.text
