@@ -697,6 +697,28 @@ def summarise(seg: Segments, outcomes: dict[str, Outcome], tradeoff: list[dict],
     return out
 
 
+#: The keys issue [4/8] names for the JSON line, and nothing else (the tables print the rest).
+CONTRACT_DETECTOR_KEYS = ("detection_rate", "median_delay", "false_alarms_per_10k", "us_per_obs")
+CONTRACT_BOOTSTRAP_KEYS = ("spearman_error", "spearman_width", "lead_steps", "forecast_cost_ratio", "train_cost_ratio")
+
+
+def contract(summary: dict) -> dict:
+    """``summary`` cut to the JSON object the issue specifies: ``default``, ``detectors``, ``by_kind``,
+    ``bootstrap`` and ``nab`` with exactly their named keys (the freeze-rule false alarms, delays in cycles,
+    the trade-off rows and the bootstrap details stay in the printed tables)."""
+    out: dict = {}
+    if "default" in summary:
+        out["default"] = summary["default"]
+        out["detectors"] = {name: {k: row[k] for k in CONTRACT_DETECTOR_KEYS}
+                            for name, row in summary["detectors"].items()}
+        out["by_kind"] = summary["by_kind"]
+    boot = summary.get("bootstrap")
+    out["bootstrap"] = None if boot is None else {k: boot[k] for k in CONTRACT_BOOTSTRAP_KEYS}
+    if "nab" in summary:
+        out["nab"] = summary["nab"]
+    return out
+
+
 def fmt(value: float | None, spec: str = ".2f") -> str:
     return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
 
@@ -861,7 +883,7 @@ def main() -> None:
         block = bootstrap_block(chosen, seed, console, args.refresh)
         bootstrap_report(block, console)
         if args.json:
-            print(json.dumps({"bootstrap": block}))
+            print(json.dumps(contract({"bootstrap": block})))
         return
     runs = []
     for group in groups(args.dev):
@@ -890,7 +912,7 @@ def main() -> None:
     report(seg, outcomes, summary, args.dev, console)
     bootstrap_report(block, console)
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps(contract(summary)))
 
 
 if __name__ == "__main__":

@@ -103,3 +103,30 @@ def test_retrain_coverage_after_promotion_reads_the_promoted_models_intervals_on
             "hits = [rb.issued_after(run, y, 9, 4, h) for h in range(H)];"
             "print(*[int(np.nansum(x == 0)) for x in hits], int(sum(np.isfinite(x).sum() for x in hits)))")
     assert bench_output(code) == ["0", "1", "0", "12"]
+
+
+def test_the_drift_bench_prints_exactly_the_json_keys_its_issue_names() -> None:
+    """The issue's JSON line is a contract: its keys, no others (the tables print the rest)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("drift_bench", REPO / "bench" / "drift.py")
+    drift = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = drift  # its dataclasses look their module up
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        spec.loader.exec_module(drift)
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    row = {"detection_rate": 0.7, "median_delay": 13.0, "median_delay_cycles": 0.5, "false_alarms_per_10k": 21.0,
+           "false_alarms_per_10k_freeze_rule": 6.0, "us_per_obs": 0.8}
+    boot = {"spearman_error": 0.1, "spearman_width": 0.2, "lead_steps": -4.0, "forecast_cost_ratio": 1.7,
+            "train_cost_ratio": 5.9, "details": {"streams": 3}}
+    full = {"default": "cusum", "detectors": {"cusum": row}, "by_kind": {"level": {"cusum": {
+        "detection_rate": 0.6, "median_delay": 11.0}}}, "bootstrap": boot, "nab": {"cusum": {
+            "in_window": 20, "outside": 1300}}, "tradeoff": [{"factor": 1.0}]}
+    out = drift.contract(full)
+    assert set(out) == {"default", "detectors", "by_kind", "bootstrap", "nab"}
+    assert set(out["detectors"]["cusum"]) == {"detection_rate", "median_delay", "false_alarms_per_10k", "us_per_obs"}
+    assert set(out["bootstrap"]) == {"spearman_error", "spearman_width", "lead_steps", "forecast_cost_ratio",
+                                     "train_cost_ratio"}
+    assert set(drift.contract({"bootstrap": boot})) == {"bootstrap"}  # --bootstrap-only
