@@ -919,6 +919,21 @@ class Engine:
         rows = np.array([self._slot_of[sid] for sid in series_ids], dtype=np.int64)
         return [{"series_id": sid} for sid in series_ids], self._export_rows(rows)
 
+    def fresh_watcher_state(self, arrays: ArrayDict, n_rows: int) -> ArrayDict | None:
+        """``arrays`` (``n_rows`` series saved by this configuration but for its watchers) in this engine's layout:
+        watcher arrays it no longer has dropped, those it lacks as a fresh row's (the watcher starts afresh, as
+        :meth:`import_series` does); ``None`` when anything but a watcher's layout differs."""
+        def watcher(key: str) -> bool:
+            return key.split("/")[1:2] in (["drift"], ["bootstrap"])
+
+        differ = set(arrays) ^ set(self._blank)
+        if not all(watcher(k) for k in differ):
+            return None
+        out = {k: v for k, v in arrays.items() if k in self._blank}
+        for key in set(self._blank) - set(arrays):
+            out[key] = np.repeat(self._blank[key], n_rows, axis=0)
+        return out
+
     def series_state_bytes(self) -> int:
         """Bytes of one series' exported arrays: fixed by the configuration (horizon, levels, lanes and their
         models), the least a checkpoint record holding the series takes."""

@@ -305,10 +305,15 @@ class PartitionTable:
         try:
             return SeriesRows.concat([rows, st.parked])
         except IncompatibleState:  # parked in an older layout than the engine now exports: cannot be one group
-            log.warning("partition %d: dropping the parked state of %d series (an older state layout)",
-                        st.partition, len(st.parked))
-            st.parked = SeriesRows([], {})
-            return rows
+            pass
+        conformed = self.engine.fresh_watcher_state(st.parked.arrays, len(st.parked))
+        if conformed is not None:  # only the watchers changed (--drift-detector): theirs restart, the rest kept
+            st.parked = SeriesRows(st.parked.meta, conformed)
+            return SeriesRows.concat([rows, st.parked])
+        log.warning("partition %d: dropping the parked state of %d series (an older state layout)",
+                    st.partition, len(st.parked))
+        st.parked = SeriesRows([], {})
+        return rows
 
     def _export(self, series_ids: list[str], slots: dict[str, int]) -> SeriesRows:
         if not series_ids:
@@ -442,11 +447,6 @@ class PartitionTable:
         found = [s for s in snapshots.values() if s is not None and len(s.rows)]
         if not found:
             return set()
-        rows = SeriesRows.concat([s.rows for s in found])
-        # Import in the exporter's row order ("slot"), and into those very rows when this engine holds no series
-        # yet: a process restoring its own state gets every series back where it was, which keeps row-indexed
-        # shared state (e.g. a replay buffer's plan) pointing at the right series.
-        rows = rows.take(np.argsort([m.get("slot", 0) for m in rows.meta], kind="stable"))
         fresh = not self.engine.series_ids
         shared = _newest_shared(found)
         if not self.engine.series_ids:
@@ -457,11 +457,26 @@ class PartitionTable:
             if adopted:
                 log.info("adopted newer model versions of %s from partitions %s", adopted,
                          sorted(s.partition for s in found))
-        wanted = [{"series_id": m["series_id"]} | ({"row": m["slot"]} if fresh and "slot" in m else {})
-                  for m in rows.meta]
-        refused = {wanted[i]["series_id"] for i in self.engine.import_series(wanted, rows.arrays)}
-        self.metrics.restored_series.inc(len(rows) - len(refused))
-        log.info("restored %d series of partitions %s", len(rows) - len(refused), sorted(s.partition for s in found))
+        # One import per state layout: a partition checkpointed before a change of watcher (--drift-detector) and
+        # not since holds the old watcher's arrays, which the engine restarts afresh, but which cannot be one table
+        # with the new ones (a restore of both failed on every restart)
+        layouts: dict[frozenset[str], list[SeriesRows]] = {}
+        for snap in found:
+            layouts.setdefault(frozenset(snap.rows.arrays), []).append(snap.rows)
+        refused: set[str] = set()
+        n_rows = 0
+        for parts in layouts.values():
+            rows = SeriesRows.concat(parts)
+            # Import in the exporter's row order ("slot"), and into those very rows when this engine held no series:
+            # a process restoring its own state gets every series back where it was, which keeps row-indexed
+            # shared state (e.g. a replay buffer's plan) pointing at the right series.
+            rows = rows.take(np.argsort([m.get("slot", 0) for m in rows.meta], kind="stable"))
+            wanted = [{"series_id": m["series_id"]} | ({"row": m["slot"]} if fresh and "slot" in m else {})
+                      for m in rows.meta]
+            refused |= {wanted[i]["series_id"] for i in self.engine.import_series(wanted, rows.arrays)}
+            n_rows += len(rows)
+        self.metrics.restored_series.inc(n_rows - len(refused))
+        log.info("restored %d series of partitions %s", n_rows - len(refused), sorted(s.partition for s in found))
         if refused:
             log.warning("%d restored series are not accepted by this member (%s): their state is kept unchanged in "
                         "the partitions' checkpoints and their records are dead-lettered as unknown_series until "

@@ -134,11 +134,28 @@ def config_fingerprint(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_fingerprint(saved: dict[str, Any] | None, current: dict[str, Any], where: str) -> None:
-    if saved is not None and saved != current:
-        diff = {k: (saved.get(k), current.get(k)) for k in current if saved.get(k) != current.get(k)}
+    if saved is None:
+        return
+    saved, current = _with_levels(saved), _with_levels(current)
+    diff = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))
+            if saved.get(k) != current.get(k)}
+    if diff:
         raise IncompatibleState(
             f"state in {where} was written with a different engine configuration {diff} (saved, current); "
-            "use a new --group-id (and --state-dir) to start fresh, or restore the old configuration")
+            "use a new --group-id (and --state-dir, and --changelog-topic if you set one) to start fresh, or "
+            "restore the old configuration")
+
+
+def _with_levels(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """``alpha`` alone is the one level ``100 (1 - alpha)``: ``--alpha 0.1`` and ``--level 90`` save the same
+    arrays and compare equal (the first level sets ``alpha``)."""
+    out = dict(fingerprint)
+    alpha = out.get("alpha")
+    if out.get("levels") is None and isinstance(alpha, int | float):
+        out["levels"] = [100.0 * (1.0 - alpha)]
+    if out.get("levels") is not None:
+        out["levels"] = [round(float(level), 9) for level in out["levels"]]
+    return out
 
 
 # -- per-series tables ----------------------------------------------------------------------------------
@@ -175,7 +192,7 @@ class SeriesRows:
             if p.arrays.keys() != keys:
                 raise IncompatibleState("series states with different array layouts cannot be combined")
         return SeriesRows([m for p in parts for m in p.meta],
-                          {k: np.concatenate([p.arrays[k] for p in parts]) for k in keys})
+                          {k: _stack(k, [p.arrays[k] for p in parts]) for k in keys})
 
     def applied_offsets(self) -> dict[str, tuple[int, int]]:
         """``series_id -> (partition, offset)`` of the last applied observation."""
@@ -185,6 +202,18 @@ class SeriesRows:
             return {}
         return {sid: (int(p), int(o)) for sid, p, o in zip(self.series_ids, parts.tolist(), offs.tolist(),
                                                            strict=True)}
+
+
+def _stack(key: str, arrays: list[np.ndarray]) -> np.ndarray:
+    """Rows of several exports of one array. Byte blobs (``uint8``, a river model's JSON state) are padded to the
+    widest: each export pads to its own longest state, so two partitions' blobs differ in width (their lengths
+    are kept beside them); any other shape mismatch is a layout this process cannot combine."""
+    if len({a.shape[1:] for a in arrays}) > 1:
+        if not all(a.dtype == np.uint8 and a.ndim == 2 for a in arrays):
+            raise IncompatibleState(f"series states with different shapes of {key!r} cannot be combined")
+        width = max(a.shape[1] for a in arrays)
+        arrays = [np.pad(a, ((0, 0), (0, width - a.shape[1]))) for a in arrays]
+    return np.concatenate(arrays)
 
 
 _Entry = tuple[SeriesRows, int, int]  # the block holding a series' state, its row there, its applied offset

@@ -362,3 +362,66 @@ def test_a_restore_puts_every_series_back_in_its_own_row(reuse):
     assert other.engine.series_rows() == rows
     apply(other, observations(1, ["f"], range(4, 8), 20))  # a new series still gets a free row
     assert other.engine.series_rows()["f"] not in rows.values()
+
+
+# -- found by the state review (2026-12-04) --------------------------------------------------------------------
+def noisy(partition: int, series: list[str], steps: range, offset0: int, seed: int) -> ObservationBatch:
+    """Like :func:`observations`, with noise: river states (JSON) of different lengths per partition."""
+    batch = observations(partition, series, steps, offset0)
+    batch.values[:] += np.random.default_rng(seed).normal(0, 0.37, len(batch.values))
+    return batch
+
+
+def test_river_lanes_restore_several_partitions_together():
+    """Each export pads its river JSON to its own longest state: two partitions' blobs differ in width, and a
+    restore of both (or a checkpoint beside a parked series) raised on every restart."""
+    config = EngineConfig(horizon=4, models=["holt-winters"], freq="1h")
+    table, _ = make_table(config=config)
+    table.restore({0, 1}, {0, 1})
+    apply(table, noisy(0, ["a", "b"], range(60), 0, seed=1))
+    apply(table, noisy(1, ["d"], range(60), 0, seed=2))
+    table.checkpoint()
+    widths = {p: table.local.load(p).rows.arrays["holt-winters/model/json"].shape[1] for p in (0, 1)}
+    assert widths[0] != widths[1]  # the case that failed
+    other, _ = make_table(MemoryChangelog([]), table.local, config)
+    other.restore({0, 1}, {0, 1})
+    assert sorted(other.engine.series_ids) == ["a", "b", "d"]
+    for key, value in state(table.engine).items():
+        np.testing.assert_array_equal(state(other.engine)[key], value, err_msg=key)
+
+
+def test_a_changed_drift_detector_restores_a_partition_checkpointed_before_it_and_keeps_parked_state():
+    """README: state saved for another detector restores with the watcher's rows afresh. A partition quiet since
+    the change kept the old watcher's arrays and a restore with a newer one failed on every restart; a series
+    parked meanwhile lost its whole state (model, calibrator, grid) at the next checkpoint."""
+    base = {"horizon": 4, "model_params": {"seasonal-naive": {"period": 6}}}
+    first, _ = make_table(config=EngineConfig(**base))
+    first.restore({0, 1}, {0, 1})
+    apply(first, observations(0, ["a", "b", "c"], range(30), 0))
+    apply(first, observations(1, ["d"], range(30), 0))
+    first.checkpoint()
+    changelog, local = first.changelog, first.local
+    second, _ = make_table(changelog, local, EngineConfig(**base, drift_detector="d3a", max_series=2))
+    second.restore({0, 1}, {0, 1})
+    assert sorted(second.engine.series_ids) == ["a", "b"]  # c and d parked: max_series
+    apply(second, observations(0, ["a", "b"], range(30, 40), 90))
+    second.checkpoint()  # partition 0 (c parked in it) in the new layout; partition 1 (d, nothing new) as it was
+    third, _ = make_table(changelog, local, EngineConfig(**base, drift_detector="d3a"))
+    third.restore({0, 1}, {0, 1})
+    assert sorted(third.engine.series_ids) == ["a", "b", "c", "d"]
+    for sid in ("c", "d"):
+        before, after = first.engine.export_series([sid])[1], third.engine.export_series([sid])[1]
+        for key in ("seasonal-naive/model/buffer", "engine/last_tick"):
+            np.testing.assert_array_equal(after[key], before[key], err_msg=f"{sid} {key}")
+
+
+def test_alpha_and_its_one_level_are_the_same_configuration():
+    from tidecast.stream.state import check_fingerprint, config_fingerprint
+
+    as_alpha = config_fingerprint(EngineConfig(alpha=0.1).to_dict())
+    as_level = config_fingerprint(EngineConfig(levels=[90]).to_dict())
+    check_fingerprint(as_alpha, as_level, "here")
+    check_fingerprint(as_level, as_alpha, "here")
+    with pytest.raises(IncompatibleState, match=r"'levels': \(\[80.0, 95.0\], \[80.0\]\)"):
+        check_fingerprint(config_fingerprint(EngineConfig(levels=[80, 95]).to_dict()),
+                          config_fingerprint(EngineConfig(alpha=0.2).to_dict()), "here")
