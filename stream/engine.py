@@ -59,7 +59,7 @@ from __future__ import annotations
 import heapq
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
@@ -345,6 +345,13 @@ class Engine:
     @property
     def series_ids(self) -> list[str]:
         return list(self._slot_of)
+
+    def forget_applied_offsets(self, series_ids: Iterable[str]) -> None:
+        """The series' input log went back (topic recreated): their last applied offsets belong to the old log and
+        must not become skip floors at a later restore (the engine's timestamp checks judge the new log)."""
+        slots = [self._slot_of[sid] for sid in series_ids if sid in self._slot_of]
+        if slots:
+            self.series_["applied_offset"][np.array(slots)] = -1
 
     def series_rows(self) -> dict[str, int]:
         """Each series' row in the engine's tables (a checkpoint keeps it, so a restore can put it back there)."""

@@ -236,6 +236,12 @@ class PartitionTable:
         st.position = offset
         for sid in st.series:
             self._floors.pop(sid, None)
+        # and in the state the next checkpoint writes: an old-log offset restored as a floor skipped as many of the
+        # new log's records of a series that had not yet spoken in it (silently: counted as re-deliveries)
+        self.engine.forget_applied_offsets(st.series)
+        if len(st.parked) and "engine/applied_offset" in st.parked.arrays:
+            st.parked.arrays["engine/applied_offset"] = np.full(len(st.parked), -1, np.int64)
+        st.dirty.update(st.series)
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def checkpoint(self, partitions: Iterable[int] | None = None) -> dict[int, int]:
