@@ -85,7 +85,7 @@ from tidecast.stream.kafka_source import SERVE_REASONS
 from tidecast.stream.output_process import ProcessForecastSink
 from tidecast.stream.partitioner import HomePartitions
 from tidecast.stream.partitions import PartitionTable
-from tidecast.stream.state import ChangelogStore, LocalStateStore
+from tidecast.stream.state import ChangelogStore, IncompatibleState, LocalStateStore
 from tidecast.stream.worker import Trainer, Worker
 
 log = logging.getLogger(__name__)
@@ -184,6 +184,9 @@ class Service:
                 failed = self._failure()
                 if isinstance(failed, BrokerUnavailable):
                     raise failed
+                if isinstance(failed, IncompatibleState):  # a settings mistake, like a bad option: one line, exit 2
+                    log.error("serve cannot restore its state: %s", failed)
+                    return 2
                 if failed is not None:
                     raise RuntimeError("the engine's worker or trainer failed") from failed
                 self.fetcher.poll_once()

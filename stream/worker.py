@@ -54,6 +54,7 @@ from tidecast.stream.messages import (
 from tidecast.stream.partitions import CheckpointJob, PartitionTable
 from tidecast.stream.sinks import DeadLetterSink, EventSink, ForecastSink
 from tidecast.stream.sources import DeadLetter
+from tidecast.stream.state import IncompatibleState
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class Worker(threading.Thread):
     def run(self) -> None:
         try:
             self._loop()
-        except BrokerUnavailable as err:  # the service logs it, in one line
+        except (BrokerUnavailable, IncompatibleState) as err:  # the service logs it, in one line
             self.error = err
         except BaseException as err:  # the poll thread sees it and stops the service
             log.exception("worker failed")

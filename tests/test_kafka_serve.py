@@ -297,3 +297,22 @@ def test_a_spare_member_is_ready_under_cooperative_sticky(kafka, unique, serve, 
     for member in members:
         waiter(lambda m=member: _http(m.metrics_port, "/readyz")[0] == 200, 30, "every member ready")
     assert sorted(m.value("tidecast_consumer_assigned_partitions") for m in members) == [0.0, 1.0]
+
+
+def test_state_written_under_another_configuration_stops_serve_in_one_line_with_exit_2(
+        kafka, unique, serve, tmp_path, as_messages):
+    """A changed --horizon against the group's saved state is a settings mistake: one error line naming what
+    differs and exit 2, as for a bad option (it was a worker traceback, a second one from the service, exit 1)."""
+    topic, group, state = unique("cfg"), unique("g"), tmp_path / "state"
+    kafka.create_topic(topic, 1)
+    kafka.send(topic, synthetic_messages(as_messages, 2, 60, "cfg"))
+    first = serve(topic, group, state, "--horizon", "4", "--model-param", "seasonal-naive.period=24")
+    first.wait_value("tidecast_observations_total", lambda v: v >= 120, 60)
+    assert first.terminate()[0] == 0  # a graceful stop checkpoints
+    changed = serve(topic, group, state, "--horizon", "6", "--model-param", "seasonal-naive.period=24",
+                    name="serve-changed")
+    rc = changed.proc.wait(60)
+    log = changed.tail()
+    assert rc == 2, log
+    assert "serve cannot restore its state" in log and "'horizon': (4, 6)" in log
+    assert "Traceback" not in log
