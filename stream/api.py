@@ -23,6 +23,7 @@ TypeError: replay() got an unexpected option 'colour'; options: allowed_series, 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import numbers
 import warnings
 from collections.abc import Sequence
@@ -53,6 +54,8 @@ _KEY_VALUE_SETTINGS = {s.field: s for s in settings_of(EngineConfig) if s.field.
 
 
 DEFAULT_LEVELS = (80, 95)
+#: replay()'s own arguments, named in the error for an unknown option (Nixtla spells one of them ``level``).
+NAMED_ARGUMENTS = ("models", "horizon", "levels", "calibrator", "freq")
 
 
 def replay(data: pd.DataFrame | str | Path, models: Sequence[str] | str = ("seasonal-naive",), horizon: int = 24,
@@ -76,8 +79,11 @@ def replay(data: pd.DataFrame | str | Path, models: Sequence[str] | str = ("seas
     """
     unknown = sorted(set(options) - {*ENGINE_OPTIONS, *INPUT_OPTIONS, *RUN_OPTIONS})
     if unknown:
-        valid = ", ".join(sorted({*ENGINE_OPTIONS, *INPUT_OPTIONS, *RUN_OPTIONS}))
-        raise TypeError(f"replay() got an unexpected option {unknown[0]!r}; options: {valid}")
+        known = {*ENGINE_OPTIONS, *INPUT_OPTIONS, *RUN_OPTIONS, *NAMED_ARGUMENTS}
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise TypeError(f"replay() got an unexpected option {unknown[0]!r}{hint}; options: "
+                        f"{', '.join(sorted(known))}")
     options = {k: v for k, v in options.items() if v is not None}  # None: not given (the setting's default)
     if isinstance(options.get("alpha"), str):  # as levels="80,95" is read
         options["alpha"] = _number("alpha", options["alpha"])

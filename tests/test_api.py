@@ -250,6 +250,8 @@ def test_mistakes_in_the_arguments_raise_before_any_work():
     frame = noisy_cycles(50)
     with pytest.raises(TypeError, match="unexpected option 'colour'"):
         tidecast.replay(frame, colour="red")
+    with pytest.raises(TypeError, match=r"unexpected option 'level' \(did you mean 'levels'\?\)"):
+        tidecast.replay(frame, level=[80, 95])  # Nixtla's spelling
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         tidecast.replay(frame, models=["nope"])
     with pytest.raises(ValueError, match="each must be in"):
