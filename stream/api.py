@@ -14,10 +14,10 @@ scores as ``tidecast replay`` on the command line, which is a thin layer over th
 0         a  1   0.0  0.0
 1         a  2   1.0  1.0
 2         a  3   2.0  2.0
->>> tidecast.replay(frame, colour="red")
+>>> tidecast.replay(frame, level=[80, 95])  # Nixtla spells it level
 Traceback (most recent call last):
 ...
-TypeError: replay() got an unexpected option 'colour'; options: allowed_series, alpha, batch_size, ...
+TypeError: replay() got an unexpected option 'level' (did you mean 'levels'?); options: allowed_series, alpha, ...
 """
 
 from __future__ import annotations
