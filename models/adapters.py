@@ -60,6 +60,17 @@ def river_min_history(model: Any) -> int | None:
     return None
 
 
+def _one_forecast(model: Any, horizon: int) -> np.ndarray:
+    """``model.forecast(horizon)`` as ``horizon`` floats: one value, or a list of another length, was broadcast
+    over every step (forecasts the model never made) or failed in numpy naming nobody."""
+    got = model.forecast(horizon)
+    out = np.asarray([np.nan] * horizon if got is None else got, dtype=float)
+    if out.shape != (horizon,):
+        raise ValueError(f"{type(model).__name__}.forecast({horizon}) returned {np.shape(got) or 'one value'}; "
+                         f"{horizon} values (one per step) are expected")
+    return out
+
+
 def is_ready(model: Any, n_learned: int, min_history: int | None = None) -> bool:
     """Whether ``model``, having learned ``n_learned`` observations, may be asked for a forecast.
 
@@ -68,6 +79,8 @@ def is_ready(model: Any, n_learned: int, min_history: int | None = None) -> bool
     ``min_history`` is an error (:class:`PerSeries` checks that at construction).
     """
     ready = getattr(model, "is_ready", None)
+    if callable(ready):  # written as a method: a bound method is always truthy, which read as "always ready"
+        ready = ready()
     if ready is not None:
         return bool(ready)
     needs = [n for n in (river_min_history(model), min_history) if n is not None]
@@ -285,6 +298,8 @@ class PerSeries(BatchForecaster):
         warmup = getattr(probe, "warmup", None)  # Standardised: it starts its river model on a warm-up window
         if isinstance(warmup, int):
             return warmup, f"warmup={warmup}: the standardising window"
+        if getattr(probe, "is_ready", None) is not None:  # its own verdict comes first (is_ready): not known ahead
+            return None
         needs = [n for n in (river_min_history(probe), self.min_history) if n is not None]
         return (max(needs), "the forecaster's minimum history") if needs else None
 
@@ -293,7 +308,7 @@ class PerSeries(BatchForecaster):
         for i, row in enumerate(rows.tolist()):
             model = self.models_[row] if row < len(self.models_) else None
             if model is not None and is_ready(model, int(self.n_learned_[row]), self.min_history):
-                out[i] = model.forecast(horizon)
+                out[i] = _one_forecast(model, horizon)
         if self.ring_ is not None and len(rows):
             self.next_one_[rows] = out[:, 0]
         return out

@@ -274,7 +274,8 @@ class BatchForecaster(Params, ABC):
     @abstractmethod
     def learn_many(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray,
                    filled: np.ndarray | None = None) -> None:
-        """Feed one new observation to each of ``rows`` (``filled``: True where the value was interpolated)."""
+        """Feed one new observation to each of ``rows`` (``filled``: True where the value was interpolated). The
+        arrays are the engine's, read-only: every lane gets the same ones."""
 
     @abstractmethod
     def forecast_many(self, rows: np.ndarray, horizon: int) -> np.ndarray:
@@ -316,7 +317,8 @@ class BatchForecaster(Params, ABC):
         """Inverse of :meth:`export_rows` (rows may differ from the exporting table's)."""
 
     def export_shared(self) -> tuple[ArrayDict, dict[str, Any]]:
-        """State shared by all rows (weights) and JSON-able settings; empty for per-series models."""
+        """State shared by all rows (weights) and JSON-able settings; empty for per-series models. The meta key
+        ``retrain`` is the engine's (its retraining state is saved beside the model's)."""
         return {}, {}
 
     def import_shared(self, arrays: ArrayDict, meta: dict[str, Any]) -> None:  # noqa: B027 - optional hook

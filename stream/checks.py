@@ -125,13 +125,22 @@ def _assert_informative(outputs: list[np.ndarray], who: str, what: str) -> None:
 def _through_checkpoint(meta: dict[str, Any], arrays: ArrayDict, who: str) -> tuple[dict[str, Any], ArrayDict]:
     """What a save and a restore give back: strict JSON meta, numeric arrays (the state store's blob format)."""
     for key, value in arrays.items():
-        if not isinstance(value, np.ndarray) or value.dtype == object:
-            raise AssertionError(f"{who}: state {key!r} must be a numeric numpy array, got {type(value).__name__}"
-                                 f"{'' if not isinstance(value, np.ndarray) else ' of dtype object'}")
+        if not isinstance(value, np.ndarray) or value.dtype.kind not in NUMERIC_KINDS:
+            raise AssertionError(f"{who}: state {key!r} must be a numeric numpy array (bool, integer or float), got "
+                                 f"{type(value).__name__}"
+                                 f"{'' if not isinstance(value, np.ndarray) else f' of dtype {value.dtype}'}")
     try:
         return decode_blob(encode_blob(meta, arrays))
-    except (TypeError, ValueError) as err:
-        raise AssertionError(f"{who}: state cannot be checkpointed (JSON meta, numeric arrays): {err}") from err
+    except Exception as err:  # noqa: BLE001 - safetensors' own error is no TypeError/ValueError
+        raise AssertionError(f"{who}: state cannot be checkpointed (JSON meta, numeric arrays): "
+                             f"{type(err).__name__}: {err}") from err
+
+
+#: numpy dtype kinds the state store keeps (bool, signed and unsigned integers, floats); strings and complex
+#: numbers have no safetensors dtype.
+NUMERIC_KINDS = "biuf"
+#: ``export_shared`` meta keys the engine keeps for itself beside a model's own (its retraining state).
+RESERVED_SHARED_KEYS = ("retrain",)
 
 
 def _check_row_state(state: ArrayDict, n_rows: int, who: str) -> None:
@@ -184,14 +193,33 @@ def _feed(model: BatchForecaster, rounds: list[_Round], horizon: int, row_map: d
             continue
         rows = rnd.rows[keep]
         table_rows = np.array([row_map.get(int(r), int(r)) for r in rows]) if row_map else rows
-        model.learn_many(table_rows, rnd.ticks[keep], rnd.values[keep], filled=rnd.filled[keep])
-        forecast = model.forecast_many(table_rows, horizon)
+        inputs = [_read_only(a) for a in (table_rows, rnd.ticks[keep], rnd.values[keep], rnd.filled[keep])]
+        try:
+            model.learn_many(*inputs[:3], filled=inputs[3])
+            forecast = model.forecast_many(inputs[0], horizon)
+        except ValueError as err:
+            if "read-only" not in str(err):
+                raise
+            raise AssertionError(f"{_name(model)}: learn_many/forecast_many wrote into an input array ({err}); the "
+                                 "engine hands the same arrays to every lane and keeps the values as the "
+                                 "actuals: copy before changing them") from err
+        if not isinstance(forecast, np.ndarray) or forecast.dtype.kind not in "iuf":
+            raise AssertionError(f"{_name(model)}: forecast_many must return a numpy array of numbers, got "
+                                 f"{type(forecast).__name__}"
+                                 f"{f' of dtype {forecast.dtype}' if isinstance(forecast, np.ndarray) else ''}")
         if np.shape(forecast) != (rows.size, horizon):
             raise AssertionError(f"{_name(model)}: forecast_many({rows.size} rows, {horizon}) returned shape "
                                  f"{np.shape(forecast)}, expected {(rows.size, horizon)}")
         for i, row in enumerate(rows.tolist()):
             issued.append((k, row, forecast[i], np.array(forecast[i], dtype=float, copy=True)))
     return issued
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    """A read-only copy: the engine's inputs are not the model's to change."""
+    out = np.array(array, copy=True)
+    out.flags.writeable = False
+    return out
 
 
 def _by_row(issued: list[tuple[int, int, np.ndarray, np.ndarray]], since: int = 0) -> dict[tuple[int, int], np.ndarray]:
@@ -212,6 +240,10 @@ def _shares_state(model: BatchForecaster) -> bool:
 def _shared_state(model: BatchForecaster) -> tuple[ArrayDict, dict[str, Any]]:
     """``model.export_shared()`` as a restore would read it back."""
     arrays, meta = model.export_shared()
+    taken = [key for key in RESERVED_SHARED_KEYS if key in meta]
+    if taken:
+        raise AssertionError(f"{_name(model)}: export_shared meta key(s) {taken} are the engine's (it saves its "
+                             "retraining state beside the model's under them); name yours otherwise")
     meta, arrays = _through_checkpoint(meta, arrays, _name(model))
     return arrays, meta
 
@@ -358,6 +390,23 @@ def check_forecaster_row_reuse(factory: ForecasterFactory, **options: Any) -> No
     _assert_informative([c for *_, c in expected], who, "forecasts of the reused row")
 
 
+def check_forecaster_growth(factory: ForecasterFactory, **options: Any) -> None:
+    """``resize`` to more rows keeps every row's state: the engine grows its tables as new series arrive."""
+    opts = Options(**options)
+    rounds = _rounds(opts, opts.seed + 6)
+    kept, grown = _new(factory, opts.n_series), _new(factory, opts.n_series)
+    who = _name(kept)
+    _feed(kept, rounds[: opts.cut], opts.horizon)
+    _feed(grown, rounds[: opts.cut], opts.horizon)
+    grown.resize(2 * opts.n_series + 3)
+    expected = _feed(kept, rounds[opts.cut :], opts.horizon)
+    for (k, row, _, want), (_, _, _, got) in zip(expected, _feed(grown, rounds[opts.cut :], opts.horizon),
+                                                strict=True):
+        _assert_close(got, want, opts.rtol, f"{who}: after resize({2 * opts.n_series + 3}) row {row} forecasts "
+                                            f"differently in round {opts.cut + k}: growing the table lost state")
+    _assert_informative([c for *_, c in expected], who, "forecasts after the growth")
+
+
 def _popped(model: BatchForecaster, rounds: list[_Round], horizon: int) -> tuple[dict, dict]:
     """Feed ``rounds`` (learn, forecast, pop as the engine does); returns (row -> (round, residuals) of its
     hand-off, row -> round of its first finite forecast)."""
@@ -419,6 +468,7 @@ FORECASTER_CHECKS: dict[str, Callable[..., None]] = {
     "vectorised": check_forecaster_vectorised,
     "round_trip": check_forecaster_round_trip,
     "row_reuse": check_forecaster_row_reuse,
+    "growth": check_forecaster_growth,
     "calibration": check_forecaster_calibration,
 }
 

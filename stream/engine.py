@@ -642,14 +642,16 @@ class Engine:
 
     def _step_round(self, rnd: dict[str, np.ndarray], outputs: list[tuple], actuals: list[tuple],
                     events: list[DriftEvent]) -> None:
-        rows, ticks, values, real, reset = rnd["slot"], rnd["tick"], rnd["value"], rnd["real"], rnd["reset"]
+        # read-only views: every lane and watcher gets the same arrays (and the values are the actuals), so a model
+        # writing into its input would change what the next lane learns and what is scored
+        rows, ticks, values, real, reset = (_read_only(rnd[k]) for k in ("slot", "tick", "value", "real", "reset"))
         all_real = bool(real.all())
-        r_rows = rows if all_real else rows[real]
-        r_ticks = ticks if all_real else ticks[real]
-        y = values if all_real else values[real]
+        r_rows = rows if all_real else _read_only(rows[real])
+        r_ticks = ticks if all_real else _read_only(ticks[real])
+        y = values if all_real else _read_only(values[real])
         t_ns = rnd["t_ns"] if all_real else rnd["t_ns"][real]
         reset_rows = rows[reset] if reset.any() else None
-        filled = ~real
+        filled = _read_only(~real)
         horizon = self.config.horizon
         if len(r_rows):
             actuals.append((r_rows, r_ticks, y))
@@ -685,7 +687,8 @@ class Engine:
                 continue
             if shadow is not None:  # never emitted: scored against the incumbent only
                 shadow.forecast(r_rows, r_ticks, horizon)
-            forecast = lane.model.forecast_many(r_rows, horizon)  # 3. forecast
+            forecast = np.asarray(lane.model.forecast_many(r_rows, horizon), dtype=float)  # 3. forecast (a plug-in's
+            # list or object array too)
             if np.shape(forecast) != (len(r_rows), horizon):  # a plug-in's mistake, named before a reshape hides it
                 raise ValueError(f"lane {lane.name!r}: model {type(lane.model).__name__} returned forecasts of shape "
                                  f"{np.shape(forecast)}, expected (series, horizon) = ({len(r_rows)}, {horizon})")
@@ -1043,6 +1046,12 @@ class Engine:
         s = self.series_
         return {sid: (int(s["applied_partition"][slot]), int(s["applied_offset"][slot]))
                 for sid, slot in self._slot_of.items()}
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    view = array.view()
+    view.flags.writeable = False
+    return view
 
 
 def inferred_step(gaps: np.ndarray) -> int:

@@ -262,7 +262,58 @@ class SharedHandOff(SeasonalNaive):
         return Calibration(ready.rows[:1], np.broadcast_to(ring, (1, ring.shape[1], horizon)))
 
 
+class CentresInPlace(SeasonalNaive):
+    """Centres its input where it lies (found by the plug-in review, 2026-12-04): beside it, every later lane learned
+    the shifted values and the actuals were scored shifted."""
+
+    def learn_many(self, rows, ticks, values, filled=None):
+        values -= 1000.0
+        super().learn_many(rows, ticks, values + 1000.0, filled)
+
+
+class ListOut(SeasonalNaive):
+    """Returns nested lists of the right shape: the engine crashed storing them."""
+
+    def forecast_many(self, rows, horizon):
+        return super().forecast_many(rows, horizon).tolist()
+
+
+class StringState(SeasonalNaive):
+    """Exports a string array: safetensors' own error escaped the checker, naming neither model nor key."""
+
+    def export_rows(self, rows):
+        return {**super().export_rows(rows), "label": np.array(["x"] * len(rows))}
+
+
+class RetrainMeta(SeasonalNaive):
+    """Uses the engine's own shared-state key: dropped at restore, which then failed."""
+
+    def export_shared(self):
+        return {"w": np.zeros(1)}, {"retrain": 1}
+
+
+class WipesOnResize(SeasonalNaive):
+    """Reallocates its table on resize without copying the rows it held."""
+
+    def resize(self, n_rows):
+        super().resize(n_rows)
+        self.table_.blank(np.arange(n_rows))
+
+
+class ObjectOut(SeasonalNaive):
+    """Returns an array of Python floats (dtype object): the checker passed it, the engine failed in its store."""
+
+    def forecast_many(self, rows, horizon):
+        return super().forecast_many(rows, horizon).astype(object)
+
+
 @pytest.mark.parametrize(("factory", "check", "message"), [
+    (lambda: ObjectOut(period=6), checks.check_forecaster_no_look_ahead, "numbers, got ndarray of dtype object"),
+    (lambda: CentresInPlace(period=6), checks.check_forecaster_no_look_ahead, "wrote into an input array"),
+    (lambda: ListOut(period=6), checks.check_forecaster_no_look_ahead, "array of numbers, got list"),
+    (lambda: StringState(period=6), checks.check_forecaster_round_trip, "'label' must be a numeric numpy array"),
+    (lambda: RetrainMeta(period=6), checks.check_forecaster_vectorised, r"key\(s\) \['retrain'\] are the engine's"),
+    (lambda: WipesOnResize(period=6), checks.check_forecaster_growth, "growing the table lost state"),
     (lambda: SeedsOnTop(3), checks.check_calibrator_seed, "afresh"),
     (lambda: IgnoresSeeds(3), checks.check_calibrator_seed, "no interval"),
     (lambda: LateHandOff(max_period=12, detect_after=30), checks.check_forecaster_calibration, "unseeded"),

@@ -188,6 +188,38 @@ def test_a_model_may_return_a_read_only_forecast_array():
     assert len(out) > 0
 
 
+def test_a_model_cannot_write_into_the_inputs_every_lane_shares_and_may_return_a_list():
+    """Found by the plug-in review (2026-12-04): one array of values went to every lane and was kept as the actuals,
+    so a plug-in centring it in place made the next lane learn values near -945 and the outcomes scored shifted.
+    The engine's inputs are read-only views now: such a model fails at its write (a bug, named), never silently.
+    And a plug-in's forecasts as nested lists crashed inside the engine's store; they are read as an array."""
+
+    class CentresInPlace(SeasonalNaive):
+        def learn_many(self, rows, ticks, values, filled=None):
+            values -= 1000.0
+            super().learn_many(rows, ticks, values + 1000.0, filled)
+
+    class ListOut(SeasonalNaive):
+        def forecast_many(self, rows, horizon):
+            return super().forecast_many(rows, horizon).tolist()
+
+    t = np.arange(20)
+    values = 55.0 + (t % 2)
+    config = EngineConfig(models=["m=seasonal-naive", "g=seasonal-naive"], horizon=2, freq="1h")
+    lanes = [Lane(CentresInPlace(period=2), make_calibrator("conformal-pid", 2, 0.1), 2, 0.1, name="m"),
+             Lane(SeasonalNaive(period=2), make_calibrator("conformal-pid", 2, 0.1), 2, 0.1, name="g")]
+    with pytest.raises(ValueError, match="read-only"):
+        Engine(config, lanes).process(batch(["a"] * t.size, t, values))
+    class ObjectOut(SeasonalNaive):
+        def forecast_many(self, rows, horizon):
+            return super().forecast_many(rows, horizon).astype(object)
+
+    for model in (ListOut(period=2), ObjectOut(period=2)):
+        lane = Lane(model, make_calibrator("conformal-pid", 2, 0.1), 2, 0.1)
+        out = Engine(EngineConfig(horizon=2, freq="1h"), [lane]).process(batch(["a"] * t.size, t, values)).forecasts
+        assert len(out) > 0
+
+
 @pytest.mark.parametrize("freq", ["1800", 1800, "2.5"])
 def test_a_grid_step_without_a_unit_is_refused(freq):
     """pandas reads a bare '1800' as 1,800 ns: every value then looked like a gap and reset the history."""

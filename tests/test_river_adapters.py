@@ -140,6 +140,33 @@ def test_a_ready_forecaster_that_raises_is_not_silenced():
         model.forecast_many(np.array([0]), 2)
 
 
+class MethodReady(Mean):
+    """``is_ready`` written as a method (found by the plug-in review, 2026-12-04): a bound method is truthy, so it
+    read as "always ready" and the forecaster was asked after one value."""
+
+    def is_ready(self) -> bool:
+        return len(self.values) >= 3
+
+
+class OneValue(Mean):
+    """Forgot ``* horizon``: its one value was broadcast over every step, forecasts it never made."""
+
+    def forecast(self, horizon: int, xs: list[dict] | None = None) -> list[float]:
+        return [sum(self.values) / len(self.values)]
+
+
+def test_a_method_is_ready_is_asked_and_its_word_beats_min_history():
+    model = PerSeries("ready", MethodReady, min_history=10)
+    assert [bool(np.isfinite(f).all()) for f in feed(model, np.arange(5.0))] == [False, False, True, True, True]
+    assert model.first_forecast_after() is None  # not (10, ...): its own is_ready decides, after 3
+
+
+def test_a_one_series_forecast_of_the_wrong_length_is_an_error_naming_the_forecaster():
+    model = PerSeries("one", OneValue, min_history=2)
+    with pytest.raises(ValueError, match=r"OneValue.forecast\(24\) returned \(1,\); 24 values"):
+        feed(model, np.arange(4.0))
+
+
 def test_warm_up_count_moves_with_the_row_state():
     """A row restored mid-warm-up neither forecasts early nor starts its count again."""
     def factory():
