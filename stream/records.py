@@ -209,7 +209,7 @@ def parse_value(raw: Any) -> float:
 
 def parse_series_id(raw: Any) -> str:
     """A series id that can be a Kafka key and a state key: see the module docstring for the rules."""
-    if raw is None or raw == "":
+    if raw is None or (isinstance(raw, str) and not raw.strip()):  # blank, as a CSV cell of spaces is
         raise InvalidRecord("missing_field", "series_id is missing")
     if not isinstance(raw, str):
         raise InvalidRecord("wrong_type", f"series_id must be a string, got {type(raw).__name__}")

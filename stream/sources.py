@@ -129,8 +129,29 @@ def read_table(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Table:
     """All cells as strings (CSV) or native types (Parquet); the raw form is kept for dead letters."""
     if path.suffix.lower() in (".parquet", ".pq"):
         frame = pd.read_parquet(path)  # pandas stores a frame's index in the file: _load_table moves it back
-        return Table(frame, np.arange(len(frame), dtype=np.int64))
+        return Table(_exact_integers(path, frame), np.arange(len(frame), dtype=np.int64))
     return read_csv(path, max_bytes)
+
+
+def _exact_integers(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
+    """Integer columns as pandas' nullable integers where a null made pandas read them as floats: ids were written
+    ``"1.0"`` and ids above 2**53 rounded, so two series could merge into one because of one empty cell."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(path)
+    widened = [f.name for f in schema if pa.types.is_integer(f.type) and f.name in frame.columns
+               and frame[f.name].dtype.kind == "f"]
+    if widened:
+        nullable = {pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype(),
+                    pa.int64(): pd.Int64Dtype(), pa.uint8(): pd.UInt8Dtype(), pa.uint16(): pd.UInt16Dtype(),
+                    pa.uint32(): pd.UInt32Dtype(), pa.uint64(): pd.UInt64Dtype()}
+        table = pq.read_table(path, columns=widened)
+        frame = frame.copy()
+        for name in widened:
+            exact = table.column(name).to_pandas(types_mapper=nullable.get)
+            frame[name] = pd.Series(exact.array, index=frame.index)
+    return frame
 
 
 def read_csv(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Table:
@@ -451,8 +472,14 @@ def _as_text(cells: pd.Series) -> pd.Series:
     refused as ``bad_series_id`` with its row, not by an exception for the whole input."""
     try:
         return cells.astype(str)
-    except UnicodeEncodeError:
-        return pd.Series([str(cell) for cell in cells], index=cells.index, dtype=object)
+    except (UnicodeEncodeError, UnicodeDecodeError):  # decode: a binary cell that is no UTF-8 (raw UUID bytes)
+        return pd.Series([_cell_text(cell) for cell in cells], index=cells.index, dtype=object)
+
+
+def _cell_text(cell: Any) -> str:
+    """Bytes as UTF-8 with the undecodable ones kept as lone surrogates: as an id such a cell is then refused
+    (``bad_series_id``, not valid UTF-8) with its row; in a column nobody reads it only counts towards a row's size."""
+    return cell.decode("utf-8", errors="surrogateescape") if isinstance(cell, bytes) else str(cell)
 
 
 _MIN_US, _MAX_US = to_ns(MIN_TIMESTAMP) // 1000, to_ns(MAX_TIMESTAMP) // 1000

@@ -524,3 +524,54 @@ def test_readme_bad_input_table_names_every_reason():
     assert not missing, f"README's bad-input table does not say what happens for {missing}"
     for case in ("surrogate", "median", "collision", "--max-abs-value", "line number", "2262-04-11"):
         assert case in section, case
+
+
+# -- found by the replay-input review (2026-12-04) ----------------------------------------------------------
+def test_a_null_in_a_parquet_integer_id_column_costs_only_its_row(tmp_path):
+    """pandas reads an int64 column with a null as float64: every id became '1.0', and ids above 2**53 rounded, so
+    9007199254740993 and 9007199254740992 merged into one series (one of its rows then counted a duplicate)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "ids.parquet"
+    stamps = [pd.Timestamp("2024-01-01") + pd.Timedelta(hours=h) for h in (0, 1, 2, 0, 0, 2)]
+    pq.write_table(pa.table({"unique_id": pa.array([1, 1, 1, 2**53 + 1, 2**53, None], pa.int64()),
+                             "ds": pa.array(stamps, pa.timestamp("us")), "y": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]}), path)
+    rc, s, _ = run(tmp_path, str(path), "--horizon", "2", "--freq", "1h")
+    assert rc == 0
+    assert (s["n_series"], s["n_observations"], s["n_duplicates"]) == (3, 5, 0)
+    assert s["dead_letters"] == {"missing_field": 1}
+    from tidecast.stream.sources import ReplaySpec, load_replay
+
+    ids = set(load_replay(ReplaySpec(path=path)).observations.series_ids.tolist())
+    assert ids == {"1", str(2**53 + 1), str(2**53)}
+
+
+def test_undecodable_bytes_cost_only_their_row_and_an_unused_binary_column_nothing(tmp_path):
+    """A binary cell that is no UTF-8 (raw UUID bytes) ended the whole replay with "'utf-8' codec can't decode",
+    naming neither file nor column, even in a column the replay never reads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    stamps = pa.array([pd.Timestamp("2024-01-01") + pd.Timedelta(hours=h) for h in range(4)], pa.timestamp("us"))
+    extra = tmp_path / "extra.parquet"
+    pq.write_table(pa.table({"unique_id": ["a"] * 4, "ds": stamps, "y": [1.0, 2.0, 3.0, 4.0],
+                             "uuid": pa.array([bytes([0xFF, k]) for k in range(4)], pa.binary())}), extra)
+    rc, s, _ = run(tmp_path, str(extra), "--horizon", "2", "--freq", "1h")
+    assert rc == 0 and s["n_observations"] == 4 and s["dead_letters"] == {}
+    ids = tmp_path / "ids.parquet"
+    pq.write_table(pa.table({"unique_id": pa.array([b"a", b"\xff", b"a", b"a"], pa.binary()), "ds": stamps,
+                             "y": [1.0, 2.0, 3.0, 4.0]}), ids)
+    rc, s, _ = run(tmp_path, str(ids), "--horizon", "2", "--freq", "1h")
+    assert rc == 0 and s["n_observations"] == 3 and s["dead_letters"] == {"bad_series_id": 1}
+
+
+def test_a_blank_series_id_is_missing_in_json_lines_as_in_csv(tmp_path):
+    """' ' was a series from JSON lines (and Kafka) but a missing_field dead letter from CSV."""
+    with pytest.raises(InvalidRecord, match="missing_field"):
+        decode(b'{"series_id": "  ", "timestamp": 0, "value": 1}')
+    path = tmp_path / "blank.jsonl"
+    path.write_text('{"series_id": " ", "timestamp": 0, "value": 1}\n{"series_id": "\\t", "timestamp": 3600, '
+                    '"value": 2}\n')
+    rc, s, _ = run(tmp_path, str(path), "--horizon", "2")
+    assert rc == 0 and s["n_observations"] == 0 and s["dead_letters"] == {"missing_field": 2}
