@@ -152,6 +152,29 @@ def test_intervals_come_back_after_a_stuck_stretch(name):
     assert covered[0] > floor[0] and covered[1] > floor[1], covered
 
 
+def test_conformal_pid_keeps_its_prior_through_a_series_that_starts_stuck():
+    """Found by the conformal review (2026-12-04): a series stuck from its first value (forecast exactly: the scale is
+    exactly 0, every interval of zero width) made each residual of 0 a hit, and p fell by lr * alpha a step without
+    end; after 10,000 such hours the intervals stayed at zero width for ~500 steps once the series came alive
+    (coverage 0.00 over the first 250). A cell with no scale has nothing to learn p from now. (A stretch that
+    starts after the series has varied still winds p down through the intercept's slower decay: project notes.)"""
+    rng = np.random.default_rng(2)
+    r = np.concatenate([np.zeros(10_000), rng.normal(size=300)])
+    covered = drive("conformal-pid", r)[10_000 + 20:].mean(axis=0)
+    assert covered[0] > 0.7 and covered[1] > 0.9, covered
+
+
+def test_conformal_pid_symmetric_cells_start_at_the_quantile_of_abs_z():
+    """symmetric=True started from the one-sided quantile (1.61 instead of 2.06 units of mean |u| at alpha 0.1):
+    ~22 % narrow, 0.80 covered over the first 20 steps instead of ~0.87."""
+    from scipy.stats import norm
+
+    one_sided = make_calibrator("conformal-pid", 1, [0.1])
+    symmetric = make_calibrator("conformal-pid", 1, [0.1], symmetric=True)
+    expected = norm.ppf(0.95) * np.sqrt(np.pi / 2)
+    assert np.allclose(symmetric.prior_, expected) and np.allclose(one_sided.prior_, expected)
+
+
 def test_summary_is_strict_json_after_a_huge_value():
     values = series()
     values[SPIKE] = 1e308

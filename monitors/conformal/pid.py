@@ -148,7 +148,8 @@ class ConformalPID(ScoreCalibrator):
         # Prior thresholds in units of mean |u|: the Gaussian quantile over E|Z| = sqrt(2/pi). A new cell starts
         # there; in residual units (normalize=False) it starts at 0 and walks.
         a, _ = targets(np.atleast_1d(np.asarray(alpha, dtype=float)), symmetric)
-        prior = gaussian_quantile(1 - a) * np.sqrt(np.pi / 2)
+        # (symmetric: a is the miss rate of |Z|, whose quantile is the Gaussian's at 1 - a / 2)
+        prior = gaussian_quantile(1 - a / 2 if symmetric else 1 - a) * np.sqrt(np.pi / 2)
         self.prior_ = prior if normalize else np.zeros_like(prior)
         super().__init__(horizon, alpha, symmetric)
 
@@ -435,7 +436,10 @@ class ConformalPID(ScoreCalibrator):
         integral = blk.fields("integral")
         if self.ki:
             integral += err
-        p += err * (self.lr if self.normalize else self.lr * scale)
+        # A cell whose scale is exactly 0 (a stuck input forecast exactly) issues zero-width intervals whatever p
+        # is, and a residual of 0 on them is never a miss: p used to fall by lr * alpha every step, without end,
+        # and after a long stuck stretch the intervals stayed at zero width for hundreds of steps (coverage 0).
+        p += err * (self.lr * (scale > 0.0) if self.normalize else self.lr * scale)
         count_f += 1
         # Scale and intercept: running means first, exponential forgetting afterwards.
         rate = cell_rate if self.scale_memory_per_h else self.scale_decay
