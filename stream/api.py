@@ -48,6 +48,7 @@ from tidecast.stream.sources import ReplaySpec, load_frame, load_replay
 ENGINE_OPTIONS = tuple(f.name for f in dataclasses.fields(EngineConfig)
                        if f.name not in ("models", "horizon", "levels", "calibrator", "freq"))
 INPUT_OPTIONS = ("format", "time_column", "series_column", "value_column", "name", "columns")
+INPUT_FORMATS = ("auto", "wide", "long", "jsonl")
 RUN_OPTIONS = ("batch_size", "progress")
 #: The KEY=VALUE settings (model_params, retrain_params ...): a string is parsed as the CLI and environment do.
 _KEY_VALUE_SETTINGS = {s.field: s for s in settings_of(EngineConfig) if s.field.endswith("_params")}
@@ -87,8 +88,15 @@ def replay(data: pd.DataFrame | str | Path, models: Sequence[str] | str = ("seas
     options = {k: v for k, v in options.items() if v is not None}  # None: not given (the setting's default)
     if isinstance(options.get("alpha"), str):  # as levels="80,95" is read
         options["alpha"] = _number("alpha", options["alpha"])
-    if "columns" in options:
-        options["columns"] = _listed(options["columns"], str)
+    for key in ("columns", "allowed_series"):  # "a,b" as the CLI reads it (a set of it was the set of letters)
+        if key in options:
+            options[key] = _listed(options[key], str)
+            if not isinstance(options[key], Sequence | set | frozenset) or not all(
+                    isinstance(item, str) for item in options[key]):
+                raise TypeError(f"{key} must be a list of names (or one comma-separated string), got "
+                                f"{options[key]!r}")
+    if options.get("format", "auto") not in INPUT_FORMATS:
+        raise ValueError(f"format={options['format']!r}: one of {', '.join(INPUT_FORMATS)}")
     for key, setting in _KEY_VALUE_SETTINGS.items():  # "cooldown=5 budget=2": the CLI's spelling, parsed as it is
         if isinstance(options.get(key), str):
             try:

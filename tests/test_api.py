@@ -252,6 +252,11 @@ def test_mistakes_in_the_arguments_raise_before_any_work():
         tidecast.replay(frame, colour="red")
     with pytest.raises(TypeError, match=r"unexpected option 'level' \(did you mean 'levels'\?\)"):
         tidecast.replay(frame, level=[80, 95])  # Nixtla's spelling
+    # found by the API review (2026-12-04): a wrong format read a long frame as wide (its ids as values)
+    with pytest.raises(ValueError, match=r"format='Long': one of auto, wide, long, jsonl"):
+        tidecast.replay(frame, format="Long")
+    with pytest.raises(TypeError, match="allowed_series must be a list of names"):
+        tidecast.replay(frame, allowed_series=5)
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         tidecast.replay(frame, models=["nope"])
     with pytest.raises(ValueError, match="each must be in"):
@@ -457,3 +462,11 @@ def test_a_model_that_issued_nothing_keeps_its_row_in_the_summary():
     assert list(summary.index) == ["seasonal-naive", "cyclenet"]  # cyclenet's first fit needs 2,000 values
     assert summary.loc["cyclenet", "n_forecasts"] == 0 and summary.loc["seasonal-naive", "n_forecasts"] > 0
     assert summary.loc["cyclenet", "n_forecasts"] == result.run["models"]["cyclenet"]["n_forecasts"]
+
+
+def test_allowed_series_as_one_comma_separated_string_is_split_as_the_cli_does():
+    """Found by the API review (2026-12-04): "a,b" became the set of its letters, so both named series were
+    dead-lettered as unknown and a series called "a" alone would have been kept."""
+    frame = noisy_cycles(60, series=("sensor-1", "sensor-2", "s"))
+    result = tidecast.replay(frame, allowed_series="sensor-1,sensor-2", horizon=2, model_params=SN12)
+    assert sorted(result.forecasts["unique_id"].unique()) == ["sensor-1", "sensor-2"]  # ["s"] before
