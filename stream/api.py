@@ -104,6 +104,9 @@ def replay(data: pd.DataFrame | str | Path, models: Sequence[str] | str = ("seas
             except ValueError as err:
                 raise ValueError(f"{key}={options[key]!r}: {err}") from None
     models, levels = _listed(models, str), _listed(levels, float)
+    if not isinstance(models, Sequence) or isinstance(models, str) or not models or not all(
+            isinstance(m, str) for m in models):
+        raise TypeError(f"models must be model names (a list, or one comma-separated string), got {models!r}")
     if "alpha" in options and levels is not None:
         if levels is not DEFAULT_LEVELS:
             raise ValueError(f"give levels or alpha, not both (alpha={options['alpha']} is levels=("

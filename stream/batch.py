@@ -159,11 +159,13 @@ class ForecastBatch:
         """A pandas frame with the forecast record's columns (timestamps as UTC datetimes), then ``lo-<level>``
         and ``hi-<level>`` for every level."""
         frame = pd.DataFrame({
-            "series_id": self.series_id.astype(str),
-            "issued_at": pd.to_datetime(self.issued_at_ns, utc=True),
+            "series_id": series_ids_as_text(self.series_id),
+            # nanoseconds named: pandas reads an *empty* int64 array as seconds, and a run that forecast nothing
+            # wrote its Parquet timestamps in ms (files of one dataset then disagreed on the schema)
+            "issued_at": pd.to_datetime(self.issued_at_ns, unit="ns", utc=True),
             "model": self.model.astype(str),
             "h": self.h,
-            "target_timestamp": pd.to_datetime(self.target_ns, utc=True),
+            "target_timestamp": pd.to_datetime(self.target_ns, unit="ns", utc=True),
             "mean": self.mean,
             "lower": self.lower,
             "upper": self.upper,
@@ -207,3 +209,9 @@ class ActualBatch:
         if len(parts) == 1:
             return parts[0]
         return cls(*(np.concatenate([getattr(p, c) for p in parts]) for c in ("series_id", "target_ns", "value")))
+
+
+def series_ids_as_text(series_id: np.ndarray) -> np.ndarray:
+    """Series ids as Python strings: numpy's fixed-width ``astype(str)`` drops trailing NULs, so ``"a\\0"`` and
+    ``"a"`` became one series in the output files (ids are kept as written; only a leading NUL is refused)."""
+    return np.array([str(sid) for sid in series_id.tolist()], dtype=object)

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from tidecast.monitors.accuracy import PERIOD_HEAD, running_scale_at, scale_period, smape
-from tidecast.stream.batch import ActualBatch, ForecastBatch
+from tidecast.stream.batch import ActualBatch, ForecastBatch, series_ids_as_text
 from tidecast.stream.config import EngineConfig
 from tidecast.stream.engine import inferred_step
 from tidecast.stream.settings import split_items
@@ -152,7 +152,7 @@ def utc(ns: np.ndarray) -> pd.DatetimeIndex:
 
 def _actuals_frame(actuals: ActualBatch, forecast_series: list[str]) -> pd.DataFrame:
     """Outcomes by series and grid time; the categories hold every series seen (forecast or observed), sorted."""
-    frame = pd.DataFrame({"unique_id": actuals.series_id.astype(str), "ds": actuals.target_ns,
+    frame = pd.DataFrame({"unique_id": series_ids_as_text(actuals.series_id), "ds": actuals.target_ns,
                           "y": actuals.value})
     frame = frame.drop_duplicates(["unique_id", "ds"], keep="first").sort_values(["unique_id", "ds"], kind="stable")
     frame["ds"] = utc(frame["ds"].to_numpy())

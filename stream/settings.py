@@ -33,6 +33,7 @@ import difflib
 import json
 import logging
 import math
+import numbers
 import re
 import tomllib
 import types
@@ -102,6 +103,8 @@ def at_least(low: float, high: float = math.inf) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         if value is None:
             return None
+        if not _real(value):  # a string from the Python API: math.isfinite raised, naming no setting
+            return f"must be a number, got {type(value).__name__} {value!r}"
         if not math.isfinite(value):
             return "must be a finite number"
         if value < low:
@@ -112,7 +115,13 @@ def at_least(low: float, high: float = math.inf) -> Callable[[Any], str | None]:
 
 def positive(value: float | None) -> str | None:
     """A check: ``None`` or a finite number ``> 0``."""
+    if value is not None and not _real(value):
+        return f"must be a number, got {type(value).__name__} {value!r}"
     return None if value is None or (value > 0 and math.isfinite(value)) else "must be a finite positive number"
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def parse_bool(value: Any) -> bool:

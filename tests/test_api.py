@@ -13,6 +13,7 @@ import pytest
 import tidecast
 from tidecast.monitors.accuracy import smape
 from tidecast.stream.result import events_frame
+from tidecast.stream.settings import SettingsError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ETTH1 = DATA / "ETTh1.csv"
@@ -257,6 +258,11 @@ def test_mistakes_in_the_arguments_raise_before_any_work():
         tidecast.replay(frame, format="Long")
     with pytest.raises(TypeError, match="allowed_series must be a list of names"):
         tidecast.replay(frame, allowed_series=5)
+    for models in ([1], None):  # an AttributeError from the registry, a TypeError from iterating None
+        with pytest.raises(TypeError, match="models must be model names"):
+            tidecast.replay(frame, models=models)
+    with pytest.raises(SettingsError, match=r"max_series '2': must be a number, got str"):
+        tidecast.replay(frame, max_series="2")  # "must be real number, not str", naming no setting
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         tidecast.replay(frame, models=["nope"])
     with pytest.raises(ValueError, match="each must be in"):
@@ -470,3 +476,25 @@ def test_allowed_series_as_one_comma_separated_string_is_split_as_the_cli_does()
     frame = noisy_cycles(60, series=("sensor-1", "sensor-2", "s"))
     result = tidecast.replay(frame, allowed_series="sensor-1,sensor-2", horizon=2, model_params=SN12)
     assert sorted(result.forecasts["unique_id"].unique()) == ["sensor-1", "sensor-2"]  # ["s"] before
+
+
+def test_a_series_id_with_a_trailing_nul_stays_its_own_series_in_every_output(tmp_path):
+    """Found by the output review (2026-12-04): numpy's astype(str) drops trailing NULs, so "a" and "a\\0" became one
+    series in --out files and in the API's outcomes: "a\\0" got no y, and "a" was scored against both."""
+    frame = noisy_cycles(60, series=("a", "a\0"))
+    frame.loc[frame["unique_id"] == "a\0", "y"] += 1000.0
+    result = tidecast.replay(frame, horizon=2, model_params=SN12)
+    f = result.forecasts
+    assert sorted(f["unique_id"].unique()) == ["a", "a\0"]
+    for sid in ("a", "a\0"):
+        rows = f[f["unique_id"] == sid]
+        assert rows["y"].notna().sum() >= len(rows) - 3  # all but the last two origins' 3 steps matured
+        assert (rows["y"] - rows["mean"]).abs().median() < 10  # its own outcomes, not the other series'
+    out = tmp_path / "out.parquet"
+    from tidecast.stream.cli import main
+
+    frame.to_parquet(tmp_path / "in.parquet")
+    assert main(["replay", str(tmp_path / "in.parquet"), "--horizon", "2", "--model-param",
+                 "seasonal-naive.period=12", "--out", str(out), "--no-progress", "--dead-letter",
+                 str(tmp_path / "dead.jsonl")]) == 0
+    assert sorted(pd.read_parquet(out)["series_id"].unique()) == ["a", "a\0"]

@@ -269,3 +269,19 @@ def test_produce_counts_the_skipped_rows_among_the_rows_it_sends_only(tmp_path) 
     assert len(obs) == 2 and len(letters) == 2
     assert [len(x) for x in first_rows(replay, None)] == [3, 3]
     assert [len(x) for x in first_rows(replay, 0)] == [0, 0]
+
+
+def test_a_run_that_forecasts_nothing_writes_parquet_timestamps_in_nanoseconds_too(tmp_path):
+    """Found by the output review (2026-12-04): pandas reads an empty int64 array as seconds, so a run that
+    forecast nothing wrote timestamp[ms] columns where every other run writes timestamp[ns]: files of one dataset
+    then disagree on the schema (pyarrow refused to concatenate them)."""
+    import pyarrow.parquet as pq
+
+    bad = tmp_path / "allbad.csv"
+    bad.write_text("unique_id,ds,y\na,2024-01-01T00:00:00,inf\n")
+    out = tmp_path / "empty.parquet"
+    assert main(["replay", str(bad), "--level", "80,95", "--out", str(out), "--no-progress",
+                 "--dead-letter", str(tmp_path / "dead.jsonl")]) == 0
+    schema = pq.read_schema(out)
+    for column in ("issued_at", "target_timestamp"):
+        assert str(schema.field(column).type) == "timestamp[ns, tz=UTC]", schema
