@@ -138,8 +138,9 @@ def require(ok: bool, name: str, value: object, rule: str) -> None:
         raise ValueError(f"{name} = {value!r}: {rule}")
 
 
-def check_count(name: str, value: object, low: int = 1) -> None:
-    """A whole number ``>= low`` (bools are not counts).
+def check_count(name: str, value: object, low: int = 1, high: int | None = None) -> None:
+    """A whole number ``>= low`` (and ``<= high`` when given: a size that would exhaust memory; bools are not
+    counts).
 
     >>> check_count("epochs", 0)
     Traceback (most recent call last):
@@ -147,7 +148,8 @@ def check_count(name: str, value: object, low: int = 1) -> None:
     ValueError: epochs = 0: a whole number >= 1
     """
     ok = isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= low
-    require(ok, name, value, f"a whole number >= {low}")
+    ok = ok and (high is None or value <= high)
+    require(ok, name, value, f"a whole number >= {low}" if high is None else f"a whole number from {low} to {high:,}")
 
 
 def check_positive(name: str, value: object, optional: bool = False, rule: str = "a number > 0",

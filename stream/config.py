@@ -62,10 +62,6 @@ KAFKA, SECURITY, STATE, SERVICE = "kafka", "kafka security (passed to kafka-pyth
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
-def _open_unit(value: float) -> str | None:
-    return None if 0 < value < 1 else "must be in (0, 1)"
-
-
 def _names_series(value: list[str]) -> str | None:
     # an empty list would dead-letter every series (unknown_series) without a word
     return None if value else "names no series (leave it unset to accept every series)"
@@ -81,6 +77,18 @@ def _known_lanes(models: list[str]) -> str | None:
     return None
 
 
+#: The smallest miscoverage a setting may ask for (a level of at most 99.9999 %): below ~1e-16 a Gaussian prior's
+#: quantile is infinite (conformal PID issued only infinite intervals at alpha 1e-17), and finer levels than this
+#: share their names (6 significant digits) with their neighbours.
+MIN_ALPHA = 1e-6
+
+
+def _miscoverage(value: float) -> str | None:
+    if not 0 < value < 1:
+        return "must be in (0, 1)"
+    return None if value >= MIN_ALPHA else f"must be at least {MIN_ALPHA:g} (a level of at most 99.9999 %)"
+
+
 def _levels(value: list[float]) -> str | None:
     if not value:
         return "give at least one level, e.g. 80,95"
@@ -89,8 +97,13 @@ def _levels(value: list[float]) -> str | None:
             return f"{level:g} looks like a fraction: levels are in percent, e.g. {100 * level:g} (each in [1, 100))"
         if not 0 < level < 100:
             return f"{level:g} is no coverage level: each must be in (0, 100), in percent"
+        if level > 100 * (1 - MIN_ALPHA):
+            return f"{level!r} is finer than a calibrator can learn: each level at most 99.9999"
     if len(set(value)) < len(value):
         return "a level is given twice"
+    names = [level_name(1 - level / 100) for level in value]
+    if len(set(names)) < len(names):  # their columns and labels (lo-80, coverage-80) would overwrite each other
+        return f"levels {value} share the names {names}: give levels that differ in their first 6 digits"
     return None
 
 
@@ -196,7 +209,7 @@ class EngineConfig:
     horizon: int = setting(24, f"forecast steps H (ticks of the series' own grid), at most {MAX_HORIZON}",
                            group=ENGINE, check=_horizon)
     alpha: float | None = setting(None, "target miscoverage: intervals aim at 1 - alpha coverage; the one-level "
-                                  "shorthand of --level", group=ENGINE, shown_default="0.1", check=_open_unit,
+                                  "shorthand of --level", group=ENGINE, shown_default="0.1", check=_miscoverage,
                                   alternative_to="levels")
     levels: list[float] | None = setting(
         None, "interval coverage levels in percent, comma-separated (80,95): one calibrator pass learns them all; "

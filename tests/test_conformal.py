@@ -272,3 +272,17 @@ def test_pid_scorecaster_stays_bounded_after_a_degenerate_start():
         widths.append(hi[0, 0] - lo[0, 0])
     assert np.all(np.isfinite(widths))
     assert max(widths) < 20 * np.abs(stream).max()
+
+
+@pytest.mark.parametrize(("name", "params"), [
+    ("aci", {"window": 10**9}), ("spci", {"window": 10**9, "history": 10**9}), ("saocp", {"slots": 10**8}),
+    ("conformal-pid", {"scorecaster": "seasonal", "period": 10**9}),
+])
+def test_window_sizes_that_would_exhaust_memory_are_a_settings_error(name, params):
+    """Found by the conformal review (2026-12-04): a billion passed the check and the run died at its first forecast
+    ('Unable to allocate 179. GiB'), a traceback and exit 1 instead of one line and exit 2."""
+    from tidecast.stream.config import EngineConfig
+    from tidecast.stream.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="a whole number from 1 to 100,000"):
+        EngineConfig(calibrator=name, calibrator_params=params)

@@ -187,3 +187,16 @@ def test_a_calibrator_that_gives_one_level_is_refused_when_several_are_asked_for
     with pytest.raises(ValueError, match="calibrator 'one-level' gives one interval level .* 2 were asked for"):
         Lane(SeasonalNaive(period=2), OneLevel(3, (0.2, 0.05)), 3, (0.2, 0.05))
     Lane(SeasonalNaive(period=2), OneLevel(3, 0.1), 3, 0.1)  # one level: fine
+
+
+def test_levels_too_fine_to_learn_or_to_name_apart_are_refused():
+    """Found by the conformal and API reviews (2026-12-04): alpha 1e-17 gave conformal PID an infinite prior, so
+    every interval was infinite; levels 80 and 80.00001 (or 99.9 and 99.99999, named '100') shared their names, and
+    one level's bounds overwrote the other's columns."""
+    with pytest.raises(SettingsError, match="alpha 1e-17: must be at least 1e-06"):
+        EngineConfig(alpha=1e-17)
+    with pytest.raises(SettingsError, match="99.99999 is finer than a calibrator can learn"):
+        EngineConfig(levels=[99.9, 99.99999])
+    with pytest.raises(SettingsError, match=r"share the names \['80', '80'\]"):
+        EngineConfig(levels=[80, 80.00001])
+    assert EngineConfig(levels=[80, 99.9999]).levels == [80, 99.9999]

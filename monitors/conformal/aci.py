@@ -24,7 +24,7 @@ import numpy as np
 
 from tidecast.models.base import check_count, check_rate
 from tidecast.models.rows import Column
-from tidecast.monitors.conformal.base import ScoreCalibrator
+from tidecast.monitors.conformal.base import MAX_WINDOW, ScoreCalibrator
 from tidecast.monitors.conformal.window import conformal_quantile, window_values
 
 
@@ -43,7 +43,7 @@ class ACI(ScoreCalibrator):
         symmetric: bool = False,
     ) -> None:
         check_rate("gamma", gamma)
-        check_count("window", window)
+        check_count("window", window, high=MAX_WINDOW)
         self.gamma = gamma
         self.window = window
         self.clip = clip

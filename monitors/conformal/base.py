@@ -62,6 +62,9 @@ GUARD_START = 3
 MISS_MARGIN = 2.0
 #: A running mean |r| (or |step|) learns a value as at most this many times itself (:func:`bounded_by_scale`).
 SCALE_OUTLIER_LIMIT = 30.0
+#: The largest per-cell window a calibrator keeps (ACI's scores, SPCI's history, PID's seasonal lag, SAOCP's
+#: experts): a billion asked for 179 GiB and ended the run in a MemoryError traceback instead of a settings error.
+MAX_WINDOW = 100_000
 
 
 def bounded_by_scale(size: np.ndarray, scale: np.ndarray, count: np.ndarray) -> np.ndarray:

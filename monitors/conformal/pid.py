@@ -69,7 +69,14 @@ import numpy as np
 
 from tidecast.models.base import check_between, check_count, check_positive, check_rate
 from tidecast.models.rows import Column
-from tidecast.monitors.conformal.base import Block, ScoreCalibrator, bounds, gaussian_quantile, targets
+from tidecast.monitors.conformal.base import (
+    MAX_WINDOW,
+    Block,
+    ScoreCalibrator,
+    bounds,
+    gaussian_quantile,
+    targets,
+)
 from tidecast.monitors.conformal.scorecaster import lag_table, solve_ridge
 
 
@@ -101,7 +108,7 @@ class ConformalPID(ScoreCalibrator):
         check_rate("lr", lr)
         if scorecaster:
             check_count("order", order)
-        check_count("period", period)
+        check_count("period", period, high=MAX_WINDOW)
         check_between("forget", forget, 0, 1, open_low=True)
         check_between("ridge", ridge, 0, math.inf, open_high=True)
         check_between("scale_decay", scale_decay, 0, 1, open_low=True)

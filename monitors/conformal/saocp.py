@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tidecast.models.base import check_count
-from tidecast.monitors.conformal.base import ScoreCalibrator
+from tidecast.monitors.conformal.base import MAX_WINDOW, ScoreCalibrator
 
 
 def _pinball(s: np.ndarray, q: np.ndarray, tau: np.ndarray) -> np.ndarray:
@@ -40,8 +40,8 @@ class SAOCP(ScoreCalibrator):
         slots: int = 72,
         symmetric: bool = False,
     ) -> None:
-        check_count("lifetime", lifetime)
-        check_count("slots", slots)
+        check_count("lifetime", lifetime, high=MAX_WINDOW)
+        check_count("slots", slots, high=MAX_WINDOW)
         self.lifetime = lifetime
         self.slots = slots
         super().__init__(horizon, alpha, symmetric)

@@ -22,7 +22,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from tidecast.models.base import check_count
 from tidecast.models.rows import Column
-from tidecast.monitors.conformal.base import ScoreCalibrator
+from tidecast.monitors.conformal.base import MAX_WINDOW, ScoreCalibrator
 
 
 def weighted_quantiles(y: np.ndarray, w: np.ndarray, levels: np.ndarray) -> np.ndarray:
@@ -73,8 +73,8 @@ class SPCI(ScoreCalibrator):
         random_state: int = 0,
         symmetric: bool = False,
     ) -> None:
-        check_count("window", window)
-        check_count("history", history, window)  # the windows of features are cut from the history
+        check_count("window", window, high=MAX_WINDOW)
+        check_count("history", history, window, high=MAX_WINDOW)  # the windows of features are cut from the history
         check_count("refit_every", refit_every)
         check_count("n_estimators", n_estimators)
         check_count("max_depth", max_depth)
