@@ -18,6 +18,7 @@ True
 from __future__ import annotations
 
 import json
+import random
 import types
 from collections import defaultdict, deque
 from typing import Any
@@ -36,8 +37,11 @@ def dump_state(obj: Any) -> Any:
         return obj.item()
     if isinstance(obj, np.ndarray):
         return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
-    if isinstance(obj, deque):
-        return {"__deque__": [dump_state(v) for v in obj]}
+    if isinstance(obj, deque):  # its bound too: a bounded window restored unbounded grew without end
+        return {"__deque__": [dump_state(v) for v in obj], **({} if obj.maxlen is None else {"maxlen": obj.maxlen})}
+    if isinstance(obj, random.Random):  # its attributes hold no draws: a restore restarted it from its seed
+        version, internal, gauss_next = obj.getstate()
+        return {"__random__": [version, list(internal), gauss_next]}
     if isinstance(obj, set | frozenset):
         return {"__set__": [dump_state(v) for v in obj]}
     if isinstance(obj, list | tuple):
@@ -72,11 +76,17 @@ def load_state(target: Any, state: Any) -> Any:
     if "__deque__" in state:
         items = [load_state(target[i] if target is not None and i < len(target) else None, v)
                  for i, v in enumerate(state["__deque__"])]
-        if isinstance(target, deque):
+        maxlen = state.get("maxlen")
+        if isinstance(target, deque) and target.maxlen == maxlen:
             target.clear()
             target.extend(items)
             return target
-        return deque(items)
+        return deque(items, maxlen=maxlen)
+    if "__random__" in state:
+        version, internal, gauss_next = state["__random__"]
+        generator = target if isinstance(target, random.Random) else random.Random()
+        generator.setstate((version, tuple(internal), gauss_next))
+        return generator
     if "__set__" in state:
         items = {_hashable(load_state(None, v)) for v in state["__set__"]}
         return type(target)(items) if isinstance(target, set | frozenset) else frozenset(items)

@@ -97,7 +97,7 @@ def run_replay(config: EngineConfig, options: ReplayOptions, console: Console | 
                           f"not replayed (a series seen at one timestamp only is held; one refused by "
                           f"--allowed-series or --max-series is dead-lettered)[/yellow]")
         path = result.report(options.report, series=[s for s in wanted if s in replayed])
-        console.print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        console.print(f"report: {escape(str(path))} ({path.stat().st_size / 1e6:.1f} MB)")
     if server is not None and options.linger_seconds > 0:
         console.print(f"serving /metrics on http://{_host(options.metrics_address)}:{server.server_port}/metrics "
                       f"for {options.linger_seconds:.0f} s more")
@@ -360,11 +360,13 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
         + (f", gap resets {summary['n_resets']}" if summary.get("n_resets") else "")
         + (f", held (series seen at one timestamp) {summary['n_held']}" if summary["n_held"] else "")
         + f"; dead letters: {dead}"
-        + (f" -> {summary['dead_letter_file']}" if summary["dead_letter_file"] else "")
+        + (f" -> {escape(summary['dead_letter_file'])}" if summary["dead_letter_file"] else "")
     )
     events = ", ".join(f"{model}/{detector} {n:,}" for model, by in summary["drift_events"].items()
                        for detector, n in by.items()) or "none"
-    console.print(f"drift events: {events}" + (f" -> {summary['events_file']}" if summary["events_file"] else ""))
+    # paths are text, not rich markup: "runs/[v2]/" printed as "runs//", and "[/b]" ended the run before its summary
+    console.print(f"drift events: {events}"
+                  + (f" -> {escape(summary['events_file'])}" if summary["events_file"] else ""))
     for note in summary.get("notes", []):
         console.print(f"[yellow]note[/yellow]: {note}", highlight=False)
 

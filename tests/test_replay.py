@@ -285,3 +285,16 @@ def test_a_run_that_forecasts_nothing_writes_parquet_timestamps_in_nanoseconds_t
     schema = pq.read_schema(out)
     for column in ("issued_at", "target_timestamp"):
         assert str(schema.field(column).type) == "timestamp[ns, tz=UTC]", schema
+
+
+def test_output_paths_with_brackets_are_printed_as_written(tmp_path, capsys):
+    """Found by the output review (2026-12-04): paths went through rich markup: "runs/[v2]/dl.jsonl" printed as
+    "runs//dl.jsonl", and a path holding "[/b]" ended the run in a MarkupError before its summary was written."""
+    bad = tmp_path / "in.csv"
+    bad.write_text("unique_id,ds,y\na,2024-01-01T00:00:00,inf\na,2024-01-01T01:00:00,1\n")
+    folder = tmp_path / "a[" / "b]"
+    folder.mkdir(parents=True)
+    summary = tmp_path / "summary.json"
+    assert main(["replay", str(bad), "--no-progress", "--dead-letter", str(folder / "dl.jsonl"),
+                 "--summary-json", str(summary)]) == 0
+    assert summary.exists() and "a[/b]/dl.jsonl" in capsys.readouterr().out.replace("\n", "")

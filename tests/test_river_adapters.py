@@ -247,3 +247,28 @@ def test_a_diverged_river_model_starts_over_instead_of_forecasting_garbage(caplo
     assert issued.size and np.all(np.abs(issued - daily(40).mean()) < 1e3 * daily(40).std() + 1e3)
     assert np.isnan(out).sum() > 5  # the warm-up, and again after each restart
     assert "diverged" in caplog.text
+
+
+def test_state_keeps_a_deques_bound_and_a_random_generators_draws():
+    """Found by the plug-in review (2026-12-04): a deque(maxlen=N) created outside __init__ came back unbounded (its
+    window grew without end after a restore), and a random.Random came back at its seed (its attributes hold no
+    draws), so forecasts after a restore differed from the uninterrupted model's."""
+    import random
+    from collections import deque
+
+    class Window:
+        def __init__(self) -> None:
+            self.rng = random.Random(7)
+
+        def learn_one(self, y: float, x: dict | None = None) -> None:
+            if not hasattr(self, "window"):
+                self.window = deque(maxlen=3)
+            self.window.append(y)
+
+    model = Window()
+    for y in (1.0, 2.0, 3.0, 4.0):
+        model.learn_one(y)
+    model.rng.random()
+    fresh = load_state(Window(), json.loads(json.dumps(dump_state(model))))
+    assert fresh.window == deque([2.0, 3.0, 4.0]) and fresh.window.maxlen == 3
+    assert fresh.rng.random() == model.rng.random()
