@@ -40,7 +40,7 @@ import pandas as pd
 
 from tidecast.monitors.accuracy import PERIOD_HEAD, running_scale_at, scale_period, smape
 from tidecast.stream.batch import ActualBatch, ForecastBatch, series_ids_as_text
-from tidecast.stream.config import EngineConfig
+from tidecast.stream.config import STEP_WINDOW, EngineConfig
 from tidecast.stream.engine import inferred_step
 from tidecast.stream.settings import split_items
 from tidecast.stream.sources import DeadLetter
@@ -264,7 +264,7 @@ class ReplayResult:
         """Per forecast row, the MASE scale of its series at its origin (``NaN`` while undefined). Computed on
         each call (one pass over the rows: ~0.1 s at three million), so a ``forecasts`` sorted or subset since
         gets its own."""
-        return _scales(self.forecasts, self.actuals)
+        return _scales(self.forecasts, self.actuals, self.config.step_ns)
 
     # -- looking -----------------------------------------------------------------------------------
     def plot(self, series_id: str, model: str | None = None, h: int = 1) -> Figure:
@@ -337,8 +337,9 @@ class ReplayResult:
         return str(series_id)
 
 
-def _scales(forecasts: pd.DataFrame, actuals: pd.DataFrame) -> np.ndarray:
-    """The prequential seasonal-naive scale of each forecast row's series at the row's origin."""
+def _scales(forecasts: pd.DataFrame, actuals: pd.DataFrame, step_ns: int | None = None) -> np.ndarray:
+    """The prequential seasonal-naive scale of each forecast row's series at the row's origin, on the series' grid
+    as the engine set it: ``step_ns`` (``freq``) or the step of its first :data:`STEP_WINDOW` observations."""
     out = np.full(len(forecasts), np.nan)
     series = actuals["unique_id"].cat.categories
     # codes by id, not the forecasts' own codes: a filtered frame may have dropped categories or be plain strings
@@ -359,11 +360,11 @@ def _scales(forecasts: pd.DataFrame, actuals: pd.DataFrame) -> np.ndarray:
         t, y = times[mine], values[mine]
         by_time = np.argsort(t, kind="stable")
         t, y = t[by_time], y[by_time]
-        gaps = np.diff(t)
-        gaps = gaps[gaps > 0]
-        if not gaps.size:
+        gaps = np.diff(t[:STEP_WINDOW])  # the engine's rule, on the rows it held: gaps further on (a series
+        gaps = gaps[gaps > 0]            # hourly, then every other hour) do not move its grid
+        if step_ns is None and not gaps.size:
             continue
-        step = inferred_step(gaps)  # the engine's rule: with values missing, the median gap can be two steps
+        step = step_ns or inferred_step(gaps)
         ticks = np.rint((t - t[0]) / step).astype(np.int64)
         head = np.full(min(int(ticks[-1]) + 1, PERIOD_HEAD), np.nan)  # the ticks the period is detected on
         early = ticks < head.size

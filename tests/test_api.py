@@ -498,3 +498,23 @@ def test_a_series_id_with_a_trailing_nul_stays_its_own_series_in_every_output(tm
                  "seasonal-naive.period=12", "--out", str(out), "--no-progress", "--dead-letter",
                  str(tmp_path / "dead.jsonl")]) == 0
     assert sorted(pd.read_parquet(out)["series_id"].unique()) == ["a", "a\0"]
+
+
+@pytest.mark.parametrize("freq", ["1h", None])
+def test_mase_scales_are_taken_on_the_engines_grid(freq):
+    """Found by the API review (2026-12-04): scales() re-inferred each series' step from all its gaps, not from the
+    engine's grid (freq=, or its first 8 observations): hourly at first then every other hour, the scale was taken
+    on a 2 h grid, off by up to 195 %, and summary() read MASE 0.92 where the definition gives 1.03."""
+    from tidecast.monitors.accuracy import PERIOD_HEAD, running_scale_at, scale_period
+
+    rng = np.random.default_rng(12)
+    hours = np.r_[np.arange(30), 30 + 2 * np.arange(300)]
+    y = np.sin(2 * np.pi * hours / 24) * 5 + rng.normal(0, 0.5, hours.size)
+    start = pd.Timestamp("2024-01-01")
+    frame = pd.DataFrame({"unique_id": "a", "ds": start + pd.to_timedelta(hours, unit="h"), "y": y})
+    result = tidecast.replay(frame, horizon=2, freq=freq, model_params={"seasonal-naive": {"period": 24}})
+    head = np.full(PERIOD_HEAD, np.nan)
+    head[hours[hours < PERIOD_HEAD]] = y[hours < PERIOD_HEAD]
+    at = ((result.forecasts["cutoff"] - start.tz_localize("UTC")) / pd.Timedelta("1h")).round().astype(int)
+    expected = running_scale_at(hours, y, scale_period(head), at.to_numpy())
+    assert np.allclose(result.scales(), expected, equal_nan=True)
