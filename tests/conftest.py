@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from tidecast.models.naive import SeasonalNaive
+
 REPO = Path(__file__).resolve().parents[1]
 #: Consumer settings for fast group joins on the test broker (production keeps Kafka's defaults).
 FAST_GROUP = ("--session-timeout-ms", "6000", "--heartbeat-interval-ms", "1000", "--max-poll-interval-ms", "10000")
@@ -393,3 +395,27 @@ def waiter() -> Callable[..., Any]:
 @pytest.fixture
 def as_messages() -> Callable[..., list[tuple[bytes, bytes]]]:
     return observation_messages
+
+
+# -- faulty plug-in models (the contract checks and the engine must both catch them) --------------------------
+class CentresInPlace(SeasonalNaive):
+    """Centres its input where it lies (found by the plug-in review, 2026-12-04): beside it, every later lane learned
+    the shifted values and the actuals were scored shifted."""
+
+    def learn_many(self, rows, ticks, values, filled=None):
+        values -= 1000.0
+        super().learn_many(rows, ticks, values + 1000.0, filled)
+
+
+class ListOut(SeasonalNaive):
+    """Returns nested lists of the right shape: the engine crashed storing them."""
+
+    def forecast_many(self, rows, horizon):
+        return super().forecast_many(rows, horizon).tolist()
+
+
+class ObjectOut(SeasonalNaive):
+    """Returns an array of Python floats (dtype object): the checker passed it, the engine failed in its store."""
+
+    def forecast_many(self, rows, horizon):
+        return super().forecast_many(rows, horizon).astype(object)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CentresInPlace, ListOut, ObjectOut
 
 from tidecast import checks
 from tidecast.models.base import BatchForecaster, Calibration
@@ -262,22 +263,6 @@ class SharedHandOff(SeasonalNaive):
         return Calibration(ready.rows[:1], np.broadcast_to(ring, (1, ring.shape[1], horizon)))
 
 
-class CentresInPlace(SeasonalNaive):
-    """Centres its input where it lies (found by the plug-in review, 2026-12-04): beside it, every later lane learned
-    the shifted values and the actuals were scored shifted."""
-
-    def learn_many(self, rows, ticks, values, filled=None):
-        values -= 1000.0
-        super().learn_many(rows, ticks, values + 1000.0, filled)
-
-
-class ListOut(SeasonalNaive):
-    """Returns nested lists of the right shape: the engine crashed storing them."""
-
-    def forecast_many(self, rows, horizon):
-        return super().forecast_many(rows, horizon).tolist()
-
-
 class StringState(SeasonalNaive):
     """Exports a string array: safetensors' own error escaped the checker, naming neither model nor key."""
 
@@ -298,13 +283,6 @@ class WipesOnResize(SeasonalNaive):
     def resize(self, n_rows):
         super().resize(n_rows)
         self.table_.blank(np.arange(n_rows))
-
-
-class ObjectOut(SeasonalNaive):
-    """Returns an array of Python floats (dtype object): the checker passed it, the engine failed in its store."""
-
-    def forecast_many(self, rows, horizon):
-        return super().forecast_many(rows, horizon).astype(object)
 
 
 @pytest.mark.parametrize(("factory", "check", "message"), [

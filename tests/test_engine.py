@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import CentresInPlace, ListOut, ObjectOut
 
 from tidecast.models.naive import SeasonalNaive
 from tidecast.monitors.conformal import make_calibrator
@@ -194,15 +195,6 @@ def test_a_model_cannot_write_into_the_inputs_every_lane_shares_and_may_return_a
     The engine's inputs are read-only views now: such a model fails at its write (a bug, named), never silently.
     And a plug-in's forecasts as nested lists crashed inside the engine's store; they are read as an array."""
 
-    class CentresInPlace(SeasonalNaive):
-        def learn_many(self, rows, ticks, values, filled=None):
-            values -= 1000.0
-            super().learn_many(rows, ticks, values + 1000.0, filled)
-
-    class ListOut(SeasonalNaive):
-        def forecast_many(self, rows, horizon):
-            return super().forecast_many(rows, horizon).tolist()
-
     t = np.arange(20)
     values = 55.0 + (t % 2)
     config = EngineConfig(models=["m=seasonal-naive", "g=seasonal-naive"], horizon=2, freq="1h")
@@ -210,10 +202,6 @@ def test_a_model_cannot_write_into_the_inputs_every_lane_shares_and_may_return_a
              Lane(SeasonalNaive(period=2), make_calibrator("conformal-pid", 2, 0.1), 2, 0.1, name="g")]
     with pytest.raises(ValueError, match="read-only"):
         Engine(config, lanes).process(batch(["a"] * t.size, t, values))
-    class ObjectOut(SeasonalNaive):
-        def forecast_many(self, rows, horizon):
-            return super().forecast_many(rows, horizon).astype(object)
-
     for model in (ListOut(period=2), ObjectOut(period=2)):
         lane = Lane(model, make_calibrator("conformal-pid", 2, 0.1), 2, 0.1)
         out = Engine(EngineConfig(horizon=2, freq="1h"), [lane]).process(batch(["a"] * t.size, t, values)).forecasts
