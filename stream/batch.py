@@ -211,7 +211,7 @@ class ActualBatch:
         return cls(*(np.concatenate([getattr(p, c) for p in parts]) for c in ("series_id", "target_ns", "value")))
 
 
-def series_ids_as_text(series_id: np.ndarray) -> np.ndarray:
-    """Series ids as Python strings: numpy's fixed-width ``astype(str)`` drops trailing NULs, so ``"a\\0"`` and
-    ``"a"`` became one series in the output files (ids are kept as written; only a leading NUL is refused)."""
-    return np.array([str(sid) for sid in series_id.tolist()], dtype=object)
+def series_ids_as_text(series_id: np.ndarray) -> pd.api.extensions.ExtensionArray:
+    """Series ids as pandas strings, each as written: numpy's fixed-width ``astype(str)`` drops trailing NULs, so
+    ``"a\\0"`` and ``"a"`` became one series in the output files (only a leading NUL is refused)."""
+    return pd.array([str(sid) for sid in series_id.tolist()], dtype="str")
