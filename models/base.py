@@ -138,6 +138,14 @@ def require(ok: bool, name: str, value: object, rule: str) -> None:
         raise ValueError(f"{name} = {value!r}: {rule}")
 
 
+def read_only(array: np.ndarray) -> np.ndarray:
+    """A read-only view of ``array``: what the engine hands a model's ``learn_many`` and ``forecast_many`` (every
+    lane gets the same arrays, and the values are also the actuals it scores)."""
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
 def check_count(name: str, value: object, low: int = 1, high: int | None = None) -> None:
     """A whole number ``>= low`` (and ``<= high`` when given: a size that would exhaust memory; bools are not
     counts).

@@ -90,11 +90,8 @@ def replay(data: pd.DataFrame | str | Path, models: Sequence[str] | str = ("seas
         options["alpha"] = _number("alpha", options["alpha"])
     for key in ("columns", "allowed_series"):  # "a,b" as the CLI reads it (a set of it was the set of letters)
         if key in options:
-            options[key] = _listed(options[key], str)
-            if not isinstance(options[key], Sequence | set | frozenset) or not all(
-                    isinstance(item, str) for item in options[key]):
-                raise TypeError(f"{key} must be a list of names (or one comma-separated string), got "
-                                f"{options[key]!r}")
+            options[key] = _names(key, options[key], "a list of names (or one comma-separated string)",
+                                  Sequence | set | frozenset)
     if options.get("format", "auto") not in INPUT_FORMATS:
         raise ValueError(f"format={options['format']!r}: one of {', '.join(INPUT_FORMATS)}")
     for key, setting in _KEY_VALUE_SETTINGS.items():  # "cooldown=5 budget=2": the CLI's spelling, parsed as it is
@@ -103,10 +100,8 @@ def replay(data: pd.DataFrame | str | Path, models: Sequence[str] | str = ("seas
                 options[key] = setting.convert(options[key])
             except ValueError as err:
                 raise ValueError(f"{key}={options[key]!r}: {err}") from None
-    models, levels = _listed(models, str), _listed(levels, float)
-    if not isinstance(models, Sequence) or isinstance(models, str) or not models or not all(
-            isinstance(m, str) for m in models):
-        raise TypeError(f"models must be model names (a list, or one comma-separated string), got {models!r}")
+    models = _names("models", models, "model names (a list, or one comma-separated string)", Sequence, empty=False)
+    levels = _listed(levels, float)
     if "alpha" in options and levels is not None:
         if levels is not DEFAULT_LEVELS:
             raise ValueError(f"give levels or alpha, not both (alpha={options['alpha']} is levels=("
@@ -166,6 +161,16 @@ def _number(name: str, text: str) -> float:
         return float(text)
     except ValueError:
         raise ValueError(f"{name}={text!r}: not a number") from None
+
+
+def _names(key: str, value: Any, what: str, kinds: Any, empty: bool = True) -> Any:
+    """``value`` as :func:`_listed` reads names; ``TypeError`` naming ``key`` unless it is ``kinds`` of strings
+    (and not empty, unless ``empty``)."""
+    value = _listed(value, str)
+    if (not isinstance(value, kinds) or isinstance(value, str) or not (empty or value)
+            or not all(isinstance(item, str) for item in value)):
+        raise TypeError(f"{key} must be {what}, got {value!r}")
+    return value
 
 
 def _listed(value: Any, kind: type) -> Any:

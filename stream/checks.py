@@ -64,7 +64,7 @@ from typing import Any
 
 import numpy as np
 
-from tidecast.models.base import ArrayDict, BatchForecaster
+from tidecast.models.base import ArrayDict, BatchForecaster, read_only
 from tidecast.monitors.conformal.base import Calibrator
 from tidecast.stream.state import decode_blob, encode_blob
 
@@ -193,7 +193,7 @@ def _feed(model: BatchForecaster, rounds: list[_Round], horizon: int, row_map: d
             continue
         rows = rnd.rows[keep]
         table_rows = np.array([row_map.get(int(r), int(r)) for r in rows]) if row_map else rows
-        inputs = [_read_only(a) for a in (table_rows, rnd.ticks[keep], rnd.values[keep], rnd.filled[keep])]
+        inputs = [read_only(a) for a in (table_rows, rnd.ticks[keep], rnd.values[keep], rnd.filled[keep])]
         try:
             model.learn_many(*inputs[:3], filled=inputs[3])
             forecast = model.forecast_many(inputs[0], horizon)
@@ -213,13 +213,6 @@ def _feed(model: BatchForecaster, rounds: list[_Round], horizon: int, row_map: d
         for i, row in enumerate(rows.tolist()):
             issued.append((k, row, forecast[i], np.array(forecast[i], dtype=float, copy=True)))
     return issued
-
-
-def _read_only(array: np.ndarray) -> np.ndarray:
-    """A read-only copy: the engine's inputs are not the model's to change."""
-    out = np.array(array, copy=True)
-    out.flags.writeable = False
-    return out
 
 
 def _by_row(issued: list[tuple[int, int, np.ndarray, np.ndarray]], since: int = 0) -> dict[tuple[int, int], np.ndarray]:

@@ -66,7 +66,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from tidecast.models.base import ArrayDict, BatchForecaster
+from tidecast.models.base import ArrayDict, BatchForecaster, read_only
 from tidecast.models.rows import capacity_for, grow, under
 from tidecast.monitors.bootstrap import BootstrapMonitor, bootstrap_monitors
 from tidecast.monitors.conformal import Calibrator, make_calibrator
@@ -644,14 +644,14 @@ class Engine:
                     events: list[DriftEvent]) -> None:
         # read-only views: every lane and watcher gets the same arrays (and the values are the actuals), so a model
         # writing into its input would change what the next lane learns and what is scored
-        rows, ticks, values, real, reset = (_read_only(rnd[k]) for k in ("slot", "tick", "value", "real", "reset"))
+        rows, ticks, values, real, reset = (read_only(rnd[k]) for k in ("slot", "tick", "value", "real", "reset"))
         all_real = bool(real.all())
-        r_rows = rows if all_real else _read_only(rows[real])
-        r_ticks = ticks if all_real else _read_only(ticks[real])
-        y = values if all_real else _read_only(values[real])
+        r_rows = rows if all_real else read_only(rows[real])
+        r_ticks = ticks if all_real else read_only(ticks[real])
+        y = values if all_real else read_only(values[real])
         t_ns = rnd["t_ns"] if all_real else rnd["t_ns"][real]
         reset_rows = rows[reset] if reset.any() else None
-        filled = _read_only(~real)
+        filled = read_only(~real)
         horizon = self.config.horizon
         if len(r_rows):
             actuals.append((r_rows, r_ticks, y))
@@ -1046,12 +1046,6 @@ class Engine:
         s = self.series_
         return {sid: (int(s["applied_partition"][slot]), int(s["applied_offset"][slot]))
                 for sid, slot in self._slot_of.items()}
-
-
-def _read_only(array: np.ndarray) -> np.ndarray:
-    view = array.view()
-    view.flags.writeable = False
-    return view
 
 
 def inferred_step(gaps: np.ndarray) -> int:
