@@ -13,6 +13,7 @@ Every sink has three verbs: ``write``; ``flush``, the durability hook a checkpoi
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from collections.abc import Iterable
@@ -152,8 +153,9 @@ class CsvSink:
                 self._empty = batch
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        batch.to_frame().to_csv(self.path, mode="a" if self._started else "w", header=not self._started,
-                                index=False)
+        frame = batch.to_frame()
+        frame.to_csv(self.path, mode="a" if self._started else "w", header=not self._started, index=False,
+                     quoting=_quoting(frame))
         self._started = True
 
     def flush(self) -> None:
@@ -167,6 +169,17 @@ class CsvSink:
             else:
                 self.path.write_text("", encoding="utf-8")
             self._started = True
+
+
+def _quoting(frame) -> int:
+    """Minimal quoting, unless a text cell holds a carriage return: pandas writes lines ending in ``\\n`` and
+    its minimal quoting quotes only the line ending's characters, so ``"a\\rb"`` went out bare and every standard
+    reader split the row there. Such a batch quotes its text cells (numbers stay bare)."""
+    for name in frame.columns:
+        column = frame[name]
+        if column.dtype.kind not in "biufcmM" and column.astype(str).str.contains("\r", regex=False).any():
+            return csv.QUOTE_NONNUMERIC
+    return csv.QUOTE_MINIMAL
 
 
 def forecast_sink_for(path: str | Path | None) -> ForecastSink:

@@ -298,3 +298,27 @@ def test_output_paths_with_brackets_are_printed_as_written(tmp_path, capsys):
     assert main(["replay", str(bad), "--no-progress", "--dead-letter", str(folder / "dl.jsonl"),
                  "--summary-json", str(summary)]) == 0
     assert summary.exists() and "a[/b]/dl.jsonl" in capsys.readouterr().out.replace("\n", "")
+
+
+def test_a_series_id_with_a_carriage_return_survives_the_csv_out_file(tmp_path):
+    # pandas ends CSV lines with "\n" and quotes only what holds that character, so "a\rb" went out bare and a
+    # standard reader split its rows in two
+    import csv
+
+    import numpy as np
+
+    from tidecast.stream.batch import ForecastBatch
+    from tidecast.stream.sinks import CsvSink
+
+    ids = np.array(["a\rb", "plain"], object)
+    batch = ForecastBatch(ids, np.array([0, 0]), np.array(["m", "m"], object), np.array([1, 1]),
+                          np.array([10, 10]), np.array([1.5, 2.5]), np.array([1.0, 2.0]), np.array([2.0, 3.0]), 0.2)
+    sink = CsvSink(tmp_path / "f.csv")
+    sink.write(batch)
+    sink.close()
+    with open(tmp_path / "f.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["series_id"] for row in rows] == ["a\rb", "plain"]
+    assert [float(row["mean"]) for row in rows] == [1.5, 2.5]
+    back = pd.read_csv(tmp_path / "f.csv")
+    assert list(back["series_id"]) == ["a\rb", "plain"] and list(back["mean"]) == [1.5, 2.5]
