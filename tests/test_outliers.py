@@ -156,12 +156,22 @@ def test_conformal_pid_keeps_its_prior_through_a_series_that_starts_stuck():
     """Found by the conformal review (2026-12-04): a series stuck from its first value (forecast exactly: the scale is
     exactly 0, every interval of zero width) made each residual of 0 a hit, and p fell by lr * alpha a step without
     end; after 10,000 such hours the intervals stayed at zero width for ~500 steps once the series came alive
-    (coverage 0.00 over the first 250). A cell with no scale has nothing to learn p from now. (A stretch that
-    starts after the series has varied still winds p down through the intercept's slower decay: project notes.)"""
+    (coverage 0.00 over the first 250). A cell with no scale has nothing to learn p from now."""
     rng = np.random.default_rng(2)
     r = np.concatenate([np.zeros(10_000), rng.normal(size=300)])
     covered = drive("conformal-pid", r)[10_000 + 20:].mean(axis=0)
     assert covered[0] > 0.7 and covered[1] > 0.9, covered
+
+
+def test_conformal_pid_comes_back_after_a_long_stuck_stretch_that_follows_variation():
+    """Found by the conformal review (2026-12-04): a series that varied, then stuck for 20,000 steps. Its scale
+    decays geometrically and drops below float32's smallest normal number, where the ring stores every issued
+    threshold as 0; each residual of 0 was then a hit on both sides and p fell without end (-25 after the stretch):
+    coverage 0.00 over the next 300 steps. A cell whose scale is gone holds the prior, as a new cell does."""
+    rng = np.random.default_rng(0)
+    r = np.concatenate([rng.normal(size=2000) + 0.3, np.zeros(20_000), rng.normal(size=300)])
+    covered = drive("conformal-pid", r)[22_000:].mean(axis=0)
+    assert covered[0] > 0.7 and covered[1] > 0.85, covered
 
 
 def test_conformal_pid_symmetric_cells_start_at_the_quantile_of_abs_z():

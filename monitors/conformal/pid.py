@@ -79,6 +79,9 @@ from tidecast.monitors.conformal.base import (
 )
 from tidecast.monitors.conformal.scorecaster import lag_table, solve_ridge
 
+#: Below this a scale (and the thresholds it multiplies) is 0 in the float32 ring (see ``_learn``).
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+
 
 class ConformalPID(ScoreCalibrator):
     """Quantile tracker + saturating integrator + AR scorecaster over a (rows, horizon) table."""
@@ -443,10 +446,17 @@ class ConformalPID(ScoreCalibrator):
         integral = blk.fields("integral")
         if self.ki:
             integral += err
-        # A cell whose scale is exactly 0 (a stuck input forecast exactly) issues zero-width intervals whatever p
-        # is, and a residual of 0 on them is never a miss: p used to fall by lr * alpha every step, without end,
-        # and after a long stuck stretch the intervals stayed at zero width for hundreds of steps (coverage 0).
-        p += err * (self.lr * (scale > 0.0) if self.normalize else self.lr * scale)
+        p += err * (self.lr if self.normalize else self.lr * scale)
+        if self.normalize:
+            # A cell without a scale (a stuck input forecast exactly) issues zero-width intervals whatever p is,
+            # and a residual of 0 on them is never a miss: p fell by lr * alpha every step, without end, and once
+            # the series moved again its intervals stayed inverted for hundreds of steps (coverage 0 after 20,000
+            # stuck steps). Its p says nothing then, so it holds the prior, as in a new cell. "Without" is below
+            # float32's smallest normal number, not only 0: the ring keeps the issued thresholds in float32, so a
+            # scale that decays towards 0 (a series that varied, then stuck) is issued as 0 from ~1e-38 on.
+            no_scale = scale <= _FLOAT32_TINY
+            if no_scale.any():
+                p[:, no_scale] = self.prior_[:, None]
         count_f += 1
         # Scale and intercept: running means first, exponential forgetting afterwards.
         rate = cell_rate if self.scale_memory_per_h else self.scale_decay
