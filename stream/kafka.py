@@ -582,7 +582,7 @@ def dead_letter_message(record: Any, reason: str, detail: str, max_bytes: int) -
                ("tidecast.source.topic", str(record.topic).encode()),
                ("tidecast.source.partition", str(record.partition).encode()),
                ("tidecast.source.offset", str(record.offset).encode()),
-               ("tidecast.source.timestamp", str(record.timestamp).encode())]
+               ("tidecast.source.timestamp", _source_timestamp(record.timestamp).encode())]
     if value is not None and max_bytes > 0 and len(value) > max_bytes:
         headers.append(("tidecast.raw.size", str(len(value)).encode()))
         value = bytes(value[:max_bytes])
@@ -590,6 +590,12 @@ def dead_letter_message(record: Any, reason: str, detail: str, max_bytes: int) -
         headers.append(("tidecast.key.size", str(len(key)).encode()))
         key = bytes(key[:MAX_DEAD_LETTER_KEY_BYTES])
     return DeadLetterMessage(key, value, headers)
+
+
+def _source_timestamp(stamp: int | None) -> str:
+    """A record's timestamp in ms as the header writes it: ``-1`` where it has none (kafka-python's -1; the fetch
+    process hands on ``None``), so the header reads the same with and without ``--fetch-process``."""
+    return "-1" if stamp is None or stamp < 0 else str(stamp)
 
 
 def header_dict(headers: Iterable[tuple[str, bytes]] | None) -> dict[str, str]:

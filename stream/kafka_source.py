@@ -128,7 +128,9 @@ def _fast(value: Any, max_bytes: int, loads: Any) -> tuple[str, int, float] | No
         return None
     sid, stamp, number = fields.get("series_id"), fields.get("timestamp"), fields.get("value")
     version = fields.get("schema_version", SCHEMA_VERSION)
-    if type(sid) is not str or not 0 < len(sid) <= 64 or sid[0] == "\0" or type(stamp) is not str:
+    # an id that starts or ends with white space may be blank: decode() judges it (missing_field)
+    if (type(sid) is not str or not 0 < len(sid) <= 64 or sid[0] == "\0" or sid[0].isspace() or sid[-1].isspace()
+            or type(stamp) is not str):
         return None
     if type(number) is not float and type(number) is not int or type(version) is not int or version != SCHEMA_VERSION:
         return None

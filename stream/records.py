@@ -257,7 +257,9 @@ def decode(raw: bytes | str | Mapping[str, Any], max_bytes: int = DEFAULT_MAX_BY
     if raw is None:  # a Kafka record without a value
         raise InvalidRecord("not_json", "no value (a tombstone)")
     if isinstance(raw, bytes | bytearray | memoryview | str):
-        size = len(raw.encode() if isinstance(raw, str) else raw)
+        # text is measured as the UTF-8 it would be sent as; a lone surrogate has none (strict encoding raised
+        # UnicodeEncodeError here): surrogatepass sizes it as 3 bytes, and the checks below judge the record
+        size = len(raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw)
         if size > max_bytes:
             raise InvalidRecord("oversized", f"{size} bytes > limit {max_bytes}")
         try:

@@ -575,3 +575,37 @@ def test_a_blank_series_id_is_missing_in_json_lines_as_in_csv(tmp_path):
                     '"value": 2}\n')
     rc, s, _ = run(tmp_path, str(path), "--horizon", "2")
     assert rc == 0 and s["n_observations"] == 0 and s["dead_letters"] == {"missing_field": 2}
+
+
+@pytest.mark.parametrize("blank", [" ", "   ", "\t", "\u3000", "\xa0"], ids=repr)
+def test_the_kafka_fast_path_dead_letters_a_blank_series_id_as_decode_does(blank):
+    """Found by the serve-path review (2026-12-04): the fast path checked only the id's length, so serve kept a
+    series " " and forecast it where replay and decode() say missing_field. Ids merely padded stay as written."""
+    from types import SimpleNamespace as Rec
+
+    values = [json.dumps({"series_id": sid, "timestamp": "2024-01-01T00:00:00Z", "value": 1.0}).encode()
+              for sid in (blank, f" a{blank}", "b")]
+    decoded = decode_records([Rec(topic="t", partition=0, offset=k, value=v) for k, v in enumerate(values)])
+    assert [d.reason for d in decoded.letters] == ["missing_field"]
+    assert decoded.batch.series_ids.tolist() == [f" a{blank}", "b"]
+
+
+def test_decode_of_text_with_a_lone_surrogate_is_judged_not_raised():
+    """decode() takes text too: sizing it by strict UTF-8 let a UnicodeEncodeError out of a lone surrogate."""
+    assert decode('{"series_id": "a", "timestamp": 0, "value": 1, "note": "\ud800"}').series_id == "a"
+    with pytest.raises(InvalidRecord) as info:
+        decode('{"series_id": "\ud800", "timestamp": 0, "value": 1}')
+    assert info.value.reason == "bad_series_id"
+
+
+def test_a_dead_letters_source_timestamp_header_is_the_same_with_the_fetch_process():
+    """kafka-python gives -1 for a record without a timestamp, the fetch process's record view None: the header
+    read '-1' in one and 'None' in the other."""
+    from types import SimpleNamespace as Rec
+
+    from tidecast.stream.kafka import dead_letter_message, header_dict
+
+    for stamp in (-1, None):
+        record = Rec(topic="t", partition=0, offset=5, timestamp=stamp, key=None, value=b"x")
+        headers = header_dict(dead_letter_message(record, "not_json", "bad", 1000).headers)
+        assert headers["tidecast.source.timestamp"] == "-1"
