@@ -322,3 +322,17 @@ def test_a_series_id_with_a_carriage_return_survives_the_csv_out_file(tmp_path):
     assert [float(row["mean"]) for row in rows] == [1.5, 2.5]
     back = pd.read_csv(tmp_path / "f.csv")
     assert list(back["series_id"]) == ["a\rb", "plain"] and list(back["mean"]) == [1.5, 2.5]
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_a_row_over_the_size_limit_is_measured_in_utf8_bytes_in_every_file_format(tmp_path, suffix):
+    """A cell of 30,000 CJK characters is 90,000 UTF-8 bytes, over the 64 KiB record limit: CSV counted the bytes of
+    its line, Parquet counted characters and let the row in."""
+    frame = pd.DataFrame({"ds": pd.date_range("2024-01-01", periods=30, freq="h").strftime("%Y-%m-%dT%H:%M:%SZ"),
+                          "unique_id": "s", "y": range(30), "note": ""})
+    frame.loc[5, "note"] = "\u6c34" * 30_000
+    path = tmp_path / f"big{suffix}"
+    frame.to_parquet(path) if suffix == ".parquet" else frame.to_csv(path, index=False)
+    s = replay(tmp_path, str(path), "--format", "long", "--model-param", "seasonal-naive.period=1")
+    assert s["dead_letters"] == {"oversized": 1}
+    assert [d["reason"] for d in _dead(tmp_path)] == ["oversized"]
