@@ -876,7 +876,7 @@ class Engine:
             if self.retrainer is None or lane.name not in self.retrainer or lane.name not in shared:
                 continue
             arrays, meta = shared[lane.name]
-            theirs = int(((meta.get("retrain") or {}).get("policy") or {}).get("version", 0))
+            theirs = shared_version(meta)
             if theirs <= self.retrainer.version(lane.name):
                 continue
             rows = self.live_rows()
@@ -1146,3 +1146,8 @@ def _steps_per_origin(ready: np.ndarray) -> np.ndarray:
     """
     counts = ready.sum(axis=1)
     return counts[counts > 0]
+
+
+def shared_version(meta: dict[str, Any]) -> int:
+    """The model version a lane's shared state was exported at (promotions by the retrain policy; 0 without)."""
+    return int(((meta.get("retrain") or {}).get("policy") or {}).get("version", 0))

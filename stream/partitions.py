@@ -41,7 +41,7 @@ import numpy as np
 
 from tidecast.monitors.metrics import Metrics
 from tidecast.stream.batch import ObservationBatch
-from tidecast.stream.engine import Engine
+from tidecast.stream.engine import Engine, shared_version
 from tidecast.stream.partitioner import HomePartitions
 from tidecast.stream.state import (
     ChangelogStore,
@@ -492,5 +492,12 @@ class PartitionTable:
 
 
 def _newest_shared(snapshots: list[Snapshot]) -> SharedState:
-    newest = max(snapshots, key=lambda s: s.written_at)
-    return nonempty_shared(newest.shared)
+    """Per model, the shared state (a backbone) of the highest model version among the snapshots, the one written
+    last on a tie. The version decides, not the time: a partition restored from the changelog is stamped when it
+    was restored, so a new member assigned an older partition last took its older model."""
+    chosen: SharedState = {}
+    for snap in sorted(snapshots, key=lambda s: s.written_at):
+        for model, (arrays, meta) in nonempty_shared(snap.shared).items():
+            if model not in chosen or shared_version(meta) >= shared_version(chosen[model][1]):
+                chosen[model] = (arrays, meta)
+    return chosen

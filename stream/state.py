@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
@@ -94,8 +95,13 @@ class IncompatibleState(ValueError):
 
 # -- blobs ---------------------------------------------------------------------------------------------
 def encode_blob(meta: dict[str, Any], arrays: ArrayDict) -> bytes:
-    """``meta`` (JSON-able) and ``arrays`` (numeric numpy arrays) as one checksummed, versioned blob."""
-    meta_bytes = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()
+    """``meta`` (JSON-able) and ``arrays`` (numeric numpy arrays) as one checksummed, versioned blob.
+
+    Non-finite floats in ``meta`` are written as JSON's common ``Infinity`` / ``NaN`` extension, which
+    :func:`decode_blob` reads back exactly: a model's fit report holds an infinite validation error after a fit on
+    absurd data, and ``input_limit=inf`` is a valid setting. Strict JSON refused them, every checkpoint then failed
+    and serve stopped on each restart at the same data."""
+    meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
     tensors = st_save({k: np.ascontiguousarray(v) for k, v in arrays.items()}) if arrays else b""
     body = _META_LEN.pack(len(meta_bytes)) + meta_bytes + tensors
     return _HEADER.pack(MAGIC, FORMAT_VERSION, hashlib.sha256(body).digest()) + body
@@ -119,7 +125,7 @@ def decode_blob(blob: bytes) -> tuple[dict[str, Any], ArrayDict]:
         meta = json.loads(bytes(body[start:start + meta_len]))
         tensors = bytes(body[start + meta_len:])
         arrays = dict(st_load(tensors)) if tensors else {}
-    except (ValueError, UnicodeDecodeError) as err:  # checksum passed, so this is a writer bug
+    except (ValueError, UnicodeDecodeError, SafetensorError) as err:  # checksum passed: a writer bug or forgery
         raise CorruptState(f"unreadable state blob: {err}") from err
     return meta, arrays
 
@@ -155,6 +161,8 @@ def _with_levels(fingerprint: dict[str, Any]) -> dict[str, Any]:
         out["levels"] = [100.0 * (1.0 - alpha)]
     if out.get("levels") is not None:
         out["levels"] = [round(float(level), 9) for level in out["levels"]]
+    if isinstance(alpha, int | float):  # --level 99.9 makes alpha (100 - 99.9) / 100 = 0.0009999999999999432
+        out["alpha"] = round(float(alpha), 12)
     return out
 
 
@@ -394,6 +402,8 @@ class LocalStateStore:
             blob = path.read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as err:  # a directory or an unreadable file where the snapshot should be
+            return self._skip(f"ignoring local state {path}: {err} (restoring from the changelog)")
         try:
             snapshot = Snapshot.from_blob(blob)
         except CorruptState as err:
@@ -461,6 +471,7 @@ class ChangelogTail:
     n_incomplete: int = 0  # records after the last marker (an interrupted checkpoint), ignored
     last_group_short: bool = False  # the last group held fewer series than its marker says (read from mid-group)
     n_skipped: int = 0  # records that are no state blob (or not one of ours), skipped with a warning
+    written_at: float = 0.0  # when the last complete group's marker was written (0: unknown)
 
     @property
     def empty(self) -> bool:
@@ -527,6 +538,7 @@ class TailReader:
         # highest position seen is a safe place to resume.
         self.tail.position = max(int(meta["position"]), self.tail.position or 0)
         self.tail.config = meta.get("config")
+        self.tail.written_at = max(self.tail.written_at, float(meta.get("written_at") or 0.0))
         self.tail.next_offset = offset + 1
 
     def finish(self, end_offset: int) -> ChangelogTail:
@@ -774,7 +786,8 @@ def merge(base: Snapshot | None, tail: ChangelogTail, topic: str, partition: int
     assert tail.position is not None
     position = max(tail.position, base.position if base is not None else 0)
     config = tail.config if tail.config is not None else (base.config if base is not None else None)
-    return Snapshot(topic, partition, position, tail.next_offset, config, rows.table(), shared, time.time())
+    written_at = max(tail.written_at, base.written_at if base is not None else 0.0) or time.time()  # when written
+    return Snapshot(topic, partition, position, tail.next_offset, config, rows.table(), shared, written_at)
 
 
 def nonempty_shared(shared: SharedState) -> SharedState:

@@ -425,3 +425,25 @@ def test_alpha_and_its_one_level_are_the_same_configuration():
     with pytest.raises(IncompatibleState, match=r"'levels': \(\[80.0, 95.0\], \[80.0\]\)"):
         check_fingerprint(config_fingerprint(EngineConfig(levels=[80, 95]).to_dict()),
                           config_fingerprint(EngineConfig(alpha=0.2).to_dict()), "here")
+
+
+def test_a_new_member_takes_the_highest_model_version_among_its_partitions_not_the_last_restored():
+    """Found by the checkpoint review (2026-12-04): the shared state (a backbone) came from the snapshot with the
+    latest written_at, and a partition restored from the changelog was stamped at restore time, so a new member
+    assigned two partitions took whichever it restored last: an older model version. The version decides now,
+    and a restored partition keeps its marker's time."""
+    from tidecast.stream.partitions import _newest_shared
+    from tidecast.stream.state import SeriesRows, merge
+
+    def snapshot(version: int, written_at: float) -> Snapshot:
+        shared = {"cyclenet": ({"w": np.full(3, float(version))}, {"retrain": {"policy": {"version": version}}})}
+        rows = SeriesRows([{"series_id": f"s{version}"}], {"engine/applied_offset": np.array([1])})
+        return Snapshot("t", version, 1, 0, None, rows, shared, written_at)
+
+    newer_model_written_first, older_model_written_last = snapshot(2, 100.0), snapshot(1, 200.0)
+    chosen = _newest_shared([older_model_written_last, newer_model_written_first])
+    assert chosen["cyclenet"][0]["w"].tolist() == [2.0, 2.0, 2.0]
+    reader = TailReader("changelog[0]")
+    reader.add(0, MARKER_KEY, marker_record(5, None, 0))
+    tail = reader.finish(1)
+    assert 0 < tail.written_at <= merge(None, tail, "t", 0).written_at == tail.written_at

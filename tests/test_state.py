@@ -157,3 +157,50 @@ def test_state_from_another_configuration_is_refused():
     other = config_fingerprint(EngineConfig(horizon=12).to_dict())
     with pytest.raises(IncompatibleState, match="horizon"):
         check_fingerprint(saved, other, "here")
+
+
+def test_non_finite_floats_in_meta_round_trip():
+    """Found by the checkpoint review (2026-12-04): a CycleNet or cfc fit on absurd data reports an infinite
+    validation error, and input_limit=inf is a valid setting; strict JSON refused both, so every checkpoint failed
+    and serve stopped, on each restart at the same data."""
+    meta = {"fit_report": {"val_mse": [float("inf"), float("nan")]}, "params": {"input_limit": float("-inf")}}
+    back, _ = decode_blob(encode_blob(meta, {}))
+    assert back["fit_report"]["val_mse"][0] == np.inf and np.isnan(back["fit_report"]["val_mse"][1])
+    assert back["params"]["input_limit"] == -np.inf
+    config = EngineConfig(horizon=6, models=["cyclenet"], model_params={"cyclenet": {"input_limit": float("inf")}})
+    fingerprint = config_fingerprint(config.to_dict())
+    saved = Snapshot.from_blob(Snapshot("t", 0, 1, 0, fingerprint, SeriesRows([], {})).to_blob())
+    check_fingerprint(saved.config, fingerprint, "snapshot")  # the same configuration: no IncompatibleState
+
+
+def test_a_blob_whose_tensors_are_damaged_behind_a_valid_checksum_is_corrupt_state(tmp_path):
+    """safetensors' own error is no ValueError: a forged header length escaped as a raw SafetensorError and stopped
+    the restore, on every restart."""
+    import hashlib
+
+    from tidecast.stream import state
+
+    blob = encode_blob({"kind": "x"}, {"a": np.ones(3)})
+    body = bytearray(blob[state._HEADER.size:])
+    (meta_len,) = state._META_LEN.unpack_from(body)
+    at = state._META_LEN.size + meta_len
+    body[at:at + 8] = (2**40).to_bytes(8, "little")  # safetensors' header length
+    forged = state._HEADER.pack(state.MAGIC, state.FORMAT_VERSION, hashlib.sha256(body).digest()) + bytes(body)
+    with pytest.raises(CorruptState, match="unreadable"):
+        decode_blob(forged)
+    store = LocalStateStore(tmp_path, "g", "t")
+    store.path(0).write_bytes(forged)
+    assert store.load(0) is None  # logged; the changelog takes over
+    store.path(0).unlink()
+    store.path(0).mkdir()  # a directory where the snapshot should be: raised IsADirectoryError
+    assert store.load(0) is None
+
+
+@pytest.mark.parametrize("alpha, level", [(0.001, 99.9), (0.0001, 99.99), (0.003, 99.7), (0.1, 90)])
+def test_alpha_and_its_level_are_the_same_configuration_at_restore(alpha, level):
+    """README: --alpha 0.1 and --level 90 are the same configuration. (100 - 99.9) / 100 is 0.0009999999999999432,
+    not 0.001: state saved with --alpha 0.001 was refused under --level 99.9."""
+    by_alpha = config_fingerprint(EngineConfig(horizon=6, alpha=alpha).to_dict())
+    by_level = config_fingerprint(EngineConfig(horizon=6, levels=(level,)).to_dict())
+    check_fingerprint(by_alpha, by_level, "snapshot")
+    check_fingerprint(by_level, by_alpha, "snapshot")
