@@ -26,9 +26,13 @@ from tidecast.models.seasonality import detect_period
 def smape(y: np.ndarray, yhat: np.ndarray) -> np.ndarray:
     """Symmetric absolute percentage error of each forecast, in percent; 0/0 counts 0."""
     y, yhat = np.asarray(y, dtype=float), np.asarray(yhat, dtype=float)
-    denominator = np.abs(y) + np.abs(yhat)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = 200.0 * np.abs(y - yhat) / denominator
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        denominator = np.abs(y) + np.abs(yhat)
+        out = 200.0 * (np.abs(y - yhat) / denominator)
+        huge = np.isinf(denominator) & np.isfinite(y) & np.isfinite(yhat)
+        if huge.any():  # beyond ~9e307 the sums overflow (inf / inf): the same ratio of halves
+            half, half_hat = y[huge] / 2, yhat[huge] / 2
+            out[huge] = 200.0 * (np.abs(half - half_hat) / (np.abs(half) + np.abs(half_hat)))
     return np.where(denominator == 0, 0.0, out)
 
 

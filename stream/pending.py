@@ -44,6 +44,19 @@ from tidecast.models.rows import ArrayDict, Column, Field, RowTable
 NO_TICK = np.iinfo(np.int64).min
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _float32(offsets: np.ndarray) -> np.ndarray:
+    """Offsets as float32 without turning a finite one infinite: a difference beyond ~3.4e38 (a diverging model, or
+    data past the value limit with ``--max-abs-value 0``) became inf, its step went unscored and MAE read low. Such
+    an offset is kept at float32's largest magnitude: the step is scored with an absurd error, as it should be."""
+    with np.errstate(invalid="ignore"):
+        if not (np.abs(offsets) > _FLOAT32_MAX).any():
+            return offsets
+    return np.where(np.isinf(offsets), offsets, np.clip(offsets, -_FLOAT32_MAX, _FLOAT32_MAX))
+
+
 class PendingForecasts:
     """The waiting steps of every row's last H forecasts (see the module docstring for the layout)."""
 
@@ -88,8 +101,9 @@ class PendingForecasts:
         self.anchor_[rows, ring] = anchor
         r, cells = rows[:, None], self._cells(origins)
         with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf pass through as they are
-            self.delta_[r, cells] = mean - anchor[:, None]
+            self.delta_[r, cells] = _float32(mean - anchor[:, None])
             if self.bounds:
+                # a bound beyond float32 from its mean is kept as unbounded: it covers whatever float32 can tell
                 self.lower_[r, cells] = lower - mean[..., None]
                 self.upper_[r, cells] = upper - mean[..., None]
 

@@ -75,15 +75,18 @@ def draw_forecast(ax: Axes, result: ReplayResult, series_id: str, models: list[s
         actual = actual[(actual["ds"] >= window[0]) & (actual["ds"] <= window[1])]
     colors = _colors(result.models)
     widest = max(result.levels, key=float)
+    levels = sorted(result.levels, key=float, reverse=True)
+    shade = min(0.12, 0.6 / len(levels))  # nested bands darken inwards; the innermost stays below 0.75
+    step = _step(actual["ds"].to_numpy())
     for row, model in enumerate(models):
         mine = rows[rows["model"] == model].sort_values("ds")
         if mine.empty:
             continue
         ds = mine["ds"].to_numpy()
-        for i, level in enumerate(sorted(result.levels, key=float, reverse=True)):
-            ax.fill_between(ds, mine[f"lo-{level}"].to_numpy(), mine[f"hi-{level}"].to_numpy(), color=colors[model],
-                            alpha=0.12 + 0.12 * i, linewidth=0, label=f"{model} {level} %")
-        ax.plot(ds, mine["mean"].to_numpy(), color=colors[model], linewidth=0.8, label=f"{model} h={h}")
+        for i, level in enumerate(levels):
+            ax.fill_between(*_broken(ds, step, mine[f"lo-{level}"], mine[f"hi-{level}"]), color=colors[model],
+                            alpha=0.12 + shade * i, linewidth=0, label=f"{model} {level} %")
+        ax.plot(*_broken(ds, step, mine["mean"]), color=colors[model], linewidth=0.8, label=f"{model} h={h}")
         y, lo, hi = (mine[c].to_numpy() for c in ("y", f"lo-{widest}", f"hi-{widest}"))
         with np.errstate(invalid="ignore"):
             out = np.isfinite(y) & ~((lo <= y) & (y <= hi))
@@ -91,13 +94,41 @@ def draw_forecast(ax: Axes, result: ReplayResult, series_id: str, models: list[s
             ax.plot(ds[out], np.full(int(out.sum()), 0.02 + 0.04 * row), "|", markersize=6, color=colors[model],
                     transform=ax.get_xaxis_transform(), label=f"outside {model} {widest} % (rug)")
         elif out.any():
-            ax.scatter(ds[out], y[out], s=8, color="tab:red", zorder=3, label=f"outside {model} {widest} %")
-    ax.plot(actual["ds"].to_numpy(), actual["y"].to_numpy(), color="black", linewidth=0.6, label="actual")
+            ax.scatter(ds[out], _drawable(y[out]), s=8, color="tab:red", zorder=3, label=f"outside {model} {widest} %")
+    ax.plot(*_broken(actual["ds"].to_numpy(), step, actual["y"]), color="black", linewidth=0.6, label="actual")
     _draw_events(ax, result.events, series_id, models, window)
     ax.set_title(plain(f"{series_id} — {', '.join(models)}, h = {h}"), fontsize=10)
     ax.tick_params(labelsize=8)
     if legend:
         ax.legend(fontsize=7, loc="upper left", ncols=5)
+
+
+#: Drawn values are clipped to this magnitude: matplotlib's transforms overflow near float64's limit (an outcome of
+#: 1e308 made the axis singular and the whole report failed). Tables keep the true numbers.
+DRAW_LIMIT = 1e300
+
+
+def _drawable(values: Any) -> np.ndarray:
+    """Values as drawn: finite ones clipped to ``DRAW_LIMIT``; NaN (a break) and inf (an unbounded band) as they are."""
+    v = np.asarray(values, dtype=float)
+    return np.where(np.isinf(v), v, np.clip(v, -DRAW_LIMIT, DRAW_LIMIT))
+
+
+def _step(ds: np.ndarray) -> np.timedelta64 | None:
+    """The series' usual step between observations (their median gap); ``None`` with fewer than two."""
+    return np.median(np.diff(ds)) if len(ds) > 1 else None
+
+
+def _broken(ds: np.ndarray, step: np.timedelta64 | None, *columns: Any) -> tuple[np.ndarray, ...]:
+    """``(ds, *columns)`` as drawn, with a ``NaN`` point inside every gap longer than 1.5 steps, so lines and bands
+    break where nothing arrived (they drew 30 missing hours as a measured straight line)."""
+    values = [_drawable(c) for c in columns]
+    if step is None or len(ds) < 2:
+        return (ds, *values)
+    gaps = np.flatnonzero(np.diff(ds) > 1.5 * step) + 1
+    if not gaps.size:
+        return (ds, *values)
+    return (np.insert(ds, gaps, ds[gaps - 1] + step), *(np.insert(v, gaps, np.nan) for v in values))
 
 
 def plain(text: str) -> str:
@@ -236,6 +267,8 @@ def _worst_window(result: ReplayResult, series_id: str, steps: int = 240) -> tup
 def worst_series(result: ReplayResult, top: int) -> tuple[list[str], str]:
     """The ``top`` series with the highest mean MASE over the models (MAE where no series has a scale), and the
     score ranked by (``"MASE"`` or ``"MAE"``)."""
+    if top < 0:
+        raise ValueError(f"top={top}: the number of worst series to draw cannot be negative")
     per_series = result.summary("series")
     score = "mase" if per_series["mase"].notna().any() else "mae"
     ranked = per_series.groupby("unique_id", observed=True)[score].mean().sort_values(ascending=False)
@@ -272,7 +305,9 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float | np.floating):
         if not np.isfinite(value):
             return "–"
-        return f"{value:,.4g}" if abs(value) < 1e6 else f"{value:,.0f}"
+        if abs(value) < 1e6:
+            return f"{value:,.4g}"
+        return f"{value:,.0f}" if abs(value) < 1e15 else f"{value:.4g}"  # 1e36 was a 47-digit cell
     if isinstance(value, int | np.integer):
         return f"{value:,}"
     return str(value)

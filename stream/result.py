@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from tidecast.monitors.accuracy import PERIOD_HEAD, running_scale_at, scale_period, smape
+from tidecast.monitors.scoring import MAX_ERROR
 from tidecast.stream.batch import ActualBatch, ForecastBatch, series_ids_as_text
 from tidecast.stream.config import STEP_WINDOW, EngineConfig
 from tidecast.stream.engine import inferred_step
@@ -225,7 +226,8 @@ class ReplayResult:
         if by == "model":  # a model that issued nothing is still a row (0 forecasts), as in the engine's summary
             issued = issued.reindex(pd.Index(self.models, name="model"), fill_value=0)
         scored = f[f["y"].notna()]
-        err = (scored["y"] - scored["mean"]).to_numpy()
+        with np.errstate(over="ignore"):  # as the engine scores: errors clipped, so 1e308 keeps RMSE >= MAE finite
+            err = np.clip((scored["y"] - scored["mean"]).to_numpy(dtype=float), -MAX_ERROR, MAX_ERROR)
         columns: dict[str, Any] = {
             **{k: scored[k] for k in keys},
             "n_scored": np.ones(len(scored)),
@@ -240,7 +242,8 @@ class ReplayResult:
             has = ~np.isnan(lo) & ~np.isnan(hi)
             with np.errstate(invalid="ignore"):
                 width = np.where(has, hi - lo, np.nan)
-                penalty = (2.0 / alpha) * (np.maximum(lo - y, 0.0) + np.maximum(y - hi, 0.0))
+                miss = np.maximum(lo - y, 0.0) + np.maximum(y - hi, 0.0)
+                penalty = (2.0 / alpha) * np.minimum(miss, MAX_ERROR)
             columns[f"coverage-{level}"] = (has & (lo <= y) & (y <= hi)).astype(float)
             columns[f"width-{level}"] = width
             columns[f"interval_score-{level}"] = np.where(has, width + penalty, np.nan)

@@ -86,8 +86,10 @@ def test_an_outlier_among_a_cells_first_residuals_does_not_stay_in_its_intervals
     # Seasonal naive repeats the value one cycle later: the last outlying residual matures at early + PERIOD.
     window = (f["tick"] >= early + PERIOD + 200) & (f["tick"] < early + PERIOD + 400)
     # SF-OGD and SAOCP size their steps by the largest |r| seen, the clipped one included (30 x the guard), so
-    # their thresholds stay noisier and wider (2-2.5 x over these steps; 1e13 wide before the warm-up clipping)
-    slack = 3.0 if name in ("sf-ogd", "saocp") else 2.0
+    # their thresholds stay noisier and wider (2-2.5 x over these steps; 1e13 wide before the warm-up clipping).
+    # SAOCP 3.1 x since the h >= 2 steps of the forecasts that repeat 1e50 are scored too (their float32 offsets
+    # overflowed and they went unscored: stream/pending.py), so every horizon's cell learns that miss.
+    slack = {"sf-ogd": 3.0, "saocp": 3.5}.get(name, 2.0)
     assert f[window]["width"].median() < slack * clean[window.to_numpy()]["width"].median()
 
 

@@ -144,3 +144,57 @@ def test_a_report_of_a_run_whose_scored_targets_all_fall_at_one_time_renders(tmp
     assert main(["replay", str(data), "--horizon", "1", "--model-param", "seasonal-naive.period=4",
                  "--report", str(page), "--no-progress", "--dead-letter", str(tmp_path / "dead.jsonl")]) == 0
     assert page.stat().st_size > 0
+
+
+def _small_replay(values: np.ndarray, **options):
+    import pandas as pd
+
+    import tidecast
+
+    ds = pd.date_range("2024-01-01", periods=len(values), freq="h")
+    frame = pd.DataFrame({"unique_id": "s", "ds": ds, "y": values})
+    keep = ~np.isnan(values)
+    return tidecast.replay(frame[keep], models=["seasonal-naive"], horizon=2,
+                           model_params={"seasonal-naive": {"period": 6}}, **options)
+
+
+def test_a_report_with_nine_levels_renders(tmp_path):
+    """Found by the report review (2026-12-04): each band's transparency grew by 0.12 per level, past 1 at the
+    ninth, and the whole report failed after the run ("alpha (1.08) is outside 0-1 range")."""
+    result = _small_replay(np.tile([1.0, 2, 3, 4, 5, 6], 20), levels=tuple(range(10, 100, 10)))
+    assert result.report(tmp_path / "r.html").stat().st_size > 10_000
+    result.plot("s")
+
+
+def test_absurd_values_are_scored_as_the_engine_scores_them_and_still_drawn(tmp_path):
+    """An outcome of 1e200 squared to inf and left RMSE below MAE (0.0); at 1e308 MAE was NaN and the report failed
+    in matplotlib (a singular axis). Errors are clipped as the engine clips them (1e100), and drawn values too."""
+    values = np.tile([1.0, 2, 3, 4, 5, 6], 20)
+    values[60], values[61] = 1e200, -1e200
+    result = _small_replay(values, max_abs_value=0)
+    row = result.summary().iloc[0]
+    engine = result.run["models"]["seasonal-naive"]
+    assert row["rmse"] >= row["mae"] > 1e97 and np.isfinite(row["rmse"])
+    assert row["n_scored"] == engine["n_scored"]
+    assert row["mae"] == pytest.approx(engine["mae"]) and row["rmse"] == pytest.approx(engine["rmse"])
+    values[60], values[61] = 1e308, -1e308
+    huge = _small_replay(values, max_abs_value=0)
+    assert np.isfinite(huge.summary().iloc[0][["mae", "rmse", "smape"]].astype(float)).all()
+    assert huge.report(tmp_path / "huge.html").stat().st_size > 10_000
+    assert "e+" in (tmp_path / "huge.html").read_text()  # big numbers in scientific notation, not 300 digits
+
+
+def test_a_negative_top_is_refused(tmp_path):
+    result = _small_replay(np.tile([1.0, 2, 3, 4, 5, 6], 20))
+    with pytest.raises(ValueError, match="top=-1"):
+        result.report(tmp_path / "r.html", top=-1)
+
+
+def test_lines_break_where_no_observation_arrived():
+    """30 missing hours were drawn as a straight line through them, as if measured."""
+    values = np.tile([1.0, 2, 3, 4, 5, 6], 20)
+    values[50:80] = np.nan
+    result = _small_replay(values)
+    figure = result.plot("s")
+    actual = next(line for line in figure.axes[0].get_lines() if line.get_label() == "actual")
+    assert np.isnan(np.asarray(actual.get_ydata(), dtype=float)).sum() == 1
