@@ -27,6 +27,7 @@ ValueError: model parameter sn24.bogus: seasonal-naive has no parameter 'bogus';
 
 from __future__ import annotations
 
+import collections.abc
 import inspect
 import re
 import types
@@ -241,7 +242,7 @@ def coerce(value: Any, annotation: Any) -> Any:
     elif annotation is str:
         if isinstance(value, str):
             return value
-    elif typing.get_origin(annotation) in (tuple, list):
+    elif typing.get_origin(annotation) in _SEQUENCES:
         kind = typing.get_args(annotation)[0]
         if isinstance(value, list | tuple):  # a TOML or JSON array, kept as given (saved settings compare equal)
             return type(value)(coerce(item, kind) for item in value)
@@ -252,10 +253,14 @@ def coerce(value: Any, annotation: Any) -> Any:
     raise ValueError(f"expected {name}, got {value!r}")
 
 
+#: Annotations read as "a list of": ``Sequence[float]`` too (dtaci's gammas), which passed a scalar through unchecked.
+_SEQUENCES = (tuple, list, collections.abc.Sequence)
+
+
 def _type_name(annotation: Any) -> str:
     if annotation is type(None):
         return "None"
-    if typing.get_origin(annotation) in (tuple, list):
+    if typing.get_origin(annotation) in _SEQUENCES:
         return f"a list of {typing.get_args(annotation)[0].__name__} (e.g. [24, 168])"
     return getattr(annotation, "__name__", str(annotation))
 

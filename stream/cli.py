@@ -55,7 +55,8 @@ ALL_SETTINGS = tuple(dict.fromkeys(cls for classes in COMMANDS.values() for cls 
 
 def _add_command(sub: argparse._SubParsersAction, name: str, func: Callable[[argparse.Namespace], int],
                  **texts: str) -> None:
-    p = sub.add_parser(name, **texts)
+    # no abbreviations: "--events" (replay's file) silently set serve's --events-topic, "--max-s" --max-series
+    p = sub.add_parser(name, allow_abbrev=False, **texts)
     p.add_argument("--config", default=None, help=f"TOML settings file [env {CONFIG_ENV}]")  # "" is refused
     add_arguments(p, COMMANDS[name])
     p.set_defaults(func=func)
@@ -111,7 +112,7 @@ def _run_produce(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tidecast", description=__doc__,
+    parser = argparse.ArgumentParser(prog="tidecast", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {tidecast.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -165,15 +165,24 @@ def grid_step(value: str) -> pd.Timedelta:
     if offset is not None and not isinstance(offset, Tick | Day | Week):
         raise ValueError(_calendar(offset.freqstr))
     try:
-        return pd.Timedelta(value)
+        step = pd.Timedelta(value)
     except ValueError:
-        pass
-    if offset is None:
-        raise ValueError("not a time step (e.g. 1h, 30min, 15s)")
+        if offset is None:
+            raise ValueError("not a time step (e.g. 1h, 30min, 15s)") from None
+        try:
+            step = pd.Timedelta(offset)
+        except ValueError:
+            raise ValueError(_calendar(offset.freqstr)) from None
+    return _in_nanoseconds(step)
+
+
+def _in_nanoseconds(step: pd.Timedelta) -> pd.Timedelta:
+    """``step``, if int64 nanoseconds hold it (pandas builds ``200000d`` in seconds, then overflowed later)."""
     try:
-        return pd.Timedelta(offset)
-    except ValueError:
-        raise ValueError(_calendar(offset.freqstr)) from None
+        step.value  # noqa: B018 - the conversion is the check
+    except OverflowError:
+        raise ValueError("longer than a time step can be (int64 nanoseconds: about 292 years)") from None
+    return step
 
 
 def _calendar(name: str) -> str:
@@ -193,6 +202,14 @@ def _grid_step(value: str | None) -> str | None:
     if pd.isna(step):  # "" and "nat" parse as NaT
         return "not a time step (e.g. 1h, 30min, 15s; leave it unset to infer the step)"
     return None if step.value > 0 else "must be positive"
+
+
+def _params_of_kept_lanes(params: dict[str, Any], file_models: list[str], models: list[str]) -> dict[str, Any]:
+    """The file's lane parameters once a flag or the environment replaced its lanes: those of the lanes that are
+    gone are dropped (README's example file with TIDECAST_MODEL=holt-winters failed on its seasonal-naive table);
+    those of the lanes still there, and those naming no lane of the file (a typo), stay and are checked."""
+    gone = {parse_lane(text)[0] for text in file_models} - {parse_lane(text)[0] for text in models}
+    return {alias: value for alias, value in params.items() if alias not in gone}
 
 
 @dataclass(frozen=True)
@@ -223,14 +240,15 @@ class EngineConfig:
         {}, "lane parameter ALIAS.KEY=VALUE (VALUE is JSON), repeated; in the file: [model_params.ALIAS] tables; "
             "in the environment: whitespace-separated items", group=ENGINE, name="model_param", key="model_params",
         repeat=True, sep=None, metavar="ALIAS.KEY=VALUE",
-        parse=partial(parse_key_values, what="model parameter", nested=True))
+        parse=partial(parse_key_values, what="model parameter", nested=True), parameters_of="models",
+        kept=_params_of_kept_lanes)
     calibrator: str = setting(DEFAULT_CALIBRATOR, f"conformal method: {', '.join(sorted(CALIBRATORS))}, or a plug-in's "
                               "(entry point group tidecast.calibrators)", group=ENGINE, check=_known_calibrator)
     calibrator_params: dict[str, Any] = setting(
         {}, "calibrator parameter KEY=VALUE (VALUE is JSON), repeated; in the file: a [calibrator_params] table",
         group=ENGINE, name="calibrator_param", key="calibrator_params", repeat=True, sep=None,
         metavar="KEY=VALUE",
-        parse=partial(parse_key_values, what="calibrator parameter", nested=False))
+        parse=partial(parse_key_values, what="calibrator parameter", nested=False), parameters_of="calibrator")
     freq: str | None = setting(None, "grid step, a pandas offset such as 1h or 30min", group=ENGINE,
                                shown_default=f"inferred per series: the commonest gap of its first {STEP_WINDOW} "
                                "observations", check=_grid_step)
@@ -251,7 +269,8 @@ class EngineConfig:
     drift_params: dict[str, Any] = setting(
         {}, "drift detector parameter KEY=VALUE (VALUE is JSON), repeated; in the file: a [drift_params] table",
         group=ENGINE, name="drift_param", key="drift_params", repeat=True, sep=None, metavar="KEY=VALUE",
-        parse=partial(parse_key_values, what="drift detector parameter", nested=False))
+        parse=partial(parse_key_values, what="drift detector parameter", nested=False),
+        parameters_of="drift_detector")
     bootstrap_params: dict[str, Any] = setting(
         {}, "bootstrap watcher parameter KEY=VALUE (VALUE is JSON), repeated: slack, threshold, warmup, memory, "
             "scale_memory; it runs on each lane whose model has bootstrap > 0 (--model-param ALIAS.bootstrap=8); "
@@ -450,6 +469,17 @@ def _names_servers(value: str) -> str | None:
     return None if parse_servers(value) else "names no server (host:port, comma-separated)"
 
 
+def not_blank(value: str) -> str | None:
+    """A check: a name that is not empty (an empty ``TIDECAST_FORECAST_TOPIC=`` named no topic at all)."""
+    return "must not be empty" if not str(value).strip() else None
+
+
+def readable_file(value: str) -> str | None:
+    """A check: a file that exists (a missing CA bundle read as "the cluster is unreachable" for the whole
+    outage budget: kafka-python's own error is logged below the level serve shows while connecting)."""
+    return None if Path(value).is_file() else "no such file"
+
+
 @dataclass(frozen=True)
 class KafkaClientSettings:
     """Where the Kafka cluster is and how to authenticate; every kafka-python client gets these."""
@@ -465,11 +495,11 @@ class KafkaClientSettings:
                                               group=SECURITY, secret=True)
     sasl_kerberos_service_name: str | None = setting(None, "Kerberos service name", group=SECURITY)
     sasl_kerberos_domain_name: str | None = setting(None, "Kerberos domain name", group=SECURITY)
-    ssl_cafile: str | None = setting(None, "CA bundle", group=SECURITY)
-    ssl_certfile: str | None = setting(None, "client certificate", group=SECURITY)
-    ssl_keyfile: str | None = setting(None, "client key", group=SECURITY)
+    ssl_cafile: str | None = setting(None, "CA bundle", group=SECURITY, check=readable_file)
+    ssl_certfile: str | None = setting(None, "client certificate", group=SECURITY, check=readable_file)
+    ssl_keyfile: str | None = setting(None, "client key", group=SECURITY, check=readable_file)
     ssl_password: str | None = setting(None, "client key password", group=SECURITY, secret=True)
-    ssl_crlfile: str | None = setting(None, "certificate revocation list", group=SECURITY)
+    ssl_crlfile: str | None = setting(None, "certificate revocation list", group=SECURITY, check=readable_file)
     ssl_ciphers: str | None = setting(None, "allowed ciphers", group=SECURITY)
     ssl_check_hostname: bool | None = setting(None, "verify the broker's hostname", group=SECURITY)
 
@@ -500,12 +530,15 @@ def check_kafka_table(table: Mapping[str, Any], where: str = "[kafka]") -> dict[
     for key in table:
         if key not in known:
             raise SettingsError(f"unknown key {key!r} in {where} (kafka-python client settings){suggest(key, known)}")
+        if key in FIXED_CLIENT_KEYS:  # first: batch_size here is the producers' bytes, not tidecast's batch_size
+            also = (f" (tidecast's own {key}, {own[key].meta.help}, is set as {key} at the top of the file, "
+                    f"{own[key].flag} or {own[key].env})" if key in own else "")
+            raise SettingsError(f"{key!r} in {where}: tidecast sets it on its clients itself: "
+                                f"{FIXED_CLIENT_KEYS[key]}{also}")
         if key in own:
             s = own[key]
             raise SettingsError(f"{key!r} in {where} is a tidecast setting: set it as {s.key} at the top of the "
                                 f"file, {s.flag} or {s.env}")
-        if key in FIXED_CLIENT_KEYS:
-            raise SettingsError(f"{key!r} in {where}: tidecast sets it on its clients itself: {FIXED_CLIENT_KEYS[key]}")
     return dict(table)
 
 
@@ -515,9 +548,10 @@ class ServeSettings(KafkaClientSettings):
 
     topic: str | None = setting(None, "input topic: JSON observations keyed by series_id (required)", group=KAFKA,
                                 required=True)
-    group_id: str = setting("tidecast", "consumer group; members share the topic's partitions", group=KAFKA)
+    group_id: str = setting("tidecast", "consumer group; members share the topic's partitions", group=KAFKA,
+                            check=not_blank)
     forecast_topic: str | None = setting(None, "output topic for forecasts", group=KAFKA,
-                                         shown_default="<topic>-forecasts")
+                                         shown_default="<topic>-forecasts", check=not_blank)
     output_format: str = setting("json", "forecast messages: json (one per series and origin, keyed by series id) or "
                                  "compact (one Arrow message per partition and engine batch, many series' forecasts "
                                  "in columns: far fewer messages; read them with tidecast.stream.kafka.read_forecasts)",
@@ -537,11 +571,11 @@ class ServeSettings(KafkaClientSettings):
                                   "commits. Takes the record parsing off the engine's interpreter: worth it with "
                                   "two cores or more (README, serve at scale)", group=KAFKA)
     events_topic: str | None = setting(None, "output topic for drift events (alarms of the lanes' drift monitors)",
-                                       group=KAFKA, shown_default="<topic>-events")
+                                       group=KAFKA, shown_default="<topic>-events", check=not_blank)
     dead_letter_topic: str | None = setting(None, "topic for rejected records", group=KAFKA,
-                                            shown_default="<topic>-dead-letters")
+                                            shown_default="<topic>-dead-letters", check=not_blank)
     changelog_topic: str | None = setting(None, "state changelog, co-partitioned with the input", group=KAFKA,
-                                          shown_default="<group_id>-<topic>-changelog")
+                                          shown_default="<group_id>-<topic>-changelog", check=not_blank)
     client_id: str = setting("tidecast", "Kafka client id", group=KAFKA)
     auto_offset_reset: str = setting("earliest", "where a partition without state or commit starts", group=KAFKA,
                                      choices=("earliest", "latest"))
@@ -606,7 +640,24 @@ class ServeSettings(KafkaClientSettings):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
         object.__setattr__(self, "state_dir", Path(self.state_dir))
+        self._check_topics_differ()
 
+    def _check_topics_differ(self) -> None:
+        """Each topic one role: a forecast topic that is the input would feed serve its own forecasts (each one a
+        dead letter), a changelog that is the dead-letter topic would restore from rejected records."""
+        roles = {"topic": self.topic, "forecast_topic": self.forecast_topic, "events_topic": self.events_topic,
+                 "dead_letter_topic": self.dead_letter_topic, "changelog_topic": self.changelog_topic}
+        seen: dict[str, str] = {}
+        for role, name in roles.items():
+            if name in seen:
+                other = "input topic (--topic)" if seen[name] == "topic" else seen[name]
+                raise SettingsError(f"{role} {name!r} is also the {other}: every topic serve reads or writes must be "
+                                    "its own (leave the output topics unset for their derived names)")
+            seen[name] = role
+
+
+#: How long a group-less consumer (changelog restore, lag probe) lets the broker hold a fetch, in ms.
+READER_FETCH_WAIT_MS = 100
 
 #: room for a state record's header (JSON meta, array names and shapes) beside the series' arrays
 STATE_RECORD_SLACK = 64 * 1024
@@ -628,7 +679,36 @@ class ServeConfig:
         if not isinstance(self.settings, ServeSettings):
             object.__setattr__(self, "settings", from_values(ServeSettings, self.settings, "ServeConfig"))
         object.__setattr__(self, "kafka_extra", check_kafka_table(self.kafka_extra))
+        self._check_client_values()
         self._check_state_fits()
+
+    def _check_client_values(self) -> None:
+        """What kafka-python checks only when a client is built, after connecting: here, it would stop serve with a
+        traceback instead of one line naming the setting. Types of ``[kafka]`` values (``request_timeout_ms =
+        "60000"`` failed in a comparison), the order of the timeouts, and ``group_instance_id``, which tidecast's
+        group-less consumers (changelog restore, lag probe) cannot take."""
+        from kafka import KafkaConsumer, KafkaProducer
+
+        defaults = {**KafkaProducer.DEFAULT_CONFIG, **KafkaConsumer.DEFAULT_CONFIG}
+        for key, value in self.kafka_extra.items():
+            kind = type(defaults.get(key))
+            if kind in (bool, int, str) and type(value) is not kind:
+                raise SettingsError(f"{key} = {value!r} in the [kafka] table: kafka-python wants {kind.__name__}")
+        if "group_instance_id" in self.kafka_extra:
+            raise SettingsError("group_instance_id in the [kafka] table: static group membership is not supported "
+                                "(tidecast's group-less consumers take the same client settings and refuse it)")
+        s, extra = self.settings, self.kafka_extra
+        request = extra.get("request_timeout_ms", KafkaConsumer.DEFAULT_CONFIG["request_timeout_ms"])
+        idle = extra.get("connections_max_idle_ms", KafkaConsumer.DEFAULT_CONFIG["connections_max_idle_ms"])
+        wait = max(s.fetch_max_wait_ms, READER_FETCH_WAIT_MS)
+        if not wait < request < idle:
+            raise SettingsError(f"--fetch-max-wait-ms ({s.fetch_max_wait_ms}; the group-less readers wait "
+                                f"{READER_FETCH_WAIT_MS}) must be below the Kafka clients' request_timeout_ms "
+                                f"({request}), and that below connections_max_idle_ms ({idle}): lower the first or "
+                                "raise the others in the [kafka] table")
+        if s.heartbeat_interval_ms >= s.session_timeout_ms:
+            raise SettingsError(f"--heartbeat-interval-ms ({s.heartbeat_interval_ms}) must be below "
+                                f"--session-timeout-ms ({s.session_timeout_ms})")
 
     def _check_state_fits(self) -> None:
         """A series' state is one changelog record at least (blocks never split a series): one larger than

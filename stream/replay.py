@@ -33,6 +33,9 @@ from tidecast.stream.settings import at_least, check_declared, positive, setting
 from tidecast.stream.sinks import EventSink, ForecastSink, JsonlDeadLetters, JsonlEvents, NullSink, forecast_sink_for
 from tidecast.stream.sources import DeadLetter, Replay, ReplaySpec, load_replay
 
+#: The longest single sleep replay takes (a year): --linger's bound, and --rate's pause per batch at most.
+LONGEST_SLEEP = 365 * 86_400.0
+
 
 @dataclass(frozen=True)
 class ReplayOptions:
@@ -53,7 +56,7 @@ class ReplayOptions:
     metrics_address: str = setting("127.0.0.1", "address the /metrics server listens on (0.0.0.0: every "
                                    "interface)", group="service")
     linger_seconds: float = setting(0.0, "keep /metrics up this many seconds after the run", group="service",
-                                    name="linger", check=at_least(0))
+                                    name="linger", check=at_least(0, LONGEST_SLEEP))
     rate: float | None = setting(None, "throttle to this many observations per second", group="pace",
                                  shown_default="as fast as possible", check=positive)
     batch_size: int = setting(2000, "observations per engine batch", group="pace", check=at_least(1))
@@ -113,7 +116,9 @@ def _check_report_series(wanted: list[str], replay: Replay) -> None:
     for series_id in wanted:
         if series_id not in known:
             shown = ", ".join(sorted(known)[:10]) + (" ..." if len(known) > 10 else "")
-            raise ValueError(f"--report-series {series_id!r}: no such series in the input; series: {shown}")
+            raise ValueError(f"--report-series {series_id!r}: no such series in the input; series: {shown} (the flag "
+                             "and TIDECAST_REPORT_SERIES split on commas and trim spaces: name an id holding either "
+                             "in the TOML file's report_series list)")
 
 
 class _Tee:
@@ -272,7 +277,7 @@ def _throttle(rate: float | None, started: float, done: float) -> None:
     if rate:
         ahead = done / rate - (time.perf_counter() - started)
         if ahead > 0:
-            time.sleep(ahead)
+            time.sleep(min(ahead, LONGEST_SLEEP))  # --rate 1e-300 asked for a sleep time.sleep cannot take
 
 
 def _summary(engine: Engine, metrics: Metrics, elapsed: float, letter_file: Path | None, options: ReplayOptions,

@@ -60,7 +60,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tidecast.monitors.metrics import Metrics
-from tidecast.stream.config import EngineConfig, ServeConfig
+from tidecast.stream.config import READER_FETCH_WAIT_MS, EngineConfig, ServeConfig
 from tidecast.stream.engine import Engine
 from tidecast.stream.fetch_process import FetchProcess
 from tidecast.stream.fetcher import Fetcher, rebalance_listener
@@ -310,7 +310,7 @@ class Service:
         """A group-less consumer (changelog restore, lag probe): short fetch waits, never commits."""
         cfg = self.cfg
         return client_settings(cfg.options, client, cfg.kafka_extra, group_id=None, enable_auto_commit=False,
-                               auto_offset_reset="earliest", fetch_max_wait_ms=100,
+                               auto_offset_reset="earliest", fetch_max_wait_ms=READER_FETCH_WAIT_MS,
                                max_partition_fetch_bytes=max(cfg.max_partition_fetch_bytes, cfg.max_request_size),
                                fetch_max_bytes=max(cfg.fetch_max_bytes, cfg.max_request_size))
 

@@ -86,6 +86,12 @@ class Meta:
     # precedence, the lower one is dropped, so that a flag overrides the file's alternative too; given by the same
     # source, both reach the class, whose own check reports a contradiction
     alternative_to: str | None = None
+    # the setting that chooses the component these parameters are for (calibrator_params: calibrator): when a flag
+    # or the environment changes that choice, the file's parameters for the component it replaced are dropped, so a
+    # shared file's [calibrator_params] do not make TIDECAST_CALIBRATOR=... an error; ``kept(params, file's choice,
+    # final choice)`` says which of them still apply (default: all when the choice is the same, else none)
+    parameters_of: str | None = None
+    kept: Callable[[Any, Any, Any], Any] | None = None
 
 
 def setting(default: Any = None, help: str = "", *, group: str, **meta: Any) -> Any:
@@ -438,24 +444,47 @@ def resolve(cls: type[T], args: argparse.Namespace, env: Mapping[str, str], file
     file = file or SettingsFile()
     values: dict[str, Any] = {}
     precedence: dict[str, int] = {}  # field -> 0 flag, 1 environment, 2 file
+    from_file: dict[str, Any] = {}  # field -> the file's value, converted
+    given: dict[str, list[Any]] = {}  # field -> the flag's and the environment's values, converted
     for s in settings_of(cls):
         found = list(_sources(s, args, env, file))
         if not found:
             continue
         precedence[s.field] = ("flag", "env").index(found[0][1]) if found[0][1] in ("flag", "env") else 2
         converted = [(_converted(s, raw, where), where) for raw, where in found]
-        if s.merges:
-            merged: dict[str, Any] = {}
-            for value, _where in reversed(converted):
-                merged = merge(merged, value)
-            values[s.field] = merged
-        else:
-            values[s.field] = converted[0][0]
+        given[s.field] = [value for value, where in converted if where in ("flag", "env")]
+        if converted[-1][1] not in ("flag", "env"):
+            from_file[s.field] = converted[-1][0]
+        values[s.field] = _merged(s, [value for value, _ in converted])
+    by_field = {s.field: s for s in settings_of(cls)}
+    for s in settings_of(cls):
+        chooser = s.meta.parameters_of
+        if chooser is None or s.field not in from_file or precedence.get(chooser, 2) == 2:
+            continue  # the choice, if any, was the file's own: its parameters stand (or fail) as written
+        choice_in_file = from_file.get(chooser, by_field[chooser].default)
+        kept = (s.meta.kept or _same_choice)(from_file[s.field], choice_in_file, values[chooser])
+        values[s.field] = _merged(s, [*given[s.field], kept])
     for s in settings_of(cls):
         other = s.meta.alternative_to
         if other in values and s.field in values and precedence[s.field] != precedence[other]:
             del values[s.field if precedence[s.field] > precedence[other] else other]
     return cls(**values, **fixed)  # __post_init__ checks what needs several fields (and required ones)
+
+
+def _merged(s: Setting, values: list[Any]) -> Any:
+    """A setting's value from its sources' values, highest precedence first: the first, or for a table all of
+    them merged key by key."""
+    if not s.merges:
+        return values[0]
+    merged: dict[str, Any] = {}
+    for value in reversed(values):
+        merged = merge(merged, value)
+    return merged
+
+
+def _same_choice(params: Any, file_choice: Any, choice: Any) -> Any:
+    """A component's parameters from the file apply while the component is the one the file chose."""
+    return params if file_choice == choice else {}
 
 
 def from_values(cls: type[T], values: Mapping[str, Any], where: str, **fixed: Any) -> T:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from types import SimpleNamespace
 
@@ -149,3 +150,68 @@ def test_dead_letter_keeps_the_raw_record_and_says_why_and_where():
     cut = dead_letter_message(huge, "not_json", "", max_bytes=1_000_000)
     assert len(cut.key) == 1024 and header_dict(cut.headers)["tidecast.key.size"] == "200000"
     assert len(cut.key) + len(cut.value) + sum(len(k) + len(v) for k, v in cut.headers) < 1_000_000
+
+
+SERVE = ["serve", "--bootstrap-servers", "b:1", "--topic", "obs"]
+
+
+@pytest.mark.parametrize("args, env, toml, message", [
+    (["--forecast-topic", "obs"], {}, "", "forecast_topic 'obs' is also the input topic"),
+    (["--changelog-topic", "obs-dead-letters"], {}, "", "changelog_topic 'obs-dead-letters' is also the "
+                                                         "dead_letter_topic"),
+    ([], {"TIDECAST_FORECAST_TOPIC": ""}, "", "TIDECAST_FORECAST_TOPIC= (environment): must not be empty"),
+    ([], {"TIDECAST_GROUP_ID": " "}, "", "must not be empty"),
+    (["--ssl-cafile", "/nonexistent/ca.pem"], {}, "", "--ssl-cafile /nonexistent/ca.pem: no such file"),
+    (["--fetch-max-wait-ms", "60000"], {}, "", "must be below the Kafka clients' request_timeout_ms (30000)"),
+    ([], {}, '[kafka]\nrequest_timeout_ms = "60000"\n', "request_timeout_ms = '60000' in the [kafka] table: "
+                                                      "kafka-python wants int"),
+    ([], {}, "[kafka]\nrequest_timeout_ms = 50\n", "request_timeout_ms (50)"),
+    (["--heartbeat-interval-ms", "50000"], {}, "", "must be below --session-timeout-ms (45000)"),
+    ([], {}, '[kafka]\ngroup_instance_id = "m1"\n', "static group membership is not supported"),
+    ([], {}, "[kafka]\nbatch_size = 65536\n", "tidecast sets it on its clients itself"),
+    (["--freq", "200000d"], {}, "", "longer than a time step can be"),
+    (["--calibrator", "dtaci", "--calibrator-param", "gammas=0.1"], {}, "", "expected a list of float"),
+    (["--events", "x.jsonl"], {}, "", None),  # replay's flag, read as --events-topic: no abbreviations
+])
+def test_serve_settings_kafka_python_would_refuse_after_connecting_are_one_line_before(
+        captured, monkeypatch, tmp_path, capsys, args, env, toml, message):
+    """Found by the settings review (2026-12-04): each of these was accepted and then ended in a traceback once the
+    clients were built (or in "the cluster is unreachable" for a missing CA file, retried for the whole outage
+    budget), or did something else than asked (forecasts into the input topic; --events as --events-topic)."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    extra = []
+    if toml:
+        (tmp_path / "t.toml").write_text(toml)
+        extra = ["--config", str(tmp_path / "t.toml")]
+    with pytest.raises(SystemExit) if message is None else contextlib.nullcontext():
+        assert main([*SERVE, *args, *extra]) == 2
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert (message or "unrecognized arguments: --events") in err
+    assert "Traceback" not in err and "config" not in captured
+
+
+def test_replay_refuses_a_sleep_too_long_to_take(tmp_path, capsys):
+    assert main(["replay", "x.csv", "--linger", "1e300", "--dead-letter", str(tmp_path / "d.jsonl")]) == 2
+    assert "linger" in capsys.readouterr().err
+
+
+def test_a_flag_or_the_environment_that_replaces_the_files_choice_drops_the_files_parameters_for_it(
+        captured, monkeypatch, tmp_path, capsys):
+    """Found by the settings review (2026-12-04): README's example file has [model_params.seasonal-naive]; with
+    TIDECAST_MODEL=holt-winters serve refused to start ("model parameters for 'seasonal-naive', which is no
+    lane"), blaming --model-param, so the higher-precedence source lost. The same for a file's calibrator and drift
+    parameters under --calibrator / --drift-detector. Parameters of lanes still there, and typos, stay."""
+    config = tmp_path / "tidecast.toml"
+    config.write_text('model = ["seasonal-naive", "hw=holt-winters"]\ncalibrator = "aci"\n'
+                      '[model_params.seasonal-naive]\nperiod = 24\n[model_params.hw]\nalpha = 0.3\n'
+                      '[calibrator_params]\ngamma = 0.01\n[drift_params]\nh = 20\n')
+    monkeypatch.setenv("TIDECAST_MODEL", "hw=holt-winters")
+    assert main([*SERVE, "--config", str(config), "--calibrator", "conformal-pid", "--drift-detector", "none"]) == 0
+    engine = captured["config"].engine
+    assert engine.model_params == {"hw": {"alpha": 0.3}} and engine.calibrator_params == {}
+    assert engine.drift_params == {}
+    captured.clear()
+    config.write_text('model = ["seasonal-naive"]\n[model_params.seasonl-naive]\nperiod = 24\n')  # a typo
+    assert main([*SERVE, "--config", str(config), "--model", "seasonal-naive"]) == 2
+    assert "seasonl-naive" in capsys.readouterr().err and "config" not in captured

@@ -89,6 +89,8 @@ def _sample(s) -> tuple[Any, Any, str | list[str]]:
         "drift_params": ({"h": 20.0}, {"h": 20.0}, "h=20"),
         "bootstrap_params": ({"threshold": 6.0}, {"threshold": 6.0}, "threshold=6"),
         "retrain_params": ({"min_fresh": 12}, {"min_fresh": 12}, "min_fresh=12"),
+        **{key: (__file__, __file__, __file__)  # files that must exist
+           for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_crlfile")},
     }
     if s.field in special:
         return special[s.field]
