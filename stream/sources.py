@@ -328,6 +328,9 @@ def load_frame(frame: pd.DataFrame, spec: ReplaySpec | None = None, source: str 
     spec = spec if spec is not None else ReplaySpec()
     if spec.resolved_format() == "jsonl":
         raise ValueError("a DataFrame is long or wide, not JSON lines")
+    if isinstance(frame.columns, pd.MultiIndex):  # its names became "('ds', '')", and no time column was found
+        raise ValueError(f"the frame's columns have {frame.columns.nlevels} levels: give one level of names, e.g. "
+                         "frame.columns = ['/'.join(map(str, c)).strip('/') for c in frame.columns]")
     frame = frame.rename(columns=str)
     return _load_table(Table(frame, np.arange(len(frame), dtype=np.int64)), spec, source, spec.name)
 

@@ -518,3 +518,17 @@ def test_mase_scales_are_taken_on_the_engines_grid(freq):
     at = ((result.forecasts["cutoff"] - start.tz_localize("UTC")) / pd.Timedelta("1h")).round().astype(int)
     expected = running_scale_at(hours, y, scale_period(head), at.to_numpy())
     assert np.allclose(result.scales(), expected, equal_nan=True)
+
+
+def test_a_frame_with_two_level_columns_is_told_how_to_flatten_them():
+    """Found by the API review (2026-12-04): the columns became "('ds', '')" and the error said the time column
+    ('ds', '') was not in [('ds', ''), ...]. The suggested flattening works."""
+    frame = pd.DataFrame(np.arange(40.0).reshape(20, 2), columns=pd.MultiIndex.from_tuples([("a", "x"), ("a", "y")]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pandas warns about a short key on two-level columns
+        frame.insert(0, "ds", pd.date_range("2024-01-01", periods=20, freq="h"))
+    with pytest.raises(ValueError, match="2 levels") as info:
+        tidecast.replay(frame, horizon=2)
+    frame.columns = ["/".join(map(str, c)).strip("/") for c in frame.columns]
+    assert "frame.columns = ['/'.join(map(str, c)).strip('/') for c in frame.columns]" in str(info.value)
+    assert sorted(tidecast.replay(frame, horizon=2).actuals["unique_id"].unique()) == ["a/x", "a/y"]
