@@ -11,6 +11,7 @@ import pytest
 from conftest import CentresInPlace, ListOut, ObjectOut
 
 from tidecast import checks
+from tidecast.models.adapters import PerSeries
 from tidecast.models.base import BatchForecaster, Calibration
 from tidecast.models.naive import SeasonalNaive
 from tidecast.models.registry import MODELS, make_model
@@ -285,7 +286,23 @@ class WipesOnResize(SeasonalNaive):
         self.table_.blank(np.arange(n_rows))
 
 
+class HoldsAGenerator:
+    """A per-series forecaster keeping a numpy Generator, which river_state cannot write: the check raised that
+    TypeError from inside export_rows instead of failing."""
+
+    def __init__(self):
+        self.rng, self.last = np.random.default_rng(0), 0.0
+
+    def learn_one(self, y, x=None):
+        self.last = y
+
+    def forecast(self, horizon, xs=None):
+        return [self.last] * horizon
+
+
 @pytest.mark.parametrize(("factory", "check", "message"), [
+    (lambda: PerSeries("gen", HoldsAGenerator, min_history=1), checks.check_forecaster_round_trip,
+     "export_rows failed"),
     (lambda: ObjectOut(period=6), checks.check_forecaster_no_look_ahead, "numbers, got ndarray of dtype object"),
     (lambda: CentresInPlace(period=6), checks.check_forecaster_no_look_ahead, "wrote into an input array"),
     (lambda: ListOut(period=6), checks.check_forecaster_no_look_ahead, "array of numbers, got list"),
