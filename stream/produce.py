@@ -11,9 +11,10 @@ series, and where ``serve`` expects it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,19 @@ def first_rows(replay: Replay, rows: int | None) -> tuple[ObservationBatch, list
             [letter for letter in replay.dead_letters if letter.position[1] < rows])
 
 
+@contextlib.contextmanager
+def _reachable(options: ProduceOptions) -> Iterator[None]:
+    """Connecting: a cluster that cannot be reached (kafka-python gives up after ~30 s) is one error line, not a
+    kafka-python traceback."""
+    from kafka.errors import KafkaConnectionError, KafkaTimeoutError
+
+    try:
+        yield
+    except (KafkaTimeoutError, KafkaConnectionError) as err:
+        raise ValueError(f"cannot reach the Kafka cluster at {options.bootstrap_servers}: {err} (check "
+                         "--bootstrap-servers and the security settings)") from None
+
+
 def run_produce(options: ProduceOptions) -> dict[str, Any]:
     """Send the file's observations; returns counts and the measured rate."""
     from kafka import KafkaProducer
@@ -76,14 +90,15 @@ def run_produce(options: ProduceOptions) -> dict[str, Any]:
     warn_without_crc32c()
     replay = load_replay(options.spec)
     obs, letters = first_rows(replay, options.rows)
-    if options.partitions:
-        admin = KafkaAdminClient(**client_settings(options.options, KafkaAdminClient, options.kafka_extra))
-        try:
-            ensure_topics(admin, {options.topic: (options.partitions, {})}, options.replication_factor)
-        finally:
-            admin.close()
-    producer = KafkaProducer(**client_settings(options.options, KafkaProducer, options.kafka_extra,
-                                               linger_ms=20, batch_size=256 * 1024, acks="all"))
+    with _reachable(options):
+        if options.partitions:
+            admin = KafkaAdminClient(**client_settings(options.options, KafkaAdminClient, options.kafka_extra))
+            try:
+                ensure_topics(admin, {options.topic: (options.partitions, {})}, options.replication_factor)
+            finally:
+                admin.close()
+        producer = KafkaProducer(**client_settings(options.options, KafkaProducer, options.kafka_extra,
+                                                   linger_ms=20, batch_size=256 * 1024, acks="all"))
     failures: list[BaseException] = []
     started = time.perf_counter()
     first_ns = int(obs.timestamps_ns[0]) if len(obs) else 0

@@ -215,3 +215,17 @@ def test_a_flag_or_the_environment_that_replaces_the_files_choice_drops_the_file
     config.write_text('model = ["seasonal-naive"]\n[model_params.seasonl-naive]\nperiod = 24\n')  # a typo
     assert main([*SERVE, "--config", str(config), "--model", "seasonal-naive"]) == 2
     assert "seasonl-naive" in capsys.readouterr().err and "config" not in captured
+
+
+def test_produce_to_an_unreachable_cluster_is_one_error_line(monkeypatch, tmp_path, capsys):
+    """Found by the operations review (2026-12-04): a typo'd --bootstrap-servers ended, after kafka-python's 30 s,
+    in its KafkaTimeoutError traceback (exit 1). Its bootstrap wait is cut to 1 s here."""
+    from conftest import free_port
+    from kafka import KafkaProducer
+
+    monkeypatch.setitem(KafkaProducer.DEFAULT_CONFIG, "bootstrap_timeout_ms", 1000)
+    path = tmp_path / "small.csv"
+    path.write_text("ds,y\n2024-01-01T00:00:00Z,1\n2024-01-01T01:00:00Z,2\n")
+    address = f"127.0.0.1:{free_port()}"
+    assert main(["produce", str(path), "--bootstrap-servers", address, "--topic", "t"]) == 2
+    assert f"cannot reach the Kafka cluster at {address}" in capsys.readouterr().err.replace("\n", " ")
