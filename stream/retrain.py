@@ -198,6 +198,10 @@ class Shadow:
         self.n_resid = np.zeros(n_rows, np.int64)
 
     def _fit(self, n_rows: int) -> None:
+        # A series first seen while the shadow runs has a row beyond what the candidates were copied with (river
+        # lanes indexed past their list and the engine stopped); resize only grows, so this is cheap when it fits
+        for c in self.candidates:
+            c.resize(n_rows)
         if n_rows > self.inc_err.shape[1]:
             extra = n_rows - self.inc_err.shape[1]
             self.inc_err = np.pad(self.inc_err, ((0, 0), (0, extra)))
@@ -258,10 +262,14 @@ class Shadow:
         return len(self.candidates) == 1 and self.done_steps >= self.steps
 
     def learn(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray, filled: np.ndarray) -> None:
+        if rows.size:
+            self._fit(int(rows.max()) + 1)
         for c in self.candidates:
             c.learn_many(rows, ticks, values, filled=filled)
 
     def forecast(self, rows: np.ndarray, ticks: np.ndarray, horizon: int) -> None:
+        if rows.size:
+            self._fit(int(rows.max()) + 1)
         nan = np.full((rows.size, horizon, 1), np.nan)  # no interval: the candidate is scored on its mean
         for c, pending in zip(self.candidates, self.pending, strict=True):
             pending.store(rows, ticks, c.forecast_many(rows, horizon), nan, nan)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from tidecast.models.cyclenet import CycleNetForecaster
@@ -574,3 +575,32 @@ def test_a_river_lane_is_not_fitted_before_any_series_forecasts():
     first = next(e for e in events if e.kind == "retrain_started")
     assert engine.lanes[0].model.fitted_
     assert (first.detected_at.timestamp() * 1e9 - T0) / HOUR >= 47  # not before the warm-up: 48 values, ticks 0-47
+
+
+def test_a_series_first_seen_during_the_shadow_does_not_stop_the_engine():
+    """Found by the watchers review (2026-12-04): the candidate was copied with the rows live when its job started;
+    a series seen for the first time while it was in its shadow window had a row beyond them, and a river lane
+    (one Python object per row) raised IndexError out of Engine.process. The candidates grow with the engine."""
+    rng = np.random.default_rng(2)
+    steps, start = 700, 510
+    t = np.arange(steps)[:, None]
+    noise = rng.normal(scale=0.8, size=(steps, 4))
+    values = 10 + 3 * np.sin(2 * np.pi * t / 24 + np.arange(4)) + noise
+    values[450:, 0] += 30  # a level shift: an alarm, then a job whose shadow runs from tick ~500
+    values[:start, 3] = np.nan  # s3 is first seen at tick 510
+    engine = Engine.from_config(EngineConfig(
+        horizon=6, models=["hw=holt-winters"], freq="1h", retrain="on",
+        retrain_params={"min_fresh": 1, "cooldown": 20, "shadow_steps": 30, "history": 500}))
+    ids = np.array([f"s{i}" for i in range(4)], dtype=object)
+    events = []
+    for lo in range(0, steps, 4):  # small batches: s3 arrives in a later round than the job's start
+        ticks = np.arange(lo, lo + 4)
+        v = values[ticks].reshape(-1)
+        ok = np.isfinite(v)
+        batch = ObservationBatch(np.tile(ids, 4)[ok], (T0 + np.repeat(ticks, 4) * HOUR)[ok], v[ok])
+        events += engine.process(batch).events
+        engine.maintenance()
+    kinds = [kind for kind, _ in retrain_events(events)]
+    assert kinds[0] == "retrain_started" and kinds[1] in ("promoted", "rejected"), kinds
+    started = next(e for e in events if e.kind == "retrain_started")
+    assert started.detected_at < pd.Timestamp(T0 + start * HOUR, tz="UTC")  # the job began before s3 arrived
