@@ -134,7 +134,8 @@ class RetrainPolicy(Params):
     triggers
         Detector names whose alarms start a job (``None``: all).
     min_alarm_rows
-        Alarmed series needed in one step to mark a change point.
+        Alarmed series needed in one step to mark a change point (one detector's, summed over the rounds in which
+        the engine's batches split that step).
     min_fresh
         Steps of data after the change point before a job starts.
     cooldown
@@ -198,11 +199,19 @@ class RetrainPolicy(Params):
         self.starts_ = np.zeros(0, np.int64)  # steps at which jobs started, within the budget window
         self.last_scheduled_ = 0
         self.counts_: dict[str, int] = {"started": 0, "promoted": 0, "rejected": 0, "failed": 0}
+        self.alarm_rows_: dict[str, list[int]] = {}  # detector -> [step, series alarmed at it so far]
 
     # -- triggers ---------------------------------------------------------------------------------------
     def alarm(self, step: int, detector: str, n_rows: int) -> None:
         """``n_rows`` series of the lane raised an alarm of ``detector`` at ``step``."""
-        if n_rows < self.min_alarm_rows or (self.triggers is not None and detector not in self.triggers):
+        if self.triggers is not None and detector not in self.triggers:
+            return
+        # a step's rows may come in several rounds (a batch boundary inside it): count them together, so the
+        # same input starts the same jobs at any batch size
+        seen = self.alarm_rows_.get(detector)
+        total = n_rows + (seen[1] if seen is not None and seen[0] == step else 0)
+        self.alarm_rows_[detector] = [int(step), int(total)]
+        if total < self.min_alarm_rows:
             return
         if self.change_step_ == NO_STEP:
             self.change_step_ = int(step)
@@ -270,7 +279,7 @@ class RetrainPolicy(Params):
         """JSON-able state (the lane's shared state carries it)."""
         return {"version": self.version_, "change_step": self.change_step_, "starts": self.starts_.tolist(),
                 "last_scheduled": self.last_scheduled_, "counts": dict(self.counts_),
-                "reason": getattr(self, "_reason", "alarm")}
+                "reason": getattr(self, "_reason", "alarm"), "alarm_rows": self.alarm_rows_}
 
     def import_state(self, state: dict[str, Any]) -> None:
         self.version_ = int(state["version"])
@@ -279,3 +288,4 @@ class RetrainPolicy(Params):
         self.last_scheduled_ = int(state["last_scheduled"])
         self.counts_ = {k: int(v) for k, v in state["counts"].items()}
         self._reason = str(state.get("reason", "alarm"))
+        self.alarm_rows_ = {str(k): [int(v[0]), int(v[1])] for k, v in (state.get("alarm_rows") or {}).items()}

@@ -131,6 +131,24 @@ def test_loss_differential_t_accounts_for_overlapping_steps():
     assert loss_differential_t(np.full(5, -1.0), lag=2) == -np.inf
 
 
+def test_min_alarm_rows_counts_a_steps_alarms_over_the_rounds_that_split_it():
+    """Found by the watchers review (2026-12-04): each round's count was compared alone, so two series alarming at
+    one step started a job under min_alarm_rows=2 only when one batch held both of their rows."""
+    import json
+
+    split = RetrainPolicy(min_alarm_rows=2, min_fresh=3, cooldown=0)
+    split.alarm(7, "cusum", 1)
+    restored = RetrainPolicy(min_alarm_rows=2, min_fresh=3, cooldown=0)  # a checkpoint between the two rounds
+    restored.import_state(json.loads(json.dumps(split.export_state())))
+    restored.alarm(7, "cusum", 1)
+    assert restored.poll(10) is not None
+    apart = RetrainPolicy(min_alarm_rows=2, min_fresh=3, cooldown=0)
+    apart.alarm(7, "cusum", 1)
+    apart.alarm(8, "cusum", 1)  # one series a step: no change point
+    apart.alarm(8, "d3a", 1)  # another detector's alarm is not added to cusum's
+    assert apart.poll(12) is None
+
+
 def test_policy_state_round_trips_through_json():
     import json
 
