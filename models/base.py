@@ -175,9 +175,16 @@ def check_positive(name: str, value: object, optional: bool = False, rule: str =
     require(ok and (not finite or value < float("inf")), name, value, rule + (" (or None)" if optional else ""))
 
 
+#: The largest learning rate taken: torch keeps an optimiser's rate as float32, and 1e300 passed the settings check
+#: to fail at the first fit with "value cannot be converted to type float without overflow".
+MAX_RATE = 1e30
+
+
 def check_rate(name: str, value: object, optional: bool = False) -> None:
-    """A finite learning rate ``> 0`` (or ``None`` when ``optional``)."""
+    """A finite learning rate ``> 0`` and at most :data:`MAX_RATE` (or ``None`` when ``optional``)."""
     check_positive(name, value, optional, rule="a finite learning rate > 0", finite=True)
+    if value is not None:
+        require(value <= MAX_RATE, name, value, f"a finite learning rate > 0, at most {MAX_RATE:g}")
 
 
 def check_between(name: str, value: object, low: float, high: float, open_low: bool = False,

@@ -730,6 +730,10 @@ class CycleNetForecaster(WarmStarted):
         A smaller job takes smaller batches, down to ``min_batch_size`` (the size before), so that an epoch keeps
         :data:`REFIT_STEPS` steps where it can: at 256 windows a step, three series' 200 windows would be one step an
         epoch and the refit would hardly move."""
+        check_rate("lr", lr)  # a negative rate ran gradient ascent: the gate caught it, after a whole job
+        check_rate("cycle_lr", cycle_lr)
+        check_count("batch_size", batch_size)
+        check_count("min_batch_size", min_batch_size)
         with self._train_lock:
             with self._lock:
                 if self.net_ is None:

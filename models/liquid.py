@@ -807,6 +807,8 @@ class CfCForecaster(WarmStarted):
         """Fine-tune this (copied) model in place on the windows whose targets lie in each served row's last
         ``recent`` ticks, warm-started from its weights: ``epochs`` reshuffled passes of Adam (fresh moments; cycle
         rows by their lazy Adam), then publish and re-encode the rows' states with the new weights."""
+        check_rate("lr", lr)
+        check_count("batch_size", batch_size)
         with self._train_lock:
             with self._lock:
                 if self.net_ is None:

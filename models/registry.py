@@ -261,7 +261,9 @@ def _type_name(annotation: Any) -> str:
     if annotation is type(None):
         return "None"
     if typing.get_origin(annotation) in _SEQUENCES:
-        return f"a list of {typing.get_args(annotation)[0].__name__} (e.g. [24, 168])"
+        kind = typing.get_args(annotation)[0]
+        example = {int: "[24, 168]", float: "[0.01, 0.1]", str: '["a", "b"]'}.get(kind, "[...]")
+        return f"a list of {kind.__name__} (e.g. {example})"
     return getattr(annotation, "__name__", str(annotation))
 
 

@@ -57,6 +57,7 @@ each the next tick of a known series (the steady state of a live stream) are pla
 from __future__ import annotations
 
 import heapq
+import inspect
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -328,6 +329,7 @@ class Engine:
                                  f"[model_params.{alias}])") from None
             if retrain is not None:  # a refit needs recent data: models that keep none get a ring
                 forecaster = give_history(forecaster, retrain)
+                _check_refit_params(alias, model, forecaster, retrain.refit_params)
             calibrator = _from_settings("--calibrator-param or [calibrator_params]", make_calibrator,
                                         config.calibrator, config.horizon, alpha, **config.calibrator_params)
             monitors = _from_settings("--drift-param or [drift_params]", drift_monitors, config)
@@ -1151,3 +1153,20 @@ def _steps_per_origin(ready: np.ndarray) -> np.ndarray:
 def shared_version(meta: dict[str, Any]) -> int:
     """The model version a lane's shared state was exported at (promotions by the retrain policy; 0 without)."""
     return int(((meta.get("retrain") or {}).get("policy") or {}).get("version", 0))
+
+
+def _check_refit_params(alias: str, model: str, forecaster: Any, params: dict[str, Any]) -> None:
+    """``refit_params`` named and typed as the lane's refit hook takes them, before any work (a misspelt key failed
+    every job; a hook taking ``**kwargs``, or none, judges them itself)."""
+    from tidecast.models.registry import check_keywords, keyword_parameters
+
+    refit = getattr(forecaster, "refit", None)
+    if not params or refit is None:
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(refit).parameters.values()):
+        return
+    try:
+        check_keywords(keyword_parameters(refit, exclude=("recent", "epochs")), params, "refit_params.",
+                       f"lane {alias!r} ({model})'s refit")
+    except ValueError as err:
+        raise ValueError(f"retrain parameter {err} (from --retrain-param or [retrain_params])") from None

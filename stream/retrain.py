@@ -42,7 +42,7 @@ import numpy as np
 
 from tidecast.models.base import BatchForecaster, check_between, check_count
 from tidecast.models.naive import check_ticks
-from tidecast.models.registry import keyword_parameters
+from tidecast.models.registry import check_keywords, keyword_parameters
 from tidecast.monitors.drift import DriftEvent, from_epoch_ns
 from tidecast.monitors.retrain import NO_STEP, Fail, Promote, Reject, RetrainPolicy, StartJob
 from tidecast.stream.pending import PendingForecasts
@@ -524,7 +524,15 @@ def retrain_settings(params: dict[str, Any]) -> RetrainSettings:
         if key not in valid:
             raise ValueError(f"retrain parameter {key}: no such parameter; valid: {', '.join(valid)}")
     job = {k: v for k, v in params.items() if k in _JOB_KEYS}
-    policy = {k: v for k, v in params.items() if k not in _JOB_KEYS}
+    # values converted like every other parameter group's (significance="inf" compared text with numbers,
+    # significance=true counted as z = 1)
+    accepted = keyword_parameters(RetrainPolicy) | {"triggers": Any}  # RetrainPolicy says what triggers takes
+    policy = check_keywords(accepted, {k: v for k, v in params.items() if k not in _JOB_KEYS}, "retrain parameter ",
+                            "retrain")
+    if "refit_params" in job and not (isinstance(job["refit_params"], dict)
+                                      and all(isinstance(k, str) for k in job["refit_params"])):
+        raise ValueError(f"retrain parameter refit_params = {job['refit_params']!r}: a table of the lanes' refit "
+                         'keywords, e.g. {"lr": 0.001}')
     if "lambdas" in job:
         lambdas = job["lambdas"]
         if not isinstance(lambdas, list | tuple) or not all(

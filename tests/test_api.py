@@ -244,7 +244,7 @@ def test_the_note_names_a_held_series_a_repeated_time_and_a_diverged_model():
         tidecast.replay(same_time, horizon=2)
     with pytest.warns(UserWarning, match="long enough, yet no forecast was ever finite: the model diverged"):
         tidecast.replay(frame[frame["unique_id"] == "a"], models="snarimax", horizon=2,
-                        model_params={"snarimax": {"lr": 1e308, "period": 12}})
+                        model_params={"snarimax": {"lr": 1e30, "period": 12}})
 
 
 def test_mistakes_in_the_arguments_raise_before_any_work():

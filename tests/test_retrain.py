@@ -473,6 +473,9 @@ def test_probation_confirms_a_promotion_that_keeps_winning(reference):
 class _CandidateLostOnSeries:
     """A candidate that forecasts nothing finite for every series but the first (diverged there) and well on it."""
 
+    def resize(self, n_rows: int) -> None:
+        """Every row answers; nothing to grow."""
+
     def forecast_many(self, rows: np.ndarray, horizon: int) -> np.ndarray:
         out = np.zeros((rows.size, horizon))
         out[rows > 0] = np.nan
@@ -622,3 +625,24 @@ def test_a_series_first_seen_during_the_shadow_does_not_stop_the_engine():
     assert kinds[0] == "retrain_started" and kinds[1] in ("promoted", "rejected"), kinds
     started = next(e for e in events if e.kind == "retrain_started")
     assert started.detected_at < pd.Timestamp(T0 + start * HOUR, tz="UTC")  # the job began before s3 arrived
+
+
+def test_retrain_parameters_are_converted_and_checked_before_any_work():
+    """Found by the watchers review (2026-12-04): retrain parameters skipped the conversion every other group gets
+    (significance="inf" failed comparing text with numbers, significance=true acted as z = 1), and refit_params
+    were never checked (5, a misspelt key: every job failed; lr=-1: CycleNet ran gradient ascent)."""
+    from tidecast.stream.retrain import retrain_settings
+
+    assert retrain_settings({"significance": "inf"}).policy.significance == float("inf")
+    with pytest.raises(ValueError, match="significance = True: expected float"):
+        retrain_settings({"significance": True})
+    with pytest.raises(ValueError, match="refit_params = 5"):
+        retrain_settings({"refit_params": 5})
+    with pytest.raises(SettingsError, match=r"refit_params.learning_rate: lane 'cyclenet' \(cyclenet\)'s refit has no "
+                                            "parameter 'learning_rate'; valid: lr, cycle_lr"):
+        config(refit_params={"learning_rate": 0.001})
+    with pytest.raises(SettingsError, match="refit_params.lr = 'fast'"):
+        config(refit_params={"lr": "fast"})
+    config(refit_params={"lr": 0.001, "cycle_lr": 0.01})  # bench/retrain.py's
+    with pytest.raises(ValueError, match="lr = -1: a finite learning rate > 0"):
+        CycleNetForecaster(horizon=4, lookback=24, cycle=24).refit(recent=10, lr=-1)
