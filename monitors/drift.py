@@ -38,6 +38,7 @@ every horizon that matured at a tick are pooled into the one stream (:class:`Hor
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -85,9 +86,17 @@ class DriftEvent:
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> DriftEvent:
+        """The event back from :meth:`to_dict` or a written event line: a ``null`` statistic (a non-finite one, as
+        the sinks write it) reads as NaN, and a subclass's own fields are read too."""
         stamp = datetime.fromisoformat(str(fields["detected_at"]).replace("Z", "+00:00"))
+        statistic = fields["statistic"]
+        extra = {f.name: type(f.default)(fields[f.name]) for f in dataclasses.fields(cls)
+                 if f.name not in _DRIFT_FIELDS and f.name in fields}
         return cls(str(fields["series_id"]), str(fields["model"]), str(fields["detector"]), str(fields["kind"]),
-                   stamp, float(fields["statistic"]))
+                   stamp, math.nan if statistic is None else float(statistic), **extra)
+
+
+_DRIFT_FIELDS = ("series_id", "model", "detector", "kind", "detected_at", "statistic")
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -646,3 +646,19 @@ def test_retrain_parameters_are_converted_and_checked_before_any_work():
     config(refit_params={"lr": 0.001, "cycle_lr": 0.01})  # bench/retrain.py's
     with pytest.raises(ValueError, match="lr = -1: a finite learning rate > 0"):
         CycleNetForecaster(horizon=4, lookback=24, cycle=24).refit(recent=10, lr=-1)
+
+
+def test_written_events_read_back_with_from_dict():
+    """Found by the watchers review (2026-12-04): a retrain_started line (statistic null: no ratio yet) raised in
+    DriftEvent.from_dict, and RetrainEvent.from_dict dropped version and reason."""
+    import json
+
+    from tidecast.monitors.drift import DriftEvent
+
+    at = pd.Timestamp(T0, tz="UTC").to_pydatetime()
+    started = RetrainEvent("", "cyclenet", "retrain", "retrain_started", at, float("nan"), 3, "alarm:cusum")
+    back = RetrainEvent.from_dict(json.loads(event_json(started)))
+    assert (back.kind, back.version, back.reason, back.detected_at) == ("retrain_started", 3, "alarm:cusum", at)
+    assert np.isnan(back.statistic) and np.isnan(DriftEvent.from_dict(json.loads(event_json(started))).statistic)
+    promoted = RetrainEvent("", "cyclenet", "retrain", "promoted", at, 0.8, 4, "error ratio 0.800")
+    assert RetrainEvent.from_dict(json.loads(event_json(promoted))) == promoted
