@@ -94,6 +94,10 @@ def is_ready(model: Any, n_learned: int, min_history: int | None = None) -> bool
 DIVERGED = 1e3
 
 
+#: (model, error, message) of each river failure logged (:meth:`Standardised._fail`): once per process.
+_FAILURES_LOGGED: set[tuple[str, str, str]] = set()
+
+
 class Standardised(Params):
     """A river forecaster behind a warm-up window, cycle detection and a fixed standardisation.
 
@@ -133,7 +137,11 @@ class Standardised(Params):
 
     def learn_one(self, y: float, x: dict | None = None) -> None:
         if self.model_ is not None:
-            self.model_.learn_one((y - self.mean_) / self.scale_)
+            try:
+                self.model_.learn_one((y - self.mean_) / self.scale_)
+            except Exception as err:  # noqa: BLE001 - the river model's own failure: see _fail
+                self._fail(err)
+                return
             self.n_model_ += 1
             return
         self.buffer_.append(y)
@@ -146,11 +154,29 @@ class Standardised(Params):
         self.mean_ = float(history.mean())
         std = float(history.std())
         self.scale_ = std if std > 0 and math.isfinite(std) else 1.0
-        self.model_ = self.build(self.period_)
-        for y in self.buffer_:
-            self.model_.learn_one((y - self.mean_) / self.scale_)
+        try:
+            self.model_ = self.build(self.period_)
+            for y in self.buffer_:
+                self.model_.learn_one((y - self.mean_) / self.scale_)
+        except Exception as err:  # noqa: BLE001 - see _fail
+            self._fail(err)
+            return
         self.n_model_ = len(self.buffer_)
         self.buffer_ = []
+
+    def _fail(self, err: Exception) -> None:
+        """A river model that raises is treated as one that diverged: it starts over with a new warm-up window and
+        its series has no forecast meanwhile. A value river's constructor accepts but cannot use (``alpha="0,3"``,
+        ``seasonality=-1``) or a multiplicative Holt-Winters on a constant series (a division by zero) stopped the
+        whole replay after the warm-up; now each distinct failure is logged once."""
+        name = type(self.model_).__name__ if self.model_ is not None else "river model"
+        seen = (name, type(err).__name__, str(err)[:200])
+        if seen not in _FAILURES_LOGGED:
+            _FAILURES_LOGGED.add(seen)
+            log.warning("a %s failed (%s: %s): it starts over with a new warm-up window of %d observations, and its "
+                        "series has no forecast until then (check the lane's --model-param values)", name,
+                        type(err).__name__, err, self.warmup)
+        self.model_, self.n_model_, self.buffer_ = None, 0, []
 
     def forecast(self, horizon: int, xs: list[dict] | None = None) -> list[float]:
         """The river model's forecast on the raw scale; ``NaN`` in the warm-up. A model that has diverged (a
@@ -158,7 +184,11 @@ class Standardised(Params):
         SNARIMAX's default regressor, reached 1e36 on the bundled sample) starts over with a new warm-up window."""
         if not self.is_ready:
             return [math.nan] * horizon
-        standard = self.model_.forecast(horizon)
+        try:
+            standard = [float(v) for v in self.model_.forecast(horizon)]  # None or junk: raises here
+        except Exception as err:  # noqa: BLE001 - see _fail
+            self._fail(err)
+            return [math.nan] * horizon
         if not all(math.isfinite(v) and abs(v) <= DIVERGED for v in standard):
             log.warning("a %s diverged (forecast %.3g warm-up deviations out): it starts over with a new warm-up "
                         "window of %d observations", type(self.model_).__name__,

@@ -272,3 +272,38 @@ def test_state_keeps_a_deques_bound_and_a_random_generators_draws():
     fresh = load_state(Window(), json.loads(json.dumps(dump_state(model))))
     assert fresh.window == deque([2.0, 3.0, 4.0]) and fresh.window.maxlen == 3
     assert fresh.rng.random() == model.rng.random()
+
+
+@pytest.mark.parametrize("params", [{"alpha": "0,3", "beta": 0.1, "gamma": 0.5, "seasonality": 4},
+                                    {"alpha": 0.3, "beta": 0.1, "gamma": 0.5, "seasonality": 4,
+                                     "multiplicative": True}], ids=["decimal-comma", "multiplicative-on-constant"])
+def test_a_river_model_that_raises_costs_its_forecasts_not_the_run(params, caplog, monkeypatch):
+    """Found by the models review (2026-12-04): river's constructor took alpha="0,3" (no annotations to check it
+    by) and its learn_one raised TypeError after the warm-up; a multiplicative Holt-Winters divided by zero on a
+    constant series (standardised to 0). Either stopped the whole replay. Now the model starts over like one that
+    diverged, its series has no forecast, and the failure is logged once."""
+    import pandas as pd
+
+    import tidecast
+    from tidecast.models import adapters
+
+    monkeypatch.setattr(adapters, "_FAILURES_LOGGED", set())  # logged once per process: start this test afresh
+    values = np.full(120, 5.0) if params.get("multiplicative") else 10 + np.sin(np.arange(120) * np.pi / 2)
+    frame = pd.DataFrame({"unique_id": "s", "ds": pd.date_range("2024-01-01", periods=120, freq="h"), "y": values})
+    with caplog.at_level("WARNING"):
+        result = tidecast.replay(frame, models=["x=river:time_series.HoltWinters"], horizon=2,
+                                 model_params={"x": {**params, "warmup": 20}})
+    assert result.forecasts["mean"].notna().sum() == 0
+    failures = [r.getMessage() for r in caplog.records if "a HoltWinters failed" in r.getMessage()]
+    assert failures and len(failures) == len(set(failures))  # every warm-up failed again: each kind logged once
+
+
+def test_a_river_forecast_of_none_is_no_forecast():
+    class NoneCast(AdditiveHoltWinters):
+        def forecast(self, horizon, xs=None):
+            return None
+
+    model = Standardised(lambda p: NoneCast(0.3, 0.01, 0.2, seasonality=p), period=4, warmup=8)
+    for i in range(20):
+        model.learn_one(10.0 + i % 4)
+    assert all(math.isnan(v) for v in model.forecast(3))
