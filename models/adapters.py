@@ -48,6 +48,10 @@ def river_min_history(model: Any) -> int | None:
     >>> river_min_history(time_series.SNARIMAX(p=2, d=1, q=1, m=24, sp=1))
     25
     """
+    from tidecast.models.holt_winters import AdditiveHoltWinters
+
+    if isinstance(model, AdditiveHoltWinters):  # river's recursion after a two-cycle start
+        return 2 * model.seasonality
     if not type(model).__module__.startswith("river."):
         return None
     from river import time_series
@@ -327,6 +331,11 @@ class PerSeries(BatchForecaster):
         probe = self.factory()
         warmup = getattr(probe, "warmup", None)  # Standardised: it starts its river model on a warm-up window
         if isinstance(warmup, int):
+            period = getattr(probe, "period", None)  # known: the model it builds may need more than the window
+            model_needs = river_min_history(probe.build(period)) if period else None
+            if model_needs is not None and model_needs > warmup:
+                return model_needs, (f"{type(probe.build(period)).__name__} with period={period} starts from its "
+                                     f"first {model_needs} observations, more than warmup={warmup}")
             return warmup, f"warmup={warmup}: the standardising window"
         if getattr(probe, "is_ready", None) is not None:  # its own verdict comes first (is_ready): not known ahead
             return None

@@ -146,6 +146,15 @@ def read_only(array: np.ndarray) -> np.ndarray:
     return view
 
 
+#: Largest width of a network layer (CycleNet's ``hidden``, cfc's ``units`` and ``backbone_units``): the papers'
+#: models use 512 at most; 1e12 passed the check and failed in torch's allocator, or as a raw MemoryError.
+MAX_UNITS = 16_384
+#: Largest batch of training windows a step draws (cfc's and CycleNet's ``replay_batch``, ``batch_size``).
+MAX_BATCH = 1_000_000
+#: Largest seed: torch takes a 64-bit one and an ensemble adds its member index (2**64 raised an overflow).
+MAX_SEED = 2**32 - 1
+
+
 def check_count(name: str, value: object, low: int = 1, high: int | None = None) -> None:
     """A whole number ``>= low`` (and ``<= high`` when given: a size that would exhaust memory; bools are not
     counts).

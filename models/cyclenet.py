@@ -79,6 +79,9 @@ import numpy as np
 import torch
 
 from tidecast.models.base import (
+    MAX_BATCH,
+    MAX_SEED,
+    MAX_UNITS,
     ArrayDict,
     Calibration,
     CalibrationQueue,
@@ -91,6 +94,7 @@ from tidecast.models.bootstrap import check_bootstrap
 from tidecast.models.cyclenet_net import DEFAULT_LR, BatchFit, CycleNet, Windows, make_adam
 from tidecast.models.cyclenet_net import build as build_net
 from tidecast.models.cyclenet_replicas import OnlineReplicas, ReplicaFit, Replicas, serve_windows
+from tidecast.models.naive import check_ticks
 from tidecast.models.persistence import PersistenceBlend
 from tidecast.models.rows import Column, Field, RowTable
 from tidecast.models.seasonality import detect_period
@@ -275,11 +279,11 @@ class CycleNetForecaster(WarmStarted):
 
     def _check_params(self) -> None:
         check_count("lookback", self.lookback, 2)
-        check_count("hidden", self.hidden)
+        check_count("hidden", self.hidden, high=MAX_UNITS)
         check_rate("lr", self.lr, optional=True)
         check_count("epochs", self.epochs)
         check_count("patience", self.patience, 0)
-        check_count("batch_size", self.batch_size)
+        check_count("batch_size", self.batch_size, high=MAX_BATCH)
         check_rate("online_lr", self.online_lr)
         check_rate("online_cycle_lr", self.online_cycle_lr, optional=True)
         check_count("replay_steps", self.replay_steps, 0)
@@ -292,7 +296,7 @@ class CycleNetForecaster(WarmStarted):
             raise ValueError(f"backbone must be 'linear' or 'mlp', got {self.backbone!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError("val_fraction must be in [0, 1)")
-        check_count("seed", self.seed, 0)
+        check_count("seed", self.seed, 0, high=MAX_SEED)
         self._check_warm_start()
         if not 0.0 <= self.calib_holdout < 1.0:
             raise ValueError("calib_holdout must be in [0, 1)")
@@ -300,10 +304,10 @@ class CycleNetForecaster(WarmStarted):
         if n_val and n_val - self._n_hold() < self.horizon:
             raise ValueError(f"calib_holdout={self.calib_holdout} leaves early stopping fewer observations "
                              f"({n_val - self._n_hold()}) than the horizon")
-        if self.cycle is not None:
-            check_count("cycle", self.cycle)
+        check_ticks("cycle", self.cycle, optional=True)
         if self.replay_window < 1 or self.replay_every < 1 or self.replay_batch < 1:
             raise ValueError("replay_window, replay_every and replay_batch must be >= 1")
+        check_count("replay_batch", self.replay_batch, high=MAX_BATCH)
         if self.persistence_half_life < 0:
             raise ValueError("persistence_half_life must be >= 0 (0: no blend with the last value)")
 

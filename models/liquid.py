@@ -86,9 +86,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from tidecast.models.base import ArrayDict, check_count, check_positive, check_rate, require
+from tidecast.models.base import (
+    MAX_BATCH,
+    MAX_SEED,
+    MAX_UNITS,
+    ArrayDict,
+    check_count,
+    check_positive,
+    check_rate,
+    require,
+)
 from tidecast.models.bootstrap import ResidualRing, check_bootstrap
 from tidecast.models.ensemble import Ensemble
+from tidecast.models.naive import check_ticks
 from tidecast.models.persistence import PersistenceBlend
 from tidecast.models.warm_start import WarmStarted
 
@@ -351,12 +361,12 @@ class CfCForecaster(WarmStarted):
 
     def _check_params(self) -> None:
         check_bootstrap(self.bootstrap)
-        check_count("backbone_units", self.backbone_units)
+        check_count("backbone_units", self.backbone_units, high=MAX_UNITS)
         check_count("backbone_layers", self.backbone_layers)
         check_rate("lr", self.lr)
         check_count("epochs", self.epochs)
         check_count("patience", self.patience, 0)
-        check_count("batch_size", self.batch_size)
+        check_count("batch_size", self.batch_size, high=MAX_BATCH)
         check_rate("online_lr", self.online_lr)
         check_rate("online_cycle_lr", self.online_cycle_lr, optional=True)
         check_positive("online_huber", self.online_huber, optional=True, rule="residual deviations > 0")
@@ -373,9 +383,10 @@ class CfCForecaster(WarmStarted):
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.horizon < 1 or self.lookback < 1 or self.units < 1:
             raise ValueError("horizon, lookback and units must be >= 1")
+        check_count("units", self.units, high=MAX_UNITS)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError("val_fraction must be in [0, 1)")
-        check_count("seed", self.seed, 0)
+        check_count("seed", self.seed, 0, high=MAX_SEED)
         self._check_warm_start()
         if self.scale_halflife is not None and not self.scale_halflife > 0:
             raise ValueError("scale_halflife must be > 0 (or None)")
@@ -383,10 +394,10 @@ class CfCForecaster(WarmStarted):
             raise ValueError("input_dropout must be in [0, 1)")
         if any(p < 2 for p in self.periods):
             raise ValueError("periods must be >= 2")
-        if self.cycle is not None:
-            check_count("cycle", self.cycle)
+        check_ticks("cycle", self.cycle, optional=True)
         if self.replay_window < 1 or self.replay_every < 1 or self.replay_batch < 1:
             raise ValueError("replay_window, replay_every and replay_batch must be >= 1")
+        check_count("replay_batch", self.replay_batch, high=MAX_BATCH)
 
     @property
     def _n_inputs(self) -> int:

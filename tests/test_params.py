@@ -6,6 +6,7 @@ line reports them before any work, naming where they came from."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +17,9 @@ from tidecast.monitors.bootstrap import BootstrapMonitor
 from tidecast.monitors.conformal import make_calibrator
 from tidecast.monitors.drift import make_detector
 from tidecast.monitors.retrain import RetrainPolicy
+from tidecast.stream.config import EngineConfig
 from tidecast.stream.retrain import RetrainSettings, retrain_settings
+from tidecast.stream.settings import SettingsError
 
 NAN, INF = math.nan, math.inf
 
@@ -105,3 +108,21 @@ def test_values_at_the_edge_of_what_a_part_can_use_are_taken(part: str, params: 
 def test_an_unknown_retrain_parameter_names_the_valid_ones() -> None:
     with pytest.raises(ValueError, match=r"retrain parameter cooldown_steps: no such parameter; valid: .*cooldown"):
         retrain_settings({"cooldown_steps": 4})
+
+
+@pytest.mark.parametrize("model, params, message", [
+    ("cyclenet", {"cycle": 10**12}, "cycle = 1000000000000: a whole number of ticks from 1 to 100000"),
+    ("cyclenet", {"hidden": 10**12, "backbone": "mlp"}, "hidden = 1000000000000: a whole number from 1 to 16,384"),
+    ("cyclenet", {"seed": 2**64}, "seed = 18446744073709551616: a whole number from 0 to 4,294,967,295"),
+    ("cyclenet", {"lr": 1e300}, "lr = 1e+300: a finite learning rate > 0, at most 1e+30"),
+    ("cfc", {"units": 10**12}, "units = 1000000000000: a whole number from 1 to 16,384"),
+    ("cfc", {"mode": "cyclenet", "cycle": 10**12}, "cycle = 1000000000000"),
+    ("cfc", {"replay_batch": 10**12}, "replay_batch = 1000000000000: a whole number from 1 to 1,000,000"),
+    ("cfc", {"members": 2, "seed": 2**64 - 1}, "seed = 18446744073709551615"),
+])
+def test_sizes_torch_cannot_take_are_refused_at_settings_time(model, params, message):
+    """Found by the models review (2026-12-04): each passed the settings check and failed later, in torch's
+    allocator, as a raw MemoryError during the check itself, or with "Overflow when unpacking long long" at the
+    first fit, naming neither the lane nor the parameter."""
+    with pytest.raises(SettingsError, match=re.escape(f"lane '{model}' ({model}): {message}")):
+        EngineConfig(horizon=6, models=[model], model_params={model: params})

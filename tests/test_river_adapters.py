@@ -307,3 +307,22 @@ def test_a_river_forecast_of_none_is_no_forecast():
     for i in range(20):
         model.learn_one(10.0 + i % 4)
     assert all(math.isnan(v) for v in model.forecast(3))
+
+
+def test_the_note_counts_holt_winters_two_cycle_start_beyond_its_warmup():
+    """Found by the models review (2026-12-04): with warmup=60 and period=200 nothing was forecast in 300 steps and
+    the note said 60 observations were enough (so the model "diverged"); it needs two cycles, 400."""
+    import warnings
+
+    import pandas as pd
+
+    import tidecast
+
+    frame = pd.DataFrame({"unique_id": "s", "ds": pd.date_range("2024-01-01", periods=300, freq="h"),
+                          "y": 10 + np.sin(np.arange(300) / 5)})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tidecast.replay(frame, models=["holt-winters"], horizon=2,
+                        model_params={"holt-winters": {"warmup": 60, "period": 200}})
+    notes = " ".join(str(w.message) for w in caught)
+    assert "needs 400 observations first" in notes and "diverged" not in notes
