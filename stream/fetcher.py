@@ -329,7 +329,7 @@ class Fetcher:
 
     def begin_release(self, partitions: set[int]) -> ReleasePartitions:
         self._forget_locally(partitions)
-        release = ReleasePartitions(frozenset(partitions))
+        release = ReleasePartitions(frozenset(partitions), keep=self.cfg.assignment_strategy != "cooperative-sticky")
         self.worker.inbox.put(release)
         return release
 

@@ -648,6 +648,7 @@ class _TopicSink:
             future = send()
         except Exception as err:
             if self.link is None or not is_unavailable(err):
+                self._errors.inc()  # as a refusal the errback reports: the output-errors alert must see it
                 raise OutputError(f"the producer refused a message to {self.topic}: {err!r}") from err
             future = self.link.call(f"sending to {self.topic}", send, self.progress)
         future.add_errback(self._refused)

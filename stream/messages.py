@@ -66,6 +66,10 @@ class ReleasePartitions:
     partitions: frozenset[int]
     offsets: dict[int, int] = field(default_factory=dict)
     done: threading.Event = field(default_factory=threading.Event)
+    #: Whether the partitions' state may stay in memory in case they come straight back (eager rebalancing: the
+    #: assignment that follows says). Cooperative rebalancing revokes only what moves, and no assignment follows a
+    #: revocation alone, so kept state held its rows for good (new series refused as unknown_series).
+    keep: bool = True
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _state: str = field(default="pending", init=False)
 

@@ -348,13 +348,17 @@ class PartitionTable:
     def forget(self, partitions: Iterable[int]) -> None:
         """Lost (or released and gone): drop the series; unsaved changes go with them, and whoever owns the
         partition next restores from durable state."""
+        leaving = set(partitions)
+        # a series another partition held here also lists (state written under another --partitioner) stays:
+        # dropping it restarted it empty there, and that partition's next checkpoint made the loss durable
+        kept = {sid for q, st in [*self.owned.items(), *self.released.items()] if q not in leaving for sid in st.series}
         for p in partitions:
             st = self.owned.pop(p, None) or self.released.pop(p, None)
             if st is not None:
                 for sid in st.series:
                     if self._owner.get(sid) == p:
                         del self._owner[sid]
-                self.engine.drop_series(sorted(st.series))
+                self.engine.drop_series(sorted(st.series - kept))
         self._unpark()  # rows freed: parked series of the partitions kept may fit now
 
     def _unpark(self) -> None:
@@ -395,6 +399,9 @@ class PartitionTable:
         refused = self._import(snapshots)
         for p, snap in snapshots.items():
             self._own(self._state_of(p, snap, tails[p], refused))
+        # rows freed by the partitions that left: the parked series of those kept in memory (which the forget
+        # above ran before they were owned again) fit now; else their records started a fresh copy of the series
+        self._unpark()
         if snapshots:
             self.metrics.restore_seconds.observe(time.perf_counter() - started)
         if not self._checkpointed and not any(st.dirty for st in self.owned.values()):

@@ -257,6 +257,8 @@ class Worker(threading.Thread):
                 self.table.forget(release.partitions)
                 return
             release.offsets = self.table.release(release.partitions)
+            if not release.keep:  # checkpointed above; nothing will tell us later that they are gone
+                self.table.forget(release.partitions)
         finally:
             release.done.set()
 

@@ -69,9 +69,10 @@ class MemoryChangelog(ChangelogStore):
         return len(self.producer.log[(self.topic, partition)])
 
 
-def make_worker(tmp_path, producer, engine=None, state_dir="state", **worker_kw) -> tuple[Worker, queue.Queue]:
+def make_worker(tmp_path, producer, engine=None, state_dir="state", settings=None,
+                **worker_kw) -> tuple[Worker, queue.Queue]:
     cfg = ServeConfig({"bootstrap_servers": "x:1", "topic": TOPIC, "checkpoint_records": 10**9,
-                       "checkpoint_interval": 10**9, "state_dir": tmp_path / state_dir})
+                       "checkpoint_interval": 10**9, "state_dir": tmp_path / state_dir, **(settings or {})})
     results: queue.Queue = queue.Queue()
     metrics = engine.metrics if engine is not None else Metrics(reasons=REASONS)
     engine = engine or Engine.from_config(CONFIG, metrics)
@@ -368,3 +369,101 @@ def test_after_a_recreated_topic_a_restart_skips_nothing_of_a_series_quiet_since
     applied = dict(zip(sorted(again.engine.series_ids), state_of(again.engine)["engine/n_applied"].tolist(),
                        strict=True))
     assert applied == {"a": 80, "b": 60}
+
+
+def _series_on(partition: int, n: int) -> list[str]:
+    """``n`` series ids whose murmur2 home out of 2 partitions is ``partition``."""
+    from tidecast.stream.partitioner import HomePartitions
+
+    homes = HomePartitions(2, "murmur2")
+    return [sid for sid in (f"s{i}" for i in range(1000)) if homes(sid) == partition][:n]
+
+
+def _small_engine(max_series: int) -> Engine:
+    config = EngineConfig(horizon=4, model_params={"seasonal-naive": {"period": 6}}, max_series=max_series)
+    return Engine.from_config(config, Metrics(reasons=REASONS))
+
+
+def test_a_parked_series_comes_back_when_a_rebalance_frees_rows(tmp_path):
+    """Found by the worker review (2026-12-04): a series parked at restore (over max_series) stayed parked when an
+    eager rebalance took the other partition away (its rows were freed before the kept partition was owned again),
+    so its next records started a fresh copy of it, and the checkpoint wrote the fresh copy over its history."""
+    producer = FakeProducer()
+    p0, p1 = _series_on(0, 2), _series_on(1, 2)
+    full, results = make_worker(tmp_path, producer, state_dir="full")
+    assign(full, results, {0, 1})
+    feed(full, 0, records(0, p0, range(10), 0))
+    feed(full, 1, records(1, p1, range(10), 0))
+    full.table.checkpoint([0, 1])
+    small, results = make_worker(tmp_path, producer, engine=_small_engine(3), state_dir="small")
+    assign(small, results, {0, 1})
+    home = next(p for p in (0, 1) if len(small.table.owned[p].parked))
+    parked = small.table.owned[home].parked.series_ids[0]
+    small.handle(ReleasePartitions(frozenset({0, 1})))  # eager: everything revoked, then only `home` comes back
+    small.handle(AssignPartitions(frozenset({home}), frozenset({home}), {home: 0}))
+    assert parked in small.engine.series_ids and not len(small.table.owned[home].parked)
+    feed(small, home, records(home, [parked], range(10, 13), 20))
+    n_applied = dict(zip(sorted(small.engine.series_ids), state_of(small.engine)["engine/n_applied"].tolist(),
+                         strict=True))
+    assert n_applied[parked] == 13  # its history went on, not a fresh copy
+
+
+def test_a_cooperative_revocation_frees_the_partitions_rows(tmp_path):
+    """Found by the worker review (2026-12-04): cooperative-sticky calls no assignment listener after a revocation
+    alone, and the revoked partitions' series, kept in memory in case they came back, held their rows for good:
+    with max_series reached every new series was dead-lettered unknown_series."""
+    producer = FakeProducer()
+    p0, p1 = _series_on(0, 3), _series_on(1, 1)
+    worker, results = make_worker(tmp_path, producer, engine=_small_engine(3))
+    assign(worker, results, {0, 1})
+    feed(worker, 0, records(0, p0[:2], range(10), 0))
+    feed(worker, 1, records(1, p1, range(10), 0))
+    release = ReleasePartitions(frozenset({1}), keep=False)  # what the fetcher sends under cooperative-sticky
+    worker.handle(release)
+    assert release.offsets == {1: 10} and p1[0] not in worker.engine.series_ids
+    feed(worker, 0, records(0, [p0[2]], range(10), 20))
+    assert p0[2] in worker.engine.series_ids and "unknown_series" not in producer.reasons()
+
+
+def test_a_refusal_raised_by_send_is_counted_as_an_output_error(tmp_path):
+    """Found by the worker review (2026-12-04): a message kafka-python refuses from send() itself (over
+    max_request_size) stopped the member as documented but left tidecast_output_errors_total at 0, so the alert on
+    it stayed quiet."""
+    from kafka.errors import MessageSizeTooLargeError
+
+    class Refusing(FakeProducer):
+        def send(self, topic, key=None, value=None, headers=None, partition=None):
+            if topic.endswith("-forecasts"):
+                raise MessageSizeTooLargeError("The message is 20000000 bytes when serialized")
+            return super().send(topic, key, value, headers, partition)
+
+    worker, results = make_worker(tmp_path, Refusing())
+    assign(worker, results, {0})
+    with pytest.raises(OutputError):
+        feed(worker, 0, records(0, ["a"], range(20), 0))
+    assert sample(worker, "tidecast_output_errors_total") == 1
+
+
+def test_a_series_two_partitions_list_keeps_its_state_when_one_of_them_leaves(tmp_path):
+    """Found by the worker review (2026-12-04): state written under another partitioner can list one series on two
+    partitions; when one of them left the member, the series was dropped from the engine though the other still
+    owned it, restarted empty there, and that partition's next checkpoint made the loss durable."""
+    from tidecast.stream.partitioner import HomePartitions
+
+    crc, murmur = HomePartitions(2, "crc32"), HomePartitions(2, "murmur2")
+    sid = next(f"x{i}" for i in range(1000) if crc(f"x{i}") == 0 and murmur(f"x{i}") == 1)
+    producer = FakeProducer()
+    old, results = make_worker(tmp_path, producer, state_dir="old", settings={"partitioner": "crc32"})
+    assign(old, results, {0, 1})
+    feed(old, 0, records(0, [sid], range(20), 0))  # crc32 producers put it on partition 0
+    old.table.checkpoint([0, 1])
+    b, results = make_worker(tmp_path, producer, state_dir="b")  # murmur2: on partition 1 now, a new series there
+    assign(b, results, {1})
+    feed(b, 1, records(1, [sid], range(20, 40), 0))
+    b.table.checkpoint([1])
+    c, results = make_worker(tmp_path, producer, state_dir="c")
+    assign(c, results, {0, 1})  # both partitions list the series
+    c.handle(ReleasePartitions(frozenset({0, 1})))
+    c.handle(AssignPartitions(frozenset({1}), frozenset({1}), {1: 0}))  # partition 0 went elsewhere
+    assert sid in c.engine.series_ids
+    assert state_of(c.engine)["engine/n_applied"].tolist() == [20]
