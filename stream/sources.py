@@ -128,7 +128,9 @@ class Table:
 def read_table(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Table:
     """All cells as strings (CSV) or native types (Parquet); the raw form is kept for dead letters."""
     if path.suffix.lower() in (".parquet", ".pq"):
-        frame = pd.read_parquet(path)  # pandas stores a frame's index in the file: _load_table moves it back
+        # pandas stores a frame's index in the file: _load_table moves it back. INT96 times (Spark's) are read in
+        # microseconds: as nanoseconds a 9999-12-31 sentinel wrapped round to a made-up time instead of being refused
+        frame = pd.read_parquet(path, coerce_int96_timestamp_unit="us")
         return Table(_exact_integers(path, frame), np.arange(len(frame), dtype=np.int64))
     return read_csv(path, max_bytes)
 
@@ -350,6 +352,9 @@ def index_as_columns(frame: pd.DataFrame, wanted: Collection[str] = ()) -> pd.Da
     index = frame.index
     names = list(index.names)
     if names == [None] and isinstance(index, pd.DatetimeIndex):
+        if "ds" in frame.columns:  # the index would take the name of a column it is not: say which to rename
+            raise ValueError("the frame has an unnamed DatetimeIndex (its times) and a column named 'ds', the name "
+                             "a time column goes by: rename the column, e.g. frame.rename(columns={'ds': 'ds_value'})")
         names = ["ds"]
     keep = []
     for level, name in enumerate(names):
@@ -392,7 +397,7 @@ def _load_table(table: Table, spec: ReplaySpec, source: str, name: str | None, p
     if path is not None:
         _refuse_nested(path, used)
     letters = list(table.letters)
-    sizes = _row_sizes(frame)
+    sizes = _row_sizes(frame)  # the whole row, as a CSV line is measured
     oversized = sizes > spec.max_bytes
     t_ns, time_errors = _parse_times(frame[time_col])
     bad_time = np.zeros(len(frame), bool)
@@ -465,7 +470,7 @@ def _row_sizes(frame: pd.DataFrame) -> np.ndarray:
         elif pd.api.types.is_string_dtype(frame[col]):
             sizes += _utf8_sizes(frame[col])
         else:
-            sizes += 16
+            sizes += 8  # a number's binary size (16 made a Parquet file of 4,100 channels all oversized)
     return sizes
 
 
@@ -487,6 +492,8 @@ def _as_text(cells: pd.Series) -> pd.Series:
     """Each cell as ``str`` would write it. pandas' string dtype (Arrow) refuses a lone surrogate such as
     ``"\\ud800"``, so a column holding one is converted cell by cell into Python strings instead: the id is then
     refused as ``bad_series_id`` with its row, not by an exception for the whole input."""
+    if isinstance(cells.dtype, pd.CategoricalDtype):  # integer categories with a missing one turned into floats:
+        cells = cells.astype(object)                   # "7.0", and two ids above 2**53 into one
     try:
         return cells.astype(str)
     except (UnicodeEncodeError, UnicodeDecodeError):  # decode: a binary cell that is no UTF-8 (raw UUID bytes)
@@ -518,6 +525,8 @@ def _parse_times(column: pd.Series) -> tuple[np.ndarray, dict[int, InvalidRecord
         us = _epoch_to_us(column.to_numpy(dtype=float, na_value=np.nan))
         epoch_column = True
     elif len(column) and _all_text(column):
+        if isinstance(column.dtype, pd.CategoricalDtype):  # "" is no category: where() below raised TypeError
+            column = column.astype(object)
         text = column.where(column.notna(), "").astype(str).str.strip()
         epoch_column = _mostly_numbers(text)
         iso = (text != "").to_numpy().copy()
@@ -589,7 +598,9 @@ def _epoch_to_us(seconds: np.ndarray) -> np.ndarray:
 
 
 def _datetimes_to_us(column: pd.Series) -> np.ndarray:
-    naive = column.dt.tz_convert(None) if isinstance(column.dtype, pd.DatetimeTZDtype) else column
+    zoned = isinstance(column.dtype, pd.DatetimeTZDtype) or getattr(getattr(column.dtype, "pyarrow_dtype", None),
+                                                                     "tz", None) is not None
+    naive = column.dt.tz_convert(None) if zoned else column  # an Arrow-backed zoned column too (read_parquet's)
     return naive.astype("datetime64[us]").to_numpy().view(np.int64)
 
 
@@ -613,6 +624,8 @@ def _why(parser: Any, raw: Any) -> InvalidRecord:
 
 def _raw_rows(frame: pd.DataFrame, rows: np.ndarray) -> list[dict[str, Any]]:
     """Rows' cells as JSON can hold them: missing cells null, non-finite numbers as text (``"inf"``)."""
+    if not len(rows):  # to_dict of no rows still costs a step per column: per channel of a wide file, squared
+        return []
     return [{str(k): _raw_cell(v) for k, v in record.items()} for record in frame.iloc[rows].to_dict("records")]
 
 

@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -305,8 +306,6 @@ def test_a_series_id_with_a_carriage_return_survives_the_csv_out_file(tmp_path):
     # standard reader split its rows in two
     import csv
 
-    import numpy as np
-
     from tidecast.stream.batch import ForecastBatch
     from tidecast.stream.sinks import CsvSink
 
@@ -336,3 +335,65 @@ def test_a_row_over_the_size_limit_is_measured_in_utf8_bytes_in_every_file_forma
     s = replay(tmp_path, str(path), "--format", "long", "--model-param", "seasonal-naive.period=1")
     assert s["dead_letters"] == {"oversized": 1}
     assert [d["reason"] for d in _dead(tmp_path)] == ["oversized"]
+
+
+def test_parquet_int96_times_outside_the_nanosecond_range_are_bad_timestamp(tmp_path):
+    """Found by the input review (2026-12-04): Spark's INT96 times were read as nanoseconds, so a 9999-12-31
+    sentinel wrapped round to 1816 and replayed there, with no dead letter."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    stamps = [dt.datetime(2024, 1, 1), dt.datetime(9999, 12, 31), dt.datetime(1000, 1, 1)]
+    table = pa.table({"ds": pa.array(stamps, pa.timestamp("us")), "a": [1.0, 2.0, 3.0]})
+    path = tmp_path / "int96.parquet"
+    pq.write_table(table, path, use_deprecated_int96_timestamps=True)
+    assert str(pq.read_metadata(path).schema.column(0).physical_type) == "INT96"
+    s = replay(tmp_path, str(path), "--model-param", "seasonal-naive.period=1")
+    assert s["dead_letters"] == {"bad_timestamp": 2} and s["n_observations"] + s["n_held"] == 1
+
+
+def test_odd_pandas_dtypes_in_a_frame_read_as_their_values():
+    """Found by the input review (2026-12-04): categorical integer ids with one missing became "7.0" (and two ids
+    above 2**53 one series); a categorical time column with an empty cell raised TypeError; an Arrow-backed zoned
+    time column raised ValueError."""
+    import tidecast.stream.sources as sources
+
+    ds = pd.date_range("2024-01-01", periods=5, freq="h", tz="Asia/Kolkata")
+    ids = pd.Categorical.from_codes([0, 1, -1, 0, 1], categories=pd.Index([2**60 + 1, 2**60 + 2], dtype="int64"))
+    loaded = sources.load_frame(pd.DataFrame({"unique_id": ids, "ds": ds, "y": range(5)}))
+    assert loaded.observations.series_ids.tolist() == ["1152921504606846977", "1152921504606846978"] * 2
+    times = pd.Categorical(["2024-01-01T00:00:00Z", "", "2024-01-01T02:00:00Z"])
+    loaded = sources.load_frame(pd.DataFrame({"ds": times, "a": [1.0, 2.0, 3.0]}))
+    assert [d.reason for d in loaded.dead_letters] == ["missing_field"] and len(loaded.observations) == 2
+    arrow = pd.DataFrame({"ds": ds, "a": range(5)}).astype({"ds": "timestamp[ms, tz=Asia/Kolkata][pyarrow]"})
+    loaded = sources.load_frame(arrow)
+    assert loaded.observations.timestamps_ns.tolist() == [t.value for t in ds]
+
+
+def test_a_wide_file_of_many_channels_loads_in_linear_time_and_fits_the_row_limit(tmp_path):
+    """Found by the input review (2026-12-04): every channel built the raw rows of its (no) bad cells, a step per
+    column each, so 500 channels took 13 s; and a Parquet number counted 16 bytes, so 4,200 channels made every row
+    oversized. Now numbers count their binary 8 bytes."""
+    import time
+
+    frame = pd.DataFrame(np.ones((3, 4200)), columns=[f"c{k}" for k in range(4200)])
+    frame.insert(0, "ds", pd.date_range("2024-01-01", periods=3, freq="h"))
+    path = tmp_path / "wide.parquet"
+    frame.to_parquet(path)
+    from tidecast.stream.sources import ReplaySpec, load_replay
+
+    began = time.perf_counter()
+    loaded = load_replay(ReplaySpec(path=path))
+    assert len(loaded.observations) == 3 * 4200 and not loaded.dead_letters
+    assert time.perf_counter() - began < 30  # minutes before (a loose bound: this is no benchmark)
+
+
+def test_an_unnamed_datetime_index_beside_a_ds_column_says_what_to_rename():
+    import tidecast
+
+    frame = pd.DataFrame({"ds": np.arange(30.0)}, index=pd.date_range("2024-01-01", periods=30, freq="h"))
+    with pytest.raises(ValueError, match=r"rename the column, e.g. frame.rename\(columns=\{'ds': 'ds_value'\}\)"):
+        tidecast.replay(frame, horizon=2)
+    assert len(tidecast.replay(frame.rename(columns={"ds": "ds_value"}), horizon=2).actuals) == 30
