@@ -332,10 +332,11 @@ class PerSeries(BatchForecaster):
         warmup = getattr(probe, "warmup", None)  # Standardised: it starts its river model on a warm-up window
         if isinstance(warmup, int):
             period = getattr(probe, "period", None)  # known: the model it builds may need more than the window
-            model_needs = river_min_history(probe.build(period)) if period else None
+            model = probe.build(period) if period else None
+            model_needs = river_min_history(model) if model is not None else None
             if model_needs is not None and model_needs > warmup:
-                return model_needs, (f"{type(probe.build(period)).__name__} with period={period} starts from its "
-                                     f"first {model_needs} observations, more than warmup={warmup}")
+                return model_needs, (f"{type(model).__name__} with period={period} starts from its first "
+                                     f"{model_needs} observations, more than warmup={warmup}")
             return warmup, f"warmup={warmup}: the standardising window"
         if getattr(probe, "is_ready", None) is not None:  # its own verdict comes first (is_ready): not known ahead
             return None

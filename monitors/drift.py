@@ -90,13 +90,11 @@ class DriftEvent:
         the sinks write it) reads as NaN, and a subclass's own fields are read too."""
         stamp = datetime.fromisoformat(str(fields["detected_at"]).replace("Z", "+00:00"))
         statistic = fields["statistic"]
+        own = {f.name for f in dataclasses.fields(DriftEvent)}
         extra = {f.name: type(f.default)(fields[f.name]) for f in dataclasses.fields(cls)
-                 if f.name not in _DRIFT_FIELDS and f.name in fields}
+                 if f.name not in own and f.name in fields}
         return cls(str(fields["series_id"]), str(fields["model"]), str(fields["detector"]), str(fields["kind"]),
                    stamp, math.nan if statistic is None else float(statistic), **extra)
-
-
-_DRIFT_FIELDS = ("series_id", "model", "detector", "kind", "detected_at", "statistic")
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
