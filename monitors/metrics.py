@@ -108,6 +108,10 @@ class Metrics:
         self.consumer_rate = Gauge(
             "tidecast_consumer_records_per_second", "Records processed per second, over the last few seconds.",
             registry=r)
+        self.last_record = Gauge(
+            "tidecast_last_record_timestamp_seconds", "Unix time records were last fetched from the input topic "
+            "(with tidecast_last_checkpoint_timestamp_seconds: consuming without checkpointing, as opposed to idle).",
+            registry=r)
         self.consumer_skipped = Counter(
             "tidecast_consumer_skipped_records",
             "Re-delivered records skipped because their series had already applied them.", registry=r)

@@ -795,13 +795,7 @@ class Engine:
         m.processing.observe(result.elapsed_seconds)
         for event in result.events:
             m.drift_alarms.labels(model=event.model, detector=event.detector).inc()
-        last_tick = self.series_["last_tick"][: self._cap]
-        for lane in self.lanes:
-            if lane.monitors:  # rows that never alarmed (blank ones included) hold NO_ALARM and never count
-                latest = np.max([mon.last_alarm_tick_[: self._cap] for mon in lane.monitors], axis=0)
-                alarmed = latest != NO_ALARM
-                recent = alarmed & (last_tick - np.where(alarmed, latest, last_tick) < self.config.drift_window)
-                m.series_drifting.labels(model=lane.name).set(int(np.count_nonzero(recent)))
+        self._set_drifting_gauges()
         for lane in self.lanes:  # the bootstrap watcher's spread ratio, median over series per horizon bucket
             for monitor in lane.monitors:
                 if isinstance(monitor, BootstrapMonitor):
@@ -1008,6 +1002,16 @@ class Engine:
             for part_name, part in lane.parts().items():
                 part.import_rows(rows, under(f"{lane.name}/{part_name}/", arrays))
 
+    def _set_drifting_gauges(self) -> None:
+        """``tidecast_series_drifting``: series held here whose latest alarm is within ``drift_window`` ticks."""
+        last_tick = self.series_["last_tick"][: self._cap]
+        for lane in self.lanes:
+            if lane.monitors:  # rows that never alarmed (blank ones included) hold NO_ALARM and never count
+                latest = np.max([mon.last_alarm_tick_[: self._cap] for mon in lane.monitors], axis=0)
+                alarmed = latest != NO_ALARM
+                recent = alarmed & (last_tick - np.where(alarmed, latest, last_tick) < self.config.drift_window)
+                self.metrics.series_drifting.labels(model=lane.name).set(int(np.count_nonzero(recent)))
+
     def drop_series(self, series_ids: list[str]) -> None:
         """Forget these series (their partition moved to another process); their rows are blanked and reused."""
         rows = np.array([self._slot_of.pop(sid) for sid in series_ids if sid in self._slot_of], dtype=np.int64)
@@ -1022,6 +1026,7 @@ class Engine:
         for row in rows.tolist():
             heapq.heappush(self._free, row)
         self.metrics.series_active.set(len(self._slot_of))
+        self._set_drifting_gauges()  # a member that processes nothing more must not keep counting them
 
     def export_shared(self) -> dict[str, tuple[ArrayDict, dict[str, Any]]]:
         """Per-model shared state (e.g. a backbone's weights), keyed by model name."""

@@ -162,6 +162,7 @@ class Fetcher:
             self.worker.inbox.put(FetchedRecords(tp.partition, epoch, payload))
             self._enqueued += count
             self.metrics.consumer_records.inc(count)
+            self.metrics.last_record.set(time.time())
         self.drain()
         self._apply_backpressure()
         self._update_gauges()

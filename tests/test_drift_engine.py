@@ -86,6 +86,19 @@ def test_drifting_gauge_counts_series_with_an_alarm_in_the_last_drift_window_ste
     assert {0, 1} <= seen  # it rose with the shift and cleared again
 
 
+def test_drifting_gauge_drops_the_series_a_member_hands_over() -> None:
+    """A revoked partition's series are dropped; a member that then processes nothing more kept counting them as
+    drifting (beside the new owner, which counts them too), while its tidecast_series fell to 0."""
+    engine = Engine.from_config(config())
+    run(engine, shifted(steps=700))  # s1 shifts at tick 600
+    assert sample(engine.metrics, "tidecast_series_drifting", model="seasonal-naive") == 1
+    engine.drop_series(["s0", "s2"])  # the drifting series stays
+    assert sample(engine.metrics, "tidecast_series_drifting", model="seasonal-naive") == 1
+    engine.drop_series(["s1"])
+    assert sample(engine.metrics, "tidecast_series") == 0
+    assert sample(engine.metrics, "tidecast_series_drifting", model="seasonal-naive") == 0
+
+
 @pytest.mark.parametrize("cut", [620, 640])  # inside the shift: a CUSUM on its way up, or just after an alarm
 def test_a_restore_neither_resets_nor_doubles_an_alarm(cut: int) -> None:
     values = shifted()
