@@ -303,3 +303,36 @@ def test_cyclenet_replay_skips_windows_whose_loss_is_not_finite_or_outlying():
         assert np.max(np.abs(spiked[380:, k] - clean[380:, k])) < 0.1 * (1 + k)
     _, meta = model.export_shared()
     assert meta["skipped_windows"] == model.skipped_windows_ and np.isfinite(meta["loss_ema"])
+
+
+@pytest.mark.parametrize("name", ["conformal-pid", "quantile-tracker", "sf-ogd", "spci"])
+def test_a_stuck_start_does_not_leave_the_guard_clipping_ordinary_residuals(name):
+    """1,000 residuals of exactly 0 (a sensor stuck from the start, forecast exactly), one tiny one, then ordinary
+    ones. The guard's warm-up counted the zeros, so it was over when the series moved: the guard began at the tiny
+    residual, crept up 2.5 % a step and clipped the ordinary ones for hundreds of steps (the tracker covered 0.12
+    of the next 300 at 80 %, SPCI 0.0). Zeros do not count now: the warm-up starts at the first non-zero one.
+    (The tracker and SPCI still adapt slowly after such a start, by their own steps and window: 0.66 and 0.57.)"""
+    rng = np.random.default_rng(1)
+    r = np.concatenate([np.zeros(1000), [1e-6], rng.normal(size=300)])
+    cal = make_calibrator(name, 1, 0.2, **PARAMS.get(name, {}))
+    rows, ok, covered = np.array([0]), np.ones((1, 1), bool), []
+    for t, value in enumerate(r):
+        lo, hi = cal.interval(rows, np.zeros((1, 1)))
+        if t > 1001:
+            covered.append(lo[0, 0] <= value <= hi[0, 0])
+        cal.update(rows, np.array([[value]]), ok)
+    assert cal.n_clipped_ == 0 and np.mean(covered) > 0.5, (cal.n_clipped_, np.mean(covered))
+
+
+def test_a_guard_saved_before_it_counted_its_residuals_imports_warm():
+    """State saved before ``guard_n`` existed: a cell whose guard had started counts as past its warm-up."""
+    cal = make_calibrator("conformal-pid", 2, 0.1)
+    rows = np.array([0])
+    for value in np.random.default_rng(0).normal(size=50):
+        cal.update(rows, np.array([[value, 0.0]]), np.array([[True, True]]))  # h = 2: zeros only, never started
+    state = cal.export_rows(rows)
+    assert state["guard_n"][0].tolist() == [50, 0]
+    del state["guard_n"]
+    fresh = make_calibrator("conformal-pid", 2, 0.1)
+    fresh.import_rows(rows, state)
+    assert fresh.export_rows(rows)["guard_n"][0].tolist() == [fresh.guard_warmup, 0]

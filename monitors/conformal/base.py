@@ -25,10 +25,12 @@ clipped to ``+-outlier_limit * g`` (30: the largest ``|r| / g`` on the bench's r
 to less than ``MISS_MARGIN`` (2) times the reach of the interval the cell holds, and, whatever the guard says, to
 ``+-MAX_RESIDUAL`` (``1e30``: squares and sums stay finite, and so does a float32 copy). A clipped residual beyond
 the cell's interval is therefore still learned as a miss, and a heavy tail's high quantile stays reachable; it
-only cannot blow up the scale, the thresholds or the scorecaster. A cell's first ``guard_warmup`` (20) residuals
-start its guard as the running mean of their clipped ``|r|``, so a tiny first residual cannot hold the ordinary
-ones after it clipped for long; the first ``GUARD_START`` (3) are judged by the row's cells that have guards of
-their own (scaled by the square root of the horizons' ratio), the rest of the warm-up by the cell's own guard.
+only cannot blow up the scale, the thresholds or the scorecaster. A cell's first ``guard_warmup`` (20) non-zero
+residuals start its guard as the running mean of their clipped ``|r|``, so a tiny first residual cannot hold the
+ordinary ones after it clipped for long (zeros do not count: after a stuck start, the guard began at the first
+tiny residual once the series moved, and clipped ordinary ones for hundreds of steps); the first ``GUARD_START``
+(3) are judged by the row's cells that have guards of their own (scaled by the square root of the horizons'
+ratio), the rest of the warm-up by the cell's own guard.
 
 **Seeding.** :meth:`Calibrator.seed` starts rows afresh from residual sequences a model hands over
 (:class:`~tidecast.models.base.Calibration`: a fit's validation residuals, a backtest): the rows are blanked and
@@ -240,6 +242,18 @@ def targets(alphas: np.ndarray, symmetric: bool) -> tuple[np.ndarray, np.ndarray
     return np.repeat(alphas / 2, 2), np.tile([1.0, -1.0], alphas.size)
 
 
+def prior_thresholds(alphas: np.ndarray, symmetric: bool) -> np.ndarray:
+    """Each target's Gaussian quantile in units of mean ``|residual|`` (E|Z| = sqrt(2/pi)): where a cell's
+    thresholds start before its own scores can place them (symmetric: a is the miss rate of |Z|, whose quantile
+    is the Gaussian's at 1 - a / 2).
+
+    >>> prior_thresholds(np.array([0.1]), symmetric=False).round(3).tolist()  # 1.645 * 1.253, both sides
+    [2.062, 2.062]
+    """
+    a, _ = targets(alphas, symmetric)
+    return gaussian_quantile(1 - a / 2 if symmetric else 1 - a) * np.sqrt(np.pi / 2)
+
+
 class Block:
     """The gathered state of ``m`` cells, field-major (width, m); fields are read as (m, *tail) by name."""
 
@@ -297,8 +311,10 @@ class ScoreCalibrator(Calibrator):
         self.symmetric = symmetric
         self.target_alpha_, self.target_sign_ = targets(self.alphas_, symmetric)
         self.n_targets_ = self.target_alpha_.size
-        # guard: running median of |r| (0 = not started), see the module docstring.
-        self._spec = {**self._state_spec(), "guard": ((), 0.0, float)}
+        self.prior_per_scale_ = prior_thresholds(self.alphas_, symmetric)
+        # guard: running median of |r| (0 = not started), see the module docstring; guard_n: the non-zero
+        # residuals it has taken in (its warm-up counts those, not the zeros of a stuck start).
+        self._spec = {**self._state_spec(), "guard": ((), 0.0, float), "guard_n": ((), 0, np.int64)}
         self._guard_steps = np.exp(np.array([-0.5, 0.5]) * self.guard_rate)
         self.n_clipped_ = 0  # residuals clipped by the guard since this object was built (not state)
         self._layout: dict[str, tuple[slice, tuple[int, ...]]] = {}
@@ -426,7 +442,7 @@ class ScoreCalibrator(Calibrator):
             size = np.abs(r)
         # The first guard_warmup residuals of a cell start its guard as the running mean of their (clipped) |r|,
         # which the multiplicative steps would take long to reach from one tiny first residual.
-        count = blk.fields("count")[0] if "count" in self._layout else None
+        count = blk.fields("guard_n")[0] if "count" in self._layout else None
         warm = count is not None and count.min() < self.guard_warmup
         limit = self.outlier_limit * g
         over = size > limit  # a guard not started (0) is handled below
@@ -458,6 +474,7 @@ class ScoreCalibrator(Calibrator):
         # A zero residual says nothing of the size of the others: a series that is often exactly right (a stuck
         # sensor, counts, night-time zeros) pulled a median of |r| to 0, and every residual after it was clipped.
         g[...] = np.where(size > 0, stepped, g)
+        blk.fields("guard_n")[0][...] += size > 0
         return r
 
     def _row_reference(self, cells: np.ndarray) -> np.ndarray:
@@ -467,7 +484,7 @@ class ScoreCalibrator(Calibrator):
         g = self.state_[self._layout["guard"][0].start, rows]  # (k, H)
         started = g > 0
         if "count" in self._layout:
-            started &= self.state_[self._layout["count"][0].start, rows] >= GUARD_START
+            started &= self.state_[self._layout["guard_n"][0].start, rows] >= GUARD_START
         ratio = np.sqrt((h[:, None] + 1.0) / np.arange(1.0, self.horizon + 1.0))
         return np.where(started, g * ratio, 0.0).max(axis=1)
 
@@ -509,6 +526,10 @@ class ScoreCalibrator(Calibrator):
             sl, _ = self._layout[name]
             if name == "guard" and name not in state:  # saved before the guard existed: it starts afresh
                 packed[..., sl] = 0.0
+                continue
+            if name == "guard_n" and name not in state:  # saved before it existed: a started guard is warm
+                started = np.asarray(state.get("guard", np.zeros((rows.size, self.horizon)))) > 0
+                packed[..., sl] = np.where(started, self.guard_warmup, 0).reshape(rows.size, self.horizon, 1)
                 continue
             packed[..., sl] = np.asarray(state[name], dtype=float).reshape(rows.size, self.horizon, -1)
         self.state_[:, rows] = np.moveaxis(packed, -1, 0)

@@ -74,8 +74,7 @@ from tidecast.monitors.conformal.base import (
     Block,
     ScoreCalibrator,
     bounds,
-    gaussian_quantile,
-    targets,
+    prior_thresholds,
 )
 from tidecast.monitors.conformal.scorecaster import lag_table, solve_ridge
 
@@ -155,11 +154,10 @@ class ConformalPID(ScoreCalibrator):
         self._run_h1 = np.zeros(0, np.int64)
         self._run_rate = np.zeros(0)
         self._run_mean_rate = np.zeros(0)
-        # Prior thresholds in units of mean |u|: the Gaussian quantile over E|Z| = sqrt(2/pi). A new cell starts
-        # there; in residual units (normalize=False) it starts at 0 and walks.
-        a, _ = targets(np.atleast_1d(np.asarray(alpha, dtype=float)), symmetric)
-        # (symmetric: a is the miss rate of |Z|, whose quantile is the Gaussian's at 1 - a / 2)
-        prior = gaussian_quantile(1 - a / 2 if symmetric else 1 - a) * np.sqrt(np.pi / 2)
+        # Prior thresholds in units of mean |u| (base.prior_thresholds). A new cell starts there; in residual
+        # units (normalize=False) p is the threshold itself, so until the cell's first issued interval is
+        # scored it follows the prior times its scale (see _learn), and walks from there.
+        prior = prior_thresholds(np.atleast_1d(np.asarray(alpha, dtype=float)), symmetric)
         self.prior_ = prior if normalize else np.zeros_like(prior)
         super().__init__(horizon, alpha, symmetric)
 
@@ -368,6 +366,18 @@ class ConformalPID(ScoreCalibrator):
             x = np.where(count >= back, x, 0.0)
         return x
 
+    def _young_prior(self, ring: np.ndarray, base: np.ndarray, count: np.ndarray, r: np.ndarray) -> np.ndarray:
+        """Thresholds (K, m) for cells that have seen ``count`` residuals, all still in their ring (slots
+        ``base .. base + count - 2``, then ``r``): the Gaussian quantile times the median |r| over 0.6745."""
+        seen = np.arange(int(count.max()))
+        slots = ring[base[:, None] + np.minimum(seen, count[:, None] - 1), 0].astype(float)
+        slots[seen >= count[:, None]] = np.nan  # not seen yet (a seeded cell's padding slots hold NaN too)
+        slots[np.arange(r.size), count - 1] = r  # the slot r goes to, written after this
+        sizes = np.sort(np.abs(slots), axis=1)  # NaN last
+        rows, known = np.arange(r.size), np.count_nonzero(~np.isnan(slots), axis=1)  # >= 1: r
+        size = (sizes[rows, (known - 1) // 2] + sizes[rows, known // 2]) / (2 * 0.6745)  # a Gaussian's sigma
+        return self.prior_per_scale_[:, None] * np.sqrt(2 / np.pi) * size
+
     @staticmethod
     def _rate(decay: float, n_new: np.ndarray) -> np.ndarray | float:
         """``max(decay, 1/n)``: a running mean first, exponential forgetting once ``n >= 1/decay``."""
@@ -465,6 +475,17 @@ class ConformalPID(ScoreCalibrator):
         if unknown is not None:  # without its lag, u is the whole residual: it says nothing about the scale of u
             rate = np.where(unknown, 0.0, rate)
         scale += rate * (np.abs(u) - scale)
+        if young and not self.normalize:
+            # In residual units p is the threshold and starts at 0; until the cell's first issued interval is
+            # scored (its err was masked above) nothing moves it, so the tracker issued zero-width intervals,
+            # the point forecast itself, for the first h steps of every h-step cell. Until then it is the
+            # Gaussian prior on the median |r| the cell has seen (all in its ring yet), not on the mean: p walks
+            # down by only lr * scale * a a step, so a start inflated by one wild first residual stayed too wide
+            # for thousands of steps.
+            unscored = np.flatnonzero(count_f <= h1)
+            if unscored.size:
+                seen = count_f[unscored].astype(np.int64)
+                p[:, unscored] = self._young_prior(ring, base[unscored], seen, r[unscored])
         if self.order:
             xx = blk.fields("xx")  # (p*p, m), row-major p x p
             xy = blk.fields("xy")

@@ -84,7 +84,10 @@ class SAOCP(ScoreCalibrator):
         q, g2, z, wz = (old[k].copy() for k in ("q", "grad2", "z", "wz"))
         # 1. expire, 2. spawn a new expert at the current meta threshold.
         born = np.where(age > life, 0, born)
-        init = self._meta(born, age, q, z, wz)
+        # The first expert starts at the Gaussian prior on the cell's residual size, as the first interval
+        # (below) did: at 0 every cell issued the point forecast itself until its experts walked out.
+        init = np.where((born > 0).any(-1), self._meta(born, age, q, z, wz),
+                        self.prior_per_scale_ * blk["scale"][:, None])
         remaining = np.where(born == 0, -1, life - age)
         slot = np.argmin(remaining, axis=-1)[..., None]  # a free slot (-1) first, else the one closest to expiry
         tt = np.broadcast_to(t[:, None, None], born.shape[:-1] + (1,))
@@ -119,4 +122,5 @@ class SAOCP(ScoreCalibrator):
             blk[name] = new[name]
         blk["scale"], blk["count"] = scale, t
         thr = self._meta(new["born"], new["age"], new["q"], new["z"], new["wz"])
+        thr = np.where(started[..., 0], thr, self.prior_per_scale_ * scale[:, None])  # no expert yet
         return np.concatenate([np.zeros((r.size, 1)), thr], axis=1)

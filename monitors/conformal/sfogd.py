@@ -41,6 +41,9 @@ class SFOGD(ScoreCalibrator):
         grad = (self.target_alpha_ - (self.scores(r) > q)) * (count > 0)[:, None]
         g2 = g2 + grad**2
         q = q - scale[:, None] * grad / np.sqrt(np.where(g2 > 0, g2, 1.0))
+        # The first residual has nothing to score: it places the thresholds at the Gaussian prior on its size
+        # (q starting at 0 issued the point forecast itself as the first interval of every cell).
+        q = np.where((count == 0)[:, None], self.prior_per_scale_ * np.abs(r)[:, None], q)
         if self.symmetric:
             q = np.maximum(q, 0.0)
         blk["q"], blk["grad2"], blk["scale"], blk["count"] = q, g2, scale, count + 1

@@ -10,7 +10,9 @@ The forest is refitted every ``refit_every`` residuals (SPCI refits every step: 
 This is the reference the fast methods are measured against, not a hot-path calibrator: it loops over cells in
 Python and keeps one fitted forest per cell in a cache that is *not* part of the exported state (after
 ``import_rows`` the forest is refitted from the exported residual history at the next update). Before
-``min_history`` residuals it falls back to empirical quantiles of what it has (the same ``beta`` search).
+``min_history`` residuals it falls back to empirical quantiles of what it has (the same ``beta`` search), and
+before ``1 / a`` residuals (``a`` the smaller one-sided miss rate: 20 at alpha = 0.1) no threshold is below the
+Gaussian prior on their mean ``|r|``, which the sample's quantiles cannot reach yet.
 """
 
 from __future__ import annotations
@@ -139,12 +141,19 @@ class SPCI(ScoreCalibrator):
                 self._forests[key] = QuantileForest(self.n_estimators, self.max_depth, self.random_state).fit(x, y)
             qs = self._forests[key].predict(r[-w:], np.clip(levels, 0, 1))
         if self.symmetric:
-            return qs
-        n_lv = self.alphas_.size
-        lo, hi = qs[: n_lv * self.bins].reshape(n_lv, -1), qs[n_lv * self.bins :].reshape(n_lv, -1)
-        best = np.argmin(hi - lo, axis=1)
-        pick = np.arange(n_lv)
-        return np.stack([hi[pick, best], -lo[pick, best]], -1).ravel()  # (hi, lo) per level
+            thresholds = qs
+        else:
+            n_lv = self.alphas_.size
+            lo, hi = qs[: n_lv * self.bins].reshape(n_lv, -1), qs[n_lv * self.bins :].reshape(n_lv, -1)
+            best = np.argmin(hi - lo, axis=1)
+            pick = np.arange(n_lv)
+            thresholds = np.stack([hi[pick, best], -lo[pick, best]], -1).ravel()  # (hi, lo) per level
+        if r.size * self.target_alpha_.min() < 1.0:
+            # Fewer residuals than it takes to see one miss: the sample's quantiles cannot reach the tail (one
+            # residual gave a zero-width interval, the point forecast itself). The Gaussian prior on their
+            # mean size is a floor until they can.
+            thresholds = np.maximum(thresholds, self.prior_per_scale_ * np.abs(r).mean())
+        return thresholds
 
     def _learn(self, blk, cells: np.ndarray, h: np.ndarray, r: np.ndarray) -> np.ndarray:
         count = blk["count"].astype(np.int64)

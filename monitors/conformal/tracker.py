@@ -4,7 +4,9 @@ Each (row, horizon) cell tracks its thresholds by online gradient descent on the
 ``q <- q + eta * (miss - a)`` with ``miss = 1{score > q}``, ``a = alpha/2`` per side. The step
 ``eta = lr * scale`` follows the score's magnitude (an exponential mean of |residual|), so the same ``lr`` works on
 any unit (the paper's adaptive learning rate). O(1) per step and never infinite, unlike unclipped ACI. This is
-:class:`~tidecast.monitors.conformal.pid.ConformalPID` with neither integrator nor scorecaster.
+:class:`~tidecast.monitors.conformal.pid.ConformalPID` with neither integrator nor scorecaster. Until a cell's first
+issued interval is scored (h residuals), its thresholds are the Gaussian quantile on the median ``|r|`` it has seen,
+then ``q`` walks from there.
 
 >>> import numpy as np
 >>> cal = QuantileTracker(horizon=1, alpha=0.1)
