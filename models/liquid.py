@@ -17,15 +17,17 @@ direct multi-horizon head.
   H steps at once from the current state through the head (the lookback is never re-encoded to forecast).
 * **Time from the ticks.** ``dt`` is the tick difference between two real observations. Ticks the engine filled
   into a short gap (``learn_many(..., filled=mask)``) are skipped: the next real value advances the state by the
-  whole gap. A long gap needs no reset either: the state takes one closed-form step of the gap's length, in
+  whole gap. A long gap is not reset either: the state takes one closed-form step of the gap's length, in
   which every unit's gate moves toward its saturated value (``sigmoid(a * dt + b)`` tends to 0 or 1), so the
-  state after a long gap is set by the new value and the saturated head it selects, not by the stale state's
-  slow decay. :meth:`reset_rows` therefore keeps the hidden state, the scaler and the cycle row.
+  state after it is the saturated head's value. Both heads read the new value *and* the stale state, so the
+  stale state still shapes the state after a gap of any length (it is not decayed to zero); the values that
+  follow re-encode it. :meth:`reset_rows` keeps the hidden state, the scaler and the cycle row.
 * **Raw values in, raw forecasts out.** Each row is standardised with the mean and (population) standard
   deviation of its warm-start training part, as CycleNet does; the head forecasts the standardised value as the
   last value plus a learned correction (``skip=True``), so a level shift is followed from its first step.
   ``scale_halflife`` swaps in an adaptive scaler instead: an exponentially weighted mean and deviation per row
-  (decayed by ``dt``, deviations winsorised at 3 standard deviations for the variance), each input standardised
+  (decayed by ``dt``, a running mean until the half-life's rate is the larger, deviations winsorised at 3
+  standard deviations for both), each input standardised
   with its own tick's statistics and each forecast with its origin's.
 * **Warm start** (CycleNet's recipe): rows keep their history until ``warm_start`` ticks have passed since their
   first value (gaps count: on the engine's grid that is when CycleNet, which learns the filled ticks, warms up);
@@ -117,7 +119,8 @@ def _ticks_ending(last: np.ndarray, n: int) -> np.ndarray:
     return last[:, None] - n + 1 + np.arange(n)
 _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
-SCALE_CLIP = 3.0  # deviations at which the adaptive scaler winsorises a value for its variance
+MAX_LAYERS = 64  # backbone depth: far beyond any use, and refused at construction rather than at the fit
+SCALE_CLIP = 3.0  # deviations at which the adaptive scaler winsorises a value for its mean and variance
 
 
 class LeCunTanh(nn.Module):
@@ -362,7 +365,7 @@ class CfCForecaster(WarmStarted):
     def _check_params(self) -> None:
         check_bootstrap(self.bootstrap)
         check_count("backbone_units", self.backbone_units, high=MAX_UNITS)
-        check_count("backbone_layers", self.backbone_layers)
+        check_count("backbone_layers", self.backbone_layers, high=MAX_LAYERS)
         check_rate("lr", self.lr)
         check_count("epochs", self.epochs)
         check_count("patience", self.patience, 0)
@@ -388,8 +391,9 @@ class CfCForecaster(WarmStarted):
             raise ValueError("val_fraction must be in [0, 1)")
         check_count("seed", self.seed, 0, high=MAX_SEED)
         self._check_warm_start()
-        if self.scale_halflife is not None and not self.scale_halflife > 0:
-            raise ValueError("scale_halflife must be > 0 (or None)")
+        if self.scale_halflife is not None and not 0 < self.scale_halflife < math.inf:
+            raise ValueError(f"scale_halflife must be > 0 and finite (or None: the warm-start scaler), got "
+                             f"{self.scale_halflife}")
         if not 0.0 <= self.input_dropout < 1.0:
             raise ValueError("input_dropout must be in [0, 1)")
         if any(p < 2 for p in self.periods):
@@ -546,16 +550,23 @@ class CfCForecaster(WarmStarted):
         self._seen[rows] += np.where(prev == _NO_TICK, 1, ticks - prev)
 
     def _update_scaler(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray, prev: np.ndarray) -> None:
-        """Exponentially weighted mean and variance, decayed by the real time since the last value. The variance
-        sees each deviation winsorised at ``SCALE_CLIP`` deviations, so that one jump cannot blow the scale up
-        (the mean follows the jump, the scale grows by a bounded factor per step)."""
+        """Exponentially weighted mean and variance, decayed by the real time since the last value. Both see each
+        deviation winsorised at ``SCALE_CLIP`` deviations, so that one value cannot move them far: the scale grows
+        by a bounded factor a step, and the mean by a bounded step, which a lasting shift widens as the scale
+        grows. (The mean took the whole deviation before: one value of 1e14 moved it to 3e12, every later value
+        was then 3 deviations off, and the scale grew 1.27x a tick for hundreds of ticks.)"""
         first = self._seen[rows] == 0
-        alpha = 1.0 - 0.5 ** (np.where(first, 1, ticks - prev) / self.scale_halflife)
+        dt = np.where(first, 1, ticks - prev)
+        # A running mean first (rate 1/n over the n ticks since the row's first value), exponential forgetting
+        # once the half-life's rate is the larger: started from 0 without it, the deviation was 0.07 of the data's
+        # after 100 ticks at a half-life of 168 (0.78 after 500), and winsorising at 3 of those held it down.
+        alpha = np.maximum(1.0 - 0.5 ** (dt / self.scale_halflife), 1.0 / (self._seen[rows] + dt))
         mean, var = self._mean[rows], self._var[rows]
         diff = values - np.where(first, values, mean)
         bound = np.where(var > 0, SCALE_CLIP * np.sqrt(var), np.inf)
+        diff = np.clip(diff, -bound, bound)
         self._mean[rows] = np.where(first, values, mean + alpha * diff)
-        self._var[rows] = np.where(first, 0.0, (1.0 - alpha) * (var + alpha * np.clip(diff, -bound, bound) ** 2))
+        self._var[rows] = np.where(first, 0.0, (1.0 - alpha) * (var + alpha * diff**2))
         self._scale[rows] = _safe_std(np.sqrt(self._var[rows]))
         self._hist_mean[rows, ticks % self._ring] = self._mean[rows]
         self._hist_scale[rows, ticks % self._ring] = self._scale[rows]
@@ -614,11 +625,17 @@ class CfCForecaster(WarmStarted):
         self._state[rows] = s.numpy()
 
     def _join(self, rows: np.ndarray) -> None:
-        """Serve rows that arrived after the fit: scaler from their history, state encoded over it."""
+        """Serve rows that arrived after the fit: scaler from their history, state encoded over it. As in the fit's
+        cohort, a row joins once its history holds ``lookback + horizon`` real values, not ticks: one value and a
+        gap gave a scaler of 2 values (a deviation of 0 taken as 1) that the row then kept."""
+        if rows.size == 0:
+            return
+        raw, _ = self._history(rows, self._ring)
+        enough = np.isfinite(raw).sum(axis=1) >= self._window
+        rows, raw = rows[enough], raw[enough]
         if rows.size == 0:
             return
         if not self._adaptive:
-            raw, _ = self._history(rows, self._ring)
             self._mean[rows] = np.nanmean(raw, axis=1)
             self._scale[rows] = _safe_std(np.nanstd(raw, axis=1))
         self._ready[rows] = True
@@ -716,22 +733,26 @@ class CfCForecaster(WarmStarted):
                         self.seed)
         q = nn.Parameter(torch.zeros(cohort.size, cycle)) if self.mode == "cyclenet" else None
         fit = _WarmFit(self, net, q, (raw, mean_t, scale_t), ticks, train, val, cycle)
-        return {"fit": fit, "net": net, "q": q, "rows": cohort, "mean": mean, "scale": scale, "cycle": cycle}
+        return {"fit": fit, "net": net, "q": q, "rows": cohort, "mean": mean, "scale": scale, "cycle": cycle,
+                "replaced": np.zeros(0, np.int64)}
 
     def _install(self, job: dict[str, Any]) -> None:
-        """Swap the fitted network in, serve the cohort and compute every served row's state."""
-        rows = job["rows"]
+        """Swap the fitted network in, serve the cohort and compute every served row's state. Cohort rows whose
+        state was replaced while the fit ran (a series dropped and its row reused, or one restored into it) are
+        left out: the fit's scaler and cycle row are another series' (``import_rows`` records them)."""
         with self._lock:
+            keep = ~np.isin(job["rows"], job["replaced"])
+            rows = job["rows"][keep]
             if self.mode == "cyclenet":
                 if job["cycle"] != self.cycle_:
                     self._set_cycle(job["cycle"])
-                self._q[rows] = job["q"].detach().numpy()
+                self._q[rows] = job["q"].detach().numpy()[keep]
             self.net_ = job["net"]
             self.net_.eval()
             if not self._adaptive:
-                self._mean[rows], self._scale[rows] = job["mean"], job["scale"]
+                self._mean[rows], self._scale[rows] = job["mean"][keep], job["scale"][keep]
             self._ready[rows] = True
-            self._encode(rows)
+            self._encode(np.flatnonzero(self._ready[: self.n_rows_]))  # with rows restored as served meanwhile
             self.fit_report_ = {**job["fit"].report, "rows": int(rows.size), "cycle": self.cycle_}
             if self._learns:
                 self._new_trainer()
@@ -813,6 +834,15 @@ class CfCForecaster(WarmStarted):
 
     #: Per-row state a refit learns (kept when a candidate's rows are re-synced from its incumbent).
     learned_row_keys = ("cycle_row", "cycle_adam_m", "cycle_adam_v", "cycle_adam_step")
+
+    def rows_synced(self, rows: np.ndarray) -> None:
+        """A retrain candidate took the incumbent's newer rows (``stream.retrain.sync_rows``): their hidden states
+        were computed by the incumbent's weights, so they are encoded again with this model's (the first shadow
+        forecasts were off by up to 3 noise levels otherwise)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        with self._lock:
+            if self.net_ is not None:
+                self._encode(rows[self._ready[rows]])
 
     def refit(self, recent: int, epochs: int = 5, lr: float = 1e-3, batch_size: int = 64) -> dict[str, Any]:
         """Fine-tune this (copied) model in place on the windows whose targets lie in each served row's last
@@ -954,6 +984,8 @@ class CfCForecaster(WarmStarted):
         with self._lock:
             if rows.size and rows.max() >= self.n_rows_:
                 self.resize(int(rows.max()) + 1)
+            if self._job is not None:  # a pending fit must not install its snapshot's scaler over these rows
+                self._job["replaced"] = np.union1d(self._job["replaced"], rows)
             hist = np.asarray(state["history"], dtype=float)
             if hist.shape[1] != self._ring:
                 raise ValueError(f"history length {hist.shape[1]} != this model's ring ({self._ring})")

@@ -237,9 +237,7 @@ class Fetcher:
         self.metrics.assigned_partitions.set(len(assigned))
         self.metrics.paused_partitions.set(len(paused & assigned))
         positions = {}
-        for tp in assigned:
-            if self.readiness.is_restoring(tp.partition):
-                continue
+        for tp in assigned:  # restoring ones too: their backlog (from the committed offset) is what waits
             try:
                 positions[tp.partition] = self.data.position(tp, timeout_ms=1_000)
             except Exception:  # e.g. revoked meanwhile; the gauge catches up on the next round

@@ -142,6 +142,9 @@ def sync_rows(candidate: BatchForecaster, incumbent: BatchForecaster, rows: np.n
         state.update({k: own[k] for k in keep if k in own and k in state})
     candidate.resize(int(rows.max()) + 1)
     candidate.import_rows(rows, state)
+    synced = getattr(candidate, "rows_synced", None)
+    if synced is not None:  # e.g. cfc: the incumbent's hidden states come from the old weights; re-encode them
+        synced(rows)
 
 
 class Job:

@@ -372,6 +372,10 @@ def test_bad_parameters_are_refused():
         small(warm_start=10)
     with pytest.raises(ValueError, match="scale_halflife"):
         small(scale_halflife=0.0)
+    with pytest.raises(ValueError, match="scale_halflife"):
+        small(scale_halflife=float("inf"))  # was taken: the scale stayed 1.0 and the mean at the first value
+    with pytest.raises(ValueError, match="backbone_layers"):
+        small(backbone_layers=10**7)  # was taken, and the fit died allocating it mid-stream
     with pytest.raises(ValueError, match="input_dropout"):
         small(input_dropout=1.0)
 
@@ -480,3 +484,86 @@ def test_importing_a_blank_row_blanks_its_whole_history_ring(params) -> None:
     if params:
         assert np.array_equal(model._hist_mean[1], model._hist_mean[2], equal_nan=True)
     np.testing.assert_array_equal(model.export_rows(np.array([1]))["history"], blank["history"])
+
+
+@pytest.mark.parametrize("how", ["dropped", "restored"])
+def test_a_row_replaced_while_the_fit_is_pending_keeps_its_own_scaler(how):
+    """defer=True (serve): the fit runs on a snapshot of the cohort. A series dropped meanwhile (its row blanked and
+    reused) or one restored into a cohort row got the snapshot's scaler and was served at once: a new series was
+    forecast from its first value with another series' scale, a restored one lost its own."""
+    model = small(defer=True)
+    rows = np.arange(2)
+    feed(model, rows, range(130), cyclic(np.arange(130), channels=2))
+    assert model._job is not None and not model.fitted_  # snapshot taken, nothing fitted yet
+    if how == "dropped":
+        blank = small()
+        blank.resize(1)
+        model.import_rows(np.array([1]), blank.export_rows(np.array([0])))  # what Engine.drop_series does
+    else:
+        other = small()
+        feed(other, np.array([0]), range(130), 1000.0 + 30.0 * cyclic(np.arange(130)))
+        model.import_rows(np.array([1]), other.export_rows(np.array([0])))
+    before = model.export_rows(np.array([1]))
+    model.maintenance(600.0)
+    assert model.fitted_ and model._ready[0]
+    after = model.export_rows(np.array([1]))
+    np.testing.assert_array_equal(after["mean"], before["mean"])
+    np.testing.assert_array_equal(after["scale"], before["scale"])
+    assert bool(model._ready[1]) == (how == "restored")
+    if how == "dropped":  # a new series in the reused row waits for lookback + horizon values of its own
+        model.learn_many(np.array([1]), np.array([200]), np.array([5.0]))
+        assert np.isnan(model.forecast_many(np.array([1]), SMALL["horizon"])).all()
+
+
+def test_a_late_series_joins_on_real_values_not_ticks():
+    """A series that sent one value and then none for lookback + horizon ticks joined on those two values: a
+    scaler of deviation 0 (taken as 1) that it kept for good. It now joins as the fit's cohort does."""
+    model = fitted("frozen", channels=1, n=130)
+    late = np.array([1])
+    model.learn_many(late, np.array([130]), np.array([1000.0]))
+    model.learn_many(late, np.array([130 + SMALL["lookback"] + SMALL["horizon"]]), np.array([1000.0]))
+    assert not model._ready[1]
+    values = 1000.0 + 50.0 * cyclic(np.arange(200))
+    feed(model, late, range(143, 143 + SMALL["lookback"] + SMALL["horizon"]), values[143:])
+    assert model._ready[1] and model._scale[1] > 10.0
+
+
+def test_adaptive_scaler_starts_as_a_running_mean():
+    """Started from a deviation of 0 with no correction, the adaptive scaler's deviation was 0.07 of the data's
+    after 100 ticks at a half-life of 168 (winsorising at 3 of its own deviations held it down)."""
+    model = small(scale_halflife=168.0, warm_start=400)
+    noise = np.random.default_rng(3).normal(size=(300, 1))
+    feed(model, np.array([0]), range(300), noise)
+    assert 0.8 < model._scale[0] < 1.2 and abs(model._mean[0]) < 0.3
+
+
+def test_a_synced_retrain_candidate_encodes_the_incumbents_rows_with_its_own_weights():
+    """A deferred retrain brings the candidate's rows up to the incumbent's (stream.retrain.sync_rows): the hidden
+    states it took were computed by the incumbent's weights, and the first shadow forecasts were off by up to 3
+    noise levels. They are encoded again with the candidate's."""
+    from tidecast.stream.retrain import copy_model, sync_rows
+
+    model = fitted("online", channels=2, n=150)
+    rows = np.arange(2)
+    candidate = copy_model(model, rows)
+    candidate.refit(recent=100, epochs=2)
+    feed(model, rows, range(150, 170), cyclic(np.arange(170), channels=2)[150:])  # the incumbent moves on
+    sync_rows(candidate, model, rows)
+    reference = copy_model(candidate, rows)
+    with reference._lock:
+        reference._encode(rows)
+    np.testing.assert_allclose(candidate._state[rows], reference._state[rows], atol=1e-6)
+    assert not np.allclose(candidate._state[rows], model._state[rows], atol=1e-3)
+
+
+def test_adaptive_scaler_shrugs_off_one_absurd_value():
+    """One value of 1e14 (below the engine's input limit) took the mean to 3e12; every later value was then 3
+    deviations off and the scale grew 1.27x a tick: 3e9 after 300 ticks, MAE 1e5-1e8 instead of 0.3. The mean's
+    step is winsorised like the variance's now."""
+    model = small(scale_halflife=20.0, warm_start=400)
+    noise = np.random.default_rng(5).normal(size=(700, 1))
+    noise[300] = 1e14
+    feed(model, np.array([0]), range(301), noise[:301])
+    assert abs(model._mean[0]) < 1.0 and model._scale[0] < 1.5
+    feed(model, np.array([0]), range(301, 700), noise[301:])
+    assert abs(model._mean[0]) < 0.3 and 0.7 < model._scale[0] < 1.3

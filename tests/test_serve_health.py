@@ -128,3 +128,64 @@ def test_healthz_stays_ok_while_serve_waits_for_the_broker_at_start(tmp_path):
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+
+
+class OnePartitionConsumer:
+    """Partition 0 of topic "obs": log end 5,000, position 1,000 (the committed offset), pausable."""
+
+    def __init__(self) -> None:
+        from kafka import TopicPartition
+
+        self.tp = TopicPartition("obs", 0)
+        self._paused: set = set()
+
+    def assignment(self) -> set:
+        return {self.tp}
+
+    def paused(self) -> set:
+        return set(self._paused)
+
+    def pause(self, *tps) -> None:
+        self._paused |= set(tps)
+
+    def resume(self, *tps) -> None:
+        self._paused -= set(tps)
+
+    def position(self, tp, timeout_ms=None) -> int:
+        return 1000
+
+    def highwater(self, tp) -> int:
+        return 5000
+
+
+class LogEndProbe:
+    def want(self, positions: dict) -> None:
+        pass
+
+    def highwater(self, partition: int) -> int:
+        return 5000
+
+
+def test_the_lag_gauge_covers_a_partition_while_it_restores():
+    """A partition restoring its state is paused while records pile up: its lag gauge was removed for the whole
+    restore, so TidecastNoObservations and the lag panels could not see a restore that never ends."""
+    import queue
+    from types import SimpleNamespace
+
+    from tidecast.stream.fetcher import Fetcher
+
+    metrics, readiness, consumer = Metrics(), Readiness(), OnePartitionConsumer()
+    readiness.mark_started()
+    cfg = SimpleNamespace(topic="obs", max_queued_records=20_000, auto_offset_reset="earliest")
+    fetcher = Fetcher(cfg, consumer, SimpleNamespace(processed=0, dequeued=0), queue.Queue(), {}, readiness,
+                      LogEndProbe(), metrics)
+
+    def lag() -> float | None:
+        fetcher._gauges_at = 0.0  # the gauges refresh at most every 0.25 s
+        fetcher._update_gauges()
+        return metrics.registry.get_sample_value("tidecast_consumer_lag", {"partition": "0"})
+
+    assert lag() == 4000
+    consumer.pause(consumer.tp)
+    readiness.begin_restore({0})  # what the assignment does
+    assert lag() == 4000 and metrics.registry.get_sample_value("tidecast_consumer_paused_partitions") == 1
