@@ -98,14 +98,21 @@ class Split:
 
 def removal(n_rows: int, n_series: int, seed: int) -> np.ndarray:
     """Boolean ``(n_rows, n_series)``, True where a value is removed: ``MISSING`` of all, half of it in bursts of
-    1..``MAX_BURST`` steps, the rest uniformly among the values left."""
+    1..``MAX_BURST`` steps, the rest uniformly among the values left but those next to a burst. A burst that would
+    overlap or touch an earlier one is drawn again: merged, bursts made gaps longer than ``MAX_BURST`` (up to 48
+    steps before this rule), and so did random removals beside them."""
     rng = np.random.default_rng(seed)
     gone = np.zeros((n_rows, n_series), dtype=bool)
     total = int(round(MISSING * gone.size))
     while gone.sum() < BURST_SHARE * total:
         series, start, length = rng.integers(n_series), rng.integers(n_rows), rng.integers(1, MAX_BURST + 1)
+        if gone[max(start - 1, 0) : start + length + 1, series].any():
+            continue
         gone[start : start + length, series] = True
-    left = np.flatnonzero(~gone)
+    beside = np.zeros_like(gone)  # values next to a burst: removed at random, they would lengthen it
+    beside[1:] |= gone[:-1]
+    beside[:-1] |= gone[1:]
+    left = np.flatnonzero(~gone & ~beside)
     gone.flat[rng.choice(left, size=total - int(gone.sum()), replace=False)] = True
     return gone
 

@@ -249,6 +249,7 @@ def score_a(values: np.ndarray, ats: np.ndarray, cycle: int, runs: dict[str, dic
         out[name] = {"mse": float(np.mean(mse)), "post_change_mae_ratio": float(np.mean(ratios)),
                      "retrains": len(promoted), "train_seconds": round(run["train_seconds"], 2),
                      "coverage_after_promotion": float(np.mean(cover)) if cover else None,
+                     "promotion_coverages": cover,
                      "shadow_ratios": [round(float(e.statistic), 4) for e in promoted]}
     return out
 
@@ -270,7 +271,7 @@ def part_a(dev: bool, names: list[str], which: tuple[str, ...] = ("synthetic", "
     merged = {}
     for name in per_group[0][1]:
         parts = [(n, s[name]) for n, s in per_group]
-        cov = [c for _, s in parts for c in [s["coverage_after_promotion"]] if c is not None]
+        cov = [c for _, s in parts for c in s["promotion_coverages"]]  # every promotion weighs the same
         merged[name] = {
             "mse": sum(n * s["mse"] for n, s in parts) / total,
             "post_change_mae_ratio": sum(n * s["post_change_mae_ratio"] for n, s in parts) / total,

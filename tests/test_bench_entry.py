@@ -130,3 +130,33 @@ def test_the_drift_bench_prints_exactly_the_json_keys_its_issue_names() -> None:
     assert set(out["bootstrap"]) == {"spearman_error", "spearman_width", "lead_steps", "forecast_cost_ratio",
                                      "train_cost_ratio"}
     assert set(drift.contract({"bootstrap": boot})) == {"bootstrap"}  # --bootstrap-only
+
+
+def test_irregular_removal_keeps_every_gap_within_the_burst_length() -> None:
+    """The issue: 30 % removed, half in bursts of up to 12 steps. Bursts drawn on top of or next to each other (and
+    random removals beside them) merged into gaps of up to 48 steps."""
+    code = ("import sys; sys.path.insert(0, 'bench'); import irregular as ir;"
+            "gone = [ir.removal(14_400, 7, seed) for seed in (0, 1)];"
+            "print(*[round(float(g.mean()), 3) for g in gone], *[ir.longest_gap(g) for g in gone], ir.MAX_BURST)")
+    words = bench_output(code)
+    assert words[:2] == ["0.3", "0.3"] and words[2] == words[3] == words[4] == "12", words
+
+
+def test_retrain_coverage_after_promotion_weighs_every_promotion_alike() -> None:
+    """Merged over the stream groups, the coverage was the mean of each group's mean: a group with one promotion
+    weighed as much as one with three (0.85 here instead of 0.875)."""
+    code = "\n".join([
+        "import sys; sys.path.insert(0, 'bench'); import numpy as np; import retrain as rb",
+        "groups = iter([[0.80], [0.90, 0.90, 0.90]])",
+        "rb.synthetic = rb.etth2 = lambda *a, **k: type('G', (), {'name': 'g', 'cycle': 24})()",
+        "rb.streams = lambda group, seed: (np.zeros((2, 10)), None, None)",
+        "rb.run_policy = lambda values, cycle, spec: {'wall': 0.0}",
+        "def score(values, ats, cycle, runs):",
+        "    cover = next(groups)",
+        "    return {name: {'mse': 1.0, 'post_change_mae_ratio': 1.0, 'retrains': len(cover), 'train_seconds': 0.0,",
+        "                   'coverage_after_promotion': float(np.mean(cover)), 'promotion_coverages': cover,",
+        "                   'shadow_ratios': []} for name in runs}",
+        "rb.score_a = score",
+        "print(round(rb.part_a(False, ['static'])['static']['coverage_after_promotion'], 4))",
+    ])
+    assert bench_output(code) == ["0.875"]

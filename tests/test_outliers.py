@@ -176,6 +176,17 @@ def test_conformal_pid_comes_back_after_a_long_stuck_stretch_that_follows_variat
     assert covered[0] > 0.7 and covered[1] > 0.85, covered
 
 
+def test_conformal_pid_comes_back_after_a_stuck_stretch_of_thousands_of_steps():
+    """5,000 stuck steps after ordinary ones: the scale decayed to 6e-24, above float32's floor, so the cell kept
+    learning p from residuals of 0 on intervals of near-zero width: p fell to -0.78 below the centre and the 50
+    steps after the series moved again covered 0.24 at 90 %, the next 250 0.74. A scale a million times below the
+    cell's running median |r| counts as none now (p holds the prior) and restarts from the next residual."""
+    rng = np.random.default_rng(1)
+    r = np.concatenate([rng.normal(size=1000), np.zeros(5000), rng.normal(size=300)])
+    covered = drive("conformal-pid", r, alphas=(0.1,))[6000:, 0]
+    assert covered[:50].mean() > 0.6 and covered[50:].mean() > 0.85, (covered[:50].mean(), covered[50:].mean())
+
+
 def test_conformal_pid_symmetric_cells_start_at_the_quantile_of_abs_z():
     """symmetric=True started from the one-sided quantile (1.61 instead of 2.06 units of mean |u| at alpha 0.1):
     ~22 % narrow, 0.80 covered over the first 20 steps instead of ~0.87."""

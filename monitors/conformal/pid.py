@@ -80,6 +80,9 @@ from tidecast.monitors.conformal.scorecaster import lag_table, solve_ridge
 
 #: Below this a scale (and the thresholds it multiplies) is 0 in the float32 ring (see ``_learn``).
 _FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+#: A scale this many times below its cell's running median |r| (the outlier guard) has been decayed by stuck
+#: residuals (exactly 0: 276 steps of them at h = 1), not learned from the series: the cell treats it as none.
+DEAD_SCALE = 1e-6
 
 
 class ConformalPID(ScoreCalibrator):
@@ -457,21 +460,29 @@ class ConformalPID(ScoreCalibrator):
         if self.ki:
             integral += err
         p += err * (self.lr if self.normalize else self.lr * scale)
+        no_scale = None
         if self.normalize:
             # A cell without a scale (a stuck input forecast exactly) issues zero-width intervals whatever p is,
             # and a residual of 0 on them is never a miss: p fell by lr * alpha every step, without end, and once
             # the series moved again its intervals stayed inverted for hundreds of steps (coverage 0 after 20,000
             # stuck steps). Its p says nothing then, so it holds the prior, as in a new cell. "Without" is below
             # float32's smallest normal number, not only 0: the ring keeps the issued thresholds in float32, so a
-            # scale that decays towards 0 (a series that varied, then stuck) is issued as 0 from ~1e-38 on.
-            no_scale = scale <= _FLOAT32_TINY
+            # scale that decays towards 0 (a series that varied, then stuck) is issued as 0 from ~1e-38 on. Nor is
+            # a scale DEAD_SCALE times below the cell's running median |r| (the guard, which zeros leave alone)
+            # worth more: that is stuck residuals decaying it (5,000 stuck steps took it to 6e-24, above the
+            # float32 floor, while p fell to -0.78: coverage 0.24 over the 50 steps after the series moved again).
+            no_scale = scale <= np.maximum(_FLOAT32_TINY, DEAD_SCALE * blk.fields("guard")[0])
             if no_scale.any():
                 p[:, no_scale] = self.prior_[:, None]
+            else:
+                no_scale = None
         count_f += 1
         # Scale and intercept: running means first, exponential forgetting afterwards.
         rate = cell_rate if self.scale_memory_per_h else self.scale_decay
         if count_f.min() * np.min(rate) < 1.0:  # running mean first, exponential forgetting afterwards
             rate = np.maximum(rate, 1.0 / count_f)
+        if no_scale is not None:  # a scale that died restarts from the next residual, as a new cell's first
+            rate = np.where(no_scale, 1.0, rate)
         if unknown is not None:  # without its lag, u is the whole residual: it says nothing about the scale of u
             rate = np.where(unknown, 0.0, rate)
         scale += rate * (np.abs(u) - scale)
