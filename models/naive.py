@@ -117,10 +117,18 @@ class SeasonalNaive(BatchForecaster):
         self.last_tick_[rows] = ticks
         self.count_[rows] += 1
         if self.period is None:
-            found = rows[(self.period_[rows] == 0) & (self.count_[rows] >= self.detect_after)]
-            for row in found:
-                self.period_[row] = detect_period(self._window(np.array([row]))[0], self.max_period) or 1
-            if found.size:  # the detection window, backtested when the engine asks, seeds the rows' calibrators
+            period, count = self.period_[rows], self.count_[rows]
+            # No cycle found (period 1, the last value): look again every detect_after values, on a window that
+            # no longer holds what hid it (a meter idle at first, a glitch); it used to be final.
+            due = ((period == 0) & (count >= self.detect_after)) | ((period == 1) & (count % self.detect_after == 0))
+            found = []
+            for row in rows[due].tolist():
+                new = detect_period(self._window(np.array([row]))[0], self.max_period) or 1
+                if new != self.period_[row]:
+                    self.period_[row] = new
+                    found.append(row)
+            if found:  # the detection window, backtested when the engine asks, seeds the rows' calibrators
+                found = np.array(found, dtype=np.int64)
                 with self._lock:
                     self._detected.append((found, self._window(found), self.period_[found].copy()))
 
