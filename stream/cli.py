@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -79,8 +81,20 @@ def _run_replay(args: argparse.Namespace) -> int:
     spec = resolve(InputSettings, args, env, file).spec(default_path=BUNDLED_SAMPLE)
     engine = resolve(EngineConfig, args, env, file)
     options = resolve(ReplayOptions, args, env, file, spec=spec)
-    run_replay(engine, options, make_console())
+    # SIGTERM (timeout, docker stop, a deleted Job) unwinds like Ctrl-C, through the finally that closes every
+    # output: a Parquet file cut off before its footer could not be read at all.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        run_replay(engine, options, make_console(), settings_file=file.path)
+    except KeyboardInterrupt:
+        Console(stderr=True, soft_wrap=True).print("[bold red]interrupted:[/] the outputs are closed and hold what "
+                                                   "was written until then; no summary")
+        return 130
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def make_console() -> Console:

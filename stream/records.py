@@ -275,7 +275,11 @@ def decode(raw: bytes | str | Mapping[str, Any], max_bytes: int = DEFAULT_MAX_BY
 
 
 def encode(obs: Observation) -> bytes:
-    """The wire form of an observation (what ``tidecast produce`` sends)."""
+    """The wire form of an observation (what ``tidecast produce`` sends). ``ValueError`` for a value that is not a
+    finite number: JSON has no NaN or infinity (``json.dumps`` wrote the non-JSON tokens ``NaN``/``Infinity``),
+    and :func:`decode` refuses them as ``non_finite_value`` anyway."""
+    if not math.isfinite(obs.value):
+        raise ValueError(f"series {obs.series_id!r}: value {obs.value} is not a finite number: not sent")
     return json.dumps(
         {
             "series_id": obs.series_id,

@@ -66,15 +66,21 @@ class ReplayOptions:
         check_declared(self)
 
 
-def run_replay(config: EngineConfig, options: ReplayOptions, console: Console | None = None) -> dict[str, Any]:
+def run_replay(config: EngineConfig, options: ReplayOptions, console: Console | None = None,
+               settings_file: Path | None = None) -> dict[str, Any]:
     """Replay a file end to end and return the summary (also printed and optionally written as JSON, and with
     ``options.report`` an HTML report).
 
-    Everything a user can get wrong — outputs that would overwrite the input or cannot be written, model
-    parameters, the metrics port — is checked before the first row is read.
+    Everything a user can get wrong — outputs that would overwrite the input or the ``settings_file`` or cannot
+    be written, model parameters, the metrics port — is checked before the first row is read. A summary or
+    report an earlier run left at those paths is removed before this one starts: a run that fails part way
+    leaves no summary beside this run's (emptied) events file that would read as its own.
     """
     console = console or Console()
-    check_outputs(options)
+    check_outputs(options, settings_file)
+    for earlier in (options.summary_json, options.report):
+        if earlier is not None:
+            Path(earlier).unlink(missing_ok=True)
     metrics = Metrics(reasons=REASONS)
     engine = Engine.from_config(config, metrics)
     server = _serve_metrics(metrics, options.metrics_address, options.metrics_port, console)
@@ -191,8 +197,11 @@ def execute(engine: Engine, replay: Replay, source: str, options: ReplayOptions,
     return _summary(engine, metrics, elapsed, letter_file, options, counts)
 
 
-def check_outputs(options: ReplayOptions) -> None:
-    """``ValueError`` for an output that is the input file, another output, or cannot be written."""
+def check_outputs(options: ReplayOptions, settings_file: Path | None = None) -> None:
+    """``ValueError`` for an output that is the input file, the settings file, another output, or cannot be
+    written, and for ``--report-series`` without ``--report`` (it would do nothing)."""
+    if options.report_series and options.report is None:
+        raise ValueError("--report-series picks the series of the HTML report: give --report PATH too")
     outputs = {"--out": options.out, "--events": options.events, "--dead-letter": options.dead_letter,
                "--summary-json": options.summary_json, "--report": options.report}
     given = {flag: Path(path) for flag, path in outputs.items() if path is not None}
@@ -202,6 +211,9 @@ def check_outputs(options: ReplayOptions) -> None:
     for flag, path in given.items():
         if _same_file(path, source):
             raise ValueError(f"{flag} {path} is the input file: it would be overwritten; choose another path")
+        if settings_file is not None and _same_file(path, Path(settings_file)):
+            raise ValueError(f"{flag} {path} is the settings file (--config): it would be overwritten; choose "
+                             "another path")
         for other, other_path in given.items():
             if other < flag and _same_file(path, other_path):
                 raise ValueError(f"{other} and {flag} are the same file {path}: choose two paths")

@@ -314,8 +314,11 @@ class ReplayResult:
         unique, first = np.unique(keys, return_index=True)
         out = f.iloc[first][["unique_id", "ds", "cutoff", "y"]].reset_index(drop=True)
         values = ["mean", *[f"{side}-{level}" for level in self.levels for side in ("lo", "hi")]]
-        codes = f["model"].cat.codes.to_numpy()
-        for i, model in enumerate(f["model"].cat.categories):
+        if isinstance(f["model"].dtype, pd.CategoricalDtype):  # the lanes' order
+            codes, models = f["model"].cat.codes.to_numpy(), list(f["model"].cat.categories)
+        else:  # plain str: a frame read back from a file, or concatenated
+            codes, models = pd.factorize(f["model"])
+        for i, model in enumerate(models):
             mine = codes == i
             at = np.searchsorted(unique, keys[mine])
             for value in values:

@@ -532,3 +532,13 @@ def test_a_frame_with_two_level_columns_is_told_how_to_flatten_them():
     frame.columns = ["/".join(map(str, c)).strip("/") for c in frame.columns]
     assert "frame.columns = ['/'.join(map(str, c)).strip('/') for c in frame.columns]" in str(info.value)
     assert sorted(tidecast.replay(frame, horizon=2).actuals["unique_id"].unique()) == ["a/x", "a/y"]
+
+
+def test_nixtla_layout_of_a_forecasts_frame_with_plain_text_models(result):
+    """A forecasts frame read back from CSV (or concatenated) holds plain str in "model": to_nixtla raised
+    AttributeError on .cat while summary() worked."""
+    import dataclasses
+
+    plain = dataclasses.replace(result, forecasts=result.forecasts.astype({"model": str, "unique_id": str}))
+    pd.testing.assert_frame_equal(plain.to_nixtla().drop(columns="unique_id"),
+                                  result.to_nixtla().drop(columns="unique_id"))

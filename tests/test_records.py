@@ -85,3 +85,14 @@ def test_nanosecond_conversion_is_exact_to_the_microsecond():
     assert from_ns(to_ns(ts)) == ts
     assert to_ns(datetime(1970, 1, 1, tzinfo=UTC)) == 0
     assert not math.isnan(decode(GOOD).value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_encode_refuses_a_value_json_cannot_hold(value):
+    """json.dumps wrote the non-JSON tokens NaN / Infinity, which decode() then refused as non_finite_value."""
+    from datetime import datetime
+
+    from tidecast.stream.records import Observation, encode
+
+    with pytest.raises(ValueError, match="not a finite number"):
+        encode(Observation("a", datetime(2024, 1, 1, tzinfo=UTC), value))

@@ -397,3 +397,59 @@ def test_an_unnamed_datetime_index_beside_a_ds_column_says_what_to_rename():
     with pytest.raises(ValueError, match=r"rename the column, e.g. frame.rename\(columns=\{'ds': 'ds_value'\}\)"):
         tidecast.replay(frame, horizon=2)
     assert len(tidecast.replay(frame.rename(columns={"ds": "ds_value"}), horizon=2).actuals) == 30
+
+
+def test_sigterm_closes_a_parquet_output_that_can_then_be_read(tmp_path):
+    """replay under timeout / docker stop / a deleted Job gets SIGTERM: the process died without closing its sinks,
+    and a Parquet file without its footer cannot be read at all (the earlier run's output was already gone)."""
+    import signal
+
+    out = tmp_path / "f.parquet"
+    proc = subprocess.Popen([sys.executable, "-m", "tidecast.stream.cli", "replay", str(SAMPLE), "--out", str(out),
+                             "--rate", "300", "--no-progress", "--batch-size", "50"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not out.exists() or out.stat().st_size < 4096):
+        time.sleep(0.2)  # forecasts are being written
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    frame = pd.read_parquet(out)
+    assert len(frame) > 0 and {"series_id", "mean"} <= set(frame.columns)
+
+
+def test_an_output_at_the_settings_files_path_is_refused(tmp_path, capsys):
+    """--events, --summary-json, --report or --dead-letter naming the --config file replaced the settings with
+    this run's output; the input file was already protected."""
+    settings = tmp_path / "tidecast.toml"
+    settings.write_text('horizon = 6\n')
+    for flag in ("--events", "--summary-json", "--dead-letter"):
+        assert main(["replay", str(SAMPLE), "--config", str(settings), flag, str(settings), "--no-progress"]) == 2
+        assert "is the settings file" in capsys.readouterr().err
+        assert settings.read_text() == 'horizon = 6\n'
+
+
+def test_report_series_without_report_is_refused(capsys):
+    assert main(["replay", str(SAMPLE), "--report-series", "x", "--no-progress"]) == 2
+    assert "give --report PATH too" in capsys.readouterr().err
+
+
+def test_a_run_that_fails_leaves_no_earlier_summary_beside_its_outputs(tmp_path, monkeypatch):
+    """The events file is emptied when a run starts; the summary JSON was written only at the end, so a run that
+    failed part way left the earlier run's summary (with its event counts) beside an empty events file."""
+    from tidecast.stream import replay as replay_module
+
+    summary = tmp_path / "s.json"
+    events = tmp_path / "e.jsonl"
+    assert main(["replay", str(SAMPLE), "--summary-json", str(summary), "--events", str(events),
+                 "--no-progress"]) == 0
+    assert summary.exists()
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(replay_module, "execute", broken)
+    assert main(["replay", str(SAMPLE), "--summary-json", str(summary), "--events", str(events),
+                 "--no-progress"]) == 2
+    assert not summary.exists()
