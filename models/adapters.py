@@ -168,6 +168,21 @@ class Standardised(Params):
         self.n_model_ = len(self.buffer_)
         self.buffer_ = []
 
+    def restart(self) -> None:
+        """Start over after a gap that reset the series' history: a fresh river model on the cycle length and
+        standardisation already learned (the series', not the lost history's), so the row forecasts again once
+        the model's own start is past (two cycles for Holt-Winters) instead of after a whole new warm-up window
+        (402 observations by default). A row still in its warm-up starts that over."""
+        self.buffer_ = []
+        if self.model_ is None:
+            return
+        try:
+            self.model_ = self.build(self.period_)
+        except Exception as err:  # noqa: BLE001 - see _fail
+            self._fail(err)
+            return
+        self.n_model_ = 0
+
     def _fail(self, err: Exception) -> None:
         """A river model that raises is treated as one that diverged: it starts over with a new warm-up window and
         its series has no forecast meanwhile. A value river's constructor accepts but cannot use (``alpha="0,3"``,
@@ -213,6 +228,16 @@ class Standardised(Params):
         if state["model"] is not None:
             self.model_ = self.build(self.period_)
             load_state(self.model_, state["model"])
+
+
+def _restarted(model: Forecaster | None) -> Forecaster | None:
+    """``model`` started over after a reset (:meth:`Standardised.restart`), or ``None`` (built afresh at the next
+    value) for one that keeps nothing of the series."""
+    restart = getattr(model, "restart", None)
+    if restart is None:
+        return None
+    restart()
+    return model
 
 
 class PerSeries(BatchForecaster):
@@ -375,9 +400,11 @@ class PerSeries(BatchForecaster):
         return out
 
     def reset_rows(self, rows: np.ndarray) -> None:
-        for row in rows.tolist():
-            self.models_[row] = None
-            self.replicas_[row] = None
+        for row in rows.tolist():  # a forecaster that keeps what it learned of the series restarts on it
+            self.models_[row] = _restarted(self.models_[row])
+            replicas = self.replicas_[row]
+            restarted = None if replicas is None else [_restarted(r) for r in replicas]
+            self.replicas_[row] = restarted if restarted is not None and None not in restarted else None
         self.n_learned_[rows] = 0
         self.replica_learned_[rows] = 0
         self.next_one_[rows] = np.nan

@@ -326,3 +326,27 @@ def test_the_note_counts_holt_winters_two_cycle_start_beyond_its_warmup():
                         model_params={"holt-winters": {"warmup": 60, "period": 200}})
     notes = " ".join(str(w.message) for w in caught)
     assert "needs 400 observations first" in notes and "diverged" not in notes
+
+
+def test_holt_winters_keeps_its_cycle_and_scale_through_a_long_gap():
+    """A gap longer than max_gap resets a series' history; the holt-winters lane dropped its whole per-series
+    forecaster with it, cycle length and standardisation included, and forecast nothing for 401 hours after the
+    data resumed (a new 402-value warm-up). README: learned per-series parameters stay. It restarts its river
+    model on them now and forecasts again after the model's own two-cycle start."""
+    import pandas as pd
+
+    import tidecast
+
+    n = 1600
+    t = np.arange(n)
+    y = 50 + 10 * np.sin(2 * np.pi * t / 24) + np.random.default_rng(0).normal(size=n)
+    ds = pd.date_range("2024-01-01", periods=n, freq="h", tz="UTC")
+    keep = (t < 800) | (t >= 830)  # a 30-hour outage: longer than max_gap (H = 24)
+    result = tidecast.replay(pd.DataFrame({"unique_id": "s", "ds": ds[keep], "y": y[keep]}), models="holt-winters",
+                             horizon=24, levels=None)
+    assert result.run["n_resets"] == 1
+    cutoffs = result.forecasts.loc[result.forecasts["h"] == 1, "cutoff"]
+    resumed = (cutoffs[cutoffs >= ds[830]].min() - ds[830]) / pd.Timedelta("1h")
+    assert resumed <= 2 * 24, resumed
+    after = result.forecasts[(result.forecasts["cutoff"] > ds[900]) & result.forecasts["y"].notna()]
+    assert (after["y"] - after["mean"]).abs().mean() < 3.0  # the cycle and scale it kept, not a flat line
