@@ -511,7 +511,8 @@ class CycleNetForecaster(WarmStarted):
         fit = BatchFit(net, train, val, lr=lr, epochs=self.epochs, patience=self.patience, batch_size=batch,
                        seed=self.seed, shuffled_val=self.shuffled_val)
         return {"fit": fit, "net": net, "rows": cohort, "mean": mean, "scale": scale, "cycle": cycle, "std": std,
-                "last": last, "calib_from": n - (n_hold or n_val), "train": train, "batch": batch, "lr": lr}
+                "last": last, "calib_from": n - (n_hold or n_val), "train": train, "batch": batch, "lr": lr,
+                "replaced": np.zeros(0, np.int64)}
 
     def _fit_replicas(self, job: dict[str, Any], budget: float) -> bool:
         """The replicas' warm-start fit (after the main one, for its best epoch count); True when done."""
@@ -526,30 +527,34 @@ class CycleNetForecaster(WarmStarted):
         return job["replica_fit"].run(max(budget, 0.0))
 
     def _install(self, job: dict[str, Any]) -> None:
-        """Swap the fitted network in: its backbone, and its ``Q`` columns into the rows' columns."""
+        """Swap the fitted network in: its backbone, and its ``Q`` columns into the rows' columns. Cohort rows whose
+        state was replaced while the fit ran (a series dropped and its row reused, or one restored into it) are
+        left out: the snapshot's scaler, cycle column and residuals are another series' (``import_rows`` records
+        them); they join as series arriving after the fit do."""
         fitted: CycleNet = job["net"]
-        rows = job["rows"]
+        keep = ~np.isin(job["rows"], job["replaced"])
+        rows, kept = job["rows"][keep], torch.as_tensor(np.flatnonzero(keep))
         with self._lock:
             net = build_net(self.lookback, self.horizon, job["cycle"], self._cap, self.backbone, self.hidden,
                             self.instance_norm, self.seed)
             net.backbone.load_state_dict(fitted.backbone.state_dict())
             with torch.no_grad():
-                net.cycle_table[:, torch.as_tensor(rows)] = fitted.cycle_table
+                net.cycle_table[:, torch.as_tensor(rows)] = fitted.cycle_table[:, kept]
             net.eval()
             self.cycle_ = job["cycle"]
-            self._mean[rows], self._scale[rows] = job["mean"], job["scale"]
+            self._mean[rows], self._scale[rows] = job["mean"][keep], job["scale"][keep]
             self._ready[rows] = True
             self.net_ = net
             self.fit_report_ = {**job["fit"].report, "cycle": job["cycle"], "rows": int(rows.size)}
             self._new_trainer()
-            if job["calib_from"] < self.warm_start:  # the held-out validation residuals seed the calibrators
-                cols = np.arange(rows.size)
-                residuals = self._backtest(fitted, job["std"], job["last"], cols, job["calib_from"])
-                self._calibrations.put(Calibration(rows, residuals * job["scale"][:, None, None]))
+            if job["calib_from"] < self.warm_start and rows.size:  # held-out validation residuals seed calibrators
+                cols = np.flatnonzero(keep)
+                residuals = self._backtest(fitted, job["std"][:, cols], job["last"][cols], cols, job["calib_from"])
+                self._calibrations.put(Calibration(rows, residuals * job["scale"][keep][:, None, None]))
             if self.bootstrap:
                 self.replicas_ = Replicas(self.bootstrap, self.lookback, self.horizon, job["cycle"], self._cap,
                                           self.backbone, self.hidden, self.instance_norm, self.seed)
-                self.replicas_.load_from(job["replicas"], torch.as_tensor(rows))
+                self.replicas_.load_from(job["replicas"], torch.as_tensor(rows), kept)
                 self.replicas_.eval()
                 self._new_replica_trainer()
             late = np.flatnonzero(~self._ready[: self.n_rows_] & (self._seen[: self.n_rows_] >= self._window))
@@ -622,7 +627,9 @@ class CycleNetForecaster(WarmStarted):
         self._opt.zero_grad(set_to_none=True)
         loss.backward()
         self._opt.step()
-        if online is not None:  # the replicas learn the same windows, each weighted by a fresh Poisson(1)
+        if online is not None:  # the replicas learn the windows it admitted, each weighted by a fresh Poisson(1)
+            if not keep.all():  # (all of them, the refused ones too, made the replicas' weights NaN)
+                x, y, phase, cols = x[chosen], y[chosen], phase[chosen], cols[chosen]
             online.step(x, y, phase, cols, self._boot_rng)
         with self._lock, torch.no_grad():
             for dst, src in zip(self.net_.parameters(), self._trainer.parameters(), strict=True):
@@ -761,7 +768,16 @@ class CycleNetForecaster(WarmStarted):
                 for start in range(0, order.size, batch_size):
                     pick = order[start : start + batch_size]
                     x, y, phase, cols = self._windows_at(pair_rows[pick], ages[pick])
+                    # as a replay step: a non-finite window never enters the graph, a non-finite loss never
+                    # steps (one absurd value in one series' recent history made the candidate's backbone NaN)
+                    finite = torch.isfinite(x).all(dim=2).all(dim=1) & torch.isfinite(y).all(dim=2).all(dim=1)
+                    if not bool(finite.all()):
+                        x, y, phase, cols = x[finite], y[finite], phase[finite], cols[finite]
+                    if x.shape[0] == 0:
+                        continue
                     loss = torch.mean((self._trainer(x, phase, cols) - y) ** 2)
+                    if not bool(torch.isfinite(loss)):
+                        continue
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -775,7 +791,7 @@ class CycleNetForecaster(WarmStarted):
         """Standardised (input, target, phase, column) of the windows ``ages`` steps before each row's newest."""
         w = self._window
         idx = (self._pos[rows, None] - ages[:, None] - w + np.arange(w)) % self._ring
-        values = (self._hist[rows[:, None], idx] - self._mean[rows, None]) / self._scale[rows, None]
+        values = self._sanitise((self._hist[rows[:, None], idx] - self._mean[rows, None]) / self._scale[rows, None])
         values = torch.from_numpy(values.astype(np.float32))[:, :, None]
         phase = torch.from_numpy((self._last_tick[rows] - ages - w + 1) % self.cycle_)
         return values[:, : self.lookback], values[:, self.lookback :], phase, torch.from_numpy(rows)[:, None]
@@ -881,6 +897,8 @@ class CycleNetForecaster(WarmStarted):
         with self._train_lock, self._lock:
             if rows.size and rows.max() >= self.n_rows_:
                 self.resize(int(rows.max()) + 1)
+            if self._job is not None:  # a pending fit must not install its snapshot's state over these rows
+                self._job["replaced"] = np.union1d(self._job["replaced"], rows)
             hist = np.asarray(state["history"], dtype=float)
             if hist.shape[1] != self._ring:
                 raise ValueError(f"history length {hist.shape[1]} != this model's ring ({self._ring})")
@@ -944,6 +962,9 @@ class CycleNetForecaster(WarmStarted):
     def import_shared(self, arrays: ArrayDict, meta: dict[str, Any]) -> None:
         self._check_shared_meta(meta, "cyclenet", ("horizon", "lookback", "backbone", "hidden", "instance_norm",
                                                    "warm_start", "replay_window"))
+        saved = meta["params"].get("bootstrap") or 0
+        if saved and self.bootstrap and saved != self.bootstrap:  # (torch's size mismatch otherwise)
+            raise ValueError(f"state has bootstrap={saved} replicas, this model {self.bootstrap}")
         with self._train_lock, self._lock:
             self._job = None
             self._reset_model()

@@ -107,12 +107,13 @@ class Replicas(nn.Module):
             pad = torch.zeros(self.replicas, self.cycle, extra, dtype=self.cycle_table.dtype)
             self.cycle_table = nn.Parameter(torch.cat([self.cycle_table.detach(), pad], dim=2))
 
-    def load_from(self, other: Replicas, cols: torch.Tensor) -> None:
-        """Copy ``other``'s backbones, and its cycle columns into ``cols`` of this one's ``Q``."""
+    def load_from(self, other: Replicas, cols: torch.Tensor, source: torch.Tensor | None = None) -> None:
+        """Copy ``other``'s backbones, and its cycle columns (``source``, default all) into ``cols`` of this one's
+        ``Q``."""
         with torch.no_grad():
             for dst, src in zip(self.backbone_parameters(), other.backbone_parameters(), strict=True):
                 dst.copy_(src)
-            self.cycle_table[:, :, cols] = other.cycle_table
+            self.cycle_table[:, :, cols] = other.cycle_table if source is None else other.cycle_table[:, :, source]
 
 
 def serve_windows(net: nn.Module, replicas: Replicas | None, x: torch.Tensor, phase: torch.Tensor,

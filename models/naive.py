@@ -118,9 +118,12 @@ class SeasonalNaive(BatchForecaster):
         self.count_[rows] += 1
         if self.period is None:
             period, count = self.period_[rows], self.count_[rows]
-            # No cycle found (period 1, the last value): look again every detect_after values, on a window that
-            # no longer holds what hid it (a meter idle at first, a glitch); it used to be final.
-            due = ((period == 0) & (count >= self.detect_after)) | ((period == 1) & (count % self.detect_after == 0))
+            # No cycle found (period 1, the last value): look again after 2, 4, 8, ... detect_after values, on a
+            # window that no longer holds what hid it (a meter idle at first, a glitch); it used to be final. The
+            # looks thin out so that their false cycles (~2 % a look on noise) and their cost stay bounded.
+            windows = count // self.detect_after
+            again = (period == 1) & (count % self.detect_after == 0) & (windows >= 2) & (windows & (windows - 1) == 0)
+            due = ((period == 0) & (count >= self.detect_after)) | again
             found = []
             for row in rows[due].tolist():
                 new = detect_period(self._window(np.array([row]))[0], self.max_period) or 1

@@ -13,8 +13,9 @@ of the cycle can outscore it: ETTh1's LUFL and LULL peak at 48 hours rather than
 minutes peaks at 192 or 288 steps on some two-week windows. A model then estimates twice as many cycle values
 from half as many cycles. So the winner is checked in level space: it and the ACF peaks that divide it (reaching
 ``divisor_ratio`` of its height) are scored by :func:`cycle_backtest` (each one's mean cycle, estimated without
-one span of the series, forecasting that span), and the best is kept, the shorter on a tie. The check only ever
-shortens the cycle: a multiple must earn its extra values on data it did not see.
+one span of the series, forecasting that span), and the best is kept, the shorter on a tie: a multiple must earn
+its extra values on data it did not see. The best must also beat each span's own flat level there, or there is
+no cycle at all (white noise and random walks, whose ACF peaks by chance).
 
 >>> import numpy as np
 >>> t = np.arange(24 * 40)
@@ -74,24 +75,6 @@ def cycle_backtest(values: np.ndarray, periods: list[int]) -> dict[int, float]:
     return scores
 
 
-def winsorised(diffs: np.ndarray, limit: float = 8.0) -> np.ndarray:
-    """``diffs`` clipped to their median +- ``limit`` robust deviations (1.4826 MAD): one glitch of 1000 on a
-    series of 50 +- 10 gives two steps of ~950 that own the ACF of the differences, which then showed no cycle (or
-    a cycle of 47) for the whole detection window. NaN stays NaN; without a spread (MAD 0) nothing is clipped.
-
-    >>> winsorised(np.array([1.0, -1.0, 2.0, -2.0, 1.0, 950.0, -950.0])).round(1).tolist()
-    [1.0, -1.0, 2.0, -2.0, 1.0, 24.7, -22.7]
-    """
-    finite = diffs[np.isfinite(diffs)]
-    if finite.size == 0:
-        return diffs
-    centre = np.median(finite)
-    spread = 1.4826 * np.median(np.abs(finite - centre))
-    if spread == 0:
-        return diffs
-    return np.clip(diffs, centre - limit * spread, centre + limit * spread)
-
-
 def flat_error(values: np.ndarray, span: int) -> float:
     """:func:`cycle_backtest`'s error of forecasting each span by its own level alone (no cycle): the mean square
     of the centred spans.
@@ -126,9 +109,9 @@ def detect_period(
     if max_period <= min_period:
         return None
     finite = diffs[np.isfinite(diffs)]
-    if finite.size and np.std(finite) <= 1e-9 * np.max(np.abs(values[np.isfinite(values)])):
-        return None  # steps constant up to rounding (a ramp): the ACF of rounding noise picked "cycles" of 5
-    acf = autocorrelation(winsorised(diffs), max_period + 1)
+    if finite.size and np.std(finite) <= 1e-12 * np.max(np.abs(values[np.isfinite(values)])):
+        return None  # steps constant up to float rounding (a ramp): the ACF of that noise picked "cycles" of 5
+    acf = autocorrelation(diffs, max_period + 1)
     lags = np.arange(min_period, min(max_period, acf.size - 2) + 1)
     if lags.size == 0:
         return None
@@ -146,8 +129,7 @@ def detect_period(
     divisors = [int(lag) for lag in peaks if lag < best and best % lag == 0 and acf[lag] >= divisor_ratio * acf[best]]
     if not backtest:
         return best
-    x = values[np.isfinite(values)]  # in level space without the glitches: rebuilt from the clipped steps
-    x = x[0] + np.concatenate([[0.0], np.cumsum(winsorised(np.diff(x)))]) if x.size else x
+    x = values[np.isfinite(values)]
     scores = cycle_backtest(x, [*divisors, best])
     if not scores:
         return best

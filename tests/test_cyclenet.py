@@ -326,3 +326,84 @@ def test_engine_can_drop_a_cyclenet_series_and_reuse_its_row():
         out = engine.process(ObservationBatch(np.array(["a", "new"], dtype=object), np.full(2, k * hour),
                                               np.array([np.sin(2 * np.pi * k / 6), 1.0])))
     assert set(out.forecasts.series_id) == {"a", "new"}
+
+
+def _three_series(model, ticks, spike_at=None, spike=1e15):
+    """Series at levels 0, 5 and 10 on a 6-step cycle; the third with a scale of 1e-5 (and one ``spike``)."""
+    rng = np.random.default_rng(0)
+    rows = np.array([0, 1, 2])
+    for t in ticks:
+        v = np.sin(2 * np.pi * t / 6) * np.array([1.0, 1.0, 1e-5]) + np.array([0.0, 5.0, 10.0])
+        v = v + rng.normal(0, 0.05, 3) * np.array([1.0, 1.0, 1e-5])
+        if t == spike_at:
+            v[2] = spike
+        model.learn_many(rows, np.full(3, t), v)
+    return rows
+
+
+def test_a_row_replaced_while_the_deferred_fit_runs_joins_on_its_own_state():
+    """defer=True (serve): a series dropped while the warm-start fit was pending (its row blanked and reused) got
+    the snapshot's scaler, cycle column and residuals when the fit was installed: a new series at level 1000 with
+    the old one's scale 0.7 had its windows clipped to their median and forecast a flat 1000."""
+    from tidecast.models.cyclenet import CycleNetForecaster
+
+    def run(drop_first: bool) -> np.ndarray:
+        model = CycleNetForecaster(horizon=4, lookback=8, cycle=6, warm_start=120, epochs=2, defer=True)
+        model.resize(8)
+        blank = model.export_rows(np.array([0]))
+        rng = np.random.default_rng(0)
+        for t in range(120):
+            base = np.sin(2 * np.pi * t / 6)
+            model.learn_many(np.array([0, 1]), np.array([t, t]), np.array([base, 5.0 + base]) + rng.normal(0, .05, 2))
+        if not drop_first:
+            model.maintenance(60.0)
+        model.drop_rows(np.array([1]))
+        model.import_rows(np.array([1]), blank)
+        if drop_first:
+            model.maintenance(60.0)
+        for t in range(120, 160):
+            base = np.sin(2 * np.pi * t / 6)
+            model.learn_many(np.array([0, 1]), np.array([t, t]), np.array([base, 1000.0 + 100 * base]))
+            model.maintenance(0.0)
+        return np.array([model._mean[1], model._scale[1], *model.forecast_many(np.array([1]), 4)[0]])
+
+    np.testing.assert_allclose(run(drop_first=True), run(drop_first=False))
+
+
+def test_a_refit_never_steps_on_an_absurd_window():
+    """A retrain's refit read its windows unclipped and stepped on any loss: one value of 1e15 in a series of scale
+    1e-5 (inside the engine's max_abs_value) made the candidate's backbone NaN for every series."""
+    from tidecast.models.cyclenet import CycleNetForecaster
+    from tidecast.stream.retrain import copy_model
+
+    model = CycleNetForecaster(horizon=4, lookback=8, cycle=6, warm_start=120, epochs=2, replay_batch=16)
+    rows = _three_series(model, range(200), spike_at=180)
+    candidate = copy_model(model, rows)
+    candidate.refit(recent=48, epochs=1)
+    assert all(torch.isfinite(p).all() for p in candidate.net_.parameters())
+    assert np.isfinite(candidate.forecast_many(rows, 4)).all()
+
+
+def test_bootstrap_replicas_learn_only_the_windows_the_model_admitted():
+    """The replay step left out windows whose loss was not finite; the replicas were stepped on the whole batch,
+    their weights became NaN and every series' spread NaN for good (input_limit off, one 1e15 value)."""
+    from tidecast.models.cyclenet import CycleNetForecaster
+
+    model = CycleNetForecaster(horizon=4, lookback=8, cycle=6, warm_start=120, epochs=2, replay_batch=16,
+                               bootstrap=4, input_limit=None)
+    rows = _three_series(model, range(260), spike_at=180)
+    assert model.skipped_windows_ > 0
+    assert all(torch.isfinite(p).all() for p in model.replicas_.parameters())
+    assert np.isfinite(model.spread_many(rows, 4)).all()
+
+
+def test_shared_state_with_another_replica_count_is_refused_with_a_reason():
+    from tidecast.models.cyclenet import CycleNetForecaster
+
+    def make(bootstrap: int):
+        return CycleNetForecaster(horizon=4, lookback=8, cycle=6, warm_start=120, epochs=2, bootstrap=bootstrap)
+
+    saved = make(2)
+    _three_series(saved, range(140))
+    with pytest.raises(ValueError, match="bootstrap=2 replicas, this model 3"):
+        make(3).import_shared(*saved.export_shared())

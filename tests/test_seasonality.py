@@ -157,13 +157,32 @@ def test_noise_random_walks_and_ramps_have_no_cycle():
     assert [detect_period(ramp, 200) for ramp in (0.1 * t, 5 + 0.3 * t, 1e6 + 0.1 * t)] == [None, None, None]
 
 
-def test_one_glitch_does_not_hide_the_cycle():
-    """One reading of 1000 on a 50 +- 10 daily cycle gave two steps of ~950 that owned the ACF of the differences:
-    no cycle, so seasonal naive repeated the last value for good."""
-    t = np.arange(402)
-    y = 50 + 10 * np.sin(2 * np.pi * t / 24) + np.random.default_rng(0).normal(size=t.size)
+def test_seasonal_naive_finds_the_cycle_a_glitch_hid_at_its_next_look():
+    """One reading of 1000 on a 50 +- 10 daily cycle gives two steps of ~950 that own the ACF of the differences:
+    no cycle in that window, and seasonal naive repeated the last value for good. Its next look (after twice
+    detect_after values) is on a window without the glitch."""
+    from tidecast.models.naive import SeasonalNaive
+
+    t = np.arange(900)
+    y = 50 + 10 * np.sin(2 * np.pi * t / 24) + 0.3 * np.random.default_rng(0).normal(size=t.size)
     y[100] = 1000.0
-    assert detect_period(y, 200) == 24
+    assert detect_period(y[:402], 200) is None
+    model = SeasonalNaive()
+    model.resize(1)
+    for tick in t:
+        model.learn_many(np.array([0]), np.array([tick]), np.array([y[tick]]))
+    assert model.period_[0] == 24
+
+
+def test_cycles_carried_by_rare_large_steps_are_still_found():
+    """A weekly spike (a batch job) or a weekly reset on hourly data: a few large steps carry the cycle (clipping
+    them, tried on 2026-12-04, lost it)."""
+    rng = np.random.default_rng(1)
+    t = np.arange(402)
+    spike = 10 + rng.normal(size=t.size) + 40.0 * (t % 168 == 5)
+    reset = (t % 168) * 1.0 + rng.normal(scale=0.5, size=t.size)
+    counter = 1e12 + np.cumsum(1000 + 300 * np.sin(2 * np.pi * t / 24))  # a cumulative counter: not a ramp
+    assert [detect_period(v, 200) for v in (spike, reset, counter)] == [168, 168, 24]
 
 
 def test_seasonal_naive_looks_again_when_it_found_no_cycle():
