@@ -16,6 +16,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -82,14 +83,19 @@ def _run_replay(args: argparse.Namespace) -> int:
     engine = resolve(EngineConfig, args, env, file)
     options = resolve(ReplayOptions, args, env, file, spec=spec)
     # SIGTERM (timeout, docker stop, a deleted Job) unwinds like Ctrl-C, through the finally that closes every
-    # output: a Parquet file cut off before its footer could not be read at all.
-    signal.signal(signal.SIGTERM, _interrupt)
+    # output: a Parquet file cut off before its footer could not be read at all. Only for this run, and only where
+    # Python lets a handler be set (the main thread); the caller's handler comes back afterwards.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         run_replay(engine, options, make_console(), settings_file=file.path)
     except KeyboardInterrupt:
         Console(stderr=True, soft_wrap=True).print("[bold red]interrupted:[/] the outputs are closed and hold what "
                                                    "was written until then; no summary")
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -453,3 +453,20 @@ def test_a_run_that_fails_leaves_no_earlier_summary_beside_its_outputs(tmp_path,
     assert main(["replay", str(SAMPLE), "--summary-json", str(summary), "--events", str(events),
                  "--no-progress"]) == 2
     assert not summary.exists()
+
+
+def test_replay_leaves_the_callers_sigterm_handler_and_runs_from_a_thread(tmp_path):
+    """The handler that turns SIGTERM into a clean stop stayed installed after the command returned, and setting it
+    failed outside the main thread (replay from a worker thread was an error)."""
+    import signal
+    import threading
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["replay", str(SAMPLE), "--no-progress", "--summary-json", str(tmp_path / "a.json")]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before
+    codes = []
+    worker = threading.Thread(target=lambda: codes.append(
+        main(["replay", str(SAMPLE), "--no-progress", "--summary-json", str(tmp_path / "b.json")])))
+    worker.start()
+    worker.join(300)
+    assert codes == [0]

@@ -81,10 +81,9 @@ from tidecast.monitors.conformal.scorecaster import lag_table, solve_ridge
 #: Below this a scale (and the thresholds it multiplies) is 0 in the float32 ring (see ``_learn``).
 _FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 #: A scale this many times below its cell's running median |r| (the outlier guard) has been decayed by stuck
-#: residuals (exactly 0: 276 steps of them at h = 1), not learned from the series: the cell treats it as none...
-DEAD_SCALE = 1e-6
-#: ... and whose intercept (mean of r) is this many times below it: r itself has been ~0, not its unpredictable part.
-DEAD_MEAN = 1e-3
+#: residuals (|u| exactly 0 or float rounding: ~550 steps of them at h = 1), not learned from the series: the cell
+#: treats it as none.
+DEAD_SCALE = 1e-12
 
 
 class ConformalPID(ScoreCalibrator):
@@ -470,12 +469,12 @@ class ConformalPID(ScoreCalibrator):
             # stuck steps). Its p says nothing then, so it holds the prior, as in a new cell. "Without" is below
             # float32's smallest normal number, not only 0: the ring keeps the issued thresholds in float32, so a
             # scale that decays towards 0 (a series that varied, then stuck) is issued as 0 from ~1e-38 on. Nor is
-            # a scale worth more that residuals of exactly 0 decayed: 5,000 stuck steps took it to 6e-24, above
-            # the float32 floor, while p fell to -0.78 (coverage 0.24 over the 50 steps after the series moved
-            # again). Such a cell's scale *and* intercept (the mean of r) are negligible beside its running
-            # median |r| (the guard, which zeros leave alone); a steady offset with tiny noise has the intercept.
-            guard = blk.fields("guard")[0]
-            no_scale = (scale <= _FLOAT32_TINY) | ((scale <= DEAD_SCALE * guard) & (np.abs(mean) <= DEAD_MEAN * guard))
+            # a scale worth more that stuck residuals decayed (r exactly 0, or exactly the constant the intercept
+            # learned: |u| is then 0 or float rounding): 5,000 stuck steps took it to 6e-24, above the float32
+            # floor, while p fell to -0.78 (coverage 0.24 over the 50 steps after the series moved again). Its
+            # size beside the cell's running median |r| (the guard, which zeros leave alone) tells: DEAD_SCALE is
+            # far below any real noise (a steady offset of 1000 with noise 1e-4 is at 1e-7) and far above rounding.
+            no_scale = scale <= np.maximum(_FLOAT32_TINY, DEAD_SCALE * blk.fields("guard")[0])
             if no_scale.any():
                 p[:, no_scale] = self.prior_[:, None]
             else:
