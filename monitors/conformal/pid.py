@@ -81,8 +81,8 @@ from tidecast.monitors.conformal.scorecaster import lag_table, solve_ridge
 #: Below this a scale (and the thresholds it multiplies) is 0 in the float32 ring (see ``_learn``).
 _FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 #: A scale this many times below its cell's running median |r| (the outlier guard) has been decayed by stuck
-#: residuals (|u| exactly 0 or float rounding: ~550 steps of them at h = 1), not learned from the series: the cell
-#: treats it as none.
+#: residuals (|u| exactly 0 or float rounding, reached as the intercept decays: ~3,000 stuck steps at h = 1, ~12,000
+#: at h = 24), not learned from the series: the cell treats it as none.
 DEAD_SCALE = 1e-12
 
 
