@@ -50,7 +50,9 @@ def report(tmp_path_factory) -> tuple[Path, dict]:
                  "--report-series", "ETTh1/OT", "--no-progress", "--dead-letter", str(tmp / "dead.jsonl"),
                  "--summary-json", str(tmp / "summary.json")]) == 0
     summary = json.loads((tmp / "summary.json").read_text())
-    return page, {"series": ["ETTh1/OT", "ETTh1/HUFL", "ETTh1/LULL"], "drift_events": summary["drift_events"]}
+    # the worst others by mean MASE: LULL's scale comes from a period-1 naive since cycle detection no longer takes
+    # the spurious 32 it found on LULL's first 402 values (seasonal naive's MAE there fell, 0.270 -> 0.232)
+    return page, {"series": ["ETTh1/OT", "ETTh1/LULL", "ETTh1/HUFL"], "drift_events": summary["drift_events"]}
 
 
 def test_report_is_one_self_contained_file_under_5_mb(report):
