@@ -511,8 +511,7 @@ class CycleNetForecaster(WarmStarted):
         fit = BatchFit(net, train, val, lr=lr, epochs=self.epochs, patience=self.patience, batch_size=batch,
                        seed=self.seed, shuffled_val=self.shuffled_val)
         return {"fit": fit, "net": net, "rows": cohort, "mean": mean, "scale": scale, "cycle": cycle, "std": std,
-                "last": last, "calib_from": n - (n_hold or n_val), "train": train, "batch": batch, "lr": lr,
-                "replaced": np.zeros(0, np.int64)}
+                "last": last, "calib_from": n - (n_hold or n_val), "train": train, "batch": batch, "lr": lr}
 
     def _fit_replicas(self, job: dict[str, Any], budget: float) -> bool:
         """The replicas' warm-start fit (after the main one, for its best epoch count); True when done."""
@@ -532,7 +531,7 @@ class CycleNetForecaster(WarmStarted):
         left out: the snapshot's scaler, cycle column and residuals are another series' (``import_rows`` records
         them); they join as series arriving after the fit do."""
         fitted: CycleNet = job["net"]
-        keep = ~np.isin(job["rows"], job["replaced"])
+        keep = self._kept(job)
         rows, kept = job["rows"][keep], torch.as_tensor(np.flatnonzero(keep))
         with self._lock:
             net = build_net(self.lookback, self.horizon, job["cycle"], self._cap, self.backbone, self.hidden,
@@ -897,8 +896,7 @@ class CycleNetForecaster(WarmStarted):
         with self._train_lock, self._lock:
             if rows.size and rows.max() >= self.n_rows_:
                 self.resize(int(rows.max()) + 1)
-            if self._job is not None:  # a pending fit must not install its snapshot's state over these rows
-                self._job["replaced"] = np.union1d(self._job["replaced"], rows)
+            self._note_replaced(rows)  # a pending fit must not install its snapshot's state over these rows
             hist = np.asarray(state["history"], dtype=float)
             if hist.shape[1] != self._ring:
                 raise ValueError(f"history length {hist.shape[1]} != this model's ring ({self._ring})")

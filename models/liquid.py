@@ -733,15 +733,14 @@ class CfCForecaster(WarmStarted):
                         self.seed)
         q = nn.Parameter(torch.zeros(cohort.size, cycle)) if self.mode == "cyclenet" else None
         fit = _WarmFit(self, net, q, (raw, mean_t, scale_t), ticks, train, val, cycle)
-        return {"fit": fit, "net": net, "q": q, "rows": cohort, "mean": mean, "scale": scale, "cycle": cycle,
-                "replaced": np.zeros(0, np.int64)}
+        return {"fit": fit, "net": net, "q": q, "rows": cohort, "mean": mean, "scale": scale, "cycle": cycle}
 
     def _install(self, job: dict[str, Any]) -> None:
         """Swap the fitted network in, serve the cohort and compute every served row's state. Cohort rows whose
         state was replaced while the fit ran (a series dropped and its row reused, or one restored into it) are
         left out: the fit's scaler and cycle row are another series' (``import_rows`` records them)."""
         with self._lock:
-            keep = ~np.isin(job["rows"], job["replaced"])
+            keep = self._kept(job)
             rows = job["rows"][keep]
             if self.mode == "cyclenet":
                 if job["cycle"] != self.cycle_:
@@ -984,8 +983,7 @@ class CfCForecaster(WarmStarted):
         with self._lock:
             if rows.size and rows.max() >= self.n_rows_:
                 self.resize(int(rows.max()) + 1)
-            if self._job is not None:  # a pending fit must not install its snapshot's scaler over these rows
-                self._job["replaced"] = np.union1d(self._job["replaced"], rows)
+            self._note_replaced(rows)  # a pending fit must not install its snapshot's scaler over these rows
             hist = np.asarray(state["history"], dtype=float)
             if hist.shape[1] != self._ring:
                 raise ValueError(f"history length {hist.shape[1]} != this model's ring ({self._ring})")

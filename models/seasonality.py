@@ -57,16 +57,13 @@ def cycle_backtest(values: np.ndarray, periods: list[int]) -> dict[int, float]:
     >>> min(scores, key=scores.get)
     96
     """
-    x = np.asarray(values, dtype=float)
-    x = x[np.isfinite(x)]
     span = max(periods)
     if any(span % p for p in periods):
         raise ValueError(f"every period must divide the longest ({span}): {periods}")
-    n_spans = x.size // span
+    spans = _centred_spans(values, span)
+    n_spans = len(spans)
     if n_spans < 2:
         return {}
-    spans = x[x.size - n_spans * span :].reshape(n_spans, span)
-    spans = spans - spans.mean(axis=1, keepdims=True)
     scores = {}
     for p in periods:
         cycles = spans.reshape(n_spans, span // p, p).sum(axis=1)  # each span's sum of its cycles
@@ -82,11 +79,16 @@ def flat_error(values: np.ndarray, span: int) -> float:
     >>> round(flat_error(np.arange(8.0), 4), 2)  # spans [0..3] and [4..7], each centred: 1.5^2, 0.5^2, ...
     1.25
     """
+    return float(np.mean(_centred_spans(values, span) ** 2))
+
+
+def _centred_spans(values: np.ndarray, span: int) -> np.ndarray:
+    """The newest whole spans of ``span`` finite values, ``(n_spans, span)``, each minus its own mean."""
     x = np.asarray(values, dtype=float)
     x = x[np.isfinite(x)]
     n_spans = x.size // span
     spans = x[x.size - n_spans * span :].reshape(n_spans, span)
-    return float(np.mean((spans - spans.mean(axis=1, keepdims=True)) ** 2))
+    return spans - spans.mean(axis=1, keepdims=True)
 
 
 def detect_period(

@@ -118,6 +118,18 @@ class WarmStarted(BatchForecaster):
             if saved[key] != current[key]:
                 raise ValueError(f"state has {key}={saved[key]!r}, this model {current[key]!r}")
 
+    def _note_replaced(self, rows: np.ndarray) -> None:
+        """``import_rows`` is about to replace these rows' state (a series dropped and its row reused, or one
+        restored into it): a pending fit's snapshot of them is another series' now (called under the lock)."""
+        if self._job is not None:
+            self._job["replaced"] = np.union1d(self._job.get("replaced", np.zeros(0, np.int64)), rows)
+
+    @staticmethod
+    def _kept(job: dict[str, Any]) -> np.ndarray:
+        """Which of the job's cohort rows (``job["rows"]``) still hold the series it snapshotted: ``_install``
+        gives the fit's per-row state (scaler, cycle row, residuals) to these only."""
+        return ~np.isin(job["rows"], job.get("replaced", np.zeros(0, np.int64)))
+
     def _fit_extras(self, job: dict[str, Any], budget: float) -> bool:
         """More fitting after the network's, before the job is installed; True when done (default: none)."""
         return True
