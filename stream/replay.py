@@ -55,8 +55,8 @@ class ReplayOptions:
                                        check=port_number)
     metrics_address: str = setting("127.0.0.1", "address the /metrics server listens on (0.0.0.0: every "
                                    "interface)", group="service")
-    linger_seconds: float = setting(0.0, "keep /metrics up this many seconds after the run", group="service",
-                                    name="linger", check=at_least(0, LONGEST_SLEEP))
+    linger_seconds: float = setting(0.0, "keep /metrics up this many seconds after the run (needs --metrics-port)",
+                                    group="service", name="linger", check=at_least(0, LONGEST_SLEEP))
     rate: float | None = setting(None, "throttle to this many observations per second", group="pace",
                                  shown_default="as fast as possible", check=positive)
     batch_size: int = setting(2000, "observations per engine batch", group="pace", check=at_least(1))
@@ -199,9 +199,12 @@ def execute(engine: Engine, replay: Replay, source: str, options: ReplayOptions,
 
 def check_outputs(options: ReplayOptions, settings_file: Path | None = None) -> None:
     """``ValueError`` for an output that is the input file, the settings file, another output, or cannot be
-    written, and for ``--report-series`` without ``--report`` (it would do nothing)."""
+    written, and for ``--report-series`` without ``--report`` or ``--linger`` without ``--metrics-port`` (each
+    would do nothing)."""
     if options.report_series and options.report is None:
         raise ValueError("--report-series picks the series of the HTML report: give --report PATH too")
+    if options.linger_seconds > 0 and options.metrics_port is None:
+        raise ValueError("--linger keeps /metrics up after the run: give --metrics-port PORT too")
     outputs = {"--out": options.out, "--events": options.events, "--dead-letter": options.dead_letter,
                "--summary-json": options.summary_json, "--report": options.report}
     given = {flag: Path(path) for flag, path in outputs.items() if path is not None}

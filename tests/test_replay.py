@@ -435,6 +435,13 @@ def test_report_series_without_report_is_refused(capsys):
     assert "give --report PATH too" in capsys.readouterr().err
 
 
+def test_linger_without_metrics_port_is_refused(capsys):
+    """--linger only keeps the /metrics server up; without a port there is none, and the run used to sleep for
+    the whole linger serving nothing."""
+    assert main(["replay", str(SAMPLE), "--linger", "30", "--no-progress"]) == 2
+    assert "give --metrics-port PORT too" in capsys.readouterr().err
+
+
 def test_a_run_that_fails_leaves_no_earlier_summary_beside_its_outputs(tmp_path, monkeypatch):
     """The events file is emptied when a run starts; the summary JSON was written only at the end, so a run that
     failed part way left the earlier run's summary (with its event counts) beside an empty events file."""
