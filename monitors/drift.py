@@ -205,7 +205,9 @@ class DriftDetector(Params, ABC):
             return Alarms.empty()
         # a standardised residual beyond this says no more than "absurd", and its square must stay finite: 1e160
         # once made the variance inf and every statistic of the row NaN, for good
-        x = np.clip(x, -MAX_STANDARDISED, MAX_STANDARDISED)
+        # (a row kept for its value alone, with an infinite residual, is a missing residual, not a huge one)
+        with np.errstate(invalid="ignore"):
+            x = np.where(np.isfinite(x), np.clip(x, -MAX_STANDARDISED, MAX_STANDARDISED), np.nan)
         self.resize(int(rows.max()) + 1)
         contiguous = rows[-1] - rows[0] + 1 == rows.size and bool(np.all(np.diff(rows) == 1))
         # A contiguous run of rows (the engine's common case) is updated in place; others are gathered.
@@ -650,9 +652,12 @@ class LaneMonitor:
     def note(self, alarms: Alarms, rows: np.ndarray, ticks: np.ndarray) -> None:
         """Record the alarms' ticks (``rows``/``ticks``: the call's rows and their ticks)."""
         if len(alarms):
+            self.resize(int(alarms.rows.max()) + 1)  # a monitor used without resize() grows like its detector
             self.last_alarm_tick_[alarms.rows] = ticks[alarms.positions(rows)]
 
     def export_rows(self, rows: np.ndarray) -> ArrayDict:
+        rows = np.asarray(rows, dtype=np.intp)
+        self.resize(int(rows.max()) + 1 if rows.size else 0)
         return {"last_alarm_tick": self.last_alarm_tick_[rows].copy()}
 
     def import_rows(self, rows: np.ndarray, state: ArrayDict) -> None:

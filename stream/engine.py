@@ -69,7 +69,7 @@ import numpy as np
 
 from tidecast.models.base import ArrayDict, BatchForecaster, read_only
 from tidecast.models.rows import capacity_for, grow, under
-from tidecast.monitors.bootstrap import BootstrapMonitor, bootstrap_monitors
+from tidecast.monitors.bootstrap import BootstrapMonitor, bootstrap_monitors, horizon_buckets
 from tidecast.monitors.conformal import Calibrator, make_calibrator
 from tidecast.monitors.conformal.pool import Pool
 from tidecast.monitors.drift import (
@@ -87,7 +87,7 @@ from tidecast.stream.batch import ActualBatch, ForecastBatch, ObservationBatch, 
 from tidecast.stream.config import STEP_WINDOW, EngineConfig
 from tidecast.stream.pending import PendingForecasts
 from tidecast.stream.records import REASONS, from_ns, out_of_range
-from tidecast.stream.retrain import Retrainer, give_history, retrain_settings
+from tidecast.stream.retrain import Retrainer, RetrainEvent, give_history, retrain_settings
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +293,7 @@ class Engine:
         self._levels = tuple(config.level_names)
         self._model_columns: dict[str, np.ndarray] = {}  # see _model_column
         self._gauges: dict[tuple, Any] = {}  # see _gauge
+        self._spread_shown: set[tuple[str, str]] = set()  # (lane, bucket) children of the spread gauge set
         self._slot_of: dict[str, int] = {}
         # rows of dropped series, reused first, lowest first (a heap): the choice then depends only on which rows
         # hold series, so an engine restored into the same rows gives a new series the row the uninterrupted one
@@ -793,14 +794,11 @@ class Engine:
         for name, count in steps_by_lane.items():
             m.forecasts.labels(model=name).inc(count)
         m.processing.observe(result.elapsed_seconds)
-        for event in result.events:
-            m.drift_alarms.labels(model=event.model, detector=event.detector).inc()
+        for event in result.events:  # retrain events share the list; tidecast_retrains_total counts those
+            if not isinstance(event, RetrainEvent):
+                m.drift_alarms.labels(model=event.model, detector=event.detector).inc()
         self._set_drifting_gauges()
-        for lane in self.lanes:  # the bootstrap watcher's spread ratio, median over series per horizon bucket
-            for monitor in lane.monitors:
-                if isinstance(monitor, BootstrapMonitor):
-                    for h, value in monitor.spread_ratio_medians(self._cap).items():
-                        m.bootstrap_spread_ratio.labels(lane.name, str(h)).set(value)
+        self._set_spread_gauges()
         for lane in self.lanes:  # gauges appear once there is something to say (absent != 0% coverage)
             for level, coverage, width in zip(self._levels, lane.scorer.rolling_coverage_,
                                               lane.scorer.rolling_width_, strict=True):
@@ -815,6 +813,25 @@ class Engine:
         placed = self.series_["last_tick"][: self._cap] != _NO_TICK
         held = np.count_nonzero((self.series_["hold_n"][: self._cap] > 0) & ~placed)
         return int(np.count_nonzero(~lane.scorer.ever_issued(np.flatnonzero(placed)))) + int(held)
+
+    def _set_spread_gauges(self) -> None:
+        """The bootstrap watcher's spread ratio, median over the held series per horizon bucket; a bucket no held
+        series has a ratio for (its series dropped, their model replaced) is removed rather than left showing the
+        last median of series this process no longer forecasts."""
+        family = self.metrics.bootstrap_spread_ratio
+        for lane in self.lanes:
+            for monitor in lane.monitors:
+                if not isinstance(monitor, BootstrapMonitor):
+                    continue
+                medians = monitor.spread_ratio_medians(self._cap)
+                for _, last in horizon_buckets(monitor.horizon):
+                    key = (lane.name, str(last))
+                    if last in medians:
+                        family.labels(*key).set(medians[last])
+                        self._spread_shown.add(key)
+                    elif key in self._spread_shown:
+                        family.remove(*key)
+                        self._spread_shown.discard(key)
 
     def _gauge(self, family: Any, model: str, h: int, level: str) -> Any:
         """The (model, horizon, level) child of a per-horizon gauge family, kept: ``labels()`` took a third of
@@ -1027,6 +1044,7 @@ class Engine:
             heapq.heappush(self._free, row)
         self.metrics.series_active.set(len(self._slot_of))
         self._set_drifting_gauges()  # a member that processes nothing more must not keep counting them
+        self._set_spread_gauges()
 
     def export_shared(self) -> dict[str, tuple[ArrayDict, dict[str, Any]]]:
         """Per-model shared state (e.g. a backbone's weights), keyed by model name."""

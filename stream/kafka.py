@@ -29,7 +29,7 @@ Messages
     {"series_id": "ETTh1/OT", "model": "seasonal-naive", "detector": "cusum", "kind": "mean",
      "detected_at": "2016-07-09T04:00:00Z", "statistic": 18.3, "schema_version": 1}
 
-  at-least-once like forecasts: a consumer de-duplicates on ``(series_id, model, detector, detected_at)``; a
+  at-least-once like forecasts: a consumer de-duplicates on ``(series_id, model, detector, kind, detected_at)``; a
   re-sent event (after a crash) is identical.
 * dead letters (``--dead-letter-topic``): the original key and raw value bytes, unchanged, with the why and
   where in headers: ``tidecast.reason`` (one of :data:`tidecast.stream.kafka_source.SERVE_REASONS`),

@@ -364,3 +364,17 @@ def test_a_rows_residual_bootstrap_spread_does_not_depend_on_its_batch_mates() -
     alone = ring.spread(np.array([0]), np.array([39]), short, keys[:1])
     beside = ring.spread(np.array([0, 1]), np.array([39, 39]), np.vstack([short, deep]), keys)
     np.testing.assert_array_equal(beside[:1], alone)
+
+
+def test_the_spread_gauge_leaves_with_the_series_it_summarised() -> None:
+    """After drop_series (a partition moved away) the gauge kept the old median for series this process no longer
+    forecasts; it is removed until a held series has a ratio again."""
+    engine = _engine(drift_detector="none")
+    _feed(engine, _values()[:200])
+    registry = engine.metrics.registry
+    labels = {"model": "seasonal-naive", "horizon": "1"}
+    assert registry.get_sample_value("tidecast_bootstrap_spread_ratio", labels) is not None
+    engine.drop_series(engine.series_ids)
+    assert registry.get_sample_value("tidecast_bootstrap_spread_ratio", labels) is None
+    _feed(engine, _values()[:200])
+    assert registry.get_sample_value("tidecast_bootstrap_spread_ratio", labels) is not None

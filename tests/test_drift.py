@@ -212,6 +212,25 @@ def test_nan_residuals_are_skipped_and_learn_nothing() -> None:
         np.testing.assert_allclose(a.export_rows(np.array([1]))[name], value, err_msg=name)
 
 
+@pytest.mark.parametrize("bad", [np.inf, -np.inf])
+def test_an_infinite_residual_beside_a_finite_value_is_skipped_like_a_nan(bad: float) -> None:
+    """A row stays in the update for its value (the freeze watcher); its infinite residual (or one divided by a
+    zero scale) was clipped to an absurd real one, learned into the variance, and raised a variance alarm."""
+    rng = np.random.default_rng(0)
+    residuals, values = rng.normal(size=400), np.arange(400.0) + rng.normal(size=400)
+    states, alarms = [], []
+    for missing in (np.nan, bad):
+        det, fired = ResidualCUSUM(), []
+        for t in range(400):
+            r = missing if t == 100 else residuals[t]
+            fired += [(t, str(k)) for k in det.update(np.array([0]), np.array([r]), values=values[t : t + 1]).kind]
+        states.append(det.export_rows(np.array([0])))
+        alarms.append(fired)
+    assert alarms[1] == alarms[0] == []
+    for name, value in states[0].items():
+        np.testing.assert_array_equal(states[1][name], value, err_msg=name)
+
+
 @pytest.mark.parametrize("make", [ResidualCUSUM, D3A])
 def test_state_round_trip_continues_bit_for_bit_on_other_rows(make) -> None:
     rng = np.random.default_rng(4)

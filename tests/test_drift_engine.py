@@ -235,3 +235,37 @@ def test_replay_writes_every_event_as_a_json_line_and_counts_them_per_model_and_
                  "--dead-letter", str(tmp_path / "dead.jsonl")]) == 0
     again = json.loads(summary_file.read_text())
     assert again["drift_events"] == counts and again["events_file"] is None
+
+
+def test_a_monitor_used_without_resize_keeps_its_first_alarm() -> None:
+    """The detector and pool grow with the rows they see; the alarm-tick array did not, so the first alarm raised
+    IndexError after the detector had already reset the row: the alarm was lost."""
+    monitor = DriftMonitor(ResidualCUSUM(), horizon=1)
+    rng = np.random.default_rng(0)
+    fired = []
+    for t in range(400):
+        y = np.array([rng.normal() + 4.0 * (t >= 300)])
+        alarms = monitor.matured(np.array([0]), np.array([t]), y, np.zeros((1, 1)), np.full((1, 1), -2.0),
+                                 np.full((1, 1), 2.0), np.ones((1, 1), bool))
+        fired += [t] * len(alarms)
+    assert fired and 300 <= fired[0] < 310
+    assert int(monitor.export_rows(np.array([0]))["last_alarm_tick"][0]) == fired[-1]
+    assert DriftMonitor(ResidualCUSUM(), horizon=1).export_rows(np.array([3]))["last_alarm_tick"][0] == NO_ALARM
+
+
+def test_retrain_events_are_not_counted_as_drift_alarms() -> None:
+    """Retrain job events travel in the same event list; they count in tidecast_retrains_total only."""
+    values = seasonal(np.random.default_rng(0), 720, 3)
+    values[420:] = 20 - values[420:]  # every series' cycle flips: alarms, then a job
+    engine = Engine.from_config(config(horizon=4, retrain="on", retrain_params={"min_fresh": 24, "cooldown": 1000}))
+    events = []
+    for lo in range(0, 720, 24):
+        events += run(engine, values[lo : lo + 24], start=lo, chunk=24)
+        engine.maintenance()
+    retrain = [e for e in events if e.detector == "retrain"]
+    drift = [e for e in events if e.detector != "retrain"]
+    assert retrain and drift
+    assert sample(engine.metrics, "tidecast_drift_alarms_total", model="seasonal-naive", detector="retrain") == 0
+    assert sample(engine.metrics, "tidecast_drift_alarms_total", model="seasonal-naive",
+                  detector="cusum") == len(drift)
+    assert sample(engine.metrics, "tidecast_retrains_total", model="seasonal-naive", outcome="started") == 1

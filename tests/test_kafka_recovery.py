@@ -4,7 +4,7 @@ Each test compares the service's final checkpointed state with an uninterrupted 
 same records (the reference), array by array - the drift detectors' rows included - and checks the forecast topic:
 after de-duplication on ``(series_id, model, issued_at)`` every observation past warm-up has exactly one forecast,
 and every re-sent message is byte-identical to the first. The kill -9 test checks the events topic the same way:
-after de-duplication on ``(series_id, model, detector, detected_at)`` it holds exactly the reference run's drift
+after de-duplication on ``(series_id, model, detector, kind, detected_at)`` it holds exactly the reference run's drift
 alarms, none lost and none doubled.
 """
 
@@ -97,17 +97,18 @@ def assert_forecasts_complete(messages: list[Any], records: list[Any], first_ori
 def assert_events_exactly_once(messages: list[Any], expected: list[DriftEvent]) -> int:
     """After de-duplication the events topic holds exactly ``expected``; re-sent events are byte-identical and
     keyed by their series. Returns the number of duplicates."""
-    by_key: dict[tuple[str, str, str, str], bytes] = {}
+    by_key: dict[tuple[str, str, str, str, str], bytes] = {}
     duplicates = 0
     for m in messages:
         msg = json.loads(m.value)
-        key = (msg["series_id"], msg["model"], msg["detector"], msg["detected_at"])
+        key = (msg["series_id"], msg["model"], msg["detector"], msg["kind"], msg["detected_at"])
         assert m.key == msg["series_id"].encode()
         if key in by_key:
             assert by_key[key] == m.value, f"re-sent event differs for {key}"
             duplicates += 1
         by_key[key] = m.value
-    want = {(e.series_id, e.model, e.detector, e.to_dict()["detected_at"]): event_json(e).encode() for e in expected}
+    want = {(e.series_id, e.model, e.detector, e.kind, e.to_dict()["detected_at"]): event_json(e).encode()
+            for e in expected}
     assert len(want) == len(expected), "the reference raised one event twice"
     assert by_key == want, (f"lost: {sorted(set(want) - set(by_key))}, "
                             f"not in the reference: {sorted(set(by_key) - set(want))}")
