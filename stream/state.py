@@ -432,8 +432,27 @@ class LocalStateStore:
         return sorted(int(p.stem.split("-")[1]) for p in self.dir.glob(f"partition-*{self.SUFFIX}"))
 
     def _remove_partial_writes(self) -> None:
-        for tmp in self.dir.glob(".*.tmp-*"):  # a crash between write and rename
+        """Delete what a crash between write and rename left (:func:`write_atomic`'s temp files), except those of a
+        writer still running: members sharing one state directory on a host would otherwise delete each other's
+        snapshot half-way, and the writer's rename (so its checkpoint, so its service) failed."""
+        for tmp in self.dir.glob(".*.tmp-*"):
+            pid = tmp.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and _running(int(pid)):
+                continue
             tmp.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    """A process with this id runs on this host (one we may not signal counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:  # an id the system refuses as such
+        return False
+    return True
 
 
 def write_atomic(path: Path, data: bytes) -> None:
