@@ -127,7 +127,8 @@ def _fast(value: Any, max_bytes: int, loads: Any) -> tuple[str, int, float] | No
     if type(fields) is not dict:
         return None
     sid, stamp, number = fields.get("series_id"), fields.get("timestamp"), fields.get("value")
-    version = fields.get("schema_version", SCHEMA_VERSION)
+    version = fields.get("schema_version")
+    version = SCHEMA_VERSION if version is None else version
     # an id that starts or ends with white space may be blank: decode() judges it (missing_field)
     if (type(sid) is not str or not 0 < len(sid) <= 64 or sid[0] == "\0" or sid[0].isspace() or sid[-1].isspace()
             or type(stamp) is not str):

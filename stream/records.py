@@ -13,8 +13,9 @@ An observation on the wire is a JSON object::
 * ``value`` is a JSON number; a numeric string (``"30.5"``) is accepted too, since CSV cells are strings.
   Values whose magnitude exceeds the engine's ``max_abs_value`` are rejected by the engine (``out_of_range``,
   see :func:`out_of_range`), so that one setting rules ``replay`` and ``serve`` alike.
-* ``schema_version`` is optional (default 1). Unknown *extra* fields are ignored, so producers can add fields
-  without breaking consumers; an unknown *version* is rejected, because its meaning is unknown.
+* ``schema_version`` is optional (default 1; ``null`` counts as absent). Unknown *extra* fields are ignored, so
+  producers can add fields without breaking consumers; an unknown *version* is rejected, because its meaning is
+  unknown.
 
 Every rejection is an :class:`InvalidRecord` whose ``reason`` is one of :data:`REASONS` — a small, fixed set, so
 it can label a Prometheus counter — and whose ``detail`` says what exactly was wrong.
@@ -194,6 +195,7 @@ def parse_value(raw: Any) -> float:
     if isinstance(raw, str):
         # plain ASCII decimals only: Python's float() also takes "1_000" and other scripts' digits ("١٢"), which
         # the CSV reader does not; one rule for every input
+        raw = raw.strip()  # every Unicode space (a spreadsheet's no-break space), as the CSV reader strips
         if not (_DECIMAL.fullmatch(raw) or _NON_FINITE.fullmatch(raw)):
             raise InvalidRecord("non_numeric_value", f"value is not a number: {raw[:64]!r}")
         value = float(raw)
@@ -239,7 +241,8 @@ def out_of_range(values: np.ndarray, max_abs_value: float | None) -> np.ndarray:
 
 def decode_mapping(fields: Mapping[str, Any]) -> Observation:
     """Validate a mapping with ``series_id``, ``timestamp`` and ``value``."""
-    version = fields.get("schema_version", SCHEMA_VERSION)
+    version = fields.get("schema_version")
+    version = SCHEMA_VERSION if version is None else version  # null: unset, as producers write optional fields
     if version != SCHEMA_VERSION or isinstance(version, bool):
         raise InvalidRecord("unknown_schema_version", f"schema_version {version!r} (this reader knows 1)")
     for name in ("series_id", "timestamp", "value"):

@@ -318,6 +318,16 @@ def _figure(fig: Figure, alt: str, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
+def _series_count(run: dict, actuals: pd.DataFrame) -> str:
+    """The run's series count as its summary (and the command line) gives it, with those that have no observation
+    here said apart (held: seen at a single timestamp, README); a result without a summary counts what it shows."""
+    shown = actuals["unique_id"].nunique()
+    total = int(run.get("n_series", shown))
+    unseen = total - shown
+    return f"{total:,}" + (f" ({unseen:,} held, with no observation applied: seen at a single timestamp)"
+                           if unseen > 0 else "")
+
+
 def _run_section(result: ReplayResult) -> str:
     run, cfg = result.run, result.config
     actuals = result.actuals
@@ -325,7 +335,7 @@ def _run_section(result: ReplayResult) -> str:
             if len(actuals) else "no observations")
     items = {
         "source": result.source,
-        "series": f"{actuals['unique_id'].nunique():,}",
+        "series": _series_count(run, actuals),
         "observations": f"{run.get('n_observations', len(actuals)):,}",
         "time span": span,
         "models": ", ".join(f"{alias} ({name})" if alias != name else alias for alias, name in cfg.lanes),

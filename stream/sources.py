@@ -193,12 +193,12 @@ def read_csv(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Table:
             if line_cells is not None:
                 why = f"{len(line_cells)} fields, the header has {len(header)}"
             letters.append(DeadLetter("malformed_row", f"line {k + 1}: {why}", source, (0, row),
-                                      lines[k][:1024].decode("utf-8", "replace")))
+                                      _raw_line(lines[k], max_bytes)))
     for k, why in sorted(unreadable.items()):
         if k > first:
             reason = "oversized" if why.startswith("row of") else "malformed_row"
             letters.append(DeadLetter(reason, f"line {k + 1}: {why}", source, (0, k - first - 1),
-                                      lines[k][:1024].decode("utf-8", "replace")))
+                                      _raw_line(lines[k], max_bytes)))
     frame = pd.DataFrame(cells, columns=header, dtype=object) if cells else pd.DataFrame(
         {name: pd.Series([], dtype=object) for name in header})
     return Table(frame, np.array(rows, np.int64), letters)
@@ -235,6 +235,19 @@ def _header(path: Path, line: bytes, k: int) -> list[str]:
     if repeated:
         raise ValueError(f"{path}: line {k + 1}, the header, names columns {repeated} more than once")
     return header
+
+
+#: The bytes of an oversized line its dead letter keeps (its detail gives the whole size): kept whole, the worst rows
+#: of an input would make the dead-letter file as large as they are.
+OVERSIZED_RAW_BYTES = 1024
+
+
+def _raw_line(line: bytes, max_bytes: int) -> str:
+    """A refused line as its dead letter keeps it: whole, so it can be fixed and replayed, unless it is over the row
+    limit (then its first :data:`OVERSIZED_RAW_BYTES`, not cutting a character in two)."""
+    if len(line) > max_bytes:
+        return line[:OVERSIZED_RAW_BYTES].decode("utf-8", "ignore")
+    return line.decode("utf-8", "replace")
 
 
 def _decoded(lines: list[bytes], max_bytes: int) -> tuple[list[str], dict[int, str]]:
@@ -606,7 +619,8 @@ def _datetimes_to_us(column: pd.Series) -> np.ndarray:
 
 def _parse_values(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Floats per cell and a mask of cells that fail :func:`tidecast.stream.records.parse_value`."""
-    if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
+    if (pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
+            and not pd.api.types.is_complex_dtype(column)):  # complex: wrong_type, as parse_value says
         values = column.to_numpy(dtype=float, na_value=np.nan)
     else:
         values = pd.to_numeric(column.astype(str).str.strip(), errors="coerce").to_numpy(dtype=float)
@@ -739,8 +753,7 @@ def _load_jsonl(path: Path, spec: ReplaySpec) -> Replay:
             try:
                 obs = decode(line, spec.max_bytes)
             except InvalidRecord as err:
-                raw = line[:1024].decode("utf-8", "replace")
-                letters.append(DeadLetter(err.reason, err.detail, str(path), (0, row), raw))
+                letters.append(DeadLetter(err.reason, err.detail, str(path), (0, row), _raw_line(line, spec.max_bytes)))
                 continue
             ids.append(obs.series_id)
             times.append(obs.timestamp_ns)

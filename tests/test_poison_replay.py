@@ -266,6 +266,72 @@ def test_a_value_string_gets_the_same_verdict_in_csv_and_json_lines(tmp_path):
                                           (10, "non_numeric_value"), (11, "non_numeric_value")]  # two signs: no number
 
 
+def test_unicode_spaces_around_a_value_get_one_verdict_in_csv_json_lines_and_kafka(tmp_path):
+    """A spreadsheet's no-break space: the CSV reader stripped it (every Unicode space) and took the value, while
+    JSON lines and Kafka dead-lettered it as non_numeric_value: training history and live stream disagreed."""
+    cells = ["\u00a02", "\u30004", "5\u2003", "\u00a0\u00a0"]
+    stamps = [f"2020-01-01T{k:02d}:00:00" for k in range(len(cells))]
+    (tmp_path / "w.csv").write_text("unique_id,ds,y\n" + "".join(f"a,{t},{c}\n" for t, c in zip(stamps, cells,
+                                                                                                 strict=True)))
+    records = [json.dumps({"series_id": "a", "timestamp": t, "value": c}) for t, c in zip(stamps, cells, strict=True)]
+    (tmp_path / "w.jsonl").write_text("\n".join(records) + "\n")
+    verdicts = []
+    for name in ("w.csv", "w.jsonl"):
+        rc, s, letters = run(tmp_path, str(tmp_path / name), "--horizon", "1", "--freq", "1h")
+        assert rc == 0 and s["n_observations"] == 3, name
+        verdicts.append(reasons(letters))
+    assert verdicts[0] == verdicts[1] == [(3, "missing_field")]  # spaces only: blank
+    decoded = decode_records([_Record(0, k, r.encode()) for k, r in enumerate(records[:3])])
+    assert decoded.batch.values.tolist() == [2.0, 4.0, 5.0] and not decoded.letters
+
+
+class _Record:
+    """What decode_records reads of a kafka-python ConsumerRecord."""
+
+    def __init__(self, partition: int, offset: int, value: bytes) -> None:
+        self.topic, self.partition, self.offset, self.value, self.key, self.timestamp = (
+            "t", partition, offset, value, None, 0)
+
+
+@pytest.mark.parametrize("version", ["", ',"schema_version":1', ',"schema_version":null'])
+def test_a_null_schema_version_counts_as_absent_on_both_decode_paths(version):
+    """Producers write unset optional fields as null (Jackson, pydantic's model_dump): every record was refused as
+    unknown_schema_version, while a null in a required field is missing_field."""
+    raw = ('{"series_id":"a","timestamp":"2020-01-01T00:00:00Z","value":1.5' + version + "}").encode()
+    assert decode(raw).value == 1.5
+    decoded = decode_records([_Record(0, 0, raw)])
+    assert decoded.batch.values.tolist() == [1.5] and not decoded.letters
+
+
+def test_a_refused_jsonl_or_csv_line_is_kept_whole_in_its_dead_letter(tmp_path):
+    """A refused line was cut to 1,024 bytes (mid-character, no longer JSON), which cannot be fixed and replayed;
+    only a line over the size limit is cut now."""
+    pad = "é" * 700
+    line = json.dumps({"series_id": "a", "timestamp": "2020-01-01T00:00:00Z", "value": "NaN", "note": pad},
+                      ensure_ascii=False)
+    good = [json.dumps({"series_id": "a", "timestamp": f"2020-01-01T{k:02d}:00:00Z", "value": k}) for k in range(1, 4)]
+    (tmp_path / "l.jsonl").write_text("\n".join([line, *good]) + "\n", encoding="utf-8")
+    rc, _, letters = run(tmp_path, str(tmp_path / "l.jsonl"), "--horizon", "1", "--freq", "1h")
+    assert rc == 0 and len(line.encode()) > 1024
+    assert [d["raw"] for d in letters] == [line]
+    csv_line = "2020-01-01T00:00:00,1," + "x" * 1500
+    (tmp_path / "c.csv").write_text("ds,y\n" + csv_line + "\n" + "".join(f"2020-01-01T{k:02d}:00:00,{k}\n"
+                                                                          for k in range(1, 4)))
+    rc, _, letters = run(tmp_path, str(tmp_path / "c.csv"), "--horizon", "1", "--freq", "1h")
+    assert rc == 0 and [(d["reason"], d["raw"]) for d in letters] == [("malformed_row", csv_line)]
+
+
+def test_complex_values_in_a_frame_are_wrong_type_not_their_real_part():
+    import tidecast
+
+    frame = pd.DataFrame({"unique_id": "a", "ds": pd.date_range("2020-01-01", periods=30, freq="h"),
+                          "y": np.arange(30) + 1j})
+    result = tidecast.replay(frame, horizon=1)
+    summary = result.run
+    assert summary["n_observations"] == 0
+    assert summary["dead_letters"] == {"wrong_type": 30}
+
+
 def test_parquet_date_columns_are_days_and_times_of_day_are_refused_with_why(tmp_path):
     """date32 is Parquet's type for daily data (pyarrow, polars, Spark, pandas' datetime.date): each day is its
     midnight UTC (every row was a wrong_type dead letter); a time64 cell has no day and is a bad_timestamp."""

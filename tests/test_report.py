@@ -200,3 +200,25 @@ def test_lines_break_where_no_observation_arrived():
     figure = result.plot("s")
     actual = next(line for line in figure.axes[0].get_lines() if line.get_label() == "actual")
     assert np.isnan(np.asarray(actual.get_ydata(), dtype=float)).sum() == 1
+
+
+def test_the_reports_series_count_is_the_runs_and_says_which_are_held(tmp_path):
+    """A series seen at one timestamp is held: the summary (and the command line) count it, the report counted only
+    the series with observations, and nothing said why the two differed."""
+    import html
+
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    frames = [pd.DataFrame({"unique_id": sid, "ds": pd.date_range("2024-01-01", periods=100, freq="h").astype(str),
+                            "y": rng.normal(size=100)}) for sid in "ab"]
+    frames.append(pd.DataFrame({"unique_id": ["single"], "ds": ["2024-01-02 00:00:00"], "y": [1.0]}))
+    data = tmp_path / "held.csv"
+    pd.concat(frames).to_csv(data, index=False)
+    summary, report = tmp_path / "s.json", tmp_path / "r.html"
+    assert main(["replay", str(data), "--horizon", "2", "--model-param", "seasonal-naive.period=24", "--no-progress",
+                 "--summary-json", str(summary), "--report", str(report),
+                 "--dead-letter", str(tmp_path / "d.jsonl")]) == 0
+    assert json.loads(summary.read_text())["n_series"] == 3
+    cells = [html.unescape(re.sub("<.*?>", "", c)) for c in re.findall(r"<td>.*?</td>", report.read_text())]
+    assert cells[cells.index("series") + 1].startswith("3 (1 held")
