@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from array import array
 from collections.abc import Callable
 from typing import Any
 
@@ -109,7 +110,9 @@ class Standardised(Params):
     period: cycle length in ticks; ``None`` detects it on the warm-up window (no cycle found -> 1).
     warmup: observations buffered before the model starts; default ``2 * max_period + 2``.
 
-    Forecasts are ``NaN`` until the warm-up window is full and the river model is ready (:func:`is_ready`).
+    Forecasts are ``NaN`` until the warm-up window is full and the river model is ready (:func:`is_ready`). When no
+    cycle is found (period 1), the last ``warmup`` values are kept and looked at again after 2, 4, 8, ... warm-up
+    windows, as seasonal naive does: a cycle found there (a meter idle at first) starts the model over on them.
     river's own ``HoltWinters`` starts its additive seasonal terms as ``y / level``, which a standardised level
     near 0 blows up: build :class:`~tidecast.models.holt_winters.AdditiveHoltWinters` instead.
 
@@ -133,6 +136,7 @@ class Standardised(Params):
         self.period_ = 0
         self.mean_ = 0.0
         self.scale_ = 1.0
+        self.recent_ = array("d")  # period 1 found: the last `warmup` values, for the next look (_look_again)
 
     @property
     def is_ready(self) -> bool:
@@ -147,6 +151,8 @@ class Standardised(Params):
                 self._fail(err)
                 return
             self.n_model_ += 1
+            if self.period is None and self.period_ == 1:
+                self._look_again(y)
             return
         self.buffer_.append(y)
         if len(self.buffer_) >= self.warmup:
@@ -168,12 +174,27 @@ class Standardised(Params):
         self.n_model_ = len(self.buffer_)
         self.buffer_ = []
 
+    def _look_again(self, y: float) -> None:
+        """Keep ``y`` in the window of the next look for a cycle, due after 2, 4, 8, ... warm-up windows (the looks
+        thin out so that their false cycles, ~2 % a look on noise, and their cost stay bounded); a cycle found
+        starts the model over on that window, with its standardisation."""
+        self.recent_.append(y)
+        if len(self.recent_) > self.warmup:
+            del self.recent_[0]
+        windows, rest = divmod(self.n_model_, self.warmup)
+        if rest or windows < 2 or windows & (windows - 1) or len(self.recent_) < self.warmup:
+            return
+        if (detect_period(np.asarray(self.recent_), self.max_period) or 1) > 1:
+            self.buffer_, self.recent_ = list(self.recent_), array("d")
+            self._start()
+
     def restart(self) -> None:
         """Start over after a gap that reset the series' history: a fresh river model on the cycle length and
         standardisation already learned (the series', not the lost history's), so the row forecasts again once
         the model's own start is past (two cycles for Holt-Winters) instead of after a whole new warm-up window
         (402 observations by default). A row still in its warm-up starts that over."""
         self.buffer_ = []
+        self.recent_ = array("d")  # values before the gap are off the clock's phase for the next look
         if self.model_ is None:
             return
         try:
@@ -195,7 +216,11 @@ class Standardised(Params):
             log.warning("a %s failed (%s: %s): it starts over with a new warm-up window of %d observations, and its "
                         "series has no forecast until then (check the lane's --model-param values)", name,
                         type(err).__name__, err, self.warmup)
-        self.model_, self.n_model_, self.buffer_ = None, 0, []
+        self._start_over()
+
+    def _start_over(self) -> None:
+        """Drop the river model: a new warm-up window follows."""
+        self.model_, self.n_model_, self.buffer_, self.recent_ = None, 0, [], array("d")
 
     def forecast(self, horizon: int, xs: list[dict] | None = None) -> list[float]:
         """The river model's forecast on the raw scale; ``NaN`` in the warm-up. A model that has diverged (a
@@ -212,18 +237,20 @@ class Standardised(Params):
             log.warning("a %s diverged (forecast %.3g warm-up deviations out): it starts over with a new warm-up "
                         "window of %d observations", type(self.model_).__name__,
                         max((abs(v) if math.isfinite(v) else math.inf) for v in standard), self.warmup)
-            self.model_, self.n_model_, self.buffer_ = None, 0, []
+            self._start_over()
             return [math.nan] * horizon
         return [v * self.scale_ + self.mean_ for v in standard]
 
     def get_state(self) -> dict[str, Any]:
         return {"buffer": self.buffer_, "period": self.period_, "mean": self.mean_, "scale": self.scale_,
-                "n_model": self.n_model_, "model": dump_state(self.model_) if self.model_ is not None else None}
+                "n_model": self.n_model_, "recent": self.recent_.tolist(),
+                "model": dump_state(self.model_) if self.model_ is not None else None}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.buffer_ = list(state["buffer"])
         self.period_, self.mean_, self.scale_ = int(state["period"]), state["mean"], state["scale"]
         self.n_model_ = int(state.get("n_model", self.warmup))  # older states: the model had the warm-up window
+        self.recent_ = array("d", state.get("recent", []))  # older states: the next look's window starts now
         self.model_ = None
         if state["model"] is not None:
             self.model_ = self.build(self.period_)

@@ -350,3 +350,32 @@ def test_holt_winters_keeps_its_cycle_and_scale_through_a_long_gap():
     assert resumed <= 2 * 24, resumed
     after = result.forecasts[(result.forecasts["cutoff"] > ds[900]) & result.forecasts["y"].notna()]
     assert (after["y"] - after["mean"]).abs().mean() < 3.0  # the cycle and scale it kept, not a flat line
+
+
+def test_holt_winters_looks_again_for_a_cycle_an_idle_start_hid():
+    """A meter idle for its whole warm-up window has no cycle there: the lane kept period 1 (no seasonal terms)
+    for good, while seasonal naive looks again after 2, 4, 8, ... windows. It looks again too now, and the cycle it
+    finds restarts the model on the window that shows it; the look and its window survive a state round trip."""
+    warmup = 100
+    t = np.arange(900)
+    y = np.where(t < 130, 5.0, 50 + 10 * np.sin(2 * np.pi * t / 24)) + 0.1 * np.random.default_rng(1).normal(size=900)
+
+    def build(period: int):  # the holt-winters lane's: double exponential smoothing without a cycle
+        if period <= 1:
+            return time_series.HoltWinters(alpha=0.3, beta=0.01)
+        return AdditiveHoltWinters(0.3, 0.01, 0.3, seasonality=period)
+
+    make = lambda: Standardised(build, max_period=48, warmup=warmup)  # noqa: E731
+    f, moved = make(), make()
+    for k, v in enumerate(y[:150]):
+        f.learn_one(float(v))
+        if k == 149:
+            assert f.period_ == 1
+            moved.set_state(json.loads(json.dumps(f.get_state())))
+    for v in y[150:]:
+        f.learn_one(float(v))
+        moved.learn_one(float(v))
+    assert f.period_ == moved.period_ == 24  # found at a later look (the first one still saw the idle start)
+    assert f.forecast(24) == moved.forecast(24)
+    t_next = np.arange(900, 924)
+    assert np.abs(np.array(f.forecast(24)) - (50 + 10 * np.sin(2 * np.pi * t_next / 24))).mean() < 2.0
