@@ -61,7 +61,7 @@ class DriftEvent:
 
     ``kind`` is what moved (``"mean"``, ``"variance"``, ``"coverage"``, ``"distribution"``, ``"loss"``);
     ``statistic`` is the detector's statistic when it fired (signed: negative for a downward change);
-    ``detected_at`` the event time of the residual that triggered it. ``(series_id, model, detector,
+    ``detected_at`` the event time of the residual that triggered it. ``(series_id, model, detector, kind,
     detected_at)`` identifies an event, so consumers can de-duplicate a redelivered one.
 
     >>> event = DriftEvent("ETTh2/OT", "cyclenet", "cusum", "mean", datetime(2017, 1, 1, tzinfo=UTC), 9.5)

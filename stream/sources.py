@@ -245,9 +245,13 @@ OVERSIZED_RAW_BYTES = 1024
 def _raw_line(line: bytes, max_bytes: int) -> str:
     """A refused line as its dead letter keeps it: whole, so it can be fixed and replayed, unless it is over the row
     limit (then its first :data:`OVERSIZED_RAW_BYTES`, not cutting a character in two)."""
-    if len(line) > max_bytes:
-        return line[:OVERSIZED_RAW_BYTES].decode("utf-8", "ignore")
-    return line.decode("utf-8", "replace")
+    if len(line) <= max_bytes:
+        return line.decode("utf-8", "replace")
+    text = line[:OVERSIZED_RAW_BYTES].decode("utf-8", "replace")
+    split = len(line) > OVERSIZED_RAW_BYTES and 0x80 <= line[OVERSIZED_RAW_BYTES] <= 0xBF
+    if split and text.endswith("\ufffd"):  # the cut split a character: its first bytes are no byte error
+        text = text[:-1]
+    return text
 
 
 def _decoded(lines: list[bytes], max_bytes: int) -> tuple[list[str], dict[int, str]]:

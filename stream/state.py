@@ -432,27 +432,21 @@ class LocalStateStore:
         return sorted(int(p.stem.split("-")[1]) for p in self.dir.glob(f"partition-*{self.SUFFIX}"))
 
     def _remove_partial_writes(self) -> None:
-        """Delete what a crash between write and rename left (:func:`write_atomic`'s temp files), except those of a
-        writer still running: members sharing one state directory on a host would otherwise delete each other's
-        snapshot half-way, and the writer's rename (so its checkpoint, so its service) failed."""
+        """Delete what a crash between write and rename left (:func:`write_atomic`'s temp files) once it is
+        :data:`STALE_TEMP_SECONDS` old. Age, not the writer's pid: members sharing one state directory would
+        otherwise delete each other's snapshot half-way (failing the writer's rename, so its checkpoint, so its
+        service), and a pid says nothing across containers (both are often pid 1)."""
+        now = time.time()
         for tmp in self.dir.glob(".*.tmp-*"):
-            pid = tmp.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and int(pid) != os.getpid() and _running(int(pid)):
+            try:
+                if now - tmp.stat().st_mtime > STALE_TEMP_SECONDS:
+                    tmp.unlink(missing_ok=True)
+            except FileNotFoundError:  # its writer renamed it meanwhile
                 continue
-            tmp.unlink(missing_ok=True)
 
 
-def _running(pid: int) -> bool:
-    """A process with this id runs on this host (one we may not signal counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:  # an id the system refuses as such
-        return False
-    return True
+#: Age past which a snapshot's temp file is a crash's leftover: a live write renames it within seconds.
+STALE_TEMP_SECONDS = 900.0
 
 
 def write_atomic(path: Path, data: bytes) -> None:

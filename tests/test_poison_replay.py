@@ -319,6 +319,12 @@ def test_a_refused_jsonl_or_csv_line_is_kept_whole_in_its_dead_letter(tmp_path):
                                                                           for k in range(1, 4)))
     rc, _, letters = run(tmp_path, str(tmp_path / "c.csv"), "--horizon", "1", "--freq", "1h")
     assert rc == 0 and [(d["reason"], d["raw"]) for d in letters] == [("malformed_row", csv_line)]
+    huge = b'{"series_id":"caf\xe9","x":"' + "é".encode() * 40_000 + b'"}'  # over 64 KiB, and Latin-1 in it
+    (tmp_path / "h.jsonl").write_bytes(huge + b"\n" + "\n".join(good).encode() + b"\n")
+    rc, _, letters = run(tmp_path, str(tmp_path / "h.jsonl"), "--horizon", "1", "--freq", "1h")
+    assert rc == 0 and [d["reason"] for d in letters] == ["oversized"]
+    assert letters[0]["raw"].startswith('{"series_id":"caf\ufffd"')  # the bad byte marked, not dropped
+    assert len(letters[0]["raw"].encode()) <= 1024 + 2 and "\ufffd" not in letters[0]["raw"][20:]  # (U+FFFD: 3 bytes)
 
 
 def test_complex_values_in_a_frame_are_wrong_type_not_their_real_part():

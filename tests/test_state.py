@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import os
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +13,7 @@ from tidecast.stream.config import EngineConfig
 from tidecast.stream.engine import Engine
 from tidecast.stream.state import (
     MARKER_KEY,
+    STALE_TEMP_SECONDS,
     ChangelogTail,
     CorruptState,
     IncompatibleState,
@@ -99,33 +100,25 @@ def test_local_store_writes_atomically_and_ignores_a_corrupt_file(tmp_path):
     assert [p.name for p in store.dir.iterdir()] == ["partition-00002.tcs"]  # no temporary file left
     store.path(2).write_bytes(store.path(2).read_bytes()[:-3])
     assert store.load(2) is None  # logged; the changelog takes over
-    (store.dir / f".partition-00002.tcs.tmp-{_ended_pid()}").write_bytes(b"half")
+    crashed = store.dir / ".partition-00002.tcs.tmp-123"
+    crashed.write_bytes(b"half")
+    os.utime(crashed, (time.time() - STALE_TEMP_SECONDS - 60,) * 2)
     LocalStateStore(tmp_path, "g", "t")  # a restart clears writes a crash interrupted
     assert not list(store.dir.glob(".*tmp*"))
 
 
-def _ended_pid() -> int:
-    """The id of a process that has ended (a crashed writer)."""
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
-    return int(done.stdout)
-
-
-def test_a_starting_member_leaves_a_running_writers_temp_file_alone(tmp_path):
-    """Members sharing a state directory on one host: a start deleted every temp file, a live member's snapshot
-    half-way included, and that member's rename (so its checkpoint, so its service) failed."""
+def test_a_starting_member_leaves_a_fresh_temp_file_alone(tmp_path):
+    """Members sharing a state directory: a start deleted every temp file, a live member's snapshot half-way
+    included, and that member's rename (so its checkpoint, so its service) failed. A pid cannot tell a live
+    writer across containers (both are often pid 1), so only an old temp file is a crash's leftover."""
     store = LocalStateStore(tmp_path, "g", "t")
-    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        live = store.dir / f".partition-00001.tcs.tmp-{writer.pid}"
-        crashed = store.dir / f".partition-00002.tcs.tmp-{_ended_pid()}"
-        for path in (live, crashed):
-            path.write_bytes(b"half")
-        LocalStateStore(tmp_path, "g", "t")
-        assert live.exists() and not crashed.exists()
-    finally:
-        writer.kill()
-        writer.wait()
+    live = store.dir / f".partition-00001.tcs.tmp-{os.getpid()}"
+    crashed = store.dir / ".partition-00002.tcs.tmp-99999999999999999999"  # any suffix: never parsed
+    for path in (live, crashed):
+        path.write_bytes(b"half")
+    os.utime(crashed, (time.time() - STALE_TEMP_SECONDS - 60,) * 2)
+    LocalStateStore(tmp_path, "g", "t")
+    assert live.exists() and not crashed.exists()
 
 
 def one(sid: str, applied: int, value: float) -> tuple[bytes, bytes]:
