@@ -1183,7 +1183,8 @@ def _check_refit_params(alias: str, model: str, forecaster: Any, params: dict[st
     every job; a hook taking ``**kwargs``, or none, judges them itself)."""
     from tidecast.models.registry import check_keywords, keyword_parameters
 
-    refit = getattr(forecaster, "refit", None)
+    members = getattr(forecaster, "members_", None)  # an ensemble's refit hands them on to its members' hooks
+    refit = getattr(members[0] if members else forecaster, "refit", None)
     if not params or refit is None:
         return
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(refit).parameters.values()):

@@ -88,6 +88,8 @@ class RetrainSettings:
         check_count("epochs", self.epochs)
         for weight in self.lambdas:  # BCWI: the candidate's share of the interpolated weights
             check_between("lambdas", weight, 0, 1, open_low=True)
+        if len(set(self.lambdas)) != len(self.lambdas):  # a repeated 1 put one model in the shadow twice
+            raise ValueError(f"lambdas = {list(self.lambdas)}: each weight once")
 
     @property
     def ring_capacity(self) -> int:
@@ -103,6 +105,17 @@ def give_history(model: BatchForecaster, settings: RetrainSettings) -> BatchFore
     if model.get_params().get("history") == 0:
         return model.clone(history=settings.ring_capacity)
     return model
+
+
+def bcwi_lambdas(settings: RetrainSettings, candidate: BatchForecaster) -> list[float]:
+    """The BCWI weights a finished job's candidate is blended at, one shadow candidate each: ``settings.lambdas``
+    for a refit of a model that can blend, else just the candidate (λ = 1). Not in ``online`` mode (the candidate
+    is the incumbent's copy, unchanged yet: every blend is the same model) nor with fewer than 4 shadow steps (the
+    first half chooses λ, and a gate of one step can never be significant)."""
+    if (settings.mode != "refit" or not settings.lambdas or not hasattr(candidate, "blend")
+            or settings.policy.shadow_steps < 4):
+        return [1.0]
+    return list(settings.lambdas)
 
 
 def online_switch(model: BatchForecaster) -> tuple[str, Any] | None:
@@ -189,6 +202,7 @@ class Shadow:
             p.resize(n_rows)
         self.horizon, self.steps = horizon, steps
         self.half = steps // 2 if len(candidates) > 1 else 0  # BCWI: the first half chooses lambda
+        self.bcwi = len(candidates) > 1
         self.done_steps = 0
         self._last_ns = np.iinfo(np.int64).min  # the newest round time scored, and the newest that counted a step
         self._scored_ns = self._last_ns
@@ -296,6 +310,7 @@ class LaneRetrain:
         self.restart: StartJob | None = None
         self.last_ratio = float("nan")
         self.probation = False  # the shadow holds the model a promotion replaced (see Retrainer._end_probation)
+        self.cut_short: str | None = None  # why series moving ended a probation: said by an event at the next step
 
 
 class Retrainer:
@@ -329,6 +344,10 @@ class Retrainer:
         """A grid time of the lane is complete: count the step, decide, apply."""
         self._process_thread = threading.get_ident()
         st.step += 1
+        if st.cut_short is not None:
+            events.append(self._event(lane.name, "confirmed", when, float("nan"), st,
+                                      f"probation ended early ({st.cut_short}): the promoted model stays"))
+            st.cut_short = None
         if st.shadow is not None:
             if st.shadow.complete:
                 self._decide(engine, lane, st, when, events)
@@ -405,7 +424,7 @@ class Retrainer:
         candidate = job.candidate
         if self.deferred:  # the incumbent moved on while the job ran
             sync_rows(candidate, lane.model, rows)
-        lambdas = list(st.settings.lambdas) if hasattr(candidate, "blend") and st.settings.lambdas else [1.0]
+        lambdas = bcwi_lambdas(st.settings, candidate)
         candidates = []
         for lam in lambdas:
             c = candidate if lam == 1.0 else copy_model(candidate, rows)
@@ -425,9 +444,7 @@ class Retrainer:
                                   lag=engine.config.horizon - 1)
         st.last_ratio = decision.ratio
         engine.metrics.shadow_error_ratio.labels(model=lane.name).set(decision.ratio)
-        lam = shadow.lambdas[0]
-        blended = len(st.settings.lambdas) > 1 and hasattr(shadow.candidates[0], "blend")
-        reason = decision.reason + (f" (BCWI lambda {lam:g})" if blended else "")
+        reason = decision.reason + (f" (BCWI lambda {shadow.lambdas[0]:g})" if shadow.bcwi else "")
         if isinstance(decision, Reject):
             engine.metrics.retrains.labels(model=lane.name, outcome="rejected").inc()
             events.append(self._event(lane.name, "rejected", when, decision.ratio, st, reason))
@@ -474,8 +491,11 @@ class Retrainer:
         return RetrainEvent("", lane, "retrain", kind, when, ratio, version=st.policy.version_, reason=reason)
 
     def abort(self, why: str) -> None:
-        """Series moved in or out: a shadow's candidates no longer hold the lanes' rows; start the job again."""
+        """Series moved in or out: a shadow's candidates no longer hold the lanes' rows; start the job again. A
+        probation ends (the replaced model does not hold them either) with a ``confirmed`` event that says so."""
         for st in self.lanes.values():
+            if st.probation:
+                st.cut_short = why
             if st.shadow is not None or st.job is not None:
                 log.info("retrain restarted: %s", why)
                 st.restart, st.shadow, st.job, st.probation = st.in_flight, None, None, False

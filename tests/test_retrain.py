@@ -568,6 +568,7 @@ def test_the_cooldown_runs_from_the_last_start_even_past_the_budget_window():
     (dict(cooldown=10**9), "cooldown"), (dict(min_fresh=10**9), "min_fresh"), (dict(shadow_steps=10**11), "shadow"),
     (dict(history=10**9), "history"),  # a 30 GiB ring (history + min_fresh + cooldown) at the first batch
     (dict(lambdas=5), "lambdas = 5: a list of BCWI weights"), (dict(lambdas="abc"), "lambdas = 'abc'"),
+    (dict(lambdas=[0.5, 1, 1]), "each weight once"),  # a repeated 1 put one model in the shadow twice
 ])
 def test_retrain_sizes_and_lambdas_are_checked_before_any_work(params, says):
     with pytest.raises(ValueError, match=says):
@@ -662,3 +663,42 @@ def test_written_events_read_back_with_from_dict():
     assert np.isnan(back.statistic) and np.isnan(DriftEvent.from_dict(json.loads(event_json(started))).statistic)
     promoted = RetrainEvent("", "cyclenet", "retrain", "promoted", at, 0.8, 4, "error ratio 0.800")
     assert RetrainEvent.from_dict(json.loads(event_json(promoted))) == promoted
+
+
+def test_an_ensembles_refit_params_are_checked_against_its_members_hook():
+    """A cfc ensemble's refit takes **kwargs and hands them on: a misspelt key was accepted and every job failed."""
+    def cfc(members: int) -> EngineConfig:
+        params = dict(lookback=8, units=8, warm_start=60, members=members)
+        return EngineConfig(horizon=2, models=["cfc"], freq="1h", model_params={"cfc": params}, retrain="on",
+                            retrain_params={"refit_params": {"learning_rate": 0.001}})
+    for members in (1, 2):
+        with pytest.raises(SettingsError, match="has no parameter 'learning_rate'"):
+            Engine.from_config(cfc(members))
+
+
+@pytest.mark.parametrize("params", [dict(mode="online", online=False), dict(shadow_steps=3)])
+def test_no_bcwi_choice_where_it_cannot_choose(params):
+    """In online mode every blend of the (unchanged) copy is the same model, and with under 4 shadow steps the gate
+    would get one step, never significant: the shadow holds one candidate and the gate every step."""
+    from tidecast.stream.retrain import bcwi_lambdas, retrain_settings
+
+    online = params.pop("online", None)
+    model = CycleNetForecaster(horizon=4, lookback=24, cycle=24, **({} if online is None else {"online": online}))
+    settings = retrain_settings(dict(min_fresh=24, shadow_steps=24) | params)
+    assert bcwi_lambdas(settings, model) == [1.0]
+    assert bcwi_lambdas(retrain_settings(dict(min_fresh=24, shadow_steps=24)), model) == [0.25, 0.5, 0.75, 1.0]
+
+
+def test_series_moving_during_a_probation_end_it_with_an_event(reference):
+    """drop_series (a rebalance) discarded the probation without a word: no confirmed or rolled_back event."""
+    promoted = next(e for e in reference[1] if e.detector == "retrain" and e.kind == "promoted")
+    at = round((promoted.detected_at.timestamp() * 1e9 - T0) / HOUR)
+    values = phase_shifted()
+    engine = Engine.from_config(config(probation_steps=48, cooldown=10_000))
+    events, _ = feed(engine, values, 0, at + 2, chunk=1)
+    assert retrain_events(events)[-1] == ("promoted", 1)
+    engine.drop_series(["s2"])
+    later, _ = feed(engine, values[:, :2], at + 2, at + 6, chunk=1)
+    ended = [e for e in later if e.detector == "retrain"]
+    assert [e.kind for e in ended] == ["confirmed"] and "probation ended early (series dropped)" in ended[0].reason
+    assert engine.model_versions() == {"cyclenet": 1}
