@@ -284,7 +284,7 @@ def test_window_sizes_that_would_exhaust_memory_are_a_settings_error(name, param
     from tidecast.stream.config import EngineConfig
     from tidecast.stream.settings import SettingsError
 
-    with pytest.raises(SettingsError, match="a whole number from 1 to 100,000"):
+    with pytest.raises(SettingsError, match="a whole number from [12] to 100,000"):
         EngineConfig(calibrator=name, calibrator_params=params)
 
 
@@ -307,3 +307,27 @@ def test_young_cells_issue_no_point_intervals(name):
     first = widths[np.arange(horizon), :, np.arange(horizon)]  # each cell's interval after its first residual
     assert (first > 0).all(), first
     assert (widths > 0).all() if name in ("quantile-tracker", "spci") else (widths == 0).mean() < 0.01
+
+
+@pytest.mark.parametrize(("name", "params", "says"), [
+    ("conformal-pid", {"order": 100_000}, "a whole number from 1 to 64"),  # an order x order matrix a cell: 74.5 GiB
+    ("saocp", {"slots": 1}, "a whole number from 2 to"),  # its one expert replaced every step: 2 % coverage at 90 %
+])
+def test_calibrator_sizes_that_cannot_work_are_a_settings_error(name, params, says):
+    from tidecast.stream.config import EngineConfig
+    from tidecast.stream.settings import SettingsError
+
+    with pytest.raises(SettingsError, match=says):
+        EngineConfig(calibrator=name, calibrator_params=params)
+
+
+def test_conformal_pid_without_forgetting_can_be_seeded():
+    """forget = 1 (remember every pair) is accepted; its seed divided by 1 - forget and stopped the run."""
+    residuals = np.random.default_rng(0).normal(size=(1, 50, 2))
+    cells = [make_calibrator("conformal-pid", horizon=2, alpha=0.1, forget=f) for f in (1.0, 0.999999)]
+    for cal in cells:
+        cal.resize(1)
+        cal.seed(np.array([0]), residuals)
+    bounds = [cal.interval(np.array([0]), np.zeros((1, 2))) for cal in cells]
+    assert np.isfinite(bounds[0][0]).all() and np.isfinite(bounds[0][1]).all()
+    np.testing.assert_allclose(bounds[0][1], bounds[1][1], rtol=0.05)  # as good as remembering nearly everything

@@ -84,6 +84,8 @@ _FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 #: residuals (|u| exactly 0 or float rounding, reached as the intercept decays: ~3,000 stuck steps at h = 1, ~12,000
 #: at h = 24), not learned from the series: the cell treats it as none.
 DEAD_SCALE = 1e-12
+#: The scorecaster's largest AR order: each cell keeps an order x order matrix (64: 32 KB a cell, float64).
+MAX_ORDER = 64
 
 
 class ConformalPID(ScoreCalibrator):
@@ -112,8 +114,8 @@ class ConformalPID(ScoreCalibrator):
         reseed_keep: float = 0.75,
     ) -> None:
         check_rate("lr", lr)
-        if scorecaster:
-            check_count("order", order)
+        if scorecaster:  # each cell keeps an order x order matrix: 100,000 asked for 74.5 GiB at the first cell
+            check_count("order", order, high=MAX_ORDER)
         check_count("period", period, high=MAX_WINDOW)
         check_between("forget", forget, 0, 1, open_low=True)
         check_between("ridge", ridge, 0, math.inf, open_high=True)
@@ -266,7 +268,8 @@ class ConformalPID(ScoreCalibrator):
         intercept counts). Short seeds under-covered without it (a promoted model's 96 shadow residuals: 0.886
         instead of 0.90 on AR(1) residuals at H = 24, 0.84 from 48)."""
         k = self.order + 1
-        m = np.minimum(np.maximum(pairs, 0), 1.0 / (1.0 - self.forget))  # forgetting bounds what the fit remembers
+        remembered = 1.0 / (1.0 - self.forget) if self.forget < 1 else np.inf  # forget = 1: remembers every pair
+        m = np.minimum(np.maximum(pairs, 0), remembered)  # forgetting bounds what the fit remembers
         return np.sqrt(np.clip((m + k) / np.maximum(m - k, 1.0), 1.0, 4.0))
 
     def _after_seed(self, rows: np.ndarray) -> None:

@@ -41,7 +41,7 @@ class SAOCP(ScoreCalibrator):
         symmetric: bool = False,
     ) -> None:
         check_count("lifetime", lifetime, high=MAX_WINDOW)
-        check_count("slots", slots, high=MAX_WINDOW)
+        check_count("slots", slots, low=2, high=MAX_WINDOW)  # one slot's expert is replaced every step: ~2 % coverage
         self.lifetime = lifetime
         self.slots = slots
         super().__init__(horizon, alpha, symmetric)
