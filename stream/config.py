@@ -206,9 +206,12 @@ def _grid_step(value: str | None) -> str | None:
 
 def _params_of_kept_lanes(params: dict[str, Any], file_models: list[str], models: list[str]) -> dict[str, Any]:
     """The file's lane parameters once a flag or the environment replaced its lanes: those of the lanes that are
-    gone are dropped (README's example file with TIDECAST_MODEL=holt-winters failed on its seasonal-naive table);
-    those of the lanes still there, and those naming no lane of the file (a typo), stay and are checked."""
-    gone = {parse_lane(text)[0] for text in file_models} - {parse_lane(text)[0] for text in models}
+    gone are dropped (README's example file with TIDECAST_MODEL=holt-winters failed on its seasonal-naive table),
+    and so are those of an alias now naming another model (``a=seasonal-naive`` -> ``a=holt-winters`` handed the
+    new model the old one's parameters); those of the lanes still there, and those naming no lane of the file (a
+    typo), stay and are checked."""
+    lanes = dict(parse_lane(text) for text in models)
+    gone = {alias for alias, name in map(parse_lane, file_models) if lanes.get(alias) != name}
     return {alias: value for alias, value in params.items() if alias not in gone}
 
 
@@ -508,6 +511,19 @@ class KafkaClientSettings:
         """The settings as a read-only mapping (what :func:`tidecast.stream.kafka.client_settings` reads)."""
         return SettingsView(self)
 
+    def check_security(self) -> None:
+        """TLS files or SASL settings under a protocol that uses none: kafka-python's default is PLAINTEXT, which
+        ignores them without a word (a client meant for mTLS connected in plain text, or not at all)."""
+        protocol = self.security_protocol or "PLAINTEXT"
+        ssl = [s.flag for s in settings_of(KafkaClientSettings) if s.key.startswith("ssl_")
+               and getattr(self, s.key) is not None]
+        sasl = [s.flag for s in settings_of(KafkaClientSettings) if s.key.startswith("sasl_")
+                and getattr(self, s.key) is not None]
+        for given, needs in ((ssl, ("SSL", "SASL_SSL")), (sasl, ("SASL_PLAINTEXT", "SASL_SSL"))):
+            if given and protocol not in needs:
+                raise SettingsError(f"{', '.join(given)} given, but the security protocol is {protocol}, which uses "
+                                    f"none of them: give --security-protocol {' or '.join(needs)}")
+
 
 @cache
 def kafka_client_keys() -> frozenset[str]:
@@ -633,6 +649,7 @@ class ServeSettings(KafkaClientSettings):
 
     def __post_init__(self) -> None:
         check_declared(self)
+        self.check_security()
         derived = {"forecast_topic": f"{self.topic}-forecasts", "events_topic": f"{self.topic}-events",
                    "dead_letter_topic": f"{self.topic}-dead-letters",
                    "changelog_topic": f"{self.group_id}-{self.topic}-changelog"}

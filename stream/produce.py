@@ -54,6 +54,7 @@ class ProduceOptions(KafkaClientSettings):
 
     def __post_init__(self) -> None:
         check_declared(self)
+        self.check_security()
         if self.rate is not None and self.speed is not None:
             raise SettingsError("give --rate or --speed, not both")
         object.__setattr__(self, "kafka_extra", check_kafka_table(self.kafka_extra))
@@ -99,11 +100,12 @@ def run_produce(options: ProduceOptions) -> dict[str, Any]:
                 admin.close()
         producer = KafkaProducer(**client_settings(options.options, KafkaProducer, options.kafka_extra,
                                                    linger_ms=20, batch_size=256 * 1024, acks="all"))
+    partitions = _partitions(producer, options)
     failures: list[BaseException] = []
     started = time.perf_counter()
     first_ns = int(obs.timestamps_ns[0]) if len(obs) else 0
     try:
-        homes = HomePartitions(len(producer.partitions_for(options.topic)), options.partitioner)
+        homes = HomePartitions(partitions, options.partitioner)
         log.info("sending to %s by the %s partitioner", options.topic, homes.describe())
         for i, (sid, t_ns, value) in enumerate(zip(obs.series_ids.tolist(), obs.timestamps_ns.tolist(),
                                                    obs.values.tolist(), strict=True)):
@@ -119,6 +121,25 @@ def run_produce(options: ProduceOptions) -> dict[str, Any]:
         raise RuntimeError(f"{len(failures)} messages were not acknowledged, first: {failures[0]!r}")
     return {"sent": len(obs), "skipped_rows": len(letters), "elapsed_seconds": elapsed,
             "messages_per_second": len(obs) / elapsed if elapsed > 0 else None, "topic": options.topic}
+
+
+def _partitions(producer: Any, options: ProduceOptions) -> int:
+    """The topic's partition count, or one error line (the producer closed): its metadata can time out (a cluster
+    that cannot be reached once ``api_version`` skips the version probe, a topic that does not exist) and was a
+    kafka-python traceback."""
+    from kafka.errors import KafkaError
+
+    try:
+        found = producer.partitions_for(options.topic)
+    except KafkaError as err:
+        producer.close()
+        raise ValueError(f"no metadata for topic {options.topic!r} from {options.bootstrap_servers}: {err} (check "
+                         "--bootstrap-servers and the security settings; a topic that does not exist: create it or "
+                         "give --partitions N)") from None
+    if not found:
+        producer.close()
+        raise ValueError(f"topic {options.topic!r} does not exist: create it or give --partitions N")
+    return len(found)
 
 
 def _pace(options: ProduceOptions, started: float, sent: int, event_ns: int) -> None:

@@ -51,6 +51,7 @@ request_timeout_ms = 12345
     monkeypatch.setenv("TIDECAST_GROUP_ID", "group-from-env")
     monkeypatch.setenv("TIDECAST_HORIZON", "12")
     monkeypatch.setenv("TIDECAST_SASL_PLAIN_PASSWORD", "s3cret")
+    monkeypatch.setenv("TIDECAST_SECURITY_PROTOCOL", "SASL_SSL")
     assert main(["serve", "--group-id", "group-from-flag", "--model", "seasonal-naive"]) == 0
     cfg = captured["config"]
     assert cfg.group_id == "group-from-flag"  # flag
@@ -215,6 +216,11 @@ def test_a_flag_or_the_environment_that_replaces_the_files_choice_drops_the_file
     config.write_text('model = ["seasonal-naive"]\n[model_params.seasonl-naive]\nperiod = 24\n')  # a typo
     assert main([*SERVE, "--config", str(config), "--model", "seasonal-naive"]) == 2
     assert "seasonl-naive" in capsys.readouterr().err and "config" not in captured
+    # an alias kept for another model: the old model's parameters went to the new one (period, silently)
+    config.write_text('model = ["a=seasonal-naive", "b=holt-winters"]\n[model_params.a]\nperiod = 24\n'
+                      '[model_params.b]\nalpha = 0.3\n')
+    assert main([*SERVE, "--config", str(config), "--model", "a=holt-winters,b=holt-winters"]) == 0
+    assert captured["config"].engine.model_params == {"b": {"alpha": 0.3}}
 
 
 def test_produce_to_an_unreachable_cluster_is_one_error_line(monkeypatch, tmp_path, capsys):
@@ -229,3 +235,36 @@ def test_produce_to_an_unreachable_cluster_is_one_error_line(monkeypatch, tmp_pa
     address = f"127.0.0.1:{free_port()}"
     assert main(["produce", str(path), "--bootstrap-servers", address, "--topic", "t"]) == 2
     assert f"cannot reach the Kafka cluster at {address}" in capsys.readouterr().err.replace("\n", " ")
+
+
+def test_produce_without_topic_metadata_is_one_error_line(monkeypatch, tmp_path, capsys):
+    """Found by the settings review (2026-12-04): with api_version in the [kafka] table the producer skips its
+    connection probe, and the topic's metadata timed out after it (60 s; 1 s here), outside the connection check:
+    a traceback."""
+    from conftest import free_port
+    from kafka import KafkaProducer
+
+    monkeypatch.setitem(KafkaProducer.DEFAULT_CONFIG, "max_block_ms", 1000)
+    path = tmp_path / "small.csv"
+    path.write_text("ds,y\n2024-01-01T00:00:00Z,1\n2024-01-01T01:00:00Z,2\n")
+    config = tmp_path / "tidecast.toml"
+    config.write_text('[kafka]\napi_version = "2.0"\n')
+    address = f"127.0.0.1:{free_port()}"
+    assert main(["produce", str(path), "--config", str(config), "--bootstrap-servers", address, "--topic", "t"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "no metadata for topic 't'" in " ".join(err.split())
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--ssl-cafile", __file__], "--ssl-cafile given, but the security protocol is PLAINTEXT"),
+    (["--sasl-mechanism", "PLAIN", "--sasl-plain-username", "u", "--security-protocol", "SSL"],
+     "--sasl-mechanism, --sasl-plain-username given, but the security protocol is SSL"),
+])
+def test_tls_or_sasl_settings_under_a_protocol_that_ignores_them_are_refused(captured, capsys, args, says):
+    """Found by the settings review (2026-12-04): README's mTLS flags without --security-protocol were accepted and
+    kafka-python's default PLAINTEXT ignored them without a word."""
+    for command in (["serve", "--topic", "t"], ["produce", __file__, "--topic", "t"]):
+        assert main([*command, "--bootstrap-servers", "b:1", *args]) == 2
+        assert says in " ".join(capsys.readouterr().err.split())
+    fixed = [a for a in args if a not in ("--security-protocol", "SSL")]
+    assert main(["serve", "--topic", "t", "--bootstrap-servers", "b:1", "--security-protocol", "SASL_SSL", *fixed]) == 0

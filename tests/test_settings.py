@@ -130,6 +130,8 @@ CASES = [(command, cls, s) for command, classes in COMMANDS.items() for cls in c
 def test_every_setting_reads_the_same_from_a_flag_the_environment_and_the_file(command, cls, s, source):
     expected, toml_value, text = _sample(s)
     required = {k: v for k, v in REQUIRED.items() if any(x.field == k for x in settings_of(cls))}
+    if s.field.startswith(("ssl_", "sasl_")):  # refused under PLAINTEXT, which uses neither
+        required["security_protocol"] = "SASL_SSL"
     parser = build_parser()
     argv, env, file = [command], {}, {}
     if source == "flag":
@@ -362,6 +364,7 @@ def test_secrets_are_never_printed(captured, tmp_path, capsys, caplog, clean_env
 
     clean_env.setenv("TIDECAST_SASL_PLAIN_PASSWORD", SECRET)
     clean_env.setenv("TIDECAST_SSL_PASSWORD", SECRET)
+    clean_env.setenv("TIDECAST_SECURITY_PROTOCOL", "SASL_SSL")
     with caplog.at_level(logging.DEBUG):
         assert main(["serve", "--bootstrap-servers", "b:1", "--topic", "t", "--sasl-plain-username", "u"]) == 0
     cfg = captured["serve"]
