@@ -62,6 +62,16 @@ KAFKA, SECURITY, STATE, SERVICE = "kafka", "kafka security (passed to kafka-pyth
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+def not_blank(value: str) -> str | None:
+    """A check: a name that is not empty (an empty ``TIDECAST_FORECAST_TOPIC=`` named no topic at all)."""
+    return "must not be empty" if not str(value).strip() else None
+
+
+def _names_channels(value: list[str]) -> str | None:
+    # an empty list read as "every channel", the opposite of what it says
+    return None if value else "names no channel (leave it unset to use every channel)"
+
+
 def _names_series(value: list[str]) -> str | None:
     # an empty list would dead-letter every series (unknown_series) without a word
     return None if value else "names no series (leave it unset to accept every series)"
@@ -451,9 +461,10 @@ class InputSettings:
                                       shown_default="ds, timestamp, date, datetime, time or the first column")
     series_column: str = setting(_SPEC.series_column, "long format: series id column", group=INPUT)
     value_column: str = setting(_SPEC.value_column, "long format: value column", group=INPUT)
-    name: str | None = setting(_SPEC.name, "wide format: series id prefix", group=INPUT, shown_default="file stem")
+    name: str | None = setting(_SPEC.name, "wide format: series id prefix", group=INPUT, shown_default="file stem",
+                               check=not_blank)
     columns: list[str] | None = setting(_SPEC.columns, "wide format: channels to use, comma-separated", group=INPUT,
-                                        shown_default="all")
+                                        shown_default="all", check=_names_channels)
 
     def __post_init__(self) -> None:
         check_declared(self)
@@ -470,11 +481,6 @@ class InputSettings:
 
 def _names_servers(value: str) -> str | None:
     return None if parse_servers(value) else "names no server (host:port, comma-separated)"
-
-
-def not_blank(value: str) -> str | None:
-    """A check: a name that is not empty (an empty ``TIDECAST_FORECAST_TOPIC=`` named no topic at all)."""
-    return "must not be empty" if not str(value).strip() else None
 
 
 def readable_file(value: str) -> str | None:

@@ -557,3 +557,17 @@ def test_lingering_names_the_port_metrics_are_served_on(tmp_path, capsys, clean_
     first = out.split("metrics on ", 1)[1].split()[0]
     assert first.endswith(":" + first.rsplit(":", 1)[1]) and ":0/" not in first
     assert f"serving /metrics on {first} for" in out
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--columns", ""], "--columns : names no channel"),  # read as "every channel"
+    (["--name", ""], "--name : must not be empty"),  # read as "the file stem"
+    (["--model-param", "seasonal-naive.period=24", "--model-param", "seasonal-naive.period=48"],
+     "model parameter seasonal-naive.period is given twice: 24 and 48"),  # the last one won without a word
+    (["--calibrator-param", "lr=0.1", "--calibrator-param", "lr=0.2"], "calibrator parameter lr is given twice"),
+])
+def test_values_that_would_be_read_as_something_else_are_refused(tmp_path, capsys, args, says):
+    """Found by the settings review (2026-12-04)."""
+    data = hourly_csv(tmp_path)
+    assert main(["replay", str(data), *args, "--no-progress", "--dead-letter", str(tmp_path / "d.jsonl")]) == 2
+    assert says in " ".join(capsys.readouterr().err.split())
