@@ -521,14 +521,15 @@ class KafkaClientSettings:
         """TLS files or SASL settings under a protocol that uses none: kafka-python's default is PLAINTEXT, which
         ignores them without a word (a client meant for mTLS connected in plain text, or not at all)."""
         protocol = self.security_protocol or "PLAINTEXT"
-        ssl = [s.flag for s in settings_of(KafkaClientSettings) if s.key.startswith("ssl_")
+        ssl = [s.key for s in settings_of(KafkaClientSettings) if s.key.startswith("ssl_")
                and getattr(self, s.key) is not None]
-        sasl = [s.flag for s in settings_of(KafkaClientSettings) if s.key.startswith("sasl_")
+        sasl = [s.key for s in settings_of(KafkaClientSettings) if s.key.startswith("sasl_")
                 and getattr(self, s.key) is not None]
         for given, needs in ((ssl, ("SSL", "SASL_SSL")), (sasl, ("SASL_PLAINTEXT", "SASL_SSL"))):
-            if given and protocol not in needs:
-                raise SettingsError(f"{', '.join(given)} given, but the security protocol is {protocol}, which uses "
-                                    f"none of them: give --security-protocol {' or '.join(needs)}")
+            if given and protocol not in needs:  # named by key: the values may come from a flag, env or file
+                raise SettingsError(f"{', '.join(given)} set, but the security protocol is {protocol}, which uses "
+                                    f"none of them: set security_protocol (--security-protocol) to "
+                                    f"{' or '.join(needs)}")
 
 
 @cache

@@ -111,10 +111,12 @@ def bcwi_lambdas(settings: RetrainSettings, candidate: BatchForecaster) -> list[
     """The BCWI weights a finished job's candidate is blended at, one shadow candidate each: ``settings.lambdas``
     for a refit of a model that can blend, else just the candidate (λ = 1). Not in ``online`` mode (the candidate
     is the incumbent's copy, unchanged yet: every blend is the same model) nor with fewer than 4 shadow steps (the
-    first half chooses λ, and a gate of one step can never be significant)."""
-    if (settings.mode != "refit" or not settings.lambdas or not hasattr(candidate, "blend")
-            or settings.policy.shadow_steps < 4):
+    first half would choose among several, and a gate of one step can never be significant: the largest weight is
+    taken without a choice)."""
+    if settings.mode != "refit" or not settings.lambdas or not hasattr(candidate, "blend"):
         return [1.0]
+    if len(settings.lambdas) > 1 and settings.policy.shadow_steps < 4:
+        return [max(settings.lambdas)]
     return list(settings.lambdas)
 
 
@@ -505,7 +507,7 @@ class Retrainer:
         the older one."""
         st = self.lanes[lane]
         st.policy.version_ = int(version)
-        st.job = st.shadow = st.restart = st.in_flight = None
+        st.job = st.shadow = st.restart = st.in_flight = st.cut_short = None
         st.probation = False
 
     # -- state ------------------------------------------------------------------------------------------------
@@ -529,7 +531,7 @@ class Retrainer:
         st.step = int(state["step"])
         last = state.get("last_ns")  # absent in states saved before it: the next round only sets it
         st.last_ns = None if last is None else int(last)
-        st.job = st.shadow = None
+        st.job = st.shadow = st.cut_short = None
         st.probation = False  # the replaced model is not saved: a restart ends a probation, the promotion stands
         flight = state.get("in_flight")
         st.in_flight = None

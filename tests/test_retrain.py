@@ -687,6 +687,9 @@ def test_no_bcwi_choice_where_it_cannot_choose(params):
     settings = retrain_settings(dict(min_fresh=24, shadow_steps=24) | params)
     assert bcwi_lambdas(settings, model) == [1.0]
     assert bcwi_lambdas(retrain_settings(dict(min_fresh=24, shadow_steps=24)), model) == [0.25, 0.5, 0.75, 1.0]
+    if "shadow_steps" in params:  # one weight involves no choice: kept as asked; several: the largest
+        assert bcwi_lambdas(retrain_settings(dict(min_fresh=24, lambdas=[0.5]) | params), model) == [0.5]
+        assert bcwi_lambdas(retrain_settings(dict(min_fresh=24, lambdas=[0.25, 0.5]) | params), model) == [0.5]
 
 
 def test_series_moving_during_a_probation_end_it_with_an_event(reference):
@@ -702,3 +705,21 @@ def test_series_moving_during_a_probation_end_it_with_an_event(reference):
     ended = [e for e in later if e.detector == "retrain"]
     assert [e.kind for e in ended] == ["confirmed"] and "probation ended early (series dropped)" in ended[0].reason
     assert engine.model_versions() == {"cyclenet": 1}
+
+
+def test_a_probation_cut_short_then_an_adopted_model_emits_no_confirmation():
+    """A rebalance drops series mid-probation (cut short), then the member adopts another member's newer model:
+    the 'confirmed ... the promoted model stays' event named a model no longer served."""
+    from tidecast.stream.retrain import Retrainer, retrain_settings
+
+    retrainer = Retrainer({"cyclenet": retrain_settings(dict(min_fresh=24, probation_steps=24))})
+    st = retrainer.lanes["cyclenet"]
+    st.probation = True
+    retrainer.abort("series dropped")
+    assert st.cut_short == "series dropped"
+    retrainer.adopt("cyclenet", 5)
+    assert st.cut_short is None
+    st.probation = True
+    retrainer.abort("series dropped")
+    retrainer.import_state("cyclenet", retrainer.export_state("cyclenet"))
+    assert st.cut_short is None

@@ -256,9 +256,9 @@ def test_produce_without_topic_metadata_is_one_error_line(monkeypatch, tmp_path,
 
 
 @pytest.mark.parametrize(("args", "says"), [
-    (["--ssl-cafile", __file__], "--ssl-cafile given, but the security protocol is PLAINTEXT"),
+    (["--ssl-cafile", __file__], "ssl_cafile set, but the security protocol is PLAINTEXT"),
     (["--sasl-mechanism", "PLAIN", "--sasl-plain-username", "u", "--security-protocol", "SSL"],
-     "--sasl-mechanism, --sasl-plain-username given, but the security protocol is SSL"),
+     "sasl_mechanism, sasl_plain_username set, but the security protocol is SSL"),
 ])
 def test_tls_or_sasl_settings_under_a_protocol_that_ignores_them_are_refused(captured, capsys, args, says):
     """Found by the settings review (2026-12-04): README's mTLS flags without --security-protocol were accepted and
