@@ -167,9 +167,7 @@ class PartitionTable:
                 key = key_of(i) if key_of is not None else _KEY_UNREAD
                 misrouted.append((i, home, self._not_home(sid, partition, home, key)))
                 continue
-            owner = self._owner.get(sid, new_owners.get(sid))
-            if owner is None:
-                new_owners[sid] = owner = partition
+            owner = self._owner.get(sid, new_owners.get(sid, partition))
             if owner != partition:
                 misrouted.append((i, owner, f"series {sid!r} lives on partition {owner} (its state), not "
                                             f"{partition}"))
@@ -180,6 +178,8 @@ class PartitionTable:
                     skipped += 1
                     continue
                 del self._floors[sid]
+            if sid not in self._owner:  # only a row handed on makes a series its partition's: a parked series whose
+                new_owners[sid] = partition  # rows were all skipped joined it, and the next checkpoint failed on it
             keep.append(i)
         return Screened(np.array(keep, np.int64), misrouted, skipped, new_owners)
 
@@ -234,8 +234,8 @@ class PartitionTable:
         if st is None:
             return
         st.position = offset
-        for sid in st.series:
-            self._floors.pop(sid, None)
+        for sid in [*st.series, *(m["series_id"] for m in st.parked.meta)]:  # parked ones too: their records go
+            self._floors.pop(sid, None)  # to unknown_series, not silently skipped against the old log's offsets
         # and in the state the next checkpoint writes: an old-log offset restored as a floor skipped as many of the
         # new log's records of a series that had not yet spoken in it (silently: counted as re-deliveries)
         self.engine.forget_applied_offsets(st.series)

@@ -284,6 +284,28 @@ def test_restored_series_beyond_max_series_are_parked_and_ride_along_until_rows_
     assert sorted(narrow.engine.series_ids) == ["a", "b", "c"] and narrow.owned[1].parked.series_ids == ["d"]
 
 
+def test_a_parked_series_after_a_rewind_is_refused_not_skipped_and_never_claimed():
+    """Found by the serve review (2026-12-04): a rewind (topic recreated) cleared the skip floors of the served
+    series only; the parked series' new-log records were skipped against its old offsets (counted as
+    re-deliveries), the skip made it its partition's although the engine held no state for it, and the next
+    checkpoint raised KeyError on the worker thread: the member stopped, at every restart."""
+    table, _ = make_table()
+    table.restore({0}, {0})
+    apply(table, observations(0, ["a", "b"], range(10), 0))
+    table.checkpoint()
+    small, _ = make_table(table.changelog, MemoryLocal([]),
+                          EngineConfig(horizon=4, model_params={"seasonal-naive": {"period": 6}}, max_series=1))
+    small.restore({0}, {0})
+    (sid,) = small.owned[0].parked.series_ids
+    other = next(s for s in ("a", "b") if s != sid)
+    small.rewind(0, 0)  # the log starts again at offset 0
+    screened = apply(small, observations(0, [other, sid], range(20, 25), 0))
+    assert screened.skipped == 0 and sid in screened.new_owners  # handed on, and refused by the engine
+    assert sid not in small.engine.series_ids and small.owner_of(sid) is None
+    assert small.owned[0].parked.series_ids == [sid]
+    assert small.checkpoint() == {0: 10}
+
+
 def test_state_written_under_another_engine_configuration_is_refused():
     table, _ = make_table()
     table.restore({0}, {0})
