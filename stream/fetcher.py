@@ -326,6 +326,12 @@ class Fetcher:
         epochs = {p: self.epochs.get(p, 0) for p in partitions}
         self.worker.inbox.put(AssignPartitions(frozenset(partitions), assignment, epochs))
 
+    def on_assigned_nothing(self) -> None:
+        """An eager rebalance left this member no partition (a spare member): the worker forgets the partitions it
+        kept in memory at the revocation, which only a next assignment did, so their series held rows and counted
+        in ``tidecast_series`` beside their new owner's until then."""
+        self.worker.inbox.put(AssignPartitions(frozenset(), frozenset(), {}))
+
     def begin_release(self, partitions: set[int]) -> ReleasePartitions:
         self._forget_locally(partitions)
         release = ReleasePartitions(frozenset(partitions), keep=self.cfg.assignment_strategy != "cooperative-sticky")
@@ -425,6 +431,8 @@ def rebalance_listener(fetcher: Fetcher, stopping: threading.Event, worker_faile
         async def on_partitions_assigned(self, assigned: set) -> None:
             if assigned:
                 fetcher.on_assigned({tp.partition for tp in assigned})  # their restore begins: not ready
+            elif fetcher.cfg.assignment_strategy != "cooperative-sticky":  # eager: this is the whole assignment
+                fetcher.on_assigned_nothing()
             fetcher.readiness.mark_started()  # joined the group (an empty assignment too: a spare member is ready)
 
         async def on_partitions_lost(self, lost: set) -> None:

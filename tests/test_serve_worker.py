@@ -425,6 +425,51 @@ def test_a_cooperative_revocation_frees_the_partitions_rows(tmp_path):
     assert p0[2] in worker.engine.series_ids and "unknown_series" not in producer.reasons()
 
 
+def test_an_eager_rebalance_that_assigns_nothing_frees_the_released_partitions(tmp_path):
+    """Found by the serve review (2026-12-04): with the default (eager) strategy a spare member's empty assignment
+    sent the worker nothing, so the partitions it kept in memory at the revocation held their series' rows, and
+    counted in tidecast_series beside their new owner's, until some later assignment."""
+    import threading
+
+    from kafka import TopicPartition
+
+    from tidecast.stream.fetcher import Fetcher, rebalance_listener
+    from tidecast.stream.health import Readiness
+
+    class Consumer:
+        def __init__(self) -> None:
+            self.assigned: set = set()
+
+        def assignment(self) -> set:
+            return set(self.assigned)
+
+        def pause(self, *partitions) -> None:
+            """Nothing is fetched here."""
+
+    def run(coroutine) -> None:  # each listener call finishes without awaiting when the worker answered already
+        with pytest.raises(StopIteration):
+            coroutine.send(None)
+
+    producer = FakeProducer()
+    worker, results = make_worker(tmp_path, producer)
+    assert worker.cfg.assignment_strategy != "cooperative-sticky"
+    consumer = Consumer()
+    fetcher = Fetcher(worker.cfg, consumer, worker, results, worker.epochs, Readiness(), None, worker.metrics)
+    listener = rebalance_listener(fetcher, threading.Event(), lambda: False)
+    consumer.assigned = {TopicPartition(TOPIC, 0)}
+    run(listener.on_partitions_assigned(set(consumer.assigned)))
+    worker.handle(worker.inbox.get())
+    feed(worker, 0, records(0, ["a", "b"], range(10), 0))
+    release = fetcher.begin_release({0})
+    worker.handle(worker.inbox.get())
+    assert release.offsets == {0: 20} and len(worker.engine.series_ids) == 2  # kept in case it comes back
+    consumer.assigned = set()
+    run(listener.on_partitions_assigned(set()))
+    while not worker.inbox.empty():
+        worker.handle(worker.inbox.get())
+    assert worker.engine.series_ids == [] and sample(worker, "tidecast_series") == 0
+
+
 def test_a_refusal_raised_by_send_is_counted_as_an_output_error(tmp_path):
     """Found by the worker review (2026-12-04): a message kafka-python refuses from send() itself (over
     max_request_size) stopped the member as documented but left tidecast_output_errors_total at 0, so the alert on
