@@ -358,6 +358,8 @@ class PartitionTable:
                 for sid in st.series:
                     if self._owner.get(sid) == p:
                         del self._owner[sid]
+                for sid in [*(st.series - kept), *(m["series_id"] for m in st.parked.meta)]:
+                    self._floors.pop(sid, None)  # from a log that may be gone when the partition comes back
                 self.engine.drop_series(sorted(st.series - kept))
         self._unpark()  # rows freed: parked series of the partitions kept may fit now
 

@@ -14,9 +14,10 @@ The policy (:class:`tidecast.monitors.retrain.RetrainPolicy`) decides; this modu
   (the candidate's per-row state is then re-synced from the incumbent, keeping what it learned).
 * **Shadow.** Candidates learn and forecast beside the incumbent on every round; their forecasts are never
   emitted. Each matured step adds the squared errors of candidate and incumbent over the same cells, per series.
-  For a model with a ``blend(other, weight)`` hook (same-architecture torch models) the shadow holds one
-  candidate per BCWI weight lambda (``lambdas``), the first half of the window chooses lambda, and only the
-  second half gates the chosen model (never the data that chose it).
+  For a model with a ``blend(other, weight)`` hook (same-architecture torch models) refitted in ``mode="refit"``
+  the shadow holds one candidate per BCWI weight lambda (``lambdas``), the first half of the window chooses
+  lambda, and only the second half gates the chosen model (never the data that chose it); one weight is used as
+  given, and under 4 shadow steps the largest without a choice (:func:`bcwi_lambdas`).
 * **Promotion.** The candidate becomes the lane's model; the calibrator is re-seeded from the candidate's shadow
   residuals (``Calibrator.reseed``) and the lane's watchers are reset (their references were the old model's).
   Forecasts already issued by the incumbent mature and are scored as issued.

@@ -306,6 +306,29 @@ def test_a_parked_series_after_a_rewind_is_refused_not_skipped_and_never_claimed
     assert small.checkpoint() == {0: 10}
 
 
+def test_a_lost_partitions_skip_floors_leave_with_it():
+    """Found by the serve review (2026-12-04): forget dropped a partition's series but kept their re-delivery floors
+    (old-log offsets); when the partition came back after another member had rewound it (topic recreated), the new
+    log's records were skipped against them, silently."""
+    table, _ = make_table()
+    table.restore({0}, {0})
+    apply(table, observations(0, ["a", "b"], range(10), 0))
+    table.checkpoint()
+    member, _ = make_table(table.changelog, MemoryLocal([]))
+    member.restore({0}, {0})  # floors at the restored offsets
+    member.forget({0})  # lost (no final checkpoint of its own)
+    other, _ = make_table(table.changelog, MemoryLocal([]))
+    other.restore({0}, {0})
+    other.rewind(0, 0)
+    other.checkpoint()  # the new owner saw the log go back: the applied offsets are forgotten
+    log = table.changelog.log[0]  # compacted: the last record of each key stays (README: before that, the old
+    last = {key: at for at, (key, _) in enumerate(log)}  # log's higher offsets win; the limitation there)
+    log[:] = [(key, value if last[key] == at else None) for at, (key, value) in enumerate(log)]
+    member.restore({0}, {0})  # the partition comes back
+    screened = apply(member, observations(0, ["a", "b"], range(20, 25), 0))
+    assert screened.skipped == 0 and len(screened.keep) == 10
+
+
 def test_state_written_under_another_engine_configuration_is_refused():
     table, _ = make_table()
     table.restore({0}, {0})
