@@ -321,8 +321,8 @@ def test_a_lost_partitions_skip_floors_leave_with_it():
     other.restore({0}, {0})
     other.rewind(0, 0)
     other.checkpoint()  # the new owner saw the log go back: the applied offsets are forgotten
-    log = table.changelog.log[0]  # compacted: the last record of each key stays (README: before that, the old
-    last = {key: at for at, (key, _) in enumerate(log)}  # log's higher offsets win; the limitation there)
+    log = table.changelog.log[0]  # a real restore reads the last group only (read_latest); this fake folds the
+    last = {key: at for at, (key, _) in enumerate(log)}  # whole log, so compact it: the last record of each key
     log[:] = [(key, value if last[key] == at else None) for at, (key, value) in enumerate(log)]
     member.restore({0}, {0})  # the partition comes back
     screened = apply(member, observations(0, ["a", "b"], range(20, 25), 0))
