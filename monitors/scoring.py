@@ -90,9 +90,22 @@ class PrequentialScorer:
                                # counts: int32 holds 68 years of one step a second, in half float64's bytes
                                no_interval=Field((horizon,), np.int32, 0),
                                infinite=Field((self.alphas_.size, horizon), np.int32, 0))
-        # Rolling (exponentially weighted, ~``window`` scored forecasts) coverage and width per level and horizon.
-        self.rolling_coverage_ = np.full((self.alphas_.size, horizon), np.nan)
-        self.rolling_width_ = np.full((self.alphas_.size, horizon), np.nan)
+        # Rolling (exponentially weighted, ~``window`` scored forecasts) coverage and width per level and horizon:
+        # weighted sums and the weight they hold, so that the first steps average instead of one batch standing
+        # for ~window steps (the first step, often without an interval yet, held the coverage gauge near 0)
+        shape = (self.alphas_.size, horizon)
+        self._coverage_sum, self._coverage_mass = np.zeros(shape), np.zeros(shape)
+        self._width_sum, self._width_mass = np.zeros(shape), np.zeros(shape)
+
+    @property
+    def rolling_coverage_(self) -> np.ndarray:
+        """Coverage per level and horizon over about the last ``window`` scored steps (NaN before any)."""
+        return _ratio(self._coverage_sum, self._coverage_mass)
+
+    @property
+    def rolling_width_(self) -> np.ndarray:
+        """Mean finite interval width per level and horizon over about the last ``window`` such steps."""
+        return _ratio(self._width_sum, self._width_mass)
 
     def resize(self, n_rows: int) -> None:
         self.table_.resize(n_rows)
@@ -148,13 +161,12 @@ class PrequentialScorer:
         with np.errstate(invalid="ignore", divide="ignore"):
             cov_now = covered.sum(axis=0).T / n  # (L, H)
             width_now = width.sum(axis=0).T / n_has
-        for rolling, now, count in ((self.rolling_coverage_, cov_now, n), (self.rolling_width_, width_now, n_has)):
-            seen = np.broadcast_to(count > 0, rolling.shape)
-            weight = np.broadcast_to(1.0 - (1.0 - 1.0 / self.window) ** count, rolling.shape)  # count EWMA steps
-            fresh = seen & np.isnan(rolling)
-            rolling[fresh] = now[fresh]
-            old = seen & ~fresh
-            rolling[old] += weight[old] * (now[old] - rolling[old])
+        for total, mass, now, count in ((self._coverage_sum, self._coverage_mass, cov_now, n),
+                                        (self._width_sum, self._width_mass, width_now, n_has)):
+            seen = np.broadcast_to(count > 0, total.shape)
+            keep = np.broadcast_to((1.0 - 1.0 / self.window) ** count, total.shape)  # count EWMA steps at once
+            total[seen] = keep[seen] * total[seen] + (1.0 - keep[seen]) * now[seen]
+            mass[seen] = keep[seen] * mass[seen] + (1.0 - keep[seen])
 
     def issued(self, rows: np.ndarray, ready: np.ndarray) -> None:
         """Count forecast steps issued (``ready``: (n, horizon) bool, False during warm-up)."""
@@ -233,3 +245,8 @@ def _interval_metrics(t: dict[str, float], level: str, alpha: float) -> dict:
         "mean_width": _finite_mean(t[f"width@{level}"], n_with),
         "interval_score": _finite_mean(t[f"interval_score@{level}"], n_with),
     }
+
+
+def _ratio(total: np.ndarray, mass: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(mass > 0, total / np.where(mass > 0, mass, 1.0), np.nan)

@@ -358,3 +358,19 @@ def test_conformal_pid_keeps_its_scale_on_a_steady_offset_with_tiny_noise():
     r = 1000.0 + 1e-4 * np.random.default_rng(0).normal(size=3000)
     covered = drive("conformal-pid", r, alphas=(0.1,))[500:, 0]
     assert abs(covered.mean() - 0.9) < 0.02, covered.mean()
+
+
+def test_the_rolling_gauges_average_the_first_steps_instead_of_holding_the_first_one():
+    """Found by the scoring review (2026-12-04): the first scored step seeded the rolling gauge and each later one
+    moved it by 1/window, so the first step (often issued without an interval: a miss) held the coverage gauge
+    near 0 for thousands of steps and TidecastCoverageBelowTarget fired on a fresh service at target."""
+    s = PrequentialScorer(horizon=1, alpha=0.2, window=1000)
+    s.resize(1)
+    ok = np.array([[True]])
+    s.update(np.array([0]), np.array([0.0]), np.array([[0.0]]), np.array([[np.nan]]), np.array([[np.nan]]), ok)
+    for k in range(299):  # then 4 of every 5 steps covered, width 2
+        y = 0.0 if k % 5 else 5.0
+        s.update(np.array([0]), np.array([y]), np.array([[0.0]]), np.array([[-1.0]]), np.array([[1.0]]), ok)
+    assert s.rolling_coverage_[0, 0] == pytest.approx(s.summary(np.array([0]))["coverage"], abs=0.01)
+    assert s.rolling_coverage_[0, 0] == pytest.approx(0.8 * 299 / 300, abs=0.01)
+    assert s.rolling_width_[0, 0] == pytest.approx(2.0)
