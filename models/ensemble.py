@@ -161,6 +161,10 @@ class Ensemble(BatchForecaster):
     def drop_rows(self, rows: np.ndarray) -> None:
         for m in self.members_:
             m.drop_rows(rows)
+        for queue in self._handed:  # hand-offs waiting for the other members: not for the row's next series
+            for k, handed in enumerate(queue):
+                keep = ~np.isin(handed.rows, rows)
+                queue[k] = Calibration(handed.rows[keep], handed.residuals[keep])
 
     def maintenance(self, budget_seconds: float) -> None:
         # each member gets the whole budget: a member's warm-start fit cannot be split, and a share of the budget
@@ -221,6 +225,8 @@ class Ensemble(BatchForecaster):
             return None
         heads = [queue.popleft() for queue in self._handed]
         first = heads[0]
+        if not first.rows.size:  # every row of it was dropped meanwhile
+            return None
         if all(h.rows.shape == first.rows.shape and np.array_equal(h.rows, first.rows)
                and h.residuals.shape == first.residuals.shape for h in heads):
             return Calibration(first.rows, np.mean([h.residuals for h in heads], axis=0))
@@ -263,6 +269,8 @@ class Ensemble(BatchForecaster):
         return arrays, {"ensemble": self.size, "members": metas}
 
     def import_shared(self, arrays: ArrayDict, meta: dict[str, Any]) -> None:
+        if not arrays and not meta:  # its members keep no shared state (export_shared said so)
+            return
         if meta.get("ensemble") != self.size:
             raise ValueError(f"saved by an ensemble of {meta.get('ensemble')} member(s), this one has {self.size}")
         for k, (m, member_meta) in enumerate(zip(self.members_, meta["members"], strict=True)):

@@ -143,3 +143,28 @@ def test_the_blend_state_round_trips_and_a_state_without_it_starts_blank():
     other.import_rows(rows, unblended)
     mean = np.mean([m.forecast_many(rows, 2) for m in other.members_], axis=0)
     np.testing.assert_array_equal(other.forecast_many(rows, 2), mean)  # weight 1 until targets mature
+
+
+def test_a_dropped_rows_waiting_hand_off_is_not_handed_to_the_rows_next_series():
+    """Found by the models review (2026-12-04): a member's calibration hand-off waits in the ensemble until every
+    member has handed one; drop_rows did not touch the queue, so the dropped series' residuals seeded whatever
+    series took the row next. And an ensemble whose members share nothing refused its own empty export."""
+
+    class Handing(SeasonalNaive):
+        def __init__(self, period: int = 6, seed: int = 0) -> None:
+            super().__init__(period=period)
+            self.to_hand: list = []
+
+        def pop_calibration(self, horizon: int):
+            return self.to_hand.pop(0) if self.to_hand else None
+
+    ensemble = Ensemble(lambda seed, **p: Handing(seed=seed, **p), {"period": 6}, size=2)
+    ensemble.resize(2)
+    first, second = ensemble.members_
+    first.to_hand.append(Calibration(np.array([0, 1]), np.full((2, 3, 1), 5.0)))
+    assert ensemble.pop_calibration(1) is None  # waits for the second member
+    ensemble.drop_rows(np.array([0]))
+    second.to_hand.append(Calibration(np.array([0, 1]), np.full((2, 3, 1), 1.0)))
+    handed = ensemble.pop_calibration(1)
+    assert handed.rows.tolist() == [1]
+    ensemble.import_shared(*ensemble.export_shared())  # ({}, {}): nothing to import, no error
