@@ -161,10 +161,11 @@ class Ensemble(BatchForecaster):
     def drop_rows(self, rows: np.ndarray) -> None:
         for m in self.members_:
             m.drop_rows(rows)
-        for queue in self._handed:  # hand-offs waiting for the other members: not for the row's next series
-            for k, handed in enumerate(queue):
-                keep = ~np.isin(handed.rows, rows)
-                queue[k] = Calibration(handed.rows[keep], handed.residuals[keep])
+        for k, queue in enumerate(self._handed):  # hand-offs waiting for the other members: not for the rows'
+            kept = (Calibration(h.rows[~np.isin(h.rows, rows)], h.residuals[~np.isin(h.rows, rows)]) for h in queue)
+            # next series; one left empty goes, as each member's own queue drops it (CalibrationQueue.discard), so
+            # the members' hand-offs stay paired round by round
+            self._handed[k] = deque(h for h in kept if h.rows.size)
 
     def maintenance(self, budget_seconds: float) -> None:
         # each member gets the whole budget: a member's warm-start fit cannot be split, and a share of the budget

@@ -2,11 +2,11 @@
 
 CycleNet and cfc keep their recent values anyway (they train on windows of them), so a retrain job can refit
 them on the data since a change point. A one-series online learner (river's) keeps only its running state: to
-rebuild it on recent data something must remember that data. :class:`HistoryRing` does, in one ``float32``
-array of ``capacity`` values per row (4 bytes x capacity a series: 552 values, the retrain defaults, are
-2.2 KB), exported and restored with the row so a job interrupted by a crash refits on the same values. The values
-are kept as differences from the row's first value (a float64 base): float32 alone rounded a series near 1e9 to
-steps of 64, and a refit rebuilt its forecaster on a flat line.
+rebuild it on recent data something must remember that data. :class:`HistoryRing` does, in one ``float64``
+array of ``capacity`` values per row (8 bytes x capacity a series: 816 values, the retrain defaults, are
+6.5 KB), exported and restored with the row so a job interrupted by a crash refits on the same values. float32
+halved that and rounded a series near 1e9 to steps of 64: a refit rebuilt its forecaster on a flat line (and
+differences from a base value broke on a first value that was a spike).
 
 >>> import numpy as np
 >>> ring = HistoryRing(capacity=3)
@@ -34,22 +34,19 @@ class HistoryRing:
         if capacity < 1:
             raise ValueError(f"history capacity must be >= 1, got {capacity}")
         self.capacity = capacity
-        self.table_ = RowTable(values=Field((capacity,), np.float32, np.nan), count=Field((), np.int64, 0),
-                               base=Field((), np.float64, np.nan))
+        self.table_ = RowTable(values=Field((capacity,), np.float64, np.nan), count=Field((), np.int64, 0))
 
     @property
     def bytes_per_row(self) -> int:
-        return self.capacity * 4 + 16
+        return self.capacity * 8 + 8
 
     def resize(self, n_rows: int) -> None:
         self.table_.resize(n_rows)
 
     def add(self, rows: np.ndarray, values: np.ndarray) -> None:
         """Append one value to each of ``rows`` (unique within a call)."""
-        count, base = self.table_["count"], self.table_["base"]
-        first = np.isnan(base[rows])
-        base[rows[first]] = values[first]
-        self.table_["values"][rows, count[rows] % self.capacity] = values - base[rows]
+        count = self.table_["count"]
+        self.table_["values"][rows, count[rows] % self.capacity] = values
         count[rows] += 1
 
     def count(self, rows: np.ndarray) -> np.ndarray:
@@ -61,8 +58,7 @@ class HistoryRing:
         total = int(self.table_["count"][row])
         n = min(int(n), total, self.capacity)
         at = (total - n + np.arange(n)) % self.capacity
-        base = float(self.table_["base"][row])
-        return self.table_["values"][row, at].astype(np.float64) + (0.0 if np.isnan(base) else base)
+        return self.table_["values"][row, at].astype(np.float64)
 
     def reset_rows(self, rows: np.ndarray) -> None:
         """Forget the rows' values (after a long gap the series does not continue them)."""
@@ -79,6 +75,4 @@ class HistoryRing:
         if values is None or values.shape[1:] != (self.capacity,) or "history_count" not in state:
             self.table_.blank(rows)
             return
-        # a state saved before the base held the values themselves: base 0
-        base = state.get("history_base", np.zeros(len(rows)))
-        self.table_.import_rows(rows, {"values": values, "count": state["history_count"], "base": base})
+        self.table_.import_rows(rows, {"values": values, "count": state["history_count"]})

@@ -168,3 +168,34 @@ def test_a_dropped_rows_waiting_hand_off_is_not_handed_to_the_rows_next_series()
     handed = ensemble.pop_calibration(1)
     assert handed.rows.tolist() == [1]
     ensemble.import_shared(*ensemble.export_shared())  # ({}, {}): nothing to import, no error
+
+
+def test_a_hand_off_emptied_by_drop_rows_leaves_the_members_paired():
+    """Found by the review of the change above: the emptied waiting hand-off stayed in the ensemble's queue while
+    the other member's own queue discarded its copy, and every later round paired hand-offs of different fits."""
+    from tidecast.models.base import CalibrationQueue
+
+    class Member(SeasonalNaive):  # hands off through a CalibrationQueue, discarding on drop_rows, as CycleNet does
+        def __init__(self, period: int = 2, seed: int = 0) -> None:
+            super().__init__(period=period)
+            self.queue = CalibrationQueue()
+
+        def drop_rows(self, rows: np.ndarray) -> None:
+            super().drop_rows(rows)
+            self.queue.discard(rows)
+
+        def pop_calibration(self, horizon: int):
+            return self.queue.pop()
+
+    ensemble = Ensemble(lambda seed, **p: Member(seed=seed, **p), {"period": 2}, size=2)
+    ensemble.resize(3)
+    first, second = ensemble.members_
+    first.queue.put(Calibration(np.array([0]), np.full((1, 2, 1), 9.0)))
+    assert ensemble.pop_calibration(1) is None  # waits for the second member
+    second.queue.put(Calibration(np.array([0]), np.full((1, 2, 1), 9.0)))
+    ensemble.drop_rows(np.array([0]))
+    first.queue.put(Calibration(np.array([1, 2]), np.full((2, 2, 1), 1.0)))
+    second.queue.put(Calibration(np.array([1, 2]), np.full((2, 2, 1), 3.0)))
+    handed = ensemble.pop_calibration(1)
+    assert handed.rows.tolist() == [1, 2] and np.all(handed.residuals == 2.0)  # the two members' mean
+    assert ensemble.pop_calibration(1) is None and not any(ensemble._handed)

@@ -379,7 +379,7 @@ def test_history_ring_keeps_the_last_values_oldest_first_and_round_trips():
     assert other.recent(3, 4).size == 0
     ring.reset_rows(np.array([0]))
     assert ring.recent(0, 4).size == 0 and ring.recent(1, 1).tolist() == [50.0]
-    assert ring.bytes_per_row == 4 * 4 + 16  # values, count and base
+    assert ring.bytes_per_row == 4 * 8 + 8  # float64 values and the count
 
 
 def test_river_lanes_get_a_ring_only_when_retraining():
@@ -726,24 +726,18 @@ def test_a_probation_cut_short_then_an_adopted_model_emits_no_confirmation():
 
 
 def test_the_history_ring_keeps_a_large_levels_small_moves():
-    """Found by the models review (2026-12-04): float32 rounds values near 1e9 to steps of 64, so a river lane's
-    refit rebuilt a series' forecaster on a flat line; the ring keeps differences from a float64 base now, and a
-    state saved before the base (the values themselves) still reads back."""
+    """Found by the models review (2026-12-04): float32 rounded values near 1e9 to steps of 64, so a river lane's
+    refit rebuilt a series' forecaster on a flat line. The ring keeps float64 now (a float32 difference from the
+    first value broke on a first value that was a spike); a state saved in float32 still reads back."""
     from tidecast.models.history import HistoryRing
 
-    values = 1e9 + np.sin(np.arange(50))
-    ring = HistoryRing(capacity=40)
-    ring.resize(1)
-    for v in values:
-        ring.add(np.array([0]), np.array([v]))
-    np.testing.assert_allclose(ring.recent(0, 40), values[-40:], rtol=0, atol=1e-6)
+    for values in (1e9 + np.sin(np.arange(50)), np.r_[1e30, 0.1 * np.arange(49)], np.r_[-3e38, 3e38, np.ones(48)]):
+        ring = HistoryRing(capacity=40)
+        ring.resize(1)
+        for v in values:
+            ring.add(np.array([0]), np.array([v]))
+        np.testing.assert_array_equal(ring.recent(0, 40), values[-40:])
+    state = ring.export_rows(np.array([0]))
     moved = HistoryRing(capacity=40)
-    moved.import_rows(np.array([0]), ring.export_rows(np.array([0])))
+    moved.import_rows(np.array([0]), {**state, "history_values": state["history_values"].astype(np.float32)})
     np.testing.assert_array_equal(moved.recent(0, 40), ring.recent(0, 40))
-    legacy = HistoryRing(capacity=40)  # base 0: the values themselves in float32, as saved before the base
-    legacy.resize(1)
-    for v in [0.0, *values]:
-        legacy.add(np.array([0]), np.array([v]))
-    state = {k: v for k, v in legacy.export_rows(np.array([0])).items() if k != "history_base"}
-    moved.import_rows(np.array([0]), state)
-    np.testing.assert_array_equal(moved.recent(0, 40), legacy.recent(0, 40))
