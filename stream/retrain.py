@@ -102,7 +102,7 @@ class RetrainSettings:
 def give_history(model: BatchForecaster, settings: RetrainSettings) -> BatchForecaster:
     """``model``, or, for a model that keeps no history of its own (a ``history`` parameter left at 0: the river
     lanes, :class:`~tidecast.models.adapters.PerSeries`), a copy keeping a per-series ring of
-    ``settings.ring_capacity`` values for its refit hook (4 bytes a value and series)."""
+    ``settings.ring_capacity`` values for its refit hook (8 bytes a value and series)."""
     if model.get_params().get("history") == 0:
         return model.clone(history=settings.ring_capacity)
     return model
