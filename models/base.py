@@ -74,6 +74,12 @@ class Calibration:
     def horizon(self) -> int:
         return self.residuals.shape[2]
 
+    def without(self, rows: np.ndarray) -> Calibration | None:
+        """This hand-off less ``rows`` (their series left; the rows will serve others); ``None`` if nothing is
+        left."""
+        keep = ~np.isin(self.rows, rows)
+        return Calibration(self.rows[keep], self.residuals[keep]) if keep.any() else None
+
     @staticmethod
     def concat(parts: list[Calibration]) -> Calibration | None:
         """One hand-off from several (longer time axes pad the shorter ones with leading NaN); a row in several
@@ -120,12 +126,7 @@ class CalibrationQueue:
     def discard(self, rows: np.ndarray) -> None:
         """Forget what is queued for ``rows`` (their series left; the rows will serve others)."""
         with self._lock:
-            kept = []
-            for part in self._parts:
-                keep = ~np.isin(part.rows, rows)
-                if keep.any():
-                    kept.append(Calibration(part.rows[keep], part.residuals[keep]))
-            self._parts = kept
+            self._parts = [kept for part in self._parts if (kept := part.without(rows)) is not None]
 
     def clear(self) -> None:
         with self._lock:

@@ -161,11 +161,10 @@ class Ensemble(BatchForecaster):
     def drop_rows(self, rows: np.ndarray) -> None:
         for m in self.members_:
             m.drop_rows(rows)
-        for k, queue in enumerate(self._handed):  # hand-offs waiting for the other members: not for the rows'
-            kept = (Calibration(h.rows[~np.isin(h.rows, rows)], h.residuals[~np.isin(h.rows, rows)]) for h in queue)
-            # next series; one left empty goes, as each member's own queue drops it (CalibrationQueue.discard), so
-            # the members' hand-offs stay paired round by round
-            self._handed[k] = deque(h for h in kept if h.rows.size)
+        # hand-offs waiting for the other members are not for the rows' next series; one left empty goes, as each
+        # member's own queue drops it (CalibrationQueue.discard), so the members' hand-offs stay paired round by round
+        for k, queue in enumerate(self._handed):
+            self._handed[k] = deque(kept for h in queue if (kept := h.without(rows)) is not None)
 
     def maintenance(self, budget_seconds: float) -> None:
         # each member gets the whole budget: a member's warm-start fit cannot be split, and a share of the budget
@@ -226,8 +225,6 @@ class Ensemble(BatchForecaster):
             return None
         heads = [queue.popleft() for queue in self._handed]
         first = heads[0]
-        if not first.rows.size:  # every row of it was dropped meanwhile
-            return None
         if all(h.rows.shape == first.rows.shape and np.array_equal(h.rows, first.rows)
                and h.residuals.shape == first.residuals.shape for h in heads):
             return Calibration(first.rows, np.mean([h.residuals for h in heads], axis=0))

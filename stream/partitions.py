@@ -234,7 +234,7 @@ class PartitionTable:
         if st is None:
             return
         st.position = offset
-        for sid in [*st.series, *(m["series_id"] for m in st.parked.meta)]:  # parked ones too: their records go
+        for sid in [*st.series, *st.parked.series_ids]:  # parked ones too: their records go
             self._floors.pop(sid, None)  # to unknown_series, not silently skipped against the old log's offsets
         # and in the state the next checkpoint writes: an old-log offset restored as a floor skipped as many of the
         # new log's records of a series that had not yet spoken in it (silently: counted as re-deliveries)
@@ -358,7 +358,7 @@ class PartitionTable:
                 for sid in st.series:
                     if self._owner.get(sid) == p:
                         del self._owner[sid]
-                for sid in [*(st.series - kept), *(m["series_id"] for m in st.parked.meta)]:
+                for sid in [*(st.series - kept), *st.parked.series_ids]:
                     self._floors.pop(sid, None)  # from a log that may be gone when the partition comes back
                 self.engine.drop_series(sorted(st.series - kept))
         self._unpark()  # rows freed: parked series of the partitions kept may fit now

@@ -567,10 +567,10 @@ def parse_key_values(raw: Any, what: str, nested: bool) -> dict[str, Any]:
             shape = "NAME.KEY=VALUE" if nested else "KEY=VALUE"
             raise ValueError(f"{what} {item!r} is not {shape}")
         value = _json_or_text(text)
-        table = out.setdefault(name, {}) if nested else out
-        if (param if nested else key) in table:  # one would win without a word (merging across sources is fine)
-            raise ValueError(f"{what} {key} is given twice: {table[param if nested else key]!r} and {value!r}")
-        table[param if nested else key] = value
+        table, field = (out.setdefault(name, {}), param) if nested else (out, key)
+        if field in table:  # one would win without a word (merging across sources is fine)
+            raise ValueError(f"{what} {key} is given twice: {table[field]!r} and {value!r}")
+        table[field] = value
     return out
 
 
