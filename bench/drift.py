@@ -610,11 +610,12 @@ def bootstrap_block(chosen: list[Group], seed: int, console, refresh: bool = Fal
         console.print(f"bootstrap: {group.name}: {runs[-1].score.shape[0]} streams, {runs[-1].seconds:.0f} s")
     rho_error, rho_width, n_streams = boot.spearman_medians(runs)
     lead = boot.leads(runs, CYCLES_AFTER)
+    refs = boot.references(runs, HORIZON)
     alarms, steps = boot.false_alarms(runs, [g.false_alarms for g in chosen])
     cost = boot.costs(synthetic)
     return {"spearman_error": rho_error, "spearman_width": rho_width, "lead_steps": lead["lead_steps"],
             "forecast_cost_ratio": cost["forecast_cost_ratio"], "train_cost_ratio": cost["train_cost_ratio"],
-            "details": {"groups": [g.name for g in chosen], "streams": n_streams, "leads": lead,
+            "details": {"groups": [g.name for g in chosen], "streams": n_streams, "leads": lead, "references": refs,
                         "false_alarms": alarms, "no_change_steps": steps, "costs": cost}}
 
 
@@ -641,6 +642,15 @@ def bootstrap_report(block: dict, console) -> list[str]:
                   f"{cost['forecast_cost_ratio']:.2f}", f"{cost['train_cost_ratio']:.2f}",
                   f"{cost['fit_cost_ratio']:.2f}", f"{cost['replay_cost_ratio']:.2f}")
     console.print(table)
+    refs = d["references"]
+    ref_table = Table(title="what ranks the realised error at all (Spearman with it, median over streams; "
+                            "bench/drift_bootstrap.py:references)")
+    for col in ("all streams: score", "... error of origin t - H", f"{refs['changed_streams']} changed streams: score",
+                "... width", "... told the change"):
+        ref_table.add_column(col, justify="right")
+    ref_table.add_row(f"{block['spearman_error']:.2f}", f"{refs['lagged_error']:.2f}", f"{refs['changed_score']:.2f}",
+                      f"{refs['changed_width']:.2f}", f"{refs['change_oracle']:.2f}")
+    console.print(ref_table)
     rho_ok = block["spearman_error"] > block["spearman_width"] and block["spearman_error"] >= 0.5
     lines = [
         f"spearman_error {block['spearman_error']:.2f} > spearman_width {block['spearman_width']:.2f} and >= 0.5 -> "

@@ -19,6 +19,9 @@ each stream, the median over streams. ``lead_steps``: on changed copies of the k
 (level, trend, ramp, variance) where both fire within 4 cycles after the change, the median of (first default
 alarm - first bootstrap alarm) in steps; positive: the bootstrap alarm comes first.
 
+For scale (:func:`references`, printed, not in the JSON): how well the realised error of origin t - H (label-based)
+and, on the changed streams, being told the change point rank the realised error on the same origins.
+
 Costs (:func:`costs`): CycleNet at 64 synthetic series (P = 24, H = 24, the model's defaults otherwise, one torch
 thread), B = 8 against B = 0 in the same run, taking their rounds alternately: ``forecast_cost_ratio`` is the
 median time of a forecast round (``forecast_many``, plus ``spread_many``) over 200 rounds; ``train_cost_ratio`` the
@@ -184,6 +187,44 @@ def spearman_medians(runs: list[BootRun]) -> tuple[float, float, int]:
             rho_s.append(spearmanr(s[ok], e[ok]).statistic)
             rho_w.append(spearmanr(w[ok], e[ok]).statistic)
     return float(np.nanmedian(rho_s)), float(np.nanmedian(rho_w)), len(rho_s)
+
+
+def references(runs: list[BootRun], horizon: int) -> dict[str, float | int]:
+    """What ranks the realised error at all, on the origins :func:`spearman_medians` scores (medians over streams).
+
+    * ``lagged_error``: the realised error of origin t - H, the newest whose targets have all arrived when origin t
+      is issued: what a label-based watcher could know, on every stream;
+    * on the changed streams only, ``changed_score`` / ``changed_width`` (the score and the width there) against
+      ``change_oracle``: 1 where the origin's targets reach the change (t + H >= change), else 0, i.e. a watcher
+      told where the change is.
+
+    On a stream whose noise is independent from step to step and whose model does not change (the clean synthetic
+    streams), the realised error of an origin depends only on noise still to come, so no score, label-free or not,
+    ranks it better than chance there.
+    """
+    lagged, changed = [], {"changed_score": [], "changed_width": [], "change_oracle": []}
+    for run in runs:
+        for i in range(run.score.shape[0]):
+            lo, hi = int(run.lo[i]), int(run.hi[i])
+            if lo < horizon:
+                continue
+            s, w, e = run.score[i, lo:hi], run.width[i, lo:hi], run.error[i, lo:hi]
+            ok = np.isfinite(s) & np.isfinite(w) & np.isfinite(e)
+            if ok.sum() < 20:
+                continue
+            past = run.error[i, lo - horizon : hi - horizon]
+            both = ok & np.isfinite(past)
+            if both.sum() >= 20:
+                lagged.append(spearmanr(past[both], e[both]).statistic)
+            if run.at[i] >= 0:
+                told = (np.arange(lo, hi) + horizon >= run.at[i]).astype(float)
+                changed["changed_score"].append(spearmanr(s[ok], e[ok]).statistic)
+                changed["changed_width"].append(spearmanr(w[ok], e[ok]).statistic)
+                changed["change_oracle"].append(spearmanr(told[ok], e[ok]).statistic)
+    out: dict[str, float | int] = {"lagged_error": float(np.nanmedian(lagged)) if lagged else float("nan")}
+    out.update({k: float(np.nanmedian(v)) if v else float("nan") for k, v in changed.items()})
+    out["changed_streams"] = len(changed["change_oracle"])
+    return out
 
 
 def leads(runs: list[BootRun], cycles_after: int) -> dict[str, float | int | None]:
