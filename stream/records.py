@@ -186,6 +186,16 @@ _DECIMAL = re.compile(r"\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\s*", re
 _NON_FINITE = re.compile(r"\s*[+-]?(?:inf|infinity|nan)\s*", re.ASCII | re.IGNORECASE)  # float() reads each
 
 
+def is_number_text(text: str) -> bool:
+    """Whether ``text`` is a number by :func:`parse_value`'s grammar: plain ASCII decimals or a spelled-out
+    infinity or NaN, with white space around it.
+
+    >>> [is_number_text(t) for t in (" +1.5e3 ", "1_000", "١٢", "-inf", "1e 5")]
+    [True, False, False, True, False]
+    """
+    return bool(_DECIMAL.fullmatch(text) or _NON_FINITE.fullmatch(text))
+
+
 def parse_value(raw: Any) -> float:
     """A finite float from a JSON number or a numeric string."""
     if raw is None or (isinstance(raw, str) and not raw.strip()):
@@ -196,7 +206,7 @@ def parse_value(raw: Any) -> float:
         # plain ASCII decimals only: Python's float() also takes "1_000" and other scripts' digits ("١٢"), which
         # the CSV reader does not; one rule for every input
         raw = raw.strip()  # every Unicode space (a spreadsheet's no-break space), as the CSV reader strips
-        if not (_DECIMAL.fullmatch(raw) or _NON_FINITE.fullmatch(raw)):
+        if not is_number_text(raw):
             raise InvalidRecord("non_numeric_value", f"value is not a number: {raw[:64]!r}")
         value = float(raw)
     else:

@@ -53,6 +53,7 @@ from tidecast.stream.records import (
     MIN_TIMESTAMP,
     InvalidRecord,
     decode,
+    is_number_text,
     parse_series_id,
     parse_timestamp,
     parse_value,
@@ -544,11 +545,11 @@ def _parse_times(column: pd.Series) -> tuple[np.ndarray, dict[int, InvalidRecord
     elif len(column) and _all_text(column):
         if isinstance(column.dtype, pd.CategoricalDtype):  # "" is no category: where() below raised TypeError
             column = column.astype(object)
-        text = column.where(column.notna(), "").astype(str).str.strip()
+        text = _texts(column.where(column.notna(), "")).str.strip()
         epoch_column = _mostly_numbers(text)
         iso = (text != "").to_numpy().copy()
         if epoch_column:
-            numbers = pd.to_numeric(text, errors="coerce").to_numpy(dtype=float)
+            numbers = _numbers(text)
             is_number = np.isfinite(numbers)
             us = np.where(is_number, _epoch_to_us(np.where(is_number, numbers, np.nan)), _NOT_A_TIME)
             iso &= ~is_number
@@ -569,7 +570,8 @@ def _parse_times(column: pd.Series) -> tuple[np.ndarray, dict[int, InvalidRecord
 def _all_text(column: pd.Series) -> bool:
     if pd.api.types.is_string_dtype(column) and column.dtype != object:
         return True
-    return bool(column.map(lambda v: isinstance(v, str) or _missing(v)).all())
+    # over the cells, not the categories: a categorical's map() returns a categorical, which has no all()
+    return all(isinstance(v, str) or _missing(v) for v in column.to_numpy(dtype=object))
 
 
 def _mostly_numbers(text: pd.Series, sample: int = 2001) -> bool:
@@ -600,18 +602,21 @@ def _time_cell(raw: Any, epoch_column: bool) -> datetime:
     if isinstance(raw, time):  # Parquet time64: a clock reading, no day to place it on
         raise InvalidRecord("bad_timestamp", f"{raw.isoformat()} is a time of day without a date")
     if isinstance(raw, str) and epoch_column:
-        try:
-            seconds = float(raw)
-        except ValueError:  # text in an epoch column: ISO-8601 or nothing
-            return parse_timestamp(raw)
-        return parse_timestamp(seconds)
+        # a number by parse_value's grammar (float() alone also takes "1_000" and other scripts' digits);
+        # other text in an epoch column: ISO-8601 or nothing
+        return parse_timestamp(float(raw) if is_number_text(raw) else raw)
     return parse_timestamp(raw)
 
 
 def _epoch_to_us(seconds: np.ndarray) -> np.ndarray:
-    """Microseconds since the epoch, as :func:`datetime.fromtimestamp` rounds them; out of range -> not a time."""
+    """Microseconds since the epoch, as :func:`datetime.fromtimestamp` rounds them (whole seconds apart, then the
+    fraction times 1e6 rounded half to even: ``seconds * 1e6`` rounded would be a microsecond off for some values,
+    e.g. 123.4567895); out of range -> not a time."""
     ok = np.isfinite(seconds) & (seconds >= _MIN_S) & (seconds <= _MAX_S)
-    return np.where(ok, np.round(np.where(ok, seconds, 0.0) * 1e6), 0).astype(np.int64) * ok + _NOT_A_TIME * ~ok
+    whole = np.trunc(np.where(ok, seconds, 0.0))
+    fraction_us = np.round((np.where(ok, seconds, 0.0) - whole) * 1e6)
+    us = whole.astype(np.int64) * 1_000_000 + fraction_us.astype(np.int64)
+    return np.where(ok, us, _NOT_A_TIME)
 
 
 def _datetimes_to_us(column: pd.Series) -> np.ndarray:
@@ -627,8 +632,37 @@ def _parse_values(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
             and not pd.api.types.is_complex_dtype(column)):  # complex: wrong_type, as parse_value says
         values = column.to_numpy(dtype=float, na_value=np.nan)
     else:
-        values = pd.to_numeric(column.astype(str).str.strip(), errors="coerce").to_numpy(dtype=float)
+        values = _numbers(_texts(column).str.strip())
     return values, ~np.isfinite(values)
+
+
+def _texts(column: pd.Series) -> pd.Series:
+    """Each cell as text for the vectorised parsers. A cell with no UTF-8 text (bytes that do not decode, a lone
+    surrogate) reads as blank here, so the cell-by-cell verdict on its raw value decides it, with its row only."""
+    try:
+        return column.astype(str)
+    except UnicodeError:  # astype raised for the whole column over one such cell
+        return column.astype(object).map(_text_or_blank)
+
+
+def _text_or_blank(cell: Any) -> str:
+    try:
+        text = cell.decode("utf-8") if isinstance(cell, bytes) else str(cell)
+        text.encode("utf-8")
+    except UnicodeError:
+        return ""
+    return text
+
+
+def _numbers(text: pd.Series) -> np.ndarray:
+    """Floats of stripped text cells by :func:`tidecast.stream.records.parse_value`'s grammar (NaN where not a
+    number). pandas reads a number with a leading "+" up to a unit in the last place off ``float()``'s value and
+    takes "+1e 5" as 1e5: such cells are read one by one, so a text gives the same double on every input."""
+    numbers = pd.to_numeric(text, errors="coerce").to_numpy(dtype=float, copy=True)
+    for row in np.flatnonzero(text.str.startswith("+", na=False).to_numpy()).tolist():
+        cell = text.iloc[row]
+        numbers[row] = float(cell) if is_number_text(cell) else np.nan
+    return numbers
 
 
 def _why(parser: Any, raw: Any) -> InvalidRecord:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -336,6 +337,81 @@ def test_complex_values_in_a_frame_are_wrong_type_not_their_real_part():
     summary = result.run
     assert summary["n_observations"] == 0
     assert summary["dead_letters"] == {"wrong_type": 30}
+
+
+def test_a_signed_value_is_the_same_double_in_every_file_format_as_on_the_wire(tmp_path):
+    """pandas read "+182.19916586263525" a unit in the last place off float()'s value and took "+1e 5" as 1e5, while
+    JSON lines and Kafka read the first exactly and refused the second: one text, two values."""
+    from tidecast.stream.sources import ReplaySpec, load_frame, load_replay
+
+    cells = ["+182.19916586263525", "+981.9792897376303", "+1.333e-20", "+1e 5", "+2.5E\t3", "+1e5", "7"]
+    stamps = [f"2020-01-01T{k:02d}:00:00Z" for k in range(len(cells))]
+    records = [json.dumps({"series_id": "a", "timestamp": t, "value": c}) for t, c in zip(stamps, cells, strict=True)]
+    (tmp_path / "v.jsonl").write_text("\n".join(records) + "\n")
+    (tmp_path / "v.csv").write_text("unique_id,ds,y\n" + "".join(f"a,{t},{c}\n" for t, c in zip(stamps, cells,
+                                                                                                 strict=True)))
+    frame = pd.DataFrame({"unique_id": "a", "ds": stamps, "y": pd.Series(cells, dtype=object)})
+    frame.to_parquet(tmp_path / "v.parquet")
+    decoded = decode_records([_Record(0, k, r.encode()) for k, r in enumerate(records)])
+    wire = dict(zip(decoded.batch.offsets.tolist(), decoded.batch.values.tolist(), strict=True))
+    assert wire == {0: 182.19916586263525, 1: 981.9792897376303, 2: 1.333e-20, 5: 1e5, 6: 7.0}
+    assert sorted((d.position[1], d.reason) for d in decoded.letters) == [(3, "non_numeric_value"),
+                                                                          (4, "non_numeric_value")]
+    for loaded in (*(load_replay(ReplaySpec(path=tmp_path / n)) for n in ("v.csv", "v.parquet", "v.jsonl")),
+                   load_frame(frame)):
+        obs = loaded.observations
+        assert dict(zip(obs.offsets.tolist(), obs.values.tolist(), strict=True)) == wire
+        assert sorted(d.reason for d in loaded.dead_letters) == ["non_numeric_value"] * 2
+
+
+def test_a_cell_with_no_utf8_text_costs_only_its_row():
+    """A lone surrogate or undecodable bytes in one value cell (or time cell) raised UnicodeError out of the whole
+    load: no dead letters, nothing replayed."""
+    from tidecast.stream.sources import load_frame
+
+    stamps = [f"2020-01-01T{k:02d}:00:00Z" for k in range(4)]
+    for bad in ("\ud800", b"\xff"):
+        loaded = load_frame(pd.DataFrame({"unique_id": "a", "ds": stamps, "y": pd.Series([1.0, bad, "3", 4],
+                                                                                        dtype=object)}))
+        assert loaded.observations.values.tolist() == [1.0, 3.0, 4.0]
+        assert [d.reason for d in loaded.dead_letters] == ["non_numeric_value" if isinstance(bad, str)
+                                                          else "wrong_type"]
+        times = pd.Series([*stamps[:2], bad, stamps[3]], dtype=object)
+        loaded = load_frame(pd.DataFrame({"unique_id": "a", "ds": times, "y": range(4)}))
+        assert loaded.observations.values.tolist() == [0.0, 1.0, 3.0]
+        assert len(loaded.dead_letters) == 1
+
+
+def test_epoch_seconds_in_files_are_the_wires_microsecond_and_junk_digits_are_no_time():
+    """Files rounded seconds * 1e6 (123.4567895 s -> ...790 µs) where the wire, by datetime.fromtimestamp, reads
+    ...789; and a text epoch cell went through float(), which takes "1_000" and other scripts' digits."""
+    from tidecast.stream.sources import load_frame
+
+    seconds = [123.4567895, -123.4567895, 86400.0000005, 3613879966.2241974]
+    wire = [_us(s) for s in seconds]
+    for column in (pd.Series(seconds), pd.Series([repr(s) for s in seconds], dtype=object)):
+        loaded = load_frame(pd.DataFrame({"unique_id": [f"s{k}" for k in range(4)], "ds": column, "y": 1.0}))
+        assert sorted((loaded.observations.timestamps_ns // 1000).tolist()) == sorted(wire)
+    cells = [*(str(1_700_000_000 + 3600 * k) for k in range(4)), "1_000", "\u0661\u0662", "\uff11\uff12\uff13"]
+    loaded = load_frame(pd.DataFrame({"unique_id": "a", "ds": pd.Series(cells, dtype=object), "y": 1.0}))
+    assert len(loaded.observations) == 4  # a mostly-numeric column: epoch seconds
+    assert [d.reason for d in loaded.dead_letters] == ["bad_timestamp"] * 3
+
+
+def _us(seconds: float) -> int:
+    """Microseconds since the epoch of ``datetime.fromtimestamp(seconds)``, the wire's reading."""
+    moment = datetime.fromtimestamp(seconds, tz=UTC)
+    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+
+
+def test_a_categorical_time_column_mixing_text_and_numbers_loads_cell_by_cell():
+    """Its categories mixed str and float: the all-text check's map() returned a Categorical, whose all() raised
+    TypeError out of the load."""
+    from tidecast.stream.sources import load_frame
+
+    column = pd.Series(["2024-01-01", 2.5], dtype="category")
+    loaded = load_frame(pd.DataFrame({"unique_id": "a", "ds": column, "y": [1.0, 2.0]}))
+    assert sorted(loaded.observations.values.tolist()) == [1.0, 2.0]  # 2.5: epoch seconds, as a number cell is
 
 
 def test_parquet_date_columns_are_days_and_times_of_day_are_refused_with_why(tmp_path):
