@@ -93,6 +93,7 @@ log = logging.getLogger(__name__)
 
 _NO_TICK = np.iinfo(np.int64).min
 _MAX_NS = np.iinfo(np.int64).max
+_MIN_NS = _NO_TICK + 1  # int64's minimum is NaT to pandas
 T = TypeVar("T")
 
 
@@ -432,7 +433,8 @@ class Engine:
         slots = cols["slot"]
         step = self.series_["step_ns"][slots]
         grid = self.series_["anchor_ns"][slots] + cols["tick"] * step
-        return np.unique((grid - grid.min()) // step.min(), return_inverse=True)[1].reshape(rank.shape)
+        after_first = grid.view(np.uint64) - grid.min().view(np.uint64)  # exact: 1677 to 2262 passes int64's range
+        return np.unique(after_first // np.uint64(step.min()), return_inverse=True)[1].reshape(rank.shape)
 
     def _run(self, events: _Events | _Placed, result: EngineResult, started: float) -> EngineResult:
         outputs: list[tuple] = []
@@ -574,7 +576,9 @@ class Engine:
         s = self.series_
         n = int(s["hold_n"][slot])
         times, values = s["hold_t"][slot, :n].tolist(), s["hold_v"][slot, :n].tolist()
-        s["step_ns"][slot] = inferred_step(np.diff(np.array(times, np.int64)))
+        # gaps as Python ints: two rows more than 292 years apart overflow an int64 difference (a negative step)
+        gaps = [min(b - a, _MAX_NS) for a, b in zip(times, times[1:], strict=False)]
+        s["step_ns"][slot] = inferred_step(np.array(gaps, np.int64))
         s["hold_n"][slot] = 0
         s["hold_t"][slot], s["hold_v"][slot] = 0, np.nan
         for t, v in zip(times, values, strict=True):
@@ -592,7 +596,10 @@ class Engine:
         last = int(s["last_tick"][slot])
         if last == _NO_TICK:  # the first observation on the grid anchors it at its own phase
             s["anchor_ns"][slot] = t % step
-        tick = (t - int(s["anchor_ns"][slot]) + step // 2) // step
+        anchor = int(s["anchor_ns"][slot])
+        tick = (t - anchor + step // 2) // step
+        if not _MIN_NS <= anchor + tick * step <= _MAX_NS:  # the nearest grid time is past the nanosecond range
+            tick += 1 if anchor + tick * step < _MIN_NS else -1  # (near 1677 or 2262): the one inside it
         if last != _NO_TICK and tick <= last:
             last_t = int(s["last_t"][slot])
             if t == last_t:

@@ -29,9 +29,12 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from tidecast.stream.result import nanoseconds, ns_between, utc
+
 if TYPE_CHECKING:
     from tidecast.stream.result import ReplayResult
 
+_FIRST_NS, _LAST_NS = np.iinfo(np.int64).min + 1, np.iinfo(np.int64).max  # int64's minimum is NaT
 #: Largest report the tests accept; figures are sized so that a report of a few dozen series stays well below.
 MAX_BYTES = 5_000_000
 DPI = 90
@@ -114,21 +117,27 @@ def _drawable(values: Any) -> np.ndarray:
     return np.where(np.isinf(v), v, np.clip(v, -DRAW_LIMIT, DRAW_LIMIT))
 
 
-def _step(ds: np.ndarray) -> np.timedelta64 | None:
-    """The series' usual step between observations (their median gap); ``None`` with fewer than two."""
-    return np.median(np.diff(ds)) if len(ds) > 1 else None
+def _step(ds: np.ndarray) -> float | None:
+    """The series' usual step between observations in nanoseconds (their median gap); ``None`` with fewer than
+    two. Worked out in integers: a gap of more than 292 years overflows a pandas Timedelta."""
+    if len(ds) < 2:
+        return None
+    ns = nanoseconds(ds)
+    return float(np.median(ns_between(ns[1:], ns[:-1])))
 
 
-def _broken(ds: np.ndarray, step: np.timedelta64 | None, *columns: Any) -> tuple[np.ndarray, ...]:
+def _broken(ds: np.ndarray, step: float | None, *columns: Any) -> tuple[np.ndarray, ...]:
     """``(ds, *columns)`` as drawn, with a ``NaN`` point inside every gap longer than 1.5 steps, so lines and bands
     break where nothing arrived (they drew 30 missing hours as a measured straight line)."""
     values = [_drawable(c) for c in columns]
     if step is None or len(ds) < 2:
         return (ds, *values)
-    gaps = np.flatnonzero(np.diff(ds) > 1.5 * step) + 1
+    ns = nanoseconds(ds)
+    gaps = np.flatnonzero(ns_between(ns[1:], ns[:-1]) > 1.5 * step) + 1
     if not gaps.size:
         return (ds, *values)
-    return (np.insert(ds, gaps, ds[gaps - 1] + step), *(np.insert(v, gaps, np.nan) for v in values))
+    breaks = utc(ns[gaps - 1] + np.int64(step)).to_numpy()  # one step into the gap: before its end, in range
+    return (np.insert(ds, gaps, breaks), *(np.insert(v, gaps, np.nan) for v in values))
 
 
 def plain(text: str) -> str:
@@ -197,11 +206,14 @@ def rolling_coverage(result: ReplayResult, bins: int = 150, smooth: int = 7) -> 
     scored = f[f["y"].notna()]
     if scored.empty:
         return pd.DataFrame(columns=["model", "level", "ds", "coverage", "n"])
-    start, end = scored["ds"].min(), scored["ds"].max()
-    # fewer spans than nanoseconds in the span, so the edges stay distinct (one span when every target is at one time)
-    n_spans = int(min(bins, max(1, (end - start).value)))
-    edges = pd.date_range(start, max(end, start + pd.Timedelta(1, "ns")), periods=n_spans + 1)
-    span = pd.cut(scored["ds"], edges, include_lowest=True, labels=edges[:-1])
+    # in integer nanoseconds: targets more than 292 years apart overflow a pandas Timedelta
+    ns = nanoseconds(scored["ds"])
+    start = int(ns.min())
+    length = max(1, int(ns.max()) - start)
+    n_spans = min(bins, length)  # fewer spans than nanoseconds in the data's span, so the edges stay distinct
+    position = ns_between(ns, start) * n_spans / length  # spans (e_k, e_k+1], the first closed on the left too
+    index = np.clip(np.ceil(position).astype(np.int64) - 1, 0, n_spans - 1)
+    span = utc(np.array([start + length * k // n_spans for k in range(n_spans)], np.int64))[index]
     parts = []
     y = scored["y"].to_numpy()
     for level in result.levels:
@@ -260,8 +272,11 @@ def _worst_window(result: ReplayResult, series_id: str, steps: int = 240) -> tup
     if rows.empty:
         return actual.iloc[0], actual.iloc[-1]
     worst = rows["ds"].to_numpy()[np.argmax(np.abs(rows["y"].to_numpy() - rows["mean"].to_numpy()))]
-    step = actual.diff().median() if len(actual) > 1 else pd.Timedelta(0)
-    return pd.Timestamp(worst) - step * (steps * 2 // 3), pd.Timestamp(worst) + step * (steps // 3)
+    step = _step(actual.to_numpy()) or 0.0
+    at = int(nanoseconds([worst])[0])  # in integers, kept inside the nanosecond range: near 1677 or 2262, or with
+    edges = [max(at - int(step * (steps * 2 // 3)), _FIRST_NS), min(at + int(step * (steps // 3)), _LAST_NS)]
+    first, last = utc(np.array(edges, np.int64))  # a step of centuries, a Timestamp would overflow
+    return first, last
 
 
 def worst_series(result: ReplayResult, top: int) -> tuple[list[str], str]:

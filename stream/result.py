@@ -146,6 +146,19 @@ def nanoseconds(times: pd.Series) -> np.ndarray:
     return pd.DatetimeIndex(times).as_unit("ns").asi8
 
 
+def ns_between(later: np.ndarray | int, earlier: np.ndarray | int) -> np.ndarray:
+    """``later - earlier`` in nanoseconds, as floats: worked out in unsigned integers, because two epoch times more
+    than 292 years apart (1700 and 2024) overflow an int64 difference.
+
+    >>> ns_between(np.array([2**62, -(2**62)]), -(2**62)).tolist()  # 2**63 would wrap to -2**63 in int64
+    [9.223372036854776e+18, 0.0]
+    """
+    later, earlier = np.asarray(later, np.int64), np.asarray(earlier, np.int64)
+    up = (later.view(np.uint64) - earlier.view(np.uint64)).astype(np.float64)  # wraps back to the true value
+    down = (earlier.view(np.uint64) - later.view(np.uint64)).astype(np.float64)
+    return np.where(later >= earlier, up, -down)
+
+
 def utc(ns: np.ndarray) -> pd.DatetimeIndex:
     """UTC timestamps (nanosecond resolution) of epoch nanoseconds."""
     return pd.DatetimeIndex(np.asarray(ns, np.int64).view("datetime64[ns]"), tz="UTC")
@@ -366,16 +379,18 @@ def _scales(forecasts: pd.DataFrame, actuals: pd.DataFrame, step_ns: int | None 
         t, y = times[mine], values[mine]
         by_time = np.argsort(t, kind="stable")
         t, y = t[by_time], y[by_time]
-        gaps = np.diff(t[:STEP_WINDOW])  # the engine's rule, on the rows it held: gaps further on (a series
-        gaps = gaps[gaps > 0]            # hourly, then every other hour) do not move its grid
+        head_t = t[:STEP_WINDOW]  # the engine's rule, on the rows it held: gaps further on (a series hourly, then
+        gaps = head_t[1:].view(np.uint64) - head_t[:-1].view(np.uint64)  # every other hour) do not move its grid;
+        gaps = np.minimum(gaps, np.uint64(2**63 - 1)).astype(np.int64)  # exact in uint64 (sorted), the engine's cap
+        gaps = gaps[gaps > 0]
         if step_ns is None and not gaps.size:
             continue
         step = step_ns or inferred_step(gaps)
-        ticks = np.rint((t - t[0]) / step).astype(np.int64)
+        ticks = np.rint(ns_between(t, t[0]) / step).astype(np.int64)
         head = np.full(min(int(ticks[-1]) + 1, PERIOD_HEAD), np.nan)  # the ticks the period is detected on
         early = ticks < head.size
         head[ticks[early]] = y[early]
-        at = np.rint((cutoff[rows] - t[0]) / step).astype(np.int64)
+        at = np.rint(ns_between(cutoff[rows], t[0]) / step).astype(np.int64)
         out[rows] = running_scale_at(ticks, y, scale_period(head), at)
     with np.errstate(invalid="ignore"):
         out[out <= 0] = np.nan  # a constant history scales nothing

@@ -532,3 +532,46 @@ def test_a_series_that_starts_late_in_a_batch_is_not_learned_ahead_of_the_others
     first_b = (small[small["series_id"] == "b"]["issued_at"].min() - pd.Timestamp(T0, unit="ns", tz="UTC"))
     assert first_b == pd.Timedelta(hours=150 + 8 + 3 - 1)  # lookback + horizon values after b's start
     pd.testing.assert_frame_equal(whole, small)
+
+
+# -- times more than 292 years apart (an int64 of nanoseconds spans 292 years) -------------------------------
+def _placeholder_replay(first: str) -> pd.DataFrame:
+    import tidecast
+
+    ds = [pd.Timestamp(first, tz="UTC"), *pd.date_range("2024-01-01", periods=200, freq="h", tz="UTC")]
+    y = [500.0, *(10 * np.sin(np.arange(200) * 2 * np.pi / 24)).round(3)]
+    result = tidecast.replay(pd.DataFrame({"unique_id": "a", "ds": ds, "y": y}), models=["seasonal-naive"],
+                             horizon=3, freq="1h", batch_size=100, model_params={"seasonal-naive": {"period": 24}})
+    result.summary()  # worked out in integers too: it raised ValueError (negative dimensions)
+    return result.forecasts[result.forecasts["cutoff"].dt.year == 2024].reset_index(drop=True)
+
+
+def test_a_placeholder_row_centuries_before_the_rest_is_applied_first():
+    """A 1700-01-01 placeholder in the same batch as 2024 rows: the round of each row, (grid - min) // step,
+    wrapped around in int64, so the placeholder was learned after the 2024 rows and its value forecast for 2024."""
+    pd.testing.assert_frame_equal(_placeholder_replay("1700-01-01"), _placeholder_replay("1800-01-01"))
+
+
+def test_held_rows_centuries_apart_infer_a_positive_step():
+    """Two held rows 324 years apart: np.diff wrapped to a negative step and the second row became a collision."""
+    config = EngineConfig(horizon=2, models=["seasonal-naive"])
+    engine = Engine(config, [Lane(SeasonalNaive(period=2), make_calibrator("conformal-pid", 2, 0.1), 2, 0.1)])
+    times = [pd.Timestamp(t, tz="UTC").value for t in ("1700-01-01", "2024-01-01")]
+    engine.process(ObservationBatch(np.array(["a", "a"], dtype=object), np.array(times), np.array([1.0, 2.0])))
+    result = engine.flush()
+    assert int(engine.series_["step_ns"][0]) > 0
+    assert (result.n_applied, result.n_collisions) == (2, 0)
+
+
+def test_a_row_whose_nearest_grid_time_is_past_2262_snaps_to_the_one_before():
+    """A weekly series' last row, 2262-04-10, is nearest the grid time 2262-04-12, past int64's nanoseconds:
+    its outcome was dated 1677 and the summary raised IndexError."""
+    import tidecast
+
+    ds = pd.date_range("2261-12-15", periods=17, freq="7D", tz="UTC")
+    frame = pd.DataFrame({"unique_id": "a", "ds": [*ds, pd.Timestamp("2262-04-10", tz="UTC")], "y": range(18)})
+    result = tidecast.replay(frame, models=["seasonal-naive"], horizon=1, freq="7D",
+                             model_params={"seasonal-naive": {"period": 2}})
+    assert result.actuals["ds"].min() >= ds[0] and result.actuals["ds"].max() <= pd.Timestamp("2262-04-12", tz="UTC")
+    assert result.run["n_collisions"] + result.run["n_observations"] == 18
+    result.summary()

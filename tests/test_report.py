@@ -222,3 +222,24 @@ def test_the_reports_series_count_is_the_runs_and_says_which_are_held(tmp_path):
     assert json.loads(summary.read_text())["n_series"] == 3
     cells = [html.unescape(re.sub("<.*?>", "", c)) for c in re.findall(r"<td>.*?</td>", report.read_text())]
     assert cells[cells.index("series") + 1].startswith("3 (1 held")
+
+
+def test_a_report_of_series_centuries_apart_renders(tmp_path):
+    """Targets in 1700 and in 2024: the report's time spans, steps and windows were pandas Timedeltas, which
+    overflow past 292 years (OutOfBoundsDatetime, OverflowError)."""
+    import pandas as pd
+
+    import tidecast
+
+    hours = 120
+    frames = [pd.DataFrame({"unique_id": sid, "ds": pd.date_range(start, periods=hours, freq="h", tz="UTC"),
+                            "y": np.sin(np.arange(hours) * 2 * np.pi / 24) + k}) for k, (sid, start) in
+              enumerate([("old", "1700-01-01"), ("new", "2024-01-01")])]
+    frames.append(pd.DataFrame({"unique_id": "both", "ds": [pd.Timestamp("1700-01-01", tz="UTC"),
+                                                            *pd.date_range("2024-01-01", periods=hours, freq="h",
+                                                                           tz="UTC")],
+                                "y": [500.0, *np.cos(np.arange(hours))]}))
+    result = tidecast.replay(pd.concat(frames), models=["seasonal-naive"], horizon=2, freq="1h",
+                             model_params={"seasonal-naive": {"period": 24}})
+    path = result.report(tmp_path / "r.html")
+    assert path.stat().st_size > 10_000
