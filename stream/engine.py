@@ -422,17 +422,18 @@ class Engine:
 
     def _time_ranks(self, cols: dict[str, np.ndarray], rank: np.ndarray) -> np.ndarray:
         """Each event's round: the index of its grid time among the batch's, in buckets of the batch's finest grid
-        step (``rank``: its index among its series' events, is kept when every series has one event). A series'
-        events are one step apart at least, so each is in a later bucket than the one before; and no series'
-        event is learned before another series' older ones. The k-th event of every series (the rounds once) put a
-        series that starts late in the batch, or resumes after a long gap, beside the others' older events: a
-        shared model (CycleNet, cfc) learned its future values before forecasting theirs, and the result
-        depended on the batch size."""
-        if not rank.any():
-            return rank
+        step (``rank``: its index among its series' events, is kept when every series has one event and all are at
+        one time). A series' events are one step apart at least, so each is in a later bucket than the one before;
+        and no series' event is learned before another series' older ones. The k-th event of every series (the
+        rounds once) put a series that starts late in the batch, or resumes after a long gap, beside the others'
+        older events: a shared model (CycleNet, cfc) learned its future values before forecasting theirs, and the
+        result depended on the batch size. One event per series at two times (a batch cut mid-tick) was one round
+        too: the retrainer ended the later time's step before the earlier values were learned."""
         slots = cols["slot"]
         step = self.series_["step_ns"][slots]
         grid = self.series_["anchor_ns"][slots] + cols["tick"] * step
+        if not rank.any() and grid.min() == grid.max():  # one event per series, all at one time: one round
+            return rank
         after_first = grid.view(np.uint64) - grid.min().view(np.uint64)  # exact: 1677 to 2262 passes int64's range
         return np.unique(after_first // np.uint64(step.min()), return_inverse=True)[1].reshape(rank.shape)
 
@@ -523,8 +524,11 @@ class Engine:
         s = self.series_
         at = np.where(known, slots, 0)  # unknown series read row 0 and are thrown out below
         step, last = s["step_ns"][at], s["last_tick"][at]
-        fine = known & (step != 0) & (last != _NO_TICK) & ~too_big
         t = batch.timestamps_ns
+        # rows within two steps of the nanosecond range's ends (1677, 2262) go one by one (_place): their tick
+        # arithmetic below would wrap around in int64
+        inside = np.abs(t.astype(np.float64)) + 2.0 * step < 9.2e18
+        fine = known & (step != 0) & (last != _NO_TICK) & ~too_big & inside
         tick = (t - s["anchor_ns"][at] + np.where(fine, step, 2) // 2) // np.where(fine, step, 1)
         order = np.argsort(slots, kind="stable")  # each series' records together, in arrival order
         by_series, tick_sorted = slots[order], tick[order]

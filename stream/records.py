@@ -182,8 +182,10 @@ def _short_number(raw: int | float) -> str:
     return repr(raw)
 
 
-_DECIMAL = re.compile(r"\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\s*", re.ASCII)
-_NON_FINITE = re.compile(r"\s*[+-]?(?:inf|infinity|nan)\s*", re.ASCII | re.IGNORECASE)  # float() reads each
+#: A number as text, the one grammar of every input (:func:`is_number_text`; match it with ``re.ASCII``): one
+#: optional sign, ASCII digits with an optional exponent, or a spelled-out infinity or NaN (``float()`` reads each)
+NUMBER_TEXT = r"\s*(?:[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?|[+-]?(?i:inf|infinity|nan))\s*"
+_NUMBER = re.compile(NUMBER_TEXT, re.ASCII)
 
 
 def is_number_text(text: str) -> bool:
@@ -193,7 +195,7 @@ def is_number_text(text: str) -> bool:
     >>> [is_number_text(t) for t in (" +1.5e3 ", "1_000", "١٢", "-inf", "1e 5")]
     [True, False, False, True, False]
     """
-    return bool(_DECIMAL.fullmatch(text) or _NON_FINITE.fullmatch(text))
+    return _NUMBER.fullmatch(text) is not None
 
 
 def parse_value(raw: Any) -> float:

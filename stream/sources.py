@@ -51,6 +51,7 @@ from tidecast.stream.records import (
     DEFAULT_MAX_BYTES,
     MAX_TIMESTAMP,
     MIN_TIMESTAMP,
+    NUMBER_TEXT,
     InvalidRecord,
     decode,
     is_number_text,
@@ -567,11 +568,20 @@ def _parse_times(column: pd.Series) -> tuple[np.ndarray, dict[int, InvalidRecord
     return us * 1000, errors
 
 
+def _has_plus(text: pd.Series) -> bool:
+    cells = text.tolist()
+    try:
+        return "+" in "".join(cells)
+    except TypeError:  # a string column's missing cells are NaN, not text
+        return "+" in "".join(c for c in cells if isinstance(c, str))
+
+
 def _all_text(column: pd.Series) -> bool:
     if pd.api.types.is_string_dtype(column) and column.dtype != object:
         return True
     # over the cells, not the categories: a categorical's map() returns a categorical, which has no all()
-    return all(isinstance(v, str) or _missing(v) for v in column.to_numpy(dtype=object))
+    # bytes are text too (Parquet binary): one undecodable cell then costs its row, not the column's fast path
+    return all(isinstance(v, str | bytes) or _missing(v) for v in column.to_numpy(dtype=object))
 
 
 def _mostly_numbers(text: pd.Series, sample: int = 2001) -> bool:
@@ -659,9 +669,14 @@ def _numbers(text: pd.Series) -> np.ndarray:
     number). pandas reads a number with a leading "+" up to a unit in the last place off ``float()``'s value and
     takes "+1e 5" as 1e5: such cells are read one by one, so a text gives the same double on every input."""
     numbers = pd.to_numeric(text, errors="coerce").to_numpy(dtype=float, copy=True)
-    for row in np.flatnonzero(text.str.startswith("+", na=False).to_numpy()).tolist():
-        cell = text.iloc[row]
-        numbers[row] = float(cell) if is_number_text(cell) else np.nan
+    if not _has_plus(text):  # the usual column: one C-level scan, no per-cell pass
+        return numbers
+    signed = np.flatnonzero(text.str.startswith("+", na=False).to_numpy())
+    if signed.size:  # pandas reads the unsigned rest exactly; the grammar judges the whole cell
+        cells = text.iloc[signed]
+        exact = pd.to_numeric(cells.str[1:], errors="coerce").to_numpy(dtype=float)
+        grammar = cells.str.fullmatch(NUMBER_TEXT, flags=re.ASCII).to_numpy(dtype=bool)
+        numbers[signed] = np.where(grammar, exact, np.nan)
     return numbers
 
 

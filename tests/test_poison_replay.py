@@ -376,10 +376,11 @@ def test_a_cell_with_no_utf8_text_costs_only_its_row():
         assert loaded.observations.values.tolist() == [1.0, 3.0, 4.0]
         assert [d.reason for d in loaded.dead_letters] == ["non_numeric_value" if isinstance(bad, str)
                                                           else "wrong_type"]
-        times = pd.Series([*stamps[:2], bad, stamps[3]], dtype=object)
-        loaded = load_frame(pd.DataFrame({"unique_id": "a", "ds": times, "y": range(4)}))
-        assert loaded.observations.values.tolist() == [0.0, 1.0, 3.0]
-        assert len(loaded.dead_letters) == 1
+        for spelling in (stamps, [f"2020/01/01 {k:02d}:00" for k in range(4)]):  # the second: pandas reads it
+            times = pd.Series([*spelling[:2], bad, spelling[3]], dtype=object)
+            loaded = load_frame(pd.DataFrame({"unique_id": "a", "ds": times, "y": range(4)}))
+            assert loaded.observations.values.tolist() == [0.0, 1.0, 3.0]
+            assert len(loaded.dead_letters) == 1
 
 
 def test_epoch_seconds_in_files_are_the_wires_microsecond_and_junk_digits_are_no_time():
