@@ -434,8 +434,9 @@ class Engine:
         grid = self.series_["anchor_ns"][slots] + cols["tick"] * step
         if not rank.any() and grid.min() == grid.max():  # one event per series, all at one time: one round
             return rank
-        after_first = grid.view(np.uint64) - grid.min().view(np.uint64)  # exact: 1677 to 2262 passes int64's range
-        return np.unique(after_first // np.uint64(step.min()), return_inverse=True)[1].reshape(rank.shape)
+        # buckets from the epoch, not from the batch's first time: series sampled at 15 and 45 past the hour share
+        # their hour's round whatever the batch holds (the retrainer counts its steps in the same buckets)
+        return np.unique(grid // step.min(), return_inverse=True)[1].reshape(rank.shape)
 
     def _run(self, events: _Events | _Placed, result: EngineResult, started: float) -> EngineResult:
         outputs: list[tuple] = []
@@ -654,6 +655,14 @@ class Engine:
         s["n_collisions"][slot] += 1
         result.n_collisions += 1
 
+    def _step_time(self, rows: np.ndarray, ticks: np.ndarray) -> int:
+        """The retrain step a round belongs to, as the start of its grid time's bucket of the round's finest step
+        (:meth:`_time_ranks`' buckets): series at their own phase within the step (15 and 45 past the hour) are
+        one step, however the batches cut their rows."""
+        step = self.series_["step_ns"][rows]
+        finest = int(step.min())
+        return int((self.series_["anchor_ns"][rows] + ticks * step).max()) // finest * finest
+
     def _step_round(self, rnd: dict[str, np.ndarray], outputs: list[tuple], actuals: list[tuple],
                     events: list[DriftEvent]) -> None:
         # read-only views: every lane and watcher gets the same arrays (and the values are the actuals), so a model
@@ -669,10 +678,11 @@ class Engine:
         horizon = self.config.horizon
         if len(r_rows):
             actuals.append((r_rows, r_ticks, y))
+        step_time = self._step_time(r_rows, r_ticks) if len(r_rows) and self.retrainer is not None else None
         for lane in self.lanes:
-            if len(r_rows) and self.retrainer is not None and lane.name in self.retrainer:
+            if step_time is not None and lane.name in self.retrainer:
                 # 0. retrain decisions for the lane's last grid time, now complete (promotions take effect here)
-                self.retrainer.begin_round(self, lane, int(t_ns.max()), events)
+                self.retrainer.begin_round(self, lane, step_time, events)
             if reset_rows is not None:
                 lane.model.reset_rows(reset_rows)
                 lane.pending.invalidate(reset_rows)
@@ -693,7 +703,7 @@ class Engine:
                         model.reset_rows(reset_rows)
                         pending.invalidate(reset_rows)
                 if len(r_rows):  # the candidates' forecasts that matured, on the incumbent's cells
-                    shadow.score(r_rows, r_ticks, y, mean, valid, int(t_ns.max()))
+                    shadow.score(r_rows, r_ticks, y, mean, valid, step_time)
                 shadow.learn(rows, ticks, values, filled)
             lane.model.learn_many(rows, ticks, values, filled=filled)  # 2. learn (filled gap ticks included)
             lane.pool.observe(rows, values)
