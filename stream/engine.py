@@ -421,22 +421,30 @@ class Engine:
         return ForecastBatch.empty(self.config.alpha, self._levels)
 
     def _time_ranks(self, cols: dict[str, np.ndarray], rank: np.ndarray) -> np.ndarray:
-        """Each event's round: the index of its grid time among the batch's, in buckets of the batch's finest grid
-        step (``rank``: its index among its series' events, is kept when every series has one event and all are at
-        one time). A series' events are one step apart at least, so each is in a later bucket than the one before;
-        and no series' event is learned before another series' older ones. The k-th event of every series (the
-        rounds once) put a series that starts late in the batch, or resumes after a long gap, beside the others'
-        older events: a shared model (CycleNet, cfc) learned its future values before forecasting theirs, and the
-        result depended on the batch size. One event per series at two times (a batch cut mid-tick) was one round
-        too: the retrainer ended the later time's step before the earlier values were learned."""
+        """Each event's round: the index of its grid time among the batch's, in buckets of the finest grid step of
+        all series counted from the epoch (``rank``: its index among its series' events, is kept when every series
+        has one event and all are at one time). A series' events are one step apart at least, so each is in a
+        later bucket than the one before; and no series' event is learned before another series' older ones. The
+        k-th event of every series (the rounds once) put a series that starts late in the batch, or resumes after
+        a long gap, beside the others' older events: a shared model (CycleNet, cfc) learned its future values
+        before forecasting theirs, and the result depended on the batch size. One event per series at two times
+        (a batch cut mid-tick) was one round too: the retrainer ended the later time's step before the earlier
+        values were learned."""
         slots = cols["slot"]
         step = self.series_["step_ns"][slots]
         grid = self.series_["anchor_ns"][slots] + cols["tick"] * step
         if not rank.any() and grid.min() == grid.max():  # one event per series, all at one time: one round
             return rank
-        # buckets from the epoch, not from the batch's first time: series sampled at 15 and 45 past the hour share
-        # their hour's round whatever the batch holds (the retrainer counts its steps in the same buckets)
-        return np.unique(grid // step.min(), return_inverse=True)[1].reshape(rank.shape)
+        # buckets of every series' finest step from the epoch, not of this batch's from its first time: series
+        # sampled at 15 and 45 past the hour share their hour's round whatever the batch holds (the retrainer counts
+        # its steps in the same buckets)
+        return np.unique(grid // self._finest_step(), return_inverse=True)[1].reshape(rank.shape)
+
+    def _finest_step(self) -> int:
+        """The finest grid step among the series (ns): the width of a round's and a retrain step's time bucket."""
+        steps = self.series_["step_ns"]
+        known = steps[steps > 0]
+        return int(known.min()) if known.size else 1
 
     def _run(self, events: _Events | _Placed, result: EngineResult, started: float) -> EngineResult:
         outputs: list[tuple] = []
@@ -656,12 +664,10 @@ class Engine:
         result.n_collisions += 1
 
     def _step_time(self, rows: np.ndarray, ticks: np.ndarray) -> int:
-        """The retrain step a round belongs to, as the start of its grid time's bucket of the round's finest step
-        (:meth:`_time_ranks`' buckets): series at their own phase within the step (15 and 45 past the hour) are
-        one step, however the batches cut their rows."""
-        step = self.series_["step_ns"][rows]
-        finest = int(step.min())
-        return int((self.series_["anchor_ns"][rows] + ticks * step).max()) // finest * finest
+        """The retrain step a round belongs to: the start of its grid time's bucket (:meth:`_time_ranks`). Series
+        at their own phase within the step (15 and 45 past the hour) are one step, however batches cut their rows."""
+        finest = self._finest_step()
+        return int((self.series_["anchor_ns"][rows] + ticks * self.series_["step_ns"][rows]).max()) // finest * finest
 
     def _step_round(self, rnd: dict[str, np.ndarray], outputs: list[tuple], actuals: list[tuple],
                     events: list[DriftEvent]) -> None:
