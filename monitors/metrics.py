@@ -70,7 +70,8 @@ class Metrics:
             "rolled_back, failed.",
             ["model", "outcome"], registry=r)
         self.model_version = Gauge(
-            "tidecast_model_version", "Version of a lane's model: promotions of retrained candidates so far.",
+            "tidecast_model_version", "Version of a lane's model: changes of its served model so far (promotions "
+            "and probation rollbacks).",
             ["model"], registry=r)
         self.retrain_seconds = Histogram(
             "tidecast_retrain_seconds", "Time a retrain job spent fitting its candidate.",

@@ -110,6 +110,12 @@ class PrequentialScorer:
     def resize(self, n_rows: int) -> None:
         self.table_.resize(n_rows)
 
+    def forget_rolling(self) -> None:
+        """Start the rolling coverage and width afresh (NaN until the next scored step): the series they were of
+        are gone (a serve member that lost all its partitions)."""
+        for part in (self._coverage_sum, self._coverage_mass, self._width_sum, self._width_mass):
+            part[:] = 0.0
+
     def update(
         self,
         rows: np.ndarray,

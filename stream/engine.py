@@ -1072,6 +1072,19 @@ class Engine:
         self.metrics.series_active.set(len(self._slot_of))
         self._set_drifting_gauges()  # a member that processes nothing more must not keep counting them
         self._set_spread_gauges()
+        if not self._slot_of:  # nor keep showing their coverage and width (an alert on it would fire for ever)
+            self._clear_interval_gauges()
+
+    def _clear_interval_gauges(self) -> None:
+        """Remove every coverage and width gauge and start the lanes' rolling values afresh: they come back with
+        the next scored step of series this process holds."""
+        m = self.metrics
+        for family_id, model, h, level in list(self._gauges):
+            family = m.coverage if family_id == id(m.coverage) else m.width
+            family.remove(model, str(h + 1), level)
+        self._gauges.clear()
+        for lane in self.lanes:
+            lane.scorer.forget_rolling()
 
     def export_shared(self) -> dict[str, tuple[ArrayDict, dict[str, Any]]]:
         """Per-model shared state (e.g. a backbone's weights), keyed by model name."""

@@ -99,6 +99,25 @@ def test_drifting_gauge_drops_the_series_a_member_hands_over() -> None:
     assert sample(engine.metrics, "tidecast_series_drifting", model="seasonal-naive") == 0
 
 
+def test_a_member_left_without_series_shows_no_coverage_or_width_until_it_scores_again() -> None:
+    """A member whose partitions all moved away kept exporting its last rolling coverage and width for ever, so
+    TidecastCoverageBelowTarget could keep firing for an instance that forecast nothing."""
+    engine = Engine.from_config(config())
+    labels = {"model": "seasonal-naive", "horizon": "1", "level": "90"}
+
+    def shown(name: str) -> float | None:
+        return engine.metrics.registry.get_sample_value(name, labels)
+
+    run(engine, shifted(steps=300))
+    engine.drop_series(["s0", "s2"])  # a series is still held: the gauges stay
+    assert shown("tidecast_interval_coverage_ratio") is not None and shown("tidecast_interval_width") is not None
+    engine.drop_series(["s1"])
+    assert shown("tidecast_interval_coverage_ratio") is None and shown("tidecast_interval_width") is None
+    run(engine, shifted(steps=300), chunk=300)  # new series: the gauges come back from their scored steps
+    coverage = shown("tidecast_interval_coverage_ratio")
+    assert coverage is not None and 0.5 < coverage <= 1.0
+
+
 @pytest.mark.parametrize("cut", [620, 640])  # inside the shift: a CUSUM on its way up, or just after an alarm
 def test_a_restore_neither_resets_nor_doubles_an_alarm(cut: int) -> None:
     values = shifted()
