@@ -536,7 +536,7 @@ class Engine:
         t = batch.timestamps_ns
         # rows within two steps of the nanosecond range's ends (1677, 2262) go one by one (_place): their tick
         # arithmetic below would wrap around in int64
-        inside = np.abs(t.astype(np.float64)) + 2.0 * step < 9.2e18
+        inside = np.abs(t.astype(np.float64)) + 2.0 * step < float(_MAX_NS)
         fine = known & (step != 0) & (last != _NO_TICK) & ~too_big & inside
         tick = (t - s["anchor_ns"][at] + np.where(fine, step, 2) // 2) // np.where(fine, step, 1)
         order = np.argsort(slots, kind="stable")  # each series' records together, in arrival order

@@ -273,9 +273,11 @@ def _worst_window(result: ReplayResult, series_id: str, steps: int = 240) -> tup
         return actual.iloc[0], actual.iloc[-1]
     worst = rows["ds"].to_numpy()[np.argmax(np.abs(rows["y"].to_numpy() - rows["mean"].to_numpy()))]
     step = _step(actual.to_numpy()) or 0.0
-    at = int(nanoseconds([worst])[0])  # in integers, kept inside the nanosecond range: near 1677 or 2262, or with
+    # in integers, kept inside the nanosecond range: near 1677 or 2262, or with a step of centuries, a Timestamp
+    # would overflow
+    at = int(nanoseconds([worst])[0])
     edges = [max(at - int(step * (steps * 2 // 3)), _FIRST_NS), min(at + int(step * (steps // 3)), _LAST_NS)]
-    first, last = utc(np.array(edges, np.int64))  # a step of centuries, a Timestamp would overflow
+    first, last = utc(np.array(edges, np.int64))
     return first, last
 
 

@@ -667,7 +667,8 @@ def _text_or_blank(cell: Any) -> str:
 def _numbers(text: pd.Series) -> np.ndarray:
     """Floats of stripped text cells by :func:`tidecast.stream.records.parse_value`'s grammar (NaN where not a
     number). pandas reads a number with a leading "+" up to a unit in the last place off ``float()``'s value and
-    takes "+1e 5" as 1e5: such cells are read one by one, so a text gives the same double on every input."""
+    takes "+1e 5" as 1e5: such cells are read again without their sign and judged by the grammar, in one vectorised
+    pass, so a text gives the same double on every input."""
     numbers = pd.to_numeric(text, errors="coerce").to_numpy(dtype=float, copy=True)
     if not _has_plus(text):  # the usual column: one C-level scan, no per-cell pass
         return numbers
