@@ -352,7 +352,7 @@ class PerSeries(BatchForecaster):
         # One-series forecasters assume a regular grid: interpolated values are learned like real ones.
         if self.ring_ is not None:  # the in-sample one-step residual, where the last forecast was for this tick
             follows = (self.n_learned_[rows] > 0) & (ticks == self.last_tick_[rows] + 1)
-            self.ring_.add(rows, ticks, np.where(follows, values - self.next_one_[rows], np.nan))
+            self.ring_.add(rows, np.where(follows, values - self.next_one_[rows], np.nan))
             self.next_one_[rows] = np.nan
         for row, y in zip(rows.tolist(), values.tolist(), strict=True):
             self._model(row).learn_one(y)

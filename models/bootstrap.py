@@ -1,8 +1,9 @@
 """Bootstrap replicas of a forecaster: the pieces every built-in model shares.
 
 A model run with ``bootstrap=B > 0`` keeps B replicas beside its point forecaster and answers
-:meth:`~tidecast.models.base.BatchForecaster.spread_many`: per (row, horizon), the standard deviation of the
-replicas' forecasts, in the series' own units, computed at forecast time (no target needed). ``bootstrap=0``
+:meth:`~tidecast.models.base.BatchForecaster.spread_many`: per (row, horizon), how far the replicas' forecasts
+spread (their standard deviation for bagged replicas; their root mean square deviation from the point forecast for
+the residual bootstrap below), in the series' own units, computed at forecast time (no target needed). ``bootstrap=0``
 keeps no replica and changes nothing.
 
 Two kinds of replicas:
@@ -84,7 +85,7 @@ class ResidualRing:
     >>> ring = ResidualRing(replicas=16, window=50)
     >>> ring.resize(1)
     >>> for t in range(50):
-    ...     ring.add(np.array([0]), np.array([t]), np.array([(-1.0) ** t]))
+    ...     ring.add(np.array([0]), np.array([(-1.0) ** t]))
     >>> spread = ring.spread(np.array([0]), np.array([49]), np.array([[1, 4]]))
     >>> bool(0 < spread[0, 0] < spread[0, 1])
     True
@@ -97,7 +98,7 @@ class ResidualRing:
     def resize(self, n_rows: int) -> None:
         self.table_.resize(n_rows)
 
-    def add(self, rows: np.ndarray, ticks: np.ndarray, residuals: np.ndarray) -> None:
+    def add(self, rows: np.ndarray, residuals: np.ndarray) -> None:
         """Store finite residuals (one per row) in each row's ring."""
         ok = np.isfinite(residuals)
         rows, residuals = rows[ok], residuals[ok]
@@ -110,7 +111,7 @@ class ResidualRing:
 
     def spread(self, rows: np.ndarray, ticks: np.ndarray, steps: np.ndarray,
                keys: np.ndarray | None = None) -> np.ndarray:
-        """``(n, H)`` standard deviation of the replicas' perturbations; ``steps`` (n, H) residuals summed each.
+        """``(n, H)`` root mean square of the replicas' perturbations; ``steps`` (n, H) residuals summed each.
         The draws are a function of each row's tick and ``keys`` (e.g. its last value: series differ)."""
         n, horizon = steps.shape
         depth = int(steps.max()) if steps.size else 0

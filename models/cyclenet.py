@@ -25,8 +25,8 @@ of series:
   0.896-0.916 from the early-stopping windows, 0.896-0.913 from a held-out half), because the model goes on
   learning online after the fit, so its live errors are no larger than its validation errors. A series that
   joins after the fit hands over a backtest of the serving network over the history it joined with (its ``Q``
-  column still zero, as in its first live forecasts): ``lookback + horizon - h`` residuals at horizon h for a
-  series that joins with exactly one window.
+  column still zero, as in its first live forecasts): ``horizon - h + 1`` residuals at horizon h for a series that
+  joins with exactly one window (targets after its first full lookback).
 * **Online learning (experience replay).** Each completed (input, target) window of a served row joins the
   replay buffer, which holds the newest ``replay_window`` windows of every row (older ones leave it). Every
   ``replay_every`` learning rounds, ``replay_steps`` Adam steps are taken on mini-batches of ``replay_batch``
@@ -349,11 +349,6 @@ class CycleNetForecaster(WarmStarted):
             ready=Field((), np.bool_, False),
         )
         self.resize(n)
-
-    @classmethod
-    def from_params(cls, horizon: int, **params: Any) -> CycleNetForecaster:
-        """Same as the constructor; the registry's factory signature."""
-        return cls(horizon=horizon, **params)
 
     # -- the table ------------------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ direct multi-horizon head.
   ``val_fraction`` of the history (best weights kept). A training window is ``lookback`` steps encoded from a zero
   state (truncated backpropagation through time) and the ``horizon`` values after it; missing ticks are skipped
   with their ``dt``. After the fit every row's state is computed once over its history. Rows that appear
-  later join when ``lookback + horizon`` ticks have passed since their first value (scaler from their history).
+  later join once they hold ``lookback + horizon`` real values (not ticks; scaler from their history).
 * **Modes.** ``"frozen"``: the weights stay as fitted (the states still move). ``"online"``: every completed
   window of a served row joins the replay buffer (its newest ``replay_window`` windows; no window is used
   before its last target has arrived) and every round takes ``replay_steps`` Adam steps on ``replay_batch``
@@ -599,7 +599,7 @@ class CfCForecaster(WarmStarted):
             served = self._forecast(rows, 1)
             if self._persistence is not None:
                 served = self._persistence.blended(rows, self._last_value[rows], served)
-            self.ring_.add(rows, ticks[step], values[step] - served[:, 0])
+            self.ring_.add(rows, values[step] - served[:, 0])
 
     def _advance(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray, dt: np.ndarray) -> None:
         """One cell step for served rows: the batched call of the round (under the lock)."""

@@ -111,7 +111,7 @@ class SeasonalNaive(BatchForecaster):
     def learn_many(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray,
                    filled: np.ndarray | None = None) -> None:
         if self.ring_ is not None:  # the residual of the one-step forecast this value answers
-            self.ring_.add(rows, ticks, values - self.forecast_many(rows, 1)[:, 0])
+            self.ring_.add(rows, values - self.forecast_many(rows, 1)[:, 0])
         # A grid model: interpolated values keep the ring contiguous, so they are learned like real ones.
         self.buffer_[rows, ticks % self.buffer_len] = values
         self.last_tick_[rows] = ticks

@@ -1,10 +1,10 @@
 """The label-free watcher: bootstrap replicas' spread, per series, against its own reference.
 
-A model run with ``bootstrap=B`` (:mod:`tidecast.models.bootstrap`) answers ``spread_many(rows, H)``: the
-standard deviation of its B replicas' forecasts for every (series, horizon), at the moment the forecast is issued
-- before any target arrives. Replicas trained on different resamples agree where the data look like what they
-were trained on and disagree where the inputs leave that range (a level shift, a trend, a ramp, a variance
-burst): that disagreement is the signal. A bias that leaves the inputs in range (the model is simply off by a
+A model run with ``bootstrap=B`` (:mod:`tidecast.models.bootstrap`, which says how each kind of replica measures it)
+answers ``spread_many(rows, H)``: how far its B replicas' forecasts spread for every (series, horizon), at the moment
+the forecast is issued - before any target arrives. Replicas trained on different resamples agree where the data look
+like what they were trained on and disagree where the inputs leave that range (a level shift, a trend, a ramp, a
+variance burst): that disagreement is the signal. A bias that leaves the inputs in range (the model is simply off by a
 constant, with the same variance) moves no replica apart: the spread cannot see it; the label-based detectors
 (:mod:`tidecast.monitors.drift`) do.
 

@@ -59,7 +59,10 @@ __all__ = ["D3A", "DEFAULT_DETECTOR", "DETECTORS", "NO_ALARM", "Alarms", "DriftD
 class DriftEvent:
     """One alarm of one detector on one series' model.
 
-    ``kind`` is what moved (``"mean"``, ``"variance"``, ``"coverage"``, ``"distribution"``, ``"loss"``);
+    ``kind`` is what moved: ``"mean"``, ``"variance"``, ``"coverage"`` or ``"freeze"`` (the default detector),
+    ``"loss"`` (D3A), ``"distribution"`` (river's KSWIN), ``"uncertainty"`` (the bootstrap watcher,
+    :mod:`tidecast.monitors.bootstrap`); the retraining policy's events travel in the same record with its
+    outcomes as kinds (:data:`tidecast.stream.retrain.EVENT_KINDS`);
     ``statistic`` is the detector's statistic when it fired (signed: negative for a downward change);
     ``detected_at`` the event time of the residual that triggered it. ``(series_id, model, detector, kind,
     detected_at)`` identifies an event, so consumers can de-duplicate a redelivered one.

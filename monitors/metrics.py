@@ -48,7 +48,8 @@ class Metrics:
             "tidecast_gap_filled_ticks", "Missing grid steps filled by interpolation (learned, never scored).",
             registry=r)
         self.series_resets = Counter(
-            "tidecast_series_resets", "Series whose model history was reset after a gap longer than max_gap.",
+            "tidecast_series_resets", "Gaps longer than max_gap after which a series' model history was reset "
+            "(one per gap: a series with two such gaps counts twice).",
             registry=r)
         self.series_active = Gauge("tidecast_series", "Series with state in this process.", registry=r)
         self.coverage = Gauge(

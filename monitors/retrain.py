@@ -1,8 +1,9 @@
 """The retrain policy of one lane: when to refit its model, and whether a refitted candidate may replace it.
 
 Pure: it sees counts and errors (arrays in, decisions out) and never touches a model; the engine
-(:mod:`tidecast.stream.retrain`) applies its decisions. Time is counted in the lane's *steps* (engine rounds in which
-the lane received observations), so a replay takes the same decisions whatever the machine's speed.
+(:mod:`tidecast.stream.retrain`) applies its decisions. Time is counted in the lane's *steps* (grid times of the lane
+completed, however many rounds or batches brought them), so a replay takes the same decisions whatever the machine's
+speed.
 
 The rule, in plain words:
 

@@ -166,7 +166,7 @@ class EngineResult:
     n_duplicates: int = 0
     n_collisions: int = 0  # rows whose timestamp snapped onto the tick of their series' last one
     n_gap_filled: int = 0
-    n_resets: int = 0  # series whose history was reset by a gap longer than max_gap
+    n_resets: int = 0  # gaps longer than max_gap after which a series' history was reset (one per gap)
     elapsed_seconds: float = 0.0
     #: the real observations applied, on their grid (what the forecasts of those steps are scored against)
     actuals: ActualBatch = field(default_factory=ActualBatch.empty)

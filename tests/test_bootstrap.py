@@ -356,8 +356,8 @@ def test_a_rows_residual_bootstrap_spread_does_not_depend_on_its_batch_mates() -
     ring = ResidualRing(replicas=8)
     ring.resize(2)
     rng = np.random.default_rng(0)
-    for t in range(40):
-        ring.add(np.array([0, 1]), np.array([t, t]), rng.normal(size=2))
+    for _ in range(40):
+        ring.add(np.array([0, 1]), rng.normal(size=2))
     short = np.array([[1, 1, 1, 1, 2, 2, 2, 2]])  # period 4: at most two one-cycle steps
     deep = np.arange(1, 9)[None, :]  # a period not yet known: h steps
     keys = np.array([3.0, 5.0])
