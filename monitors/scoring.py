@@ -64,7 +64,8 @@ def level_name(alpha: float) -> str:
     """The coverage level of a miscoverage ``alpha``, in percent, as text: ``0.1 -> "90"``, ``0.025 -> "97.5"``."""
     return f"{round(100.0 * (1.0 - float(alpha)), 9):g}"
 
-#: Errors and interval-score penalties enter the sums clipped to this magnitude (their squares stay finite).
+#: Errors and interval misses (the distance outside an interval, before its penalty's factor 2 / alpha) enter the
+#: sums clipped to this magnitude (their squares stay finite).
 MAX_ERROR = 1e100
 
 

@@ -89,10 +89,6 @@ class Readiness:
         with self._lock:
             return partition in self._restoring
 
-    def restoring(self) -> frozenset[int]:
-        with self._lock:
-            return frozenset(self._restoring)
-
     def status(self) -> tuple[bool, dict[str, Any]]:
         """(ready, what /readyz answers)."""
         with self._lock:

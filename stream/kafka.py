@@ -512,14 +512,14 @@ def read_forecasts(values: Iterable[bytes | None]) -> ForecastBatch:
                 np.repeat(table.column("issued_at").to_numpy().astype("datetime64[ns]").astype(np.int64), counts),
                 np.repeat(np.array(table.column("model").to_pylist(), object), counts), flat["h"].astype(np.int32),
                 flat["target_timestamp"].astype("datetime64[ns]").astype(np.int64), flat["mean"], flat["lower"],
-                flat["upper"], alpha, **_compact_levels(table, counts)))
+                flat["upper"], alpha, **_compact_levels(table)))
         else:
             parts.append(_json_forecast(value))
             alpha = parts[-1].alpha
     return ForecastBatch.concat(parts, alpha, next((p.levels for p in parts if p.levels), ()))
 
 
-def _compact_levels(table: Any, counts: np.ndarray) -> dict[str, Any]:
+def _compact_levels(table: Any) -> dict[str, Any]:
     """``levels``/``lowers``/``uppers`` of a compact message that carries several levels (else nothing)."""
     names = (table.schema.metadata or {}).get(b"levels", b"").decode()
     if not names:

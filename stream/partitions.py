@@ -15,9 +15,9 @@ when restored is skipped.
 Checkpoint order
 ----------------
 For the partitions that changed: (1) outputs durable (every sink's ``flush``); (2) the changelog group durable
-(changed series, changed shared model state, a marker with the partition's *position*); (3) the local snapshot
-durable; (4) the positions are returned as the offsets now safe to commit. The *position* is the next input
-offset: every record below it has been applied, skipped as a duplicate or dead-lettered.
+(every series of each changed partition, changed shared model state, a marker with the partition's *position*); (3)
+the local snapshot durable; (4) the positions are returned as the offsets now safe to commit. The *position* is the
+next input offset: every record below it has been applied, skipped as a duplicate or dead-lettered.
 
 Restore
 -------

@@ -213,20 +213,25 @@ def rolling_coverage(result: ReplayResult, bins: int = 150, smooth: int = 7) -> 
     n_spans = min(bins, length)  # fewer spans than nanoseconds in the data's span, so the edges stay distinct
     position = ns_between(ns, start) * n_spans / length  # spans (e_k, e_k+1], the first closed on the left too
     index = np.clip(np.ceil(position).astype(np.int64) - 1, 0, n_spans - 1)
-    span = utc(np.array([start + length * k // n_spans for k in range(n_spans)], np.int64))[index]
+    edges = utc(np.array([start + length * k // n_spans for k in range(n_spans)], np.int64))
     parts = []
     y = scored["y"].to_numpy()
     for level in result.levels:
         lo, hi = scored[f"lo-{level}"].to_numpy(), scored[f"hi-{level}"].to_numpy()
         with np.errstate(invalid="ignore"):
             covered = (lo <= y) & (y <= hi)
-        table = pd.DataFrame({"model": scored["model"], "ds": span, "covered": covered})
-        grouped = table.groupby(["model", "ds"], observed=True)["covered"].agg(["sum", "size"]).reset_index()
-        for model, rows in grouped.groupby("model", observed=True):
-            hits = rows["sum"].rolling(smooth, center=True, min_periods=1).sum()
-            count = rows["size"].rolling(smooth, center=True, min_periods=1).sum()
-            parts.append(pd.DataFrame({"model": model, "level": level, "ds": rows["ds"], "coverage": hits / count,
-                                       "n": rows["size"]}))
+        table = pd.DataFrame({"model": scored["model"], "span": index, "covered": covered})
+        grouped = table.groupby(["model", "span"], observed=True)["covered"].agg(["sum", "size"])
+        for model, rows in grouped.groupby(level="model", observed=True):
+            # every span, empty ones included, so a window's neighbours are the spans next to it in time, not the
+            # nearest ones that hold data (months away across a silence)
+            spans = rows.droplevel("model").reindex(range(n_spans), fill_value=0)
+            hits = spans["sum"].rolling(smooth, center=True, min_periods=1).sum()
+            count = spans["size"].rolling(smooth, center=True, min_periods=1).sum()
+            held = spans["size"].to_numpy() > 0
+            parts.append(pd.DataFrame({"model": model, "level": level, "ds": edges[held],
+                                       "coverage": (hits / count).to_numpy()[held],
+                                       "n": spans["size"].to_numpy()[held]}))
     out = pd.concat(parts, ignore_index=True)
     out["ds"] = pd.to_datetime(out["ds"].astype("datetime64[ns, UTC]"))
     return out[["model", "level", "ds", "coverage", "n"]]

@@ -39,14 +39,14 @@ offsets are never committed past records whose outputs were lost.
 Effectively-once state
 ----------------------
 For each input partition the worker keeps the *position*: every record below it has been applied, skipped as a
-duplicate or dead-lettered. A checkpoint (every ``checkpoint_records`` records or ``checkpoint_interval``
-seconds, on revocation and at shutdown) makes, in order: outputs durable (sinks flushed, all acknowledged),
-the changelog group durable (changed series + marker with the position), the local snapshot durable; only then
-are offsets committed. A restore takes the newest state per series (local snapshot, then changelog) and seeks
-to the checkpoint's position; records a series already applied (offset at or below its applied offset) are
+duplicate or dead-lettered. A checkpoint (every ``checkpoint_records`` records or ``checkpoint_interval`` seconds,
+on revocation and at shutdown) makes, in order: outputs durable (sinks flushed, all acknowledged), the changelog
+group durable (every series of each changed partition + a marker with the position), the local snapshot durable;
+only then are offsets committed. A restore takes the newest state per series (local snapshot, then changelog) and
+seeks to the checkpoint's position; records a series already applied (offset at or below its applied offset) are
 skipped. Outputs are at-least-once: a crash re-sends forecasts and drift events issued after the last checkpoint,
-byte-identical (the detectors' state is part of each series' checkpoint, so a restore neither resets nor doubles
-an alarm).
+byte-identical (the detectors' state is part of each series' checkpoint, so a restore neither resets nor doubles an
+alarm).
 """
 
 from __future__ import annotations

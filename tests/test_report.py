@@ -243,3 +243,29 @@ def test_a_report_of_series_centuries_apart_renders(tmp_path):
                              model_params={"seasonal-naive": {"period": 24}})
     path = result.report(tmp_path / "r.html")
     assert path.stat().st_size > 10_000
+
+
+def test_rolling_coverage_does_not_average_across_a_silence():
+    """A window's neighbours are the spans next to it in time: ten covered forecasts in January and ten missed ones
+    in December, nothing between, used to read 0.5 in both (the empty spans were skipped, so each burst was the
+    other's neighbour)."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from tidecast.stream.report import rolling_coverage
+
+    early = pd.date_range("2024-01-01", periods=10, freq="h", tz="UTC")
+    late = pd.date_range("2024-12-01", periods=10, freq="h", tz="UTC")
+    frame = pd.DataFrame({"model": "m", "ds": early.append(late), "y": 1.0,
+                          "lo-90": [0.0] * 10 + [5.0] * 10, "hi-90": [2.0] * 10 + [6.0] * 10})
+    out = rolling_coverage(SimpleNamespace(forecasts=frame, levels=["90"]), bins=150, smooth=7)
+    assert out["coverage"].tolist() == [1.0, 0.0]
+    assert out["n"].tolist() == [10, 10]
+    # next to each other in time, spans still pool: 300 hours in 150 spans, one covered forecast in three
+    hours = pd.date_range("2024-01-01", periods=300, freq="h", tz="UTC")
+    lo = np.where(np.arange(300) % 3 == 0, 0.0, 5.0)
+    frame = pd.DataFrame({"model": "m", "ds": hours, "y": 1.0, "lo-90": lo, "hi-90": lo + 2.0})
+    out = rolling_coverage(SimpleNamespace(forecasts=frame, levels=["90"]), bins=150, smooth=7)
+    assert len(out) == 150 and out["n"].sum() == 300
+    assert out["coverage"].iloc[75] == pytest.approx(1 / 3, abs=0.05)

@@ -182,7 +182,7 @@ class ConformalPID(ScoreCalibrator):
             "xx": ((p, p), 0.0, float),  # forgotten sum of x x^T
             "xy": ((p,), 0.0, float),  # forgotten sum of x y
             "coef": ((p,), 0.0, float),
-            # float32: 10k series x 24 horizons x 312 slots x 4 values = 48 MiB
+            # float32: 10k series x 24 horizons x 13 slots x 4 values = 48 MiB (312 slots a series)
             "ring": ((self.ring_cols_, 2 + k), 0.0, np.float32),
         }
 
@@ -384,11 +384,6 @@ class ConformalPID(ScoreCalibrator):
         rows, known = np.arange(r.size), np.count_nonzero(~np.isnan(slots), axis=1)  # >= 1: r
         size = (sizes[rows, (known - 1) // 2] + sizes[rows, known // 2]) / (2 * 0.6745)  # a Gaussian's sigma
         return self.prior_per_scale_[:, None] * np.sqrt(2 / np.pi) * size
-
-    @staticmethod
-    def _rate(decay: float, n_new: np.ndarray) -> np.ndarray | float:
-        """``max(decay, 1/n)``: a running mean first, exponential forgetting once ``n >= 1/decay``."""
-        return decay if n_new.min() * decay >= 1.0 else np.maximum(decay, 1.0 / n_new)
 
     def _learn(self, blk, cells: np.ndarray, h: np.ndarray, r: np.ndarray) -> np.ndarray:
         # Everything below is (K, m) or (p, m) on contiguous rows, updated in place where possible: this is the
