@@ -307,6 +307,7 @@ class LaneRetrain:
         self.policy = settings.policy.clone()
         self.step = 0  # grid times completed (not rounds: a batch may split one time's rows into two rounds)
         self.last_ns: int | None = None  # the newest round time seen (epoch ns); its decisions are still to come
+        self.ahead_ns: int | None = None  # a round time far ahead of last_ns, not yet confirmed by a later one
         self.job: Job | None = None
         self.in_flight: StartJob | None = None  # started, not yet decided (saved: restarted after a crash)
         self.shadow: Shadow | None = None
@@ -337,11 +338,28 @@ class Retrainer:
     def begin_round(self, engine: Any, lane: Any, at_ns: int, events: list[DriftEvent]) -> None:
         """Before a lane's round at time ``at_ns``: if that is a newer time than the last round's, the last time is
         complete (every series of it learned and forecast, in however many rounds the batches cut it): count
-        the step, decide, apply. The same input thus gives the same decisions at any batch size."""
+        the step, decide, apply. The same input thus gives the same decisions at any batch size.
+
+        A time further ahead than the longest gap the engine fills (``max_gap`` of the finest step) waits for a
+        later time as far ahead before the clock moves to it: one row with a mistyped year (2124 for 2024) moved
+        the clock a century ahead, and the lane counted no step again (no job, no gate) until real time caught up.
+        A lane resuming after a long silence moves on one round later."""
         st = self.lanes[lane.name]
-        last, st.last_ns = st.last_ns, max(at_ns, st.last_ns if st.last_ns is not None else at_ns)
-        if last is not None and at_ns > last:
-            self._end_step(engine, lane, st, from_epoch_ns(last), events)
+        if st.last_ns is None:
+            st.last_ns = at_ns
+            return
+        if at_ns <= st.last_ns:
+            return
+        if at_ns - st.last_ns > engine.config.gap_limit * engine._finest_step():
+            if st.ahead_ns is None or at_ns <= st.ahead_ns:
+                st.ahead_ns = at_ns  # the earliest such time waits for a later one
+                return
+            self._end_step(engine, lane, st, from_epoch_ns(st.last_ns), events)  # confirmed: the lane moved on
+            st.last_ns = st.ahead_ns
+        if st.ahead_ns is not None and st.ahead_ns <= at_ns:
+            st.ahead_ns = None
+        last, st.last_ns = st.last_ns, at_ns
+        self._end_step(engine, lane, st, from_epoch_ns(last), events)
 
     def _end_step(self, engine: Any, lane: Any, st: LaneRetrain, when: datetime, events: list[DriftEvent]) -> None:
         """A grid time of the lane is complete: count the step, decide, apply."""
@@ -521,7 +539,7 @@ class Retrainer:
         if st is None:
             return None
         flight = st.in_flight or st.restart
-        return {"policy": st.policy.export_state(), "step": st.step, "last_ns": st.last_ns,
+        return {"policy": st.policy.export_state(), "step": st.step, "last_ns": st.last_ns, "ahead_ns": st.ahead_ns,
                 "in_flight": None if flight is None else [flight.reason, flight.change_step, flight.step]}
 
     def import_state(self, lane: str, state: dict[str, Any] | None) -> None:
@@ -532,6 +550,8 @@ class Retrainer:
         st.step = int(state["step"])
         last = state.get("last_ns")  # absent in states saved before it: the next round only sets it
         st.last_ns = None if last is None else int(last)
+        ahead = state.get("ahead_ns")  # absent in states saved before it
+        st.ahead_ns = None if ahead is None else int(ahead)
         st.job = st.shadow = st.cut_short = None
         st.probation = False  # the replaced model is not saved: a restart ends a probation, the promotion stands
         flight = state.get("in_flight")

@@ -771,3 +771,54 @@ def test_the_promoted_model_does_not_depend_on_where_batches_cut_a_time(minutes)
     for other in runs[1:]:
         pd.testing.assert_frame_equal(runs[0].events, other.events)
         pd.testing.assert_frame_equal(runs[0].forecasts, other.forecasts)
+
+
+def _scheduled_engine() -> Engine:
+    return Engine.from_config(EngineConfig(horizon=6, models=["holt-winters"], freq="1h", retrain="on",
+                                           retrain_params={"schedule": 150, "shadow_steps": 24}))
+
+
+def _hourly(engine: Engine, k0: int, k1: int, extra: tuple[str, int] | None = None, at: int = -1) -> list:
+    """Feed 4 seasonal series hour by hour from step k0 to k1, one batch per hour; ``extra`` (series, epoch ns) is
+    one more row in the batch of step ``at``. The retrain events, as (kind, detected_at)."""
+    hour, t0 = 3_600 * 10**9, pd.Timestamp("2024-01-01", tz="UTC").value
+    ids = np.array([f"s{i}" for i in range(4)], object)
+    events = []
+    for k in range(k0, k1):
+        values = 10 + 3 * np.sin(2 * np.pi * k / 24 + np.arange(4)) + np.random.default_rng(k).normal(0, 0.5, 4)
+        sid, ts = ids, np.full(4, t0 + k * hour)
+        if extra is not None and k == at:
+            sid, ts, values = np.append(ids, extra[0]), np.append(ts, extra[1]), np.append(values, 11.0)
+        result = engine.process(ObservationBatch(sid, ts, values))
+        events += [(e.kind, e.detected_at) for e in result.events if isinstance(e, RetrainEvent)]
+    return events
+
+
+def test_one_row_with_a_mistyped_year_does_not_stop_the_lanes_retrain_clock():
+    """One row of one series stamped 2124 instead of 2024 moved the lane's step clock a century ahead: no job or
+    gate again (the checkpoint kept the clock there, so a restart did not help either)."""
+    clean, typo = _scheduled_engine(), _scheduled_engine()
+    future = pd.Timestamp("2124-01-01", tz="UTC").value
+    expected = _hourly(clean, 0, 700)
+    got = _hourly(typo, 0, 700, extra=("s3", future), at=300)
+    after_typo = pd.Timestamp("2024-01-01", tz="UTC") + pd.Timedelta(hours=300)
+    assert sum(kind == "retrain_started" and at > after_typo for kind, at in expected) >= 2
+    assert got == expected
+    assert typo.retrainer.lanes["holt-winters"].step == clean.retrainer.lanes["holt-winters"].step
+    # the pending far-ahead time travels with the checkpoint: a restored engine goes on the same
+    restored = _scheduled_engine()
+    restored.import_shared(typo.export_shared())
+    lane = typo.retrainer.lanes["holt-winters"]
+    assert lane.ahead_ns == future
+    assert restored.retrainer.lanes["holt-winters"].ahead_ns == future
+
+
+def test_a_lane_resuming_after_a_long_silence_counts_every_time():
+    """A jump further ahead than max_gap waits for a later time before the clock moves; it then counts the time
+    before the silence and the first time after it, so no step is lost."""
+    engine = _scheduled_engine()
+    _hourly(engine, 0, 200)
+    _hourly(engine, 400, 450)  # 200 silent hours, far beyond max_gap (6)
+    lane = engine.retrainer.lanes["holt-winters"]
+    assert lane.step == 200 + 50 - 1  # every completed grid time
+    assert lane.ahead_ns is None
