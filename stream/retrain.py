@@ -207,8 +207,8 @@ class Shadow:
         self.half = steps // 2 if len(candidates) > 1 else 0  # BCWI: the first half chooses lambda
         self.bcwi = len(candidates) > 1
         self.done_steps = 0
-        self._last_ns = np.iinfo(np.int64).min  # the newest round time scored, and the newest that counted a step
-        self._scored_ns = self._last_ns
+        self._scored_ns = np.iinfo(np.int64).min  # the time of the last step counted
+        self._diff_ns = [self._scored_ns] * len(candidates)  # per candidate, the time of its last step_diffs entry
         self.inc_err = np.zeros((len(candidates), n_rows))
         self.cand_err = np.zeros((len(candidates), n_rows))
         self.step_diffs: list[list[float]] = [[] for _ in candidates]  # per scored step: candidate - incumbent
@@ -234,10 +234,12 @@ class Shadow:
     def score(self, rows: np.ndarray, ticks: np.ndarray, y: np.ndarray, inc_mean: np.ndarray,
               inc_valid: np.ndarray, at_ns: int) -> None:
         """Add the errors of what matured in a round at time ``at_ns``; a round at the same time as the last one
-        (a batch split that time's rows) adds to the same step."""
+        (a batch split that time's rows) adds to the same step. BCWI's choice of lambda waits for the first round
+        of the time after the first half, so where a batch cut a time decides nothing."""
         self._fit(int(rows.max()) + 1)
-        same_step = at_ns <= self._last_ns
-        self._last_ns = max(self._last_ns, at_ns)
+        same_step = self._scored_ns == at_ns
+        if self.half and self.done_steps >= self.half and not same_step:
+            self._choose()
         any_matured = False
         for k, pending in enumerate(self.pending):
             mean, _, _, valid = pending.matured(rows, ticks)
@@ -253,25 +255,25 @@ class Shadow:
             self.cand_err[k, rows] += cand
             self.inc_err[k, rows] += inc
             diff = float(cand.sum() - inc.sum())
-            if same_step and self._scored_ns == at_ns:
+            if self._diff_ns[k] == at_ns:
                 self.step_diffs[k][-1] += diff
             else:
                 self.step_diffs[k].append(diff)
+                self._diff_ns[k] = at_ns
             if len(self.candidates) == 1:
                 at = np.minimum(self.n_resid[rows], self.steps - 1)
                 self.resid[rows, at] = np.where(valid, y[:, None] - mean, np.nan)
                 self.n_resid[rows] += 1
-        if any_matured and not (same_step and self._scored_ns == at_ns):
+        if any_matured and not same_step:
             self.done_steps += 1
             self._scored_ns = at_ns
-        if self.half and self.done_steps >= self.half:
-            self._choose()
 
     def _choose(self) -> None:
         """Keep the BCWI candidate with the lowest first-half error; the second half starts from zero."""
         best = int(np.argmin(self.cand_err.sum(axis=1)))
         self.candidates, self.lambdas = [self.candidates[best]], [self.lambdas[best]]
         self.pending = [self.pending[best]]
+        self._diff_ns = [np.iinfo(np.int64).min]
         self.inc_err = np.zeros((1, self.inc_err.shape[1]))
         self.cand_err = np.zeros((1, self.cand_err.shape[1]))
         self.step_diffs = [[]]

@@ -822,3 +822,71 @@ def test_a_lane_resuming_after_a_long_silence_counts_every_time():
     lane = engine.retrainer.lanes["holt-winters"]
     assert lane.step == 200 + 50 - 1  # every completed grid time
     assert lane.ahead_ns is None
+
+
+class _Constant:
+    """A candidate that forecasts one constant for every series and step (a shadow only asks for these verbs)."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def resize(self, n_rows: int) -> None:
+        pass
+
+    def learn_many(self, rows, ticks, values, filled=None) -> None:
+        pass
+
+    def forecast_many(self, rows, horizon):
+        return np.full((rows.size, horizon), self.value)
+
+
+def _bcwi_shadow(rounds: list[list[int]]):
+    """A BCWI shadow (lambdas 0.5 and 1) scored hour by hour on 3 series, each hour's rows in the given parts."""
+    from tidecast.stream.retrain import Shadow
+
+    shadow = Shadow([_Constant(1.0), _Constant(2.0)], [0.5, 1.0], horizon=1, n_rows=3, steps=8)
+    hour = 3_600 * 10**9
+    for tick in range(12):
+        y = np.array([1.0, 2.0, 4.0]) + 0.1 * tick
+        for part in rounds[tick % len(rounds)]:
+            rows = np.array(part)
+            ticks = np.full(rows.size, tick)
+            if tick:
+                shadow.score(rows, ticks, y[rows], np.zeros((rows.size, 1)), np.ones((rows.size, 1), bool),
+                             tick * hour)
+            shadow.forecast(rows, ticks, 1)
+    return shadow
+
+
+def test_a_bcwi_shadow_decides_the_same_wherever_batches_cut_its_times():
+    """The choice of lambda came at the round that reached the half-way step: a batch that cut that hour scored the
+    rest of it in the second half, on an empty list (IndexError: a CycleNet lane with --retrain on crashed at
+    --batch-size 1)."""
+    whole = _bcwi_shadow([[[0, 1, 2]]])
+    for cuts in ([[[0], [1], [2]]], [[[0, 1], [2]], [[0], [1, 2]]]):
+        cut = _bcwi_shadow(cuts)
+        assert cut.lambdas == whole.lambdas
+        assert cut.done_steps == whole.done_steps and cut.complete == whole.complete
+        np.testing.assert_allclose(cut.cand_err, whole.cand_err)
+        np.testing.assert_allclose(cut.inc_err, whole.inc_err)
+        np.testing.assert_allclose(cut.step_diffs, whole.step_diffs)
+
+
+def test_a_cyclenet_lane_retrains_at_batch_size_one():
+    """Two series replayed one record a batch: every hour is cut in two, and the BCWI choice fell inside one."""
+    import tidecast
+
+    rng = np.random.default_rng(0)
+    k = np.arange(700)
+    frames = []
+    for i in range(2):
+        y = 10 + 3 * np.sin(2 * np.pi * k / 24) + rng.normal(0, 0.3, k.size)
+        y[k >= 450] += 6.0 if i == 0 else 0.0
+        frames.append(pd.DataFrame({"unique_id": f"s{i}", "ds": pd.date_range("2024-01-01", periods=k.size, freq="h"),
+                                    "y": y}))
+    frame = pd.concat(frames).sort_values(["ds", "unique_id"], kind="stable")
+    result = tidecast.replay(frame, models=["cyclenet"], horizon=3, freq="1h", batch_size=1, retrain="on",
+                             model_params={"cyclenet": {"warm_start": 300, "lookback": 24, "epochs": 2, "cycle": 24}},
+                             retrain_params={"min_fresh": 24, "cooldown": 48, "shadow_steps": 24, "history": 120,
+                                             "significance": 0.0, "margin": -100.0, "flip_budget": 1.0})
+    assert (result.events["kind"] == "promoted").sum() >= 1
