@@ -317,6 +317,11 @@ class BatchForecaster(Params, ABC):
     def reset_rows(self, rows: np.ndarray) -> None:  # noqa: B027 - optional hook
         """Forget the recent history of ``rows`` (after a long gap); learned parameters may stay."""
 
+    def begin_step(self, at_ns: int) -> None:  # noqa: B027 - optional hook
+        """The engine's next :meth:`learn_many` belongs to the grid time step starting at ``at_ns`` (epoch ns).
+        Two calls in a row with the same ``at_ns`` are one time whose rows a batch cut in two: a model that learns
+        once per round (online replay steps) learns once per step, wherever batches cut."""
+
     def drop_rows(self, rows: np.ndarray) -> None:  # noqa: B027 - optional hook
         """These rows' series left this process (their state moved elsewhere); the engine will reuse the rows for
         other series after overwriting their per-row state with a blank row. Forget any row-indexed cache."""

@@ -169,7 +169,8 @@ class CycleNetForecaster(WarmStarted):
         ``max(warm_start, replay_window + lookback + horizon - 1)`` float64 values (about 66 kB a series with
         the defaults).
     replay_every, replay_steps, replay_batch
-        Every ``replay_every`` learning rounds (``learn_many`` calls that complete at least one window), take
+        Every ``replay_every`` learning rounds (grid time steps whose ``learn_many`` calls complete at least one
+        window: the engine marks steps with :meth:`begin_step`, so a batch that cuts a time is one round), take
         ``replay_steps`` Adam steps on ``replay_batch`` windows each. Steps that do not fit the time budget
         are carried over, up to ``4 * replay_steps``; older debt is dropped rather than lagging.
     step_budget
@@ -326,6 +327,7 @@ class CycleNetForecaster(WarmStarted):
         self.skipped_windows_ = 0  # replay windows left out of a step (loss not finite or beyond loss_limit)
         self._rounds = 0
         self._due = 0
+        self._step_ns, self._step_counted = None, False
         # one reshuffled pass over the replay windows: slots -> (row, last tick)
         self._perm = np.zeros(0, dtype=np.int64)
         self._perm_rows = np.zeros(0, dtype=np.int64)
@@ -429,9 +431,7 @@ class CycleNetForecaster(WarmStarted):
                     self._job = self._start_fit()
             else:
                 if self.online and np.any(self._replayable(rows) > 0):  # new windows joined the buffer
-                    self._rounds += 1
-                    if self._rounds % self.replay_every == 0:
-                        self._due = min(self._due + self.replay_steps, 4 * self.replay_steps)
+                    self._count_round()
                 self._join(rows[~self._ready[rows] & (self._seen[rows] >= self._window)])
         if not self._deferred:
             self._work(math.inf, math.inf if self.step_budget is None else self.step_budget)
@@ -964,6 +964,7 @@ class CycleNetForecaster(WarmStarted):
             self.resize(int(meta["n_rows"]))
             self.cycle_ = meta["cycle"]
             self._rounds, self._due, self._cursor = int(meta["rounds"]), int(meta["due"]), int(meta["cursor"])
+            self._import_step(meta)
             self._rng.bit_generator.state = meta["rng"]
             self.fit_report_ = meta.get("fit_report", {})
             loss_ema = meta.get("loss_ema")  # absent in state saved before the loss filter: start afresh

@@ -158,6 +158,12 @@ class Ensemble(BatchForecaster):
         for m in self.members_:
             m.reset_rows(rows)
 
+    def begin_step(self, at_ns: int) -> None:
+        for m in self.members_:
+            begin = getattr(m, "begin_step", None)  # a plug-in member may not have the optional hook
+            if begin is not None:
+                begin(at_ns)
+
     def drop_rows(self, rows: np.ndarray) -> None:
         for m in self.members_:
             m.drop_rows(rows)

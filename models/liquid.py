@@ -278,7 +278,8 @@ class CfCForecaster(WarmStarted):
         ``u * input_dropout``, ``u`` uniform in [0, 1) per window: the cell learns to bridge gaps by their ``dt``
         on complete data too, so a stream with missing values is not out of its training distribution.
     replay_window, replay_every, replay_steps, replay_batch
-        Each row keeps its newest ``replay_window`` windows; every ``replay_every`` rounds that complete a window,
+        Each row keeps its newest ``replay_window`` windows; every ``replay_every`` rounds (grid time steps, as
+        the engine marks them with :meth:`begin_step`) that complete a window,
         ``replay_steps`` Adam steps on ``replay_batch`` windows are due (unpaid steps carry over, up to four
         rounds' worth).
     step_budget
@@ -424,6 +425,7 @@ class CfCForecaster(WarmStarted):
         self._rng = np.random.default_rng(self.seed)
         self._rounds = 0
         self._due = 0
+        self._step_ns, self._step_counted = None, False
         self._job: dict[str, Any] | None = None
 
     def _alloc(self) -> None:
@@ -529,9 +531,7 @@ class CfCForecaster(WarmStarted):
                     self._advance(rows[served], ticks[served], values[served], ticks[served] - prev[served])
                 self._join(rows[~served & (self._seen[rows] >= self._window)])
                 if self._learns and np.any(self._windows(rows[served]) > 0):
-                    self._rounds += 1
-                    if self._rounds % self.replay_every == 0:
-                        self._due = min(self._due + self.replay_steps, 4 * self.replay_steps)
+                    self._count_round()
         if not self._deferred:
             self._work(math.inf, math.inf if self.step_budget is None else self.step_budget)
 
@@ -1049,6 +1049,7 @@ class CfCForecaster(WarmStarted):
             if meta["cycle"] != self.cycle_:
                 self._set_cycle(int(meta["cycle"]))
             self._rounds, self._due = int(meta["rounds"]), int(meta["due"])
+            self._import_step(meta)
             self._rng.bit_generator.state = meta["rng"]
             self.fit_report_ = meta.get("fit_report", {})
             if not meta["fitted"]:

@@ -139,8 +139,9 @@ def _through_checkpoint(meta: dict[str, Any], arrays: ArrayDict, who: str) -> tu
 #: numpy dtype kinds the state store keeps (bool, signed and unsigned integers, floats); strings and complex
 #: numbers have no safetensors dtype.
 NUMERIC_KINDS = "biuf"
-#: ``export_shared`` meta keys the engine keeps for itself beside a model's own (its retraining state).
-RESERVED_SHARED_KEYS = ("retrain",)
+#: ``export_shared`` meta keys the engine keeps for itself beside a model's own (its retraining state, the lane's
+#: step clock).
+RESERVED_SHARED_KEYS = ("retrain", "clock")
 
 
 def _export_rows(model: BatchForecaster, rows: np.ndarray, who: str) -> ArrayDict:

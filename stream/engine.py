@@ -84,6 +84,8 @@ from tidecast.monitors.drift import (
 from tidecast.monitors.metrics import Metrics
 from tidecast.monitors.scoring import PrequentialScorer
 from tidecast.stream.batch import ActualBatch, ForecastBatch, ObservationBatch, Rejection, first_steps
+from tidecast.stream.checks import RESERVED_SHARED_KEYS
+from tidecast.stream.clock import StepClock
 from tidecast.stream.config import STEP_WINDOW, EngineConfig
 from tidecast.stream.pending import PendingForecasts
 from tidecast.stream.records import REASONS, from_ns, out_of_range
@@ -116,6 +118,7 @@ class Lane:
                  monitors: list[LaneMonitor] | None = None) -> None:
         self.name = name or model.name  # the lane's alias: records, metric labels and state keys use it
         self.model = model
+        self.clock = StepClock()  # the newest grid time step: retrain steps and online learning rounds
         self.calibrator = calibrator
         n_levels = np.atleast_1d(alpha).size
         if n_levels > 1 and type(calibrator).intervals is Calibrator.intervals:
@@ -684,11 +687,15 @@ class Engine:
         horizon = self.config.horizon
         if len(r_rows):
             actuals.append((r_rows, r_ticks, y))
-        step_time = self._step_time(r_rows, r_ticks) if len(r_rows) and self.retrainer is not None else None
+        # the round's grid time step moves each lane's clock (real values only: a filled gap tick belongs to a step
+        # already seen); a batch cut, a lagging partition or a late fill moves it no further
+        step_time = self._step_time(r_rows, r_ticks) if len(r_rows) else None
+        limit = (self.config.gap_limit + 1) * self._finest_step() if step_time is not None else 0
         for lane in self.lanes:
-            if step_time is not None and lane.name in self.retrainer:
-                # 0. retrain decisions for the lane's last grid time, now complete (promotions take effect here)
-                self.retrainer.begin_round(self, lane, step_time, events)
+            completed = lane.clock.advance(step_time, limit) if step_time is not None else []
+            if completed and self.retrainer is not None and lane.name in self.retrainer:
+                # 0. retrain decisions for the lane's grid times now complete (promotions take effect here)
+                self.retrainer.begin_round(self, lane, completed, events)
             if reset_rows is not None:
                 lane.model.reset_rows(reset_rows)
                 lane.pending.invalidate(reset_rows)
@@ -710,7 +717,10 @@ class Engine:
                         pending.invalidate(reset_rows)
                 if len(r_rows):  # the candidates' forecasts that matured, on the incumbent's cells
                     shadow.score(r_rows, r_ticks, y, mean, valid, step_time)
-                shadow.learn(rows, ticks, values, filled)
+                shadow.learn(rows, ticks, values, filled, lane.clock.last_ns)
+            begin_step = getattr(lane.model, "begin_step", None)  # optional: a plug-in may not have it
+            if begin_step is not None and lane.clock.last_ns is not None:
+                begin_step(lane.clock.last_ns)  # the same step as the last round's: not another learning round
             lane.model.learn_many(rows, ticks, values, filled=filled)  # 2. learn (filled gap ticks included)
             lane.pool.observe(rows, values)
             if not len(r_rows):
@@ -921,7 +931,7 @@ class Engine:
                 continue
             rows = self.live_rows()
             own = lane.model.export_rows(rows) if rows.size else {}
-            lane.model.import_shared(arrays, {k: v for k, v in meta.items() if k != "retrain"})
+            lane.model.import_shared(arrays, _model_meta(meta))
             lane.model.resize(self._cap)
             if rows.size:
                 lane.model.import_rows(rows, own)
@@ -1092,6 +1102,7 @@ class Engine:
         for lane in self.lanes:
             arrays, meta = lane.model.export_shared()
             retrain = self.retrainer.export_state(lane.name) if self.retrainer is not None else None
+            meta = {**meta, "clock": lane.clock.export()}
             out[lane.name] = (arrays, meta if retrain is None else {**meta, "retrain": retrain})
         return out
 
@@ -1099,9 +1110,11 @@ class Engine:
         for lane in self.lanes:
             if lane.name in shared:
                 arrays, meta = shared[lane.name]
-                model_meta = {k: v for k, v in meta.items() if k != "retrain"}
+                model_meta = _model_meta(meta)
                 if model_meta or arrays:
                     lane.model.import_shared(arrays, model_meta)
+                # states saved before the lane's clock kept it in the retrain entry
+                lane.clock.load(meta.get("clock") or meta.get("retrain"))
                 if self.retrainer is not None:
                     self.retrainer.import_state(lane.name, meta.get("retrain"))
                     self.metrics.model_version.labels(model=lane.name).set(self.retrainer.version(lane.name))
@@ -1111,6 +1124,11 @@ class Engine:
         s = self.series_
         return {sid: (int(s["applied_partition"][slot]), int(s["applied_offset"][slot]))
                 for sid, slot in self._slot_of.items()}
+
+
+def _model_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """A lane's shared state's JSON part without the engine's keys: what its model exported."""
+    return {k: v for k, v in meta.items() if k not in RESERVED_SHARED_KEYS}
 
 
 def inferred_step(gaps: np.ndarray) -> int:

@@ -146,6 +146,28 @@ def copy_model(model: BatchForecaster, rows: np.ndarray, **overrides: Any) -> Ba
     return copy
 
 
+def series_weights(scorer: Any, n_rows: int) -> np.ndarray:
+    """Per series, 1 / the incumbent's mean squared error so far (all horizons; the lane's prequential scorer):
+    what a squared error weighs in a shadow. Raw sums over the lane let its largest series decide alone: one
+    unforecastable series of scale 1e6 beside four of scale 10 had every candidate rejected at ratio 0.99-1.01,
+    where without it all were promoted at 0.87-0.89. A series with no scored error yet weighs as a typical one."""
+    sums = scorer.sums_[:n_rows]
+    names = list(scorer.names_)
+    count, squared = sums[:, names.index("count")].sum(axis=1), sums[:, names.index("sq_err")].sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        weights = count / squared
+    weights = np.where(np.isfinite(weights) & (weights > 0), weights, np.nan)
+    out = np.full(n_rows, _typical(weights))
+    out[: weights.size] = np.where(np.isnan(weights), out[: weights.size], weights)
+    return out
+
+
+def _typical(weights: np.ndarray) -> float:
+    """The median of the finite weights (1.0 where there are none): a series not yet scored weighs this."""
+    finite = weights[np.isfinite(weights)]
+    return float(np.median(finite)) if finite.size else 1.0
+
+
 def sync_rows(candidate: BatchForecaster, incumbent: BatchForecaster, rows: np.ndarray) -> None:
     """Bring the candidate's per-row state (histories, last ticks) up to the incumbent's, keeping the per-row
     parameters the candidate learned (``learned_row_keys``)."""
@@ -198,8 +220,11 @@ class Shadow:
     """Candidates scored beside the incumbent on matured steps (per-series squared errors over the same cells)."""
 
     def __init__(self, candidates: list[BatchForecaster], lambdas: list[float], horizon: int, n_rows: int,
-                 steps: int) -> None:
+                 steps: int, weights: np.ndarray | None = None) -> None:
         self.candidates, self.lambdas = candidates, lambdas
+        # per series, what one squared error weighs (see series_weights): the gate compares like with like
+        self.weights = np.ones(n_rows) if weights is None else np.asarray(weights, float)[:n_rows]
+        self.weights = np.pad(self.weights, (0, n_rows - self.weights.size), constant_values=_typical(self.weights))
         self.pending = [PendingForecasts(horizon) for _ in candidates]
         for p in self.pending:
             p.resize(n_rows)
@@ -225,6 +250,7 @@ class Shadow:
         if n_rows > self.inc_err.shape[1]:
             extra = n_rows - self.inc_err.shape[1]
             self.inc_err = np.pad(self.inc_err, ((0, 0), (0, extra)))
+            self.weights = np.pad(self.weights, (0, extra), constant_values=_typical(self.weights))
             self.cand_err = np.pad(self.cand_err, ((0, 0), (0, extra)))
             self.resid = np.concatenate([self.resid, np.full((extra, *self.resid.shape[1:]), np.nan, np.float32)])
             self.n_resid = np.pad(self.n_resid, (0, extra))
@@ -250,8 +276,10 @@ class Shadow:
             if not (both.any() or failed.any()):
                 continue
             any_matured = True
-            cand = np.where(both, (y[:, None] - mean) ** 2, 0.0).sum(axis=1) + np.where(failed.any(axis=1), np.inf, 0.0)
-            inc = np.where(both, (y[:, None] - inc_mean) ** 2, 0.0).sum(axis=1)
+            weight = self.weights[rows]
+            cand = weight * np.where(both, (y[:, None] - mean) ** 2, 0.0).sum(axis=1) + np.where(failed.any(axis=1),
+                                                                                               np.inf, 0.0)
+            inc = weight * np.where(both, (y[:, None] - inc_mean) ** 2, 0.0).sum(axis=1)
             self.cand_err[k, rows] += cand
             self.inc_err[k, rows] += inc
             diff = float(cand.sum() - inc.sum())
@@ -283,10 +311,14 @@ class Shadow:
     def complete(self) -> bool:
         return len(self.candidates) == 1 and self.done_steps >= self.steps
 
-    def learn(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray, filled: np.ndarray) -> None:
+    def learn(self, rows: np.ndarray, ticks: np.ndarray, values: np.ndarray, filled: np.ndarray,
+              at_ns: int | None = None) -> None:
         if rows.size:
             self._fit(int(rows.max()) + 1)
         for c in self.candidates:
+            begin = getattr(c, "begin_step", None)
+            if at_ns is not None and begin is not None:
+                begin(at_ns)
             c.learn_many(rows, ticks, values, filled=filled)
 
     def forecast(self, rows: np.ndarray, ticks: np.ndarray, horizon: int) -> None:
@@ -308,8 +340,6 @@ class LaneRetrain:
         self.settings = settings
         self.policy = settings.policy.clone()
         self.step = 0  # grid times completed (not rounds: a batch may split one time's rows into two rounds)
-        self.last_ns: int | None = None  # the newest round time seen (epoch ns); its decisions are still to come
-        self.ahead_ns: int | None = None  # a round time far ahead of last_ns, not yet confirmed by a later one
         self.job: Job | None = None
         self.in_flight: StartJob | None = None  # started, not yet decided (saved: restarted after a crash)
         self.shadow: Shadow | None = None
@@ -337,31 +367,13 @@ class Retrainer:
         if state is not None and n_rows:
             state.policy.alarm(state.step, detector, n_rows)
 
-    def begin_round(self, engine: Any, lane: Any, at_ns: int, events: list[DriftEvent]) -> None:
-        """Before a lane's round at time ``at_ns``: if that is a newer time than the last round's, the last time is
-        complete (every series of it learned and forecast, in however many rounds the batches cut it): count
-        the step, decide, apply. The same input thus gives the same decisions at any batch size.
-
-        A time further ahead than the longest gap the engine fills (``max_gap`` of the finest step) waits for a
-        later time as far ahead before the clock moves to it: one row with a mistyped year (2124 for 2024) moved
-        the clock a century ahead, and the lane counted no step again (no job, no gate) until real time caught up.
-        A lane resuming after a long silence moves on one round later."""
+    def begin_round(self, engine: Any, lane: Any, completed: list[int], events: list[DriftEvent]) -> None:
+        """Before a lane's round that moved its step clock (:class:`~tidecast.stream.clock.StepClock`): the grid
+        times it completed (every series of each learned and forecast, in however many rounds the batches cut it)
+        each count a step, decide, apply. The same input thus gives the same decisions at any batch size."""
         st = self.lanes[lane.name]
-        if st.last_ns is None:
-            st.last_ns = at_ns
-            return
-        if at_ns <= st.last_ns:
-            return
-        if at_ns - st.last_ns > engine.config.gap_limit * engine._finest_step():
-            if st.ahead_ns is None or at_ns <= st.ahead_ns:
-                st.ahead_ns = at_ns  # the earliest such time waits for a later one
-                return
-            self._end_step(engine, lane, st, from_epoch_ns(st.last_ns), events)  # confirmed: the lane moved on
-            st.last_ns = st.ahead_ns
-        if st.ahead_ns is not None and st.ahead_ns <= at_ns:
-            st.ahead_ns = None
-        last, st.last_ns = st.last_ns, at_ns
-        self._end_step(engine, lane, st, from_epoch_ns(last), events)
+        for at_ns in completed:
+            self._end_step(engine, lane, st, from_epoch_ns(at_ns), events)
 
     def _end_step(self, engine: Any, lane: Any, st: LaneRetrain, when: datetime, events: list[DriftEvent]) -> None:
         """A grid time of the lane is complete: count the step, decide, apply."""
@@ -455,7 +467,7 @@ class Retrainer:
                 c.blend(lane.model, lam)
             candidates.append(c)
         st.shadow = Shadow(candidates, lambdas, engine.config.horizon, engine.capacity,
-                           st.policy.shadow_steps)
+                           st.policy.shadow_steps, series_weights(lane.scorer, engine.capacity))
 
     def _decide(self, engine: Any, lane: Any, st: LaneRetrain, when: datetime, events: list[DriftEvent]) -> None:
         shadow, st.shadow = st.shadow, None
@@ -485,7 +497,8 @@ class Retrainer:
         previous = lane.model
         self._serve(engine, lane, st, model, shadow, "promoted", when, decision.ratio, reason, events)
         if st.policy.probation_steps:  # the replaced model keeps forecasting beside it, never emitted
-            st.shadow = Shadow([previous], [1.0], engine.config.horizon, engine.capacity, st.policy.probation_steps)
+            st.shadow = Shadow([previous], [1.0], engine.config.horizon, engine.capacity, st.policy.probation_steps,
+                               series_weights(lane.scorer, engine.capacity))
             st.probation = True
 
     def _end_probation(self, engine: Any, lane: Any, st: LaneRetrain, shadow: Shadow, when: datetime,
@@ -541,7 +554,7 @@ class Retrainer:
         if st is None:
             return None
         flight = st.in_flight or st.restart
-        return {"policy": st.policy.export_state(), "step": st.step, "last_ns": st.last_ns, "ahead_ns": st.ahead_ns,
+        return {"policy": st.policy.export_state(), "step": st.step,
                 "in_flight": None if flight is None else [flight.reason, flight.change_step, flight.step]}
 
     def import_state(self, lane: str, state: dict[str, Any] | None) -> None:
@@ -550,10 +563,7 @@ class Retrainer:
             return
         st.policy.import_state(state["policy"])
         st.step = int(state["step"])
-        last = state.get("last_ns")  # absent in states saved before it: the next round only sets it
-        st.last_ns = None if last is None else int(last)
-        ahead = state.get("ahead_ns")  # absent in states saved before it
-        st.ahead_ns = None if ahead is None else int(ahead)
+        # its step clock ("last_ns" in states saved before the lane's clock) is the engine's: Engine.import_shared
         st.job = st.shadow = st.cut_short = None
         st.probation = False  # the replaced model is not saved: a restart ends a probation, the promotion stands
         flight = state.get("in_flight")

@@ -567,3 +567,61 @@ def test_adaptive_scaler_shrugs_off_one_absurd_value():
     assert abs(model._mean[0]) < 1.0 and model._scale[0] < 1.5
     feed(model, np.array([0]), range(301, 700), noise[301:])
     assert abs(model._mean[0]) < 0.3 and 0.7 < model._scale[0] < 1.3
+
+
+def _online_rounds(batch_size: int) -> tuple[dict[str, int], np.ndarray]:
+    """Two hourly series through cfc and CycleNet learning online, cut into batches of ``batch_size`` rows: each
+    lane's learning rounds, and every forecast's mean."""
+    from tidecast.stream.batch import ObservationBatch
+    from tidecast.stream.config import EngineConfig
+    from tidecast.stream.engine import Engine
+
+    rng = np.random.default_rng(0)
+    hours = 300
+    values = 10 + 3 * np.sin(2 * np.pi * np.arange(hours) / 24)[:, None] + rng.normal(0, 0.3, (hours, 2))
+    ids = np.tile(np.array(["a", "b"], dtype=object), hours)
+    stamps = np.repeat(1_500_000_000 * 10**9 + np.arange(hours) * 3_600 * 10**9, 2)
+    params = {"cfc": {"warm_start": 100, "units": 8, "backbone_units": 8, "lookback": 12, "epochs": 1},
+              "cyclenet": {"warm_start": 100, "lookback": 24, "epochs": 1, "cycle": 24}}
+    engine = Engine.from_config(EngineConfig(horizon=3, models=["cfc", "cyclenet"], freq="1h", model_params=params))
+    means = []
+    for lo in range(0, ids.size, batch_size):
+        out = engine.process(ObservationBatch(ids[lo : lo + batch_size], stamps[lo : lo + batch_size],
+                                              values.reshape(-1)[lo : lo + batch_size]))
+        means.append(out.forecasts.mean)
+    return {lane.name: lane.model._rounds for lane in engine.lanes}, np.concatenate(means)
+
+
+def test_online_learners_take_one_round_per_time_wherever_batches_cut_it():
+    """Each part of an hour a batch cut took a round's replay steps (1,202 rounds instead of 400 at batch size 1),
+    so forecasts and promotions depended on the batch size. The warm-start hour (99) is not cut here: a cut there
+    changes which series the fit sees (README)."""
+    whole, whole_means = _online_rounds(600)
+    assert whole == {"cfc": 200, "cyclenet": 200}
+    for size in (3, 5):  # cut hours 1, 4, 7, ... and 2, 7, 12, ...
+        rounds, means = _online_rounds(size)
+        assert rounds == whole
+        assert means.shape == whole_means.shape
+
+
+def test_begin_step_counts_a_round_once_per_step_and_travels_with_the_shared_state():
+    model, unhooked = (make(horizon=2, warm_start=30, lookback=8, units=8, backbone_units=8, epochs=1)
+                       for _ in range(2))
+    rows = np.array([0, 1])
+    for tick in range(40):  # every tick's two rows in two calls, as a batch cut would bring them
+        model.begin_step(tick)
+        for m in (model, unhooked):
+            m.learn_many(rows[:1], np.array([tick]), np.array([np.sin(tick / 3)]))
+            m.learn_many(rows[1:], np.array([tick]), np.array([np.cos(tick / 3)]))
+    counted = model._rounds
+    assert 0 < counted <= 40 - 29  # a round per tick since the fit (at tick 29), not per call
+    assert unhooked._rounds > 1.8 * counted
+    arrays, meta = model.export_shared()
+    restored = make(horizon=2, warm_start=30, lookback=8, units=8, backbone_units=8, epochs=1)
+    restored.import_shared(arrays, json.loads(json.dumps(meta)))
+    assert (restored._step_ns, restored._step_counted) == (39, True)
+    # driven without the hook (a caller that knows no steps), every call is a round, as before
+    for tick in range(40, 43):
+        model._step_ns = None
+        model.learn_many(rows, np.array([tick, tick]), np.array([0.0, 1.0]))
+    assert model._rounds == counted + 3

@@ -794,23 +794,19 @@ def _hourly(engine: Engine, k0: int, k1: int, extra: tuple[str, int] | None = No
     return events
 
 
-def test_one_row_with_a_mistyped_year_does_not_stop_the_lanes_retrain_clock():
+def test_rows_with_a_mistyped_year_do_not_stop_the_lanes_retrain_clock():
     """One row of one series stamped 2124 instead of 2024 moved the lane's step clock a century ahead: no job or
-    gate again (the checkpoint kept the clock there, so a restart did not help either)."""
+    gate again (the checkpoint kept the clock there, so a restart did not help either). A held far-ahead time is
+    dropped once the clock moves on: a second typo later must not confirm the first."""
     clean, typo = _scheduled_engine(), _scheduled_engine()
     future = pd.Timestamp("2124-01-01", tz="UTC").value
     expected = _hourly(clean, 0, 700)
-    got = _hourly(typo, 0, 700, extra=("s3", future), at=300)
+    got = _hourly(typo, 0, 300, extra=("s3", future), at=299) + _hourly(typo, 300, 700, extra=("s2", future), at=500)
     after_typo = pd.Timestamp("2024-01-01", tz="UTC") + pd.Timedelta(hours=300)
     assert sum(kind == "retrain_started" and at > after_typo for kind, at in expected) >= 2
     assert got == expected
     assert typo.retrainer.lanes["holt-winters"].step == clean.retrainer.lanes["holt-winters"].step
-    # the pending far-ahead time travels with the checkpoint: a restored engine goes on the same
-    restored = _scheduled_engine()
-    restored.import_shared(typo.export_shared())
-    lane = typo.retrainer.lanes["holt-winters"]
-    assert lane.ahead_ns == future
-    assert restored.retrainer.lanes["holt-winters"].ahead_ns == future
+    assert typo.lanes[0].clock.last_ns == clean.lanes[0].clock.last_ns
 
 
 def test_a_lane_resuming_after_a_long_silence_counts_every_time():
@@ -819,9 +815,37 @@ def test_a_lane_resuming_after_a_long_silence_counts_every_time():
     engine = _scheduled_engine()
     _hourly(engine, 0, 200)
     _hourly(engine, 400, 450)  # 200 silent hours, far beyond max_gap (6)
-    lane = engine.retrainer.lanes["holt-winters"]
-    assert lane.step == 200 + 50 - 1  # every completed grid time
-    assert lane.ahead_ns is None
+    assert engine.retrainer.lanes["holt-winters"].step == 200 + 50 - 1  # every completed grid time
+    assert engine.lanes[0].clock.ahead_ns is None
+
+
+@pytest.mark.parametrize("max_gap", [0, 3])
+def test_gaps_the_engine_fills_move_the_clock_at_once(max_gap):
+    """A gap of max_gap missing ticks is a jump of max_gap + 1 steps: it was held as "far ahead" (with max_gap=0,
+    every next hour), so steps ended a round late and events were stamped an hour early."""
+    plain = Engine.from_config(EngineConfig(horizon=6, models=["holt-winters"], freq="1h", retrain="on",
+                                            retrain_params={"schedule": 150, "shadow_steps": 24}))
+    gapped = Engine.from_config(EngineConfig(horizon=6, models=["holt-winters"], freq="1h", retrain="on",
+                                             max_gap=max_gap, retrain_params={"schedule": 150, "shadow_steps": 24}))
+    expected = _hourly(plain, 0, 400)
+    got = _hourly(gapped, 0, 200) + _hourly(gapped, 200 + max_gap, 400)  # every series misses max_gap hours
+    assert gapped.retrainer.lanes["holt-winters"].step == 400 - max_gap - 1
+    assert gapped.lanes[0].clock.ahead_ns is None
+    if max_gap == 0:
+        assert got == expected
+
+
+def test_a_checkpoint_saved_before_the_lane_clock_restores_it_from_the_retrain_entry():
+    engine = _scheduled_engine()
+    _hourly(engine, 0, 50)
+    shared = engine.export_shared()
+    arrays, meta = shared["holt-winters"]
+    clock = meta.pop("clock")
+    meta["retrain"]["last_ns"] = clock["last_ns"]  # how the older code saved it
+    restored = _scheduled_engine()
+    restored.import_shared({"holt-winters": (arrays, meta)})
+    assert restored.lanes[0].clock.last_ns == engine.lanes[0].clock.last_ns
+    assert restored.lanes[0].clock.ahead_ns is None
 
 
 class _Constant:
@@ -890,3 +914,42 @@ def test_a_cyclenet_lane_retrains_at_batch_size_one():
                              retrain_params={"min_fresh": 24, "cooldown": 48, "shadow_steps": 24, "history": 120,
                                              "significance": 0.0, "margin": -100.0, "flip_budget": 1.0})
     assert (result.events["kind"] == "promoted").sum() >= 1
+
+
+def test_the_gate_weighs_each_series_by_its_own_error_scale():
+    """Squared errors summed raw over the lane let its largest series decide alone: beside one unforecastable
+    series of scale 1e6, every candidate was rejected at ratio 0.99-1.01, where without it all were promoted."""
+    import tidecast
+
+    rng = np.random.default_rng(0)
+    hours = np.arange(1100)
+    ds = pd.Timestamp("2024-01-01") + pd.to_timedelta(hours, "h")
+    frames = [pd.DataFrame({"unique_id": f"n{i}", "ds": ds,
+                            "y": 10 + 3 * np.sin(2 * np.pi * hours / 24 + i) + 0.05 * rng.normal(0, 0.5, hours.size)
+                            .cumsum() + rng.normal(0, 0.3, hours.size)}) for i in range(4)]
+    frames.append(pd.DataFrame({"unique_id": "big", "ds": ds, "y": 1e6 * (10 + rng.normal(0, 1.0, hours.size))}))
+    result = tidecast.replay(pd.concat(frames), models=["cyclenet"], horizon=6, drift_detector="none", retrain="on",
+                             model_params={"cyclenet": {"lookback": 24, "warm_start": 300, "epochs": 2, "cycle": 24,
+                                                        "online": False}},
+                             retrain_params={"schedule": 150, "cooldown": 10, "budget": 100, "shadow_steps": 48,
+                                             "lambdas": [1.0]})
+    gated = result.events[result.events["kind"].isin(["promoted", "rejected"])]
+    assert len(gated) >= 3
+    assert (gated["kind"] == "promoted").sum() >= len(gated) - 1
+
+
+def test_series_weights_are_one_over_each_series_mse_and_typical_where_unscored():
+    from tidecast.monitors.scoring import PrequentialScorer
+    from tidecast.stream.retrain import series_weights
+
+    scorer = PrequentialScorer(horizon=2, alpha=0.1)
+    scorer.resize(3)
+    rows = np.array([0, 1])
+    for _ in range(10):
+        mean = np.zeros((2, 2))
+        y = np.array([1.0, 1000.0])  # errors 1 and 1000 at both horizons
+        wide = np.full((2, 2, 1), 1e9)
+        scorer.update(rows, y, mean, -wide, wide, np.ones((2, 2), bool))
+    weights = series_weights(scorer, 4)
+    np.testing.assert_allclose(weights[:2], [1.0, 1e-6])
+    assert weights[2] == weights[3] == np.median([1.0, 1e-6])
