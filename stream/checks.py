@@ -141,7 +141,7 @@ def _through_checkpoint(meta: dict[str, Any], arrays: ArrayDict, who: str) -> tu
 NUMERIC_KINDS = "biuf"
 #: ``export_shared`` meta keys the engine keeps for itself beside a model's own (its retraining state, the lane's
 #: step clock).
-RESERVED_SHARED_KEYS = ("retrain", "clock")
+RESERVED_SHARED_KEYS = ("retrain", "lane_clock")
 
 
 def _export_rows(model: BatchForecaster, rows: np.ndarray, who: str) -> ArrayDict:

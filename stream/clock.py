@@ -57,7 +57,7 @@ class StepClock:
         return {"last_ns": self.last_ns, "ahead_ns": self.ahead_ns}
 
     def load(self, state: dict[str, Any] | None) -> None:
-        state = state or {}
+        state = state if isinstance(state, dict) else {}
         last, ahead = state.get("last_ns"), state.get("ahead_ns")
         self.last_ns = None if last is None else int(last)
         self.ahead_ns = None if ahead is None else int(ahead)

@@ -1102,7 +1102,7 @@ class Engine:
         for lane in self.lanes:
             arrays, meta = lane.model.export_shared()
             retrain = self.retrainer.export_state(lane.name) if self.retrainer is not None else None
-            meta = {**meta, "clock": lane.clock.export()}
+            meta = {**meta, "lane_clock": lane.clock.export()}
             out[lane.name] = (arrays, meta if retrain is None else {**meta, "retrain": retrain})
         return out
 
@@ -1114,7 +1114,7 @@ class Engine:
                 if model_meta or arrays:
                     lane.model.import_shared(arrays, model_meta)
                 # states saved before the lane's clock kept it in the retrain entry
-                lane.clock.load(meta.get("clock") or meta.get("retrain"))
+                lane.clock.load(meta.get("lane_clock") or meta.get("retrain"))
                 if self.retrainer is not None:
                     self.retrainer.import_state(lane.name, meta.get("retrain"))
                     self.metrics.model_version.labels(model=lane.name).set(self.retrainer.version(lane.name))

@@ -840,7 +840,7 @@ def test_a_checkpoint_saved_before_the_lane_clock_restores_it_from_the_retrain_e
     _hourly(engine, 0, 50)
     shared = engine.export_shared()
     arrays, meta = shared["holt-winters"]
-    clock = meta.pop("clock")
+    clock = meta.pop("lane_clock")
     meta["retrain"]["last_ns"] = clock["last_ns"]  # how the older code saved it
     restored = _scheduled_engine()
     restored.import_shared({"holt-winters": (arrays, meta)})
@@ -953,3 +953,35 @@ def test_series_weights_are_one_over_each_series_mse_and_typical_where_unscored(
     weights = series_weights(scorer, 4)
     np.testing.assert_allclose(weights[:2], [1.0, 1e-6])
     assert weights[2] == weights[3] == np.median([1.0, 1e-6])
+
+
+def test_a_plug_ins_own_clock_key_round_trips_beside_the_lanes_clock():
+    """The lane's clock is saved as "lane_clock": a model's own "clock" key (allowed before) must reach it again,
+    and an older checkpoint's must not be read as the lane's."""
+    from tidecast.models.naive import SeasonalNaive
+
+    class Clocked(SeasonalNaive):
+        ticks_seen = 0
+
+        def export_shared(self):
+            arrays, meta = super().export_shared()
+            return arrays, {**meta, "clock": self.ticks_seen}
+
+        def import_shared(self, arrays, meta):
+            self.ticks_seen = meta["clock"]
+
+    def engine() -> Engine:
+        built = Engine.from_config(EngineConfig(horizon=3, models=["seasonal-naive"], freq="1h"))
+        built.lanes[0].model.__class__ = Clocked
+        return built
+
+    first = engine()
+    first.lanes[0].model.ticks_seen = 12
+    first.process(ObservationBatch(np.array(["a"], object), np.array([0]), np.array([1.0])))
+    restored = engine()
+    restored.import_shared(first.export_shared())
+    assert restored.lanes[0].model.ticks_seen == 12
+    assert restored.lanes[0].clock.last_ns == 0
+    older = engine()
+    older.import_shared({"seasonal-naive": ({}, {"clock": 7})})
+    assert older.lanes[0].model.ticks_seen == 7 and older.lanes[0].clock.last_ns is None
