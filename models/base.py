@@ -318,9 +318,11 @@ class BatchForecaster(Params, ABC):
         """Forget the recent history of ``rows`` (after a long gap); learned parameters may stay."""
 
     def begin_step(self, at_ns: int) -> None:  # noqa: B027 - optional hook
-        """The engine's next :meth:`learn_many` belongs to the grid time step starting at ``at_ns`` (epoch ns).
-        Two calls in a row with the same ``at_ns`` are one time whose rows a batch cut in two: a model that learns
-        once per round (online replay steps) learns once per step, wherever batches cut."""
+        """Before each :meth:`learn_many`: ``at_ns`` is the lane's step clock (epoch ns,
+        :class:`~tidecast.stream.clock.StepClock`), the newest grid time step the lane has seen - not necessarily
+        the time of the rows about to be learned. It repeats while rounds bring no newer step (a batch that cut a
+        time, a partition read behind the others, gap fills, a time held as far ahead): a model that learns once
+        per round (online replay steps) learns once per step, wherever batches cut."""
 
     def drop_rows(self, rows: np.ndarray) -> None:  # noqa: B027 - optional hook
         """These rows' series left this process (their state moved elsewhere); the engine will reuse the rows for

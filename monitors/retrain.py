@@ -238,15 +238,24 @@ class RetrainPolicy(Params):
 
     # -- the gate ---------------------------------------------------------------------------------------
     def gate(self, incumbent: np.ndarray, candidate: np.ndarray, step_diffs: np.ndarray | None = None,
-             lag: int = 0) -> Promote | Reject:
-        """Decide on a candidate from per-series squared errors summed over the shadow window (same cells); with
-        ``significance``, also from ``step_diffs``, the candidate's minus the incumbent's squared error summed over
-        each shadow step's cells (see :func:`loss_differential_t` for ``lag``)."""
+             lag: int = 0, raw: tuple[float, float] | None = None) -> Promote | Reject:
+        """Decide on a candidate from per-series squared errors summed over the shadow window (same cells; the
+        engine weighs each series by its own error scale); with ``significance``, also from ``step_diffs``, the
+        candidate's minus the incumbent's squared error summed over each shadow step's cells (see
+        :func:`loss_differential_t` for ``lag``). ``raw``: the unweighted (incumbent, candidate) totals; a
+        candidate whose plain squared error exceeds the incumbent's by more than ``|margin|`` is never promoted,
+        whatever the weights say."""
         ratio, worse = gate_errors(incumbent, candidate, self.flip_margin)
         said = f"error ratio {ratio:.3f}, {worse:.2f} of series worse"
         if not np.isfinite(ratio) or ratio > 1.0 - self.margin:
             self.counts_["rejected"] += 1
             return Reject(f"{said}: not below 1 - margin = {1.0 - self.margin:.3f}", ratio, worse)
+        if raw is not None:
+            raw_ratio = gate_errors(np.array([raw[0]]), np.array([raw[1]]), self.flip_margin)[0]
+            if not np.isfinite(raw_ratio) or raw_ratio > 1.0 + abs(self.margin):
+                self.counts_["rejected"] += 1
+                return Reject(f"{said}, unweighted {raw_ratio:.3f}: worse than the incumbent by more than "
+                              f"{abs(self.margin):g}", ratio, worse)
         if self.significance and step_diffs is not None:
             t = loss_differential_t(step_diffs, lag)
             said += f", DM t {t:.2f}"

@@ -3,12 +3,14 @@
 The engine cuts rounds into buckets of the finest grid step (:meth:`tidecast.stream.engine.Engine._step_time`).
 A batch may cut one step's rows into several rounds, a lagging partition may bring older steps after newer ones,
 and a gap filled late brings its filled ticks' older steps: none of these is a new step. The clock moves only
-forward, so the retrain policy counts each grid time once, and the online learners take one learning round per
-step, whatever the batches and partitions.
+forward, so the retrain policy and its shadow count each grid time once, and the online learners take one
+learning round per step, whatever the batches and partitions.
 
 One mistyped time (a row stamped 2124 for 2024) must not carry the clock a century ahead: a step further ahead
 than the longest gap the engine fills waits for a later step as far ahead before the clock moves to it (a lane
 resuming after a long silence moves on one round later), and it is dropped once the clock moves on without it.
+What it cannot tell from a real jump: a mistyped first row (nothing to compare it with), and two rows mistyped
+alike at increasing times before the clock moves on.
 
 >>> clock = StepClock()
 >>> hour = 3_600 * 10**9

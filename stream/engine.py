@@ -716,7 +716,7 @@ class Engine:
                         model.reset_rows(reset_rows)
                         pending.invalidate(reset_rows)
                 if len(r_rows):  # the candidates' forecasts that matured, on the incumbent's cells
-                    shadow.score(r_rows, r_ticks, y, mean, valid, step_time)
+                    shadow.score(r_rows, r_ticks, y, mean, valid, lane.clock.last_ns)
                 shadow.learn(rows, ticks, values, filled, lane.clock.last_ns)
             begin_step = getattr(lane.model, "begin_step", None)  # optional: a plug-in may not have it
             if begin_step is not None and lane.clock.last_ns is not None:

@@ -236,6 +236,7 @@ class Shadow:
         self._diff_ns = [self._scored_ns] * len(candidates)  # per candidate, the time of its last step_diffs entry
         self.inc_err = np.zeros((len(candidates), n_rows))
         self.cand_err = np.zeros((len(candidates), n_rows))
+        self.raw_err = np.zeros((len(candidates), 2))  # unweighted (incumbent, candidate) totals: the gate's guard
         self.step_diffs: list[list[float]] = [[] for _ in candidates]  # per scored step: candidate - incumbent
         # the chosen candidate's matured residuals, for the calibrators if it is promoted: float32, rows x steps x H
         # x 4 bytes while a shadow runs (10,000 series, 48 steps, H = 24: 46 MB)
@@ -276,10 +277,12 @@ class Shadow:
             if not (both.any() or failed.any()):
                 continue
             any_matured = True
+            raw_cand = np.where(both, (y[:, None] - mean) ** 2, 0.0).sum(axis=1)
+            raw_inc = np.where(both, (y[:, None] - inc_mean) ** 2, 0.0).sum(axis=1)
+            self.raw_err[k] += (raw_inc.sum(), raw_cand.sum() + (np.inf if failed.any() else 0.0))
             weight = self.weights[rows]
-            cand = weight * np.where(both, (y[:, None] - mean) ** 2, 0.0).sum(axis=1) + np.where(failed.any(axis=1),
-                                                                                               np.inf, 0.0)
-            inc = weight * np.where(both, (y[:, None] - inc_mean) ** 2, 0.0).sum(axis=1)
+            cand = weight * raw_cand + np.where(failed.any(axis=1), np.inf, 0.0)
+            inc = weight * raw_inc
             self.cand_err[k, rows] += cand
             self.inc_err[k, rows] += inc
             diff = float(cand.sum() - inc.sum())
@@ -304,6 +307,7 @@ class Shadow:
         self._diff_ns = [np.iinfo(np.int64).min]
         self.inc_err = np.zeros((1, self.inc_err.shape[1]))
         self.cand_err = np.zeros((1, self.cand_err.shape[1]))
+        self.raw_err = np.zeros((1, 2))
         self.step_diffs = [[]]
         self.half = 0
 
@@ -370,7 +374,8 @@ class Retrainer:
     def begin_round(self, engine: Any, lane: Any, completed: list[int], events: list[DriftEvent]) -> None:
         """Before a lane's round that moved its step clock (:class:`~tidecast.stream.clock.StepClock`): the grid
         times it completed (every series of each learned and forecast, in however many rounds the batches cut it)
-        each count a step, decide, apply. The same input thus gives the same decisions at any batch size."""
+        each count a step, decide, apply. The same input thus gives the same decisions at any batch size, but
+        where README says otherwise (the warm-start fit's cohort, a finer series joining later in a batch)."""
         st = self.lanes[lane.name]
         for at_ns in completed:
             self._end_step(engine, lane, st, from_epoch_ns(at_ns), events)
@@ -476,7 +481,7 @@ class Retrainer:
             return
         st.in_flight = None
         decision = st.policy.gate(shadow.inc_err[0], shadow.cand_err[0], np.asarray(shadow.step_diffs[0]),
-                                  lag=engine.config.horizon - 1)
+                                  lag=engine.config.horizon - 1, raw=tuple(shadow.raw_err[0]))
         st.last_ratio = decision.ratio
         engine.metrics.shadow_error_ratio.labels(model=lane.name).set(decision.ratio)
         reason = decision.reason + (f" (BCWI lambda {shadow.lambdas[0]:g})" if shadow.bcwi else "")

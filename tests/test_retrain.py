@@ -107,6 +107,19 @@ def test_gate_needs_margin_and_few_negative_flips():
     assert gate_errors(np.zeros(3), np.zeros(3), 0.1) == (1.0, 0.0)
 
 
+def test_the_gate_never_promotes_a_candidate_worse_in_plain_squared_error():
+    """Weighed by each series' own error scale, a candidate 10 % worse on a series of MSE 100 and better on one of
+    MSE 1 won (ratio 0.675) while its plain squared error was 9 % above the incumbent's: the unweighted totals
+    guard the promise that no candidate more than the margin worse is promoted."""
+    policy = RetrainPolicy(significance=0.0)
+    weighted_inc, weighted_cand = np.array([1.0, 1.0]), np.array([1.1, 0.25])
+    assert isinstance(policy.gate(weighted_inc, weighted_cand), Promote)
+    worse = RetrainPolicy(significance=0.0).gate(weighted_inc, weighted_cand, raw=(101.0, 110.25))
+    assert isinstance(worse, Reject) and "unweighted 1.092" in worse.reason
+    slightly = RetrainPolicy(significance=0.0).gate(weighted_inc, weighted_cand, raw=(101.0, 102.0))
+    assert isinstance(slightly, Promote)  # within the margin (2 %) in plain terms too
+
+
 def test_gate_rejects_a_win_the_shadow_noise_explains():
     """Same totals (ratio 0.9), two shadows: in one the candidate is ahead at every step, in the other the
     differences swing by more than the mean win; only the first is significant."""
