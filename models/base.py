@@ -268,6 +268,14 @@ class Forecaster(Protocol):
     def forecast(self, horizon: int, xs: list[dict] | None = None) -> list[float]: ...
 
 
+def notify_step(model: object, at_ns: int | None) -> None:
+    """Call ``model``'s optional :meth:`BatchForecaster.begin_step` hook with the lane's step clock, where it has
+    one (a plug-in or an ensemble member may not) and the clock has started."""
+    begin = getattr(model, "begin_step", None)
+    if begin is not None and at_ns is not None:
+        begin(at_ns)
+
+
 class BatchForecaster(Params, ABC):
     """A table of forecasters over integer rows (one row per series).
 

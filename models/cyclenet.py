@@ -325,9 +325,7 @@ class CycleNetForecaster(WarmStarted):
         self._rng = np.random.default_rng(self.seed)
         self.loss_ema_ = math.nan  # running mean loss of the windows replay steps learned from
         self.skipped_windows_ = 0  # replay windows left out of a step (loss not finite or beyond loss_limit)
-        self._rounds = 0
-        self._due = 0
-        self._step_ns, self._step_counted = None, False
+        self._reset_rounds()
         # one reshuffled pass over the replay windows: slots -> (row, last tick)
         self._perm = np.zeros(0, dtype=np.int64)
         self._perm_rows = np.zeros(0, dtype=np.int64)

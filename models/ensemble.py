@@ -46,7 +46,7 @@ from typing import Any, Self
 
 import numpy as np
 
-from tidecast.models.base import ArrayDict, BatchForecaster, Calibration
+from tidecast.models.base import ArrayDict, BatchForecaster, Calibration, notify_step
 from tidecast.models.persistence import NO_TICK, PersistenceBlend
 from tidecast.models.rows import Field, RowTable, nest, under
 
@@ -160,9 +160,7 @@ class Ensemble(BatchForecaster):
 
     def begin_step(self, at_ns: int) -> None:
         for m in self.members_:
-            begin = getattr(m, "begin_step", None)  # a plug-in member may not have the optional hook
-            if begin is not None:
-                begin(at_ns)
+            notify_step(m, at_ns)
 
     def drop_rows(self, rows: np.ndarray) -> None:
         for m in self.members_:

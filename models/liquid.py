@@ -423,9 +423,7 @@ class CfCForecaster(WarmStarted):
         self._trainer: LiquidNet | None = None
         self._opt: torch.optim.Adam | None = None
         self._rng = np.random.default_rng(self.seed)
-        self._rounds = 0
-        self._due = 0
-        self._step_ns, self._step_counted = None, False
+        self._reset_rounds()
         self._job: dict[str, Any] | None = None
 
     def _alloc(self) -> None:

@@ -108,6 +108,11 @@ class WarmStarted(BatchForecaster):
         finally:
             self._train_lock.release()
 
+    def _reset_rounds(self) -> None:
+        """No learning round counted yet, no replay step due, no step seen."""
+        self._rounds = self._due = 0
+        self._step_ns, self._step_counted = None, False
+
     def begin_step(self, at_ns: int) -> None:
         if at_ns != self._step_ns:
             self._step_ns, self._step_counted = at_ns, False

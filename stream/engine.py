@@ -67,7 +67,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from tidecast.models.base import ArrayDict, BatchForecaster, read_only
+from tidecast.models.base import ArrayDict, BatchForecaster, notify_step, read_only
 from tidecast.models.rows import capacity_for, grow, under
 from tidecast.monitors.bootstrap import BootstrapMonitor, bootstrap_monitors, horizon_buckets
 from tidecast.monitors.conformal import Calibrator, make_calibrator
@@ -423,7 +423,7 @@ class Engine:
     def _no_forecasts(self) -> ForecastBatch:
         return ForecastBatch.empty(self.config.alpha, self._levels)
 
-    def _time_ranks(self, cols: dict[str, np.ndarray], rank: np.ndarray) -> np.ndarray:
+    def _time_ranks(self, cols: dict[str, np.ndarray], rank: np.ndarray, finest: int) -> np.ndarray:
         """Each event's round: the index of its grid time among the batch's, in buckets of the finest grid step of
         all series counted from the epoch (``rank``: its index among its series' events, is kept when every series
         has one event and all are at one time). A series' events are one step apart at least, so each is in a
@@ -441,7 +441,7 @@ class Engine:
         # buckets of every series' finest step from the epoch, not of this batch's from its first time: series
         # sampled at 15 and 45 past the hour share their hour's round whatever the batch holds (the retrainer counts
         # its steps in the same buckets)
-        return np.unique(grid // self._finest_step(), return_inverse=True)[1].reshape(rank.shape)
+        return np.unique(grid // finest, return_inverse=True)[1].reshape(rank.shape)
 
     def _finest_step(self) -> int:
         """The finest grid step among the series (ns): the width of a round's and a retrain step's time bucket."""
@@ -453,8 +453,10 @@ class Engine:
         outputs: list[tuple] = []
         actuals: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         cols, rank = events.columns()
-        for rnd in _cut_rounds(cols, self._time_ranks(cols, rank)) if len(rank) else []:
-            self._step_round(rnd, outputs, actuals, result.events)
+        # the finest step is fixed for the batch's rounds (series and their steps are placed before them): one scan
+        finest = self._finest_step() if len(rank) else 1
+        for rnd in _cut_rounds(cols, self._time_ranks(cols, rank, finest)) if len(rank) else []:
+            self._step_round(rnd, outputs, actuals, result.events, finest)
         result.forecasts, steps_by_lane = self._collect(outputs)
         result.actuals = self._actuals(actuals)
         result.elapsed_seconds = time.perf_counter() - started
@@ -666,14 +668,14 @@ class Engine:
         s["n_collisions"][slot] += 1
         result.n_collisions += 1
 
-    def _step_time(self, rows: np.ndarray, ticks: np.ndarray) -> int:
-        """The retrain step a round belongs to: the start of its grid time's bucket (:meth:`_time_ranks`). Series
-        at their own phase within the step (15 and 45 past the hour) are one step, however batches cut their rows."""
-        finest = self._finest_step()
+    def _step_time(self, rows: np.ndarray, ticks: np.ndarray, finest: int) -> int:
+        """The retrain step a round belongs to: the start of its grid time's bucket (:meth:`_time_ranks`) of width
+        ``finest``. Series at their own phase within the step (15 and 45 past the hour) are one step, however batches
+        cut their rows."""
         return int((self.series_["anchor_ns"][rows] + ticks * self.series_["step_ns"][rows]).max()) // finest * finest
 
     def _step_round(self, rnd: dict[str, np.ndarray], outputs: list[tuple], actuals: list[tuple],
-                    events: list[DriftEvent]) -> None:
+                    events: list[DriftEvent], finest: int) -> None:
         # read-only views: every lane and watcher gets the same arrays (and the values are the actuals), so a model
         # writing into its input would change what the next lane learns and what is scored
         rows, ticks, values, real, reset = (read_only(rnd[k]) for k in ("slot", "tick", "value", "real", "reset"))
@@ -689,8 +691,8 @@ class Engine:
             actuals.append((r_rows, r_ticks, y))
         # the round's grid time step moves each lane's clock (real values only: a filled gap tick belongs to a step
         # already seen); a batch cut, a lagging partition or a late fill moves it no further
-        step_time = self._step_time(r_rows, r_ticks) if len(r_rows) else None
-        limit = (self.config.gap_limit + 1) * self._finest_step() if step_time is not None else 0
+        step_time = self._step_time(r_rows, r_ticks, finest) if len(r_rows) else None
+        limit = (self.config.gap_limit + 1) * finest
         for lane in self.lanes:
             completed = lane.clock.advance(step_time, limit) if step_time is not None else []
             if completed and self.retrainer is not None and lane.name in self.retrainer:
@@ -718,9 +720,7 @@ class Engine:
                 if len(r_rows):  # the candidates' forecasts that matured, on the incumbent's cells
                     shadow.score(r_rows, r_ticks, y, mean, valid, lane.clock.last_ns)
                 shadow.learn(rows, ticks, values, filled, lane.clock.last_ns)
-            begin_step = getattr(lane.model, "begin_step", None)  # optional: a plug-in may not have it
-            if begin_step is not None and lane.clock.last_ns is not None:
-                begin_step(lane.clock.last_ns)  # the same step as the last round's: not another learning round
+            notify_step(lane.model, lane.clock.last_ns)  # the same step as the last round's: no new learning round
             lane.model.learn_many(rows, ticks, values, filled=filled)  # 2. learn (filled gap ticks included)
             lane.pool.observe(rows, values)
             if not len(r_rows):

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from tidecast.models.base import BatchForecaster, check_between, check_count
+from tidecast.models.base import BatchForecaster, check_between, check_count, notify_step
 from tidecast.models.naive import check_ticks
 from tidecast.models.registry import check_keywords, keyword_parameters
 from tidecast.monitors.drift import DriftEvent, from_epoch_ns
@@ -320,9 +320,7 @@ class Shadow:
         if rows.size:
             self._fit(int(rows.max()) + 1)
         for c in self.candidates:
-            begin = getattr(c, "begin_step", None)
-            if at_ns is not None and begin is not None:
-                begin(at_ns)
+            notify_step(c, at_ns)
             c.learn_many(rows, ticks, values, filled=filled)
 
     def forecast(self, rows: np.ndarray, ticks: np.ndarray, horizon: int) -> None:
