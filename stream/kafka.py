@@ -51,7 +51,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -403,6 +403,19 @@ COMPACT_SCHEMA = "tidecast.forecasts.compact/1"
 #: for ~1 us of CPU an observation, which the producer and the broker more than save (README, serve at scale).
 COMPACT_COMPRESSIONS = ("lz4", "zstd", "none")
 _ARROW_STREAM = b"\xff\xff\xff\xff"  # an Arrow IPC stream starts with a continuation marker
+#: Largest compact message a sink sends (bytes) unless told otherwise: a batch is cut into several messages below
+#: Kafka's default 1 MB topic limit (``max.message.bytes`` 1,048,588 with the record's overhead). One message per
+#: partition and batch reached 2 MB at 2,000 series, H = 48 and two levels: the broker refused it, and serve
+#: exited at every restart on the same batch.
+COMPACT_MESSAGE_BYTES = 900_000
+
+
+def compact_message_limit(max_request_size: int | None) -> int:
+    """The largest compact message a sink sends under the producer's ``max_request_size``: at most
+    :data:`COMPACT_MESSAGE_BYTES`, and a kilobyte below a smaller request limit (the record's framing counts)."""
+    if max_request_size is None:
+        return COMPACT_MESSAGE_BYTES
+    return max(1, min(COMPACT_MESSAGE_BYTES, int(max_request_size) - 1024))
 
 
 def _check_compression(compression: str) -> None:
@@ -683,15 +696,17 @@ class KafkaForecastSink(_TopicSink):
     output topic co-partitioned with the input; without it the producer's partitioner decides. A forecast that
     cannot be encoded does not stop the others: :meth:`write` sends the rest, then raises
     :class:`UnsendableForecasts` naming the series set aside. ``output_format="compact"`` sends one Arrow message
-    per destination partition and batch instead (:func:`encode_compact`, with ``compression``).
+    per destination partition and batch instead (:func:`encode_compact`, with ``compression``), cut into several
+    when it would exceed ``message_bytes`` (:func:`compact_messages`).
     """
 
     def __init__(self, producer: Any, topic: str, errors: Any, flush_timeout: float,
                  partition_of: Callable[[str], int | None] | None = None, link: BrokerLink | None = None,
                  progress: Callable[[], None] | None = None, output_format: str = "json",
-                 compression: str = "lz4") -> None:
+                 compression: str = "lz4", message_bytes: int = COMPACT_MESSAGE_BYTES) -> None:
         super().__init__(producer, topic, errors, flush_timeout, link, progress)
         self.partition_of = partition_of
+        self.message_bytes = message_bytes
         if output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output format {output_format!r}: one of {', '.join(OUTPUT_FORMATS)}")
         _check_compression(compression)  # at start-up, not at the first compact batch
@@ -733,9 +748,29 @@ class KafkaForecastSink(_TopicSink):
         dest[bad] = -2
         for partition in np.unique(dest[~bad]).tolist():
             part = batch if len(np.unique(dest)) == 1 else take_forecasts(batch, dest == partition, counts)
-            self._send(None, encode_compact(part, self.compression), None if partition < 0 else partition)
+            for value in compact_messages(part, self.compression, self.message_bytes):
+                self._send(None, value, None if partition < 0 else partition)
         if unsendable:
             raise UnsendableForecasts(unsendable, origins)
+
+
+def compact_messages(batch: ForecastBatch, compression: str, limit: int) -> Iterator[bytes]:
+    """``batch`` as compact messages (:func:`encode_compact`) of at most ``limit`` bytes each, in order: cut between
+    forecasts, never inside one, so a single forecast larger than ``limit`` still goes alone. Each message is a
+    whole Arrow stream that :func:`read_forecasts` reads by itself."""
+    value = encode_compact(batch, compression)
+    starts = forecast_starts(batch)
+    if len(value) <= limit or len(starts) == 1:
+        yield value
+        return
+    counts = np.diff(np.append(starts, len(batch)))
+    pieces = min(len(starts), -(-len(value) // limit) + 1)  # one more than the bytes ask: forecasts differ in size
+    edges = np.linspace(0, len(starts), pieces + 1).astype(np.int64)
+    order = np.arange(len(starts))
+    for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
+        if hi > lo:  # a piece still too large is cut again
+            yield from compact_messages(take_forecasts(batch, (order >= lo) & (order < hi), counts), compression,
+                                        limit)
 
 
 def set_aside_unsendable(batch: ForecastBatch, starts: np.ndarray, sids: list[str],

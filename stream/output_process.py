@@ -50,6 +50,7 @@ from tidecast.stream.kafka import (
     KafkaForecastSink,
     OutputError,
     UnsendableForecasts,
+    compact_message_limit,
     destinations,
     forecast_starts,
     set_aside_unsendable,
@@ -376,7 +377,8 @@ def serve_child(stream: Any, replies: Any) -> int:
     errors = _Count()
     sink = KafkaForecastSink(producer, config["topic"], errors, config["flush_timeout"],
                              link=BrokerLink(config["outage_budget"]), output_format=config["output_format"],
-                             compression=config["compression"])
+                             compression=config["compression"],
+                             message_bytes=compact_message_limit(config["producer"].get("max_request_size")))
     failure: dict[str, Any] | None = None  # a send that failed: the next flush reports it
     frames = read_ahead(stream)
     try:

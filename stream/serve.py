@@ -75,6 +75,7 @@ from tidecast.stream.kafka import (
     KafkaForecastSink,
     assignors,
     client_settings,
+    compact_message_limit,
     ensure_topics,
     is_unavailable,
     partition_count,
@@ -114,7 +115,8 @@ def build_worker(cfg: ServeConfig, engine: Engine, metrics: Metrics, producer: A
     else:
         forecasts = KafkaForecastSink(producer, cfg.forecast_topic, metrics.output_errors, flush_timeout,
                                       forecast_partition, link, progress, output_format=cfg.output_format,
-                                      compression=cfg.compact_compression)
+                                      compression=cfg.compact_compression,
+                                      message_bytes=compact_message_limit(cfg.max_request_size))
     events = KafkaEventSink(producer, cfg.events_topic, metrics.output_errors, flush_timeout,
                             table.owner_of if co_partitioned.get(cfg.events_topic) else None, link, progress)
     letters = KafkaDeadLetterSink(producer, cfg.dead_letter_topic, metrics.output_errors, flush_timeout,
@@ -170,9 +172,23 @@ class Service:
             signal.signal(sig, lambda *_: self.stop())
 
     def run(self) -> int:
-        """Serve until stopped; 0 after a clean stop, 1 if the worker or the trainer failed or the cluster stayed
-        unreachable for the outage budget (said in one line, without a traceback), 2 if the setup failed on the
-        environment or the settings (a missing input topic, a metrics port in use: one line too)."""
+        """Serve until stopped; 0 after a clean stop, 1 if the worker or the trainer failed (also while finishing
+        its last batch after a stop) or the cluster stayed unreachable for the outage budget (said in one line,
+        without a traceback), 2 if the setup failed on the environment or the settings (a missing input topic, a
+        metrics port in use: one line too)."""
+        code = 1
+        try:
+            code = self._serve()
+        finally:
+            self._shutdown()
+        failed = self._failure()
+        if code == 0 and failed is not None and not (isinstance(failed, BrokerUnavailable) and not self.link.down):
+            # the batch in hand when the stop came failed (a refused message): no clean stop for a supervisor
+            log.error("serve stopped: the worker failed while finishing its last batch: %r", failed)
+            return 1
+        return code
+
+    def _serve(self) -> int:
         try:
             try:
                 self._start()
@@ -199,8 +215,6 @@ class Service:
         except Exception:
             log.exception("serve stopped on an error")
             return 1
-        finally:
-            self._shutdown()
 
     def _failure(self) -> BaseException | None:
         return next((t.error for t in (self.worker, self.trainer) if t is not None and t.error is not None), None)

@@ -780,14 +780,20 @@ def _long(table: Table, spec: ReplaySpec, t_ns: np.ndarray, good_rows: np.ndarra
     no_series = (series.str.strip() == "").to_numpy() | raw_ids.isna().to_numpy()
     letters = _id_letters(table, InvalidRecord("missing_field", "series_id is missing"), no_series & good_rows,
                           source)
-    bad_id = np.zeros(len(frame), bool)
-    for sid in pd.unique(series[good_rows & ~no_series]):
+    # Each distinct id is checked once and its rows found through one factorisation: a mask over the whole file
+    # per refused id made a file of many refused ids (longer than 256 bytes, say) quadratic in its length
+    codes, uniques = pd.factorize(series)
+    refused: dict[int, InvalidRecord] = {}
+    for code in np.unique(codes[good_rows & ~no_series]).tolist():
         try:
-            parse_series_id(sid)
+            parse_series_id(uniques[code])
         except InvalidRecord as err:
-            these = (series == sid).to_numpy() & good_rows
-            bad_id |= these
-            letters.extend(_id_letters(table, err, these, source))
+            refused[code] = err
+    bad_id = good_rows & ~no_series & np.isin(codes, list(refused))
+    rows = np.flatnonzero(bad_id)
+    letters.extend(DeadLetter(refused[code].reason, refused[code].detail, source, (0, int(table.rows[row])), raw)
+                   for row, code, raw in zip(rows.tolist(), codes[rows].tolist(), _raw_rows(frame, rows),
+                                             strict=True))
     usable = good_rows & ~no_series & ~bad_id
     vals, bad = _parse_values(frame[spec.value_column])
     bad &= usable

@@ -43,6 +43,7 @@ can make a checkpoint fail.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -59,6 +60,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from tidecast.stream.config import grid_step
 from tidecast.stream.kafka import BrokerLink, BrokerUnavailable, is_unavailable
 from tidecast.stream.partitioner import key_bytes
 
@@ -142,9 +144,9 @@ def config_fingerprint(config: dict[str, Any]) -> dict[str, Any]:
 def check_fingerprint(saved: dict[str, Any] | None, current: dict[str, Any], where: str) -> None:
     if saved is None:
         return
-    saved, current = _with_levels(saved), _with_levels(current)
-    diff = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))
-            if saved.get(k) != current.get(k)}
+    a, b = _comparable(saved), _comparable(current)
+    diff = {k: (saved.get(k, a.get(k)), current.get(k, b.get(k))) for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)}
     if diff:
         raise IncompatibleState(
             f"state in {where} was written with a different engine configuration {diff} (saved, current); "
@@ -152,10 +154,17 @@ def check_fingerprint(saved: dict[str, Any] | None, current: dict[str, Any], whe
             "restore the old configuration")
 
 
-def _with_levels(fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """``alpha`` alone is the one level ``100 (1 - alpha)``: ``--alpha 0.1`` and ``--level 90`` save the same
-    arrays and compare equal (the first level sets ``alpha``)."""
+def _comparable(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint with settings that mean the same spelled one way. ``alpha`` alone is the one level
+    ``100 (1 - alpha)``: ``--alpha 0.1`` and ``--level 90`` save the same arrays (the first level sets ``alpha``).
+    ``freq`` is its step in nanoseconds (``1h`` and ``60min`` are one grid), and no ``max_gap`` is its default, the
+    horizon: each pair was refused as "a different engine configuration", whose only advice is to start over."""
     out = dict(fingerprint)
+    if isinstance(out.get("freq"), str):
+        with contextlib.suppress(ValueError):  # not a step this build reads: compared as written
+            out["freq"] = int(grid_step(out["freq"]).value)
+    if out.get("max_gap") is None and "horizon" in out:
+        out["max_gap"] = out["horizon"]
     alpha = out.get("alpha")
     if out.get("levels") is None and isinstance(alpha, int | float):
         out["levels"] = [100.0 * (1.0 - alpha)]

@@ -96,7 +96,12 @@ def test_serve_retrains_after_drift_without_interrupting_polling(kafka, unique, 
     log = proc.log.read_text()
     assert "CommitFailedError" not in log
     kinds = [r["kind"] for r in sorted(retrain_events(kafka, topic, 1), key=lambda r: r["detected_at"])]
-    assert kinds[:2] == ["retrain_started", "promoted"]
+    # The trainer thread's pace decides which records a job's shadow scores, so a first candidate may lose its
+    # gate (rejected) and a later one win: each outcome ends a job that started before it, and one is a promotion.
+    assert kinds[0] == "retrain_started" and "promoted" in kinds
+    ends = ("promoted", "rejected", "failed")
+    assert all(kinds[:i].count("retrain_started") > sum(kinds[:i].count(end) for end in ends)
+               for i, kind in enumerate(kinds) if kind in ends)
 
 
 def test_kill_9_during_the_job_ends_in_exactly_one_promotion(kafka, unique, serve, tmp_path, as_messages):

@@ -18,7 +18,7 @@ import pytest
 from tidecast.stream.cli import main
 from tidecast.stream.config import EngineConfig
 from tidecast.stream.engine import Engine
-from tidecast.stream.kafka import header_dict
+from tidecast.stream.kafka import KafkaForecastSink, OutputError, header_dict
 from tidecast.stream.serve import ServeConfig, Service
 from tidecast.stream.state import ChangelogStore, LocalStateStore
 
@@ -206,6 +206,54 @@ def test_lag_gauge_matches_the_backlog_while_consumption_is_paused(kafka_bootstr
     service.stop()
     thread.join(15)
     assert not thread.is_alive()
+
+
+def test_a_batch_that_fails_after_a_stop_ends_serve_with_exit_1(kafka, kafka_bootstrap, unique, tmp_path,
+                                                                as_messages, waiter, monkeypatch):
+    """A stop (SIGTERM) while the worker holds a batch whose output the broker then refuses: serve logged
+    "stopped" and exited 0, which Restart=on-failure and alerting read as a clean stop."""
+    topic = unique("late-failure")
+    kafka.create_topic(topic, 1)
+    gate, entered, shutting_down = threading.Event(), threading.Event(), threading.Event()
+
+    def held_engine(config, metrics):
+        engine = Engine.from_config(config, metrics)
+        process = engine.process
+
+        def hold_then_process(batch):
+            entered.set()
+            gate.wait(60)
+            return process(batch)
+
+        engine.process = hold_then_process
+        return engine
+
+    flush = KafkaForecastSink.flush
+
+    def refused_once_stopping(sink):
+        if shutting_down.is_set():
+            raise OutputError(f"the producer refused a message to {sink.topic}: MessageSizeTooLargeError (test)")
+        flush(sink)
+
+    monkeypatch.setattr(KafkaForecastSink, "flush", refused_once_stopping)
+    options = {"bootstrap_servers": kafka_bootstrap, "topic": topic, "group_id": unique("g"),
+               "state_dir": tmp_path / "state", "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000,
+               "max_poll_interval_ms": 10000, "shutdown_timeout": 5.0, "output_processes": 0}
+    service = Service(ServeConfig(options, EngineConfig(horizon=4)), engine_factory=held_engine)
+    shutdown = service._shutdown
+    service._shutdown = lambda: (shutting_down.set(), shutdown())[1]
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(service.run()), name="serve-under-test")
+    thread.start()
+    try:
+        kafka.send(topic, synthetic_messages(as_messages, 2, 10, "late"))
+        waiter(entered.is_set, 30, "the worker to take a batch")
+        service.stop()
+        waiter(shutting_down.is_set, 10, "serve to begin its shutdown")
+    finally:
+        gate.set()
+    thread.join(30)
+    assert not thread.is_alive() and codes == [1]
 
 
 def _free_port() -> int:

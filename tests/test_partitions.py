@@ -472,6 +472,25 @@ def test_alpha_and_its_one_level_are_the_same_configuration():
                           config_fingerprint(EngineConfig(alpha=0.2).to_dict()), "here")
 
 
+def test_settings_that_name_the_same_grid_or_gap_are_the_same_configuration():
+    """``--freq 1h`` and ``60min``, or the default gap limit and ``--max-gap`` set to it (the horizon), were refused
+    as a different configuration: the error's only advice was to start over with a new group id."""
+    from tidecast.stream.state import check_fingerprint, config_fingerprint
+
+    def fingerprint(**kw):
+        return config_fingerprint(EngineConfig(horizon=4, **kw).to_dict())
+
+    check_fingerprint(fingerprint(freq="1h"), fingerprint(freq="60min"), "here")
+    check_fingerprint(fingerprint(freq="h"), fingerprint(freq="3600s"), "here")
+    check_fingerprint(fingerprint(), fingerprint(max_gap=4), "here")
+    with pytest.raises(IncompatibleState, match=r"'freq': \('1h', '30min'\)"):
+        check_fingerprint(fingerprint(freq="1h"), fingerprint(freq="30min"), "here")
+    with pytest.raises(IncompatibleState, match=r"'max_gap': \(None, 5\)"):
+        check_fingerprint(fingerprint(), fingerprint(max_gap=5), "here")
+    with pytest.raises(IncompatibleState, match="freq"):
+        check_fingerprint(fingerprint(), fingerprint(freq="1h"), "here")
+
+
 def test_a_new_member_takes_the_highest_model_version_among_its_partitions_not_the_last_restored():
     """Found by the checkpoint review (2026-12-04): the shared state (a backbone) came from the snapshot with the
     latest written_at, and a partition restored from the changelog was stamped at restore time, so a new member

@@ -146,13 +146,16 @@ def test_replay_dead_letters_bad_series_ids_in_jsonl_and_long_tables(tmp_path):
     rc, s, letters = run(tmp_path, str(jsonl), "--horizon", "2")
     assert rc == 0 and reasons(letters) == [(5, "bad_series_id")] and s["n_observations"] == 10
 
-    long = pd.DataFrame({"unique_id": ["ok"] * 10 + ["\0x", "y" * 300],
-                         "ds": [f"2016-07-01T{k:02d}:00:00" for k in range(12)], "y": np.arange(12.0)})
+    # refused ids interleaved: each row's letter names its own id's fault (the rows are found by one factorisation)
+    long = pd.DataFrame({"unique_id": ["ok"] * 10 + ["\0x", "y" * 300, "\0x"],
+                         "ds": [f"2016-07-01T{k:02d}:00:00" for k in range(13)], "y": np.arange(13.0)})
     for suffix in (".csv", ".parquet"):
         path = tmp_path / f"long{suffix}"
         long.to_parquet(path) if suffix == ".parquet" else long.to_csv(path, index=False)
         rc, s, letters = run(tmp_path, str(path), "--format", "long", "--horizon", "2")
-        assert rc == 0 and reasons(letters) == [(10, "bad_series_id"), (11, "bad_series_id")], suffix
+        assert rc == 0 and reasons(letters) == [(k, "bad_series_id") for k in (10, 11, 12)], suffix
+        detail = {d["offset"]: d["detail"] for d in letters}
+        assert detail[10] == detail[12] != detail[11] and "256" in detail[11], detail
         assert s["n_observations"] == 10 and s["n_series"] == 1
 
 

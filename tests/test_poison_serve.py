@@ -276,6 +276,44 @@ def test_the_forecast_sink_sends_the_encodable_forecasts_and_names_the_others():
     assert [json.loads(v)["series_id"] for _, v in producer.topic("out")] == ["ok"]
 
 
+def wide_forecasts(n_series: int, horizon: int) -> ForecastBatch:
+    """One forecast per series, every step ready, two levels; random values (Arrow's compression saves little)."""
+    rng = np.random.default_rng(0)
+    n = n_series * horizon
+    h = np.tile(np.arange(1, horizon + 1), n_series)
+    mean = rng.normal(size=n)
+    lowers = np.stack([mean - 1.0, mean - 2.0], axis=1)
+    uppers = np.stack([mean + 1.0, mean + 2.0], axis=1)
+    ids = np.repeat(np.array([f"s{i}" for i in range(n_series)], dtype=object), horizon)
+    return ForecastBatch(ids, np.zeros(n, np.int64), np.array(["m"] * n, dtype=object), h,
+                         h.astype(np.int64) * 3_600 * 10**9, mean, lowers[:, 0], uppers[:, 0], 0.2,
+                         levels=("80", "95"), lowers=lowers, uppers=uppers)
+
+
+@pytest.mark.parametrize("limit", [None, 100_000, 1_000])
+def test_compact_batches_are_cut_into_messages_a_default_topic_takes(limit):
+    """One compact message per partition and batch reached 2 MB at 2,000 series, H = 48 and two levels, over
+    Kafka's default 1 MB topic limit: the broker refused it and serve exited at every restart on that batch. Now
+    every message stays under the limit (a forecast larger than it goes alone) and together they hold the batch."""
+    from tidecast.stream.kafka import COMPACT_MESSAGE_BYTES, read_forecasts
+
+    producer = FakeProducer()
+    kw = {} if limit is None else {"message_bytes": limit}
+    sink = KafkaForecastSink(producer, "out", Metrics().output_errors, 1.0, output_format="compact", **kw)
+    batch = wide_forecasts(2_000 if limit is None else 300, 48)
+    sink.write(batch)
+    values = [v for _, v in producer.topic("out")]
+    assert len(values) > 1
+    if limit == 1_000:  # one forecast (48 steps, two levels) is larger than that: one message each
+        assert len(values) == 300
+    else:
+        assert max(map(len, values)) <= (limit or COMPACT_MESSAGE_BYTES)
+    back = read_forecasts(values)
+    assert back.series_id.tolist() == batch.series_id.tolist()
+    for name in ("h", "target_ns", "mean", "lower", "upper", "lowers", "uppers"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(batch, name), err_msg=name)
+
+
 def test_a_lone_surrogate_series_is_checkpointed_and_restored_without_crashing(tmp_path):
     """Until decode refuses such ids, one that reached the engine must not crash the checkpoint (a crash loop:
     the checkpoint would fail again after every restart)."""

@@ -319,6 +319,21 @@ def test_a_member_adopts_a_newer_model_version_from_a_checkpoint(reference):
     assert member.adopt_newer(promoted.export_shared()) == []  # same version: nothing to take
 
 
+def test_a_run_without_retraining_keeps_the_saved_model_version(reference):
+    """--retrain on, then a restart with it off, then on again: the version and the policy's state came back as 0
+    (the run without retraining wrote no retrain entry), so the next promotion reused version 1."""
+    promoted, _, _ = reference
+    version = promoted.model_versions()["cyclenet"]
+    assert version >= 1
+    idle = Engine.from_config(config(retrain="off"))
+    idle.import_shared(promoted.export_shared())
+    saved = idle.export_shared()["cyclenet"][1]["retrain"]
+    assert saved["policy"]["version"] == version and saved["in_flight"] is None
+    again = Engine.from_config(config())
+    again.import_shared(idle.export_shared())
+    assert again.model_versions() == {"cyclenet": version}
+
+
 @pytest.mark.parametrize("members", [1, 2])
 def test_cfc_plugs_into_the_retrain_hook(members):
     from tidecast.models.liquid import build
