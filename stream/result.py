@@ -186,7 +186,7 @@ def events_frame(events: list[dict[str, Any]] | pd.DataFrame) -> pd.DataFrame:
                           ("time", "at"), ("timestamp", "at")):
         if alias in frame.columns:  # events of several kinds may name the same thing differently
             frame[column] = frame[column].where(frame[column].notna(), frame.pop(alias))
-    frame["at"] = pd.to_datetime(frame["at"], utc=True)
+    frame["at"] = pd.to_datetime(frame["at"], utc=True, format="ISO8601")  # "...:00Z" beside "...:00.250000Z"
     rest = [c for c in frame.columns if c not in EVENT_COLUMNS]
     return frame[EVENT_COLUMNS + rest].sort_values("at", kind="stable").reset_index(drop=True)
 

@@ -39,6 +39,7 @@ import warnings
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time
+from decimal import Decimal
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -462,11 +463,26 @@ def _guess_time_column(frame: pd.DataFrame) -> str:
     for column in frame.columns:
         if _holds_times(frame[column]):
             return str(column)
+    for column in frame.columns:  # DataFrame.to_csv() of a frame indexed by time: its header cell is empty
+        if _headerless(column) and _holds_time_text(frame[column]):
+            return str(column)
     first = str(next((c for c in frame.columns if not _headerless(c)), frame.columns[0]))
     warnings.warn(f"no time column named {', '.join(TIME_COLUMN_CANDIDATES)}: reading the first column, {first!r}, "
                   f"as the time (numbers as epoch seconds); name it with --time-column / time_column=",
                   UserWarning, stacklevel=2)
     return first
+
+
+def _holds_time_text(cells: pd.Series, sample: int = 200) -> bool:
+    """Whether most of a text column's first cells are ISO-8601 times (not numbers: row numbers are no times)."""
+    if not len(cells) or not _all_text(cells.head(sample)):
+        return False
+    text = _texts(cells.head(sample).dropna()).str.strip()
+    text = text[text != ""]
+    if not len(text) or _mostly_numbers(text):
+        return False
+    parsed = pd.to_datetime(text, utc=True, errors="coerce", format="ISO8601")
+    return 2 * int(parsed.notna().sum()) > len(text)
 
 
 def _holds_times(cells: pd.Series) -> bool:
@@ -605,10 +621,16 @@ def _time_cell(raw: Any, epoch_column: bool) -> datetime:
     if _missing(raw):
         return parse_timestamp(None)
     if isinstance(raw, datetime):  # Parquet timestamps: naive is UTC
-        ts = raw.replace(tzinfo=UTC) if raw.tzinfo is None else raw.astimezone(UTC)
+        try:
+            ts = raw.replace(tzinfo=UTC) if raw.tzinfo is None else raw.astimezone(UTC)
+        except (OverflowError, NotImplementedError):  # no UTC time in a datetime (year 1 at +01:00, a pandas
+            # Timestamp of year 292278994): the verdict the wire gives its text
+            return parse_timestamp(_iso_text(raw))
         return parse_timestamp(ts.isoformat())
     if isinstance(raw, date):  # Parquet date32 (daily data): midnight UTC
         return parse_timestamp(datetime(raw.year, raw.month, raw.day, tzinfo=UTC).isoformat())
+    if isinstance(raw, Decimal):  # a Parquet DECIMAL column of epoch seconds (database exports): a number
+        return parse_timestamp(float(raw))
     if isinstance(raw, time):  # Parquet time64: a clock reading, no day to place it on
         raise InvalidRecord("bad_timestamp", f"{raw.isoformat()} is a time of day without a date")
     if isinstance(raw, str) and epoch_column:
@@ -633,7 +655,22 @@ def _datetimes_to_us(column: pd.Series) -> np.ndarray:
     zoned = isinstance(column.dtype, pd.DatetimeTZDtype) or getattr(getattr(column.dtype, "pyarrow_dtype", None),
                                                                      "tz", None) is not None
     naive = column.dt.tz_convert(None) if zoned else column  # an Arrow-backed zoned column too (read_parquet's)
-    return naive.astype("datetime64[us]").to_numpy().view(np.int64)
+    try:
+        return naive.astype("datetime64[us]").to_numpy().view(np.int64)
+    except (OverflowError, pd.errors.OutOfBoundsDatetime):
+        # a coarser unit holds times microseconds cannot (Java's Long.MAX_VALUE ms, a "no end" sentinel): those
+        # cells are no time here, and the cell-by-cell verdict names them; the whole file was refused
+        return _coarse_to_us(naive.to_numpy())
+
+
+def _coarse_to_us(stamps: np.ndarray) -> np.ndarray:
+    """Microseconds of a ``datetime64[s]`` or ``[ms]`` array; a time beyond int64 microseconds (or NaT) -> not a
+    time."""
+    unit = np.datetime_data(stamps.dtype)[0]
+    factor = {"D": 86_400_000_000, "h": 3_600_000_000, "m": 60_000_000, "s": 1_000_000, "ms": 1_000}[unit]
+    raw = stamps.view(np.int64)
+    ok = (raw != _NOT_A_TIME) & (raw >= _MIN_US // factor) & (raw <= _MAX_US // factor)
+    return np.where(ok, np.where(ok, raw, 0) * factor, _NOT_A_TIME)
 
 
 def _parse_values(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -697,8 +734,24 @@ def _raw_rows(frame: pd.DataFrame, rows: np.ndarray) -> list[dict[str, Any]]:
     return [{str(k): _raw_cell(v) for k, v in record.items()} for record in frame.iloc[rows].to_dict("records")]
 
 
+def _iso_text(stamp: datetime) -> str:
+    """``stamp`` as ISO-8601 text, also a pandas Timestamp beyond Python's years (Java's Long.MAX_VALUE ms in a
+    Parquet column), whose ``isoformat`` and ``str`` raise."""
+    try:
+        return stamp.isoformat()
+    except (NotImplementedError, ValueError, OverflowError):
+        if not isinstance(stamp, pd.Timestamp):
+            raise
+        return str(np.datetime_as_string(stamp.asm8)) + ("+00:00" if stamp.tzinfo is not None else "")
+
+
 def _raw_cell(value: Any) -> Any:
     value = value.item() if isinstance(value, np.generic) else value
+    if isinstance(value, pd.Timestamp):
+        try:
+            str(value)  # what the dead-letter JSON writes
+        except (NotImplementedError, ValueError, OverflowError):
+            return _iso_text(value)
     if isinstance(value, float) and not math.isfinite(value):
         return None if math.isnan(value) else repr(value)
     return None if _missing(value) else value

@@ -163,6 +163,28 @@ def test_an_inferred_grid_is_the_series_step_when_values_are_missing():
     assert engine.series_["step_ns"][engine._slot_of["twice"]] == 10 * (HOUR // 60)
 
 
+@pytest.mark.parametrize("jitter_ms", [5, 1_000, 30_000])
+def test_a_jittered_clock_infers_the_round_step_and_forecasts_stay_on_the_hour(jitter_ms):
+    """Hourly readings jittered by up to a few ms, a second or 30 s repeat no gap (or repeat one by chance): the
+    lower median (59:59.748, say) became the step, and after 6,000 hours the forecasts' targets were 25 minutes off
+    the hour, with gap fills and collisions at 30 s of jitter."""
+    from tidecast.stream.engine import inferred_step
+
+    rng = np.random.default_rng(jitter_ms)
+    n = 2_000
+    stamps = T0 + np.arange(n) * HOUR + rng.integers(-jitter_ms, jitter_ms + 1, n) * 10**6
+    assert inferred_step(np.diff(stamps[:8])) == HOUR
+    engine = Engine.from_config(EngineConfig(horizon=2, models=["seasonal-naive"],
+                                             model_params={"seasonal-naive": {"period": 24}}))
+    out = engine.process(ObservationBatch(np.full(n, "j", dtype=object), stamps, np.sin(np.arange(n) / 3.0)))
+    assert engine.series_["step_ns"][engine._slot_of["j"]] == HOUR
+    assert out.n_collisions == 0 and out.n_applied == n
+    off = (out.forecasts.target_ns - stamps[0]) % HOUR  # the grid keeps its first reading's place
+    assert len(off) and (off == 0).all()
+    for exact in (3_599 * 10**9, 90 * 60 * 10**9, 1_500 * 10**6):  # a clock's own cadence is kept as it is
+        assert inferred_step(np.full(7, exact)) == exact
+
+
 def test_allow_list_rejects_unknown_series():
     engine = Engine.from_config(EngineConfig(models=["seasonal-naive"], allowed_series=["a"], freq="1h"))
     r = engine.process(batch(["a", "b", "a"], [0, 0, 1], [1.0, 2.0, 3.0]))

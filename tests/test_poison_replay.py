@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import logging
 import socket
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+import tidecast
 from tidecast.stream.batch import ObservationBatch
 from tidecast.stream.cli import main
 from tidecast.stream.config import EngineConfig
@@ -122,6 +123,70 @@ def test_far_timestamps_in_a_table_reject_only_their_rows(tmp_path, suffix):
         assert reasons(letters) == [(row, "bad_timestamp") for row in bad], name
         assert all("supported range" in d["detail"] for d in letters)
         assert s["n_observations"] == 12 - len(bad), name
+
+
+@pytest.mark.parametrize("unit", ["ms", "s"])
+def test_a_coarse_parquet_time_beyond_microseconds_costs_only_its_row(tmp_path, unit):
+    """Java's Long.MAX_VALUE milliseconds (a "no end" sentinel) in a timestamp[ms] column overflowed the
+    conversion to microseconds, and the whole file was refused (exit 2)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    per = {"ms": 1_000, "s": 1}[unit]
+    stamps = [(T0 // 10**9 + 3_600 * k) * per for k in range(12)]
+    stamps[7] = 2**63 - 1 if unit == "ms" else 10**13
+    path = tmp_path / "sentinel.parquet"
+    pq.write_table(pa.table({"ds": pa.array(stamps, pa.timestamp(unit, tz="UTC")), "y": np.arange(12.0)}), path)
+    rc, s, letters = run(tmp_path, str(path), "--horizon", "2")
+    assert rc == 0 and reasons(letters) == [(7, "bad_timestamp")] and s["n_observations"] == 11
+    assert letters[0]["raw"]["ds"].startswith({"ms": "292278994-08-17T07:12:55", "s": "318857-05-20T17:46:40"}[unit])
+    result = tidecast.replay(pd.read_parquet(path), horizon=2)  # the API reads the frame the same way
+    assert result.dead_letters["reason"].tolist() == ["bad_timestamp"] and len(result.actuals) == 11
+
+
+def test_a_datetime_cell_with_an_offset_and_no_utc_time_is_a_dead_letter():
+    """Year 1 at +01:00 has no UTC time a datetime can hold: astimezone raised OverflowError out of
+    tidecast.replay, whose bad cells "become dead letters, never exceptions" (the wire said bad_timestamp)."""
+    berlin = timezone(timedelta(hours=1))
+    stamps = [datetime(2024, 1, 1, tzinfo=UTC) + timedelta(hours=k) for k in range(12)]
+    stamps[3] = datetime(1, 1, 1, tzinfo=berlin)
+    stamps[5] = stamps[5].astimezone(berlin)  # mixed offsets: the column stays one of objects
+    frame = pd.DataFrame({"unique_id": "a", "ds": pd.Series(stamps, dtype=object), "y": np.arange(12.0)})
+    result = tidecast.replay(frame, horizon=2)
+    letters = result.dead_letters
+    assert letters["reason"].tolist() == ["bad_timestamp"] and "supported range" in letters["detail"].iloc[0]
+    assert len(result.actuals) == 11
+
+
+def test_a_parquet_decimal_column_of_epoch_seconds_is_read_as_times(tmp_path):
+    """A database export's DECIMAL(16,3) epoch seconds: every row was wrong_type ("got Decimal")."""
+    import decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    seconds = [decimal.Decimal(T0 // 10**9 + 3_600 * k) + decimal.Decimal("0.250") for k in range(12)]
+    path = tmp_path / "decimal.parquet"
+    pq.write_table(pa.table({"ts": pa.array(seconds, pa.decimal128(16, 3)), "y": np.arange(12.0)}), path)
+    rc, s, letters = run(tmp_path, str(path), "--horizon", "2", "--time-column", "ts")
+    assert rc == 0 and letters == [] and s["n_observations"] == 12
+
+
+def test_a_csv_written_from_a_time_index_reads_its_headerless_first_column_as_the_time(tmp_path):
+    """DataFrame.to_csv() of a frame indexed by time leaves the index column's header empty: it was skipped as row
+    numbers and the first value column read as epoch seconds (one series, 1970, every row a duplicate)."""
+    index = pd.date_range("2024-01-01", periods=48, freq="h", tz="UTC")
+    frame = pd.DataFrame({"temp": np.arange(48.0) % 24, "load": 100 + np.arange(48.0)}, index=index)
+    path = tmp_path / "indexed.csv"
+    frame.to_csv(path)
+    assert path.read_text().startswith(",temp,load")
+    rc, s, letters = run(tmp_path, str(path), "--horizon", "2")
+    assert rc == 0 and letters == [] and s["n_series"] == 2 and s["n_observations"] == 96
+    assert s["n_duplicates"] == 0
+    numbered = tmp_path / "numbered.csv"  # a headerless column of row numbers is still no time
+    frame.reset_index(names="ds").to_csv(numbered)
+    rc, s, letters = run(tmp_path, str(numbered), "--horizon", "2")
+    assert rc == 0 and s["n_series"] == 2 and s["n_observations"] == 96
 
 
 # -- 2. series ids --------------------------------------------------------------------------------------------------
