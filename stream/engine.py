@@ -1186,18 +1186,20 @@ def inferred_step(gaps: np.ndarray) -> int:
     >>> inferred_step(np.array([59, 61, 58, 62, 57, 63, 3]))  # jitter: no gap repeats, the lower median
     59
 
-    A step that fewer than half the gaps show exactly (jittered clocks) is rounded to the nearest whole day, hour,
-    minute, second or millisecond within 1 % of it, the coarsest that is: a step of 59:59.748 from a clock
-    jittered by a second put the forecasts' target times 25 minutes off the hour after 6,000 hours.
+    A step of which fewer than half the gaps are exact multiples (a jittered clock: gaps near the step, not on it)
+    is rounded to the nearest whole day, hour, minute, second or millisecond within 1 % of it, the coarsest that
+    is: a step of 59:59.748 from a clock jittered by a second put the forecasts' target times 25 minutes off the
+    hour after 6,000 hours. An exact cadence keeps its step, missing values or not (gaps of 1, 2, 3 steps).
 
     >>> hour = 3_600 * 10**9
-    >>> inferred_step(np.array([hour - 252_000_000, hour + 90_000_000, hour + 310_000_000]))  # 59:59.748 ...
+    >>> inferred_step(np.array([hour - 252_000_000, hour + 90_000_000, hour + 310_000_000]))  # 1:00:00.090 ...
     3600000000000
     """
-    values, counts = np.unique(np.asarray(gaps, np.int64), return_counts=True)  # sorted: argmax takes the smaller
+    gaps = np.asarray(gaps, np.int64)
+    values, counts = np.unique(gaps, return_counts=True)  # sorted: argmax takes the smaller
     lower_median = int(np.sort(gaps)[(len(gaps) - 1) // 2])
     step = int(values[np.argmax(counts)]) if counts.max() >= 2 else lower_median
-    if 2 * int(counts[values == step][0]) >= len(gaps):  # most gaps are exactly it: the clock's own cadence
+    if 2 * int(np.count_nonzero(gaps % step == 0)) >= len(gaps):  # the clock's own cadence (with gaps or not)
         return step
     return _round_step(step)
 

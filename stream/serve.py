@@ -182,6 +182,9 @@ class Service:
         finally:
             self._shutdown()
         failed = self._failure()
+        if code == 0 and isinstance(failed, IncompatibleState):  # a restore refused as the stop came: exit 2 still
+            log.error("serve cannot restore its state: %s", failed)
+            return 2
         if code == 0 and failed is not None and not (isinstance(failed, BrokerUnavailable) and not self.link.down):
             # the batch in hand when the stop came failed (a refused message): no clean stop for a supervisor
             log.error("serve stopped: the worker failed while finishing its last batch: %r", failed)

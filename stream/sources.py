@@ -623,8 +623,8 @@ def _time_cell(raw: Any, epoch_column: bool) -> datetime:
     if isinstance(raw, datetime):  # Parquet timestamps: naive is UTC
         try:
             ts = raw.replace(tzinfo=UTC) if raw.tzinfo is None else raw.astimezone(UTC)
-        except (OverflowError, NotImplementedError):  # no UTC time in a datetime (year 1 at +01:00, a pandas
-            # Timestamp of year 292278994): the verdict the wire gives its text
+        except (OverflowError, NotImplementedError, ValueError):  # no UTC time in a datetime (year 1 at +01:00,
+            # a pandas Timestamp of year 292278994, naive or zoned): the verdict the wire gives its text
             return parse_timestamp(_iso_text(raw))
         return parse_timestamp(ts.isoformat())
     if isinstance(raw, date):  # Parquet date32 (daily data): midnight UTC

@@ -183,6 +183,8 @@ def test_a_jittered_clock_infers_the_round_step_and_forecasts_stay_on_the_hour(j
     assert len(off) and (off == 0).all()
     for exact in (3_599 * 10**9, 90 * 60 * 10**9, 1_500 * 10**6):  # a clock's own cadence is kept as it is
         assert inferred_step(np.full(7, exact)) == exact
+    sidereal = 86_164_090_500_000  # nightly at one sidereal time, cloudy nights missing: 3 of 7 gaps are one step
+    assert inferred_step(np.diff(np.array([0, 1, 3, 4, 6, 9, 10, 13]) * sidereal)) == sidereal
 
 
 def test_allow_list_rejects_unknown_series():

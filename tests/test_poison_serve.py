@@ -50,7 +50,7 @@ from tidecast.stream.kafka_source import SERVE_REASONS
 from tidecast.stream.partitioner import home_partition
 from tidecast.stream.records import InvalidRecord, decode
 from tidecast.stream.serve import ServeConfig, Service
-from tidecast.stream.state import LocalStateStore, SeriesRows, Snapshot, write_atomic
+from tidecast.stream.state import IncompatibleState, LocalStateStore, SeriesRows, Snapshot, write_atomic
 
 
 def letters_of(producer: FakeProducer) -> list[tuple[str, str, int, int]]:
@@ -274,6 +274,26 @@ def test_the_forecast_sink_sends_the_encodable_forecasts_and_names_the_others():
         sink.write(batch)
     assert set(caught.value.series) == {"\ud800", "nan"}
     assert [json.loads(v)["series_id"] for _, v in producer.topic("out")] == ["ok"]
+
+
+@pytest.mark.parametrize("failure, code", [(OutputError("the producer refused a message"), 1),
+                                           (IncompatibleState("written with a different engine configuration"), 2),
+                                           (None, 0)])
+def test_a_failure_found_after_the_stop_decides_the_exit_code(failure, code, tmp_path):
+    """The main loop saw the stop before the worker's failure (a refused output while it finished its batch, a
+    restore refused on the configuration): serve exited 0, as after a clean stop."""
+    service = Service(ServeConfig({"bootstrap_servers": "127.0.0.1:1", "topic": "t", "group_id": "g",
+                                   "state_dir": tmp_path}, EngineConfig(horizon=4)))
+    service.worker = SimpleNamespace(error=None)
+
+    def stopped_cleanly() -> int:  # the loop's view: the stop came first
+        service.stop()
+        service.worker.error = failure
+        return 0
+
+    service._serve = stopped_cleanly
+    service._shutdown = lambda: None
+    assert service.run() == code
 
 
 def wide_forecasts(n_series: int, horizon: int) -> ForecastBatch:
