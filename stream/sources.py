@@ -168,7 +168,7 @@ def read_csv(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Table:
     data = path.read_bytes()
     lines = data.splitlines()  # \n, \r\n or \r; a row is one line
     source = str(path)
-    first = next((k for k, line in enumerate(lines) if line.strip()), None)
+    first = next((k for k, line in enumerate(lines) if line.removeprefix(_BOM).strip()), None)  # a BOM alone: blank
     if first is None:
         raise ValueError(f"{path} is empty: a CSV file needs a header line")
     header = _header(path, lines[first], first)
@@ -228,12 +228,28 @@ def _read_clean(data: bytes, lines: list[bytes], first: int, header: list[str], 
     return Table(frame, rows) if len(frame) == len(rows) else None
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def _not_csv_hint(first: bytes) -> str:
+    """What a file read as CSV (by its name) looks like instead, from its first bytes."""
+    if first.startswith(b"\x1f\x8b"):
+        return "; the file is gzip-compressed: decompress it first"
+    if first.startswith(b"PAR1"):
+        return "; the file is Parquet: name it .parquet"
+    if first.removeprefix(_BOM).lstrip().startswith(b"{"):
+        return "; the file holds JSON lines: name it .jsonl or give --format jsonl"
+    return ""
+
+
 def _header(path: Path, line: bytes, k: int) -> list[str]:
+    if line.removeprefix(_BOM).lstrip().startswith(b"{"):  # no header: a JSON object (csv splits it at its commas)
+        raise ValueError(f"{path}: line {k + 1} is a JSON object, not a CSV header{_not_csv_hint(line)}")
     try:
         text = line.decode("utf-8").removeprefix("\ufeff")
         header = next(csv.reader([text], strict=True))
     except (UnicodeDecodeError, csv.Error, StopIteration) as err:
-        raise ValueError(f"{path}: line {k + 1}, the header, cannot be read: {err}") from None
+        raise ValueError(f"{path}: line {k + 1}, the header, cannot be read: {err}{_not_csv_hint(line)}") from None
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:
         raise ValueError(f"{path}: line {k + 1}, the header, names columns {repeated} more than once")
@@ -403,6 +419,7 @@ def _load_table(table: Table, spec: ReplaySpec, source: str, name: str | None, p
     repeated = sorted({str(c) for c in frame.columns[frame.columns.duplicated()]})
     if repeated:
         raise ValueError(f"{source}: the columns {repeated} appear more than once")
+    spec = _case_matched(spec, list(frame.columns))
     fmt = spec.resolved_format(list(frame.columns))
     time_col = spec.time_column or _guess_time_column(frame)
     if time_col not in frame.columns:
@@ -414,6 +431,9 @@ def _load_table(table: Table, spec: ReplaySpec, source: str, name: str | None, p
         used = [time_col, spec.series_column, spec.value_column]
     else:
         used = [time_col, *_channels(frame, spec, time_col)]
+        if len(used) == 1:
+            raise ValueError(f"{source}: no value column beside the time column {time_col!r}"
+                             f"{_one_column_hint(time_col)}")
     if path is not None:
         _refuse_nested(path, used)
     letters = list(table.letters)
@@ -453,11 +473,38 @@ def _refuse_nested(path: Path, columns: list[str]) -> None:
                              "number or time per cell (wide: one column per channel; long: one row per observation)")
 
 
+def _case_matched(spec: ReplaySpec, columns: list[Any]) -> ReplaySpec:
+    """``spec`` with its series and value columns named as the table spells them where only the case differs
+    (``Unique_ID``, ``Y``), as the time column is found: a long file headed ``Unique_ID,DS,Y`` was read as a wide
+    one, its series merged into one channel and the rest counted as duplicates. An exact name wins, and two
+    spellings of one name are left as they are (the user names the one meant)."""
+    names = [str(c) for c in columns]
+
+    def matched(name: str) -> str:
+        found = [c for c in names if c.lower() == name.lower()]
+        return name if name in names or len(found) != 1 else found[0]
+
+    return replace(spec, series_column=matched(spec.series_column), value_column=matched(spec.value_column))
+
+
+def _one_column_hint(header: str) -> str:
+    """Why a table may have one column only: a CSV separated by ';' or tabs (a European Excel export)."""
+    for sep, name in ((";", "';'"), ("\t", "tab")):
+        if sep in header:
+            return (f": the header reads as one column and holds {name}s: tidecast reads comma-separated CSV with '.' "
+                    "decimals (save it so, or read it with pandas.read_csv(sep=..., decimal=',') and pass the frame "
+                    "to tidecast.replay)")
+    return ": a history needs a time column and at least one value column"
+
+
 def _guess_time_column(frame: pd.DataFrame) -> str:
     """The time column when none is named: one of :data:`TIME_COLUMN_CANDIDATES` (any case), else the first
     column of datetimes or dates, else the first column - with a warning, as it may well hold values."""
-    by_lower = {str(c).lower(): str(c) for c in reversed(frame.columns)}
+    names = [str(c) for c in frame.columns]
+    by_lower = {name.lower(): name for name in reversed(names)}
     for name in TIME_COLUMN_CANDIDATES:
+        if name in names:  # the exact spelling first: "DS" beside "ds" is some other column
+            return name
         if name in by_lower:
             return by_lower[name]
     for column in frame.columns:

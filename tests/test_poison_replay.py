@@ -190,6 +190,65 @@ def test_a_csv_written_from_a_time_index_reads_its_headerless_first_column_as_th
     assert rc == 0 and s["n_series"] == 2 and s["n_observations"] == 96
 
 
+def hourly_rows(n: int = 48) -> list[str]:
+    return [f"2024-01-01T{k % 24:02d}:00:00".replace("01T", f"{1 + k // 24:02d}T", 1) for k in range(n)]
+
+
+def test_a_long_file_whose_columns_differ_in_case_is_read_as_long(tmp_path):
+    """A header Unique_ID,DS,Y was read as a wide file: one channel of the ids, one of series 1's values, the
+    other series counted as duplicates - exit 0, no word."""
+    stamps = hourly_rows()
+    lines = ["Unique_ID,DS,Y"] + [f"{sid},{t},{sid * 100 + k}" for sid in (1, 2, 3) for k, t in enumerate(stamps)]
+    path = tmp_path / "upper.csv"
+    path.write_text("\n".join(lines) + "\n")
+    rc, s, letters = run(tmp_path, str(path), "--horizon", "2")
+    assert rc == 0 and letters == [] and s["n_series"] == 3 and s["n_observations"] == 144
+    assert s["n_duplicates"] == 0
+
+
+def test_an_exact_time_column_name_wins_over_another_case(tmp_path):
+    """Headers DS and ds: the leftmost, DS (times a year later), was taken as the time."""
+    stamps = hourly_rows()
+    lines = ["DS,ds,load"] + [f"2025{t[4:]},{t},{k}" for k, t in enumerate(stamps)]
+    path = tmp_path / "cases.csv"
+    path.write_text("\n".join(lines) + "\n")
+    result = tidecast.replay(path, horizon=2)
+    assert result.actuals["ds"].min() == pd.Timestamp("2024-01-01", tz="UTC")
+
+
+@pytest.mark.parametrize("sep, says", [(";", "holds ';'s"), ("\t", "holds tabs"), (None, "at least one value")])
+def test_a_table_with_no_value_column_is_one_error_line(tmp_path, capsys, sep, says):
+    """A ';'- or tab-separated export reads as one column, and a file of times alone has no values: each gave
+    "0 observations of 0 series" (or every row a dead letter) and exit 0."""
+    stamps = hourly_rows()
+    header, rows = ("timestamp", stamps) if sep is None else (f"timestamp{sep}load", [f"{t}{sep}10,5" for t in stamps])
+    path = tmp_path / "one_column.csv"
+    path.write_text("\n".join([header, *rows]) + "\n")
+    rc, s, letters = run(tmp_path, str(path), "--horizon", "2")
+    line = error_line(capsys)
+    assert rc == 2 and s is None and "no value column beside the time column" in line and says in line
+
+
+def test_a_file_that_is_no_csv_says_what_it_is(tmp_path, capsys):
+    import gzip
+
+    frame = pd.DataFrame({"ds": hourly_rows(), "y": np.arange(48.0)})
+    zipped, parquet, lines = tmp_path / "a.csv.gz", tmp_path / "b.txt", tmp_path / "c.txt"
+    zipped.write_bytes(gzip.compress(frame.to_csv(index=False).encode()))
+    frame.to_parquet(parquet)
+    lines.write_text('{"series_id": "a", "timestamp": "2024-01-01T00:00:00Z", "value": 1}\n')
+    for path, says in ((zipped, "gzip-compressed"), (parquet, "is Parquet"), (lines, "holds JSON lines")):
+        rc, _, _ = run(tmp_path, str(path), "--horizon", "2")
+        assert rc == 2 and says in error_line(capsys), path
+
+
+def test_a_line_holding_only_a_byte_order_mark_is_blank(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbf\nds,y\n" + "".join(f"{t},{k}\n" for k, t in enumerate(hourly_rows())).encode())
+    rc, s, letters = run(tmp_path, str(path), "--horizon", "2")
+    assert rc == 0 and letters == [] and s["n_observations"] == 48
+
+
 # -- 2. series ids --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("series_id", ["\ud800", "a\udfffb", "\0internal", "x" * (MAX_SERIES_ID_BYTES + 1),
                                        "é" * (MAX_SERIES_ID_BYTES // 2 + 1)], ids=["surrogate", "surrogate-mid",
