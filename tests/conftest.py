@@ -29,6 +29,26 @@ REPO = Path(__file__).resolve().parents[1]
 FAST_GROUP = ("--session-timeout-ms", "6000", "--heartbeat-interval-ms", "1000", "--max-poll-interval-ms", "10000")
 
 
+def gated_engines(gate: threading.Event, entered: threading.Event) -> Callable[..., Any]:
+    """A ``Service`` engine factory whose engines set ``entered`` and wait for ``gate`` before each batch: the test
+    decides what happens while the worker holds one."""
+    from tidecast.stream.engine import Engine
+
+    def factory(config: Any, metrics: Any) -> Any:
+        engine = Engine.from_config(config, metrics)
+        process = engine.process
+
+        def wait_then_process(batch: Any) -> Any:
+            entered.set()
+            gate.wait(60)
+            return process(batch)
+
+        engine.process = wait_then_process
+        return engine
+
+    return factory
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

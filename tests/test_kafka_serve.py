@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import gated_engines
 
 from tidecast.stream.cli import main
 from tidecast.stream.config import EngineConfig
@@ -215,19 +216,6 @@ def test_a_batch_that_fails_after_a_stop_ends_serve_with_exit_1(kafka, kafka_boo
     topic = unique("late-failure")
     kafka.create_topic(topic, 1)
     gate, entered, shutting_down = threading.Event(), threading.Event(), threading.Event()
-
-    def held_engine(config, metrics):
-        engine = Engine.from_config(config, metrics)
-        process = engine.process
-
-        def hold_then_process(batch):
-            entered.set()
-            gate.wait(60)
-            return process(batch)
-
-        engine.process = hold_then_process
-        return engine
-
     flush = KafkaForecastSink.flush
 
     def refused_once_stopping(sink):
@@ -239,7 +227,7 @@ def test_a_batch_that_fails_after_a_stop_ends_serve_with_exit_1(kafka, kafka_boo
     options = {"bootstrap_servers": kafka_bootstrap, "topic": topic, "group_id": unique("g"),
                "state_dir": tmp_path / "state", "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000,
                "max_poll_interval_ms": 10000, "shutdown_timeout": 5.0, "output_processes": 0}
-    service = Service(ServeConfig(options, EngineConfig(horizon=4)), engine_factory=held_engine)
+    service = Service(ServeConfig(options, EngineConfig(horizon=4)), engine_factory=gated_engines(gate, entered))
     shutdown = service._shutdown
     service._shutdown = lambda: (shutting_down.set(), shutdown())[1]
     codes: list[int] = []

@@ -477,29 +477,16 @@ def test_an_unreachable_broker_at_start_is_retried_then_fails_in_one_line(serve,
 def test_a_broker_outage_is_waited_out_and_nothing_is_lost(private_broker, as_messages, waiter, tmp_path):
     """The broker hangs (SIGSTOP) while the worker has unsaved state to checkpoint, for longer than the session
     timeout: serve waits (broker_up 0), then continues; every record is applied exactly once."""
-    from conftest import KafkaKit
+    from conftest import KafkaKit, gated_engines
 
     kit = KafkaKit(private_broker.bootstrap)
     topic = "outage"
     kit.create_topic(topic, 2)
     gate, entered = threading.Event(), threading.Event()
-
-    def gated_engine(config, metrics):
-        engine = Engine.from_config(config, metrics)
-        process = engine.process
-
-        def wait_then_process(batch):
-            entered.set()
-            gate.wait(60)
-            return process(batch)
-
-        engine.process = wait_then_process
-        return engine
-
     options = {"bootstrap_servers": private_broker.bootstrap, "topic": topic, "group_id": "g-outage",
                "state_dir": tmp_path / "state", **FAST, "checkpoint_interval": 0.5, "shutdown_timeout": 1.0}
     service = Service(ServeConfig(options, EngineConfig(horizon=4, model_params={"seasonal-naive": {"period": 6}})),
-                      engine_factory=gated_engine)
+                      engine_factory=gated_engines(gate, entered))
     rc: list = []
     thread = threading.Thread(target=lambda: rc.append(service.run()), name="serve-under-test")
     thread.start()
