@@ -1048,6 +1048,9 @@ class Engine:
         self._import_rows(np.array(rows, dtype=np.int64), arrays)
         if self.retrainer is not None and rows:
             self.retrainer.abort("series restored")
+        if rows:  # a restored alarm or spread counts now, not at the next batch (an idle member: never)
+            self._set_drifting_gauges()
+            self._set_spread_gauges()
         return refused
 
     def _import_rows(self, rows: np.ndarray, arrays: ArrayDict) -> None:
@@ -1186,10 +1189,12 @@ def inferred_step(gaps: np.ndarray) -> int:
     >>> inferred_step(np.array([59, 61, 58, 62, 57, 63, 3]))  # jitter: no gap repeats, the lower median
     59
 
-    A step of which fewer than half the gaps are exact multiples (a jittered clock: gaps near the step, not on it)
-    is rounded to the nearest whole day, hour, minute, second or millisecond within 1 % of it, the coarsest that
-    is: a step of 59:59.748 from a clock jittered by a second put the forecasts' target times 25 minutes off the
-    hour after 6,000 hours. An exact cadence keeps its step, missing values or not (gaps of 1, 2, 3 steps).
+    A jittered clock's step - more of the gaps near a whole number of steps (within 1 %) without being one than
+    gaps that are whole numbers of steps - is rounded to the nearest whole day, hour, minute, second or millisecond
+    within 1 % of it, the coarsest that is: a step of 59:59.748 from a clock jittered by a second put the
+    forecasts' target times 25 minutes off the hour after 6,000 hours. An exact cadence keeps its step, with
+    missing values (gaps of 2 or 3 steps) or a re-reading a few seconds after a reading (a short gap and its
+    remainder) among its first gaps.
 
     >>> hour = 3_600 * 10**9
     >>> inferred_step(np.array([hour - 252_000_000, hour + 90_000_000, hour + 310_000_000]))  # 1:00:00.090 ...
@@ -1199,7 +1204,10 @@ def inferred_step(gaps: np.ndarray) -> int:
     values, counts = np.unique(gaps, return_counts=True)  # sorted: argmax takes the smaller
     lower_median = int(np.sort(gaps)[(len(gaps) - 1) // 2])
     step = int(values[np.argmax(counts)]) if counts.max() >= 2 else lower_median
-    if 2 * int(np.count_nonzero(gaps % step == 0)) >= len(gaps):  # the clock's own cadence (with gaps or not)
+    steps = np.rint(gaps / step)
+    near = (steps >= 1) & (np.abs(gaps - steps * step) * 100 <= step)
+    exact = gaps % step == 0
+    if np.count_nonzero(near & ~exact) <= np.count_nonzero(exact):  # the clock's own cadence
         return step
     return _round_step(step)
 

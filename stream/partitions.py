@@ -78,6 +78,10 @@ class PartitionState:
     checkpointed: int | None = None  # position of the last durable checkpoint
     changelog_offset: int = 0  # changelog read or written up to here
     shared_digests: dict[str, str] = field(default_factory=dict)
+    # each retrained lane's model version in the partition's last checkpoint: one written before a promotion is
+    # rewritten at the next checkpoint even if none of its series moved, or a member restoring it alone would take
+    # the older model back (versions went 1 -> 0 when a quiet partition came back by itself)
+    model_versions: dict[str, int] = field(default_factory=dict)
     # restored series this member's engine does not accept (max_series reached, e.g. after a scale-in; not in
     # allowed_series): their state rides along unchanged in every checkpoint of the partition, so the member that
     # takes them next (or this one, once rows free up) continues them; meanwhile their records are dead-lettered
@@ -261,7 +265,9 @@ class PartitionTable:
         :meth:`~tidecast.stream.state.ChangelogStore.read_latest`); how often groups are written is the
         worker's choice (``changelog_bytes_per_record``)."""
         chosen = list(self.owned) if partitions is None else partitions
-        todo = [self.owned[p] for p in chosen if p in self.owned and self.owned[p].changed]
+        versions = self.engine.model_versions()
+        todo = [self.owned[p] for p in chosen if p in self.owned and (self.owned[p].changed
+                                                                     or _behind(self.owned[p], versions))]
         if not todo:
             return None
         started = time.perf_counter()
@@ -302,6 +308,7 @@ class PartitionTable:
             st.changelog_offset = job.next_offsets[partition]
             st.checkpointed = position
             st.shared_digests = dict(job.digests)
+            st.model_versions = {m: shared_version(meta) for m, (_arrays, meta) in job.shared.items()}
             offsets[partition] = position
         return offsets
 
@@ -372,6 +379,7 @@ class PartitionTable:
             left = set(refused)
             taken = [sid for i, sid in enumerate(st.parked.series_ids) if i not in left]
             if taken:
+                self.metrics.restored_series.inc(len(taken))
                 st.parked = st.parked.take(refused)
                 for sid in taken:
                     st.series.add(sid)
@@ -440,6 +448,7 @@ class PartitionTable:
             st.parked = snap.rows.take([i for i, sid in enumerate(ids) if sid in refused])
             st.position = st.checkpointed = snap.position
             st.shared_digests = {m: shared_digest(*s) for m, s in snap.shared.items()}
+            st.model_versions = {m: shared_version(meta) for m, (_arrays, meta) in snap.shared.items()}
             for sid, (_part, offset) in snap.rows.applied_offsets().items():
                 if offset >= 0:
                     self._floors[sid] = offset
@@ -498,6 +507,11 @@ class PartitionTable:
                         "rows free up here or another member takes them; raise --max-series (or widen "
                         "--allowed-series) to serve them", len(refused), self.engine.refusal(sorted(refused)[0]))
         return refused
+
+
+def _behind(st: PartitionState, versions: dict[str, int]) -> bool:
+    """Whether the partition's last checkpoint holds an older model version of a lane than the engine serves."""
+    return st.position is not None and any(st.model_versions.get(m, 0) < v for m, v in versions.items())
 
 
 def _newest_shared(snapshots: list[Snapshot]) -> SharedState:

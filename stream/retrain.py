@@ -346,6 +346,7 @@ class LaneRetrain:
         self.in_flight: StartJob | None = None  # started, not yet decided (saved: restarted after a crash)
         self.shadow: Shadow | None = None
         self.restart: StartJob | None = None
+        self.restart_counted = False  # the restart continues a job this process counted as started
         self.last_ratio = float("nan")
         self.probation = False  # the shadow holds the model a promotion replaced (see Retrainer._end_probation)
         self.cut_short: str | None = None  # why series moving ended a probation: said by an event at the next step
@@ -396,8 +397,9 @@ class Retrainer:
             return
         if not getattr(lane.model, "fitted_", True):  # nothing to refit before the first fit
             return
+        counted = st.restart is not None and st.restart_counted
         start = st.restart or st.policy.poll(st.step)
-        st.restart = None
+        st.restart, st.restart_counted = None, False
         if start is None:
             return
         rows = engine.live_rows()
@@ -409,7 +411,8 @@ class Retrainer:
         candidate = lane.model if refused else copy_model(lane.model, rows, **overrides)
         st.job = Job(start, candidate, fresh + st.settings.history, st.settings, refused)
         st.in_flight = start
-        engine.metrics.retrains.labels(model=lane.name, outcome="started").inc()
+        if not counted:  # one job interrupted by series moving in or out is one job started
+            engine.metrics.retrains.labels(model=lane.name, outcome="started").inc()
         events.append(self._event(lane.name, "retrain_started", when, float("nan"), st, start.reason))
         if not self.deferred:  # replay: the job runs here, at the decision step
             st.job.run()
@@ -538,6 +541,7 @@ class Retrainer:
             if st.shadow is not None or st.job is not None:
                 log.info("retrain restarted: %s", why)
                 st.restart, st.shadow, st.job, st.probation = st.in_flight, None, None, False
+                st.restart_counted = st.restart is not None
 
     def adopt(self, lane: str, version: int) -> None:
         """The lane took a newer model from another member's checkpoint: its version, and no job of its own on

@@ -231,19 +231,30 @@ def _read_clean(data: bytes, lines: list[bytes], first: int, header: list[str], 
 _BOM = b"\xef\xbb\xbf"
 
 
+def _json_object(line: bytes) -> bool:
+    """Whether ``line`` is one JSON object (a header such as ``{ts},value`` is not)."""
+    text = line.removeprefix(_BOM).strip()
+    if not text.startswith(b"{"):
+        return False
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
 def _not_csv_hint(first: bytes) -> str:
     """What a file read as CSV (by its name) looks like instead, from its first bytes."""
     if first.startswith(b"\x1f\x8b"):
         return "; the file is gzip-compressed: decompress it first"
     if first.startswith(b"PAR1"):
         return "; the file is Parquet: name it .parquet"
-    if first.removeprefix(_BOM).lstrip().startswith(b"{"):
+    if _json_object(first):
         return "; the file holds JSON lines: name it .jsonl or give --format jsonl"
     return ""
 
 
 def _header(path: Path, line: bytes, k: int) -> list[str]:
-    if line.removeprefix(_BOM).lstrip().startswith(b"{"):  # no header: a JSON object (csv splits it at its commas)
+    if _json_object(line):  # no header: a JSON record (csv would split it at its commas into a "header")
         raise ValueError(f"{path}: line {k + 1} is a JSON object, not a CSV header{_not_csv_hint(line)}")
     try:
         text = line.decode("utf-8").removeprefix("\ufeff")
@@ -510,8 +521,17 @@ def _guess_time_column(frame: pd.DataFrame) -> str:
     for column in frame.columns:
         if _holds_times(frame[column]):
             return str(column)
-    for column in frame.columns:  # DataFrame.to_csv() of a frame indexed by time: its header cell is empty
-        if _headerless(column) and _holds_time_text(frame[column]):
+    # then a column of ISO-8601 text, a named one ("created_at") before one without a header, which is what
+    # DataFrame.to_csv() writes for a frame indexed by time (it may also be a date label beside the real time)
+    by_header = sorted(frame.columns, key=_headerless)  # stable: named columns first, each group in file order
+    epoch_first = bool(len(by_header)) and not _headerless(by_header[0]) and _looks_like_epoch(frame[by_header[0]])
+    for column in by_header:
+        if _headerless(column) and epoch_first:  # a date label as the index beside epoch seconds: those are it
+            break
+        if _holds_time_text(frame[column]):
+            warnings.warn(f"no time column named {', '.join(TIME_COLUMN_CANDIDATES)}: reading {str(column)!r}, which "
+                          "holds ISO-8601 times, as the time; name it with --time-column / time_column=",
+                          UserWarning, stacklevel=2)
             return str(column)
     first = str(next((c for c in frame.columns if not _headerless(c)), frame.columns[0]))
     warnings.warn(f"no time column named {', '.join(TIME_COLUMN_CANDIDATES)}: reading the first column, {first!r}, "
@@ -530,6 +550,15 @@ def _holds_time_text(cells: pd.Series, sample: int = 200) -> bool:
         return False
     parsed = pd.to_datetime(text, utc=True, errors="coerce", format="ISO8601")
     return 2 * int(parsed.notna().sum()) > len(text)
+
+
+def _looks_like_epoch(cells: pd.Series, sample: int = 200) -> bool:
+    """Whether a column's first cells are non-decreasing epoch seconds of 1973-2099 (1e8 .. 4.1e9)."""
+    head = cells.head(sample)
+    numbers = (head.to_numpy(dtype=float, na_value=np.nan) if pd.api.types.is_numeric_dtype(head)
+               and not pd.api.types.is_bool_dtype(head) else _numbers(_texts(head).str.strip()))
+    return bool(len(numbers)) and bool(np.isfinite(numbers).all()) and 1e8 <= numbers.min() <= numbers.max() <= 4.1e9 \
+        and bool((np.diff(numbers) >= 0).all())
 
 
 def _holds_times(cells: pd.Series) -> bool:

@@ -185,6 +185,9 @@ def test_a_jittered_clock_infers_the_round_step_and_forecasts_stay_on_the_hour(j
         assert inferred_step(np.full(7, exact)) == exact
     sidereal = 86_164_090_500_000  # nightly at one sidereal time, cloudy nights missing: 3 of 7 gaps are one step
     assert inferred_step(np.diff(np.array([0, 1, 3, 4, 6, 9, 10, 13]) * sidereal)) == sidereal
+    second = 10**9  # ... and with two re-readings a few seconds after a reading (a short gap and its remainder)
+    gaps = [sidereal, 5 * second, sidereal - 5 * second, sidereal, 3 * second, sidereal - 3 * second, sidereal]
+    assert inferred_step(np.array(gaps)) == sidereal
 
 
 def test_allow_list_rejects_unknown_series():

@@ -229,6 +229,26 @@ def test_a_table_with_no_value_column_is_one_error_line(tmp_path, capsys, sep, s
     assert rc == 2 and s is None and "no value column beside the time column" in line and says in line
 
 
+def test_a_headerless_date_label_does_not_beat_the_real_time_column(tmp_path):
+    """A written index of day labels beside the real times: a named column of ISO times ("created_at") or of
+    epoch seconds ("epoch") is the time, not the headerless labels (all rows landed on one time)."""
+    stamps = [f"2024-01-01T{k:02d}:00:00" for k in range(6)]
+    for name, cells in (("created_at", stamps), ("epoch", [1_704_067_200 + 3_600 * k for k in range(6)])):
+        lines = [f",{name},load"] + [f"2024-01-01,{c},{k}" for k, c in enumerate(cells)]
+        path = tmp_path / f"{name}.csv"
+        path.write_text("\n".join(lines) + "\n")
+        with pytest.warns(UserWarning, match="no time column named"):
+            result = tidecast.replay(path, horizon=2)
+        assert result.actuals["ds"].nunique() == 6 and list(result.actuals["unique_id"].unique()) == [f"{name}/load"]
+
+
+def test_a_csv_header_that_starts_with_a_brace_is_a_header(tmp_path):
+    path = tmp_path / "brace.csv"
+    path.write_text("{ts},value\n" + "".join(f"2024-01-01T{k:02d}:00:00,{k}\n" for k in range(6)))
+    rc, s, letters = run(tmp_path, str(path), "--horizon", "2", "--time-column", "{ts}")
+    assert rc == 0 and letters == [] and s["n_observations"] == 6
+
+
 def test_a_file_that_is_no_csv_says_what_it_is(tmp_path, capsys):
     import gzip
 
