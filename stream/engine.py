@@ -1189,12 +1189,11 @@ def inferred_step(gaps: np.ndarray) -> int:
     >>> inferred_step(np.array([59, 61, 58, 62, 57, 63, 3]))  # jitter: no gap repeats, the lower median
     59
 
-    A jittered clock's step - more of the gaps near a whole number of steps (within 1 %) without being one than
-    gaps that are whole numbers of steps - is rounded to the nearest whole day, hour, minute, second or millisecond
-    within 1 % of it, the coarsest that is: a step of 59:59.748 from a clock jittered by a second put the
-    forecasts' target times 25 minutes off the hour after 6,000 hours. An exact cadence keeps its step, with
-    missing values (gaps of 2 or 3 steps) or a re-reading a few seconds after a reading (a short gap and its
-    remainder) among its first gaps.
+    A jittered clock's step - fewer than half of the held observations lie exactly on the grid it draws from the
+    first - is rounded to the nearest whole day, hour, minute, second or millisecond within 1 % of it, the
+    coarsest that is: a step of 59:59.748 from a clock jittered by a second put the forecasts' target times 25
+    minutes off the hour after 6,000 hours. An exact cadence keeps its step, with missing values (gaps of 2 or 3
+    steps) or a re-reading a few seconds after a reading among its first observations.
 
     >>> hour = 3_600 * 10**9
     >>> inferred_step(np.array([hour - 252_000_000, hour + 90_000_000, hour + 310_000_000]))  # 1:00:00.090 ...
@@ -1204,10 +1203,8 @@ def inferred_step(gaps: np.ndarray) -> int:
     values, counts = np.unique(gaps, return_counts=True)  # sorted: argmax takes the smaller
     lower_median = int(np.sort(gaps)[(len(gaps) - 1) // 2])
     step = int(values[np.argmax(counts)]) if counts.max() >= 2 else lower_median
-    steps = np.rint(gaps / step)
-    near = (steps >= 1) & (np.abs(gaps - steps * step) * 100 <= step)
-    exact = gaps % step == 0
-    if np.count_nonzero(near & ~exact) <= np.count_nonzero(exact):  # the clock's own cadence
+    on_grid = 1 + int(np.count_nonzero(np.cumsum(gaps) % step == 0))  # the first observation draws the grid
+    if 2 * on_grid >= len(gaps) + 1:  # the clock's own cadence
         return step
     return _round_step(step)
 

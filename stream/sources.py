@@ -521,35 +521,39 @@ def _guess_time_column(frame: pd.DataFrame) -> str:
     for column in frame.columns:
         if _holds_times(frame[column]):
             return str(column)
-    # then a column of ISO-8601 text, a named one ("created_at") before one without a header, which is what
-    # DataFrame.to_csv() writes for a frame indexed by time (it may also be a date label beside the real time)
-    by_header = sorted(frame.columns, key=_headerless)  # stable: named columns first, each group in file order
-    epoch_first = bool(len(by_header)) and not _headerless(by_header[0]) and _looks_like_epoch(frame[by_header[0]])
-    for column in by_header:
-        if _headerless(column) and epoch_first:  # a date label as the index beside epoch seconds: those are it
-            break
-        if _holds_time_text(frame[column]):
-            warnings.warn(f"no time column named {', '.join(TIME_COLUMN_CANDIDATES)}: reading {str(column)!r}, which "
-                          "holds ISO-8601 times, as the time; name it with --time-column / time_column=",
-                          UserWarning, stacklevel=2)
-            return str(column)
+    # then the finest column of times among those of ISO-8601 text (a headerless one is what DataFrame.to_csv()
+    # writes for a frame indexed by time) and a first named column of epoch seconds: a date label ("day") beside
+    # the real times, as the index or as a column, holds fewer distinct times in its first cells
     first = str(next((c for c in frame.columns if not _headerless(c)), frame.columns[0]))
+    found = {str(c): n for c in sorted(frame.columns, key=_headerless) if (n := _distinct_time_text(frame[c]))}
+    epoch_first = first not in found and first in frame.columns and _looks_like_epoch(frame[first])
+    if epoch_first:
+        found = {first: int(frame[first].head(200).nunique()), **found}
+    if found:
+        best = max(found, key=found.__getitem__)  # on a tie the first: named before headerless, file order
+        if not (best == first and epoch_first):  # the first column as epoch seconds: the warning below says so
+            shown = repr(best) if not _headerless(best) else "the column without a header"
+            warnings.warn(f"no time column named {', '.join(TIME_COLUMN_CANDIDATES)}: reading {shown}, which "
+                          "holds the finest times, as the time; name it with --time-column / time_column=",
+                          UserWarning, stacklevel=2)
+            return best
     warnings.warn(f"no time column named {', '.join(TIME_COLUMN_CANDIDATES)}: reading the first column, {first!r}, "
                   f"as the time (numbers as epoch seconds); name it with --time-column / time_column=",
                   UserWarning, stacklevel=2)
     return first
 
 
-def _holds_time_text(cells: pd.Series, sample: int = 200) -> bool:
-    """Whether most of a text column's first cells are ISO-8601 times (not numbers: row numbers are no times)."""
+def _distinct_time_text(cells: pd.Series, sample: int = 200) -> int:
+    """How many distinct ISO-8601 times a text column's first cells hold, if most of them are such times (not
+    numbers: row numbers are no times); 0 otherwise."""
     if not len(cells) or not _all_text(cells.head(sample)):
-        return False
+        return 0
     text = _texts(cells.head(sample).dropna()).str.strip()
     text = text[text != ""]
     if not len(text) or _mostly_numbers(text):
-        return False
+        return 0
     parsed = pd.to_datetime(text, utc=True, errors="coerce", format="ISO8601")
-    return 2 * int(parsed.notna().sum()) > len(text)
+    return int(parsed.nunique()) if 2 * int(parsed.notna().sum()) > len(text) else 0
 
 
 def _looks_like_epoch(cells: pd.Series, sample: int = 200) -> bool:

@@ -188,6 +188,8 @@ def test_a_jittered_clock_infers_the_round_step_and_forecasts_stay_on_the_hour(j
     second = 10**9  # ... and with two re-readings a few seconds after a reading (a short gap and its remainder)
     gaps = [sidereal, 5 * second, sidereal - 5 * second, sidereal, 3 * second, sidereal - 3 * second, sidereal]
     assert inferred_step(np.array(gaps)) == sidereal
+    minutes_jitter = np.array([3300, 3450, 3590, 3750, 3900, 3420, 3700]) * second  # one gap a whole step by chance
+    assert inferred_step(minutes_jitter) == HOUR
 
 
 def test_allow_list_rejects_unknown_series():

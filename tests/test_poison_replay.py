@@ -240,6 +240,15 @@ def test_a_headerless_date_label_does_not_beat_the_real_time_column(tmp_path):
         with pytest.warns(UserWarning, match="no time column named"):
             result = tidecast.replay(path, horizon=2)
         assert result.actuals["ds"].nunique() == 6 and list(result.actuals["unique_id"].unique()) == [f"{name}/load"]
+    # ... and a named date label loses to the finer times: epoch seconds first, or a written time index
+    for name, head, row in (("epoch_day", "unix_time,local_day,load", "{e},2024-01-01,{k}"),
+                            ("index_day", ",day,load", "{t},2024-01-01,{k}")):
+        lines = [head] + [row.format(e=1_704_067_200 + 3_600 * k, t=t, k=k) for k, t in enumerate(stamps)]
+        path = tmp_path / f"{name}.csv"
+        path.write_text("\n".join(lines) + "\n")
+        with pytest.warns(UserWarning, match="no time column named"):
+            result = tidecast.replay(path, horizon=2)
+        assert result.actuals["ds"].nunique() == 6, name
 
 
 def test_a_csv_header_that_starts_with_a_brace_is_a_header(tmp_path):
