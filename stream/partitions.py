@@ -308,7 +308,7 @@ class PartitionTable:
             st.changelog_offset = job.next_offsets[partition]
             st.checkpointed = position
             st.shared_digests = dict(job.digests)
-            st.model_versions = {m: shared_version(meta) for m, (_arrays, meta) in job.shared.items()}
+            st.model_versions = model_versions_of(job.shared)
             offsets[partition] = position
         return offsets
 
@@ -448,7 +448,7 @@ class PartitionTable:
             st.parked = snap.rows.take([i for i, sid in enumerate(ids) if sid in refused])
             st.position = st.checkpointed = snap.position
             st.shared_digests = {m: shared_digest(*s) for m, s in snap.shared.items()}
-            st.model_versions = {m: shared_version(meta) for m, (_arrays, meta) in snap.shared.items()}
+            st.model_versions = model_versions_of(snap.shared)
             for sid, (_part, offset) in snap.rows.applied_offsets().items():
                 if offset >= 0:
                     self._floors[sid] = offset
@@ -507,6 +507,11 @@ class PartitionTable:
                         "rows free up here or another member takes them; raise --max-series (or widen "
                         "--allowed-series) to serve them", len(refused), self.engine.refusal(sorted(refused)[0]))
         return refused
+
+
+def model_versions_of(shared: SharedState) -> dict[str, int]:
+    """Each lane's model version in saved shared state."""
+    return {model: shared_version(meta) for model, (_arrays, meta) in shared.items()}
 
 
 def _behind(st: PartitionState, versions: dict[str, int]) -> bool:

@@ -526,12 +526,11 @@ def _guess_time_column(frame: pd.DataFrame) -> str:
     # the real times, as the index or as a column, holds fewer distinct times in its first cells
     first = str(next((c for c in frame.columns if not _headerless(c)), frame.columns[0]))
     found = {str(c): n for c in sorted(frame.columns, key=_headerless) if (n := _distinct_time_text(frame[c]))}
-    epoch_first = first not in found and first in frame.columns and _looks_like_epoch(frame[first])
-    if epoch_first:
-        found = {first: int(frame[first].head(200).nunique()), **found}
     if found:
         best = max(found, key=found.__getitem__)  # on a tie the first: named before headerless, file order
-        if not (best == first and epoch_first):  # the first column as epoch seconds: the warning below says so
+        epoch_first = first not in found and first in frame.columns and _looks_like_epoch(frame[first])
+        # epoch seconds first win a tie too; the warning below says they are read as such
+        if not (epoch_first and int(frame[first].head(200).nunique()) >= found[best]):
             shown = repr(best) if not _headerless(best) else "the column without a header"
             warnings.warn(f"no time column named {', '.join(TIME_COLUMN_CANDIDATES)}: reading {shown}, which "
                           "holds the finest times, as the time; name it with --time-column / time_column=",
@@ -558,9 +557,7 @@ def _distinct_time_text(cells: pd.Series, sample: int = 200) -> int:
 
 def _looks_like_epoch(cells: pd.Series, sample: int = 200) -> bool:
     """Whether a column's first cells are non-decreasing epoch seconds of 1973-2099 (1e8 .. 4.1e9)."""
-    head = cells.head(sample)
-    numbers = (head.to_numpy(dtype=float, na_value=np.nan) if pd.api.types.is_numeric_dtype(head)
-               and not pd.api.types.is_bool_dtype(head) else _numbers(_texts(head).str.strip()))
+    numbers, _ = _parse_values(cells.head(sample))
     return bool(len(numbers)) and bool(np.isfinite(numbers).all()) and 1e8 <= numbers.min() <= numbers.max() <= 4.1e9 \
         and bool((np.diff(numbers) >= 0).all())
 
