@@ -201,6 +201,11 @@ def _empty_field(name: str) -> np.ndarray:
     return np.zeros((0, _SERIES_WIDTH[name]) if name in _SERIES_WIDTH else 0, dtype)
 
 
+class StateMismatch(ValueError):
+    """Saved series state that cannot be imported into this engine (arrays missing or misshapen); nothing of it is
+    kept."""
+
+
 def _upgrade_engine_arrays(arrays: ArrayDict, n_rows: int) -> ArrayDict:
     """State saved before the step window (``held``/``held_t``/``held_v``, no ``last_t``) in today's layout."""
     if "engine/hold_n" in arrays or "engine/held" not in arrays:
@@ -1032,20 +1037,29 @@ class Engine:
         A series this engine does not accept (not in ``allowed_series``, or ``max_series`` reached: a scale-in
         hands a member more series than its limit) is left out; returns the positions in ``meta`` of those left
         out, so the caller can keep their state (a restore never fails on them)."""
-        rows, refused = [], []
+        rows, refused, taken = [], [], []
         for i, item in enumerate(meta):
             sid = item["series_id"]
             slot = self._slot_of.get(sid)
             if slot is None:
-                slot = self._register(sid, item.get("row"))
+                row = item.get("row")  # only a plausible row: a forged 10**9 would allocate 10**9 free rows
+                slot = self._register(sid, row if isinstance(row, int) and 0 <= row < self.config.max_series
+                                      else None)
                 if slot is None:
                     refused.append(i)
                     continue
             rows.append(slot)
+            taken.append(sid)
         if refused:
             kept = np.setdiff1d(np.arange(len(meta)), refused)
             arrays = {k: v[kept] for k, v in arrays.items()}
-        self._import_rows(np.array(rows, dtype=np.int64), arrays)
+        try:
+            self._import_rows(np.array(rows, dtype=np.int64), arrays)
+        except (KeyError, ValueError, IndexError, TypeError) as err:
+            # State that passed its checksum but does not fit this engine (a writer bug, a forged file): no series
+            # is left half-imported, and the caller restores from elsewhere instead of failing on every restart.
+            self.drop_series(taken)
+            raise StateMismatch(f"saved series state does not fit this engine: {type(err).__name__}: {err}") from err
         if self.retrainer is not None and rows:
             self.retrainer.abort("series restored")
         if rows:  # a restored alarm or spread counts now, not at the next batch (an idle member: never)

@@ -35,13 +35,13 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from tidecast.monitors.metrics import Metrics
 from tidecast.stream.batch import ObservationBatch
-from tidecast.stream.engine import Engine, shared_version
+from tidecast.stream.engine import Engine, StateMismatch, shared_version
 from tidecast.stream.partitioner import HomePartitions
 from tidecast.stream.state import (
     ChangelogStore,
@@ -406,7 +406,10 @@ class PartitionTable:
                 self._own(kept)  # nobody wrote since our own last checkpoint: memory is current
                 continue
             snapshots[p], tails[p] = self._read(p)  # (a stale kept state is overwritten by the import)
-        refused = self._import(snapshots)
+        refused, unfit = self._import(snapshots)
+        for p, err in unfit.items():
+            snapshots[p], tails[p], more = self._without_local(p, err)
+            refused |= more
         for p, snap in snapshots.items():
             self._own(self._state_of(p, snap, tails[p], refused))
         # rows freed by the partitions that left: the parked series of those kept in memory (which the forget
@@ -421,9 +424,9 @@ class PartitionTable:
         return {p: self.owned[p].position if p in self.owned and p not in already else None
                 for p in sorted(partitions)}
 
-    def _read(self, p: int) -> tuple[Snapshot | None, ChangelogTail]:
+    def _read(self, p: int, use_local: bool = True) -> tuple[Snapshot | None, ChangelogTail]:
         skipped = getattr(self.local, "skipped", 0)
-        local = self.local.load(p)
+        local = self.local.load(p) if use_local else None
         if getattr(self.local, "skipped", 0) > skipped:  # unreadable, or another partition's, topic's or group's
             self.metrics.state_skipped.labels(source="snapshot").inc()
         if local is not None:
@@ -466,11 +469,28 @@ class PartitionTable:
         for sid in st.series:
             self._owner[sid] = st.partition
 
-    def _import(self, snapshots: dict[int, Snapshot | None]) -> set[str]:
-        """Restore the snapshots' series into the engine; returns those it does not accept (see ``parked``)."""
+    def _without_local(self, p: int, err: Exception) -> tuple[Snapshot | None, ChangelogTail, set[str]]:
+        """Partition ``p``'s state after its restored series did not fit the engine (``err``): read again from
+        the changelog alone, the local snapshot being the likelier culprit; if that does not fit either, the
+        partition starts without state (logged and counted, never a crash loop on the same bytes)."""
+        log.warning("the saved state of partition %d does not fit this engine (%s); restoring it from the "
+                    "changelog alone", p, err)
+        self.metrics.state_skipped.labels(source="snapshot").inc()
+        snap, tail = self._read(p, use_local=False)
+        refused, unfit = self._import({p: snap})
+        if unfit:
+            log.error("the changelog state of partition %d does not fit this engine either (%s); the partition "
+                      "starts without state, from its committed offset", p, unfit[p])
+            self.metrics.state_skipped.labels(source="changelog").inc()
+            return None, tail, set()
+        return snap, tail, refused
+
+    def _import(self, snapshots: dict[int, Snapshot | None]) -> tuple[set[str], dict[int, Exception]]:
+        """Restore the snapshots' series into the engine; returns those it does not accept (see ``parked``) and
+        the partitions whose state does not fit it (nothing of theirs imported)."""
         found = [s for s in snapshots.values() if s is not None and len(s.rows)]
         if not found:
-            return set()
+            return set(), {}
         fresh = not self.engine.series_ids
         shared = _newest_shared(found)
         if not self.engine.series_ids:
@@ -484,29 +504,50 @@ class PartitionTable:
         # One import per state layout: a partition checkpointed before a change of watcher (--drift-detector) and
         # not since holds the old watcher's arrays, which the engine restarts afresh, but which cannot be one table
         # with the new ones (a restore of both failed on every restart)
-        layouts: dict[frozenset[str], list[SeriesRows]] = {}
+        layouts: dict[frozenset[str], list[Snapshot]] = {}
         for snap in found:
-            layouts.setdefault(frozenset(snap.rows.arrays), []).append(snap.rows)
+            layouts.setdefault(frozenset(snap.rows.arrays), []).append(snap)
         refused: set[str] = set()
+        unfit: dict[int, Exception] = {}
         n_rows = 0
-        for parts in layouts.values():
-            rows = SeriesRows.concat(parts)
-            # Import in the exporter's row order ("slot"), and into those very rows when this engine held no series:
-            # a process restoring its own state gets every series back where it was, which keeps row-indexed
-            # shared state (e.g. a replay buffer's plan) pointing at the right series.
-            rows = rows.take(np.argsort([m.get("slot", 0) for m in rows.meta], kind="stable"))
-            wanted = [{"series_id": m["series_id"]} | ({"row": m["slot"]} if fresh and "slot" in m else {})
-                      for m in rows.meta]
-            refused |= {wanted[i]["series_id"] for i in self.engine.import_series(wanted, rows.arrays)}
-            n_rows += len(rows)
+        for group in layouts.values():
+            # one import for the group; if it does not fit, one per partition, to find the partition at fault
+            for part in [group] if len(group) == 1 else [group, *([snap] for snap in group)]:
+                try:
+                    n, out = self._import_rows([snap.rows for snap in part], fresh)
+                except (StateMismatch, IncompatibleState) as err:
+                    if len(part) == 1:
+                        unfit[part[0].partition] = err
+                    continue
+                n_rows, refused = n_rows + n, refused | out
+                if part is group:
+                    break
         self.metrics.restored_series.inc(n_rows - len(refused))
-        log.info("restored %d series of partitions %s", n_rows - len(refused), sorted(s.partition for s in found))
+        log.info("restored %d series of partitions %s", n_rows - len(refused),
+                 sorted(s.partition for s in found if s.partition not in unfit))
         if refused:
             log.warning("%d restored series are not accepted by this member (%s): their state is kept unchanged in "
                         "the partitions' checkpoints and their records are dead-lettered as unknown_series until "
                         "rows free up here or another member takes them; raise --max-series (or widen "
                         "--allowed-series) to serve them", len(refused), self.engine.refusal(sorted(refused)[0]))
-        return refused
+        return refused, unfit
+
+    def _import_rows(self, parts: list[SeriesRows], fresh: bool) -> tuple[int, set[str]]:
+        """Import rows of one layout; returns how many and the ids the engine did not accept."""
+        rows = SeriesRows.concat(parts)
+        # Import in the exporter's row order ("slot"), and into those very rows when this engine held no series:
+        # a process restoring its own state gets every series back where it was, which keeps row-indexed
+        # shared state (e.g. a replay buffer's plan) pointing at the right series.
+        rows = rows.take(np.argsort([_slot(m) or 0 for m in rows.meta], kind="stable"))
+        wanted = [{"series_id": m["series_id"]} | ({"row": _slot(m)} if fresh and _slot(m) is not None else {})
+                  for m in rows.meta]
+        return len(rows), {wanted[i]["series_id"] for i in self.engine.import_series(wanted, rows.arrays)}
+
+
+def _slot(item: dict[str, Any]) -> int | None:
+    """The exporter's row of a series in saved meta (JSON, so anything: only a plain int in int64 counts)."""
+    slot = item.get("slot")
+    return slot if type(slot) is int and 0 <= slot < 2**63 else None
 
 
 def model_versions_of(shared: SharedState) -> dict[str, int]:

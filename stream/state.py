@@ -127,9 +127,24 @@ def decode_blob(blob: bytes) -> tuple[dict[str, Any], ArrayDict]:
         meta = json.loads(bytes(body[start:start + meta_len]))
         tensors = bytes(body[start + meta_len:])
         arrays = dict(st_load(tensors)) if tensors else {}
-    except (ValueError, UnicodeDecodeError, SafetensorError) as err:  # checksum passed: a writer bug or forgery
-        raise CorruptState(f"unreadable state blob: {err}") from err
+    except (ValueError, UnicodeDecodeError, SafetensorError, RecursionError) as err:  # checksum passed: a writer
+        raise CorruptState(f"unreadable state blob: {err}") from err                     # bug, or a forgery
+    if not isinstance(meta, dict):
+        raise CorruptState(f"state blob metadata is a JSON {type(meta).__name__}, not an object")
     return meta, arrays
+
+
+def checked_rows(items: Any, arrays: ArrayDict) -> SeriesRows:
+    """``items`` (one dict per series) and ``arrays`` as a :class:`SeriesRows`, or :class:`CorruptState` when they
+    cannot be one: a series without a string id, an id twice, an array that does not hold one row per series."""
+    if not isinstance(items, list) or not all(isinstance(i, dict) and isinstance(i.get("series_id"), str)
+                                              for i in items):
+        raise CorruptState("a series state without a series id")
+    if len({i["series_id"] for i in items}) != len(items):
+        raise CorruptState("a series state that holds one series twice")
+    if any(np.ndim(v) == 0 or len(v) != len(items) for v in arrays.values()):
+        raise CorruptState(f"a series state whose arrays do not hold its {len(items)} series")
+    return SeriesRows(items, arrays)
 
 
 def config_fingerprint(config: dict[str, Any]) -> dict[str, Any]:
@@ -365,15 +380,19 @@ class Snapshot:
         meta, arrays = decode_blob(blob)
         if meta.get("kind") != "snapshot":
             raise CorruptState(f"expected a snapshot, got {meta.get('kind')!r}")
-        rows = SeriesRows(meta["series"], {k[len("series/"):]: v for k, v in arrays.items()
-                                           if k.startswith("series/")})
         try:
-            return cls(str(meta["topic"]), int(meta["partition"]), int(meta["position"]),
-                       int(meta["changelog_offset"]), meta.get("config"), rows,
-                       _unpack_shared(meta.get("shared") or {}, arrays), float(meta.get("written_at", 0.0)),
-                       meta.get("group"))
-        except (KeyError, TypeError, ValueError) as err:
+            rows = checked_rows(meta["series"], {k[len("series/"):]: v for k, v in arrays.items()
+                                                 if k.startswith("series/")})
+            snapshot = cls(str(meta["topic"]), int(meta["partition"]), int(meta["position"]),
+                           int(meta["changelog_offset"]), meta.get("config"), rows,
+                           _unpack_shared(meta.get("shared") or {}, arrays), float(meta.get("written_at", 0.0)),
+                           meta.get("group"))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise CorruptState(f"snapshot without a valid {err}") from err
+        if not (0 <= snapshot.position < 2**63 and 0 <= snapshot.changelog_offset < 2**63):
+            raise CorruptState(f"snapshot with an offset out of range ({snapshot.position}, "
+                               f"{snapshot.changelog_offset})")
+        return snapshot
 
 
 class LocalStateStore:
@@ -474,7 +493,13 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def _safe_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name) or "_"
+    """``name`` as one folder name, distinct for distinct names: kept when it is plain (letters, digits, ``._-``;
+    not ``.`` or ``..``, which would leave the state directory), else made plain and suffixed with a hash of the
+    name (``team/a`` and ``team_a`` shared one folder and overwrote each other's snapshots)."""
+    plain = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+    if plain == name and name not in ("", ".", ".."):
+        return name
+    return f"{plain.strip('.')}~{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
 
 
 # -- changelog ---------------------------------------------------------------------------------------------
@@ -538,15 +563,14 @@ class TailReader:
         kind = meta.get("kind")
         if kind == "series":  # one series (``series`` is its dict) or a block (a list of them)
             items = meta["series"] if isinstance(meta["series"], list) else [meta["series"]]
-            if not items or not all(isinstance(i, dict) and isinstance(i.get("series_id"), str) for i in items):
-                raise CorruptState("a series record without a series id")
-            if any(np.ndim(v) == 0 or len(v) != len(items) for v in arrays.values()):
-                raise CorruptState(f"a series record whose arrays do not hold its {len(items)} series")
-            self._rows.add(SeriesRows(items, arrays), newest=False)
+            if not items:
+                raise CorruptState("a series record without a series")
+            self._rows.add(checked_rows(items, arrays), newest=False)
         elif kind == "shared":
             self._shared[str(meta["model"])] = (arrays, dict(meta["meta"]))
         elif kind == "checkpoint":
-            int(meta["position"])  # checked before it closes a group
+            if not 0 <= int(meta["position"]) < 2**63:  # checked before it closes a group
+                raise CorruptState(f"a checkpoint marker at position {meta['position']}")
             self._close_group(offset, meta)
         else:
             raise CorruptState(f"unknown changelog record kind {kind!r}")
