@@ -400,15 +400,18 @@ class PartitionTable:
         already = {p for p in partitions if p in self.owned}
         snapshots: dict[int, Snapshot | None] = {}
         tails: dict[int, ChangelogTail] = {}
+        with_local: set[int] = set()  # partitions whose state came partly from a local snapshot
         for p in sorted(partitions - already):
             kept = self.released.pop(p, None)
             if kept is not None and self.changelog.read(p, kept.changelog_offset).empty:
                 self._own(kept)  # nobody wrote since our own last checkpoint: memory is current
                 continue
-            snapshots[p], tails[p] = self._read(p)  # (a stale kept state is overwritten by the import)
+            snapshots[p], tails[p], local = self._read(p)  # (a stale kept state is overwritten by the import)
+            if local:
+                with_local.add(p)
         refused, unfit = self._import(snapshots)
         for p, err in unfit.items():
-            snapshots[p], tails[p], more = self._without_local(p, err)
+            snapshots[p], tails[p], more = self._without_local(p, err, tails[p], p in with_local)
             refused |= more
         for p, snap in snapshots.items():
             self._own(self._state_of(p, snap, tails[p], refused))
@@ -424,7 +427,8 @@ class PartitionTable:
         return {p: self.owned[p].position if p in self.owned and p not in already else None
                 for p in sorted(partitions)}
 
-    def _read(self, p: int, use_local: bool = True) -> tuple[Snapshot | None, ChangelogTail]:
+    def _read(self, p: int, use_local: bool = True) -> tuple[Snapshot | None, ChangelogTail, bool]:
+        """The partition's newest saved state, its changelog tail, and whether a local snapshot is part of it."""
         skipped = getattr(self.local, "skipped", 0)
         local = self.local.load(p) if use_local else None
         if getattr(self.local, "skipped", 0) > skipped:  # unreadable, or another partition's, topic's or group's
@@ -441,7 +445,7 @@ class PartitionTable:
                         "recreated or truncated; restoring from the local snapshot", self.changelog.topic, p,
                         tail.end_offset, local.changelog_offset)
         check_fingerprint(tail.config, self.fingerprint, f"changelog {self.changelog.topic}[{p}]")
-        return merge(local, tail, self.topic, p), tail
+        return merge(local, tail, self.topic, p), tail, local is not None
 
     def _state_of(self, p: int, snap: Snapshot | None, tail: ChangelogTail, refused: set[str]) -> PartitionState:
         st = PartitionState(p, changelog_offset=tail.end_offset)
@@ -469,18 +473,23 @@ class PartitionTable:
         for sid in st.series:
             self._owner[sid] = st.partition
 
-    def _without_local(self, p: int, err: Exception) -> tuple[Snapshot | None, ChangelogTail, set[str]]:
+    def _without_local(self, p: int, err: Exception, tail: ChangelogTail,
+                       with_local: bool) -> tuple[Snapshot | None, ChangelogTail, set[str]]:
         """Partition ``p``'s state after its restored series did not fit the engine (``err``): read again from
-        the changelog alone, the local snapshot being the likelier culprit; if that does not fit either, the
-        partition starts without state (logged and counted, never a crash loop on the same bytes)."""
-        log.warning("the saved state of partition %d does not fit this engine (%s); restoring it from the "
-                    "changelog alone", p, err)
-        self.metrics.state_skipped.labels(source="snapshot").inc()
-        snap, tail = self._read(p, use_local=False)
-        refused, unfit = self._import({p: snap})
+        the changelog alone if a local snapshot had a part in it, the likelier culprit; if that does not fit
+        either, the partition starts without state (logged and counted, never a crash loop on the same bytes)."""
+        unfit: dict[int, Exception] = {p: err}
+        refused: set[str] = set()
+        snap = None
+        if with_local:
+            log.warning("the saved state of partition %d does not fit this engine (%s); restoring it from the "
+                        "changelog alone", p, err)
+            self.metrics.state_skipped.labels(source="snapshot").inc()
+            snap, tail, _ = self._read(p, use_local=False)
+            refused, unfit = self._import({p: snap})
         if unfit:
-            log.error("the changelog state of partition %d does not fit this engine either (%s); the partition "
-                      "starts without state, from its committed offset", p, unfit[p])
+            log.error("the changelog state of partition %d does not fit this engine (%s); the partition starts "
+                      "without state, from its committed offset", p, unfit[p])
             self.metrics.state_skipped.labels(source="changelog").inc()
             return None, tail, set()
         return snap, tail, refused
