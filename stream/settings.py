@@ -455,6 +455,7 @@ def resolve(cls: type[T], args: argparse.Namespace, env: Mapping[str, str], file
         given[s.field] = [value for value, where in converted if where in ("flag", "env")]
         if converted[-1][1] not in ("flag", "env"):
             from_file[s.field] = converted[-1][0]
+            _note_env_over_file(s, found, converted)
         values[s.field] = _merged(s, [value for value, _ in converted])
     by_field = {s.field: s for s in settings_of(cls)}
     for s in settings_of(cls):
@@ -469,6 +470,15 @@ def resolve(cls: type[T], args: argparse.Namespace, env: Mapping[str, str], file
         if other in values and s.field in values and precedence[s.field] != precedence[other]:
             del values[s.field if precedence[s.field] > precedence[other] else other]
     return cls(**values, **fixed)  # __post_init__ checks what needs several fields (and required ones)
+
+
+def _note_env_over_file(s: Setting, found: list[tuple[Any, str]], converted: list[tuple[Any, str]]) -> None:
+    """Warn when the environment, and no flag, replaces a different value written in the file: a container image's
+    own ``TIDECAST_*`` defaults beat a mounted config file, which surprised operators who set the port there."""
+    if s.merges or converted[0][1] != "env" or converted[0][0] == converted[-1][0]:
+        return
+    log.warning("%s replaces %s (the environment beats the config file)", _origin(s, found[0][0], "env"),
+                _origin(s, found[-1][0], found[-1][1]))
 
 
 def _merged(s: Setting, values: list[Any]) -> Any:

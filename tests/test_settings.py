@@ -196,6 +196,24 @@ def test_model_parameters_from_the_environment_are_whitespace_separated(captured
     assert captured["serve"].engine.model_params == {"seasonal-naive": {"detect_after": 300, "period": 48}}
 
 
+def test_the_environment_replacing_a_different_file_value_is_a_warning(captured, caplog, tmp_path, clean_env):
+    """The image sets TIDECAST_METRICS_PORT and TIDECAST_STATE_DIR: a mounted file's port lost to them silently."""
+    config = write(tmp_path / "t.toml", 'metrics_port = 9400\nstate_dir = "/data/tidecast"\n'
+                   'sasl_plain_password = "pw-a"\n'
+                   'security_protocol = "SASL_PLAINTEXT"\nsasl_mechanism = "PLAIN"\nsasl_plain_username = "u"\n')
+    clean_env.setenv("TIDECAST_METRICS_PORT", "9108")
+    clean_env.setenv("TIDECAST_STATE_DIR", "/data/tidecast")  # the same value: nothing to say
+    clean_env.setenv("TIDECAST_SASL_PLAIN_PASSWORD", "pw-b")
+    with caplog.at_level(logging.WARNING, logger="tidecast.stream.settings"):
+        assert main(["serve", "--config", str(config), "--bootstrap-servers", "b:1", "--topic", "t"]) == 0
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("TIDECAST_METRICS_PORT=9108 (environment) replaces metrics_port = 9400" in m for m in said)
+    assert not any("STATE_DIR" in m for m in said)
+    assert any("TIDECAST_SASL_PLAIN_PASSWORD" in m for m in said)
+    assert not any("pw-" in m for m in said)  # secrets stay hidden
+    assert captured["serve"].settings.metrics_port == 9108
+
+
 # -- unknown and invalid settings -------------------------------------------------------------------------------
 @pytest.mark.parametrize("command", ["serve", "produce", "replay"])
 def test_an_unknown_file_key_is_an_error_naming_the_closest_valid_one(captured, tmp_path, capsys, command):
