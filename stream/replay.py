@@ -331,11 +331,11 @@ def not_ready_notes(engine: Engine, summary: dict[str, Any]) -> list[str]:
         held = summary.get("n_held", 0)
         if held:  # a series seen at one timestamp has no grid step: it is held, not warming up
             note += (f" ({held:,} of them seen at one timestamp only: held back, no grid step to forecast on; "
-                     "--freq sets one)")
+                     "the freq setting, --freq or freq=, sets one)")
         needs = lane.model.first_forecast_after()
         if needs is not None:
             note += f"; a series needs {needs[0]:,} observations first ({needs[1]})"
-        longest = summary["max_series_observations"]
+        longest = max(summary["max_series_observations"], 1 if held else 0)  # a held row is an observation too
         note += f"; the longest series here has {longest:,}"
         resets, duplicates = summary["n_resets"], summary.get("n_duplicates", 0)
         if resets:  # a reset restarts a series' history: its count no longer says how far it got

@@ -295,6 +295,8 @@ class ReplayResult:
         unknown = [m for m in models if m not in self.models]
         if unknown:
             raise ValueError(f"model {unknown[0]!r} is not one of this replay's: {', '.join(self.models)}")
+        if isinstance(h, bool) or not isinstance(h, (int, np.integer)):  # 2.5 drew no forecast at all
+            raise TypeError(f"h={h!r}: a whole number of steps ahead")
         if not 1 <= h <= self.horizon:
             raise ValueError(f"h={h}: this replay forecast 1..{self.horizon} steps ahead")
         fig = Figure(figsize=(10, 3.6), layout="constrained")
@@ -331,6 +333,10 @@ class ReplayResult:
             codes, models = f["model"].cat.codes.to_numpy(), list(f["model"].cat.categories)
         else:  # plain str: a frame read back from a file, or concatenated
             codes, models = pd.factorize(f["model"])
+        clash = sorted(set(map(str, models)) & set(out.columns))
+        if clash:  # its forecasts would overwrite the key column of that name (the outcomes, for "y")
+            raise ValueError(f"model {clash[0]!r} has the name of a column of Nixtla's layout (unique_id, ds, "
+                             "cutoff, y): give that lane another alias (e.g. --model sn=seasonal-naive)")
         for i, model in enumerate(models):
             mine = codes == i
             at = np.searchsorted(unique, keys[mine])

@@ -396,6 +396,7 @@ def index_as_columns(frame: pd.DataFrame, wanted: Collection[str] = ()) -> pd.Da
     >>> list(index_as_columns(frame).columns)
     ['ds', 'y']
     """
+    frame = _periods_as_times(frame)
     index = frame.index
     names = list(index.names)
     if names == [None] and isinstance(index, pd.DatetimeIndex):
@@ -417,6 +418,22 @@ def index_as_columns(frame: pd.DataFrame, wanted: Collection[str] = ()) -> pd.Da
     for level in reversed(keep):
         flat.insert(0, str(names[level]), index.get_level_values(level).to_numpy())
     return flat
+
+
+def _periods_as_times(frame: pd.DataFrame) -> pd.DataFrame:
+    """Periods (``frame.to_period()``) as their start times, in the index and in columns: a ``PeriodIndex`` was
+    dropped as row labels and the first value column read as epoch seconds."""
+    index = frame.index
+    levels = [index.get_level_values(i) for i in range(index.nlevels)]
+    if any(isinstance(level, pd.PeriodIndex) for level in levels):
+        times = [level.to_timestamp() if isinstance(level, pd.PeriodIndex) else level for level in levels]
+        frame = frame.set_axis(times[0] if index.nlevels == 1 else pd.MultiIndex.from_arrays(times, names=index.names))
+    periods = [i for i, dtype in enumerate(frame.dtypes) if isinstance(dtype, pd.PeriodDtype)]
+    if periods:
+        frame = frame.copy()
+        for i in periods:
+            frame.isetitem(i, frame.iloc[:, i].dt.to_timestamp())
+    return frame
 
 
 def _load_table(table: Table, spec: ReplaySpec, source: str, name: str | None, path: Path | None = None) -> Replay:

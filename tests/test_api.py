@@ -121,6 +121,29 @@ def test_per_series_summary_and_nixtla_layout(result):
     assert match["seasonal-naive"].item() == row["mean"] and match["seasonal-naive-hi-95"].item() == row["hi-95"]
 
 
+def test_a_model_alias_named_as_a_nixtla_key_column_is_refused_not_written_over_it():
+    """An alias ``y`` wrote its forecasts into the outcome column."""
+    result = tidecast.replay(noisy_cycles(200), models=["y=seasonal-naive"], horizon=2,
+                             model_params={"y": {"period": 12}})
+    with pytest.raises(ValueError, match="'y' has the name of a column of Nixtla's layout"):
+        result.to_nixtla()
+
+
+def test_a_period_index_or_column_holds_the_times():
+    """``frame.to_period()`` kept its times in a PeriodIndex, which was dropped as row labels: the first value
+    column was read as epoch seconds and most of the data lost."""
+    wide = noisy_cycles(300).pivot(index="ds", columns="unique_id", values="y")
+    wide.columns.name = None
+    expected = tidecast.replay(wide, horizon=2, model_params=SN12).forecasts
+    assert len(expected) > 0
+    for frame in (wide.to_period(), wide.to_period().reset_index()):
+        assert tidecast.replay(frame, horizon=2, model_params=SN12).forecasts.equals(expected)
+
+
+def test_dir_of_the_package_lists_the_public_api():
+    assert {"replay", "ReplayResult", "checks"} <= set(dir(tidecast))
+
+
 def test_nixtla_layout_aligns_models_that_start_at_different_origins():
     result = tidecast.replay(noisy_cycles(120), models=["sn12=seasonal-naive", "sn24=seasonal-naive"], horizon=2,
                              levels=(90,), model_params={"sn12": {"period": 12}, "sn24": {"period": 24}})
@@ -239,6 +262,8 @@ def test_the_note_names_a_held_series_a_repeated_time_and_a_diverged_model():
     lone = pd.concat([frame, pd.DataFrame({"unique_id": ["c"], "ds": frame["ds"][:1], "y": [0.0]})])
     with pytest.warns(UserWarning, match=r"1 of 3 series never forecast \(1 of them seen at one timestamp only"):
         tidecast.replay(lone, horizon=2, model_params=SN12)
+    with pytest.warns(UserWarning, match=r"or freq=, sets one\).*the longest series here has 1$"):  # not 0
+        tidecast.replay(lone[lone["unique_id"] == "c"], horizon=2, model_params=SN12)
     same_time = frame.assign(ds=frame["ds"].iloc[0])
     with pytest.warns(UserWarning, match=r"998 rows repeated their series' last timestamp \(is the time column"):
         tidecast.replay(same_time, horizon=2)
@@ -328,6 +353,8 @@ def test_plot_draws_actual_forecast_bands_misses_and_events(result):
     assert len(vertical) == 2
     with pytest.raises(ValueError, match="no series 'zz'"):
         result.plot("zz")
+    with pytest.raises(TypeError, match="h=2.5"):  # drew the actual values alone
+        result.plot("a", h=2.5)
     with pytest.raises(ValueError, match="h=7"):
         result.plot("a", h=7)
 

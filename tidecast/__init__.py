@@ -62,6 +62,11 @@ if not any(isinstance(finder, _AliasFinder) for finder in sys.meta_path):
     sys.meta_path.append(_AliasFinder())
 
 
+def __dir__() -> list[str]:
+    """The public API too (module ``__getattr__`` hides it from ``dir()``, which notebooks complete from)."""
+    return sorted({*globals(), *__all__})
+
+
 def __getattr__(name: str) -> Any:
     """``tidecast.checks``, ``tidecast.replay`` and ``tidecast.ReplayResult`` after a plain ``import tidecast``."""
     if f"{__name__}.{name}" in _ALIASES:
