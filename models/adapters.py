@@ -109,6 +109,9 @@ class Standardised(Params):
     build: ``build(period) -> Forecaster`` makes the river model once the cycle length is known.
     period: cycle length in ticks; ``None`` detects it on the warm-up window (no cycle found -> 1).
     warmup: observations buffered before the model starts; default ``2 * max_period + 2``.
+    center: subtract the window's mean as well as dividing by its deviation; ``False`` for a model whose forecasts
+    scale with its input but that needs the level kept (river's ``HoltWinters`` starts its seasonal terms as
+    ``y / level``).
 
     Forecasts are ``NaN`` until the warm-up window is full and the river model is ready (:func:`is_ready`). When no
     cycle is found (period 1), the last ``warmup`` values are kept and looked at again after 2, 4, 8, ... warm-up
@@ -125,11 +128,12 @@ class Standardised(Params):
     """
 
     def __init__(self, build: Callable[[int], Forecaster], period: int | None = None, max_period: int = 200,
-                 warmup: int | None = None) -> None:
+                 warmup: int | None = None, center: bool = True) -> None:
         self.build = build
         self.period = period
         self.max_period = max_period
         self.warmup = warmup if warmup is not None else 2 * max_period + 2
+        self.center = center
         self.buffer_: list[float] = []
         self.model_: Forecaster | None = None
         self.n_model_ = 0  # observations the model has learned
@@ -161,7 +165,7 @@ class Standardised(Params):
     def _start(self) -> None:
         fenced = _fenced(np.asarray(self.buffer_))
         self.period_ = self.period or detect_period(fenced, self.max_period) or 1
-        self.mean_, std = float(fenced.mean()), float(fenced.std())
+        self.mean_, std = float(fenced.mean()) if self.center else 0.0, float(fenced.std())
         self.scale_ = std if std > 0 and math.isfinite(std) else 1.0
         try:
             self.model_ = self.build(self.period_)

@@ -274,21 +274,20 @@ def test_state_keeps_a_deques_bound_and_a_random_generators_draws():
     assert fresh.rng.random() == model.rng.random()
 
 
-@pytest.mark.parametrize("params", [{"alpha": "0,3", "beta": 0.1, "gamma": 0.5, "seasonality": 4},
-                                    {"alpha": 0.3, "beta": 0.1, "gamma": 0.5, "seasonality": 4,
-                                     "multiplicative": True}], ids=["decimal-comma", "multiplicative-on-constant"])
+@pytest.mark.parametrize("params", [{"alpha": 0.3, "beta": 0.1, "gamma": 0.5, "seasonality": 4,
+                                     "multiplicative": True}], ids=["multiplicative-on-zeros"])
 def test_a_river_model_that_raises_costs_its_forecasts_not_the_run(params, caplog, monkeypatch):
-    """Found by the models review (2026-12-04): river's constructor took alpha="0,3" (no annotations to check it
-    by) and its learn_one raised TypeError after the warm-up; a multiplicative Holt-Winters divided by zero on a
-    constant series (standardised to 0). Either stopped the whole replay. Now the model starts over like one that
-    diverged, its series has no forecast, and the failure is logged once."""
+    """Found by the models review (2026-12-04): a multiplicative Holt-Winters divides by zero on a series of zeros.
+    It stopped the whole replay. Now the model starts over like one that diverged, its series has no forecast,
+    and the failure is logged once. (River's constructor also took alpha="0,3", which raised after the warm-up:
+    now refused before any data, see the trial-series test below.)"""
     import pandas as pd
 
     import tidecast
     from tidecast.models import adapters
 
     monkeypatch.setattr(adapters, "_FAILURES_LOGGED", set())  # logged once per process: start this test afresh
-    values = np.full(120, 5.0) if params.get("multiplicative") else 10 + np.sin(np.arange(120) * np.pi / 2)
+    values = np.zeros(120)
     frame = pd.DataFrame({"unique_id": "s", "ds": pd.date_range("2024-01-01", periods=120, freq="h"), "y": values})
     with caplog.at_level("WARNING"):
         result = tidecast.replay(frame, models=["x=river:time_series.HoltWinters"], horizon=2,
@@ -416,3 +415,27 @@ def test_snarimax_replicas_keep_their_lags_one_value_a_tick():
         replica_errors.append(np.mean([abs(r.forecast(1)[0] - values[tick]) for r in model.replicas_[0]]))
         model.learn_many(row, np.array([tick]), values[tick:tick + 1])
     assert np.mean(replica_errors) < 1.3 * point
+
+
+@pytest.mark.parametrize("multiplicative", [False, True])
+def test_a_river_lanes_holt_winters_keeps_its_level_and_forecasts_as_river_does(multiplicative):
+    """The generic lane centred river's HoltWinters, whose seasonal terms start as y / level: MAE 39 (additive)
+    and 10 (multiplicative) against river's own 0.87 and 0.34 on the raw values."""
+    values = daily(600)
+    params = {"alpha": 0.3, "beta": 0.1, "gamma": 0.5, "seasonality": 24, "multiplicative": multiplicative}
+    raw, errors = time_series.HoltWinters(**params), []
+    for tick in range(len(values) - 1):
+        raw.learn_one(values[tick])
+        if tick >= 100:
+            errors.append(abs(raw.forecast(1)[0] - values[tick + 1]))
+    lane = make_model("river:time_series.HoltWinters", horizon=1, warmup=48, **params)
+    assert one_step_mae(lane, values, 100) < 1.2 * np.mean(errors)
+
+
+@pytest.mark.parametrize("params", [{"alpha": "0,3"}, {"alpha": 0.3, "beta": 0.1, "gamma": 0.2, "seasonality": -1},
+                                    {"p": 2, "d": 0, "q": 1, "m": 0}])
+def test_a_river_lane_whose_parameters_its_model_cannot_use_is_refused_before_any_data(params):
+    """river's constructors take them; the model failed at every series' first step and the lane forecast nothing."""
+    name = "river:time_series." + ("HoltWinters" if "alpha" in params else "SNARIMAX")
+    with pytest.raises(ValueError, match="fails on a trial series"):
+        make_model(name, horizon=1, **params)
