@@ -78,24 +78,30 @@ def _layered(args: argparse.Namespace) -> tuple[Mapping[str, str], SettingsFile]
 def _run_replay(args: argparse.Namespace) -> int:
     from tidecast.stream.replay import run_replay
 
-    env, file = _layered(args)
-    spec = resolve(InputSettings, args, env, file).spec(default_path=BUNDLED_SAMPLE)
-    engine = resolve(EngineConfig, args, env, file)
-    options = resolve(ReplayOptions, args, env, file, spec=spec)
-    # SIGTERM (timeout, docker stop, a deleted Job) unwinds like Ctrl-C, through the finally that closes every
-    # output: a Parquet file cut off before its footer could not be read at all. Only for this run, and only where
-    # Python lets a handler be set (the main thread); the caller's handler comes back afterwards.
+    # SIGTERM (timeout, docker stop, a deleted Job) and SIGHUP (the terminal closed) unwind like Ctrl-C, through
+    # the finally that closes every output: a Parquet file cut off before its footer could not be read at all. From
+    # the start (Ctrl-C while the settings were checked printed a traceback), only for this run, and only where
+    # Python lets a handler be set (the main thread); the caller's handlers come back afterwards. A SIGHUP ignored
+    # (nohup) stays ignored.
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    previous = {}
+    if main_thread:
+        for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
+                previous[signum] = signal.signal(signum, _interrupt)
     try:
+        env, file = _layered(args)
+        spec = resolve(InputSettings, args, env, file).spec(default_path=BUNDLED_SAMPLE)
+        engine = resolve(EngineConfig, args, env, file)
+        options = resolve(ReplayOptions, args, env, file, spec=spec)
         run_replay(engine, options, make_console(), settings_file=file.path)
     except KeyboardInterrupt:
         Console(stderr=True, soft_wrap=True).print("[bold red]interrupted:[/] the outputs are closed and hold what "
                                                    "was written until then; no summary")
         return 130
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
 
 

@@ -8,6 +8,7 @@ metrics are the ones ``serve`` uses. :func:`execute` is the loop shared with the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -30,7 +31,15 @@ from tidecast.stream.engine import Engine, EngineResult
 from tidecast.stream.records import REASONS
 from tidecast.stream.result import ResultCollector
 from tidecast.stream.settings import at_least, check_declared, positive, setting
-from tidecast.stream.sinks import EventSink, ForecastSink, JsonlDeadLetters, JsonlEvents, NullSink, forecast_sink_for
+from tidecast.stream.sinks import (
+    EventSink,
+    ForecastSink,
+    JsonlDeadLetters,
+    JsonlEvents,
+    NullSink,
+    forecast_sink_for,
+    write_whole,
+)
 from tidecast.stream.sources import DeadLetter, Replay, ReplaySpec, load_replay
 
 #: The longest single sleep replay takes (a year): --linger's bound, and --rate's pause per batch at most.
@@ -91,10 +100,10 @@ def run_replay(config: EngineConfig, options: ReplayOptions, console: Console | 
         _check_report_series(options.report_series, replay)
     collector = ResultCollector(config) if options.report is not None else None
     summary = execute(engine, replay, source, options, console, collector)
-    print_summary(summary, console)
+    # the files first: a stdout closed early (piped to head) or full ends the process at the table
     if options.summary_json is not None:
         options.summary_json.parent.mkdir(parents=True, exist_ok=True)
-        options.summary_json.write_text(json.dumps(summary, indent=2))
+        write_whole(options.summary_json, json.dumps(summary, indent=2))
     if collector is not None and options.report is not None:
         result = collector.build(summary, source)
         replayed = set(result.actuals["unique_id"].cat.categories)
@@ -106,11 +115,14 @@ def run_replay(config: EngineConfig, options: ReplayOptions, console: Console | 
                           f"not replayed (a series seen at one timestamp only is held; one refused by "
                           f"--allowed-series or --max-series is dead-lettered)[/yellow]")
         path = result.report(options.report, series=[s for s in wanted if s in replayed])
+    print_summary(summary, console)
+    if collector is not None and options.report is not None:
         console.print(f"report: {escape(str(path))} ({path.stat().st_size / 1e6:.1f} MB)")
     if server is not None and options.linger_seconds > 0:
         console.print(f"serving /metrics on http://{_host(options.metrics_address)}:{server.server_port}/metrics "
                       f"for {options.linger_seconds:.0f} s more")
-        time.sleep(options.linger_seconds)
+        with contextlib.suppress(KeyboardInterrupt):  # the run is complete: a stop now is its normal end
+            time.sleep(options.linger_seconds)
     if server is not None:
         server.shutdown()
     return summary

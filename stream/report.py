@@ -30,6 +30,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from tidecast.stream.result import nanoseconds, ns_between, utc
+from tidecast.stream.sinks import write_whole
 
 if TYPE_CHECKING:
     from tidecast.stream.result import ReplayResult
@@ -426,5 +427,5 @@ def render(result: ReplayResult, series: list[str] | None = None, top: int = 3) 
 def write_report(result: ReplayResult, path: Path, series: list[str] | None = None, top: int = 3) -> Path:
     """Write :func:`render`'s page to ``path`` (folders created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(result, series, top), encoding="utf-8")
+    write_whole(path, render(result, series, top))
     return path

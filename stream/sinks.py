@@ -13,10 +13,12 @@ Every sink has three verbs: ``write``; ``flush``, the durability hook a checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -69,12 +71,14 @@ class JsonlEvents:
 
     def write(self, events: Iterable[DriftEvent]) -> None:
         for event in events:
-            self._fh.write(event_json(event) + "\n")
+            with naming(self.path):
+                self._fh.write(event_json(event) + "\n")
             key = (event.model, event.detector)
             self.counts[key] = self.counts.get(key, 0) + 1
 
     def flush(self) -> None:
-        self._fh.flush()
+        with naming(self.path):
+            self._fh.flush()
 
     def close(self) -> None:
         self._fh.close()
@@ -120,10 +124,11 @@ class ParquetSink:
         self._write(pa.Table.from_pandas(batch.to_frame(), preserve_index=False))
 
     def _write(self, table: pa.Table) -> None:
-        if self._writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = pq.ParquetWriter(self.path, table.schema)
-        self._writer.write_table(table)
+        with naming(self.path):
+            if self._writer is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._writer = pq.ParquetWriter(self.path, table.schema)
+            self._writer.write_table(table)
 
     def flush(self) -> None:
         """Row groups are in the file once written; only the footer waits for :meth:`close`."""
@@ -134,8 +139,9 @@ class ParquetSink:
         if self._writer is None:
             self._write(pa.Table.from_pandas(self._empty.to_frame(), preserve_index=False)
                         if self._empty is not None else pa.table({}))
-        self._writer.close()
-        self._writer, self._closed = None, True
+        writer, self._writer, self._closed = self._writer, None, True
+        with naming(self.path):
+            writer.close()
 
 
 class CsvSink:
@@ -152,10 +158,11 @@ class CsvSink:
             if self._empty is None:
                 self._empty = batch
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         frame = batch.to_frame()
-        frame.to_csv(self.path, mode="a" if self._started else "w", header=not self._started, index=False,
-                     quoting=_quoting(frame))
+        with naming(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            frame.to_csv(self.path, mode="a" if self._started else "w", header=not self._started, index=False,
+                         quoting=_quoting(frame))
         self._started = True
 
     def flush(self) -> None:
@@ -182,6 +189,30 @@ def _quoting(frame) -> int:
     return csv.QUOTE_MINIMAL
 
 
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """An ``OSError`` inside names ``path``: a disk that filled mid-run said only ``[Errno 28] No space left on
+    device``, with four outputs to choose from."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from None
+
+
+def write_whole(path: Path, text: str) -> None:
+    """``text`` into ``path`` whole or not at all (a temporary file beside it, then renamed): a disk that filled
+    left a summary cut at 8,192 bytes, invalid JSON, at the path a pipeline reads. A failure names the path."""
+    temporary = path.with_name(f".{path.name}.partial")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError as err:
+        temporary.unlink(missing_ok=True)
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from None
+
+
 def forecast_sink_for(path: str | Path | None) -> ForecastSink:
     """A file sink chosen by extension (``.parquet`` or ``.csv``), or a null sink."""
     if path is None:
@@ -204,15 +235,17 @@ class JsonlDeadLetters:
         self.count = 0
 
     def write(self, letter: DeadLetter) -> None:
-        if self._fh is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = self.path.open("w", encoding="utf-8")
-        self._fh.write(letter.to_json() + "\n")
+        with naming(self.path):
+            if self._fh is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fh = self.path.open("w", encoding="utf-8")
+            self._fh.write(letter.to_json() + "\n")
         self.count += 1
 
     def flush(self) -> None:
         if self._fh is not None:
-            self._fh.flush()
+            with naming(self.path):
+                self._fh.flush()
 
     def close(self) -> None:
         if self._fh is None and not self.count and self.path.is_file():

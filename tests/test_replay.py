@@ -399,9 +399,11 @@ def test_an_unnamed_datetime_index_beside_a_ds_column_says_what_to_rename():
     assert len(tidecast.replay(frame.rename(columns={"ds": "ds_value"}), horizon=2).actuals) == 30
 
 
-def test_sigterm_closes_a_parquet_output_that_can_then_be_read(tmp_path):
-    """replay under timeout / docker stop / a deleted Job gets SIGTERM: the process died without closing its sinks,
-    and a Parquet file without its footer cannot be read at all (the earlier run's output was already gone)."""
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_sigterm_closes_a_parquet_output_that_can_then_be_read(tmp_path, signame):
+    """replay under timeout / docker stop / a deleted Job gets SIGTERM, one in a closed terminal SIGHUP: the
+    process died without closing its sinks, and a Parquet file without its footer cannot be read at all (the
+    earlier run's output was already gone)."""
     import signal
 
     out = tmp_path / "f.parquet"
@@ -411,12 +413,71 @@ def test_sigterm_closes_a_parquet_output_that_can_then_be_read(tmp_path):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (not out.exists() or out.stat().st_size < 4096):
         time.sleep(0.2)  # forecasts are being written
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, signame))
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     frame = pd.read_parquet(out)
     assert len(frame) > 0 and {"series_id", "mean"} <= set(frame.columns)
+
+
+def test_a_stdout_closed_early_still_gets_the_summary_file_and_report_written(tmp_path):
+    """``tidecast replay ... | head``: the table was printed first, the closed pipe ended the process (rich exits 1
+    on a broken pipe) and the summary JSON and report asked for were never written."""
+    summary, report = tmp_path / "s.json", tmp_path / "r.html"
+    proc = subprocess.Popen([sys.executable, "-m", "tidecast.stream.cli", "replay", str(SAMPLE), "--no-progress",
+                             "--summary-json", str(summary), "--report", str(report)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything was printed
+    proc.communicate(timeout=300)
+    assert json.loads(summary.read_text())["n_observations"] > 0
+    assert report.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_ctrl_c_while_the_settings_are_checked_is_one_line_not_a_traceback(monkeypatch, capsys):
+    from tidecast.stream import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "resolve", interrupted)
+    assert main(["replay", str(SAMPLE), "--no-progress"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_a_stop_while_lingering_after_a_complete_run_is_its_normal_end(tmp_path, monkeypatch, capsys):
+    """A Job stopped during --linger was marked failed (exit 130, "no summary") though its replay was complete."""
+    from tidecast.stream import replay as replay_module
+
+    def stopped(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(replay_module.time, "sleep", stopped)
+    summary = tmp_path / "s.json"
+    assert main(["replay", str(SAMPLE), "--no-progress", "--metrics-port", str(_free_port()), "--linger", "60",
+                 "--summary-json", str(summary)]) == 0
+    assert json.loads(summary.read_text())["n_observations"] > 0
+
+
+def test_an_output_that_fails_mid_run_is_named_and_a_summary_is_whole_or_absent(tmp_path, monkeypatch):
+    from tidecast.stream import sinks
+
+    full = OSError(28, "No space left on device")
+    with pytest.raises(OSError, match=r"cannot write .*f\.csv: No space left"), sinks.naming(tmp_path / "f.csv"):
+        raise full
+    target = tmp_path / "s.json"
+    target.write_text('{"earlier": 1}')
+
+    def cut(self, text, encoding=None):
+        Path.write_bytes(self, text[:10].encode())
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", cut)
+    with pytest.raises(OSError, match="cannot write .*s.json"):
+        sinks.write_whole(target, json.dumps({"n": list(range(100))}))
+    monkeypatch.undo()
+    assert json.loads(target.read_text()) == {"earlier": 1}  # not a cut JSON at the path a pipeline reads
+    assert [p.name for p in tmp_path.iterdir()] == ["s.json"]  # and no temporary left beside it
 
 
 def test_an_output_at_the_settings_files_path_is_refused(tmp_path, capsys):
