@@ -13,11 +13,12 @@ Run ``tidecast <command> --help`` for the options of each command.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -78,31 +79,37 @@ def _layered(args: argparse.Namespace) -> tuple[Mapping[str, str], SettingsFile]
 def _run_replay(args: argparse.Namespace) -> int:
     from tidecast.stream.replay import run_replay
 
-    # SIGTERM (timeout, docker stop, a deleted Job) and SIGHUP (the terminal closed) unwind like Ctrl-C, through
-    # the finally that closes every output: a Parquet file cut off before its footer could not be read at all. From
-    # the start (Ctrl-C while the settings were checked printed a traceback), only for this run, and only where
-    # Python lets a handler be set (the main thread); the caller's handlers come back afterwards. A SIGHUP ignored
-    # (nohup) stays ignored.
-    main_thread = threading.current_thread() is threading.main_thread()
+    with _stops_as_interrupts():
+        try:
+            env, file = _layered(args)
+            spec = resolve(InputSettings, args, env, file).spec(default_path=BUNDLED_SAMPLE)
+            engine = resolve(EngineConfig, args, env, file)
+            options = resolve(ReplayOptions, args, env, file, spec=spec)
+            run_replay(engine, options, make_console(), settings_file=file.path)
+        except KeyboardInterrupt:
+            Console(stderr=True, soft_wrap=True).print("[bold red]interrupted:[/] the outputs are closed and hold "
+                                                       "what was written until then; no summary")
+            return 130
+    return 0
+
+
+@contextlib.contextmanager
+def _stops_as_interrupts() -> Iterator[None]:
+    """SIGTERM (timeout, docker stop, a deleted Job) and SIGHUP (the terminal closed) unwind like Ctrl-C, through
+    the finally blocks that close every output (a Parquet file cut off before its footer could not be read at
+    all; a producer's messages not yet sent were lost). From the command's start (Ctrl-C while the settings were
+    checked printed a traceback), only for this command, and only where Python lets a handler be set (the main
+    thread); the caller's handlers come back afterwards. A SIGHUP ignored (nohup) stays ignored."""
     previous = {}
-    if main_thread:
+    if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
             if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
                 previous[signum] = signal.signal(signum, _interrupt)
     try:
-        env, file = _layered(args)
-        spec = resolve(InputSettings, args, env, file).spec(default_path=BUNDLED_SAMPLE)
-        engine = resolve(EngineConfig, args, env, file)
-        options = resolve(ReplayOptions, args, env, file, spec=spec)
-        run_replay(engine, options, make_console(), settings_file=file.path)
-    except KeyboardInterrupt:
-        Console(stderr=True, soft_wrap=True).print("[bold red]interrupted:[/] the outputs are closed and hold what "
-                                                   "was written until then; no summary")
-        return 130
+        yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    return 0
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -126,15 +133,20 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _run_produce(args: argparse.Namespace) -> int:
     from tidecast.stream.produce import run_produce
 
-    env, file = _layered(args)
-    spec = resolve(InputSettings, args, env, file).spec()
-    options = resolve(ProduceOptions, args, env, file, spec=spec, kafka_extra=file.kafka)
-    summary = run_produce(options)
+    with _stops_as_interrupts():  # SIGTERM lost the messages handed to the producer but not yet sent
+        try:
+            env, file = _layered(args)
+            spec = resolve(InputSettings, args, env, file).spec()
+            options = resolve(ProduceOptions, args, env, file, spec=spec, kafka_extra=file.kafka)
+            summary = run_produce(options)
+        except KeyboardInterrupt:
+            Console(stderr=True, soft_wrap=True).print("[bold red]interrupted:[/] before any message was sent")
+            return 130
     Console(stderr=True).print(
-        f"sent {summary['sent']:,} observations to {summary['topic']} in {summary['elapsed_seconds']:.1f} s "
-        f"({summary['messages_per_second'] or 0:,.0f} msg/s); skipped (bad rows, or cells of a wide file): "
-        f"{summary['skipped_rows']}")
-    return 0
+        f"{'interrupted: ' if summary['interrupted'] else ''}sent {summary['sent']:,} observations to "
+        f"{summary['topic']} in {summary['elapsed_seconds']:.1f} s ({summary['messages_per_second'] or 0:,.0f} "
+        f"msg/s); skipped (bad rows, or cells of a wide file): {summary['skipped_rows']}")
+    return 130 if summary["interrupted"] else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

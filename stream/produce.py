@@ -87,6 +87,7 @@ def run_produce(options: ProduceOptions) -> dict[str, Any]:
     """Send the file's observations; returns counts and the measured rate."""
     from kafka import KafkaProducer
     from kafka.admin import KafkaAdminClient
+    from kafka.errors import KafkaError
 
     warn_without_crc32c()
     replay = load_replay(options.spec)
@@ -104,23 +105,33 @@ def run_produce(options: ProduceOptions) -> dict[str, Any]:
     failures: list[BaseException] = []
     started = time.perf_counter()
     first_ns = int(obs.timestamps_ns[0]) if len(obs) else 0
+    handed, interrupted = 0, False
     try:
         homes = HomePartitions(partitions, options.partitioner)
         log.info("sending to %s by the %s partitioner", options.topic, homes.describe())
         for i, (sid, t_ns, value) in enumerate(zip(obs.series_ids.tolist(), obs.timestamps_ns.tolist(),
                                                    obs.values.tolist(), strict=True)):
+            if failures:  # the cluster refused or lost one: stop now, not after hours of expiring messages
+                break
+            _pace(options, started, i, t_ns - first_ns)  # each message at its own time (--speed sent it a step early)
             payload = encode(Observation(sid, from_ns(t_ns), value))
             producer.send(options.topic, key=sid.encode(), value=payload,
                           partition=homes(sid)).add_errback(failures.append)
-            _pace(options, started, i + 1, t_ns - first_ns)
+            handed += 1
         producer.flush()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the command's handler: what was handed over is sent
+        interrupted = True
+    except KafkaError as err:  # send() itself gave up (its buffer full while the cluster is gone)
+        failures.append(err)
     finally:
-        producer.close()
+        producer.close()  # waits for the messages handed over: a stop loses none of them
     elapsed = time.perf_counter() - started
     if failures:
-        raise RuntimeError(f"{len(failures)} messages were not acknowledged, first: {failures[0]!r}")
-    return {"sent": len(obs), "skipped_rows": len(letters), "elapsed_seconds": elapsed,
-            "messages_per_second": len(obs) / elapsed if elapsed > 0 else None, "topic": options.topic}
+        raise ValueError(f"{len(failures):,} of {handed:,} messages handed to the producer were not acknowledged "
+                         f"(first: {failures[0]}); {handed - len(failures):,} were; stopped there (check the "
+                         "cluster, then send the rest with --rows or a file of the rest)")
+    return {"sent": handed, "skipped_rows": len(letters), "elapsed_seconds": elapsed, "interrupted": interrupted,
+            "messages_per_second": handed / elapsed if elapsed > 0 else None, "topic": options.topic}
 
 
 def _partitions(producer: Any, options: ProduceOptions) -> int:
