@@ -139,6 +139,7 @@ class Standardised(Params):
         self.n_model_ = 0  # observations the model has learned
         self.period_ = 0
         self.mean_ = 0.0
+        self.level_ = 0.0  # the warm-up window's mean (= mean_ when centred): where the divergence guard measures from
         self.scale_ = 1.0
         self.recent_ = array("d")  # period 1 found: the last `warmup` values, for the next look (_look_again)
 
@@ -165,7 +166,8 @@ class Standardised(Params):
     def _start(self) -> None:
         fenced = _fenced(np.asarray(self.buffer_))
         self.period_ = self.period or detect_period(fenced, self.max_period) or 1
-        self.mean_, std = float(fenced.mean()) if self.center else 0.0, float(fenced.std())
+        self.level_, std = float(fenced.mean()), float(fenced.std())
+        self.mean_ = self.level_ if self.center else 0.0
         self.scale_ = std if std > 0 and math.isfinite(std) else 1.0
         try:
             self.model_ = self.build(self.period_)
@@ -236,7 +238,8 @@ class Standardised(Params):
         except Exception as err:  # noqa: BLE001 - see _fail
             self._fail(err)
             return [math.nan] * horizon
-        if not all(math.isfinite(v) and abs(v) <= DIVERGED for v in standard):
+        level = (self.level_ - self.mean_) / self.scale_  # 0 when centred; level / deviation when not
+        if not all(math.isfinite(v) and abs(v - level) <= DIVERGED for v in standard):
             log.warning("a %s diverged (forecast %.3g warm-up deviations out): it starts over with a new warm-up "
                         "window of %d observations", type(self.model_).__name__,
                         max((abs(v) if math.isfinite(v) else math.inf) for v in standard), self.warmup)
@@ -246,12 +249,14 @@ class Standardised(Params):
 
     def get_state(self) -> dict[str, Any]:
         return {"buffer": self.buffer_, "period": self.period_, "mean": self.mean_, "scale": self.scale_,
+                "level": self.level_,
                 "n_model": self.n_model_, "recent": self.recent_.tolist(),
                 "model": dump_state(self.model_) if self.model_ is not None else None}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.buffer_ = list(state["buffer"])
         self.period_, self.mean_, self.scale_ = int(state["period"]), state["mean"], state["scale"]
+        self.level_ = state.get("level", self.mean_)  # older states were centred
         self.n_model_ = int(state.get("n_model", self.warmup))  # older states: the model had the warm-up window
         self.recent_ = array("d", state.get("recent", []))  # older states: the next look's window starts now
         self.model_ = None
@@ -285,11 +290,23 @@ def _fenced(values: np.ndarray) -> np.ndarray:
     """``values`` clipped to Tukey's far-out fences (3 IQR beyond the quartiles), for the warm-up window's
     standardisation and the model's first steps: one spike of 1e12 in a window of values near 10 set a scale that
     left the model learning a flat line for the rest of the series (the divergence guard, in warm-up deviations,
-    never fired). A clean window, all within the fences, is unchanged; one with no spread (IQR 0: intermittent
-    zeros) is taken as it is."""
+    never fired). Only spikes are clipped: runs of one or two values outside, at most 1 % of the window (more
+    are the series' own peaks). A run of more is a level the series moved to inside the window (clipped, it left
+    snarimax's error 50x its own for thousands of steps); a window with no spread (IQR 0: intermittent zeros) is
+    taken as it is."""
     q1, q3 = np.percentile(values, [25, 75])
     spread = 3 * (q3 - q1)
-    return np.clip(values, q1 - spread, q3 + spread) if spread > 0 and math.isfinite(spread) else values
+    if not (spread > 0 and math.isfinite(spread)):
+        return values
+    low, high = q1 - spread, q3 + spread
+    outside = np.concatenate([[False], (values < low) | (values > high), [False]])
+    edges = np.flatnonzero(np.diff(outside.astype(np.int8)))
+    spikes = np.zeros(len(values), bool)
+    for start, end in zip(edges[::2], edges[1::2], strict=True):  # runs of values outside the fences
+        spikes[start:end] = end - start <= 2  # longer: a level the series moved to within the window
+    if np.count_nonzero(spikes) > max(1, len(values) // 100):  # peaks this common are the series' own
+        return values
+    return np.where(spikes, np.clip(values, low, high), values)
 
 
 def _restarted(model: Forecaster | None) -> Forecaster | None:

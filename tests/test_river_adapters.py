@@ -439,3 +439,27 @@ def test_a_river_lane_whose_parameters_its_model_cannot_use_is_refused_before_an
     name = "river:time_series." + ("HoltWinters" if "alpha" in params else "SNARIMAX")
     with pytest.raises(ValueError, match="fails on a trial series"):
         make_model(name, horizon=1, **params)
+
+
+def test_a_level_that_moves_inside_the_warm_up_window_is_not_clipped_as_a_spike():
+    """The fences clipped the 72 values after a set point moved from 20 to 25 at t=330: snarimax's error stayed
+    3.7 (0.09 unclipped) for the next 600 steps, 2.6 thousands of steps later."""
+    from tidecast.models.adapters import _fenced
+
+    rng = np.random.default_rng(1)
+    values = np.where(np.arange(3000) < 330, 20.0, 25.0) + rng.normal(0, 0.02, 3000)
+    assert np.array_equal(_fenced(values[:402]), values[:402])
+    spiked = values[:402].copy()
+    spiked[100] = 1e12
+    assert _fenced(spiked).max() < 100  # one spike still is
+    assert one_step_mae(make_model("snarimax", horizon=1, period=24), values, 402) < 0.2
+
+
+def test_a_river_holt_winters_lane_forecasts_a_level_far_above_its_spread():
+    """Not centred, its standardised forecasts sit at level / deviation (3,400 for 1013 +- 0.4 hPa): the divergence
+    guard read them as 3,400 deviations out and restarted it for ever, with no forecast."""
+    rng = np.random.default_rng(0)
+    values = 1013 + 0.3 * np.sin(2 * np.pi * np.arange(2000) / 24) + rng.normal(0, 0.1, 2000)
+    lane = make_model("river:time_series.HoltWinters", horizon=1, warmup=100, alpha=0.3, beta=0.1, gamma=0.5,
+                      seasonality=24)
+    assert one_step_mae(lane, values, 200) < 0.5  # NaN (no forecast) before
