@@ -1128,6 +1128,14 @@ class Engine:
         return out
 
     def import_shared(self, shared: dict[str, tuple[ArrayDict, dict[str, Any]]]) -> None:
+        """Install saved shared state (model weights, lane clocks, retrain entries); :class:`StateMismatch` when it
+        does not fit this engine's lanes (a forged or foreign file: it stopped serve at every restart)."""
+        try:
+            self._import_shared(shared)
+        except (KeyError, ValueError, IndexError, TypeError, AttributeError) as err:
+            raise StateMismatch(f"saved shared state does not fit this engine: {type(err).__name__}: {err}") from err
+
+    def _import_shared(self, shared: dict[str, tuple[ArrayDict, dict[str, Any]]]) -> None:
         for lane in self.lanes:
             if lane.name in shared:
                 arrays, meta = shared[lane.name]

@@ -504,7 +504,10 @@ class PartitionTable:
         shared = _newest_shared(found)
         if not self.engine.series_ids:
             if shared:
-                self.engine.import_shared(shared)
+                try:
+                    self.engine.import_shared(shared)
+                except StateMismatch as err:  # whose it is cannot be told: each partition is read again alone
+                    return set(), {snap.partition: err for snap in found}
         elif shared:  # a member already serving adopts a newer retrained model version (README: versions)
             adopted = self.engine.adopt_newer(shared)
             if adopted:

@@ -323,12 +323,20 @@ def _pack_shared(shared: SharedState) -> tuple[dict[str, Any], ArrayDict]:
 
 
 def _unpack_shared(meta: dict[str, Any], arrays: ArrayDict) -> SharedState:
+    for name, lane in meta.items():
+        _check_shared_meta(name, lane)
     out: SharedState = {name: ({}, m) for name, m in meta.items()}
     for key, value in arrays.items():
         if key.startswith("shared/"):
             name, _, sub = key[len("shared/"):].partition("/")
             out.setdefault(name, ({}, {}))[0][sub] = value
     return out
+
+
+def _check_shared_meta(name: str, meta: Any) -> None:
+    """A lane's shared JSON: an object, whose engine entries (``lane_clock``, ``retrain``) are objects or null."""
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), dict | None) for k in ("lane_clock", "retrain")):
+        raise CorruptState(f"the shared state of lane {name!r} is not a JSON object of the expected shape")
 
 
 def shared_digest(arrays: ArrayDict, meta: dict[str, Any]) -> str:
@@ -387,6 +395,8 @@ class Snapshot:
                            int(meta["changelog_offset"]), meta.get("config"), rows,
                            _unpack_shared(meta.get("shared") or {}, arrays), float(meta.get("written_at", 0.0)),
                            meta.get("group"))
+        except CorruptState:
+            raise
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise CorruptState(f"snapshot without a valid {err}") from err
         if not (0 <= snapshot.position < 2**63 and 0 <= snapshot.changelog_offset < 2**63):
@@ -412,6 +422,10 @@ class LocalStateStore:
         self.topic = topic
         self.dir = Path(root) / _safe_name(group) / _safe_name(topic)
         self.dir.mkdir(parents=True, exist_ok=True)
+        # the folder earlier versions used for a name with other characters (shared by "team/a" and "team_a"):
+        # read there until this folder holds the partition; a snapshot there of another group is refused on load
+        legacy = Path(root) / _plain_name(group) / _plain_name(topic)
+        self.legacy_dir = legacy if legacy != self.dir and not {group, topic} & {".", ".."} else None
         self.skipped = 0
         self._remove_partial_writes()
 
@@ -426,6 +440,8 @@ class LocalStateStore:
         """The partition's snapshot, or ``None`` if there is none, it is unreadable or it belongs elsewhere
         (logged; the changelog is used instead)."""
         path = self.path(partition)
+        if not path.exists() and self.legacy_dir is not None and (self.legacy_dir / path.name).is_file():
+            path = self.legacy_dir / path.name
         try:
             blob = path.read_bytes()
         except FileNotFoundError:
@@ -496,10 +512,16 @@ def _safe_name(name: str) -> str:
     """``name`` as one folder name, distinct for distinct names: kept when it is plain (letters, digits, ``._-``;
     not ``.`` or ``..``, which would leave the state directory), else made plain and suffixed with a hash of the
     name (``team/a`` and ``team_a`` shared one folder and overwrote each other's snapshots)."""
-    plain = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+    plain = _plain_name(name)
     if plain == name and name not in ("", ".", ".."):
         return name
     return f"{plain.strip('.')}~{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
+
+
+def _plain_name(name: str) -> str:
+    """``name`` with every character but letters, digits and ``._-`` made ``_``: the folder name of versions before
+    the hash suffix."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name) or "_"
 
 
 # -- changelog ---------------------------------------------------------------------------------------------
@@ -567,6 +589,7 @@ class TailReader:
                 raise CorruptState("a series record without a series")
             self._rows.add(checked_rows(items, arrays), newest=False)
         elif kind == "shared":
+            _check_shared_meta(str(meta["model"]), meta["meta"])
             self._shared[str(meta["model"])] = (arrays, dict(meta["meta"]))
         elif kind == "checkpoint":
             if not 0 <= int(meta["position"]) < 2**63:  # checked before it closes a group

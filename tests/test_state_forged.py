@@ -164,3 +164,31 @@ def test_group_names_get_distinct_folders_inside_the_state_directory(tmp_path, n
     assert LocalStateStore(root, "plain-group_1.x", "t").dir == root / "plain-group_1.x" / "t"  # unchanged
 
 
+
+
+def test_a_snapshot_in_the_folder_of_an_earlier_version_is_still_read(tmp_path):
+    """Group names with other characters than letters, digits and ._- moved to a hashed folder: their snapshots
+    in the earlier folder were silently not found (restored from the changelog alone, slower)."""
+    old = LocalStateStore(tmp_path, "team_forecast", "t")  # the folder "team/forecast" had before
+    old.save(Snapshot("t", 0, 5, 3, None, SeriesRows([], {})))
+    meta, arrays = decode_blob(old.path(0).read_bytes())
+    meta["group"] = "team/forecast"  # written by that group
+    old.path(0).write_bytes(encode_blob(meta, arrays))
+    new = LocalStateStore(tmp_path, "team/forecast", "t")
+    assert new.dir != old.dir and new.load(0).position == 5
+    assert LocalStateStore(tmp_path, "team:forecast", "t").load(0) is None  # another group's: refused
+
+
+@pytest.mark.parametrize("shared", [[1, 2], {"lane_clock": 5}, {"retrain": "x"}])
+def test_a_snapshot_whose_shared_state_has_the_wrong_shape_is_refused(tmp_path, shared):
+    """A lane's shared entry that is a list, or a retrain entry that is a number, stopped serve at every restart
+    (AttributeError / TypeError out of the engine's import)."""
+    blob = snapshot_blob(lambda m: m.update(shared={"seasonal-naive": shared}))
+    with pytest.raises(CorruptState, match="shared state of lane 'seasonal-naive'"):
+        Snapshot.from_blob(blob)
+
+
+def test_shared_state_the_engine_cannot_import_is_a_state_mismatch():
+    engine = Engine.from_config(EngineConfig(horizon=6, models=["cyclenet"]))
+    with pytest.raises(StateMismatch):
+        engine.import_shared({"cyclenet": ({"backbone/weight": np.zeros((2, 2))}, {"fitted": True, "junk": [1]})})
