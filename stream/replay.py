@@ -46,13 +46,16 @@ from tidecast.stream.sources import DeadLetter, Replay, ReplaySpec, load_replay
 LONGEST_SLEEP = 365 * 86_400.0
 
 
+DEFAULT_DEAD_LETTER = Path("tidecast-dead-letters.jsonl")
+
+
 @dataclass(frozen=True)
 class ReplayOptions:
     """Everything ``tidecast replay`` takes besides the engine configuration (the file comes in ``spec``)."""
 
     out: Path | None = setting(None, "forecast records, .parquet or .csv", group="output")
     events: Path | None = setting(None, "drift events (the lanes' monitors' alarms) as JSON lines", group="output")
-    dead_letter: Path | None = setting(Path("tidecast-dead-letters.jsonl"), "rejected rows as JSON lines (created "
+    dead_letter: Path | None = setting(DEFAULT_DEAD_LETTER, "rejected rows as JSON lines (created "
                                        "only if there are any; an earlier run's file is emptied)", group="output")
     summary_json: Path | None = setting(None, "write the summary as JSON", group="output")
     report: Path | None = setting(None, "write a self-contained HTML report (summary, coverage, plots of the worst "
@@ -234,7 +237,9 @@ def check_outputs(options: ReplayOptions, settings_file: Path | None = None) -> 
                 raise ValueError(f"{other} and {flag} are the same file {path}: choose two paths")
         problem = _unwritable(path)
         if problem:
-            raise ValueError(f"{flag} {path}: {problem}")
+            hint = (" (the default, in the working directory: give --dead-letter PATH elsewhere, or /dev/null to "
+                    "drop rejected rows)" if flag == "--dead-letter" and path == DEFAULT_DEAD_LETTER else "")
+            raise ValueError(f"{flag} {path}: {problem}{hint}")
 
 
 def _same_file(a: Path, b: Path) -> bool:

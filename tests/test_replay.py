@@ -538,3 +538,16 @@ def test_replay_leaves_the_callers_sigterm_handler_and_runs_from_a_thread(tmp_pa
     worker.start()
     worker.join(300)
     assert codes == [0]
+
+
+def test_an_unwritable_default_dead_letter_file_says_how_to_move_or_drop_it(tmp_path, monkeypatch, capsys):
+    """From a read-only working directory a clean file could not be replayed, and the error named a flag the user
+    never gave without saying what to do."""
+    from tidecast.stream import replay as replay_module
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(replay_module, "_unwritable",
+                        lambda path: "cannot be written: Read-only file system" if path.name.endswith(".jsonl")
+                        else None)
+    assert main(["replay", str(SAMPLE), "--no-progress"]) == 2
+    assert "or /dev/null to drop rejected rows" in capsys.readouterr().err
