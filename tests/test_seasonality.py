@@ -200,3 +200,21 @@ def test_seasonal_naive_looks_again_when_it_found_no_cycle():
             assert model.period_[0] == 1
     assert model.period_[0] == 24
     assert model.pop_calibration(3) is not None  # the new cycle's backtest seeds the calibrators again
+
+
+def test_a_noisy_cycle_is_found_at_its_own_length_not_next_to_it():
+    """The ACF at lags 23, 24 and 25 of a noisy 24-step sine differs by less than its sampling error: 23 or 25 won
+    in 6 noise draws of 20, and seasonal naive and Holt-Winters kept the wrong cycle for the whole run (HW 8x worse
+    than given period=24)."""
+    t = np.arange(402)
+    found = [detect_period(np.sin(2 * np.pi * t / 24) + 0.1 * np.random.default_rng(seed).normal(size=t.size), 200)
+             for seed in range(20)]
+    assert found == [24] * 20
+
+
+@pytest.mark.parametrize(("level", "amplitude"), [(1e9, 0.001), (1e13, 5.0), (1e14, 100.0)])
+def test_a_cycle_on_a_large_level_is_found_while_a_double_holds_it(level, amplitude):
+    """Steps below 1e-12 of the level counted as float rounding: a cycle of 100 on 1e14 (6,400 ulps) had none."""
+    t = np.arange(402)
+    y = level + amplitude * (np.sin(2 * np.pi * t / 24) + 0.1 * np.random.default_rng(0).normal(size=t.size))
+    assert detect_period(y, 200) == 24
