@@ -5,7 +5,7 @@ One :class:`prometheus_client.CollectorRegistry` per process (passed in, so test
 ``horizon`` (1..H), ``level`` (the configured interval levels, coverage in percent: ``"90"``), ``reason``
 (:data:`tidecast.stream.records.REASONS`, and ``serve``'s :data:`tidecast.stream.kafka_source.SERVE_REASONS`),
 ``partition`` (the assigned partitions), ``source`` (changelog, snapshot), ``detector`` (the configured drift
-watchers).
+watchers), ``outcome`` (a retrain's: started, promoted, rejected, failed, rolled_back).
 No per-series labels: a fleet of 100k series must not become 100k time series in Prometheus.
 
 >>> m = Metrics()

@@ -939,7 +939,13 @@ class Engine:
                 continue
             rows = self.live_rows()
             own = lane.model.export_rows(rows) if rows.size else {}
-            lane.model.import_shared(arrays, _model_meta(meta))
+            mine = lane.model.export_shared()
+            try:
+                lane.model.import_shared(arrays, _model_meta(meta))
+            except (KeyError, ValueError, IndexError, TypeError, AttributeError) as err:
+                lane.model.import_shared(*mine)  # the model it serves stays as it was
+                raise StateMismatch(f"saved shared state of lane {lane.name!r} does not fit this engine: "
+                                    f"{type(err).__name__}: {err}") from err
             lane.model.resize(self._cap)
             if rows.size:
                 lane.model.import_rows(rows, own)
@@ -1130,9 +1136,11 @@ class Engine:
     def import_shared(self, shared: dict[str, tuple[ArrayDict, dict[str, Any]]]) -> None:
         """Install saved shared state (model weights, lane clocks, retrain entries); :class:`StateMismatch` when it
         does not fit this engine's lanes (a forged or foreign file: it stopped serve at every restart)."""
+        before = self.export_shared()
         try:
             self._import_shared(shared)
         except (KeyError, ValueError, IndexError, TypeError, AttributeError) as err:
+            self._import_shared(before)  # nothing of it kept: a lane's clock taken from it stopped the lane for good
             raise StateMismatch(f"saved shared state does not fit this engine: {type(err).__name__}: {err}") from err
 
     def _import_shared(self, shared: dict[str, tuple[ArrayDict, dict[str, Any]]]) -> None:

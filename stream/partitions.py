@@ -411,7 +411,7 @@ class PartitionTable:
                 with_local.add(p)
         refused, unfit = self._import(snapshots)
         for p, err in unfit.items():
-            snapshots[p], tails[p], more = self._without_local(p, err, tails[p], p in with_local)
+            snapshots[p], tails[p], more = self._without_local(p, err, snapshots[p], tails[p], p in with_local)
             refused |= more
         for p, snap in snapshots.items():
             self._own(self._state_of(p, snap, tails[p], refused))
@@ -473,20 +473,18 @@ class PartitionTable:
         for sid in st.series:
             self._owner[sid] = st.partition
 
-    def _without_local(self, p: int, err: Exception, tail: ChangelogTail,
+    def _without_local(self, p: int, err: Exception, snap: Snapshot | None, tail: ChangelogTail,
                        with_local: bool) -> tuple[Snapshot | None, ChangelogTail, set[str]]:
-        """Partition ``p``'s state after its restored series did not fit the engine (``err``): read again from
-        the changelog alone if a local snapshot had a part in it, the likelier culprit; if that does not fit
-        either, the partition starts without state (logged and counted, never a crash loop on the same bytes)."""
-        unfit: dict[int, Exception] = {p: err}
-        refused: set[str] = set()
-        snap = None
+        """Partition ``p``'s state after it did not fit the engine (``err``), alone or with others' (shared state
+        that does not fit cannot be told apart): imported alone, read again from the changelog alone if a local
+        snapshot had a part in it, the likelier culprit; if that does not fit either, the partition starts without
+        state (logged and counted, never a crash loop on the same bytes)."""
         if with_local:
             log.warning("the saved state of partition %d does not fit this engine (%s); restoring it from the "
                         "changelog alone", p, err)
             self.metrics.state_skipped.labels(source="snapshot").inc()
             snap, tail, _ = self._read(p, use_local=False)
-            refused, unfit = self._import({p: snap})
+        refused, unfit = self._import({p: snap})
         if unfit:
             log.error("the changelog state of partition %d does not fit this engine (%s); the partition starts "
                       "without state, from its committed offset", p, unfit[p])
@@ -509,7 +507,10 @@ class PartitionTable:
                 except StateMismatch as err:  # whose it is cannot be told: each partition is read again alone
                     return set(), {snap.partition: err for snap in found}
         elif shared:  # a member already serving adopts a newer retrained model version (README: versions)
-            adopted = self.engine.adopt_newer(shared)
+            try:
+                adopted = self.engine.adopt_newer(shared)
+            except StateMismatch as err:
+                return set(), {snap.partition: err for snap in found}
             if adopted:
                 log.info("adopted newer model versions of %s from partitions %s", adopted,
                          sorted(s.partition for s in found))

@@ -105,7 +105,7 @@ def run_produce(options: ProduceOptions) -> dict[str, Any]:
     failures: list[BaseException] = []
     started = time.perf_counter()
     first_ns = int(obs.timestamps_ns[0]) if len(obs) else 0
-    handed, interrupted = 0, False
+    handed, interrupted, refused = 0, False, None
     try:
         homes = HomePartitions(partitions, options.partitioner)
         log.info("sending to %s by the %s partitioner", options.topic, homes.describe())
@@ -122,14 +122,19 @@ def run_produce(options: ProduceOptions) -> dict[str, Any]:
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the command's handler: what was handed over is sent
         interrupted = True
     except KafkaError as err:  # send() itself gave up (its buffer full while the cluster is gone)
-        failures.append(err)
+        refused = err
     finally:
-        producer.close()  # waits for the messages handed over: a stop loses none of them
+        try:
+            producer.close()  # waits for the messages handed over: a stop loses none of them
+        except KeyboardInterrupt:  # a second stop while it waits: what is still buffered is lost
+            interrupted = True
     elapsed = time.perf_counter() - started
-    if failures:
-        raise ValueError(f"{len(failures):,} of {handed:,} messages handed to the producer were not acknowledged "
-                         f"(first: {failures[0]}); {handed - len(failures):,} were; stopped there (check the "
-                         "cluster, then send the rest with --rows or a file of the rest)")
+    if failures or refused is not None:
+        lost = (f"{len(failures):,} of {handed:,} messages handed to the producer were not acknowledged (first: "
+                f"{failures[0]}); {handed - len(failures):,} were" if failures
+                else f"{handed:,} messages handed to the producer; the next was refused ({refused})")
+        raise ValueError(f"{lost}; stopped there (check the cluster, then send the rest with --rows or a file of "
+                         "the rest)")
     return {"sent": handed, "skipped_rows": len(letters), "elapsed_seconds": elapsed, "interrupted": interrupted,
             "messages_per_second": handed / elapsed if elapsed > 0 else None, "topic": options.topic}
 

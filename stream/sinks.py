@@ -81,7 +81,8 @@ class JsonlEvents:
             self._fh.flush()
 
     def close(self) -> None:
-        self._fh.close()
+        with naming(self.path):
+            self._fh.close()
 
 
 class DeadLetterSink(Protocol):
@@ -251,5 +252,6 @@ class JsonlDeadLetters:
         if self._fh is None and not self.count and self.path.is_file():
             self.path.write_text("", encoding="utf-8")  # an earlier run's letters: this run had none
         elif self._fh is not None:
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
+            with naming(self.path):
+                fh.close()

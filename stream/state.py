@@ -18,8 +18,9 @@ A blob whose magic, version or checksum is wrong raises :class:`CorruptState`.
 
 Local store
 -----------
-One file per partition, ``<root>/<group>/<topic>/partition-<P>.tcs``, holding a :class:`Snapshot` of all the
-partition's series. Written atomically: temporary file in the same directory, fsync, rename, fsync directory. A
+One file per partition, ``<root>/<group>/<topic>/partition-<PPPPP>.tcs`` (P zero-padded to 5 digits; a group or
+topic name with other characters than letters, digits and ``._-`` gets its plain spelling plus ``~`` and 12 hex
+digits of its SHA-256), holding a :class:`Snapshot` of all the partition's series. Written atomically: temporary file in the same directory, fsync, rename, fsync directory. A
 snapshot records its topic, partition and group, and one that names others is refused at load (the changelog is
 used instead).
 
@@ -334,8 +335,18 @@ def _unpack_shared(meta: dict[str, Any], arrays: ArrayDict) -> SharedState:
 
 
 def _check_shared_meta(name: str, meta: Any) -> None:
-    """A lane's shared JSON: an object, whose engine entries (``lane_clock``, ``retrain``) are objects or null."""
-    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), dict | None) for k in ("lane_clock", "retrain")):
+    """A lane's shared JSON: an object, whose engine entries are objects or null: ``lane_clock`` of whole numbers
+    (or nulls), ``retrain`` with a ``policy`` object whose ``version`` is a whole number. Read before any import
+    (the version picks the newest of several partitions' states: a string there stopped every restore)."""
+    def whole(value: Any) -> bool:
+        return type(value) is int
+
+    clock, retrain = (meta.get(k) if isinstance(meta, dict) else None for k in ("lane_clock", "retrain"))
+    policy = retrain.get("policy") if isinstance(retrain, dict) else None
+    fits = (isinstance(meta, dict) and isinstance(clock, dict | None) and isinstance(retrain, dict | None)
+            and (clock is None or all(v is None or whole(v) for v in clock.values()))
+            and isinstance(policy, dict | None) and (policy is None or whole(policy.get("version", 0))))
+    if not fits:
         raise CorruptState(f"the shared state of lane {name!r} is not a JSON object of the expected shape")
 
 
@@ -599,13 +610,21 @@ class TailReader:
             raise CorruptState(f"unknown changelog record kind {kind!r}")
 
     def _close_group(self, offset: int, meta: dict[str, Any]) -> None:
-        self.tail.last_group_short = len(self._rows) < int(meta.get("n_series") or 0)
+        short = len(self._rows) < int(meta.get("n_series") or 0)
+        self.tail.last_group_short = short
         self.tail.rows.absorb(self._rows)
         self.tail.shared.update(self._shared)
         self._rows, self._shared = LatestRows(), {}
-        # Every record below a marker's position is reflected in the series states (see :class:`LatestRows`), so the
-        # highest position seen is a safe place to resume.
-        self.tail.position = max(int(meta["position"]), self.tail.position or 0)
+        # Every record below a complete group's position is reflected in the series states (see :class:`LatestRows`),
+        # so the highest such position is a safe place to resume. A group short of series (a record of it skipped,
+        # or read from its middle) is not: its missing series keep an older group's state, and resuming at its
+        # position skipped their records in between for good (a block of 150 series reset their models). Resuming
+        # at the last complete group's re-reads those; the series the short group holds skip them by their applied
+        # offsets.
+        if not short:
+            self.tail.position = max(int(meta["position"]), self.tail.position or 0)
+        elif self.tail.position is None:
+            self.tail.position = 0  # no complete group before it: from the partition's start
         self.tail.config = meta.get("config")
         self.tail.written_at = max(self.tail.written_at, float(meta.get("written_at") or 0.0))
         self.tail.next_offset = offset + 1

@@ -87,3 +87,23 @@ def test_a_message_the_cluster_does_not_acknowledge_stops_produce_with_one_line(
     err = capsys.readouterr().err
     assert "1 of 100 messages handed to the producer were not acknowledged" in err and "99 were" in err
     assert len(calls) == 100  # it stopped there
+
+
+def test_a_message_send_itself_refuses_is_counted_apart(kafka, unique, tmp_path, monkeypatch, capsys):
+    """send() raising (its buffer full while the cluster is gone) was counted as one of the handed messages: "1 of
+    0 messages handed ... were not acknowledged; -1 were"."""
+    from kafka import KafkaProducer
+    from kafka.errors import KafkaTimeoutError
+
+    send, calls = KafkaProducer.send, []
+
+    def full(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KafkaTimeoutError("Failed to allocate memory within the configured max blocking time")
+        return send(self, *args, **kwargs)
+
+    monkeypatch.setattr(KafkaProducer, "send", full)
+    assert main(["produce", str(hourly(tmp_path / "h.csv", 10)), "--bootstrap-servers", kafka.bootstrap, "--topic",
+                 unique("full"), "--partitions", "1"]) == 2
+    assert "2 messages handed to the producer; the next was refused" in capsys.readouterr().err

@@ -434,13 +434,14 @@ def test_a_stdout_closed_early_still_gets_the_summary_file_and_report_written(tm
     assert report.read_text().startswith("<!DOCTYPE html>")
 
 
-def test_ctrl_c_while_the_settings_are_checked_is_one_line_not_a_traceback(monkeypatch, capsys):
+def test_ctrl_c_while_the_settings_are_checked_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
     from tidecast.stream import cli
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "resolve", interrupted)
+    monkeypatch.chdir(tmp_path)
     assert main(["replay", str(SAMPLE), "--no-progress"]) == 130
     assert "interrupted" in capsys.readouterr().err
 
@@ -453,6 +454,7 @@ def test_a_stop_while_lingering_after_a_complete_run_is_its_normal_end(tmp_path,
         raise KeyboardInterrupt
 
     monkeypatch.setattr(replay_module.time, "sleep", stopped)
+    monkeypatch.chdir(tmp_path)  # the default dead-letter file goes to the working directory
     summary = tmp_path / "s.json"
     assert main(["replay", str(SAMPLE), "--no-progress", "--metrics-port", str(_free_port()), "--linger", "60",
                  "--summary-json", str(summary)]) == 0
@@ -551,3 +553,22 @@ def test_an_unwritable_default_dead_letter_file_says_how_to_move_or_drop_it(tmp_
                         else None)
     assert main(["replay", str(SAMPLE), "--no-progress"]) == 2
     assert "or /dev/null to drop rejected rows" in capsys.readouterr().err
+
+
+def test_a_full_disk_under_the_events_or_dead_letter_file_is_named(tmp_path, capsys):
+    """Those files are written at close: the failure said only "[Errno 28] No space left on device"."""
+    from datetime import UTC, datetime
+
+    from tidecast.monitors.drift import DriftEvent
+    from tidecast.stream.sinks import JsonlEvents
+
+    full = tmp_path / "full.jsonl"
+    full.symlink_to("/dev/full")
+    data = tmp_path / "bad.csv"
+    data.write_text("ds,y\n" + "".join(f"2024-01-01T{h:02d}:00:00,{'x' if h == 3 else h}\n" for h in range(24)))
+    assert main(["replay", str(data), "--no-progress", "--dead-letter", str(full)]) == 2
+    assert "cannot write" in capsys.readouterr().err
+    events = JsonlEvents(full)
+    events.write([DriftEvent("s", "m", "cusum", "mean", datetime(2024, 1, 1, tzinfo=UTC), 1.0)])
+    with pytest.raises(OSError, match="cannot write .*full.jsonl"):
+        events.close()

@@ -192,3 +192,78 @@ def test_shared_state_the_engine_cannot_import_is_a_state_mismatch():
     engine = Engine.from_config(EngineConfig(horizon=6, models=["cyclenet"]))
     with pytest.raises(StateMismatch):
         engine.import_shared({"cyclenet": ({"backbone/weight": np.zeros((2, 2))}, {"fitted": True, "junk": [1]})})
+
+
+def test_a_refused_shared_import_keeps_nothing_of_it():
+    """Lanes imported before the one that failed kept the refused state: a clock far in the future stopped the
+    seasonal-naive lane's learning and retrain rounds for good."""
+    engine = Engine.from_config(EngineConfig(horizon=6, models=["seasonal-naive", "cyclenet"]))
+    before = {lane.name: lane.clock.export() for lane in engine.lanes}
+    far = 4 * 10**18
+    with pytest.raises(StateMismatch):
+        engine.import_shared({"seasonal-naive": ({}, {"lane_clock": {"last_ns": far, "ahead_ns": None}}),
+                              "cyclenet": ({"backbone/weight": np.zeros((2, 2))}, {"fitted": True, "junk": [1]})})
+    assert {lane.name: lane.clock.export() for lane in engine.lanes} == before
+
+
+@pytest.mark.parametrize("retrain", [{"policy": [1]}, {"policy": {"version": "x"}}])
+def test_a_retrain_entry_whose_version_cannot_be_read_is_refused(retrain):
+    """The version picks the newest of several partitions' shared states, outside any import: a string or a list
+    there stopped every restore of two partitions."""
+    with pytest.raises(CorruptState, match="shared state of lane"):
+        Snapshot.from_blob(snapshot_blob(lambda m: m.update(shared={"seasonal-naive": {"retrain": retrain}})))
+
+
+def test_healthy_partitions_are_restored_when_another_ones_shared_state_does_not_fit(tmp_path, monkeypatch):
+    """Shared state that does not fit marked every partition of the restore unfit, and those without a local
+    snapshot started without state: one bad partition wiped its healthy neighbours."""
+    producer = FakeProducer()
+    first, results = make_worker(tmp_path, producer, state_dir="a")
+    assign(first, results, {0, 1})
+    feed(first, 0, records(0, ["a", "b"], range(30), 0))
+    feed(first, 1, records(1, ["d"], range(30), 0))
+    first.table.checkpoint([0, 1])
+    second, results = make_worker(tmp_path, producer, state_dir="b")  # no local snapshots: the changelog alone
+    real = second.engine.import_shared
+    calls = []
+
+    def joint_import_unfit(shared):  # the two partitions' shared state together does not fit; each alone does
+        calls.append(1)
+        if len(calls) == 1:
+            raise StateMismatch("forged")
+        return real(shared)
+
+    monkeypatch.setattr(second.engine, "import_shared", joint_import_unfit)
+    assert assign(second, results, {0, 1}) == {0: 60, 1: 30}
+    assert sorted(second.engine.series_ids) == ["a", "b", "d"]  # none before: both started without state
+
+
+def test_a_skipped_series_block_in_the_last_group_is_caught_up_from_the_group_before(tmp_path):
+    """A changelog record of the last group skipped (a broken checksum) took its whole block of series back to the
+    group before, while the partition resumed at the last group's position: the input in between was never applied
+    to them again (150 series reset their models at the next record)."""
+    from tidecast.stream.partitioner import home_partition
+
+    ids = [s for s in (f"s{i}" for i in range(400)) if home_partition(s.encode(), 2, "murmur2") == 0][:150]
+    producer = FakeProducer()
+    first, results = make_worker(tmp_path, producer, state_dir="a")
+    assign(first, results, {0, 1})
+    early, late = records(0, ids, range(20), 0), records(0, ids, range(20, 40), 20 * len(ids))
+    feed(first, 0, early)
+    first.table.checkpoint([0])
+    feed(first, 0, late)
+    first.table.checkpoint([0])
+    log = producer.log[(first.table.changelog.topic, 0)]
+    kinds = [decode_blob(value)[0].get("kind") for _, value in log]
+    last = max(i for i, kind in enumerate(kinds) if kind == "checkpoint")
+    block = max(i for i, kind in enumerate(kinds[:last]) if kind == "series")  # of the last group
+    key, value = log[block]
+    log[block] = (key, value[:-10] + b"x" * 10)  # its checksum fails: skipped
+
+    second, results = make_worker(tmp_path, producer, state_dir="b")
+    position = assign(second, results, {0, 1})[0]
+    assert position == 20 * len(ids)  # the group before's, not the last one's (40 * 150)
+    feed(second, 0, late[position - 20 * len(ids):])  # what the consumer reads again from there
+    expected = first.engine.export_series(ids)[1]
+    restored = second.engine.export_series(ids)[1]
+    assert all(np.array_equal(restored[k], v, equal_nan=True) for k, v in expected.items())
