@@ -943,7 +943,10 @@ class Engine:
             try:
                 lane.model.import_shared(arrays, _model_meta(meta))
             except (KeyError, ValueError, IndexError, TypeError, AttributeError) as err:
-                lane.model.import_shared(*mine)  # the model it serves stays as it was
+                lane.model.import_shared(*mine)  # the model it serves stays as it was, with its series' rows
+                lane.model.resize(self._cap)
+                if rows.size:
+                    lane.model.import_rows(rows, own)
                 raise StateMismatch(f"saved shared state of lane {lane.name!r} does not fit this engine: "
                                     f"{type(err).__name__}: {err}") from err
             lane.model.resize(self._cap)

@@ -10,6 +10,7 @@ import pytest
 from test_serve_worker import FakeProducer, assign, feed, make_worker, records, sample
 
 from tidecast.stream import state
+from tidecast.stream.batch import ObservationBatch
 from tidecast.stream.config import EngineConfig
 from tidecast.stream.engine import Engine, StateMismatch
 from tidecast.stream.messages import AssignPartitions, Stop
@@ -267,3 +268,36 @@ def test_a_skipped_series_block_in_the_last_group_is_caught_up_from_the_group_be
     expected = first.engine.export_series(ids)[1]
     restored = second.engine.export_series(ids)[1]
     assert all(np.array_equal(restored[k], v, equal_nan=True) for k, v in expected.items())
+
+
+def test_a_refused_newer_model_version_leaves_the_served_series_as_they_were():
+    """adopt_newer put the lane's own shared state back after a refused one, but CycleNet's import_shared starts a
+    blank cycle table: every served series lost its cycle rows, silently, and forecast otherwise."""
+    import copy
+
+    config = EngineConfig(horizon=3, models=["cyclenet"], freq="1h", retrain="on",
+                          model_params={"cyclenet": {"warm_start": 60, "lookback": 24, "epochs": 1, "cycle": 24}},
+                          retrain_params={"min_fresh": 24, "shadow_steps": 24, "history": 0, "epochs": 1})
+    hours = 120
+    values = 10 + 3 * np.sin(2 * np.pi * np.arange(hours) / 24)[:, None] + np.random.default_rng(0).normal(
+        0, 0.3, (hours, 2))
+    ids = np.tile(np.array(["a", "b"], dtype=object), hours)
+    stamps = np.repeat(1_500_000_000 * 10**9 + np.arange(hours) * 3_600 * 10**9, 2)
+
+    def served() -> Engine:
+        engine = Engine.from_config(config)
+        for k in range(0, hours, 10):
+            rows = slice(2 * k, 2 * (k + 10))
+            engine.process(ObservationBatch(ids[rows], stamps[rows], values.reshape(-1)[rows]))
+            engine.maintenance()
+        return engine
+
+    engine = served()
+    newer = copy.deepcopy(engine.export_shared())
+    newer["cyclenet"][1]["params"]["lookback"] = 48  # a newer version this engine cannot take
+    newer["cyclenet"][1].setdefault("retrain", {}).setdefault("policy", {})["version"] = 3
+    before = engine.export_series(["a", "b"])[1]
+    with pytest.raises(StateMismatch):
+        engine.adopt_newer(newer)
+    after = engine.export_series(["a", "b"])[1]
+    assert all(np.array_equal(after[k], v, equal_nan=True) for k, v in before.items())
