@@ -78,13 +78,15 @@ def cycle_backtest(values: np.ndarray, periods: list[int]) -> dict[int, float]:
 
 
 def _sharpest_neighbour(x: np.ndarray, period: int, min_period: int, max_period: int, margin: float = 0.8) -> int:
-    """``period``, or the lag next to it whose seasonal difference ``x[t] - x[t - lag]`` is clearly smaller (below
-    ``margin`` of the period's) on the same values: a cycle repeats best at its own length."""
+    """``period``, or the lag next to it whose seasonal difference ``x[t] - x[t - lag]`` varies clearly less (below
+    ``margin`` of the period's variance) on the same values: a cycle repeats best at its own length. The variance,
+    not the mean square: a trend adds ``(slope * lag)^2`` to the mean square, which made a trending weekly counter
+    "repeat best" at 6."""
     lags = [lag for lag in (period - 1, period, period + 1) if min_period <= lag <= max_period]
     start = max(lags)
     if x.size <= start + 2 * period:
         return period
-    error = {lag: float(np.mean((x[start:] - x[start - lag:x.size - lag]) ** 2)) for lag in lags}
+    error = {lag: float(np.var(x[start:] - x[start - lag:x.size - lag])) for lag in lags}
     best = min(error, key=error.get)
     return best if error[best] < margin * error[period] else period
 
