@@ -142,10 +142,12 @@ def _run_produce(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             Console(stderr=True, soft_wrap=True).print("[bold red]interrupted:[/] before any message was sent")
             return 130
-    Console(stderr=True).print(
+    lost = summary["handed"] - summary["sent"]
+    Console(stderr=True, soft_wrap=True).print(
         f"{'interrupted: ' if summary['interrupted'] else ''}sent {summary['sent']:,} observations to "
         f"{summary['topic']} in {summary['elapsed_seconds']:.1f} s ({summary['messages_per_second'] or 0:,.0f} "
-        f"msg/s); skipped (bad rows, or cells of a wide file): {summary['skipped_rows']}")
+        f"msg/s){f' ({lost:,} more handed over, not acknowledged: may be lost)' if lost else ''}; skipped (bad "
+        f"rows, or cells of a wide file): {summary['skipped_rows']}")
     return 130 if summary["interrupted"] else 0
 
 

@@ -106,6 +106,7 @@ def run_produce(options: ProduceOptions) -> dict[str, Any]:
     started = time.perf_counter()
     first_ns = int(obs.timestamps_ns[0]) if len(obs) else 0
     handed, interrupted, refused = 0, False, None
+    acknowledged: list[None] = []  # one item per message the cluster acknowledged (appends are atomic)
     try:
         homes = HomePartitions(partitions, options.partitioner)
         log.info("sending to %s by the %s partitioner", options.topic, homes.describe())
@@ -115,8 +116,9 @@ def run_produce(options: ProduceOptions) -> dict[str, Any]:
                 break
             _pace(options, started, i, t_ns - first_ns)  # each message at its own time (--speed sent it a step early)
             payload = encode(Observation(sid, from_ns(t_ns), value))
-            producer.send(options.topic, key=sid.encode(), value=payload,
-                          partition=homes(sid)).add_errback(failures.append)
+            future = producer.send(options.topic, key=sid.encode(), value=payload, partition=homes(sid))
+            future.add_callback(lambda _metadata: acknowledged.append(None))
+            future.add_errback(failures.append)
             handed += 1
         producer.flush()
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the command's handler: what was handed over is sent
@@ -135,8 +137,12 @@ def run_produce(options: ProduceOptions) -> dict[str, Any]:
                 else f"{handed:,} messages handed to the producer; the next was refused ({refused})")
         raise ValueError(f"{lost}; stopped there (check the cluster, then send the rest with --rows or a file of "
                          "the rest)")
-    return {"sent": handed, "skipped_rows": len(letters), "elapsed_seconds": elapsed, "interrupted": interrupted,
-            "messages_per_second": handed / elapsed if elapsed > 0 else None, "topic": options.topic}
+    # "sent" counts what the cluster acknowledged: after a second stop during close the rest of the buffer is lost,
+    # and resuming after "sent N" of the handed messages skipped them
+    sent = len(acknowledged)
+    return {"sent": sent, "handed": handed, "skipped_rows": len(letters), "elapsed_seconds": elapsed,
+            "interrupted": interrupted, "messages_per_second": sent / elapsed if elapsed > 0 else None,
+            "topic": options.topic}
 
 
 def _partitions(producer: Any, options: ProduceOptions) -> int:

@@ -20,9 +20,9 @@ Local store
 -----------
 One file per partition, ``<root>/<group>/<topic>/partition-<PPPPP>.tcs`` (P zero-padded to 5 digits; a group or
 topic name with other characters than letters, digits and ``._-`` gets its plain spelling plus ``~`` and 12 hex
-digits of its SHA-256), holding a :class:`Snapshot` of all the partition's series. Written atomically: temporary file in the same directory, fsync, rename, fsync directory. A
-snapshot records its topic, partition and group, and one that names others is refused at load (the changelog is
-used instead).
+digits of its SHA-256), holding a :class:`Snapshot` of all the partition's series. Written atomically: temporary
+file in the same directory, fsync, rename, fsync directory. A snapshot records its topic, partition and group, and
+one that names others is refused at load (the changelog is used instead).
 
 Changelog
 ---------

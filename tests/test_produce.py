@@ -72,6 +72,9 @@ def test_a_message_the_cluster_does_not_acknowledge_stops_produce_with_one_line(
     send, calls = KafkaProducer.send, []
 
     class Lost:
+        def add_callback(self, callback):
+            return self
+
         def add_errback(self, errback):
             errback(KafkaTimeoutError("Expiring 1 record(s): 120000 ms has passed since batch creation"))
             return self
@@ -107,3 +110,37 @@ def test_a_message_send_itself_refuses_is_counted_apart(kafka, unique, tmp_path,
     assert main(["produce", str(hourly(tmp_path / "h.csv", 10)), "--bootstrap-servers", kafka.bootstrap, "--topic",
                  unique("full"), "--partitions", "1"]) == 2
     assert "2 messages handed to the producer; the next was refused" in capsys.readouterr().err
+
+
+def test_a_second_stop_while_closing_counts_only_what_was_acknowledged(kafka, unique, tmp_path, monkeypatch, capsys):
+    """A second Ctrl-C while the producer waits to close loses what is still buffered, yet the line said "sent N"
+    of every handed message, and "send the rest" from there skipped the lost ones."""
+    import kafka as kafka_python
+
+    class Pending:  # never acknowledged
+        def add_callback(self, callback):
+            return self
+
+        def add_errback(self, errback):
+            return self
+
+    class Stopped(kafka_python.KafkaProducer):
+        def send(self, *args, **kwargs):
+            return Pending()
+
+        def flush(self, *args, **kwargs):  # the first stop (close flushes too: then nothing to flush)
+            if not getattr(self, "flushed", False):
+                self.flushed = True
+                raise KeyboardInterrupt
+
+        def close(self, *args, **kwargs):  # the second, while it waits: the buffer is dropped
+            super().close(timeout=0)
+            if not getattr(self, "stopped", False):  # once: __del__ closes it again
+                self.stopped = True
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(kafka_python, "KafkaProducer", Stopped)
+    assert main(["produce", str(hourly(tmp_path / "h.csv", 10)), "--bootstrap-servers", kafka.bootstrap, "--topic",
+                 unique("second"), "--partitions", "1"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: sent 0 observations" in err and "10 more handed over, not acknowledged" in err
