@@ -47,6 +47,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from tidecast.models.runtime import seeded_torch
+
 BACKBONES = ("linear", "mlp")
 #: The paper's learning rates at L=96 (ETT scripts of the official repository).
 DEFAULT_LR = {"linear": 0.01, "mlp": 0.005}
@@ -180,8 +182,7 @@ def build(
     seed: int = 0,
 ) -> CycleNet:
     """A :class:`CycleNet` whose initial weights depend on ``seed`` only (the global RNG is left alone)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_torch(seed):
         return CycleNet(lookback, horizon, cycle, channels, backbone, hidden, instance_norm)
 
 

@@ -102,6 +102,7 @@ from tidecast.models.bootstrap import ResidualRing, check_bootstrap
 from tidecast.models.ensemble import Ensemble
 from tidecast.models.naive import check_ticks
 from tidecast.models.persistence import PersistenceBlend
+from tidecast.models.runtime import seeded_torch
 from tidecast.models.warm_start import WarmStarted
 
 __all__ = ["CfCCell", "CfCEnsemble", "CfCForecaster", "LiquidNet", "build", "make"]
@@ -216,8 +217,7 @@ class LiquidNet(nn.Module):
 def build_net(n_inputs: int, units: int, horizon: int, backbone_units: int, backbone_layers: int,
               seed: int) -> LiquidNet:
     """A :class:`LiquidNet` whose initial weights depend on ``seed`` only (the global RNG is left alone)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_torch(seed):
         return LiquidNet(n_inputs, units, horizon, backbone_units, backbone_layers)
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import pandas as pd
 from rich.console import Console
 
-from tidecast.models.runtime import set_torch_threads
+from tidecast.models.runtime import torch_threads
 from tidecast.monitors.conformal import DEFAULT_CALIBRATOR
 from tidecast.monitors.metrics import Metrics
 from tidecast.stream.config import EngineConfig
@@ -129,9 +129,9 @@ def replay(data: pd.DataFrame | str | Path, models: Sequence[str] | str = ("seas
     run = ReplayOptions(dead_letter=None, progress=bool(options.get("progress", False)),
                         batch_size=int(batch_size))
     engine = Engine.from_config(config, Metrics(reasons=REASONS))
-    set_torch_threads(config.torch_threads)
     collector = ResultCollector(config)
-    summary = execute(engine, loaded, source, run, Console(stderr=True), collector)
+    with torch_threads(config.torch_threads):  # the caller's count back afterwards
+        summary = execute(engine, loaded, source, run, Console(stderr=True), collector)
     for note in summary["notes"]:  # e.g. a history shorter than a model's warm-up: say why nothing came out
         warnings.warn(note, UserWarning, stacklevel=2)
     return collector.build(summary, source)
