@@ -46,7 +46,7 @@ from typing import Any, Self
 
 import numpy as np
 
-from tidecast.models.base import MAX_SEED, ArrayDict, BatchForecaster, Calibration, notify_step
+from tidecast.models.base import MAX_SEED, ArrayDict, BatchForecaster, Calibration, check_count, notify_step
 from tidecast.models.persistence import NO_TICK, PersistenceBlend
 from tidecast.models.rows import Field, RowTable, nest, under
 
@@ -79,9 +79,10 @@ class Ensemble(BatchForecaster):
                  seed: int = 0, persistence_half_life: int = 0, horizon: int | None = None) -> None:
         if int(size) < 1:
             raise ValueError(f"an ensemble needs at least one member, got {size}")
-        if isinstance(seed, int | np.integer) and int(seed) + int(size) - 1 > MAX_SEED:  # member k takes seed + k
-            raise ValueError(f"seed = {seed}: with members = {size}, at most {MAX_SEED - int(size) + 1:,} (member k "
-                             f"is seeded seed + k, and a seed is at most {MAX_SEED:,})")
+        try:  # member k takes seed + k: the last must still be a seed
+            check_count("seed", seed, 0, high=MAX_SEED - int(size) + 1)
+        except ValueError as err:
+            raise ValueError(f"{err} with members = {size} (member k is seeded seed + k)") from None
         if persistence_half_life and horizon is None:
             raise ValueError("an ensemble blended with the last value needs the members' horizon")
         self.build, self.params, self.size, self.seed = build, dict(params), int(size), int(seed)

@@ -142,7 +142,7 @@ def _run_produce(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             Console(stderr=True, soft_wrap=True).print("[bold red]interrupted:[/] before any message was sent")
             return 130
-    lost = summary["handed"] - summary["sent"]
+    lost = max(summary["handed"] - summary["sent"], 0)
     Console(stderr=True, soft_wrap=True).print(
         f"{'interrupted: ' if summary['interrupted'] else ''}sent {summary['sent']:,} observations to "
         f"{summary['topic']} in {summary['elapsed_seconds']:.1f} s ({summary['messages_per_second'] or 0:,.0f} "

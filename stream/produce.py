@@ -117,9 +117,9 @@ def run_produce(options: ProduceOptions) -> dict[str, Any]:
             _pace(options, started, i, t_ns - first_ns)  # each message at its own time (--speed sent it a step early)
             payload = encode(Observation(sid, from_ns(t_ns), value))
             future = producer.send(options.topic, key=sid.encode(), value=payload, partition=homes(sid))
+            handed += 1  # before the callbacks: a stop between them must not leave a delivered message uncounted
             future.add_callback(lambda _metadata: acknowledged.append(None))
             future.add_errback(failures.append)
-            handed += 1
         producer.flush()
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the command's handler: what was handed over is sent
         interrupted = True

@@ -464,7 +464,8 @@ def resolve_produce(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> Any:
     for name in [n for n in os.environ if n.startswith("TIDECAST_")]:
         monkeypatch.delenv(name)
     captured: list[Any] = []
-    summary = {"sent": 0, "topic": "", "elapsed_seconds": 0.0, "messages_per_second": None, "skipped_rows": 0}
+    summary = {"sent": 0, "handed": 0, "interrupted": False, "topic": "", "elapsed_seconds": 0.0,
+               "messages_per_second": None, "skipped_rows": 0}
     monkeypatch.setattr(tidecast.stream.produce, "run_produce", lambda options: captured.append(options) or summary)
     assert main(argv) == 0, f"tidecast {' '.join(argv)} rejected its settings"
     (options,) = captured

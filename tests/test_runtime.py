@@ -50,6 +50,15 @@ def test_a_replay_leaves_the_callers_torch_thread_count_as_it_was():
 
 def test_an_ensembles_seed_leaves_room_for_every_member():
     """Member k is seeded seed + k: a seed within the documented range failed with a seed the user never gave."""
-    with pytest.raises(ValueError, match="with members = 3, at most 4,294,967,293"):
+    with pytest.raises(ValueError, match=r"from 0 to 4,294,967,293 with members = 3"):
         tidecast.replay(pd.DataFrame({"ds": pd.date_range("2024-01-01", periods=10, freq="h"), "y": 1.0}),
                         models="cfc", horizon=2, model_params={"cfc": {"members": 3, "seed": 4294967294}})
+
+
+@pytest.mark.parametrize("seed", [2.7, True])
+def test_an_ensembles_seed_is_a_whole_number(seed):
+    """Called directly (the settings refuse it earlier), an ensemble truncated 2.7 to members seeded 2, 3, 4."""
+    from tidecast.models.liquid import CfCEnsemble
+
+    with pytest.raises(ValueError, match="seed"):
+        CfCEnsemble(horizon=3, members=3, seed=seed)

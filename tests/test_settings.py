@@ -45,7 +45,8 @@ def clean_env(monkeypatch):
 def captured(clean_env):
     """``serve`` and ``produce`` up to the point where they would connect: the config they would run with."""
     seen: dict[str, Any] = {}
-    summary = {"sent": 0, "topic": "", "elapsed_seconds": 0.0, "messages_per_second": None, "skipped_rows": 0}
+    summary = {"sent": 0, "handed": 0, "interrupted": False, "topic": "", "elapsed_seconds": 0.0,
+               "messages_per_second": None, "skipped_rows": 0}
     clean_env.setattr(tidecast.stream.serve, "run_serve", lambda config: seen.setdefault("serve", config) and 0)
     clean_env.setattr(tidecast.stream.produce, "run_produce",
                       lambda options: seen.setdefault("produce", options) and summary)
