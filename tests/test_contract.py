@@ -187,13 +187,15 @@ class PooledMean(BatchForecaster):
 
 
 class ForgetsPeriod(SeasonalNaive):
-    """Does not carry the detected period through export/import."""
+    """Does not carry the detected period through export/import: the imported rows take "no cycle" (period 1). (Left
+    at 0, "not detected yet", it detected the same cycle again at once on a clean series, and no check could tell.)"""
 
     def export_rows(self, rows):
         return {k: v for k, v in super().export_rows(rows).items() if k != "period"}
 
     def import_rows(self, rows, state):
         self.table_.import_rows(rows, state, ("buffer", "count", "last_tick"))
+        self.period_[rows] = 1
 
 
 class KeepsFirstValue(SeasonalNaive):

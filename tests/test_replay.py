@@ -407,9 +407,12 @@ def test_sigterm_closes_a_parquet_output_that_can_then_be_read(tmp_path, signame
     import signal
 
     out = tmp_path / "f.parquet"
+    def as_in_a_terminal() -> None:  # a run under nohup (CI, a background job) hands its children SIGHUP ignored
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
     proc = subprocess.Popen([sys.executable, "-m", "tidecast.stream.cli", "replay", str(SAMPLE), "--out", str(out),
                              "--rate", "300", "--no-progress", "--batch-size", "50"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=as_in_a_terminal)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (not out.exists() or out.stat().st_size < 4096):
         time.sleep(0.2)  # forecasts are being written
