@@ -143,23 +143,22 @@ def _river_model(cls: type, name: str, horizon: int, warmup: int = 100, **params
     if warmup < 2:
         raise ValueError(f"warmup = {warmup!r}: expected at least 2 observations")
     try:
-        cls(**params)  # a missing or refused argument fails now, not at the first forecast
+        trial = cls(**params)  # a missing or refused argument fails now, not at the first forecast
     except (TypeError, ValueError) as err:
         raise ValueError(f"river.{name.removeprefix(RIVER_PREFIX)}: {err}") from None
     # river's HoltWinters starts its seasonal terms as y / level, which a centred level near 0 blows up (MAE 39
     # against 0.87 on raw values); its forecasts scale with its input, so dividing by the deviation alone is exact
     center = not issubclass(cls, time_series.HoltWinters)
-    _try_out(cls, name, params, center)
+    _try_out(trial, name, params, center)
     return PerSeries(name, partial(Standardised, lambda period: cls(**params), 1, 2, warmup, center))
 
 
-def _try_out(cls: type, name: str, params: dict[str, Any], center: bool) -> None:
-    """Run the river model on a short made-up series, standardised as the lane will: river's constructors take
-    values their models cannot use (``alpha="0,3"``, ``p=-2``), which failed at every series' first step, logged
-    once, and the lane forecast nothing (exit 0)."""
+def _try_out(model: Any, name: str, params: dict[str, Any], center: bool) -> None:
+    """Run a fresh river ``model`` (built with ``params``) on a short made-up series, standardised as the lane will:
+    river's constructors take values their models cannot use (``alpha="0,3"``, ``p=-2``), which failed at every
+    series' first step, logged once, and the lane forecast nothing (exit 0)."""
     from tidecast.models.adapters import river_min_history
 
-    model = cls(**params)
     n = 2 * (river_min_history(model) or 0) + 50
     values = np.sin(np.arange(n) * 0.7) + 0.1 * np.random.default_rng(0).normal(size=n) + (0.0 if center else 5.0)
     try:

@@ -156,7 +156,8 @@ def detect_period(
         return best
     chosen = min(scores, key=lambda p: (scores[p], p))
     # The ACF at lags next to the cycle differs by less than its sampling error on a noisy cycle (a clean 24-step
-    # sine with noise gave 23 or 25 in 6 seeds of 20, kept for the whole run): the neighbours are backtested too.
+    # sine with noise gave 23 or 25 in 6 seeds of 20, kept for the whole run): a neighbour whose seasonal difference
+    # varies clearly less takes its place.
     chosen = _sharpest_neighbour(x, chosen, min_period, max_period)
     if chosen not in scores:
         scores = cycle_backtest(x, [chosen]) or scores

@@ -206,6 +206,10 @@ class StateMismatch(ValueError):
     kept."""
 
 
+#: What importing saved shared state that does not fit a lane raises (a model's own checks, JSON of another shape)
+_UNFIT = (KeyError, ValueError, IndexError, TypeError, AttributeError)
+
+
 def _upgrade_engine_arrays(arrays: ArrayDict, n_rows: int) -> ArrayDict:
     """State saved before the step window (``held``/``held_t``/``held_v``, no ``last_t``) in today's layout."""
     if "engine/hold_n" in arrays or "engine/held" not in arrays:
@@ -939,19 +943,18 @@ class Engine:
                 continue
             rows = self.live_rows()
             own = lane.model.export_rows(rows) if rows.size else {}
-            mine = lane.model.export_shared()
+            mine, unfit = lane.model.export_shared(), None
             try:
                 lane.model.import_shared(arrays, _model_meta(meta))
-            except (KeyError, ValueError, IndexError, TypeError, AttributeError) as err:
-                lane.model.import_shared(*mine)  # the model it serves stays as it was, with its series' rows
-                lane.model.resize(self._cap)
-                if rows.size:
-                    lane.model.import_rows(rows, own)
-                raise StateMismatch(f"saved shared state of lane {lane.name!r} does not fit this engine: "
-                                    f"{type(err).__name__}: {err}") from err
+            except _UNFIT as err:
+                lane.model.import_shared(*mine)  # the model it serves stays as it was
+                unfit = err
             lane.model.resize(self._cap)
-            if rows.size:
+            if rows.size:  # the series' own rows back, under the new model or the old one
                 lane.model.import_rows(rows, own)
+            if unfit is not None:
+                raise StateMismatch(f"saved shared state of lane {lane.name!r} does not fit this engine: "
+                                    f"{type(unfit).__name__}: {unfit}") from unfit
             self.retrainer.adopt(lane.name, theirs)
             self.metrics.model_version.labels(model=lane.name).set(theirs)
             adopted.append(lane.name)
@@ -1142,7 +1145,7 @@ class Engine:
         before = self.export_shared()
         try:
             self._import_shared(shared)
-        except (KeyError, ValueError, IndexError, TypeError, AttributeError) as err:
+        except _UNFIT as err:
             self._import_shared(before)  # nothing of it kept: a lane's clock taken from it stopped the lane for good
             raise StateMismatch(f"saved shared state does not fit this engine: {type(err).__name__}: {err}") from err
 

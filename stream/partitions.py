@@ -500,20 +500,17 @@ class PartitionTable:
             return set(), {}
         fresh = not self.engine.series_ids
         shared = _newest_shared(found)
-        if not self.engine.series_ids:
-            if shared:
-                try:
-                    self.engine.import_shared(shared)
-                except StateMismatch as err:  # whose it is cannot be told: each partition is read again alone
-                    return set(), {snap.partition: err for snap in found}
-        elif shared:  # a member already serving adopts a newer retrained model version (README: versions)
+        if shared:
             try:
-                adopted = self.engine.adopt_newer(shared)
-            except StateMismatch as err:
+                if fresh:
+                    self.engine.import_shared(shared)
+                else:  # a member already serving adopts a newer retrained model version (README: versions)
+                    adopted = self.engine.adopt_newer(shared)
+                    if adopted:
+                        log.info("adopted newer model versions of %s from partitions %s", adopted,
+                                 sorted(s.partition for s in found))
+            except StateMismatch as err:  # whose it is cannot be told: each partition is imported again alone
                 return set(), {snap.partition: err for snap in found}
-            if adopted:
-                log.info("adopted newer model versions of %s from partitions %s", adopted,
-                         sorted(s.partition for s in found))
         # One import per state layout: a partition checkpointed before a change of watcher (--drift-detector) and
         # not since holds the old watcher's arrays, which the engine restarts afresh, but which cannot be one table
         # with the new ones (a restore of both failed on every restart)
@@ -524,17 +521,8 @@ class PartitionTable:
         unfit: dict[int, Exception] = {}
         n_rows = 0
         for group in layouts.values():
-            # one import for the group; if it does not fit, one per partition, to find the partition at fault
-            for part in [group] if len(group) == 1 else [group, *([snap] for snap in group)]:
-                try:
-                    n, out = self._import_rows([snap.rows for snap in part], fresh)
-                except (StateMismatch, IncompatibleState) as err:
-                    if len(part) == 1:
-                        unfit[part[0].partition] = err
-                    continue
-                n_rows, refused = n_rows + n, refused | out
-                if part is group:
-                    break
+            n, out = self._import_group(group, fresh, unfit)
+            n_rows, refused = n_rows + n, refused | out
         self.metrics.restored_series.inc(n_rows - len(refused))
         log.info("restored %d series of partitions %s", n_rows - len(refused),
                  sorted(s.partition for s in found if s.partition not in unfit))
@@ -544,6 +532,18 @@ class PartitionTable:
                         "rows free up here or another member takes them; raise --max-series (or widen "
                         "--allowed-series) to serve them", len(refused), self.engine.refusal(sorted(refused)[0]))
         return refused, unfit
+
+    def _import_group(self, group: list[Snapshot], fresh: bool, unfit: dict[int, Exception]) -> tuple[int, set[str]]:
+        """Import snapshots of one layout in one go; if they do not fit, one partition at a time, to find the one at
+        fault (noted in ``unfit``, nothing of it imported). Returns rows imported and ids refused."""
+        try:
+            return self._import_rows([snap.rows for snap in group], fresh)
+        except (StateMismatch, IncompatibleState) as err:
+            if len(group) == 1:
+                unfit[group[0].partition] = err
+                return 0, set()
+        alone = [self._import_group([snap], fresh, unfit) for snap in group]
+        return sum(n for n, _ in alone), set().union(*(out for _, out in alone))
 
     def _import_rows(self, parts: list[SeriesRows], fresh: bool) -> tuple[int, set[str]]:
         """Import rows of one layout; returns how many and the ids the engine did not accept."""
