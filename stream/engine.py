@@ -999,18 +999,26 @@ class Engine:
         rows = np.array([self._slot_of[sid] for sid in series_ids], dtype=np.int64)
         return [{"series_id": sid} for sid in series_ids], self._export_rows(rows)
 
-    def fresh_watcher_state(self, arrays: ArrayDict, n_rows: int) -> ArrayDict | None:
-        """``arrays`` (``n_rows`` series saved by this configuration but for its watchers) in this engine's layout:
-        watcher arrays it no longer has dropped, those it lacks as a fresh row's (the watcher starts afresh, as
-        :meth:`import_series` does); ``None`` when anything but a watcher's layout differs."""
-        def watcher(key: str) -> bool:
-            return key.split("/")[1:2] in (["drift"], ["bootstrap"])
+    def fresh_restartable_state(self, arrays: ArrayDict, n_rows: int) -> ArrayDict | None:
+        """``arrays`` (``n_rows`` series saved by this configuration but for the settings outside the restore check:
+        the drift watchers, and the retrain policy's ring of recent values) in this engine's layout: parts it no
+        longer has dropped, those it lacks or holds in another shape as a fresh row's (they start afresh, as
+        :meth:`import_series` starts them); ``None`` when anything else differs."""
+        def restartable(key: str) -> bool:  # <lane>/drift/..., <lane>/bootstrap/..., the ring (models/history.py)
+            part = key.split("/")[1:]
+            return part[:1] in (["drift"], ["bootstrap"]) or part in (["model", "history_values"],
+                                                                      ["model", "history_count"])
 
-        differ = set(arrays) ^ set(self._blank)
-        if not all(watcher(k) for k in differ):
+        def reshaped(key: str) -> bool:  # byte blobs (a river model's JSON) differ in width by nature
+            saved, blank = arrays[key], self._blank[key]
+            blobs = saved.dtype == blank.dtype == np.uint8 and saved.ndim == blank.ndim == 2
+            return saved.shape[1:] != blank.shape[1:] and not blobs
+
+        differ = (set(arrays) ^ set(self._blank)) | {k for k in set(arrays) & set(self._blank) if reshaped(k)}
+        if not all(restartable(k) for k in differ):
             return None
-        out = {k: v for k, v in arrays.items() if k in self._blank}
-        for key in set(self._blank) - set(arrays):
+        out = {k: v for k, v in arrays.items() if k in self._blank and k not in differ}
+        for key in set(self._blank) & differ:
             out[key] = np.repeat(self._blank[key], n_rows, axis=0)
         return out
 

@@ -319,8 +319,8 @@ class PartitionTable:
             return SeriesRows.concat([rows, st.parked])
         except IncompatibleState:  # parked in an older layout than the engine now exports: cannot be one group
             pass
-        conformed = self.engine.fresh_watcher_state(st.parked.arrays, len(st.parked))
-        if conformed is not None:  # only the watchers changed (--drift-detector): theirs restart, the rest kept
+        conformed = self.engine.fresh_restartable_state(st.parked.arrays, len(st.parked))
+        if conformed is not None:  # only a watcher or the retrain ring changed: they restart, the rest is kept
             st.parked = SeriesRows(st.parked.meta, conformed)
             return SeriesRows.concat([rows, st.parked])
         log.warning("partition %d: dropping the parked state of %d series (an older state layout)",

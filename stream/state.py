@@ -164,6 +164,9 @@ def check_fingerprint(saved: dict[str, Any] | None, current: dict[str, Any], whe
     diff = {k: (saved.get(k, a.get(k)), current.get(k, b.get(k))) for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k)}
     if diff:
+        # name the settings that differ as written (a default that follows another setting, such as no --max-gap
+        # following --horizon, differed only through it and was listed as "(None, None)")
+        diff = {k: pair for k, pair in diff.items() if pair[0] != pair[1]} or diff
         raise IncompatibleState(
             f"state in {where} was written with a different engine configuration {diff} (saved, current); "
             "use a new --group-id (and --state-dir, and --changelog-topic if you set one) to start fresh, or "

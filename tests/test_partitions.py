@@ -511,3 +511,51 @@ def test_a_new_member_takes_the_highest_model_version_among_its_partitions_not_t
     reader.add(0, MARKER_KEY, marker_record(5, None, 0))
     tail = reader.finish(1)
     assert 0 < tail.written_at <= merge(None, tail, "t", 0).written_at == tail.written_at
+
+
+# -- found by the restart-with-changed-settings review (2026-12-05) ---------------------------------------------
+@pytest.mark.parametrize("later", [{"retrain": "on", "history": 48}, {"retrain": "off"}, {"retrain": "on",
+                                                                                           "history": 0}])
+def test_a_changed_retrain_ring_keeps_a_parked_series_state(later):
+    """README: the retrain settings are not part of the restore check, and a parked series' state rides along
+    unchanged. A ring of another size made every checkpoint beside a parked series raise (serve exited 2 at every
+    restart); turning retraining off or on dropped the parked series' whole state at the next checkpoint."""
+    def config(retrain: str = "on", history: int = 24, **extra) -> EngineConfig:
+        params = {"min_fresh": 24, "shadow_steps": 24, "history": history, "cooldown": 1000}
+        return EngineConfig(horizon=4, models=["holt-winters"], freq="1h", retrain=retrain,
+                            model_params={"holt-winters": {"period": 24, "warmup": 48}},
+                            retrain_params=params if retrain == "on" else {}, **extra)
+
+    first, _ = make_table(config=config())
+    first.restore({0}, {0})
+    apply(first, noisy(0, ["a", "bb", "ccc"], range(120), 0, seed=3))
+    first.checkpoint()
+    changelog, local = first.changelog, first.local
+    second, _ = make_table(changelog, local, config(**later, max_series=2))
+    second.restore({0}, {0})
+    assert len(second.owned[0].parked) == 1
+    apply(second, noisy(0, ["a", "bb"], range(120, 130), 360, seed=4))
+    second.checkpoint()  # raised IncompatibleState (ring size) / dropped the parked state (on <-> off)
+    third, _ = make_table(changelog, local, config(**later))
+    third.restore({0}, {0})
+    assert sorted(third.engine.series_ids) == ["a", "bb", "ccc"]
+    (parked,) = second.owned[0].parked.series_ids
+    before, after = first.engine.export_series([parked])[1], third.engine.export_series([parked])[1]
+    for key in ("holt-winters/model/json", "holt-winters/cal/scale", "engine/last_tick"):
+        if key in before:
+            np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+    assert {"holt-winters/model/json", "engine/last_tick"} <= set(before)
+
+
+def test_a_changed_horizon_is_named_alone_not_with_the_max_gap_that_follows_it():
+    """Review (2026-12-05): the refusal listed ``'max_gap': (None, None)`` beside the horizon the operator changed."""
+    from tidecast.stream.state import check_fingerprint, config_fingerprint
+
+    def fingerprint(**kw):
+        return config_fingerprint(EngineConfig(**kw).to_dict())
+
+    with pytest.raises(IncompatibleState) as refused:
+        check_fingerprint(fingerprint(horizon=6), fingerprint(horizon=8), "here")
+    assert "'horizon': (6, 8)" in str(refused.value) and "max_gap" not in str(refused.value)
+    with pytest.raises(IncompatibleState, match=r"'max_gap': \(6, 8\)"):  # set as written: still named
+        check_fingerprint(fingerprint(horizon=6, max_gap=6), fingerprint(horizon=8, max_gap=8), "here")
