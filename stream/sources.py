@@ -385,12 +385,12 @@ def load_frame(frame: pd.DataFrame, spec: ReplaySpec | None = None, source: str 
 
 
 def index_as_columns(frame: pd.DataFrame, wanted: Collection[str] = ()) -> pd.DataFrame:
-    """``frame`` with its index moved into columns where it holds data: a ``DatetimeIndex`` (wide frames often keep
-    their time there; ``ds`` if unnamed), or a level named as a column the reader wants (``wanted``: the series
-    column of ``set_index("unique_id")``, a time column's name). A Parquet file written from a frame stores its
-    index, so the frame and the file load alike. An index level that repeats a column (``set_index("ds",
-    drop=False)``) is dropped if it holds the same values and refused if not; any other index (row numbers, a
-    label of rows) is dropped, not made a series.
+    """``frame`` with its index moved into columns where it holds data: times (a ``DatetimeIndex``, Arrow
+    timestamps, dates; wide frames often keep their time there; ``ds`` if unnamed), or a level named as a column the
+    reader wants (``wanted``: the series column of ``set_index("unique_id")``, a time column's name). A Parquet
+    file written from a frame stores its index, so the frame and the file load alike. An index level that repeats a
+    column (``set_index("ds", drop=False)``) is dropped if it holds the same values and refused if not; any other
+    index (row numbers, a label of rows) is dropped, not made a series.
 
     >>> frame = pd.DataFrame({"y": [1.0, 2.0]}, index=pd.date_range("2024-01-01", periods=2, freq="h"))
     >>> list(index_as_columns(frame).columns)
@@ -399,14 +399,16 @@ def index_as_columns(frame: pd.DataFrame, wanted: Collection[str] = ()) -> pd.Da
     frame = _periods_as_times(frame)
     index = frame.index
     names = list(index.names)
-    if names == [None] and isinstance(index, pd.DatetimeIndex):
+    if names == [None] and _holds_times(pd.Series(index)):
         if "ds" in frame.columns:  # the index would take the name of a column it is not: say which to rename
-            raise ValueError("the frame has an unnamed DatetimeIndex (its times) and a column named 'ds', the name "
+            raise ValueError("the frame has an unnamed index of times and a column named 'ds', the name "
                              "a time column goes by: rename the column, e.g. frame.rename(columns={'ds': 'ds_value'})")
         names = ["ds"]
     keep = []
     for level, name in enumerate(names):
-        timely = isinstance(index.get_level_values(level), pd.DatetimeIndex)
+        # any index of times: numpy's DatetimeIndex, Arrow timestamps (dtype_backend="pyarrow"), dates
+        # (groupby(ts.dt.date)); those were dropped as row labels and the first value column read as the time
+        timely = _holds_times(pd.Series(index.get_level_values(level)))
         if name is None or not (timely or str(name) in wanted):
             continue
         if name in frame.columns:

@@ -140,6 +140,23 @@ def test_a_period_index_or_column_holds_the_times():
         assert tidecast.replay(frame, horizon=2, model_params=SN12).forecasts.equals(expected)
 
 
+def test_an_index_of_arrow_timestamps_or_dates_holds_the_times():
+    """Review (2026-12-05): an index of times other than numpy's DatetimeIndex (``read_parquet(dtype_backend=
+    "pyarrow").set_index("ts")``, ``groupby(ts.dt.date)``) was dropped as row labels, the first value column read as
+    epoch seconds (1970) and that series lost."""
+    wide = noisy_cycles(300).pivot(index="ds", columns="unique_id", values="y")
+    wide.columns.name = None
+    expected = tidecast.replay(wide, horizon=2, model_params=SN12).forecasts
+    arrow = wide.set_axis(pd.Index(wide.index, dtype="timestamp[ns][pyarrow]", name="ts"))
+    assert tidecast.replay(arrow, horizon=2, model_params=SN12).forecasts.equals(expected)
+    daily = wide.iloc[::24]  # noon-free midnights: as dates they are the same instants
+    daily = daily[daily.index.hour == 0]
+    expected = tidecast.replay(daily, horizon=2, model_params=SN12).actuals
+    dates = daily.set_axis(pd.Index([t.date() for t in daily.index], name=None))
+    got = tidecast.replay(dates, horizon=2, model_params=SN12).actuals
+    assert sorted(got["unique_id"].unique()) == sorted(wide.columns) and got.equals(expected)
+
+
 def test_dir_of_the_package_lists_the_public_api():
     assert {"replay", "ReplayResult", "checks"} <= set(dir(tidecast))
 
