@@ -298,7 +298,7 @@ class FetchProcess:
         self.group = group
         self.epochs = epochs if epochs is not None else {}  # the fetcher's: chunks carry the epoch they began in
         frames_read, frames_write = os.pipe()
-        self.proc = subprocess.Popen([sys.executable, "-m", "tidecast.stream.fetch_process", str(frames_write)],
+        self.proc = subprocess.Popen([sys.executable, "-P", "-m", "tidecast.stream.fetch_process", str(frames_write)],
                                      stdin=subprocess.PIPE, pass_fds=(frames_write,))
         os.close(frames_write)
         assert self.proc.stdin is not None

@@ -236,7 +236,7 @@ class _Child:
     def __init__(self, progress: Callable[[], None] | None) -> None:
         self.progress = progress
         reply_read, reply_write = os.pipe()
-        self.proc = subprocess.Popen([sys.executable, "-m", "tidecast.stream.output_process", str(reply_write)],
+        self.proc = subprocess.Popen([sys.executable, "-P", "-m", "tidecast.stream.output_process", str(reply_write)],
                                      stdin=subprocess.PIPE, pass_fds=(reply_write,))
         os.close(reply_write)
         self._replies = os.fdopen(reply_read, "rb")

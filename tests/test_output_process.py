@@ -3,6 +3,8 @@ failures and a dead child surface in the member, forecasts no message can hold a
 
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 import pytest
 
@@ -204,3 +206,22 @@ def test_the_engine_s_forecast_starts_are_those_the_columns_give():
         assert batch.starts is not None
         batch.starts = None
         np.testing.assert_array_equal(given, forecast_starts(batch))
+
+
+def test_an_output_child_imports_the_installed_package_not_the_working_directory(tmp_path, monkeypatch):
+    """Packaging review (2026-12-05): ``python -m`` put the working directory first on the child's path, so serve
+    started from a source checkout (a ``tidecast/`` folder) or beside a ``kafka.py`` ran that code, and its output
+    children died at once: no forecast could be sent."""
+    from tidecast.stream.output_process import _Child
+
+    (tmp_path / "tidecast").mkdir()
+    (tmp_path / "tidecast" / "__init__.py").write_text("")  # a checkout's namespace folder: no tidecast.stream
+    (tmp_path / "kafka.py").write_text("raise SystemExit(7)\n")
+    monkeypatch.chdir(tmp_path)
+    child = _Child(None)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):  # still serving: it died with exit 1 within a second
+            child.proc.wait(timeout=4)
+    finally:
+        child.proc.kill()
+        child.proc.wait()
