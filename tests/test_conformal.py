@@ -331,3 +331,23 @@ def test_conformal_pid_without_forgetting_can_be_seeded():
     bounds = [cal.interval(np.array([0]), np.zeros((1, 2))) for cal in cells]
     assert np.isfinite(bounds[0][0]).all() and np.isfinite(bounds[0][1]).all()
     np.testing.assert_allclose(bounds[0][1], bounds[1][1], rtol=0.05)  # as good as remembering nearly everything
+
+
+def test_conformal_pid_publishes_the_interval_it_scores_even_far_from_zero():
+    """Interval review (2026-12-05): the ring of issued intervals is float32, the published offsets were float64. On
+    a residual bias 1e8 times its noise the centre rounds to float32's steps of 8: the controller scored misses of
+    an interval up to 4 sd away from the one shown, and the shown ones covered 0.79 at 90 %."""
+    rng = np.random.default_rng(0)
+    residuals = 1e8 + rng.normal(size=4000)
+    cal = make_calibrator("conformal-pid", 1, 0.1)
+    rows, zero = np.array([0]), np.zeros((1, 1))
+    hits, issued = [], None
+    for t, r in enumerate(residuals):
+        if issued is not None and t > 1000:
+            scored = cal.issued_intervals(rows, zero)
+            assert (scored[0][0, 0, 0], scored[1][0, 0, 0]) == issued
+            hits.append(issued[0] <= r <= issued[1])
+        cal.update(rows, np.array([[r]]), np.ones((1, 1), bool))
+        lower, upper = cal.interval(rows, zero)
+        issued = (lower[0, 0], upper[0, 0])
+    assert abs(np.mean(hits) - 0.9) < 0.02

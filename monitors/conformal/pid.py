@@ -536,5 +536,9 @@ class ConformalPID(ScoreCalibrator):
         else:
             slot[1] = 0.0
         slot[2:] = self._thresholds(p, integral, count_f, scale)
-        items[new] = np.ascontiguousarray(slot.T, dtype=ring.dtype).view(slot_type).reshape(-1)
-        return slot[1:].T  # (m, 1 + K)
+        stored = np.ascontiguousarray(slot.T, dtype=ring.dtype)
+        items[new] = stored.view(slot_type).reshape(-1)
+        # publish the offsets as the ring keeps them: a miss is scored against the stored copy, and a centre of
+        # 1e8 rounds to float32's steps of 8 (0.56 sd apart on a residual bias 1e8 times its noise: shown
+        # intervals covered 0.79 while scored ones covered 0.90)
+        return stored[:, 1:].astype(float)  # (m, 1 + K)
