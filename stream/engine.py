@@ -1001,13 +1001,15 @@ class Engine:
 
     def fresh_restartable_state(self, arrays: ArrayDict, n_rows: int) -> ArrayDict | None:
         """``arrays`` (``n_rows`` series saved by this configuration but for the settings outside the restore check:
-        the drift watchers, and the retrain policy's ring of recent values) in this engine's layout: parts it no
-        longer has dropped, those it lacks or holds in another shape as a fresh row's (they start afresh, as
-        :meth:`import_series` starts them); ``None`` when anything else differs."""
-        def restartable(key: str) -> bool:  # <lane>/drift/..., <lane>/bootstrap/..., the ring (models/history.py)
-            part = key.split("/")[1:]
-            return part[:1] in (["drift"], ["bootstrap"]) or part in (["model", "history_values"],
-                                                                      ["model", "history_count"])
+        the drift watchers, and the retrain policy's ring of recent values) in this engine's layout: a part that
+        differs (a key more or less, an array of another shape) restarts whole, as a fresh row's, as
+        :meth:`import_series` restarts it; ``None`` when anything else differs."""
+        def part(key: str) -> str | None:  # <lane>/drift/..., <lane>/bootstrap/..., the ring (models/history.py)
+            lane, *rest = key.split("/")
+            if rest[:1] in (["drift"], ["bootstrap"]):
+                return f"{lane}/{rest[0]}"
+            ring = rest in (["model", "history_values"], ["model", "history_count"])
+            return f"{lane}/model/history" if ring else None
 
         def reshaped(key: str) -> bool:  # byte blobs (a river model's JSON) differ in width by nature
             saved, blank = arrays[key], self._blank[key]
@@ -1015,11 +1017,15 @@ class Engine:
             return saved.shape[1:] != blank.shape[1:] and not blobs
 
         differ = (set(arrays) ^ set(self._blank)) | {k for k in set(arrays) & set(self._blank) if reshaped(k)}
-        if not all(restartable(k) for k in differ):
+        restart = {part(k) for k in differ}
+        if None in restart:
             return None
-        out = {k: v for k, v in arrays.items() if k in self._blank and k not in differ}
-        for key in set(self._blank) & differ:
-            out[key] = np.repeat(self._blank[key], n_rows, axis=0)
+        # whole parts: a ring's count kept beside its emptied values claimed values it did not hold (a refit then
+        # learned NaN), a D3A window grown in place averaged zeros it never saw
+        out = {k: v for k, v in arrays.items() if k in self._blank and part(k) not in restart}
+        for key in self._blank:
+            if part(key) in restart:
+                out[key] = np.repeat(self._blank[key], n_rows, axis=0)
         return out
 
     def series_state_bytes(self) -> int:

@@ -9,8 +9,10 @@ newer origin, or cleared after a reset, can never be mistaken for the one asked 
 Compact, and exact where it matters: an origin's first step is kept as a float64 *anchor*; the other steps are kept
 as float32 differences from it, and the bounds as float32 offsets from their step's mean. A float32 mean would lose
 the unit digit of a series near 1e7; a difference from the anchor keeps the precision of the forecast's own moves.
-Scoring then sees ``mean`` to ~1e-7 of the forecast's change over the horizon and bounds to ~1e-7 of the interval's
-width (the published forecasts are not affected). Bounds are ``NaN`` where a step was issued without an interval;
+Scoring then sees ``mean`` to ~1e-7 of the forecast's change over the horizon and bounds to ~1e-7 of their offset
+from the mean, which is ~1e-7 of the interval's width when the interval is centred near the mean (the published
+forecasts are not affected); an interval centred 1e8 times its width away from a biased model's mean is scored at
+float32's steps of that offset. Bounds are ``NaN`` where a step was issued without an interval;
 they have a last axis of one entry per interval level (``n_levels``).
 At H = 24 this is 4.0 kB a series instead of 14 kB; at H = 96, 57 kB instead of 222 kB.
 

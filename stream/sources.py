@@ -405,12 +405,15 @@ def index_as_columns(frame: pd.DataFrame, wanted: Collection[str] = ()) -> pd.Da
                              "a time column goes by: rename the column, e.g. frame.rename(columns={'ds': 'ds_value'})")
         names = ["ds"]
     keep = []
+    lowered = {str(w).lower() for w in wanted}  # time columns are found in any case ("Date" from read_csv)
     for level, name in enumerate(names):
         # any index of times: numpy's DatetimeIndex, Arrow timestamps (dtype_backend="pyarrow"), dates
         # (groupby(ts.dt.date)); those were dropped as row labels and the first value column read as the time
         timely = _holds_times(pd.Series(index.get_level_values(level)))
-        if name is None or not (timely or str(name) in wanted):
+        if name is None or not (timely or str(name).lower() in lowered):
             continue
+        if str(name).lower() not in lowered and _has_time_column(frame):
+            continue  # a label of times beside the frame's own time column (a "day" of hourly rows) is no channel
         if name in frame.columns:
             if not index.get_level_values(level).equals(pd.Index(frame[name])):  # NaT equals NaT here
                 raise ValueError(f"the frame's index {name!r} and its column {name!r} differ: drop one of them")
@@ -420,6 +423,11 @@ def index_as_columns(frame: pd.DataFrame, wanted: Collection[str] = ()) -> pd.Da
     for level in reversed(keep):
         flat.insert(0, str(names[level]), index.get_level_values(level).to_numpy())
     return flat
+
+
+def _has_time_column(frame: pd.DataFrame) -> bool:
+    """A column named as a time column is (any case), or one of datetimes or dates."""
+    return any(str(c).lower() in TIME_COLUMN_CANDIDATES or _holds_times(frame[c]) for c in frame.columns)
 
 
 def _periods_as_times(frame: pd.DataFrame) -> pd.DataFrame:

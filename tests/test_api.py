@@ -157,6 +157,21 @@ def test_an_index_of_arrow_timestamps_or_dates_holds_the_times():
     assert sorted(got["unique_id"].unique()) == sorted(wide.columns) and got.equals(expected)
 
 
+def test_an_index_named_as_a_time_column_in_another_case_holds_the_times_and_a_date_label_is_no_channel():
+    """Review (2026-12-05): ``read_csv(index_col="Date")`` left a text index named "Date" (time columns are found in
+    any case) that was dropped, the first series read as epoch seconds; an index of dates labelling hourly rows
+    beside their own time column became a channel of ``wrong_type`` dead letters."""
+    wide = noisy_cycles(300).pivot(index="ds", columns="unique_id", values="y")
+    wide.columns.name = None
+    expected = tidecast.replay(wide, horizon=2, model_params=SN12)
+    text = wide.set_axis(pd.Index(wide.index.strftime("%Y-%m-%d %H:%M:%S"), name="Date"))
+    got = tidecast.replay(text, horizon=2, model_params=SN12)
+    assert got.forecasts.equals(expected.forecasts)
+    labelled = wide.reset_index().set_axis(pd.Index(wide.index.date, name="day"))
+    got = tidecast.replay(labelled, horizon=2, model_params=SN12)
+    assert len(got.dead_letters) == 0 and got.forecasts.equals(expected.forecasts)
+
+
 def test_dir_of_the_package_lists_the_public_api():
     assert {"replay", "ReplayResult", "checks"} <= set(dir(tidecast))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -545,6 +546,36 @@ def test_a_changed_retrain_ring_keeps_a_parked_series_state(later):
         if key in before:
             np.testing.assert_array_equal(after[key], before[key], err_msg=key)
     assert {"holt-winters/model/json", "engine/last_tick"} <= set(before)
+    if later.get("history"):  # the ring restarts whole: a count kept beside emptied values claimed values
+        assert after["holt-winters/model/history_count"].tolist() == [0]  # (a refit then learned NaN)
+        assert np.isnan(after["holt-winters/model/history_values"]).all()
+
+
+def test_a_parked_series_watcher_restarts_whole_when_its_layout_changes():
+    """Review (2026-12-05): a D3A window grown from 16 to 32 kept the parked series' count and first 16 losses
+    beside 16 zeros it never saw, which its mean of the last window then averaged."""
+    base = {"horizon": 4, "model_params": {"seasonal-naive": {"period": 6}}, "drift_detector": "d3a"}
+    first, _ = make_table(config=EngineConfig(**base, drift_params={"window": 16}))
+    first.restore({0}, {0})
+    apply(first, noisy(0, ["a", "bb", "ccc"], range(60), 0, seed=5))
+    first.checkpoint()
+    changelog, local = first.changelog, first.local
+    grown = EngineConfig(**base, drift_params={"window": 32})
+    second, _ = make_table(changelog, local, replace(grown, max_series=2))
+    second.restore({0}, {0})
+    (parked,) = second.owned[0].parked.series_ids
+    apply(second, noisy(0, [sid for sid in ("a", "bb", "ccc") if sid != parked], range(60, 70), 180, seed=6))
+    second.checkpoint()  # the parked series beside the others, in the new layout
+    third, _ = make_table(changelog, local, grown)
+    third.restore({0}, {0})
+    saved = first.engine.export_series([parked])[1]
+    restored = third.engine.export_series([parked])[1]
+    assert saved["seasonal-naive/drift/det/n"].item() > 16
+    fresh = third.engine._blank
+    for key in restored:
+        if key.startswith("seasonal-naive/drift/"):
+            np.testing.assert_array_equal(restored[key][0], fresh[key][0], err_msg=key)
+    np.testing.assert_array_equal(restored["seasonal-naive/model/buffer"], saved["seasonal-naive/model/buffer"])
 
 
 def test_a_changed_horizon_is_named_alone_not_with_the_max_gap_that_follows_it():
