@@ -440,7 +440,11 @@ class PerSeries(BatchForecaster):
             if model_needs is not None and model_needs > warmup:
                 return model_needs, (f"{type(model).__name__} with period={period} starts from its first "
                                      f"{model_needs} observations, more than warmup={warmup}")
-            return warmup, f"warmup={warmup}: the standardising window"
+            if period:
+                return warmup, f"warmup={warmup}: the standardising window"
+            # the cycle is detected on that window: a model with seasonal lags (snarimax's sp) needs sp cycles
+            return warmup, (f"warmup={warmup}: the standardising window, and more where the model needs lags of "
+                            "the cycle it detects there (snarimax: sp cycles)")
         if getattr(probe, "is_ready", None) is not None:  # its own verdict comes first (is_ready): not known ahead
             return None
         needs = [n for n in (river_min_history(probe), self.min_history) if n is not None]

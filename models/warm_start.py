@@ -56,7 +56,7 @@ class WarmStarted(BatchForecaster):
         for name in ("warm_start", "replay_window", "lookback"):  # rings of this many values a series
             check_ticks(name, getattr(self, name))
         n_val = self._n_val()
-        need = self._window + (int(np.ceil(self.horizon / self.val_fraction)) if self.val_fraction else 0)
+        need = self._smallest_warm_start()
         if self.warm_start - n_val < self._window:
             raise ValueError(f"warm_start={self.warm_start} leaves fewer than lookback + horizon = "
                              f"{self._window} training observations (warm_start={need} would do)")
@@ -64,6 +64,22 @@ class WarmStarted(BatchForecaster):
             raise ValueError(f"warm_start={self.warm_start}: its validation part (val_fraction={self.val_fraction}: "
                              f"{n_val} observations) is shorter than the horizon ({self.horizon}); give "
                              f"warm_start={need} or more")
+
+    def _smallest_warm_start(self) -> int:
+        """The least ``warm_start`` both checks pass: a training part of a window after the validation part is
+        taken out, and a validation part of a horizon (``window + H / val_fraction`` missed that the validation
+        part comes out of the block too: the value it named failed the same check)."""
+        def passes(block: int) -> bool:
+            n_val = int(round(block * self.val_fraction))
+            return block - n_val >= self._window and (not n_val or n_val >= self.horizon)
+
+        vf = self.val_fraction
+        # passes() only turns true as the block grows; start at a bound no passing block is below (rounding
+        # moves each part by at most half an observation), then step up
+        block = max(self._window, int((self._window - 0.5) / (1 - vf)), int((self.horizon - 0.5) / vf) if vf else 0)
+        while not passes(block):
+            block += 1
+        return block
 
     @property
     def _window(self) -> int:

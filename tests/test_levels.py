@@ -200,3 +200,22 @@ def test_levels_too_fine_to_learn_or_to_name_apart_are_refused():
     with pytest.raises(SettingsError, match=r"share the names \['80', '80'\]"):
         EngineConfig(levels=[80, 80.00001])
     assert EngineConfig(levels=[80, 99.9999]).levels == [80, 99.9999]
+
+
+def test_spci_floors_each_level_apart_so_a_wide_one_leaves_a_narrow_one_alone():
+    """Extremes review (2026-12-05): SPCI's Gaussian floor for cells with fewer residuals than 1/a applied to every
+    level while the widest was short of them: adding 99.9 % held the 10 % interval at the floor for 2,000
+    residuals (its coverage 0.25 instead of 0.09)."""
+    from tidecast.monitors.conformal import make_calibrator
+
+    residuals = np.random.default_rng(4).normal(size=120)
+    bounds = {}
+    for levels in ((0.9,), (0.9, 0.001)):  # alphas: the 10 % level alone, then beside 99.9 %
+        cal = make_calibrator("spci", 1, list(levels))
+        rows, got = np.array([0]), []
+        for value in residuals:
+            cal.update(rows, np.array([[value]]), np.ones((1, 1), bool))
+            lower, upper = cal.intervals(rows, np.zeros((1, 1)))
+            got.append((lower[0, 0, 0], upper[0, 0, 0]))
+        bounds[levels] = np.array(got)
+    np.testing.assert_array_equal(bounds[(0.9, 0.001)], bounds[(0.9,)])

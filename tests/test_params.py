@@ -126,3 +126,24 @@ def test_sizes_torch_cannot_take_are_refused_at_settings_time(model, params, mes
     first fit, naming neither the lane nor the parameter."""
     with pytest.raises(SettingsError, match=re.escape(f"lane '{model}' ({model}): {message}")):
         EngineConfig(horizon=6, models=[model], model_params={model: params})
+
+
+@pytest.mark.parametrize("kwargs", [{"horizon": 1, "warm_start": 20}, {"horizon": 24, "warm_start": 100},
+                                    {"horizon": 720, "warm_start": 100, "val_fraction": 0.5},
+                                    {"horizon": 48, "warm_start": 20, "val_fraction": 0.05}])
+@pytest.mark.parametrize("model", ["cyclenet", "cfc"])
+def test_the_warm_start_a_refusal_names_is_the_least_that_passes(model, kwargs):
+    """Extremes review (2026-12-05): the hint (lookback + H + H / val_fraction) forgot that the validation part comes
+    out of the block too: the value it named failed the same check (cyclenet at H = 1 named 101; 129 is the least)."""
+    import re
+
+    from tidecast.models.cyclenet import CycleNetForecaster
+    from tidecast.models.liquid import CfCForecaster
+
+    cls = CycleNetForecaster if model == "cyclenet" else CfCForecaster
+    with pytest.raises(ValueError, match="warm_start=") as refused:
+        cls(**kwargs)
+    need = int(re.search(r"warm_start=(\d+) (would do|or more)", str(refused.value)).group(1))
+    cls(**{**kwargs, "warm_start": need})
+    with pytest.raises(ValueError):
+        cls(**{**kwargs, "warm_start": need - 1})
