@@ -443,8 +443,8 @@ class PerSeries(BatchForecaster):
             if period:
                 return warmup, f"warmup={warmup}: the standardising window"
             # the cycle is detected on that window: a model with seasonal lags (snarimax's sp) needs sp cycles
-            return warmup, (f"warmup={warmup}: the standardising window, and more where the model needs lags of "
-                            "the cycle it detects there (snarimax: sp cycles)")
+            return warmup, (f"warmup={warmup}: the standardising window, and more where the model needs seasonal "
+                            "lags of the cycle it detects there")
         if getattr(probe, "is_ready", None) is not None:  # its own verdict comes first (is_ready): not known ahead
             return None
         needs = [n for n in (river_min_history(probe), self.min_history) if n is not None]

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from tidecast.models.base import BatchForecaster
-from tidecast.models.naive import check_ticks
+from tidecast.models.naive import MAX_PERIOD, check_ticks
 
 
 class WarmStarted(BatchForecaster):
@@ -56,30 +56,34 @@ class WarmStarted(BatchForecaster):
         for name in ("warm_start", "replay_window", "lookback"):  # rings of this many values a series
             check_ticks(name, getattr(self, name))
         n_val = self._n_val()
-        need = self._smallest_warm_start()
         if self.warm_start - n_val < self._window:
             raise ValueError(f"warm_start={self.warm_start} leaves fewer than lookback + horizon = "
-                             f"{self._window} training observations (warm_start={need} would do)")
+                             f"{self._window} training observations ({self._warm_start_hint()})")
         if n_val and n_val < self.horizon:
             raise ValueError(f"warm_start={self.warm_start}: its validation part (val_fraction={self.val_fraction}: "
-                             f"{n_val} observations) is shorter than the horizon ({self.horizon}); give "
-                             f"warm_start={need} or more")
+                             f"{n_val} observations) is shorter than the horizon ({self.horizon}); "
+                             f"{self._warm_start_hint()}")
 
-    def _smallest_warm_start(self) -> int:
-        """The least ``warm_start`` both checks pass: a training part of a window after the validation part is
-        taken out, and a validation part of a horizon (``window + H / val_fraction`` missed that the validation
-        part comes out of the block too: the value it named failed the same check)."""
-        def passes(block: int) -> bool:
-            n_val = int(round(block * self.val_fraction))
-            return block - n_val >= self._window and (not n_val or n_val >= self.horizon)
+    def _warm_start_fits(self, block: int) -> bool:
+        """Whether a warm-start block of ``block`` observations passes every check: a training window left once the
+        validation part is taken out, and a validation part (when there is one) that holds a horizon."""
+        n_val = int(round(block * self.val_fraction))
+        return block - n_val >= self._window and (not n_val or (n_val >= self.horizon
+                                                                 and self._validation_fits(n_val)))
 
-        vf = self.val_fraction
-        # passes() only turns true as the block grows; start at a bound no passing block is below (rounding
-        # moves each part by at most half an observation), then step up
-        block = max(self._window, int((self._window - 0.5) / (1 - vf)), int((self.horizon - 0.5) / vf) if vf else 0)
-        while not passes(block):
-            block += 1
-        return block
+    def _validation_fits(self, n_val: int) -> bool:
+        """A model's own rule for a validation part of ``n_val`` observations (CycleNet's calibration holdout)."""
+        return True
+
+    def _warm_start_hint(self) -> str:
+        """The least ``warm_start`` that passes, found by a scan up from the window: a validation part rounding to
+        nothing passes too, so passing is not monotone for a small ``val_fraction`` (an estimate from
+        ``window + H / val_fraction`` named values that failed, or 23,500,000 where 120 passed)."""
+        need = next((b for b in range(self._window, MAX_PERIOD + 1) if self._warm_start_fits(b)), None)
+        if need is None:
+            return (f"no warm_start up to {MAX_PERIOD} passes: lower val_fraction ({self.val_fraction}), the horizon "
+                    "or the lookback")
+        return f"warm_start={need} is the least that passes"
 
     @property
     def _window(self) -> int:

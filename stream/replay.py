@@ -362,8 +362,8 @@ def not_ready_notes(engine: Engine, summary: dict[str, Any]) -> list[str]:
             note += (f", and {duplicates:,} rows repeated their series' last timestamp (is the time column right? "
                      "--time-column)")
         elif needs is not None and longest >= needs[0] and silent >= summary["n_series"]:
-            note += ("; long enough for that, yet no forecast was ever finite: the model needs more history (the "
-                     "seasonal lags of a detected cycle) or diverged or failed (check its --model-param values)")
+            note += ("; long enough for that minimum, yet no forecast was ever finite: the model needs more on this "
+                     "data, or diverged or failed (check its --model-param values)")
         notes.append(note)
     return notes
 

@@ -299,7 +299,7 @@ def test_the_note_names_a_held_series_a_repeated_time_and_a_diverged_model():
     same_time = frame.assign(ds=frame["ds"].iloc[0])
     with pytest.warns(UserWarning, match=r"998 rows repeated their series' last timestamp \(is the time column"):
         tidecast.replay(same_time, horizon=2)
-    with pytest.warns(UserWarning, match="long enough for that, yet no forecast was ever finite: the model needs more"):
+    with pytest.warns(UserWarning, match="long enough for that minimum, yet no forecast was ever finite: the model"):
         tidecast.replay(frame[frame["unique_id"] == "a"], models="snarimax", horizon=2,
                         model_params={"snarimax": {"lr": 1e30, "period": 12}})
 

@@ -130,7 +130,9 @@ def test_sizes_torch_cannot_take_are_refused_at_settings_time(model, params, mes
 
 @pytest.mark.parametrize("kwargs", [{"horizon": 1, "warm_start": 20}, {"horizon": 24, "warm_start": 100},
                                     {"horizon": 720, "warm_start": 100, "val_fraction": 0.5},
-                                    {"horizon": 48, "warm_start": 20, "val_fraction": 0.05}])
+                                    {"horizon": 48, "warm_start": 20, "val_fraction": 0.05},
+                                    {"horizon": 1, "lookback": 8, "warm_start": 5, "val_fraction": 0.05},
+                                    {"horizon": 24, "warm_start": 10, "val_fraction": 1e-6}])
 @pytest.mark.parametrize("model", ["cyclenet", "cfc"])
 def test_the_warm_start_a_refusal_names_is_the_least_that_passes(model, kwargs):
     """Extremes review (2026-12-05): the hint (lookback + H + H / val_fraction) forgot that the validation part comes
@@ -143,7 +145,25 @@ def test_the_warm_start_a_refusal_names_is_the_least_that_passes(model, kwargs):
     cls = CycleNetForecaster if model == "cyclenet" else CfCForecaster
     with pytest.raises(ValueError, match="warm_start=") as refused:
         cls(**kwargs)
-    need = int(re.search(r"warm_start=(\d+) (would do|or more)", str(refused.value)).group(1))
+    need = int(re.search(r"warm_start=(\d+) is the least that passes", str(refused.value)).group(1))
     cls(**{**kwargs, "warm_start": need})
     with pytest.raises(ValueError):
         cls(**{**kwargs, "warm_start": need - 1})
+
+
+def test_the_warm_start_hint_counts_cyclenet_s_calibration_holdout_and_says_when_none_fits():
+    """Review (2026-12-05): with calib_holdout the named value failed CycleNet's own check on the early-stopping part;
+    where no value up to the cap passes, the hint named one above it."""
+    import re
+
+    from tidecast.models.cyclenet import CycleNetForecaster
+
+    kwargs = {"horizon": 24, "val_fraction": 0.25, "calib_holdout": 0.5, "warm_start": 100}
+    with pytest.raises(ValueError, match="is the least that passes") as refused:
+        CycleNetForecaster(**kwargs)
+    need = int(re.search(r"warm_start=(\d+) is the least", str(refused.value)).group(1))
+    CycleNetForecaster(**{**kwargs, "warm_start": need})
+    with pytest.raises(ValueError):
+        CycleNetForecaster(**{**kwargs, "warm_start": need - 1})
+    with pytest.raises(ValueError, match="no warm_start up to 100000 passes: lower val_fraction"):
+        CycleNetForecaster(horizon=1000, val_fraction=0.99)

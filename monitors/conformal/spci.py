@@ -11,8 +11,9 @@ This is the reference the fast methods are measured against, not a hot-path cali
 Python and keeps one fitted forest per cell in a cache that is *not* part of the exported state (after
 ``import_rows`` the forest is refitted from the exported residual history at the next update). Before
 ``min_history`` residuals it falls back to empirical quantiles of what it has (the same ``beta`` search), and
-before ``1 / a`` residuals (``a`` the smaller one-sided miss rate: 20 at alpha = 0.1) no threshold is below the
-Gaussian prior on their mean ``|r|``, which the sample's quantiles cannot reach yet.
+before ``1 / a`` residuals (``a`` a threshold's one-sided miss rate: 20 at alpha = 0.1) that threshold is not
+below the Gaussian prior on their mean ``|r|``, which the sample's quantiles cannot reach yet; each level's
+thresholds apart, so a wide level does not hold a narrow one at the floor.
 """
 
 from __future__ import annotations
