@@ -438,7 +438,9 @@ class PerSeries(BatchForecaster):
             model = probe.build(period) if period else None
             model_needs = river_min_history(model) if model is not None else None
             if model_needs is not None and model_needs > warmup:
-                return model_needs, (f"{type(model).__name__} with period={period} starts from its first "
+                # a river: lane builds its class with period 1, a constant: its own settings set the need
+                setting = f"with period={period}" if period > 1 else "with its settings"
+                return model_needs, (f"{type(model).__name__} {setting} starts from its first "
                                      f"{model_needs} observations, more than warmup={warmup}")
             if period:
                 return warmup, f"warmup={warmup}: the standardising window"

@@ -24,7 +24,7 @@ calibrators clip both residuals (:mod:`tidecast.monitors.conformal.base`).
 >>> SeasonalNaive(period=0)
 Traceback (most recent call last):
 ...
-ValueError: period = 0: a whole number of ticks from 1 to 100000, or None to detect it
+ValueError: period = 0: a whole number of ticks from 1 to 100000, or None (null) to detect it
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def check_ticks(name: str, value: int | None, low: int = 1, optional: bool = Fal
         return
     ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= MAX_PERIOD
     require(ok, name, value, f"a whole number of ticks from {low} to {MAX_PERIOD}"
-                             + (", or None to detect it" if optional and name == "period" else
-                                ", or None for the default" if optional else ""))
+                             + (", or None (null) to detect it" if optional and name == "period" else
+                                ", or None (null) for the default" if optional else ""))
 
 
 def seasonal_backtest(history: np.ndarray, period: np.ndarray, horizon: int) -> np.ndarray:

@@ -670,9 +670,9 @@ class Engine:
         if s["n_collisions"][slot] == 0:
             step = int(s["step_ns"][slot])
             tick_time = int(s["anchor_ns"][slot]) + int(s["last_tick"][slot]) * step
-            hint = ("is --freq too coarse?" if self.config.freq is not None else
-                    "the step was inferred from the series' first values: set --freq if it is wrong; calendar months "
-                    "and years are not fixed steps and do not fit a grid")
+            hint = ("is --freq / freq= too coarse?" if self.config.freq is not None else
+                    "the step was inferred from the series' first values: set --freq / freq= if it is wrong; calendar "
+                    "months and years are not fixed steps and do not fit a grid")
             log.warning("series %r: %s snaps onto the grid tick %s (step %s), which the observation at %s already "
                         "holds; skipped and counted in tidecast_snapped_collisions_total (warned once per series: %s)",
                         self._ids[slot], _iso(t), _iso(tick_time), _duration(step), _iso(int(s["last_t"][slot])),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -233,13 +234,18 @@ def check_outputs(options: ReplayOptions, settings_file: Path | None = None) -> 
             raise ValueError(f"{flag} {path} is the settings file (--config): it would be overwritten; choose "
                              "another path")
         for other, other_path in given.items():
-            if other < flag and _same_file(path, other_path):
+            # /dev/null takes several outputs (the default dead-letter file's error suggests it)
+            if other < flag and _same_file(path, other_path) and not _a_device(path):
                 raise ValueError(f"{other} and {flag} are the same file {path}: choose two paths")
         problem = _unwritable(path)
         if problem:
             hint = (" (the default, in the working directory: give --dead-letter PATH elsewhere, or /dev/null to "
                     "drop rejected rows)" if flag == "--dead-letter" and path == DEFAULT_DEAD_LETTER else "")
             raise ValueError(f"{flag} {path}: {problem}{hint}")
+
+
+def _a_device(path: Path) -> bool:
+    return path.exists() and stat.S_ISCHR(path.stat().st_mode)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -338,8 +344,15 @@ def _summary(engine: Engine, metrics: Metrics, elapsed: float, letter_file: Path
 
 def not_ready_notes(engine: Engine, summary: dict[str, Any]) -> list[str]:
     """A line per model with series that never forecast: how many, what the model waits for (where it can tell)
-    and the longest series seen, so that a replay of a short history says why its table is empty."""
+    and the longest series seen, so that a replay of a short history says why its table is empty; and a line when
+    most rows repeated a timestamp, even where every lane forecast from the rest (1,380 of 1,440 rows skipped
+    said nothing while a lane still forecast)."""
     notes = []
+    duplicates = summary.get("n_duplicates", 0)
+    # most rows repeat a timestamp: times read from the wrong column (a date beside a time of day)
+    repeated = duplicates > summary["n_observations"]
+    repeated_note = (f"{duplicates:,} rows repeated their series' last timestamp (is the time column right? "
+                     "--time-column / time_column=)")
     for lane in engine.lanes:
         silent = summary["models"][lane.name]["n_series_without_forecast"]
         if not silent:
@@ -354,17 +367,21 @@ def not_ready_notes(engine: Engine, summary: dict[str, Any]) -> list[str]:
             note += f"; a series needs {needs[0]:,} observations first ({needs[1]})"
         longest = max(summary["max_series_observations"], 1 if held else 0)  # a held row is an observation too
         note += f"; the longest series here has {longest:,}"
-        resets, duplicates = summary["n_resets"], summary.get("n_duplicates", 0)
+        resets = summary["n_resets"]
         if resets:  # a reset restarts a series' history: its count no longer says how far it got
             note += (f", and {resets:,} gap{'s' * (resets > 1)} longer than max_gap restarted "
-                     f"{'histories' if resets > 1 else 'a history'} (is the time column right? --freq, --max-gap)")
-        elif duplicates > summary["n_observations"]:  # most rows repeat a timestamp: times read from the wrong column
-            note += (f", and {duplicates:,} rows repeated their series' last timestamp (is the time column right? "
-                     "--time-column)")
+                     f"{'histories' if resets > 1 else 'a history'} (is the time column right? --freq / freq=, "
+                     "--max-gap / max_gap=)")
+        elif repeated:
+            note += f", and {repeated_note}"
+            repeated = False  # said once
         elif needs is not None and longest >= needs[0] and silent >= summary["n_series"]:
             note += ("; long enough for that minimum, yet no forecast was ever finite: the model needs more on this "
-                     "data, or diverged or failed (check its --model-param values)")
+                     "data, or diverged or failed (check its --model-param / model_params= values)")
         notes.append(note)
+    if repeated:  # every lane forecast from what was left: still most of the input was skipped
+        notes.append(f"{repeated_note[0].upper()}{repeated_note[1:]}, more than the {summary['n_observations']:,} "
+                     "applied")
     return notes
 
 

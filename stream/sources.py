@@ -101,7 +101,13 @@ class ReplaySpec:
             return self.format
         if Path(self.path).suffix.lower() in (".jsonl", ".ndjson"):
             return "jsonl"
-        return "long" if frame_columns is not None and self.series_column in frame_columns else "wide"
+        if frame_columns is None:
+            return "wide"
+        if self.series_column in frame_columns:
+            return "long"
+        if self.series_column != ReplaySpec.series_column:  # named, and missing: not a wide file (its series merged)
+            raise ValueError(f"series column {self.series_column!r} not in {list(frame_columns)}")
+        return "wide"
 
 
 @dataclass
@@ -559,9 +565,11 @@ def _guess_time_column(frame: pd.DataFrame) -> str:
         # epoch seconds first win a tie too; the warning below says they are read as such
         if not (epoch_first and int(frame[first].head(200).nunique()) >= found[best]):
             shown = repr(best) if not _headerless(best) else "the column without a header"
+            # a column without a header cannot be named: a header (or a frame's index name) is what names it
+            advice = ("name it with --time-column / time_column=" if not _headerless(best) else
+                      "give it a header (ds) to silence this")
             warnings.warn(f"no time column named {', '.join(TIME_COLUMN_CANDIDATES)}: reading {shown}, which "
-                          "holds the finest times, as the time; name it with --time-column / time_column=",
-                          UserWarning, stacklevel=2)
+                          f"holds the finest times, as the time; {advice}", UserWarning, stacklevel=2)
             return best
     warnings.warn(f"no time column named {', '.join(TIME_COLUMN_CANDIDATES)}: reading the first column, {first!r}, "
                   f"as the time (numbers as epoch seconds); name it with --time-column / time_column=",

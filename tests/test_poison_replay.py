@@ -648,7 +648,8 @@ def test_snapped_collisions_are_counted_apart_from_duplicates_and_warned_once(ca
     warnings = [rec for rec in caplog.records if "snaps onto" in rec.getMessage()]
     assert len(warnings) == 1 and "'c'" in warnings[0].getMessage()
     # it names the grid tick (00:00) and the observation holding it, and the hint fits a step that was given
-    assert "grid tick 2016-07-01T00:00" in warnings[0].getMessage() and "--freq too coarse" in warnings[0].getMessage()
+    message = warnings[0].getMessage()
+    assert "grid tick 2016-07-01T00:00" in message and "--freq / freq= too coarse" in message
 
 
 def _irregular_batch(n: int, offset: int = 0) -> ObservationBatch:

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import tidecast
 from tidecast.stream.cli import main
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -118,7 +119,20 @@ def test_the_note_counts_gap_resets_that_restarted_histories(tmp_path):
     s = replay(tmp_path, str(path))
     assert s["n_resets"] == 1 and s["max_series_observations"] == 600
     assert s["notes"][0].endswith("the longest series here has 600, and 1 gap longer than max_gap restarted a "
-                                  "history (is the time column right? --freq, --max-gap)")
+                                  "history (is the time column right? --freq / freq=, --max-gap / max_gap=)")
+
+
+def test_most_rows_repeating_a_timestamp_is_a_note_even_when_every_lane_forecasts(tmp_path):
+    """Notes review (2026-12-05): a file with Date and Time columns read Date as the time; 1,380 of 1,440 hourly rows
+    were skipped as duplicates, and as long as the lane still forecast (a configured period) no note said so."""
+    hours = pd.date_range("2024-01-01", periods=24 * 60, freq="h")
+    path = tmp_path / "split.csv"
+    pd.DataFrame({"Date": hours.strftime("%Y-%m-%d"), "Time": hours.strftime("%H:%M"),
+                  "load": np.sin(np.arange(hours.size))}).to_csv(path, index=False)
+    s = replay(tmp_path, str(path), "--model-param", "seasonal-naive.period=7")
+    assert s["n_duplicates"] == 1380 and s["models"]["seasonal-naive"]["n_forecasts"] > 0
+    assert s["notes"] == ["1,380 rows repeated their series' last timestamp (is the time column right? --time-column "
+                          "/ time_column=), more than the 60 applied"]
 
 
 def test_every_malformed_row_is_dead_lettered_with_its_reason(tmp_path):
@@ -575,3 +589,40 @@ def test_a_full_disk_under_the_events_or_dead_letter_file_is_named(tmp_path, cap
     events.write([DriftEvent("s", "m", "cusum", "mean", datetime(2024, 1, 1, tzinfo=UTC), 1.0)])
     with pytest.raises(OSError, match="cannot write .*full.jsonl"):
         events.close()
+
+
+def test_a_named_series_column_that_is_missing_is_an_error_not_a_wide_file(tmp_path):
+    """Notes review (2026-12-05): ``--series-column id`` on a file whose series column is ``unique_id`` read it as
+    wide: three series merged into one, 60 of 90 rows skipped as duplicates, the ids dead-lettered, no message."""
+    path = tmp_path / "long.csv"
+    hours = pd.date_range("2024-01-01", periods=30, freq="h")
+    pd.concat([pd.DataFrame({"unique_id": sid, "ds": hours, "y": np.arange(30.0)}) for sid in "abc"]).to_csv(
+        path, index=False)
+    with pytest.raises(ValueError, match=r"series column 'id' not in \['unique_id', 'ds', 'y'\]"):
+        tidecast.replay(path, series_column="id")
+    assert main(["replay", str(path), "--series-column", "id", "--no-progress",
+                 "--dead-letter", str(tmp_path / "dead.jsonl")]) == 2
+    assert tidecast.replay(path, series_column="unique_id", horizon=2).actuals["unique_id"].nunique() == 3
+
+
+def test_dev_null_takes_several_outputs_and_a_pipe_is_written_into_not_replaced(tmp_path):
+    """Notes review (2026-12-05): the default dead-letter file's error suggests /dev/null, but /dev/null for two
+    outputs was refused as "the same file"; and a summary or report written to a device or pipe was renamed over it
+    (the temporary file replaced the pipe: for /dev/null, as root, the device itself)."""
+    import os
+    import stat
+
+    from tidecast.stream.sinks import write_whole
+
+    path = tmp_path / "short.csv"
+    pd.DataFrame({"ds": pd.date_range("2024-01-01", periods=40, freq="h"), "y": np.arange(40.0)}).to_csv(
+        path, index=False)
+    assert main(["replay", str(path), "--no-progress", "--dead-letter", "/dev/null", "--events", "/dev/null"]) == 0
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        write_whole(fifo, '{"ok": true}')
+        assert stat.S_ISFIFO(os.stat(fifo).st_mode) and os.read(reader, 100) == b'{"ok": true}'
+    finally:
+        os.close(reader)

@@ -463,3 +463,21 @@ def test_a_river_holt_winters_lane_forecasts_a_level_far_above_its_spread():
     lane = make_model("river:time_series.HoltWinters", horizon=1, warmup=100, alpha=0.3, beta=0.1, gamma=0.5,
                       seasonality=24)
     assert one_step_mae(lane, values, 200) < 0.5  # NaN (no forecast) before
+
+
+def test_a_river_lane_s_note_names_its_own_settings_not_an_internal_period():
+    """Notes review (2026-12-05): a ``river:`` SNARIMAX with m = 24, sp = 2 said "SNARIMAX with period=1 starts from
+    its first 49 observations": the lane has no period parameter (its class is built with the constant 1)."""
+    import warnings
+
+    import pandas as pd
+
+    import tidecast
+
+    frame = pd.DataFrame({"ds": pd.date_range("2024-01-01", periods=30, freq="h"), "y": np.sin(np.arange(30.0))})
+    params = {"snx": {"p": 2, "d": 1, "q": 1, "m": 24, "sp": 2, "warmup": 20}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tidecast.replay(frame, models="snx=river:time_series.SNARIMAX", horizon=4, model_params=params)
+    notes = " ".join(str(w.message) for w in caught)
+    assert "SNARIMAX with its settings starts from its first 49 observations" in notes and "period=1" not in notes
