@@ -316,6 +316,10 @@ class CycleNetForecaster(WarmStarted):
         """Early stopping keeps a horizon of the validation part once the calibration holdout is taken out."""
         return n_val - int(round(n_val * self.calib_holdout)) >= self.horizon
 
+    def _warm_start_knobs(self) -> str:
+        return (f"calib_holdout ({self.calib_holdout}), val_fraction ({self.val_fraction}), the horizon or the "
+                "lookback")
+
     def _n_hold(self) -> int:
         """Validation observations kept out of early stopping (the calibration part)."""
         return int(round(self._n_val() * self.calib_holdout))

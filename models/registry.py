@@ -210,7 +210,7 @@ def coerce(value: Any, annotation: Any) -> Any:
     >>> coerce("abc", int | None)
     Traceback (most recent call last):
     ...
-    ValueError: expected int or None (null in JSON, TOML and --model-param), got 'abc'
+    ValueError: expected int or None (null in JSON and --model-param; leave the key out in TOML), got 'abc'
     >>> coerce([24, 168], tuple[int, ...])
     [24, 168]
     >>> coerce("inf", float)
@@ -259,7 +259,7 @@ _SEQUENCES = (tuple, list, collections.abc.Sequence)
 
 def _type_name(annotation: Any) -> str:
     if annotation is type(None):
-        return "None (null in JSON, TOML and --model-param)"
+        return "None (null in JSON and --model-param; leave the key out in TOML)"
     if typing.get_origin(annotation) in _SEQUENCES:
         kind = typing.get_args(annotation)[0]
         example = {int: "[24, 168]", float: "[0.01, 0.1]", str: '["a", "b"]'}.get(kind, "[...]")

@@ -81,9 +81,12 @@ class WarmStarted(BatchForecaster):
         ``window + H / val_fraction`` named values that failed, or 23,500,000 where 120 passed)."""
         need = next((b for b in range(self._window, MAX_PERIOD + 1) if self._warm_start_fits(b)), None)
         if need is None:
-            return (f"no warm_start up to {MAX_PERIOD} passes: lower val_fraction ({self.val_fraction}), the horizon "
-                    "or the lookback")
+            return f"no warm_start up to {MAX_PERIOD} passes: lower {self._warm_start_knobs()}"
         return f"warm_start={need} is the least that passes"
+
+    def _warm_start_knobs(self) -> str:
+        """The settings besides ``warm_start`` that size the block, named when no ``warm_start`` fits."""
+        return f"val_fraction ({self.val_fraction}), the horizon or the lookback"
 
     @property
     def _window(self) -> int:

@@ -92,8 +92,10 @@ def run_replay(config: EngineConfig, options: ReplayOptions, console: Console | 
     console = console or Console()
     check_outputs(options, settings_file)
     for earlier in (options.summary_json, options.report):
-        if earlier is not None:
-            Path(earlier).unlink(missing_ok=True)
+        # a regular file only: `--summary-json /dev/null` (as root) deleted the device, and a pipe or a symlink
+        # (/dev/stdout) is a place to write into, not a file this run left
+        if earlier is not None and Path(earlier).is_file() and not Path(earlier).is_symlink():
+            Path(earlier).unlink()
     metrics = Metrics(reasons=REASONS)
     engine = Engine.from_config(config, metrics)
     server = _serve_metrics(metrics, options.metrics_address, options.metrics_port, console)
@@ -259,6 +261,8 @@ def _unwritable(path: Path) -> str | None:
     would; a probe file is made and removed), since permission bits do not tell everything (root, /proc)."""
     if path.is_dir():
         return "is a directory"
+    if path.exists() and not path.is_file():  # a device or pipe: opening one to probe it ends a pipe's reader
+        return None  # (or blocks, with none yet)
     try:
         if path.exists():
             with path.open("ab"):

@@ -205,7 +205,8 @@ def naming(path: Path) -> Iterator[None]:
 def write_whole(path: Path, text: str) -> None:
     """``text`` into ``path`` whole or not at all (a temporary file beside it, then renamed): a disk that filled
     left a summary cut at 8,192 bytes, invalid JSON, at the path a pipeline reads. A failure names the path."""
-    if path.exists() and not path.is_file():  # /dev/null, a pipe: written into; a rename would replace the device
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        # /dev/null, a pipe, a link (/dev/stdout): written into, as it is; a rename would replace the device or link
         with naming(path):
             path.write_text(text, encoding="utf-8")
         return

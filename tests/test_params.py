@@ -165,5 +165,7 @@ def test_the_warm_start_hint_counts_cyclenet_s_calibration_holdout_and_says_when
     CycleNetForecaster(**{**kwargs, "warm_start": need})
     with pytest.raises(ValueError):
         CycleNetForecaster(**{**kwargs, "warm_start": need - 1})
-    with pytest.raises(ValueError, match="no warm_start up to 100000 passes: lower val_fraction"):
+    with pytest.raises(ValueError, match="no warm_start up to 100000 passes: lower calib_holdout"):
         CycleNetForecaster(horizon=1000, val_fraction=0.99)
+    with pytest.raises(ValueError, match=r"no warm_start up to 100000 passes: lower calib_holdout \(0.995\)"):
+        CycleNetForecaster(horizon=500, val_fraction=0.5, calib_holdout=0.995, warm_start=50000)

@@ -626,3 +626,25 @@ def test_dev_null_takes_several_outputs_and_a_pipe_is_written_into_not_replaced(
         assert stat.S_ISFIFO(os.stat(fifo).st_mode) and os.read(reader, 100) == b'{"ok": true}'
     finally:
         os.close(reader)
+
+
+def test_a_summary_written_to_a_pipe_keeps_the_pipe(tmp_path):
+    """Review (2026-12-05): a run removed an earlier summary or report before it started, whatever the path was:
+    ``--summary-json /dev/null`` (as root) deleted the device, a pipe was replaced by a regular file; and probing a
+    pipe for writing closed it under its reader."""
+    import os
+    import stat
+
+    path = tmp_path / "short.csv"
+    pd.DataFrame({"ds": pd.date_range("2024-01-01", periods=40, freq="h"), "y": np.arange(40.0)}).to_csv(
+        path, index=False)
+    fifo = tmp_path / "summary-pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        assert main(["replay", str(path), "--no-progress", "--dead-letter", str(tmp_path / "dead.jsonl"),
+                     "--summary-json", str(fifo)]) == 0
+        assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+        assert json.loads(os.read(reader, 1 << 16))["n_observations"] == 40
+    finally:
+        os.close(reader)

@@ -464,8 +464,8 @@ def test_two_lanes_with_one_alias_are_an_error(captured, capsys, models):
 @pytest.mark.parametrize(("param", "says"), [
     ("sn48.period=48", "model parameters for 'sn48', which is no lane; the lanes are: sn24 (seasonal-naive)"),
     ("sn24.bogus=1", "sn24.bogus: seasonal-naive has no parameter 'bogus'; valid: period, max_period, detect_after"),
-    ("sn24.period=abc", "model parameter sn24.period = 'abc': expected int or None (null in JSON, TOML and "
-                        "--model-param)"),
+    ("sn24.period=abc", "model parameter sn24.period = 'abc': expected int or None (null in JSON and "
+                        "--model-param; leave the key out in TOML)"),
     ("sn24.period=2.5", "model parameter sn24.period = 2.5"),
     ("sn24period=2", "'sn24period=2' is not NAME.KEY=VALUE"),
 ])
