@@ -128,6 +128,16 @@ def test_sizes_torch_cannot_take_are_refused_at_settings_time(model, params, mes
         EngineConfig(horizon=6, models=[model], model_params={model: params})
 
 
+def assert_named_warm_start_is_the_least(cls, kwargs: dict) -> None:
+    """``cls(**kwargs)`` is refused naming a ``warm_start`` that passes, and one less does not."""
+    with pytest.raises(ValueError, match="is the least that passes") as refused:
+        cls(**kwargs)
+    need = int(re.search(r"warm_start=(\d+) is the least that passes", str(refused.value)).group(1))
+    cls(**{**kwargs, "warm_start": need})
+    with pytest.raises(ValueError):
+        cls(**{**kwargs, "warm_start": need - 1})
+
+
 @pytest.mark.parametrize("kwargs", [{"horizon": 1, "warm_start": 20}, {"horizon": 24, "warm_start": 100},
                                     {"horizon": 720, "warm_start": 100, "val_fraction": 0.5},
                                     {"horizon": 48, "warm_start": 20, "val_fraction": 0.05},
@@ -137,34 +147,19 @@ def test_sizes_torch_cannot_take_are_refused_at_settings_time(model, params, mes
 def test_the_warm_start_a_refusal_names_is_the_least_that_passes(model, kwargs):
     """Extremes review (2026-12-05): the hint (lookback + H + H / val_fraction) forgot that the validation part comes
     out of the block too: the value it named failed the same check (cyclenet at H = 1 named 101; 129 is the least)."""
-    import re
-
     from tidecast.models.cyclenet import CycleNetForecaster
     from tidecast.models.liquid import CfCForecaster
 
-    cls = CycleNetForecaster if model == "cyclenet" else CfCForecaster
-    with pytest.raises(ValueError, match="warm_start=") as refused:
-        cls(**kwargs)
-    need = int(re.search(r"warm_start=(\d+) is the least that passes", str(refused.value)).group(1))
-    cls(**{**kwargs, "warm_start": need})
-    with pytest.raises(ValueError):
-        cls(**{**kwargs, "warm_start": need - 1})
+    assert_named_warm_start_is_the_least(CycleNetForecaster if model == "cyclenet" else CfCForecaster, kwargs)
 
 
 def test_the_warm_start_hint_counts_cyclenet_s_calibration_holdout_and_says_when_none_fits():
     """Review (2026-12-05): with calib_holdout the named value failed CycleNet's own check on the early-stopping part;
     where no value up to the cap passes, the hint named one above it."""
-    import re
-
     from tidecast.models.cyclenet import CycleNetForecaster
 
-    kwargs = {"horizon": 24, "val_fraction": 0.25, "calib_holdout": 0.5, "warm_start": 100}
-    with pytest.raises(ValueError, match="is the least that passes") as refused:
-        CycleNetForecaster(**kwargs)
-    need = int(re.search(r"warm_start=(\d+) is the least", str(refused.value)).group(1))
-    CycleNetForecaster(**{**kwargs, "warm_start": need})
-    with pytest.raises(ValueError):
-        CycleNetForecaster(**{**kwargs, "warm_start": need - 1})
+    assert_named_warm_start_is_the_least(
+        CycleNetForecaster, {"horizon": 24, "val_fraction": 0.25, "calib_holdout": 0.5, "warm_start": 100})
     with pytest.raises(ValueError, match="no warm_start up to 100000 passes: lower calib_holdout"):
         CycleNetForecaster(horizon=1000, val_fraction=0.99)
     with pytest.raises(ValueError, match=r"no warm_start up to 100000 passes: lower calib_holdout \(0.995\)"):
