@@ -301,10 +301,6 @@ class CycleNetForecaster(WarmStarted):
         if not 0.0 <= self.calib_holdout < 1.0:
             raise ValueError("calib_holdout must be in [0, 1)")
         self._check_warm_start()
-        n_val = self._n_val()
-        if n_val and not self._validation_fits(n_val):
-            raise ValueError(f"calib_holdout={self.calib_holdout} leaves early stopping fewer observations "
-                             f"({n_val - self._n_hold()}) than the horizon; {self._warm_start_hint()}")
         check_ticks("cycle", self.cycle, optional=True)
         if self.replay_window < 1 or self.replay_every < 1 or self.replay_batch < 1:
             raise ValueError("replay_window, replay_every and replay_batch must be >= 1")
@@ -312,9 +308,13 @@ class CycleNetForecaster(WarmStarted):
         if self.persistence_half_life < 0:
             raise ValueError("persistence_half_life must be >= 0 (0: no blend with the last value)")
 
-    def _validation_fits(self, n_val: int) -> bool:
+    def _validation_problem(self, n_val: int) -> str | None:
         """Early stopping keeps a horizon of the validation part once the calibration holdout is taken out."""
-        return n_val - int(round(n_val * self.calib_holdout)) >= self.horizon
+        kept = n_val - int(round(n_val * self.calib_holdout))
+        if kept < self.horizon:
+            return (f"calib_holdout={self.calib_holdout} leaves early stopping fewer observations ({kept}) than the "
+                    "horizon")
+        return None
 
     def _warm_start_knobs(self) -> str:
         return (f"calib_holdout ({self.calib_holdout}), val_fraction ({self.val_fraction}), the horizon or the "

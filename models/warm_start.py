@@ -55,31 +55,33 @@ class WarmStarted(BatchForecaster):
         says which value would do (``warm_start`` is what grows with a long horizon)."""
         for name in ("warm_start", "replay_window", "lookback"):  # rings of this many values a series
             check_ticks(name, getattr(self, name))
-        n_val = self._n_val()
-        if self.warm_start - n_val < self._window:
-            raise ValueError(f"warm_start={self.warm_start} leaves fewer than lookback + horizon = "
-                             f"{self._window} training observations ({self._warm_start_hint()})")
-        if n_val and n_val < self.horizon:
-            raise ValueError(f"warm_start={self.warm_start}: its validation part (val_fraction={self.val_fraction}: "
-                             f"{n_val} observations) is shorter than the horizon ({self.horizon}); "
-                             f"{self._warm_start_hint()}")
+        problem = self._warm_start_problem(self.warm_start)
+        if problem is not None:
+            raise ValueError(f"{problem}; {self._warm_start_hint()}")
 
-    def _warm_start_fits(self, block: int) -> bool:
-        """Whether a warm-start block of ``block`` observations passes every check: a training window left once the
-        validation part is taken out, and a validation part (when there is one) that holds a horizon."""
+    def _warm_start_problem(self, block: int) -> str | None:
+        """What a warm-start block of ``block`` observations fails, or ``None``: a training window left once the
+        validation part is taken out, a validation part (when there is one) that holds a horizon, and the model's
+        own rule for that part (:meth:`_validation_problem`)."""
         n_val = int(round(block * self.val_fraction))
-        return block - n_val >= self._window and (not n_val or (n_val >= self.horizon
-                                                                 and self._validation_fits(n_val)))
+        if block - n_val < self._window:
+            return (f"warm_start={block} leaves fewer than lookback + horizon = {self._window} training "
+                    "observations")
+        if n_val and n_val < self.horizon:
+            return (f"warm_start={block}: its validation part (val_fraction={self.val_fraction}: {n_val} "
+                    f"observations) is shorter than the horizon ({self.horizon})")
+        return self._validation_problem(n_val) if n_val else None
 
-    def _validation_fits(self, n_val: int) -> bool:
+    def _validation_problem(self, n_val: int) -> str | None:
         """A model's own rule for a validation part of ``n_val`` observations (CycleNet's calibration holdout)."""
-        return True
+        return None
 
     def _warm_start_hint(self) -> str:
         """The least ``warm_start`` that passes, found by a scan up from the window: a validation part rounding to
         nothing passes too, so passing is not monotone for a small ``val_fraction`` (an estimate from
         ``window + H / val_fraction`` named values that failed, or 23,500,000 where 120 passed)."""
-        need = next((b for b in range(self._window, MAX_PERIOD + 1) if self._warm_start_fits(b)), None)
+        fits = (b for b in range(self._window, MAX_PERIOD + 1) if self._warm_start_problem(b) is None)
+        need = next(fits, None)
         if need is None:
             return f"no warm_start up to {MAX_PERIOD} passes: lower {self._warm_start_knobs()}"
         return f"warm_start={need} is the least that passes"
