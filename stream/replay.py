@@ -40,6 +40,7 @@ from tidecast.stream.sinks import (
     NullSink,
     forecast_sink_for,
     write_whole,
+    written_in_place,
 )
 from tidecast.stream.sources import DeadLetter, Replay, ReplaySpec, load_replay
 
@@ -92,10 +93,8 @@ def run_replay(config: EngineConfig, options: ReplayOptions, console: Console | 
     console = console or Console()
     check_outputs(options, settings_file)
     for earlier in (options.summary_json, options.report):
-        # a regular file only: `--summary-json /dev/null` (as root) deleted the device, and a pipe or a symlink
-        # (/dev/stdout) is a place to write into, not a file this run left
-        if earlier is not None and Path(earlier).is_file() and not Path(earlier).is_symlink():
-            Path(earlier).unlink()
+        if earlier is not None and not written_in_place(Path(earlier)):
+            Path(earlier).unlink(missing_ok=True)
     metrics = Metrics(reasons=REASONS)
     engine = Engine.from_config(config, metrics)
     server = _serve_metrics(metrics, options.metrics_address, options.metrics_port, console)
@@ -353,7 +352,7 @@ def not_ready_notes(engine: Engine, summary: dict[str, Any]) -> list[str]:
     said nothing while a lane still forecast)."""
     notes = []
     duplicates = summary.get("n_duplicates", 0)
-    # most rows repeat a timestamp: times read from the wrong column (a date beside a time of day)
+    # most rows repeat a timestamp: times read from the wrong column (a date beside a time of day); said once
     repeated = duplicates > summary["n_observations"]
     repeated_note = (f"{duplicates:,} rows repeated their series' last timestamp (is the time column right? "
                      "--time-column / time_column=)")
@@ -378,14 +377,13 @@ def not_ready_notes(engine: Engine, summary: dict[str, Any]) -> list[str]:
                      "--max-gap / max_gap=)")
         elif repeated:
             note += f", and {repeated_note}"
-            repeated = False  # said once
+            repeated = False
         elif needs is not None and longest >= needs[0] and silent >= summary["n_series"]:
             note += ("; long enough for that minimum, yet no forecast was ever finite: the model needs more on this "
                      "data, or diverged or failed (check its --model-param / model_params= values)")
         notes.append(note)
     if repeated:  # every lane forecast from what was left: still most of the input was skipped
-        notes.append(f"{repeated_note[0].upper()}{repeated_note[1:]}, more than the {summary['n_observations']:,} "
-                     "applied")
+        notes.append(f"{repeated_note}, more than the {summary['n_observations']:,} applied")
     return notes
 
 

@@ -202,11 +202,17 @@ def naming(path: Path) -> Iterator[None]:
         raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from None
 
 
+def written_in_place(path: Path) -> bool:
+    """A device, pipe or link (``/dev/null``, ``/dev/stdout``): written into as it is, never removed or renamed
+    over (a rename replaced the device or link; as root, ``--summary-json /dev/null`` deleted it)."""
+    return path.is_symlink() or (path.exists() and not path.is_file())
+
+
 def write_whole(path: Path, text: str) -> None:
     """``text`` into ``path`` whole or not at all (a temporary file beside it, then renamed): a disk that filled
-    left a summary cut at 8,192 bytes, invalid JSON, at the path a pipeline reads. A failure names the path."""
-    if path.is_symlink() or (path.exists() and not path.is_file()):
-        # /dev/null, a pipe, a link (/dev/stdout): written into, as it is; a rename would replace the device or link
+    left a summary cut at 8,192 bytes, invalid JSON, at the path a pipeline reads. A failure names the path. A path
+    :func:`written_in_place` is written straight into."""
+    if written_in_place(path):
         with naming(path):
             path.write_text(text, encoding="utf-8")
         return
